@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  make demo   |   make test
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch: here `torch==2.13.0` resolves to the local CPU wheel. On a GPU machine
+# use e.g. `make install TORCH_SPEC=torch`; elsewhere, add your CPU index with TORCH_PIP_ARGS.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PIP := $(BIN)/python -m pip -q --disable-pip-version-check
+
+.PHONY: install demo test test-slow bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install $(TORCH_SPEC) $(TORCH_PIP_ARGS) 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch"
+	$(PIP) install -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import instructrl, transformers, accelerate, pytest, hypothesis"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install  ## world -> pretrain -> SFT -> eval on the built-in world
+	$(BIN)/instructrl pipeline -c configs/default.yaml
+
+test: install  ## the whole default suite (slow end-to-end checks excluded)
+	$(BIN)/python -m pytest -q
+
+test-slow: install  ## the slow end-to-end checks only
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf runs/smoke runs/test

@@ -1,0 +1,3 @@
+from instructrl.cli import run
+
+run()

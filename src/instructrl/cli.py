@@ -1,0 +1,166 @@
+"""The ``instructrl`` command: one sub-command per stage.
+
+Every stage reads the pipeline config (defaults < ``--config FILE`` < ``section.key=value``
+overrides) and writes under ``run.dir``/<stage>. Bad input ends with one line naming the file,
+line or key and exit status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from instructrl.config import PipelineConfig, describe_fields, dump_config, load_config
+from instructrl.errors import UserError
+
+app = typer.Typer(
+    help="InstructGPT for anyone: pretrain, SFT, reward model, PPO-ptx, evaluate, serve.",
+    no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+_state = {"debug": bool(os.environ.get("INSTRUCTRL_DEBUG"))}
+
+CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; it only needs the keys it changes.", exists=False)
+OVERRIDES_ARGUMENT = typer.Argument(None, help="Config overrides as section.key=value, e.g. sft.lr=1e-4 run.dir=runs/try2.", show_default=False)
+RESTART_OPTION = typer.Option(False, "--restart", help="Discard this stage's earlier run (checkpoints included) instead of resuming it.")
+
+
+def _config_help(*sections: str) -> str:
+    lines = ["[bold]Config keys[/bold] (set in the YAML file or as KEY=VALUE):"]
+    for name in sections:
+        model = PipelineConfig.model_fields[name].annotation
+        for key, default, description in describe_fields(model, name):
+            lines.append(f"[cyan]{key}[/cyan] = {default or '-'}  {description}")
+    return "\n\n".join(lines)
+
+
+def _load(config: Optional[Path], overrides: Optional[list[str]]) -> PipelineConfig:
+    return load_config(config, overrides or [])
+
+
+def _log(message: str) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        console.print(message, highlight=False)
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")) -> None:
+    _state["debug"] = _state["debug"] or debug
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars and messages are the output; silence the libraries' own chatter."""
+    import logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@app.command(epilog=_config_help("run", "world"))
+def world(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
+    """Write the built-in instruction world: prompt splits, demonstrations, pretraining corpus."""
+    import random
+
+    from instructrl.world.build import build_world, demonstration, load_tasks
+    from instructrl.world.labeler import SimulatedLabeler, agreement_rate
+
+    cfg = _load(config, overrides)
+    files = build_world(cfg.world, Path(cfg.run.dir) / "world")
+    tasks = load_tasks(files.prompts("rm"))[:1500]
+    rng = random.Random(cfg.world.seed)
+    pairs = [(t, demonstration(cfg.world, t), SimulatedLabeler(style=SimulatedLabeler().style).demonstrate(t, rng)) for t in tasks]
+    pairs = [p for p in pairs if p[1] != p[2]]
+    noise = cfg.world.labeler_noise
+    rate = agreement_rate(SimulatedLabeler("a", noise), SimulatedLabeler("b", noise), pairs)
+    _log(f"world written to {files.root}: {Path(files.manifest).read_text().split('counts')[1].strip(': {}').replace(chr(10), ' ')}")
+    _log(f"two simulated labelers at noise {noise} agree on {rate:.1%} of {len(pairs)} comparisons (InstructGPT's labelers: ~73%)")
+
+
+@app.command(epilog=_config_help("run", "world", "tokenizer", "model", "pretrain"))
+def pretrain(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
+    """Train the BPE tokenizer and pretrain the small base model on the world's corpus.
+
+    A killed run resumes from its last checkpoint when the same command is run again.
+    """
+    from instructrl.stages.pretrain import run_pretrain
+
+    path = run_pretrain(_load(config, overrides), restart=restart, log=_log)
+    _log(f"pretrain: base model saved to {path}")
+
+
+@app.command(epilog=_config_help("run", "sft"))
+def sft(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
+    """Supervised fine-tuning of any Hugging Face causal LM on demonstrations.
+
+    Loss on assistant tokens only; the output is the checkpoint the simulated labeler scores
+    best on validation prompts. A killed run resumes when the same command is run again.
+    """
+    from instructrl.stages.sft import run_sft
+
+    path = run_sft(_load(config, overrides), restart=restart, log=_log)
+    _log(f"sft: model saved to {path}")
+
+
+@app.command("eval", epilog=_config_help("run", "eval"))
+def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
+    """Judge models' answers to held-out prompts with the gold labeler, per instruction family."""
+    from instructrl.evaluation.evaluate import results_table, run_eval
+
+    cfg = _load(config, overrides)
+    results = run_eval(cfg, log=_log)
+    Console().print(results_table(results))
+    _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}")
+
+
+@app.command()
+def pipeline(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
+    """Run every stage in order: world, pretrain, SFT, eval. Finished stages are skipped, so a re-run resumes."""
+    import time
+
+    from instructrl.evaluation.evaluate import results_table, run_eval
+    from instructrl.stages.pretrain import run_pretrain
+    from instructrl.stages.sft import run_sft
+    from instructrl.world.build import build_world
+
+    cfg = _load(config, overrides)
+    start = time.perf_counter()
+    build_world(cfg.world, Path(cfg.run.dir) / "world")
+    run_pretrain(cfg, log=_log)
+    run_sft(cfg, log=_log)
+    results = run_eval(cfg, log=_log)
+    Console().print(results_table(results))
+    _log(f"pipeline: finished in {time.perf_counter() - start:.0f} s; outputs under {cfg.run.dir}")
+
+
+@app.command("config")
+def show_config(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
+    """Print the resolved config (defaults, file and overrides) as YAML."""
+    typer.echo(dump_config(_load(config, overrides)), nl=False)
+
+
+def run() -> None:
+    """Entry point: turn a UserError into one line on stderr and exit status 2."""
+    try:
+        app()
+    except UserError as err:
+        if _state["debug"]:
+            raise
+        console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted: run the same command again to resume from the last checkpoint")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,240 @@
+"""Typed configs: one per stage, nested in one pipeline config, loaded from YAML.
+
+A YAML file only needs the keys it changes; everything else takes the defaults below. Any key
+can be overridden on the command line as ``section.key=value`` (``sft.lr=1e-4``). Unknown keys
+and bad values are rejected with the file, line and dotted key named.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from instructrl.errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Strict):
+    dir: Path = Field(Path("runs/default"), description="Where every stage writes its outputs (one sub-folder per stage).")
+    seed: int = Field(0, description="Seed of every stage; process r of a multi-process run uses seed + r for sampling and dropout.")
+
+
+class WorldConfig(Strict):
+    seed: int = Field(0, description="Seed of the built-in world: prompts, splits, demonstrations, corpus.")
+    n_prompts: int = Field(6000, gt=0, description="Training prompts, split SFT : RM : PPO = 13 : 33 : 31 as in InstructGPT.")
+    n_val: int = Field(96, gt=0, description="Validation prompts (SFT checkpoint selection).")
+    n_eval: int = Field(360, gt=0, description="Held-out evaluation prompts.")
+    multi_turn_rate: float = Field(0.2, ge=0, le=1, description="Share of prompts with a follow-up turn that refers to the first.")
+    corpus_documents: int = Field(12000, gt=0, description="Documents in the plain-text pretraining corpus.")
+    heldout_documents: int = Field(500, ge=0, description="Corpus documents held out (pretraining loss, alignment tax).")
+    demo_error_rate: float = Field(0.15, ge=0, le=1, description="Share of demonstrations with a plausible mistake.")
+    demo_off_format_rate: float = Field(0.10, ge=0, le=1, description="Share of demonstrations with the right content in the wrong form.")
+    demo_verbose_rate: float = Field(0.25, ge=0, le=1, description="Share of demonstrations wrapped in filler ('Sure! ...').")
+    labeler_noise: float = Field(0.3, ge=0, description="Noise of the simulated labelers who rank comparisons (0.3: ~73% agreement).")
+
+
+class TokenizerConfig(Strict):
+    vocab_size: int = Field(1024, ge=300, description="Byte-level BPE vocabulary size, special tokens included.")
+
+
+class ModelConfig(Strict):
+    arch: Literal["gpt2", "llama"] = Field("llama", description="Architecture of the base model trained from scratch.")
+    n_layer: int = Field(4, gt=0, description="Transformer blocks.")
+    hidden_size: int = Field(128, gt=0, description="Width of the residual stream.")
+    n_head: int = Field(4, gt=0, description="Attention heads (must divide hidden_size).")
+    max_length: int = Field(192, gt=0, description="Longest sequence (tokens) the model handles.")
+
+    def head_dim(self) -> int:
+        return exact_div(self.hidden_size, self.n_head, "model.hidden_size", "model.n_head")
+
+
+class TrainConfig(Strict):
+    """What every training stage shares: batch sizes, optimiser, schedule, checkpoints."""
+
+    batch_size: int = Field(32, gt=0, description="Global batch per optimizer step, over all processes and accumulation.")
+    micro_batch_size: int = Field(16, gt=0, description="Examples per forward pass on one process.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (cosine decay after warm-up).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Residual/attention/embedding dropout while training.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (bf16 on a GPU).")
+    checkpoint_every: int = Field(50, gt=0, description="Optimizer steps between resumable checkpoints.")
+    log_every: int = Field(10, gt=0, description="Optimizer steps between metric lines.")
+    record_data_order: bool = Field(False, description="Write which examples each process trained on (tests, debugging).")
+
+    def grad_accum(self, num_processes: int) -> int:
+        """Micro-batches per process per optimizer step, so that the global batch stays batch_size."""
+        return exact_div(self.batch_size, self.micro_batch_size * num_processes, "batch_size", f"micro_batch_size x {num_processes} processes")
+
+
+class PretrainConfig(TrainConfig):
+    block_size: int = Field(128, gt=8, description="Tokens per packed training sequence.")
+    epochs: float = Field(5.0, gt=0, description="Passes over the corpus.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(64, gt=0, description="Global batch of packed sequences.")
+    micro_batch_size: int = Field(32, gt=0, description="Sequences per forward pass on one process.")
+
+
+class SFTConfig(TrainConfig):
+    model: str | None = Field(None, description="Hugging Face model to fine-tune: a local folder or hub name. Default: this run's pretrain/final.")
+    data: Path | None = Field(None, description="Demonstrations JSONL ({'messages': [...]} per line). Default: the built-in world's.")
+    epochs: float = Field(8.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16).")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (InstructGPT: 0.2 residual; Llama models have attention dropout only).")
+    select_every: int = Field(60, gt=0, description="Optimizer steps between scorings of validation answers by the labeler.")
+    max_new_tokens: int = Field(24, gt=0, description="Longest answer generated for validation.")
+
+
+class EvalConfig(Strict):
+    models: dict[str, str] | None = Field(None, description="name: model path to evaluate. Default: this run's base and SFT models.")
+    n_prompts: int | None = Field(None, gt=0, description="Evaluate on the first n held-out prompts only.")
+    max_new_tokens: int = Field(24, gt=0, description="Longest answer generated.")
+    batch_size: int = Field(64, gt=0, description="Prompts per generation batch.")
+
+
+class PipelineConfig(Strict):
+    run: RunConfig = RunConfig()
+    world: WorldConfig = WorldConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    sft: SFTConfig = SFTConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def exact_div(a: int, b: int, a_name: str, b_name: str) -> int:
+    """a / b, or a UserError naming both sizes when b does not divide a."""
+    if b <= 0 or a % b:
+        raise UserError(f"config: {a_name} ({a}) must be a multiple of {b_name} ({b})")
+    return a // b
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` ("a.b=value"), validated."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        data = _read_yaml(Path(path))
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(_describe_validation_error(err, source, path, overrides)) from None
+    config.model.head_dim()
+    return config
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"{where}: malformed YAML: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: malformed YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of sections, found {type(data).__name__}")
+    return data
+
+
+def _apply_override(data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override '{override}': expected KEY=VALUE, e.g. sft.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override '{override}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe_validation_error(err: ValidationError, source: str, path, overrides) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        where = _where(dotted, path, overrides) or source
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _known_keys(PipelineConfig, loc[:-1]), n=1)
+            hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
+            lines.append(f"{where}: unknown config key '{dotted}'{hint}")
+        else:
+            lines.append(f"{where}: bad value for '{dotted}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _where(dotted: str, path, overrides) -> str | None:
+    """'override sft.lr=x' or 'file.yaml:LINE' for the dotted key, if it can be located."""
+    for override in reversed(list(overrides)):
+        if override.partition("=")[0].strip() == dotted or dotted.startswith(override.partition("=")[0].strip() + "."):
+            return f"override '{override}'"
+    if path is None:
+        return None
+    try:
+        node = yaml.compose(Path(path).read_text())
+    except yaml.YAMLError:
+        return str(path)
+    line = None
+    for part in dotted.split("."):
+        match = next(((k, v) for k, v in node.value if k.value == part), None) if isinstance(node, yaml.MappingNode) else None
+        if match is None:
+            break
+        line, node = match[0].start_mark.line + 1, match[1]
+    return f"{path}:{line}" if line else str(path)
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field, for --help."""
+    rows = []
+    for name, field in model.model_fields.items():
+        default = field.default
+        rows.append((f"{prefix}.{name}", "" if default is None else str(default), field.description or ""))
+    return rows
+
+
+def section(config: PipelineConfig, *names: str) -> dict[str, Any]:
+    """The named sections of a config as plain data, for comparing two runs."""
+    dumped = config.model_dump(mode="json")
+    return {name: dumped[name] for name in names}

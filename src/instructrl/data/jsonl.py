@@ -1,0 +1,39 @@
+"""JSONL files: one JSON object per line, errors reported as file:line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from instructrl.errors import UserError
+
+
+def read_jsonl(path: Path | str) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for every non-blank line; a bad line raises a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
+            yield number, record
+
+
+def write_jsonl(path: Path | str, records: Iterable[dict]) -> None:
+    """Write records atomically: a reader never sees half a file, a crash leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

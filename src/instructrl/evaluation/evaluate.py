@@ -1,0 +1,91 @@
+"""``instructrl eval``: answer held-out prompts with each model and let the gold labeler judge.
+
+The demonstrator's own answers to the same prompts are judged too: they are the level SFT
+imitates, and the level RLHF should rise above.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from instructrl.config import PipelineConfig
+from instructrl.data.jsonl import write_jsonl
+from instructrl.errors import UserError
+from instructrl.evaluation.generate import generate_answers
+from instructrl.models.base import load_causal_lm, load_tokenizer
+from instructrl.rundir import RunDir
+from instructrl.world.build import build_world, demonstration, load_tasks
+from instructrl.world.labeler import FLAGS, SimulatedLabeler
+
+SECTIONS = ("run", "world", "eval")
+DEMONSTRATIONS = "demonstrations"
+
+
+def default_models(config: PipelineConfig) -> dict[str, str]:
+    root = Path(config.run.dir)
+    candidates = {"base": root / "pretrain" / "final", "sft": root / "sft" / "final"}
+    return {name: str(path) for name, path in candidates.items() if path.is_dir()}
+
+
+def summarize(judged: list[tuple[str, object]]) -> dict:
+    """Mean Likert and flag rates, overall and per family, of (family, Judgement) pairs."""
+    by_family = defaultdict(list)
+    for family, judgement in judged:
+        by_family[family].append(judgement)
+
+    def stats(items):
+        return {
+            "n": len(items),
+            "likert": sum(j.likert for j in items) / len(items),
+            "flags": {flag: sum(flag in j.flags for j in items) / len(items) for flag in FLAGS},
+        }
+
+    return {"overall": stats([j for _, j in judged]), "families": {f: stats(v) for f, v in sorted(by_family.items())}}
+
+
+def run_eval(config: PipelineConfig, log=print) -> dict:
+    cfg = config.eval
+    models = cfg.models or default_models(config)
+    if not models:
+        raise UserError(f"eval: no models given and none found under {config.run.dir}; run pretrain/sft first or set eval.models")
+    run = RunDir(config, "eval", SECTIONS)
+    run.start(restart=True)  # an evaluation holds no checkpoint; a new one replaces the old
+    world = build_world(config.world, Path(config.run.dir) / "world")
+    tasks = load_tasks(world.prompts("eval"))[: cfg.n_prompts]
+    judge = SimulatedLabeler()
+    answers = {DEMONSTRATIONS: [demonstration(config.world, t) for t in tasks]}
+    for name, path in models.items():
+        log(f"eval: answering {len(tasks)} held-out prompts with {name} ({path})")
+        model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+        answers[name] = generate_answers(model, tokenizer, [list(t.messages) for t in tasks], cfg.max_new_tokens, cfg.batch_size)
+    results = {}
+    for name, texts in answers.items():
+        results[name] = summarize([(t.family, judge.judge(t, a)) for t, a in zip(tasks, texts)])
+    write_jsonl(run.path / "samples.jsonl", (
+        {"id": t.id, "family": t.family, "messages": list(t.messages), "gold": t.answer,
+         **{name: {"answer": answers[name][i], "likert": judge.judge(t, answers[name][i]).likert} for name in answers}}
+        for i, t in enumerate(tasks)
+    ))
+    (run.path / "results.json").write_text(json.dumps({"models": models, "n_prompts": len(tasks), "results": results}, indent=2))
+    run.write_lineage({f"model:{name}": path for name, path in models.items()} | {"prompts": world.prompts("eval")})
+    run.finish({"results": run.path / "results.json"})
+    return results
+
+
+def results_table(results: dict):
+    """A rich table: mean gold Likert per family (rows) and model (columns), flags below."""
+    from rich.table import Table
+
+    names = list(results)
+    table = Table(title="Mean gold Likert (1-7) on held-out prompts")
+    table.add_column("family")
+    for name in names:
+        table.add_column(name, justify="right")
+    for family in results[names[0]]["families"]:
+        table.add_row(family, *(f"{results[n]['families'][family]['likert']:.2f}" for n in names))
+    table.add_row("[bold]overall", *(f"[bold]{results[n]['overall']['likert']:.2f}" for n in names), end_section=True)
+    for flag in FLAGS:
+        table.add_row(f"flag: {flag}", *(f"{results[n]['overall']['flags'][flag]:.0%}" for n in names))
+    return table

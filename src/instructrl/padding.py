@@ -1,0 +1,52 @@
+"""Named index arithmetic: padding, position ids and "where is the last real token".
+
+Every public RLHF implementation has shipped a bug in one of these (TRL #3750, #5338, #2778),
+so each gets a name, a docstring and a test instead of being written inline. Torch only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+
+def pad_sequences(
+    sequences: Sequence[Sequence[int]], pad_id: int, side: Literal["left", "right"], value_dtype=torch.long
+) -> tuple[Tensor, Tensor]:
+    """Stack token lists into (B, T) ``ids`` and a (B, T) ``attention_mask`` (1 = real token).
+
+    ``side="left"`` puts padding before the tokens (prompts for generation), ``"right"`` after
+    (training sequences). T is the longest sequence.
+    """
+    longest = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=value_dtype)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if not len(seq):
+            continue
+        cols = slice(longest - len(seq), longest) if side == "left" else slice(0, len(seq))
+        ids[row, cols] = torch.as_tensor(seq, dtype=value_dtype)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """(B, T) positions counting real tokens only: cumsum(mask) - 1, and 0 on padding.
+
+    Left-padded prompts need these in every forward pass; without them the first real token of
+    a padded row sits at position 3 instead of 0, and its log-probs differ from the unpadded row.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """(B,) column of the last real token of each row, for left or right padding alike.
+
+    A row with no real token gets -1.
+    """
+    T = attention_mask.shape[-1]
+    has_token = attention_mask.bool().any(-1)
+    from_end = attention_mask.bool().flip(-1).long().argmax(-1)
+    return torch.where(has_token, T - 1 - from_end, torch.full_like(from_end, -1))

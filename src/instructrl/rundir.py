@@ -1,0 +1,168 @@
+"""A stage's run directory: resolved config, seed, metrics, TensorBoard events, lineage.
+
+    runs/<name>/<stage>/
+        config.yaml      the resolved pipeline config the stage ran with
+        run.json         seed, command line, library versions, start time, number of processes
+        metrics.jsonl    one JSON object per logged step
+        tb/              TensorBoard events of the same metrics
+        lineage.json     the data and parent checkpoint this stage used, with content hashes
+        checkpoints/     resumable training state (step-NNNNNNNN/)
+        final/           the stage's output checkpoint (save_pretrained folder)
+        done.json        written last: the stage finished
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from instructrl.config import PipelineConfig, dump_config, section
+from instructrl.errors import UserError
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of a file, or of a folder's relative paths and file contents (sorted)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Move folder ``src`` to ``dest``, replacing what was there, never leaving ``dest`` half-written."""
+    old = dest.with_name(dest.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(src, dest)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+class RunDir:
+    """One stage's folder. Only the main process writes; every process may read."""
+
+    def __init__(self, config: PipelineConfig, stage: str, sections: tuple[str, ...], is_main: bool = True, processes: int = 1):
+        self.path = Path(config.run.dir) / stage
+        self.stage = stage
+        self.config = config
+        self.identity = section(config, *sections)  # what must match for a run to be resumed
+        self.is_main = is_main
+        self.processes = processes
+        self._tb = None
+
+    # -- life cycle
+
+    @property
+    def done_file(self) -> Path:
+        return self.path / "done.json"
+
+    def is_done(self) -> bool:
+        return self.done_file.is_file() and json.loads(self.done_file.read_text()).get("identity") == self.identity
+
+    def start(self, restart: bool = False) -> None:
+        """Check that the folder holds no other run, then write config.yaml and run.json.
+
+        A folder holding a run of a different config is an error unless ``restart`` is set:
+        its checkpoints are never silently overwritten.
+        """
+        saved = self.path / "identity.json"
+        if saved.is_file() and not restart:
+            previous = json.loads(saved.read_text())
+            if previous != self.identity:
+                changed = _diff(previous, self.identity)
+                raise UserError(
+                    f"{self.path} holds a {self.stage} run with a different config ({changed}); "
+                    "set run.dir to another folder, or pass --restart to discard it"
+                )
+        if not self.is_main:
+            return
+        if restart and self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(self.identity, indent=2))
+        (self.path / "config.yaml").write_text(dump_config(self.config))
+        (self.path / "run.json").write_text(json.dumps(_run_info(self.config, self.processes), indent=2))
+
+    def finish(self, outputs: dict[str, Path]) -> None:
+        if self.is_main:
+            record = {"identity": self.identity, "outputs": {k: str(v) for k, v in outputs.items()}, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            self.done_file.write_text(json.dumps(record, indent=2))
+        if self._tb is not None:
+            self._tb.close()
+
+    # -- records
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        with (self.path / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.path / "tb"), purge_step=step)
+        for key, value in metrics.items():
+            self._tb.add_scalar(key, value, step)
+
+    def write_lineage(self, inputs: dict[str, Path | str | None]) -> None:
+        """Record each input (data file, parent checkpoint) with its content hash."""
+        if not self.is_main:
+            return
+        entries = {}
+        for name, value in inputs.items():
+            if value is None:
+                continue
+            path = Path(value)
+            entries[name] = {"path": str(value), "sha256": content_hash(path) if path.exists() else None}
+        (self.path / "lineage.json").write_text(json.dumps({"stage": self.stage, "inputs": entries}, indent=2))
+
+    def trim_metrics(self, resume_step: int) -> None:
+        """Drop metric lines a killed run wrote past the checkpoint it resumes from."""
+        metrics = self.path / "metrics.jsonl"
+        if not self.is_main or not metrics.is_file():
+            return
+        lines = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+        metrics.write_text("".join(line + "\n" for line in lines))
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _diff(a, b, f"{prefix}{key}.")
+            if inner:
+                changes.append(inner)
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return ", ".join(changes)
+
+
+def _run_info(config: PipelineConfig, processes: int) -> dict:
+    import accelerate
+    import torch
+    import transformers
+
+    return {
+        "seed": config.run.seed,
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "processes": processes,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+    }

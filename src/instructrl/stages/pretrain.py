@@ -1,0 +1,93 @@
+"""Pretrain the small base model from scratch on the world's corpus: it stands in for GPT-3.
+
+setup (world, tokenizer, packed corpus, model) -> loop (shared ``fit``) -> save (final/).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from instructrl.config import PipelineConfig
+from instructrl.data.jsonl import read_jsonl
+from instructrl.errors import UserError
+from instructrl.models.base import build_base_model, count_parameters, load_tokenizer, set_dropout
+from instructrl.models.tokenizer import train_tokenizer
+from instructrl.rlmath import next_token_nll
+from instructrl.rundir import RunDir
+from instructrl.training.data_order import DataOrder
+from instructrl.training.loop import cosine_schedule, fit, make_accelerator, make_optimizer, seed_everything
+from instructrl.world.build import SPLITS, build_world
+
+SECTIONS = ("run", "world", "tokenizer", "model", "pretrain")
+
+
+def pack_documents(tokenizer, documents: list[str], block_size: int) -> torch.Tensor:
+    """(N, block_size) token blocks: documents joined by EOS, cut into equal blocks, rest dropped."""
+    ids: list[int] = []
+    for doc_ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+        ids.extend(doc_ids)
+        ids.append(tokenizer.eos_token_id)
+    n_blocks = len(ids) // block_size
+    return torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+
+
+def tokenizer_texts(world) -> list[str]:
+    """What the BPE is trained on: the corpus and the instruction-format texts of every split."""
+    texts = world.corpus.read_text().splitlines()
+    for split in SPLITS:
+        texts += [m["content"] for _, record in read_jsonl(world.prompts(split)) for m in record["messages"]]
+    texts += [m["content"] for _, record in read_jsonl(world.demonstrations) for m in record["messages"]]
+    return texts
+
+
+def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Path:
+    cfg = config.pretrain
+    if cfg.block_size > config.model.max_length:
+        raise UserError(f"config: pretrain.block_size ({cfg.block_size}) exceeds model.max_length ({config.model.max_length})")
+    accelerator = make_accelerator(cfg)
+    run = RunDir(config, "pretrain", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
+    if run.is_done() and not restart:
+        log(f"pretrain: {run.path} is complete with this config; nothing to do")
+        return run.path / "final"
+    run.start(restart)
+
+    # setup: the world and the tokenizer are written by the main process, read by all
+    tokenizer_dir = run.path / "tokenizer"
+    if accelerator.is_main_process:
+        world = build_world(config.world, Path(config.run.dir) / "world")
+        if not tokenizer_dir.is_dir():
+            train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size).save_pretrained(tokenizer_dir)
+    accelerator.wait_for_everyone()
+    world = build_world(config.world, Path(config.run.dir) / "world")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    blocks = pack_documents(tokenizer, world.corpus.read_text().splitlines(), cfg.block_size)
+
+    seed_everything(config.run.seed)  # same initial weights in every process
+    model = build_base_model(config.model, tokenizer)
+    set_dropout(model, cfg.dropout)
+    order = DataOrder(len(blocks), cfg.batch_size, cfg.micro_batch_size, cfg.grad_accum(accelerator.num_processes),
+                      accelerator.process_index, accelerator.num_processes, config.run.seed)
+    total_steps = order.total_steps(cfg.epochs)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    seed_everything(config.run.seed + accelerator.process_index)  # dropout differs per process
+    log(f"pretrain: {count_parameters(model) / 1e6:.2f}M parameters, {len(blocks)} blocks of {cfg.block_size} tokens, "
+        f"{total_steps} steps on {accelerator.num_processes} process(es)")
+
+    def make_batch(indices: list[int]) -> dict:
+        ids = blocks[indices].to(accelerator.device)
+        return {"input_ids": ids, "n_targets": ids.numel() - len(indices)}
+
+    def loss_fn(model, batch) -> torch.Tensor:
+        ids = batch["input_ids"]
+        return next_token_nll(model(input_ids=ids).logits, ids, torch.ones_like(ids))[0]
+
+    # loop + save
+    fit(accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, order=order,
+        make_batch=make_batch, loss_fn=loss_fn, config=cfg, run=run, total_steps=total_steps, description="pretrain", log=log)
+    run.write_lineage({"corpus": world.corpus, "tokenizer": tokenizer_dir})
+    run.finish({"model": run.path / "final"})
+    return run.path / "final"

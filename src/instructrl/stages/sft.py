@@ -1,0 +1,117 @@
+"""Supervised fine-tuning on demonstrations (InstructGPT §3.5, "Supervised fine-tuning").
+
+setup (model, demonstrations, validation prompts) -> loop (shared ``fit``) -> save (final/).
+Loss on assistant tokens only, every assistant turn of a conversation, each ending with EOS.
+The output checkpoint is the one the simulated labeler scores best on validation prompts, as
+the paper chose its SFT model by reward-model score rather than by validation loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from instructrl.config import PipelineConfig
+from instructrl.data.chat import TokenizedConversation, tokenize_conversation, validate_messages
+from instructrl.data.jsonl import read_jsonl
+from instructrl.errors import UserError
+from instructrl.evaluation.generate import generate_answers
+from instructrl.models.base import load_causal_lm, load_tokenizer
+from instructrl.padding import pad_sequences
+from instructrl.rlmath import next_token_nll
+from instructrl.rundir import RunDir
+from instructrl.training.data_order import DataOrder
+from instructrl.training.loop import cosine_schedule, fit, make_accelerator, make_optimizer, seed_everything
+from instructrl.world.build import build_world, load_tasks
+from instructrl.world.labeler import SimulatedLabeler
+
+SECTIONS = ("run", "world", "sft")
+
+
+def load_demonstrations(path: Path, tokenizer, max_length: int) -> tuple[list[TokenizedConversation], int]:
+    """Tokenized conversations from a ``{"messages": [...]}`` JSONL; also how many were too long."""
+    examples, too_long = [], 0
+    for number, record in read_jsonl(path):
+        messages = validate_messages(record.get("messages"), f"{path}:{number}")
+        example = tokenize_conversation(tokenizer, messages)
+        if len(example.input_ids) > max_length:
+            too_long += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise UserError(f"{path}: no demonstration fits in {max_length} tokens")
+    return examples, too_long
+
+
+def labeler_selection(accelerator, tokenizer, tasks, max_new_tokens: int):
+    """A ``select(model)`` that returns the gold labeler's mean Likert of greedy answers to ``tasks``.
+
+    Each process answers its share of the prompts; the sums are reduced over processes.
+    """
+    judge = SimulatedLabeler()
+    mine = tasks[accelerator.process_index :: accelerator.num_processes]
+
+    def select(model) -> float:
+        answers = generate_answers(model, tokenizer, [list(t.messages) for t in mine], max_new_tokens)
+        total = sum(judge.judge(t, a).likert for t, a in zip(mine, answers))
+        sums = accelerator.reduce(torch.tensor([float(total), float(len(mine))], device=accelerator.device), "sum")
+        return (sums[0] / sums[1]).item()
+
+    return select
+
+
+def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
+    cfg = config.sft
+    accelerator = make_accelerator(cfg)
+    run = RunDir(config, "sft", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
+    if run.is_done() and not restart:
+        log(f"sft: {run.path} is complete with this config; nothing to do")
+        return run.path / "final"
+    model_path = cfg.model or str(Path(config.run.dir) / "pretrain" / "final")
+    if cfg.model is None and not Path(model_path).is_dir():
+        raise UserError(f"sft: no model given and {model_path} does not exist; run `instructrl pretrain` first or set sft.model=PATH")
+    tokenizer = load_tokenizer(model_path)
+    run.start(restart)
+
+    # setup: demonstrations, and validation prompts when the built-in world is the data
+    builtin = cfg.data is None
+    if accelerator.is_main_process and builtin:
+        build_world(config.world, Path(config.run.dir) / "world")
+    accelerator.wait_for_everyone()
+    world = build_world(config.world, Path(config.run.dir) / "world") if builtin else None
+    data_path = world.demonstrations if builtin else cfg.data
+    seed_everything(config.run.seed)
+    model = load_causal_lm(model_path, dropout=cfg.dropout)
+    max_length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
+    examples, too_long = load_demonstrations(data_path, tokenizer, max_length)
+    order = DataOrder(len(examples), cfg.batch_size, cfg.micro_batch_size, cfg.grad_accum(accelerator.num_processes),
+                      accelerator.process_index, accelerator.num_processes, config.run.seed)
+    total_steps = order.total_steps(cfg.epochs)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    seed_everything(config.run.seed + accelerator.process_index)
+    select = labeler_selection(accelerator, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None
+    log(f"sft: {len(examples)} demonstrations from {data_path}" + (f" ({too_long} longer than {max_length} tokens skipped)" if too_long else "")
+        + f", {total_steps} steps on {accelerator.num_processes} process(es), model {model_path}")
+
+    def make_batch(indices: list[int]) -> dict:
+        ids, attention = pad_sequences([examples[i].input_ids for i in indices], tokenizer.pad_token_id, side="right")
+        targets, _ = pad_sequences([examples[i].assistant_mask for i in indices], 0, side="right")
+        d = accelerator.device
+        return {"input_ids": ids.to(d), "attention_mask": attention.to(d), "targets": targets.to(d), "n_targets": int(targets[:, 1:].sum())}
+
+    def loss_fn(model, batch) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return next_token_nll(logits, batch["input_ids"], batch["targets"])[0]
+
+    # loop + save
+    state = fit(accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, order=order,
+                make_batch=make_batch, loss_fn=loss_fn, config=cfg, run=run, total_steps=total_steps, description="sft",
+                select=select, select_every=cfg.select_every, log=log)
+    if state.best_step is not None:
+        log(f"sft: chose the checkpoint of step {state.best_step} (validation Likert {state.best_score:.2f})")
+    run.write_lineage({"model": model_path, "demonstrations": data_path})
+    run.finish({"model": run.path / "final"})
+    return run.path / "final"

@@ -1,0 +1,178 @@
+"""The training loop every supervised stage shares (pretrain, SFT; the reward model next).
+
+It runs on Hugging Face Accelerate, so the same code trains on one CPU, one GPU in bf16, or
+several processes. Each optimizer step:
+
+  1. takes this process's micro-batches for the step from ``DataOrder``;
+  2. counts the loss targets of the whole step over all processes;
+  3. forwards and backwards each micro-batch, scaling its summed loss by that global count
+     (so 8 x 1 accumulation equals 1 x 8, and W processes equal one);
+  4. clips, steps the optimizer and the schedule;
+  5. logs, scores the model for checkpoint selection, and saves a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from instructrl.config import TrainConfig
+from instructrl.rundir import RunDir, replace_dir
+from instructrl.training.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
+from instructrl.training.data_order import DataOrder
+from instructrl.training.progress import progress_bar
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    # We step the schedule once per optimizer step ourselves: Accelerate would otherwise step
+    # it once per process, changing the schedule with the number of processes.
+    # Without a GPU, cpu=True is what lets `torchrun --nproc_per_node N` run N gloo processes.
+    has_gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
+    return Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False, cpu=not has_gpu)
+
+
+def seed_everything(seed: int) -> None:
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (1-d tensors) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, eps=config.adam_eps, betas=(0.9, 0.95))
+
+
+def cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """Linear warm-up, then cosine decay from lr to min_lr_ratio * lr."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_model(accelerator, model, tokenizer, dest: Path) -> None:
+    """``save_pretrained`` model and tokenizer to ``dest``, replacing it only once complete."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = dest.with_name(dest.name + ".tmp")
+        accelerator.unwrap_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, dest)
+    accelerator.wait_for_everyone()
+
+
+def fit(
+    *,
+    accelerator,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    order: DataOrder,
+    make_batch: Callable[[list[int]], dict],
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+    config: TrainConfig,
+    run: RunDir,
+    total_steps: int,
+    description: str,
+    select: Callable[[torch.nn.Module], float] | None = None,
+    select_every: int | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainState:
+    """Train ``model`` for ``total_steps`` optimizer steps, resuming from the run's last checkpoint.
+
+    ``make_batch(indices)`` builds a micro-batch dict holding ``n_targets`` (how many loss terms
+    it has); ``loss_fn(model, batch)`` returns their *sum*. ``select(model)`` scores the model;
+    the best-scoring weights become the output (InstructGPT chose its SFT checkpoint by score).
+    Writes ``final/`` under the run directory and returns the last TrainState.
+    """
+    accelerator.register_for_checkpointing(scheduler)
+    state = load_latest_checkpoint(accelerator, run.path / "checkpoints")
+    if state.step:
+        log(f"{description}: resuming from the checkpoint of step {state.step}")
+    run.trim_metrics(state.step)
+    data_log = run.path / f"data_order.rank{accelerator.process_index}.jsonl" if config.record_data_order else None
+    model.train()
+    window_start, window_targets = time.perf_counter(), 0.0
+    with progress_bar(accelerator.is_main_process) as bar:
+        task = bar.add_task(description, total=total_steps, completed=state.step, status="")
+        while state.step < total_steps:
+            # 1. this process's micro-batches
+            indices = order.micro_batches(state.step)
+            batches = [make_batch(ix) for ix in indices]
+            if data_log is not None:
+                with data_log.open("a") as f:
+                    f.write(json.dumps({"step": state.step, "indices": indices}) + "\n")
+            # 2. the loss targets of the whole optimizer step, over every process
+            local_targets = torch.tensor(float(sum(b["n_targets"] for b in batches)), device=accelerator.device)
+            global_targets = accelerator.reduce(local_targets, "sum").item()
+            # 3. forward and backward, each micro-batch's sum scaled by the global count
+            loss_sum = 0.0
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        loss = loss_fn(model, batch)
+                    accelerator.backward(loss * accelerator.num_processes / max(global_targets, 1.0))
+                loss_sum += loss.item()
+            # 4. clip and step
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            window_targets += global_targets
+            # 5. log, select, checkpoint
+            if state.step % config.log_every == 0 or state.step == total_steps:
+                total_loss = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item()
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "train/loss": total_loss / max(global_targets, 1.0),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/grad_norm": float(grad_norm),
+                    "train/targets_per_s": window_targets / max(elapsed, 1e-9),
+                }
+                run.log(state.step, metrics)
+                window_start, window_targets = time.perf_counter(), 0.0
+                bar.update(task, status=f"loss {metrics['train/loss']:.3f}")
+            if select is not None and (state.step % select_every == 0 or state.step == total_steps):
+                model.eval()
+                score = select(accelerator.unwrap_model(model))
+                model.train()
+                state.selection.append([state.step, score])
+                run.log(state.step, {"select/score": score})
+                if state.best_score is None or score > state.best_score:
+                    state.best_score, state.best_step = score, state.step
+                    save_model(accelerator, model, tokenizer, run.path / "best")
+                bar.update(task, status=f"score {score:.3f} (best {state.best_score:.3f} @ {state.best_step})")
+            if state.step % config.checkpoint_every == 0 and state.step < total_steps:
+                save_checkpoint(accelerator, run.path / "checkpoints", state)
+            bar.update(task, completed=state.step)
+    final = run.path / "final"
+    if select is None:
+        save_model(accelerator, model, tokenizer, final)
+    elif accelerator.is_main_process:
+        tmp = final.with_name("final.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(run.path / "best", tmp)
+        replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    return state

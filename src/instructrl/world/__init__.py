@@ -1,0 +1,1 @@
+"""The built-in instruction world: tasks, the pretraining corpus and the simulated labeler."""

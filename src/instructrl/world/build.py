@@ -1,0 +1,112 @@
+"""Write the built-in world to disk: prompt splits, demonstrations and the pretraining corpus.
+
+Everything is a pure function of ``WorldConfig``; the same config always writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from instructrl.config import WorldConfig
+from instructrl.data.jsonl import read_jsonl, write_jsonl
+from instructrl.world.corpus import corpus_documents
+from instructrl.world.labeler import DemoStyle, SimulatedLabeler
+from instructrl.world.tasks import Task, sample_task
+
+# InstructGPT's prompt counts: ~13k SFT, ~33k RM, ~31k PPO (§3.3).
+SPLIT_RATIOS = {"sft": 13, "rm": 33, "ppo": 31}
+SPLITS = ("sft", "rm", "ppo", "val", "eval")
+
+
+def split_sizes(config: WorldConfig) -> dict[str, int]:
+    """How many prompts each split gets; the training splits share n_prompts 13 : 33 : 31."""
+    total = sum(SPLIT_RATIOS.values())
+    sizes = {name: config.n_prompts * ratio // total for name, ratio in SPLIT_RATIOS.items()}
+    sizes["sft"] += config.n_prompts - sum(sizes.values())
+    return {**sizes, "val": config.n_val, "eval": config.n_eval}
+
+
+def make_splits(config: WorldConfig) -> dict[str, list[Task]]:
+    """Draw distinct prompts and deal them into disjoint splits (no prompt text in two splits)."""
+    sizes = split_sizes(config)
+    wanted = sum(sizes.values())
+    rng = random.Random(f"prompts:{config.seed}")
+    tasks: dict[str, Task] = {}
+    attempts = 0
+    while len(tasks) < wanted:
+        attempts += 1
+        if attempts > 50 * wanted:
+            raise ValueError(f"the world has fewer than {wanted} distinct prompts; lower world.n_prompts")
+        task = sample_task(rng, config.multi_turn_rate)
+        tasks.setdefault(task.id, task)
+    pool = list(tasks.values())
+    rng.shuffle(pool)
+    splits, start = {}, 0
+    for name in SPLITS:
+        splits[name] = pool[start : start + sizes[name]]
+        start += sizes[name]
+    return splits
+
+
+def demo_labeler(config: WorldConfig) -> SimulatedLabeler:
+    style = DemoStyle(config.demo_error_rate, config.demo_off_format_rate, config.demo_verbose_rate)
+    return SimulatedLabeler("demonstrator", noise=0.0, style=style)
+
+
+def demonstration(config: WorldConfig, task: Task) -> str:
+    """The demonstrator's answer to a task: fixed by the world seed and the task alone."""
+    return demo_labeler(config).demonstrate(task, random.Random(f"demo:{config.seed}:{task.id}"))
+
+
+@dataclass(frozen=True)
+class WorldFiles:
+    """Where a written world lives."""
+
+    root: Path
+
+    def prompts(self, split: str) -> Path:
+        return self.root / "prompts" / f"{split}.jsonl"
+
+    @property
+    def demonstrations(self) -> Path:
+        return self.root / "demonstrations.jsonl"
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus.txt"
+
+    @property
+    def heldout_corpus(self) -> Path:
+        return self.root / "corpus_heldout.txt"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "world.json"
+
+
+def build_world(config: WorldConfig, root: Path) -> WorldFiles:
+    """Write the world under ``root`` unless the same config already wrote it there."""
+    files = WorldFiles(Path(root))
+    wanted = config.model_dump(mode="json")
+    if files.manifest.is_file() and json.loads(files.manifest.read_text()).get("config") == wanted:
+        return files
+    splits = make_splits(config)
+    for name, tasks in splits.items():
+        write_jsonl(files.prompts(name), (t.to_record() for t in tasks))
+    write_jsonl(files.demonstrations, (
+        {"id": t.id, "family": t.family, "messages": [*t.messages, {"role": "assistant", "content": demonstration(config, t)}]}
+        for t in splits["sft"]
+    ))
+    docs = corpus_documents(config.corpus_documents + config.heldout_documents, config.seed)
+    files.corpus.write_text("\n".join(docs[config.heldout_documents :]) + "\n")
+    files.heldout_corpus.write_text("\n".join(docs[: config.heldout_documents]) + "\n")
+    counts = {name: len(tasks) for name, tasks in splits.items()}
+    files.manifest.write_text(json.dumps({"config": wanted, "counts": counts}, indent=2))
+    return files
+
+
+def load_tasks(path: Path) -> list[Task]:
+    return [Task.from_record(record) for _, record in read_jsonl(path)]

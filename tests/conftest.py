@@ -1,0 +1,30 @@
+"""Shared fixtures: the CLI as a subprocess, and a smoke-sized pretrained base model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m instructrl ARGS`` and return the finished process (stdout and stderr as text)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    proc = subprocess.run([sys.executable, "-m", "instructrl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"instructrl {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_base(tmp_path_factory) -> Path:
+    """A run folder holding the smoke world and a pretrained smoke base model (pretrain/final)."""
+    run_dir = tmp_path_factory.mktemp("smoke-base")
+    cli("pretrain", "-c", str(SMOKE), f"run.dir={run_dir}")
+    return run_dir

@@ -1,0 +1,87 @@
+"""The CLI end to end on the smoke config, and its answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from conftest import SMOKE, cli
+
+from instructrl.rundir import content_hash
+
+
+def test_pipeline_smoke_writes_every_record(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={run_dir}")
+    assert "Mean gold Likert" in proc.stdout
+    for stage in ("pretrain", "sft"):
+        folder = run_dir / stage
+        for name in ("config.yaml", "run.json", "metrics.jsonl", "lineage.json", "done.json", "final/config.json", "final/tokenizer.json"):
+            assert (folder / name).exists(), f"{stage}/{name} missing"
+        assert any((folder / "tb").iterdir()), "no TensorBoard events"
+        assert json.loads((folder / "run.json").read_text())["seed"] == 0
+    lineage = json.loads((run_dir / "sft" / "lineage.json").read_text())
+    assert lineage["inputs"]["model"]["sha256"] == content_hash(run_dir / "pretrain" / "final")
+    assert lineage["inputs"]["demonstrations"]["sha256"] == content_hash(run_dir / "world" / "demonstrations.jsonl")
+    results = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
+    assert set(results) == {"demonstrations", "base", "sft"}
+    assert set(results["sft"]["families"]) >= {"reverse_word", "add_numbers"}
+    # a second run finds every stage complete and trains nothing
+    again = cli("pipeline", "-c", str(SMOKE), f"run.dir={run_dir}")
+    assert "nothing to do" in again.stderr
+
+
+def _assert_clean_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft:\n  lr: [1e-4\n  epochs: 2\n")  # the flow list opened on line 2 is never closed
+    _assert_clean_error(cli("sft", "-c", str(bad), check=False), f"{bad}:3", "malformed YAML")
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("run:\n  dir: x\nsft:\n  epoch: 2\n")  # 'epoch' is on line 4
+    _assert_clean_error(cli("sft", "-c", str(cfg), check=False), f"{cfg}:4", "unknown config key 'sft.epoch'", "sft.epochs")
+    _assert_clean_error(cli("config", "pretrain.lrr=1", check=False), "pretrain.lrr", "pretrain.lr")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = cli("--debug", "config", "sft.lrr=1", check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_missing_model_path(tmp_path):
+    proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path}", f"sft.model={tmp_path / 'nope'}", check=False)
+    _assert_clean_error(proc, "nope", "does not exist")
+    assert not (tmp_path / "sft").exists(), "a failed start must not create the stage folder"
+
+
+def test_broken_jsonl_line_is_named(tmp_path, smoke_base):
+    data = tmp_path / "demos.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    data.write_text(f"{good}\n{good}\n{{not json\n")
+    proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={smoke_base / 'pretrain' / 'final'}", f"sft.data={data}", check=False)
+    _assert_clean_error(proc, f"{data}:3", "not valid JSON")
+    data.write_text(f"{good}\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={smoke_base / 'pretrain' / 'final'}", f"sft.data={data}", check=False)
+    _assert_clean_error(proc, f"{data}:2", "messages[0]")
+
+
+def test_bad_input_never_touches_a_finished_run(tmp_path, smoke_base):
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_base, run_dir)
+    base = ("sft", "-c", str(SMOKE), f"run.dir={run_dir}")
+    cli(*base)
+    final = run_dir / "sft" / "final"
+    before = content_hash(final)
+    # a different config must not resume or overwrite the finished run
+    _assert_clean_error(cli(*base, "sft.lr=0.01", check=False), "different config", "sft.lr", "--restart")
+    # a broken override fails before anything is written
+    _assert_clean_error(cli(*base, "sft.epochs=-1", check=False), "sft.epochs")
+    assert content_hash(final) == before

@@ -1,0 +1,215 @@
+"""Config loading and its error messages (config.py), and the data order (training/data_order.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from instructrl.config import PipelineConfig, TrainConfig, load_config
+from instructrl.errors import UserError
+from instructrl.training.data_order import DataOrder
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_defaults_load():
+    config = load_config()
+    assert config == PipelineConfig()
+    # two defaults as written in config.py
+    assert config.sft.lr == 5e-4
+    assert config.world.n_prompts == 6000
+
+
+def test_overrides_take_effect_and_are_coerced():
+    config = load_config(overrides=["sft.lr=1e-4", "pretrain.epochs=2"])
+    # YAML 1.1 reads '1e-4' (no dot) as a string; the field makes it the float 0.0001
+    assert config.sft.lr == 0.0001 and type(config.sft.lr) is float
+    assert config.pretrain.epochs == 2.0 and type(config.pretrain.epochs) is float
+    # the other sections keep their defaults
+    assert config.pretrain.lr == 2e-3
+
+
+def test_yaml_then_override(tmp_path):
+    path = write(tmp_path, "sft:\n  lr: 0.01\n  epochs: 3\n")
+    config = load_config(path, overrides=["sft.lr=0.02"])
+    # the override wins over the file; the file wins over the default (8.0)
+    assert (config.sft.lr, config.sft.epochs) == (0.02, 3.0)
+
+
+def test_empty_yaml_is_the_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == PipelineConfig()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unknown_override_key_is_named_with_a_suggestion():
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["sft.lrr=1"])
+    message = str(err.value)
+    assert "'sft.lrr'" in message
+    assert "did you mean 'sft.lr'" in message
+    assert "override 'sft.lrr=1'" in message
+
+
+def test_unknown_yaml_key_names_file_and_line(tmp_path):
+    path = write(tmp_path, "run:\n  dir: runs/x\nsft:\n  epochs: 2\n  lrr: 0.1\n")
+    # line 1 run:, 2 dir, 3 sft:, 4 epochs, 5 lrr
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert f"{path}:5: unknown config key 'sft.lrr'" in str(err.value)
+
+
+def test_unknown_section_is_rejected(tmp_path):
+    path = write(tmp_path, "run:\n  seed: 1\nsftt:\n  lr: 0.1\n")
+    # 'sftt' is on line 3
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert f"{path}:3: unknown config key 'sftt'" in str(err.value)
+    assert "did you mean 'sft'" in str(err.value)
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["world.n_prompts=-5"])
+    # n_prompts must be > 0
+    assert "bad value for 'world.n_prompts'" in str(err.value)
+    assert "-5" in str(err.value)
+
+
+def test_bad_value_in_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "world:\n  seed: 1\n  n_prompts: 0\n")
+    # n_prompts is on line 3
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert f"{path}:3: bad value for 'world.n_prompts'" in str(err.value)
+
+
+def test_malformed_yaml_names_file_line_and_column(tmp_path):
+    path = write(tmp_path, "run:\n  dir: a: b\n")
+    # line 2 is '  dir: a: b'; the second ':' (a mapping inside a plain scalar) is at
+    # 0-based column 8 (2 spaces, 'dir' 2-4, ':' 5, ' ' 6, 'a' 7, ':' 8), so 2:9 1-based
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}:2:9: malformed YAML")
+
+
+def test_yaml_list_is_rejected(tmp_path):
+    path = write(tmp_path, "- sft\n- rm\n")
+    with pytest.raises(UserError, match="must be a mapping of sections, found list"):
+        load_config(path)
+
+
+def test_missing_file_is_rejected(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_heads_must_divide_width():
+    # 30 is not a multiple of 4
+    with pytest.raises(UserError, match=r"model.hidden_size \(30\) must be a multiple of model.n_head \(4\)"):
+        load_config(overrides=["model.hidden_size=30", "model.n_head=4"])
+
+
+# ---------------------------------------------------------------- batch arithmetic
+
+
+def test_grad_accum():
+    # 32 examples per step / (8 per micro-batch x 2 processes) = 2 micro-batches each
+    assert TrainConfig(batch_size=32, micro_batch_size=8).grad_accum(2) == 2
+    # one process: 32 / 8 = 4
+    assert TrainConfig(batch_size=32, micro_batch_size=8).grad_accum(1) == 4
+
+
+def test_grad_accum_rejects_an_uneven_batch():
+    # 30 is not a multiple of 8
+    with pytest.raises(UserError, match=r"batch_size \(30\)"):
+        TrainConfig(batch_size=30, micro_batch_size=8).grad_accum(1)
+
+
+# ---------------------------------------------------------------- shipped configs
+
+
+def test_smoke_config_is_shipped():
+    assert (CONFIGS / "smoke.yaml").is_file()
+
+
+# every shipped config: smoke.yaml, and default.yaml and others once they exist
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), PipelineConfig)
+
+
+def test_smoke_config_values():
+    config = load_config(CONFIGS / "smoke.yaml")
+    # as written in configs/smoke.yaml; unset keys stay default
+    assert (config.world.n_prompts, config.model.n_layer, config.sft.batch_size) == (400, 2, 8)
+    assert config.sft.lr == 5e-4
+
+
+# ---------------------------------------------------------------- data order
+
+
+def orders(world_size, grad_accum, seed=0):
+    return [DataOrder(20, 8, 2, grad_accum, rank, world_size, seed) for rank in range(world_size)]
+
+
+def test_ranks_split_the_global_batch():
+    rank0, rank1 = orders(world_size=2, grad_accum=2)
+    for step in range(4):
+        flat = [i for order in (rank0, rank1) for mb in order.micro_batches(step) for i in mb]
+        # 2 ranks x 2 micro-batches x 2 examples = 8 = the batch, with no example twice
+        assert len(flat) == 8 and len(set(flat)) == 8
+        assert sorted(flat) == sorted(rank0.global_batch(step))
+
+
+def test_two_processes_see_what_one_process_sees():
+    (single,) = orders(world_size=1, grad_accum=4)
+    rank0, rank1 = orders(world_size=2, grad_accum=2)
+    for step in range(4):
+        r0, r1 = rank0.micro_batches(step), rank1.micro_batches(step)
+        # micro-batch a of rank r is slice a * 2 + r: r0a0, r1a0, r0a1, r1a1 = slices 0, 1, 2, 3
+        assert single.micro_batches(step) == [r0[0], r1[0], r0[1], r1[1]]
+
+
+def test_steps_per_epoch_drops_the_partial_batch():
+    (order,) = orders(world_size=1, grad_accum=4)
+    # 20 // 8 = 2 full batches; the last 4 examples of each epoch are dropped
+    assert order.steps_per_epoch == 2
+    # 1.5 epochs x 2 steps = 3 steps
+    assert order.total_steps(1.5) == 3
+
+
+def test_an_epoch_has_no_repeats():
+    (order,) = orders(world_size=1, grad_accum=4)
+    epoch0 = order.global_batch(0) + order.global_batch(1)
+    # 2 steps x 8 = 16 distinct examples out of 20
+    assert len(set(epoch0)) == 16 and all(0 <= i < 20 for i in epoch0)
+
+
+def test_consecutive_epochs_are_shuffled_differently():
+    (order,) = orders(world_size=1, grad_accum=4)
+    # steps 0-1 are epoch 0, steps 2-3 epoch 1
+    assert order.global_batch(0) + order.global_batch(1) != order.global_batch(2) + order.global_batch(3)
+
+
+def test_same_seed_same_order():
+    a, b = orders(1, 4, seed=7)[0], orders(1, 4, seed=7)[0]
+    assert [a.global_batch(s) for s in range(6)] == [b.global_batch(s) for s in range(6)]
+    c = orders(1, 4, seed=8)[0]
+    assert [a.global_batch(s) for s in range(6)] != [c.global_batch(s) for s in range(6)]
+
+
+def test_too_few_examples_for_one_batch():
+    with pytest.raises(ValueError):
+        DataOrder(5, 8, 2, 4, 0, 1, 0)

@@ -1,0 +1,63 @@
+"""A run killed with SIGKILL and started again with the same command ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from conftest import SMOKE, cli
+from safetensors.torch import load_file
+
+
+def _sft_args(run_dir, base):
+    # 4 epochs of the smoke demonstrations: 32 optimizer steps, a checkpoint every 2
+    return ["sft", "-c", str(SMOKE), f"run.dir={run_dir}", f"sft.model={base / 'pretrain' / 'final'}", "sft.epochs=4"]
+
+
+def test_kill_and_resume_reaches_the_same_weights(tmp_path, smoke_base):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cli(*_sft_args(straight, smoke_base))
+
+    proc = subprocess.Popen([sys.executable, "-m", "instructrl", *_sft_args(killed, smoke_base)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    checkpoints = killed / "sft" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in checkpoints.glob("step-*") if not p.name.endswith(".tmp")] if checkpoints.exists() else []
+        if done:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "sft" / "final").exists()
+
+    resumed = cli(*_sft_args(killed, smoke_base))
+    assert "resuming from the checkpoint of step" in resumed.stderr
+
+    a = load_file(straight / "sft" / "final" / "model.safetensors")
+    b = load_file(killed / "sft" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # the metrics of the resumed run have one line per logged step, none twice
+    steps = [json.loads(line)["step"] for line in (killed / "sft" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s for s, line in zip(steps, (killed / "sft" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in line]
+    assert train_steps == sorted(set(train_steps))
+    straight_steps = [json.loads(l)["step"] for l in (straight / "sft" / "metrics.jsonl").read_text().splitlines() if "train/loss" in l]
+    assert train_steps == straight_steps
+
+
+def test_restart_discards_the_old_run(tmp_path, smoke_base):
+    run_dir = tmp_path / "run"
+    cli(*_sft_args(run_dir, smoke_base)[:-1], "sft.epochs=1")
+    proc = cli(*_sft_args(run_dir, smoke_base), "--restart")
+    assert "resuming" not in proc.stderr
+    assert json.loads((run_dir / "sft" / "identity.json").read_text())["sft"]["epochs"] == 4
+    shutil.rmtree(run_dir)
