@@ -71,6 +71,7 @@ def test_broken_jsonl_line_is_named(tmp_path, smoke_base):
     data.write_text(f"{good}\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={smoke_base / 'pretrain' / 'final'}", f"sft.data={data}", check=False)
     _assert_clean_error(proc, f"{data}:2", "messages[0]")
+    assert not (tmp_path / "run" / "sft").exists(), "bad data must be caught before the stage folder is written"
 
 
 def test_bad_input_never_touches_a_finished_run(tmp_path, smoke_base):

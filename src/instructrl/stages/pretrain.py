@@ -16,8 +16,7 @@ from instructrl.models.base import build_base_model, count_parameters, load_toke
 from instructrl.models.tokenizer import train_tokenizer
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir
-from instructrl.training.data_order import DataOrder
-from instructrl.training.loop import cosine_schedule, fit, make_accelerator, make_optimizer, seed_everything
+from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
 from instructrl.world.build import SPLITS, build_world
 
 SECTIONS = ("run", "world", "tokenizer", "model", "pretrain")
@@ -67,15 +66,9 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     seed_everything(config.run.seed)  # same initial weights in every process
     model = build_base_model(config.model, tokenizer)
     set_dropout(model, cfg.dropout)
-    order = DataOrder(len(blocks), cfg.batch_size, cfg.micro_batch_size, cfg.grad_accum(accelerator.num_processes),
-                      accelerator.process_index, accelerator.num_processes, config.run.seed)
-    total_steps = order.total_steps(cfg.epochs)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    seed_everything(config.run.seed + accelerator.process_index)  # dropout differs per process
+    setup = prepare_training(accelerator, model, cfg, len(blocks), config.run.seed)
     log(f"pretrain: {count_parameters(model) / 1e6:.2f}M parameters, {len(blocks)} blocks of {cfg.block_size} tokens, "
-        f"{total_steps} steps on {accelerator.num_processes} process(es)")
+        f"{setup.total_steps} steps on {accelerator.num_processes} process(es)")
 
     def make_batch(indices: list[int]) -> dict:
         ids = blocks[indices].to(accelerator.device)
@@ -86,8 +79,8 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
         return next_token_nll(model(input_ids=ids).logits, ids, torch.ones_like(ids))[0]
 
     # loop + save
-    fit(accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, order=order,
-        make_batch=make_batch, loss_fn=loss_fn, config=cfg, run=run, total_steps=total_steps, description="pretrain", log=log)
+    fit(accelerator=accelerator, setup=setup, tokenizer=tokenizer, make_batch=make_batch, loss_fn=loss_fn, config=cfg, run=run,
+        description="pretrain", log=log)
     run.write_lineage({"corpus": world.corpus, "tokenizer": tokenizer_dir})
     run.finish({"model": run.path / "final"})
     return run.path / "final"

@@ -21,8 +21,7 @@ from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir
-from instructrl.training.data_order import DataOrder
-from instructrl.training.loop import cosine_schedule, fit, make_accelerator, make_optimizer, seed_everything
+from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
 from instructrl.world.build import build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 
@@ -72,9 +71,9 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     if cfg.model is None and not Path(model_path).is_dir():
         raise UserError(f"sft: no model given and {model_path} does not exist; run `instructrl pretrain` first or set sft.model=PATH")
     tokenizer = load_tokenizer(model_path)
-    run.start(restart)
 
-    # setup: demonstrations, and validation prompts when the built-in world is the data
+    # setup: demonstrations, and validation prompts when the built-in world is the data;
+    # all inputs are read and checked before the run folder is written
     builtin = cfg.data is None
     if accelerator.is_main_process and builtin:
         build_world(config.world, Path(config.run.dir) / "world")
@@ -85,16 +84,11 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     model = load_causal_lm(model_path, dropout=cfg.dropout)
     max_length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
     examples, too_long = load_demonstrations(data_path, tokenizer, max_length)
-    order = DataOrder(len(examples), cfg.batch_size, cfg.micro_batch_size, cfg.grad_accum(accelerator.num_processes),
-                      accelerator.process_index, accelerator.num_processes, config.run.seed)
-    total_steps = order.total_steps(cfg.epochs)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    seed_everything(config.run.seed + accelerator.process_index)
+    run.start(restart)
+    setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed)
     select = labeler_selection(accelerator, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None
     log(f"sft: {len(examples)} demonstrations from {data_path}" + (f" ({too_long} longer than {max_length} tokens skipped)" if too_long else "")
-        + f", {total_steps} steps on {accelerator.num_processes} process(es), model {model_path}")
+        + f", {setup.total_steps} steps on {accelerator.num_processes} process(es), model {model_path}")
 
     def make_batch(indices: list[int]) -> dict:
         ids, attention = pad_sequences([examples[i].input_ids for i in indices], tokenizer.pad_token_id, side="right")
@@ -107,9 +101,8 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
         return next_token_nll(logits, batch["input_ids"], batch["targets"])[0]
 
     # loop + save
-    state = fit(accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, order=order,
-                make_batch=make_batch, loss_fn=loss_fn, config=cfg, run=run, total_steps=total_steps, description="sft",
-                select=select, select_every=cfg.select_every, log=log)
+    state = fit(accelerator=accelerator, setup=setup, tokenizer=tokenizer, make_batch=make_batch, loss_fn=loss_fn, config=cfg,
+                run=run, description="sft", select=select, select_every=cfg.select_every, log=log)
     if state.best_step is not None:
         log(f"sft: chose the checkpoint of step {state.best_step} (validation Likert {state.best_score:.2f})")
     run.write_lineage({"model": model_path, "demonstrations": data_path})

@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -68,6 +69,30 @@ def cosine_schedule(optimizer, warmup_steps: int, total_steps: int, min_lr_ratio
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclass
+class TrainingSetup:
+    model: torch.nn.Module  # prepared by Accelerate (DDP-wrapped with several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    order: DataOrder
+    total_steps: int
+
+
+def prepare_training(accelerator, model, config: TrainConfig, n_examples: int, seed: int) -> TrainingSetup:
+    """Data order, AdamW, warm-up + cosine schedule, and Accelerate's wrapping, for ``n_examples``.
+
+    Seeds every process with seed + rank afterwards, so dropout and sampling differ per process.
+    """
+    order = DataOrder(n_examples, config.batch_size, config.micro_batch_size, config.grad_accum(accelerator.num_processes),
+                      accelerator.process_index, accelerator.num_processes, seed)
+    total_steps = order.total_steps(config.epochs)
+    optimizer = make_optimizer(model, config)
+    scheduler = cosine_schedule(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    seed_everything(seed + accelerator.process_index)
+    return TrainingSetup(model, optimizer, scheduler, order, total_steps)
+
+
 def save_model(accelerator, model, tokenizer, dest: Path) -> None:
     """``save_pretrained`` model and tokenizer to ``dest``, replacing it only once complete."""
     accelerator.wait_for_everyone()
@@ -82,28 +107,25 @@ def save_model(accelerator, model, tokenizer, dest: Path) -> None:
 def fit(
     *,
     accelerator,
-    model,
+    setup: TrainingSetup,
     tokenizer,
-    optimizer,
-    scheduler,
-    order: DataOrder,
     make_batch: Callable[[list[int]], dict],
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
     config: TrainConfig,
     run: RunDir,
-    total_steps: int,
     description: str,
     select: Callable[[torch.nn.Module], float] | None = None,
     select_every: int | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainState:
-    """Train ``model`` for ``total_steps`` optimizer steps, resuming from the run's last checkpoint.
+    """Train ``setup.model`` for ``setup.total_steps`` optimizer steps, resuming from the run's last checkpoint.
 
     ``make_batch(indices)`` builds a micro-batch dict holding ``n_targets`` (how many loss terms
     it has); ``loss_fn(model, batch)`` returns their *sum*. ``select(model)`` scores the model;
     the best-scoring weights become the output (InstructGPT chose its SFT checkpoint by score).
     Writes ``final/`` under the run directory and returns the last TrainState.
     """
+    model, optimizer, scheduler, order, total_steps = setup.model, setup.optimizer, setup.scheduler, setup.order, setup.total_steps
     accelerator.register_for_checkpointing(scheduler)
     state = load_latest_checkpoint(accelerator, run.path / "checkpoints")
     if state.step:
