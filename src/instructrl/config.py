@@ -89,10 +89,10 @@ class PretrainConfig(TrainConfig):
 class SFTConfig(TrainConfig):
     model: str | None = Field(None, description="Hugging Face model to fine-tune: a local folder or hub name. Default: this run's pretrain/final.")
     data: Path | None = Field(None, description="Demonstrations JSONL ({'messages': [...]} per line). Default: the built-in world's.")
-    epochs: float = Field(8.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16).")
-    lr: float = Field(5e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(16.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (InstructGPT: 0.2 residual; Llama models have attention dropout only).")
-    select_every: int = Field(60, gt=0, description="Optimizer steps between scorings of validation answers by the labeler.")
+    select_every: int = Field(100, gt=0, description="Optimizer steps between scorings of validation answers by the labeler.")
     max_new_tokens: int = Field(24, gt=0, description="Longest answer generated for validation.")
 
 
