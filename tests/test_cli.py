@@ -86,3 +86,13 @@ def test_bad_input_never_touches_a_finished_run(tmp_path, smoke_base):
     # a broken override fails before anything is written
     _assert_clean_error(cli(*base, "sft.epochs=-1", check=False), "sft.epochs")
     assert content_hash(final) == before
+
+
+def test_world_command_writes_the_world_and_reports_agreement(tmp_path):
+    proc = cli("world", "-c", str(SMOKE), f"run.dir={tmp_path}")
+    out = " ".join(proc.stderr.split())
+    # smoke sizes: 400 training prompts split 13:33:31 -> 67 + 171 + 161, plus 1 for rounding to sft
+    assert "68 sft, 171 rm, 161 ppo, 16 val, 24 eval" in out
+    assert "agree on" in out
+    for name in ("prompts/sft.jsonl", "prompts/eval.jsonl", "demonstrations.jsonl", "corpus.txt", "corpus_heldout.txt", "world.json"):
+        assert (tmp_path / "world" / name).is_file(), name

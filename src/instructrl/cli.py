@@ -69,20 +69,22 @@ def _quiet_libraries() -> None:
 @app.command(epilog=_config_help("run", "world"))
 def world(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
     """Write the built-in instruction world: prompt splits, demonstrations, pretraining corpus."""
+    import json
     import random
 
-    from instructrl.world.build import build_world, demonstration, load_tasks
+    from instructrl.world.build import build_world, demo_labeler, demonstration, load_tasks
     from instructrl.world.labeler import SimulatedLabeler, agreement_rate
 
     cfg = _load(config, overrides)
     files = build_world(cfg.world, Path(cfg.run.dir) / "world")
-    tasks = load_tasks(files.prompts("rm"))[:1500]
-    rng = random.Random(cfg.world.seed)
-    pairs = [(t, demonstration(cfg.world, t), SimulatedLabeler(style=SimulatedLabeler().style).demonstrate(t, rng)) for t in tasks]
+    counts = json.loads(files.manifest.read_text())["counts"]
+    _log(f"world written to {files.root}: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " prompts")
+    # the agreement of two noisy labelers on pairs of distinct demonstrations of the same RM prompt
+    rng, writer = random.Random(cfg.world.seed), demo_labeler(cfg.world)
+    pairs = [(t, demonstration(cfg.world, t), writer.demonstrate(t, rng)) for t in load_tasks(files.prompts("rm"))[:1500]]
     pairs = [p for p in pairs if p[1] != p[2]]
     noise = cfg.world.labeler_noise
     rate = agreement_rate(SimulatedLabeler("a", noise), SimulatedLabeler("b", noise), pairs)
-    _log(f"world written to {files.root}: {Path(files.manifest).read_text().split('counts')[1].strip(': {}').replace(chr(10), ' ')}")
     _log(f"two simulated labelers at noise {noise} agree on {rate:.1%} of {len(pairs)} comparisons (InstructGPT's labelers: ~73%)")
 
 

@@ -26,6 +26,7 @@ from instructrl.world.build import build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 
 SECTIONS = ("run", "world", "sft")
+UPSTREAM = ("tokenizer", "model", "pretrain")  # part of the identity when SFT starts from this run's base model
 
 
 def load_demonstrations(path: Path, tokenizer, max_length: int) -> tuple[list[TokenizedConversation], int]:
@@ -63,7 +64,8 @@ def labeler_selection(accelerator, tokenizer, tasks, max_new_tokens: int):
 def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     cfg = config.sft
     accelerator = make_accelerator(cfg)
-    run = RunDir(config, "sft", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
+    sections = SECTIONS + (UPSTREAM if cfg.model is None else ())
+    run = RunDir(config, "sft", sections, accelerator.is_main_process, accelerator.num_processes)
     if run.is_done() and not restart:
         log(f"sft: {run.path} is complete with this config; nothing to do")
         return run.path / "final"
