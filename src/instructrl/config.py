@@ -28,7 +28,7 @@ class RunConfig(Strict):
 
 class WorldConfig(Strict):
     seed: int = Field(0, description="Seed of the built-in world: prompts, splits, demonstrations, corpus.")
-    n_prompts: int = Field(6000, gt=0, description="Training prompts, split SFT : RM : PPO = 13 : 33 : 31 as in InstructGPT.")
+    n_prompts: int = Field(12000, gt=0, description="Training prompts, split SFT : RM : PPO = 13 : 33 : 31 as in InstructGPT.")
     n_val: int = Field(96, gt=0, description="Validation prompts (SFT checkpoint selection).")
     n_eval: int = Field(360, gt=0, description="Held-out evaluation prompts.")
     multi_turn_rate: float = Field(0.2, ge=0, le=1, description="Share of prompts with a follow-up turn that refers to the first.")
@@ -89,7 +89,7 @@ class PretrainConfig(TrainConfig):
 class SFTConfig(TrainConfig):
     model: str | None = Field(None, description="Hugging Face model to fine-tune: a local folder or hub name. Default: this run's pretrain/final.")
     data: Path | None = Field(None, description="Demonstrations JSONL ({'messages': [...]} per line). Default: the built-in world's.")
-    epochs: float = Field(16.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16).")
+    epochs: float = Field(8.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16 over ~13k).")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (InstructGPT: 0.2 residual; Llama models have attention dropout only).")
     select_every: int = Field(100, gt=0, description="Optimizer steps between scorings of validation answers by the labeler.")
