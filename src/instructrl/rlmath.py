@@ -38,3 +38,34 @@ def next_token_nll(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tupl
     weights = loss_mask[:, 1:].to(logits.dtype if logits.is_floating_point() else torch.float32)
     nll = -token_logprobs(logits[:, :-1], targets)
     return masked_sum(nll, weights), weights.sum()
+
+
+def ranked_pairs_mask(ranks: Tensor, valid: Tensor) -> Tensor:
+    """(B, K, K) mask, 1 where response i is ranked strictly better than response j.
+
+    ranks: (B, K) rank of each response, 0 = best, equal ranks = a tie; valid: (B, K) 1 for a real
+    response (prompts with fewer than K responses are padded). Tied and padded pairs are 0:
+    InstructGPT drops ties (§3.5).
+    """
+    better = ranks.unsqueeze(-1) < ranks.unsqueeze(-2)
+    real = valid.bool().unsqueeze(-1) & valid.bool().unsqueeze(-2)
+    return (better & real).to(torch.float32)
+
+
+def kway_ranking_loss(rewards: Tensor, ranks: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """InstructGPT's reward-model loss over the ranked pairs of K responses (§3.5, eq. 1).
+
+        loss(x) = -1 / P(x) * sum over pairs (y_w better than y_l) of log sigmoid(r(x, y_w) - r(x, y_l))
+
+    rewards: (B, K) scalar reward of each response; ranks, valid: as in ``ranked_pairs_mask``.
+    P(x) is the number of ranked (non-tied) pairs of prompt x: C(K, 2) when nothing ties, as in
+    the paper. All pairs of a prompt are one batch element, so each response is forwarded once.
+    Returns (sum over prompts of their loss, number of prompts with at least one ranked pair).
+    """
+    pairs = ranked_pairs_mask(ranks, valid)  # (B, K, K)
+    margins = rewards.unsqueeze(-1) - rewards.unsqueeze(-2)  # (B, K, K): r_i - r_j
+    pair_losses = -F.logsigmoid(margins.float()) * pairs
+    per_prompt_pairs = pairs.sum((-1, -2))
+    has_pairs = per_prompt_pairs > 0
+    per_prompt = pair_losses.sum((-1, -2)) / per_prompt_pairs.clamp(min=1)
+    return (per_prompt * has_pairs).sum(), has_pairs.sum()

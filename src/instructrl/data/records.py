@@ -1,0 +1,65 @@
+"""The label schema, defined once: what a comparison record is (InstructGPT §3.4, Appendix B).
+
+``instructrl collect`` writes these, the feedback app will write the same records, and the
+reward-model stage reads them. One JSON object per line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from instructrl.data.jsonl import read_jsonl, write_jsonl
+from instructrl.errors import UserError
+
+GUIDELINE_VERSION = "world-v1"  # the simulated labeler's scoring rules (world/labeler.py)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ComparisonRecord(BaseModel):
+    """K responses to one prompt, ranked by one labeler, each with its Likert score and flags."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(description="Identifier of the prompt.")
+    prompt: list[Message] = Field(min_length=1, description="The conversation so far; it ends with a user turn.")
+    responses: list[str] = Field(min_length=2, description="The K sampled responses.")
+    ranks: list[int] = Field(description="Rank of each response: 0 = best, equal ranks = a tie.")
+    likert: list[int] = Field(description="1-7 Likert score of each response.")
+    flags: list[list[str]] = Field(description="Flags of each response (fails_to_follow, incorrect, ...).")
+    labeler_id: str
+    guideline_version: str = GUIDELINE_VERSION
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ComparisonRecord":
+        k = len(self.responses)
+        if not (len(self.ranks) == len(self.likert) == len(self.flags) == k):
+            raise ValueError(f"responses, ranks, likert and flags must all have K = {k} entries")
+        if any(r < 0 for r in self.ranks) or any(not 1 <= s <= 7 for s in self.likert):
+            raise ValueError("ranks must be >= 0 and likert scores within 1..7")
+        if self.prompt[-1].role != "user":
+            raise ValueError("the prompt must end with a user turn")
+        return self
+
+
+def read_comparisons(path: Path | str) -> list[ComparisonRecord]:
+    """Every record of a comparisons JSONL; a bad record is reported as file:line."""
+    records = []
+    for number, raw in read_jsonl(path):
+        try:
+            records.append(ComparisonRecord.model_validate(raw))
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "record"
+            raise UserError(f"{path}:{number}: not a comparison record ({where}: {first['msg']})") from None
+    return records
+
+
+def write_comparisons(path: Path | str, records: Iterable[ComparisonRecord]) -> None:
+    write_jsonl(path, (r.model_dump(mode="json") for r in records))
