@@ -96,3 +96,12 @@ def test_world_command_writes_the_world_and_reports_agreement(tmp_path):
     assert "agree on" in out
     for name in ("prompts/sft.jsonl", "prompts/eval.jsonl", "demonstrations.jsonl", "corpus.txt", "corpus_heldout.txt", "world.json"):
         assert (tmp_path / "world" / name).is_file(), name
+
+
+def test_too_few_demonstrations_for_one_batch(tmp_path, smoke_base):
+    data = tmp_path / "tiny.jsonl"
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text((json.dumps(row) + "\n") * 3)  # 3 demonstrations, smoke sft.batch_size is 8
+    proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={smoke_base / 'pretrain' / 'final'}", f"sft.data={data}", check=False)
+    _assert_clean_error(proc, "3 demonstrations are fewer than one batch", "sft.batch_size = 8")
+    assert not (tmp_path / "run" / "sft").exists()

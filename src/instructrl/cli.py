@@ -43,8 +43,12 @@ def _load(config: Optional[Path], overrides: Optional[list[str]]) -> PipelineCon
     return load_config(config, overrides or [])
 
 
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def _log(message: str) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
+    if _is_main_process():
         console.print(message, highlight=False)
 
 
@@ -119,6 +123,8 @@ def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
     from instructrl.evaluation.evaluate import results_table, run_eval
 
     cfg = _load(config, overrides)
+    if not _is_main_process():
+        return  # evaluation runs in one process
     results = run_eval(cfg, log=_log)
     Console().print(results_table(results))
     _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}")
@@ -132,13 +138,13 @@ def pipeline(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
     from instructrl.evaluation.evaluate import results_table, run_eval
     from instructrl.stages.pretrain import run_pretrain
     from instructrl.stages.sft import run_sft
-    from instructrl.world.build import build_world
 
     cfg = _load(config, overrides)
     start = time.perf_counter()
-    build_world(cfg.world, Path(cfg.run.dir) / "world")
     run_pretrain(cfg, log=_log)
     run_sft(cfg, log=_log)
+    if not _is_main_process():
+        return  # evaluation runs in one process
     results = run_eval(cfg, log=_log)
     Console().print(results_table(results))
     _log(f"pipeline: finished in {time.perf_counter() - start:.0f} s; outputs under {cfg.run.dir}")
@@ -159,9 +165,12 @@ def run() -> None:
             raise
         console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted: run the same command again to resume from the last checkpoint")
-        sys.exit(130)
+    except (KeyboardInterrupt, SystemExit) as exit_:
+        # typer turns Ctrl-C into exit status 130
+        if isinstance(exit_, KeyboardInterrupt) or exit_.code == 130:
+            console.print("interrupted: run the same command again to resume from the last checkpoint")
+            sys.exit(130)
+        raise
 
 
 if __name__ == "__main__":

@@ -39,6 +39,13 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader or a crash never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def replace_dir(src: Path, dest: Path) -> None:
     """Move folder ``src`` to ``dest``, replacing what was there, never leaving ``dest`` half-written."""
     old = dest.with_name(dest.name + ".old")
@@ -79,8 +86,8 @@ class RunDir:
         its checkpoints are never silently overwritten.
         """
         saved = self.path / "identity.json"
-        if saved.is_file() and not restart:
-            previous = json.loads(saved.read_text())
+        previous = json.loads(saved.read_text()) if saved.is_file() else None
+        if previous is not None and not restart:
             if previous != self.identity:
                 changed = _diff(previous, self.identity)
                 raise UserError(
@@ -92,14 +99,15 @@ class RunDir:
         if restart and self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(self.identity, indent=2))
-        (self.path / "config.yaml").write_text(dump_config(self.config))
-        (self.path / "run.json").write_text(json.dumps(_run_info(self.config, self.processes), indent=2))
+        if previous != self.identity or restart:
+            write_text_atomic(saved, json.dumps(self.identity, indent=2))
+        write_text_atomic(self.path / "config.yaml", dump_config(self.config))
+        write_text_atomic(self.path / "run.json", json.dumps(_run_info(self.config, self.processes), indent=2))
 
     def finish(self, outputs: dict[str, Path]) -> None:
         if self.is_main:
             record = {"identity": self.identity, "outputs": {k: str(v) for k, v in outputs.items()}, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            self.done_file.write_text(json.dumps(record, indent=2))
+            write_text_atomic(self.done_file, json.dumps(record, indent=2))
         if self._tb is not None:
             self._tb.close()
 
@@ -130,12 +138,24 @@ class RunDir:
         (self.path / "lineage.json").write_text(json.dumps({"stage": self.stage, "inputs": entries}, indent=2))
 
     def trim_metrics(self, resume_step: int) -> None:
-        """Drop metric lines a killed run wrote past the checkpoint it resumes from."""
-        metrics = self.path / "metrics.jsonl"
-        if not self.is_main or not metrics.is_file():
-            return
-        lines = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
-        metrics.write_text("".join(line + "\n" for line in lines))
+        """Drop metric lines a killed run wrote past the checkpoint it resumes from (or cut in half)."""
+        if self.is_main:
+            trim_step_log(self.path / "metrics.jsonl", resume_step, keep_equal=True)
+
+
+def trim_step_log(path: Path, resume_step: int, keep_equal: bool) -> None:
+    """Keep the lines of a JSONL step log up to ``resume_step``; drop unparsable (half-written) lines."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if step < resume_step or (keep_equal and step == resume_step):
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> str:

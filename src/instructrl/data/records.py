@@ -1,7 +1,7 @@
 """The label schema, defined once: what a comparison record is (InstructGPT §3.4, Appendix B).
 
-``instructrl collect`` writes these, the feedback app will write the same records, and the
-reward-model stage reads them. One JSON object per line.
+Comparison collection (the simulated labeler) and the feedback app (people) are to write these,
+and the reward-model stage to read them (issues 3 and 5). One JSON object per line.
 """
 
 from __future__ import annotations

@@ -60,12 +60,11 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
         log(f"eval: answering {len(tasks)} held-out prompts with {name} ({path})")
         model, tokenizer = load_causal_lm(path), load_tokenizer(path)
         answers[name] = generate_answers(model, tokenizer, [list(t.messages) for t in tasks], cfg.max_new_tokens, cfg.batch_size)
-    results = {}
-    for name, texts in answers.items():
-        results[name] = summarize([(t.family, judge.judge(t, a)) for t, a in zip(tasks, texts)])
+    judged = {name: [judge.judge(t, a) for t, a in zip(tasks, texts)] for name, texts in answers.items()}
+    results = {name: summarize([(t.family, j) for t, j in zip(tasks, judgements)]) for name, judgements in judged.items()}
     write_jsonl(run.path / "samples.jsonl", (
         {"id": t.id, "family": t.family, "messages": list(t.messages), "gold": t.answer,
-         **{name: {"answer": answers[name][i], "likert": judge.judge(t, answers[name][i]).likert} for name in answers}}
+         **{name: {"answer": answers[name][i], "likert": judged[name][i].likert} for name in answers}}
         for i, t in enumerate(tasks)
     ))
     (run.path / "results.json").write_text(json.dumps({"models": models, "n_prompts": len(tasks), "results": results}, indent=2))

@@ -6,7 +6,6 @@ indexing all break when they share an id (RLHF-DETAILS.md).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -43,7 +42,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         additional_special_tokens=[SYSTEM, USER, ASSISTANT], chat_template=CHAT_TEMPLATE,
         padding_side="left", model_max_length=1 << 20,
     )
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
-    tokenizer.save_pretrained(path)

@@ -15,7 +15,7 @@ from instructrl.errors import UserError
 from instructrl.models.base import build_base_model, count_parameters, load_tokenizer, set_dropout
 from instructrl.models.tokenizer import train_tokenizer
 from instructrl.rlmath import next_token_nll
-from instructrl.rundir import RunDir
+from instructrl.rundir import RunDir, replace_dir
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
 from instructrl.world.build import SPLITS, build_world
 
@@ -46,6 +46,7 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     if cfg.block_size > config.model.max_length:
         raise UserError(f"config: pretrain.block_size ({cfg.block_size}) exceeds model.max_length ({config.model.max_length})")
     accelerator = make_accelerator(cfg)
+    cfg.grad_accum(accelerator.num_processes)  # sizes must divide before anything is written
     run = RunDir(config, "pretrain", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
     if run.is_done() and not restart:
         log(f"pretrain: {run.path} is complete with this config; nothing to do")
@@ -57,7 +58,9 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     if accelerator.is_main_process:
         world = build_world(config.world, Path(config.run.dir) / "world")
         if not tokenizer_dir.is_dir():
-            train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size).save_pretrained(tokenizer_dir)
+            tmp = tokenizer_dir.with_name("tokenizer.tmp")
+            train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size).save_pretrained(tmp)
+            replace_dir(tmp, tokenizer_dir)
     accelerator.wait_for_everyone()
     world = build_world(config.world, Path(config.run.dir) / "world")
     tokenizer = load_tokenizer(tokenizer_dir)

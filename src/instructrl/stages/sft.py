@@ -2,8 +2,9 @@
 
 setup (model, demonstrations, validation prompts) -> loop (shared ``fit``) -> save (final/).
 Loss on assistant tokens only, every assistant turn of a conversation, each ending with EOS.
-The output checkpoint is the one the simulated labeler scores best on validation prompts, as
-the paper chose its SFT model by reward-model score rather than by validation loss.
+On the built-in world the output checkpoint is the one the simulated labeler scores best on
+validation prompts, as the paper chose its SFT model by reward-model score rather than by
+validation loss; with your own ``sft.data`` it is the last step's.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     model = load_causal_lm(model_path, dropout=cfg.dropout)
     max_length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
     examples, too_long = load_demonstrations(data_path, tokenizer, max_length)
+    cfg.grad_accum(accelerator.num_processes)
+    if len(examples) < cfg.batch_size:
+        raise UserError(f"{data_path}: {len(examples)} demonstrations are fewer than one batch (sft.batch_size = {cfg.batch_size})")
     run.start(restart)
     setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed)
     select = labeler_selection(accelerator, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None

@@ -7,6 +7,7 @@ saving leaves the previous checkpoint intact and the half-written one is ignored
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +26,12 @@ class TrainState:
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in Path(root).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return sorted(p for p in Path(root).glob("step-*") if p.is_dir() and p.name[len("step-"):].isdigit())
 
 
-def save_checkpoint(accelerator, root: Path, state: TrainState, keep: int = 1) -> Path:
+def save_checkpoint(accelerator, root: Path, state: TrainState, best: Path | None = None, keep: int = 1) -> Path:
+    """Save everything needed to resume; ``best`` (the best-scoring model so far) is snapshotted
+    too, as hard links, so a resumed run's best/ matches its best_score."""
     root = Path(root)
     final = root / f"step-{state.step:08d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -39,6 +42,8 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, keep: int = 1) -
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        if best is not None and best.is_dir():
+            shutil.copytree(best, tmp / "best", copy_function=os.link)
         replace_dir(tmp, final)
         for old in checkpoint_dirs(root)[:-keep]:
             shutil.rmtree(old)
@@ -46,10 +51,17 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, keep: int = 1) -
     return final
 
 
-def load_latest_checkpoint(accelerator, root: Path) -> TrainState:
-    """Restore the newest complete checkpoint under ``root``; a fresh TrainState if there is none."""
+def load_latest_checkpoint(accelerator, root: Path, best: Path | None = None) -> TrainState:
+    """Restore the newest complete checkpoint under ``root`` (and its snapshot of ``best``);
+    a fresh TrainState if there is none."""
     found = checkpoint_dirs(root)
     if not found:
         return TrainState()
     accelerator.load_state(str(found[-1]))
+    if best is not None and (found[-1] / "best").is_dir() and accelerator.is_main_process:
+        tmp = best.with_name(best.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(found[-1] / "best", tmp, copy_function=os.link)
+        replace_dir(tmp, best)
+    accelerator.wait_for_everyone()
     return TrainState(**json.loads((found[-1] / "trainer_state.json").read_text()))

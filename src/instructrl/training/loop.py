@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 
 from instructrl.config import TrainConfig
-from instructrl.rundir import RunDir, replace_dir
+from instructrl.errors import UserError
+from instructrl.rundir import RunDir, replace_dir, trim_step_log
 from instructrl.training.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from instructrl.training.data_order import DataOrder
 from instructrl.training.progress import progress_bar
@@ -83,6 +84,8 @@ def prepare_training(accelerator, model, config: TrainConfig, n_examples: int, s
 
     Seeds every process with seed + rank afterwards, so dropout and sampling differ per process.
     """
+    if n_examples < config.batch_size:
+        raise UserError(f"{n_examples} training examples are fewer than one batch (batch_size = {config.batch_size})")
     order = DataOrder(n_examples, config.batch_size, config.micro_batch_size, config.grad_accum(accelerator.num_processes),
                       accelerator.process_index, accelerator.num_processes, seed)
     total_steps = order.total_steps(config.epochs)
@@ -98,6 +101,7 @@ def save_model(accelerator, model, tokenizer, dest: Path) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, dest)
@@ -126,12 +130,17 @@ def fit(
     Writes ``final/`` under the run directory and returns the last TrainState.
     """
     model, optimizer, scheduler, order, total_steps = setup.model, setup.optimizer, setup.scheduler, setup.order, setup.total_steps
+    if select is not None and not select_every:
+        raise ValueError("fit: select needs select_every")
+    best = run.path / "best"
     accelerator.register_for_checkpointing(scheduler)
-    state = load_latest_checkpoint(accelerator, run.path / "checkpoints")
+    state = load_latest_checkpoint(accelerator, run.path / "checkpoints", best)
     if state.step:
         log(f"{description}: resuming from the checkpoint of step {state.step}")
     run.trim_metrics(state.step)
     data_log = run.path / f"data_order.rank{accelerator.process_index}.jsonl" if config.record_data_order else None
+    if data_log is not None:
+        trim_step_log(data_log, state.step, keep_equal=False)
     model.train()
     window_start, window_targets = time.perf_counter(), 0.0
     with progress_bar(accelerator.is_main_process) as bar:
@@ -147,14 +156,14 @@ def fit(
             local_targets = torch.tensor(float(sum(b["n_targets"] for b in batches)), device=accelerator.device)
             global_targets = accelerator.reduce(local_targets, "sum").item()
             # 3. forward and backward, each micro-batch's sum scaled by the global count
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(batches):
                 last = i == len(batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     with accelerator.autocast():
                         loss = loss_fn(model, batch)
                     accelerator.backward(loss * accelerator.num_processes / max(global_targets, 1.0))
-                loss_sum += loss.item()
+                loss_sum += loss.detach().float()
             # 4. clip and step
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -164,7 +173,7 @@ def fit(
             window_targets += global_targets
             # 5. log, select, checkpoint
             if state.step % config.log_every == 0 or state.step == total_steps:
-                total_loss = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item()
+                total_loss = accelerator.reduce(loss_sum, "sum").item()
                 elapsed = time.perf_counter() - window_start
                 metrics = {
                     "train/loss": total_loss / max(global_targets, 1.0),
@@ -183,10 +192,10 @@ def fit(
                 run.log(state.step, {"select/score": score})
                 if state.best_score is None or score > state.best_score:
                     state.best_score, state.best_step = score, state.step
-                    save_model(accelerator, model, tokenizer, run.path / "best")
+                    save_model(accelerator, model, tokenizer, best)
                 bar.update(task, status=f"score {score:.3f} (best {state.best_score:.3f} @ {state.best_step})")
             if state.step % config.checkpoint_every == 0 and state.step < total_steps:
-                save_checkpoint(accelerator, run.path / "checkpoints", state)
+                save_checkpoint(accelerator, run.path / "checkpoints", state, best if select is not None else None)
             bar.update(task, completed=state.step)
     final = run.path / "final"
     if select is None:
@@ -194,7 +203,7 @@ def fit(
     elif accelerator.is_main_process:
         tmp = final.with_name("final.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(run.path / "best", tmp)
+        shutil.copytree(best, tmp)
         replace_dir(tmp, final)
     accelerator.wait_for_everyone()
     return state

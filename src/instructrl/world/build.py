@@ -12,6 +12,8 @@ from pathlib import Path
 
 from instructrl.config import WorldConfig
 from instructrl.data.jsonl import read_jsonl, write_jsonl
+from instructrl.errors import UserError
+from instructrl.rundir import write_text_atomic
 from instructrl.world.corpus import corpus_documents
 from instructrl.world.labeler import DemoStyle, SimulatedLabeler
 from instructrl.world.tasks import Task, sample_task
@@ -39,7 +41,7 @@ def make_splits(config: WorldConfig) -> dict[str, list[Task]]:
     while len(tasks) < wanted:
         attempts += 1
         if attempts > 50 * wanted:
-            raise ValueError(f"the world has fewer than {wanted} distinct prompts; lower world.n_prompts")
+            raise UserError(f"config: the world has fewer than {wanted} distinct prompts; lower world.n_prompts")
         task = sample_task(rng, config.multi_turn_rate)
         tasks.setdefault(task.id, task)
     pool = list(tasks.values())
@@ -93,6 +95,7 @@ def build_world(config: WorldConfig, root: Path) -> WorldFiles:
     wanted = config.model_dump(mode="json")
     if files.manifest.is_file() and json.loads(files.manifest.read_text()).get("config") == wanted:
         return files
+    files.manifest.unlink(missing_ok=True)  # a half-rebuilt world must not pass for the old one
     splits = make_splits(config)
     for name, tasks in splits.items():
         write_jsonl(files.prompts(name), (t.to_record() for t in tasks))
@@ -101,10 +104,10 @@ def build_world(config: WorldConfig, root: Path) -> WorldFiles:
         for t in splits["sft"]
     ))
     docs = corpus_documents(config.corpus_documents + config.heldout_documents, config.seed)
-    files.corpus.write_text("\n".join(docs[config.heldout_documents :]) + "\n")
-    files.heldout_corpus.write_text("\n".join(docs[: config.heldout_documents]) + "\n")
+    write_text_atomic(files.corpus, "\n".join(docs[config.heldout_documents :]) + "\n")
+    write_text_atomic(files.heldout_corpus, "\n".join(docs[: config.heldout_documents]) + "\n")
     counts = {name: len(tasks) for name, tasks in splits.items()}
-    files.manifest.write_text(json.dumps({"config": wanted, "counts": counts}, indent=2))
+    write_text_atomic(files.manifest, json.dumps({"config": wanted, "counts": counts}, indent=2))
     return files
 
 
