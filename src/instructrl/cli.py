@@ -117,6 +117,20 @@ def sft(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] =
     _log(f"sft: model saved to {path}")
 
 
+@app.command(epilog=_config_help("run", "collect"))
+def collect(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
+    """Sample K responses per RM prompt from the SFT policy and have labelers rank them.
+
+    The simulated labelers judge by default; collect.judgements=FILE takes people's rankings
+    instead. Writes comparisons.jsonl (the record format of instructrl.data.records). A killed
+    collection resumes when the same command is run again.
+    """
+    from instructrl.stages.collect import run_collect
+
+    if _is_main_process():
+        run_collect(_load(config, overrides), restart=restart, log=_log)
+
+
 @app.command("eval", epilog=_config_help("run", "eval"))
 def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
     """Judge models' answers to held-out prompts with the gold labeler, per instruction family."""

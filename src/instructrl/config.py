@@ -96,6 +96,17 @@ class SFTConfig(TrainConfig):
     max_new_tokens: int = Field(24, gt=0, description="Longest answer generated for validation.")
 
 
+class CollectConfig(Strict):
+    policy: str | None = Field(None, description="Model whose answers are ranked: a folder or hub name. Default: this run's sft/final.")
+    k: int = Field(4, ge=2, le=9, description="Responses sampled per prompt (InstructGPT: 4 to 9).")
+    n_prompts: int | None = Field(None, gt=0, description="Rank the first n RM prompts only. Default: all of them.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (InstructGPT: 1).")
+    max_new_tokens: int = Field(24, gt=0, description="Longest response sampled.")
+    batch_size: int = Field(32, gt=0, description="Prompts per generation batch; also the unit a killed collection resumes from.")
+    labelers: int = Field(4, gt=0, description="Simulated labelers sharing the prompts round-robin (noise: world.labeler_noise).")
+    judgements: Path | None = Field(None, description="A comparisons JSONL written by people (the feedback app): validated and used instead of the simulated labelers.")
+
+
 class EvalConfig(Strict):
     models: dict[str, str] | None = Field(None, description="name: model path to evaluate. Default: this run's base and SFT models.")
     n_prompts: int | None = Field(None, gt=0, description="Evaluate on the first n held-out prompts only.")
@@ -110,6 +121,7 @@ class PipelineConfig(Strict):
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig = SFTConfig()
+    collect: CollectConfig = CollectConfig()
     eval: EvalConfig = EvalConfig()
 
 

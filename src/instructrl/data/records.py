@@ -6,6 +6,7 @@ and the reward-model stage to read them (issues 3 and 5). One JSON object per li
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -63,3 +64,8 @@ def read_comparisons(path: Path | str) -> list[ComparisonRecord]:
 
 def write_comparisons(path: Path | str, records: Iterable[ComparisonRecord]) -> None:
     write_jsonl(path, (r.model_dump(mode="json") for r in records))
+
+
+def comparison_line(record: ComparisonRecord) -> str:
+    """A record as one JSONL line, as ``write_comparisons`` writes it."""
+    return json.dumps(record.model_dump(mode="json"), ensure_ascii=False) + "\n"

@@ -9,28 +9,38 @@ from instructrl.padding import pad_sequences
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy answer to the last user turn of each conversation, cut at the first EOS.
+def generate_answers(
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 64,
+    num_samples: int = 1, temperature: float | None = None,
+) -> list[str] | list[list[str]]:
+    """Answers to the last user turn of each conversation, cut at the first EOS.
 
-    Prompts are left-padded (generation appends on the right) and grouped by length so a batch
-    holds little padding; answers come back in the input order.
+    Greedy when ``temperature`` is None. Otherwise ``num_samples`` answers per conversation,
+    sampled from the full distribution at ``temperature`` (no top-k or top-p truncation, which
+    would make the samples' log-probs disagree with the policy's), returned as a list per
+    conversation. Prompts are left-padded (generation appends on the right) and grouped by
+    length so a batch holds little padding; answers come back in the input order.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     prompts = [render_ids(tokenizer, list(c), add_generation_prompt=True) for c in conversations]
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
+    sampling = {"do_sample": False} if temperature is None else {
+        "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": num_samples}
+    answers: list[list[str]] = [[] for _ in prompts]
     for start in range(0, len(by_length), batch_size):
         rows = by_length[start : start + batch_size]
         ids, mask = pad_sequences([prompts[i] for i in rows], tokenizer.pad_token_id, side="left")
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
         )
-        for row, tokens in zip(rows, out[:, ids.shape[1] :].tolist()):
+        # generate returns the samples of one prompt next to each other
+        per_row = 1 if temperature is None else num_samples
+        for k, tokens in enumerate(out[:, ids.shape[1] :].tolist()):
             if tokenizer.eos_token_id in tokens:
                 tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
-            answers[row] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            answers[rows[k // per_row]].append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
     model.train(was_training)
-    return answers
+    return [a[0] for a in answers] if temperature is None else answers

@@ -1,0 +1,102 @@
+"""Collect rankings of K sampled responses per prompt (InstructGPT §3.4-3.5, the RM data).
+
+setup (policy, RM prompts, labelers) -> loop over prompt chunks (sample K, judge, rank) -> save
+``comparisons.jsonl`` in the record format of ``data/records.py``. Each chunk is sampled under
+its own seed and appended as it is finished, so a killed collection resumes where it stopped
+and ends with the same records as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from instructrl.config import PipelineConfig
+from instructrl.data.records import ComparisonRecord, comparison_line, read_comparisons, write_comparisons
+from instructrl.errors import UserError
+from instructrl.evaluation.generate import generate_answers
+from instructrl.models.base import load_causal_lm, load_tokenizer
+from instructrl.rundir import RunDir, write_text_atomic
+from instructrl.training.progress import progress_bar
+from instructrl.world.build import build_world, load_tasks
+from instructrl.world.labeler import SimulatedLabeler
+from instructrl.world.tasks import Task
+
+SECTIONS = ("run", "world", "collect")
+
+
+def whole_lines(path: Path) -> list[str]:
+    """The lines of a JSONL file up to the first one a crash cut short."""
+    lines = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            break
+        lines.append(line)
+    return lines
+
+
+def judge_responses(labeler: SimulatedLabeler, task: Task, responses: list[str]) -> ComparisonRecord:
+    """One labeler's comparison record for K responses to ``task``."""
+    judgements = [labeler.judge(task, r) for r in responses]
+    return ComparisonRecord(
+        id=task.id, prompt=list(task.messages), responses=responses, ranks=labeler.rank(task, responses),
+        likert=[j.likert for j in judgements], flags=[list(j.flags) for j in judgements], labeler_id=labeler.labeler_id,
+    )
+
+
+def run_collect(config: PipelineConfig, restart: bool = False, log=print) -> Path:
+    cfg = config.collect
+    run = RunDir(config, "collect", SECTIONS)
+    output = run.path / "comparisons.jsonl"
+    if run.is_done() and not restart:
+        log(f"collect: {run.path} is complete with this config; nothing to do")
+        return output
+    if cfg.judgements is not None:  # people's rankings: check every line, then use them as they are
+        records = read_comparisons(cfg.judgements)
+        run.start(restart)
+        write_comparisons(output, records)
+        run.write_lineage({"judgements": cfg.judgements})
+        run.finish({"comparisons": output})
+        log(f"collect: {len(records)} comparison records from {cfg.judgements}")
+        return output
+
+    policy = cfg.policy or str(Path(config.run.dir) / "sft" / "final")
+    if cfg.policy is None and not Path(policy).is_dir():
+        raise UserError(f"collect: no policy given and {policy} does not exist; run `instructrl sft` first or set collect.policy=PATH")
+    model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
+    world = build_world(config.world, Path(config.run.dir) / "world")
+    tasks = load_tasks(world.prompts("rm"))[: cfg.n_prompts]
+    labelers = [SimulatedLabeler(f"sim-{i}", noise=config.world.labeler_noise) for i in range(cfg.labelers)]
+    run.start(restart)
+
+    partial = run.path / "comparisons.partial.jsonl"
+    kept = whole_lines(partial)
+    done = len(kept) - len(kept) % cfg.batch_size  # only whole chunks count; a torn chunk is sampled again
+    write_text_atomic(partial, "".join(line + "\n" for line in kept[:done]))
+    if done:
+        log(f"collect: resuming after {done} of {len(tasks)} prompts")
+    with progress_bar() as bar:
+        progress = bar.add_task("collect", total=len(tasks), completed=done, status=f"K = {cfg.k}")
+        for start in range(done, len(tasks), cfg.batch_size):
+            chunk = tasks[start : start + cfg.batch_size]
+            torch.manual_seed(config.run.seed * 1_000_003 + start)  # each chunk's samples depend on it alone
+            samples = generate_answers(model, tokenizer, [list(t.messages) for t in chunk], cfg.max_new_tokens,
+                                       batch_size=cfg.batch_size, num_samples=cfg.k, temperature=cfg.temperature)
+            records = [judge_responses(labelers[(start + i) % len(labelers)], t, s) for i, (t, s) in enumerate(zip(chunk, samples))]
+            with partial.open("a") as f:
+                f.writelines(comparison_line(r) for r in records)
+            bar.update(progress, advance=len(chunk))
+    partial.replace(output)
+    records = read_comparisons(output)
+    mean_likert = sum(sum(r.likert) for r in records) / sum(len(r.likert) for r in records)
+    all_tied = sum(len(set(r.ranks)) == 1 for r in records) / len(records)
+    run.log(0, {"collect/records": len(records), "collect/mean_likert": mean_likert, "collect/all_tied": all_tied})
+    run.write_lineage({"policy": policy, "prompts": world.prompts("rm")})
+    run.finish({"comparisons": output})
+    log(f"collect: {len(records)} prompts x {cfg.k} responses ranked; mean Likert {mean_likert:.2f}, "
+        f"{all_tied:.0%} of prompts with every response tied -> {output}")
+    return output

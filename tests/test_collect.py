@@ -1,0 +1,59 @@
+"""`instructrl collect`: K sampled responses per RM prompt, ranked by the simulated labelers."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import SMOKE, cli
+
+from instructrl.data.records import read_comparisons
+from instructrl.world.build import load_tasks
+from instructrl.world.labeler import PAPER_NOISE, SimulatedLabeler
+
+
+def _collect(run_dir, smoke_base, *extra, check=True):
+    return cli("collect", "-c", str(SMOKE), f"run.dir={run_dir}", f"collect.policy={smoke_base / 'pretrain' / 'final'}", *extra, check=check)
+
+
+def test_collect_writes_ranked_records(tmp_path, smoke_base):
+    _collect(tmp_path, smoke_base)
+    records = read_comparisons(tmp_path / "collect" / "comparisons.jsonl")
+    tasks = {t.id: t for t in load_tasks(tmp_path / "world" / "prompts" / "rm.jsonl")}
+    assert len(records) == len(tasks) == 171  # every smoke RM prompt (400 * 33 // 77)
+    assert all(len(r.responses) == 4 for r in records)  # collect.k in smoke.yaml
+    assert [r.labeler_id for r in records[:5]] == ["sim-0", "sim-1", "sim-2", "sim-3", "sim-0"]
+    for record in records[:20]:
+        # the ranking is the named labeler's: judging again reproduces it
+        labeler = SimulatedLabeler(record.labeler_id, noise=PAPER_NOISE)
+        assert labeler.rank(tasks[record.id], record.responses) == record.ranks
+        assert [m.model_dump() for m in record.prompt] == list(tasks[record.id].messages)
+
+
+def test_a_killed_collection_resumes_to_the_same_records(tmp_path, smoke_base):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _collect(straight, smoke_base)
+    _collect(killed, smoke_base)
+    # make `killed` look like a run that died inside its third chunk (smoke collect.batch_size = 16)
+    out = killed / "collect" / "comparisons.jsonl"
+    lines = out.read_text().splitlines()
+    (killed / "collect" / "comparisons.partial.jsonl").write_text("\n".join(lines[:40]) + "\n" + lines[40][:30])
+    out.unlink()
+    (killed / "collect" / "done.json").unlink()
+    proc = _collect(killed, smoke_base)
+    assert "resuming after 32 of 171 prompts" in " ".join(proc.stderr.split())
+    assert out.read_text() == (straight / "collect" / "comparisons.jsonl").read_text()
+
+
+def test_people_judgements_are_checked_and_used(tmp_path, smoke_base):
+    _collect(tmp_path / "sim", smoke_base)
+    people = tmp_path / "people.jsonl"
+    lines = (tmp_path / "sim" / "collect" / "comparisons.jsonl").read_text().splitlines()[:3]
+    people.write_text("\n".join(lines) + "\n")
+    cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path / 'ok'}", f"collect.judgements={people}")
+    assert (tmp_path / "ok" / "collect" / "comparisons.jsonl").read_text().splitlines() == lines
+
+    broken = json.loads(lines[1]) | {"ranks": [0]}
+    people.write_text(lines[0] + "\n" + json.dumps(broken) + "\n")
+    proc = cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path / 'bad'}", f"collect.judgements={people}", check=False)
+    assert proc.returncode == 2 and f"{people}:2" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad" / "collect").exists()
