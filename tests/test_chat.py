@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from instructrl.data.chat import tokenize_conversation, validate_messages
+from instructrl.data.chat import tokenize_conversation
+from instructrl.data.records import validate_messages
 from instructrl.errors import UserError
 from instructrl.models.tokenizer import ASSISTANT, BOS, EOS, PAD, USER, train_tokenizer
 from instructrl.world.corpus import corpus_documents

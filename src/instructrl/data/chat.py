@@ -41,14 +41,3 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> TokenizedConversat
         full, mask = full + [tokenizer.eos_token_id], mask + [1]
     return TokenizedConversation(full, mask)
 
-
-def validate_messages(messages, where: str) -> list[dict]:
-    """Check a record's ``messages`` field; ``where`` (file:line) prefixes the error."""
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}: messages[{j}] must be {{'role': system|user|assistant, 'content': str}}, got {m!r}")
-    if messages[-1]["role"] != "assistant":
-        raise UserError(f"{where}: the last message must be the assistant's (the demonstration)")
-    return messages

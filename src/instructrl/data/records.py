@@ -1,4 +1,5 @@
-"""The label schema, defined once: what a comparison record is (InstructGPT §3.4, Appendix B).
+"""The label schema, defined once: what a demonstration and a comparison record are
+(InstructGPT §3.4, Appendix B).
 
 Comparison collection (the simulated labeler) and the feedback app (people) are to write these,
 and the reward-model stage to read them (issues 3 and 5). One JSON object per line.
@@ -22,6 +23,21 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
     content: str
+
+
+def validate_messages(messages, where: str) -> list[dict]:
+    """Check a demonstration's ``messages``: a conversation of Messages ending with the assistant's
+    turn. ``where`` (file:line) prefixes the error."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for j, m in enumerate(messages):
+        try:
+            Message.model_validate(m)
+        except ValidationError:
+            raise UserError(f"{where}: messages[{j}] must be {{'role': system|user|assistant, 'content': str}}, got {m!r}") from None
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message must be the assistant's (the demonstration)")
+    return messages
 
 
 class ComparisonRecord(BaseModel):

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from instructrl.config import PipelineConfig
-from instructrl.data.chat import TokenizedConversation, tokenize_conversation, validate_messages
+from instructrl.data.chat import TokenizedConversation, tokenize_conversation
+from instructrl.data.records import validate_messages
 from instructrl.data.jsonl import read_jsonl
 from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
