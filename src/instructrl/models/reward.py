@@ -1,0 +1,80 @@
+"""The reward model: a Hugging Face decoder backbone with a scalar head (InstructGPT §3.5).
+
+The reward of a (prompt, response) sequence is the head's output at the sequence's last real
+token (its EOS), never at a padding position, whichever side the batch is padded on. A bias,
+set after training so that the demonstrations score 0 on average, is stored with the head.
+The per-token outputs (``values``) are what a value model initialised from the RM starts from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from instructrl.errors import UserError
+from instructrl.padding import last_token_index, position_ids_from_mask
+
+HEAD_FILE = "reward_head.safetensors"
+CONFIG_FILE = "reward_config.json"
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.head = nn.Linear(hidden, 1)
+        # lm-human-preferences: head weights ~ N(0, 1 / (hidden + 1)), zero bias
+        nn.init.normal_(self.head.weight, std=1 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("reward_bias", torch.zeros(()))  # added to every reward (demonstrations -> mean 0)
+
+    @classmethod
+    def from_causal_lm(cls, name_or_path: str | Path) -> "RewardModel":
+        """A new reward model on the backbone of a causal LM checkpoint (InstructGPT: the SFT model)."""
+        return cls(_load_backbone(name_or_path))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "RewardModel":
+        """Reload a reward model saved with ``save_pretrained``: backbone, head and bias in one call."""
+        path = Path(path)
+        if not (path / HEAD_FILE).is_file():
+            raise UserError(f"'{path}' is not a reward model checkpoint (no {HEAD_FILE})")
+        model = cls(_load_backbone(path))
+        state = load_file(path / HEAD_FILE)
+        model.head.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
+        model.reward_bias.fill_(json.loads((path / CONFIG_FILE).read_text())["reward_bias"])
+        return model
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.backbone.save_pretrained(path)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, path / HEAD_FILE)
+        (path / CONFIG_FILE).write_text(json.dumps({"reward_bias": float(self.reward_bias)}, indent=2))
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T) head output at every position; position ids count real tokens only."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        ).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B,) reward of each sequence, read at its last real token, bias included."""
+        values = self.values(input_ids, attention_mask)
+        last = last_token_index(attention_mask).clamp(min=0)
+        return values.gather(1, last.unsqueeze(1)).squeeze(1) + self.reward_bias
+
+
+def _load_backbone(name_or_path: str | Path) -> nn.Module:
+    """The transformer of a causal LM checkpoint without its LM head (``AutoModel``)."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(str(name_or_path), dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a backbone from '{name_or_path}': {str(err).splitlines()[0]}") from None
