@@ -131,6 +131,19 @@ def collect(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str
         run_collect(_load(config, overrides), restart=restart, log=_log)
 
 
+@app.command(epilog=_config_help("run", "rm"))
+def rm(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
+    """Train the reward model on ranked comparisons with InstructGPT's K-way ranking loss.
+
+    Starts from the SFT model's backbone, scores each response at its last real token, sets a
+    bias so the demonstrations average 0, and reports held-out accuracy against the gold labeler.
+    """
+    from instructrl.stages.rm import run_rm
+
+    path = run_rm(_load(config, overrides), restart=restart, log=_log)
+    _log(f"rm: reward model saved to {path} (RewardModel.from_pretrained)")
+
+
 @app.command("eval", epilog=_config_help("run", "eval"))
 def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
     """Judge models' answers to held-out prompts with the gold labeler, per instruction family."""

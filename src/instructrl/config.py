@@ -107,6 +107,18 @@ class CollectConfig(Strict):
     judgements: Path | None = Field(None, description="A comparisons JSONL written by people (the feedback app): validated and used instead of the simulated labelers.")
 
 
+class RMConfig(TrainConfig):
+    model: str | None = Field(None, description="Causal LM whose backbone the reward model starts from. Default: this run's sft/final (InstructGPT).")
+    data: Path | None = Field(None, description="Comparisons JSONL (instructrl.data.records). Default: this run's collect/comparisons.jsonl.")
+    demonstrations: Path | None = Field(None, description="Demonstrations whose mean reward is set to 0 after training. Default: the built-in world's.")
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of comparisons (by prompt) held out for the diagnostics.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the comparisons (InstructGPT: 1; more overfits).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(32, gt=0, description="Comparisons (prompts, each with all K responses) per optimizer step.")
+    micro_batch_size: int = Field(8, gt=0, description="Comparisons per forward pass on one process.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout while training.")
+
+
 class EvalConfig(Strict):
     models: dict[str, str] | None = Field(None, description="name: model path to evaluate. Default: this run's base and SFT models.")
     n_prompts: int | None = Field(None, gt=0, description="Evaluate on the first n held-out prompts only.")
@@ -122,6 +134,7 @@ class PipelineConfig(Strict):
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig = SFTConfig()
     collect: CollectConfig = CollectConfig()
+    rm: RMConfig = RMConfig()
     eval: EvalConfig = EvalConfig()
 
 

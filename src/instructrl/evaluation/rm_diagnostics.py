@@ -1,0 +1,48 @@
+"""What a trained reward model gets right: accuracy against the gold ranking, and its biases.
+
+Every function takes plain lists: per comparison, the RM's rewards and the gold judge's
+qualities of the same K responses.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+
+def pairwise_accuracy(rewards: list[list[float]], gold: list[list[float]], min_margin: float = 0.0, max_margin: float = float("inf")) -> tuple[float, int]:
+    """Share of response pairs the RM orders as the gold judge does; gold ties are left out.
+
+    Only pairs whose gold quality differs by a margin in [min_margin, max_margin) count.
+    Returns (accuracy, number of pairs); accuracy is nan when no pair counts.
+    """
+    right = total = 0
+    for r, g in zip(rewards, gold):
+        for i in range(len(r)):
+            for j in range(i + 1, len(r)):
+                margin = abs(g[i] - g[j])
+                if g[i] == g[j] or not min_margin <= margin < max_margin:
+                    continue
+                total += 1
+                right += (r[i] - r[j]) * (g[i] - g[j]) > 0
+    return (right / total if total else float("nan")), total
+
+
+def correlation(xs: list[float], ys: list[float]) -> float:
+    """Pearson correlation; nan when either side is constant or there are fewer than 3 points."""
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return float("nan")
+    return statistics.correlation(xs, ys)
+
+
+def length_bias(rewards: list[float], lengths: list[int], gold_likert: list[int]) -> float:
+    """Correlation of reward with response length among responses of equal gold Likert,
+    averaged over Likert levels weighted by their counts. Near 0 is healthy; a reward model
+    that mostly rewards length shows a large positive value."""
+    weighted = total = 0.0
+    for level in set(gold_likert):
+        idx = [i for i, g in enumerate(gold_likert) if g == level]
+        c = correlation([rewards[i] for i in idx], [float(lengths[i]) for i in idx])
+        if c == c:  # not nan
+            weighted += c * len(idx)
+            total += len(idx)
+    return weighted / total if total else float("nan")

@@ -1,0 +1,157 @@
+"""Train the reward model on ranked comparisons (InstructGPT §3.5, "Reward modeling").
+
+setup (backbone from the SFT model, comparisons, held-out split) -> loop (shared ``fit``, the
+K-way ranking loss: all pairs of one prompt in one batch element, each response forwarded once)
+-> bias (demonstrations average 0) -> save (final/, reloads with RewardModel.from_pretrained)
+-> diagnostics against the gold labeler.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from instructrl.config import PipelineConfig
+from instructrl.data.chat import tokenize_conversation
+from instructrl.data.jsonl import read_jsonl
+from instructrl.data.records import ComparisonRecord, read_comparisons, validate_messages
+from instructrl.errors import UserError
+from instructrl.evaluation.rm_diagnostics import correlation, length_bias, pairwise_accuracy
+from instructrl.models.base import load_tokenizer, set_dropout
+from instructrl.models.reward import RewardModel
+from instructrl.padding import pad_sequences
+from instructrl.rlmath import kway_ranking_loss
+from instructrl.rundir import RunDir, write_text_atomic
+from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
+from instructrl.world.build import build_world, load_tasks
+from instructrl.world.labeler import SimulatedLabeler
+
+SECTIONS = ("run", "world", "rm")
+
+
+def encode_comparison(tokenizer, record: ComparisonRecord) -> list[list[int]]:
+    """Token ids of (prompt, response) for each of the record's K responses, each ending with EOS."""
+    prompt = [m.model_dump() for m in record.prompt]
+    return [tokenize_conversation(tokenizer, prompt + [{"role": "assistant", "content": r}]).input_ids for r in record.responses]
+
+
+@torch.no_grad()
+def score_sequences(model, sequences: list[list[int]], pad_id: int, device, batch_size: int = 64) -> list[float]:
+    model.eval()
+    rewards = []
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = pad_sequences(sequences[start : start + batch_size], pad_id, side="right")
+        rewards += model(ids.to(device), mask.to(device)).tolist()
+    return rewards
+
+
+def run_rm(config: PipelineConfig, restart: bool = False, log=print) -> Path:
+    cfg = config.rm
+    accelerator = make_accelerator(cfg)
+    run = RunDir(config, "rm", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
+    if run.is_done() and not restart:
+        log(f"rm: {run.path} is complete with this config; nothing to do")
+        return run.path / "final"
+    root = Path(config.run.dir)
+    backbone = cfg.model or str(root / "sft" / "final")
+    data = cfg.data or root / "collect" / "comparisons.jsonl"
+    if cfg.data is None and not Path(data).is_file():
+        raise UserError(f"rm: no data given and {data} does not exist; run `instructrl collect` first or set rm.data=PATH")
+    tokenizer = load_tokenizer(backbone)
+    records = read_comparisons(data)
+
+    # held-out comparisons, by prompt, for the diagnostics
+    order = list(range(len(records)))
+    random.Random(f"rm-split:{config.run.seed}").shuffle(order)
+    n_heldout = int(len(records) * cfg.heldout_fraction)
+    heldout = [records[i] for i in sorted(order[:n_heldout])]
+    train = [records[i] for i in sorted(order[n_heldout:])]
+    encoded = [encode_comparison(tokenizer, r) for r in train]
+    cfg.grad_accum(accelerator.num_processes)
+    if len(train) < cfg.batch_size:
+        raise UserError(f"{data}: {len(train)} training comparisons are fewer than one batch (rm.batch_size = {cfg.batch_size})")
+    run.start(restart)
+
+    seed_everything(config.run.seed)
+    model = RewardModel.from_causal_lm(backbone)
+    set_dropout(model.backbone, cfg.dropout)
+    setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed)
+    log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
+        f"{len(heldout)} held out, {setup.total_steps} steps, backbone {backbone}")
+
+    def make_batch(indices: list[int]) -> dict:
+        k = max(len(encoded[i]) for i in indices)
+        sequences = [seq for i in indices for seq in encoded[i]]
+        ids, attention = pad_sequences(sequences, tokenizer.pad_token_id, side="right")
+        ranks = torch.zeros(len(indices), k, dtype=torch.long)
+        valid = torch.zeros(len(indices), k, dtype=torch.long)
+        for row, i in enumerate(indices):
+            ranks[row, : len(train[i].ranks)] = torch.tensor(train[i].ranks)
+            valid[row, : len(train[i].ranks)] = 1
+        d = accelerator.device
+        n_ranked = sum(len(set(train[i].ranks)) > 1 for i in indices)
+        return {"input_ids": ids.to(d), "attention_mask": attention.to(d), "ranks": ranks.to(d), "valid": valid.to(d), "n_targets": n_ranked}
+
+    def loss_fn(model, batch) -> torch.Tensor:
+        flat = model(batch["input_ids"], batch["attention_mask"])  # (sum of K,) each response forwarded once
+        rewards = torch.zeros(batch["valid"].shape, device=flat.device, dtype=flat.dtype)
+        rewards[batch["valid"].bool()] = flat
+        return kway_ranking_loss(rewards, batch["ranks"], batch["valid"])[0]
+
+    fit(accelerator=accelerator, setup=setup, tokenizer=tokenizer, make_batch=make_batch, loss_fn=loss_fn, config=cfg, run=run,
+        description="rm", log=log)
+
+    if accelerator.is_main_process:
+        final = run.path / "final"
+        model = RewardModel.from_pretrained(final).to(accelerator.device)
+        # bias: the demonstrations average a reward of 0 (§3.5)
+        world = build_world(config.world, root / "world") if cfg.demonstrations is None else None
+        demos_path = world.demonstrations if world else cfg.demonstrations
+        demos = [tokenize_conversation(tokenizer, validate_messages(r.get("messages"), f"{demos_path}:{n}")).input_ids for n, r in read_jsonl(demos_path)]
+        demo_rewards = score_sequences(model, demos, tokenizer.pad_token_id, accelerator.device)
+        model.reward_bias.fill_(-sum(demo_rewards) / len(demo_rewards))
+        model.save_pretrained(final)
+        diagnostics = diagnose(model, tokenizer, heldout, config, accelerator.device)
+        diagnostics["reward_bias"] = float(model.reward_bias)
+        write_text_atomic(run.path / "diagnostics.json", json.dumps(_nan_to_none(diagnostics), indent=2))
+        run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float)})
+        log(f"rm: held-out accuracy vs gold {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
+            f"reward~gold Likert r = {diagnostics['gold_correlation']:.2f}, length bias r = {diagnostics['length_bias']:.2f}")
+    run.write_lineage({"backbone": backbone, "comparisons": data})
+    run.finish({"model": run.path / "final"})
+    return run.path / "final"
+
+
+def diagnose(model, tokenizer, heldout: list[ComparisonRecord], config: PipelineConfig, device) -> dict:
+    """Held-out accuracy against the gold labeler (overall and by gold margin), correlation with
+    gold Likert, and length bias. Without the built-in world, the records' own ranks are the gold."""
+    tasks = {t.id: t for t in load_tasks(build_world(config.world, Path(config.run.dir) / "world").prompts("rm"))}
+    gold_judge = SimulatedLabeler()
+    rewards, gold, flat = [], [], {"reward": [], "likert": [], "length": []}
+    for record in heldout:
+        r = score_sequences(model, encode_comparison(tokenizer, record), tokenizer.pad_token_id, device)
+        task = tasks.get(record.id)
+        judgements = [gold_judge.judge(task, resp) for resp in record.responses] if task else None
+        g = [j.quality for j in judgements] if judgements else [-float(rank) for rank in record.ranks]
+        rewards.append(r)
+        gold.append(g)
+        flat["reward"] += r
+        flat["likert"] += [j.likert for j in judgements] if judgements else record.likert
+        flat["length"] += [len(resp) for resp in record.responses]
+    accuracy, pairs = pairwise_accuracy(rewards, gold)
+    by_margin = {f"{lo}-{hi}": pairwise_accuracy(rewards, gold, lo, hi)[0] for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 2))}
+    return {
+        "accuracy": accuracy, "pairs": pairs, "accuracy_by_gold_margin": by_margin,
+        "gold_correlation": correlation(flat["reward"], [float(x) for x in flat["likert"]]),
+        "length_bias": length_bias(flat["reward"], flat["length"], flat["likert"]),
+    }
+
+
+def _nan_to_none(value):
+    """JSON has no NaN: a diagnostic with nothing to measure is written as null."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and value != value else value

@@ -1,0 +1,40 @@
+"""`instructrl rm` on the smoke world, and the diagnostics' arithmetic by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from conftest import SMOKE, cli
+
+from instructrl.evaluation.rm_diagnostics import length_bias, pairwise_accuracy
+from instructrl.models.reward import RewardModel
+
+
+def test_pairwise_accuracy_by_hand():
+    # gold (3, 2, 2): pairs (0,1) and (0,2) count, (1,2) is a gold tie and is left out.
+    # rewards (1, 0, 5): (0,1) right (1 > 0), (0,2) wrong (1 < 5) -> 1 of 2
+    assert pairwise_accuracy([[1.0, 0.0, 5.0]], [[3.0, 2.0, 2.0]]) == (0.5, 2)
+    # margins: both pairs have a gold margin of 1, so a window [0, 0.5) holds none
+    accuracy, pairs = pairwise_accuracy([[1.0, 0.0, 5.0]], [[3.0, 2.0, 2.0]], 0, 0.5)
+    assert pairs == 0 and math.isnan(accuracy)
+
+
+def test_length_bias_sees_a_length_reward():
+    # within each Likert level the reward equals the length: correlation 1 at both levels
+    assert math.isclose(length_bias([1, 2, 3, 10, 20, 30], [1, 2, 3, 10, 20, 30], [4, 4, 4, 7, 7, 7]), 1.0)
+    # reward falls with length at level 4 (-1) and rises at level 7 (+1): weighted mean 0
+    assert math.isclose(length_bias([3, 2, 1, 10, 20, 30], [1, 2, 3, 10, 20, 30], [4, 4, 4, 7, 7, 7]), 0.0, abs_tol=1e-12)
+
+
+def test_rm_stage_on_smoke(tmp_path, smoke_base):
+    policy = f"collect.policy={smoke_base / 'pretrain' / 'final'}"
+    cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path}", policy)
+    cli("rm", "-c", str(SMOKE), f"run.dir={tmp_path}", f"rm.model={smoke_base / 'pretrain' / 'final'}")
+    final = tmp_path / "rm" / "final"
+    model = RewardModel.from_pretrained(final)  # head, bias and backbone in one call
+    diagnostics = json.loads((tmp_path / "rm" / "diagnostics.json").read_text())
+    assert diagnostics["reward_bias"] == float(model.reward_bias) != 0.0
+    assert diagnostics["pairs"] > 0 and 0.0 <= diagnostics["accuracy"] <= 1.0
+    lineage = json.loads((tmp_path / "rm" / "lineage.json").read_text())
+    assert lineage["inputs"]["comparisons"]["path"].endswith("collect/comparisons.jsonl")
