@@ -7,6 +7,10 @@ import math
 
 from conftest import SMOKE, cli
 
+from instructrl.data.chat import tokenize_conversation
+from instructrl.data.jsonl import read_jsonl
+from instructrl.models.base import load_tokenizer
+from instructrl.stages.rm import score_sequences
 from instructrl.evaluation.rm_diagnostics import length_bias, pairwise_accuracy
 from instructrl.models.reward import RewardModel
 
@@ -36,5 +40,10 @@ def test_rm_stage_on_smoke(tmp_path, smoke_base):
     diagnostics = json.loads((tmp_path / "rm" / "diagnostics.json").read_text())
     assert diagnostics["reward_bias"] == float(model.reward_bias) != 0.0
     assert diagnostics["pairs"] > 0 and 0.0 <= diagnostics["accuracy"] <= 1.0
+    # the bias makes the demonstrations average a reward of 0 (InstructGPT §3.5)
+    tokenizer = load_tokenizer(final)
+    demos = [tokenize_conversation(tokenizer, r["messages"]).input_ids for _, r in read_jsonl(tmp_path / "world" / "demonstrations.jsonl")]
+    rewards = score_sequences(model, demos, tokenizer.pad_token_id, "cpu")
+    assert abs(sum(rewards) / len(rewards)) < 1e-4
     lineage = json.loads((tmp_path / "rm" / "lineage.json").read_text())
     assert lineage["inputs"]["comparisons"]["path"].endswith("collect/comparisons.jsonl")
