@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from instructrl.models.base import load_tokenizer, set_dropout
 from instructrl.models.reward import RewardModel
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
-from instructrl.rundir import RunDir, write_text_atomic
+from instructrl.rundir import RunDir, replace_dir, write_text_atomic
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
 from instructrl.world.build import build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
@@ -113,7 +114,11 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print) -> Path:
         demos = [tokenize_conversation(tokenizer, validate_messages(r.get("messages"), f"{demos_path}:{n}")).input_ids for n, r in read_jsonl(demos_path)]
         demo_rewards = score_sequences(model, demos, tokenizer.pad_token_id, accelerator.device)
         model.reward_bias.fill_(-sum(demo_rewards) / len(demo_rewards))
-        model.save_pretrained(final)
+        tmp = final.with_name("final.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, final)  # final/ is never half-rewritten
         diagnostics = diagnose(model, tokenizer, heldout, config, accelerator.device)
         diagnostics["reward_bias"] = float(model.reward_bias)
         write_text_atomic(run.path / "diagnostics.json", json.dumps(_nan_to_none(diagnostics), indent=2))
