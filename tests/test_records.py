@@ -8,18 +8,14 @@ import pytest
 
 from instructrl.data.records import ComparisonRecord, read_comparisons, write_comparisons
 from instructrl.errors import UserError
+from instructrl.stages.collect import judge_responses
 from instructrl.world.labeler import SimulatedLabeler
 from instructrl.world.tasks import Task
 
 
 def judged_record(labeler: SimulatedLabeler) -> ComparisonRecord:
     task = Task("t1", "reverse_word", ({"role": "user", "content": "Reverse the word tiger."},), "regit", {"word": "tiger"})
-    responses = ["Sure! regit.", "regit", "tiger", "regit"]
-    judgements = [labeler.judge(task, r) for r in responses]
-    return ComparisonRecord(
-        id=task.id, prompt=list(task.messages), responses=responses, ranks=labeler.rank(task, responses),
-        likert=[j.likert for j in judgements], flags=[list(j.flags) for j in judgements], labeler_id=labeler.labeler_id,
-    )
+    return judge_responses(labeler, task, ["Sure! regit.", "regit", "tiger", "regit"])
 
 
 def test_round_trip_keeps_the_ranking(tmp_path):

@@ -77,6 +77,12 @@ class TrainConfig(Strict):
         """Micro-batches per process per optimizer step, so that the global batch stays batch_size."""
         return exact_div(self.batch_size, self.micro_batch_size * num_processes, "batch_size", f"micro_batch_size x {num_processes} processes")
 
+    def check_fits(self, n_examples: int, num_processes: int, source: str, what: str, section: str) -> None:
+        """Check the sizes before a run starts: they divide, and the data holds one global batch."""
+        self.grad_accum(num_processes)
+        if n_examples < self.batch_size:
+            raise UserError(f"{source}: {n_examples} {what} are fewer than one batch ({section}.batch_size = {self.batch_size})")
+
 
 class PretrainConfig(TrainConfig):
     block_size: int = Field(128, gt=8, description="Tokens per packed training sequence.")

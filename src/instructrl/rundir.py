@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from instructrl.config import PipelineConfig, dump_config, section
+from instructrl.data.jsonl import complete_lines
 from instructrl.errors import UserError
 
 
@@ -144,17 +145,10 @@ class RunDir:
 
 
 def trim_step_log(path: Path, resume_step: int, keep_equal: bool) -> None:
-    """Keep the lines of a JSONL step log up to ``resume_step``; drop unparsable (half-written) lines."""
+    """Keep the lines of a JSONL step log up to ``resume_step``; drop a half-written last line."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            step = json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-        if step < resume_step or (keep_equal and step == resume_step):
-            kept.append(line)
+    kept = [line for line, record in complete_lines(path) if record["step"] < resume_step or (keep_equal and record["step"] == resume_step)]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

@@ -32,6 +32,19 @@ def read_jsonl(path: Path | str) -> Iterator[tuple[int, dict]]:
             yield number, record
 
 
+def complete_lines(path: Path | str) -> list[tuple[str, dict]]:
+    """(line, record) of each line of a log this program appends to, up to the first line that
+    does not parse: the one a crash cut short. A missing file has none."""
+    path = Path(path)
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            lines.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            break
+    return lines
+
+
 def write_jsonl(path: Path | str, records: Iterable[dict]) -> None:
     """Write records atomically: a reader never sees half a file, a crash leaves the old one."""
     path = Path(path)

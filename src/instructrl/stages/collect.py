@@ -8,12 +8,12 @@ and ends with the same records as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from instructrl.config import PipelineConfig
+from instructrl.data.jsonl import complete_lines
 from instructrl.data.records import ComparisonRecord, comparison_line, read_comparisons, write_comparisons
 from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
@@ -25,18 +25,6 @@ from instructrl.world.labeler import SimulatedLabeler
 from instructrl.world.tasks import Task
 
 SECTIONS = ("run", "world", "collect")
-
-
-def whole_lines(path: Path) -> list[str]:
-    """The lines of a JSONL file up to the first one a crash cut short."""
-    lines = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            json.loads(line)
-        except json.JSONDecodeError:
-            break
-        lines.append(line)
-    return lines
 
 
 def judge_responses(labeler: SimulatedLabeler, task: Task, responses: list[str]) -> ComparisonRecord:
@@ -74,7 +62,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print) -> Pat
     run.start(restart)
 
     partial = run.path / "comparisons.partial.jsonl"
-    kept = whole_lines(partial)
+    kept = [line for line, _ in complete_lines(partial)]
     done = len(kept) - len(kept) % cfg.batch_size  # only whole chunks count; a torn chunk is sampled again
     write_text_atomic(partial, "".join(line + "\n" for line in kept[:done]))
     if done:

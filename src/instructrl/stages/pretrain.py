@@ -65,6 +65,7 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     world = build_world(config.world, Path(config.run.dir) / "world")
     tokenizer = load_tokenizer(tokenizer_dir)
     blocks = pack_documents(tokenizer, world.corpus.read_text().splitlines(), cfg.block_size)
+    cfg.check_fits(len(blocks), accelerator.num_processes, str(world.corpus), "corpus blocks", "pretrain")
 
     seed_everything(config.run.seed)  # same initial weights in every process
     model = build_base_model(config.model, tokenizer)

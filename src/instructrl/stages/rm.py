@@ -71,9 +71,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     heldout = [records[i] for i in sorted(order[:n_heldout])]
     train = [records[i] for i in sorted(order[n_heldout:])]
     encoded = [encode_comparison(tokenizer, r) for r in train]
-    cfg.grad_accum(accelerator.num_processes)
-    if len(train) < cfg.batch_size:
-        raise UserError(f"{data}: {len(train)} training comparisons are fewer than one batch (rm.batch_size = {cfg.batch_size})")
+    cfg.check_fits(len(train), accelerator.num_processes, str(data), "training comparisons", "rm")
     run.start(restart)
 
     seed_everything(config.run.seed)
@@ -107,7 +105,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print) -> Path:
 
     if accelerator.is_main_process:
         final = run.path / "final"
-        model = RewardModel.from_pretrained(final).to(accelerator.device)
+        model = accelerator.unwrap_model(setup.model)  # the weights fit just saved to final/
         # bias: the demonstrations average a reward of 0 (§3.5)
         world = build_world(config.world, root / "world") if cfg.demonstrations is None else None
         demos_path = world.demonstrations if world else cfg.demonstrations

@@ -88,9 +88,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     model = load_causal_lm(model_path, dropout=cfg.dropout)
     max_length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
     examples, too_long = load_demonstrations(data_path, tokenizer, max_length)
-    cfg.grad_accum(accelerator.num_processes)
-    if len(examples) < cfg.batch_size:
-        raise UserError(f"{data_path}: {len(examples)} demonstrations are fewer than one batch (sft.batch_size = {cfg.batch_size})")
+    cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")
     run.start(restart)
     setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed)
     select = labeler_selection(accelerator, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None

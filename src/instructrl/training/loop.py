@@ -25,7 +25,6 @@ from typing import Callable
 import torch
 
 from instructrl.config import TrainConfig
-from instructrl.errors import UserError
 from instructrl.rundir import RunDir, replace_dir, trim_step_log
 from instructrl.training.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from instructrl.training.data_order import DataOrder
@@ -80,12 +79,11 @@ class TrainingSetup:
 
 
 def prepare_training(accelerator, model, config: TrainConfig, n_examples: int, seed: int) -> TrainingSetup:
-    """Data order, AdamW, warm-up + cosine schedule, and Accelerate's wrapping, for ``n_examples``.
+    """Data order, AdamW, warm-up + cosine schedule, and Accelerate's wrapping, for ``n_examples``
+    (sizes checked beforehand with ``TrainConfig.check_fits``).
 
     Seeds every process with seed + rank afterwards, so dropout and sampling differ per process.
     """
-    if n_examples < config.batch_size:
-        raise UserError(f"{n_examples} training examples are fewer than one batch (batch_size = {config.batch_size})")
     order = DataOrder(n_examples, config.batch_size, config.micro_batch_size, config.grad_accum(accelerator.num_processes),
                       accelerator.process_index, accelerator.num_processes, seed)
     total_steps = order.total_steps(config.epochs)
