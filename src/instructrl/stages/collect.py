@@ -21,7 +21,7 @@ from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.rundir import RunDir, write_text_atomic
 from instructrl.training.progress import progress_bar
 from instructrl.world.build import build_world, load_tasks
-from instructrl.world.labeler import SimulatedLabeler
+from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
 from instructrl.world.tasks import Task
 
 SECTIONS = ("run", "world", "collect")
@@ -31,7 +31,7 @@ def judge_responses(labeler: SimulatedLabeler, task: Task, responses: list[str])
     """One labeler's comparison record for K responses to ``task``."""
     judgements = [labeler.judge(task, r) for r in responses]
     return ComparisonRecord(
-        id=task.id, prompt=list(task.messages), responses=responses, ranks=labeler.rank(task, responses),
+        id=task.id, prompt=list(task.messages), responses=responses, ranks=ranks_from_qualities([j.quality for j in judgements]),
         likert=[j.likert for j in judgements], flags=[list(j.flags) for j in judgements], labeler_id=labeler.labeler_id,
     )
 

@@ -142,9 +142,7 @@ class SimulatedLabeler:
 
     def rank(self, task: Task, responses: list[str]) -> list[int]:
         """Rank of each response, 0 = best; responses judged equally good share a rank."""
-        qualities = [self.judge(task, r).quality for r in responses]
-        distinct = sorted(set(qualities), reverse=True)
-        return [distinct.index(q) for q in qualities]
+        return ranks_from_qualities([self.judge(task, r).quality for r in responses])
 
     def demonstrate(self, task: Task, rng: random.Random) -> str:
         """Write an answer to ``task``'s last turn, with this labeler's imperfections."""
@@ -159,6 +157,12 @@ class SimulatedLabeler:
         if rng.random() < self.style.verbose_rate:
             text = rng.choice(VERBOSE_PREFIXES) + text + ("." if not text.endswith(".") else "") + rng.choice(VERBOSE_SUFFIXES)
         return text
+
+
+def ranks_from_qualities(qualities: list[float]) -> list[int]:
+    """Dense ranks, 0 = best: equal qualities share a rank (a tie)."""
+    distinct = sorted(set(qualities), reverse=True)
+    return [distinct.index(q) for q in qualities]
 
 
 def agreement_rate(a: SimulatedLabeler, b: SimulatedLabeler, comparisons: list[tuple[Task, str, str]]) -> float:
