@@ -28,3 +28,12 @@ def smoke_base(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("smoke-base")
     cli("pretrain", "-c", str(SMOKE), f"run.dir={run_dir}")
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def smoke_rm(smoke_base) -> Path:
+    """The smoke run folder with comparisons collected from the base model and a reward model on them."""
+    base = smoke_base / "pretrain" / "final"
+    cli("collect", "-c", str(SMOKE), f"run.dir={smoke_base}", f"collect.policy={base}")
+    cli("rm", "-c", str(SMOKE), f"run.dir={smoke_base}", f"rm.model={base}")
+    return smoke_base

@@ -144,6 +144,19 @@ def rm(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = 
     _log(f"rm: reward model saved to {path} (RewardModel.from_pretrained)")
 
 
+@app.command(epilog=_config_help("run", "ppo"))
+def ppo(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
+    """Optimise the SFT policy against the reward model with PPO; with ppo.ptx_coef > 0, PPO-ptx.
+
+    Per-token KL penalty against the frozen SFT model, a value model initialised from the RM,
+    GAE, clipped policy and value losses; PPO-ptx mixes the pretraining log-likelihood into every
+    update. Writes to ppo_ptx/ (ptx_coef > 0) or ppo/ under run.dir.
+    """
+    from instructrl.stages.ppo import run_ppo
+
+    run_ppo(_load(config, overrides), restart=restart, log=_log)
+
+
 @app.command("eval", epilog=_config_help("run", "eval"))
 def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
     """Judge models' answers to held-out prompts with the gold labeler, per instruction family."""

@@ -125,6 +125,52 @@ class RMConfig(TrainConfig):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout while training.")
 
 
+class PPOConfig(Strict):
+    """PPO (and PPO-ptx) of the SFT policy against the reward model (InstructGPT §3.5, Appendix C.4)."""
+
+    policy: str | None = Field(None, description="Policy to optimise, also the frozen KL reference: a folder or hub name. Default: this run's sft/final.")
+    reward_model: str | None = Field(None, description="Reward model folder (RewardModel.save_pretrained). Default: this run's rm/final.")
+    value_model: str | None = Field(None, description="Reward model folder the value model starts from (InstructGPT: the RM). Default: reward_model.")
+    prompts: Path | None = Field(None, description="Prompts JSONL ({'messages': [...]} per line, last turn the user's). Default: the built-in world's PPO split.")
+    episodes: int = Field(6144, gt=0, description="Prompts answered and scored in all (InstructGPT: 256k).")
+    rollout_batch_size: int = Field(64, gt=0, description="Episodes generated per PPO iteration, over all processes (InstructGPT: 512).")
+    minibatch_size: int = Field(16, gt=0, description="Episodes per optimizer step (InstructGPT: 64).")
+    micro_batch_size: int = Field(16, gt=0, description="Episodes per forward pass on one process.")
+    ppo_epochs: int = Field(2, gt=0, description="Passes over each rollout batch (InstructGPT: 1).")
+    lr: float = Field(3e-4, gt=0, description="Policy learning rate (constant after warm-up).")
+    value_lr: float = Field(3e-4, gt=0, description="Value model learning rate.")
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    adam_eps: float = Field(1e-5, gt=0, description="AdamW epsilon (1e-5 for RL, as in the PPO implementations).")
+    grad_clip: float = Field(1.0, gt=0, description="Clip each model's gradient norm to this.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature, applied in the rollout and in every log-prob pass.")
+    max_new_tokens: int = Field(24, gt=0, description="Longest response sampled.")
+    kl_coef: float = Field(0.02, ge=0, description="β of the per-token KL penalty against the SFT reference (InstructGPT: 0.02).")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator in the reward: k1 = log π - log π_ref; k3 = (ρ-1) - log ρ.")
+    adaptive_kl: bool = Field(False, description="Adapt β towards target_kl (lm-human-preferences' controller).")
+    target_kl: float = Field(1.0, gt=0, description="Target KL per response (nats) of the adaptive controller.")
+    kl_horizon: int = Field(10000, gt=0, description="Horizon (episodes) of the adaptive controller.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount of GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="λ of GAE.")
+    clip: float = Field(0.2, gt=0, description="PPO ratio clip ε.")
+    value_clip: float = Field(0.2, gt=0, description="Value clip: the value moves at most this far from its rollout value per update.")
+    missing_eos_score: float = Field(-3.0, description="Score given instead of the RM's to a response that never emits EOS.")
+    whiten_rewards: bool = Field(False, description="Whiten the per-token rewards before GAE (off: the RM bias already centres them).")
+    ptx_coef: float = Field(0.0, ge=0, description="γ of PPO-ptx: weight of the pretraining log-likelihood in every policy update (0 = plain PPO).")
+    ptx_batch_size: int = Field(8, gt=0, description="Pretraining sequences mixed into each optimizer step.")
+    ptx_data: Path | None = Field(None, description="Plain-text pretraining file, one document per line. Default: the built-in world's corpus.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (bf16 on a GPU).")
+    log_every: int = Field(1, gt=0, description="PPO iterations between metric lines.")
+    checkpoint_every: int = Field(10, gt=0, description="PPO iterations between resumable checkpoints.")
+
+    def iterations(self) -> int:
+        return max(1, self.episodes // self.rollout_batch_size)
+
+    def check_sizes(self, num_processes: int) -> None:
+        """Every batch size divides the next, over ``num_processes`` processes."""
+        exact_div(self.rollout_batch_size, self.minibatch_size, "ppo.rollout_batch_size", "ppo.minibatch_size")
+        exact_div(self.minibatch_size, self.micro_batch_size * num_processes, "ppo.minibatch_size", f"ppo.micro_batch_size x {num_processes} processes")
+
+
 class EvalConfig(Strict):
     models: dict[str, str] | None = Field(None, description="name: model path to evaluate. Default: this run's base and SFT models.")
     n_prompts: int | None = Field(None, gt=0, description="Evaluate on the first n held-out prompts only.")
@@ -141,6 +187,7 @@ class PipelineConfig(Strict):
     sft: SFTConfig = SFTConfig()
     collect: CollectConfig = CollectConfig()
     rm: RMConfig = RMConfig()
+    ppo: PPOConfig = PPOConfig()
     eval: EvalConfig = EvalConfig()
 
 

@@ -50,3 +50,21 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     has_token = attention_mask.bool().any(-1)
     from_end = attention_mask.bool().flip(-1).long().argmax(-1)
     return torch.where(has_token, T - 1 - from_end, torch.full_like(from_end, -1))
+
+
+def truncate_after_eos(response_ids: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut each generated response after its first EOS: (ids, response_mask, ended), right-padded.
+
+    response_ids: (B, T) tokens as generated (whatever follows an EOS is garbage: generation
+    continues for the other rows). Returns the ids with everything after the first EOS set to
+    ``pad_id``; a (B, T) mask that is 1 up to and including that EOS (the reward model reads the
+    score there, and KL, value and loss ignore the rest); and (B,) ``ended``, False for a
+    response that never emitted EOS (it gets the missing-EOS penalty score instead).
+    """
+    is_eos = response_ids == eos_id
+    ended = is_eos.any(-1)
+    T = response_ids.shape[-1]
+    first_eos = torch.where(ended, is_eos.long().argmax(-1), torch.full_like(ended, T - 1, dtype=torch.long))
+    columns = torch.arange(T, device=response_ids.device).unsqueeze(0)
+    response_mask = (columns <= first_eos.unsqueeze(-1)).long()
+    return torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad_id)), response_mask, ended

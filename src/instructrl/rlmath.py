@@ -69,3 +69,119 @@ def kway_ranking_loss(rewards: Tensor, ranks: Tensor, valid: Tensor) -> tuple[Te
     has_pairs = per_prompt_pairs > 0
     per_prompt = pair_losses.sum((-1, -2)) / per_prompt_pairs.clamp(min=1)
     return (per_prompt * has_pairs).sum(), has_pairs.sum()
+
+
+# --- PPO (InstructGPT §3.5, Appendix C.4; Huang et al. 2024 for the details) ---------------------
+
+
+def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """(B, T) per-token estimate of KL(π_RL ‖ π_SFT) from log-probs of the *sampled* tokens.
+
+    k1 = log π - log π_ref: the classic, unbiased estimator, negative on some tokens; a mean that
+    stays negative means rollout and scoring disagree on the distribution (temperature, padding).
+    k3 = (ρ - 1) - log ρ with ρ = π_ref / π: unbiased and never negative (Schulman 2020).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}: choose k1 or k3")
+
+
+def per_token_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_coef: float) -> Tensor:
+    """(B, T) PPO rewards: -β·KL on every response token, plus the episode score on the last one.
+
+    scores: (B,) reward-model score of each response; kl: (B, T); response_mask: (B, T) 1 on the
+    response tokens up to and including the first EOS (right-padded). InstructGPT's objective
+    r_θ(x, y) - β log(π_RL(y|x) / π_SFT(y|x)), with the KL spread over tokens (§3.5, eq. 2).
+    """
+    rewards = -kl_coef * kl * response_mask
+    last = response_mask.long().sum(-1) - 1  # right padding: the last real token
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    has_tokens = last >= 0
+    rewards[rows[has_tokens], last[has_tokens]] += scores[has_tokens].to(rewards.dtype)
+    return rewards
+
+
+def gae_advantages(
+    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over right-padded responses: (advantages, returns), (B, T).
+
+        δ_t = r_t + γ V_{t+1} - V_t,   A_t = δ_t + γλ A_{t+1},   returns_t = A_t + V_t
+
+    with V and A zero past the last real token, so padding adds nothing. A reverse scan, one
+    step per token; the test checks it against a closed form.
+    """
+    mask = response_mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_advantage) * mask[:, t]
+        next_value, next_advantage = values[:, t], advantages[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Normalise ``values`` to unit variance (and zero mean) over the masked entries only.
+
+    Padding must not enter the statistics: with it, short responses shift every advantage.
+    The variance is the unbiased one, as in lm-human-preferences. Masked-out entries become 0.
+    """
+    mask = mask.to(values.dtype)
+    mean = masked_mean(values, mask)
+    count = mask.sum()
+    variance = masked_sum((values - mean) ** 2, mask) / (count - 1).clamp(min=1)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def clipped_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate, averaged over real tokens (Schulman et al. 2017, eq. 7).
+
+        ratio = π(a|s) / π_old(a|s),  loss = mean(max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε)))
+
+    All (B, T). Also returns the clip fraction and the approximate KL between the old and new
+    policy, 0.5·mean((log ratio)²), which is exactly 0 on the first minibatch of the first epoch.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    stats = {
+        "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+        "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+        "ratio": masked_mean(ratio, mask),
+    }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """Clipped value loss, 0.5·mean(max((V - R)², (V_clipped - R)²)) over real tokens; (loss, clip fraction).
+
+    V_clipped = old_V + clip(V - old_V, -ε, ε): the value model moves at most ε per update from
+    the values the advantages were computed with (lm-human-preferences, OpenAI baselines).
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
+    return loss, masked_mean((clipped_loss > unclipped_loss).float(), mask).detach()
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """(B, T) entropy of the categorical distribution at each position of (B, T, V) logits."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)

@@ -11,6 +11,7 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import read_jsonl
+from instructrl.data.packing import pack_documents
 from instructrl.errors import UserError
 from instructrl.models.base import build_base_model, count_parameters, load_tokenizer, set_dropout
 from instructrl.models.tokenizer import train_tokenizer
@@ -20,16 +21,6 @@ from instructrl.training.loop import fit, make_accelerator, prepare_training, se
 from instructrl.world.build import SPLITS, build_world
 
 SECTIONS = ("run", "world", "tokenizer", "model", "pretrain")
-
-
-def pack_documents(tokenizer, documents: list[str], block_size: int) -> torch.Tensor:
-    """(N, block_size) token blocks: documents joined by EOS, cut into equal blocks, rest dropped."""
-    ids: list[int] = []
-    for doc_ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
-        ids.extend(doc_ids)
-        ids.append(tokenizer.eos_token_id)
-    n_blocks = len(ids) // block_size
-    return torch.tensor(ids[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
 
 
 def tokenizer_texts(world) -> list[str]:

@@ -23,6 +23,7 @@ class TrainState:
     best_score: float | None = None
     best_step: int | None = None
     selection: list = field(default_factory=list)  # [(step, score)] of every scoring
+    extra: dict = field(default_factory=dict)  # a stage's own resumable values (PPO: the KL coefficient)
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:

@@ -1,0 +1,102 @@
+"""One batch of PPO episodes and the model passes that fill it.
+
+Layout of every tensor: prompts are left-padded to Tq columns (generation appends on the
+right), responses right-padded to Tr columns, so ``cat(query, response)`` is one (B, Tq + Tr)
+sequence whose position ids count real tokens only (``position_ids_from_mask``). Logits are
+divided by the sampling temperature in *every* log-prob pass, the rollout's, the reference's
+and the update's, or the KL estimate is biased (RLHF-DETAILS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from instructrl.padding import pad_sequences, position_ids_from_mask, truncate_after_eos
+from instructrl.rlmath import entropy_from_logits, token_logprobs
+
+
+@dataclass
+class Rollout:
+    """A batch of B episodes (prompt, response) with everything PPO computes about them."""
+
+    query_ids: Tensor  # (B, Tq) prompt tokens, left-padded with PAD
+    query_mask: Tensor  # (B, Tq) 1 on real prompt tokens
+    response_ids: Tensor  # (B, Tr) sampled tokens, PAD after the first EOS
+    response_mask: Tensor  # (B, Tr) 1 up to and including the first EOS
+    ended: Tensor  # (B,) bool: the response emitted EOS
+    logprobs: Tensor  # (B, Tr) log π_old(a_t | s_t) at the sampling temperature
+    ref_logprobs: Tensor  # (B, Tr) log π_SFT(a_t | s_t), same temperature
+    values: Tensor  # (B, Tr) V(s_t), the value model's estimate before token t
+    scores: Tensor  # (B,) reward-model score; missing_eos_score where ended is False
+    rm_scores: Tensor  # (B,) the reward model's own score, even without EOS (for the logs)
+    entropy: Tensor  # (B, Tr) policy entropy at each response position
+    kl: Tensor | None = None  # (B, Tr) per-token KL estimate, log π_old vs log π_SFT
+    rewards: Tensor | None = None  # (B, Tr) -β·KL per token + score on the last real token
+    advantages: Tensor | None = None  # (B, Tr) GAE advantages, whitened over real tokens
+    returns: Tensor | None = None  # (B, Tr) value targets: advantages before whitening + values
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    def select(self, rows: Tensor | list[int]) -> "Rollout":
+        """The episodes at ``rows``, every field indexed alike."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows] for f in fields(self)})
+
+    def sequences(self) -> tuple[Tensor, Tensor]:
+        """(B, Tq + Tr) ids and attention mask of prompt + response."""
+        return torch.cat([self.query_ids, self.response_ids], 1), torch.cat([self.query_mask, self.response_mask], 1)
+
+
+@torch.no_grad()
+def sample_responses(policy, query_ids: Tensor, query_mask: Tensor, *, temperature: float, max_new_tokens: int,
+                     eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample one response per left-padded prompt from the full distribution at ``temperature``.
+
+    top_k = 0 and top_p = 1 are explicit: a checkpoint's generation_config may set others, and
+    any truncation would make the samples disagree with the log-probs PPO computes.
+    Returns (response_ids, response_mask, ended) as ``truncate_after_eos`` gives them.
+    """
+    out = policy.generate(
+        input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max_new_tokens, do_sample=True,
+        temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad_id, eos_token_id=eos_id,
+    )
+    return truncate_after_eos(out[:, query_ids.shape[1]:], eos_id, pad_id)
+
+
+def response_logprobs(policy, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                      temperature: float, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(B, Tr) log-probs of the response tokens under ``policy`` at ``temperature`` (and entropy).
+
+    The logits at column Tq - 1 + t predict response token t.
+    """
+    ids = torch.cat([query_ids, response_ids], 1)
+    mask = torch.cat([query_mask, response_mask], 1)
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logits = logits[:, query_ids.shape[1] - 1 : -1].float() / temperature
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return token_logprobs(logits, response_ids), entropy
+
+
+def response_values(value_model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor) -> Tensor:
+    """(B, Tr) V(s_t): the value model's per-token output at the token *before* response token t."""
+    ids = torch.cat([query_ids, response_ids], 1)
+    mask = torch.cat([query_mask, response_mask], 1)
+    return value_model.values(ids, mask)[:, query_ids.shape[1] - 1 : -1]
+
+
+def left_pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    ids, mask = pad_sequences(prompts, pad_id, side="left")
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def in_micro_batches(fn, batch_size: int, *tensors: Tensor):
+    """Apply ``fn`` to row slices of ``tensors`` and concatenate the results (tuples field-wise)."""
+    outputs = [fn(*(t[i : i + batch_size] for t in tensors)) for i in range(0, tensors[0].shape[0], batch_size)]
+    if isinstance(outputs[0], tuple):
+        return tuple(None if o[0] is None else torch.cat(list(o)) for o in zip(*outputs))
+    return torch.cat(outputs)

@@ -1,0 +1,326 @@
+"""PPO and PPO-ptx of the SFT policy against the reward model (InstructGPT §3.5, "Reinforcement learning").
+
+setup: the policy and its frozen copy (the KL reference), the frozen reward model, a value
+model initialised from the RM, the prompts, and for PPO-ptx the pretraining blocks. Then one
+iteration per rollout batch:
+
+  1. generate    one response per prompt, sampled from the policy at the temperature
+  2. score       policy and reference log-probs, values, reward-model scores
+  3. rewards     -β·KL on every response token, the score on its last (EOS) token
+  4. advantages  GAE (γ, λ), whitened over real tokens
+  5. epochs      by minibatch: clipped policy loss (+ γ_ptx · pretraining NLL) and clipped value loss
+  6. log         proxy (RM) and gold scores, KL, entropy, length, EOS rate; checkpoint
+
+and save: final/ (the policy, a save_pretrained folder) and value/ (the value model).
+The run is a pure function of (seed, iteration): a killed run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from instructrl.config import PipelineConfig
+from instructrl.data.chat import render_ids
+from instructrl.data.packing import pack_documents
+from instructrl.data.prompts import Prompt, read_prompts
+from instructrl.errors import UserError
+from instructrl.models.base import count_parameters, load_causal_lm, load_tokenizer, set_dropout
+from instructrl.models.reward import RewardModel
+from instructrl.rl.kl_control import KLController
+from instructrl.rl.rollout import Rollout, in_micro_batches, left_pad_prompts, response_logprobs, response_values, sample_responses
+from instructrl.rlmath import (
+    clipped_policy_loss, clipped_value_loss, gae_advantages, kl_per_token, masked_whiten, next_token_nll,
+    per_token_rewards,
+)
+from instructrl.rundir import RunDir, replace_dir
+from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint
+from instructrl.training.loop import make_accelerator, save_model, seed_everything
+from instructrl.training.progress import progress_bar
+from instructrl.world.build import build_world, load_tasks
+from instructrl.world.labeler import SimulatedLabeler
+
+SECTIONS = ("run", "world", "ppo")
+UPSTREAM = ("tokenizer", "model", "pretrain", "sft", "collect", "rm")  # identity when the inputs are this run's own
+PTX_BLOCK = 128
+
+
+def stage_name(config: PipelineConfig) -> str:
+    """PPO-ptx (InstructGPT proper) runs in ppo_ptx/, plain PPO in ppo/."""
+    return "ppo_ptx" if config.ppo.ptx_coef > 0 else "ppo"
+
+
+def prompt_order(n_prompts: int, batch: int, iteration: int, seed: int) -> list[int]:
+    """The prompts of one iteration's global batch: epochs over the prompts, each a fresh permutation."""
+    start = iteration * batch
+    rows, epoch = [], start // n_prompts
+    while len(rows) < batch:
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        offset = start + len(rows) - epoch * n_prompts
+        rows += perm[offset : offset + batch - len(rows)]
+        epoch += 1
+    return rows
+
+
+def run_ppo(config: PipelineConfig, restart: bool = False, log=print) -> Path:
+    cfg = config.ppo
+    accelerator = make_accelerator(cfg)
+    cfg.check_sizes(accelerator.num_processes)
+    world_inputs = cfg.policy is None or cfg.reward_model is None
+    stage = stage_name(config)
+    run = RunDir(config, stage, SECTIONS + (UPSTREAM if world_inputs else ()), accelerator.is_main_process, accelerator.num_processes)
+    if run.is_done() and not restart:
+        log(f"{stage}: {run.path} is complete with this config; nothing to do")
+        return run.path / "final"
+    root = Path(config.run.dir)
+    policy_path = cfg.policy or str(root / "sft" / "final")
+    rm_path = cfg.reward_model or str(root / "rm" / "final")
+    value_path = cfg.value_model or rm_path
+    for what, path, default in (("policy", policy_path, cfg.policy), ("reward_model", rm_path, cfg.reward_model)):
+        if default is None and not Path(path).is_dir():
+            raise UserError(f"{stage}: no ppo.{what} given and {path} does not exist; run the earlier stages first or set ppo.{what}=PATH")
+
+    # setup: prompts (with their gold tasks on the built-in world), models, pretraining blocks
+    tokenizer = load_tokenizer(policy_path)
+    if load_tokenizer(rm_path).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"{stage}: the reward model {rm_path} and the policy {policy_path} use different tokenizers")
+    world = None
+    if cfg.prompts is None or cfg.ptx_data is None:
+        if accelerator.is_main_process:
+            build_world(config.world, root / "world")
+        accelerator.wait_for_everyone()
+        world = build_world(config.world, root / "world")
+    if cfg.prompts is None:
+        tasks = load_tasks(world.prompts("ppo"))
+        prompts = [Prompt(t.id, list(t.messages)) for t in tasks]
+        gold = {t.id: t for t in tasks}
+    else:
+        prompts, gold = read_prompts(cfg.prompts), {}
+    seed_everything(config.run.seed)
+    policy = load_causal_lm(policy_path, dropout=0.0)  # dropout off in every model during RL
+    max_length = getattr(policy.config, "max_position_embeddings", None) or getattr(policy.config, "n_positions", 2048)
+    encoded = [render_ids(tokenizer, p.messages, add_generation_prompt=True) for p in prompts]
+    keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
+    prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
+    if len(prompts) < cfg.rollout_batch_size:
+        raise UserError(f"{stage}: {len(prompts)} prompts fit in {max_length} tokens with the response; fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
+    reference = load_causal_lm(policy_path, dropout=0.0).eval().requires_grad_(False)
+    reward_model = RewardModel.from_pretrained(rm_path).eval().requires_grad_(False)
+    value_model = RewardModel.from_pretrained(value_path)
+    set_dropout(value_model.backbone, 0.0)
+    ptx_blocks = None
+    if cfg.ptx_coef > 0:
+        ptx_path = cfg.ptx_data or world.corpus
+        ptx_blocks = pack_documents(tokenizer, Path(ptx_path).read_text().splitlines(), min(PTX_BLOCK, max_length))
+        if len(ptx_blocks) < cfg.ptx_batch_size:
+            raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {PTX_BLOCK} tokens")
+    run.start(restart)
+
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
+    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0)
+    warmup = lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))  # noqa: E731
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (policy_opt, value_opt)]
+    policy, value_model, policy_opt, value_opt = accelerator.prepare(policy, value_model, policy_opt, value_opt)
+    reference, reward_model = reference.to(accelerator.device), reward_model.to(accelerator.device)
+    for s in schedulers:
+        accelerator.register_for_checkpointing(s)
+    state = load_latest_checkpoint(accelerator, run.path / "checkpoints")
+    kl_ctl = KLController(state.extra.get("kl_coef", cfg.kl_coef), cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
+    if state.step:
+        log(f"{stage}: resuming from the checkpoint of iteration {state.step}")
+    run.trim_metrics(state.step)
+    n_iterations, world_size, rank = cfg.iterations(), accelerator.num_processes, accelerator.process_index
+    local_batch = cfg.rollout_batch_size // world_size
+    log(f"{stage}: {count_parameters(accelerator.unwrap_model(policy)) / 1e6:.2f}M-parameter policy {policy_path}, reward model {rm_path}; "
+        f"{len(prompts)} prompts, {n_iterations} iterations of {cfg.rollout_batch_size} episodes"
+        + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {world_size} process(es)")
+    judge = SimulatedLabeler()
+    device = accelerator.device
+
+    with progress_bar(accelerator.is_main_process) as bar:
+        task = bar.add_task(stage, total=n_iterations, completed=state.step, status="")
+        while state.step < n_iterations:
+            iteration = state.step
+            torch.manual_seed(config.run.seed * 1_000_003 + iteration * 1009 + rank)  # sampling: a function of (seed, iteration, rank)
+            rows = prompt_order(len(prompts), cfg.rollout_batch_size, iteration, config.run.seed)[rank * local_batch : (rank + 1) * local_batch]
+            timer = {"generate": 0.0, "score": 0.0, "train": 0.0}
+            t0 = time.perf_counter()
+
+            # 1. generate
+            query_ids, query_mask = left_pad_prompts([encoded[i] for i in rows], tokenizer.pad_token_id, device)
+            unwrapped = accelerator.unwrap_model(policy).eval()
+            response_ids, response_mask, ended = sample_responses(
+                unwrapped, query_ids, query_mask, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+            t1 = time.perf_counter()
+            timer["generate"] = t1 - t0
+
+            # 2. score: the same micro-batches as the first PPO epoch, so its ratio is exactly 1
+            mb = cfg.micro_batch_size
+            logprobs, entropy = in_micro_batches(
+                lambda q, qm, r, rm: response_logprobs(unwrapped, q, qm, r, rm, cfg.temperature, with_entropy=True),
+                mb, query_ids, query_mask, response_ids, response_mask)
+            ref_logprobs, _ = in_micro_batches(
+                lambda q, qm, r, rm: response_logprobs(reference, q, qm, r, rm, cfg.temperature), mb, query_ids, query_mask, response_ids, response_mask)
+            values = in_micro_batches(lambda *t: response_values(accelerator.unwrap_model(value_model), *t), mb, query_ids, query_mask, response_ids, response_mask)
+            rm_scores = in_micro_batches(
+                lambda q, qm, r, rm: reward_model(torch.cat([q, r], 1), torch.cat([qm, rm], 1)), mb, query_ids, query_mask, response_ids, response_mask)
+            scores = torch.where(ended, rm_scores, torch.full_like(rm_scores, cfg.missing_eos_score))
+            rollout = Rollout(query_ids, query_mask, response_ids, response_mask, ended, logprobs, ref_logprobs, values, scores, rm_scores, entropy)
+
+            # 3. rewards
+            mask = response_mask.float()
+            rollout.kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_estimator) * mask
+            rollout.rewards = per_token_rewards(scores, rollout.kl, response_mask, kl_ctl.value)
+            if cfg.whiten_rewards:
+                rollout.rewards = masked_whiten(rollout.rewards, mask, shift_mean=False)
+
+            # 4. advantages
+            advantages, rollout.returns = gae_advantages(rollout.rewards, values, response_mask, cfg.gamma, cfg.lam)
+            rollout.advantages = masked_whiten(advantages, mask)
+            t2 = time.perf_counter()
+            timer["score"] = t2 - t1
+
+            # 5. epochs
+            policy.train()
+            value_model.train()
+            train_stats = ppo_epochs(accelerator, cfg, rollout, policy, value_model, policy_opt, value_opt, schedulers, ptx_blocks,
+                                     iteration, config.run.seed)
+            timer["train"] = time.perf_counter() - t2
+
+            # 6. log, checkpoint
+            state.step += 1
+            texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip() for r, m in zip(response_ids, response_mask)]
+            metrics = rollout_metrics(rollout, texts, [prompts[i].id for i in rows], gold, judge, accelerator)
+            metrics.update(train_stats)
+            metrics["ppo/kl_coef"] = kl_ctl.value
+            kl_ctl.update(metrics["rollout/kl"], cfg.rollout_batch_size)
+            n_tokens = accelerator.reduce(torch.tensor(float(response_mask.sum() + query_mask.sum()), device=device), "sum").item()
+            elapsed = sum(timer.values())
+            metrics.update({f"time/{k}": v for k, v in timer.items()})
+            metrics.update({"time/episodes_per_s": cfg.rollout_batch_size / elapsed, "time/tokens_per_s": n_tokens / elapsed,
+                            "episodes": state.step * cfg.rollout_batch_size})
+            if state.step % cfg.log_every == 0 or state.step == n_iterations:
+                run.log(state.step, metrics)
+            status = f"score {metrics['rollout/score']:+.2f}  kl {metrics['rollout/kl']:.2f}"
+            if "rollout/gold_likert" in metrics:
+                status += f"  gold {metrics['rollout/gold_likert']:.2f}"
+            bar.update(task, completed=state.step, status=status)
+            if state.step % cfg.checkpoint_every == 0 and state.step < n_iterations:
+                state.extra = {"kl_coef": kl_ctl.value}
+                save_checkpoint(accelerator, run.path / "checkpoints", state)
+
+    # save: the policy as final/, the value model beside it
+    save_model(accelerator, policy, tokenizer, run.path / "final")
+    if accelerator.is_main_process:
+        tmp = run.path / "value.tmp"
+        accelerator.unwrap_model(value_model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, run.path / "value")
+    run.write_lineage({"policy": policy_path, "reward_model": rm_path, "value_model": value_path,
+                       "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})
+    run.finish({"model": run.path / "final", "value_model": run.path / "value"})
+    log(f"{stage}: policy saved to {run.path / 'final'}")
+    return run.path / "final"
+
+
+def ppo_epochs(accelerator, cfg, rollout: Rollout, policy, value_model, policy_opt, value_opt, schedulers, ptx_blocks,
+               iteration: int, seed: int) -> dict[str, float]:
+    """Step 5: ``cfg.ppo_epochs`` passes over the rollout in minibatches, one optimizer step each.
+
+    Losses are token sums divided by the minibatch's token count over all processes, so
+    micro-batching and the number of processes do not change the update. The first epoch goes
+    through the episodes in rollout order (already a random order of prompts) with the rollout's
+    micro-batches, so its first ratio is exactly 1; later epochs shuffle.
+    """
+    world_size = accelerator.num_processes
+    local_minibatch = cfg.minibatch_size // world_size
+    n_local = len(rollout)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def add(name: str, value: float) -> None:
+        sums[name] = sums.get(name, 0.0) + value
+        counts[name] = counts.get(name, 0) + 1
+
+    step, first = 0, {}
+    for epoch in range(cfg.ppo_epochs):
+        generator = torch.Generator().manual_seed(seed * 7919 + iteration * 31 + epoch)
+        order = torch.arange(n_local) if epoch == 0 else torch.randperm(n_local, generator=generator)
+        for start in range(0, n_local, local_minibatch):
+            minibatch = order[start : start + local_minibatch]
+            micro = [minibatch[i : i + cfg.micro_batch_size] for i in range(0, len(minibatch), cfg.micro_batch_size)]
+            local_tokens = rollout.response_mask[minibatch].sum().float().to(accelerator.device)
+            n_tokens = accelerator.reduce(local_tokens, "sum").clamp(min=1).item()
+            scale = world_size / n_tokens  # DDP averages gradients over processes
+            step_stats: dict[str, float] = {}
+            # PPO-ptx: γ · NLL of pretraining text in the same update (§3.5, eq. 2)
+            if ptx_blocks is not None:
+                g = torch.Generator().manual_seed(seed * 104729 + iteration * 1013 + step * 7 + accelerator.process_index)
+                ids = ptx_blocks[torch.randint(len(ptx_blocks), (cfg.ptx_batch_size // world_size or 1,), generator=g)].to(accelerator.device)
+                with accelerator.no_sync(policy), accelerator.autocast():
+                    nll_sum, nll_count = next_token_nll(policy(input_ids=ids).logits, ids, torch.ones_like(ids))
+                    ptx_loss = nll_sum / nll_count
+                accelerator.backward(cfg.ptx_coef * ptx_loss)
+                add("ppo/ptx_loss", ptx_loss.item())
+            for i, rows in enumerate(micro):
+                batch = rollout.select(rows)
+                last = i == len(micro) - 1
+                weight = float(batch.response_mask.sum()) * scale  # this micro-batch's share of the minibatch mean
+                with (contextlib.nullcontext() if last else accelerator.no_sync(policy)), accelerator.autocast():
+                    logprobs, entropy = response_logprobs(policy, batch.query_ids, batch.query_mask, batch.response_ids,
+                                                          batch.response_mask, cfg.temperature)
+                    pg_loss, stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask.float(), cfg.clip)
+                accelerator.backward(pg_loss * weight)
+                with (contextlib.nullcontext() if last else accelerator.no_sync(value_model)), accelerator.autocast():
+                    values = response_values(value_model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+                    vf_loss, vf_clipfrac = clipped_value_loss(values, batch.values, batch.returns, batch.response_mask.float(), cfg.value_clip)
+                accelerator.backward(vf_loss * weight)
+                share = float(batch.response_mask.sum()) / max(float(local_tokens), 1.0)  # for the logs: this process's token mean
+                for k, v in (("ppo/policy_loss", pg_loss), ("ppo/value_loss", vf_loss), ("ppo/clipfrac", stats["clipfrac"]),
+                             ("ppo/approx_kl", stats["approx_kl"]), ("ppo/ratio", stats["ratio"]), ("ppo/value_clipfrac", vf_clipfrac)):
+                    step_stats[k] = step_stats.get(k, 0.0) + v.item() * share
+                if step == 0 and i == 0:
+                    first = {"check/first_ratio": stats["ratio"].item(), "check/first_approx_kl": stats["approx_kl"].item()}
+            for k, v in step_stats.items():
+                add(k, v)
+            add("ppo/policy_grad_norm", float(accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)))
+            add("ppo/value_grad_norm", float(accelerator.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)))
+            policy_opt.step()
+            value_opt.step()
+            for s in schedulers:
+                s.step()
+            policy_opt.zero_grad(set_to_none=True)
+            value_opt.zero_grad(set_to_none=True)
+            step += 1
+    return {**{k: sums[k] / counts[k] for k in sums}, **first}
+
+
+@torch.no_grad()
+def rollout_metrics(rollout: Rollout, texts: list[str], ids: list[str], gold: dict, judge: SimulatedLabeler, accelerator) -> dict[str, float]:
+    """Batch means over all processes: proxy score, gold score (built-in world), KL, entropy, length, EOS rate."""
+    mask = rollout.response_mask.float()
+    per_episode = {
+        "rollout/score": rollout.rm_scores,
+        "rollout/score_with_penalty": rollout.scores,
+        "rollout/kl": (rollout.kl * mask).sum(-1),
+        "rollout/kl_k3": (kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k3") * mask).sum(-1),
+        "rollout/length": mask.sum(-1),
+        "rollout/eos_rate": rollout.ended.float(),
+        "rollout/entropy": (rollout.entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1),
+    }
+    if gold and all(i in gold for i in ids):
+        judgements = [judge.judge(gold[i], text) for i, text in zip(ids, texts)]
+        device = rollout.scores.device
+        per_episode["rollout/gold_likert"] = torch.tensor([float(j.likert) for j in judgements], device=device)
+        per_episode["rollout/gold_quality"] = torch.tensor([j.quality for j in judgements], device=device)
+    names = sorted(per_episode)
+    local = torch.stack([per_episode[n].float().sum() for n in names] + [torch.tensor(float(len(rollout)), device=rollout.scores.device)])
+    total = accelerator.reduce(local, "sum")
+    metrics = {n: (total[i] / total[-1]).item() for i, n in enumerate(names)}
+    metrics["rollout/sqrt_kl"] = math.sqrt(max(metrics["rollout/kl"], 0.0))
+    return metrics

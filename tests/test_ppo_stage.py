@@ -1,0 +1,126 @@
+"""PPO's rollout passes on a real model, one update's direction, and `instructrl ppo` on the smoke world."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SMOKE, cli
+from safetensors.torch import load_file
+
+from instructrl.config import load_config
+from instructrl.models.base import load_causal_lm, load_tokenizer
+from instructrl.padding import pad_sequences
+from instructrl.rl.rollout import Rollout, response_logprobs
+from instructrl.stages.ppo import ppo_epochs, prompt_order
+from instructrl.training.loop import make_accelerator
+
+
+def _rows(smoke_base):
+    model = load_causal_lm(smoke_base / "pretrain" / "final", dropout=0.0).eval()
+    tok = load_tokenizer(smoke_base / "pretrain" / "final")
+    prompts = [tok("the cat sees", add_special_tokens=False).input_ids, tok("red", add_special_tokens=False).input_ids]
+    responses = [tok(" the dog", add_special_tokens=False).input_ids, tok(" blue sky is", add_special_tokens=False).input_ids]
+    return model, tok, prompts, responses
+
+
+def test_response_logprobs_same_alone_or_left_padded(smoke_base):
+    model, tok, prompts, responses = _rows(smoke_base)
+    q, qm = pad_sequences(prompts, tok.pad_token_id, side="left")
+    r, rm = pad_sequences(responses, tok.pad_token_id, side="right")
+    with torch.no_grad():
+        batched, _ = response_logprobs(model, q, qm, r, rm, temperature=1.0)
+        for row in range(2):
+            alone, _ = response_logprobs(model, torch.tensor([prompts[row]]), torch.ones(1, len(prompts[row]), dtype=torch.long),
+                                         torch.tensor([responses[row]]), torch.ones(1, len(responses[row]), dtype=torch.long), 1.0)
+            n = len(responses[row])
+            # the short prompt is left-padded: with position ids from the mask its log-probs match the unpadded row
+            assert torch.allclose(batched[row, :n], alone[0], atol=1e-5)
+
+
+def test_response_logprobs_divide_by_temperature(smoke_base):
+    model, tok, prompts, responses = _rows(smoke_base)
+    q, r = torch.tensor([prompts[0]]), torch.tensor([responses[0]])
+    ones_q, ones_r = torch.ones_like(q), torch.ones_like(r)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([q, r], 1)).logits[:, q.shape[1] - 1 : -1]
+        expected = torch.log_softmax(logits / 2.0, -1).gather(-1, r.unsqueeze(-1)).squeeze(-1)
+        got, _ = response_logprobs(model, q, ones_q, r, ones_r, temperature=2.0)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_prompt_order_covers_every_prompt_once_per_epoch():
+    seen = [i for it in range(5) for i in prompt_order(10, 4, it, seed=3)]
+    # 20 draws over 10 prompts: the first 10 are a permutation, and so are the next 10
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+    assert prompt_order(10, 4, 2, seed=3) == prompt_order(10, 4, 2, seed=3)
+
+
+class _Value(torch.nn.Module):
+    """A value model stand-in: per-token values from a tiny embedding, as RewardModel.values gives them."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 1)
+
+    def values(self, input_ids, attention_mask):
+        return self.emb(input_ids).squeeze(-1)
+
+
+def test_one_ppo_update_raises_the_logprob_of_the_advantaged_response(smoke_base):
+    model, tok, prompts, responses = _rows(smoke_base)
+    q, qm = pad_sequences([prompts[0], prompts[0]], tok.pad_token_id, side="left")
+    r, rm = pad_sequences(responses, tok.pad_token_id, side="right")
+    with torch.no_grad():
+        old, _ = response_logprobs(model, q, qm, r, rm, 1.0)
+    mask = rm.float()
+    # response 0 gets advantage +1 on every token, response 1 gets -1
+    adv = torch.stack([torch.ones(r.shape[1]), -torch.ones(r.shape[1])]) * mask
+    zeros = torch.zeros_like(old)
+    rollout = Rollout(q, qm, r, rm, torch.tensor([True, True]), old, old, zeros, torch.zeros(2), torch.zeros(2), zeros,
+                      kl=zeros, rewards=zeros, advantages=adv, returns=zeros)
+    cfg = load_config(SMOKE, ["ppo.minibatch_size=2", "ppo.micro_batch_size=1", "ppo.rollout_batch_size=2", "ppo.ppo_epochs=1",
+                              "ppo.lr=1e-3", "ppo.warmup_steps=0"]).ppo
+    accelerator = make_accelerator(cfg)
+    value = _Value(len(tok))
+    policy_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    value_opt = torch.optim.AdamW(value.parameters(), lr=1e-3)
+    model.train()
+    stats = ppo_epochs(accelerator, cfg, rollout, model, value, policy_opt, value_opt, [], None, iteration=0, seed=0)
+    # first minibatch of the first epoch: the policy has not moved yet
+    assert stats["check/first_ratio"] == 1.0 and stats["check/first_approx_kl"] == 0.0
+    with torch.no_grad():
+        new, _ = response_logprobs(model.eval(), q, qm, r, rm, 1.0)
+    gain = ((new - old) * mask).sum(-1)
+    assert gain[0] > 0 > gain[1]
+
+
+@pytest.mark.parametrize("ptx", [0.0, 1.0])
+def test_ppo_stage_on_smoke(tmp_path, smoke_rm, ptx):
+    base = smoke_rm / "pretrain" / "final"
+    args = ["-c", str(SMOKE), f"run.dir={tmp_path}", f"ppo.policy={base}", f"ppo.reward_model={smoke_rm / 'rm' / 'final'}",
+            f"ppo.ptx_coef={ptx}", f"ppo.ptx_data={smoke_rm / 'world' / 'corpus.txt'}"]
+    cli("ppo", *args)
+    stage = tmp_path / ("ppo_ptx" if ptx else "ppo")
+    metrics = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        # the policy and the rollout agree before the first update: ratio exactly 1, approx-KL 0
+        assert m["check/first_ratio"] == 1.0 and m["check/first_approx_kl"] == 0.0
+        assert ("ppo/ptx_loss" in m) == bool(ptx)
+        assert 0.0 <= m["rollout/eos_rate"] <= 1.0 and 1 <= m["rollout/gold_likert"] <= 7
+    assert metrics[0]["rollout/kl"] == 0.0  # iteration 1 samples from the SFT policy itself
+    assert metrics[-1]["rollout/kl"] != 0.0
+    # the policy moved, and both models reload
+    before = load_file(base / "model.safetensors")
+    after = load_file(stage / "final" / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    from instructrl.models.reward import RewardModel
+
+    RewardModel.from_pretrained(stage / "value")
+    lineage = json.loads((stage / "lineage.json").read_text())["inputs"]
+    assert set(lineage) >= {"policy", "reward_model", "prompts"}
+    # a second run with the same config does nothing
+    again = cli("ppo", *args)
+    assert "nothing to do" in again.stdout + again.stderr
