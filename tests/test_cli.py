@@ -14,17 +14,20 @@ def test_pipeline_smoke_writes_every_record(tmp_path):
     run_dir = tmp_path / "run"
     proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={run_dir}")
     assert "Mean gold Likert" in proc.stdout
-    for stage in ("pretrain", "sft"):
+    for stage in ("pretrain", "sft", "collect", "rm", "ppo_ptx", "ppo"):
         folder = run_dir / stage
-        for name in ("config.yaml", "run.json", "metrics.jsonl", "lineage.json", "done.json", "final/config.json", "final/tokenizer.json"):
+        outputs = ("comparisons.jsonl",) if stage == "collect" else ("final/config.json", "final/tokenizer.json")
+        for name in ("config.yaml", "run.json", "metrics.jsonl", "lineage.json", "done.json") + outputs:
             assert (folder / name).exists(), f"{stage}/{name} missing"
-        assert any((folder / "tb").iterdir()), "no TensorBoard events"
+        if stage != "collect":
+            assert any((folder / "tb").iterdir()), "no TensorBoard events"
         assert json.loads((folder / "run.json").read_text())["seed"] == 0
     lineage = json.loads((run_dir / "sft" / "lineage.json").read_text())
     assert lineage["inputs"]["model"]["sha256"] == content_hash(run_dir / "pretrain" / "final")
     assert lineage["inputs"]["demonstrations"]["sha256"] == content_hash(run_dir / "world" / "demonstrations.jsonl")
     results = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
-    assert set(results) == {"demonstrations", "base", "sft"}
+    assert set(results) == {"demonstrations", "base", "sft", "ppo", "ppo_ptx"}
+    assert (run_dir / "report.html").is_file()
     assert set(results["sft"]["families"]) >= {"reverse_word", "add_numbers"}
     # a second run finds every stage complete and trains nothing
     again = cli("pipeline", "-c", str(SMOKE), f"run.dir={run_dir}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from instructrl.config import PipelineConfig, TrainConfig, load_config
+from instructrl.config import PipelineConfig, PretrainConfig, TrainConfig, load_config
 from instructrl.errors import UserError
 from instructrl.training.data_order import DataOrder
 
@@ -33,7 +33,7 @@ def test_overrides_take_effect_and_are_coerced():
     assert config.sft.lr == 0.0001 and type(config.sft.lr) is float
     assert config.pretrain.epochs == 2.0 and type(config.pretrain.epochs) is float
     # the other sections keep their defaults
-    assert config.pretrain.lr == 2e-3
+    assert config.pretrain.lr == PretrainConfig().lr == 1e-3
 
 
 def test_yaml_then_override(tmp_path):

@@ -215,3 +215,16 @@ def test_kl_controller_fixed_and_adaptive():
     assert abs(adaptive.update(mean_kl=3.0, n_episodes=100) - 0.102) < 1e-12
     # KL 1.8 vs target 2: error -0.1; β = 0.102 · (1 - 0.1 · 0.1) = 0.10098
     assert abs(adaptive.update(mean_kl=1.8, n_episodes=100) - 0.10098) < 1e-12
+
+
+# ---------------------------------------------------------------- win rate
+
+
+def test_win_rate_by_hand():
+    from instructrl.evaluation.preference import win_rate
+
+    # outcomes 1, 0.5, 0, 1: mean 0.625; deviations .375 -.125 -.625 .375 → squares sum 0.6875,
+    # sd = sqrt(0.6875 / 3) = 0.4787, half-width 1.96 · 0.4787 / 2 = 0.4691
+    result = win_rate([3, 2, 1, 5], [1, 2, 4, 4])
+    assert result["win_rate"] == 0.625 and (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
+    assert abs(result["ci95"][0] - (0.625 - 0.4691)) < 1e-3 and result["ci95"][1] == 1.0  # clipped at 1

@@ -7,6 +7,7 @@ line or key and exit status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -170,24 +171,63 @@ def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
     _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}")
 
 
-@app.command()
+@app.command(epilog=_config_help("run", "world", "pretrain", "sft", "collect", "rm", "ppo", "eval"))
 def pipeline(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
-    """Run every stage in order: world, pretrain, SFT, eval. Finished stages are skipped, so a re-run resumes."""
+    """Run the whole recipe: pretrain, SFT, collect comparisons, RM, PPO-ptx and plain PPO, eval, report.
+
+    A stage whose outputs exist with the same config and inputs is skipped, so running the same
+    command again after a crash resumes where it stopped. Plain PPO (ppo.ptx_coef = 0) runs
+    beside PPO-ptx to measure the alignment tax the pretraining mix removes.
+    """
     import time
 
-    from instructrl.evaluation.evaluate import results_table, run_eval
-    from instructrl.stages.pretrain import run_pretrain
-    from instructrl.stages.sft import run_sft
+    from instructrl.evaluation.evaluate import results_table
+    from instructrl.evaluation.report import headline
+    from instructrl.pipeline import run_pipeline
 
     cfg = _load(config, overrides)
     start = time.perf_counter()
-    run_pretrain(cfg, log=_log)
-    run_sft(cfg, log=_log)
-    if not _is_main_process():
+    results = run_pipeline(cfg, log=_log, is_main=_is_main_process())
+    if results is None:
         return  # evaluation runs in one process
-    results = run_eval(cfg, log=_log)
     Console().print(results_table(results))
-    _log(f"pipeline: finished in {time.perf_counter() - start:.0f} s; outputs under {cfg.run.dir}")
+    for line in headline(results):
+        _log(f"  {line}")
+    _log(f"pipeline: finished in {time.perf_counter() - start:.0f} s; report: {Path(cfg.run.dir) / 'report.html'}")
+
+
+@app.command(epilog=_config_help("run", "model", "ppo", "rm"))
+def bench(
+    config: Optional[Path] = CONFIG_OPTION,
+    overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
+    stage: str = typer.Option("ppo", "--stage", help="ppo: time a short PPO run; rm: reward-model throughput, K-way against independent pairs."),
+    iterations: int = typer.Option(6, "--iterations", "-n", help="ppo: iterations to run; the first is a warm-up and is not counted."),
+    k: int = typer.Option(4, "--k", help="rm: responses per comparison."),
+    comparisons: int = typer.Option(512, "--comparisons", help="rm: comparisons to train on in each mode."),
+) -> None:
+    """Measure speed on random models shaped by the config's model section; no earlier stage needed.
+
+    --stage ppo prints the time split of a PPO iteration (generation, the four scoring passes,
+    training), episodes/s, tokens/s and peak memory; --stage rm prints reward-model training
+    throughput in comparisons/s with InstructGPT's K-way batches and with the same comparisons
+    expanded into independent pairs. Results go to RUN_DIR/bench.json or bench_rm.json (run.dir
+    defaults to runs/bench) and are printed as a table and as JSON.
+    """
+    from instructrl.bench import bench_rm, bench_table, run_bench
+
+    cfg = _load(config, overrides or [])
+    if not any(o.startswith("run.dir=") for o in overrides or []):
+        cfg.run.dir = Path("runs/bench")
+    if stage == "rm":
+        result = bench_rm(cfg, k, comparisons, log=_log)
+        _log(f"bench rm: K-way {result['kway']['comparisons_per_s']:.1f} comparisons/s, independent pairs "
+             f"{result['pairwise']['comparisons_per_s']:.1f} comparisons/s: {result['speedup']:.2f}x")
+    elif stage == "ppo":
+        result = run_bench(cfg, iterations, log=_log)
+        Console().print(bench_table(result))
+    else:
+        raise UserError(f"bench: unknown --stage {stage!r}; choose ppo or rm")
+    typer.echo(json.dumps(result, indent=2))
 
 
 @app.command("config")

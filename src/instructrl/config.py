@@ -87,9 +87,11 @@ class TrainConfig(Strict):
 class PretrainConfig(TrainConfig):
     block_size: int = Field(128, gt=8, description="Tokens per packed training sequence.")
     epochs: float = Field(5.0, gt=0, description="Passes over the corpus.")
-    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
-    batch_size: int = Field(64, gt=0, description="Global batch of packed sequences.")
-    micro_batch_size: int = Field(32, gt=0, description="Sequences per forward pass on one process.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, gt=0, description="Global batch of packed sequences (small: the copying circuits a tiny model needs form after enough steps, not enough tokens).")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass on one process.")
+    checkpoint_every: int = Field(500, gt=0, description="Optimizer steps between resumable checkpoints.")
+    log_every: int = Field(50, gt=0, description="Optimizer steps between metric lines.")
 
 
 class SFTConfig(TrainConfig):
@@ -105,7 +107,8 @@ class SFTConfig(TrainConfig):
 class CollectConfig(Strict):
     policy: str | None = Field(None, description="Model whose answers are ranked: a folder or hub name. Default: this run's sft/final.")
     k: int = Field(4, ge=2, le=9, description="Responses sampled per prompt (InstructGPT: 4 to 9).")
-    n_prompts: int | None = Field(None, gt=0, description="Rank the first n RM prompts only. Default: all of them.")
+    n_prompts: int | None = Field(None, gt=0, description="Rank n RM prompts only. Default: all of them.")
+    first_prompt: int = Field(0, ge=0, description="Index of the first RM prompt to rank (later pipeline rounds rank fresh prompts).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (InstructGPT: 1).")
     max_new_tokens: int = Field(24, gt=0, description="Longest response sampled.")
     batch_size: int = Field(32, gt=0, description="Prompts per generation batch; also the unit a killed collection resumes from.")
@@ -128,17 +131,18 @@ class RMConfig(TrainConfig):
 class PPOConfig(Strict):
     """PPO (and PPO-ptx) of the SFT policy against the reward model (InstructGPT §3.5, Appendix C.4)."""
 
-    policy: str | None = Field(None, description="Policy to optimise, also the frozen KL reference: a folder or hub name. Default: this run's sft/final.")
+    policy: str | None = Field(None, description="Policy to optimise: a folder or hub name. Default: this run's sft/final.")
+    reference: str | None = Field(None, description="Frozen model of the KL penalty (InstructGPT: the SFT model). Default: the policy's starting point.")
     reward_model: str | None = Field(None, description="Reward model folder (RewardModel.save_pretrained). Default: this run's rm/final.")
     value_model: str | None = Field(None, description="Reward model folder the value model starts from (InstructGPT: the RM). Default: reward_model.")
     prompts: Path | None = Field(None, description="Prompts JSONL ({'messages': [...]} per line, last turn the user's). Default: the built-in world's PPO split.")
-    episodes: int = Field(6144, gt=0, description="Prompts answered and scored in all (InstructGPT: 256k).")
+    episodes: int = Field(4096, gt=0, description="Prompts answered and scored in all (InstructGPT: 256k).")
     rollout_batch_size: int = Field(64, gt=0, description="Episodes generated per PPO iteration, over all processes (InstructGPT: 512).")
     minibatch_size: int = Field(16, gt=0, description="Episodes per optimizer step (InstructGPT: 64).")
     micro_batch_size: int = Field(16, gt=0, description="Episodes per forward pass on one process.")
     ppo_epochs: int = Field(2, gt=0, description="Passes over each rollout batch (InstructGPT: 1).")
-    lr: float = Field(3e-4, gt=0, description="Policy learning rate (constant after warm-up).")
-    value_lr: float = Field(3e-4, gt=0, description="Value model learning rate.")
+    lr: float = Field(1e-4, gt=0, description="Policy learning rate (constant after warm-up).")
+    value_lr: float = Field(1e-4, gt=0, description="Value model learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
     adam_eps: float = Field(1e-5, gt=0, description="AdamW epsilon (1e-5 for RL, as in the PPO implementations).")
     grad_clip: float = Field(1.0, gt=0, description="Clip each model's gradient norm to this.")
@@ -155,7 +159,7 @@ class PPOConfig(Strict):
     value_clip: float = Field(0.2, gt=0, description="Value clip: the value moves at most this far from its rollout value per update.")
     missing_eos_score: float = Field(-3.0, description="Score given instead of the RM's to a response that never emits EOS.")
     whiten_rewards: bool = Field(False, description="Whiten the per-token rewards before GAE (off: the RM bias already centres them).")
-    ptx_coef: float = Field(0.0, ge=0, description="γ of PPO-ptx: weight of the pretraining log-likelihood in every policy update (0 = plain PPO).")
+    ptx_coef: float = Field(1.0, ge=0, description="γ of PPO-ptx: weight of the mean pretraining NLL per token in every policy update; 0 = plain PPO (InstructGPT: 27.8 on its own loss scale).")
     ptx_batch_size: int = Field(8, gt=0, description="Pretraining sequences mixed into each optimizer step.")
     ptx_data: Path | None = Field(None, description="Plain-text pretraining file, one document per line. Default: the built-in world's corpus.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (bf16 on a GPU).")
@@ -178,6 +182,10 @@ class EvalConfig(Strict):
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch.")
 
 
+class RoundsConfig(Strict):
+    rounds: int = Field(1, ge=1, le=20, description="Rounds of collect -> RM -> PPO (InstructGPT iterated steps 2 and 3): each later round ranks fresh RM prompts with the latest PPO-ptx policy, retrains the RM on every comparison so far and continues PPO.")
+
+
 class PipelineConfig(Strict):
     run: RunConfig = RunConfig()
     world: WorldConfig = WorldConfig()
@@ -188,6 +196,7 @@ class PipelineConfig(Strict):
     collect: CollectConfig = CollectConfig()
     rm: RMConfig = RMConfig()
     ppo: PPOConfig = PPOConfig()
+    pipeline: RoundsConfig = RoundsConfig()
     eval: EvalConfig = EvalConfig()
 
 

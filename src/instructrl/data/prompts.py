@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from instructrl.data.jsonl import read_jsonl
-from instructrl.data.records import Message
+from instructrl.data.records import check_messages
 from instructrl.errors import UserError
 
 
@@ -23,17 +21,13 @@ def prompt_from_record(record: dict, where: str, default_id: str) -> Prompt:
     if isinstance(record.get("prompt"), str) and "messages" not in record:
         messages = [{"role": "user", "content": record["prompt"]}]
     else:
-        messages = record.get("messages", record.get("prompt"))
-        if not isinstance(messages, list) or not messages:
+        field = "messages" if "messages" in record else "prompt"
+        if field not in record:
             raise UserError(f"{where}: expected 'messages' (a list of {{'role', 'content'}}) or 'prompt' (a string)")
-        for j, m in enumerate(messages):
-            try:
-                Message.model_validate(m)
-            except ValidationError:
-                raise UserError(f"{where}: messages[{j}] must be {{'role': system|user|assistant, 'content': str}}, got {m!r}") from None
+        messages = check_messages(record[field], where, field)
         if messages[-1]["role"] != "user":
             raise UserError(f"{where}: the last message of a prompt must be the user's")
-    return Prompt(str(record.get("id", default_id)), [{"role": m["role"], "content": m["content"]} for m in messages])
+    return Prompt(str(record.get("id", default_id)), messages)
 
 
 def read_prompts(path: Path) -> list[Prompt]:

@@ -25,16 +25,23 @@ class Message(BaseModel):
     content: str
 
 
-def validate_messages(messages, where: str) -> list[dict]:
-    """Check a demonstration's ``messages``: a conversation of Messages ending with the assistant's
-    turn. ``where`` (file:line) prefixes the error."""
+def check_messages(messages, where: str, field: str = "messages") -> list[dict]:
+    """Check a non-empty list of {'role', 'content'} messages; ``where`` (file:line) and ``field``
+    name the culprit in the error. Returns the messages as plain dicts."""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+        raise UserError(f"{where}: '{field}' must be a non-empty list of {{'role', 'content'}} objects")
     for j, m in enumerate(messages):
         try:
             Message.model_validate(m)
         except ValidationError:
-            raise UserError(f"{where}: messages[{j}] must be {{'role': system|user|assistant, 'content': str}}, got {m!r}") from None
+            raise UserError(f"{where}: {field}[{j}] must be {{'role': system|user|assistant, 'content': str}}, got {m!r}") from None
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def validate_messages(messages, where: str) -> list[dict]:
+    """Check a demonstration's ``messages``: a conversation of Messages ending with the assistant's
+    turn. ``where`` (file:line) prefixes the error."""
+    messages = check_messages(messages, where)
     if messages[-1]["role"] != "assistant":
         raise UserError(f"{where}: the last message must be the assistant's (the demonstration)")
     return messages
@@ -48,17 +55,17 @@ class ComparisonRecord(BaseModel):
     prompt: list[Message] = Field(min_length=1, description="The conversation so far; it ends with a user turn.")
     responses: list[str] = Field(min_length=2, description="The K sampled responses.")
     ranks: list[int] = Field(description="Rank of each response: 0 = best, equal ranks = a tie.")
-    likert: list[int] = Field(description="1-7 Likert score of each response.")
-    flags: list[list[str]] = Field(description="Flags of each response (fails_to_follow, incorrect, ...).")
+    likert: list[int] | None = Field(None, description="1-7 Likert score of each response (absent in pairwise data from elsewhere).")
+    flags: list[list[str]] | None = Field(None, description="Flags of each response (fails_to_follow, incorrect, ...).")
     labeler_id: str
     guideline_version: str = GUIDELINE_VERSION
 
     @model_validator(mode="after")
     def _consistent(self) -> "ComparisonRecord":
         k = len(self.responses)
-        if not (len(self.ranks) == len(self.likert) == len(self.flags) == k):
+        if any(len(field) != k for field in (self.ranks, self.likert or self.ranks, self.flags or self.ranks)):
             raise ValueError(f"responses, ranks, likert and flags must all have K = {k} entries")
-        if any(r < 0 for r in self.ranks) or any(not 1 <= s <= 7 for s in self.likert):
+        if any(r < 0 for r in self.ranks) or any(not 1 <= s <= 7 for s in self.likert or ()):
             raise ValueError("ranks must be >= 0 and likert scores within 1..7")
         if self.prompt[-1].role != "user":
             raise ValueError("the prompt must end with a user turn")
@@ -66,9 +73,18 @@ class ComparisonRecord(BaseModel):
 
 
 def read_comparisons(path: Path | str) -> list[ComparisonRecord]:
-    """Every record of a comparisons JSONL; a bad record is reported as file:line."""
+    """Every record of a comparisons JSONL; a bad record is reported as file:line.
+
+    Lines in TRL's preference format (``prompt``/``chosen``/``rejected``, see
+    ``instructrl.data.preference``) are read as comparisons of K = 2.
+    """
+    from instructrl.data.preference import comparison_from_preference, is_preference
+
     records = []
     for number, raw in read_jsonl(path):
+        if is_preference(raw):
+            records.append(comparison_from_preference(raw, f"{path}:{number}", f"{Path(path).name}:{number}"))
+            continue
         try:
             records.append(ComparisonRecord.model_validate(raw))
         except ValidationError as err:

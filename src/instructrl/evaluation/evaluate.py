@@ -10,11 +10,16 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from instructrl.config import PipelineConfig
+from instructrl.data.packing import pack_documents
 from instructrl.data.jsonl import write_jsonl
 from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
+from instructrl.evaluation.preference import win_rate
 from instructrl.models.base import load_causal_lm, load_tokenizer
+from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir
 from instructrl.world.build import build_world, demonstration, load_tasks
 from instructrl.world.labeler import FLAGS, SimulatedLabeler
@@ -23,10 +28,27 @@ SECTIONS = ("run", "world", "eval")
 DEMONSTRATIONS = "demonstrations"
 
 
+MODEL_STAGES = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
+
+
 def default_models(config: PipelineConfig) -> dict[str, str]:
+    """This run's finished models: base, SFT, PPO and PPO-ptx, those that exist."""
     root = Path(config.run.dir)
-    candidates = {"base": root / "pretrain" / "final", "sft": root / "sft" / "final"}
+    candidates = {name: root / stage / "final" for name, stage in MODEL_STAGES.items()}
     return {name: str(path) for name, path in candidates.items() if path.is_dir()}
+
+
+@torch.no_grad()
+def pretraining_loss(model, tokenizer, documents: list[str], block_size: int = 128, batch_size: int = 32) -> float:
+    """Mean next-token NLL (nats) on held-out pretraining text: the alignment tax's measure (§4.2)."""
+    model.eval()
+    blocks = pack_documents(tokenizer, documents, block_size)
+    total, count = 0.0, 0.0
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start : start + batch_size]
+        nll, n = next_token_nll(model(input_ids=ids).logits, ids, torch.ones_like(ids))
+        total, count = total + nll.item(), count + n.item()
+    return total / max(count, 1.0)
 
 
 def summarize(judged: list[tuple[str, object]]) -> dict:
@@ -62,6 +84,20 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
         answers[name] = generate_answers(model, tokenizer, [list(t.messages) for t in tasks], cfg.max_new_tokens, cfg.batch_size)
     judged = {name: [judge.judge(t, a) for t, a in zip(tasks, texts)] for name, texts in answers.items()}
     results = {name: summarize([(t.family, j) for t, j in zip(tasks, judgements)]) for name, judgements in judged.items()}
+    # preference: each model against SFT on the same prompts, judged by the gold labeler (ties half)
+    if "sft" in judged:
+        sft_quality = [j.quality for j in judged["sft"]]
+        for name in judged:
+            if name != "sft":
+                results[name]["win_rate_vs_sft"] = win_rate([j.quality for j in judged[name]], sft_quality)
+    # alignment tax: loss on held-out pretraining text, and its rise over SFT
+    heldout = world.heldout_corpus.read_text().splitlines()
+    if heldout:
+        for name, path in models.items():
+            results[name]["pretraining_loss"] = pretraining_loss(load_causal_lm(path), load_tokenizer(path), heldout)
+        if "sft" in models:
+            for name in models:
+                results[name]["alignment_tax"] = results[name]["pretraining_loss"] - results["sft"]["pretraining_loss"]
     write_jsonl(run.path / "samples.jsonl", (
         {"id": t.id, "family": t.family, "messages": list(t.messages), "gold": t.answer,
          **{name: {"answer": answers[name][i], "likert": judged[name][i].likert} for name in answers}}
@@ -87,4 +123,12 @@ def results_table(results: dict):
     table.add_row("[bold]overall", *(f"[bold]{results[n]['overall']['likert']:.2f}" for n in names), end_section=True)
     for flag in FLAGS:
         table.add_row(f"flag: {flag}", *(f"{results[n]['overall']['flags'][flag]:.0%}" for n in names))
+    if any("win_rate_vs_sft" in results[n] for n in names):
+        table.add_row("win rate vs SFT (95% CI)", *(_win_cell(results[n].get("win_rate_vs_sft")) for n in names))
+    if any("pretraining_loss" in results[n] for n in names):
+        table.add_row("held-out pretraining loss", *(f"{results[n]['pretraining_loss']:.3f}" if "pretraining_loss" in results[n] else "" for n in names))
     return table
+
+
+def _win_cell(w: dict | None) -> str:
+    return "" if w is None else f"{w['win_rate']:.0%} [{w['ci95'][0]:.0%}, {w['ci95'][1]:.0%}]"

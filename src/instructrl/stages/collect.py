@@ -25,6 +25,7 @@ from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
 from instructrl.world.tasks import Task
 
 SECTIONS = ("run", "world", "collect")
+UPSTREAM = ("tokenizer", "model", "pretrain", "sft")  # part of the identity when the policy is this run's SFT model
 
 
 def judge_responses(labeler: SimulatedLabeler, task: Task, responses: list[str]) -> ComparisonRecord:
@@ -36,9 +37,11 @@ def judge_responses(labeler: SimulatedLabeler, task: Task, responses: list[str])
     )
 
 
-def run_collect(config: PipelineConfig, restart: bool = False, log=print) -> Path:
+def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
+    """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the policy is this run's SFT model)."""
     cfg = config.collect
-    run = RunDir(config, "collect", SECTIONS)
+    upstream = cfg.policy is None if upstream is None else upstream
+    run = RunDir(config, "collect", SECTIONS + (UPSTREAM if upstream else ()))
     output = run.path / "comparisons.jsonl"
     if run.is_done() and not restart:
         log(f"collect: {run.path} is complete with this config; nothing to do")
@@ -57,7 +60,10 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print) -> Pat
         raise UserError(f"collect: no policy given and {policy} does not exist; run `instructrl sft` first or set collect.policy=PATH")
     model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
     world = build_world(config.world, Path(config.run.dir) / "world")
-    tasks = load_tasks(world.prompts("rm"))[: cfg.n_prompts]
+    end = None if cfg.n_prompts is None else cfg.first_prompt + cfg.n_prompts
+    tasks = load_tasks(world.prompts("rm"))[cfg.first_prompt : end]
+    if not tasks:
+        raise UserError(f"collect: collect.first_prompt = {cfg.first_prompt} is past the last RM prompt")
     labelers = [SimulatedLabeler(f"sim-{i}", noise=config.world.labeler_noise) for i in range(cfg.labelers)]
     run.start(restart)
 
@@ -80,7 +86,8 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print) -> Pat
             bar.update(progress, advance=len(chunk))
     partial.replace(output)
     records = read_comparisons(output)
-    mean_likert = sum(sum(r.likert) for r in records) / sum(len(r.likert) for r in records)
+    scored = [s for r in records for s in r.likert or ()]
+    mean_likert = sum(scored) / max(len(scored), 1)
     all_tied = sum(len(set(r.ranks)) == 1 for r in records) / len(records)
     run.log(0, {"collect/records": len(records), "collect/mean_likert": mean_likert, "collect/all_tied": all_tied})
     run.write_lineage({"policy": policy, "prompts": world.prompts("rm")})

@@ -66,11 +66,20 @@ def prompt_order(n_prompts: int, batch: int, iteration: int, seed: int) -> list[
     return rows
 
 
-def run_ppo(config: PipelineConfig, restart: bool = False, log=print) -> Path:
+def world_tasks_in(path: Path) -> list:
+    """The built-in world's tasks among a prompts file's records (those with a known family and answer)."""
+    from instructrl.data.jsonl import read_jsonl
+    from instructrl.world.tasks import FAMILIES, Task
+
+    return [Task.from_record(r) for _, r in read_jsonl(path) if r.get("family") in FAMILIES and {"id", "answer", "args", "messages"} <= set(r)]
+
+
+def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
+    """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.ppo
     accelerator = make_accelerator(cfg)
     cfg.check_sizes(accelerator.num_processes)
-    world_inputs = cfg.policy is None or cfg.reward_model is None
+    world_inputs = (cfg.policy is None or cfg.reward_model is None) if upstream is None else upstream
     stage = stage_name(config)
     run = RunDir(config, stage, SECTIONS + (UPSTREAM if world_inputs else ()), accelerator.is_main_process, accelerator.num_processes)
     if run.is_done() and not restart:
@@ -80,6 +89,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     policy_path = cfg.policy or str(root / "sft" / "final")
     rm_path = cfg.reward_model or str(root / "rm" / "final")
     value_path = cfg.value_model or rm_path
+    reference_path = cfg.reference or policy_path
     for what, path, default in (("policy", policy_path, cfg.policy), ("reward_model", rm_path, cfg.reward_model)):
         if default is None and not Path(path).is_dir():
             raise UserError(f"{stage}: no ppo.{what} given and {path} does not exist; run the earlier stages first or set ppo.{what}=PATH")
@@ -98,8 +108,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print) -> Path:
         tasks = load_tasks(world.prompts("ppo"))
         prompts = [Prompt(t.id, list(t.messages)) for t in tasks]
         gold = {t.id: t for t in tasks}
-    else:
-        prompts, gold = read_prompts(cfg.prompts), {}
+    else:  # a prompts file in the world's own format (family, answer) keeps its gold judge
+        prompts, gold = read_prompts(cfg.prompts), {t.id: t for t in world_tasks_in(cfg.prompts)}
     seed_everything(config.run.seed)
     policy = load_causal_lm(policy_path, dropout=0.0)  # dropout off in every model during RL
     max_length = getattr(policy.config, "max_position_embeddings", None) or getattr(policy.config, "n_positions", 2048)
@@ -108,7 +118,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
     if len(prompts) < cfg.rollout_batch_size:
         raise UserError(f"{stage}: {len(prompts)} prompts fit in {max_length} tokens with the response; fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
-    reference = load_causal_lm(policy_path, dropout=0.0).eval().requires_grad_(False)
+    reference = load_causal_lm(reference_path, dropout=0.0).eval().requires_grad_(False)
     reward_model = RewardModel.from_pretrained(rm_path).eval().requires_grad_(False)
     value_model = RewardModel.from_pretrained(value_path)
     set_dropout(value_model.backbone, 0.0)
@@ -147,7 +157,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print) -> Path:
             iteration = state.step
             torch.manual_seed(config.run.seed * 1_000_003 + iteration * 1009 + rank)  # sampling: a function of (seed, iteration, rank)
             rows = prompt_order(len(prompts), cfg.rollout_batch_size, iteration, config.run.seed)[rank * local_batch : (rank + 1) * local_batch]
-            timer = {"generate": 0.0, "score": 0.0, "train": 0.0}
+            timer: dict[str, float] = {}
             t0 = time.perf_counter()
 
             # 1. generate
@@ -160,15 +170,16 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print) -> Path:
             timer["generate"] = t1 - t0
 
             # 2. score: the same micro-batches as the first PPO epoch, so its ratio is exactly 1
-            mb = cfg.micro_batch_size
+            mb, args = cfg.micro_batch_size, (query_ids, query_mask, response_ids, response_mask)
             logprobs, entropy = in_micro_batches(
-                lambda q, qm, r, rm: response_logprobs(unwrapped, q, qm, r, rm, cfg.temperature, with_entropy=True),
-                mb, query_ids, query_mask, response_ids, response_mask)
-            ref_logprobs, _ = in_micro_batches(
-                lambda q, qm, r, rm: response_logprobs(reference, q, qm, r, rm, cfg.temperature), mb, query_ids, query_mask, response_ids, response_mask)
-            values = in_micro_batches(lambda *t: response_values(accelerator.unwrap_model(value_model), *t), mb, query_ids, query_mask, response_ids, response_mask)
-            rm_scores = in_micro_batches(
-                lambda q, qm, r, rm: reward_model(torch.cat([q, r], 1), torch.cat([qm, rm], 1)), mb, query_ids, query_mask, response_ids, response_mask)
+                lambda q, qm, r, rm: response_logprobs(unwrapped, q, qm, r, rm, cfg.temperature, with_entropy=True), mb, *args)
+            timer["score_policy"] = _lap(timer, t1)
+            ref_logprobs, _ = in_micro_batches(lambda q, qm, r, rm: response_logprobs(reference, q, qm, r, rm, cfg.temperature), mb, *args)
+            timer["score_reference"] = _lap(timer, t1)
+            values = in_micro_batches(lambda *t: response_values(accelerator.unwrap_model(value_model), *t), mb, *args)
+            timer["score_value"] = _lap(timer, t1)
+            rm_scores = in_micro_batches(lambda q, qm, r, rm: reward_model(torch.cat([q, r], 1), torch.cat([qm, rm], 1)), mb, *args)
+            timer["score_reward"] = _lap(timer, t1)
             scores = torch.where(ended, rm_scores, torch.full_like(rm_scores, cfg.missing_eos_score))
             rollout = Rollout(query_ids, query_mask, response_ids, response_mask, ended, logprobs, ref_logprobs, values, scores, rm_scores, entropy)
 
@@ -182,8 +193,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print) -> Path:
             # 4. advantages
             advantages, rollout.returns = gae_advantages(rollout.rewards, values, response_mask, cfg.gamma, cfg.lam)
             rollout.advantages = masked_whiten(advantages, mask)
+            timer["score_advantages"] = _lap(timer, t1)
             t2 = time.perf_counter()
-            timer["score"] = t2 - t1
 
             # 5. epochs
             policy.train()
@@ -221,11 +232,16 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print) -> Path:
         accelerator.unwrap_model(value_model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, run.path / "value")
-    run.write_lineage({"policy": policy_path, "reward_model": rm_path, "value_model": value_path,
+    run.write_lineage({"policy": policy_path, "reference": reference_path, "reward_model": rm_path, "value_model": value_path,
                        "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})
     run.finish({"model": run.path / "final", "value_model": run.path / "value"})
     log(f"{stage}: policy saved to {run.path / 'final'}")
     return run.path / "final"
+
+
+def _lap(timer: dict[str, float], since: float) -> float:
+    """Seconds since ``since`` not yet booked in ``timer``'s score_* entries."""
+    return time.perf_counter() - since - sum(v for k, v in timer.items() if k.startswith("score_"))
 
 
 def ppo_epochs(accelerator, cfg, rollout: Rollout, policy, value_model, policy_opt, value_opt, schedulers, ptx_blocks,

@@ -31,6 +31,7 @@ from instructrl.world.build import build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 
 SECTIONS = ("run", "world", "rm")
+UPSTREAM = ("tokenizer", "model", "pretrain", "sft")  # part of the identity when the backbone is this run's SFT model
 
 
 def encode_comparison(tokenizer, record: ComparisonRecord) -> list[list[int]]:
@@ -49,10 +50,13 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, device, batc
     return rewards
 
 
-def run_rm(config: PipelineConfig, restart: bool = False, log=print) -> Path:
+def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
+    """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.rm
     accelerator = make_accelerator(cfg)
-    run = RunDir(config, "rm", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
+    sections = SECTIONS + (UPSTREAM if (cfg.model is None if upstream is None else upstream) else ()) \
+        + (("collect",) if (cfg.data is None if upstream is None else upstream) else ())
+    run = RunDir(config, "rm", sections, accelerator.is_main_process, accelerator.num_processes)
     if run.is_done() and not restart:
         log(f"rm: {run.path} is complete with this config; nothing to do")
         return run.path / "final"
@@ -142,7 +146,7 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], config: Pipeline
         rewards.append(r)
         gold.append(g)
         flat["reward"] += r
-        flat["likert"] += [j.likert for j in judgements] if judgements else record.likert
+        flat["likert"] += [j.likert for j in judgements] if judgements else (record.likert or [-r for r in record.ranks])
         flat["length"] += [len(resp) for resp in record.responses]
     accuracy, pairs = pairwise_accuracy(rewards, gold)
     by_margin = {f"{lo}-{hi}": pairwise_accuracy(rewards, gold, lo, hi)[0] for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 2))}

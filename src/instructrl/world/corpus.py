@@ -40,6 +40,27 @@ def fact_sentence(rng: random.Random) -> str:
     return rng.choice(_FACTS[family.name]).format(**fields)
 
 
+_VERDICTS = (("that is right.", "that is wrong."), ("correct.", "not correct."), ("true.", "false."))
+
+
+def judged_claim(rng: random.Random) -> str:
+    """A fact stated by someone, right or wrong, and a verdict on it.
+
+    Web text is full of such checks ("no, 57 is the smaller one"); learning to predict the verdict
+    is what gives the base model the features a reward model needs to tell right from wrong.
+    """
+    family = FAMILIES[rng.choice(sorted(FAMILIES))]
+    args = family.sample(rng)
+    right = rng.random() < 0.5
+    answer = family.answer(args) if right else family.wrong(args, rng)
+    if not right and answer == family.answer(args):
+        right = True
+    fields = dict(args, ans=answer, name=rng.choice(NAMES))
+    claim = rng.choice(_FACTS[family.name]).format(**fields).rstrip(".")
+    yes, no = rng.choice(_VERDICTS)
+    return f"{rng.choice(NAMES)} says {claim}; {yes if right else no}"
+
+
 def story_sentence(rng: random.Random) -> str:
     return rng.choice(_STORIES).format(
         name=rng.choice(NAMES), name2=rng.choice(NAMES), verb=rng.choice(VERBS), color=rng.choice(COLORS),
@@ -48,10 +69,11 @@ def story_sentence(rng: random.Random) -> str:
 
 
 def corpus_documents(n_documents: int, seed: int) -> list[str]:
-    """``n_documents`` short documents of 2-6 sentences, two thirds facts, one third story."""
+    """``n_documents`` short documents of 2-6 sentences: half facts, a third judged claims, the rest story."""
     rng = random.Random(f"corpus:{seed}")
     docs = []
+    kinds = (fact_sentence, judged_claim, story_sentence)
     for _ in range(n_documents):
-        sentences = [fact_sentence(rng) if rng.random() < 0.67 else story_sentence(rng) for _ in range(rng.randint(2, 6))]
+        sentences = [rng.choices(kinds, weights=(0.5, 0.3, 0.2))[0](rng) for _ in range(rng.randint(2, 6))]
         docs.append(" ".join(sentences))
     return docs

@@ -1,0 +1,190 @@
+"""``instructrl bench``: a short PPO run on a fixed setup, timed.
+
+The policy is a randomly initialised model shaped by the config's ``model`` section (so the same
+command measures the 1M-parameter default on a laptop or a 1B model on a GPU), the reward and
+value models share its backbone shape, and the prompts are the built-in world's. What it
+measures is speed, not learning: the time split of each iteration (generation, the four scoring
+passes, training), episodes and tokens per second, and peak memory. The first iteration is a
+warm-up and is left out of the means.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from instructrl.config import PipelineConfig
+from instructrl.data.jsonl import complete_lines
+from instructrl.models.base import build_base_model, count_parameters, load_causal_lm
+from instructrl.models.reward import RewardModel
+from instructrl.models.tokenizer import train_tokenizer
+from instructrl.rundir import write_text_atomic
+from instructrl.stages.ppo import run_ppo
+from instructrl.stages.pretrain import tokenizer_texts
+from instructrl.world.build import build_world
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process (and peak GPU memory when there is a GPU), in MiB."""
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20  # ru_maxrss: KiB on Linux, bytes on macOS
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+    if torch.cuda.is_available():
+        peaks["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks
+
+
+def run_bench(config: PipelineConfig, iterations: int, log=print) -> dict:
+    root = Path(config.run.dir)
+    world = build_world(config.world, root / "world")
+    models = root / "models"
+    if not (models / "policy").is_dir():
+        log("bench: training the tokenizer and building random models")
+        tokenizer = train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size)
+        torch.manual_seed(config.run.seed)
+        policy = build_base_model(config.model, tokenizer)
+        for name, model in (("policy", policy), ("rm", RewardModel(build_base_model(config.model, tokenizer).base_model))):
+            tmp = models / f"{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(models / name, ignore_errors=True)
+            tmp.rename(models / name)
+    config = config.model_copy(deep=True)
+    config.ppo.policy, config.ppo.reward_model = str(models / "policy"), str(models / "rm")
+    config.ppo.episodes = iterations * config.ppo.rollout_batch_size
+    config.ppo.checkpoint_every = iterations + 1  # no checkpoints: they are not what is measured
+    stage_dir = root / ("ppo_ptx" if config.ppo.ptx_coef > 0 else "ppo")
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    run_ppo(config, restart=True, log=log)
+    rows = [record for _, record in complete_lines(stage_dir / "metrics.jsonl")]
+    timed = rows[1:] or rows  # the first iteration pays for warm-up
+    mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
+    phases = sorted(k[len("time/"):] for k in timed[0] if k.startswith("time/") and not k.endswith("_per_s"))
+    per_iteration = {p: mean(f"time/{p}") for p in phases}
+    total = sum(per_iteration.values())
+    result = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "policy_parameters": count_parameters(load_causal_lm(models / "policy")),
+        "iterations_timed": len(timed),
+        "rollout_batch_size": config.ppo.rollout_batch_size,
+        "max_new_tokens": config.ppo.max_new_tokens,
+        "ptx_coef": config.ppo.ptx_coef,
+        "mixed_precision": config.ppo.mixed_precision,
+        "seconds_per_iteration": per_iteration,
+        "share": {p: v / total for p, v in per_iteration.items()},
+        "episodes_per_s": mean("time/episodes_per_s"),
+        "tokens_per_s": mean("time/tokens_per_s"),
+        **peak_memory_mb(),
+    }
+    write_text_atomic(root / "bench.json", json.dumps(result, indent=2))
+    return result
+
+
+def bench_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title=f"PPO bench: {result['policy_parameters'] / 1e6:.1f}M-parameter policy on {result['device']}, "
+                        f"{result['rollout_batch_size']} episodes per iteration")
+    table.add_column("phase")
+    table.add_column("s / iteration", justify="right")
+    table.add_column("share", justify="right")
+    for phase, seconds in result["seconds_per_iteration"].items():
+        table.add_row(phase, f"{seconds:.3f}", f"{result['share'][phase]:.0%}")
+    table.add_row("[bold]episodes / s", f"[bold]{result['episodes_per_s']:.1f}", "", end_section=False)
+    table.add_row("tokens / s", f"{result['tokens_per_s']:.0f}", "")
+    for key in ("peak_rss_mb", "peak_gpu_mb"):
+        if key in result:
+            table.add_row(key.replace("_", " "), f"{result[key]:.0f}", "")
+    return table
+
+
+def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> dict:
+    """Reward-model training throughput: K-way batches against the same comparisons as independent pairs.
+
+    Both modes train the same random model with the same loss on the same comparisons (K
+    demonstration-style answers per RM prompt, ranked by the gold labeler) and batch size
+    (rm.batch_size comparisons per step, split in micro-batches of rm.micro_batch_size). K-way
+    forwards each response once per comparison; the pairwise expansion forwards both responses
+    of each of its C(K, 2) pairs, as trainers that consume pairs do.
+    """
+    import random
+    import time
+
+    from instructrl.data.records import ComparisonRecord
+    from instructrl.padding import pad_sequences
+    from instructrl.rlmath import kway_ranking_loss
+    from instructrl.stages.rm import encode_comparison
+    from instructrl.world.build import load_tasks
+    from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
+
+    root = Path(config.run.dir)
+    world = build_world(config.world, root / "world")
+    tokenizer = train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size)
+    gold = SimulatedLabeler()
+    writers = [SimulatedLabeler(f"writer{i}", style=build_demo_style(config)) for i in range(k)]
+    records = []
+    for task in load_tasks(world.prompts("rm"))[:n_comparisons]:
+        rng = random.Random(task.id)
+        responses = [w.demonstrate(task, rng) for w in writers]
+        ranks = ranks_from_qualities([gold.judge(task, r).quality for r in responses])
+        records.append(ComparisonRecord(id=task.id, prompt=list(task.messages), responses=responses, ranks=ranks, labeler_id="gold"))
+    # a unit is (sequences, ranks): one comparison of K, or one pair cut out of it
+    kway = [(encode_comparison(tokenizer, r), r.ranks) for r in records]
+    pairs = [([seqs[i], seqs[j]], [0, 1]) for seqs, ranks in kway for i in range(k) for j in range(k) if ranks[i] < ranks[j]]
+
+    def train(units: list[tuple[list[list[int]], list[int]]], per_step: int, micro: int) -> tuple[float, int, int]:
+        """Train on ``units``, ``per_step`` per optimizer step: (seconds, units trained, sequences forwarded)."""
+        torch.manual_seed(config.run.seed)
+        model = RewardModel(build_base_model(config.model, tokenizer).base_model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        start, sequences, trained = time.perf_counter(), 0, 0
+        for step_start in range(0, len(units) - per_step + 1, per_step):
+            trained += per_step
+            for m in range(step_start, step_start + per_step, micro):
+                chunk = units[m : m + micro]
+                width = max(len(seqs) for seqs, _ in chunk)
+                ids, mask = pad_sequences([s for seqs, _ in chunk for s in seqs], tokenizer.pad_token_id, side="right")
+                valid = torch.zeros(len(chunk), width, dtype=torch.long)
+                ranks = torch.zeros(len(chunk), width, dtype=torch.long)
+                for b, (seqs, r) in enumerate(chunk):
+                    valid[b, : len(seqs)] = 1
+                    ranks[b, : len(seqs)] = torch.tensor(r)
+                rewards = torch.zeros(len(chunk), width)
+                rewards[valid.bool()] = model(ids, mask)
+                loss, _ = kway_ranking_loss(rewards, ranks, valid)
+                (loss / per_step).backward()
+                sequences += ids.shape[0]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start, trained, sequences
+
+    batch, micro = config.rm.batch_size, config.rm.micro_batch_size
+    log(f"bench rm: {len(records)} comparisons of K = {k} ({len(pairs)} ranked pairs), batch {batch}")
+    kway_seconds, kway_units, kway_sequences = train(kway, batch, micro)
+    # the same comparisons as pairs: a step covers as many comparisons, C(K, 2) pairs each
+    per_comparison = len(pairs) / len(records)
+    pair_micro = micro * 2
+    pair_batch = max(pair_micro, round(batch * per_comparison / pair_micro) * pair_micro)
+    pair_seconds, pair_units, pair_sequences = train(pairs, pair_batch, pair_micro)
+    result = {
+        "k": k, "comparisons": len(records), "ranked_pairs": len(pairs), "model_parameters": count_parameters(build_base_model(config.model, tokenizer)),
+        "kway": {"seconds": kway_seconds, "sequences_forwarded": kway_sequences, "comparisons_per_s": kway_units / kway_seconds},
+        "pairwise": {"seconds": pair_seconds, "sequences_forwarded": pair_sequences,
+                     "comparisons_per_s": pair_units / per_comparison / pair_seconds, "pairs_per_s": pair_units / pair_seconds},
+    }
+    result["speedup"] = result["kway"]["comparisons_per_s"] / result["pairwise"]["comparisons_per_s"]
+    write_text_atomic(root / "bench_rm.json", json.dumps(result, indent=2))
+    return result
+
+
+def build_demo_style(config: PipelineConfig):
+    from instructrl.world.labeler import DemoStyle
+
+    w = config.world
+    return DemoStyle(w.demo_error_rate, w.demo_off_format_rate, w.demo_verbose_rate)

@@ -1,0 +1,68 @@
+"""Pairwise preference data in TRL's conventions, read as comparisons of K = 2.
+
+    explicit prompt, plain text:      {"prompt": "...", "chosen": "...", "rejected": "..."}
+    explicit prompt, conversational:  {"prompt": [messages], "chosen": [assistant message], "rejected": [...]}
+    implicit prompt, conversational:  {"chosen": [whole conversation], "rejected": [whole conversation]}
+    implicit prompt, plain text:      {"chosen": "whole text", "rejected": "whole text"}
+
+An implicit prompt is what the two sides share: the messages before the first one that differs,
+or for plain text the longest common prefix, cut back to a whitespace. Plain-text prompts become
+one user turn, so the reward model sees every pair through the same chat template.
+"""
+
+from __future__ import annotations
+
+import os
+
+from instructrl.data.records import ComparisonRecord, check_messages
+from instructrl.errors import UserError
+
+
+def is_preference(record: dict) -> bool:
+    return "chosen" in record and "rejected" in record
+
+
+def _answer(messages: list[dict], where: str, field: str) -> str:
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message of '{field}' must be the assistant's")
+    return messages[-1]["content"]
+
+
+def split_implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen answer, rejected answer) of two texts that share their beginning."""
+    common = os.path.commonprefix([chosen, rejected])
+    cut = max(common.rfind(" "), common.rfind("\n")) + 1 if common and not common[-1].isspace() else len(common)
+    return chosen[:cut].strip(), chosen[cut:].strip(), rejected[cut:].strip()
+
+
+def comparison_from_preference(record: dict, where: str, default_id: str) -> ComparisonRecord:
+    """A K = 2 comparison (chosen ranked 0, rejected 1) from one TRL preference record."""
+    chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise UserError(f"{where}: 'chosen' and 'rejected' must both be text or both be message lists")
+    if isinstance(chosen, str):
+        if prompt is None:
+            prompt, chosen, rejected = split_implicit_text(chosen, rejected)
+        elif not isinstance(prompt, str):
+            raise UserError(f"{where}: with text 'chosen'/'rejected', 'prompt' must be text too")
+        if not prompt:
+            raise UserError(f"{where}: 'chosen' and 'rejected' share no prompt; give one as 'prompt'")
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        chosen_messages = check_messages(chosen, where, "chosen")
+        rejected_messages = check_messages(rejected, where, "rejected")
+        if prompt is None:  # implicit: the shared turns are the prompt
+            shared = 0
+            while shared < min(len(chosen_messages), len(rejected_messages)) - 1 and chosen_messages[shared] == rejected_messages[shared]:
+                shared += 1
+            messages = chosen_messages[:shared]
+            chosen_messages, rejected_messages = chosen_messages[shared:], rejected_messages[shared:]
+        else:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, "prompt")
+        if not messages or messages[-1]["role"] != "user":
+            raise UserError(f"{where}: the prompt must end with a user turn")
+        if len(chosen_messages) != 1 or len(rejected_messages) != 1:
+            raise UserError(f"{where}: 'chosen' and 'rejected' must each hold one assistant turn after the prompt")
+        chosen, rejected = _answer(chosen_messages, where, "chosen"), _answer(rejected_messages, where, "rejected")
+    return ComparisonRecord(id=str(record.get("id", default_id)), prompt=messages, responses=[chosen, rejected], ranks=[0, 1],
+                            labeler_id=str(record.get("labeler_id", "preference-data")))

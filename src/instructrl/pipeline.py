@@ -1,0 +1,100 @@
+"""The whole recipe in one call: what ``instructrl pipeline`` and ``make demo`` run.
+
+    pretrain -> SFT -> [collect -> RM -> PPO-ptx and plain PPO] x rounds -> eval -> report
+
+Every stage skips itself when its outputs exist for the same config and inputs, so running the
+pipeline again after a crash resumes where it stopped. Plain PPO runs beside PPO-ptx to measure
+the alignment tax that the pretraining mix removes. With ``pipeline.rounds: N`` the bracket
+repeats as InstructGPT iterated its steps 2 and 3: round r (in ``round<r>/``) ranks fresh RM
+prompts with the latest PPO-ptx policy, retrains the RM from the SFT model on every comparison
+so far, and continues both PPO runs from where the previous round left them, the KL reference
+staying the SFT model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from instructrl.config import PipelineConfig
+from instructrl.data.jsonl import complete_lines
+from instructrl.rundir import write_text_atomic
+from instructrl.world.build import build_world, load_tasks
+
+PPO_STAGES = ("ppo_ptx", "ppo")
+
+
+def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True) -> dict | None:
+    """Run every stage; returns the evaluation results (None on processes other than the main one)."""
+    from instructrl.evaluation.evaluate import run_eval
+    from instructrl.evaluation.report import write_report
+    from instructrl.stages.collect import run_collect
+    from instructrl.stages.ppo import run_ppo
+    from instructrl.stages.pretrain import run_pretrain
+    from instructrl.stages.rm import run_rm
+    from instructrl.stages.sft import run_sft
+
+    root = Path(config.run.dir)
+    rounds = config.pipeline.rounds
+    run_pretrain(config, log=log)
+    run_sft(config, log=log)
+    first = config.model_copy(deep=True)
+    if rounds > 1:  # each round ranks its own share of the RM prompts
+        n_rm = len(load_tasks(build_world(config.world, root / "world").prompts("rm")))
+        first.collect.n_prompts = min(config.collect.n_prompts or n_rm, n_rm) // rounds
+    if is_main:  # sampling and judging run in one process; the others wait for the comparisons
+        run_collect(first, log=log)
+    _barrier()
+    run_rm(first, log=log)
+    latest = {stage: root / stage for stage in PPO_STAGES}
+    for cfg in _ppo_configs(first).values():
+        run_ppo(cfg, log=log)
+    comparisons = [root / "collect" / "comparisons.jsonl"]
+    for r in range(2, rounds + 1):
+        rc = first.model_copy(deep=True)
+        rc.run.dir = root / f"round{r}"
+        rc.collect.policy = str(latest["ppo_ptx"] / "final")
+        rc.collect.first_prompt = (r - 1) * first.collect.n_prompts
+        if is_main:
+            comparisons.append(run_collect(rc, log=log, upstream=True))
+            _concatenate(comparisons, rc.run.dir / "comparisons_all.jsonl")
+        _barrier()
+        rc.rm.model, rc.rm.data = str(root / "sft" / "final"), rc.run.dir / "comparisons_all.jsonl"
+        rc.rm.demonstrations = build_world(config.world, root / "world").demonstrations
+        run_rm(rc, log=log, upstream=True)
+        for stage, cfg in _ppo_configs(rc).items():
+            cfg.ppo.policy, cfg.ppo.value_model = str(latest[stage] / "final"), str(latest[stage] / "value")
+            cfg.ppo.reference, cfg.ppo.reward_model = str(root / "sft" / "final"), str(rc.run.dir / "rm" / "final")
+            cfg.ppo.prompts = build_world(config.world, root / "world").prompts("ppo")
+            run_ppo(cfg, log=log, upstream=True)
+            latest[stage] = rc.run.dir / stage
+    if not is_main:
+        return None
+    final = config.model_copy(deep=True)
+    if rounds > 1 and final.eval.models is None:
+        final.eval.models = {"base": str(root / "pretrain" / "final"), "sft": str(root / "sft" / "final"),
+                             **{stage: str(latest[stage] / "final") for stage in ("ppo", "ppo_ptx")}}
+    results = run_eval(final, log=log)
+    write_report(root)
+    return results
+
+
+def _ppo_configs(config: PipelineConfig) -> dict[str, PipelineConfig]:
+    """PPO-ptx with the config's ptx_coef, and plain PPO (ptx_coef = 0) beside it."""
+    ptx = config.model_copy(deep=True)
+    if ptx.ppo.ptx_coef == 0:
+        return {"ppo": ptx}
+    plain = config.model_copy(deep=True)
+    plain.ppo.ptx_coef = 0.0
+    return {"ppo_ptx": ptx, "ppo": plain}
+
+
+def _barrier() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def _concatenate(files: list[Path], dest: Path) -> None:
+    """Every comparison so far in one file (rewritten whole, so a crash leaves the old one)."""
+    lines = [line + "\n" for f in files for line, _ in complete_lines(f)]
+    write_text_atomic(dest, "".join(lines))

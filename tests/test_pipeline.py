@@ -1,0 +1,44 @@
+"""`instructrl pipeline` on the smoke world with two rounds, end to end, and the report."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import SMOKE, cli
+
+
+def test_pipeline_two_rounds(tmp_path):
+    run = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", timeout=1200)
+    out = run.stdout + run.stderr
+    assert "report:" in out and "wins vs SFT" in out
+
+    # round 1 ranked half the RM prompts, round 2 the other half, with the round-1 PPO-ptx policy
+    r1 = (tmp_path / "collect" / "comparisons.jsonl").read_text().splitlines()
+    r2 = (tmp_path / "round2" / "collect" / "comparisons.jsonl").read_text().splitlines()
+    assert {json.loads(x)["id"] for x in r1}.isdisjoint(json.loads(x)["id"] for x in r2)
+    assert len((tmp_path / "round2" / "comparisons_all.jsonl").read_text().splitlines()) == len(r1) + len(r2)
+    collect2 = json.loads((tmp_path / "round2" / "collect" / "lineage.json").read_text())["inputs"]
+    assert collect2["policy"]["path"] == str(tmp_path / "ppo_ptx" / "final")
+    # round 2 continues each PPO run from round 1, against the new RM, with SFT still the reference
+    for stage in ("ppo_ptx", "ppo"):
+        lineage = json.loads((tmp_path / "round2" / stage / "lineage.json").read_text())["inputs"]
+        assert lineage["policy"]["path"] == str(tmp_path / stage / "final")
+        assert lineage["reference"]["path"] == str(tmp_path / "sft" / "final")
+        assert lineage["reward_model"]["path"] == str(tmp_path / "round2" / "rm" / "final")
+
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["models"]["ppo_ptx"] == str(tmp_path / "round2" / "ppo_ptx" / "final")
+    r = results["results"]
+    assert set(r) == {"demonstrations", "base", "sft", "ppo", "ppo_ptx"}
+    for name in ("ppo", "ppo_ptx", "base", "demonstrations"):
+        w = r[name]["win_rate_vs_sft"]
+        assert w["ci95"][0] <= w["win_rate"] <= w["ci95"][1] and w["wins"] + w["ties"] + w["losses"] == w["n"]
+    assert r["sft"]["alignment_tax"] == 0.0 and r["ppo"]["pretraining_loss"] > 0
+
+    report = (tmp_path / "report.html").read_text()
+    for section in ("Held-out prompts", "Reward model", "over-optimisation", "Answers side by side", "data:image/png;base64"):
+        assert section in report
+
+    # everything is done: a second run skips every stage
+    again = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", timeout=1200)
+    assert (again.stdout + again.stderr).count("nothing to do") >= 9
