@@ -22,6 +22,23 @@ def cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 
     return proc
 
 
+def kill_after_first_checkpoint(args: list[str], checkpoints: Path) -> None:
+    """Start ``instructrl ARGS``, SIGKILL it once a complete checkpoint exists under ``checkpoints``."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "instructrl", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoints.exists() and any(not p.name.endswith(".tmp") for p in checkpoints.glob("step-*")):
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
 @pytest.fixture(scope="session")
 def smoke_base(tmp_path_factory) -> Path:
     """A run folder holding the smoke world and a pretrained smoke base model (pretrain/final)."""

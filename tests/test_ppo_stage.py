@@ -124,3 +124,27 @@ def test_ppo_stage_on_smoke(tmp_path, smoke_rm, ptx):
     # a second run with the same config does nothing
     again = cli("ppo", *args)
     assert "nothing to do" in again.stdout + again.stderr
+
+
+def test_ppo_killed_and_resumed_ends_with_the_same_weights(tmp_path, smoke_rm):
+    from conftest import kill_after_first_checkpoint
+
+    def args(run_dir):
+        return ["ppo", "-c", str(SMOKE), f"run.dir={run_dir}", f"ppo.policy={smoke_rm / 'pretrain' / 'final'}",
+                f"ppo.reward_model={smoke_rm / 'rm' / 'final'}", f"ppo.ptx_data={smoke_rm / 'world' / 'corpus.txt'}",
+                "ppo.episodes=96", "ppo.ptx_coef=1.0", "ppo.adaptive_kl=true"]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    cli(*args(straight))
+    kill_after_first_checkpoint(args(killed), killed / "ppo_ptx" / "checkpoints")
+    resumed = cli(*args(killed))
+    assert "resuming from the checkpoint of iteration" in resumed.stderr
+    for folder in ("final", "value"):
+        name = "model.safetensors"
+        a, b = load_file(straight / "ppo_ptx" / folder / name), load_file(killed / "ppo_ptx" / folder / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
+    rows = lambda d: [json.loads(line) for line in (d / "ppo_ptx" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = rows(straight), rows(killed)
+    assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 7))
+    # the adaptive β carried over the restart: every iteration's coefficient matches
+    assert [r["ppo/kl_coef"] for r in b] == [r["ppo/kl_coef"] for r in a]

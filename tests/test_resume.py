@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import torch
-from conftest import SMOKE, cli
+from conftest import SMOKE, cli, kill_after_first_checkpoint
 from safetensors.torch import load_file
 
 
@@ -24,18 +19,7 @@ def test_kill_and_resume_reaches_the_same_weights(tmp_path, smoke_base):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     cli(*_sft_args(straight, smoke_base))
 
-    proc = subprocess.Popen([sys.executable, "-m", "instructrl", *_sft_args(killed, smoke_base)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    checkpoints = killed / "sft" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        done = [p for p in checkpoints.glob("step-*") if not p.name.endswith(".tmp")] if checkpoints.exists() else []
-        if done:
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_first_checkpoint(_sft_args(killed, smoke_base), killed / "sft" / "checkpoints")
     assert not (killed / "sft" / "final").exists()
 
     resumed = cli(*_sft_args(killed, smoke_base))

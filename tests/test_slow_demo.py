@@ -12,7 +12,7 @@ from conftest import REPO, cli
 
 
 @pytest.mark.slow
-def test_default_pipeline_sft_beats_base(tmp_path):
+def test_default_pipeline(tmp_path):
     run_dir = tmp_path / "default"
     cli("pipeline", "-c", str(REPO / "configs" / "default.yaml"), f"run.dir={run_dir}", timeout=3600)
     results = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
@@ -21,3 +21,6 @@ def test_default_pipeline_sft_beats_base(tmp_path):
     assert sft >= base + 1.0, (base, sft)
     # SFT follows the format: far fewer answers that fail to follow the instruction
     assert results["sft"]["overall"]["flags"]["fails_to_follow"] < results["base"]["overall"]["flags"]["fails_to_follow"] - 0.2
+    # PPO-ptx's pretraining mix removes the alignment tax plain PPO pays (issue 4's acceptance)
+    assert results["ppo_ptx"]["alignment_tax"] <= 0.5 * results["ppo"]["alignment_tax"], (results["ppo_ptx"]["alignment_tax"], results["ppo"]["alignment_tax"])
+    assert (run_dir / "report.html").is_file()
