@@ -40,6 +40,8 @@ def test_rm_stage_on_smoke(tmp_path, smoke_base):
     diagnostics = json.loads((tmp_path / "rm" / "diagnostics.json").read_text())
     assert diagnostics["reward_bias"] == float(model.reward_bias) != 0.0
     assert diagnostics["pairs"] > 0 and 0.0 <= diagnostics["accuracy"] <= 1.0
+    # a pair the gold labeler scores differently on the 1-7 scale also differs in gold quality
+    assert diagnostics["pairs_gold_likert_distinct"] <= diagnostics["pairs"]
     # the bias makes the demonstrations average a reward of 0 (InstructGPT §3.5)
     tokenizer = load_tokenizer(final)
     demos = [tokenize_conversation(tokenizer, r["messages"]).input_ids for _, r in read_jsonl(tmp_path / "world" / "demonstrations.jsonl")]

@@ -66,10 +66,10 @@ def _overoptimisation_plot(metrics: dict[str, list[dict]]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for stage, rows in metrics.items():
         x = [r["rollout/sqrt_kl"] for r in rows]
-        axes[0].plot(x, [r["rollout/score"] for r in rows], ".-", label=f"{stage}: proxy (RM)")
+        axes[0].plot(x, [r["rollout/score"] for r in rows], "o", ms=3, alpha=0.7, label=f"{stage}: proxy (RM)")
         gold = [(xi, r["rollout/gold_likert"]) for xi, r in zip(x, rows) if "rollout/gold_likert" in r]
         if gold:
-            axes[1].plot(*zip(*gold), ".-", label=f"{stage}: gold")
+            axes[1].plot(*zip(*gold), "o", ms=3, alpha=0.7, label=f"{stage}: gold")
     axes[0].set_ylabel("reward-model score")
     axes[1].set_ylabel("gold Likert of the samples")
     for ax in axes:

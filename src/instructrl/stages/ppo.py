@@ -288,8 +288,8 @@ def ppo_epochs(accelerator, cfg, rollout: Rollout, policy, value_model, policy_o
                 last = i == len(micro) - 1
                 weight = float(batch.response_mask.sum()) * scale  # this micro-batch's share of the minibatch mean
                 with (contextlib.nullcontext() if last else accelerator.no_sync(policy)), accelerator.autocast():
-                    logprobs, entropy = response_logprobs(policy, batch.query_ids, batch.query_mask, batch.response_ids,
-                                                          batch.response_mask, cfg.temperature)
+                    logprobs, _ = response_logprobs(policy, batch.query_ids, batch.query_mask, batch.response_ids,
+                                                    batch.response_mask, cfg.temperature)
                     pg_loss, stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask.float(), cfg.clip)
                 accelerator.backward(pg_loss * weight)
                 with (contextlib.nullcontext() if last else accelerator.no_sync(value_model)), accelerator.autocast():

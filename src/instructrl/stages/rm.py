@@ -137,21 +137,24 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], config: Pipeline
     gold Likert, and length bias. Without the built-in world, the records' own ranks are the gold."""
     tasks = {t.id: t for t in load_tasks(build_world(config.world, Path(config.run.dir) / "world").prompts("rm"))}
     gold_judge = SimulatedLabeler()
-    rewards, gold, flat = [], [], {"reward": [], "likert": [], "length": []}
+    rewards, gold, gold_likert, flat = [], [], [], {"reward": [], "likert": [], "length": []}
     for record in heldout:
-        r = score_sequences(model, encode_comparison(tokenizer, record), tokenizer.pad_token_id, device)
+        scores = score_sequences(model, encode_comparison(tokenizer, record), tokenizer.pad_token_id, device)
         task = tasks.get(record.id)
         judgements = [gold_judge.judge(task, resp) for resp in record.responses] if task else None
-        g = [j.quality for j in judgements] if judgements else [-float(rank) for rank in record.ranks]
-        rewards.append(r)
-        gold.append(g)
-        flat["reward"] += r
-        flat["likert"] += [j.likert for j in judgements] if judgements else (record.likert or [-r for r in record.ranks])
+        rewards.append(scores)
+        gold.append([j.quality for j in judgements] if judgements else [-float(rank) for rank in record.ranks])
+        gold_likert.append([float(j.likert) for j in judgements] if judgements else gold[-1])
+        flat["reward"] += scores
+        flat["likert"] += [j.likert for j in judgements] if judgements else (record.likert or [-rank for rank in record.ranks])
         flat["length"] += [len(resp) for resp in record.responses]
     accuracy, pairs = pairwise_accuracy(rewards, gold)
+    # the same, counting as ties the pairs the gold labeler gives the same 1-7 score (two near-miss wrong answers)
+    likert_accuracy, likert_pairs = pairwise_accuracy(rewards, gold_likert)
     by_margin = {f"{lo}-{hi}": pairwise_accuracy(rewards, gold, lo, hi)[0] for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 2))}
     return {
         "accuracy": accuracy, "pairs": pairs, "accuracy_by_gold_margin": by_margin,
+        "accuracy_gold_likert_distinct": likert_accuracy, "pairs_gold_likert_distinct": likert_pairs,
         "gold_correlation": correlation(flat["reward"], [float(x) for x in flat["likert"]]),
         "length_bias": length_bias(flat["reward"], flat["length"], flat["likert"]),
     }
