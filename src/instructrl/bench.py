@@ -41,7 +41,8 @@ def peak_memory_mb() -> dict[str, float]:
 def run_bench(config: PipelineConfig, iterations: int, log=print) -> dict:
     root = Path(config.run.dir)
     world = build_world(config.world, root / "world")
-    models = root / "models"
+    m = config.model  # one folder per model shape, so a changed model.* never reuses other weights
+    models = root / "models" / f"{m.arch}-{m.n_layer}x{m.hidden_size}-h{m.n_head}-L{m.max_length}-v{config.tokenizer.vocab_size}-s{config.run.seed}"
     if not (models / "policy").is_dir():
         log("bench: training the tokenizer and building random models")
         tokenizer = train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size)
