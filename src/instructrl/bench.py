@@ -121,14 +121,14 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
     from instructrl.padding import pad_sequences
     from instructrl.rlmath import kway_ranking_loss
     from instructrl.stages.rm import encode_comparison
-    from instructrl.world.build import load_tasks
+    from instructrl.world.build import demo_labeler, load_tasks
     from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
 
     root = Path(config.run.dir)
     world = build_world(config.world, root / "world")
     tokenizer = train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size)
     gold = SimulatedLabeler()
-    writers = [SimulatedLabeler(f"writer{i}", style=build_demo_style(config)) for i in range(k)]
+    writers = [SimulatedLabeler(f"writer{i}", style=demo_labeler(config.world).style) for i in range(k)]
     records = []
     for task in load_tasks(world.prompts("rm"))[:n_comparisons]:
         rng = random.Random(task.id)
@@ -139,10 +139,14 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
     kway = [(encode_comparison(tokenizer, r), r.ranks) for r in records]
     pairs = [([seqs[i], seqs[j]], [0, 1]) for seqs, ranks in kway for i in range(k) for j in range(k) if ranks[i] < ranks[j]]
 
+    n_parameters = 0
+
     def train(units: list[tuple[list[list[int]], list[int]]], per_step: int, micro: int) -> tuple[float, int, int]:
         """Train on ``units``, ``per_step`` per optimizer step: (seconds, units trained, sequences forwarded)."""
         torch.manual_seed(config.run.seed)
         model = RewardModel(build_base_model(config.model, tokenizer).base_model)
+        nonlocal n_parameters
+        n_parameters = count_parameters(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         start, sequences, trained = time.perf_counter(), 0, 0
         for step_start in range(0, len(units) - per_step + 1, per_step):
@@ -174,7 +178,7 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
     pair_batch = max(pair_micro, round(batch * per_comparison / pair_micro) * pair_micro)
     pair_seconds, pair_units, pair_sequences = train(pairs, pair_batch, pair_micro)
     result = {
-        "k": k, "comparisons": len(records), "ranked_pairs": len(pairs), "model_parameters": count_parameters(build_base_model(config.model, tokenizer)),
+        "k": k, "comparisons": len(records), "ranked_pairs": len(pairs), "model_parameters": n_parameters,
         "kway": {"seconds": kway_seconds, "sequences_forwarded": kway_sequences, "comparisons_per_s": kway_units / kway_seconds},
         "pairwise": {"seconds": pair_seconds, "sequences_forwarded": pair_sequences,
                      "comparisons_per_s": pair_units / per_comparison / pair_seconds, "pairs_per_s": pair_units / pair_seconds},
@@ -183,9 +187,3 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
     write_text_atomic(root / "bench_rm.json", json.dumps(result, indent=2))
     return result
 
-
-def build_demo_style(config: PipelineConfig):
-    from instructrl.world.labeler import DemoStyle
-
-    w = config.world
-    return DemoStyle(w.demo_error_rate, w.demo_off_format_rate, w.demo_verbose_rate)

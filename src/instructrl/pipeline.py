@@ -36,10 +36,11 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True) -> dic
     root = Path(config.run.dir)
     rounds = config.pipeline.rounds
     run_pretrain(config, log=log)
+    world = build_world(config.world, root / "world")
     run_sft(config, log=log)
     first = config.model_copy(deep=True)
     if rounds > 1:  # each round ranks its own share of the RM prompts
-        n_rm = len(load_tasks(build_world(config.world, root / "world").prompts("rm")))
+        n_rm = len(load_tasks(world.prompts("rm")))
         first.collect.n_prompts = min(config.collect.n_prompts or n_rm, n_rm) // rounds
     if is_main:  # sampling and judging run in one process; the others wait for the comparisons
         run_collect(first, log=log)
@@ -59,12 +60,12 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True) -> dic
             _concatenate(comparisons, rc.run.dir / "comparisons_all.jsonl")
         _barrier()
         rc.rm.model, rc.rm.data = str(root / "sft" / "final"), rc.run.dir / "comparisons_all.jsonl"
-        rc.rm.demonstrations = build_world(config.world, root / "world").demonstrations
+        rc.rm.demonstrations = world.demonstrations
         run_rm(rc, log=log, upstream=True)
         for stage, cfg in _ppo_configs(rc).items():
             cfg.ppo.policy, cfg.ppo.value_model = str(latest[stage] / "final"), str(latest[stage] / "value")
             cfg.ppo.reference, cfg.ppo.reward_model = str(root / "sft" / "final"), str(rc.run.dir / "rm" / "final")
-            cfg.ppo.prompts = build_world(config.world, root / "world").prompts("ppo")
+            cfg.ppo.prompts = world.prompts("ppo")
             run_ppo(cfg, log=log, upstream=True)
             latest[stage] = rc.run.dir / stage
     if not is_main:

@@ -78,10 +78,14 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     tasks = load_tasks(world.prompts("eval"))[: cfg.n_prompts]
     judge = SimulatedLabeler()
     answers = {DEMONSTRATIONS: [demonstration(config.world, t) for t in tasks]}
+    heldout = world.heldout_corpus.read_text().splitlines()
+    losses = {}
     for name, path in models.items():
         log(f"eval: answering {len(tasks)} held-out prompts with {name} ({path})")
         model, tokenizer = load_causal_lm(path), load_tokenizer(path)
         answers[name] = generate_answers(model, tokenizer, [list(t.messages) for t in tasks], cfg.max_new_tokens, cfg.batch_size)
+        if heldout:
+            losses[name] = pretraining_loss(model, tokenizer, heldout)
     judged = {name: [judge.judge(t, a) for t, a in zip(tasks, texts)] for name, texts in answers.items()}
     results = {name: summarize([(t.family, j) for t, j in zip(tasks, judgements)]) for name, judgements in judged.items()}
     # preference: each model against SFT on the same prompts, judged by the gold labeler (ties half)
@@ -91,13 +95,10 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
             if name != "sft":
                 results[name]["win_rate_vs_sft"] = win_rate([j.quality for j in judged[name]], sft_quality)
     # alignment tax: loss on held-out pretraining text, and its rise over SFT
-    heldout = world.heldout_corpus.read_text().splitlines()
-    if heldout:
-        for name, path in models.items():
-            results[name]["pretraining_loss"] = pretraining_loss(load_causal_lm(path), load_tokenizer(path), heldout)
-        if "sft" in models:
-            for name in models:
-                results[name]["alignment_tax"] = results[name]["pretraining_loss"] - results["sft"]["pretraining_loss"]
+    for name, loss in losses.items():
+        results[name]["pretraining_loss"] = loss
+        if "sft" in losses:
+            results[name]["alignment_tax"] = loss - losses["sft"]
     write_jsonl(run.path / "samples.jsonl", (
         {"id": t.id, "family": t.family, "messages": list(t.messages), "gold": t.answer,
          **{name: {"answer": answers[name][i], "likert": judged[name][i].likert} for name in answers}}

@@ -41,7 +41,7 @@ from instructrl.rundir import RunDir, replace_dir
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint
 from instructrl.training.loop import make_accelerator, save_model, seed_everything
 from instructrl.training.progress import progress_bar
-from instructrl.world.build import build_world, load_tasks
+from instructrl.world.build import build_world, load_tasks, world_tasks_in
 from instructrl.world.labeler import SimulatedLabeler
 
 SECTIONS = ("run", "world", "ppo")
@@ -64,14 +64,6 @@ def prompt_order(n_prompts: int, batch: int, iteration: int, seed: int) -> list[
         rows += perm[offset : offset + batch - len(rows)]
         epoch += 1
     return rows
-
-
-def world_tasks_in(path: Path) -> list:
-    """The built-in world's tasks among a prompts file's records (those with a known family and answer)."""
-    from instructrl.data.jsonl import read_jsonl
-    from instructrl.world.tasks import FAMILIES, Task
-
-    return [Task.from_record(r) for _, r in read_jsonl(path) if r.get("family") in FAMILIES and {"id", "answer", "args", "messages"} <= set(r)]
 
 
 def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:

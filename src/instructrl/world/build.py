@@ -16,7 +16,7 @@ from instructrl.errors import UserError
 from instructrl.rundir import write_text_atomic
 from instructrl.world.corpus import corpus_documents
 from instructrl.world.labeler import DemoStyle, SimulatedLabeler
-from instructrl.world.tasks import Task, sample_task
+from instructrl.world.tasks import FAMILIES, Task, sample_task
 
 # InstructGPT's prompt counts: ~13k SFT, ~33k RM, ~31k PPO (§3.3).
 SPLIT_RATIOS = {"sft": 13, "rm": 33, "ppo": 31}
@@ -113,3 +113,8 @@ def build_world(config: WorldConfig, root: Path) -> WorldFiles:
 
 def load_tasks(path: Path) -> list[Task]:
     return [Task.from_record(record) for _, record in read_jsonl(path)]
+
+
+def world_tasks_in(path: Path) -> list[Task]:
+    """The built-in world's tasks among a prompts file's records: those with a known family and a gold answer."""
+    return [Task.from_record(r) for _, r in read_jsonl(path) if r.get("family") in FAMILIES and {"id", "answer", "args", "messages"} <= set(r)]
