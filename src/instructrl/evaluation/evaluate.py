@@ -82,7 +82,8 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     losses = {}
     for name, path in models.items():
         log(f"eval: answering {len(tasks)} held-out prompts with {name} ({path})")
-        model, tokenizer = load_causal_lm(path), load_tokenizer(path)
+        tokenizer = load_tokenizer(path)
+        model = load_causal_lm(path, tokenizer=tokenizer)
         answers[name] = generate_answers(model, tokenizer, [list(t.messages) for t in tasks], cfg.max_new_tokens, cfg.batch_size)
         if heldout:
             losses[name] = pretraining_loss(model, tokenizer, heldout)

@@ -37,23 +37,49 @@ def _check_exists(name_or_path: str, what: str) -> None:
         raise UserError(f"{what} '{name_or_path}' does not exist")
 
 
-def load_causal_lm(name_or_path: str | Path, dropout: float | None = None) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` of a folder or hub name, with a clear error."""
+PAD_TOKEN = "<|pad|>"
+
+# The chat template given to a tokenizer that has none (base models: GPT-2, Pythia, Llama base).
+# Plain text, so no new token is needed; every assistant turn ends with EOS, as our own template's
+# do, so a sampled answer stops where a demonstration stopped. It is saved with every checkpoint
+# a stage writes, so later stages and serving render conversations the same way.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %}{{ '\\n\\n' }}{% endif %}Assistant:{% endif %}"
+)
+
+
+def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, tokenizer=None, **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` of a folder or hub name, with a clear error.
+
+    With ``tokenizer`` (from ``load_tokenizer``), the embeddings are fitted to it (``fit_embeddings``).
+    ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``).
+    """
     from transformers import AutoModelForCausalLM
 
     name_or_path = str(name_or_path)
     _check_exists(name_or_path, "model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from None
     if dropout is not None:
         set_dropout(model, dropout)
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     return model
 
 
 def load_tokenizer(name_or_path: str | Path):
-    """``AutoTokenizer.from_pretrained``; PAD must exist and differ from EOS (RLHF-DETAILS.md)."""
+    """``AutoTokenizer.from_pretrained``, made fit for RLHF.
+
+    PAD must exist and differ from EOS (RLHF-DETAILS.md: padding, EOS detection and "last real
+    token" break when they share an id): a tokenizer without one, or whose PAD is EOS (GPT-2,
+    Llama, Pythia, Qwen2 base), gets a new ``<|pad|>`` token; ``fit_embeddings`` then gives the
+    model a row for it. A tokenizer without a chat template gets ``FALLBACK_CHAT_TEMPLATE``.
+    """
     from transformers import AutoTokenizer
 
     name_or_path = str(name_or_path)
@@ -65,10 +91,32 @@ def load_tokenizer(name_or_path: str | Path):
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{name_or_path}' has no EOS token")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise UserError(f"tokenizer '{name_or_path}' has no PAD token distinct from EOS")
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     if tokenizer.chat_template is None:
-        raise UserError(f"tokenizer '{name_or_path}' has no chat template")
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     return tokenizer
+
+
+@torch.no_grad()
+def fit_embeddings(model: nn.Module, tokenizer) -> nn.Module:
+    """Give ``model`` an embedding row for every token id of ``tokenizer`` and its PAD id.
+
+    New rows (the PAD ``load_tokenizer`` added) start at the mean of the existing ones, so the
+    new token's logit is an average one rather than a random spike; no random numbers are drawn,
+    so loading stays deterministic. A model whose vocabulary is already large enough (vocabularies
+    are often padded to a multiple of 64) is left as it is.
+    """
+    embeddings = model.get_input_embeddings()
+    old_rows = embeddings.weight.shape[0]
+    if len(tokenizer) > old_rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if layer is not None and layer.weight.shape[0] == len(tokenizer):
+                layer.weight[old_rows:] = layer.weight[:old_rows].mean(0)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

@@ -34,9 +34,17 @@ class RewardModel(nn.Module):
         self.register_buffer("reward_bias", torch.zeros(()))  # added to every reward (demonstrations -> mean 0)
 
     @classmethod
-    def from_causal_lm(cls, name_or_path: str | Path) -> "RewardModel":
-        """A new reward model on the backbone of a causal LM checkpoint (InstructGPT: the SFT model)."""
-        return cls(_load_backbone(name_or_path))
+    def from_causal_lm(cls, name_or_path: str | Path, tokenizer=None) -> "RewardModel":
+        """A new reward model on the backbone of a causal LM checkpoint (InstructGPT: the SFT model).
+
+        With ``tokenizer`` (from ``load_tokenizer``), the embeddings are fitted to it (a PAD it added).
+        """
+        backbone = _load_backbone(name_or_path)
+        if tokenizer is not None:
+            from instructrl.models.base import fit_embeddings
+
+            fit_embeddings(backbone, tokenizer)
+        return cls(backbone)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "RewardModel":

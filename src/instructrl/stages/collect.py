@@ -58,7 +58,8 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     policy = cfg.policy or str(Path(config.run.dir) / "sft" / "final")
     if cfg.policy is None and not Path(policy).is_dir():
         raise UserError(f"collect: no policy given and {policy} does not exist; run `instructrl sft` first or set collect.policy=PATH")
-    model, tokenizer = load_causal_lm(policy), load_tokenizer(policy)
+    tokenizer = load_tokenizer(policy)
+    model = load_causal_lm(policy, tokenizer=tokenizer)
     world = build_world(config.world, Path(config.run.dir) / "world")
     end = None if cfg.n_prompts is None else cfg.first_prompt + cfg.n_prompts
     tasks = load_tasks(world.prompts("rm"))[cfg.first_prompt : end]

@@ -103,14 +103,14 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     else:  # a prompts file in the world's own format (family, answer) keeps its gold judge
         prompts, gold = read_prompts(cfg.prompts), {t.id: t for t in world_tasks_in(cfg.prompts)}
     seed_everything(config.run.seed)
-    policy = load_causal_lm(policy_path, dropout=0.0)  # dropout off in every model during RL
+    policy = load_causal_lm(policy_path, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
     max_length = getattr(policy.config, "max_position_embeddings", None) or getattr(policy.config, "n_positions", 2048)
     encoded = [render_ids(tokenizer, p.messages, add_generation_prompt=True) for p in prompts]
     keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
     prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
     if len(prompts) < cfg.rollout_batch_size:
         raise UserError(f"{stage}: {len(prompts)} prompts fit in {max_length} tokens with the response; fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
-    reference = load_causal_lm(reference_path, dropout=0.0).eval().requires_grad_(False)
+    reference = load_causal_lm(reference_path, dropout=0.0, tokenizer=tokenizer).eval().requires_grad_(False)
     reward_model = RewardModel.from_pretrained(rm_path).eval().requires_grad_(False)
     value_model = RewardModel.from_pretrained(value_path)
     set_dropout(value_model.backbone, 0.0)

@@ -79,7 +79,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     run.start(restart)
 
     seed_everything(config.run.seed)
-    model = RewardModel.from_causal_lm(backbone)
+    model = RewardModel.from_causal_lm(backbone, tokenizer)
     set_dropout(model.backbone, cfg.dropout)
     setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed)
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "

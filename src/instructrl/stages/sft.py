@@ -85,7 +85,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     world = build_world(config.world, Path(config.run.dir) / "world") if builtin else None
     data_path = world.demonstrations if builtin else cfg.data
     seed_everything(config.run.seed)
-    model = load_causal_lm(model_path, dropout=cfg.dropout)
+    model = load_causal_lm(model_path, dropout=cfg.dropout, tokenizer=tokenizer)
     max_length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
     examples, too_long = load_demonstrations(data_path, tokenizer, max_length)
     cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")

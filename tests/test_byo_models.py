@@ -1,0 +1,92 @@
+"""Bring your own model: tiny random GPT-2, Llama, Qwen2 and GPT-NeoX checkpoints, whose
+tokenizers lack a PAD (or use EOS as PAD) and a chat template, through SFT, RM and PPO."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SMOKE
+from tiny_models import ARCHS, save_tiny_model, tiny_tokenizer, user_data
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from instructrl.config import load_config
+from instructrl.data.chat import tokenize_conversation
+from instructrl.models.base import FALLBACK_CHAT_TEMPLATE, PAD_TOKEN, fit_embeddings, load_causal_lm, load_tokenizer
+
+
+@pytest.mark.parametrize("pad", ["none", "eos"])
+def test_load_tokenizer_adds_a_pad_distinct_from_eos(tmp_path, pad):
+    tiny_tokenizer(pad, template=False).save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.pad_token == PAD_TOKEN and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == len(tokenizer) - 1  # a new id, after the vocabulary the model knows
+    assert tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE
+
+
+def test_fit_embeddings_adds_a_mean_row_and_keeps_the_rest(tmp_path):
+    save_tiny_model("llama", tmp_path)
+    before = AutoModelForCausalLM.from_pretrained(tmp_path).get_input_embeddings().weight.detach().clone()
+    tokenizer = load_tokenizer(tmp_path)
+    model = load_causal_lm(tmp_path, tokenizer=tokenizer)
+    after = model.get_input_embeddings().weight
+    assert after.shape[0] == len(tokenizer) == before.shape[0] + 1
+    assert torch.equal(after[:-1], before)
+    assert torch.allclose(after[-1], before.mean(0))
+    assert model.get_output_embeddings().weight.shape[0] == len(tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    # fitting again changes nothing, and two loads are identical (no random initialisation)
+    fit_embeddings(model, tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    again = load_causal_lm(tmp_path, tokenizer=load_tokenizer(tmp_path))
+    assert torch.equal(again.get_input_embeddings().weight, after)
+
+
+def test_fallback_template_marks_only_the_assistant_turns(tmp_path):
+    tiny_tokenizer("none", template=False).save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    messages = [{"role": "user", "content": "Say cat."}, {"role": "assistant", "content": "cat"},
+                {"role": "user", "content": "Say dog."}, {"role": "assistant", "content": "dog"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "User: Say cat.\n\nAssistant: cat<|endoftext|>\n\nUser: Say dog.\n\nAssistant: dog<|endoftext|>"
+    conv = tokenize_conversation(tokenizer, messages)
+    marked = tokenizer.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m])
+    assert marked == " cat<|endoftext|> dog<|endoftext|>"
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
+    from instructrl.models.reward import RewardModel
+    from instructrl.stages.ppo import run_ppo
+    from instructrl.stages.rm import run_rm
+    from instructrl.stages.sft import run_sft
+
+    model_dir = save_tiny_model(arch, tmp_path / f"tiny-{arch}")
+    data = user_data(tmp_path / "data")
+    run = tmp_path / "run"
+    quiet = lambda *_: None  # noqa: E731
+    config = load_config(SMOKE, [
+        f"run.dir={run}", f"sft.model={model_dir}", f"sft.data={data['sft']}", "sft.epochs=2",
+        f"rm.model={run / 'sft' / 'final'}", f"rm.data={data['rm']}", f"rm.demonstrations={data['sft']}",
+        f"ppo.policy={run / 'sft' / 'final'}", f"ppo.reward_model={run / 'rm' / 'final'}", f"ppo.prompts={data['prompts']}",
+        f"ppo.ptx_data={data['text']}", "ppo.episodes=32",
+    ])
+    sft = run_sft(config, log=quiet)
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    model = AutoModelForCausalLM.from_pretrained(sft)
+    assert model.config.model_type == arch
+    assert tokenizer.pad_token == PAD_TOKEN and model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    assert tokenizer.chat_template is not None  # the fallback is saved with the checkpoint
+    losses = [json.loads(line)["train/loss"] for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+
+    rm = run_rm(config, log=quiet)
+    reward_model = RewardModel.from_pretrained(rm)
+    assert reward_model.backbone.config.model_type == arch
+
+    ppo = run_ppo(config, log=quiet)
+    metrics = [json.loads(line) for line in (run / "ppo_ptx" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["check/first_ratio"] == 1.0 for m in metrics)
+    assert all(m["rollout/length"] >= 1 for m in metrics) and "ppo/ptx_loss" in metrics[0]
+    policy = AutoModelForCausalLM.from_pretrained(ppo)
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), model.parameters()))

@@ -1,0 +1,89 @@
+"""Tiny randomly initialised Hugging Face models of several architectures, and a user's data
+files in each format, built locally for the bring-your-own-model tests (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from instructrl.models.tokenizer import CHAT_TEMPLATE
+
+WORDS = ["cat", "dog", "fox", "owl", "bee", "elk", "emu", "yak"]
+EOS = "<|endoftext|>"
+
+
+def tiny_tokenizer(pad: str, template: bool):
+    """A byte-level BPE with EOS only, as base models ship: ``pad`` is "none" (GPT-2, Pythia) or
+    "eos" (PAD = EOS, as Llama and Qwen2 recipes set it); ``template`` gives it a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    texts = [f"User: Say {w}.\n\nAssistant: {w}" for w in WORDS] * 4
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, model_max_length=1 << 20)
+    if pad == "eos":
+        tokenizer.pad_token = EOS
+    if template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# arch -> (tokenizer's PAD, whether it has a chat template): every combination the loader must handle
+ARCHS = {"gpt2": ("none", False), "llama": ("eos", False), "qwen2": ("none", True), "gpt_neox": ("eos", True)}
+
+
+def tiny_model_config(arch: str, vocab_size: int, eos_id: int):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    ids = dict(vocab_size=vocab_size, eos_token_id=eos_id, bos_token_id=eos_id)
+    if arch == "gpt2":
+        return GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=128, **ids)
+    shape = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128, **ids)
+    if arch == "llama":
+        return LlamaConfig(num_key_value_heads=1, **shape)
+    if arch == "qwen2":
+        return Qwen2Config(num_key_value_heads=1, **shape)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(**shape)
+    raise ValueError(arch)
+
+
+def save_tiny_model(arch: str, dest: Path, seed: int = 0) -> Path:
+    """A random ``arch`` model and its tokenizer (PAD and template per ``ARCHS``) saved to ``dest``."""
+    from transformers import AutoModelForCausalLM
+
+    pad, template = ARCHS[arch]
+    tokenizer = tiny_tokenizer(pad, template)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_model_config(arch, len(tokenizer), tokenizer.eos_token_id))
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def user_data(folder: Path, n: int = 32) -> dict[str, Path]:
+    """A user's files: demonstrations (messages), preferences (prompt/chosen/rejected), prompts, text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = [WORDS[i % len(WORDS)] for i in range(n)]
+    return {
+        "sft": write_jsonl(folder / "sft.jsonl", [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]} for w in words]),
+        "rm": write_jsonl(folder / "prefs.jsonl", [{"prompt": f"Say {w}.", "chosen": w, "rejected": WORDS[(i + 3) % len(WORDS)]} for i, w in enumerate(words)]),
+        "prompts": write_jsonl(folder / "prompts.jsonl", [{"prompt": f"Say {w}."} for w in words]),
+        "text": _write_text(folder / "text.txt", [f"the {w} and the {v}" for w in WORDS for v in WORDS]),
+    }
+
+
+def _write_text(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
