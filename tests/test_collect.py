@@ -6,7 +6,7 @@ import json
 
 from conftest import SMOKE, cli
 
-from instructrl.data.records import read_comparisons
+from instructrl.data.formats import read_comparisons
 from instructrl.world.build import load_tasks
 from instructrl.world.labeler import PAPER_NOISE, SimulatedLabeler
 

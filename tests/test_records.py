@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from instructrl.data.records import ComparisonRecord, read_comparisons, write_comparisons
+from instructrl.data.formats import read_comparisons
+from instructrl.data.records import ComparisonRecord, write_comparisons
 from instructrl.errors import UserError
 from instructrl.stages.collect import judge_responses
 from instructrl.world.labeler import SimulatedLabeler

@@ -69,6 +69,9 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    from datasets.utils import logging as datasets_logging
+
+    datasets_logging.disable_progress_bar()
 
 
 @app.command(epilog=_config_help("run", "world"))
@@ -228,6 +231,31 @@ def bench(
     else:
         raise UserError(f"bench: unknown --stage {stage!r}; choose ppo or rm")
     typer.echo(json.dumps(result, indent=2))
+
+
+data_app = typer.Typer(help="Check data files before a run.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check")
+def data_check(
+    file: Path = typer.Argument(..., help="A JSONL, JSON or Parquet file, or a datasets save_to_disk folder."),
+    data_format: str = typer.Option("auto", "--format", help="auto (from the fields), text, prompt_completion, messages, preference, comparison or prompt."),
+) -> None:
+    """Validate a data file and print its format, its record count and the stage inputs it can be.
+
+    Every record is checked; the first that fits no format (or not the file's) is reported as
+    file:line and the exit status is 2.
+    """
+    from instructrl.data.formats import FORMATS, check_file
+
+    if data_format != "auto" and data_format not in FORMATS:
+        raise UserError(f"data check: unknown --format {data_format!r}; choose auto or one of {', '.join(FORMATS)}")
+    summary = check_file(file, data_format)
+    details = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("file", "format", "records", "usable_as"))
+    _log(f"{file}: {summary['records']} {summary['format']} records" + (f" ({details})" if details else "")
+         + f"; usable as {', '.join(summary['usable_as'])}")
+    typer.echo(json.dumps(summary))
 
 
 @app.command("config")

@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from instructrl.errors import UserError
 
 
+# The data formats of instructrl.data.formats; "auto" detects the format from the first record's fields.
+DataFormat = Literal["auto", "text", "prompt_completion", "messages", "preference", "comparison", "prompt"]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -96,7 +100,8 @@ class PretrainConfig(TrainConfig):
 
 class SFTConfig(TrainConfig):
     model: str | None = Field(None, description="Hugging Face model to fine-tune: a local folder or hub name. Default: this run's pretrain/final.")
-    data: Path | None = Field(None, description="Demonstrations JSONL ({'messages': [...]} per line). Default: the built-in world's.")
+    data: Path | None = Field(None, description="Demonstrations: JSONL, JSON, Parquet or a datasets folder of messages, prompt/completion or text records. Default: the built-in world's.")
+    data_format: DataFormat = Field("auto", description="Format of sft.data: auto (from the fields), messages, prompt_completion or text.")
     epochs: float = Field(8.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16 over ~13k).")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (InstructGPT: 0.2 residual; Llama models have attention dropout only).")
@@ -118,8 +123,9 @@ class CollectConfig(Strict):
 
 class RMConfig(TrainConfig):
     model: str | None = Field(None, description="Causal LM whose backbone the reward model starts from. Default: this run's sft/final (InstructGPT).")
-    data: Path | None = Field(None, description="Comparisons JSONL (instructrl.data.records). Default: this run's collect/comparisons.jsonl.")
-    demonstrations: Path | None = Field(None, description="Demonstrations whose mean reward is set to 0 after training. Default: the built-in world's.")
+    data: Path | None = Field(None, description="Comparisons (K-way records) or TRL preference pairs: JSONL, JSON, Parquet or a datasets folder. Default: this run's collect/comparisons.jsonl.")
+    data_format: DataFormat = Field("auto", description="Format of rm.data: auto (from the fields), comparison or preference.")
+    demonstrations: Path | None = Field(None, description="Demonstrations (messages or prompt/completion) whose mean reward is set to 0 after training. Default: the built-in world's.")
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of comparisons (by prompt) held out for the diagnostics.")
     epochs: float = Field(1.0, gt=0, description="Passes over the comparisons (InstructGPT: 1; more overfits).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
@@ -135,7 +141,8 @@ class PPOConfig(Strict):
     reference: str | None = Field(None, description="Frozen model of the KL penalty (InstructGPT: the SFT model). Default: the policy's starting point.")
     reward_model: str | None = Field(None, description="Reward model folder (RewardModel.save_pretrained). Default: this run's rm/final.")
     value_model: str | None = Field(None, description="Reward model folder the value model starts from (InstructGPT: the RM). Default: reward_model.")
-    prompts: Path | None = Field(None, description="Prompts JSONL ({'messages': [...]} per line, last turn the user's). Default: the built-in world's PPO split.")
+    prompts: Path | None = Field(None, description="Prompts: prompt-only records ({'prompt': ...} or messages ending with a user turn), or the prompts of any other format. Default: the built-in world's PPO split.")
+    prompts_format: DataFormat = Field("auto", description="Format of ppo.prompts: auto (from the fields) or a format name.")
     episodes: int = Field(4096, gt=0, description="Prompts answered and scored in all (InstructGPT: 256k).")
     rollout_batch_size: int = Field(64, gt=0, description="Episodes generated per PPO iteration, over all processes (InstructGPT: 512).")
     minibatch_size: int = Field(16, gt=0, description="Episodes per optimizer step (InstructGPT: 64).")
@@ -161,7 +168,7 @@ class PPOConfig(Strict):
     whiten_rewards: bool = Field(False, description="Whiten the per-token rewards before GAE (off: the RM bias already centres them).")
     ptx_coef: float = Field(1.0, ge=0, description="γ of PPO-ptx: weight of the mean pretraining NLL per token in every policy update; 0 = plain PPO (InstructGPT: 27.8 on its own loss scale).")
     ptx_batch_size: int = Field(8, gt=0, description="Pretraining sequences mixed into each optimizer step.")
-    ptx_data: Path | None = Field(None, description="Plain-text pretraining file, one document per line. Default: the built-in world's corpus.")
+    ptx_data: Path | None = Field(None, description="Pretraining text: a plain-text file (one document per line) or text records (JSONL, JSON, Parquet, datasets folder). Default: the built-in world's corpus.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (bf16 on a GPU).")
     log_every: int = Field(1, gt=0, description="PPO iterations between metric lines.")
     checkpoint_every: int = Field(10, gt=0, description="PPO iterations between resumable checkpoints.")

@@ -41,3 +41,9 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> TokenizedConversat
         full, mask = full + [tokenizer.eos_token_id], mask + [1]
     return TokenizedConversation(full, mask)
 
+
+
+def tokenize_text(tokenizer, text: str) -> TokenizedConversation:
+    """Plain text (SFT on ``text`` records) ending with EOS; every token is a target."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return TokenizedConversation(ids, [1] * len(ids))

@@ -18,10 +18,6 @@ from instructrl.data.records import ComparisonRecord, check_messages
 from instructrl.errors import UserError
 
 
-def is_preference(record: dict) -> bool:
-    return "chosen" in record and "rejected" in record
-
-
 def _answer(messages: list[dict], where: str, field: str) -> str:
     if messages[-1]["role"] != "assistant":
         raise UserError(f"{where}: the last message of '{field}' must be the assistant's")

@@ -2,7 +2,7 @@
 (InstructGPT §3.4, Appendix B).
 
 Comparison collection (the simulated labeler) and the feedback app (people) are to write these,
-and the reward-model stage to read them (issues 3 and 5). One JSON object per line.
+and the reward-model stage to read them (issues 3 and 5), through instructrl.data.formats. One JSON object per line.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from instructrl.data.jsonl import read_jsonl, write_jsonl
+from instructrl.data.jsonl import write_jsonl
 from instructrl.errors import UserError
 
 GUIDELINE_VERSION = "world-v1"  # the simulated labeler's scoring rules (world/labeler.py)
@@ -70,28 +70,6 @@ class ComparisonRecord(BaseModel):
         if self.prompt[-1].role != "user":
             raise ValueError("the prompt must end with a user turn")
         return self
-
-
-def read_comparisons(path: Path | str) -> list[ComparisonRecord]:
-    """Every record of a comparisons JSONL; a bad record is reported as file:line.
-
-    Lines in TRL's preference format (``prompt``/``chosen``/``rejected``, see
-    ``instructrl.data.preference``) are read as comparisons of K = 2.
-    """
-    from instructrl.data.preference import comparison_from_preference, is_preference
-
-    records = []
-    for number, raw in read_jsonl(path):
-        if is_preference(raw):
-            records.append(comparison_from_preference(raw, f"{path}:{number}", f"{Path(path).name}:{number}"))
-            continue
-        try:
-            records.append(ComparisonRecord.model_validate(raw))
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "record"
-            raise UserError(f"{path}:{number}: not a comparison record ({where}: {first['msg']})") from None
-    return records
 
 
 def write_comparisons(path: Path | str, records: Iterable[ComparisonRecord]) -> None:

@@ -14,7 +14,8 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
-from instructrl.data.records import ComparisonRecord, comparison_line, read_comparisons, write_comparisons
+from instructrl.data.formats import read_comparisons
+from instructrl.data.records import ComparisonRecord, comparison_line, write_comparisons
 from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import load_causal_lm, load_tokenizer

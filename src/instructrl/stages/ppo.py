@@ -27,7 +27,7 @@ import torch
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import render_ids
 from instructrl.data.packing import pack_documents
-from instructrl.data.prompts import Prompt, read_prompts
+from instructrl.data.formats import Prompt, read_prompts, read_texts
 from instructrl.errors import UserError
 from instructrl.models.base import count_parameters, load_causal_lm, load_tokenizer, set_dropout
 from instructrl.models.reward import RewardModel
@@ -101,7 +101,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         prompts = [Prompt(t.id, list(t.messages)) for t in tasks]
         gold = {t.id: t for t in tasks}
     else:  # a prompts file in the world's own format (family, answer) keeps its gold judge
-        prompts, gold = read_prompts(cfg.prompts), {t.id: t for t in world_tasks_in(cfg.prompts)}
+        prompts = read_prompts(cfg.prompts, cfg.prompts_format)
+        gold = {t.id: t for t in world_tasks_in(cfg.prompts)} if Path(cfg.prompts).suffix == ".jsonl" else {}
     seed_everything(config.run.seed)
     policy = load_causal_lm(policy_path, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
     max_length = getattr(policy.config, "max_position_embeddings", None) or getattr(policy.config, "n_positions", 2048)
@@ -117,7 +118,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     ptx_blocks = None
     if cfg.ptx_coef > 0:
         ptx_path = cfg.ptx_data or world.corpus
-        ptx_blocks = pack_documents(tokenizer, Path(ptx_path).read_text().splitlines(), min(PTX_BLOCK, max_length))
+        ptx_blocks = pack_documents(tokenizer, read_texts(ptx_path), min(PTX_BLOCK, max_length))
         if len(ptx_blocks) < cfg.ptx_batch_size:
             raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {PTX_BLOCK} tokens")
     run.start(restart)

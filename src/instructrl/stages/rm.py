@@ -17,8 +17,8 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import tokenize_conversation
-from instructrl.data.jsonl import read_jsonl
-from instructrl.data.records import ComparisonRecord, read_comparisons, validate_messages
+from instructrl.data.formats import read_comparisons, read_data
+from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError
 from instructrl.evaluation.rm_diagnostics import correlation, length_bias, pairwise_accuracy
 from instructrl.models.base import load_tokenizer, set_dropout
@@ -66,7 +66,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     if cfg.data is None and not Path(data).is_file():
         raise UserError(f"rm: no data given and {data} does not exist; run `instructrl collect` first or set rm.data=PATH")
     tokenizer = load_tokenizer(backbone)
-    records = read_comparisons(data)
+    records = read_comparisons(data, cfg.data_format)
 
     # held-out comparisons, by prompt, for the diagnostics
     order = list(range(len(records)))
@@ -113,7 +113,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         # bias: the demonstrations average a reward of 0 (§3.5)
         world = build_world(config.world, root / "world") if cfg.demonstrations is None else None
         demos_path = world.demonstrations if world else cfg.demonstrations
-        demos = [tokenize_conversation(tokenizer, validate_messages(r.get("messages"), f"{demos_path}:{n}")).input_ids for n, r in read_jsonl(demos_path)]
+        demos = [tokenize_conversation(tokenizer, d.messages).input_ids for d in read_data(demos_path, "conversation")[1]]
         demo_rewards = score_sequences(model, demos, tokenizer.pad_token_id, accelerator.device)
         model.reward_bias.fill_(-sum(demo_rewards) / len(demo_rewards))
         tmp = final.with_name("final.tmp")

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from instructrl.config import PipelineConfig
-from instructrl.data.chat import TokenizedConversation, tokenize_conversation
-from instructrl.data.records import validate_messages
-from instructrl.data.jsonl import read_jsonl
+from instructrl.data.chat import TokenizedConversation, tokenize_conversation, tokenize_text
+from instructrl.data.formats import read_data
 from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import load_causal_lm, load_tokenizer
@@ -31,12 +30,12 @@ SECTIONS = ("run", "world", "sft")
 UPSTREAM = ("tokenizer", "model", "pretrain")  # part of the identity when SFT starts from this run's base model
 
 
-def load_demonstrations(path: Path, tokenizer, max_length: int) -> tuple[list[TokenizedConversation], int]:
-    """Tokenized conversations from a ``{"messages": [...]}`` JSONL; also how many were too long."""
+def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str = "auto") -> tuple[list[TokenizedConversation], int]:
+    """Tokenized examples of a demonstrations file in any SFT format (``instructrl.data.formats``);
+    also how many were too long."""
     examples, too_long = [], 0
-    for number, record in read_jsonl(path):
-        messages = validate_messages(record.get("messages"), f"{path}:{number}")
-        example = tokenize_conversation(tokenizer, messages)
+    for demo in read_data(path, "demonstration", data_format)[1]:
+        example = tokenize_conversation(tokenizer, demo.messages) if demo.messages is not None else tokenize_text(tokenizer, demo.text)
         if len(example.input_ids) > max_length:
             too_long += 1
             continue
@@ -87,7 +86,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     seed_everything(config.run.seed)
     model = load_causal_lm(model_path, dropout=cfg.dropout, tokenizer=tokenizer)
     max_length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
-    examples, too_long = load_demonstrations(data_path, tokenizer, max_length)
+    examples, too_long = load_demonstrations(data_path, tokenizer, max_length, cfg.data_format)
     cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")
     run.start(restart)
     setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed)

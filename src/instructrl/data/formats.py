@@ -1,0 +1,287 @@
+"""Every data format the stages read, detected from a record's fields (or named in the config).
+
+    format             fields of one record                                  read by
+    text               {"text": "..."}                                       sft (loss on every token), ppo.ptx_data
+    prompt_completion  {"prompt": str | [messages], "completion": str | [messages]}   sft (loss on the completion)
+    messages           {"messages": [..., {"role": "assistant", ...}]}       sft (loss on assistant turns), rm.demonstrations
+    preference         {"prompt"?, "chosen", "rejected"} (TRL; see preference.py)     rm (K = 2)
+    comparison         a ComparisonRecord: {"id", "prompt", "responses", "ranks", ...}  rm (K-way)
+    prompt             {"prompt": str | [messages]} or {"messages": [..., user turn]}  ppo.prompts
+
+These are the Hugging Face ecosystem's (TRL's) dataset formats plus our K-way comparison record.
+PPO also takes its prompts from any format that holds one (the prompt of a prompt/completion,
+preference or comparison record, a conversation without its last assistant turn).
+
+Files: JSON lines (``.jsonl``, or any other name), a JSON list of records (``.json``), Parquet
+(``.parquet``), or a folder written by ``datasets``' ``save_to_disk``. A file holds one format;
+a record that fits none, or another than the first record's, is reported as file:line (file:row
+for Parquet and datasets folders, file:record for a JSON list).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import ValidationError
+
+from instructrl.data.jsonl import read_jsonl
+from instructrl.data.preference import comparison_from_preference
+from instructrl.data.records import ComparisonRecord, check_messages, validate_messages
+from instructrl.errors import UserError
+
+FORMATS = ("text", "prompt_completion", "messages", "preference", "comparison", "prompt")
+
+# what each kind of input a stage reads accepts
+USES = {
+    "demonstration": ("messages", "prompt_completion", "text"),  # sft.data
+    "conversation": ("messages", "prompt_completion"),  # rm.demonstrations (scored through the chat template)
+    "comparison": ("comparison", "preference"),  # rm.data, collect.judgements
+    "prompt": ("prompt", "prompt_completion", "preference", "comparison", "messages"),  # ppo.prompts
+    "text": ("text",),  # ppo.ptx_data
+}
+STAGE_OF_USE = {"demonstration": "sft.data", "conversation": "rm.demonstrations", "comparison": "rm.data",
+                "prompt": "ppo.prompts", "text": "ppo.ptx_data"}
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """One SFT example: a conversation (loss on its assistant turns) or plain text (loss on every token)."""
+
+    messages: list[dict] | None = None  # ends with the assistant's turn
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: list[dict]  # the conversation so far; the last turn is the user's
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) for every record of a JSONL, JSON, Parquet file or a datasets folder;
+    ``where`` is file:line (file:row, file:record) for error messages."""
+    path = Path(path)
+    if path.is_dir():
+        yield from _arrow_rows(path, _load_from_disk(path))
+    elif not path.is_file():
+        raise UserError(f"{path}: file not found")
+    elif path.suffix == ".parquet":
+        from datasets import Dataset
+
+        try:
+            dataset = Dataset.from_parquet(str(path), keep_in_memory=True)
+        except Exception as err:  # pyarrow raises several types for a corrupt file
+            raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+        yield from _arrow_rows(path, dataset)
+    elif path.suffix == ".json" and path.read_bytes().lstrip()[:1] == b"[":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        for number, record in enumerate(records, start=1):
+            if not isinstance(record, dict):
+                raise UserError(f"{path}: record {number}: expected a JSON object, found {type(record).__name__}")
+            yield f"{path}: record {number}", record
+    else:
+        for number, record in read_jsonl(path):
+            yield f"{path}:{number}", record
+
+
+def _load_from_disk(path: Path):
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        dataset = load_from_disk(str(path))
+    except Exception as err:  # FileNotFoundError, or pyarrow's errors for a damaged folder
+        raise UserError(f"{path}: not a folder written by datasets' save_to_disk ({str(err).splitlines()[0]})") from None
+    if isinstance(dataset, DatasetDict):
+        if "train" not in dataset and len(dataset) != 1:
+            raise UserError(f"{path}: a DatasetDict with splits {sorted(dataset)} and no 'train'; save the split to use")
+        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    return dataset
+
+
+def _arrow_rows(path: Path, dataset) -> Iterator[tuple[str, dict]]:
+    for number, row in enumerate(dataset, start=1):
+        yield f"{path}: row {number}", _without_nulls(row)
+
+
+def _without_nulls(value):
+    """Arrow gives every struct the union of the fields of all rows, missing ones as None: drop them."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- formats
+
+
+def detect_format(record: dict) -> str | None:
+    """The format a record's fields say it is in, or None."""
+    keys = set(record)
+    if {"responses", "ranks"} <= keys:
+        return "comparison"
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if "messages" in keys:
+        messages = record["messages"]
+        ends_with_user = isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "user"
+        return "prompt" if ends_with_user else "messages"
+    if "prompt" in keys:
+        return "prompt"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def _turns(value, where: str, field: str, role: str) -> list[dict]:
+    """A text field as one turn of ``role``, or a list of messages checked as such."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return check_messages(value, where, field)
+
+
+def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
+    if fmt == "text":
+        if not isinstance(record.get("text"), str) or not record["text"].strip():
+            raise UserError(f"{where}: 'text' must be a non-empty string")
+        return Demonstration(text=record["text"])
+    if fmt == "prompt_completion":
+        prompt = _turns(record.get("prompt"), where, "prompt", "user")
+        completion = _turns(record.get("completion"), where, "completion", "assistant")
+        if any(m["role"] != "assistant" for m in completion):
+            raise UserError(f"{where}: every message of 'completion' must be the assistant's")
+        return Demonstration(messages=prompt + completion)
+    return Demonstration(messages=validate_messages(record.get("messages"), where))
+
+
+def to_comparison(fmt: str, record: dict, where: str, default_id: str) -> ComparisonRecord:
+    if fmt == "preference":
+        return comparison_from_preference(record, where, default_id)
+    try:
+        return ComparisonRecord.model_validate(record)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "record"
+        raise UserError(f"{where}: not a comparison record ({field}: {first['msg']})") from None
+
+
+def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
+    """The prompt of a record of any format that holds one."""
+    if fmt in ("preference", "comparison"):
+        comparison = to_comparison(fmt, record, where, default_id)
+        return Prompt(comparison.id, [m.model_dump() for m in comparison.prompt])
+    if fmt == "messages":
+        messages = validate_messages(record.get("messages"), where)[:-1]
+    else:
+        field = "prompt" if "prompt" in record else "messages"
+        messages = _turns(record.get(field), where, field, "user")
+    if not messages or messages[-1]["role"] != "user":
+        raise UserError(f"{where}: the last message of a prompt must be the user's")
+    return Prompt(str(record.get("id", default_id)), messages)
+
+
+def to_text(fmt: str, record: dict, where: str) -> str:
+    return to_demonstration("text", record, where).text
+
+
+# ---------------------------------------------------------------- reading a file for one use
+
+
+def read_data(path: Path | str, use: str, data_format: str = "auto") -> tuple[list[str], list]:
+    """(formats found, items) of a data file read for ``use`` (a key of USES): Demonstrations,
+    ComparisonRecords, Prompts or texts. Each record's format is detected from its fields (a file
+    may mix formats the use accepts, e.g. K-way comparisons and preference pairs), or is
+    ``data_format``. Every record is checked; the first bad one is a UserError naming its file and line."""
+    path = Path(path)
+    formats, items = [], []
+    for number, (where, record) in enumerate(read_records(path), start=1):
+        fmt = data_format if data_format != "auto" else detect_format(record)
+        if fmt is None:
+            raise UserError(f"{where}: fits no known format (fields: {', '.join(sorted(record)) or 'none'}); "
+                            f"expected one of: {describe_fields()}")
+        if fmt not in USES[use]:
+            raise UserError(f"{where}: a {fmt} record cannot be used as {STAGE_OF_USE[use]}, which takes {', '.join(USES[use])} records")
+        if fmt not in formats:
+            formats.append(fmt)
+        default_id = f"{path.name}:{number}"
+        if use in ("demonstration", "conversation"):
+            items.append(to_demonstration(fmt, record, where))
+        elif use == "comparison":
+            items.append(to_comparison(fmt, record, where, default_id))
+        elif use == "prompt":
+            items.append(to_prompt(fmt, record, where, default_id))
+        else:
+            items.append(to_text(fmt, record, where))
+    if not items:
+        raise UserError(f"{path}: no records")
+    return formats, items
+
+
+def describe_fields() -> str:
+    return ("text; prompt + completion; messages; prompt + chosen + rejected (or chosen + rejected); "
+            "prompt + responses + ranks (comparison); prompt, or messages ending with a user turn (prompt-only)")
+
+
+def read_comparisons(path: Path | str, data_format: str = "auto") -> list[ComparisonRecord]:
+    """Comparison records (K-way, or TRL preference pairs as K = 2) from any supported file."""
+    return read_data(path, "comparison", data_format)[1]
+
+
+def read_prompts(path: Path | str, data_format: str = "auto") -> list[Prompt]:
+    return read_data(path, "prompt", data_format)[1]
+
+
+def read_texts(path: Path | str) -> list[str]:
+    """Documents for PPO-ptx: ``text`` records of a data file, or a plain-text file's lines."""
+    path = Path(path)
+    if path.is_dir() or path.suffix in (".jsonl", ".json", ".parquet"):
+        return read_data(path, "text")[1]
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+
+
+def check_file(path: Path | str, data_format: str = "auto") -> dict:
+    """What ``instructrl data check`` reports: the format, the record count, the stage inputs the
+    file can be, and a summary; every record is validated for each of those inputs."""
+    path = Path(path)
+    formats, items, uses, refusal = None, [], [], None
+    for use in USES:
+        try:
+            found, items_for_use = read_data(path, use, data_format)
+        except UserError as err:
+            if "cannot be used as" not in str(err):
+                raise
+            refusal = refusal or err
+            continue
+        uses.append(STAGE_OF_USE[use])
+        formats, items = formats or found, items or items_for_use
+    if not uses:  # a file mixing formats no single input takes
+        raise refusal
+    summary: dict = {"file": str(path), "format": "+".join(formats), "records": len(items), "usable_as": uses}
+    if isinstance(items[0], ComparisonRecord):
+        summary["k"] = sorted({len(c.responses) for c in items})
+        summary["pairs"] = sum(len(c.ranks) * (len(c.ranks) - 1) // 2 for c in items)
+    if isinstance(items[0], Demonstration) and items[0].messages is not None:
+        summary["assistant_turns"] = sum(sum(m["role"] == "assistant" for m in d.messages) for d in items)
+    if "preference" in formats:
+        first = next(record for _, record in read_records(path) if detect_format(record) == "preference")
+        summary["style"] = ("conversational" if isinstance(first["chosen"], list) else "plain text") + \
+            (", explicit prompt" if "prompt" in first else ", implicit prompt")
+    return summary

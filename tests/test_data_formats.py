@@ -1,0 +1,168 @@
+"""Users' data in the ecosystem's formats: detection, file types, file:line errors, `instructrl
+data check`, and SFT / RM / PPO run on each format with no conversion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SMOKE, cli
+from tiny_models import WORDS, save_tiny_model, user_data, write_jsonl
+
+from instructrl.config import load_config
+from instructrl.data.formats import Demonstration, detect_format, read_comparisons, read_data, read_prompts, read_records
+from instructrl.errors import UserError
+
+USER = {"role": "user", "content": "Say cat."}
+ASSISTANT = {"role": "assistant", "content": "cat"}
+WRONG = {"role": "assistant", "content": "dog"}
+
+# one record of every format and shape, with the format it must be detected as
+SHAPES = {
+    "text": ({"text": "the cat sat"}, "text"),
+    "prompt_completion": ({"prompt": "Say cat.", "completion": "cat"}, "prompt_completion"),
+    "prompt_completion_conversational": ({"prompt": [USER], "completion": [ASSISTANT]}, "prompt_completion"),
+    "messages": ({"messages": [USER, ASSISTANT]}, "messages"),
+    "preference_explicit": ({"prompt": "Say cat.", "chosen": "cat", "rejected": "dog"}, "preference"),
+    "preference_explicit_conversational": ({"prompt": [USER], "chosen": [ASSISTANT], "rejected": [WRONG]}, "preference"),
+    "preference_implicit": ({"chosen": "Say cat. cat", "rejected": "Say cat. dog"}, "preference"),
+    "preference_implicit_conversational": ({"chosen": [USER, ASSISTANT], "rejected": [USER, WRONG]}, "preference"),
+    "comparison": ({"id": "p1", "prompt": [USER], "responses": ["cat", "dog", "fox"], "ranks": [0, 1, 2], "labeler_id": "me"}, "comparison"),
+    "prompt": ({"prompt": "Say cat."}, "prompt"),
+    "prompt_messages": ({"messages": [USER]}, "prompt"),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_detect_format(shape):
+    record, fmt = SHAPES[shape]
+    assert detect_format(record) == fmt
+
+
+def test_each_format_converts_for_its_stage(tmp_path):
+    def read(shape, use):
+        return read_data(write_jsonl(tmp_path / f"{shape}.jsonl", [SHAPES[shape][0]]), use)[1][0]
+
+    assert read("text", "demonstration") == Demonstration(text="the cat sat")
+    for shape in ("prompt_completion", "prompt_completion_conversational", "messages"):
+        assert read(shape, "demonstration") == Demonstration(messages=[USER, ASSISTANT])
+    for shape in ("preference_explicit", "preference_explicit_conversational", "preference_implicit_conversational"):
+        comparison = read(shape, "comparison")
+        assert comparison.responses == ["cat", "dog"] and comparison.ranks == [0, 1]
+        assert [m.model_dump() for m in comparison.prompt] == [USER]
+    assert read("comparison", "comparison").ranks == [0, 1, 2]
+    # PPO takes the prompt of any record that holds one
+    for shape in ("prompt", "prompt_messages", "prompt_completion", "messages", "preference_explicit", "comparison"):
+        assert read(shape, "prompt").messages == [USER], shape
+
+
+def test_parquet_json_and_datasets_folder_read_like_jsonl(tmp_path):
+    from datasets import Dataset
+
+    rows = [{**SHAPES["preference_explicit_conversational"][0], "id": name} for name in ("first", "second")]
+    jsonl = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    (tmp_path / "prefs.json").write_text(json.dumps(rows, indent=1))
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "prefs.parquet"))
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "prefs_dataset"))
+    expected = read_comparisons(jsonl)
+    assert expected[1].id == "second"
+    for other in ("prefs.json", "prefs.parquet", "prefs_dataset"):
+        assert read_comparisons(tmp_path / other) == expected, other
+
+
+@pytest.mark.parametrize("lines, needle", [
+    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"colour": "red"}'], "bad.jsonl:2: fits no known format (fields: colour)"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a", "chosen": "b"'], "bad.jsonl:2: not valid JSON"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"text": "a"}'], "bad.jsonl:2: a text record cannot be used as rm.data"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '', '{"prompt": "a", "chosen": ["b"], "rejected": "c"}'], "bad.jsonl:3: 'chosen' and 'rejected' must both be text"),
+])
+def test_a_bad_record_is_named_by_file_and_line(tmp_path, lines, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        read_comparisons(path)
+
+
+def test_bad_rows_of_a_parquet_file_are_named_by_row(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([{"prompt": "Say cat.", "completion": "cat"}, {"prompt": "Say dog.", "completion": ""}]).to_parquet(str(tmp_path / "p.parquet"))
+    assert [m for _, m in read_records(tmp_path / "p.parquet")][1] == {"prompt": "Say dog.", "completion": ""}
+    with pytest.raises(UserError, match="p.parquet: row 1: a prompt_completion record cannot be used as rm.data"):
+        read_comparisons(tmp_path / "p.parquet")
+
+
+def test_data_check_cli(tmp_path):
+    good = write_jsonl(tmp_path / "prefs.jsonl", [SHAPES["preference_implicit"][0]] * 3)
+    out = cli("data", "check", str(good))
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["format"] == "preference" and summary["records"] == 3 and summary["k"] == [2]
+    assert summary["usable_as"] == ["rm.data", "ppo.prompts"] and summary["style"] == "plain text, implicit prompt"
+    demos = json.loads(cli("data", "check", str(write_jsonl(tmp_path / "d.jsonl", [SHAPES["messages"][0]] * 2))).stdout.splitlines()[-1])
+    assert demos["usable_as"] == ["sft.data", "rm.demonstrations", "ppo.prompts"] and demos["assistant_turns"] == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(SHAPES["messages"][0]) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    proc = cli("data", "check", str(bad), check=False)
+    assert proc.returncode == 2 and "bad.jsonl:2: messages[0] must be" in proc.stderr
+
+
+# SFT, RM and PPO on a user's files in each format, on a tiny Llama with no PAD and no chat template
+SFT_SHAPES = ["text", "prompt_completion", "prompt_completion_conversational", "messages"]
+RM_SHAPES = ["preference_explicit", "preference_explicit_conversational", "preference_implicit", "preference_implicit_conversational", "comparison"]
+PPO_SHAPES = ["prompt", "prompt_messages", "prompt_completion"]
+
+
+def _records(shape: str, n: int = 16) -> list[dict]:
+    """n records of ``shape`` about different words."""
+    record = json.dumps(SHAPES[shape][0])
+    return [json.loads(record.replace("cat", w).replace("p1", f"p{i}")) for i, w in enumerate(WORDS * (n // len(WORDS)))]
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+    """A tiny Llama fine-tuned on messages, and a reward model on preferences: the fixed inputs of the other stages."""
+    from instructrl.stages.rm import run_rm
+    from instructrl.stages.sft import run_sft
+
+    root = tmp_path_factory.mktemp("formats")
+    data = user_data(root / "data")
+    config = load_config(SMOKE, [f"run.dir={root / 'run'}", f"sft.model={save_tiny_model('llama', root / 'llama')}", f"sft.data={data['sft']}",
+                                 f"rm.model={root / 'run' / 'sft' / 'final'}", f"rm.data={data['rm']}", f"rm.demonstrations={data['sft']}"])
+    run_sft(config, log=lambda *_: None)
+    run_rm(config, log=lambda *_: None)
+    return root / "run", data
+
+
+@pytest.mark.parametrize("shape", SFT_SHAPES)
+def test_sft_on_each_format(tmp_path, tiny_sft, shape):
+    from instructrl.stages.sft import run_sft
+
+    run, _ = tiny_sft
+    data = write_jsonl(tmp_path / f"{shape}.jsonl", _records(shape))
+    run_sft(load_config(SMOKE, [f"run.dir={tmp_path}", f"sft.model={run / 'sft' / 'final'}", f"sft.data={data}"]), log=lambda *_: None)
+    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 1 and losses[0] > 0
+
+
+@pytest.mark.parametrize("shape", RM_SHAPES)
+def test_rm_on_each_format(tmp_path, tiny_sft, shape):
+    from instructrl.stages.rm import run_rm
+
+    run, data = tiny_sft
+    prefs = write_jsonl(tmp_path / f"{shape}.jsonl", _records(shape))
+    run_rm(load_config(SMOKE, [f"run.dir={tmp_path}", f"rm.model={run / 'sft' / 'final'}", f"rm.data={prefs}", f"rm.demonstrations={data['sft']}",
+                               "rm.heldout_fraction=0"]), log=lambda *_: None)
+    assert (tmp_path / "rm" / "final" / "reward_head.safetensors").is_file()
+
+
+@pytest.mark.parametrize("shape", PPO_SHAPES)
+def test_ppo_on_each_prompt_format(tmp_path, tiny_sft, shape):
+    from instructrl.stages.ppo import run_ppo
+
+    run, data = tiny_sft
+    prompts = write_jsonl(tmp_path / f"{shape}.jsonl", _records(shape))
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(WORDS * 4)}] * 16)  # PPO-ptx's text as records too
+    run_ppo(load_config(SMOKE, [f"run.dir={tmp_path}", f"ppo.policy={run / 'sft' / 'final'}", f"ppo.reward_model={run / 'rm' / 'final'}",
+                                f"ppo.prompts={prompts}", f"ppo.ptx_data={text}", "ppo.episodes=16"]), log=lambda *_: None)
+    [metrics] = [json.loads(line) for line in (tmp_path / "ppo_ptx" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["rollout/length"] >= 1 and "ppo/ptx_loss" in metrics
