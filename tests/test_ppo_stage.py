@@ -64,7 +64,7 @@ class _Value(torch.nn.Module):
         super().__init__()
         self.emb = torch.nn.Embedding(vocab, 1)
 
-    def values(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, per_token=False):
         return self.emb(input_ids).squeeze(-1)
 
 

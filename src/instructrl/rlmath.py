@@ -5,6 +5,8 @@ Shapes: B = batch, T = sequence length, V = vocabulary.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -127,16 +129,20 @@ def gae_advantages(
     return advantages, (advantages + values) * mask
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Normalise ``values`` to unit variance (and zero mean) over the masked entries only.
 
     Padding must not enter the statistics: with it, short responses shift every advantage.
     The variance is the unbiased one, as in lm-human-preferences. Masked-out entries become 0.
+    ``total`` sums a tensor over the processes that hold the rest of the batch (e.g.
+    ``accelerator.reduce(t, "sum")``), so the statistics are the global batch's whatever the
+    number of processes.
     """
+    total = total or (lambda t: t)
     mask = mask.to(values.dtype)
-    mean = masked_mean(values, mask)
-    count = mask.sum()
-    variance = masked_sum((values - mean) ** 2, mask) / (count - 1).clamp(min=1)
+    count = total(mask.sum())
+    mean = total(masked_sum(values, mask)) / count.clamp(min=1)
+    variance = total(masked_sum((values - mean) ** 2, mask)) / (count - 1).clamp(min=1)
     whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

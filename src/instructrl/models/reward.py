@@ -71,9 +71,12 @@ class RewardModel(nn.Module):
         ).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B,) reward of each sequence, read at its last real token, bias included."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, per_token: bool = False) -> Tensor:
+        """(B,) reward of each sequence, read at its last real token, bias included; with
+        ``per_token``, ``values`` (a value model is called this way, so that DDP's wrapper sees the call)."""
         values = self.values(input_ids, attention_mask)
+        if per_token:
+            return values
         last = last_token_index(attention_mask).clamp(min=0)
         return values.gather(1, last.unsqueeze(1)).squeeze(1) + self.reward_bias
 

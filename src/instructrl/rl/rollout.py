@@ -51,19 +51,37 @@ class Rollout:
         return torch.cat([self.query_ids, self.response_ids], 1), torch.cat([self.query_mask, self.response_mask], 1)
 
 
+class GumbelNoise:
+    """A logits processor for ``generate``: logits / T plus Gumbel noise drawn from one generator
+    per row. Greedy decoding of the result is an exact sample from softmax(logits / T) (the
+    Gumbel-max trick) that depends on the row's own seed only, not on which rows share its batch
+    or its process: one process or several sample the same episodes."""
+
+    def __init__(self, seeds: list[int], temperature: float, device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-30)))
+        return scores.float() / self.temperature + gumbel
+
+
 @torch.no_grad()
 def sample_responses(policy, query_ids: Tensor, query_mask: Tensor, *, temperature: float, max_new_tokens: int,
-                     eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample one response per left-padded prompt from the full distribution at ``temperature``.
+                     eos_id: int, pad_id: int, seeds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample one response per left-padded prompt from the full distribution at ``temperature``,
+    row i with random numbers from ``seeds[i]`` (``GumbelNoise``).
 
-    top_k = 0 and top_p = 1 are explicit: a checkpoint's generation_config may set others, and
-    any truncation would make the samples disagree with the log-probs PPO computes.
+    The generation config is built here, not taken from the checkpoint: a checkpoint's top_k,
+    top_p or repetition penalty would make the samples disagree with the log-probs PPO computes.
     Returns (response_ids, response_mask, ended) as ``truncate_after_eos`` gives them.
     """
-    out = policy.generate(
-        input_ids=query_ids, attention_mask=query_mask, max_new_tokens=max_new_tokens, do_sample=True,
-        temperature=temperature, top_k=0, top_p=1.0, pad_token_id=pad_id, eos_token_id=eos_id,
-    )
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id)
+    out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config,
+                          logits_processor=LogitsProcessorList([GumbelNoise(seeds, temperature, query_ids.device)]))
     return truncate_after_eos(out[:, query_ids.shape[1]:], eos_id, pad_id)
 
 
@@ -85,7 +103,7 @@ def response_values(value_model, query_ids: Tensor, query_mask: Tensor, response
     """(B, Tr) V(s_t): the value model's per-token output at the token *before* response token t."""
     ids = torch.cat([query_ids, response_ids], 1)
     mask = torch.cat([query_mask, response_mask], 1)
-    return value_model.values(ids, mask)[:, query_ids.shape[1] - 1 : -1]
+    return value_model(ids, mask, per_token=True)[:, query_ids.shape[1] - 1 : -1]
 
 
 def left_pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:

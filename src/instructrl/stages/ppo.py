@@ -47,6 +47,7 @@ from instructrl.world.labeler import SimulatedLabeler
 SECTIONS = ("run", "world", "ppo")
 UPSTREAM = ("tokenizer", "model", "pretrain", "sft", "collect", "rm")  # identity when the inputs are this run's own
 PTX_BLOCK = 128
+TOKEN_MEANS = {"ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/ratio", "ppo/value_clipfrac"}
 
 
 def stage_name(config: PipelineConfig) -> str:
@@ -64,6 +65,33 @@ def prompt_order(n_prompts: int, batch: int, iteration: int, seed: int) -> list[
         rows += perm[offset : offset + batch - len(rows)]
         epoch += 1
     return rows
+
+
+def rank_episodes(rollout_batch: int, minibatch: int, world_size: int, rank: int) -> list[int]:
+    """Positions in the global rollout batch of process ``rank``'s episodes, in its local order.
+
+    Global minibatch b holds positions [b * minibatch, (b + 1) * minibatch); each process gets an
+    equal share of every one (``minibatch / world_size`` consecutive positions), so local
+    minibatch b on every process together is global minibatch b, and any number of processes
+    makes the same optimizer steps as one.
+    """
+    local = minibatch // world_size
+    return [b * minibatch + rank * local + k for b in range(rollout_batch // minibatch) for k in range(local)]
+
+
+def shuffled_local_order(rollout_batch: int, minibatch: int, world_size: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """Local episode indices of a later PPO epoch: new minibatches that are the same for any
+    number of processes. Episodes move between minibatches but keep their position within one
+    (so they stay on their process): each position p gets its own permutation of the minibatches,
+    drawn by every process alike."""
+    n_minibatches, local = rollout_batch // minibatch, minibatch // world_size
+    perms = [torch.randperm(n_minibatches, generator=generator) for _ in range(minibatch)]
+    return torch.tensor([int(perms[rank * local + k][b]) * local + k for b in range(n_minibatches) for k in range(local)])
+
+
+def episode_seed(seed: int, iteration: int, episode: int) -> int:
+    """The sampling seed of one episode (its position in the global batch of ``iteration``)."""
+    return (seed * 1_000_003 + iteration) * 1_000_033 + episode
 
 
 def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
@@ -137,7 +165,6 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         log(f"{stage}: resuming from the checkpoint of iteration {state.step}")
     run.trim_metrics(state.step)
     n_iterations, world_size, rank = cfg.iterations(), accelerator.num_processes, accelerator.process_index
-    local_batch = cfg.rollout_batch_size // world_size
     log(f"{stage}: {count_parameters(accelerator.unwrap_model(policy)) / 1e6:.2f}M-parameter policy {policy_path}, reward model {rm_path}; "
         f"{len(prompts)} prompts, {n_iterations} iterations of {cfg.rollout_batch_size} episodes"
         + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {world_size} process(es)")
@@ -148,8 +175,9 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         task = bar.add_task(stage, total=n_iterations, completed=state.step, status="")
         while state.step < n_iterations:
             iteration = state.step
-            torch.manual_seed(config.run.seed * 1_000_003 + iteration * 1009 + rank)  # sampling: a function of (seed, iteration, rank)
-            rows = prompt_order(len(prompts), cfg.rollout_batch_size, iteration, config.run.seed)[rank * local_batch : (rank + 1) * local_batch]
+            episodes = rank_episodes(cfg.rollout_batch_size, cfg.minibatch_size, world_size, rank)
+            batch_prompts = prompt_order(len(prompts), cfg.rollout_batch_size, iteration, config.run.seed)
+            rows = [batch_prompts[j] for j in episodes]
             timer: dict[str, float] = {}
             t0 = time.perf_counter()
 
@@ -158,7 +186,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             unwrapped = accelerator.unwrap_model(policy).eval()
             response_ids, response_mask, ended = sample_responses(
                 unwrapped, query_ids, query_mask, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seeds=[episode_seed(config.run.seed, iteration, j) for j in episodes])
             t1 = time.perf_counter()
             timer["generate"] = t1 - t0
 
@@ -180,12 +208,13 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             mask = response_mask.float()
             rollout.kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_estimator) * mask
             rollout.rewards = per_token_rewards(scores, rollout.kl, response_mask, kl_ctl.value)
+            over_processes = lambda t: accelerator.reduce(t, "sum")  # noqa: E731  (statistics of the global batch)
             if cfg.whiten_rewards:
-                rollout.rewards = masked_whiten(rollout.rewards, mask, shift_mean=False)
+                rollout.rewards = masked_whiten(rollout.rewards, mask, shift_mean=False, total=over_processes)
 
             # 4. advantages
             advantages, rollout.returns = gae_advantages(rollout.rewards, values, response_mask, cfg.gamma, cfg.lam)
-            rollout.advantages = masked_whiten(advantages, mask)
+            rollout.advantages = masked_whiten(advantages, mask, total=over_processes)
             timer["score_advantages"] = _lap(timer, t1)
             t2 = time.perf_counter()
 
@@ -246,7 +275,7 @@ def ppo_epochs(accelerator, cfg, rollout: Rollout, policy, value_model, policy_o
     through the episodes in rollout order (already a random order of prompts) with the rollout's
     micro-batches, so its first ratio is exactly 1; later epochs shuffle.
     """
-    world_size = accelerator.num_processes
+    world_size, rank = accelerator.num_processes, accelerator.process_index
     local_minibatch = cfg.minibatch_size // world_size
     n_local = len(rollout)
     sums: dict[str, float] = {}
@@ -259,7 +288,7 @@ def ppo_epochs(accelerator, cfg, rollout: Rollout, policy, value_model, policy_o
     step, first = 0, {}
     for epoch in range(cfg.ppo_epochs):
         generator = torch.Generator().manual_seed(seed * 7919 + iteration * 31 + epoch)
-        order = torch.arange(n_local) if epoch == 0 else torch.randperm(n_local, generator=generator)
+        order = torch.arange(n_local) if epoch == 0 else shuffled_local_order(cfg.rollout_batch_size, cfg.minibatch_size, world_size, rank, generator)
         for start in range(0, n_local, local_minibatch):
             minibatch = order[start : start + local_minibatch]
             micro = [minibatch[i : i + cfg.micro_batch_size] for i in range(0, len(minibatch), cfg.micro_batch_size)]
@@ -269,8 +298,11 @@ def ppo_epochs(accelerator, cfg, rollout: Rollout, policy, value_model, policy_o
             step_stats: dict[str, float] = {}
             # PPO-ptx: γ · NLL of pretraining text in the same update (§3.5, eq. 2)
             if ptx_blocks is not None:
-                g = torch.Generator().manual_seed(seed * 104729 + iteration * 1013 + step * 7 + accelerator.process_index)
-                ids = ptx_blocks[torch.randint(len(ptx_blocks), (cfg.ptx_batch_size // world_size or 1,), generator=g)].to(accelerator.device)
+                # the step's blocks are drawn alike on every process, each taking its share
+                g = torch.Generator().manual_seed(seed * 104729 + iteration * 1013 + step * 7)
+                local_blocks = max(1, cfg.ptx_batch_size // world_size)
+                drawn = torch.randint(len(ptx_blocks), (local_blocks * world_size,), generator=g)[rank * local_blocks : (rank + 1) * local_blocks]
+                ids = ptx_blocks[drawn].to(accelerator.device)
                 with accelerator.no_sync(policy), accelerator.autocast():
                     nll_sum, nll_count = next_token_nll(policy(input_ids=ids).logits, ids, torch.ones_like(ids))
                     ptx_loss = nll_sum / nll_count
@@ -289,7 +321,7 @@ def ppo_epochs(accelerator, cfg, rollout: Rollout, policy, value_model, policy_o
                     values = response_values(value_model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
                     vf_loss, vf_clipfrac = clipped_value_loss(values, batch.values, batch.returns, batch.response_mask.float(), cfg.value_clip)
                 accelerator.backward(vf_loss * weight)
-                share = float(batch.response_mask.sum()) / max(float(local_tokens), 1.0)  # for the logs: this process's token mean
+                share = float(batch.response_mask.sum()) / n_tokens  # for the logs: this process's part of the minibatch's token mean
                 for k, v in (("ppo/policy_loss", pg_loss), ("ppo/value_loss", vf_loss), ("ppo/clipfrac", stats["clipfrac"]),
                              ("ppo/approx_kl", stats["approx_kl"]), ("ppo/ratio", stats["ratio"]), ("ppo/value_clipfrac", vf_clipfrac)):
                     step_stats[k] = step_stats.get(k, 0.0) + v.item() * share
@@ -306,7 +338,11 @@ def ppo_epochs(accelerator, cfg, rollout: Rollout, policy, value_model, policy_o
             policy_opt.zero_grad(set_to_none=True)
             value_opt.zero_grad(set_to_none=True)
             step += 1
-    return {**{k: sums[k] / counts[k] for k in sums}, **first}
+    # the logs: token means summed over the processes' parts, other statistics averaged over processes
+    names = sorted(sums)
+    local = torch.tensor([sums[k] / counts[k] for k in names], device=accelerator.device, dtype=torch.float64)
+    summed = accelerator.reduce(local, "sum").tolist()
+    return {**{k: v / (1 if k in TOKEN_MEANS else world_size) for k, v in zip(names, summed)}, **first}
 
 
 @torch.no_grad()
