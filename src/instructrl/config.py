@@ -59,6 +59,16 @@ class ModelConfig(Strict):
         return exact_div(self.hidden_size, self.n_head, "model.hidden_size", "model.n_head")
 
 
+class LoRAConfig(Strict):
+    """LoRA adapters (peft): only low-rank updates of the chosen linear layers train."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of every weight; checkpoints are saved merged (plus adapter/).")
+    r: int = Field(16, gt=0, description="Rank of the low-rank update.")
+    alpha: float = Field(32.0, gt=0, description="Scale of the update (alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(["all-linear"], description="Module names to adapt, or all-linear (every linear layer but the output head).")
+
+
 class TrainConfig(Strict):
     """What every training stage shares: batch sizes, optimiser, schedule, checkpoints."""
 
@@ -88,6 +98,13 @@ class TrainConfig(Strict):
             raise UserError(f"{source}: {n_examples} {what} are fewer than one batch ({section}.batch_size = {self.batch_size})")
 
 
+class ModelSwitches(Strict):
+    """How a stage runs a Hugging Face model it loads (GPU memory and speed; same results)."""
+
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(None, description="Attention kernel: sdpa (PyTorch's fused attention), eager, flash_attention_2. Default: the model's own.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, ~30% more compute.")
+
+
 class PretrainConfig(TrainConfig):
     block_size: int = Field(128, gt=8, description="Tokens per packed training sequence.")
     epochs: float = Field(5.0, gt=0, description="Passes over the corpus.")
@@ -98,7 +115,7 @@ class PretrainConfig(TrainConfig):
     log_every: int = Field(50, gt=0, description="Optimizer steps between metric lines.")
 
 
-class SFTConfig(TrainConfig):
+class SFTConfig(TrainConfig, ModelSwitches):
     model: str | None = Field(None, description="Hugging Face model to fine-tune: a local folder or hub name. Default: this run's pretrain/final.")
     data: Path | None = Field(None, description="Demonstrations: JSONL, JSON, Parquet or a datasets folder of messages, prompt/completion or text records. Default: the built-in world's.")
     data_format: DataFormat = Field("auto", description="Format of sft.data: auto (from the fields), messages, prompt_completion or text.")
@@ -107,6 +124,7 @@ class SFTConfig(TrainConfig):
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (InstructGPT: 0.2 residual; Llama models have attention dropout only).")
     select_every: int = Field(100, gt=0, description="Optimizer steps between scorings of validation answers by the labeler.")
     max_new_tokens: int = Field(24, gt=0, description="Longest answer generated for validation.")
+    lora: LoRAConfig = Field(LoRAConfig(), description="LoRA adapters instead of full fine-tuning.")
 
 
 class CollectConfig(Strict):
@@ -121,7 +139,7 @@ class CollectConfig(Strict):
     judgements: Path | None = Field(None, description="A comparisons JSONL written by people (the feedback app): validated and used instead of the simulated labelers.")
 
 
-class RMConfig(TrainConfig):
+class RMConfig(TrainConfig, ModelSwitches):
     model: str | None = Field(None, description="Causal LM whose backbone the reward model starts from. Default: this run's sft/final (InstructGPT).")
     data: Path | None = Field(None, description="Comparisons (K-way records) or TRL preference pairs: JSONL, JSON, Parquet or a datasets folder. Default: this run's collect/comparisons.jsonl.")
     data_format: DataFormat = Field("auto", description="Format of rm.data: auto (from the fields), comparison or preference.")
@@ -132,9 +150,10 @@ class RMConfig(TrainConfig):
     batch_size: int = Field(32, gt=0, description="Comparisons (prompts, each with all K responses) per optimizer step.")
     micro_batch_size: int = Field(8, gt=0, description="Comparisons per forward pass on one process.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout while training.")
+    lora: LoRAConfig = Field(LoRAConfig(), description="LoRA adapters on the backbone (the scalar head trains fully).")
 
 
-class PPOConfig(Strict):
+class PPOConfig(ModelSwitches):
     """PPO (and PPO-ptx) of the SFT policy against the reward model (InstructGPT §3.5, Appendix C.4)."""
 
     policy: str | None = Field(None, description="Policy to optimise: a folder or hub name. Default: this run's sft/final.")
@@ -170,6 +189,7 @@ class PPOConfig(Strict):
     ptx_batch_size: int = Field(8, gt=0, description="Pretraining sequences mixed into each optimizer step.")
     ptx_data: Path | None = Field(None, description="Pretraining text: a plain-text file (one document per line) or text records (JSONL, JSON, Parquet, datasets folder). Default: the built-in world's corpus.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (bf16 on a GPU).")
+    lora: LoRAConfig = Field(LoRAConfig(), description="LoRA on the policy and the value model; the KL reference is then the policy with its adapter off (one base model in memory).")
     log_every: int = Field(1, gt=0, description="PPO iterations between metric lines.")
     checkpoint_every: int = Field(10, gt=0, description="PPO iterations between resumable checkpoints.")
 
@@ -326,6 +346,9 @@ def describe_fields(model: type[BaseModel], prefix: str) -> list[tuple[str, str,
     rows = []
     for name, field in model.model_fields.items():
         default = field.default
+        if isinstance(default, BaseModel):
+            rows += describe_fields(type(default), f"{prefix}.{name}")
+            continue
         rows.append((f"{prefix}.{name}", "" if default is None else str(default), field.description or ""))
     return rows
 

@@ -119,6 +119,16 @@ def fit_embeddings(model: nn.Module, tokenizer) -> nn.Module:
     return model
 
 
+def apply_switches(model: nn.Module, switches) -> nn.Module:
+    """Set a stage's ``ModelSwitches`` on a loaded model: the attention kernel, and gradient
+    checkpointing (non-reentrant, so it works with frozen base weights under LoRA)."""
+    if switches.attn_implementation is not None:
+        model.set_attn_implementation(switches.attn_implementation)
+    if switches.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
     """Set every dropout of ``model`` (modules and the config attributes that feed functional dropout)."""
     for name in DROPOUT_ATTRIBUTES:
@@ -133,3 +143,14 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def parameter_bytes(*models: nn.Module | None) -> int:
+    """Bytes of the distinct parameter tensors of ``models``: a tensor two of them share counts once."""
+    sizes = {p.data_ptr(): p.numel() * p.element_size() for m in models if m is not None for p in m.parameters()}
+    return sum(sizes.values())
+
+
+def optimizer_state_bytes(*optimizers: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizers' state tensors (AdamW: two per trained parameter)."""
+    return sum(t.numel() * t.element_size() for o in optimizers for state in o.state.values() for t in state.values() if torch.is_tensor(t))

@@ -59,8 +59,10 @@ class RewardModel(nn.Module):
         return model
 
     def save_pretrained(self, path: str | Path) -> None:
+        from instructrl.models.lora import save_full
+
         path = Path(path)
-        self.backbone.save_pretrained(path)
+        save_full(self.backbone, path)  # a LoRA backbone merged
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, path / HEAD_FILE)
         (path / CONFIG_FILE).write_text(json.dumps({"reward_bias": float(self.reward_bias)}, indent=2))
 

@@ -29,7 +29,8 @@ from instructrl.data.chat import render_ids
 from instructrl.data.packing import pack_documents
 from instructrl.data.formats import Prompt, read_prompts, read_texts
 from instructrl.errors import UserError
-from instructrl.models.base import count_parameters, load_causal_lm, load_tokenizer, set_dropout
+from instructrl.models.base import apply_switches, count_parameters, load_causal_lm, load_tokenizer, optimizer_state_bytes, parameter_bytes, set_dropout
+from instructrl.models.lora import adapter_disabled, add_lora
 from instructrl.models.reward import RewardModel
 from instructrl.rl.kl_control import KLController
 from instructrl.rl.rollout import Rollout, in_micro_batches, left_pad_prompts, response_logprobs, response_values, sample_responses
@@ -139,10 +140,22 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
     if len(prompts) < cfg.rollout_batch_size:
         raise UserError(f"{stage}: {len(prompts)} prompts fit in {max_length} tokens with the response; fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
-    reference = load_causal_lm(reference_path, dropout=0.0, tokenizer=tokenizer).eval().requires_grad_(False)
     reward_model = RewardModel.from_pretrained(rm_path).eval().requires_grad_(False)
     value_model = RewardModel.from_pretrained(value_path)
     set_dropout(value_model.backbone, 0.0)
+    apply_switches(policy, cfg)
+    apply_switches(value_model.backbone, cfg)
+    if cfg.attn_implementation is not None:
+        reward_model.backbone.set_attn_implementation(cfg.attn_implementation)
+    if cfg.lora.enabled:  # the reference is the policy with its adapter off: one copy of the base model
+        if cfg.reference is not None and cfg.reference != policy_path:
+            raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
+        policy, reference = add_lora(policy, cfg.lora), None
+        value_model.backbone = add_lora(value_model.backbone, cfg.lora)
+    else:
+        reference = load_causal_lm(reference_path, dropout=0.0, tokenizer=tokenizer).eval().requires_grad_(False)
+        if cfg.attn_implementation is not None:
+            reference.set_attn_implementation(cfg.attn_implementation)
     ptx_blocks = None
     if cfg.ptx_coef > 0:
         ptx_path = cfg.ptx_data or world.corpus
@@ -151,12 +164,14 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {PTX_BLOCK} tokens")
     run.start(restart)
 
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
-    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0)
+    trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+    policy_opt = torch.optim.AdamW(trainable(policy), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
+    value_opt = torch.optim.AdamW(trainable(value_model), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0)
     warmup = lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))  # noqa: E731
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (policy_opt, value_opt)]
     policy, value_model, policy_opt, value_opt = accelerator.prepare(policy, value_model, policy_opt, value_opt)
-    reference, reward_model = reference.to(accelerator.device), reward_model.to(accelerator.device)
+    reward_model = reward_model.to(accelerator.device)
+    reference = reference.to(accelerator.device) if reference is not None else None
     for s in schedulers:
         accelerator.register_for_checkpointing(s)
     state = load_latest_checkpoint(accelerator, run.path / "checkpoints")
@@ -195,7 +210,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             logprobs, entropy = in_micro_batches(
                 lambda q, qm, r, rm: response_logprobs(unwrapped, q, qm, r, rm, cfg.temperature, with_entropy=True), mb, *args)
             timer["score_policy"] = _lap(timer, t1)
-            ref_logprobs, _ = in_micro_batches(lambda q, qm, r, rm: response_logprobs(reference, q, qm, r, rm, cfg.temperature), mb, *args)
+            with adapter_disabled(unwrapped) if reference is None else contextlib.nullcontext():  # LoRA: the base model is the reference
+                ref_logprobs, _ = in_micro_batches(lambda q, qm, r, rm: response_logprobs(unwrapped if reference is None else reference, q, qm, r, rm, cfg.temperature), mb, *args)
             timer["score_reference"] = _lap(timer, t1)
             values = in_micro_batches(lambda *t: response_values(accelerator.unwrap_model(value_model), *t), mb, *args)
             timer["score_value"] = _lap(timer, t1)
@@ -231,6 +247,10 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             metrics = rollout_metrics(rollout, texts, [prompts[i].id for i in rows], gold, judge, accelerator)
             metrics.update(train_stats)
             metrics["ppo/kl_coef"] = kl_ctl.value
+            # what the models hold (a tensor the policy and its LoRA reference share counts once)
+            metrics.update({"memory/parameters_mb": parameter_bytes(policy, reference, reward_model, value_model) / 2**20,
+                            "memory/trainable_parameters": float(sum(p.numel() for p in trainable(policy) + trainable(value_model))),
+                            "memory/optimizer_state_mb": optimizer_state_bytes(policy_opt, value_opt) / 2**20})
             kl_ctl.update(metrics["rollout/kl"], cfg.rollout_batch_size)
             n_tokens = accelerator.reduce(torch.tensor(float(response_mask.sum() + query_mask.sum()), device=device), "sum").item()
             elapsed = sum(timer.values())

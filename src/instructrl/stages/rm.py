@@ -21,7 +21,8 @@ from instructrl.data.formats import read_comparisons, read_data
 from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError
 from instructrl.evaluation.rm_diagnostics import correlation, length_bias, pairwise_accuracy
-from instructrl.models.base import load_tokenizer, set_dropout
+from instructrl.models.base import apply_switches, load_tokenizer, set_dropout
+from instructrl.models.lora import add_lora
 from instructrl.models.reward import RewardModel
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
@@ -81,6 +82,9 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     seed_everything(config.run.seed)
     model = RewardModel.from_causal_lm(backbone, tokenizer)
     set_dropout(model.backbone, cfg.dropout)
+    apply_switches(model.backbone, cfg)
+    if cfg.lora.enabled:
+        model.backbone = add_lora(model.backbone, cfg.lora)  # the head stays fully trainable
     setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed)
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
         f"{len(heldout)} held out, {setup.total_steps} steps, backbone {backbone}")

@@ -18,7 +18,8 @@ from instructrl.data.chat import TokenizedConversation, tokenize_conversation, t
 from instructrl.data.formats import read_data
 from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
-from instructrl.models.base import load_causal_lm, load_tokenizer
+from instructrl.models.base import apply_switches, load_causal_lm, load_tokenizer
+from instructrl.models.lora import add_lora
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir
@@ -87,6 +88,9 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     model = load_causal_lm(model_path, dropout=cfg.dropout, tokenizer=tokenizer)
     max_length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
     examples, too_long = load_demonstrations(data_path, tokenizer, max_length, cfg.data_format)
+    apply_switches(model, cfg)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
     cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")
     run.start(restart)
     setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed)

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from instructrl.config import TrainConfig
+from instructrl.models.lora import save_full
 from instructrl.rundir import RunDir, replace_dir, trim_step_log
 from instructrl.training.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from instructrl.training.data_order import DataOrder
@@ -100,7 +101,7 @@ def save_model(accelerator, model, tokenizer, dest: Path) -> None:
     if accelerator.is_main_process:
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp)
+        save_full(accelerator.unwrap_model(model), tmp)  # a LoRA model merged, its adapter beside it
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, dest)
     accelerator.wait_for_everyone()

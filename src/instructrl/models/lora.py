@@ -1,0 +1,59 @@
+"""LoRA adapters (peft) for SFT, the reward model and PPO, and full checkpoints from them.
+
+With LoRA only the low-rank matrices (and a reward model's head) train: no gradients or AdamW
+state for the base weights. In PPO the KL reference is the policy's own base model with the
+adapter switched off (``disable_adapter``), so no second copy is held. Every checkpoint a stage
+writes is a full model with the adapter merged in (any tool loads it), plus the adapter alone in
+``adapter/`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from torch import nn
+
+from instructrl.config import LoRAConfig
+
+
+def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """``model`` (a causal LM or a bare transformer) wrapped with a fresh LoRA adapter; only the
+    adapter's parameters require gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.target_modules if config.target_modules != ["all-linear"] else "all-linear"
+    peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, bias="none")
+    return get_peft_model(model, peft_config)
+
+
+def is_lora(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def adapter_disabled(model: nn.Module):
+    """A context in which a LoRA model computes as its base model (PPO's KL reference)."""
+    return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
+
+
+def merged_state_dict(model: nn.Module) -> dict:
+    """The base model's state dict with every adapter's low-rank update added to its weight (the
+    model itself is left unmerged, so training can go on)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    state = {name.replace(".base_layer", ""): tensor for name, tensor in base.state_dict().items() if "lora_" not in name}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
+            delta = sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
+            state[f"{name}.weight"] = (module.base_layer.weight + delta).detach()
+    return state
+
+
+def save_full(model: nn.Module, dest: Path) -> None:
+    """``save_pretrained`` to ``dest``; a LoRA model as its merged full weights, plus its adapter in dest/adapter."""
+    if not is_lora(model):
+        model.save_pretrained(dest)
+        return
+    model.get_base_model().save_pretrained(dest, state_dict={k: v.contiguous() for k, v in merged_state_dict(model).items()})
+    model.save_pretrained(Path(dest) / "adapter")

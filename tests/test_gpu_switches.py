@@ -1,0 +1,63 @@
+"""The GPU switches (attention kernel, gradient checkpointing, bf16 autocast) reach the model and,
+on CPU, change how a step is computed but not (beyond bf16 rounding) what it computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SMOKE, cli
+from safetensors.torch import load_file
+from tiny_models import save_tiny_model, user_data
+
+from instructrl.config import load_config
+from instructrl.models.base import apply_switches, load_causal_lm
+
+
+def test_switches_reach_the_model(tmp_path):
+    model = load_causal_lm(save_tiny_model("qwen2", tmp_path / "m"))
+    config = load_config(None, ["sft.attn_implementation=eager", "sft.gradient_checkpointing=true"]).sft
+    apply_switches(model, config)
+    assert model.config._attn_implementation == "eager" and model.is_gradient_checkpointing
+    apply_switches(model, load_config(None, ["sft.attn_implementation=sdpa"]).sft)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(Exception, match="attn_implementation"):
+        load_config(None, ["ppo.attn_implementation=fast"])
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory):
+    """SFT of one tiny Llama three ways: plain (eager attention), with SDPA and gradient
+    checkpointing, and under bf16 autocast."""
+    from instructrl.stages.sft import run_sft
+
+    root = tmp_path_factory.mktemp("switches")
+    model, data = save_tiny_model("llama", root / "llama"), user_data(root / "data")
+    runs = {"plain": ["sft.attn_implementation=eager"], "sdpa_checkpointing": ["sft.attn_implementation=sdpa", "sft.gradient_checkpointing=true"],
+            "bf16": ["sft.mixed_precision=bf16"]}
+    for name, switches in runs.items():
+        args = [f"run.dir={root / name}", f"sft.model={model}", f"sft.data={data['sft']}", "sft.dropout=0", *switches]
+        if name == "bf16":  # Accelerate's precision is fixed once per process: a process of its own
+            cli("sft", "-c", str(SMOKE), *args)
+        else:
+            run_sft(load_config(SMOKE, args), log=lambda *_: None)
+    return root
+
+
+def _losses(run):
+    return [json.loads(line)["train/loss"] for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sdpa_and_gradient_checkpointing_train_the_same_weights(sft_runs):
+    a, b = load_file(sft_runs / "plain" / "sft" / "final" / "model.safetensors"), load_file(sft_runs / "sdpa_checkpointing" / "sft" / "final" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert _losses(sft_runs / "plain") == pytest.approx(_losses(sft_runs / "sdpa_checkpointing"), rel=1e-5)
+
+
+def test_bf16_autocast_runs_on_cpu(sft_runs):
+    plain, bf16 = _losses(sft_runs / "plain"), _losses(sft_runs / "bf16")
+    assert plain != bf16  # autocast did compute in bf16
+    assert bf16 == pytest.approx(plain, rel=0.05)  # and the same thing within its rounding
+    weights = load_file(sft_runs / "bf16" / "sft" / "final" / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())  # master weights stay float32

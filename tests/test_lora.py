@@ -1,0 +1,82 @@
+"""LoRA (peft): SFT, RM and PPO train adapters only, PPO's reference is the policy with its
+adapter off (one base model), and every checkpoint is a merged full model."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import SMOKE
+from safetensors.torch import load_file
+from tiny_models import save_tiny_model, user_data
+from transformers import AutoModelForCausalLM
+
+from instructrl.config import LoRAConfig, load_config
+from instructrl.models.base import load_causal_lm, load_tokenizer, parameter_bytes
+from instructrl.models.lora import adapter_disabled, add_lora, merged_state_dict, save_full
+
+
+def test_merged_checkpoint_computes_what_the_adapter_model_computes(tmp_path):
+    model_dir = save_tiny_model("qwen2", tmp_path / "qwen2")
+    tokenizer = load_tokenizer(model_dir)
+    base = load_causal_lm(model_dir, tokenizer=tokenizer)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = add_lora(base, LoRAConfig(enabled=True, r=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():  # a non-zero update (B starts at 0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids = torch.tensor([tokenizer("Say cat.").input_ids])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with adapter_disabled(model):
+            reference = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, reference)
+    # the base model with the adapter off is the untouched original
+    with torch.no_grad():
+        assert torch.allclose(reference, load_causal_lm(model_dir, tokenizer=tokenizer)(input_ids=ids).logits, atol=1e-5)
+    save_full(model, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert (tmp_path / "merged" / "adapter" / "adapter_config.json").is_file()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
+    assert set(merged_state_dict(model)) == set(original)
+
+
+def test_sft_rm_ppo_with_lora(tmp_path):
+    from instructrl.stages.ppo import run_ppo
+    from instructrl.stages.rm import run_rm
+    from instructrl.stages.sft import run_sft
+
+    model_dir, data, run = save_tiny_model("llama", tmp_path / "llama"), user_data(tmp_path / "data"), tmp_path / "run"
+    config = load_config(SMOKE, [
+        f"run.dir={run}", f"sft.model={model_dir}", f"sft.data={data['sft']}", "sft.lora.enabled=true", "sft.lr=1e-2",
+        f"rm.model={run / 'sft' / 'final'}", f"rm.data={data['rm']}", f"rm.demonstrations={data['sft']}", "rm.lora.enabled=true",
+        f"ppo.policy={run / 'sft' / 'final'}", f"ppo.reward_model={run / 'rm' / 'final'}", f"ppo.prompts={data['prompts']}",
+        f"ppo.ptx_data={data['text']}", "ppo.episodes=32", "ppo.lora.enabled=true", "ppo.lora.r=2", "ppo.lr=1e-2",
+    ])
+    quiet = lambda *_: None  # noqa: E731
+    sft = run_sft(config, log=quiet)
+    before, after = load_file(model_dir / "model.safetensors"), load_file(sft / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)  # the merged update is in the weights
+    assert (sft / "adapter" / "adapter_model.safetensors").is_file()
+    rm = run_rm(config, log=quiet)
+    assert (rm / "reward_head.safetensors").is_file() and (rm / "adapter").is_dir()
+    ppo = run_ppo(config, log=quiet)
+    metrics = [json.loads(line) for line in (run / "ppo_ptx" / "metrics.jsonl").read_text().splitlines()]
+    # iteration 1 samples from the policy whose adapter is still a no-op: the reference (adapter off) agrees exactly
+    assert metrics[0]["rollout/kl"] == 0.0 and metrics[-1]["rollout/kl"] != 0.0
+    full = load_config(SMOKE, [f"run.dir={tmp_path / 'full'}", f"ppo.policy={sft}", f"ppo.reward_model={rm}", f"ppo.prompts={data['prompts']}",
+                               f"ppo.ptx_data={data['text']}", "ppo.episodes=16"])
+    run_ppo(full, log=quiet)
+    [full_metrics] = [json.loads(line) for line in (tmp_path / "full" / "ppo_ptx" / "metrics.jsonl").read_text().splitlines()]
+    # one base model instead of two (policy + reference), and adapter-sized optimizer state
+    policy = AutoModelForCausalLM.from_pretrained(ppo)
+    sft_model = AutoModelForCausalLM.from_pretrained(sft)
+    base_mb = parameter_bytes(sft_model) / 2**20
+    saved = full_metrics["memory/parameters_mb"] - metrics[0]["memory/parameters_mb"]
+    assert 0.8 * base_mb < saved < base_mb  # the reference's copy, less the adapters' few parameters
+    assert metrics[0]["memory/optimizer_state_mb"] < 0.5 * full_metrics["memory/optimizer_state_mb"]
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), sft_model.parameters()))
