@@ -14,6 +14,7 @@ def test_bench_ppo(tmp_path):
     assert {"generate", "score_policy", "score_reference", "score_value", "score_reward", "train"} <= phases
     assert abs(sum(result["share"].values()) - 1.0) < 1e-9
     assert result["iterations_timed"] == 1 and result["episodes_per_s"] > 0 and result["peak_rss_mb"] > 0
+    assert result["parameters_mb"] > 0 and result["optimizer_state_mb"] > 0 and result["lora"] is False
 
 
 def test_bench_rm_kway_forwards_fewer_sequences(tmp_path):

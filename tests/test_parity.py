@@ -130,3 +130,13 @@ def test_each_cli_stage_under_accelerate_launch_matches_one_process(tmp_path):
         cli(stage, "-c", str(SMOKE), *_stage_overrides(one, model, data))
         _launch("-m", "instructrl", stage, "-c", str(SMOKE), *_stage_overrides(two, model, data))
     _assert_runs_match(one, two)
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED")])
+def test_shipped_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind and config.num_processes >= 2
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])

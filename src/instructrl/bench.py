@@ -77,11 +77,14 @@ def run_bench(config: PipelineConfig, iterations: int, log=print) -> dict:
         "max_new_tokens": config.ppo.max_new_tokens,
         "ptx_coef": config.ppo.ptx_coef,
         "mixed_precision": config.ppo.mixed_precision,
+        "lora": config.ppo.lora.enabled,
         "seconds_per_iteration": per_iteration,
         "share": {p: v / total for p, v in per_iteration.items()},
         "episodes_per_s": mean("time/episodes_per_s"),
         "tokens_per_s": mean("time/tokens_per_s"),
         **peak_memory_mb(),
+        # what the four models and the two optimizers hold (LoRA: one base model for policy and reference)
+        **{key[len("memory/"):]: value for key, value in rows[-1].items() if key.startswith("memory/")},
     }
     write_text_atomic(root / "bench.json", json.dumps(result, indent=2))
     return result
@@ -99,7 +102,7 @@ def bench_table(result: dict):
         table.add_row(phase, f"{seconds:.3f}", f"{result['share'][phase]:.0%}")
     table.add_row("[bold]episodes / s", f"[bold]{result['episodes_per_s']:.1f}", "", end_section=False)
     table.add_row("tokens / s", f"{result['tokens_per_s']:.0f}", "")
-    for key in ("peak_rss_mb", "peak_gpu_mb"):
+    for key in ("peak_rss_mb", "peak_gpu_mb", "parameters_mb", "optimizer_state_mb"):
         if key in result:
             table.add_row(key.replace("_", " "), f"{result[key]:.0f}", "")
     return table
