@@ -12,7 +12,10 @@ iteration per rollout batch:
   6. log         proxy (RM) and gold scores, KL, entropy, length, EOS rate; checkpoint
 
 and save: final/ (the policy, a save_pretrained folder) and value/ (the value model).
-The run is a pure function of (seed, iteration): a killed run resumes from its last checkpoint.
+The run is a pure function of (seed, iteration), whatever the number of processes: each episode
+is sampled with its own seed, every process holds an equal share of every minibatch, and the
+advantages are whitened over the global batch. A killed run resumes from its last checkpoint.
+With ppo.lora the reference is the policy with its adapter off (one base model in memory).
 """
 
 from __future__ import annotations
