@@ -72,6 +72,7 @@ def test_parquet_json_and_datasets_folder_read_like_jsonl(tmp_path):
 
 @pytest.mark.parametrize("lines, needle", [
     (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"colour": "red"}'], "bad.jsonl:2: fits no known format (fields: colour)"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a", "chosen": "b"}'], "bad.jsonl:2: a preference record needs 'rejected'"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a", "chosen": "b"'], "bad.jsonl:2: not valid JSON"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"text": "a"}'], "bad.jsonl:2: a text record cannot be used as rm.data"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '', '{"prompt": "a", "chosen": ["b"], "rejected": "c"}'], "bad.jsonl:3: 'chosen' and 'rejected' must both be text"),

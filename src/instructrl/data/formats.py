@@ -128,12 +128,12 @@ def _without_nulls(value):
 
 def detect_format(record: dict) -> str | None:
     """The format a record's fields say it is in, or None."""
-    keys = set(record)
-    if {"responses", "ranks"} <= keys:
+    keys = set(record)  # one field of a pair is enough: a record missing the other is reported, not taken for a prompt
+    if keys & {"responses", "ranks"}:
         return "comparison"
-    if {"chosen", "rejected"} <= keys:
+    if keys & {"chosen", "rejected"}:
         return "preference"
-    if {"prompt", "completion"} <= keys:
+    if "completion" in keys:
         return "prompt_completion"
     if "messages" in keys:
         messages = record["messages"]
@@ -144,6 +144,12 @@ def detect_format(record: dict) -> str | None:
     if "text" in keys:
         return "text"
     return None
+
+
+def _require(fmt: str, record: dict, where: str) -> None:
+    missing = [field for field in REQUIRED[fmt] if field not in record]
+    if missing:
+        raise UserError(f"{where}: a {fmt} record needs '{missing[0]}' (fields: {', '.join(sorted(record))})")
 
 
 def _turns(value, where: str, field: str, role: str) -> list[dict]:
@@ -159,6 +165,7 @@ def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
             raise UserError(f"{where}: 'text' must be a non-empty string")
         return Demonstration(text=record["text"])
     if fmt == "prompt_completion":
+        _require(fmt, record, where)
         prompt = _turns(record.get("prompt"), where, "prompt", "user")
         completion = _turns(record.get("completion"), where, "completion", "assistant")
         if any(m["role"] != "assistant" for m in completion):
@@ -167,8 +174,12 @@ def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
     return Demonstration(messages=validate_messages(record.get("messages"), where))
 
 
+REQUIRED = {"prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected")}
+
+
 def to_comparison(fmt: str, record: dict, where: str, default_id: str) -> ComparisonRecord:
     if fmt == "preference":
+        _require(fmt, record, where)
         return comparison_from_preference(record, where, default_id)
     try:
         return ComparisonRecord.model_validate(record)
@@ -186,6 +197,8 @@ def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
     if fmt == "messages":
         messages = validate_messages(record.get("messages"), where)[:-1]
     else:
+        if fmt == "prompt_completion":
+            _require(fmt, record, where)
         field = "prompt" if "prompt" in record else "messages"
         messages = _turns(record.get(field), where, field, "user")
     if not messages or messages[-1]["role"] != "user":
