@@ -52,8 +52,12 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None) -> nn
     return model
 
 
-def load_tokenizer(name_or_path: str | Path):
-    """``AutoTokenizer.from_pretrained``; PAD must exist and differ from EOS (RLHF-DETAILS.md)."""
+def load_tokenizer(name_or_path: str | Path, for_chat: bool = True):
+    """``AutoTokenizer.from_pretrained``; PAD must exist and differ from EOS (RLHF-DETAILS.md).
+
+    ``for_chat=False`` (serving) only needs EOS: generation pads by attention mask alone, and
+    a checkpoint without a chat template can still answer raw completions.
+    """
     from transformers import AutoTokenizer
 
     name_or_path = str(name_or_path)
@@ -64,6 +68,8 @@ def load_tokenizer(name_or_path: str | Path):
         raise UserError(f"cannot load tokenizer '{name_or_path}': {str(err).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{name_or_path}' has no EOS token")
+    if not for_chat:
+        return tokenizer
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"tokenizer '{name_or_path}' has no PAD token distinct from EOS")
     if tokenizer.chat_template is None:
