@@ -4,55 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from instructrl.data.chat import render_ids
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import load_causal_lm, load_tokenizer
-from instructrl.serve.app import create_app
+from instructrl.serve.app import BackgroundServer, create_app
 from instructrl.serve.engine import Engine
 from conftest import cli
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "Reverse the word: green"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """uvicorn serving ``app`` on a thread of this process, on a free loopback port."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "Server":
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +30,7 @@ def tiny(smoke_base):
 def server(tiny):
     _, model, tokenizer = tiny
     engines = {"tiny": Engine(model, tokenizer, max_batch=32), "tiny-small-queue": Engine(model, tokenizer, max_queue=0)}
-    with Server(create_app(engines, api_key=KEY, default_max_tokens=16)) as running:
+    with BackgroundServer(create_app(engines, api_key=KEY, default_max_tokens=16)) as running:
         yield running
 
 
@@ -248,7 +213,7 @@ def test_server_error_is_500_with_the_error_body(tiny):
         def _forward(self, *args):
             raise RuntimeError("the accelerator caught fire")
 
-    with Server(create_app({"broken": Broken(model, tokenizer)})) as running:
+    with BackgroundServer(create_app({"broken": Broken(model, tokenizer)})) as running:
         broken = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
         status, error = error_of(lambda: broken.chat.completions.create(model="broken", messages=HELLO))
         assert status == 500 and error["type"] == "server_error" and "caught fire" in error["message"]

@@ -246,6 +246,7 @@ def serve(
     max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens generated when a request sets no max_tokens."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is one)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for requests that bring none (default: fresh each start)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for generation (default: all cores but one, left to the HTTP loop)."),
 ) -> None:
     """Serve checkpoints behind an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
 
@@ -255,9 +256,10 @@ def serve(
     import uvicorn
 
     from instructrl.serve.app import create_app
-    from instructrl.serve.loading import load_engine, parse_model_specs
+    from instructrl.serve.loading import load_engine, parse_model_specs, set_serving_threads
 
     specs = parse_model_specs(model)
+    set_serving_threads(threads)
     engines = {name: load_engine(path, quantize, device, max_batch=max_batch, max_queue=max_queue, seed=seed) for name, path in specs.items()}
     server_app = create_app(engines, api_key=api_key, default_max_tokens=max_tokens)
     for name, path in specs.items():
@@ -280,8 +282,9 @@ def chat(
     Each model keeps its own history. /reset starts a new conversation, /quit (or Ctrl-D) leaves.
     """
     from instructrl.serve.chat import run_chat
-    from instructrl.serve.loading import load_engine, parse_model_specs
+    from instructrl.serve.loading import load_engine, parse_model_specs, set_serving_threads
 
+    set_serving_threads(None)
     engines = {name: load_engine(path, quantize) for name, path in parse_model_specs(model).items()}
     run_chat(engines, Console(), system=system, temperature=temperature, max_tokens=max_tokens, seed=seed)
 

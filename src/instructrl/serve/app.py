@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 from typing import AsyncIterator, Optional
 
@@ -256,3 +257,33 @@ async def _completion_stream(job: _Job, id: str, model: str, include_usage: bool
             yield schemas.completion_chunk(id, model, created, event.index, event.text, event.finish_reason, with_usage=include_usage)
     if include_usage:
         yield schemas.completion_chunk(id, model, created, None, with_usage=True, usage_=schemas.usage(job.prompt_tokens, job.completion_tokens))
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` on a thread of this process (tests and benchmarks); ``with`` starts and stops it."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="instructrl-server", daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -113,6 +113,7 @@ class Engine:
 
     def start(self) -> "Engine":
         if self._thread is None:
+            self._stopped = False
             self._thread = threading.Thread(target=self._run, name="instructrl-engine", daemon=True)
             self._thread.start()
         return self
