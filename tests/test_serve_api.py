@@ -29,7 +29,12 @@ def tiny(smoke_base):
 @pytest.fixture(scope="module")
 def server(tiny):
     _, model, tokenizer = tiny
-    engines = {"tiny": Engine(model, tokenizer, max_batch=32), "tiny-small-queue": Engine(model, tokenizer, max_queue=0)}
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None  # a checkpoint for raw completions only
+    engines = {"tiny": Engine(model, tokenizer, max_batch=32), "tiny-small-queue": Engine(model, tokenizer, max_queue=0),
+               "no-template": Engine(model, plain)}
     with BackgroundServer(create_app(engines, api_key=KEY, default_max_tokens=16)) as running:
         yield running
 
@@ -51,7 +56,7 @@ def error_of(call) -> tuple[int, dict]:
 
 
 def test_models_and_health(server, client):
-    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-small-queue"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-small-queue", "no-template"]
     assert client.models.retrieve("tiny").owned_by == "instructrl"
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # no key needed
 
@@ -199,6 +204,9 @@ def test_error_statuses_and_bodies(server, client):
     assert status == 400 and error["param"] == "n"
     status, error = error_of(lambda: client.chat.completions.create(model="tiny-small-queue", messages=HELLO))
     assert (status, error["type"], error["code"]) == (429, "rate_limit_error", "queue_full")
+    status, error = error_of(lambda: client.chat.completions.create(model="no-template", messages=HELLO))
+    assert status == 400 and error["param"] == "messages" and "chat template" in error["message"]
+    assert client.completions.create(model="no-template", prompt="the cat", max_tokens=2).usage.completion_tokens >= 1
     auth = {"Authorization": f"Bearer {KEY}"}
     response = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={**auth, "Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"

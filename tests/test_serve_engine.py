@@ -136,27 +136,59 @@ def test_text_stream_skips_special_tokens():
 # ---------------------------------------------------------------- the engine
 
 
-def test_engine_greedy_answers_match_generate_while_requests_join_and_leave(tiny):
-    model, tokenizer = tiny
-    reference = generate_answers(model, tokenizer, PROMPTS, max_new_tokens=12)
-    engine = Engine(model, tokenizer, max_batch=8, batch_wait_s=0).start()
+class JoiningEngine(Engine):
+    """Submits ``later`` requests right after its first sampling step, and counts the times they join a running batch."""
+
+    joins = 0
+    later: list = []
+
+    def _sample(self, rows, logits):
+        super()._sample(rows, logits)
+        later, self.later = self.later, []
+        for args in later:  # on the engine's thread, between the first request's steps
+            self.submit(*args)
+
+    def _merge(self, cache, mask, new_cache, new_mask):
+        self.joins += cache is not None
+        return super()._merge(cache, mask, new_cache, new_mask)
+
+
+def greedy_while_joining(model, tokenizer, max_tokens: int = 12) -> tuple[list[str], list[Collector], int]:
+    """Greedy answers to PROMPTS: the first alone, the rest joining its batch after its first token."""
+    engine = JoiningEngine(model, tokenizer, max_batch=8, batch_wait_s=0)
+    sinks = [Collector() for _ in PROMPTS]
+    requests = [(render_ids(tokenizer, messages, True), SamplingParams(max_tokens, temperature=0.0), 1, sink) for messages, sink in zip(PROMPTS, sinks)]
+    engine.later = requests[1:]
+    engine.submit(*requests[0])
+    engine.start()
     try:
-        first = Collector()
-        engine.submit(render_ids(tokenizer, PROMPTS[0], True), SamplingParams(12, temperature=0.0), 1, first)
-        # the others arrive while the first is being decoded: they join its batch
-        while not first.events and not first.done.is_set():
-            pass
-        rest = [Collector() for _ in PROMPTS[1:]]
-        for messages, sink in zip(PROMPTS[1:], rest):
-            engine.submit(render_ids(tokenizer, messages, True), SamplingParams(12, temperature=0.0), 1, sink)
-        answers = [c.wait().text() for c in [first, *rest]]
+        answers = [c.wait().text() for c in sinks]
     finally:
         engine.stop()
-    assert [a.strip() for a in answers] == reference
-    for c in [first, *rest]:
+    return answers, sinks, engine.joins
+
+
+def test_engine_greedy_answers_match_generate_while_requests_join_and_leave(tiny):
+    model, tokenizer = tiny
+    answers, collectors, joins = greedy_while_joining(model, tokenizer)
+    assert joins >= 1
+    assert [a.strip() for a in answers] == generate_answers(model, tokenizer, PROMPTS, max_new_tokens=12)
+    for c in collectors:
         finish = c.finish()
         assert finish.finish_reason in ("stop", "length") and 1 <= finish.completion_tokens <= 12
         assert finish.finish_reason == "stop" or finish.completion_tokens == 12
+
+
+def test_engine_serves_a_gpt2_checkpoint_too(tiny):
+    from instructrl.config import ModelConfig
+    from instructrl.models.base import build_base_model
+
+    _, tokenizer = tiny
+    torch.manual_seed(0)
+    gpt2 = build_base_model(ModelConfig(arch="gpt2", n_layer=2, hidden_size=32, n_head=2, max_length=128), tokenizer).eval()
+    answers, _, joins = greedy_while_joining(gpt2, tokenizer)
+    assert joins >= 1
+    assert [a.strip() for a in answers] == generate_answers(gpt2, tokenizer, PROMPTS, max_new_tokens=12)
 
 
 def test_engine_seed_reproduces_samples_and_n_choices_differ(tiny):
