@@ -75,6 +75,12 @@ async def one_level(url: str, clients: int, requests: int, prompts: list[list[di
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def served(model: str, quantize: str, max_batch: int):
     """``instructrl serve`` in a child process on a free loopback port; yields its URL."""
@@ -95,7 +101,7 @@ def served(model: str, quantize: str, max_batch: int):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -115,13 +121,16 @@ def main() -> None:
 
     prompts = questions(args.world_prompts, 4096)
     results = []
-    with served(args.model, args.quantize, args.max_batch) as url:
+    with served(args.model, args.quantize, args.max_batch) as (url, pid):
         asyncio.run(one_level(url, 1, 2, prompts, args.max_tokens, args.temperature))  # warm-up
         for clients in args.clients:
+            server_cpu, client_cpu = cpu_seconds(pid), time.process_time()
             results.append(asyncio.run(one_level(url, clients, args.requests, prompts, args.max_tokens, args.temperature)))
             r = results[-1]
+            r["server_cpu_s"], r["client_cpu_s"] = cpu_seconds(pid) - server_cpu, time.process_time() - client_cpu
             print(f"{clients:3d} clients: {r['requests']:4d} requests in {r['seconds']:6.2f} s  {r['requests_per_s']:7.2f} req/s  "
-                  f"{r['tokens_per_s']:8.1f} tokens/s  latency {r['mean_latency_s']:.3f} s", flush=True)
+                  f"{r['tokens_per_s']:8.1f} tokens/s  latency {r['mean_latency_s']:.3f} s  "
+                  f"CPU s: server {r['server_cpu_s']:.1f}, clients {r['client_cpu_s']:.1f}", flush=True)
     print(json.dumps({"model": args.model, "quantize": args.quantize, "max_tokens": args.max_tokens, "results": results}, indent=2))
 
 

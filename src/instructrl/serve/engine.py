@@ -107,7 +107,7 @@ class Engine:
         self._lock = threading.Condition()
         self._stopped = False
         self._thread: threading.Thread | None = None
-        self.steps = 0  # decode steps run; each serves every row in the batch at once
+        self.steps = 0  # forward passes run (prefills and decode steps); each serves every row in it at once
 
     # ------------------------------------------------------------------ public
 
