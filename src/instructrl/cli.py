@@ -286,6 +286,9 @@ def chat(
 
     set_serving_threads(None)
     engines = {name: load_engine(path, quantize) for name, path in parse_model_specs(model).items()}
+    for name, engine in engines.items():
+        if engine.tokenizer.chat_template is None:
+            raise UserError(f"chat: the model '{name}' has no chat template (serve it and use /v1/completions instead)")
     run_chat(engines, Console(), system=system, temperature=temperature, max_tokens=max_tokens, seed=seed)
 
 
