@@ -258,6 +258,68 @@ def data_check(
     typer.echo(json.dumps(summary))
 
 
+MODEL_OPTION = typer.Option(..., "--model", "-m", help="A checkpoint folder (instructrl stage's final/ or any HF causal LM), or NAME=PATH; repeat for several.")
+QUANTIZE_OPTION = typer.Option("none", "--quantize", help="none, or int8: dynamic int8 quantisation of the Linear layers for CPU serving.")
+
+
+@app.command()
+def serve(
+    model: list[str] = MODEL_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0 for every one)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="INSTRUCTRL_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes (or set INSTRUCTRL_API_KEY)."),
+    quantize: str = QUANTIZE_OPTION,
+    max_batch: int = typer.Option(32, "--max-batch", help="Most sequences decoded together (a request with n choices takes n)."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Most requests waiting for a place in the batch; more are answered 429."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens generated when a request sets no max_tokens."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is one)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for requests that bring none (default: fresh each start)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for generation (default: all cores but one, left to the HTTP loop)."),
+) -> None:
+    """Serve checkpoints behind an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
+
+    Concurrent requests are decoded in one batch; point any OpenAI client at
+    http://HOST:PORT/v1 with the model's name (its folder, or the stage for a stage's final/).
+    """
+    import uvicorn
+
+    from instructrl.serve.app import create_app
+    from instructrl.serve.loading import load_engine, parse_model_specs, set_serving_threads
+
+    specs = parse_model_specs(model)
+    set_serving_threads(threads)
+    engines = {name: load_engine(path, quantize, device, max_batch=max_batch, max_queue=max_queue, seed=seed) for name, path in specs.items()}
+    server_app = create_app(engines, api_key=api_key, default_max_tokens=max_tokens)
+    for name, path in specs.items():
+        _log(f"serve: model [bold]{name}[/bold] from {path}" + (" (int8)" if quantize == "int8" else ""))
+    _log(f"serve: OpenAI-compatible API at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
+    uvicorn.run(server_app, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def chat(
+    model: list[str] = MODEL_OPTION,
+    system: Optional[str] = typer.Option(None, "--system", help="A system message to start each conversation with."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 answers greedily."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Most tokens per answer."),
+    quantize: str = QUANTIZE_OPTION,
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (with --temperature > 0)."),
+) -> None:
+    """Chat with a checkpoint in the terminal; give two --model to see them answer side by side (e.g. sft and ppo_ptx).
+
+    Each model keeps its own history. /reset starts a new conversation, /quit (or Ctrl-D) leaves.
+    """
+    from instructrl.serve.chat import run_chat
+    from instructrl.serve.loading import load_engine, parse_model_specs, set_serving_threads
+
+    set_serving_threads(None)
+    engines = {name: load_engine(path, quantize) for name, path in parse_model_specs(model).items()}
+    for name, engine in engines.items():
+        if engine.tokenizer.chat_template is None:
+            raise UserError(f"chat: the model '{name}' has no chat template (serve it and use /v1/completions instead)")
+    run_chat(engines, Console(), system=system, temperature=temperature, max_tokens=max_tokens, seed=seed)
+
+
 @app.command("config")
 def show_config(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
     """Print the resolved config (defaults, file and overrides) as YAML."""

@@ -72,13 +72,16 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
     return model
 
 
-def load_tokenizer(name_or_path: str | Path):
+def load_tokenizer(name_or_path: str | Path, for_chat: bool = True):
     """``AutoTokenizer.from_pretrained``, made fit for RLHF.
 
     PAD must exist and differ from EOS (RLHF-DETAILS.md: padding, EOS detection and "last real
     token" break when they share an id): a tokenizer without one, or whose PAD is EOS (GPT-2,
     Llama, Pythia, Qwen2 base), gets a new ``<|pad|>`` token; ``fit_embeddings`` then gives the
     model a row for it. A tokenizer without a chat template gets ``FALLBACK_CHAT_TEMPLATE``.
+
+    ``for_chat=False`` (serving) only needs EOS: generation pads by attention mask alone, and a
+    checkpoint without a chat template can still answer raw completions.
     """
     from transformers import AutoTokenizer
 
@@ -90,6 +93,8 @@ def load_tokenizer(name_or_path: str | Path):
         raise UserError(f"cannot load tokenizer '{name_or_path}': {str(err).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{name_or_path}' has no EOS token")
+    if not for_chat:
+        return tokenizer
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     if tokenizer.chat_template is None:

@@ -1,0 +1,289 @@
+"""The OpenAI-compatible HTTP API over one Engine per served model (FastAPI).
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /v1/models/{name}`` and ``GET /health``. Every error answers with OpenAI's body
+``{"error": {"message", "type", "param", "code"}}``: 400 for a request the model cannot serve,
+401 for a missing or wrong API key, 404 for an unknown model or route, 422 for a body that does
+not match the schema, 429 when the engine's queue is full, 500 when generation fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+from typing import AsyncIterator, Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from instructrl.data.chat import render_ids
+from instructrl.serve import schemas
+from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams
+
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.body = status, schemas.error_body(message, type, param, code)
+
+
+def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, default_max_tokens: int = 256) -> FastAPI:
+    """The API serving ``engines`` by name; with ``api_key``, /v1 routes need ``Authorization: Bearer KEY``.
+
+    The engines start with the app and stop with it.
+    """
+    created = int(time.time())
+
+    async def lifespan(app: FastAPI):
+        for engine in engines.values():
+            engine.start()
+        yield
+        for engine in engines.values():
+            engine.stop()
+
+    app = FastAPI(title="instructrl", lifespan=lifespan)
+
+    # ------------------------------------------------------------------ errors
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError):
+        return JSONResponse(err.body, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        first = err.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(schemas.error_body(f"the request body is not valid JSON: {first.get('msg')}", "invalid_request_error", None, "invalid_json"), 400)
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return JSONResponse(schemas.error_body(message, "invalid_request_error", param, first.get("type")), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(schemas.error_body(f"{request.method} {request.url.path}: {err.detail}", kind, None, None), err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, err: Exception):
+        return JSONResponse(schemas.error_body(f"internal error: {type(err).__name__}: {err}", "server_error", None, None), 500)
+
+    # ------------------------------------------------------------------ auth, models
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send it as 'Authorization: Bearer KEY'", "authentication_error", None, "invalid_api_key")
+
+    def engine_for(name: str) -> Engine:
+        if name not in engines:
+            raise APIError(404, f"the model '{name}' does not exist; served: {', '.join(engines)}", "invalid_request_error", "model", "model_not_found")
+        return engines[name]
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(engines)}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def list_models():
+        return {"object": "list", "data": [schemas.model_card(name, created) for name in engines]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    async def get_model(name: str):
+        engine_for(name)
+        return schemas.model_card(name, created)
+
+    # ------------------------------------------------------------------ generation
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
+        engine = engine_for(body.model)
+        if body.logprobs:
+            raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported")
+        if engine.tokenizer.chat_template is None:
+            raise APIError(400, f"the model '{body.model}' has no chat template; use /v1/completions", param="messages")
+        prompt = render_ids(engine.tokenizer, [m.as_template_message() for m in body.messages], add_generation_prompt=True)
+        job = _submit(engine, [prompt], body, default_max_tokens, "messages")
+        id = schemas.new_id("chatcmpl")
+        if body.stream:
+            return _sse(_chat_stream(job, id, body.model, body.include_usage()), job)
+        texts, reasons = await job.collect(request)
+        return schemas.chat_completion(id, body.model, texts, reasons, job.prompt_tokens, job.completion_tokens)
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: schemas.CompletionRequest, request: Request):
+        engine = engine_for(body.model)
+        if body.logprobs:
+            raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported")
+        prompts = [engine.tokenizer(text)["input_ids"] for text in body.prompts()]
+        if not prompts or any(not p for p in prompts):
+            raise APIError(400, "prompt must be non-empty", param="prompt")
+        job = _submit(engine, prompts, body, default_max_tokens, "prompt")
+        id = schemas.new_id("cmpl")
+        if body.stream:
+            return _sse(_completion_stream(job, id, body.model, body.include_usage()), job)
+        texts, reasons = await job.collect(request)
+        return schemas.text_completion(id, body.model, texts, reasons, job.prompt_tokens, job.completion_tokens)
+
+    return app
+
+
+class _Job:
+    """The engine requests of one API call (one per prompt, n choices each) and their events in one queue.
+
+    Choice ``j`` of prompt ``p`` is choice ``p * n + j`` of the response.
+    """
+
+    def __init__(self, n: int, prompt_tokens: int):
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.n, self.prompt_tokens = n, prompt_tokens
+        self.requests = []
+        self.tokens: dict[int, int] = {}
+        self.unfinished = 0
+
+    def sink_for(self, offset: int):
+        def sink(event: Event) -> None:  # called on the engine's thread
+            shifted = Event(offset + event.index, event.text, event.finish_reason, event.completion_tokens)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, shifted)
+        return sink
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.tokens.values())
+
+    async def next(self) -> Event:
+        event = await self.events.get()
+        self.tokens[event.index] = event.completion_tokens
+        if event.finish_reason == "error":
+            self.cancel()
+            raise APIError(500, f"generation failed: {event.text}", "server_error", None, None)
+        if event.finish_reason:
+            self.unfinished -= 1
+        return event
+
+    async def collect(self, request: Request) -> tuple[list[str], list[str]]:
+        """Every choice's whole text and finish reason; gives up if the client goes away."""
+        total = self.unfinished
+        texts, reasons = [""] * total, [""] * total
+        try:
+            while self.unfinished:
+                try:
+                    event = await asyncio.wait_for(self.next(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise APIError(499, "client disconnected") from None
+                    continue
+                texts[event.index] += event.text
+                reasons[event.index] = event.finish_reason or reasons[event.index]
+        finally:
+            if self.unfinished:
+                self.cancel()
+        return texts, reasons
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancel()
+
+
+def _submit(engine: Engine, prompts: list[list[int]], body: schemas.SamplingRequest, default_max_tokens: int, prompt_param: str) -> _Job:
+    n = body.n or 1
+    if n * len(prompts) > engine.max_batch:
+        raise APIError(400, f"n x prompts = {n * len(prompts)} is more than this server's batch of {engine.max_batch}", param="n")
+    job = _Job(n, sum(len(p) for p in prompts))
+    for p, prompt in enumerate(prompts):
+        budget = engine.budget(len(prompt), body.token_limit(), default_max_tokens)
+        if budget < 1:
+            raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {engine.context_length}",
+                           param=prompt_param, code="context_length_exceeded")
+        params = SamplingParams(
+            max_tokens=budget, temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop_strings(), seed=body.seed,
+        )
+        try:
+            job.requests.append(engine.submit(prompt, params, n, job.sink_for(p * n)))
+        except QueueFull as err:
+            job.cancel()
+            raise APIError(429, f"the server is busy: {err}", "rate_limit_error", None, "queue_full") from None
+        job.unfinished += n
+    return job
+
+
+def _sse(chunks: AsyncIterator[dict], job: _Job) -> StreamingResponse:
+    """Server-sent events: one ``data:`` line per chunk, then ``data: [DONE]``; a client that leaves cancels the job."""
+
+    async def lines():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except APIError as err:
+            yield f"data: {json.dumps(err.body)}\n\n"
+        finally:
+            job.cancel()  # a no-op once every choice finished; frees the rows of a client that left
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _chat_stream(job: _Job, id: str, model: str, include_usage: bool) -> AsyncIterator[dict]:
+    created = int(time.time())
+    for index in range(job.unfinished):
+        yield schemas.chat_chunk(id, model, created, index, {"role": "assistant", "content": ""}, with_usage=include_usage)
+    while job.unfinished:
+        event = await job.next()
+        if event.text:
+            yield schemas.chat_chunk(id, model, created, event.index, {"content": event.text}, with_usage=include_usage)
+        if event.finish_reason:
+            yield schemas.chat_chunk(id, model, created, event.index, {}, event.finish_reason, with_usage=include_usage)
+    if include_usage:
+        yield schemas.chat_chunk(id, model, created, None, with_usage=True, usage_=schemas.usage(job.prompt_tokens, job.completion_tokens))
+
+
+async def _completion_stream(job: _Job, id: str, model: str, include_usage: bool) -> AsyncIterator[dict]:
+    created = int(time.time())
+    while job.unfinished:
+        event = await job.next()
+        if event.text or event.finish_reason:
+            yield schemas.completion_chunk(id, model, created, event.index, event.text, event.finish_reason, with_usage=include_usage)
+    if include_usage:
+        yield schemas.completion_chunk(id, model, created, None, with_usage=True, usage_=schemas.usage(job.prompt_tokens, job.completion_tokens))
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` on a thread of this process (tests and benchmarks); ``with`` starts and stops it."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        import socket
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.url = f"http://{host}:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="instructrl-server", daemon=True)
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

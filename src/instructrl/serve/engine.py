@@ -1,0 +1,287 @@
+"""The batching generation engine: one worker thread decodes every request's rows together.
+
+Requests join the running batch at any decode step (their prompts are prefilled as a left-padded
+batch and their KV cache is merged into the running one, left-padded to the same length) and
+leave it as soon as they finish, so throughput grows with the number of concurrent requests
+and a short answer never waits for a long one. Each choice of each request is one row with its
+own temperature, top-p, stop strings, token budget and random generator. Results go out token
+by token through the request's ``sink``, called from the worker thread: a slow consumer only
+lets its own events pile up, and a cancelled request leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from instructrl.padding import pad_sequences, position_ids_from_mask
+from instructrl.serve.sampling import sample_next_tokens
+from instructrl.serve.text import TextStream
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine accepts (the API answers 429)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One step of one choice: new text, and when it ends, why (stop, length or error)."""
+
+    index: int  # which of the request's n choices
+    text: str
+    finish_reason: Optional[str] = None  # "stop", "length", or "error" (then ``text`` is the message)
+    completion_tokens: int = 0  # tokens generated so far for this choice, EOS and stop tokens included
+
+
+Sink = Callable[[Event], None]
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    sink: Sink
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop generating for this request; its rows leave the batch at the next step."""
+        self.cancelled.set()
+
+
+@dataclass
+class _Row:
+    request: Request
+    index: int
+    generator: torch.Generator
+    text: TextStream
+    next_token: int = -1  # sampled, not yet fed through the model
+    generated: int = 0
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The random seed of choice ``index`` of a request seeded with ``seed``."""
+    return (seed * 1_000_003 + index) % (1 << 63)
+
+
+def context_length(model) -> int:
+    """The longest sequence the model's position embeddings allow."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 20
+
+
+class Engine:
+    """Serves one causal LM; ``submit`` from any thread, results arrive through each request's sink."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 256, batch_wait_s: float = 0.005, seed: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
+        self.context_length = context_length(model)
+        self.device = next(model.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = _eos_ids(model, tokenizer)
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in parameters
+        self._unseeded = random.Random(seed)
+        self._waiting: list[Request] = []
+        self._lock = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # forward passes run (prefills and decode steps); each serves every row in it at once
+
+    # ------------------------------------------------------------------ public
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stopped = False
+            self._thread = threading.Thread(target=self._run, name="instructrl-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, n: int, sink: Sink) -> Request:
+        """Queue a request for ``n`` choices; raises QueueFull when ``max_queue`` requests wait already."""
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"n must be between 1 and {self.max_batch}")
+        if params.seed is None:
+            params = SamplingParams(params.max_tokens, params.temperature, params.top_p, params.stop, self._unseeded.getrandbits(62))
+        request = Request(list(prompt_ids), params, n, sink)
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting already; try again later")
+            self._waiting.append(request)
+            self._lock.notify_all()
+        return request
+
+    def budget(self, prompt_length: int, max_tokens: int | None, default: int) -> int:
+        """The tokens a prompt may still generate within the context: ``max_tokens`` (or ``default``), clipped."""
+        room = self.context_length - prompt_length
+        return max(0, min(room, default if max_tokens is None else max_tokens))
+
+    # ------------------------------------------------------------------ the worker
+
+    def _admit(self, free: int, block: bool) -> list[Request]:
+        """Waiting requests that fit in ``free`` rows, oldest first; waits for one when ``block``."""
+        with self._lock:
+            if block:
+                while not self._waiting and not self._stopped:
+                    self._lock.wait()
+                if self._stopped:
+                    return []
+        if block and self.batch_wait_s > 0:
+            time.sleep(self.batch_wait_s)  # let requests arriving together share the first step
+        with self._lock:
+            admitted = []
+            while self._waiting and self._waiting[0].n <= free:
+                request = self._waiting.pop(0)
+                free -= request.n
+                if not request.cancelled.is_set():
+                    admitted.append(request)
+            return admitted
+
+    def _run(self) -> None:
+        rows: list[_Row] = []
+        cache, mask = None, None
+        while not self._stopped:
+            admitted = self._admit(self.max_batch - len(rows), block=not rows)
+            if self._stopped:
+                break
+            try:
+                if admitted:
+                    new_rows, new_cache, new_mask = self._prefill(admitted)
+                    rows, cache, mask = rows + new_rows, *self._merge(cache, mask, new_cache, new_mask)
+                    rows, cache, mask = self._drop_finished(rows, cache, mask)
+                    admitted = []
+                if rows:
+                    cache, mask = self._decode(rows, cache, mask)
+                    rows, cache, mask = self._drop_finished(rows, cache, mask)
+            except Exception as err:  # a failed forward pass fails the requests in it, not the server
+                for row in rows + [r for request in admitted for r in self._rows_of(request)]:
+                    row.request.sink(Event(row.index, f"{type(err).__name__}: {err}", "error", row.generated))
+                rows, cache, mask = [], None, None
+
+    def _rows_of(self, request: Request) -> list[_Row]:
+        return [
+            _Row(request, i, torch.Generator().manual_seed(choice_seed(request.params.seed, i)), TextStream(self.tokenizer, request.params.stop))
+            for i in range(request.n)
+        ]
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache):
+        kwargs = {self._cache_arg: cache, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        positions = position_ids_from_mask(mask)[:, -ids.shape[1] :]
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device), **kwargs)
+        return out.logits[:, -1], out["cache"] if "cache" in out else out["past_key_values"]
+
+    @torch.no_grad()
+    def _prefill(self, requests: list[Request]):
+        rows = [row for request in requests for row in self._rows_of(request)]
+        prompts = [row.request.prompt_ids for row in rows]
+        ids, mask = pad_sequences(prompts, self.pad_id, side="left")
+        logits, cache = self._forward(ids, mask, None)
+        self._sample(rows, logits)
+        return rows, cache, mask
+
+    @torch.no_grad()
+    def _decode(self, rows: list[_Row], cache, mask):
+        ids = torch.tensor([[row.next_token] for row in rows])
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+        logits, cache = self._forward(ids, mask, cache)
+        self._sample(rows, logits)
+        return cache, mask
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        self.steps += 1
+        tokens = sample_next_tokens(
+            logits, [r.request.params.temperature for r in rows], [r.request.params.top_p for r in rows], [r.generator for r in rows]
+        )
+        for row, token in zip(rows, tokens):
+            row.next_token, row.generated = token, row.generated + 1
+            if token in self.eos_ids:
+                finish, delta = "stop", row.text.finish()
+            else:
+                delta, stopped = row.text.add(token)
+                finish = "stop" if stopped else None
+            if finish is None and row.generated >= row.request.params.max_tokens:
+                finish, delta = "length", delta + row.text.finish()
+            if not row.request.cancelled.is_set() and (delta or finish):
+                row.request.sink(Event(row.index, delta, finish, row.generated))
+            if finish:
+                row.next_token = -1
+
+    def _drop_finished(self, rows: list[_Row], cache, mask):
+        keep = [i for i, row in enumerate(rows) if row.next_token >= 0 and not row.request.cancelled.is_set()]
+        if len(keep) == len(rows):
+            return rows, cache, mask
+        if not keep:
+            return [], None, None
+        index = torch.tensor(keep)
+        mask = mask[index]
+        cache.batch_select_indices(index.to(self.device))
+        # columns that are padding in every remaining row need no attention any more
+        leading = int(mask.any(0).long().argmax())
+        if leading:
+            mask = mask[:, leading:]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, leading:], layer.values[:, :, leading:]
+        return [rows[i] for i in keep], cache, mask
+
+    def _merge(self, cache, mask, new_cache, new_mask):
+        """The running batch's KV cache and mask followed by a new batch's, both left-padded to one length."""
+        if cache is None:
+            return new_cache, new_mask
+        from transformers import DynamicCache
+
+        width = max(mask.shape[1], new_mask.shape[1])
+        layers = [
+            (torch.cat([left_pad(a.keys, width, 2), left_pad(b.keys, width, 2)]), torch.cat([left_pad(a.values, width, 2), left_pad(b.values, width, 2)]))
+            for a, b in zip(cache.layers, new_cache.layers)
+        ]
+        return DynamicCache(layers, config=self.model.config), torch.cat([left_pad(mask, width, 1), left_pad(new_mask, width, 1)])
+
+
+def left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros put before it along ``dim`` up to ``width`` (masked out wherever it is read)."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Every token that ends an answer: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {i for i in ids if i is not None}
+

@@ -1,0 +1,45 @@
+"""Choosing each row's next token under its own sampling parameters. Torch only."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """(V,) logits with every token outside the nucleus set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``
+    (Holtzman et al. 2020); the most likely token always stays. ``top_p >= 1`` keeps everything.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    # drop a token when the tokens before it already reach top_p
+    drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+    drop_sorted[0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_tokens(
+    logits: Tensor, temperatures: Sequence[float], top_ps: Sequence[float], generators: Sequence[torch.Generator]
+) -> list[int]:
+    """One token per row of (B, V) ``logits``: greedy where the temperature is 0, else sampled.
+
+    Row b is sampled from softmax(logits[b] / temperatures[b]) restricted to its top-p nucleus,
+    drawing from ``generators[b]`` only, so a row's samples depend on its own seed and not on
+    which other requests share the batch.
+    """
+    tokens = []
+    for row, (temperature, top_p, generator) in enumerate(zip(temperatures, top_ps, generators)):
+        row_logits = logits[row].float()
+        if temperature <= 0.0:
+            tokens.append(int(row_logits.argmax()))
+            continue
+        probs = top_p_filter(row_logits / temperature, top_p).softmax(-1)
+        tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=generator)))
+    return tokens

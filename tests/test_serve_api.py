@@ -1,0 +1,289 @@
+"""The OpenAI-compatible API, driven by the official ``openai`` client over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from instructrl.data.chat import render_ids
+from instructrl.evaluation.generate import generate_answers
+from instructrl.models.base import load_causal_lm, load_tokenizer
+from instructrl.serve.app import BackgroundServer, create_app
+from instructrl.serve.engine import Engine
+from conftest import cli
+
+KEY = "test-key"
+HELLO = [{"role": "user", "content": "Reverse the word: green"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(smoke_base):
+    path = smoke_base / "pretrain" / "final"
+    return path, load_causal_lm(path), load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    _, model, tokenizer = tiny
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None  # a checkpoint for raw completions only
+    engines = {"tiny": Engine(model, tokenizer, max_batch=32), "tiny-small-queue": Engine(model, tokenizer, max_queue=0),
+               "no-template": Engine(model, plain)}
+    with BackgroundServer(create_app(engines, api_key=KEY, default_max_tokens=16)) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def error_of(call) -> tuple[int, dict]:
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    body = info.value.response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return info.value.status_code, body["error"]
+
+
+# ---------------------------------------------------------------- models, auth, health
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-small-queue", "no-template"]
+    assert client.models.retrieve("tiny").owned_by == "instructrl"
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # no key needed
+
+
+def test_api_key_is_checked(server):
+    for key in ("wrong", ""):
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key or "none", max_retries=0)
+        status, error = error_of(lambda: bad.chat.completions.create(model="tiny", messages=HELLO))
+        assert status == 401 and error["type"] == "authentication_error" and error["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+
+
+# ---------------------------------------------------------------- chat
+
+
+def test_plain_chat_is_the_models_greedy_answer_with_usage(tiny, client):
+    _, model, tokenizer = tiny
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=12)
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.model == "tiny"
+    assert reply.created > 0
+    [choice] = reply.choices
+    assert choice.index == 0 and choice.message.role == "assistant"
+    assert choice.message.content.strip() == generate_answers(model, tokenizer, [HELLO], max_new_tokens=12)[0]
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == len(render_ids(tokenizer, HELLO, add_generation_prompt=True))
+    assert 1 <= reply.usage.completion_tokens <= 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert "<|eos|>" not in choice.message.content
+
+
+def test_length_limit_gives_finish_reason_length(client):
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, temperature=1.0, seed=3, max_completion_tokens=1,
+                                           logit_bias={}, user="someone", extra_body={"unknown_field": [1, 2]})
+    # one token: either EOS at once (stop, empty) or one token of text (length)
+    choice = reply.choices[0]
+    assert reply.usage.completion_tokens == 1
+    assert (choice.finish_reason, choice.message.content == "") in (("length", False), ("stop", True))
+
+
+def test_system_message_multi_turn_and_text_parts(tiny, client):
+    _, _, tokenizer = tiny
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3."},
+                {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 and 4?"}]
+    as_parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"][:3]}, {"type": "text", "text": m["content"][3:]}]} for m in messages]
+    a = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=8)
+    b = client.chat.completions.create(model="tiny", messages=as_parts, temperature=0, max_tokens=8)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == len(render_ids(tokenizer, messages, add_generation_prompt=True))
+
+
+def test_streamed_chat_matches_the_plain_answer(client):
+    kwargs = dict(model="tiny", messages=HELLO, temperature=1.0, seed=11, max_tokens=16)
+    plain = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *with_choices, last = chunks
+    assert last.choices == [] and last.usage.model_dump() == plain.usage.model_dump()
+    assert all(c.usage is None for c in with_choices)
+    reasons = [c.choices[0].finish_reason for c in with_choices]
+    assert reasons[:-1] == [None] * (len(reasons) - 1) and reasons[-1] == plain.choices[0].finish_reason
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == plain.choices[0].message.content
+
+
+def test_stream_without_usage_and_raw_event_stream(server):
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert all("usage" not in c and len(c["choices"]) == 1 for c in chunks)
+
+
+def test_n_choices_differ_and_the_seed_reproduces_them(client):
+    ask = lambda seed: client.chat.completions.create(model="tiny", messages=HELLO, n=4, seed=seed, temperature=1.0, max_tokens=12)  # noqa: E731
+    a, b, c = ask(5), ask(5), ask(6)
+    texts = lambda r: [ch.message.content for ch in r.choices]  # noqa: E731
+    assert [ch.index for ch in a.choices] == [0, 1, 2, 3]
+    assert texts(a) == texts(b) and texts(a) != texts(c)
+    assert len(set(texts(a))) > 1
+    assert 4 <= a.usage.completion_tokens <= 4 * 12  # every choice's tokens
+    assert a.usage.prompt_tokens == client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=1).usage.prompt_tokens
+
+
+def test_n_choices_stream_each_index_once_each_way(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, n=3, seed=2, max_tokens=8, stream=True))
+    roles = [c.choices[0].index for c in chunks if c.choices[0].delta.role == "assistant"]
+    finishes = [c.choices[0].index for c in chunks if c.choices[0].finish_reason]
+    assert sorted(roles) == [0, 1, 2] and sorted(finishes) == [0, 1, 2]
+    for index in range(3):  # nothing of a choice after its finish chunk
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        assert mine[-1].finish_reason and all(ch.finish_reason is None for ch in mine[:-1])
+
+
+def test_stop_strings_cut_the_answer_and_never_appear(client):
+    kwargs = dict(model="tiny", messages=HELLO, temperature=1.0, seed=4, max_tokens=16)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert len(full) >= 3, full
+    stop = full[1:3]  # two characters from inside the answer
+    expected = full[: full.index(stop)]
+    for stop_arg in (stop, [stop, "never-there"]):
+        reply = client.chat.completions.create(**kwargs, stop=stop_arg)
+        assert reply.choices[0].message.content == expected
+        assert reply.choices[0].finish_reason == "stop"
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stop=stop_arg, stream=True) if c.choices)
+        assert streamed == expected and stop not in streamed
+
+
+# ---------------------------------------------------------------- completions
+
+
+def test_raw_completions_plain_streamed_and_several_prompts(tiny, client):
+    _, _, tokenizer = tiny
+    plain = client.completions.create(model="tiny", prompt="the cat", max_tokens=8, temperature=1.0, seed=1)
+    assert plain.object == "text_completion" and plain.id.startswith("cmpl-")
+    assert plain.usage.prompt_tokens == len(tokenizer("the cat")["input_ids"])
+    streamed = list(client.completions.create(model="tiny", prompt="the cat", max_tokens=8, temperature=1.0, seed=1, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
+    assert streamed[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    several = client.completions.create(model="tiny", prompt=["the cat", "a dog"], n=2, max_tokens=4)
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_error_statuses_and_bodies(server, client):
+    status, error = error_of(lambda: client.chat.completions.create(model="nope", messages=HELLO))
+    assert (status, error["code"], error["param"]) == (404, "model_not_found", "model")
+    status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, temperature=3))
+    assert status == 422 and error["param"] == "temperature" and "temperature" in error["message"]
+    status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[]))
+    assert status == 422 and error["param"] == "messages"
+    status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "x"}]))
+    assert status == 422 and error["param"].startswith("messages.0.role")
+    status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, stop=["a", "b", "c", "d", "e"]))
+    assert status == 422 and error["param"] == "stop"
+    status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}]))
+    assert (status, error["code"], error["param"]) == (400, "context_length_exceeded", "messages")
+    status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, logprobs=True))
+    assert status == 400 and error["param"] == "logprobs"
+    status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, n=33))
+    assert status == 400 and error["param"] == "n"
+    status, error = error_of(lambda: client.chat.completions.create(model="tiny-small-queue", messages=HELLO))
+    assert (status, error["type"], error["code"]) == (429, "rate_limit_error", "queue_full")
+    status, error = error_of(lambda: client.chat.completions.create(model="no-template", messages=HELLO))
+    assert status == 400 and error["param"] == "messages" and "chat template" in error["message"]
+    assert client.completions.create(model="no-template", prompt="the cat", max_tokens=2).usage.completion_tokens >= 1
+    auth = {"Authorization": f"Bearer {KEY}"}
+    response = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={**auth, "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    response = httpx.get(server.url + "/v1/nothing-here", headers=auth)
+    assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_server_error_is_500_with_the_error_body(tiny):
+    _, model, tokenizer = tiny
+
+    class Broken(Engine):
+        def _forward(self, *args):
+            raise RuntimeError("the accelerator caught fire")
+
+    with BackgroundServer(create_app({"broken": Broken(model, tokenizer)})) as running:
+        broken = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+        status, error = error_of(lambda: broken.chat.completions.create(model="broken", messages=HELLO))
+        assert status == 500 and error["type"] == "server_error" and "caught fire" in error["message"]
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def test_32_concurrent_streamed_chats_all_complete_each_with_its_own_answer(tiny, server):
+    """Each client asks its own question; every stream must finish with the answer that question gets alone."""
+    _, model, tokenizer = tiny
+    questions = [[{"role": "user", "content": f"Add {i} and {2 * i + 1}."}] for i in range(32)]
+    alone = generate_answers(model, tokenizer, questions, max_new_tokens=8)
+
+    async def one(client, messages):
+        stream = await client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=8, stream=True)
+        ids, text, finish = set(), "", None
+        async for chunk in stream:
+            ids.add(chunk.id)
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        return ids, text, finish
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0) as client:
+            return await asyncio.gather(*(one(client, q) for q in questions))
+
+    results = asyncio.run(main())
+    assert len(results) == 32 and all(finish in ("stop", "length") for _, _, finish in results)
+    assert all(len(ids) == 1 for ids, _, _ in results) and len({next(iter(ids)) for ids, _, _ in results}) == 32
+    assert [text.strip() for _, text, _ in results] == alone
+
+
+def test_a_client_that_stops_reading_or_leaves_does_not_stall_the_others(server, client):
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 16, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=60) as raw:
+        with raw.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers) as slow:
+            assert slow.status_code == 200  # opened, never read
+            with raw.stream("POST", server.url + "/v1/chat/completions", json=body, headers=headers) as leaver:
+                next(leaver.iter_lines())  # reads one event, then hangs up
+            answers = [client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, seed=i) for i in range(3)]
+    assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_serve_command_rejects_a_missing_model_path(tmp_path):
+    proc = cli("serve", "--model", str(tmp_path / "missing"), check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "missing" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_chat_command_answers_side_by_side(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    path = str(tiny[0])
+    proc = subprocess.run([sys.executable, "-m", "instructrl", "chat", "-m", f"sft={path}", "-m", f"ppo={path}", "--max-tokens", "6"],
+                          input="Reverse the word: green\n/reset\nhi\n/quit\n", capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "COLUMNS": "120"})
+    assert proc.returncode == 0, proc.stderr
+    assert "sft" in proc.stdout and "ppo" in proc.stdout and "(new conversation)" in proc.stdout
+    assert proc.stdout.count("╭") >= 4  # two answer panels per turn, two turns

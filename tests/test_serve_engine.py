@@ -1,0 +1,291 @@
+"""The serving components without HTTP: sampling, streamed text with stop strings, the batching engine."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from instructrl.data.chat import render_ids
+from instructrl.evaluation.generate import generate_answers
+from instructrl.models.base import load_causal_lm, load_tokenizer
+from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams
+from instructrl.serve.loading import model_name, parse_model_specs, quantize_int8
+from instructrl.serve.sampling import sample_next_tokens, top_p_filter
+from instructrl.serve.text import TextStream, first_stop, stop_prefix_length
+from instructrl.errors import UserError
+
+PROMPTS = [
+    [{"role": "user", "content": "Reverse the word: green"}],
+    [{"role": "user", "content": "Sort these numbers: 5 3 9"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 12 and 30."}],
+    [{"role": "user", "content": "Count the items: cat, dog"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "And twice that?"}],
+    [{"role": "user", "content": "Upper-case: big red sun"}],
+    [{"role": "user", "content": "Which is larger, 14 or 41?"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(smoke_base):
+    path = smoke_base / "pretrain" / "final"
+    return load_causal_lm(path), load_tokenizer(path)
+
+
+class Collector:
+    """A request's sink: the events of each choice, and a way to wait for all of them to finish."""
+
+    def __init__(self, n: int = 1):
+        self.events: list[Event] = []
+        self.unfinished = n
+        self.done = threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if event.finish_reason:
+            self.unfinished -= 1
+            if not self.unfinished:
+                self.done.set()
+
+    def wait(self) -> "Collector":
+        assert self.done.wait(60), "the engine did not finish the request"
+        return self
+
+    def text(self, index: int = 0) -> str:
+        return "".join(e.text for e in self.events if e.index == index)
+
+    def finish(self, index: int = 0) -> Event:
+        return next(e for e in self.events if e.index == index and e.finish_reason)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    # probabilities 0.5, 0.3, 0.15, 0.05: the top two reach 0.8, so top_p = 0.7 keeps 2 tokens, 0.8 keeps 2, 0.81 keeps 3
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    kept = lambda p: torch.isfinite(top_p_filter(logits, p)).tolist()  # noqa: E731
+    assert kept(0.7) == [True, True, False, False]
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(0.1) == [True, False, False, False]  # the most likely token always stays
+    assert kept(1.0) == [True] * 4
+
+
+def test_sampling_is_greedy_at_temperature_zero_and_follows_each_rows_generator():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
+    assert sample_next_tokens(logits, [0.0, 0.0], [1.0, 1.0], [torch.Generator(), torch.Generator()]) == [1, 0]
+    draws = lambda seed: [sample_next_tokens(logits[:1], [1.0], [1.0], [g])[0] for g in [torch.Generator().manual_seed(seed)] for _ in range(30)]  # noqa: E731
+    assert draws(3) == draws(3)
+    assert len(set(draws(3))) > 1  # sampled, not greedy
+    # top_p small enough leaves only the argmax
+    assert set(sample_next_tokens(logits[:1].repeat(20, 1), [1.0] * 20, [0.05] * 20, [torch.Generator().manual_seed(i) for i in range(20)])) == {1}
+
+
+# ---------------------------------------------------------------- text and stop strings
+
+
+class CharTokenizer:
+    """Token i is chr(i); 0 is a special token that decoding skips (as EOS is)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i)
+
+
+def feed(stream: TextStream, text: str) -> tuple[list[str], bool]:
+    pieces = []
+    for ch in text:
+        piece, stopped = stream.add(ord(ch))
+        pieces.append(piece)
+        if stopped:
+            return pieces, True
+    return pieces, False
+
+
+def test_stop_helpers():
+    assert stop_prefix_length("Hello\nUs", ["\nUser:"]) == 3
+    assert stop_prefix_length("Hello", ["\nUser:"]) == 0
+    assert stop_prefix_length("abab", ["abc", "bab!"]) == 3
+    assert first_stop("a STOP b END", ["END", "STOP"]) == 2
+    assert first_stop("abc", ["x"]) == -1
+
+
+def test_text_stream_cuts_at_a_stop_string_spanning_tokens_and_never_sends_it():
+    stream = TextStream(CharTokenizer(), ["END"])
+    pieces, stopped = feed(stream, "ok ENxEND more")
+    assert stopped
+    assert "".join(pieces) == "ok ENx"
+    # "EN" was held back until the "x" showed it was not the stop string
+    assert pieces[3:6] == ["", "", "ENx"]
+
+
+def test_text_stream_releases_held_text_when_generation_ends_otherwise():
+    stream = TextStream(CharTokenizer(), ["END"])
+    pieces, stopped = feed(stream, "abE")
+    assert not stopped and "".join(pieces) == "ab"
+    assert stream.finish() == "E"
+
+
+def test_text_stream_skips_special_tokens():
+    stream = TextStream(CharTokenizer())
+    assert stream.add(ord("a")) == ("a", False)
+    assert stream.add(0) == ("", False)
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class JoiningEngine(Engine):
+    """Submits ``later`` requests right after its first sampling step, and counts the times they join a running batch."""
+
+    joins = 0
+    later: list = []
+
+    def _sample(self, rows, logits):
+        super()._sample(rows, logits)
+        later, self.later = self.later, []
+        for args in later:  # on the engine's thread, between the first request's steps
+            self.submit(*args)
+
+    def _merge(self, cache, mask, new_cache, new_mask):
+        self.joins += cache is not None
+        return super()._merge(cache, mask, new_cache, new_mask)
+
+
+def greedy_while_joining(model, tokenizer, max_tokens: int = 12) -> tuple[list[str], list[Collector], int]:
+    """Greedy answers to PROMPTS: the first alone, the rest joining its batch after its first token."""
+    engine = JoiningEngine(model, tokenizer, max_batch=8, batch_wait_s=0)
+    sinks = [Collector() for _ in PROMPTS]
+    requests = [(render_ids(tokenizer, messages, True), SamplingParams(max_tokens, temperature=0.0), 1, sink) for messages, sink in zip(PROMPTS, sinks)]
+    engine.later = requests[1:]
+    engine.submit(*requests[0])
+    engine.start()
+    try:
+        answers = [c.wait().text() for c in sinks]
+    finally:
+        engine.stop()
+    return answers, sinks, engine.joins
+
+
+def test_engine_greedy_answers_match_generate_while_requests_join_and_leave(tiny):
+    model, tokenizer = tiny
+    answers, collectors, joins = greedy_while_joining(model, tokenizer)
+    assert joins >= 1
+    assert [a.strip() for a in answers] == generate_answers(model, tokenizer, PROMPTS, max_new_tokens=12)
+    for c in collectors:
+        finish = c.finish()
+        assert finish.finish_reason in ("stop", "length") and 1 <= finish.completion_tokens <= 12
+        assert finish.finish_reason == "stop" or finish.completion_tokens == 12
+
+
+def test_engine_serves_a_gpt2_checkpoint_too(tiny):
+    from instructrl.config import ModelConfig
+    from instructrl.models.base import build_base_model
+
+    _, tokenizer = tiny
+    torch.manual_seed(0)
+    gpt2 = build_base_model(ModelConfig(arch="gpt2", n_layer=2, hidden_size=32, n_head=2, max_length=128), tokenizer).eval()
+    answers, _, joins = greedy_while_joining(gpt2, tokenizer)
+    assert joins >= 1
+    assert [a.strip() for a in answers] == generate_answers(gpt2, tokenizer, PROMPTS, max_new_tokens=12)
+
+
+def test_engine_seed_reproduces_samples_and_n_choices_differ(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer).start()
+    prompt = render_ids(tokenizer, PROMPTS[1], True)
+
+    def sample(seed: int) -> list[str]:
+        sink = Collector(4)
+        engine.submit(prompt, SamplingParams(16, temperature=1.0, seed=seed), 4, sink)
+        return [sink.wait().text(i) for i in range(4)]
+
+    try:
+        a, b, c = sample(7), sample(7), sample(8)
+    finally:
+        engine.stop()
+    assert a == b
+    assert a != c
+    assert len(set(a)) > 1
+
+
+def test_engine_cancelled_request_leaves_the_batch_and_others_finish(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer).start()
+    try:
+        gone, stays = Collector(), Collector()
+        request = engine.submit(render_ids(tokenizer, PROMPTS[0], True), SamplingParams(64, temperature=1.0, seed=1), 1, gone)
+        request.cancel()
+        engine.submit(render_ids(tokenizer, PROMPTS[1], True), SamplingParams(24, temperature=1.0, seed=2), 1, stays)
+        stays.wait()
+        events_after_cancel = len(gone.events)
+    finally:
+        engine.stop()
+    assert stays.finish().finish_reason in ("stop", "length")
+    assert not gone.done.is_set() and events_after_cancel <= 1
+
+
+def test_engine_queue_bound_raises_queue_full(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_queue=2)  # not started: requests stay queued
+    for _ in range(2):
+        engine.submit([1, 2, 3], SamplingParams(4), 1, Collector())
+    with pytest.raises(QueueFull):
+        engine.submit([1, 2, 3], SamplingParams(4), 1, Collector())
+    with pytest.raises(ValueError):
+        engine.submit([1, 2, 3], SamplingParams(4), engine.max_batch + 1, Collector())
+
+
+def test_engine_reports_a_failed_forward_pass_as_an_error_event(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer).start()
+    try:
+        sink = Collector()
+        engine.submit([len(tokenizer) + 1000], SamplingParams(4, temperature=0.0), 1, sink)  # an id past the embedding table
+        assert sink.wait().finish().finish_reason == "error"
+        ok = Collector()
+        engine.submit(render_ids(tokenizer, PROMPTS[0], True), SamplingParams(4, temperature=0.0), 1, ok)
+        assert ok.wait().finish().finish_reason in ("stop", "length")  # the engine still serves
+    finally:
+        engine.stop()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_model_names_and_specs():
+    assert model_name("runs/default/sft/final") == "sft"
+    assert model_name("runs/default/ppo_ptx/final/") == "ppo_ptx"
+    assert model_name("my-model") == "my-model"
+    assert parse_model_specs(["a=runs/x/final", "runs/y/sft/final"]) == {"a": "runs/x/final", "sft": "runs/y/sft/final"}
+    with pytest.raises(UserError, match="two models are named 'sft'"):
+        parse_model_specs(["a/sft/final", "b/sft/final"])
+
+
+def test_int8_quantisation_replaces_linears_and_still_answers(tiny):
+    import copy
+
+    model, tokenizer = tiny
+    quantized = quantize_int8(copy.deepcopy(model))
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    assert any(isinstance(m, DynamicQuantizedLinear) for m in quantized.modules())
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
+    ids = torch.tensor([render_ids(tokenizer, PROMPTS[0], True)])
+    with torch.no_grad():
+        full, int8 = model(input_ids=ids).logits[0, -1], quantized(input_ids=ids).logits[0, -1]
+    assert torch.corrcoef(torch.stack([full, int8]))[0, 1] > 0.95  # close to the float model, not equal
+    engine = Engine(quantized, tokenizer).start()
+    try:
+        sink = Collector()
+        engine.submit(ids[0].tolist(), SamplingParams(8, temperature=0.0), 1, sink)
+        assert sink.wait().finish().completion_tokens >= 1
+    finally:
+        engine.stop()
+
+
+def test_importing_the_engine_or_the_math_does_not_import_the_web_server():
+    code = "import sys, instructrl.serve.engine, instructrl.serve.chat, instructrl.rlmath; print('fastapi' in sys.modules, 'uvicorn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
