@@ -98,7 +98,8 @@ def create_app(project_dir: Path | str) -> FastAPI:
             if err.status == 401:
                 return page("login.html", 401, error=None, next=request.url.path)
             return page("message.html", err.status, user=None, title=f"Error {err.status}", message=str(err))
-        return JSONResponse({"detail": str(err), "field": err.field}, status_code=err.status)
+        detail = f"{err.field}: {err}" if err.field and err.status == 422 else str(err)
+        return JSONResponse({"detail": detail, "field": err.field}, status_code=err.status)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, err: UserError):

@@ -189,6 +189,7 @@ def assignment_view(conn: sqlite3.Connection, assignment_id: int, user: User) ->
     answer = json.loads(row["answer"]) if row["answer"] else None
     return {
         "id": row["id"], "kind": row["kind"], "state": row["state"], "project": project["name"], "project_id": project["id"],
+        "prompt_id": row["prompt_id"],
         "prompt": json.loads(row["prompt"]), "responses": [responses[i] for i in order],
         "guidelines": project["guidelines"], "guideline_version": project["guideline_version"],
         "draft": row["draft"] or "", "lease_expires": row["lease_expires"],
