@@ -208,3 +208,21 @@ def test_twenty_labelers_at_once_then_a_crash(tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+def test_label_commands_name_the_bad_input(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Reverse \'cat\'."}\n{"messages": [{"role": "assistant", "content": "hi"}]}\n')
+    proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", check=False)
+    assert proc.returncode == 2 and f"{prompts}:2" in proc.stderr and "Traceback" not in proc.stderr
+    prompts.write_text('{"prompt": "Reverse \'cat\'."}\n')
+    proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--model", str(tmp_path / "nope"), check=False)
+    assert proc.returncode == 2 and "nope' does not exist" in proc.stderr
+    cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--overlap", "2")
+    proc = cli("label", "status", "p", "--dir", str(tmp_path / "d"))
+    assert json.loads(proc.stdout)["progress"]["kinds"]["write"] == {
+        "tasks": 1, "tasks_complete": 0, "answers_needed": 2, "submitted": 0, "skipped": 0, "leased": 0, "done": 0.0}
+    proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", check=False)
+    assert proc.returncode == 2 and "project 'p' already exists" in proc.stderr
+    proc = cli("label", "project", "q", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--overlap", "0", check=False)
+    assert proc.returncode == 2 and "--overlap" in proc.stderr
