@@ -14,6 +14,7 @@ from instructrl.data.records import read_comparisons
 from instructrl.feedback.accounts import create_user
 from instructrl.feedback.app import create_app
 from instructrl.feedback.db import connect
+from instructrl.feedback.export import export_project
 from instructrl.world.build import load_tasks
 from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
 
@@ -36,7 +37,7 @@ def test_rankings_from_the_app_train_a_reward_model(tmp_path, smoke_base):
             body = {"likert": [j.likert for j in judgements], "flags": [list(j.flags) for j in judgements],
                     "ranks": ranks_from_qualities([j.quality for j in judgements])}
             assert http.post(f"/api/assignments/{view['id']}/submit", json=body).status_code == 200
-    cli("label", "export", "rm-data", "--dir", str(project))
+    export_project(conn, 1, project / "exports" / "1")  # what `instructrl label export` and the Export button run
     data = project / "exports" / "1" / "comparisons.jsonl"
     records = read_comparisons(data)
     assert len(records) == 2 * N_PROMPTS and {r.labeler_id for r in records} == {"ann", "bob"}
