@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install chromium demo test test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,14 @@ install: $(VENV)/.installed
 demo: install  ## world -> pretrain -> SFT -> eval on the built-in world
 	$(BIN)/instructrl pipeline -c configs/default.yaml
 
-test: install  ## the whole default suite (slow end-to-end checks excluded)
+# Debian's chromium drives the feedback app's browser tests (Playwright never downloads a browser)
+chromium:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
+
+test: install chromium  ## the whole default suite (slow end-to-end checks excluded)
 	$(BIN)/python -m pytest -q
 
-test-slow: install  ## the slow end-to-end checks only
+test-slow: install chromium  ## the slow end-to-end checks only
 	$(BIN)/python -m pytest -q -m slow
 
 clean:

@@ -54,3 +54,12 @@ def write_jsonl(path: Path | str, records: Iterable[dict]) -> None:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def nan_to_none(value):
+    """JSON has no NaN: a figure with nothing to measure is written as null (dicts and lists walked)."""
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and value != value else value

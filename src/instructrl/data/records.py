@@ -59,6 +59,7 @@ class ComparisonRecord(BaseModel):
     flags: list[list[str]] | None = Field(None, description="Flags of each response (fails_to_follow, incorrect, ...).")
     labeler_id: str
     guideline_version: str = GUIDELINE_VERSION
+    none_acceptable: bool = Field(False, description="The labeler found no response acceptable (the feedback app's 'none is acceptable').")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ComparisonRecord":

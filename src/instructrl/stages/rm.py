@@ -18,6 +18,7 @@ import torch
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import tokenize_conversation
 from instructrl.data.formats import read_comparisons, read_data
+from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError
 from instructrl.evaluation.rm_diagnostics import correlation, length_bias, pairwise_accuracy
@@ -127,7 +128,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         replace_dir(tmp, final)  # final/ is never half-rewritten
         diagnostics = diagnose(model, tokenizer, heldout, config, accelerator.device)
         diagnostics["reward_bias"] = float(model.reward_bias)
-        write_text_atomic(run.path / "diagnostics.json", json.dumps(_nan_to_none(diagnostics), indent=2))
+        write_text_atomic(run.path / "diagnostics.json", json.dumps(nan_to_none(diagnostics), indent=2))
         run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float)})
         log(f"rm: held-out accuracy vs gold {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
             f"reward~gold Likert r = {diagnostics['gold_correlation']:.2f}, length bias r = {diagnostics['length_bias']:.2f}")
@@ -162,10 +163,3 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], config: Pipeline
         "gold_correlation": correlation(flat["reward"], [float(x) for x in flat["likert"]]),
         "length_bias": length_bias(flat["reward"], flat["length"], flat["likert"]),
     }
-
-
-def _nan_to_none(value):
-    """JSON has no NaN: a diagnostic with nothing to measure is written as null."""
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    return None if isinstance(value, float) and value != value else value

@@ -1,0 +1,65 @@
+"""Labeler accounts: roles, passwords (scrypt) and per-labeler API tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import sqlite3
+from dataclasses import dataclass
+
+from instructrl.errors import UserError
+from instructrl.feedback.db import now, transaction
+
+ROLES = ("admin", "labeler")
+
+
+@dataclass(frozen=True)
+class User:
+    id: int
+    name: str
+    role: str
+    token: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def _hash(password: str, salt: str) -> str:
+    return hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=2**14, r=8, p=1).hex()
+
+
+def _user(row: sqlite3.Row | None) -> User | None:
+    return None if row is None else User(row["id"], row["name"], row["role"], row["token"])
+
+
+def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -> User:
+    """A new account; its API token is generated here and shown once to the admin."""
+    if role not in ROLES:
+        raise UserError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if not name.strip() or len(password) < 4:
+        raise UserError("a user needs a name and a password of at least 4 characters")
+    salt = secrets.token_hex(16)
+    with transaction(conn):
+        if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
+            raise UserError(f"user {name!r} already exists")
+        token = secrets.token_urlsafe(24)
+        conn.execute("INSERT INTO users (name, role, password_hash, salt, token, created) VALUES (?, ?, ?, ?, ?, ?)",
+                     (name, role, _hash(password, salt), salt, token, now()))
+    return user_by_token(conn, token)
+
+
+def login(conn: sqlite3.Connection, name: str, password: str) -> User | None:
+    row = conn.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
+    if row is None or not hmac.compare_digest(row["password_hash"], _hash(password, row["salt"])):
+        return None
+    return _user(row)
+
+
+def user_by_token(conn: sqlite3.Connection, token: str) -> User | None:
+    return _user(conn.execute("SELECT * FROM users WHERE token = ?", (token,)).fetchone())
+
+
+def list_users(conn: sqlite3.Connection) -> list[User]:
+    return [_user(r) for r in conn.execute("SELECT * FROM users ORDER BY id")]

@@ -1,0 +1,248 @@
+"""The feedback app over HTTP: server-rendered pages for people, a JSON API for scripts.
+
+``create_app(project_dir)`` returns a FastAPI app on the project's SQLite database. Pages sign
+in with a session cookie; the API takes ``Authorization: Bearer <token>`` (each labeler's own)
+or the same cookie. Labelers see only their own tasks and answers; admin pages and the export
+need the admin role. Bad requests get a 4xx whose JSON names the field:
+``{"detail": "...", "field": "likert[2]"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Form, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import BaseModel, ConfigDict, Field
+
+from instructrl.data.jsonl import nan_to_none
+from instructrl.errors import UserError
+from instructrl.feedback import accounts, tasks
+from instructrl.feedback.db import connect
+from instructrl.feedback.export import FILES, export_project, quality
+
+HERE = Path(__file__).parent
+COOKIE = "instructrl_session"
+
+
+class Unauthenticated(tasks.TaskError):
+    status = 401
+
+
+class NextBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str | None = None
+
+
+class DraftBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+
+
+class SkipBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1)
+
+
+class UserBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    role: str = "labeler"
+    password: str = Field(min_length=4)
+
+
+def create_app(project_dir: Path | str) -> FastAPI:
+    project_dir = Path(project_dir)
+    connect(project_dir).close()  # schema and WAL mode, once
+    app = FastAPI(title="instructrl feedback", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+    exports = project_dir / "exports"
+
+    def page(name: str, status: int = 200, **context) -> HTMLResponse:
+        return HTMLResponse(templates.get_template(name).render(flags=tasks.FLAGS, **context), status_code=status)
+
+    def db():
+        conn = connect(project_dir, create=False)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def current_user(request: Request, conn: sqlite3.Connection = Depends(db)) -> accounts.User:
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
+        user = accounts.user_by_token(conn, token) if token else None
+        if user is None:
+            raise Unauthenticated("log in, or send Authorization: Bearer <your token>", "authorization")
+        return user
+
+    def admin_user(user: accounts.User = Depends(current_user)) -> accounts.User:
+        if not user.is_admin:
+            raise tasks.Forbidden("this needs the admin role", "role")
+        return user
+
+    # -- errors: one message naming the field, the right status; pages get a page
+
+    def wants_html(request: Request) -> bool:
+        return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
+
+    @app.exception_handler(tasks.TaskError)
+    async def task_error(request: Request, err: tasks.TaskError):
+        if wants_html(request):
+            if err.status == 401:
+                return page("login.html", 401, error=None, next=request.url.path)
+            return page("message.html", err.status, user=None, title=f"Error {err.status}", message=str(err))
+        detail = f"{err.field}: {err}" if err.field and err.status == 422 else str(err)
+        return JSONResponse({"detail": detail, "field": err.field}, status_code=err.status)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, err: UserError):
+        return JSONResponse({"detail": str(err), "field": None}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError):
+        first = err.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or "body"
+        return JSONResponse({"detail": f"{field}: {first['msg']}", "field": field}, status_code=422)
+
+    # -- pages
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_page(next: str = "/"):
+        return page("login.html", error=None, next=next)
+
+    @app.post("/login")
+    def login(name: str = Form(...), password: str = Form(...), next: str = Form("/"), conn: sqlite3.Connection = Depends(db)):
+        user = accounts.login(conn, name, password)
+        if user is None:
+            return page("login.html", 401, error="Wrong name or password.", next=next)
+        response = RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
+        response.set_cookie(COOKIE, user.token, httponly=True, samesite="strict")
+        return response
+
+    @app.post("/logout")
+    def logout():
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE)
+        return response
+
+    @app.get("/", response_class=HTMLResponse)
+    def home(user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+        projects = []
+        for row in conn.execute("SELECT id, name FROM projects ORDER BY id"):
+            report = tasks.progress(conn, row["id"])
+            projects.append({"id": row["id"], "name": row["name"], "kinds": report["kinds"],
+                             "mine": report["labelers"].get(user.name, {"submitted": 0, "skipped": 0})})
+        return page("home.html", user=user, projects=projects)
+
+    @app.get("/projects/{project_id}/next")
+    def next_page(project_id: int, kind: str | None = None, user: accounts.User = Depends(current_user),
+                  conn: sqlite3.Connection = Depends(db)):
+        assignment = tasks.next_task(conn, project_id, user, kind or None)
+        if assignment is None:
+            return page("message.html", user=user, title="Nothing left", message=f"No {kind or ''} task is waiting for you in this project. Thank you!")
+        return RedirectResponse(f"/assignments/{assignment}", status_code=303)
+
+    @app.get("/assignments/{assignment_id}", response_class=HTMLResponse)
+    def task_page(assignment_id: int, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+        view = tasks.assignment_view(conn, assignment_id, user)
+        return page("task.html", user=user, task=view, labels=[chr(ord("A") + i) for i in range(len(view["responses"]))])
+
+    @app.get("/admin", response_class=HTMLResponse)
+    def admin_page(user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+        projects = [{"id": r["id"], "name": r["name"], "guideline_version": r["guideline_version"], "quality": quality(conn, r["id"])}
+                    for r in conn.execute("SELECT id, name, guideline_version FROM projects ORDER BY id")]
+        return page("admin.html", user=user, projects=projects, users=accounts.list_users(conn), created=None)
+
+    @app.post("/admin/users", response_class=HTMLResponse)
+    def admin_create_user(name: str = Form(...), role: str = Form("labeler"), password: str = Form(...),
+                          user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+        try:
+            created = accounts.create_user(conn, name, role, password)
+        except UserError as err:
+            raise tasks.Invalid(str(err), "name") from None
+        return page("message.html", user=user, title="User created",
+                    message=f"{created.name} ({created.role}) can log in now. API token (shown once): {created.token}")
+
+    @app.post("/admin/projects/{project_id}/export", response_class=HTMLResponse)
+    def admin_export(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+        name = tasks.project_by_id(conn, project_id)["name"]
+        counts = export_project(conn, project_id, exports / str(project_id))
+        return page("export.html", user=user, project={"id": project_id, "name": name}, counts=counts, folder=exports / str(project_id))
+
+    # -- JSON API
+
+    @app.get("/api/me")
+    def me(user: accounts.User = Depends(current_user)):
+        return {"name": user.name, "role": user.role}
+
+    @app.get("/api/projects")
+    def list_projects(user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+        return [{"id": r["id"], "name": r["name"], "guideline_version": r["guideline_version"]}
+                for r in conn.execute("SELECT id, name, guideline_version FROM projects ORDER BY id")]
+
+    @app.post("/api/projects/{project_id}/next")
+    def next_api(project_id: int, body: NextBody | None = None, user: accounts.User = Depends(current_user),
+                 conn: sqlite3.Connection = Depends(db)):
+        assignment = tasks.next_task(conn, project_id, user, body.kind if body else None)
+        return {"assignment": None if assignment is None else tasks.assignment_view(conn, assignment, user)}
+
+    @app.get("/api/assignments/{assignment_id}")
+    def get_assignment(assignment_id: int, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+        return tasks.assignment_view(conn, assignment_id, user)
+
+    @app.put("/api/assignments/{assignment_id}/draft")
+    def put_draft(assignment_id: int, body: DraftBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+        tasks.save_draft(conn, assignment_id, user, body.text)
+        return {"saved": True}
+
+    @app.post("/api/assignments/{assignment_id}/submit")
+    async def submit_api(assignment_id: int, request: Request, user: accounts.User = Depends(current_user),
+                         conn: sqlite3.Connection = Depends(db)):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise tasks.Invalid(f"the body is not valid JSON ({err})", "body") from None
+        return {"answer": tasks.submit(conn, assignment_id, user, body)}
+
+    @app.post("/api/assignments/{assignment_id}/skip")
+    def skip_api(assignment_id: int, body: SkipBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+        tasks.skip(conn, assignment_id, user, body.reason)
+        return {"skipped": True}
+
+    @app.get("/api/projects/{project_id}/progress")
+    def progress_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+        return tasks.progress(conn, project_id)
+
+    @app.get("/api/projects/{project_id}/quality")
+    def quality_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+        return nan_to_none(quality(conn, project_id))
+
+    @app.post("/api/projects/{project_id}/export")
+    def export_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+        tasks.project_by_id(conn, project_id)
+        return {"folder": str(exports / str(project_id)), "counts": export_project(conn, project_id, exports / str(project_id))}
+
+    @app.get("/api/projects/{project_id}/export/{name}")
+    def export_file(project_id: int, name: str, user: accounts.User = Depends(admin_user)):
+        path = exports / str(project_id) / name
+        if name not in FILES or not path.is_file():
+            raise tasks.NotFound(f"no exported file {name!r}; export the project first", "name")
+        return FileResponse(path, filename=name)
+
+    @app.post("/api/users")
+    def create_user_api(body: UserBody, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+        try:
+            created = accounts.create_user(conn, body.name, body.role, body.password)
+        except UserError as err:
+            raise tasks.Invalid(str(err), "role" if "role" in str(err) else "name") from None
+        return {"name": created.name, "role": created.role, "token": created.token}
+
+    return app

@@ -1,0 +1,101 @@
+"""The feedback app's SQLite database: schema, connections and transactions.
+
+One file, ``feedback.db`` in the project directory, in WAL mode so that readers never block the
+writer, with ``synchronous=FULL`` so that a committed answer survives a crash or a power cut.
+Every write goes through ``transaction`` (``BEGIN IMMEDIATE``: one writer at a time, the others
+wait up to ``busy_timeout``), so many labelers submitting at once are serialised, never lost.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+DB_NAME = "feedback.db"
+BUSY_TIMEOUT_MS = 30_000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL CHECK (role IN ('admin', 'labeler')),
+    password_hash TEXT NOT NULL,   -- scrypt, hex, with its salt
+    salt TEXT NOT NULL,
+    token TEXT NOT NULL UNIQUE,    -- the labeler's API token (Authorization: Bearer ...)
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS projects (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    guidelines TEXT NOT NULL,
+    guideline_version TEXT NOT NULL,
+    overlap INTEGER NOT NULL CHECK (overlap >= 1),  -- different labelers per task
+    lease_seconds INTEGER NOT NULL CHECK (lease_seconds >= 1),
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY,
+    project_id INTEGER NOT NULL REFERENCES projects(id),
+    kind TEXT NOT NULL CHECK (kind IN ('write', 'rank', 'compare')),
+    prompt_id TEXT NOT NULL,
+    prompt TEXT NOT NULL,          -- JSON list of messages, ending with the user's turn
+    responses TEXT NOT NULL,       -- JSON list: K responses (rank), 2 answers (compare), [] (write)
+    sources TEXT NOT NULL          -- JSON list: where each response came from; never shown to labelers
+);
+CREATE INDEX IF NOT EXISTS tasks_by_project ON tasks(project_id, kind, id);
+CREATE TABLE IF NOT EXISTS assignments (
+    id INTEGER PRIMARY KEY,
+    task_id INTEGER NOT NULL REFERENCES tasks(id),
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    state TEXT NOT NULL CHECK (state IN ('leased', 'submitted', 'skipped')),
+    display_order TEXT NOT NULL,   -- JSON permutation: position p shows response display_order[p]
+    leased_at REAL NOT NULL,
+    lease_expires REAL NOT NULL,
+    draft TEXT,
+    answer TEXT,                   -- JSON, in the task's own response order
+    skip_reason TEXT,
+    guideline_version TEXT,
+    seconds_spent REAL,
+    submitted_at REAL,
+    UNIQUE (task_id, user_id)      -- nobody judges a task twice: overlap N means N different people
+);
+CREATE INDEX IF NOT EXISTS assignments_by_user ON assignments(user_id, state);
+"""
+
+
+def connect(project_dir: Path | str, create: bool = True) -> sqlite3.Connection:
+    """A connection to the project's database (``create``: with its schema, made if missing).
+
+    One connection per thread or request; rows come back as ``sqlite3.Row``. Autocommit mode:
+    ``transaction`` opens each write transaction explicitly.
+    """
+    path = Path(project_dir) / DB_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if create:
+        conn.executescript(SCHEMA)
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def now() -> float:
+    return time.time()

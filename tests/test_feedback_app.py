@@ -1,0 +1,229 @@
+"""The feedback app over HTTP: auth and roles, validation, export round trip, 20 labelers at once, a crash."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import httpx
+import pytest
+from conftest import cli
+from fastapi.testclient import TestClient
+from feedback_util import free_port, make_project, rank_task, start_server
+
+from instructrl.data.preference import comparison_from_preference
+from instructrl.data.formats import read_comparisons
+from instructrl.data.records import validate_messages
+from instructrl.feedback.app import create_app
+from instructrl.feedback.db import connect
+from instructrl.feedback.tasks import FLAGS, dense_ranks
+
+USERS = {"root": "admin", "ann": "labeler", "bob": "labeler"}
+WRITE = {"kind": "write", "prompt_id": "w1", "prompt": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"},
+                                                         {"role": "user", "content": "Now double it."}]}
+COMPARE = {"kind": "compare", "prompt_id": "c1", "prompt": [{"role": "user", "content": "Reverse 'cat'."}], "responses": ["tac", "cat"],
+           "sources": ["ppo", "sft"]}
+
+
+def client(app, user) -> TestClient:
+    return TestClient(app, headers={"Authorization": f"Bearer {user.token}"})
+
+
+@pytest.fixture
+def project(tmp_path):
+    conn, pid, users = make_project(tmp_path, USERS, [WRITE, rank_task(0), rank_task(1), COMPARE], overlap=2)
+    return tmp_path, pid, users, create_app(tmp_path)
+
+
+def test_unauthenticated_and_wrong_role_requests_are_refused(project):
+    root, pid, users, app = project
+    anonymous = TestClient(app)
+    assert anonymous.post(f"/api/projects/{pid}/next", json={}).status_code == 401
+    assert anonymous.get("/api/me", headers={"Authorization": "Bearer nope"}).status_code == 401
+    page = anonymous.get("/", headers={"Accept": "text/html"})
+    assert page.status_code == 401 and 'action="/login"' in page.text  # a page asks to log in
+    ann = client(app, users["ann"])
+    for path in (f"/api/projects/{pid}/progress", f"/api/projects/{pid}/quality"):
+        assert ann.get(path).status_code == 403
+    assert ann.post(f"/api/projects/{pid}/export").status_code == 403
+    assert ann.post("/api/users", json={"name": "eve", "password": "eveeve"}).status_code == 403
+    # another labeler's task: 403, and its answer is never shown
+    mine = ann.post(f"/api/projects/{pid}/next", json={"kind": "rank"}).json()["assignment"]["id"]
+    bob = client(app, users["bob"])
+    assert bob.get(f"/api/assignments/{mine}").status_code == 403
+    assert bob.post(f"/api/assignments/{mine}/submit", json={"choice": "tie"}).status_code == 403
+    # logging in with the form sets the session cookie; a wrong password does not
+    browser = TestClient(app)
+    assert browser.post("/login", data={"name": "ann", "password": "wrong"}).status_code == 401
+    assert browser.post("/login", data={"name": "ann", "password": "annann"}, follow_redirects=False).status_code == 303
+    assert browser.get("/api/me").json() == {"name": "ann", "role": "labeler"}
+
+
+def test_bad_bodies_get_422_naming_the_field(project):
+    root, pid, users, app = project
+    ann = client(app, users["ann"])
+    rank = ann.post(f"/api/projects/{pid}/next", json={"kind": "rank"}).json()["assignment"]["id"]
+    cases = [
+        ({"likert": [1, 2, 3], "flags": [[]] * 4, "ranks": [0, 1, 2, 3]}, "likert"),
+        ({"likert": [1, 2, 3, 0], "flags": [[]] * 4, "ranks": [0, 1, 2, 3]}, "likert[3]"),
+        ({"likert": [1, 2, 3, 4], "flags": [[]] * 4, "ranks": "first"}, "ranks"),
+        ({"likert": [1, 2, 3, 4], "flags": [[], [], ["nice"], []], "ranks": [0, 1, 2, 3]}, "flags[2]"),
+        ([1, 2, 3], "body"),
+    ]
+    for body, field in cases:
+        response = ann.post(f"/api/assignments/{rank}/submit", json=body)
+        assert response.status_code == 422 and response.json()["field"] == field, (body, response.json())
+        assert response.json()["detail"].startswith(f"{field}: ")
+    response = ann.post(f"/api/assignments/{rank}/submit", content=b'{"likert": [1,', headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and response.json()["field"] == "body"
+    assert ann.post(f"/api/projects/{pid}/next", json={"kind": "essay"}).json()["field"] == "kind"
+    assert ann.post(f"/api/projects/{pid}/next", json={"knd": "rank"}).json()["field"] == "knd"
+    assert ann.post(f"/api/assignments/{rank}/skip", json={"reason": ""}).json()["field"] == "reason"
+    assert ann.put(f"/api/assignments/{rank}/draft", json={"txt": "x"}).json()["field"] in ("text", "txt")
+    assert ann.get("/api/assignments/999").status_code == 404
+    assert ann.post("/api/projects/99/next", json={}).status_code == 404
+    # nothing invalid was stored
+    assert connect(root).execute("SELECT COUNT(*) FROM assignments WHERE state != 'leased'").fetchone()[0] == 0
+
+
+def test_what_labelers_submit_is_what_the_export_holds(project, tmp_path):
+    root, pid, users, app = project
+    sent = {}
+    for name in ("ann", "bob"):
+        labeler = client(app, users[name])
+        for step in range(4):
+            view = labeler.post(f"/api/projects/{pid}/next", json={}).json()["assignment"]
+            if view["kind"] == "write":
+                body = {"text": f"10, says {name}"}
+            elif view["kind"] == "compare":
+                body = {"choice": "left" if name == "ann" else "tie"}
+            else:  # rank top to bottom as shown, the last two tied; ann finds none acceptable
+                body = {"likert": [7, 5, 2, 2], "flags": [[], ["verbose"], ["incorrect"], ["incorrect", "fails_to_follow"]],
+                        "ranks": [0, 1, 2, 2], "none_acceptable": name == "ann"}
+            assert labeler.post(f"/api/assignments/{view['id']}/submit", json=body).status_code == 200
+            sent[(name, view["kind"], view["prompt"][-1]["content"])] = (view, body)
+        assert labeler.post(f"/api/projects/{pid}/next", json={}).json()["assignment"] is None
+    admin = client(app, users["root"])
+    counts = admin.post(f"/api/projects/{pid}/export").json()["counts"]
+    assert counts == {"demonstrations.jsonl": 2, "comparisons.jsonl": 4, "comparisons_aggregated.jsonl": 2,
+                      "preference_pairs.jsonl": 4 * 5, "compare.jsonl": 2}
+    out = root / "exports" / str(pid)
+
+    # comparisons: each labeler's raw ranking, order and ties intact, read by the RM stage's reader
+    records = read_comparisons(out / "comparisons.jsonl")
+    for record in records:
+        view, body = sent[(record.labeler_id, "rank", record.prompt[-1].content)]
+        for position, text in enumerate(view["responses"]):
+            i = record.responses.index(text)
+            assert (record.ranks[i], record.likert[i], record.flags[i]) == \
+                (body["ranks"][position], body["likert"][position], sorted(body["flags"][position], key=FLAGS.index))
+        assert record.none_acceptable == (record.labeler_id == "ann")
+        assert record.guideline_version.startswith("sha256:")
+    # aggregated: responses ordered by the two labelers' mean rank (equal means tie)
+    for agg in read_comparisons(out / "comparisons_aggregated.jsonl"):
+        raw = [r for r in records if r.id == agg.id]
+        assert agg.ranks == dense_ranks([a + b for a, b in zip(raw[0].ranks, raw[1].ranks)]) and agg.labeler_id == "aggregate:ann,bob"
+        assert agg.none_acceptable  # one of two said so: at least half
+    # TRL pairs: every strictly ordered pair, read back by instructrl's TRL reader
+    lines = (out / "preference_pairs.jsonl").read_text().splitlines()
+    pairs = [comparison_from_preference(json.loads(line), f"line {n}", str(n)) for n, line in enumerate(lines)]
+    for pair in pairs:
+        raw = next(r for r in records if r.id == pair.id and r.labeler_id == pair.labeler_id)
+        chosen, rejected = (raw.responses.index(t) for t in pair.responses)
+        assert raw.ranks[chosen] < raw.ranks[rejected]
+    # demonstrations: what the SFT stage reads
+    demos = [json.loads(line) for line in (out / "demonstrations.jsonl").read_text().splitlines()]
+    assert sorted(d["messages"][-1]["content"] for d in demos) == ["10, says ann", "10, says bob"]
+    assert all(validate_messages(d["messages"], "x")[:3] == WRITE["prompt"] for d in demos)
+    # compare: winners by model name, the win rate with its interval
+    compare = [json.loads(line) for line in (out / "compare.jsonl").read_text().splitlines()]
+    view, _ = sent[("ann", "compare", "Reverse 'cat'.")]
+    assert {c["labeler_id"]: c["winner"] for c in compare} == {"ann": COMPARE["sources"][COMPARE["responses"].index(view["responses"][0])], "bob": "tie"}
+    quality = json.loads((out / "quality.json").read_text())
+    wr = quality["compare"]["win_rates"]["ppo vs sft"]
+    assert wr["n"] == 2 and wr["ties"] == 1 and wr["ci95"][0] <= wr["win_rate"] <= wr["ci95"][1]
+    assert quality["rank"]["pairwise"]["pairs"] > 0 and quality["progress"]["kinds"]["rank"]["tasks_complete"] == 2
+    # the admin's button and the file download
+    assert "comparisons.jsonl" in admin.post(f"/admin/projects/{pid}/export").text
+    assert admin.get(f"/api/projects/{pid}/export/comparisons.jsonl").text == (out / "comparisons.jsonl").read_text()
+    assert admin.get(f"/api/projects/{pid}/export/feedback.db").status_code == 404
+    # and the command writes the same files
+    cli("label", "export", "p", "--dir", str(root), "--out", str(tmp_path / "cmd"))
+    assert (tmp_path / "cmd" / "comparisons.jsonl").read_text() == (out / "comparisons.jsonl").read_text()
+    proc = cli("label", "export", "nope", "--dir", str(root), check=False)
+    assert proc.returncode == 2 and "no project named 'nope'" in proc.stderr
+
+
+def test_twenty_labelers_at_once_then_a_crash(tmp_path):
+    names = {f"l{i:02d}": "labeler" for i in range(20)}
+    conn, pid, users = make_project(tmp_path, {"root": "admin", **names}, [rank_task(i) for i in range(3)], overlap=20)
+    conn.close()
+    port = free_port()
+    server = start_server(tmp_path, port)
+    base = f"http://127.0.0.1:{port}"
+    start, sent, errors = threading.Barrier(20), {}, []
+
+    def labeler(name: str) -> None:
+        try:
+            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {users[name].token}"}, timeout=60) as http:
+                start.wait()
+                while (view := http.post(f"/api/projects/{pid}/next", json={}).json()["assignment"]) is not None:
+                    body = {"likert": [1 + (int(name[1:]) + j) % 7 for j in range(4)], "flags": [[]] * 4,
+                            "ranks": [(int(name[1:]) + j) % 3 for j in range(4)]}
+                    reply = http.post(f"/api/assignments/{view['id']}/submit", json=body)
+                    assert reply.status_code == 200, reply.text
+                    sent[(name, view["prompt_id"])] = (view["responses"], body)
+                    # a client that retries the same submission is told it is already stored
+                    assert http.post(f"/api/assignments/{view['id']}/submit", json=body).status_code == 409
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(f"{name}: {err!r}")
+
+    threads = [threading.Thread(target=labeler, args=(n,)) for n in names]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        assert len(sent) == 60
+        server.send_signal(signal.SIGKILL)  # a crash: nothing already submitted may be lost
+        server.wait()
+    finally:
+        server.kill()
+    rows = connect(tmp_path).execute(
+        "SELECT u.name, t.prompt_id, t.responses, a.answer, a.state FROM assignments a JOIN users u ON u.id = a.user_id "
+        "JOIN tasks t ON t.id = a.task_id").fetchall()
+    assert len(rows) == 60 and {r["state"] for r in rows} == {"submitted"}
+    assert len({(r["name"], r["prompt_id"]) for r in rows}) == 60  # each (labeler, task) exactly once
+    for r in rows:
+        shown, body = sent[(r["name"], r["prompt_id"])]
+        answer, responses = json.loads(r["answer"]), json.loads(r["responses"])
+        for position, text in enumerate(shown):
+            assert answer["likert"][responses.index(text)] == body["likert"][position]
+    # the restarted server serves everything that was stored
+    server = start_server(tmp_path, port)
+    try:
+        progress = httpx.get(f"{base}/api/projects/{pid}/progress", headers={"Authorization": f"Bearer {users['root'].token}"}).json()
+        assert progress["kinds"]["rank"]["submitted"] == 60 and progress["kinds"]["rank"]["tasks_complete"] == 3
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_label_commands_name_the_bad_input(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Reverse \'cat\'."}\n{"messages": [{"role": "assistant", "content": "hi"}]}\n')
+    proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", check=False)
+    assert proc.returncode == 2 and f"{prompts}:2" in proc.stderr and "Traceback" not in proc.stderr
+    prompts.write_text('{"prompt": "Reverse \'cat\'."}\n')
+    proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--model", str(tmp_path / "nope"), check=False)
+    assert proc.returncode == 2 and "nope' does not exist" in proc.stderr
+    cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--overlap", "2")
+    proc = cli("label", "status", "p", "--dir", str(tmp_path / "d"))
+    assert json.loads(proc.stdout)["progress"]["kinds"]["write"] == {
+        "tasks": 1, "tasks_complete": 0, "answers_needed": 2, "submitted": 0, "skipped": 0, "leased": 0, "done": 0.0}
+    proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", check=False)
+    assert proc.returncode == 2 and "project 'p' already exists" in proc.stderr
+    proc = cli("label", "project", "q", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--overlap", "0", check=False)
+    assert proc.returncode == 2 and "--overlap" in proc.stderr
