@@ -10,7 +10,7 @@ from conftest import SMOKE, cli
 from tiny_models import WORDS, save_tiny_model, user_data, write_jsonl
 
 from instructrl.config import load_config
-from instructrl.data.formats import Demonstration, detect_format, read_comparisons, read_data, read_prompts, read_records
+from instructrl.data.formats import Demonstration, detect_format, read_comparisons, read_data, read_records
 from instructrl.errors import UserError
 
 USER = {"role": "user", "content": "Say cat."}
