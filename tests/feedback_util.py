@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,12 +29,6 @@ def make_project(root: Path, users: dict[str, str], tasks: list[dict], overlap: 
     project_id = create_project(conn, ProjectSettings(name="p", guidelines=guidelines, overlap=overlap, lease_seconds=lease_seconds))
     add_tasks(conn, project_id, tasks)
     return conn, project_id, accounts
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(project_dir: Path, port: int) -> subprocess.Popen:

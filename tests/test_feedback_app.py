@@ -10,7 +10,8 @@ import httpx
 import pytest
 from conftest import cli
 from fastapi.testclient import TestClient
-from feedback_util import free_port, make_project, rank_task, start_server
+from feedback_util import make_project, rank_task, start_server
+from ports import free_port
 
 from instructrl.data.preference import comparison_from_preference
 from instructrl.data.formats import read_comparisons

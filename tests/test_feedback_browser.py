@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from feedback_util import free_port, make_project, rank_task, start_server
+from feedback_util import make_project, rank_task, start_server
+from ports import free_port
 
 from instructrl.data.formats import read_comparisons
 

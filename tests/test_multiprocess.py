@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
 from instructrl.stages.sft import load_demonstrations
 from instructrl.training.data_order import DataOrder
+from ports import free_port
 
 
 @torch.no_grad()
@@ -32,16 +32,10 @@ def demonstration_loss(model_dir: Path, demos: Path) -> float:
     return (total / count).item()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sft_in_two_processes(tmp_path, smoke_base):
     run_dir = tmp_path / "run"
     overrides = [f"run.dir={run_dir}", f"sft.model={smoke_base / 'pretrain' / 'final'}", "sft.epochs=2", "sft.record_data_order=true"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     proc = subprocess.run([*launcher, "-m", "instructrl", "sft", "-c", str(SMOKE), *overrides],
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from tiny_models import save_tiny_model, user_data
 
 from instructrl.rl.rollout import GumbelNoise
 from instructrl.stages.ppo import rank_episodes, shuffled_local_order
+from ports import free_port
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
@@ -63,17 +63,11 @@ def test_gumbel_noise_samples_the_softmax_and_depends_only_on_the_row_seed():
     assert torch.equal(alone[0], batched[1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(*args: str) -> None:
     """``ARGS`` (a script and its arguments, or ``-m instructrl ...``) under ``accelerate launch``
     with our shipped DDP config and 2 processes."""
     command = [str(ACCELERATE), "launch", "--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
-               "--main_process_port", str(_free_port()), *args]
+               "--main_process_port", str(free_port()), *args]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
