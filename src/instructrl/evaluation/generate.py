@@ -11,7 +11,7 @@ from instructrl.padding import pad_sequences
 @torch.no_grad()
 def generate_answers(
     model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 64,
-    num_samples: int = 1, temperature: float | None = None,
+    num_samples: int = 1, temperature: float | None = None, synced: bool = False,
 ) -> list[str] | list[list[str]]:
     """Answers to the last user turn of each conversation, cut at the first EOS.
 
@@ -20,6 +20,8 @@ def generate_answers(
     would make the samples' log-probs disagree with the policy's), returned as a list per
     conversation. Prompts are left-padded (generation appends on the right) and grouped by
     length so a batch holds little padding; answers come back in the input order.
+    ``synced``: the model is sharded (FSDP) and every process calls this with as many conversations,
+    so each goes on forwarding until all are done.
     """
     was_training = model.training
     model.eval()
@@ -34,7 +36,7 @@ def generate_answers(
         ids, mask = pad_sequences([prompts[i] for i in rows], tokenizer.pad_token_id, side="left")
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, **sampling,
         )
         # generate returns the samples of one prompt next to each other
         per_row = 1 if temperature is None else num_samples

@@ -150,12 +150,22 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def held(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this process holds: a sharded (FSDP) DTensor's local shard, else itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def count_held_parameters(model: nn.Module) -> int:
+    """Parameters this process holds: under FSDP about count_parameters / processes."""
+    return sum(held(p).numel() for p in model.parameters())
+
+
 def parameter_bytes(*models: nn.Module | None) -> int:
-    """Bytes of the distinct parameter tensors of ``models``: a tensor two of them share counts once."""
-    sizes = {p.data_ptr(): p.numel() * p.element_size() for m in models if m is not None for p in m.parameters()}
+    """Bytes of the distinct parameter tensors of ``models`` this process holds: a tensor two of them share counts once."""
+    sizes = {held(p).data_ptr(): held(p).numel() * p.element_size() for m in models if m is not None for p in m.parameters()}
     return sum(sizes.values())
 
 
 def optimizer_state_bytes(*optimizers: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizers' state tensors (AdamW: two per trained parameter)."""
-    return sum(t.numel() * t.element_size() for o in optimizers for state in o.state.values() for t in state.values() if torch.is_tensor(t))
+    """Bytes of the optimizers' state tensors this process holds (AdamW: two per trained parameter)."""
+    return sum(held(t).numel() * t.element_size() for o in optimizers for state in o.state.values() for t in state.values() if torch.is_tensor(t))

@@ -50,10 +50,13 @@ def merged_state_dict(model: nn.Module) -> dict:
     return state
 
 
-def save_full(model: nn.Module, dest: Path) -> None:
-    """``save_pretrained`` to ``dest``; a LoRA model as its merged full weights, plus its adapter in dest/adapter."""
+def save_full(model: nn.Module, dest: Path, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` to ``dest``; a LoRA model as its merged full weights, plus its adapter in dest/adapter.
+    ``state_dict``: the full weights to write instead of the model's own (gathered from FSDP shards)."""
     if not is_lora(model):
-        model.save_pretrained(dest)
+        model.save_pretrained(dest, state_dict=state_dict)
         return
+    if state_dict is not None:
+        raise ValueError("save_full: a LoRA model is merged from its own weights; no state_dict")
     model.get_base_model().save_pretrained(dest, state_dict={k: v.contiguous() for k, v in merged_state_dict(model).items()})
     model.save_pretrained(Path(dest) / "adapter")

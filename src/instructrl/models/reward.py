@@ -26,6 +26,7 @@ class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
+        self._no_split_modules = getattr(backbone, "_no_split_modules", None)  # FSDP shards per decoder layer, as for the backbone
         hidden = backbone.config.hidden_size
         self.head = nn.Linear(hidden, 1)
         # lm-human-preferences: head weights ~ N(0, 1 / (hidden + 1)), zero bias
@@ -58,13 +59,16 @@ class RewardModel(nn.Module):
         model.reward_bias.fill_(json.loads((path / CONFIG_FILE).read_text())["reward_bias"])
         return model
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """``state_dict``: the full weights to write instead of the model's own (gathered from FSDP shards)."""
         from instructrl.models.lora import save_full
 
         path = Path(path)
-        save_full(self.backbone, path)  # a LoRA backbone merged
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, path / HEAD_FILE)
-        (path / CONFIG_FILE).write_text(json.dumps({"reward_bias": float(self.reward_bias)}, indent=2))
+        state = self.state_dict() if state_dict is None else state_dict
+        part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+        save_full(self.backbone, path, None if state_dict is None else part("backbone."))  # a LoRA backbone merged
+        save_file({k: v.detach().contiguous().cpu() for k, v in part("head.").items()}, path / HEAD_FILE)
+        (path / CONFIG_FILE).write_text(json.dumps({"reward_bias": float(state["reward_bias"])}, indent=2))
 
     def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, T) head output at every position; position ids count real tokens only."""

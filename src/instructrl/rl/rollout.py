@@ -69,18 +69,19 @@ class GumbelNoise:
 
 @torch.no_grad()
 def sample_responses(policy, query_ids: Tensor, query_mask: Tensor, *, temperature: float, max_new_tokens: int,
-                     eos_id: int, pad_id: int, seeds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+                     eos_id: int, pad_id: int, seeds: list[int], synced: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Sample one response per left-padded prompt from the full distribution at ``temperature``,
     row i with random numbers from ``seeds[i]`` (``GumbelNoise``).
 
     The generation config is built here, not taken from the checkpoint: a checkpoint's top_k,
     top_p or repetition penalty would make the samples disagree with the log-probs PPO computes.
+    ``synced``: the policy is sharded (FSDP), so every process goes on forwarding until all are done.
     Returns (response_ids, response_mask, ended) as ``truncate_after_eos`` gives them.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id)
-    out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config,
+    out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config, synced_gpus=synced,
                           logits_processor=LogitsProcessorList([GumbelNoise(seeds, temperature, query_ids.device)]))
     return truncate_after_eos(out[:, query_ids.shape[1]:], eos_id, pad_id)
 

@@ -41,9 +41,9 @@ from instructrl.rlmath import (
     clipped_policy_loss, clipped_value_loss, gae_advantages, kl_per_token, masked_whiten, next_token_nll,
     per_token_rewards,
 )
-from instructrl.rundir import RunDir, replace_dir
+from instructrl.rundir import RunDir
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint
-from instructrl.training.loop import make_accelerator, save_model, seed_everything
+from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
 from instructrl.training.progress import progress_bar
 from instructrl.world.build import build_world, load_tasks, world_tasks_in
 from instructrl.world.labeler import SimulatedLabeler
@@ -172,7 +172,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     value_opt = torch.optim.AdamW(trainable(value_model), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0)
     warmup = lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))  # noqa: E731
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (policy_opt, value_opt)]
-    policy, value_model, policy_opt, value_opt = accelerator.prepare(policy, value_model, policy_opt, value_opt)
+    policy, policy_opt = accelerator.prepare(policy, policy_opt)  # one model per call, as FSDP2 asks
+    value_model, value_opt = accelerator.prepare(value_model, value_opt)
     reward_model = reward_model.to(accelerator.device)
     reference = reference.to(accelerator.device) if reference is not None else None
     for s in schedulers:
@@ -204,7 +205,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             unwrapped = accelerator.unwrap_model(policy).eval()
             response_ids, response_mask, ended = sample_responses(
                 unwrapped, query_ids, query_mask, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seeds=[episode_seed(config.run.seed, iteration, j) for j in episodes])
+                eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seeds=[episode_seed(config.run.seed, iteration, j) for j in episodes],
+                synced=shards_parameters(accelerator))
             t1 = time.perf_counter()
             timer["generate"] = t1 - t0
 
@@ -272,11 +274,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
 
     # save: the policy as final/, the value model beside it
     save_model(accelerator, policy, tokenizer, run.path / "final")
-    if accelerator.is_main_process:
-        tmp = run.path / "value.tmp"
-        accelerator.unwrap_model(value_model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, run.path / "value")
+    save_model(accelerator, value_model, tokenizer, run.path / "value")
     run.write_lineage({"policy": policy_path, "reference": reference_path, "reward_model": rm_path, "value_model": value_path,
                        "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})
     run.finish({"model": run.path / "final", "value_model": run.path / "value"})

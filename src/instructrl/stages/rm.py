@@ -28,7 +28,7 @@ from instructrl.models.reward import RewardModel
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
 from instructrl.rundir import RunDir, replace_dir, write_text_atomic
-from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
+from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters
 from instructrl.world.build import build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 
@@ -114,7 +114,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
 
     if accelerator.is_main_process:
         final = run.path / "final"
-        model = accelerator.unwrap_model(setup.model)  # the weights fit just saved to final/
+        # the weights fit just saved to final/ (a sharded model's forward needs every process: reload them)
+        model = RewardModel.from_pretrained(final).to(accelerator.device) if shards_parameters(accelerator) else accelerator.unwrap_model(setup.model)
         # bias: the demonstrations average a reward of 0 (§3.5)
         world = build_world(config.world, root / "world") if cfg.demonstrations is None else None
         demos_path = world.demonstrations if world else cfg.demonstrations

@@ -23,7 +23,7 @@ from instructrl.models.lora import add_lora
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir
-from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
+from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters
 from instructrl.world.build import build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 
@@ -49,13 +49,17 @@ def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str
 def labeler_selection(accelerator, tokenizer, tasks, max_new_tokens: int):
     """A ``select(model)`` that returns the gold labeler's mean Likert of greedy answers to ``tasks``.
 
-    Each process answers its share of the prompts; the sums are reduced over processes.
+    Each process answers its share of the prompts; the sums are reduced over processes. A sharded
+    model generates in step on every process, so each then answers as many prompts (extras unscored).
     """
     judge = SimulatedLabeler()
     mine = tasks[accelerator.process_index :: accelerator.num_processes]
+    synced = shards_parameters(accelerator)
+    largest_share = -(-len(tasks) // accelerator.num_processes)
+    asked = mine + mine[:1] * (largest_share - len(mine)) if synced else mine
 
     def select(model) -> float:
-        answers = generate_answers(model, tokenizer, [list(t.messages) for t in mine], max_new_tokens)
+        answers = generate_answers(model, tokenizer, [list(t.messages) for t in asked], max_new_tokens, synced=synced)
         total = sum(judge.judge(t, a).likert for t, a in zip(mine, answers))
         sums = accelerator.reduce(torch.tensor([float(total), float(len(mine))], device=accelerator.device), "sum")
         return (sums[0] / sums[1]).item()

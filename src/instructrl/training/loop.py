@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from typing import Callable
 import torch
 
 from instructrl.config import TrainConfig
+from instructrl.errors import UserError
+from instructrl.models.base import count_held_parameters, count_parameters
 from instructrl.models.lora import save_full
 from instructrl.rundir import RunDir, replace_dir, trim_step_log
 from instructrl.training.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
@@ -39,7 +42,39 @@ def make_accelerator(config: TrainConfig):
     # it once per process, changing the schedule with the number of processes.
     # Without a GPU, cpu=True is what lets `torchrun --nproc_per_node N` run N gloo processes.
     has_gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
-    return Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False, cpu=not has_gpu)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False, cpu=not has_gpu)
+    if accelerator.distributed_type == "MULTI_CPU" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _shard_on_cpu(accelerator)
+    lora = getattr(config, "lora", None)
+    if shards_parameters(accelerator) and lora is not None and lora.enabled:
+        raise UserError("LoRA under FSDP is not supported (a checkpoint merges the adapter from unsharded weights); "
+                        "use the ddp config, or full fine-tuning under FSDP")
+    return accelerator
+
+
+def _shard_on_cpu(accelerator) -> None:
+    """Turn FSDP on for CPU (gloo) processes, as ``accelerate launch`` with an FSDP config asked.
+
+    Accelerate turns FSDP on only for GPU-like devices and silently falls back to DDP on CPUs,
+    although PyTorch's FSDP2 (``fully_shard``) runs on gloo; so we switch its state to FSDP with
+    the launcher's FSDP settings, and ``prepare`` then shards as it does on GPUs.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables the launcher set
+    if plugin.fsdp_version != 2:
+        raise UserError("FSDP on CPU needs fsdp_version: 2 in the accelerate config (see configs/accelerate/fsdp_cpu.yaml)")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def shards_parameters(accelerator) -> bool:
+    """Whether prepared models are sharded over the processes (FSDP): a forward pass of one then
+    needs every process, and its full weights must be gathered to be saved."""
+    return accelerator.distributed_type == "FSDP"
 
 
 def seed_everything(seed: int) -> None:
@@ -95,13 +130,27 @@ def prepare_training(accelerator, model, config: TrainConfig, n_examples: int, s
     return TrainingSetup(model, optimizer, scheduler, order, total_steps)
 
 
+def full_state_dict(accelerator, model) -> dict:
+    """A sharded model's full weights, gathered by every process onto the main one (empty on the
+    others); a tied weight (GPT-2's LM head is its embeddings) under its first name only, as
+    ``save_pretrained`` writes it."""
+    state = accelerator.get_state_dict(model)
+    first: dict[int, str] = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            state.pop(name, None)
+    return state
+
+
 def save_model(accelerator, model, tokenizer, dest: Path) -> None:
-    """``save_pretrained`` model and tokenizer to ``dest``, replacing it only once complete."""
+    """``save_pretrained`` model and tokenizer to ``dest``, replacing it only once complete.
+    A sharded model's full weights are gathered first, by every process."""
     accelerator.wait_for_everyone()
+    state_dict = full_state_dict(accelerator, model) if shards_parameters(accelerator) else None
     if accelerator.is_main_process:
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_full(accelerator.unwrap_model(model), tmp)  # a LoRA model merged, its adapter beside it
+        save_full(accelerator.unwrap_model(model), tmp, state_dict)  # a LoRA model merged, its adapter beside it
         tokenizer.save_pretrained(tmp)
         replace_dir(tmp, dest)
     accelerator.wait_for_everyone()
@@ -140,6 +189,9 @@ def fit(
     data_log = run.path / f"data_order.rank{accelerator.process_index}.jsonl" if config.record_data_order else None
     if data_log is not None:
         trim_step_log(data_log, state.step, keep_equal=False)
+    if shards_parameters(accelerator):
+        log(f"{description}: parameters sharded over {accelerator.num_processes} processes (FSDP): "
+            f"this one holds {count_held_parameters(model)} of {count_parameters(model)} parameters")
     model.train()
     window_start, window_targets = time.perf_counter(), 0.0
     with progress_bar(accelerator.is_main_process) as bar:
