@@ -69,11 +69,15 @@ def story_sentence(rng: random.Random) -> str:
 
 
 def corpus_documents(n_documents: int, seed: int) -> list[str]:
-    """``n_documents`` short documents of 2-6 sentences: half facts, a third judged claims, the rest story."""
+    """``n_documents`` short documents of 2-6 sentences: three quarters facts, a tenth judged claims, the rest story.
+
+    The mix is what a 1M-parameter base model needs to learn the facts in a few CPU minutes: with
+    half facts and a third judged claims it reversed a quarter of the words, with this mix 0.9.
+    """
     rng = random.Random(f"corpus:{seed}")
     docs = []
     kinds = (fact_sentence, judged_claim, story_sentence)
     for _ in range(n_documents):
-        sentences = [rng.choices(kinds, weights=(0.5, 0.3, 0.2))[0](rng) for _ in range(rng.randint(2, 6))]
+        sentences = [rng.choices(kinds, weights=(0.75, 0.1, 0.15))[0](rng) for _ in range(rng.randint(2, 6))]
         docs.append(" ".join(sentences))
     return docs
