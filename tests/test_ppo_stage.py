@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from instructrl.config import load_config
 from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.padding import pad_sequences
-from instructrl.rl.rollout import Rollout, response_logprobs
+from instructrl.rl.rollout import GumbelNoise, Rollout, left_pad_prompts, response_logprobs, sample_responses
 from instructrl.stages.ppo import ppo_epochs, prompt_order
 from instructrl.training.loop import make_accelerator
 
@@ -37,6 +37,30 @@ def test_response_logprobs_same_alone_or_left_padded(smoke_base):
             n = len(responses[row])
             # the short prompt is left-padded: with position ids from the mask its log-probs match the unpadded row
             assert torch.allclose(batched[row, :n], alone[0], atol=1e-5)
+
+
+def test_generate_samples_from_the_distribution_ppo_scores(smoke_base, monkeypatch):
+    """The log-probs of the tokens under the logits generate sampled from (KV cache, left padding)
+    equal those of the full forward pass PPO scores with; if they drifted apart, the mean k1 KL
+    estimate could go negative (RLHF-DETAILS: sampling/log-prob mismatch)."""
+    model, tok, prompts, _ = _rows(smoke_base)
+    q, qm = left_pad_prompts(prompts, tok.pad_token_id, "cpu")
+    seen = []
+    original = GumbelNoise.__call__
+
+    def recording(self, input_ids, scores):
+        seen.append(torch.log_softmax(scores.float() / self.temperature, -1))
+        return original(self, input_ids, scores)
+
+    monkeypatch.setattr(GumbelNoise, "__call__", recording)
+    with torch.no_grad():
+        r, rm, _ = sample_responses(model, q, qm, temperature=0.7, max_new_tokens=6, eos_id=tok.eos_token_id,
+                                    pad_id=tok.pad_token_id, seeds=[1, 2])
+        scored, _ = response_logprobs(model, q, qm, r, rm, temperature=0.7)
+    sampled = torch.stack(seen[: r.shape[1]], 1).gather(-1, r.unsqueeze(-1)).squeeze(-1)
+    real = rm.bool()
+    assert real.sum() >= 4 and real[0].any() and real[1].any()  # both rows, the left-padded one included
+    assert torch.allclose(sampled[real], scored[real], atol=1e-4)
 
 
 def test_response_logprobs_divide_by_temperature(smoke_base):

@@ -119,7 +119,7 @@ class SFTConfig(TrainConfig, ModelSwitches):
     model: str | None = Field(None, description="Hugging Face model to fine-tune: a local folder or hub name. Default: this run's pretrain/final.")
     data: Path | None = Field(None, description="Demonstrations: JSONL, JSON, Parquet or a datasets folder of messages, prompt/completion or text records. Default: the built-in world's.")
     data_format: DataFormat = Field("auto", description="Format of sft.data: auto (from the fields), messages, prompt_completion or text.")
-    epochs: float = Field(8.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16 over ~13k).")
+    epochs: float = Field(16.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16). On the built-in world 16 beats 8: validation Likert 4.50 vs 4.26, and samples at temperature 1 are exactly right 37% of the time instead of 27%, which is what collect and PPO see.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (InstructGPT: 0.2 residual; Llama models have attention dropout only).")
     select_every: int = Field(100, gt=0, description="Optimizer steps between scorings of validation answers by the labeler.")
