@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -27,8 +26,8 @@ from instructrl.models.lora import add_lora
 from instructrl.models.reward import RewardModel
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
-from instructrl.rundir import RunDir, replace_dir, write_text_atomic
-from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters
+from instructrl.rundir import RunDir, write_text_atomic
+from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters, write_model
 from instructrl.world.build import build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 
@@ -122,11 +121,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         demos = [tokenize_conversation(tokenizer, d.messages).input_ids for d in read_data(demos_path, "conversation")[1]]
         demo_rewards = score_sequences(model, demos, tokenizer.pad_token_id, accelerator.device)
         model.reward_bias.fill_(-sum(demo_rewards) / len(demo_rewards))
-        tmp = final.with_name("final.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, final)  # final/ is never half-rewritten
+        write_model(model, tokenizer, final)  # final/ is never half-rewritten
         diagnostics = diagnose(model, tokenizer, heldout, config, accelerator.device)
         diagnostics["reward_bias"] = float(model.reward_bias)
         write_text_atomic(run.path / "diagnostics.json", json.dumps(nan_to_none(diagnostics), indent=2))

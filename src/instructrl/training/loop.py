@@ -148,12 +148,18 @@ def save_model(accelerator, model, tokenizer, dest: Path) -> None:
     accelerator.wait_for_everyone()
     state_dict = full_state_dict(accelerator, model) if shards_parameters(accelerator) else None
     if accelerator.is_main_process:
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_full(accelerator.unwrap_model(model), tmp, state_dict)  # a LoRA model merged, its adapter beside it
-        tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, dest)
+        write_model(accelerator.unwrap_model(model), tokenizer, dest, state_dict)
     accelerator.wait_for_everyone()
+
+
+def write_model(model, tokenizer, dest: Path, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` model (a LoRA model merged, its adapter beside it) and tokenizer to
+    ``dest``, from this process alone; ``dest`` is replaced only once complete."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_full(model, tmp, state_dict)
+    tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, dest)
 
 
 def fit(
