@@ -33,6 +33,8 @@ def test_pipeline_two_rounds(tmp_path):
     for name in ("ppo", "ppo_ptx", "base", "demonstrations"):
         w = r[name]["win_rate_vs_sft"]
         assert w["ci95"][0] <= w["win_rate"] <= w["ci95"][1] and w["wins"] + w["ties"] + w["losses"] == w["n"]
+        s = r[name]["sampled"]["win_rate_vs_sft"]  # samples per prompt: n counts prompts, the outcomes count samples
+        assert s["n"] == w["n"] and s["wins"] + s["ties"] + s["losses"] == s["n"] * r[name]["sampled"]["samples"]
     assert r["sft"]["alignment_tax"] == 0.0 and r["ppo"]["pretraining_loss"] > 0
 
     report = (tmp_path / "report.html").read_text()

@@ -228,3 +228,16 @@ def test_win_rate_by_hand():
     result = win_rate([3, 2, 1, 5], [1, 2, 4, 4])
     assert result["win_rate"] == 0.625 and (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
     assert abs(result["ci95"][0] - (0.625 - 0.4691)) < 1e-3 and result["ci95"][1] == 1.0  # clipped at 1
+
+
+def test_win_rate_with_several_samples_per_prompt_counts_prompts():
+    from instructrl.evaluation.preference import win_rate
+
+    # prompt 1: samples (3 vs 1 win, 1 vs 1 tie) → 0.75; prompt 2: one tie → 0.5. Mean 0.625 over
+    # n = 2 prompts; sd = sqrt(2 · 0.125² / 1) = 0.17678, half-width 1.96 · 0.17678 / √2 = 0.245
+    result = win_rate([[3, 1], [2]], [[1, 1], [2]])
+    assert result["win_rate"] == 0.625 and result["n"] == 2
+    assert (result["wins"], result["ties"], result["losses"]) == (1, 2, 0)
+    assert abs(result["ci95"][0] - 0.380) < 1e-3 and abs(result["ci95"][1] - 0.870) < 1e-3
+    with pytest.raises(ValueError, match="as many answers"):
+        win_rate([[3, 1]], [[1]])

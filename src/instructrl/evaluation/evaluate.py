@@ -67,6 +67,14 @@ def summarize(judged: list[tuple[str, object]]) -> dict:
     return {"overall": stats([j for _, j in judged]), "families": {f: stats(v) for f, v in sorted(by_family.items())}}
 
 
+def add_win_rates(results: dict, scores: dict) -> None:
+    """Each model's win rate against SFT on the same prompts (gold labeler, ties half), if SFT is there."""
+    if "sft" in scores:
+        for name in scores:
+            if name != "sft":
+                results[name]["win_rate_vs_sft"] = win_rate(scores[name], scores["sft"])
+
+
 def run_eval(config: PipelineConfig, log=print) -> dict:
     cfg = config.eval
     models = cfg.models or default_models(config)
@@ -79,22 +87,29 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     judge = SimulatedLabeler()
     answers = {DEMONSTRATIONS: [demonstration(config.world, t) for t in tasks]}
     heldout = world.heldout_corpus.read_text().splitlines()
+    sampled = {DEMONSTRATIONS: [[a] * cfg.samples for a in answers[DEMONSTRATIONS]]}  # one demonstration per prompt
+    conversations = [list(t.messages) for t in tasks]
     losses = {}
     for name, path in models.items():
         log(f"eval: answering {len(tasks)} held-out prompts with {name} ({path})")
         tokenizer = load_tokenizer(path)
         model = load_causal_lm(path, tokenizer=tokenizer)
-        answers[name] = generate_answers(model, tokenizer, [list(t.messages) for t in tasks], cfg.max_new_tokens, cfg.batch_size)
+        answers[name] = generate_answers(model, tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size)
+        if cfg.temperature is not None:
+            torch.manual_seed(config.run.seed)  # every model draws its samples from the same seed
+            sampled[name] = generate_answers(model, tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size,
+                                             num_samples=cfg.samples, temperature=cfg.temperature)
         if heldout:
             losses[name] = pretraining_loss(model, tokenizer, heldout)
     judged = {name: [judge.judge(t, a) for t, a in zip(tasks, texts)] for name, texts in answers.items()}
     results = {name: summarize([(t.family, j) for t, j in zip(tasks, judgements)]) for name, judgements in judged.items()}
-    # preference: each model against SFT on the same prompts, judged by the gold labeler (ties half)
-    if "sft" in judged:
-        sft_quality = [j.quality for j in judged["sft"]]
-        for name in judged:
-            if name != "sft":
-                results[name]["win_rate_vs_sft"] = win_rate([j.quality for j in judged[name]], sft_quality)
+    add_win_rates(results, {name: [j.quality for j in js] for name, js in judged.items()})
+    if cfg.temperature is not None:
+        judged_samples = {name: [[judge.judge(t, a) for a in row] for t, row in zip(tasks, rows)] for name, rows in sampled.items()}
+        sampled_results = {name: summarize([(t.family, j) for t, row in zip(tasks, js) for j in row]) for name, js in judged_samples.items()}
+        add_win_rates(sampled_results, {name: [[j.quality for j in row] for row in js] for name, js in judged_samples.items()})
+        for name, r in sampled_results.items():
+            results[name]["sampled"] = {"temperature": cfg.temperature, "samples": cfg.samples, **r}
     # alignment tax: loss on held-out pretraining text, and its rise over SFT
     for name, loss in losses.items():
         results[name]["pretraining_loss"] = loss
@@ -102,7 +117,8 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
             results[name]["alignment_tax"] = loss - losses["sft"]
     write_jsonl(run.path / "samples.jsonl", (
         {"id": t.id, "family": t.family, "messages": list(t.messages), "gold": t.answer,
-         **{name: {"answer": answers[name][i], "likert": judged[name][i].likert} for name in answers}}
+         **{name: {"answer": answers[name][i], "likert": judged[name][i].likert}
+            | ({"sampled": sampled[name][i]} if cfg.temperature is not None and name != DEMONSTRATIONS else {}) for name in answers}}
         for i, t in enumerate(tasks)
     ))
     (run.path / "results.json").write_text(json.dumps({"models": models, "n_prompts": len(tasks), "results": results}, indent=2))
@@ -116,7 +132,7 @@ def results_table(results: dict):
     from rich.table import Table
 
     names = list(results)
-    table = Table(title="Mean gold Likert (1-7) on held-out prompts")
+    table = Table(title="Mean gold Likert (1-7) on held-out prompts: greedy answers, then sampled ones")
     table.add_column("family")
     for name in names:
         table.add_column(name, justify="right")
@@ -129,6 +145,13 @@ def results_table(results: dict):
         table.add_row("win rate vs SFT (95% CI)", *(_win_cell(results[n].get("win_rate_vs_sft")) for n in names))
     if any("pretraining_loss" in results[n] for n in names):
         table.add_row("held-out pretraining loss", *(f"{results[n]['pretraining_loss']:.3f}" if "pretraining_loss" in results[n] else "" for n in names))
+    if all("sampled" in results[n] for n in names):
+        first = results[names[0]]["sampled"]
+        label = f"sampled (T={first['temperature']:g}, {first['samples']} per prompt)"
+        table.add_row(f"[bold]{label}: Likert", *(f"[bold]{results[n]['sampled']['overall']['likert']:.2f}" for n in names))
+        for flag in ("incorrect", "verbose"):
+            table.add_row(f"sampled: flag {flag}", *(f"{results[n]['sampled']['overall']['flags'][flag]:.0%}" for n in names))
+        table.add_row("sampled: win rate vs SFT", *(_win_cell(results[n]["sampled"].get("win_rate_vs_sft")) for n in names))
     return table
 
 

@@ -109,6 +109,12 @@ def headline(results: dict) -> list[str]:
             line += f", wins vs SFT {w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}]"
         if "alignment_tax" in r and name not in ("sft", "demonstrations"):
             line += f", alignment tax {r['alignment_tax']:+.3f} nats"
+        if "sampled" in r and name != "demonstrations":
+            sampled = r["sampled"]
+            line += f"; sampled at T={sampled['temperature']:g}: Likert {sampled['overall']['likert']:.2f}"
+            if "win_rate_vs_sft" in sampled:
+                w = sampled["win_rate_vs_sft"]
+                line += f", wins vs SFT {w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}]"
         lines.append(line)
     return lines
 
@@ -132,6 +138,17 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
                      f"{r['alignment_tax']:+.3f}" if "alignment_tax" in r else "",
                      ", ".join(f"{k} {v:.0%}" for k, v in r["overall"]["flags"].items())])
     parts.append(_table(["model", "mean Likert", "win rate vs SFT (95% CI)", "held-out pretraining loss", "alignment tax", "flags"], rows))
+    if all("sampled" in r for r in results.values()):
+        first = next(iter(results.values()))["sampled"]
+        parts.append(f"<p>Greedy answers above. Below, {first['samples']} answers per prompt sampled at temperature "
+                     f"{first['temperature']:g}, the distribution PPO optimises (the demonstrations are one per prompt).</p>")
+        rows = []
+        for name, r in results.items():
+            w = r["sampled"].get("win_rate_vs_sft")
+            rows.append([html.escape(name), f"{r['sampled']['overall']['likert']:.2f}",
+                         f"{w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}] (n={w['n']} prompts)" if w else "",
+                         ", ".join(f"{k} {v:.0%}" for k, v in r["sampled"]["overall"]["flags"].items())])
+        parts.append(_table(["model", "mean Likert (sampled)", "win rate vs SFT (95% CI)", "flags"], rows))
     parts.append(_figure_tag(_likert_plot(results)))
 
     diagnostics = root / "rm" / "diagnostics.json"

@@ -111,7 +111,7 @@ class SortNumbers(Family):
     )
 
     def sample(self, rng):
-        return {"nums": " ".join(str(n) for n in rng.sample(range(100), rng.randint(3, 5)))}
+        return {"nums": " ".join(str(n) for n in rng.sample(range(50), rng.randint(3, 4)))}
 
     def _values(self, args):
         return [int(n) for n in args["nums"].split()]
@@ -136,7 +136,7 @@ class Add(Family):
     phrasings = ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "What do {a} and {b} make together?")
 
     def sample(self, rng):
-        return {"a": rng.randint(0, 50), "b": rng.randint(0, 50)}
+        return {"a": rng.randint(0, 12), "b": rng.randint(0, 12)}
 
     def answer(self, args):
         return str(args["a"] + args["b"])
@@ -145,12 +145,13 @@ class Add(Family):
         return f"{args['a']} and {args['b']}"
 
     def wrong(self, args, rng):
-        return str(args["a"] + args["b"] + rng.choice((-10, -2, -1, 1, 2, 10)))
+        total = args["a"] + args["b"]
+        return str(total + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if total + d >= 0]))
 
     def follow_up(self, args, rng):
         if rng.random() < 0.5:
             return super().follow_up(args, rng)
-        n = rng.randint(1, 20)
+        n = rng.randint(1, 9)
         template = rng.choice(("Now add {n} to that.", "Add {n} to the result."))
         return template.format(n=n), {"a": args["a"] + args["b"], "b": n}
 
@@ -245,7 +246,7 @@ class KthWord(Family):
     phrasings = ("What is the {ordinal} word of: {phrase}?", "Give me word number {k} in: {phrase}", "Which word comes {ordinal} in: {phrase}?")
 
     def sample(self, rng):
-        words = rng.sample(WORDS, rng.randint(3, 6))
+        words = rng.sample(WORDS, rng.randint(3, 5))
         k = rng.randint(1, len(words))
         return {"phrase": " ".join(words), "k": k, "ordinal": ORDINALS[k - 1]}
 
