@@ -63,6 +63,28 @@ def test_kl_estimators_average_to_the_true_kl():
     assert (kl_per_token(logp, logq, "k3") >= 0).all()
 
 
+def test_exact_kl_from_logits_by_hand():
+    from instructrl.rlmath import kl_from_logits
+
+    # π = softmax(0, ln 3) = (0.25, 0.75), π_ref uniform: 0.25 ln 0.5 + 0.75 ln 1.5 = 0.130812
+    logits = torch.tensor([[[0.0, math.log(3)], [1.0, 2.0]]])
+    ref = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])
+    assert torch.allclose(kl_from_logits(logits, ref), torch.tensor([[0.25 * math.log(0.5) + 0.75 * math.log(1.5), 0.0]]), atol=1e-6)
+
+
+def test_exact_kl_is_what_k1_and_k3_average_to_over_the_vocabulary():
+    from instructrl.rlmath import kl_from_logits
+
+    torch.manual_seed(0)
+    logits, ref = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    logp, logq = logits.log_softmax(-1), ref.log_softmax(-1)
+    exact = kl_from_logits(logits, ref)
+    assert (exact > 0).all()
+    for estimator in ("k1", "k3"):  # E_{a~π}[k(a)] summed exactly over the 11 tokens
+        expected = (logp.exp() * kl_per_token(logp, logq, estimator)).sum(-1)
+        assert torch.allclose(exact, expected, atol=1e-5), estimator
+
+
 def test_kl_unknown_estimator():
     with pytest.raises(ValueError, match="k2"):
         kl_per_token(torch.zeros(1), torch.zeros(1), "k2")

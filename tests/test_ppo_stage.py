@@ -135,6 +135,8 @@ def test_ppo_stage_on_smoke(tmp_path, smoke_rm, ptx):
         assert ("ppo/ptx_loss" in m) == bool(ptx)
         assert 0.0 <= m["rollout/eos_rate"] <= 1.0 and 1 <= m["rollout/gold_likert"] <= 7
     assert metrics[0]["rollout/kl"] == 0.0  # iteration 1 samples from the SFT policy itself
+    # the logged KL is exact over the vocabulary: never negative, unlike the sampled-token k1 next to it
+    assert all(m["rollout/kl"] >= 0.0 and m["rollout/kl_k3"] >= 0.0 and "rollout/kl_k1" in m for m in metrics)
     assert metrics[-1]["rollout/kl"] != 0.0
     # the policy moved, and both models reload
     before = load_file(base / "model.safetensors")

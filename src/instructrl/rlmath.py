@@ -191,3 +191,13 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """(B, T) entropy of the categorical distribution at each position of (B, T, V) logits."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def kl_from_logits(logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """(B, T) exact KL(π ‖ π_ref) = Σ_v π(v) (log π(v) - log π_ref(v)) at each position of two (B, T, V) logits.
+
+    What k1 and k3 estimate from the sampled token alone, summed over the whole vocabulary: never
+    negative (clamped at 0 against rounding), and with no sampling noise at a given prefix.
+    """
+    logp, ref_logp = F.log_softmax(logits.float(), dim=-1), F.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1).clamp(min=0.0)

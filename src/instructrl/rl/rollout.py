@@ -15,7 +15,10 @@ import torch
 from torch import Tensor
 
 from instructrl.padding import pad_sequences, position_ids_from_mask, truncate_after_eos
-from instructrl.rlmath import entropy_from_logits, token_logprobs
+import contextlib
+import time
+
+from instructrl.rlmath import entropy_from_logits, kl_from_logits, token_logprobs
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Rollout:
     rewards: Tensor | None = None  # (B, Tr) -β·KL per token + score on the last real token
     advantages: Tensor | None = None  # (B, Tr) GAE advantages, whitened over real tokens
     returns: Tensor | None = None  # (B, Tr) value targets: advantages before whitening + values
+    exact_kl: Tensor | None = None  # (B, Tr) KL(π_old ‖ π_SFT) over the whole vocabulary at each position (logged)
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
@@ -92,12 +96,37 @@ def response_logprobs(policy, query_ids: Tensor, query_mask: Tensor, response_id
 
     The logits at column Tq - 1 + t predict response token t.
     """
-    ids = torch.cat([query_ids, response_ids], 1)
-    mask = torch.cat([query_mask, response_mask], 1)
-    logits = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-    logits = logits[:, query_ids.shape[1] - 1 : -1].float() / temperature
+    logits = response_logits(policy, query_ids, query_mask, response_ids, response_mask, temperature)
     entropy = entropy_from_logits(logits) if with_entropy else None
     return token_logprobs(logits, response_ids), entropy
+
+
+def response_logits(model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+                    temperature: float) -> Tensor:
+    """(B, Tr, V) logits / ``temperature`` that predict each response token (column Tq - 1 + t predicts token t)."""
+    ids = torch.cat([query_ids, response_ids], 1)
+    mask = torch.cat([query_mask, response_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    return logits[:, query_ids.shape[1] - 1 : -1].float() / temperature
+
+
+def policy_and_reference_logprobs(policy, reference, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
+                                  response_mask: Tensor, temperature: float, reference_context=contextlib.nullcontext,
+                                  seconds: dict[str, float] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(logprobs, entropy, ref_logprobs, exact_kl), each (B, Tr): both models over the same episodes.
+
+    Both models' logits of the batch are alive at once, so the exact KL over the vocabulary
+    (``kl_from_logits``) comes with no extra forward pass. ``reference_context``: entered around the
+    reference's forward (LoRA: the adapters off). ``seconds["reference"]`` accumulates its time.
+    """
+    logits = response_logits(policy, query_ids, query_mask, response_ids, response_mask, temperature)
+    start = time.perf_counter()
+    with reference_context():
+        ref_logits = response_logits(reference, query_ids, query_mask, response_ids, response_mask, temperature)
+    if seconds is not None:
+        seconds["reference"] = seconds.get("reference", 0.0) + time.perf_counter() - start
+    return (token_logprobs(logits, response_ids), entropy_from_logits(logits), token_logprobs(ref_logits, response_ids),
+            kl_from_logits(logits, ref_logits))
 
 
 def response_values(value_model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor) -> Tensor:

@@ -36,7 +36,9 @@ from instructrl.models.base import apply_switches, count_parameters, load_causal
 from instructrl.models.lora import adapter_disabled, add_lora
 from instructrl.models.reward import RewardModel
 from instructrl.rl.kl_control import KLController
-from instructrl.rl.rollout import Rollout, in_micro_batches, left_pad_prompts, response_logprobs, response_values, sample_responses
+from instructrl.rl.rollout import (
+    Rollout, in_micro_batches, left_pad_prompts, policy_and_reference_logprobs, response_logprobs, response_values, sample_responses,
+)
 from instructrl.rlmath import (
     clipped_policy_loss, clipped_value_loss, gae_advantages, kl_per_token, masked_whiten, next_token_nll,
     per_token_rewards,
@@ -212,18 +214,19 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
 
             # 2. score: the same micro-batches as the first PPO epoch, so its ratio is exactly 1
             mb, args = cfg.micro_batch_size, (query_ids, query_mask, response_ids, response_mask)
-            logprobs, entropy = in_micro_batches(
-                lambda q, qm, r, rm: response_logprobs(unwrapped, q, qm, r, rm, cfg.temperature, with_entropy=True), mb, *args)
+            seconds: dict[str, float] = {}
+            logprobs, entropy, ref_logprobs, exact_kl = in_micro_batches(lambda q, qm, r, rm: policy_and_reference_logprobs(
+                unwrapped, unwrapped if reference is None else reference, q, qm, r, rm, cfg.temperature, seconds=seconds,
+                reference_context=(lambda: adapter_disabled(unwrapped)) if reference is None else contextlib.nullcontext), mb, *args)  # LoRA: the base model is the reference
+            timer["score_reference"] = seconds["reference"]
             timer["score_policy"] = _lap(timer, t1)
-            with adapter_disabled(unwrapped) if reference is None else contextlib.nullcontext():  # LoRA: the base model is the reference
-                ref_logprobs, _ = in_micro_batches(lambda q, qm, r, rm: response_logprobs(unwrapped if reference is None else reference, q, qm, r, rm, cfg.temperature), mb, *args)
-            timer["score_reference"] = _lap(timer, t1)
             values = in_micro_batches(lambda *t: response_values(accelerator.unwrap_model(value_model), *t), mb, *args)
             timer["score_value"] = _lap(timer, t1)
             rm_scores = in_micro_batches(lambda q, qm, r, rm: reward_model(torch.cat([q, r], 1), torch.cat([qm, rm], 1)), mb, *args)
             timer["score_reward"] = _lap(timer, t1)
             scores = torch.where(ended, rm_scores, torch.full_like(rm_scores, cfg.missing_eos_score))
-            rollout = Rollout(query_ids, query_mask, response_ids, response_mask, ended, logprobs, ref_logprobs, values, scores, rm_scores, entropy)
+            rollout = Rollout(query_ids, query_mask, response_ids, response_mask, ended, logprobs, ref_logprobs, values, scores, rm_scores, entropy,
+                              exact_kl=exact_kl)
 
             # 3. rewards
             mask = response_mask.float()
@@ -373,7 +376,8 @@ def rollout_metrics(rollout: Rollout, texts: list[str], ids: list[str], gold: di
     per_episode = {
         "rollout/score": rollout.rm_scores,
         "rollout/score_with_penalty": rollout.scores,
-        "rollout/kl": (rollout.kl * mask).sum(-1),
+        "rollout/kl": (rollout.exact_kl * mask).sum(-1),
+        "rollout/kl_k1": (kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(-1),
         "rollout/kl_k3": (kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k3") * mask).sum(-1),
         "rollout/length": mask.sum(-1),
         "rollout/eos_rate": rollout.ended.float(),
