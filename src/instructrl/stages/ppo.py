@@ -215,9 +215,10 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             # 2. score: the same micro-batches as the first PPO epoch, so its ratio is exactly 1
             mb, args = cfg.micro_batch_size, (query_ids, query_mask, response_ids, response_mask)
             seconds: dict[str, float] = {}
-            logprobs, entropy, ref_logprobs, exact_kl = in_micro_batches(lambda q, qm, r, rm: policy_and_reference_logprobs(
-                unwrapped, unwrapped if reference is None else reference, q, qm, r, rm, cfg.temperature, seconds=seconds,
-                reference_context=(lambda: adapter_disabled(unwrapped)) if reference is None else contextlib.nullcontext), mb, *args)  # LoRA: the base model is the reference
+            # LoRA: the reference is the policy with its adapters off
+            ref_model, ref_context = (unwrapped, lambda: adapter_disabled(unwrapped)) if reference is None else (reference, contextlib.nullcontext)
+            logprobs, entropy, ref_logprobs, exact_kl = in_micro_batches(lambda *t: policy_and_reference_logprobs(
+                unwrapped, ref_model, *t, cfg.temperature, reference_context=ref_context, seconds=seconds), mb, *args)
             timer["score_reference"] = seconds["reference"]
             timer["score_policy"] = _lap(timer, t1)
             values = in_micro_batches(lambda *t: response_values(accelerator.unwrap_model(value_model), *t), mb, *args)
