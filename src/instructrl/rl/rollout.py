@@ -9,15 +9,14 @@ and the update's, or the KL estimate is biased (RLHF-DETAILS.md).
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from instructrl.padding import pad_sequences, position_ids_from_mask, truncate_after_eos
-import contextlib
-import time
-
 from instructrl.rlmath import entropy_from_logits, kl_from_logits, token_logprobs
 
 
