@@ -67,12 +67,17 @@ def summarize(judged: list[tuple[str, object]]) -> dict:
     return {"overall": stats([j for _, j in judged]), "families": {f: stats(v) for f, v in sorted(by_family.items())}}
 
 
-def add_win_rates(results: dict, scores: dict) -> None:
-    """Each model's win rate against SFT on the same prompts (gold labeler, ties half), if SFT is there."""
-    if "sft" in scores:
-        for name in scores:
+def judge_answers(tasks: list, answers: dict[str, list[list[str]]], judge) -> tuple[dict, dict]:
+    """Judge each model's answers (a list per prompt, as many per prompt for every model): the
+    judgements, and per model its summary and win rate against SFT on the same prompts (ties half)."""
+    judged = {name: [[judge.judge(t, a) for a in row] for t, row in zip(tasks, rows)] for name, rows in answers.items()}
+    results = {name: summarize([(t.family, j) for t, row in zip(tasks, js) for j in row]) for name, js in judged.items()}
+    if "sft" in judged:
+        quality = {name: [[j.quality for j in row] for row in js] for name, js in judged.items()}
+        for name in judged:
             if name != "sft":
-                results[name]["win_rate_vs_sft"] = win_rate(scores[name], scores["sft"])
+                results[name]["win_rate_vs_sft"] = win_rate(quality[name], quality["sft"])
+    return judged, results
 
 
 def run_eval(config: PipelineConfig, log=print) -> dict:
@@ -101,14 +106,9 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
                                              num_samples=cfg.samples, temperature=cfg.temperature)
         if heldout:
             losses[name] = pretraining_loss(model, tokenizer, heldout)
-    judged = {name: [judge.judge(t, a) for t, a in zip(tasks, texts)] for name, texts in answers.items()}
-    results = {name: summarize([(t.family, j) for t, j in zip(tasks, judgements)]) for name, judgements in judged.items()}
-    add_win_rates(results, {name: [j.quality for j in js] for name, js in judged.items()})
+    judged, results = judge_answers(tasks, {name: [[a] for a in texts] for name, texts in answers.items()}, judge)
     if cfg.temperature is not None:
-        judged_samples = {name: [[judge.judge(t, a) for a in row] for t, row in zip(tasks, rows)] for name, rows in sampled.items()}
-        sampled_results = {name: summarize([(t.family, j) for t, row in zip(tasks, js) for j in row]) for name, js in judged_samples.items()}
-        add_win_rates(sampled_results, {name: [[j.quality for j in row] for row in js] for name, js in judged_samples.items()})
-        for name, r in sampled_results.items():
+        for name, r in judge_answers(tasks, sampled, judge)[1].items():
             results[name]["sampled"] = {"temperature": cfg.temperature, "samples": cfg.samples, **r}
     # alignment tax: loss on held-out pretraining text, and its rise over SFT
     for name, loss in losses.items():
@@ -117,7 +117,7 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
             results[name]["alignment_tax"] = loss - losses["sft"]
     write_jsonl(run.path / "samples.jsonl", (
         {"id": t.id, "family": t.family, "messages": list(t.messages), "gold": t.answer,
-         **{name: {"answer": answers[name][i], "likert": judged[name][i].likert}
+         **{name: {"answer": answers[name][i], "likert": judged[name][i][0].likert}
             | ({"sampled": sampled[name][i]} if cfg.temperature is not None and name != DEMONSTRATIONS else {}) for name in answers}}
         for i, t in enumerate(tasks)
     ))

@@ -99,6 +99,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _win_text(w: dict) -> str:
+    return f"{w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}]"
+
+
 def headline(results: dict) -> list[str]:
     """The figures the pipeline prints at the end."""
     lines = []
@@ -106,7 +110,7 @@ def headline(results: dict) -> list[str]:
         line = f"{name}: Likert {r['overall']['likert']:.2f}"
         if "win_rate_vs_sft" in r:
             w = r["win_rate_vs_sft"]
-            line += f", wins vs SFT {w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}]"
+            line += f", wins vs SFT {_win_text(w)}"
         if "alignment_tax" in r and name not in ("sft", "demonstrations"):
             line += f", alignment tax {r['alignment_tax']:+.3f} nats"
         if "sampled" in r and name != "demonstrations":
@@ -114,7 +118,7 @@ def headline(results: dict) -> list[str]:
             line += f"; sampled at T={sampled['temperature']:g}: Likert {sampled['overall']['likert']:.2f}"
             if "win_rate_vs_sft" in sampled:
                 w = sampled["win_rate_vs_sft"]
-                line += f", wins vs SFT {w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}]"
+                line += f", wins vs SFT {_win_text(w)}"
         lines.append(line)
     return lines
 
@@ -133,7 +137,7 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
     for name, r in results.items():
         w = r.get("win_rate_vs_sft")
         rows.append([html.escape(name), f"{r['overall']['likert']:.2f}",
-                     f"{w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}] (n={w['n']})" if w else "",
+                     f"{_win_text(w)} (n={w['n']})" if w else "",
                      f"{r['pretraining_loss']:.3f}" if "pretraining_loss" in r else "",
                      f"{r['alignment_tax']:+.3f}" if "alignment_tax" in r else "",
                      ", ".join(f"{k} {v:.0%}" for k, v in r["overall"]["flags"].items())])
@@ -146,7 +150,7 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
         for name, r in results.items():
             w = r["sampled"].get("win_rate_vs_sft")
             rows.append([html.escape(name), f"{r['sampled']['overall']['likert']:.2f}",
-                         f"{w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}] (n={w['n']} prompts)" if w else "",
+                         f"{_win_text(w)} (n={w['n']} prompts)" if w else "",
                          ", ".join(f"{k} {v:.0%}" for k, v in r["sampled"]["overall"]["flags"].items())])
         parts.append(_table(["model", "mean Likert (sampled)", "win rate vs SFT (95% CI)", "flags"], rows))
     parts.append(_figure_tag(_likert_plot(results)))

@@ -91,10 +91,7 @@ def sample_responses(policy, query_ids: Tensor, query_mask: Tensor, *, temperatu
 
 def response_logprobs(policy, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
                       temperature: float, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """(B, Tr) log-probs of the response tokens under ``policy`` at ``temperature`` (and entropy).
-
-    The logits at column Tq - 1 + t predict response token t.
-    """
+    """(B, Tr) log-probs of the response tokens under ``policy`` at ``temperature`` (and entropy)."""
     logits = response_logits(policy, query_ids, query_mask, response_ids, response_mask, temperature)
     entropy = entropy_from_logits(logits) if with_entropy else None
     return token_logprobs(logits, response_ids), entropy
