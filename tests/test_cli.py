@@ -26,8 +26,15 @@ def test_pipeline_smoke_writes_every_record(tmp_path):
     assert lineage["inputs"]["model"]["sha256"] == content_hash(run_dir / "pretrain" / "final")
     assert lineage["inputs"]["demonstrations"]["sha256"] == content_hash(run_dir / "world" / "demonstrations.jsonl")
     results = json.loads((run_dir / "eval" / "results.json").read_text())["results"]
-    assert set(results) == {"demonstrations", "base", "sft", "ppo", "ppo_ptx"}
+    assert set(results) == {"demonstrations", "base", "sft", "ppo", "ppo_ptx", "gold_answers"}
     assert (run_dir / "report.html").is_file()
+    # the gold answers tie with SFT's exact answers (Likert 7) and beat the rest: no model can win more often
+    sft_likert = [json.loads(line)["sft"]["likert"] for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
+    ceiling = results["gold_answers"]["win_rate_vs_sft"]["win_rate"]
+    assert abs(ceiling - sum(0.5 if x == 7 else 1.0 for x in sft_likert) / len(sft_likert)) < 1e-12
+    for name in ("base", "ppo", "ppo_ptx", "demonstrations"):
+        assert results[name]["win_rate_vs_sft"]["win_rate"] <= ceiling
+        assert results[name]["sampled"]["win_rate_vs_sft"]["win_rate"] <= results["gold_answers"]["sampled"]["win_rate_vs_sft"]["win_rate"]
     assert set(results["sft"]["families"]) >= {"reverse_word", "add_numbers"}
     # a second run finds every stage complete and trains nothing
     again = cli("pipeline", "-c", str(SMOKE), f"run.dir={run_dir}")

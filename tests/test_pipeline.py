@@ -29,7 +29,7 @@ def test_pipeline_two_rounds(tmp_path):
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["models"]["ppo_ptx"] == str(tmp_path / "round2" / "ppo_ptx" / "final")
     r = results["results"]
-    assert set(r) == {"demonstrations", "base", "sft", "ppo", "ppo_ptx"}
+    assert set(r) == {"demonstrations", "base", "sft", "ppo", "ppo_ptx", "gold_answers"}
     for name in ("ppo", "ppo_ptx", "base", "demonstrations"):
         w = r[name]["win_rate_vs_sft"]
         assert w["ci95"][0] <= w["win_rate"] <= w["ci95"][1] and w["wins"] + w["ties"] + w["losses"] == w["n"]

@@ -11,7 +11,7 @@ from instructrl.data.chat import tokenize_conversation
 from instructrl.data.jsonl import read_jsonl
 from instructrl.models.base import load_tokenizer
 from instructrl.stages.rm import score_sequences
-from instructrl.evaluation.rm_diagnostics import length_bias, pairwise_accuracy
+from instructrl.evaluation.rm_diagnostics import accuracy_by_group, length_bias, pairwise_accuracy
 from instructrl.models.reward import RewardModel
 
 
@@ -22,6 +22,16 @@ def test_pairwise_accuracy_by_hand():
     # margins: both pairs have a gold margin of 1, so a window [0, 0.5) holds none
     accuracy, pairs = pairwise_accuracy([[1.0, 0.0, 5.0]], [[3.0, 2.0, 2.0]], 0, 0.5)
     assert pairs == 0 and math.isnan(accuracy)
+
+
+def test_accuracy_by_group_by_hand():
+    # group a: one comparison, 1 of 2 pairs right (as above); group b: its one pair ordered wrongly; group c: a gold tie only
+    rewards = [[1.0, 0.0, 5.0], [0.0, 1.0], [2.0, 1.0]]
+    gold = [[3.0, 2.0, 2.0], [1.0, 0.0], [0.5, 0.5]]
+    by = accuracy_by_group(rewards, gold, ["a", "b", "c"])
+    assert list(by) == ["a", "b", "c"] and by["a"] == 0.5 and by["b"] == 0.0 and math.isnan(by["c"])
+    # two comparisons of one group pool their pairs: 1 right of 3
+    assert accuracy_by_group(rewards[:2], gold[:2], ["a", "a"]) == {"a": 1 / 3}
 
 
 def test_length_bias_sees_a_length_reward():
@@ -42,6 +52,10 @@ def test_rm_stage_on_smoke(tmp_path, smoke_base):
     assert diagnostics["pairs"] > 0 and 0.0 <= diagnostics["accuracy"] <= 1.0
     # a pair the gold labeler scores differently on the 1-7 scale also differs in gold quality
     assert diagnostics["pairs_gold_likert_distinct"] <= diagnostics["pairs"]
+    # the smoke world's prompts are all the built-in world's: accuracy on right-vs-wrong pairs and per family
+    families = {json.loads(line)["id"]: json.loads(line)["family"] for line in (tmp_path / "world" / "prompts" / "rm.jsonl").read_text().splitlines()}
+    assert set(diagnostics["accuracy_by_family"]) <= set(families.values()) and diagnostics["accuracy_by_family"]
+    assert all(a is None or 0.0 <= a <= 1.0 for a in [diagnostics["accuracy_correct_vs_incorrect"], *diagnostics["accuracy_by_family"].values()])
     # the bias makes the demonstrations average a reward of 0 (InstructGPT §3.5)
     tokenizer = load_tokenizer(final)
     demos = [tokenize_conversation(tokenizer, r["messages"]).input_ids for _, r in read_jsonl(tmp_path / "world" / "demonstrations.jsonl")]

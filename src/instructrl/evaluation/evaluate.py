@@ -1,7 +1,11 @@
 """``instructrl eval``: answer held-out prompts with each model and let the gold labeler judge.
 
-The demonstrator's own answers to the same prompts are judged too: they are the level SFT
-imitates, and the level RLHF should rise above.
+Two answer sets that no model wrote are judged beside the models:
+
+- the demonstrator's answers to the same prompts: the level SFT imitates, and the level RLHF
+  should rise above;
+- the gold answers themselves: their win rate against SFT is the ceiling of every model's,
+  since a perfect answer only ties with SFT's answers that are perfect too.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from instructrl.world.labeler import FLAGS, SimulatedLabeler
 
 SECTIONS = ("run", "world", "eval")
 DEMONSTRATIONS = "demonstrations"
+GOLD_ANSWERS = "gold_answers"
 
 
 MODEL_STAGES = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
@@ -106,6 +111,8 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
                                              num_samples=cfg.samples, temperature=cfg.temperature)
         if heldout:
             losses[name] = pretraining_loss(model, tokenizer, heldout)
+    answers[GOLD_ANSWERS] = [t.answer for t in tasks]
+    sampled[GOLD_ANSWERS] = [[a] * cfg.samples for a in answers[GOLD_ANSWERS]]
     judged, results = judge_answers(tasks, {name: [[a] for a in texts] for name, texts in answers.items()}, judge)
     if cfg.temperature is not None:
         for name, r in judge_answers(tasks, sampled, judge)[1].items():
@@ -118,7 +125,8 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     write_jsonl(run.path / "samples.jsonl", (
         {"id": t.id, "family": t.family, "messages": list(t.messages), "gold": t.answer,
          **{name: {"answer": answers[name][i], "likert": judged[name][i][0].likert}
-            | ({"sampled": sampled[name][i]} if cfg.temperature is not None and name != DEMONSTRATIONS else {}) for name in answers}}
+            | ({"sampled": sampled[name][i]} if cfg.temperature is not None and name != DEMONSTRATIONS else {})
+            for name in answers if name != GOLD_ANSWERS}}
         for i, t in enumerate(tasks)
     ))
     (run.path / "results.json").write_text(json.dumps({"models": models, "n_prompts": len(tasks), "results": results}, indent=2))

@@ -45,7 +45,7 @@ def _ppo_metrics(root: Path) -> dict[str, list[dict]]:
 def _likert_plot(results: dict):
     import matplotlib.pyplot as plt
 
-    names = list(results)
+    names = [n for n in results if n != "gold_answers"]  # 7 everywhere
     families = list(results[names[0]]["families"])
     fig, ax = plt.subplots(figsize=(10, 3.6))
     width = 0.8 / len(names)
@@ -99,6 +99,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _maybe(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"  # diagnostics.json writes nan as null
+
+
 def _win_text(w: dict) -> str:
     return f"{w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}]"
 
@@ -107,11 +111,18 @@ def headline(results: dict) -> list[str]:
     """The figures the pipeline prints at the end."""
     lines = []
     for name, r in results.items():
+        if name == "gold_answers":
+            if "win_rate_vs_sft" in r:
+                line = f"gold_answers (the gold answer to every prompt): wins vs SFT {_win_text(r['win_rate_vs_sft'])}"
+                if "win_rate_vs_sft" in r.get("sampled", {}):
+                    line += f", vs SFT's samples {_win_text(r['sampled']['win_rate_vs_sft'])}"
+                lines.append(f"{line}: no model can win more often")
+            continue
         line = f"{name}: Likert {r['overall']['likert']:.2f}"
         if "win_rate_vs_sft" in r:
             w = r["win_rate_vs_sft"]
             line += f", wins vs SFT {_win_text(w)}"
-        if "alignment_tax" in r and name not in ("sft", "demonstrations"):
+        if "alignment_tax" in r and name != "sft":
             line += f", alignment tax {r['alignment_tax']:+.3f} nats"
         if "sampled" in r and name != "demonstrations":
             sampled = r["sampled"]
@@ -142,10 +153,13 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
                      f"{r['alignment_tax']:+.3f}" if "alignment_tax" in r else "",
                      ", ".join(f"{k} {v:.0%}" for k, v in r["overall"]["flags"].items())])
     parts.append(_table(["model", "mean Likert", "win rate vs SFT (95% CI)", "held-out pretraining loss", "alignment tax", "flags"], rows))
+    if "gold_answers" in results:
+        parts.append("<p>gold_answers: the gold answer to every prompt. It ties with SFT's perfect answers and beats "
+                     "the rest, so its win rate against SFT is the most any model can reach.</p>")
     if all("sampled" in r for r in results.values()):
         first = next(iter(results.values()))["sampled"]
         parts.append(f"<p>Greedy answers above. Below, {first['samples']} answers per prompt sampled at temperature "
-                     f"{first['temperature']:g}, the distribution PPO optimises (the demonstrations are one per prompt).</p>")
+                     f"{first['temperature']:g}, the distribution PPO optimises (the demonstrations and gold answers are one per prompt).</p>")
         rows = []
         for name, r in results.items():
             w = r["sampled"].get("win_rate_vs_sft")
@@ -161,8 +175,11 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
         parts.append("<h2>Reward model</h2>")
         parts.append(_table(["held-out accuracy vs gold", "by gold margin", "reward ~ gold Likert r", "length bias r"], [[
             f"{d['accuracy']:.3f} ({d['pairs']} pairs)",
-            ", ".join(f"{k}: {'n/a' if v is None else f'{v:.2f}'}" for k, v in d["accuracy_by_gold_margin"].items()),
+            ", ".join(f"{k}: {_maybe(v)}" for k, v in d["accuracy_by_gold_margin"].items()),
             f"{d['gold_correlation']:.2f}", f"{d['length_bias']:.2f}"]]))
+        if d.get("accuracy_by_family"):
+            parts.append(f"<p>Right vs wrong answers (does it check answers?): {_maybe(d['accuracy_correct_vs_incorrect'])}. "
+                         "By family: " + ", ".join(f"{html.escape(f)} {_maybe(a)}" for f, a in d["accuracy_by_family"].items()) + ".</p>")
 
     metrics = _ppo_metrics(root)
     if metrics:

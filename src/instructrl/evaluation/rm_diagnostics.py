@@ -27,6 +27,16 @@ def pairwise_accuracy(rewards: list[list[float]], gold: list[list[float]], min_m
     return (right / total if total else float("nan")), total
 
 
+def accuracy_by_group(rewards: list[list[float]], gold: list[list[float]], groups: list[str]) -> dict[str, float]:
+    """``pairwise_accuracy`` within each group of comparisons (``groups[i]``: comparison i's group)."""
+    by_group: dict[str, tuple[list, list]] = {}
+    for r, g, name in zip(rewards, gold, groups):
+        by_group.setdefault(name, ([], []))
+        by_group[name][0].append(r)
+        by_group[name][1].append(g)
+    return {name: pairwise_accuracy(*by_group[name])[0] for name in sorted(by_group)}
+
+
 def correlation(xs: list[float], ys: list[float]) -> float:
     """Pearson correlation; nan when either side is constant or there are fewer than 3 points."""
     if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:

@@ -20,7 +20,7 @@ from instructrl.data.formats import read_comparisons, read_data
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError
-from instructrl.evaluation.rm_diagnostics import correlation, length_bias, pairwise_accuracy
+from instructrl.evaluation.rm_diagnostics import accuracy_by_group, correlation, length_bias, pairwise_accuracy
 from instructrl.models.base import apply_switches, load_tokenizer, set_dropout
 from instructrl.models.lora import add_lora
 from instructrl.models.reward import RewardModel
@@ -128,6 +128,9 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float)})
         log(f"rm: held-out accuracy vs gold {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
             f"reward~gold Likert r = {diagnostics['gold_correlation']:.2f}, length bias r = {diagnostics['length_bias']:.2f}")
+        if "accuracy_by_family" in diagnostics:
+            log(f"rm: right vs wrong answers {diagnostics['accuracy_correct_vs_incorrect']:.3f}; by family: "
+                + ", ".join(f"{f} {a:.2f}" for f, a in diagnostics["accuracy_by_family"].items()))
     run.write_lineage({"backbone": backbone, "comparisons": data})
     run.finish({"model": run.path / "final"})
     return run.path / "final"
@@ -139,10 +142,16 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], config: Pipeline
     tasks = {t.id: t for t in load_tasks(build_world(config.world, Path(config.run.dir) / "world").prompts("rm"))}
     gold_judge = SimulatedLabeler()
     rewards, gold, gold_likert, flat = [], [], [], {"reward": [], "likert": [], "length": []}
+    judged = {"rewards": [], "gold": [], "correct": [], "family": []}  # the comparisons of the built-in world's prompts
     for record in heldout:
         scores = score_sequences(model, encode_comparison(tokenizer, record), tokenizer.pad_token_id, device)
         task = tasks.get(record.id)
         judgements = [gold_judge.judge(task, resp) for resp in record.responses] if task else None
+        if judgements:
+            judged["rewards"].append(scores)
+            judged["gold"].append([j.quality for j in judgements])
+            judged["correct"].append([float(not {"incorrect", "fails_to_follow"} & set(j.flags)) for j in judgements])
+            judged["family"].append(task.family)
         rewards.append(scores)
         gold.append([j.quality for j in judgements] if judgements else [-float(rank) for rank in record.ranks])
         gold_likert.append([float(j.likert) for j in judgements] if judgements else gold[-1])
@@ -158,4 +167,8 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], config: Pipeline
         "accuracy_gold_likert_distinct": likert_accuracy, "pairs_gold_likert_distinct": likert_pairs,
         "gold_correlation": correlation(flat["reward"], [float(x) for x in flat["likert"]]),
         "length_bias": length_bias(flat["reward"], flat["length"], flat["likert"]),
-    }
+    } | ({
+        # does it check answers? pairs of a right answer (in any form) and a wrong or empty one
+        "accuracy_correct_vs_incorrect": pairwise_accuracy(judged["rewards"], judged["correct"])[0],
+        "accuracy_by_family": accuracy_by_group(judged["rewards"], judged["gold"], judged["family"]),
+    } if judged["family"] else {})
