@@ -22,6 +22,7 @@ from instructrl.data.jsonl import write_jsonl
 from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
 from instructrl.evaluation.preference import win_rate
+from instructrl.evaluation.report import GOLD_ANSWERS
 from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir
@@ -30,7 +31,6 @@ from instructrl.world.labeler import FLAGS, SimulatedLabeler
 
 SECTIONS = ("run", "world", "eval")
 DEMONSTRATIONS = "demonstrations"
-GOLD_ANSWERS = "gold_answers"
 
 
 MODEL_STAGES = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
@@ -97,7 +97,7 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     judge = SimulatedLabeler()
     answers = {DEMONSTRATIONS: [demonstration(config.world, t) for t in tasks]}
     heldout = world.heldout_corpus.read_text().splitlines()
-    sampled = {DEMONSTRATIONS: [[a] * cfg.samples for a in answers[DEMONSTRATIONS]]}  # one demonstration per prompt
+    sampled = {}
     conversations = [list(t.messages) for t in tasks]
     losses = {}
     for name, path in models.items():
@@ -112,7 +112,8 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
         if heldout:
             losses[name] = pretraining_loss(model, tokenizer, heldout)
     answers[GOLD_ANSWERS] = [t.answer for t in tasks]
-    sampled[GOLD_ANSWERS] = [[a] * cfg.samples for a in answers[GOLD_ANSWERS]]
+    for name in (DEMONSTRATIONS, GOLD_ANSWERS):  # one written answer per prompt, met by every sample
+        sampled[name] = [[a] * cfg.samples for a in answers[name]]
     judged, results = judge_answers(tasks, {name: [[a] for a in texts] for name, texts in answers.items()}, judge)
     if cfg.temperature is not None:
         for name, r in judge_answers(tasks, sampled, judge)[1].items():

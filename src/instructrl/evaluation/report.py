@@ -15,6 +15,7 @@ from instructrl.data.jsonl import complete_lines
 from instructrl.rundir import write_text_atomic
 
 PPO_STAGES = ("ppo", "ppo_ptx")
+GOLD_ANSWERS = "gold_answers"  # eval's row of the gold answers: the ceiling of every win rate vs SFT
 
 
 def _figure_tag(fig) -> str:
@@ -45,7 +46,7 @@ def _ppo_metrics(root: Path) -> dict[str, list[dict]]:
 def _likert_plot(results: dict):
     import matplotlib.pyplot as plt
 
-    names = [n for n in results if n != "gold_answers"]  # 7 everywhere
+    names = [n for n in results if n != GOLD_ANSWERS]  # 7 everywhere
     families = list(results[names[0]]["families"])
     fig, ax = plt.subplots(figsize=(10, 3.6))
     width = 0.8 / len(names)
@@ -111,9 +112,9 @@ def headline(results: dict) -> list[str]:
     """The figures the pipeline prints at the end."""
     lines = []
     for name, r in results.items():
-        if name == "gold_answers":
+        if name == GOLD_ANSWERS:
             if "win_rate_vs_sft" in r:
-                line = f"gold_answers (the gold answer to every prompt): wins vs SFT {_win_text(r['win_rate_vs_sft'])}"
+                line = f"{name} (the gold answer to every prompt): wins vs SFT {_win_text(r['win_rate_vs_sft'])}"
                 if "win_rate_vs_sft" in r.get("sampled", {}):
                     line += f", vs SFT's samples {_win_text(r['sampled']['win_rate_vs_sft'])}"
                 lines.append(f"{line}: no model can win more often")
@@ -153,8 +154,8 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
                      f"{r['alignment_tax']:+.3f}" if "alignment_tax" in r else "",
                      ", ".join(f"{k} {v:.0%}" for k, v in r["overall"]["flags"].items())])
     parts.append(_table(["model", "mean Likert", "win rate vs SFT (95% CI)", "held-out pretraining loss", "alignment tax", "flags"], rows))
-    if "gold_answers" in results:
-        parts.append("<p>gold_answers: the gold answer to every prompt. It ties with SFT's perfect answers and beats "
+    if GOLD_ANSWERS in results:
+        parts.append(f"<p>{GOLD_ANSWERS}: the gold answer to every prompt. It ties with SFT's perfect answers and beats "
                      "the rest, so its win rate against SFT is the most any model can reach.</p>")
     if all("sampled" in r for r in results.values()):
         first = next(iter(results.values()))["sampled"]

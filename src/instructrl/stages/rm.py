@@ -138,20 +138,19 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
 
 def diagnose(model, tokenizer, heldout: list[ComparisonRecord], config: PipelineConfig, device) -> dict:
     """Held-out accuracy against the gold labeler (overall and by gold margin), correlation with
-    gold Likert, and length bias. Without the built-in world, the records' own ranks are the gold."""
+    gold Likert, and length bias. Without the built-in world, the records' own ranks are the gold.
+    When every comparison is of a built-in prompt, also the accuracy on right-vs-wrong pairs and per family."""
     tasks = {t.id: t for t in load_tasks(build_world(config.world, Path(config.run.dir) / "world").prompts("rm"))}
     gold_judge = SimulatedLabeler()
     rewards, gold, gold_likert, flat = [], [], [], {"reward": [], "likert": [], "length": []}
-    judged = {"rewards": [], "gold": [], "correct": [], "family": []}  # the comparisons of the built-in world's prompts
+    correct, families = [], []  # of the comparisons of the built-in world's prompts
     for record in heldout:
         scores = score_sequences(model, encode_comparison(tokenizer, record), tokenizer.pad_token_id, device)
         task = tasks.get(record.id)
         judgements = [gold_judge.judge(task, resp) for resp in record.responses] if task else None
         if judgements:
-            judged["rewards"].append(scores)
-            judged["gold"].append([j.quality for j in judgements])
-            judged["correct"].append([float(not {"incorrect", "fails_to_follow"} & set(j.flags)) for j in judgements])
-            judged["family"].append(task.family)
+            correct.append([float(not {"incorrect", "fails_to_follow"} & set(j.flags)) for j in judgements])
+            families.append(task.family)
         rewards.append(scores)
         gold.append([j.quality for j in judgements] if judgements else [-float(rank) for rank in record.ranks])
         gold_likert.append([float(j.likert) for j in judgements] if judgements else gold[-1])
@@ -169,6 +168,6 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], config: Pipeline
         "length_bias": length_bias(flat["reward"], flat["length"], flat["likert"]),
     } | ({
         # does it check answers? pairs of a right answer (in any form) and a wrong or empty one
-        "accuracy_correct_vs_incorrect": pairwise_accuracy(judged["rewards"], judged["correct"])[0],
-        "accuracy_by_family": accuracy_by_group(judged["rewards"], judged["gold"], judged["family"]),
-    } if judged["family"] else {})
+        "accuracy_correct_vs_incorrect": pairwise_accuracy(rewards, correct)[0],
+        "accuracy_by_family": accuracy_by_group(rewards, gold, families),
+    } if len(families) == len(heldout) else {})
