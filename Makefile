@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-demo: install  ## world -> pretrain -> SFT -> eval on the built-in world
+demo: install  ## the whole pipeline on the built-in world: pretrain, SFT, collect, RM, PPO-ptx and PPO, eval, report
 	$(BIN)/instructrl pipeline -c configs/default.yaml
 
 # Debian's chromium drives the feedback app's browser tests (Playwright never downloads a browser)

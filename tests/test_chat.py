@@ -96,6 +96,33 @@ def test_mask_covers_exactly_the_assistant_contents_and_their_eos(tok):
     assert tok.decode(masked) == "regit<|eos|>the answer is 19<|eos|>"
 
 
+def chatml_tokenizer():
+    """A Qwen2-Instruct-like tokenizer: ChatML template, EOS = <|im_end|>, a newline after every turn's end."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["user assistant say cat dog\n"] * 4, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|im_start|>", "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|im_start|>")
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tokenizer
+
+
+def test_chatml_conversation_ends_at_the_turns_eos_as_a_sampled_response_does():
+    tok = chatml_tokenizer()
+    prompt = [{"role": "user", "content": "say cat"}]
+    conv = tokenize_conversation(tok, prompt + [{"role": "assistant", "content": "cat"}])
+    # what PPO scores for a sampled "cat": the generation prompt, the response, its EOS; no second EOS
+    prefix = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert conv.input_ids == ids(tok, prefix + "cat") + [tok.eos_token_id]
+    assert conv.input_ids.count(tok.eos_token_id) == 2  # the user turn's end and the assistant turn's
+    assert tok.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m]) == "cat<|im_end|>"
+
+
 def test_mask_count(tok):
     conv = tokenize_conversation(tok, TWO_TURNS)
     # content tokens of each turn, plus one EOS each

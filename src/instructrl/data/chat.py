@@ -24,11 +24,14 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> TokenizedConversat
 
     Turn i's tokens are those between the rendering of ``messages[:i]`` with the generation
     prompt and the rendering of ``messages[:i + 1]``; this works for any chat template whose
-    renderings of a conversation's prefixes are prefixes of each other. The last assistant turn
-    always ends with EOS (appended if the template does not write it).
+    renderings of a conversation's prefixes are prefixes of each other. A conversation that ends
+    with an assistant turn ends with that turn's EOS, as a sampled response does: what a template
+    writes after it is cut ("<|im_end|>\n" in ChatML, whose EOS is <|im_end|>), and EOS is
+    appended where the template writes none.
     """
     full = render_ids(tokenizer, messages, add_generation_prompt=False)
     mask = [0] * len(full)
+    start = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -37,8 +40,13 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> TokenizedConversat
         if full[: len(upto)] != upto or start > len(upto):
             raise UserError("the tokenizer's chat template renders a conversation's prefix differently from the whole; cannot find assistant turns")
         mask[start : len(upto)] = [1] * (len(upto) - start)
-    if messages and messages[-1]["role"] == "assistant" and full[-1] != tokenizer.eos_token_id:
-        full, mask = full + [tokenizer.eos_token_id], mask + [1]
+    if messages and messages[-1]["role"] == "assistant":
+        eos, last_turn = tokenizer.eos_token_id, full[start:]
+        if eos in last_turn:
+            end = len(full) - last_turn[::-1].index(eos)
+            full, mask = full[:end], mask[:end]
+        else:
+            full, mask = full + [eos], mask + [1]
     return TokenizedConversation(full, mask)
 
 
