@@ -24,7 +24,12 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """(B, T) log p(tokens[b, t]) from (B, T, V) logits at the same positions."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return gather_tokens(F.log_softmax(logits.float(), dim=-1), tokens)
+
+
+def gather_tokens(logprobs: Tensor, tokens: Tensor) -> Tensor:
+    """(B, T) log p(tokens[b, t]) from (B, T, V) log-probabilities (log_softmax already taken)."""
+    return torch.gather(logprobs, -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def next_token_nll(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,8 +194,12 @@ def clipped_value_loss(
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """(B, T) entropy of the categorical distribution at each position of (B, T, V) logits."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    return entropy_from_logprobs(F.log_softmax(logits.float(), dim=-1))
+
+
+def entropy_from_logprobs(logprobs: Tensor) -> Tensor:
+    """``entropy_from_logits`` of (B, T, V) log-probabilities (log_softmax already taken)."""
+    return -(logprobs.exp() * logprobs).sum(-1)
 
 
 def kl_from_logits(logits: Tensor, ref_logits: Tensor) -> Tensor:
@@ -199,5 +208,9 @@ def kl_from_logits(logits: Tensor, ref_logits: Tensor) -> Tensor:
     What k1 and k3 estimate from the sampled token alone, summed over the whole vocabulary: never
     negative (clamped at 0 against rounding), and with no sampling noise at a given prefix.
     """
-    logp, ref_logp = F.log_softmax(logits.float(), dim=-1), F.log_softmax(ref_logits.float(), dim=-1)
-    return (logp.exp() * (logp - ref_logp)).sum(-1).clamp(min=0.0)
+    return kl_from_logprobs(F.log_softmax(logits.float(), dim=-1), F.log_softmax(ref_logits.float(), dim=-1))
+
+
+def kl_from_logprobs(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``kl_from_logits`` of two (B, T, V) log-probabilities (log_softmax already taken)."""
+    return (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1).clamp(min=0.0)

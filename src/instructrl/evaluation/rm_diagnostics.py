@@ -7,6 +7,7 @@ qualities of the same K responses.
 from __future__ import annotations
 
 import statistics
+from collections import defaultdict
 
 
 def pairwise_accuracy(rewards: list[list[float]], gold: list[list[float]], min_margin: float = 0.0, max_margin: float = float("inf")) -> tuple[float, int]:
@@ -29,12 +30,10 @@ def pairwise_accuracy(rewards: list[list[float]], gold: list[list[float]], min_m
 
 def accuracy_by_group(rewards: list[list[float]], gold: list[list[float]], groups: list[str]) -> dict[str, float]:
     """``pairwise_accuracy`` within each group of comparisons (``groups[i]``: comparison i's group)."""
-    by_group: dict[str, tuple[list, list]] = {}
-    for r, g, name in zip(rewards, gold, groups):
-        by_group.setdefault(name, ([], []))
-        by_group[name][0].append(r)
-        by_group[name][1].append(g)
-    return {name: pairwise_accuracy(*by_group[name])[0] for name in sorted(by_group)}
+    members = defaultdict(list)
+    for i, name in enumerate(groups):
+        members[name].append(i)
+    return {name: pairwise_accuracy([rewards[i] for i in idx], [gold[i] for i in idx])[0] for name, idx in sorted(members.items())}
 
 
 def correlation(xs: list[float], ys: list[float]) -> float:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from instructrl.padding import pad_sequences, position_ids_from_mask, truncate_after_eos
-from instructrl.rlmath import entropy_from_logits, kl_from_logits, token_logprobs
+from instructrl.rlmath import entropy_from_logits, entropy_from_logprobs, gather_tokens, kl_from_logprobs, token_logprobs
 
 
 @dataclass
@@ -112,7 +112,7 @@ def policy_and_reference_logprobs(policy, reference, query_ids: Tensor, query_ma
     """(logprobs, entropy, ref_logprobs, exact_kl), each (B, Tr): both models over the same episodes.
 
     Both models' logits of the batch are alive at once, so the exact KL over the vocabulary
-    (``kl_from_logits``) comes with no extra forward pass. ``reference_context``: entered around the
+    (``kl_from_logits``) comes with no extra forward pass; each model's log_softmax is taken once. ``reference_context``: entered around the
     reference's forward (LoRA: the adapters off). ``seconds["reference"]`` accumulates its time.
     """
     logits = response_logits(policy, query_ids, query_mask, response_ids, response_mask, temperature)
@@ -121,8 +121,9 @@ def policy_and_reference_logprobs(policy, reference, query_ids: Tensor, query_ma
         ref_logits = response_logits(reference, query_ids, query_mask, response_ids, response_mask, temperature)
     if seconds is not None:
         seconds["reference"] = seconds.get("reference", 0.0) + time.perf_counter() - start
-    return (token_logprobs(logits, response_ids), entropy_from_logits(logits), token_logprobs(ref_logits, response_ids),
-            kl_from_logits(logits, ref_logits))
+    logp, ref_logp = logits.log_softmax(-1), ref_logits.log_softmax(-1)  # once per model (response_logits are float32)
+    return (gather_tokens(logp, response_ids), entropy_from_logprobs(logp), gather_tokens(ref_logp, response_ids),
+            kl_from_logprobs(logp, ref_logp))
 
 
 def response_values(value_model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor) -> Tensor:
