@@ -149,11 +149,21 @@ def test_sft_on_each_format(tmp_path, tiny_sft, shape):
 def test_rm_on_each_format(tmp_path, tiny_sft, shape):
     from instructrl.stages.rm import run_rm
 
-    run, data = tiny_sft
+    from instructrl.models.base import load_tokenizer
+    from instructrl.models.reward import RewardModel
+    from instructrl.stages.rm import best_ranked, encode_comparison, score_sequences
+
+    run, _ = tiny_sft
     prefs = write_jsonl(tmp_path / f"{shape}.jsonl", _records(shape))
-    run_rm(load_config(SMOKE, [f"run.dir={tmp_path}", f"rm.model={run / 'sft' / 'final'}", f"rm.data={prefs}", f"rm.demonstrations={data['sft']}",
-                               "rm.heldout_fraction=0"]), log=lambda *_: None)
-    assert (tmp_path / "rm" / "final" / "reward_head.safetensors").is_file()
+    run_rm(load_config(SMOKE, [f"run.dir={tmp_path}", f"rm.model={run / 'sft' / 'final'}", f"rm.data={prefs}", "rm.heldout_fraction=0"]),
+           log=lambda *_: None)
+    # without rm.demonstrations the user's own best-ranked responses average a reward of 0, and the built-in world stays out of it
+    final = tmp_path / "rm" / "final"
+    model, tokenizer, records = RewardModel.from_pretrained(final), load_tokenizer(final), read_comparisons(prefs)
+    chosen = best_ranked(records, [encode_comparison(tokenizer, r) for r in records])
+    assert len(chosen) == len(records) and float(model.reward_bias) != 0
+    assert abs(sum(score_sequences(model, chosen, tokenizer.pad_token_id, "cpu")) / len(chosen)) < 1e-4
+    assert not (tmp_path / "world").exists()
 
 
 @pytest.mark.parametrize("shape", PPO_SHAPES)

@@ -143,7 +143,7 @@ class RMConfig(TrainConfig, ModelSwitches):
     model: str | None = Field(None, description="Causal LM whose backbone the reward model starts from. Default: this run's sft/final (InstructGPT).")
     data: Path | None = Field(None, description="Comparisons (K-way records) or TRL preference pairs: JSONL, JSON, Parquet or a datasets folder. Default: this run's collect/comparisons.jsonl.")
     data_format: DataFormat = Field("auto", description="Format of rm.data: auto (from the fields), comparison or preference.")
-    demonstrations: Path | None = Field(None, description="Demonstrations (messages or prompt/completion) whose mean reward is set to 0 after training. Default: the built-in world's.")
+    demonstrations: Path | None = Field(None, description="Demonstrations (messages or prompt/completion) whose mean reward is set to 0 after training. Default: the built-in world's, when rm.data is not given or this run has the world; otherwise the best-ranked response of each training comparison (a pair's chosen one).")
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of comparisons (by prompt) held out for the diagnostics.")
     epochs: float = Field(1.0, gt=0, description="Passes over the comparisons (InstructGPT: 1; more overfits).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")

@@ -28,8 +28,9 @@ from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
 from instructrl.rundir import RunDir, write_text_atomic
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters, write_model
-from instructrl.world.build import build_world, load_tasks
+from instructrl.world.build import WorldFiles, build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
+from instructrl.world.tasks import Task
 
 SECTIONS = ("run", "world", "rm")
 UPSTREAM = ("tokenizer", "model", "pretrain", "sft")  # part of the identity when the backbone is this run's SFT model
@@ -39,6 +40,11 @@ def encode_comparison(tokenizer, record: ComparisonRecord) -> list[list[int]]:
     """Token ids of (prompt, response) for each of the record's K responses, each ending with EOS."""
     prompt = [m.model_dump() for m in record.prompt]
     return [tokenize_conversation(tokenizer, prompt + [{"role": "assistant", "content": r}]).input_ids for r in record.responses]
+
+
+def best_ranked(records: list[ComparisonRecord], encoded: list[list[list[int]]]) -> list[list[int]]:
+    """The encoded responses ranked best (ties included) in each record: a pair's chosen response."""
+    return [seq for record, seqs in zip(records, encoded) for rank, seq in zip(record.ranks, seqs) if rank == min(record.ranks)]
 
 
 @torch.no_grad()
@@ -115,14 +121,22 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         final = run.path / "final"
         # the weights fit just saved to final/ (a sharded model's forward needs every process: reload them)
         model = RewardModel.from_pretrained(final).to(accelerator.device) if shards_parameters(accelerator) else accelerator.unwrap_model(setup.model)
-        # bias: the demonstrations average a reward of 0 (§3.5)
-        world = build_world(config.world, root / "world") if cfg.demonstrations is None else None
-        demos_path = world.demonstrations if world else cfg.demonstrations
-        demos = [tokenize_conversation(tokenizer, d.messages).input_ids for d in read_data(demos_path, "conversation")[1]]
+        # the built-in world, when the comparisons are its own or this run already has it (people ranked its prompts)
+        world = build_world(config.world, root / "world") if cfg.data is None or WorldFiles(root / "world").manifest.is_file() else None
+        # bias: the demonstrations average a reward of 0 (§3.5); without any, the best-ranked responses
+        if cfg.demonstrations is not None or world is not None:
+            demos_path = cfg.demonstrations or world.demonstrations
+            demos = [tokenize_conversation(tokenizer, d.messages).input_ids for d in read_data(demos_path, "conversation")[1]]
+            centred = f"the {len(demos)} demonstrations of {demos_path}"
+        else:
+            demos = best_ranked(train, encoded)
+            centred = f"the {len(demos)} best-ranked training responses (no rm.demonstrations)"
         demo_rewards = score_sequences(model, demos, tokenizer.pad_token_id, accelerator.device)
         model.reward_bias.fill_(-sum(demo_rewards) / len(demo_rewards))
+        log(f"rm: reward bias {float(model.reward_bias):+.3f} centres {centred} on 0")
         write_model(model, tokenizer, final)  # final/ is never half-rewritten
-        diagnostics = diagnose(model, tokenizer, heldout, config, accelerator.device)
+        tasks = {t.id: t for t in load_tasks(world.prompts("rm"))} if world else {}
+        diagnostics = diagnose(model, tokenizer, heldout, tasks, accelerator.device)
         diagnostics["reward_bias"] = float(model.reward_bias)
         write_text_atomic(run.path / "diagnostics.json", json.dumps(nan_to_none(diagnostics), indent=2))
         run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float)})
@@ -136,11 +150,11 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     return run.path / "final"
 
 
-def diagnose(model, tokenizer, heldout: list[ComparisonRecord], config: PipelineConfig, device) -> dict:
+def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str, Task], device) -> dict:
     """Held-out accuracy against the gold labeler (overall and by gold margin), correlation with
-    gold Likert, and length bias. Without the built-in world, the records' own ranks are the gold.
-    When every comparison is of a built-in prompt, also the accuracy on right-vs-wrong pairs and per family."""
-    tasks = {t.id: t for t in load_tasks(build_world(config.world, Path(config.run.dir) / "world").prompts("rm"))}
+    gold Likert, and length bias. For comparisons of prompts not among ``tasks`` (the built-in world's
+    RM prompts by id), the records' own ranks are the gold. When every comparison is of a built-in
+    prompt, also the accuracy on right-vs-wrong pairs and per family."""
     gold_judge = SimulatedLabeler()
     rewards, gold, gold_likert, flat = [], [], [], {"reward": [], "likert": [], "length": []}
     correct, families = [], []  # of the comparisons of the built-in world's prompts
