@@ -179,6 +179,17 @@ def test_two_processes_see_what_one_process_sees():
         assert single.micro_batches(step) == [r0[0], r1[0], r0[1], r1[1]]
 
 
+def test_lengths_group_each_steps_examples_without_changing_them():
+    lengths = [(7 * i) % 11 for i in range(20)]
+    (plain,) = orders(world_size=1, grad_accum=4)
+    grouped = [DataOrder(20, 8, 2, 2, rank, 2, 0, lengths) for rank in range(2)]
+    for step in range(4):
+        micro = [grouped[r].micro_batches(step)[a] for a in range(2) for r in range(2)]  # slices 0, 1, 2, 3
+        flat = [i for mb in micro for i in mb]
+        assert sorted(flat) == sorted(plain.global_batch(step))  # the step's examples, so its gradient, are unchanged
+        assert [lengths[i] for i in flat] == sorted((lengths[i] for i in flat), reverse=True)  # longest first, across ranks
+
+
 def test_steps_per_epoch_drops_the_partial_batch():
     (order,) = orders(world_size=1, grad_accum=4)
     # 20 // 8 = 2 full batches; the last 4 examples of each epoch are dropped

@@ -91,7 +91,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     apply_switches(model.backbone, cfg)
     if cfg.lora.enabled:
         model.backbone = add_lora(model.backbone, cfg.lora)  # the head stays fully trainable
-    setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed)
+    setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed, lengths=[max(map(len, seqs)) for seqs in encoded])
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
         f"{len(heldout)} held out, {setup.total_steps} steps, backbone {backbone}")
 

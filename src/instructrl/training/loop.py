@@ -114,14 +114,15 @@ class TrainingSetup:
     total_steps: int
 
 
-def prepare_training(accelerator, model, config: TrainConfig, n_examples: int, seed: int) -> TrainingSetup:
+def prepare_training(accelerator, model, config: TrainConfig, n_examples: int, seed: int, lengths: list[int] | None = None) -> TrainingSetup:
     """Data order, AdamW, warm-up + cosine schedule, and Accelerate's wrapping, for ``n_examples``
-    (sizes checked beforehand with ``TrainConfig.check_fits``).
+    (sizes checked beforehand with ``TrainConfig.check_fits``); with the examples' padded ``lengths``,
+    each step's micro-batches group similar lengths.
 
     Seeds every process with seed + rank afterwards, so dropout and sampling differ per process.
     """
     order = DataOrder(n_examples, config.batch_size, config.micro_batch_size, config.grad_accum(accelerator.num_processes),
-                      accelerator.process_index, accelerator.num_processes, seed)
+                      accelerator.process_index, accelerator.num_processes, seed, lengths)
     total_steps = order.total_steps(config.epochs)
     optimizer = make_optimizer(model, config)
     scheduler = cosine_schedule(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
