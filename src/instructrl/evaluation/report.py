@@ -121,16 +121,14 @@ def headline(results: dict) -> list[str]:
             continue
         line = f"{name}: Likert {r['overall']['likert']:.2f}"
         if "win_rate_vs_sft" in r:
-            w = r["win_rate_vs_sft"]
-            line += f", wins vs SFT {_win_text(w)}"
+            line += f", wins vs SFT {_win_text(r['win_rate_vs_sft'])}"
         if "alignment_tax" in r and name != "sft":
             line += f", alignment tax {r['alignment_tax']:+.3f} nats"
         if "sampled" in r and name != "demonstrations":
             sampled = r["sampled"]
             line += f"; sampled at T={sampled['temperature']:g}: Likert {sampled['overall']['likert']:.2f}"
             if "win_rate_vs_sft" in sampled:
-                w = sampled["win_rate_vs_sft"]
-                line += f", wins vs SFT {_win_text(w)}"
+                line += f", wins vs SFT {_win_text(sampled['win_rate_vs_sft'])}"
         lines.append(line)
     return lines
 

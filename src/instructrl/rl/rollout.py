@@ -112,8 +112,9 @@ def policy_and_reference_logprobs(policy, reference, query_ids: Tensor, query_ma
     """(logprobs, entropy, ref_logprobs, exact_kl), each (B, Tr): both models over the same episodes.
 
     Both models' logits of the batch are alive at once, so the exact KL over the vocabulary
-    (``kl_from_logits``) comes with no extra forward pass; each model's log_softmax is taken once. ``reference_context``: entered around the
-    reference's forward (LoRA: the adapters off). ``seconds["reference"]`` accumulates its time.
+    (``kl_from_logits``) comes with no extra forward pass; each model's log_softmax is taken once.
+    ``reference_context``: entered around the reference's forward (LoRA: the adapters off).
+    ``seconds["reference"]`` accumulates its time.
     """
     logits = response_logits(policy, query_ids, query_mask, response_ids, response_mask, temperature)
     start = time.perf_counter()
