@@ -16,8 +16,8 @@ from conftest import REPO, SMOKE, cli
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model, user_data
 
+from instructrl.rl.episodes import rank_episodes, shuffled_local_order
 from instructrl.rl.rollout import GumbelNoise
-from instructrl.stages.ppo import rank_episodes, shuffled_local_order
 from ports import free_port
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")

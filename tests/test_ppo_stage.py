@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from instructrl.config import load_config
 from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.padding import pad_sequences
+from instructrl.rl.episodes import prompt_order
 from instructrl.rl.rollout import GumbelNoise, Rollout, left_pad_prompts, response_logprobs, sample_responses
-from instructrl.stages.ppo import ppo_epochs, prompt_order
+from instructrl.rl.update import ppo_epochs
 from instructrl.training.loop import make_accelerator
 
 

@@ -134,6 +134,35 @@ def response_values(value_model, query_ids: Tensor, query_mask: Tensor, response
     return value_model(ids, mask, per_token=True)[:, query_ids.shape[1] - 1 : -1]
 
 
+def score_episodes(policy, reference, value_model, reward_model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
+                   response_mask: Tensor, ended: Tensor, *, temperature: float, micro_batch_size: int, missing_eos_score: float,
+                   reference_context=contextlib.nullcontext) -> tuple[Rollout, dict[str, float]]:
+    """Step 2 of PPO: every model's view of the sampled episodes, as a ``Rollout``.
+
+    Policy and reference log-probs (one pass over both, ``policy_and_reference_logprobs``), the
+    value model's per-token values and the reward model's score read at EOS; a response that never
+    ended gets ``missing_eos_score`` instead. The passes run in micro-batches of
+    ``micro_batch_size``, the first PPO epoch's, so its probability ratio is exactly 1.
+    Returns the rollout and the seconds each model took ("policy", "reference", "value", "reward").
+    """
+    args = (query_ids, query_mask, response_ids, response_mask)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    logprobs, entropy, ref_logprobs, exact_kl = in_micro_batches(lambda *t: policy_and_reference_logprobs(
+        policy, reference, *t, temperature, reference_context=reference_context, seconds=seconds), micro_batch_size, *args)
+    seconds["policy"] = time.perf_counter() - start - seconds["reference"]
+    start = time.perf_counter()
+    values = in_micro_batches(lambda *t: response_values(value_model, *t), micro_batch_size, *args)
+    seconds["value"] = time.perf_counter() - start
+    start = time.perf_counter()
+    rm_scores = in_micro_batches(lambda q, qm, r, rm: reward_model(torch.cat([q, r], 1), torch.cat([qm, rm], 1)), micro_batch_size, *args)
+    seconds["reward"] = time.perf_counter() - start
+    scores = torch.where(ended, rm_scores, torch.full_like(rm_scores, missing_eos_score))
+    rollout = Rollout(query_ids, query_mask, response_ids, response_mask, ended, logprobs, ref_logprobs, values, scores, rm_scores, entropy,
+                      exact_kl=exact_kl)
+    return rollout, seconds
+
+
 def left_pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
     ids, mask = pad_sequences(prompts, pad_id, side="left")
     return ids.to(device), mask.to(device)

@@ -4,24 +4,24 @@ setup: the policy and its frozen copy (the KL reference), the frozen reward mode
 model initialised from the RM, the prompts, and for PPO-ptx the pretraining blocks. Then one
 iteration per rollout batch:
 
-  1. generate    one response per prompt, sampled from the policy at the temperature
-  2. score       policy and reference log-probs, values, reward-model scores
-  3. rewards     -β·KL on every response token, the score on its last (EOS) token
-  4. advantages  GAE (γ, λ), whitened over real tokens
-  5. epochs      by minibatch: clipped policy loss (+ γ_ptx · pretraining NLL) and clipped value loss
-  6. log         proxy (RM) and gold scores, KL, entropy, length, EOS rate; checkpoint
+  1. generate    one response per prompt, sampled from the policy at the temperature  (rl/rollout.py)
+  2. score       policy and reference log-probs, values, reward-model scores          (rl/rollout.py)
+  3. rewards     -β·KL on every response token, the score on its last (EOS) token    (rlmath.py)
+  4. advantages  GAE (γ, λ), whitened over real tokens                               (rlmath.py)
+  5. epochs      by minibatch: clipped policy loss (+ γ_ptx · pretraining NLL) and
+                 clipped value loss                                                   (rl/update.py)
+  6. log         proxy (RM) and gold scores, KL, entropy, length, EOS rate; checkpoint (rl/metrics.py)
 
 and save: final/ (the policy, a save_pretrained folder) and value/ (the value model).
 The run is a pure function of (seed, iteration), whatever the number of processes: each episode
-is sampled with its own seed, every process holds an equal share of every minibatch, and the
-advantages are whitened over the global batch. A killed run resumes from its last checkpoint.
+is sampled with its own seed, every process holds an equal share of every minibatch (rl/episodes.py),
+and the advantages are whitened over the global batch. A killed run resumes from its last checkpoint.
 With ppo.lora the reference is the policy with its adapter off (one base model in memory).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from pathlib import Path
 
@@ -35,14 +35,12 @@ from instructrl.errors import UserError
 from instructrl.models.base import apply_switches, count_parameters, load_causal_lm, load_tokenizer, optimizer_state_bytes, parameter_bytes, set_dropout
 from instructrl.models.lora import adapter_disabled, add_lora
 from instructrl.models.reward import RewardModel
+from instructrl.rl.episodes import episode_seed, prompt_order, rank_episodes
 from instructrl.rl.kl_control import KLController
-from instructrl.rl.rollout import (
-    Rollout, in_micro_batches, left_pad_prompts, policy_and_reference_logprobs, response_logprobs, response_values, sample_responses,
-)
-from instructrl.rlmath import (
-    clipped_policy_loss, clipped_value_loss, gae_advantages, kl_per_token, masked_whiten, next_token_nll,
-    per_token_rewards,
-)
+from instructrl.rl.metrics import rollout_metrics
+from instructrl.rl.rollout import left_pad_prompts, sample_responses, score_episodes
+from instructrl.rl.update import ppo_epochs
+from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_token_rewards
 from instructrl.rundir import RunDir
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
@@ -53,51 +51,11 @@ from instructrl.world.labeler import SimulatedLabeler
 SECTIONS = ("run", "world", "ppo")
 UPSTREAM = ("tokenizer", "model", "pretrain", "sft", "collect", "rm")  # identity when the inputs are this run's own
 PTX_BLOCK = 128
-TOKEN_MEANS = {"ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/ratio", "ppo/value_clipfrac"}
 
 
 def stage_name(config: PipelineConfig) -> str:
     """PPO-ptx (InstructGPT proper) runs in ppo_ptx/, plain PPO in ppo/."""
     return "ppo_ptx" if config.ppo.ptx_coef > 0 else "ppo"
-
-
-def prompt_order(n_prompts: int, batch: int, iteration: int, seed: int) -> list[int]:
-    """The prompts of one iteration's global batch: epochs over the prompts, each a fresh permutation."""
-    start = iteration * batch
-    rows, epoch = [], start // n_prompts
-    while len(rows) < batch:
-        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-        offset = start + len(rows) - epoch * n_prompts
-        rows += perm[offset : offset + batch - len(rows)]
-        epoch += 1
-    return rows
-
-
-def rank_episodes(rollout_batch: int, minibatch: int, world_size: int, rank: int) -> list[int]:
-    """Positions in the global rollout batch of process ``rank``'s episodes, in its local order.
-
-    Global minibatch b holds positions [b * minibatch, (b + 1) * minibatch); each process gets an
-    equal share of every one (``minibatch / world_size`` consecutive positions), so local
-    minibatch b on every process together is global minibatch b, and any number of processes
-    makes the same optimizer steps as one.
-    """
-    local = minibatch // world_size
-    return [b * minibatch + rank * local + k for b in range(rollout_batch // minibatch) for k in range(local)]
-
-
-def shuffled_local_order(rollout_batch: int, minibatch: int, world_size: int, rank: int, generator: torch.Generator) -> torch.Tensor:
-    """Local episode indices of a later PPO epoch: new minibatches that are the same for any
-    number of processes. Episodes move between minibatches but keep their position within one
-    (so they stay on their process): each position p gets its own permutation of the minibatches,
-    drawn by every process alike."""
-    n_minibatches, local = rollout_batch // minibatch, minibatch // world_size
-    perms = [torch.randperm(n_minibatches, generator=generator) for _ in range(minibatch)]
-    return torch.tensor([int(perms[rank * local + k][b]) * local + k for b in range(n_minibatches) for k in range(local)])
-
-
-def episode_seed(seed: int, iteration: int, episode: int) -> int:
-    """The sampling seed of one episode (its position in the global batch of ``iteration``)."""
-    return (seed * 1_000_003 + iteration) * 1_000_033 + episode
 
 
 def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
@@ -191,6 +149,9 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {world_size} process(es)")
     judge = SimulatedLabeler()
     device = accelerator.device
+    unwrapped = accelerator.unwrap_model(policy)  # generation and scoring go around the DDP/FSDP wrapper
+    # LoRA: the reference is the policy with its adapters off
+    ref_model, ref_context = (unwrapped, lambda: adapter_disabled(unwrapped)) if reference is None else (reference, contextlib.nullcontext)
 
     with progress_bar(accelerator.is_main_process) as bar:
         task = bar.add_task(stage, total=n_iterations, completed=state.step, status="")
@@ -204,44 +165,34 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
 
             # 1. generate
             query_ids, query_mask = left_pad_prompts([encoded[i] for i in rows], tokenizer.pad_token_id, device)
-            unwrapped = accelerator.unwrap_model(policy).eval()
+            unwrapped.eval()
             response_ids, response_mask, ended = sample_responses(
                 unwrapped, query_ids, query_mask, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                 eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seeds=[episode_seed(config.run.seed, iteration, j) for j in episodes],
                 synced=shards_parameters(accelerator))
-            t1 = time.perf_counter()
-            timer["generate"] = t1 - t0
+            timer["generate"] = time.perf_counter() - t0
 
-            # 2. score: the same micro-batches as the first PPO epoch, so its ratio is exactly 1
-            mb, args = cfg.micro_batch_size, (query_ids, query_mask, response_ids, response_mask)
-            seconds: dict[str, float] = {}
-            # LoRA: the reference is the policy with its adapters off
-            ref_model, ref_context = (unwrapped, lambda: adapter_disabled(unwrapped)) if reference is None else (reference, contextlib.nullcontext)
-            logprobs, entropy, ref_logprobs, exact_kl = in_micro_batches(lambda *t: policy_and_reference_logprobs(
-                unwrapped, ref_model, *t, cfg.temperature, reference_context=ref_context, seconds=seconds), mb, *args)
-            timer["score_reference"] = seconds["reference"]
-            timer["score_policy"] = _lap(timer, t1)
-            values = in_micro_batches(lambda *t: response_values(accelerator.unwrap_model(value_model), *t), mb, *args)
-            timer["score_value"] = _lap(timer, t1)
-            rm_scores = in_micro_batches(lambda q, qm, r, rm: reward_model(torch.cat([q, r], 1), torch.cat([qm, rm], 1)), mb, *args)
-            timer["score_reward"] = _lap(timer, t1)
-            scores = torch.where(ended, rm_scores, torch.full_like(rm_scores, cfg.missing_eos_score))
-            rollout = Rollout(query_ids, query_mask, response_ids, response_mask, ended, logprobs, ref_logprobs, values, scores, rm_scores, entropy,
-                              exact_kl=exact_kl)
+            # 2. score
+            rollout, seconds = score_episodes(unwrapped, ref_model, accelerator.unwrap_model(value_model), reward_model, query_ids, query_mask,
+                                              response_ids, response_mask, ended, temperature=cfg.temperature,
+                                              micro_batch_size=cfg.micro_batch_size, missing_eos_score=cfg.missing_eos_score,
+                                              reference_context=ref_context)
+            timer.update({f"score_{k}": v for k, v in seconds.items()})
+            t1 = time.perf_counter()
 
             # 3. rewards
             mask = response_mask.float()
-            rollout.kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_estimator) * mask
-            rollout.rewards = per_token_rewards(scores, rollout.kl, response_mask, kl_ctl.value)
+            rollout.kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
+            rollout.rewards = per_token_rewards(rollout.scores, rollout.kl, response_mask, kl_ctl.value)
             over_processes = lambda t: accelerator.reduce(t, "sum")  # noqa: E731  (statistics of the global batch)
             if cfg.whiten_rewards:
                 rollout.rewards = masked_whiten(rollout.rewards, mask, shift_mean=False, total=over_processes)
 
             # 4. advantages
-            advantages, rollout.returns = gae_advantages(rollout.rewards, values, response_mask, cfg.gamma, cfg.lam)
+            advantages, rollout.returns = gae_advantages(rollout.rewards, rollout.values, response_mask, cfg.gamma, cfg.lam)
             rollout.advantages = masked_whiten(advantages, mask, total=over_processes)
-            timer["score_advantages"] = _lap(timer, t1)
             t2 = time.perf_counter()
+            timer["score_advantages"] = t2 - t1
 
             # 5. epochs
             policy.train()
@@ -286,112 +237,3 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     return run.path / "final"
 
 
-def _lap(timer: dict[str, float], since: float) -> float:
-    """Seconds since ``since`` not yet booked in ``timer``'s score_* entries."""
-    return time.perf_counter() - since - sum(v for k, v in timer.items() if k.startswith("score_"))
-
-
-def ppo_epochs(accelerator, cfg, rollout: Rollout, policy, value_model, policy_opt, value_opt, schedulers, ptx_blocks,
-               iteration: int, seed: int) -> dict[str, float]:
-    """Step 5: ``cfg.ppo_epochs`` passes over the rollout in minibatches, one optimizer step each.
-
-    Losses are token sums divided by the minibatch's token count over all processes, so
-    micro-batching and the number of processes do not change the update. The first epoch goes
-    through the episodes in rollout order (already a random order of prompts) with the rollout's
-    micro-batches, so its first ratio is exactly 1; later epochs shuffle.
-    """
-    world_size, rank = accelerator.num_processes, accelerator.process_index
-    local_minibatch = cfg.minibatch_size // world_size
-    n_local = len(rollout)
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-
-    def add(name: str, value: float) -> None:
-        sums[name] = sums.get(name, 0.0) + value
-        counts[name] = counts.get(name, 0) + 1
-
-    step, first = 0, {}
-    for epoch in range(cfg.ppo_epochs):
-        generator = torch.Generator().manual_seed(seed * 7919 + iteration * 31 + epoch)
-        order = torch.arange(n_local) if epoch == 0 else shuffled_local_order(cfg.rollout_batch_size, cfg.minibatch_size, world_size, rank, generator)
-        for start in range(0, n_local, local_minibatch):
-            minibatch = order[start : start + local_minibatch]
-            micro = [minibatch[i : i + cfg.micro_batch_size] for i in range(0, len(minibatch), cfg.micro_batch_size)]
-            local_tokens = rollout.response_mask[minibatch].sum().float().to(accelerator.device)
-            n_tokens = accelerator.reduce(local_tokens, "sum").clamp(min=1).item()
-            scale = world_size / n_tokens  # DDP averages gradients over processes
-            step_stats: dict[str, float] = {}
-            # PPO-ptx: γ · NLL of pretraining text in the same update (§3.5, eq. 2)
-            if ptx_blocks is not None:
-                # the step's blocks are drawn alike on every process, each taking its share
-                g = torch.Generator().manual_seed(seed * 104729 + iteration * 1013 + step * 7)
-                local_blocks = max(1, cfg.ptx_batch_size // world_size)
-                drawn = torch.randint(len(ptx_blocks), (local_blocks * world_size,), generator=g)[rank * local_blocks : (rank + 1) * local_blocks]
-                ids = ptx_blocks[drawn].to(accelerator.device)
-                with accelerator.no_sync(policy), accelerator.autocast():
-                    nll_sum, nll_count = next_token_nll(policy(input_ids=ids).logits, ids, torch.ones_like(ids))
-                    ptx_loss = nll_sum / nll_count
-                accelerator.backward(cfg.ptx_coef * ptx_loss)
-                add("ppo/ptx_loss", ptx_loss.item())
-            for i, rows in enumerate(micro):
-                batch = rollout.select(rows)
-                last = i == len(micro) - 1
-                weight = float(batch.response_mask.sum()) * scale  # this micro-batch's share of the minibatch mean
-                with (contextlib.nullcontext() if last else accelerator.no_sync(policy)), accelerator.autocast():
-                    logprobs, _ = response_logprobs(policy, batch.query_ids, batch.query_mask, batch.response_ids,
-                                                    batch.response_mask, cfg.temperature)
-                    pg_loss, stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask.float(), cfg.clip)
-                accelerator.backward(pg_loss * weight)
-                with (contextlib.nullcontext() if last else accelerator.no_sync(value_model)), accelerator.autocast():
-                    values = response_values(value_model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-                    vf_loss, vf_clipfrac = clipped_value_loss(values, batch.values, batch.returns, batch.response_mask.float(), cfg.value_clip)
-                accelerator.backward(vf_loss * weight)
-                share = float(batch.response_mask.sum()) / n_tokens  # for the logs: this process's part of the minibatch's token mean
-                for k, v in (("ppo/policy_loss", pg_loss), ("ppo/value_loss", vf_loss), ("ppo/clipfrac", stats["clipfrac"]),
-                             ("ppo/approx_kl", stats["approx_kl"]), ("ppo/ratio", stats["ratio"]), ("ppo/value_clipfrac", vf_clipfrac)):
-                    step_stats[k] = step_stats.get(k, 0.0) + v.item() * share
-                if step == 0 and i == 0:
-                    first = {"check/first_ratio": stats["ratio"].item(), "check/first_approx_kl": stats["approx_kl"].item()}
-            for k, v in step_stats.items():
-                add(k, v)
-            add("ppo/policy_grad_norm", float(accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)))
-            add("ppo/value_grad_norm", float(accelerator.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)))
-            policy_opt.step()
-            value_opt.step()
-            for s in schedulers:
-                s.step()
-            policy_opt.zero_grad(set_to_none=True)
-            value_opt.zero_grad(set_to_none=True)
-            step += 1
-    # the logs: token means summed over the processes' parts, other statistics averaged over processes
-    names = sorted(sums)
-    local = torch.tensor([sums[k] / counts[k] for k in names], device=accelerator.device, dtype=torch.float64)
-    summed = accelerator.reduce(local, "sum").tolist()
-    return {**{k: v / (1 if k in TOKEN_MEANS else world_size) for k, v in zip(names, summed)}, **first}
-
-
-@torch.no_grad()
-def rollout_metrics(rollout: Rollout, texts: list[str], ids: list[str], gold: dict, judge: SimulatedLabeler, accelerator) -> dict[str, float]:
-    """Batch means over all processes: proxy score, gold score (built-in world), KL, entropy, length, EOS rate."""
-    mask = rollout.response_mask.float()
-    per_episode = {
-        "rollout/score": rollout.rm_scores,
-        "rollout/score_with_penalty": rollout.scores,
-        "rollout/kl": (rollout.exact_kl * mask).sum(-1),
-        "rollout/kl_k1": (kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(-1),
-        "rollout/kl_k3": (kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k3") * mask).sum(-1),
-        "rollout/length": mask.sum(-1),
-        "rollout/eos_rate": rollout.ended.float(),
-        "rollout/entropy": (rollout.entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1),
-    }
-    if gold and all(i in gold for i in ids):
-        judgements = [judge.judge(gold[i], text) for i, text in zip(ids, texts)]
-        device = rollout.scores.device
-        per_episode["rollout/gold_likert"] = torch.tensor([float(j.likert) for j in judgements], device=device)
-        per_episode["rollout/gold_quality"] = torch.tensor([j.quality for j in judgements], device=device)
-    names = sorted(per_episode)
-    local = torch.stack([per_episode[n].float().sum() for n in names] + [torch.tensor(float(len(rollout)), device=rollout.scores.device)])
-    total = accelerator.reduce(local, "sum")
-    metrics = {n: (total[i] / total[-1]).item() for i, n in enumerate(names)}
-    metrics["rollout/sqrt_kl"] = math.sqrt(max(metrics["rollout/kl"], 0.0))
-    return metrics
