@@ -96,6 +96,13 @@ def test_bad_input_never_touches_a_finished_run(tmp_path, smoke_base):
     # a broken override fails before anything is written
     _assert_clean_error(cli(*base, "sft.epochs=-1", check=False), "sft.epochs")
     assert content_hash(final) == before
+    # an input that changed since the run finished: neither skipped as complete nor resumed, but refused
+    demos = run_dir / "world" / "demonstrations.jsonl"
+    lines = demos.read_text().splitlines(keepends=True)
+    demos.write_text("".join(lines + lines[:1]))
+    _assert_clean_error(cli(*base, check=False), "changed since", f"demonstrations ({demos})", "--restart")
+    assert content_hash(final) == before
+    assert "changed since" not in cli(*base, "--restart").stderr and content_hash(final) != before
 
 
 def test_world_command_writes_the_world_and_reports_agreement(tmp_path):

@@ -177,3 +177,16 @@ def test_ppo_on_each_prompt_format(tmp_path, tiny_sft, shape):
                                 f"ppo.prompts={prompts}", f"ppo.ptx_data={text}", "ppo.episodes=16"]), log=lambda *_: None)
     [metrics] = [json.loads(line) for line in (tmp_path / "ppo_ptx" / "metrics.jsonl").read_text().splitlines()]
     assert metrics["rollout/length"] >= 1 and "ppo/ptx_loss" in metrics
+
+
+def test_ppo_on_own_prompts_keeps_the_built_in_world_out(tmp_path, tiny_sft):
+    from instructrl.stages.ppo import run_ppo
+
+    run, data = tiny_sft
+    own = [f"run.dir={tmp_path}", f"ppo.policy={run / 'sft' / 'final'}", f"ppo.reward_model={run / 'rm' / 'final'}",
+           f"ppo.prompts={data['prompts']}", "ppo.episodes=16"]
+    # PPO-ptx with the user's prompts needs the user's pretraining text, not the toy world's corpus
+    with pytest.raises(UserError, match="ppo.ptx_data=FILE"):
+        run_ppo(load_config(SMOKE, own), log=lambda *_: None)
+    run_ppo(load_config(SMOKE, own + ["ppo.ptx_coef=0"]), log=lambda *_: None)
+    assert (tmp_path / "ppo" / "final").is_dir() and not (tmp_path / "world").exists() and not (tmp_path / "ppo_ptx" / "final").exists()

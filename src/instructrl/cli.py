@@ -50,7 +50,7 @@ def _is_main_process() -> bool:
 
 def _log(message: str) -> None:
     if _is_main_process():
-        console.print(message, highlight=False)
+        console.print(message, highlight=False, soft_wrap=True)  # one line per message: paths stay whole when copied or grepped
 
 
 @app.callback()
@@ -104,8 +104,7 @@ def pretrain(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
     """
     from instructrl.stages.pretrain import run_pretrain
 
-    path = run_pretrain(_load(config, overrides), restart=restart, log=_log)
-    _log(f"pretrain: base model saved to {path}")
+    run_pretrain(_load(config, overrides), restart=restart, log=_log)
 
 
 @app.command(epilog=_config_help("run", "sft"))
@@ -117,8 +116,7 @@ def sft(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] =
     """
     from instructrl.stages.sft import run_sft
 
-    path = run_sft(_load(config, overrides), restart=restart, log=_log)
-    _log(f"sft: model saved to {path}")
+    run_sft(_load(config, overrides), restart=restart, log=_log)
 
 
 @app.command(epilog=_config_help("run", "collect"))
@@ -144,8 +142,7 @@ def rm(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = 
     """
     from instructrl.stages.rm import run_rm
 
-    path = run_rm(_load(config, overrides), restart=restart, log=_log)
-    _log(f"rm: reward model saved to {path} (RewardModel.from_pretrained)")
+    run_rm(_load(config, overrides), restart=restart, log=_log)
 
 
 @app.command(epilog=_config_help("run", "ppo"))
@@ -163,7 +160,11 @@ def ppo(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] =
 
 @app.command("eval", epilog=_config_help("run", "eval"))
 def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
-    """Judge models' answers to held-out prompts with the gold labeler, per instruction family."""
+    """Judge models' answers to the built-in world's held-out prompts with its gold labeler, per instruction family.
+
+    Any causal LM can be judged (eval.models), but the prompts and the judge are the built-in
+    world's: to compare your own models on your own prompts, people judge A/B pairs in
+    `instructrl label`."""
     from instructrl.evaluation.evaluate import results_table, run_eval
 
     cfg = _load(config, overrides)
@@ -475,7 +476,7 @@ def run() -> None:
     except UserError as err:
         if _state["debug"]:
             raise
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (KeyboardInterrupt, SystemExit) as exit_:
         # typer turns Ctrl-C into exit status 130

@@ -5,7 +5,8 @@
         run.json         seed, command line, library versions, start time, number of processes
         metrics.jsonl    one JSON object per logged step
         tb/              TensorBoard events of the same metrics
-        lineage.json     the data and parent checkpoint this stage used, with content hashes
+        lineage.json     the data and parent checkpoint this stage used, with content hashes (a
+                         finished stage whose inputs changed since is not skipped but refused)
         checkpoints/     resumable training state (step-NNNNNNNN/)
         final/           the stage's output checkpoint (save_pretrained folder)
         done.json        written last: the stage finished
@@ -38,6 +39,13 @@ def content_hash(path: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_stamp(path: Path) -> list:
+    """The (relative path, size, mtime) of a file or of a folder's files: unchanged stamps spare a re-hash."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(f.relative_to(path)) if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -78,7 +86,29 @@ class RunDir:
         return self.path / "done.json"
 
     def is_done(self) -> bool:
-        return self.done_file.is_file() and json.loads(self.done_file.read_text()).get("identity") == self.identity
+        """The stage finished with this config. Raises if an input it recorded has changed since:
+        its outputs no longer follow from its inputs, and rerunning would discard them."""
+        if not (self.done_file.is_file() and json.loads(self.done_file.read_text()).get("identity") == self.identity):
+            return False
+        changed = self.changed_inputs()
+        if changed:
+            raise UserError(f"{self.path} finished on inputs that have changed since: {', '.join(changed)}; "
+                            f"pass --restart to run {self.stage} again on them, or set run.dir to another folder")
+        return True
+
+    def changed_inputs(self) -> list[str]:
+        """The inputs in lineage.json whose content differs now from when the stage ran (a missing one is not compared)."""
+        lineage = self.path / "lineage.json"
+        if not lineage.is_file():
+            return []
+        changed = []
+        for name, entry in json.loads(lineage.read_text())["inputs"].items():
+            path = Path(entry["path"])
+            if entry["sha256"] is None or not path.exists() or entry.get("stamp") == file_stamp(path):
+                continue
+            if content_hash(path) != entry["sha256"]:
+                changed.append(f"{name} ({path})")
+        return changed
 
     def start(self, restart: bool = False) -> None:
         """Check that the folder holds no other run, then write config.yaml and run.json.
@@ -135,8 +165,9 @@ class RunDir:
             if value is None:
                 continue
             path = Path(value)
-            entries[name] = {"path": str(value), "sha256": content_hash(path) if path.exists() else None}
-        (self.path / "lineage.json").write_text(json.dumps({"stage": self.stage, "inputs": entries}, indent=2))
+            exists = path.exists()
+            entries[name] = {"path": str(value), "sha256": content_hash(path) if exists else None, "stamp": file_stamp(path) if exists else None}
+        write_text_atomic(self.path / "lineage.json", json.dumps({"stage": self.stage, "inputs": entries}, indent=2))
 
     def trim_metrics(self, resume_step: int) -> None:
         """Drop metric lines a killed run wrote past the checkpoint it resumes from (or cut in half)."""

@@ -95,6 +95,8 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     world = build_world(config.world, Path(config.run.dir) / "world")
     tasks = load_tasks(world.prompts("eval"))[: cfg.n_prompts]
     judge = SimulatedLabeler()
+    log(f"eval: the built-in world's {len(tasks)} held-out prompts ({world.prompts('eval')}), judged by its gold labeler; "
+        "to have people judge your own models on your own prompts, use `instructrl label`'s A/B comparisons")
     answers = {DEMONSTRATIONS: [demonstration(config.world, t) for t in tasks]}
     heldout = world.heldout_corpus.read_text().splitlines()
     sampled = {}

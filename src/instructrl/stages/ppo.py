@@ -66,8 +66,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     world_inputs = (cfg.policy is None or cfg.reward_model is None) if upstream is None else upstream
     stage = stage_name(config)
     run = RunDir(config, stage, SECTIONS + (UPSTREAM if world_inputs else ()), accelerator.is_main_process, accelerator.num_processes)
-    if run.is_done() and not restart:
-        log(f"{stage}: {run.path} is complete with this config; nothing to do")
+    if not restart and run.is_done():
+        log(f"{stage}: {run.path} is complete with this config and inputs; nothing to do (--restart runs it again)")
         return run.path / "final"
     root = Path(config.run.dir)
     policy_path = cfg.policy or str(root / "sft" / "final")
@@ -82,12 +82,18 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     tokenizer = load_tokenizer(policy_path)
     if load_tokenizer(rm_path).get_vocab() != tokenizer.get_vocab():
         raise UserError(f"{stage}: the reward model {rm_path} and the policy {policy_path} use different tokenizers")
+    # the built-in world supplies the prompts (and PPO-ptx's text) only when no prompts are given
     world = None
-    if cfg.prompts is None or cfg.ptx_data is None:
+    if cfg.prompts is None:
         if accelerator.is_main_process:
             build_world(config.world, root / "world")
         accelerator.wait_for_everyone()
         world = build_world(config.world, root / "world")
+        log(f"{stage}: prompts" + (" and pretraining text" if cfg.ptx_coef > 0 and cfg.ptx_data is None else "")
+            + f" from the built-in world in {root / 'world'} (ppo.prompts unset)")
+    elif cfg.ptx_coef > 0 and cfg.ptx_data is None:
+        raise UserError(f"{stage}: PPO-ptx mixes pretraining text into every update: set ppo.ptx_data=FILE (plain text or "
+                        f"{{\"text\": ...}} records) to go with ppo.prompts, or ppo.ptx_coef=0 for plain PPO")
     if cfg.prompts is None:
         tasks = load_tasks(world.prompts("ppo"))
         prompts = [Prompt(t.id, list(t.messages)) for t in tasks]

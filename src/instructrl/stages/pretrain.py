@@ -39,8 +39,8 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     accelerator = make_accelerator(cfg)
     cfg.grad_accum(accelerator.num_processes)  # sizes must divide before anything is written
     run = RunDir(config, "pretrain", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
-    if run.is_done() and not restart:
-        log(f"pretrain: {run.path} is complete with this config; nothing to do")
+    if not restart and run.is_done():
+        log(f"pretrain: {run.path} is complete with this config and inputs; nothing to do (--restart runs it again)")
         return run.path / "final"
     run.start(restart)
 
@@ -78,4 +78,5 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
         description="pretrain", log=log)
     run.write_lineage({"corpus": world.corpus, "tokenizer": tokenizer_dir})
     run.finish({"model": run.path / "final"})
+    log(f"pretrain: base model saved to {run.path / 'final'}")
     return run.path / "final"

@@ -64,8 +64,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     sections = SECTIONS + (UPSTREAM if (cfg.model is None if upstream is None else upstream) else ()) \
         + (("collect",) if (cfg.data is None if upstream is None else upstream) else ())
     run = RunDir(config, "rm", sections, accelerator.is_main_process, accelerator.num_processes)
-    if run.is_done() and not restart:
-        log(f"rm: {run.path} is complete with this config; nothing to do")
+    if not restart and run.is_done():
+        log(f"rm: {run.path} is complete with this config and inputs; nothing to do (--restart runs it again)")
         return run.path / "final"
     root = Path(config.run.dir)
     backbone = cfg.model or str(root / "sft" / "final")
@@ -147,6 +147,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
                 + ", ".join(f"{f} {a:.2f}" for f, a in diagnostics["accuracy_by_family"].items()))
     run.write_lineage({"backbone": backbone, "comparisons": data})
     run.finish({"model": run.path / "final"})
+    log(f"rm: reward model saved to {run.path / 'final'} (RewardModel.from_pretrained)")
     return run.path / "final"
 
 

@@ -72,8 +72,8 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     accelerator = make_accelerator(cfg)
     sections = SECTIONS + (UPSTREAM if cfg.model is None else ())
     run = RunDir(config, "sft", sections, accelerator.is_main_process, accelerator.num_processes)
-    if run.is_done() and not restart:
-        log(f"sft: {run.path} is complete with this config; nothing to do")
+    if not restart and run.is_done():
+        log(f"sft: {run.path} is complete with this config and inputs; nothing to do (--restart runs it again)")
         return run.path / "final"
     model_path = cfg.model or str(Path(config.run.dir) / "pretrain" / "final")
     if cfg.model is None and not Path(model_path).is_dir():
@@ -119,4 +119,5 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
         log(f"sft: chose the checkpoint of step {state.best_step} (validation Likert {state.best_score:.2f})")
     run.write_lineage({"model": model_path, "demonstrations": data_path})
     run.finish({"model": run.path / "final"})
+    log(f"sft: model saved to {run.path / 'final'}")
     return run.path / "final"
