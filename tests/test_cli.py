@@ -72,6 +72,23 @@ def test_missing_model_path(tmp_path):
     assert not (tmp_path / "sft").exists(), "a failed start must not create the stage folder"
 
 
+def test_model_name_that_is_neither_a_folder_nor_reachable(tmp_path, monkeypatch):
+    # a typo for a local folder reads as a hub name; with no hub (offline here) it fails at once instead of retrying
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", "sft.model=my_modle", cwd=tmp_path, check=False)
+    _assert_clean_error(proc, "'my_modle' is not a folder under", "the Hub cannot be reached")
+    assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_model_folder_without_its_tokenizer(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "model")
+    proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={tmp_path / 'model'}", check=False)
+    _assert_clean_error(proc, "turns text into no tokens", "tokenizer.save_pretrained")
+    assert not (tmp_path / "run" / "sft").exists()
+
+
 def test_broken_jsonl_line_is_named(tmp_path, smoke_base):
     data = tmp_path / "demos.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})

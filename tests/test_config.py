@@ -59,6 +59,19 @@ def test_unknown_override_key_is_named_with_a_suggestion():
     assert "override 'sft.lrr=1'" in message
 
 
+def test_unknown_section_in_an_override_names_the_override():
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["sfft.epochs=1"])
+    assert "override 'sfft.epochs=1': unknown config key 'sfft' (did you mean 'sft'?)" in str(err.value)
+
+
+def test_other_trainers_key_names_suggest_ours():
+    # transformers' and TRL's names are too far from ours for a spelling match
+    for key, ours in (("sft.learning_rate", "sft.lr"), ("ppo.cliprange", "ppo.clip"), ("rm.num_train_epochs", "rm.epochs")):
+        with pytest.raises(UserError, match=f"did you mean '{ours}'"):
+            load_config(overrides=[f"{key}=1"])
+
+
 def test_unknown_yaml_key_names_file_and_line(tmp_path):
     path = write(tmp_path, "run:\n  dir: runs/x\nsft:\n  epochs: 2\n  lrr: 0.1\n")
     # line 1 run:, 2 dir, 3 sft:, 4 epochs, 5 lrr

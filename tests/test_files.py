@@ -19,6 +19,20 @@ def test_non_utf8_jsonl_line_is_named(tmp_path):
         list(read_jsonl(path))
 
 
+def test_jsonl_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"b": 2}\n')  # what some Windows editors write
+    assert [r for _, r in read_jsonl(path)] == [{"a": 1}, {"b": 2}]
+
+
+def test_control_character_in_a_string_is_named_once(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": "one\ttwo"}\n')  # a raw tab inside a JSON string
+    with pytest.raises(UserError) as err:
+        list(read_jsonl(path))
+    assert str(err.value) == f"{path}:1: not valid JSON (Invalid control character at column 11)"
+
+
 def test_non_utf8_yaml_is_named(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_bytes(b"sft:\n  lr: \xff\n")

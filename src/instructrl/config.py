@@ -304,6 +304,15 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+# Names other trainers (transformers' TrainingArguments, TRL) give to our keys, for the "did you mean" hint.
+KEY_ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size": "micro_batch_size",
+    "max_grad_norm": "grad_clip", "model_name_or_path": "model", "dataset": "data", "train_file": "data", "beta": "kl_coef",
+    "init_kl_coef": "kl_coef", "kl_beta": "kl_coef", "cliprange": "clip", "cliprange_value": "value_clip", "num_ppo_epochs": "ppo_epochs",
+    "max_new_tokens_per_response": "max_new_tokens", "response_length": "max_new_tokens", "num_samples": "k",
+}
+
+
 def _describe_validation_error(err: ValidationError, source: str, path, overrides) -> str:
     lines = []
     for e in err.errors():
@@ -311,7 +320,9 @@ def _describe_validation_error(err: ValidationError, source: str, path, override
         dotted = ".".join(str(p) for p in loc)
         where = _where(dotted, path, overrides) or source
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _known_keys(PipelineConfig, loc[:-1]), n=1)
+            known = _known_keys(PipelineConfig, loc[:-1])
+            alias = KEY_ALIASES.get(str(loc[-1]))
+            close = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
             lines.append(f"{where}: unknown config key '{dotted}'{hint}")
         else:
@@ -322,7 +333,8 @@ def _describe_validation_error(err: ValidationError, source: str, path, override
 def _where(dotted: str, path, overrides) -> str | None:
     """'override sft.lr=x' or 'file.yaml:LINE' for the dotted key, if it can be located."""
     for override in reversed(list(overrides)):
-        if override.partition("=")[0].strip() == dotted or dotted.startswith(override.partition("=")[0].strip() + "."):
+        key = override.partition("=")[0].strip()
+        if key == dotted or dotted.startswith(key + ".") or key.startswith(dotted + "."):
             return f"override '{override}'"
     if path is None:
         return None

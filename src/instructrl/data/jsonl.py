@@ -18,7 +18,7 @@ def read_jsonl(path: Path | str) -> Iterator[tuple[int, dict]]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the record
             except UnicodeDecodeError:
                 raise UserError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
@@ -26,7 +26,7 @@ def read_jsonl(path: Path | str) -> Iterator[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+                raise UserError(f"{path}:{number}: not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
             yield number, record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -32,9 +33,38 @@ def build_base_model(config: ModelConfig, tokenizer) -> nn.Module:
 
 
 def _check_exists(name_or_path: str, what: str) -> None:
+    """Fail at once on a missing folder, or on a hub name that is neither cached nor reachable
+    (the hub client would otherwise retry for most of a minute before giving up)."""
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path)
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise UserError(f"{what} '{name_or_path}' does not exist")
+    if not looks_local and not _in_hub_cache(name_or_path) and not _hub_reachable():
+        raise UserError(f"{what} '{name_or_path}' is not a folder under {os.getcwd()}, not in the Hugging Face cache, "
+                        "and the Hub cannot be reached to download it")
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json"))
+    except Exception:  # noqa: BLE001  (a name that is no valid repo id is not cached)
+        return False
+
+
+@functools.cache
+def _hub_reachable() -> bool:
+    """One quick request to the Hub's endpoint (honouring HF_HUB_OFFLINE, HF_ENDPOINT and proxies)."""
+    import httpx
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        httpx.head(constants.ENDPOINT, timeout=5.0)
+        return True
+    except httpx.HTTPError:
+        return False
 
 
 PAD_TOKEN = "<|pad|>"
@@ -91,6 +121,8 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load tokenizer '{name_or_path}': {str(err).splitlines()[0]}") from None
+    if not tokenizer("Hello world", add_special_tokens=False).input_ids:  # e.g. a model folder saved without its tokenizer
+        raise UserError(f"tokenizer '{name_or_path}' turns text into no tokens; is its tokenizer saved there (tokenizer.save_pretrained)?")
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{name_or_path}' has no EOS token")
     if not for_chat:

@@ -43,6 +43,8 @@ def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str
         examples.append(example)
     if not examples:
         raise UserError(f"{path}: no demonstration fits in {max_length} tokens")
+    if not any(any(e.assistant_mask[1:]) for e in examples):  # the first token is never predicted
+        raise UserError(f"{path}: no demonstration has an assistant token to learn from once tokenized")
     return examples, too_long
 
 
