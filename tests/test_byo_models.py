@@ -19,10 +19,17 @@ from instructrl.models.base import FALLBACK_CHAT_TEMPLATE, PAD_TOKEN, fit_embedd
 @pytest.mark.parametrize("pad", ["none", "eos"])
 def test_load_tokenizer_adds_a_pad_distinct_from_eos(tmp_path, pad):
     tiny_tokenizer(pad, template=False).save_pretrained(tmp_path)
-    tokenizer = load_tokenizer(tmp_path)
+    told = []
+    tokenizer = load_tokenizer(tmp_path, log=told.append)
     assert tokenizer.pad_token == PAD_TOKEN and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.pad_token_id == len(tokenizer) - 1  # a new id, after the vocabulary the model knows
     assert tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE
+    # both changes are said; a tokenizer saved after them loads with nothing to change
+    assert len(told) == 2 and f"{PAD_TOKEN} is added as id {tokenizer.pad_token_id}" in told[0] and "no chat template" in told[1]
+    tokenizer.save_pretrained(tmp_path / "saved")
+    told.clear()
+    load_tokenizer(tmp_path / "saved", log=told.append)
+    assert told == []
 
 
 def test_fit_embeddings_adds_a_mean_row_and_keeps_the_rest(tmp_path):
@@ -83,6 +90,8 @@ def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
     rm = run_rm(config, log=quiet)
     reward_model = RewardModel.from_pretrained(rm)
     assert reward_model.backbone.config.model_type == arch
+    # the user's prompts are not the built-in world's: the held-out rankings are the reference, and the log says so
+    assert json.loads((run / "rm" / "diagnostics.json").read_text())["against"] == "the held-out rankings"
 
     ppo = run_ppo(config, log=quiet)
     metrics = [json.loads(line) for line in (run / "ppo_ptx" / "metrics.jsonl").read_text().splitlines()]

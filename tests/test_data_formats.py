@@ -4,6 +4,7 @@ data check`, and SFT / RM / PPO run on each format with no conversion."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import SMOKE, cli
@@ -74,13 +75,16 @@ def test_parquet_json_and_datasets_folder_read_like_jsonl(tmp_path):
     (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"colour": "red"}'], "bad.jsonl:2: fits no known format (fields: colour)"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a", "chosen": "b"}'], "bad.jsonl:2: a preference record needs 'rejected'"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a", "chosen": "b"'], "bad.jsonl:2: not valid JSON"),
-    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"text": "a"}'], "bad.jsonl:2: a text record cannot be used as rm.data"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"text": "a"}'], "bad.jsonl:2: a text record (fields: text) cannot be used as rm.data"),
+    # a misspelt field makes the record look like another format: the message says which field was probably meant
+    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '{"prompt": "a", "chosen": "b", "rejeted": "c"}'],
+     "bad.jsonl:2: a preference record needs 'rejected' (fields: chosen, prompt, rejeted; did you mean 'rejected' for 'rejeted'?)"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c"}', '', '{"prompt": "a", "chosen": ["b"], "rejected": "c"}'], "bad.jsonl:3: 'chosen' and 'rejected' must both be text"),
 ])
 def test_a_bad_record_is_named_by_file_and_line(tmp_path, lines, needle):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match=re.escape(needle)):
         read_comparisons(path)
 
 
@@ -89,7 +93,7 @@ def test_bad_rows_of_a_parquet_file_are_named_by_row(tmp_path):
 
     Dataset.from_list([{"prompt": "Say cat.", "completion": "cat"}, {"prompt": "Say dog.", "completion": ""}]).to_parquet(str(tmp_path / "p.parquet"))
     assert [m for _, m in read_records(tmp_path / "p.parquet")][1] == {"prompt": "Say dog.", "completion": ""}
-    with pytest.raises(UserError, match="p.parquet: row 1: a prompt_completion record cannot be used as rm.data"):
+    with pytest.raises(UserError, match=r"p.parquet: row 1: a prompt_completion record \(fields: completion, prompt\) cannot be used as rm.data"):
         read_comparisons(tmp_path / "p.parquet")
 
 
@@ -105,6 +109,15 @@ def test_data_check_cli(tmp_path):
     bad.write_text(json.dumps(SHAPES["messages"][0]) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     proc = cli("data", "check", str(bad), check=False)
     assert proc.returncode == 2 and "bad.jsonl:2: messages[0] must be" in proc.stderr
+    # a misspelt field that still fits another format is pointed out, with its line
+    typo = write_jsonl(tmp_path / "typo.jsonl", [{"prompt": "Say cat.", "completion": "cat"}, {"prompt": "Say dog.", "completon": "dog"}])
+    summary = json.loads(cli("data", "check", str(typo)).stdout.splitlines()[-1])
+    assert summary["usable_as"] == ["ppo.prompts"] and summary["misspelt_fields"] == {"completon": f"{typo}:2: did you mean 'completion'?"}
+    # plain text is PPO-ptx's pretraining text, one document per line
+    text = tmp_path / "ptx.txt"
+    text.write_text("one document\n\nanother document\n")
+    summary = json.loads(cli("data", "check", str(text)).stdout.splitlines()[-1])
+    assert summary == {"file": str(text), "format": "plain text", "records": 2, "usable_as": ["ppo.ptx_data"]}
 
 
 # SFT, RM and PPO on a user's files in each format, on a tiny Llama with no PAD and no chat template

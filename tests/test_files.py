@@ -48,3 +48,4 @@ def test_trim_step_log_drops_replayed_and_half_written_lines(tmp_path):
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [2, 4]
     trim_step_log(path, resume_step=4, keep_equal=False)  # data-order logs: step 4 is replayed
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [2]
+

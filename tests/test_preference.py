@@ -82,7 +82,7 @@ def test_prompt_files_take_messages_or_a_prompt_string(tmp_path):
 
 @pytest.mark.parametrize("record, message", [
     ({"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "5"}]}, "last message of a prompt must be the user's"),
-    ({"text": "hello"}, "a text record cannot be used as ppo.prompts"),
+    ({"text": "hello"}, "a text record (fields: text) cannot be used as ppo.prompts"),
     ({"colour": "red"}, "fits no known format (fields: colour)"),
     ({"messages": [{"role": "user"}]}, "messages[0]"),
 ])

@@ -49,7 +49,7 @@ def test_rm_stage_on_smoke(tmp_path, smoke_base):
     model = RewardModel.from_pretrained(final)  # head, bias and backbone in one call
     diagnostics = json.loads((tmp_path / "rm" / "diagnostics.json").read_text())
     assert diagnostics["reward_bias"] == float(model.reward_bias) != 0.0
-    assert diagnostics["pairs"] > 0 and 0.0 <= diagnostics["accuracy"] <= 1.0
+    assert diagnostics["pairs"] > 0 and 0.0 <= diagnostics["accuracy"] <= 1.0 and diagnostics["against"] == "the gold labeler"
     # a pair the gold labeler scores differently on the 1-7 scale also differs in gold quality
     assert diagnostics["pairs_gold_likert_distinct"] <= diagnostics["pairs"]
     # the smoke world's prompts are all the built-in world's: accuracy on right-vs-wrong pairs and per family

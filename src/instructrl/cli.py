@@ -240,7 +240,7 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("check")
 def data_check(
-    file: Path = typer.Argument(..., help="A JSONL, JSON or Parquet file, or a datasets save_to_disk folder."),
+    file: Path = typer.Argument(..., help="A JSONL, JSON or Parquet file, a datasets save_to_disk folder, or plain text (ppo.ptx_data)."),
     data_format: str = typer.Option("auto", "--format", help="auto (from the fields), text, prompt_completion, messages, preference, comparison or prompt."),
 ) -> None:
     """Validate a data file and print its format, its record count and the stage inputs it can be.

@@ -20,6 +20,7 @@ for Parquet and datasets folders, file:record for a JSON list).
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,7 @@ def detect_format(record: dict) -> str | None:
 def _require(fmt: str, record: dict, where: str) -> None:
     missing = [field for field in REQUIRED[fmt] if field not in record]
     if missing:
-        raise UserError(f"{where}: a {fmt} record needs '{missing[0]}' (fields: {', '.join(sorted(record))})")
+        raise UserError(f"{where}: a {fmt} record needs '{missing[0]}' ({_fields(record)})")
 
 
 def _turns(value, where: str, field: str, role: str) -> list[dict]:
@@ -175,6 +176,21 @@ def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
 
 
 REQUIRED = {"prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected")}
+# every field a record of some format may hold: others are reported as possible misspellings
+KNOWN_FIELDS = frozenset({"id", "text", "prompt", "completion", "messages", "chosen", "rejected", "family", "answer", "args"}
+                         | set(ComparisonRecord.model_fields))
+
+
+def misspelt_fields(record: dict) -> dict[str, str]:
+    """{field: the known field it is likely a misspelling of} among ``record``'s unknown fields."""
+    unknown = [k for k in record if k not in KNOWN_FIELDS]
+    return {k: close[0] for k in unknown if (close := difflib.get_close_matches(k, KNOWN_FIELDS, n=1, cutoff=0.75))}
+
+
+def _fields(record: dict) -> str:
+    """'fields: a, b' and a did-you-mean for each misspelt one, for error messages."""
+    hints = "".join(f"; did you mean '{known}' for '{field}'?" for field, known in misspelt_fields(record).items())
+    return f"fields: {', '.join(sorted(record)) or 'none'}{hints}"
 
 
 def to_comparison(fmt: str, record: dict, where: str, default_id: str) -> ComparisonRecord:
@@ -223,10 +239,11 @@ def read_data(path: Path | str, use: str, data_format: str = "auto") -> tuple[li
     for number, (where, record) in enumerate(read_records(path), start=1):
         fmt = data_format if data_format != "auto" else detect_format(record)
         if fmt is None:
-            raise UserError(f"{where}: fits no known format (fields: {', '.join(sorted(record)) or 'none'}); "
+            raise UserError(f"{where}: fits no known format ({_fields(record)}); "
                             f"expected one of: {describe_fields()}")
         if fmt not in USES[use]:
-            raise UserError(f"{where}: a {fmt} record cannot be used as {STAGE_OF_USE[use]}, which takes {', '.join(USES[use])} records")
+            raise UserError(f"{where}: a {fmt} record ({_fields(record)}) cannot be used as {STAGE_OF_USE[use]}, "
+                            f"which takes {', '.join(USES[use])} records")
         if fmt not in formats:
             formats.append(fmt)
         default_id = f"{path.name}:{number}"
@@ -274,6 +291,9 @@ def check_file(path: Path | str, data_format: str = "auto") -> dict:
     """What ``instructrl data check`` reports: the format, the record count, the stage inputs the
     file can be, and a summary; every record is validated for each of those inputs."""
     path = Path(path)
+    if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):  # plain text: PPO-ptx's documents, one per line
+        return {"file": str(path), "format": "plain text", "records": sum(1 for line in read_texts(path) if line.strip()),
+                "usable_as": [STAGE_OF_USE["text"]]}
     formats, items, uses, refusal = None, [], [], None
     for use in USES:
         try:
@@ -293,6 +313,12 @@ def check_file(path: Path | str, data_format: str = "auto") -> dict:
         summary["pairs"] = sum(len(c.ranks) * (len(c.ranks) - 1) // 2 for c in items)
     if isinstance(items[0], Demonstration) and items[0].messages is not None:
         summary["assistant_turns"] = sum(sum(m["role"] == "assistant" for m in d.messages) for d in items)
+    misspelt = {}
+    for where, record in read_records(path):
+        for field, known in misspelt_fields(record).items():
+            misspelt.setdefault(field, f"{where}: did you mean '{known}'?")
+    if misspelt:  # such a record may still fit some format, just not the one meant
+        summary["misspelt_fields"] = misspelt
     if "preference" in formats:
         first = next(record for _, record in read_records(path) if detect_format(record) == "preference")
         summary["style"] = ("conversational" if isinstance(first["chosen"], list) else "plain text") + \

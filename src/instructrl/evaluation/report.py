@@ -175,7 +175,7 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
         parts.append(_table(["held-out accuracy vs gold", "by gold margin", "reward ~ gold Likert r", "length bias r"], [[
             f"{d['accuracy']:.3f} ({d['pairs']} pairs)",
             ", ".join(f"{k}: {_maybe(v)}" for k, v in d["accuracy_by_gold_margin"].items()),
-            f"{d['gold_correlation']:.2f}", f"{d['length_bias']:.2f}"]]))
+            _maybe(d["gold_correlation"]), _maybe(d["length_bias"])]]))
         if d.get("accuracy_by_family"):
             parts.append(f"<p>Right vs wrong answers (does it check answers?): {_maybe(d['accuracy_correct_vs_incorrect'])}. "
                          "By family: " + ", ".join(f"{html.escape(f)} {_maybe(a)}" for f, a in d["accuracy_by_family"].items()) + ".</p>")

@@ -102,7 +102,7 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
     return model
 
 
-def load_tokenizer(name_or_path: str | Path, for_chat: bool = True):
+def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
     """``AutoTokenizer.from_pretrained``, made fit for RLHF.
 
     PAD must exist and differ from EOS (RLHF-DETAILS.md: padding, EOS detection and "last real
@@ -111,7 +111,7 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True):
     model a row for it. A tokenizer without a chat template gets ``FALLBACK_CHAT_TEMPLATE``.
 
     ``for_chat=False`` (serving) only needs EOS: generation pads by attention mask alone, and a
-    checkpoint without a chat template can still answer raw completions.
+    checkpoint without a chat template can still answer raw completions. ``log``: told of each change.
     """
     from transformers import AutoTokenizer
 
@@ -129,8 +129,14 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True):
         return tokenizer
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        if log:
+            log(f"tokenizer of {name_or_path}: no PAD distinct from EOS, so {PAD_TOKEN} is added as id {tokenizer.pad_token_id} "
+                "(the model gets an embedding row for it)")
     if tokenizer.chat_template is None:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        if log:
+            log(f"tokenizer of {name_or_path}: no chat template, so conversations are rendered as 'User: ...' / 'Assistant: ...' "
+                "turns, each answer ending with EOS")
     return tokenizer
 
 

@@ -72,7 +72,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     data = cfg.data or root / "collect" / "comparisons.jsonl"
     if cfg.data is None and not Path(data).is_file():
         raise UserError(f"rm: no data given and {data} does not exist; run `instructrl collect` first or set rm.data=PATH")
-    tokenizer = load_tokenizer(backbone)
+    tokenizer = load_tokenizer(backbone, log=lambda m: log(f"rm: {m}"))
     records = read_comparisons(data, cfg.data_format)
 
     # held-out comparisons, by prompt, for the diagnostics
@@ -140,8 +140,9 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         diagnostics["reward_bias"] = float(model.reward_bias)
         write_text_atomic(run.path / "diagnostics.json", json.dumps(nan_to_none(diagnostics), indent=2))
         run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float)})
-        log(f"rm: held-out accuracy vs gold {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
-            f"reward~gold Likert r = {diagnostics['gold_correlation']:.2f}, length bias r = {diagnostics['length_bias']:.2f}")
+        fmt = lambda x: "n/a" if x != x else f"{x:.2f}"  # noqa: E731  (NaN: nothing to measure)
+        log(f"rm: held-out accuracy vs {diagnostics['against']} {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
+            f"reward~Likert r = {fmt(diagnostics['gold_correlation'])}, length bias r = {fmt(diagnostics['length_bias'])}")
         if "accuracy_by_family" in diagnostics:
             log(f"rm: right vs wrong answers {diagnostics['accuracy_correct_vs_incorrect']:.3f}; by family: "
                 + ", ".join(f"{f} {a:.2f}" for f, a in diagnostics["accuracy_by_family"].items()))
@@ -154,7 +155,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
 def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str, Task], device) -> dict:
     """Held-out accuracy against the gold labeler (overall and by gold margin), correlation with
     gold Likert, and length bias. For comparisons of prompts not among ``tasks`` (the built-in world's
-    RM prompts by id), the records' own ranks are the gold. When every comparison is of a built-in
+    RM prompts by id), the records' own ranks (and Likert scores) are the gold; ``against`` says which. When every comparison is of a built-in
     prompt, also the accuracy on right-vs-wrong pairs and per family."""
     gold_judge = SimulatedLabeler()
     rewards, gold, gold_likert, flat = [], [], [], {"reward": [], "likert": [], "length": []}
@@ -176,8 +177,9 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
     # the same, counting as ties the pairs the gold labeler gives the same 1-7 score (two near-miss wrong answers)
     likert_accuracy, likert_pairs = pairwise_accuracy(rewards, gold_likert)
     by_margin = {f"{lo}-{hi}": pairwise_accuracy(rewards, gold, lo, hi)[0] for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 2))}
+    against = "the gold labeler" if len(families) == len(heldout) else "the held-out rankings" if not families else "the gold labeler or the held-out rankings"
     return {
-        "accuracy": accuracy, "pairs": pairs, "accuracy_by_gold_margin": by_margin,
+        "against": against, "accuracy": accuracy, "pairs": pairs, "accuracy_by_gold_margin": by_margin,
         "accuracy_gold_likert_distinct": likert_accuracy, "pairs_gold_likert_distinct": likert_pairs,
         "gold_correlation": correlation(flat["reward"], [float(x) for x in flat["likert"]]),
         "length_bias": length_bias(flat["reward"], flat["length"], flat["likert"]),

@@ -80,7 +80,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     model_path = cfg.model or str(Path(config.run.dir) / "pretrain" / "final")
     if cfg.model is None and not Path(model_path).is_dir():
         raise UserError(f"sft: no model given and {model_path} does not exist; run `instructrl pretrain` first or set sft.model=PATH")
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, log=lambda m: log(f"sft: {m}"))
 
     # setup: demonstrations, and validation prompts when the built-in world is the data;
     # all inputs are read and checked before the run folder is written

@@ -1,0 +1,25 @@
+"""Progress output where no terminal shows the bar (log files, nohup, CI)."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from instructrl.training.progress import progress_bar
+
+
+def test_progress_prints_lines_when_not_on_a_terminal():
+    out = io.StringIO()
+    with progress_bar(console=Console(file=out, force_terminal=False, width=200), every_s=0.0) as bar:
+        task = bar.add_task("sft", total=3, status="")
+        for step in (1, 2, 3):
+            bar.update(task, completed=step, status=f"loss {1.0 / step:.3f}")
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("sft: ")]
+    assert [line.split(" after")[0] for line in lines] == ["sft: 1/3", "sft: 2/3", "sft: 3/3"]
+    assert lines[-1].endswith("loss 0.333")
+    silent = io.StringIO()  # a log line at most every 30 s by default
+    with progress_bar(console=Console(file=silent, force_terminal=False, width=200)) as bar:
+        task = bar.add_task("sft", total=3, status="")
+        bar.update(task, completed=1, status="")
+    assert not [line for line in silent.getvalue().splitlines() if line.startswith("sft: ")]
