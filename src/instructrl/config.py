@@ -187,7 +187,7 @@ class PPOConfig(ModelSwitches):
     whiten_rewards: bool = Field(False, description="Whiten the per-token rewards before GAE (off: the RM bias already centres them).")
     ptx_coef: float = Field(0.1, ge=0, description="γ of PPO-ptx: weight of the mean pretraining NLL per token in every policy update; 0 = plain PPO (InstructGPT: 27.8 on its own loss scale; here 1.0 outweighs the PPO loss and moves the policy 4.5 nats from SFT within 7 iterations).")
     ptx_batch_size: int = Field(8, gt=0, description="Pretraining sequences mixed into each optimizer step.")
-    ptx_data: Path | None = Field(None, description="Pretraining text: a plain-text file (one document per line) or text records (JSONL, JSON, Parquet, datasets folder). Default: the built-in world's corpus.")
+    ptx_data: Path | None = Field(None, description="Pretraining text: a plain-text file (one document per line) or text records (JSONL, JSON, Parquet, datasets folder). Default: the built-in world's corpus when ppo.prompts is unset; PPO-ptx on your own prompts needs your own.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (bf16 on a GPU).")
     lora: LoRAConfig = Field(LoRAConfig(), description="LoRA on the policy and the value model; the KL reference is then the policy with its adapter off (one base model in memory).")
     log_every: int = Field(1, gt=0, description="PPO iterations between metric lines.")

@@ -66,6 +66,8 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True) -> dic
             cfg.ppo.policy, cfg.ppo.value_model = str(latest[stage] / "final"), str(latest[stage] / "value")
             cfg.ppo.reference, cfg.ppo.reward_model = str(root / "sft" / "final"), str(rc.run.dir / "rm" / "final")
             cfg.ppo.prompts = world.prompts("ppo")
+            if cfg.ppo.ptx_coef > 0 and cfg.ppo.ptx_data is None:
+                cfg.ppo.ptx_data = world.corpus
             run_ppo(cfg, log=log, upstream=True)
             latest[stage] = rc.run.dir / stage
     if not is_main:
