@@ -28,13 +28,19 @@ from instructrl.data.jsonl import complete_lines
 from instructrl.errors import UserError
 
 
+def _files(path: Path) -> list[tuple[str, Path]]:
+    """(name, file) of a file, or (relative path, file) of each file in a folder, sorted."""
+    path = Path(path)
+    if path.is_file():
+        return [(path.name, path)]
+    return [(str(f.relative_to(path)), f) for f in sorted(p for p in path.rglob("*") if p.is_file())]
+
+
 def content_hash(path: Path) -> str:
     """sha256 of a file, or of a folder's relative paths and file contents (sorted)."""
-    path = Path(path)
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+    for name, file in _files(path):
+        digest.update(name.encode())
         with file.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
@@ -42,10 +48,8 @@ def content_hash(path: Path) -> str:
 
 
 def file_stamp(path: Path) -> list:
-    """The (relative path, size, mtime) of a file or of a folder's files: unchanged stamps spare a re-hash."""
-    path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [[str(f.relative_to(path)) if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    """The (name, size, mtime) of a file or of a folder's files: an unchanged stamp spares a re-hash."""
+    return [[name, f.stat().st_size, f.stat().st_mtime_ns] for name, f in _files(path)]
 
 
 def write_text_atomic(path: Path, text: str) -> None:
