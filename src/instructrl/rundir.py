@@ -100,6 +100,13 @@ class RunDir:
                             f"pass --restart to run {self.stage} again on them, or set run.dir to another folder")
         return True
 
+    def skip(self, restart: bool, log) -> bool:
+        """Whether the stage has nothing to do (finished with this config and inputs, no --restart); says so in the log."""
+        if restart or not self.is_done():
+            return False
+        log(f"{self.stage}: {self.path} is complete with this config and inputs; nothing to do (--restart runs it again)")
+        return True
+
     def changed_inputs(self) -> list[str]:
         """The inputs in lineage.json whose content differs now from when the stage ran (a missing one is not compared)."""
         lineage = self.path / "lineage.json"

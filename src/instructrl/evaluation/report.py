@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from instructrl.data.jsonl import complete_lines
+from instructrl.evaluation.rm_diagnostics import figure
 from instructrl.rundir import write_text_atomic
 
 PPO_STAGES = ("ppo", "ppo_ptx")
@@ -100,10 +101,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _maybe(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f}"  # diagnostics.json writes nan as null
-
-
 def _win_text(w: dict) -> str:
     return f"{w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}]"
 
@@ -174,11 +171,11 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
         parts.append("<h2>Reward model</h2>")
         parts.append(_table(["held-out accuracy vs gold", "by gold margin", "reward ~ gold Likert r", "length bias r"], [[
             f"{d['accuracy']:.3f} ({d['pairs']} pairs)",
-            ", ".join(f"{k}: {_maybe(v)}" for k, v in d["accuracy_by_gold_margin"].items()),
-            _maybe(d["gold_correlation"]), _maybe(d["length_bias"])]]))
+            ", ".join(f"{k}: {figure(v)}" for k, v in d["accuracy_by_gold_margin"].items()),
+            figure(d["gold_correlation"]), figure(d["length_bias"])]]))
         if d.get("accuracy_by_family"):
-            parts.append(f"<p>Right vs wrong answers (does it check answers?): {_maybe(d['accuracy_correct_vs_incorrect'])}. "
-                         "By family: " + ", ".join(f"{html.escape(f)} {_maybe(a)}" for f, a in d["accuracy_by_family"].items()) + ".</p>")
+            parts.append(f"<p>Right vs wrong answers (does it check answers?): {figure(d['accuracy_correct_vs_incorrect'])}. "
+                         "By family: " + ", ".join(f"{html.escape(f)} {figure(a)}" for f, a in d["accuracy_by_family"].items()) + ".</p>")
 
     metrics = _ppo_metrics(root)
     if metrics:

@@ -55,3 +55,8 @@ def length_bias(rewards: list[float], lengths: list[int], gold_likert: list[int]
             weighted += c * len(idx)
             total += len(idx)
     return weighted / total if total else float("nan")
+
+
+def figure(x: float | None) -> str:
+    """``x`` to 2 decimals, or "n/a" where there was nothing to measure (NaN here, null in diagnostics.json)."""
+    return "n/a" if x is None or x != x else f"{x:.2f}"

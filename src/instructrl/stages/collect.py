@@ -44,8 +44,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     upstream = cfg.policy is None if upstream is None else upstream
     run = RunDir(config, "collect", SECTIONS + (UPSTREAM if upstream else ()))
     output = run.path / "comparisons.jsonl"
-    if not restart and run.is_done():
-        log(f"collect: {run.path} is complete with this config and inputs; nothing to do (--restart runs it again)")
+    if run.skip(restart, log):
         return output
     if cfg.judgements is not None:  # people's rankings: check every line, then use them as they are
         records = read_comparisons(cfg.judgements)

@@ -66,8 +66,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     world_inputs = (cfg.policy is None or cfg.reward_model is None) if upstream is None else upstream
     stage = stage_name(config)
     run = RunDir(config, stage, SECTIONS + (UPSTREAM if world_inputs else ()), accelerator.is_main_process, accelerator.num_processes)
-    if not restart and run.is_done():
-        log(f"{stage}: {run.path} is complete with this config and inputs; nothing to do (--restart runs it again)")
+    if run.skip(restart, log):
         return run.path / "final"
     root = Path(config.run.dir)
     policy_path = cfg.policy or str(root / "sft" / "final")

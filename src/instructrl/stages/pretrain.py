@@ -39,8 +39,7 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     accelerator = make_accelerator(cfg)
     cfg.grad_accum(accelerator.num_processes)  # sizes must divide before anything is written
     run = RunDir(config, "pretrain", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
-    if not restart and run.is_done():
-        log(f"pretrain: {run.path} is complete with this config and inputs; nothing to do (--restart runs it again)")
+    if run.skip(restart, log):
         return run.path / "final"
     run.start(restart)
 

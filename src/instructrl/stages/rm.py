@@ -20,7 +20,7 @@ from instructrl.data.formats import read_comparisons, read_data
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError
-from instructrl.evaluation.rm_diagnostics import accuracy_by_group, correlation, length_bias, pairwise_accuracy
+from instructrl.evaluation.rm_diagnostics import accuracy_by_group, correlation, figure, length_bias, pairwise_accuracy
 from instructrl.models.base import apply_switches, load_tokenizer, set_dropout
 from instructrl.models.lora import add_lora
 from instructrl.models.reward import RewardModel
@@ -64,8 +64,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     sections = SECTIONS + (UPSTREAM if (cfg.model is None if upstream is None else upstream) else ()) \
         + (("collect",) if (cfg.data is None if upstream is None else upstream) else ())
     run = RunDir(config, "rm", sections, accelerator.is_main_process, accelerator.num_processes)
-    if not restart and run.is_done():
-        log(f"rm: {run.path} is complete with this config and inputs; nothing to do (--restart runs it again)")
+    if run.skip(restart, log):
         return run.path / "final"
     root = Path(config.run.dir)
     backbone = cfg.model or str(root / "sft" / "final")
@@ -140,9 +139,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         diagnostics["reward_bias"] = float(model.reward_bias)
         write_text_atomic(run.path / "diagnostics.json", json.dumps(nan_to_none(diagnostics), indent=2))
         run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float)})
-        fmt = lambda x: "n/a" if x != x else f"{x:.2f}"  # noqa: E731  (NaN: nothing to measure)
         log(f"rm: held-out accuracy vs {diagnostics['against']} {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
-            f"reward~Likert r = {fmt(diagnostics['gold_correlation'])}, length bias r = {fmt(diagnostics['length_bias'])}")
+            f"reward~Likert r = {figure(diagnostics['gold_correlation'])}, length bias r = {figure(diagnostics['length_bias'])}")
         if "accuracy_by_family" in diagnostics:
             log(f"rm: right vs wrong answers {diagnostics['accuracy_correct_vs_incorrect']:.3f}; by family: "
                 + ", ".join(f"{f} {a:.2f}" for f, a in diagnostics["accuracy_by_family"].items()))
@@ -155,8 +153,9 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
 def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str, Task], device) -> dict:
     """Held-out accuracy against the gold labeler (overall and by gold margin), correlation with
     gold Likert, and length bias. For comparisons of prompts not among ``tasks`` (the built-in world's
-    RM prompts by id), the records' own ranks (and Likert scores) are the gold; ``against`` says which. When every comparison is of a built-in
-    prompt, also the accuracy on right-vs-wrong pairs and per family."""
+    RM prompts by id), the records' own ranks (and Likert scores) are the gold; ``against`` says
+    which. When every comparison is of a built-in prompt, also the accuracy on right-vs-wrong pairs
+    and per family."""
     gold_judge = SimulatedLabeler()
     rewards, gold, gold_likert, flat = [], [], [], {"reward": [], "likert": [], "length": []}
     correct, families = [], []  # of the comparisons of the built-in world's prompts
@@ -177,7 +176,8 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
     # the same, counting as ties the pairs the gold labeler gives the same 1-7 score (two near-miss wrong answers)
     likert_accuracy, likert_pairs = pairwise_accuracy(rewards, gold_likert)
     by_margin = {f"{lo}-{hi}": pairwise_accuracy(rewards, gold, lo, hi)[0] for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 2))}
-    against = "the gold labeler" if len(families) == len(heldout) else "the held-out rankings" if not families else "the gold labeler or the held-out rankings"
+    every_builtin = len(families) == len(heldout)
+    against = "the gold labeler" if every_builtin else "the held-out rankings" if not families else "the gold labeler or the held-out rankings"
     return {
         "against": against, "accuracy": accuracy, "pairs": pairs, "accuracy_by_gold_margin": by_margin,
         "accuracy_gold_likert_distinct": likert_accuracy, "pairs_gold_likert_distinct": likert_pairs,
@@ -187,4 +187,4 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
         # does it check answers? pairs of a right answer (in any form) and a wrong or empty one
         "accuracy_correct_vs_incorrect": pairwise_accuracy(rewards, correct)[0],
         "accuracy_by_family": accuracy_by_group(rewards, gold, families),
-    } if len(families) == len(heldout) else {})
+    } if every_builtin else {})

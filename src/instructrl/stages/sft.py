@@ -74,8 +74,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     accelerator = make_accelerator(cfg)
     sections = SECTIONS + (UPSTREAM if cfg.model is None else ())
     run = RunDir(config, "sft", sections, accelerator.is_main_process, accelerator.num_processes)
-    if not restart and run.is_done():
-        log(f"sft: {run.path} is complete with this config and inputs; nothing to do (--restart runs it again)")
+    if run.skip(restart, log):
         return run.path / "final"
     model_path = cfg.model or str(Path(config.run.dir) / "pretrain" / "final")
     if cfg.model is None and not Path(model_path).is_dir():
