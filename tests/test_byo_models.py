@@ -99,3 +99,37 @@ def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
     assert all(m["rollout/length"] >= 1 for m in metrics) and "ppo/ptx_loss" in metrics[0]
     policy = AutoModelForCausalLM.from_pretrained(ppo)
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), model.parameters()))
+
+
+def test_examples_longer_than_the_context_or_max_length_are_skipped(tmp_path):
+    """GPT-2's learned positions stop at n_positions (128 here): SFT and RM skip and count longer
+    examples instead of failing inside the model; a max_length above the context is refused."""
+    from instructrl.errors import UserError
+    from instructrl.stages.rm import run_rm
+    from instructrl.stages.sft import run_sft
+
+    model_dir = save_tiny_model("gpt2", tmp_path / "tiny")
+    data = user_data(tmp_path / "data")
+    long = " ".join(["cat dog"] * 80)  # well over 128 tokens
+    with data["sft"].open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "Say it all."}, {"role": "assistant", "content": long}]}) + "\n")
+    with data["rm"].open("a") as f:
+        f.write(json.dumps({"prompt": "Say cat.", "chosen": "cat", "rejected": long}) + "\n")
+    run = tmp_path / "run"
+    said = []
+    overrides = [f"run.dir={run}", f"sft.model={model_dir}", f"sft.data={data['sft']}", "sft.epochs=1",
+                 f"rm.model={run / 'sft' / 'final'}", f"rm.data={data['rm']}", f"rm.demonstrations={data['sft']}", "rm.heldout_fraction=0"]
+    with pytest.raises(UserError, match=r"sft.max_length = 4096 exceeds the model's context length \(128 tokens\)"):
+        run_sft(load_config(SMOKE, overrides + ["sft.max_length=4096"]), log=said.append)
+    assert not (run / "sft").exists()
+
+    config = load_config(SMOKE, overrides)
+    run_sft(config, log=said.append)
+    assert any("sft: 32 demonstrations" in line and "(1 longer than 128 tokens skipped)" in line for line in said)
+    run_rm(config, log=said.append)
+    assert any("rm: 32 comparisons" in line and "1 with a response longer than 128 tokens skipped" in line for line in said)
+    assert any("the 32 demonstrations" in line and "1 longer than 128 tokens left out" in line for line in said)
+
+    # a tighter cap of the user's own: only the prompt and a word fit
+    with pytest.raises(UserError, match=r"prefs.jsonl: no comparison has every response within 4 tokens \(rm.max_length\)"):
+        run_rm(load_config(SMOKE, overrides + [f"run.dir={tmp_path / 'run2'}", "rm.max_length=4"]), log=said.append)

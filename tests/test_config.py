@@ -97,6 +97,13 @@ def test_bad_value_names_the_key():
     assert "-5" in str(err.value)
 
 
+@pytest.mark.parametrize("override, allowed", [("sft.data_format=preference", "'auto', 'messages', 'prompt_completion' or 'text'"),
+                                               ("rm.data_format=messages", "'auto', 'comparison' or 'preference'")])
+def test_a_stage_takes_only_the_data_formats_it_can_train_on(override, allowed):
+    with pytest.raises(UserError, match=f"bad value for '{override.split('=')[0]}': Input should be {allowed}"):
+        load_config(overrides=[override])
+
+
 def test_bad_value_in_yaml_names_file_and_line(tmp_path):
     path = write(tmp_path, "world:\n  seed: 1\n  n_prompts: 0\n")
     # n_prompts is on line 3

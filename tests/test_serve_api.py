@@ -210,6 +210,12 @@ def test_error_statuses_and_bodies(server, client):
     auth = {"Authorization": f"Bearer {KEY}"}
     response = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={**auth, "Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    assert response.json()["error"]["message"].endswith("at character 1")
+    # content the model cannot read is named as such, at the message that holds it
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    for content, reason in [(image, "part 0 is of type 'image_url'; only text parts are supported"), (5, "must be a string or a list of text parts, not int")]:
+        status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}]))
+        assert (status, error["param"], error["message"]) == (422, "messages.0.content", f"messages.0.content: {reason}")
     response = httpx.get(server.url + "/v1/nothing-here", headers=auth)
     assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
 

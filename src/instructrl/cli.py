@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -72,6 +73,8 @@ def _quiet_libraries() -> None:
     from datasets.utils import logging as datasets_logging
 
     datasets_logging.disable_progress_bar()
+    # transformers' deprecation of a method peft still calls: nothing a user can act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 @app.command(epilog=_config_help("run", "world"))

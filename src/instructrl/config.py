@@ -19,6 +19,8 @@ from instructrl.errors import UserError
 
 # The data formats of instructrl.data.formats; "auto" detects the format from the first record's fields.
 DataFormat = Literal["auto", "text", "prompt_completion", "messages", "preference", "comparison", "prompt"]
+SFTFormat = Literal["auto", "messages", "prompt_completion", "text"]  # the formats that hold demonstrations
+RMFormat = Literal["auto", "comparison", "preference"]  # the formats that hold rankings
 
 
 class Strict(BaseModel):
@@ -118,10 +120,11 @@ class PretrainConfig(TrainConfig):
 class SFTConfig(TrainConfig, ModelSwitches):
     model: str | None = Field(None, description="Hugging Face model to fine-tune: a local folder or hub name. Default: this run's pretrain/final.")
     data: Path | None = Field(None, description="Demonstrations: JSONL, JSON, Parquet or a datasets folder of messages, prompt/completion or text records. Default: the built-in world's.")
-    data_format: DataFormat = Field("auto", description="Format of sft.data: auto (from the fields), messages, prompt_completion or text.")
+    data_format: SFTFormat = Field("auto", description="Format of sft.data: auto (from the fields), messages, prompt_completion or text.")
     epochs: float = Field(8.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16). On the built-in world 8 passes over 4053 demonstrations (1008 steps) beat 16 over 2027 at the same cost: validation Likert 5.58 vs 4.50 (with the easier add, sort and k-th word tasks); more demonstrations generalise better than more passes.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (InstructGPT: 0.2 residual; Llama models have attention dropout only).")
+    max_length: int | None = Field(None, gt=0, description="Longest demonstration (tokens) trained on; longer ones are skipped and counted in the log. Default: the model's context length.")
     select_every: int = Field(100, gt=0, description="Optimizer steps between scorings of validation answers by the labeler.")
     max_new_tokens: int = Field(24, gt=0, description="Longest answer generated for validation.")
     lora: LoRAConfig = Field(LoRAConfig(), description="LoRA adapters instead of full fine-tuning.")
@@ -142,8 +145,9 @@ class CollectConfig(Strict):
 class RMConfig(TrainConfig, ModelSwitches):
     model: str | None = Field(None, description="Causal LM whose backbone the reward model starts from. Default: this run's sft/final (InstructGPT).")
     data: Path | None = Field(None, description="Comparisons (K-way records) or TRL preference pairs: JSONL, JSON, Parquet or a datasets folder. Default: this run's collect/comparisons.jsonl.")
-    data_format: DataFormat = Field("auto", description="Format of rm.data: auto (from the fields), comparison or preference.")
+    data_format: RMFormat = Field("auto", description="Format of rm.data: auto (from the fields), comparison or preference.")
     demonstrations: Path | None = Field(None, description="Demonstrations (messages or prompt/completion) whose mean reward is set to 0 after training. Default: the built-in world's, when rm.data is not given or this run has the world; otherwise the best-ranked response of each training comparison (a pair's chosen one).")
+    max_length: int | None = Field(None, gt=0, description="Longest prompt plus response (tokens) trained on; a comparison with a longer response is skipped and counted in the log. Default: the model's context length.")
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of comparisons (by prompt) held out for the diagnostics.")
     epochs: float = Field(1.0, gt=0, description="Passes over the comparisons (InstructGPT: 1; more overfits).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")

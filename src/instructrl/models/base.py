@@ -102,6 +102,24 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
     return model
 
 
+def context_length(model: nn.Module) -> int:
+    """The longest sequence (tokens) the model's config allows; 2**20 when it names none."""
+    config = getattr(model, "backbone", model).config  # a RewardModel's is its backbone's
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 20
+
+
+def length_cap(model: nn.Module, max_length: int | None, field: str) -> int:
+    """The longest example a stage trains on: ``max_length`` (config key ``field``), by default the model's context."""
+    context = context_length(model)
+    if max_length is not None and max_length > context:
+        raise UserError(f"config: {field} = {max_length} exceeds the model's context length ({context} tokens)")
+    return max_length or context
+
+
 def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
     """``AutoTokenizer.from_pretrained``, made fit for RLHF.
 

@@ -4,12 +4,14 @@ With LoRA only the low-rank matrices (and a reward model's head) train: no gradi
 state for the base weights. In PPO the KL reference is the policy's own base model with the
 adapter switched off (``disable_adapter``), so no second copy is held. Every checkpoint a stage
 writes is a full model with the adapter merged in (any tool loads it), plus the adapter alone in
-``adapter/`` beside the weights.
+``adapter/`` beside the weights (with the embedding layers too when a PAD was added to the
+tokenizer, as the resized embeddings differ from the base model's).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -59,4 +61,6 @@ def save_full(model: nn.Module, dest: Path, state_dict: dict | None = None) -> N
     if state_dict is not None:
         raise ValueError("save_full: a LoRA model is merged from its own weights; no state_dict")
     model.get_base_model().save_pretrained(dest, state_dict={k: v.contiguous() for k, v in merged_state_dict(model).items()})
-    model.save_pretrained(Path(dest) / "adapter")
+    with warnings.catch_warnings():  # peft warns that it keeps embeddings resized for an added PAD: the adapter needs them
+        warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+        model.save_pretrained(Path(dest) / "adapter")

@@ -60,10 +60,13 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
     async def _invalid(request: Request, err: RequestValidationError):
         first = err.errors()[0]
         loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        if first.get("type") == "json_invalid":
-            return JSONResponse(schemas.error_body(f"the request body is not valid JSON: {first.get('msg')}", "invalid_request_error", None, "invalid_json"), 400)
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset)
+            where = f" at character {loc[0]}" if loc else ""
+            reason = (first.get("ctx") or {}).get("error", first.get("msg"))
+            return JSONResponse(schemas.error_body(f"the request body is not valid JSON: {reason}{where}", "invalid_request_error", None, "invalid_json"), 400)
         param = ".".join(loc) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        reason = str(first.get("msg")).removeprefix("Value error, ")
+        message = f"{param}: {reason}" if param else reason
         return JSONResponse(schemas.error_body(message, "invalid_request_error", param, first.get("type")), 422)
 
     @app.exception_handler(StarletteHTTPException)

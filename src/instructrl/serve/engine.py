@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from instructrl.models.base import context_length
 from instructrl.padding import pad_sequences, position_ids_from_mask
 from instructrl.serve.sampling import sample_next_tokens
 from instructrl.serve.text import TextStream
@@ -77,15 +78,6 @@ class _Row:
 def choice_seed(seed: int, index: int) -> int:
     """The random seed of choice ``index`` of a request seeded with ``seed``."""
     return (seed * 1_000_003 + index) % (1 << 63)
-
-
-def context_length(model) -> int:
-    """The longest sequence the model's position embeddings allow."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(model.config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 20
 
 
 class Engine:

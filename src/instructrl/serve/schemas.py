@@ -26,6 +26,22 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, content):
+        """One clear error for content that is neither text nor a list of text parts (an image, say)."""
+        if content is None or isinstance(content, str):
+            return content
+        if not isinstance(content, list):
+            raise ValueError(f"must be a string or a list of text parts, not {type(content).__name__}")
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise ValueError(f"part {i} is of type {kind!r}; only text parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} needs a 'text' string")
+        return content
+
     def as_template_message(self) -> dict:
         """The message as a chat template reads it: text content (parts joined), developer as system."""
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])

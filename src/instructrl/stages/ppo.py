@@ -32,7 +32,7 @@ from instructrl.data.chat import render_ids
 from instructrl.data.packing import pack_documents
 from instructrl.data.formats import Prompt, read_prompts, read_texts
 from instructrl.errors import UserError
-from instructrl.models.base import apply_switches, count_parameters, load_causal_lm, load_tokenizer, optimizer_state_bytes, parameter_bytes, set_dropout
+from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, optimizer_state_bytes, parameter_bytes, set_dropout
 from instructrl.models.lora import adapter_disabled, add_lora
 from instructrl.models.reward import RewardModel
 from instructrl.rl.episodes import episode_seed, prompt_order, rank_episodes
@@ -102,7 +102,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         gold = {t.id: t for t in world_tasks_in(cfg.prompts)} if Path(cfg.prompts).suffix == ".jsonl" else {}
     seed_everything(config.run.seed)
     policy = load_causal_lm(policy_path, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
-    max_length = getattr(policy.config, "max_position_embeddings", None) or getattr(policy.config, "n_positions", 2048)
+    max_length = context_length(policy)
     encoded = [render_ids(tokenizer, p.messages, add_generation_prompt=True) for p in prompts]
     keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
     prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]

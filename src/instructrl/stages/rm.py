@@ -21,7 +21,7 @@ from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError
 from instructrl.evaluation.rm_diagnostics import accuracy_by_group, correlation, figure, length_bias, pairwise_accuracy
-from instructrl.models.base import apply_switches, load_tokenizer, set_dropout
+from instructrl.models.base import apply_switches, length_cap, load_tokenizer, set_dropout
 from instructrl.models.lora import add_lora
 from instructrl.models.reward import RewardModel
 from instructrl.padding import pad_sequences
@@ -57,6 +57,21 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, device, batc
     return rewards
 
 
+def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonRecord], encoded: list[list[list[int]]],
+                 max_length: int) -> tuple[list[list[int]], str]:
+    """The sequences whose mean reward the bias sets to 0 (§3.5), and what they are: the
+    ``demonstrations`` that fit in ``max_length`` tokens; without any, the best-ranked training responses."""
+    if demonstrations is None:
+        demos = best_ranked(train, encoded)
+        return demos, f"the {len(demos)} best-ranked training responses (no rm.demonstrations)"
+    demos = [tokenize_conversation(tokenizer, d.messages).input_ids for d in read_data(demonstrations, "conversation")[1]]
+    fitting = [ids for ids in demos if len(ids) <= max_length]
+    if not fitting:
+        raise UserError(f"{demonstrations}: no demonstration fits in {max_length} tokens (rm.max_length)")
+    skipped = f", {len(demos) - len(fitting)} longer than {max_length} tokens left out" if len(fitting) < len(demos) else ""
+    return fitting, f"the {len(fitting)} demonstrations of {demonstrations}{skipped}"
+
+
 def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
     """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.rm
@@ -73,26 +88,40 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         raise UserError(f"rm: no data given and {data} does not exist; run `instructrl collect` first or set rm.data=PATH")
     tokenizer = load_tokenizer(backbone, log=lambda m: log(f"rm: {m}"))
     records = read_comparisons(data, cfg.data_format)
+    seed_everything(config.run.seed)
+    model = RewardModel.from_causal_lm(backbone, tokenizer)
 
-    # held-out comparisons, by prompt, for the diagnostics
+    # comparisons whose every response fits, and of those the held-out ones, by prompt, for the diagnostics
+    max_length = length_cap(model, cfg.max_length, "rm.max_length")
+    encoded = [encode_comparison(tokenizer, r) for r in records]
+    fits = [i for i, seqs in enumerate(encoded) if max(map(len, seqs)) <= max_length]
+    if not fits:
+        raise UserError(f"{data}: no comparison has every response within {max_length} tokens (rm.max_length)")
+    too_long = len(records) - len(fits)
+    records, encoded = [records[i] for i in fits], [encoded[i] for i in fits]
     order = list(range(len(records)))
     random.Random(f"rm-split:{config.run.seed}").shuffle(order)
     n_heldout = int(len(records) * cfg.heldout_fraction)
     heldout = [records[i] for i in sorted(order[:n_heldout])]
-    train = [records[i] for i in sorted(order[n_heldout:])]
-    encoded = [encode_comparison(tokenizer, r) for r in train]
+    train, encoded = [records[i] for i in sorted(order[n_heldout:])], [encoded[i] for i in sorted(order[n_heldout:])]
     cfg.check_fits(len(train), accelerator.num_processes, str(data), "training comparisons", "rm")
+    # the built-in world, when the comparisons are its own or this run already has it (people ranked its prompts)
+    has_world = cfg.data is None or WorldFiles(root / "world").manifest.is_file()
+    if has_world and accelerator.is_main_process:
+        build_world(config.world, root / "world")
+    accelerator.wait_for_everyone()
+    world = build_world(config.world, root / "world") if has_world else None
+    demos, centred = centring_set(cfg.demonstrations or (world.demonstrations if world else None), tokenizer, train, encoded, max_length)
     run.start(restart)
 
-    seed_everything(config.run.seed)
-    model = RewardModel.from_causal_lm(backbone, tokenizer)
     set_dropout(model.backbone, cfg.dropout)
     apply_switches(model.backbone, cfg)
     if cfg.lora.enabled:
         model.backbone = add_lora(model.backbone, cfg.lora)  # the head stays fully trainable
     setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed, lengths=[max(map(len, seqs)) for seqs in encoded])
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
-        f"{len(heldout)} held out, {setup.total_steps} steps, backbone {backbone}")
+        f"{len(heldout)} held out" + (f", {too_long} with a response longer than {max_length} tokens skipped" if too_long else "")
+        + f", {setup.total_steps} steps, backbone {backbone}")
 
     def make_batch(indices: list[int]) -> dict:
         k = max(len(encoded[i]) for i in indices)
@@ -120,16 +149,6 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         final = run.path / "final"
         # the weights fit just saved to final/ (a sharded model's forward needs every process: reload them)
         model = RewardModel.from_pretrained(final).to(accelerator.device) if shards_parameters(accelerator) else accelerator.unwrap_model(setup.model)
-        # the built-in world, when the comparisons are its own or this run already has it (people ranked its prompts)
-        world = build_world(config.world, root / "world") if cfg.data is None or WorldFiles(root / "world").manifest.is_file() else None
-        # bias: the demonstrations average a reward of 0 (§3.5); without any, the best-ranked responses
-        if cfg.demonstrations is not None or world is not None:
-            demos_path = cfg.demonstrations or world.demonstrations
-            demos = [tokenize_conversation(tokenizer, d.messages).input_ids for d in read_data(demos_path, "conversation")[1]]
-            centred = f"the {len(demos)} demonstrations of {demos_path}"
-        else:
-            demos = best_ranked(train, encoded)
-            centred = f"the {len(demos)} best-ranked training responses (no rm.demonstrations)"
         demo_rewards = score_sequences(model, demos, tokenizer.pad_token_id, accelerator.device)
         model.reward_bias.fill_(-sum(demo_rewards) / len(demo_rewards))
         log(f"rm: reward bias {float(model.reward_bias):+.3f} centres {centred} on 0")

@@ -18,7 +18,7 @@ from instructrl.data.chat import TokenizedConversation, tokenize_conversation, t
 from instructrl.data.formats import read_data
 from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
-from instructrl.models.base import apply_switches, load_causal_lm, load_tokenizer
+from instructrl.models.base import apply_switches, length_cap, load_causal_lm, load_tokenizer
 from instructrl.models.lora import add_lora
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
@@ -91,7 +91,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     data_path = world.demonstrations if builtin else cfg.data
     seed_everything(config.run.seed)
     model = load_causal_lm(model_path, dropout=cfg.dropout, tokenizer=tokenizer)
-    max_length = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
+    max_length = length_cap(model, cfg.max_length, "sft.max_length")
     examples, too_long = load_demonstrations(data_path, tokenizer, max_length, cfg.data_format)
     apply_switches(model, cfg)
     if cfg.lora.enabled:
