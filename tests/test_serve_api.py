@@ -180,6 +180,11 @@ def test_raw_completions_plain_streamed_and_several_prompts(tiny, client):
     assert streamed[-1].choices[0].finish_reason == plain.choices[0].finish_reason
     several = client.completions.create(model="tiny", prompt=["the cat", "a dog"], n=2, max_tokens=4)
     assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    # token ids in place of text (as evaluation harnesses send them), alone or several
+    ids = tokenizer("the cat")["input_ids"]
+    assert client.completions.create(model="tiny", prompt=ids, max_tokens=8, temperature=1.0, seed=1).choices[0].text == plain.choices[0].text
+    both = client.completions.create(model="tiny", prompt=[ids, ids], max_tokens=8, temperature=1.0, seed=1)
+    assert [c.text for c in both.choices] == [plain.choices[0].text] * 2
 
 
 # ---------------------------------------------------------------- errors
@@ -189,21 +194,22 @@ def test_error_statuses_and_bodies(server, client):
     status, error = error_of(lambda: client.chat.completions.create(model="nope", messages=HELLO))
     assert (status, error["code"], error["param"]) == (404, "model_not_found", "model")
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, temperature=3))
-    assert status == 422 and error["param"] == "temperature" and "temperature" in error["message"]
+    assert status == 400 and error["param"] == "temperature" and "temperature" in error["message"]
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[]))
-    assert status == 422 and error["param"] == "messages"
+    assert status == 400 and error["param"] == "messages"
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "x"}]))
-    assert status == 422 and error["param"].startswith("messages.0.role")
+    assert status == 400 and error["param"].startswith("messages.0.role")
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, stop=["a", "b", "c", "d", "e"]))
-    assert status == 422 and error["param"] == "stop"
+    assert status == 400 and error["param"] == "stop"
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}]))
     assert (status, error["code"], error["param"]) == (400, "context_length_exceeded", "messages")
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, logprobs=True))
     assert status == 400 and error["param"] == "logprobs"
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, n=33))
     assert status == 400 and error["param"] == "n"
-    status, error = error_of(lambda: client.chat.completions.create(model="tiny-small-queue", messages=HELLO))
-    assert (status, error["type"], error["code"]) == (429, "rate_limit_error", "queue_full")
+    with pytest.raises(openai.RateLimitError) as busy:
+        client.chat.completions.create(model="tiny-small-queue", messages=HELLO)
+    assert busy.value.response.headers["retry-after"] == "1" and busy.value.body["code"] == "queue_full"
     status, error = error_of(lambda: client.chat.completions.create(model="no-template", messages=HELLO))
     assert status == 400 and error["param"] == "messages" and "chat template" in error["message"]
     assert client.completions.create(model="no-template", prompt="the cat", max_tokens=2).usage.completion_tokens >= 1
@@ -215,9 +221,55 @@ def test_error_statuses_and_bodies(server, client):
     image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     for content, reason in [(image, "part 0 is of type 'image_url'; only text parts are supported"), (5, "must be a string or a list of text parts, not int")]:
         status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}]))
-        assert (status, error["param"], error["message"]) == (422, "messages.0.content", f"messages.0.content: {reason}")
+        assert (status, error["param"], error["message"]) == (400, "messages.0.content", f"messages.0.content: {reason}")
+    # text that is not valid Unicode (a lone surrogate escape) is refused before the tokenizer sees it
+    for body, param in [({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages.0.content"), ({"prompt": ["ok", "x\ud800"]}, "prompt"),
+                        ({"messages": HELLO, "stop": ["\ud800"]}, "stop")]:
+        route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        response = httpx.post(server.url + route, content=json.dumps({"model": "tiny", **body}), headers={**auth, "Content-Type": "application/json"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param and "not valid Unicode" in response.json()["error"]["message"]
+    # a body that is not a JSON object says what is expected
+    response = httpx.post(server.url + "/v1/chat/completions", content=b"model=tiny", headers={**auth, "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 400 and "must be a JSON object" in response.json()["error"]["message"]
+    response = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+                          headers={**auth, "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "temperature" and "finite" in response.json()["error"]["message"]
     response = httpx.get(server.url + "/v1/nothing-here", headers=auth)
     assert response.status_code == 404 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_what_the_server_does_not_do_is_refused_not_ignored(server, client):
+    """Fields that ask for tools, log-probs, echo or JSON output, and turns the chat template leaves out."""
+    for call, param in [
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, response_format={"type": "json_object"}), "response_format"),
+        (lambda: client.completions.create(model="tiny", prompt="the cat", echo=True), "echo"),
+        (lambda: client.completions.create(model="tiny", prompt="the cat", best_of=3), "best_of"),
+    ]:
+        status, error = error_of(call)
+        assert (status, error["param"], error["code"]) == (400, param, "unsupported")
+    assert client.chat.completions.create(model="tiny", messages=HELLO, response_format={"type": "text"}, max_tokens=2).choices
+    tool_turn = HELLO + [{"role": "assistant", "content": "ok"}, {"role": "tool", "content": "sunny, 21C", "tool_call_id": "1"}]
+    status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=tool_turn))
+    assert (status, error["param"]) == (400, "messages.2") and "role 'tool'" in error["message"]
+
+
+def test_a_failed_prompt_of_several_queues_none_of_them(tiny):
+    """The context check of every prompt comes before any is queued: the engine never sees the rejected request."""
+    _, model, tokenizer = tiny
+    submitted = []
+
+    class Counting(Engine):
+        def submit(self, *args, **kwargs):
+            submitted.append(args)
+            return super().submit(*args, **kwargs)
+
+    with BackgroundServer(create_app({"tiny": Counting(model, tokenizer)})) as running:
+        plain = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+        status, error = error_of(lambda: plain.completions.create(model="tiny", prompt=["the cat", "word " * 400], max_tokens=4))
+        assert (status, error["param"], error["code"]) == (400, "prompt.1", "context_length_exceeded") and submitted == []
+        status, error = error_of(lambda: plain.completions.create(model="tiny", prompt=[5, 10**6]))
+        assert (status, error["param"]) == (400, "prompt") and "token ids must be in" in error["message"]
 
 
 def test_server_error_is_500_with_the_error_body(tiny):
@@ -280,6 +332,14 @@ def test_serve_command_rejects_a_missing_model_path(tmp_path):
     proc = cli("serve", "--model", str(tmp_path / "missing"), check=False, timeout=120)
     assert proc.returncode == 2
     assert "missing" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_serve_command_rejects_a_reward_model_and_zero_sizes(smoke_rm):
+    proc = cli("serve", "--model", str(smoke_rm / "rm" / "final"), check=False, timeout=120)
+    assert proc.returncode == 2 and "is a reward model" in proc.stderr
+    for option in ("--max-batch", "--max-queue", "--max-tokens"):
+        proc = cli("serve", "--model", str(smoke_rm / "pretrain" / "final"), option, "0", check=False, timeout=120)
+        assert proc.returncode == 2 and option in proc.stderr
 
 
 def test_chat_command_answers_side_by_side(tiny, tmp_path):

@@ -273,12 +273,12 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="INSTRUCTRL_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes (or set INSTRUCTRL_API_KEY)."),
     quantize: str = QUANTIZE_OPTION,
-    max_batch: int = typer.Option(32, "--max-batch", help="Most sequences decoded together (a request with n choices takes n)."),
-    max_queue: int = typer.Option(256, "--max-queue", help="Most requests waiting for a place in the batch; more are answered 429."),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens generated when a request sets no max_tokens."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most sequences decoded together (a request with n choices takes n)."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Most requests waiting for a place in the batch; more are answered 429."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Tokens generated when a request sets no max_tokens."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is one)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for requests that bring none (default: fresh each start)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for generation (default: all cores but one, left to the HTTP loop)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for generation (default: all cores but one, left to the HTTP loop)."),
 ) -> None:
     """Serve checkpoints behind an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models.
 
@@ -304,8 +304,8 @@ def serve(
 def chat(
     model: list[str] = MODEL_OPTION,
     system: Optional[str] = typer.Option(None, "--system", help="A system message to start each conversation with."),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 answers greedily."),
-    max_tokens: int = typer.Option(64, "--max-tokens", help="Most tokens per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 answers greedily."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Most tokens per answer."),
     quantize: str = QUANTIZE_OPTION,
     seed: int = typer.Option(0, "--seed", help="Sampling seed (with --temperature > 0)."),
 ) -> None:

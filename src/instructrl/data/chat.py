@@ -13,10 +13,14 @@ class TokenizedConversation:
     assistant_mask: list[int]  # 1 on every token an assistant turn wrote, its closing EOS included
 
 
+def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """``messages`` as text, under the tokenizer's chat template."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
 def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     """Token ids of ``messages`` under the tokenizer's chat template."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(render_text(tokenizer, messages, add_generation_prompt), add_special_tokens=False)["input_ids"]
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> TokenizedConversation:

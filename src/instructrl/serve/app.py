@@ -3,8 +3,8 @@
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
 ``GET /v1/models/{name}`` and ``GET /health``. Every error answers with OpenAI's body
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a request the model cannot serve,
-401 for a missing or wrong API key, 404 for an unknown model or route, 422 for a body that does
-not match the schema, 429 when the engine's queue is full, 500 when generation fails.
+or whose body does not match the schema (as OpenAI answers), 401 for a missing or wrong API key,
+404 for an unknown model or route, 429 when the engine's queue is full, 500 when generation fails.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from instructrl.data.chat import render_ids
+from instructrl.data.chat import render_text
 from instructrl.serve import schemas
 from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams
 
@@ -29,9 +29,10 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
         super().__init__(message)
-        self.status, self.body = status, schemas.error_body(message, type, param, code)
+        self.status, self.body, self.headers = status, schemas.error_body(message, type, param, code), headers
 
 
 def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, default_max_tokens: int = 256) -> FastAPI:
@@ -54,7 +55,7 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
-        return JSONResponse(err.body, status_code=err.status)
+        return JSONResponse(err.body, status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
@@ -66,8 +67,11 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
             return JSONResponse(schemas.error_body(f"the request body is not valid JSON: {reason}{where}", "invalid_request_error", None, "invalid_json"), 400)
         param = ".".join(loc) or None
         reason = str(first.get("msg")).removeprefix("Value error, ")
+        if param is None:  # the body as a whole: empty, or not a JSON object
+            kind = request.headers.get("content-type", "none")
+            reason = f"the request body must be a JSON object, sent with Content-Type: application/json (got {kind})"
         message = f"{param}: {reason}" if param else reason
-        return JSONResponse(schemas.error_body(message, "invalid_request_error", param, first.get("type")), 422)
+        return JSONResponse(schemas.error_body(message, "invalid_request_error", param, first.get("type")), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):
@@ -111,12 +115,17 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
         engine = engine_for(body.model)
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported")
+        refuse_unsupported(body)
         if engine.tokenizer.chat_template is None:
             raise APIError(400, f"the model '{body.model}' has no chat template; use /v1/completions", param="messages")
-        prompt = render_ids(engine.tokenizer, [m.as_template_message() for m in body.messages], add_generation_prompt=True)
-        job = _submit(engine, [prompt], body, default_max_tokens, "messages")
+        messages = [m.as_template_message() for m in body.messages]
+        text = render_text(engine.tokenizer, messages, add_generation_prompt=True)
+        for i, message in enumerate(messages):  # a template may leave out roles it does not know (tool results, say)
+            if message["content"].strip() not in text:
+                raise APIError(400, f"the chat template of '{body.model}' leaves out message {i} (role '{message['role']}')",
+                               param=f"messages.{i}", code="unsupported")
+        prompt = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        job = _submit(engine, [prompt], body, default_max_tokens, ["messages"])
         id = schemas.new_id("chatcmpl")
         if body.stream:
             return _sse(_chat_stream(job, id, body.model, body.include_usage()), job)
@@ -126,12 +135,19 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: schemas.CompletionRequest, request: Request):
         engine = engine_for(body.model)
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported")
-        prompts = [engine.tokenizer(text)["input_ids"] for text in body.prompts()]
-        if not prompts or any(not p for p in prompts):
-            raise APIError(400, "prompt must be non-empty", param="prompt")
-        job = _submit(engine, prompts, body, default_max_tokens, "prompt")
+        refuse_unsupported(body)
+        given = body.prompts()
+        params = ["prompt"] if len(given) == 1 else [f"prompt.{i}" for i in range(len(given))]
+        prompts = [engine.tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in given]
+        vocabulary = engine.model.get_input_embeddings().num_embeddings
+        for param, prompt in zip(params, prompts):
+            if not prompt:
+                raise APIError(400, "the prompt is empty", param=param)
+            if not all(0 <= t < vocabulary for t in prompt):
+                raise APIError(400, f"token ids must be in [0, {vocabulary})", param=param)
+        if not prompts:
+            raise APIError(400, "give at least one prompt", param="prompt")
+        job = _submit(engine, prompts, body, default_max_tokens, params)
         id = schemas.new_id("cmpl")
         if body.stream:
             return _sse(_completion_stream(job, id, body.model, body.include_usage()), job)
@@ -199,16 +215,23 @@ class _Job:
             request.cancel()
 
 
-def _submit(engine: Engine, prompts: list[list[int]], body: schemas.SamplingRequest, default_max_tokens: int, prompt_param: str) -> _Job:
+def refuse_unsupported(body: schemas.SamplingRequest) -> None:
+    if (unsupported := body.unsupported()) is not None:
+        raise APIError(400, unsupported[1], param=unsupported[0], code="unsupported")
+
+
+def _submit(engine: Engine, prompts: list[list[int]], body: schemas.SamplingRequest, default_max_tokens: int, prompt_params: list[str]) -> _Job:
+    """Queue every prompt's n choices, once all of them are known to fit; ``prompt_params`` name the prompts in errors."""
     n = body.n or 1
     if n * len(prompts) > engine.max_batch:
         raise APIError(400, f"n x prompts = {n * len(prompts)} is more than this server's batch of {engine.max_batch}", param="n")
-    job = _Job(n, sum(len(p) for p in prompts))
-    for p, prompt in enumerate(prompts):
-        budget = engine.budget(len(prompt), body.token_limit(), default_max_tokens)
+    budgets = [engine.budget(len(prompt), body.token_limit(), default_max_tokens) for prompt in prompts]
+    for prompt, budget, param in zip(prompts, budgets, prompt_params):
         if budget < 1:
             raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {engine.context_length}",
-                           param=prompt_param, code="context_length_exceeded")
+                           param=param, code="context_length_exceeded")
+    job = _Job(n, sum(len(p) for p in prompts))
+    for p, (prompt, budget) in enumerate(zip(prompts, budgets)):
         params = SamplingParams(
             max_tokens=budget, temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop_strings(), seed=body.seed,
@@ -217,7 +240,7 @@ def _submit(engine: Engine, prompts: list[list[int]], body: schemas.SamplingRequ
             job.requests.append(engine.submit(prompt, params, n, job.sink_for(p * n)))
         except QueueFull as err:
             job.cancel()
-            raise APIError(429, f"the server is busy: {err}", "rate_limit_error", None, "queue_full") from None
+            raise APIError(429, f"the server is busy: {err}", "rate_limit_error", None, "queue_full", {"Retry-After": "1"}) from None
         job.unfinished += n
     return job
 

@@ -127,7 +127,7 @@ class Engine:
         request = Request(list(prompt_ids), params, n, sink)
         with self._lock:
             if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting already; try again later")
+                raise QueueFull(f"its queue of waiting requests is full ({self.max_queue}); try again later")
             self._waiting.append(request)
             self._lock.notify_all()
         return request

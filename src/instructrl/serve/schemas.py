@@ -1,7 +1,8 @@
 """The OpenAI API's request bodies (pydantic) and response objects (plain dicts in its exact shapes).
 
 Fields the server does not use are accepted and ignored, as OpenAI-compatible servers do, so
-any client built on the official ``openai`` package works unchanged.
+any client built on the official ``openai`` package works unchanged; fields that ask for what it
+does not do (tools, logprobs, echo, a JSON response format) are refused (``unsupported``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+def check_text(value: str, what: str = "text") -> str:
+    """``value``, if it can be encoded as UTF-8 (JSON's \\ud800 escapes a lone surrogate, which cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} holds a character that is not valid Unicode ({err.object[err.start]!r} at {err.start})") from None
+    return value
 
 
 class TextPart(BaseModel):
@@ -31,7 +41,7 @@ class Message(BaseModel):
     def _text_only(cls, content):
         """One clear error for content that is neither text nor a list of text parts (an image, say)."""
         if content is None or isinstance(content, str):
-            return content
+            return content if content is None else check_text(content)
         if not isinstance(content, list):
             raise ValueError(f"must be a string or a list of text parts, not {type(content).__name__}")
         for i, part in enumerate(content):
@@ -40,6 +50,7 @@ class Message(BaseModel):
                 raise ValueError(f"part {i} is of type {kind!r}; only text parts are supported")
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"part {i} needs a 'text' string")
+            check_text(part["text"], f"part {i}")
         return content
 
     def as_template_message(self) -> dict:
@@ -58,8 +69,8 @@ class SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     n: Optional[int] = Field(None, ge=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
@@ -72,7 +83,13 @@ class SamplingRequest(BaseModel):
     def _at_most_four(cls, stop):
         if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        for text in [stop] if isinstance(stop, str) else stop or []:
+            check_text(text, "a stop string")
         return stop
+
+    def unsupported(self) -> Optional[tuple[str, str]]:
+        """(param, reason) for a field set to ask for what this server does not do; silently ignoring it would change the answer's meaning."""
+        return None
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -86,20 +103,64 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = None
+    tools: Optional[list] = None
+    response_format: Optional[dict] = None
 
     def token_limit(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def unsupported(self) -> Optional[tuple[str, str]]:
+        if self.logprobs:
+            return "logprobs", "logprobs are not supported"
+        if self.tools:
+            return "tools", "tools (function calling) are not supported"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", f"response_format {self.response_format.get('type')!r} is not supported; only 'text'"
+        return None
+
+
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
 
 class CompletionRequest(SamplingRequest):
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(union_mode="left_to_right")
     logprobs: Optional[int] = None
+    echo: Optional[bool] = None
+    best_of: Optional[int] = None
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_or_tokens(cls, prompt):
+        """One clear error for a prompt that is not text, token ids, or a list of either."""
+        if isinstance(prompt, str) or _token_ids(prompt):
+            return check_text(prompt, "the prompt") if isinstance(prompt, str) else prompt
+        if not isinstance(prompt, list):
+            raise ValueError(f"must be a string, a list of strings, or token ids, not {type(prompt).__name__}")
+        for i, one in enumerate(prompt):
+            if isinstance(one, str):
+                check_text(one, f"prompt {i}")
+            elif not _token_ids(one):
+                raise ValueError(f"prompt {i} must be a string or a list of token ids (integers)")
+        return prompt
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """Each prompt: text, or token ids."""
+        if isinstance(self.prompt, str) or _token_ids(self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
 
     def token_limit(self) -> Optional[int]:
         return self.max_tokens
+
+    def unsupported(self) -> Optional[tuple[str, str]]:
+        if self.logprobs:
+            return "logprobs", "logprobs are not supported"
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.best_of is not None and self.best_of > 1:
+            return "best_of", "best_of is not supported; use n"
+        return None
 
 
 # ---------------------------------------------------------------------- responses
