@@ -103,6 +103,10 @@ def test_data_check_cli(tmp_path):
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["format"] == "preference" and summary["records"] == 3 and summary["k"] == [2]
     assert summary["usable_as"] == ["rm.data", "ppo.prompts"] and summary["style"] == "plain text, implicit prompt"
+    # K-way rankings: a tie is no pair to learn from, and is counted apart
+    tied = SHAPES["comparison"][0] | {"ranks": [0, 0, 1]}
+    summary = json.loads(cli("data", "check", str(write_jsonl(tmp_path / "c.jsonl", [SHAPES["comparison"][0], tied]))).stdout.splitlines()[-1])
+    assert (summary["k"], summary["pairs"], summary["tied_pairs"]) == ([3], 3 + 2, 1)
     demos = json.loads(cli("data", "check", str(write_jsonl(tmp_path / "d.jsonl", [SHAPES["messages"][0]] * 2))).stdout.splitlines()[-1])
     assert demos["usable_as"] == ["sft.data", "rm.demonstrations", "ppo.prompts"] and demos["assistant_turns"] == 2
     bad = tmp_path / "bad.jsonl"
