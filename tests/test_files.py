@@ -49,3 +49,25 @@ def test_trim_step_log_drops_replayed_and_half_written_lines(tmp_path):
     trim_step_log(path, resume_step=4, keep_equal=False)  # data-order logs: step 4 is replayed
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [2]
 
+
+
+def test_an_option_added_since_a_run_finished_leaves_it_finished_at_its_default(tmp_path):
+    """A run folder from before a version added sft.max_length is still complete while the new key
+    holds its default, and is a different config once the key is set."""
+    from instructrl.rundir import RunDir
+
+    config = load_config(overrides=[f"run.dir={tmp_path}"])
+    run = RunDir(config, "sft", ("run", "sft"))
+    run.start()
+    run.finish({})
+    for name in ("identity.json", "done.json"):  # as the older version wrote them
+        saved = json.loads((run.path / name).read_text())
+        identity = saved.get("identity", saved)
+        del identity["sft"]["max_length"]
+        (run.path / name).write_text(json.dumps(saved))
+    assert RunDir(config, "sft", ("run", "sft")).is_done()
+    RunDir(config, "sft", ("run", "sft")).start()  # no "different config"
+    changed = load_config(overrides=[f"run.dir={tmp_path}", "sft.max_length=64"])
+    assert not RunDir(changed, "sft", ("run", "sft")).is_done()
+    with pytest.raises(UserError, match=r"different config \(sft.max_length: None -> 64\)"):
+        RunDir(changed, "sft", ("run", "sft")).start()

@@ -44,3 +44,12 @@ def test_pipeline_two_rounds(tmp_path):
     # everything is done: a second run skips every stage
     again = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", timeout=1200)
     assert (again.stdout + again.stderr).count("nothing to do") >= 9
+
+    # a changed PPO config stops at the first PPO run, pointing at --restart-from, which reruns PPO and what follows it
+    changed = ["pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", "ppo.lr=3e-5"]
+    refused = cli(*changed, check=False, timeout=1200)
+    assert refused.returncode == 2 and "different config (ppo.lr: 2e-05 -> 3e-05)" in refused.stderr and "--restart-from ppo" in refused.stderr
+    rerun = cli(*changed, "--restart-from", "ppo", timeout=1200)
+    skipped = [line.split(":")[0] for line in (rerun.stdout + rerun.stderr).splitlines() if "nothing to do" in line]
+    assert skipped == ["pretrain", "sft", "collect", "rm"]  # round 1's; round 2 follows from round 1's PPO and reruns
+    assert "  lr: 3.0e-05\n" in (tmp_path / "round2" / "ppo_ptx" / "config.yaml").read_text()

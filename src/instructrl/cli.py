@@ -179,12 +179,17 @@ def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
 
 
 @app.command(epilog=_config_help("run", "world", "pretrain", "sft", "collect", "rm", "ppo", "eval"))
-def pipeline(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
+def pipeline(
+    config: Optional[Path] = CONFIG_OPTION,
+    overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
+    restart_from: Optional[str] = typer.Option(None, "--restart-from", help="Discard the earlier runs of this stage and every later one and run them again: pretrain, sft, collect, rm or ppo (both PPO runs). For a run folder whose config you changed."),
+) -> None:
     """Run the whole recipe: pretrain, SFT, collect comparisons, RM, PPO-ptx and plain PPO, eval, report.
 
     A stage whose outputs exist with the same config and inputs is skipped, so running the same
-    command again after a crash resumes where it stopped. Plain PPO (ppo.ptx_coef = 0) runs
-    beside PPO-ptx to measure the alignment tax the pretraining mix removes.
+    command again after a crash resumes where it stopped; a stage whose config changed stops
+    the run unless --restart-from names it or an earlier stage. Plain PPO (ppo.ptx_coef = 0)
+    runs beside PPO-ptx to measure the alignment tax the pretraining mix removes.
     """
     import time
 
@@ -194,7 +199,7 @@ def pipeline(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
 
     cfg = _load(config, overrides)
     start = time.perf_counter()
-    results = run_pipeline(cfg, log=_log, is_main=_is_main_process())
+    results = run_pipeline(cfg, log=_log, is_main=_is_main_process(), restart_from=restart_from)
     if results is None:
         return  # evaluation runs in one process
     Console().print(results_table(results))

@@ -3,7 +3,8 @@
     pretrain -> SFT -> [collect -> RM -> PPO-ptx and plain PPO] x rounds -> eval -> report
 
 Every stage skips itself when its outputs exist for the same config and inputs, so running the
-pipeline again after a crash resumes where it stopped. Plain PPO runs beside PPO-ptx to measure
+pipeline again after a crash resumes where it stopped; after a change of config, ``restart_from``
+reruns a stage and everything after it. Plain PPO runs beside PPO-ptx to measure
 the alignment tax that the pretraining mix removes. With ``pipeline.rounds: N`` the bracket
 repeats as InstructGPT iterated its steps 2 and 3: round r (in ``round<r>/``) ranks fresh RM
 prompts with the latest PPO-ptx policy, retrains the RM from the SFT model on every comparison
@@ -17,14 +18,22 @@ from pathlib import Path
 
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
+from instructrl.errors import UserError
 from instructrl.rundir import write_text_atomic
 from instructrl.world.build import build_world, load_tasks
 
 PPO_STAGES = ("ppo_ptx", "ppo")
+STAGES = ("pretrain", "sft", "collect", "rm", "ppo")  # the order of ``restart_from``; ppo is both PPO runs
 
 
-def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True) -> dict | None:
-    """Run every stage; returns the evaluation results (None on processes other than the main one)."""
+def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restart_from: str | None = None) -> dict | None:
+    """Run every stage; returns the evaluation results (None on processes other than the main one).
+
+    ``restart_from``: that stage and every later one discard their earlier runs and run again
+    (later rounds too, as they follow from the first round's PPO)."""
+    if restart_from is not None and restart_from not in STAGES:
+        raise UserError(f"--restart-from {restart_from!r}: choose one of {', '.join(STAGES)}")
+    redo = {stage: restart_from is not None and i >= STAGES.index(restart_from) for i, stage in enumerate(STAGES)}
     from instructrl.evaluation.evaluate import run_eval
     from instructrl.evaluation.report import write_report
     from instructrl.stages.collect import run_collect
@@ -35,20 +44,20 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True) -> dic
 
     root = Path(config.run.dir)
     rounds = config.pipeline.rounds
-    run_pretrain(config, log=log)
+    run_pretrain(config, restart=redo["pretrain"], log=log)
     world = build_world(config.world, root / "world")
-    run_sft(config, log=log)
+    run_sft(config, restart=redo["sft"], log=log)
     first = config.model_copy(deep=True)
     if rounds > 1:  # each round ranks its own share of the RM prompts
         n_rm = len(load_tasks(world.prompts("rm")))
         first.collect.n_prompts = min(config.collect.n_prompts or n_rm, n_rm) // rounds
     if is_main:  # sampling and judging run in one process; the others wait for the comparisons
-        run_collect(first, log=log)
+        run_collect(first, restart=redo["collect"], log=log)
     _barrier()
-    run_rm(first, log=log)
+    run_rm(first, restart=redo["rm"], log=log)
     latest = {stage: root / stage for stage in PPO_STAGES}
     for cfg in _ppo_configs(first).values():
-        run_ppo(cfg, log=log)
+        run_ppo(cfg, restart=redo["ppo"], log=log)
     comparisons = [root / "collect" / "comparisons.jsonl"]
     for r in range(2, rounds + 1):
         rc = first.model_copy(deep=True)
@@ -56,19 +65,19 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True) -> dic
         rc.collect.policy = str(latest["ppo_ptx"] / "final")
         rc.collect.first_prompt = (r - 1) * first.collect.n_prompts
         if is_main:
-            comparisons.append(run_collect(rc, log=log, upstream=True))
+            comparisons.append(run_collect(rc, restart=redo["ppo"], log=log, upstream=True))
             _concatenate(comparisons, rc.run.dir / "comparisons_all.jsonl")
         _barrier()
         rc.rm.model, rc.rm.data = str(root / "sft" / "final"), rc.run.dir / "comparisons_all.jsonl"
         rc.rm.demonstrations = world.demonstrations
-        run_rm(rc, log=log, upstream=True)
+        run_rm(rc, restart=redo["ppo"], log=log, upstream=True)
         for stage, cfg in _ppo_configs(rc).items():
             cfg.ppo.policy, cfg.ppo.value_model = str(latest[stage] / "final"), str(latest[stage] / "value")
             cfg.ppo.reference, cfg.ppo.reward_model = str(root / "sft" / "final"), str(rc.run.dir / "rm" / "final")
             cfg.ppo.prompts = world.prompts("ppo")
             if cfg.ppo.ptx_coef > 0 and cfg.ppo.ptx_data is None:
                 cfg.ppo.ptx_data = world.corpus
-            run_ppo(cfg, log=log, upstream=True)
+            run_ppo(cfg, restart=redo["ppo"], log=log, upstream=True)
             latest[stage] = rc.run.dir / stage
     if not is_main:
         return None

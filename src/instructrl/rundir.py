@@ -79,6 +79,7 @@ class RunDir:
         self.stage = stage
         self.config = config
         self.identity = section(config, *sections)  # what must match for a run to be resumed
+        self._defaults = section(PipelineConfig(), *sections)
         self.is_main = is_main
         self.processes = processes
         self._tb = None
@@ -92,13 +93,22 @@ class RunDir:
     def is_done(self) -> bool:
         """The stage finished with this config. Raises if an input it recorded has changed since:
         its outputs no longer follow from its inputs, and rerunning would discard them."""
-        if not (self.done_file.is_file() and json.loads(self.done_file.read_text()).get("identity") == self.identity):
+        if not (self.done_file.is_file() and self.matches(json.loads(self.done_file.read_text()).get("identity"))):
             return False
         changed = self.changed_inputs()
         if changed:
             raise UserError(f"{self.path} finished on inputs that have changed since: {', '.join(changed)}; "
-                            f"pass --restart to run {self.stage} again on them, or set run.dir to another folder")
+                            f"pass --restart to run {self.stage} again on them ({self._in_pipeline}), or set run.dir to another folder")
         return True
+
+    @property
+    def _in_pipeline(self) -> str:
+        return f"instructrl pipeline: --restart-from {'ppo' if self.stage.startswith('ppo') else self.stage}"
+
+    def matches(self, saved: dict | None) -> bool:
+        """Whether ``saved`` (an earlier run's identity) is this config's. A key it lacks matches
+        when it holds its default here: an option added in a later version changes no finished run."""
+        return saved is not None and _without_new_defaults(self.identity, saved, self._defaults) == saved
 
     def skip(self, restart: bool, log) -> bool:
         """Whether the stage has nothing to do (finished with this config and inputs, no --restart); says so in the log."""
@@ -130,11 +140,11 @@ class RunDir:
         saved = self.path / "identity.json"
         previous = json.loads(saved.read_text()) if saved.is_file() else None
         if previous is not None and not restart:
-            if previous != self.identity:
+            if not self.matches(previous):
                 changed = _diff(previous, self.identity)
                 raise UserError(
                     f"{self.path} holds a {self.stage} run with a different config ({changed}); "
-                    "set run.dir to another folder, or pass --restart to discard it"
+                    f"set run.dir to another folder, or pass --restart to discard it ({self._in_pipeline})"
                 )
         if not self.is_main:
             return
@@ -192,6 +202,17 @@ def trim_step_log(path: Path, resume_step: int, keep_equal: bool) -> None:
         return
     kept = [line for line, record in complete_lines(path) if record["step"] < resume_step or (keep_equal and record["step"] == resume_step)]
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _without_new_defaults(current: dict, saved: dict, defaults: dict) -> dict:
+    """``current`` less the keys ``saved`` lacks whose value is their default."""
+    kept = {}
+    for key, value in current.items():
+        if key not in saved and value == defaults.get(key, object()):
+            continue
+        both_dicts = isinstance(value, dict) and isinstance(saved.get(key), dict) and isinstance(defaults.get(key), dict)
+        kept[key] = _without_new_defaults(value, saved[key], defaults[key]) if both_dicts else value
+    return kept
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> str:
