@@ -16,7 +16,7 @@ from ports import free_port
 from instructrl.data.preference import comparison_from_preference
 from instructrl.data.formats import read_comparisons
 from instructrl.data.records import validate_messages
-from instructrl.feedback.app import create_app
+from instructrl.feedback.app import MAX_BODY_BYTES, create_app
 from instructrl.feedback.db import connect
 from instructrl.feedback.tasks import FLAGS, dense_ranks
 
@@ -67,9 +67,10 @@ def test_bad_bodies_get_422_naming_the_field(project):
     rank = ann.post(f"/api/projects/{pid}/next", json={"kind": "rank"}).json()["assignment"]["id"]
     cases = [
         ({"likert": [1, 2, 3], "flags": [[]] * 4, "ranks": [0, 1, 2, 3]}, "likert"),
-        ({"likert": [1, 2, 3, 0], "flags": [[]] * 4, "ranks": [0, 1, 2, 3]}, "likert[3]"),
+        ({"likert": [1, 2, 3, 0], "flags": [[]] * 4, "ranks": [0, 1, 2, 3]}, "likert.3"),
+        ({"likert": [1, 2, 3, "4"], "flags": [[]] * 4, "ranks": [0, 1, 2, 3]}, "likert.3"),
         ({"likert": [1, 2, 3, 4], "flags": [[]] * 4, "ranks": "first"}, "ranks"),
-        ({"likert": [1, 2, 3, 4], "flags": [[], [], ["nice"], []], "ranks": [0, 1, 2, 3]}, "flags[2]"),
+        ({"likert": [1, 2, 3, 4], "flags": [[], [], ["nice"], []], "ranks": [0, 1, 2, 3]}, "flags.2"),
         ([1, 2, 3], "body"),
     ]
     for body, field in cases:
@@ -86,6 +87,60 @@ def test_bad_bodies_get_422_naming_the_field(project):
     assert ann.post("/api/projects/99/next", json={}).status_code == 404
     # nothing invalid was stored
     assert connect(root).execute("SELECT COUNT(*) FROM assignments WHERE state != 'leased'").fetchone()[0] == 0
+
+
+def test_text_that_is_not_unicode_is_refused_before_it_is_stored(project):
+    root, pid, users, app = project
+    ann = client(app, users["ann"])
+    write = ann.post(f"/api/projects/{pid}/next", json={"kind": "write"}).json()["assignment"]["id"]
+    lone_surrogate = {"Content-Type": "application/json"}
+    for method, path, body, field in (("POST", "submit", b'{"text": "It is 10 \\ud800"}', "text"),
+                                      ("PUT", "draft", b'{"text": "It is \\ud800"}', "text"),
+                                      ("POST", "skip", b'{"reason": "\\udfff"}', "reason")):
+        response = ann.request(method, f"/api/assignments/{write}/{path}", content=body, headers=lone_surrogate)
+        assert response.status_code == 422 and response.json()["field"] == field, (path, response.text)
+    assert ann.get(f"/api/assignments/{write}").json()["state"] == "leased"
+    assert client(app, users["root"]).post(f"/api/projects/{pid}/export").status_code == 200
+
+
+def test_a_body_over_the_limit_gets_413_and_nothing_is_stored(project):
+    root, pid, users, app = project
+    ann = client(app, users["ann"])
+    write = ann.post(f"/api/projects/{pid}/next", json={"kind": "write"}).json()["assignment"]["id"]
+    huge = json.dumps({"text": "x" * MAX_BODY_BYTES}).encode()
+
+    def chunks():  # no Content-Length: counted while it is read
+        yield huge[:MAX_BODY_BYTES // 2]
+        yield huge[MAX_BODY_BYTES // 2:]
+
+    for method, path, content in (("POST", "submit", huge), ("PUT", "draft", huge), ("POST", "submit", chunks())):
+        response = ann.request(method, f"/api/assignments/{write}/{path}", content=content, headers={"Content-Type": "application/json"})
+        assert response.status_code == 413 and str(MAX_BODY_BYTES) in response.json()["detail"], path
+    view = ann.get(f"/api/assignments/{write}").json()
+    assert (view["state"], view["draft"]) == ("leased", "")
+
+
+def test_user_names_are_stripped_and_a_taken_name_is_a_conflict(project):
+    root, pid, users, app = project
+    admin = client(app, users["root"])
+    for name in ("ann", "ann "):
+        response = admin.post("/api/users", json={"name": name, "password": "secret"})
+        assert response.status_code == 409 and response.json()["field"] == "name", name
+    created = admin.post("/api/users", json={"name": " eve ", "password": "secret"})
+    assert created.status_code == 200 and created.json()["name"] == "eve"
+    form = admin.post("/admin/users", data={"name": "zed", "role": "boss", "password": "secret"})
+    assert form.status_code == 422 and form.json()["field"] == "role"
+
+
+def test_pages_answer_bad_requests_with_a_page(project):
+    root, pid, users, app = project
+    browser = TestClient(app, headers={"Accept": "text/html"})
+    missing_password = browser.post("/login", data={"name": "ann"})
+    assert missing_password.status_code == 422 and "password" in missing_password.text
+    browser.post("/login", data={"name": "ann", "password": "annann"})
+    not_a_number = browser.get("/assignments/first")
+    for response in (missing_password, not_a_number):
+        assert response.status_code == 422 and response.headers["content-type"].startswith("text/html")
 
 
 def test_what_labelers_submit_is_what_the_export_holds(project, tmp_path):
@@ -148,7 +203,8 @@ def test_what_labelers_submit_is_what_the_export_holds(project, tmp_path):
     # the admin's button and the file download
     assert "comparisons.jsonl" in admin.post(f"/admin/projects/{pid}/export").text
     assert admin.get(f"/api/projects/{pid}/export/comparisons.jsonl").text == (out / "comparisons.jsonl").read_text()
-    assert admin.get(f"/api/projects/{pid}/export/feedback.db").status_code == 404
+    not_export = admin.get(f"/api/projects/{pid}/export/feedback.db")
+    assert not_export.status_code == 404 and "comparisons.jsonl" in not_export.json()["detail"]
     # and the command writes the same files
     cli("label", "export", "p", "--dir", str(root), "--out", str(tmp_path / "cmd"))
     assert (tmp_path / "cmd" / "comparisons.jsonl").read_text() == (out / "comparisons.jsonl").read_text()
@@ -228,3 +284,26 @@ def test_label_commands_name_the_bad_input(tmp_path):
     assert proc.returncode == 2 and "project 'p' already exists" in proc.stderr
     proc = cli("label", "project", "q", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--overlap", "0", check=False)
     assert proc.returncode == 2 and "--overlap" in proc.stderr
+    for option, value in (("--limit", "0"), ("--limit", "-1"), ("--lease-minutes", "-5")):
+        proc = cli("label", "project", "q", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", option, value, check=False)
+        assert proc.returncode == 2 and option in proc.stderr, (option, value)
+    # a taken name is refused before any model is loaded
+    proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--model", str(tmp_path / "nope"), check=False)
+    assert proc.returncode == 2 and "project 'p' already exists" in proc.stderr
+
+
+def test_label_project_leaves_nothing_behind_and_reading_commands_create_nothing(tmp_path):
+    record = {"id": "r", "prompt": [{"role": "user", "content": "Sort 3 1 2."}], "labeler_id": "sim"}
+    comparisons = tmp_path / "comparisons.jsonl"
+    comparisons.write_text("".join(json.dumps({**record, "responses": [f"answer {i}" for i in range(k)], "ranks": list(range(k))}) + "\n"
+                                   for k in (2, 10)))
+    project_dir = tmp_path / "d"
+    proc = cli("label", "project", "p", "--dir", str(project_dir), "--responses", str(comparisons), check=False)
+    assert proc.returncode == 2 and "cannot hold 10 responses" in proc.stderr
+    cli("label", "project", "p", "--dir", str(project_dir), "--responses", str(comparisons), "--limit", "1")  # the name is still free
+    assert json.loads(cli("label", "status", "p", "--dir", str(project_dir)).stdout)["progress"]["kinds"]["rank"]["tasks"] == 1
+    typo = tmp_path / "typo"
+    for command in ("status", "export"):
+        proc = cli("label", command, "p", "--dir", str(typo), check=False)
+        assert proc.returncode == 2 and f"no feedback database at {typo}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not typo.exists()

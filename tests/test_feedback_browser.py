@@ -119,12 +119,16 @@ def test_a_labeler_in_the_browser(tmp_path):
             page.keyboard.press("Enter")
             page.wait_for_selector("#message")  # no rank task left
 
-            # compare: side by side, the right one is better
+            # compare: side by side, the right one is better; an arrow key only picks, Enter submits
             page.goto(f"{base}/projects/{pid}/next?kind=compare")
             page.wait_for_selector("#choose-right")
             right_text = page.inner_text("#answer-right .content")
             page.screenshot(path=shots / "4-compare.png", full_page=True)
-            page.click("#choose-right")
+            page.keyboard.press("ArrowLeft")
+            page.wait_for_timeout(300)
+            assert page.evaluate("document.activeElement.id") == "choose-left" and page.locator("#message").count() == 0
+            page.keyboard.press("ArrowRight")
+            page.keyboard.press("Enter")
             page.wait_for_selector("#message")
             assert dialogs == ["beforeunload"]  # no other page asked before leaving
 

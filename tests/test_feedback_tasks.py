@@ -13,6 +13,7 @@ from instructrl.feedback import tasks
 from instructrl.feedback.tasks import Conflict, Forbidden, Invalid, dense_ranks, next_task, parse_answer, skip, submit
 
 LABELERS = {"ann": "labeler", "bob": "labeler", "cat": "labeler"}
+WRITE = {"kind": "write", "prompt_id": "w", "prompt": [{"role": "user", "content": "Double 5."}]}
 
 
 def rank_body(k: int, ranks: list[int]) -> dict:
@@ -77,6 +78,36 @@ def test_an_expired_lease_nobody_took_can_still_be_submitted(tmp_path, monkeypat
     assert next_task(conn, pid, users["bob"]) is None
 
 
+def test_a_draft_is_refused_where_a_submission_would_be(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(tasks, "now", lambda: clock[0])
+    conn, pid, users = make_project(tmp_path, LABELERS, [WRITE], overlap=1, lease_seconds=60)
+    held = next_task(conn, pid, users["ann"])
+    clock[0] += 61  # expired, but nobody took it: the draft is kept and renews the lease
+    tasks.save_draft(conn, held, users["ann"], "It is")
+    assert next_task(conn, pid, users["bob"]) is None
+    clock[0] += 61  # expired again, and bob takes it
+    bobs = next_task(conn, pid, users["bob"])
+    with pytest.raises(Conflict, match="other labelers took it"):
+        tasks.save_draft(conn, held, users["ann"], "It is 10.")
+    submit(conn, bobs, users["bob"], {"text": "10"})
+    with pytest.raises(Conflict):
+        submit(conn, held, users["ann"], {"text": "It is 10."})
+    assert tasks.assignment_view(conn, held, users["ann"])["draft"] == "It is"
+    assert tasks.progress(conn, pid)["kinds"]["write"]["submitted"] == 1  # overlap 1: one answer
+
+
+def test_a_project_comes_with_all_its_tasks_or_not_at_all(tmp_path):
+    conn, _, _ = make_project(tmp_path, LABELERS, [])
+    too_many = rank_task(1, [f"resp{i}" for i in range(10)])
+    with pytest.raises(Invalid, match="cannot hold 10 responses"):
+        tasks.create_project(conn, tasks.ProjectSettings(name="q"), [rank_task(0), too_many])
+    with pytest.raises(tasks.NotFound):
+        tasks.project_by_name(conn, "q")
+    pid = tasks.create_project(conn, tasks.ProjectSettings(name="q"), [rank_task(0)])
+    assert conn.execute("SELECT COUNT(*) FROM tasks WHERE project_id = ?", (pid,)).fetchone()[0] == 1
+
+
 def test_labelers_see_their_own_shuffled_order_and_answers_come_back_in_task_order(tmp_path):
     conn, pid, users = make_project(tmp_path, LABELERS, [rank_task(0, [f"resp{i}" for i in range(6)])], overlap=3)
     orders = {}
@@ -109,8 +140,8 @@ def test_answers_are_validated_with_the_field_named():
     order = [1, 0, 2]
     cases = [
         ({"likert": [1, 2], "flags": [[], [], []], "ranks": [0, 1, 2]}, "likert"),
-        ({"likert": [1, 2, 8], "flags": [[], [], []], "ranks": [0, 1, 2]}, "likert[2]"),
-        ({"likert": [1, 2, 3], "flags": [[], ["rude"], []], "ranks": [0, 1, 2]}, "flags[1]"),
+        ({"likert": [1, 2, 8], "flags": [[], [], []], "ranks": [0, 1, 2]}, "likert.2"),
+        ({"likert": [1, 2, 3], "flags": [[], ["rude"], []], "ranks": [0, 1, 2]}, "flags.1"),
         ({"likert": [1, 2, 3], "flags": [[], [], []], "ranks": [0, -1, 2]}, "ranks"),
         ({"likert": [1, 2, 3], "flags": [[], [], []]}, "ranks"),
         ({"likert": [1, 2, "x"], "flags": [[], [], []], "ranks": [0, 1, 2]}, "likert.2"),
@@ -129,6 +160,27 @@ def test_answers_are_validated_with_the_field_named():
     # compare: the display order decides which model "left" is
     assert parse_answer("compare", {"choice": "left"}, [1, 0]) == {"winner": 1}
     assert parse_answer("compare", {"choice": "tie"}, [1, 0]) == {"winner": None}
+
+
+def test_answers_are_not_coerced_and_hold_only_storable_text():
+    good = {"likert": [1, 2, 3], "flags": [[], [], []], "ranks": [0, 1, 2]}
+    cases = [
+        ({**good, "likert": [1, "2", 3]}, "likert.1"),
+        ({**good, "likert": [1, True, 3]}, "likert.1"),
+        ({**good, "likert": [1, 2, 3.0]}, "likert.2"),
+        ({**good, "ranks": [0, False, 2]}, "ranks.1"),
+        ({**good, "none_acceptable": "yes"}, "none_acceptable"),
+        ({**good, "flags": [["\ud800"], [], []]}, "flags.0.0"),
+    ]
+    for body, field in cases:
+        with pytest.raises(Invalid) as err:
+            parse_answer("rank", body, [1, 0, 2])
+        assert err.value.field == field, body
+    with pytest.raises(Invalid, match="not valid Unicode") as err:
+        parse_answer("write", {"text": "It is 10 \ud800"}, [])  # a lone surrogate, as JSON's "\ud800" decodes
+    assert err.value.field == "text"
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        tasks.ProjectSettings(name="p", guideline_version="v\udcff")  # e.g. a command-line argument that is not UTF-8
 
 
 @given(st.lists(st.integers(min_value=0, max_value=20), min_size=1, max_size=9))

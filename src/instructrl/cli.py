@@ -386,7 +386,7 @@ def label_project(
     guidelines: Optional[Path] = typer.Option(None, "--guidelines", help="Text file of guidelines shown beside every task."),
     guideline_version: Optional[str] = typer.Option(None, "--guideline-version", help="Stored on each answer (default: a hash of the guidelines)."),
     lease_minutes: float = typer.Option(30.0, "--lease-minutes", help="How long an opened task stays reserved for its labeler."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use the first N prompts only."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N prompts (or comparisons) only. Default: all."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest generated response."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled responses."),
     project_dir: Path = LABEL_DIR_OPTION,
@@ -396,10 +396,12 @@ def label_project(
 
     from instructrl.feedback import projects
     from instructrl.feedback.db import connect
-    from instructrl.feedback.tasks import ProjectSettings, TaskError, add_tasks, create_project
+    from instructrl.feedback.tasks import ProjectSettings, TaskError, check_new_name, create_project
 
     if guidelines is not None and not guidelines.is_file():
         raise UserError(f"--guidelines {guidelines}: file not found")
+    if lease_minutes <= 0:
+        raise UserError(f"label project: --lease-minutes must be more than 0, got {lease_minutes}")
     try:
         settings = ProjectSettings(name=name, guidelines=guidelines.read_text(encoding="utf-8") if guidelines else "",
                                    guideline_version=guideline_version, overlap=overlap, lease_seconds=max(1, round(lease_minutes * 60)))
@@ -413,6 +415,11 @@ def label_project(
         raise UserError("label project: say which tasks to make: --write, --model CHECKPOINT, --responses FILE or --compare NAME=PATH (twice)")
     prompt_list = projects.load_prompts(prompts, limit) if prompts else []
     new_tasks = projects.write_tasks(prompt_list) if write else []
+    conn = connect(project_dir)
+    try:
+        check_new_name(conn, name)  # now, not after sampling responses for minutes
+    except TaskError as err:
+        raise UserError(f"label project: {err}") from None
     if model:
         new_tasks += projects.rank_tasks_from_model(prompt_list, model, k, seed=seed, max_new_tokens=max_new_tokens)
     if responses:
@@ -422,10 +429,8 @@ def label_project(
         if any(not sep or not n or not p for n, sep, p in pairs):
             raise UserError("label project: --compare takes NAME=CHECKPOINT")
         new_tasks += projects.compare_tasks(prompt_list, {n: p for n, _, p in pairs}, max_new_tokens=max_new_tokens)
-    conn = connect(project_dir)
     try:
-        project_id = create_project(conn, settings)
-        add_tasks(conn, project_id, new_tasks)
+        project_id = create_project(conn, settings, new_tasks)
     except TaskError as err:
         raise UserError(f"label project: {err}") from None
     counts = {kind: sum(t["kind"] == kind for t in new_tasks) for kind in ("write", "rank", "compare")}
@@ -445,7 +450,7 @@ def label_export(
     from instructrl.feedback.export import export_project
     from instructrl.feedback.tasks import TaskError, project_by_name
 
-    conn = connect(project_dir)
+    conn = connect(project_dir, create=False)
     try:
         project_id = project_by_name(conn, name)["id"]
     except TaskError as err:
@@ -463,7 +468,7 @@ def label_status(name: str = typer.Argument(..., help="Project name."), project_
     from instructrl.feedback.export import quality
     from instructrl.feedback.tasks import TaskError, project_by_name
 
-    conn = connect(project_dir)
+    conn = connect(project_dir, create=False)
     try:
         project_id = project_by_name(conn, name)["id"]
     except TaskError as err:

@@ -63,3 +63,13 @@ def nan_to_none(value):
     if isinstance(value, list):
         return [nan_to_none(v) for v in value]
     return None if isinstance(value, float) and value != value else value
+
+
+def encodable(text: str, what: str = "the text") -> str:
+    """``text``, if it can be written as UTF-8: JSON's ``"\\ud800"`` escape reads as a lone
+    surrogate, which cannot be (nor stored in SQLite, nor tokenized)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} holds a character that is not valid Unicode ({err.object[err.start]!r} at {err.start})") from None
+    return text

@@ -9,9 +9,22 @@ import sqlite3
 from dataclasses import dataclass
 
 from instructrl.errors import UserError
+from instructrl.data.jsonl import encodable
 from instructrl.feedback.db import now, transaction
 
 ROLES = ("admin", "labeler")
+
+
+class AccountError(UserError):
+    """An account that cannot be created; ``field`` names the bad input."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+class NameTaken(AccountError):
+    """The name belongs to another account."""
 
 
 @dataclass(frozen=True)
@@ -35,15 +48,24 @@ def _user(row: sqlite3.Row | None) -> User | None:
 
 
 def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -> User:
-    """A new account; its API token is generated here and shown once to the admin."""
+    """A new account named ``name`` without its surrounding spaces; its API token is generated
+    here and shown once to the admin."""
+    name = name.strip()
     if role not in ROLES:
-        raise UserError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    if not name.strip() or len(password) < 4:
-        raise UserError("a user needs a name and a password of at least 4 characters")
+        raise AccountError(f"role must be one of {', '.join(ROLES)}, got {role!r}", "role")
+    for field, value in (("name", name), ("password", password)):
+        try:
+            encodable(value)
+        except ValueError as err:
+            raise AccountError(f"{field}: {err}", field) from None
+    if not name:
+        raise AccountError("a user needs a name", "name")
+    if len(password) < 4:
+        raise AccountError("a password needs at least 4 characters", "password")
     salt = secrets.token_hex(16)
     with transaction(conn):
         if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
-            raise UserError(f"user {name!r} already exists")
+            raise NameTaken(f"user {name!r} already exists", "name")
         token = secrets.token_urlsafe(24)
         conn.execute("INSERT INTO users (name, role, password_hash, salt, token, created) VALUES (?, ?, ?, ?, ?, ?)",
                      (name, role, _hash(password, salt), salt, token, now()))

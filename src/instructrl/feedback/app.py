@@ -4,7 +4,7 @@
 in with a session cookie; the API takes ``Authorization: Bearer <token>`` (each labeler's own)
 or the same cookie. Labelers see only their own tasks and answers; admin pages and the export
 need the admin role. Bad requests get a 4xx whose JSON names the field:
-``{"detail": "...", "field": "likert[2]"}``.
+``{"detail": "...", "field": "likert.2"}``; a body over ``MAX_BODY_BYTES`` gets 413.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import json
 import sqlite3
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Form, Request
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from instructrl.data.jsonl import nan_to_none
 from instructrl.errors import UserError
@@ -28,6 +30,7 @@ from instructrl.feedback.export import FILES, export_project, quality
 
 HERE = Path(__file__).parent
 COOKIE = "instructrl_session"
+MAX_BODY_BYTES = 1_000_000  # far more than any answer; a bigger body is refused before it is stored
 
 
 class Unauthenticated(tasks.TaskError):
@@ -41,25 +44,62 @@ class NextBody(BaseModel):
 
 class DraftBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str
+    text: tasks.Text
 
 
 class SkipBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str = Field(min_length=1)
+    reason: tasks.Text = Field(min_length=1)
 
 
 class UserBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
+    name: tasks.Text = Field(min_length=1)
     role: str = "labeler"
-    password: str = Field(min_length=4)
+    password: tasks.Text = Field(min_length=4)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over MAX_BODY_BYTES gets 413, by its Content-Length or while it is read."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = int(Headers(scope=scope).get("content-length") or 0)
+        received = 0
+
+        # raised where the app reads the body, so that its exception handlers answer
+        async def limited_receive() -> Message:
+            nonlocal received
+            if declared > MAX_BODY_BYTES:
+                raise HTTPException(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise HTTPException(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -> accounts.User:
+    """``accounts.create_user``, its refusals as the app's errors: a taken name is a Conflict."""
+    try:
+        return accounts.create_user(conn, name, role, password)
+    except accounts.NameTaken as err:
+        raise tasks.Conflict(str(err), err.field) from None
+    except accounts.AccountError as err:
+        raise tasks.Invalid(str(err), err.field) from None
 
 
 def create_app(project_dir: Path | str) -> FastAPI:
     project_dir = Path(project_dir)
     connect(project_dir).close()  # schema and WAL mode, once
     app = FastAPI(title="instructrl feedback", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    app.add_middleware(BodyLimit)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
     exports = project_dir / "exports"
@@ -110,6 +150,8 @@ def create_app(project_dir: Path | str) -> FastAPI:
         first = err.errors()[0]
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         field = ".".join(loc) or "body"
+        if wants_html(request):
+            return page("message.html", 422, user=None, title="Error 422", message=f"{field}: {first['msg']}")
         return JSONResponse({"detail": f"{field}: {first['msg']}", "field": field}, status_code=422)
 
     # -- pages
@@ -164,10 +206,7 @@ def create_app(project_dir: Path | str) -> FastAPI:
     @app.post("/admin/users", response_class=HTMLResponse)
     def admin_create_user(name: str = Form(...), role: str = Form("labeler"), password: str = Form(...),
                           user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
-        try:
-            created = accounts.create_user(conn, name, role, password)
-        except UserError as err:
-            raise tasks.Invalid(str(err), "name") from None
+        created = create_user(conn, name, role, password)
         return page("message.html", user=user, title="User created",
                     message=f"{created.name} ({created.role}) can log in now. API token (shown once): {created.token}")
 
@@ -233,16 +272,15 @@ def create_app(project_dir: Path | str) -> FastAPI:
     @app.get("/api/projects/{project_id}/export/{name}")
     def export_file(project_id: int, name: str, user: accounts.User = Depends(admin_user)):
         path = exports / str(project_id) / name
-        if name not in FILES or not path.is_file():
+        if name not in FILES:
+            raise tasks.NotFound(f"{name!r} is not an export file; they are {', '.join(FILES)}", "name")
+        if not path.is_file():
             raise tasks.NotFound(f"no exported file {name!r}; export the project first", "name")
         return FileResponse(path, filename=name)
 
     @app.post("/api/users")
     def create_user_api(body: UserBody, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
-        try:
-            created = accounts.create_user(conn, body.name, body.role, body.password)
-        except UserError as err:
-            raise tasks.Invalid(str(err), "role" if "role" in str(err) else "name") from None
+        created = create_user(conn, body.name, body.role, body.password)
         return {"name": created.name, "role": created.role, "token": created.token}
 
     return app

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from instructrl.errors import UserError
+
 DB_NAME = "feedback.db"
 BUSY_TIMEOUT_MS = 30_000
 
@@ -67,12 +69,15 @@ CREATE INDEX IF NOT EXISTS assignments_by_user ON assignments(user_id, state);
 
 
 def connect(project_dir: Path | str, create: bool = True) -> sqlite3.Connection:
-    """A connection to the project's database (``create``: with its schema, made if missing).
+    """A connection to the project's database (``create``: with its schema, made if missing;
+    otherwise a missing database is a UserError, so a mistyped directory creates nothing).
 
     One connection per thread or request; rows come back as ``sqlite3.Row``. Autocommit mode:
     ``transaction`` opens each write transaction explicitly.
     """
     path = Path(project_dir) / DB_NAME
+    if not create and not path.is_file():
+        raise UserError(f"no feedback database at {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row

@@ -56,4 +56,4 @@ def compare_tasks(prompts: list[Prompt], models: dict[str, str], max_new_tokens:
 
 def load_prompts(path: Path, limit: int | None = None) -> list[Prompt]:
     prompts = read_prompts(path)
-    return prompts[:limit] if limit else prompts
+    return prompts if limit is None else prompts[:limit]

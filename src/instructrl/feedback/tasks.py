@@ -18,17 +18,21 @@ import hashlib
 import json
 import random
 import sqlite3
-from typing import Literal
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from instructrl.feedback.accounts import User
+from instructrl.data.jsonl import encodable
 from instructrl.feedback.db import now, transaction
 from instructrl.world.labeler import FLAGS as WORLD_FLAGS
 
 KINDS = ("write", "rank", "compare")
 # the simulated labeler's flags, then more of InstructGPT's labeling metadata (Table 3)
 FLAGS = WORLD_FLAGS + ("hallucination", "harmful", "inappropriate")
+# free text from a request: refused at parse time unless it can be stored (see data.jsonl.encodable)
+Text = Annotated[str, AfterValidator(encodable)]
 
 
 class TaskError(Exception):
@@ -61,9 +65,9 @@ class ProjectSettings(BaseModel):
     """How a project is labelled: its guidelines, overlap and leases."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, description="Project name (unique).")
-    guidelines: str = Field("", description="Instructions shown beside every task.")
-    guideline_version: str | None = Field(None, description="Stored on each answer. Default: a hash of the guidelines.")
+    name: Text = Field(min_length=1, description="Project name (unique).")
+    guidelines: Text = Field("", description="Instructions shown beside every task.")
+    guideline_version: Text | None = Field(None, description="Stored on each answer. Default: a hash of the guidelines.")
     overlap: int = Field(1, ge=1, description="Different labelers who judge each task.")
     lease_seconds: int = Field(1800, ge=1, description="How long a task stays reserved for the labeler who opened it.")
 
@@ -71,13 +75,19 @@ class ProjectSettings(BaseModel):
         return self.guideline_version or "sha256:" + hashlib.sha256(self.guidelines.encode()).hexdigest()[:12]
 
 
-def create_project(conn: sqlite3.Connection, settings: ProjectSettings) -> int:
+def check_new_name(conn: sqlite3.Connection, name: str) -> None:
+    if conn.execute("SELECT 1 FROM projects WHERE name = ?", (name,)).fetchone():
+        raise Conflict(f"project {name!r} already exists", "name")
+
+
+def create_project(conn: sqlite3.Connection, settings: ProjectSettings, tasks: Sequence[dict] = ()) -> int:
+    """A new project holding ``tasks`` (as for ``add_tasks``): all of it or, on any error, nothing."""
     with transaction(conn):
-        if conn.execute("SELECT 1 FROM projects WHERE name = ?", (settings.name,)).fetchone():
-            raise Conflict(f"project {settings.name!r} already exists", "name")
+        check_new_name(conn, settings.name)
         cur = conn.execute(
             "INSERT INTO projects (name, guidelines, guideline_version, overlap, lease_seconds, created) VALUES (?, ?, ?, ?, ?, ?)",
             (settings.name, settings.guidelines, settings.version(), settings.overlap, settings.lease_seconds, now()))
+        _insert_tasks(conn, cur.lastrowid, tasks)
     return cur.lastrowid
 
 
@@ -103,6 +113,12 @@ def project_by_id(conn: sqlite3.Connection, project_id: int) -> sqlite3.Row:
 
 def add_tasks(conn: sqlite3.Connection, project_id: int, tasks: list[dict]) -> int:
     """Add tasks: each ``{"kind", "prompt_id", "prompt": messages, "responses": [...], "sources": [...]}``."""
+    with transaction(conn):
+        return _insert_tasks(conn, project_id, tasks)
+
+
+def _insert_tasks(conn: sqlite3.Connection, project_id: int, tasks: Sequence[dict]) -> int:
+    """Check and insert tasks, inside the caller's transaction."""
     rows = []
     for task in tasks:
         kind, responses = task["kind"], list(task.get("responses", []))
@@ -111,8 +127,7 @@ def add_tasks(conn: sqlite3.Connection, project_id: int, tasks: list[dict]) -> i
             raise Invalid(f"task {task.get('prompt_id')}: a {kind} task cannot hold {len(responses)} responses", "responses")
         sources = list(task.get("sources") or [""] * len(responses))
         rows.append((project_id, kind, str(task["prompt_id"]), json.dumps(task["prompt"]), json.dumps(responses), json.dumps(sources)))
-    with transaction(conn):
-        conn.executemany("INSERT INTO tasks (project_id, kind, prompt_id, prompt, responses, sources) VALUES (?, ?, ?, ?, ?, ?)", rows)
+    conn.executemany("INSERT INTO tasks (project_id, kind, prompt_id, prompt, responses, sources) VALUES (?, ?, ?, ?, ?, ?)", rows)
     return len(rows)
 
 
@@ -198,13 +213,13 @@ def assignment_view(conn: sqlite3.Connection, assignment_id: int, user: User) ->
 
 
 def save_draft(conn: sqlite3.Connection, assignment_id: int, user: User, text: str) -> None:
-    """Keep the text of an unfinished demonstration; it also renews the lease."""
+    """Keep the text of an unfinished demonstration; it also renews the lease, where a submission would be taken."""
     with transaction(conn):
+        at = now()
         row = _own_assignment(conn, assignment_id, user)
-        if row["state"] != "leased":
-            raise Conflict(f"this task is already {row['state']}", "assignment")
+        _check_open(conn, row, user, at)
         lease = project_by_id(conn, row["project_id"])["lease_seconds"]
-        conn.execute("UPDATE assignments SET draft = ?, lease_expires = MAX(lease_expires, ?) WHERE id = ?", (text, now() + lease, assignment_id))
+        conn.execute("UPDATE assignments SET draft = ?, lease_expires = MAX(lease_expires, ?) WHERE id = ?", (text, at + lease, assignment_id))
 
 
 def _check_open(conn: sqlite3.Connection, row: sqlite3.Row, user: User, at: float) -> None:
@@ -251,23 +266,24 @@ def skip(conn: sqlite3.Connection, assignment_id: int, user: User, reason: str) 
 # ---------------------------------------------------------------- answers
 
 
+# strict: "4", 4.0 or true is not a Likert score, "yes" is not a boolean
 class WriteBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    text: str
+    model_config = ConfigDict(extra="forbid", strict=True)
+    text: Text
 
 
 class RankBody(BaseModel):
     """A ranking in the labeler's display order."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     likert: list[int]
-    flags: list[list[str]]
+    flags: list[list[Text]]
     ranks: list[int]
     none_acceptable: bool = False
 
 
 class CompareBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     choice: Literal["left", "right", "tie"]
 
 
@@ -283,7 +299,7 @@ def dense_ranks(ranks: list[int]) -> list[int]:
 def parse_answer(kind: str, body, order: list[int]) -> dict:
     """Validate a submitted body (display order) and return the answer in the task's order.
 
-    Invalid names the offending field: ``likert[2]``, ``ranks``, ``choice`` ...
+    Invalid names the offending field: ``likert.2``, ``ranks``, ``choice`` ...
     """
     if not isinstance(body, dict):
         raise Invalid("the answer must be a JSON object", "body")
@@ -305,11 +321,11 @@ def parse_answer(kind: str, body, order: list[int]) -> dict:
             raise Invalid(f"expected {k} entries, one per response, got {len(getattr(parsed, field))}", field)
     for p, score in enumerate(parsed.likert):
         if not 1 <= score <= 7:
-            raise Invalid(f"Likert scores are 1 to 7, got {score}", f"likert[{p}]")
+            raise Invalid(f"Likert scores are 1 to 7, got {score}", f"likert.{p}")
     for p, flags in enumerate(parsed.flags):
         unknown = [f for f in flags if f not in FLAGS]
         if unknown:
-            raise Invalid(f"unknown flag {unknown[0]!r}; flags are {', '.join(FLAGS)}", f"flags[{p}]")
+            raise Invalid(f"unknown flag {unknown[0]!r}; flags are {', '.join(FLAGS)}", f"flags.{p}")
     if any(r < 0 for r in parsed.ranks):
         raise Invalid("ranks are >= 0 (0 = best, equal ranks = a tie)", "ranks")
 

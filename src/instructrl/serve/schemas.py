@@ -13,16 +13,9 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from instructrl.data.jsonl import encodable
+
 MAX_STOP_STRINGS = 4  # OpenAI's limit
-
-
-def check_text(value: str, what: str = "text") -> str:
-    """``value``, if it can be encoded as UTF-8 (JSON's \\ud800 escapes a lone surrogate, which cannot)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"{what} holds a character that is not valid Unicode ({err.object[err.start]!r} at {err.start})") from None
-    return value
 
 
 class TextPart(BaseModel):
@@ -41,7 +34,7 @@ class Message(BaseModel):
     def _text_only(cls, content):
         """One clear error for content that is neither text nor a list of text parts (an image, say)."""
         if content is None or isinstance(content, str):
-            return content if content is None else check_text(content)
+            return content if content is None else encodable(content)
         if not isinstance(content, list):
             raise ValueError(f"must be a string or a list of text parts, not {type(content).__name__}")
         for i, part in enumerate(content):
@@ -50,7 +43,7 @@ class Message(BaseModel):
                 raise ValueError(f"part {i} is of type {kind!r}; only text parts are supported")
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"part {i} needs a 'text' string")
-            check_text(part["text"], f"part {i}")
+            encodable(part["text"], f"part {i}")
         return content
 
     def as_template_message(self) -> dict:
@@ -84,7 +77,7 @@ class SamplingRequest(BaseModel):
         if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         for text in [stop] if isinstance(stop, str) else stop or []:
-            check_text(text, "a stop string")
+            encodable(text, "a stop string")
         return stop
 
     def unsupported(self) -> Optional[tuple[str, str]]:
@@ -134,12 +127,12 @@ class CompletionRequest(SamplingRequest):
     def _text_or_tokens(cls, prompt):
         """One clear error for a prompt that is not text, token ids, or a list of either."""
         if isinstance(prompt, str) or _token_ids(prompt):
-            return check_text(prompt, "the prompt") if isinstance(prompt, str) else prompt
+            return encodable(prompt, "the prompt") if isinstance(prompt, str) else prompt
         if not isinstance(prompt, list):
             raise ValueError(f"must be a string, a list of strings, or token ids, not {type(prompt).__name__}")
         for i, one in enumerate(prompt):
             if isinstance(one, str):
-                check_text(one, f"prompt {i}")
+                encodable(one, f"prompt {i}")
             elif not _token_ids(one):
                 raise ValueError(f"prompt {i} must be a string or a list of token ids (integers)")
         return prompt

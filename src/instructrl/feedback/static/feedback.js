@@ -145,13 +145,14 @@
     });
   }
 
-  // ---- compare: one click or one key
+  // ---- compare: a click, or a key that picks a button and Enter to press it
   if (data.kind === "compare") {
     document.querySelectorAll(".choice").forEach((button) => button.addEventListener("click", () => submit({ choice: button.dataset.choice })));
     document.addEventListener("keydown", (event) => {
       if (event.target.tagName === "INPUT") return;
       const choice = { ArrowLeft: "left", ArrowRight: "right", "=": "tie" }[event.key];
-      if (choice) { event.preventDefault(); submit({ choice }); }
+      // only focus: a stray key must not submit, and a submission cannot be undone
+      if (choice) { event.preventDefault(); document.getElementById(`choose-${choice}`).focus(); }
     });
   }
 })();
