@@ -119,6 +119,10 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
         if engine.tokenizer.chat_template is None:
             raise APIError(400, f"the model '{body.model}' has no chat template; use /v1/completions", param="messages")
         messages = [m.as_template_message() for m in body.messages]
+        for i, message in enumerate(messages):  # such a token in the text would act as one: a turn of the client's making
+            special = next((t for t in engine.tokenizer.all_special_tokens if t in message["content"]), None)
+            if special is not None:
+                raise APIError(400, f"message {i} holds the model's control token {special!r}", param=f"messages.{i}.content")
         text = render_text(engine.tokenizer, messages, add_generation_prompt=True)
         for i, message in enumerate(messages):  # a template may leave out roles it does not know (tool results, say)
             if message["content"].strip() not in text:
