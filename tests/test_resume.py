@@ -45,3 +45,15 @@ def test_restart_discards_the_old_run(tmp_path, smoke_base):
     assert "resuming" not in proc.stderr
     assert json.loads((run_dir / "sft" / "identity.json").read_text())["sft"]["epochs"] == 4
     shutil.rmtree(run_dir)
+
+
+def test_a_moved_or_respelt_run_folder_is_the_same_run(tmp_path, smoke_base):
+    """run.dir is where a run lives, not what it is: a copy, or a relative spelling, of a finished
+    run has nothing to do; nor does a change of how often it logs or saves."""
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_base, copy)
+    for where, run_dir, extra in [(None, copy, []), (tmp_path, "copy", []), (None, copy, ["pretrain.log_every=7", "pretrain.checkpoint_every=3"])]:
+        proc = cli("pretrain", "-c", str(SMOKE), f"run.dir={run_dir}", *extra, cwd=where)
+        assert "nothing to do" in proc.stderr, (run_dir, extra)
+    proc = cli("pretrain", "-c", str(SMOKE), f"run.dir={copy}", "pretrain.lr=0.002", check=False)
+    assert proc.returncode == 2 and "different config (pretrain.lr: 0.001 -> 0.002)" in proc.stderr

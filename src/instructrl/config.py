@@ -371,7 +371,26 @@ def describe_fields(model: type[BaseModel], prefix: str) -> list[tuple[str, str,
     return rows
 
 
+# keys that change what a run logs or how often it saves, never its results
+NOT_IDENTITY = ("log_every", "checkpoint_every")
+RUN_DIR = "<run.dir>"
+
+
 def section(config: PipelineConfig, *names: str) -> dict[str, Any]:
-    """The named sections of a config as plain data, for comparing two runs."""
+    """The named sections of a config as plain data, for comparing two runs: what decides a run's
+    results. Not run.dir (a folder moved, copied or spelt another way holds the same run; paths
+    inside it are written from ``<run.dir>``), nor the ``NOT_IDENTITY`` keys."""
     dumped = config.model_dump(mode="json")
-    return {name: dumped[name] for name in names}
+    run_dir = str(config.run.dir)
+
+    def portable(value):
+        if isinstance(value, dict):
+            return {k: portable(v) for k, v in value.items() if k not in NOT_IDENTITY}
+        if isinstance(value, str) and (value == run_dir or value.startswith(run_dir + "/")):
+            return RUN_DIR + value[len(run_dir):]
+        return value
+
+    identity = {name: portable(dumped[name]) for name in names}
+    if "run" in identity:
+        del identity["run"]["dir"]
+    return identity

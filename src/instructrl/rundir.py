@@ -106,9 +106,11 @@ class RunDir:
         return f"instructrl pipeline: --restart-from {'ppo' if self.stage.startswith('ppo') else self.stage}"
 
     def matches(self, saved: dict | None) -> bool:
-        """Whether ``saved`` (an earlier run's identity) is this config's. A key it lacks matches
-        when it holds its default here: an option added in a later version changes no finished run."""
-        return saved is not None and _without_new_defaults(self.identity, saved, self._defaults) == saved
+        """Whether ``saved`` (an earlier run's identity) is this config's; see ``_comparable``."""
+        if saved is None:
+            return False
+        now, then = _comparable(self.identity, saved, self._defaults)
+        return now == then
 
     def skip(self, restart: bool, log) -> bool:
         """Whether the stage has nothing to do (finished with this config and inputs, no --restart); says so in the log."""
@@ -141,7 +143,7 @@ class RunDir:
         previous = json.loads(saved.read_text()) if saved.is_file() else None
         if previous is not None and not restart:
             if not self.matches(previous):
-                changed = _diff(previous, self.identity)
+                changed = _diff(*reversed(_comparable(self.identity, previous, self._defaults)))
                 raise UserError(
                     f"{self.path} holds a {self.stage} run with a different config ({changed}); "
                     f"set run.dir to another folder, or pass --restart to discard it ({self._in_pipeline})"
@@ -204,15 +206,19 @@ def trim_step_log(path: Path, resume_step: int, keep_equal: bool) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def _without_new_defaults(current: dict, saved: dict, defaults: dict) -> dict:
-    """``current`` less the keys ``saved`` lacks whose value is their default."""
-    kept = {}
-    for key, value in current.items():
-        if key not in saved and value == defaults.get(key, object()):
+def _comparable(current: dict, saved: dict, defaults: dict) -> tuple[dict, dict]:
+    """``current`` and ``saved`` identities reduced to what both versions of instructrl know: a
+    key only ``saved`` has is one no longer part of an identity, and a key only ``current`` has
+    counts while it holds its default (an option added since leaves finished runs finished)."""
+    now, then = {}, {}
+    for key in current.keys() | saved.keys():
+        if key not in current or (key not in saved and current[key] == defaults.get(key, object())):
             continue
-        both_dicts = isinstance(value, dict) and isinstance(saved.get(key), dict) and isinstance(defaults.get(key), dict)
-        kept[key] = _without_new_defaults(value, saved[key], defaults[key]) if both_dicts else value
-    return kept
+        a, b = current[key], saved.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            a, b = _comparable(a, b, defaults.get(key) if isinstance(defaults.get(key), dict) else {})
+        now[key], then[key] = a, b
+    return now, then
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> str:
