@@ -29,3 +29,10 @@ def test_bench_rm_kway_forwards_fewer_sequences(tmp_path):
 def test_bench_unknown_stage(tmp_path):
     proc = cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "nope", check=False)
     assert proc.returncode == 2 and "unknown --stage" in proc.stderr
+
+
+def test_bench_never_writes_over_a_trained_run(smoke_base):
+    before = sorted(p.name for p in smoke_base.iterdir())
+    proc = cli("bench", "-c", str(SMOKE), f"run.dir={smoke_base}", "-n", "2", check=False)
+    assert proc.returncode == 2 and "holds a trained run (pretrain)" in proc.stderr
+    assert sorted(p.name for p in smoke_base.iterdir()) == before

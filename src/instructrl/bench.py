@@ -20,6 +20,7 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
+from instructrl.errors import UserError
 from instructrl.models.base import build_base_model, count_parameters, load_causal_lm
 from instructrl.models.reward import RewardModel
 from instructrl.models.tokenizer import train_tokenizer
@@ -38,8 +39,22 @@ def peak_memory_mb() -> dict[str, float]:
     return peaks
 
 
+MARK = ".instructrl-bench"  # in a run folder that bench made: its PPO folder may be written over
+
+
+def claim_bench_dir(root: Path) -> None:
+    """Make ``root`` a bench folder; a folder holding a trained run is refused, as bench replaces its PPO run."""
+    trained = [stage for stage in ("pretrain", "sft", "rm", "ppo_ptx", "ppo") if (root / stage).exists()]
+    if trained and not (root / MARK).is_file() and not (root / "models").is_dir():  # models/: a bench folder of an older version
+        raise UserError(f"bench: {root} holds a trained run ({', '.join(trained)}), which bench would write over; "
+                        "give bench a run.dir of its own (by default runs/bench)")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARK).touch()
+
+
 def run_bench(config: PipelineConfig, iterations: int, log=print) -> dict:
     root = Path(config.run.dir)
+    claim_bench_dir(root)
     world = build_world(config.world, root / "world")
     m = config.model  # one folder per model shape, so a changed model.* never reuses other weights
     models = root / "models" / f"{m.arch}-{m.n_layer}x{m.hidden_size}-h{m.n_head}-L{m.max_length}-v{config.tokenizer.vocab_size}-s{config.run.seed}"

@@ -213,22 +213,23 @@ def bench(
     config: Optional[Path] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     stage: str = typer.Option("ppo", "--stage", help="ppo: time a short PPO run; rm: reward-model throughput, K-way against independent pairs."),
-    iterations: int = typer.Option(6, "--iterations", "-n", help="ppo: iterations to run; the first is a warm-up and is not counted."),
+    iterations: int = typer.Option(6, "--iterations", "-n", min=2, help="ppo: iterations to run; the first is a warm-up and is not counted."),
     k: int = typer.Option(4, "--k", help="rm: responses per comparison."),
     comparisons: int = typer.Option(512, "--comparisons", help="rm: comparisons to train on in each mode."),
 ) -> None:
     """Measure speed on random models shaped by the config's model section; no earlier stage needed.
 
-    --stage ppo prints the time split of a PPO iteration (generation, the four scoring passes,
+    --stage ppo prints the time split of a PPO iteration (generation, each scoring pass,
     training), episodes/s, tokens/s and peak memory; --stage rm prints reward-model training
     throughput in comparisons/s with InstructGPT's K-way batches and with the same comparisons
-    expanded into independent pairs. Results go to RUN_DIR/bench.json or bench_rm.json (run.dir
-    defaults to runs/bench) and are printed as a table and as JSON.
+    expanded into independent pairs. Results go to RUN_DIR/bench.json or bench_rm.json (run.dir:
+    runs/bench unless the config or an override names another folder; never a trained run's) and
+    are printed as a table and as JSON.
     """
     from instructrl.bench import bench_rm, bench_table, run_bench
 
     cfg = _load(config, overrides or [])
-    if not any(o.startswith("run.dir=") for o in overrides or []):
+    if cfg.run.dir == PipelineConfig().run.dir:
         cfg.run.dir = Path("runs/bench")
     if stage == "rm":
         result = bench_rm(cfg, k, comparisons, log=_log)
