@@ -39,6 +39,15 @@ def test_pipeline_smoke_writes_every_record(tmp_path):
     # a second run finds every stage complete and trains nothing
     again = cli("pipeline", "-c", str(SMOKE), f"run.dir={run_dir}")
     assert "nothing to do" in again.stderr
+    # an eval of a mistyped model keeps the results it would have replaced; one of a model not named sft says what it lacks
+    before = (run_dir / "eval" / "results.json").read_text()
+    typo = cli("eval", "-c", str(SMOKE), f"run.dir={run_dir}", f"eval.models={{sft: {run_dir}/sft/final, x: {run_dir}/pp/final}}", check=False)
+    assert typo.returncode == 2 and "pp/final" in typo.stderr and (run_dir / "eval" / "results.json").read_text() == before
+    alone = cli("eval", "-c", str(SMOKE), f"run.dir={run_dir}", f"eval.models={{ppo: {run_dir}/ppo/final}}", "eval.n_prompts=4")
+    assert "no model is named 'sft'" in alone.stderr and "report:" in alone.stderr
+    # the world is what the stages learnt from: another world's config is refused, not written over it
+    other = cli("world", "-c", str(SMOKE), f"run.dir={run_dir}", "world.seed=1", check=False)
+    assert other.returncode == 2 and "world.seed: 0 -> 1" in other.stderr
 
 
 def _assert_clean_error(proc, *needles):

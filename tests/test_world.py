@@ -9,6 +9,7 @@ import re
 import pytest
 
 from instructrl.config import WorldConfig
+from instructrl.errors import UserError
 from instructrl.world.build import WorldFiles, build_world, make_splits, split_sizes
 from instructrl.world.corpus import corpus_documents
 from instructrl.world.tasks import FAMILIES, canonical
@@ -240,9 +241,12 @@ def test_build_world_twice_does_not_rewrite(tmp_path):
         assert path.stat().st_mtime_ns == 1_000_000_000, path
 
 
-def test_build_world_rewrites_for_another_config(tmp_path):
+def test_build_world_rewrites_for_another_config_only_when_asked(tmp_path):
     files = build_world(WorldConfig(**SMALL), tmp_path)
     os.utime(files.manifest, ns=(1_000_000_000, 1_000_000_000))
-    build_world(WorldConfig(**{**SMALL, "seed": 1}), tmp_path)
+    with pytest.raises(UserError, match=r"holds the world of another config \(world.seed: 0 -> 1\)"):
+        build_world(WorldConfig(**{**SMALL, "seed": 1}), tmp_path)  # the run's stages learnt from the old one
+    assert files.manifest.stat().st_mtime_ns == 1_000_000_000
+    build_world(WorldConfig(**{**SMALL, "seed": 1}), tmp_path, replace=True)
     assert files.manifest.stat().st_mtime_ns != 1_000_000_000
     assert json.loads(files.manifest.read_text())["config"]["seed"] == 1

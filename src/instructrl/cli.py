@@ -78,7 +78,11 @@ def _quiet_libraries() -> None:
 
 
 @app.command(epilog=_config_help("run", "world"))
-def world(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
+def world(
+    config: Optional[Path] = CONFIG_OPTION,
+    overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
+    restart: bool = typer.Option(False, "--restart", help="Replace a world of another config in run.dir (the stages trained on it are then stale)."),
+) -> None:
     """Write the built-in instruction world: prompt splits, demonstrations, pretraining corpus."""
     import json
     import random
@@ -87,7 +91,7 @@ def world(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]]
     from instructrl.world.labeler import SimulatedLabeler, agreement_rate
 
     cfg = _load(config, overrides)
-    files = build_world(cfg.world, Path(cfg.run.dir) / "world")
+    files = build_world(cfg.world, Path(cfg.run.dir) / "world", replace=restart)
     counts = json.loads(files.manifest.read_text())["counts"]
     _log(f"world written to {files.root}: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " prompts")
     # the agreement of two noisy labelers on pairs of distinct demonstrations of the same RM prompt
@@ -169,13 +173,14 @@ def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
     world's: to compare your own models on your own prompts, people judge A/B pairs in
     `instructrl label`."""
     from instructrl.evaluation.evaluate import results_table, run_eval
+    from instructrl.evaluation.report import write_report
 
     cfg = _load(config, overrides)
     if not _is_main_process():
         return  # evaluation runs in one process
     results = run_eval(cfg, log=_log)
     Console().print(results_table(results))
-    _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}")
+    _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}; report: {write_report(Path(cfg.run.dir))}")
 
 
 @app.command(epilog=_config_help("run", "world", "pretrain", "sft", "collect", "rm", "ppo", "eval"))

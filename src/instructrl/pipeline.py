@@ -81,11 +81,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
             latest[stage] = rc.run.dir / stage
     if not is_main:
         return None
-    final = config.model_copy(deep=True)
-    if rounds > 1 and final.eval.models is None:
-        final.eval.models = {"base": str(root / "pretrain" / "final"), "sft": str(root / "sft" / "final"),
-                             **{stage: str(latest[stage] / "final") for stage in ("ppo", "ppo_ptx")}}
-    results = run_eval(final, log=log)
+    results = run_eval(config, log=log)  # of the last round's PPO models
     write_report(root)
     return results
 

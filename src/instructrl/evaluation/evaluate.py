@@ -33,14 +33,13 @@ SECTIONS = ("run", "world", "eval")
 DEMONSTRATIONS = "demonstrations"
 
 
-MODEL_STAGES = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
-
-
 def default_models(config: PipelineConfig) -> dict[str, str]:
-    """This run's finished models: base, SFT, PPO and PPO-ptx, those that exist."""
+    """This run's finished models, those that exist: base, SFT, and PPO and PPO-ptx of the last
+    round (``pipeline.rounds``)."""
     root = Path(config.run.dir)
-    candidates = {name: root / stage / "final" for name, stage in MODEL_STAGES.items()}
-    return {name: str(path) for name, path in candidates.items() if path.is_dir()}
+    last = root / f"round{config.pipeline.rounds}" if config.pipeline.rounds > 1 else root
+    candidates = {"base": root / "pretrain", "sft": root / "sft", "ppo": last / "ppo", "ppo_ptx": last / "ppo_ptx"}
+    return {name: str(stage / "final") for name, stage in candidates.items() if (stage / "final").is_dir()}
 
 
 @torch.no_grad()
@@ -90,9 +89,12 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     models = cfg.models or default_models(config)
     if not models:
         raise UserError(f"eval: no models given and none found under {config.run.dir}; run pretrain/sft first or set eval.models")
+    if "sft" not in models:
+        log("eval: no model is named 'sft' in eval.models, so there are no win rates or alignment tax (both are measured against SFT)")
+    tokenizers = {name: load_tokenizer(path) for name, path in models.items()}  # every model exists before the old results go
+    world = build_world(config.world, Path(config.run.dir) / "world")
     run = RunDir(config, "eval", SECTIONS)
     run.start(restart=True)  # an evaluation holds no checkpoint; a new one replaces the old
-    world = build_world(config.world, Path(config.run.dir) / "world")
     tasks = load_tasks(world.prompts("eval"))[: cfg.n_prompts]
     judge = SimulatedLabeler()
     log(f"eval: the built-in world's {len(tasks)} held-out prompts ({world.prompts('eval')}), judged by its gold labeler; "
@@ -104,7 +106,7 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     losses = {}
     for name, path in models.items():
         log(f"eval: answering {len(tasks)} held-out prompts with {name} ({path})")
-        tokenizer = load_tokenizer(path)
+        tokenizer = tokenizers[name]
         model = load_causal_lm(path, tokenizer=tokenizer)
         answers[name] = generate_answers(model, tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size)
         if cfg.temperature is not None:

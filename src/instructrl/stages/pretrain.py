@@ -46,7 +46,7 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     # setup: the world and the tokenizer are written by the main process, read by all
     tokenizer_dir = run.path / "tokenizer"
     if accelerator.is_main_process:
-        world = build_world(config.world, Path(config.run.dir) / "world")
+        world = build_world(config.world, Path(config.run.dir) / "world", replace=restart)
         if not tokenizer_dir.is_dir():
             tmp = tokenizer_dir.with_name("tokenizer.tmp")
             train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size).save_pretrained(tmp)

@@ -89,12 +89,20 @@ class WorldFiles:
         return self.root / "world.json"
 
 
-def build_world(config: WorldConfig, root: Path) -> WorldFiles:
-    """Write the world under ``root`` unless the same config already wrote it there."""
+def build_world(config: WorldConfig, root: Path, replace: bool = False) -> WorldFiles:
+    """Write the world under ``root`` unless the same config already wrote it there. A world of
+    another config is replaced only when ``replace`` is set: the run's stages were trained on it."""
     files = WorldFiles(Path(root))
     wanted = config.model_dump(mode="json")
-    if files.manifest.is_file() and json.loads(files.manifest.read_text()).get("config") == wanted:
-        return files
+    if files.manifest.is_file():
+        found = json.loads(files.manifest.read_text()).get("config", {})
+        if found == wanted:
+            return files
+        if not replace:
+            changed = ", ".join(f"world.{k}: {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k) != v)
+            raise UserError(f"{files.root} holds the world of another config ({changed}), which this run's stages learnt from; "
+                            "set run.dir to another folder, or rebuild it with `instructrl world --restart` "
+                            "(`instructrl pipeline --restart-from pretrain`)")
     files.manifest.unlink(missing_ok=True)  # a half-rebuilt world must not pass for the old one
     splits = make_splits(config)
     for name, tasks in splits.items():
