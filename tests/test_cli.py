@@ -148,3 +148,30 @@ def test_too_few_demonstrations_for_one_batch(tmp_path, smoke_base):
     proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={smoke_base / 'pretrain' / 'final'}", f"sft.data={data}", check=False)
     _assert_clean_error(proc, "3 demonstrations are fewer than one batch", "sft.batch_size = 8")
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_a_full_disk_is_one_line_and_exit_status_1(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import pytest
+
+    from instructrl import cli as cli_module
+    from instructrl.world import build
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "world" / "corpus.txt"))
+
+    monkeypatch.setattr(build, "build_world", full)
+    monkeypatch.setattr("sys.argv", ["instructrl", "world", "-c", str(SMOKE), f"run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_:
+        cli_module.run()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" not in err
+    assert f"cannot write {tmp_path}/world/corpus.txt: No space left on device" in err
+
+
+def test_brackets_in_paths_and_values_survive_in_errors(tmp_path):
+    proc = cli("data", "check", str(tmp_path / "[exp1]" / "d.jsonl"), check=False)
+    assert proc.returncode == 2 and f"{tmp_path}/[exp1]/d.jsonl: file not found" in proc.stderr
+    proc = cli("config", "sft.epochs=.inf", check=False)
+    assert proc.returncode == 2 and "bad value for 'sft.epochs': Input should be a finite number" in proc.stderr

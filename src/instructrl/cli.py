@@ -7,6 +7,7 @@ line or key and exit status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from instructrl.config import PipelineConfig, describe_fields, dump_config, load_config
 from instructrl.errors import UserError
@@ -51,7 +53,8 @@ def _is_main_process() -> bool:
 
 def _log(message: str) -> None:
     if _is_main_process():
-        console.print(message, highlight=False, soft_wrap=True)  # one line per message: paths stay whole when copied or grepped
+        # one line per message: paths stay whole when copied or grepped; no markup, so [brackets] in a path or value stay
+        console.print(message, highlight=False, soft_wrap=True, markup=False)
 
 
 @app.callback()
@@ -306,7 +309,7 @@ def serve(
     engines = {name: load_engine(path, quantize, device, max_batch=max_batch, max_queue=max_queue, seed=seed) for name, path in specs.items()}
     server_app = create_app(engines, api_key=api_key, default_max_tokens=max_tokens)
     for name, path in specs.items():
-        _log(f"serve: model [bold]{name}[/bold] from {path}" + (" (int8)" if quantize == "int8" else ""))
+        _log(f"serve: model {name} from {path}" + (" (int8)" if quantize == "int8" else ""))
     _log(f"serve: OpenAI-compatible API at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     uvicorn.run(server_app, host=host, port=port, log_level="warning")
 
@@ -495,12 +498,19 @@ def run() -> None:
     except UserError as err:
         if _state["debug"]:
             raise
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as err:  # a full disk, a read-only or forbidden folder: checkpoints written so far are whole
+        if _state["debug"] or err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        console.print(f"[bold red]error:[/bold red] cannot write{escape(where)}: {escape(err.strerror or str(err))}; "
+                      "make room or fix the folder, then run the same command again to resume", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except (KeyboardInterrupt, SystemExit) as exit_:
         # typer turns Ctrl-C into exit status 130
         if isinstance(exit_, KeyboardInterrupt) or exit_.code == 130:
-            console.print("interrupted: run the same command again to resume from the last checkpoint")
+            _log("interrupted: run the same command again to resume from the last checkpoint")
             sys.exit(130)
         raise
 

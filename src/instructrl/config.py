@@ -24,7 +24,7 @@ RMFormat = Literal["auto", "comparison", "preference"]  # the formats that hold 
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunConfig(Strict):
