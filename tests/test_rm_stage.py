@@ -11,7 +11,7 @@ from instructrl.data.chat import tokenize_conversation
 from instructrl.data.jsonl import read_jsonl
 from instructrl.models.base import load_tokenizer
 from instructrl.stages.rm import score_sequences
-from instructrl.evaluation.rm_diagnostics import accuracy_by_group, length_bias, pairwise_accuracy
+from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, length_bias, pairwise_accuracy
 from instructrl.models.reward import RewardModel
 
 
@@ -22,6 +22,19 @@ def test_pairwise_accuracy_by_hand():
     # margins: both pairs have a gold margin of 1, so a window [0, 0.5) holds none
     accuracy, pairs = pairwise_accuracy([[1.0, 0.0, 5.0]], [[3.0, 2.0, 2.0]], 0, 0.5)
     assert pairs == 0 and math.isnan(accuracy)
+
+
+def test_accuracy_by_pair_kind_by_hand():
+    # comparison 1: gold (1.0 exact, 0.6 form, 0.0 wrong), rewards (2, 3, 1):
+    #   exact>form wrong (2 < 3), exact>wrong right (2 > 1), form>wrong right (3 > 1)
+    # comparison 2: gold (0.0 wrong, 1.0 exact, 0.0 wrong), rewards (5, 4, 0): exact>wrong 1 of 2; the wrong-wrong tie is left out
+    rewards = [[2.0, 3.0, 1.0], [5.0, 4.0, 0.0]]
+    gold = [[1.0, 0.6, 0.0], [0.0, 1.0, 0.0]]
+    kinds = [["exact", "form", "wrong"], ["wrong", "exact", "wrong"]]
+    by = accuracy_by_pair_kind(rewards, gold, kinds)
+    assert by == {"exact>wrong": {"accuracy": 2 / 3, "pairs": 3}, "exact>form": {"accuracy": 0.0, "pairs": 1},
+                  "form>wrong": {"accuracy": 1.0, "pairs": 1}}
+    assert list(by)[0] == "exact>wrong"  # the most pairs first
 
 
 def test_accuracy_by_group_by_hand():
@@ -56,6 +69,9 @@ def test_rm_stage_on_smoke(tmp_path, smoke_base):
     families = {json.loads(line)["id"]: json.loads(line)["family"] for line in (tmp_path / "world" / "prompts" / "rm.jsonl").read_text().splitlines()}
     assert set(diagnostics["accuracy_by_family"]) <= set(families.values()) and diagnostics["accuracy_by_family"]
     assert all(a is None or 0.0 <= a <= 1.0 for a in [diagnostics["accuracy_correct_vs_incorrect"], *diagnostics["accuracy_by_family"].values()])
+    by_kind = diagnostics["accuracy_by_pair_kind"]  # every pair the gold labeler orders is of one kind
+    assert set(by_kind) <= {f"{a}>{b}" for a in ("exact", "form", "wrong") for b in ("exact", "form", "wrong")}
+    assert sum(k["pairs"] for k in by_kind.values()) == diagnostics["pairs"]
     # the bias makes the demonstrations average a reward of 0 (InstructGPT §3.5)
     tokenizer = load_tokenizer(final)
     demos = [tokenize_conversation(tokenizer, r["messages"]).input_ids for _, r in read_jsonl(tmp_path / "world" / "demonstrations.jsonl")]

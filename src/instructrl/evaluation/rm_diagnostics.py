@@ -36,6 +36,22 @@ def accuracy_by_group(rewards: list[list[float]], gold: list[list[float]], group
     return {name: pairwise_accuracy([rewards[i] for i in idx], [gold[i] for i in idx])[0] for name, idx in sorted(members.items())}
 
 
+def accuracy_by_pair_kind(rewards: list[list[float]], gold: list[list[float]], kinds: list[list[str]]) -> dict[str, dict]:
+    """``pairwise_accuracy`` per kind of pair, "better>worse" by the responses' kinds
+    (``kinds[c][i]``: response i of comparison c, e.g. exact, form, wrong): {kind: {accuracy, pairs}}."""
+    counts = defaultdict(lambda: [0, 0])
+    for r, g, k in zip(rewards, gold, kinds):
+        for i in range(len(r)):
+            for j in range(i + 1, len(r)):
+                if g[i] == g[j]:
+                    continue
+                hi, lo = (i, j) if g[i] > g[j] else (j, i)
+                count = counts[f"{k[hi]}>{k[lo]}"]
+                count[0] += r[hi] > r[lo]
+                count[1] += 1
+    return {kind: {"accuracy": right / total, "pairs": total} for kind, (right, total) in sorted(counts.items(), key=lambda kv: -kv[1][1])}
+
+
 def correlation(xs: list[float], ys: list[float]) -> float:
     """Pearson correlation; nan when either side is constant or there are fewer than 3 points."""
     if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:

@@ -20,7 +20,7 @@ from instructrl.data.formats import read_comparisons, read_data
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError
-from instructrl.evaluation.rm_diagnostics import accuracy_by_group, correlation, figure, length_bias, pairwise_accuracy
+from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, correlation, figure, length_bias, pairwise_accuracy
 from instructrl.models.base import apply_switches, length_cap, load_tokenizer, set_dropout
 from instructrl.models.lora import add_lora
 from instructrl.models.reward import RewardModel
@@ -161,8 +161,10 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         log(f"rm: held-out accuracy vs {diagnostics['against']} {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
             f"reward~Likert r = {figure(diagnostics['gold_correlation'])}, length bias r = {figure(diagnostics['length_bias'])}")
         if "accuracy_by_family" in diagnostics:
-            log(f"rm: right vs wrong answers {diagnostics['accuracy_correct_vs_incorrect']:.3f}; by family: "
-                + ", ".join(f"{f} {a:.2f}" for f, a in diagnostics["accuracy_by_family"].items()))
+            log(f"rm: right vs wrong answers {figure(diagnostics['accuracy_correct_vs_incorrect'])}; by family: "
+                + ", ".join(f"{f} {figure(a)}" for f, a in diagnostics["accuracy_by_family"].items()))
+            log("rm: by kind of pair (exact answer, right answer in the wrong form or with filler, wrong answer): "
+                + ", ".join(f"{kind} {figure(k['accuracy'])} ({k['pairs']})" for kind, k in diagnostics["accuracy_by_pair_kind"].items()))
     run.write_lineage({"backbone": backbone, "comparisons": data})
     run.finish({"model": run.path / "final"})
     log(f"rm: reward model saved to {run.path / 'final'} (RewardModel.from_pretrained)")
@@ -177,13 +179,14 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
     and per family."""
     gold_judge = SimulatedLabeler()
     rewards, gold, gold_likert, flat = [], [], [], {"reward": [], "likert": [], "length": []}
-    correct, families = [], []  # of the comparisons of the built-in world's prompts
+    correct, kinds, families = [], [], []  # of the comparisons of the built-in world's prompts
     for record in heldout:
         scores = score_sequences(model, encode_comparison(tokenizer, record), tokenizer.pad_token_id, device)
         task = tasks.get(record.id)
         judgements = [gold_judge.judge(task, resp) for resp in record.responses] if task else None
         if judgements:
             correct.append([float(not {"incorrect", "fails_to_follow"} & set(j.flags)) for j in judgements])
+            kinds.append([answer_kind(j) for j in judgements])
             families.append(task.family)
         rewards.append(scores)
         gold.append([j.quality for j in judgements] if judgements else [-float(rank) for rank in record.ranks])
@@ -206,4 +209,13 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
         # does it check answers? pairs of a right answer (in any form) and a wrong or empty one
         "accuracy_correct_vs_incorrect": pairwise_accuracy(rewards, correct)[0],
         "accuracy_by_family": accuracy_by_group(rewards, gold, families),
+        # which differences it sees: exact vs wrong, exact vs right in the wrong form, ...
+        "accuracy_by_pair_kind": accuracy_by_pair_kind(rewards, gold, kinds),
     } if every_builtin else {})
+
+
+def answer_kind(judgement) -> str:
+    """exact (the gold answer, nothing else), wrong (incorrect or not following), or form (right, in the wrong form or with filler)."""
+    if judgement.quality == 1.0:
+        return "exact"
+    return "wrong" if {"incorrect", "fails_to_follow"} & set(judgement.flags) else "form"
