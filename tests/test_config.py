@@ -112,6 +112,18 @@ def test_bad_value_in_yaml_names_file_and_line(tmp_path):
     assert f"{path}:3: bad value for 'world.n_prompts'" in str(err.value)
 
 
+def test_a_key_written_twice_in_yaml_is_named(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("sft:\n  lr: 0.001\nrm:\n  lr: 0.0001\nsft:\n  epochs: 2\n")  # the second sft would silently replace the first
+    with pytest.raises(UserError, match=rf"{path}:5:1: malformed YAML: duplicate key 'sft'"):
+        load_config(path)
+
+
+def test_ppo_episodes_are_whole_rollout_batches():
+    with pytest.raises(UserError, match=r"ppo.episodes \(100\) must be a multiple of ppo.rollout_batch_size \(64\)"):
+        load_config(overrides=["ppo.episodes=100"]).ppo.check_sizes(1)
+
+
 def test_malformed_yaml_names_file_line_and_column(tmp_path):
     path = write(tmp_path, "run:\n  dir: a: b\n")
     # line 2 is '  dir: a: b'; the second ':' (a mapping inside a plain scalar) is at
@@ -152,6 +164,9 @@ def test_grad_accum_rejects_an_uneven_batch():
     # 30 is not a multiple of 8
     with pytest.raises(UserError, match=r"batch_size \(30\)"):
         TrainConfig(batch_size=30, micro_batch_size=8).grad_accum(1)
+    # a stage's sizes are named with their section
+    with pytest.raises(UserError, match=r"sft.batch_size \(30\) must be a multiple of sft.micro_batch_size x 2 processes \(16\)"):
+        TrainConfig(batch_size=30, micro_batch_size=8).check_fits(100, 2, "demos.jsonl", "demonstrations", "sft")
 
 
 # ---------------------------------------------------------------- shipped configs

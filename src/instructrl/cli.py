@@ -186,11 +186,11 @@ def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
     _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}; report: {write_report(Path(cfg.run.dir))}")
 
 
-@app.command(epilog=_config_help("run", "world", "pretrain", "sft", "collect", "rm", "ppo", "eval"))
+@app.command(epilog=_config_help("run", "world", "tokenizer", "model", "pretrain", "sft", "collect", "rm", "ppo", "pipeline", "eval"))
 def pipeline(
     config: Optional[Path] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
-    restart_from: Optional[str] = typer.Option(None, "--restart-from", help="Discard the earlier runs of this stage and every later one and run them again: pretrain, sft, collect, rm or ppo (both PPO runs). For a run folder whose config you changed."),
+    restart_from: Optional[str] = typer.Option(None, "--restart-from", help="Discard the earlier runs of this stage and every later one and run them again: pretrain, sft, collect, rm or ppo (both PPO runs; ppo_ptx says the same). For a run folder whose config you changed. Evaluation and the report are always redone."),
 ) -> None:
     """Run the whole recipe: pretrain, SFT, collect comparisons, RM, PPO-ptx and plain PPO, eval, report.
 

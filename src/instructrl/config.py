@@ -89,13 +89,15 @@ class TrainConfig(Strict):
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric lines.")
     record_data_order: bool = Field(False, description="Write which examples each process trained on (tests, debugging).")
 
-    def grad_accum(self, num_processes: int) -> int:
-        """Micro-batches per process per optimizer step, so that the global batch stays batch_size."""
-        return exact_div(self.batch_size, self.micro_batch_size * num_processes, "batch_size", f"micro_batch_size x {num_processes} processes")
+    def grad_accum(self, num_processes: int, section: str = "") -> int:
+        """Micro-batches per process per optimizer step, so that the global batch stays batch_size
+        (``section``: the config section, to name the keys in an error)."""
+        key = f"{section}." if section else ""
+        return exact_div(self.batch_size, self.micro_batch_size * num_processes, f"{key}batch_size", f"{key}micro_batch_size x {num_processes} processes")
 
     def check_fits(self, n_examples: int, num_processes: int, source: str, what: str, section: str) -> None:
         """Check the sizes before a run starts: they divide, and the data holds one global batch."""
-        self.grad_accum(num_processes)
+        self.grad_accum(num_processes, section)
         if n_examples < self.batch_size:
             raise UserError(f"{source}: {n_examples} {what} are fewer than one batch ({section}.batch_size = {self.batch_size})")
 
@@ -198,16 +200,17 @@ class PPOConfig(ModelSwitches):
     checkpoint_every: int = Field(10, gt=0, description="PPO iterations between resumable checkpoints.")
 
     def iterations(self) -> int:
-        return max(1, self.episodes // self.rollout_batch_size)
+        return self.episodes // self.rollout_batch_size
 
     def check_sizes(self, num_processes: int) -> None:
         """Every batch size divides the next, over ``num_processes`` processes."""
+        exact_div(self.episodes, self.rollout_batch_size, "ppo.episodes", "ppo.rollout_batch_size")
         exact_div(self.rollout_batch_size, self.minibatch_size, "ppo.rollout_batch_size", "ppo.minibatch_size")
         exact_div(self.minibatch_size, self.micro_batch_size * num_processes, "ppo.minibatch_size", f"ppo.micro_batch_size x {num_processes} processes")
 
 
 class EvalConfig(Strict):
-    models: dict[str, str] | None = Field(None, description="name: model path to evaluate. Default: this run's base and SFT models.")
+    models: dict[str, str] | None = Field(None, description="name: model path to evaluate; win rates and the alignment tax are measured against the one named sft. Default: this run's base, SFT, PPO and PPO-ptx models (of the last round), those that exist.")
     n_prompts: int | None = Field(None, gt=0, description="Evaluate on the first n held-out prompts only.")
     max_new_tokens: int = Field(24, gt=0, description="Longest answer generated.")
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch.")
@@ -260,11 +263,26 @@ def load_config(path: Path | str | None = None, overrides: list[str] = ()) -> Pi
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's loader, but a key written twice in one mapping is an error rather than the last one winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a config file")
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     except yaml.MarkedYAMLError as err:

@@ -31,6 +31,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
 
     ``restart_from``: that stage and every later one discard their earlier runs and run again
     (later rounds too, as they follow from the first round's PPO)."""
+    restart_from = "ppo" if restart_from == "ppo_ptx" else restart_from  # the folder's name for the same step
     if restart_from is not None and restart_from not in STAGES:
         raise UserError(f"--restart-from {restart_from!r}: choose one of {', '.join(STAGES)}")
     redo = {stage: restart_from is not None and i >= STAGES.index(restart_from) for i, stage in enumerate(STAGES)}

@@ -37,7 +37,7 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     if cfg.block_size > config.model.max_length:
         raise UserError(f"config: pretrain.block_size ({cfg.block_size}) exceeds model.max_length ({config.model.max_length})")
     accelerator = make_accelerator(cfg)
-    cfg.grad_accum(accelerator.num_processes)  # sizes must divide before anything is written
+    cfg.grad_accum(accelerator.num_processes, "pretrain")  # sizes must divide before anything is written
     run = RunDir(config, "pretrain", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
     if run.skip(restart, log):
         return run.path / "final"
