@@ -17,7 +17,7 @@ def rollout_metrics(rollout: Rollout, texts: list[str], ids: list[str], gold: di
     mask = rollout.response_mask.float()
     per_episode = {
         "rollout/score": rollout.rm_scores,
-        "rollout/score_with_penalty": rollout.scores,
+        "rollout/score_in_reward": rollout.scores,  # as the reward has it: ppo.missing_eos_score for a response without EOS
         "rollout/kl": (rollout.exact_kl * mask).sum(-1),
         "rollout/kl_k1": (kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(-1),
         "rollout/kl_k3": (kl_per_token(rollout.logprobs, rollout.ref_logprobs, "k3") * mask).sum(-1),

@@ -224,7 +224,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
                             "episodes": state.step * cfg.rollout_batch_size})
             if state.step % cfg.log_every == 0 or state.step == n_iterations:
                 run.log(state.step, metrics)
-            status = f"score {metrics['rollout/score']:+.2f}  kl {metrics['rollout/kl']:.2f}"
+            status = f"score {metrics['rollout/score_in_reward']:+.2f}  kl {metrics['rollout/kl']:.2f}"
             if "rollout/gold_likert" in metrics:
                 status += f"  gold {metrics['rollout/gold_likert']:.2f}"
             bar.update(task, completed=state.step, status=status)
