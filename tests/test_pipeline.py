@@ -40,6 +40,8 @@ def test_pipeline_two_rounds(tmp_path):
     report = (tmp_path / "report.html").read_text()
     for section in ("Held-out prompts", "Reward model", "over-optimisation", "Answers side by side", "data:image/png;base64"):
         assert section in report
+    assert report.count("<figcaption>") == report.count("<img ") == 3  # every figure says what it shows
+    assert "<th>base</th><th>sft</th><th>ppo</th><th>ppo_ptx</th>" in report  # every evaluated model's answers
 
     # everything is done: a second run skips every stage
     again = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", timeout=1200)

@@ -19,13 +19,15 @@ PPO_STAGES = ("ppo", "ppo_ptx")
 GOLD_ANSWERS = "gold_answers"  # eval's row of the gold answers: the ceiling of every win rate vs SFT
 
 
-def _figure_tag(fig) -> str:
+def _figure_tag(fig, caption: str) -> str:
+    """The figure as an embedded PNG, with ``caption`` below it (and as its alt text)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    image = f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}" alt="{html.escape(caption)}">'
+    return f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
 def _ppo_metrics(root: Path) -> dict[str, list[dict]]:
@@ -163,7 +165,7 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
                          f"{_win_text(w)} (n={w['n']} prompts)" if w else "",
                          ", ".join(f"{k} {v:.0%}" for k, v in r["sampled"]["overall"]["flags"].items())])
         parts.append(_table(["model", "mean Likert (sampled)", "win rate vs SFT (95% CI)", "flags"], rows))
-    parts.append(_figure_tag(_likert_plot(results)))
+    parts.append(_figure_tag(_likert_plot(results), "Mean gold Likert (1-7) of the greedy answers, per instruction family and model."))
 
     diagnostics = root / "rm" / "diagnostics.json"
     if diagnostics.is_file():
@@ -176,17 +178,25 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
         if d.get("accuracy_by_family"):
             parts.append(f"<p>Right vs wrong answers (does it check answers?): {figure(d['accuracy_correct_vs_incorrect'])}. "
                          "By family: " + ", ".join(f"{html.escape(f)} {figure(a)}" for f, a in d["accuracy_by_family"].items()) + ".</p>")
+        if d.get("accuracy_by_pair_kind"):
+            parts.append("<p>By kind of pair, better &gt; worse (exact: the gold answer; form: a right answer in the wrong form or "
+                         "with filler; wrong: a wrong answer or none): " + ", ".join(
+                             f"{html.escape(kind)} {figure(k['accuracy'])} ({k['pairs']} pairs)" for kind, k in d["accuracy_by_pair_kind"].items()) + ".</p>")
 
     metrics = _ppo_metrics(root)
     if metrics:
         parts.append("<h2>PPO: over-optimisation and training</h2>")
-        parts.append(_figure_tag(_overoptimisation_plot(metrics)))
-        parts.append(_figure_tag(_training_plot(metrics)))
+        parts.append(_figure_tag(_overoptimisation_plot(metrics),
+                                 "Each dot is one PPO iteration: the batch means of the RM's score (proxy) and of the gold labeler's "
+                                 "(gold) for the responses sampled in it, against the square root of their mean KL to SFT. A proxy "
+                                 "that keeps rising while gold falls is the RM being over-optimised (Gao et al. 2022)."))
+        parts.append(_figure_tag(_training_plot(metrics), "Per PPO iteration: KL to SFT, entropy per token, response length and the "
+                                 "share of responses that end with EOS, of the sampled batch."))
 
     samples_path = root / "eval" / "samples.jsonl"
     if samples_path.is_file():
         samples = [record for _, record in complete_lines(samples_path)][:n_samples]
-        shown = [n for n in ("sft", "ppo", "ppo_ptx") if samples and n in samples[0]]
+        shown = [n for n in samples[0] if isinstance(samples[0][n], dict) and n != "demonstrations"] if samples else []
         parts.append("<h2>Answers side by side</h2>")
         parts.append(_table(["prompt", "gold"] + shown, [
             ["<br>".join(f"<b>{m['role']}</b>: {html.escape(m['content'])}" for m in s["messages"]), html.escape(s["gold"])]
