@@ -97,6 +97,18 @@ def test_bad_rows_of_a_parquet_file_are_named_by_row(tmp_path):
         read_comparisons(tmp_path / "p.parquet")
 
 
+@pytest.mark.parametrize("text, n", [
+    ('{\n  "prompt": "Say cat.",\n  "completion": "cat"\n}\n', 1),  # one record, pretty-printed
+    ('{"data": [{"prompt": "Say cat.", "completion": "cat"}, {"prompt": "Say dog.", "completion": "dog"}]}', 2),  # wrapped in a field
+    ('{"prompt": "Say cat.", "completion": "cat"}\n{"prompt": "Say dog.", "completion": "dog"}\n', 2),  # JSON lines named .json
+    ('{"messages": [{"role": "user", "content": "Say cat."}, {"role": "assistant", "content": "cat"}]}', 1),  # one record, not a wrapper
+])
+def test_every_shape_of_a_json_file_reads(tmp_path, text, n):
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    assert len(read_data(path, "demonstration")[1]) == n
+
+
 def test_data_check_cli(tmp_path):
     good = write_jsonl(tmp_path / "prefs.jsonl", [SHAPES["preference_implicit"][0]] * 3)
     out = cli("data", "check", str(good))

@@ -80,13 +80,7 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
         except Exception as err:  # pyarrow raises several types for a corrupt file
             raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
         yield from _arrow_rows(path, dataset)
-    elif path.suffix == ".json" and path.read_bytes().lstrip()[:1] == b"[":
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text") from None
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    elif path.suffix == ".json" and (records := _json_records(path)) is not None:
         for number, record in enumerate(records, start=1):
             if not isinstance(record, dict):
                 raise UserError(f"{path}: record {number}: expected a JSON object, found {type(record).__name__}")
@@ -94,6 +88,29 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
     else:
         for number, record in read_jsonl(path):
             yield f"{path}:{number}", record
+
+
+def _json_records(path: Path) -> list | None:
+    """The records of a ``.json`` file holding one JSON value: a list of records, one record (even
+    pretty-printed), or an object whose only value is the list (``{"data": [...]}``). None when
+    the file is JSON lines under a .json name, as ``datasets`` writes them."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        if text.lstrip()[:1] == "[":
+            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+        return None
+    if isinstance(value, dict):
+        if len(value) == 1:
+            key, inner = next(iter(value.items()))
+            if isinstance(inner, list) and key not in KNOWN_FIELDS:  # {"data": [...]}, but {"messages": [...]} is one record
+                return inner
+        return [value]
+    return value if isinstance(value, list) else [value]
 
 
 def _load_from_disk(path: Path):
