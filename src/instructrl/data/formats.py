@@ -12,7 +12,8 @@ These are the Hugging Face ecosystem's (TRL's) dataset formats plus our K-way co
 PPO also takes its prompts from any format that holds one (the prompt of a prompt/completion,
 preference or comparison record, a conversation without its last assistant turn).
 
-Files: JSON lines (``.jsonl``, or any other name), a JSON list of records (``.json``), Parquet
+Files: JSON lines (``.jsonl``, or any other name), a ``.json`` file of one JSON value (a list of
+records, one record, or ``{"data": [...]}``) or of JSON lines, Parquet
 (``.parquet``), or a folder written by ``datasets``' ``save_to_disk``. A file holds one format;
 a record that fits none, or another than the first record's, is reported as file:line (file:row
 for Parquet and datasets folders, file:record for a JSON list).
