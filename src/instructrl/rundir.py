@@ -142,8 +142,9 @@ class RunDir:
         saved = self.path / "identity.json"
         previous = json.loads(saved.read_text()) if saved.is_file() else None
         if previous is not None and not restart:
-            if not self.matches(previous):
-                changed = _diff(*reversed(_comparable(self.identity, previous, self._defaults)))
+            now, then = _comparable(self.identity, previous, self._defaults)
+            if now != then:
+                changed = _diff(then, now)
                 raise UserError(
                     f"{self.path} holds a {self.stage} run with a different config ({changed}); "
                     f"set run.dir to another folder, or pass --restart to discard it ({self._in_pipeline})"

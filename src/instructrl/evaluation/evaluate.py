@@ -90,7 +90,7 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     if not models:
         raise UserError(f"eval: no models given and none found under {config.run.dir}; run pretrain/sft first or set eval.models")
     if "sft" not in models:
-        log("eval: no model is named 'sft' in eval.models, so there are no win rates or alignment tax (both are measured against SFT)")
+        log("eval: no model is named 'sft', so there are no win rates or alignment tax (both are measured against SFT)")
     tokenizers = {name: load_tokenizer(path) for name, path in models.items()}  # every model exists before the old results go
     world = build_world(config.world, Path(config.run.dir) / "world")
     run = RunDir(config, "eval", SECTIONS)

@@ -103,7 +103,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     random.Random(f"rm-split:{config.run.seed}").shuffle(order)
     n_heldout = int(len(records) * cfg.heldout_fraction)
     heldout = [records[i] for i in sorted(order[:n_heldout])]
-    train, encoded = [records[i] for i in sorted(order[n_heldout:])], [encoded[i] for i in sorted(order[n_heldout:])]
+    kept = sorted(order[n_heldout:])
+    train, encoded = [records[i] for i in kept], [encoded[i] for i in kept]
     cfg.check_fits(len(train), accelerator.num_processes, str(data), "training comparisons", "rm")
     # the built-in world, when the comparisons are its own or this run already has it (people ranked its prompts)
     has_world = cfg.data is None or WorldFiles(root / "world").manifest.is_file()
