@@ -328,8 +328,8 @@ def check_file(path: Path | str, data_format: str = "auto") -> dict:
     summary: dict = {"file": str(path), "format": "+".join(formats), "records": len(items), "usable_as": uses}
     if isinstance(items[0], ComparisonRecord):
         summary["k"] = sorted({len(c.responses) for c in items})
-        summary["pairs"] = sum(a != b for c in items for i, a in enumerate(c.ranks) for b in c.ranks[i + 1:])  # ties are no pair to learn from
-        summary["tied_pairs"] = sum(a == b for c in items for i, a in enumerate(c.ranks) for b in c.ranks[i + 1:])
+        tied = [a == b for c in items for i, a in enumerate(c.ranks) for b in c.ranks[i + 1:]]
+        summary["pairs"], summary["tied_pairs"] = tied.count(False), tied.count(True)  # a tie is no pair to learn from
     if isinstance(items[0], Demonstration) and items[0].messages is not None:
         summary["assistant_turns"] = sum(sum(m["role"] == "assistant" for m in d.messages) for d in items)
     misspelt = {}

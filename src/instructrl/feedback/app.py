@@ -74,11 +74,9 @@ class BodyLimit:
         # raised where the app reads the body, so that its exception handlers answer
         async def limited_receive() -> Message:
             nonlocal received
-            if declared > MAX_BODY_BYTES:
-                raise HTTPException(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
             message = await receive()
             received += len(message.get("body", b""))
-            if received > MAX_BODY_BYTES:
+            if max(declared, received) > MAX_BODY_BYTES:
                 raise HTTPException(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
             return message
 

@@ -141,6 +141,8 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
         engine = engine_for(body.model)
         refuse_unsupported(body)
         given = body.prompts()
+        if not given:
+            raise APIError(400, "give at least one prompt", param="prompt")
         params = ["prompt"] if len(given) == 1 else [f"prompt.{i}" for i in range(len(given))]
         prompts = [engine.tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in given]
         vocabulary = engine.model.get_input_embeddings().num_embeddings
@@ -149,8 +151,6 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
                 raise APIError(400, "the prompt is empty", param=param)
             if not all(0 <= t < vocabulary for t in prompt):
                 raise APIError(400, f"token ids must be in [0, {vocabulary})", param=param)
-        if not prompts:
-            raise APIError(400, "give at least one prompt", param="prompt")
         job = _submit(engine, prompts, body, default_max_tokens, params)
         id = schemas.new_id("cmpl")
         if body.stream:
