@@ -104,6 +104,22 @@ def test_a_stage_takes_only_the_data_formats_it_can_train_on(override, allowed):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize("override, expected", [("run.seed=true", "expected a number, not the boolean true"),
+                                                ("ppo.lr=yes", "expected a number, not the boolean true"),
+                                                ("model.arch=false", "expected 'gpt2' or 'llama', not the boolean false"),
+                                                ("sft.model=no", "expected a path or name in quotes, not the boolean false")])
+def test_a_yaml_boolean_is_never_read_as_a_number_or_a_name(override, expected):
+    # YAML reads true/yes/no as booleans, and pydantic would take true as 1 for a seed or a learning rate
+    with pytest.raises(UserError, match=f"bad value for '{override.split('=')[0]}': {expected}"):
+        load_config(overrides=[override])
+
+
+def test_the_word_no_is_a_precision_and_booleans_stay_booleans(tmp_path):
+    # mixed_precision's documented value 'no' is a boolean to YAML, unquoted in a file or on the command line
+    config = load_config(write(tmp_path, "sft:\n  mixed_precision: no\n"), overrides=["ppo.mixed_precision=no", "ppo.adaptive_kl=yes"])
+    assert (config.sft.mixed_precision, config.ppo.mixed_precision, config.ppo.adaptive_kl) == ("no", "no", True)
+
+
 def test_bad_value_in_yaml_names_file_and_line(tmp_path):
     path = write(tmp_path, "world:\n  seed: 1\n  n_prompts: 0\n")
     # n_prompts is on line 3

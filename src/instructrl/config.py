@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from instructrl.errors import UserError
 
@@ -25,6 +25,31 @@ RMFormat = Literal["auto", "comparison", "preference"]  # the formats that hold 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any, info) -> Any:
+        """YAML reads no/yes/off/on/true/false as booleans. A choice among words takes the word
+        back (``mixed_precision: no``); a number or a path never takes a boolean (``seed: true``)."""
+        if not isinstance(value, bool):
+            return value
+        choices = _choices(cls.model_fields[info.field_name].annotation)
+        if bool in choices:
+            return value
+        words = [w for w in (("yes", "on", "true") if value else ("no", "off", "false")) if w in choices]
+        if words:
+            return words[0]
+        literals = [repr(c) for c in choices if isinstance(c, str)]
+        expected = " or ".join(literals) if literals else "a path or name in quotes" if {str, Path} & set(choices) else "a number"
+        raise ValueError(f"expected {expected}, not the boolean {str(value).lower()}")
+
+
+def _choices(annotation: Any) -> list:
+    """The types and Literal values an annotation admits (through Optional and unions), in order."""
+    if get_origin(annotation) is Literal:
+        return list(get_args(annotation))
+    args = get_args(annotation)
+    return [c for arg in args for c in _choices(arg)] if args else [annotation]
 
 
 class RunConfig(Strict):
@@ -348,7 +373,7 @@ def _describe_validation_error(err: ValidationError, source: str, path, override
             hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
             lines.append(f"{where}: unknown config key '{dotted}'{hint}")
         else:
-            lines.append(f"{where}: bad value for '{dotted}': {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{where}: bad value for '{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
