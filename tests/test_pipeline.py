@@ -54,4 +54,5 @@ def test_pipeline_two_rounds(tmp_path):
     rerun = cli(*changed, "--restart-from", "ppo", timeout=1200)
     skipped = [line.split(":")[0] for line in (rerun.stdout + rerun.stderr).splitlines() if "nothing to do" in line]
     assert skipped == ["pretrain", "sft", "collect", "rm"]  # round 1's; round 2 follows from round 1's PPO and reruns
+    assert f"ppo_ptx: --restart discards {tmp_path / 'ppo_ptx'}: a finished run" in rerun.stderr  # says what it threw away
     assert "  lr: 3.0e-05\n" in (tmp_path / "round2" / "ppo_ptx" / "config.yaml").read_text()

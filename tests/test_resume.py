@@ -43,6 +43,7 @@ def test_restart_discards_the_old_run(tmp_path, smoke_base):
     cli(*_sft_args(run_dir, smoke_base)[:-1], "sft.epochs=1")
     proc = cli(*_sft_args(run_dir, smoke_base), "--restart")
     assert "resuming" not in proc.stderr
+    assert f"sft: --restart discards {run_dir / 'sft'}: a finished run (20" in proc.stderr  # says what it threw away
     assert json.loads((run_dir / "sft" / "identity.json").read_text())["sft"]["epochs"] == 4
     shutil.rmtree(run_dir)
 
@@ -57,3 +58,24 @@ def test_a_moved_or_respelt_run_folder_is_the_same_run(tmp_path, smoke_base):
         assert "nothing to do" in proc.stderr, (run_dir, extra)
     proc = cli("pretrain", "-c", str(SMOKE), f"run.dir={copy}", "pretrain.lr=0.002", check=False)
     assert proc.returncode == 2 and "different config (pretrain.lr: 0.001 -> 0.002)" in proc.stderr
+
+
+def test_a_restart_names_what_it_discards(tmp_path):
+    from instructrl.config import PipelineConfig
+    from instructrl.rundir import RunDir
+
+    config = PipelineConfig.model_validate({"run": {"dir": str(tmp_path)}})
+    said = []
+    for stage, make, expected in [
+        ("sft", lambda p: (p / "checkpoints" / "step-00000012").mkdir(parents=True), "an unfinished run, last checkpoint at step 12"),
+        ("collect", lambda p: (p / "comparisons.partial.jsonl").write_text("{}\n{}\n"), "an unfinished run, 2 records written"),
+        ("rm", lambda p: (p / "identity.json").write_text("{}"), "an unfinished run with no checkpoint"),
+    ]:
+        run = RunDir(config, stage, ("run",))
+        run.path.mkdir()
+        make(run.path)
+        run.start(restart=True, log=said.append)
+        assert said[-1] == f"{stage}: --restart discards {run.path}: {expected}"
+        assert not list(run.path.glob("checkpoints/*")) and not list(run.path.glob("*.partial.jsonl"))
+    RunDir(config, "ppo", ("run",)).start(restart=True, log=said.append)  # nothing there: nothing to say
+    assert len(said) == 3

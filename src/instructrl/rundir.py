@@ -133,11 +133,11 @@ class RunDir:
                 changed.append(f"{name} ({path})")
         return changed
 
-    def start(self, restart: bool = False) -> None:
+    def start(self, restart: bool = False, log=None) -> None:
         """Check that the folder holds no other run, then write config.yaml and run.json.
 
         A folder holding a run of a different config is an error unless ``restart`` is set:
-        its checkpoints are never silently overwritten.
+        its checkpoints are never silently overwritten. ``log``: told what a restart discards.
         """
         saved = self.path / "identity.json"
         previous = json.loads(saved.read_text()) if saved.is_file() else None
@@ -152,12 +152,28 @@ class RunDir:
         if not self.is_main:
             return
         if restart and self.path.exists():
+            if log is not None:
+                log(f"{self.stage}: --restart discards {self.path}: {self.contents()}")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         if previous != self.identity or restart:
             write_text_atomic(saved, json.dumps(self.identity, indent=2))
         write_text_atomic(self.path / "config.yaml", dump_config(self.config))
         write_text_atomic(self.path / "run.json", json.dumps(_run_info(self.config, self.processes), indent=2))
+
+    def contents(self) -> str:
+        """What the folder holds, in words: a finished run, or an unfinished one and how far it got."""
+        from instructrl.training.checkpoint import checkpoint_dirs
+
+        if self.done_file.is_file():
+            return f"a finished run ({json.loads(self.done_file.read_text()).get('finished', 'done')})"
+        checkpoints = checkpoint_dirs(self.path / "checkpoints")
+        partial = sorted(self.path.glob("*.partial.jsonl"))  # collect's records so far
+        if checkpoints:
+            return f"an unfinished run, last checkpoint at step {int(checkpoints[-1].name[len('step-'):])}"
+        if partial:
+            return f"an unfinished run, {sum(1 for _ in partial[0].open())} records written"
+        return "an unfinished run with no checkpoint"
 
     def finish(self, outputs: dict[str, Path]) -> None:
         if self.is_main:

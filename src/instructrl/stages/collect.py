@@ -48,7 +48,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
         return output
     if cfg.judgements is not None:  # people's rankings: check every line, then use them as they are
         records = read_comparisons(cfg.judgements)
-        run.start(restart)
+        run.start(restart, log)
         write_comparisons(output, records)
         run.write_lineage({"judgements": cfg.judgements})
         run.finish({"comparisons": output})
@@ -66,7 +66,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     if not tasks:
         raise UserError(f"collect: collect.first_prompt = {cfg.first_prompt} is past the last RM prompt")
     labelers = [SimulatedLabeler(f"sim-{i}", noise=config.world.labeler_noise) for i in range(cfg.labelers)]
-    run.start(restart)
+    run.start(restart, log)
 
     partial = run.path / "comparisons.partial.jsonl"
     kept = [line for line, _ in complete_lines(partial)]

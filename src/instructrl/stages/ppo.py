@@ -130,7 +130,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         ptx_blocks = pack_documents(tokenizer, read_texts(ptx_path), min(PTX_BLOCK, max_length))
         if len(ptx_blocks) < cfg.ptx_batch_size:
             raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {PTX_BLOCK} tokens")
-    run.start(restart)
+    run.start(restart, log)
 
     trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
     policy_opt = torch.optim.AdamW(trainable(policy), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)

@@ -41,7 +41,7 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     run = RunDir(config, "pretrain", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
     if run.skip(restart, log):
         return run.path / "final"
-    run.start(restart)
+    run.start(restart, log)
 
     # setup: the world and the tokenizer are written by the main process, read by all
     tokenizer_dir = run.path / "tokenizer"

@@ -113,7 +113,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     accelerator.wait_for_everyone()
     world = build_world(config.world, root / "world") if has_world else None
     demos, centred = centring_set(cfg.demonstrations or (world.demonstrations if world else None), tokenizer, train, encoded, max_length)
-    run.start(restart)
+    run.start(restart, log)
 
     set_dropout(model.backbone, cfg.dropout)
     apply_switches(model.backbone, cfg)
