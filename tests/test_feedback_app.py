@@ -118,6 +118,12 @@ def test_a_body_over_the_limit_gets_413_and_nothing_is_stored(project):
         assert response.status_code == 413 and str(MAX_BODY_BYTES) in response.json()["detail"], path
     view = ann.get(f"/api/assignments/{write}").json()
     assert (view["state"], view["draft"]) == ("leased", "")
+    # a browser's form post over the limit, or a page that does not exist, gets a page, not JSON
+    browser = {"Accept": "text/html", "Content-Type": "application/x-www-form-urlencoded"}
+    response = ann.post("/login", content=b"name=ann&password=" + b"x" * MAX_BODY_BYTES, headers=browser)
+    assert response.status_code == 413 and "text/html" in response.headers["content-type"] and str(MAX_BODY_BYTES) in response.text
+    response = ann.get("/no-such-page", headers={"Accept": "text/html"})
+    assert response.status_code == 404 and "text/html" in response.headers["content-type"] and "Error 404" in response.text
 
 
 def test_user_names_are_stripped_and_a_taken_name_is_a_conflict(project):

@@ -14,12 +14,14 @@ import sqlite3
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from instructrl.data.jsonl import nan_to_none
@@ -138,6 +140,13 @@ def create_app(project_dir: Path | str) -> FastAPI:
             return page("message.html", err.status, user=None, title=f"Error {err.status}", message=str(err))
         detail = f"{err.field}: {err}" if err.field and err.status == 422 else str(err)
         return JSONResponse({"detail": detail, "field": err.field}, status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        """The framework's own refusals (413 from BodyLimit, 404, 405): a page for a browser."""
+        if wants_html(request):
+            return page("message.html", err.status_code, user=None, title=f"Error {err.status_code}", message=str(err.detail))
+        return await http_exception_handler(request, err)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, err: UserError):
