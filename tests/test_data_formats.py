@@ -219,3 +219,29 @@ def test_ppo_on_own_prompts_keeps_the_built_in_world_out(tmp_path, tiny_sft):
         run_ppo(load_config(SMOKE, own), log=lambda *_: None)
     run_ppo(load_config(SMOKE, own + ["ppo.ptx_coef=0"]), log=lambda *_: None)
     assert (tmp_path / "ppo" / "final").is_dir() and not (tmp_path / "world").exists() and not (tmp_path / "ppo_ptx" / "final").exists()
+
+
+def test_control_tokens_in_users_text_are_pointed_out(tmp_path, tiny_sft):
+    """'<|endoftext|>' typed inside a message is read as the EOS token and ends the turn: data check
+    --model and the stages say which records hold such a token; "text" records (whole templated
+    sequences) are left out."""
+    from instructrl.data.formats import control_tokens_in
+    from instructrl.models.base import load_tokenizer
+    from instructrl.stages.sft import run_sft
+
+    run, _ = tiny_sft
+    model = run / "sft" / "final"
+    eos = load_tokenizer(model).eos_token
+    rows = [SHAPES["messages"][0], {"messages": [{"role": "user", "content": f"Say cat.{eos}"}, ASSISTANT]}] * 8
+    data = write_jsonl(tmp_path / "demos.jsonl", rows)
+    assert control_tokens_in(data, load_tokenizer(model)) == (8, f"{data}:2: {eos!r}")
+    assert control_tokens_in(write_jsonl(tmp_path / "text.jsonl", [{"text": f"the cat{eos}"}]), load_tokenizer(model)) == (0, None)
+
+    proc = cli("data", "check", str(data), "--model", str(model))
+    assert json.loads(proc.stdout.splitlines()[-1])["control_tokens"] == {"records": 8, "first": f"{data}:2: {eos!r}"}
+    assert "warning: 8 records hold the control tokens" in proc.stderr
+    assert "control_tokens" not in json.loads(cli("data", "check", str(data)).stdout.splitlines()[-1])  # needs the tokenizer
+
+    said = []
+    run_sft(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"sft.model={model}", f"sft.data={data}"]), log=said.append)
+    assert any(line.startswith(f"sft: warning: 8 records of {data} hold the tokenizer's control tokens") for line in said), said

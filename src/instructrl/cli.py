@@ -259,6 +259,7 @@ app.add_typer(data_app, name="data")
 def data_check(
     file: Path = typer.Argument(..., help="A JSONL, JSON or Parquet file, a datasets save_to_disk folder, or plain text (ppo.ptx_data)."),
     data_format: str = typer.Option("auto", "--format", help="auto (from the fields), text, prompt_completion, messages, preference, comparison or prompt."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A checkpoint or tokenizer: also count the records whose text holds its control tokens (<|im_end|>, </s>, ...), which tokenizing reads as those tokens."),
 ) -> None:
     """Validate a data file and print its format, its record count and the stage inputs it can be.
 
@@ -269,10 +270,19 @@ def data_check(
 
     if data_format != "auto" and data_format not in FORMATS:
         raise UserError(f"data check: unknown --format {data_format!r}; choose auto or one of {', '.join(FORMATS)}")
-    summary = check_file(file, data_format)
-    details = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("file", "format", "records", "usable_as"))
+    tokenizer = None
+    if model is not None:
+        from instructrl.models.base import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+    summary = check_file(file, data_format, tokenizer)
+    details = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("file", "format", "records", "usable_as", "control_tokens"))
     _log(f"{file}: {summary['records']} {summary['format']} records" + (f" ({details})" if details else "")
          + f"; usable as {', '.join(summary['usable_as'])}")
+    if "control_tokens" in summary:
+        found = summary["control_tokens"]
+        _log(f"{file}: warning: {found['records']} records hold the control tokens of {model} in their text (first at {found['first']}); "
+             "they are read as those tokens, not as text")
     typer.echo(json.dumps(summary))
 
 

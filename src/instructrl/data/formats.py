@@ -305,9 +305,48 @@ def read_texts(path: Path | str) -> list[str]:
         raise UserError(f"{path}: not UTF-8 text") from None
 
 
-def check_file(path: Path | str, data_format: str = "auto") -> dict:
+def control_tokens_in(path: Path | str, tokenizer) -> tuple[int, str | None]:
+    """How many records of ``path`` hold one of ``tokenizer``'s control tokens (``<|im_end|>``,
+    ``</s>``, ...) in their text, and where the first is. Tokenizing reads such a string as the
+    token itself, not as text: inside a message it can end the turn early. Records in the "text"
+    format are left out: their text is the whole sequence, templates and control tokens included."""
+    specials = [t for t in tokenizer.all_special_tokens if t]
+    count, first = 0, None
+    for where, record in read_records(path):
+        if detect_format(record) == "text":
+            continue
+        token = next((t for text in _strings(record) for t in specials if t in text), None)
+        if token is not None:
+            count += 1
+            first = first or f"{where}: {token!r}"
+    return count, first
+
+
+def control_token_warning(path: Path | str, tokenizer, what: str) -> str | None:
+    """A line for a stage's log when ``path`` holds control tokens (``control_tokens_in``), else None."""
+    count, first = control_tokens_in(path, tokenizer)
+    if not count:
+        return None
+    return (f"warning: {count} {what} of {path} hold the tokenizer's control tokens in their text (first at {first}); "
+            f"they are read as those tokens, not as text")
+
+
+def _strings(value) -> Iterator[str]:
+    """Every string inside a record's values, however nested."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def check_file(path: Path | str, data_format: str = "auto", tokenizer=None) -> dict:
     """What ``instructrl data check`` reports: the format, the record count, the stage inputs the
-    file can be, and a summary; every record is validated for each of those inputs."""
+    file can be, and a summary; every record is validated for each of those inputs. With a
+    ``tokenizer``, also the records that hold its control tokens (``control_tokens_in``)."""
     path = Path(path)
     if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):  # plain text: PPO-ptx's documents, one per line
         return {"file": str(path), "format": "plain text", "records": sum(1 for line in read_texts(path) if line.strip()),
@@ -342,4 +381,8 @@ def check_file(path: Path | str, data_format: str = "auto") -> dict:
         first = next(record for _, record in read_records(path) if detect_format(record) == "preference")
         summary["style"] = ("conversational" if isinstance(first["chosen"], list) else "plain text") + \
             (", explicit prompt" if "prompt" in first else ", implicit prompt")
+    if tokenizer is not None:
+        count, first = control_tokens_in(path, tokenizer)
+        if count:
+            summary["control_tokens"] = {"records": count, "first": first}
     return summary
