@@ -126,6 +126,29 @@ def test_a_body_over_the_limit_gets_413_and_nothing_is_stored(project):
     assert response.status_code == 404 and "text/html" in response.headers["content-type"] and "Error 404" in response.text
 
 
+def test_a_compare_of_two_identical_answers_is_a_tie_nobody_is_asked_to_judge(tmp_path):
+    # greedy SFT and PPO answers are often the same text: asking people to compare them wastes their time
+    same = COMPARE | {"prompt_id": "c2", "responses": ["tac", "tac"]}
+    conn, pid, users = make_project(tmp_path, USERS, [same, COMPARE], overlap=2)
+    app = create_app(tmp_path)
+    for name, choice in (("ann", "tie"), ("bob", "tie")):
+        labeler = client(app, users[name])
+        view = labeler.post(f"/api/projects/{pid}/next", json={}).json()["assignment"]
+        assert view["prompt_id"] == "c1"
+        assert labeler.post(f"/api/assignments/{view['id']}/submit", json={"choice": choice}).status_code == 200
+        assert labeler.post(f"/api/projects/{pid}/next", json={}).json()["assignment"] is None
+    admin = client(app, users["root"])
+    progress = admin.get(f"/api/projects/{pid}/progress").json()["kinds"]["compare"]
+    assert (progress["tasks"], progress["identical_answers"], progress["tasks_complete"], progress["done"]) == (1, 1, 1, 1.0)
+    assert "(+1 with identical answers: ties)" in admin.get("/admin", headers={"Accept": "text/html"}).text
+    admin.post(f"/api/projects/{pid}/export")
+    out = tmp_path / "exports" / str(pid)
+    compare = [json.loads(line) for line in (out / "compare.jsonl").read_text().splitlines()]
+    assert [(c["id"], c["labeler_id"], c["winner"]) for c in compare] == [("c1", "ann", "tie"), ("c1", "bob", "tie"), ("c2", None, "tie")]
+    wr = json.loads((out / "quality.json").read_text())["compare"]["win_rates"]["ppo vs sft"]
+    assert (wr["n"], wr["ties"], wr["win_rate"]) == (2, 3, 0.5)  # two tasks: one judged by two people, one decided
+
+
 def test_user_names_are_stripped_and_a_taken_name_is_a_conflict(project):
     root, pid, users, app = project
     admin = client(app, users["root"])
@@ -204,7 +227,7 @@ def test_what_labelers_submit_is_what_the_export_holds(project, tmp_path):
     assert {c["labeler_id"]: c["winner"] for c in compare} == {"ann": COMPARE["sources"][COMPARE["responses"].index(view["responses"][0])], "bob": "tie"}
     quality = json.loads((out / "quality.json").read_text())
     wr = quality["compare"]["win_rates"]["ppo vs sft"]
-    assert wr["n"] == 2 and wr["ties"] == 1 and wr["ci95"][0] <= wr["win_rate"] <= wr["ci95"][1]
+    assert wr["n"] == 1 and wr["ties"] == 1 and wr["ci95"][0] <= wr["win_rate"] <= wr["ci95"][1]  # one task, judged twice
     assert quality["rank"]["pairwise"]["pairs"] > 0 and quality["progress"]["kinds"]["rank"]["tasks_complete"] == 2
     # the admin's button and the file download
     assert "comparisons.jsonl" in admin.post(f"/admin/projects/{pid}/export").text

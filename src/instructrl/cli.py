@@ -453,8 +453,10 @@ def label_project(
     except TaskError as err:
         raise UserError(f"label project: {err}") from None
     counts = {kind: sum(t["kind"] == kind for t in new_tasks) for kind in ("write", "rank", "compare")}
+    identical = sum(t["kind"] == "compare" and t["responses"][0] == t["responses"][1] for t in new_tasks)
     _log(f"label: project {name} (id {project_id}) in {project_dir}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
-         + f" tasks, overlap {overlap}, guidelines {settings.version()}")
+         + f" tasks, overlap {overlap}, guidelines {settings.version()}"
+         + (f"; {identical} compare tasks have two identical answers: ties, never shown to labelers" if identical else ""))
 
 
 @label_app.command("export")

@@ -4,7 +4,7 @@
     comparisons.jsonl             one ComparisonRecord per labeler and task      -> instructrl rm rm.data=
     comparisons_aggregated.jsonl  one ComparisonRecord per task (mean rank)      -> instructrl rm rm.data=
     preference_pairs.jsonl        TRL's {"prompt", "chosen", "rejected"}, every strictly ordered pair
-    compare.jsonl                 each A/B judgement, models named
+    compare.jsonl                 each A/B judgement, models named (two identical answers: a tie, labeler_id null)
     quality.json                  progress, agreement, win rates with their interval
 """
 
@@ -19,7 +19,7 @@ from instructrl.data.jsonl import nan_to_none, write_jsonl
 from instructrl.data.records import ComparisonRecord, write_comparisons
 from instructrl.evaluation.preference import win_rate
 from instructrl.feedback.agreement import krippendorff_alpha, pairwise_agreement
-from instructrl.feedback.tasks import FLAGS, dense_ranks, progress, project_by_id, submitted_answers
+from instructrl.feedback.tasks import FLAGS, dense_ranks, identical_compare_tasks, progress, project_by_id, submitted_answers
 from instructrl.rundir import write_text_atomic
 
 FILES = ("demonstrations.jsonl", "comparisons.jsonl", "comparisons_aggregated.jsonl", "preference_pairs.jsonl", "compare.jsonl", "quality.json")
@@ -64,25 +64,36 @@ def preference_pairs(record: ComparisonRecord) -> list[dict]:
     return pairs
 
 
-def compare_records(answers: list[dict]) -> list[dict]:
+def compare_records(answers: list[dict], identical: list[dict] = ()) -> list[dict]:
+    """Each A/B judgement, the winner named by model; each task of two ``identical`` answers
+    (``identical_compare_tasks``) once, as a tie nobody was asked to judge (labeler_id None)."""
     out = []
     for a in answers:
         winner = a["answer"]["winner"]
         out.append({"id": a["prompt_id"], "prompt": a["prompt"], "answers": a["responses"], "models": a["sources"],
                     "winner": "tie" if winner is None else a["sources"][winner], "labeler_id": a["labeler"],
                     "guideline_version": a["guideline_version"]})
+    for t in identical:
+        out.append({"id": t["prompt_id"], "prompt": t["prompt"], "answers": t["responses"], "models": t["sources"], "winner": "tie",
+                    "labeler_id": None, "guideline_version": None})
     return out
 
 
+def project_compare_records(conn: sqlite3.Connection, project_id: int) -> list[dict]:
+    return compare_records(submitted_answers(conn, project_id, "compare"), identical_compare_tasks(conn, project_id))
+
+
 def win_rates(records: list[dict]) -> dict:
-    """Per pair of models: how often the first beats the second, ties half, with a 95% interval."""
-    by_pair: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+    """Per pair of models: how often the first beats the second, ties half, with a 95% interval.
+    A task is one prompt of ``win_rate``: its labelers' judgements are its comparisons, so several
+    labelers of one task make its outcome surer but do not count as more prompts."""
+    by_pair: dict[tuple[str, str], dict[tuple, tuple[list[float], list[float]]]] = {}
     for r in records:
         a, b = sorted(r["models"])
-        scores = by_pair.setdefault((a, b), ([], []))
+        scores = by_pair.setdefault((a, b), {}).setdefault((r["id"], tuple(r["answers"])), ([], []))
         scores[0].append(1.0 if r["winner"] == a else 0.0)
         scores[1].append(1.0 if r["winner"] == b else 0.0)
-    return {f"{a} vs {b}": win_rate(*scores) for (a, b), scores in sorted(by_pair.items())}
+    return {f"{a} vs {b}": win_rate(*zip(*tasks.values())) for (a, b), tasks in sorted(by_pair.items())}
 
 
 def quality(conn: sqlite3.Connection, project_id: int, rankings: list[ComparisonRecord] | None = None,
@@ -91,13 +102,15 @@ def quality(conn: sqlite3.Connection, project_id: int, rankings: list[Comparison
     if rankings is None:
         rankings = [comparison_record(a) for a in submitted_answers(conn, project_id, "rank")]
     if comparisons is None:
-        comparisons = compare_records(submitted_answers(conn, project_id, "compare"))
+        comparisons = project_compare_records(conn, project_id)
     by_task: dict[tuple, dict[str, ComparisonRecord]] = {}
     for r in rankings:
         by_task.setdefault((r.id, tuple(r.responses)), {})[r.labeler_id] = r
     likert_units = [{name: r.likert[i] for name, r in unit.items()} for unit in by_task.values() for i in range(len(next(iter(unit.values())).responses))]
     choices: dict[tuple, dict[str, str]] = {}
     for c in comparisons:
+        if c["labeler_id"] is None:  # a tie of identical answers: no labeler's choice to agree on
+            continue
         choices.setdefault((c["id"], tuple(c["answers"])), {})[c["labeler_id"]] = c["winner"]
     choice_codes = {}
     return {
@@ -126,7 +139,7 @@ def export_project(conn: sqlite3.Connection, project_id: int, out_dir: Path | st
         by_task.setdefault((r.id, tuple(r.responses)), []).append(r)
     aggregated = [aggregate(group) for group in by_task.values()]
     pairs = [p for r in rankings for p in preference_pairs(r)]
-    comparisons = compare_records(submitted_answers(conn, project_id, "compare"))
+    comparisons = project_compare_records(conn, project_id)
     write_jsonl(out_dir / "demonstrations.jsonl", demos)
     write_comparisons(out_dir / "comparisons.jsonl", rankings)
     write_comparisons(out_dir / "comparisons_aggregated.jsonl", aggregated)

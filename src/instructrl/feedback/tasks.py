@@ -29,6 +29,8 @@ from instructrl.feedback.db import now, transaction
 from instructrl.world.labeler import FLAGS as WORLD_FLAGS
 
 KINDS = ("write", "rank", "compare")
+# a compare task whose two answers are the same text: a tie, decided without asking anyone
+IDENTICAL = "(t.kind = 'compare' AND json_extract(t.responses, '$[0]') = json_extract(t.responses, '$[1]'))"
 # the simulated labeler's flags, then more of InstructGPT's labeling metadata (Table 3)
 FLAGS = WORLD_FLAGS + ("hallucination", "harmful", "inappropriate")
 # free text from a request: refused at parse time unless it can be stored (see data.jsonl.encodable)
@@ -152,7 +154,8 @@ def next_task(conn: sqlite3.Connection, project_id: int, user: User, kind: str |
     """The id of the assignment ``user`` should work on next, leasing a task if needed; None when nothing is left.
 
     A live lease the user already holds comes first. Otherwise the first task (by id) that the
-    user has neither answered nor skipped and that fewer than ``overlap`` others hold.
+    user has neither answered nor skipped and that fewer than ``overlap`` others hold. A compare
+    task with two identical answers is never handed out: it is a tie (``identical_compare_tasks``).
     """
     if kind is not None and kind not in KINDS:
         raise Invalid(f"kind must be one of {', '.join(KINDS)}", "kind")
@@ -167,7 +170,7 @@ def next_task(conn: sqlite3.Connection, project_id: int, user: User, kind: str |
         if held:
             return held["id"]
         row = conn.execute(
-            f"SELECT t.id, t.responses FROM tasks t WHERE t.project_id = ? {kind_clause} "
+            f"SELECT t.id, t.responses FROM tasks t WHERE t.project_id = ? {kind_clause} AND NOT {IDENTICAL} "
             "AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.task_id = t.id AND a.user_id = ? AND a.state != 'leased') "
             "AND (SELECT COUNT(*) FROM assignments a WHERE a.task_id = t.id AND a.user_id != ? "
             "     AND (a.state = 'submitted' OR (a.state = 'leased' AND a.lease_expires > ?))) < ? "
@@ -367,6 +370,14 @@ def submitted_answers(conn: sqlite3.Connection, project_id: int, kind: str) -> l
     } for r in rows]
 
 
+def identical_compare_tasks(conn: sqlite3.Connection, project_id: int) -> list[dict]:
+    """The compare tasks whose two answers are the same text (never handed out: a tie), as ``submitted_answers`` gives tasks."""
+    rows = conn.execute(f"SELECT t.id, t.prompt_id, t.prompt, t.responses, t.sources FROM tasks t WHERE t.project_id = ? AND {IDENTICAL} "
+                        "ORDER BY t.id", (project_id,)).fetchall()
+    return [{"task_id": r["id"], "prompt_id": r["prompt_id"], "prompt": json.loads(r["prompt"]), "responses": json.loads(r["responses"]),
+             "sources": json.loads(r["sources"])} for r in rows]
+
+
 # ---------------------------------------------------------------- progress
 
 
@@ -375,20 +386,22 @@ def progress(conn: sqlite3.Connection, project_id: int) -> dict:
     project = project_by_id(conn, project_id)
     at = now()
     per_kind = {}
-    for kind, n_tasks in conn.execute("SELECT kind, COUNT(*) FROM tasks WHERE project_id = ? GROUP BY kind", (project_id,)):
+    for kind, n_tasks, identical in conn.execute(f"SELECT kind, COUNT(*), SUM({IDENTICAL}) FROM tasks t WHERE project_id = ? GROUP BY kind",
+                                                 (project_id,)).fetchall():
+        n_tasks -= identical  # decided as ties, never shown
         counts = dict(conn.execute(
             "SELECT CASE WHEN a.state = 'leased' AND a.lease_expires <= ? THEN 'expired' ELSE a.state END AS s, COUNT(*) "
             "FROM assignments a JOIN tasks t ON t.id = a.task_id WHERE t.project_id = ? AND t.kind = ? GROUP BY s",
             (at, project_id, kind)).fetchall())
         complete = conn.execute(
             "SELECT COUNT(*) FROM tasks t WHERE t.project_id = ? AND t.kind = ? AND "
-            "(SELECT COUNT(*) FROM assignments a WHERE a.task_id = t.id AND a.state = 'submitted') >= ?",
+            f"NOT {IDENTICAL} AND (SELECT COUNT(*) FROM assignments a WHERE a.task_id = t.id AND a.state = 'submitted') >= ?",
             (project_id, kind, project["overlap"])).fetchone()[0]
         needed = n_tasks * project["overlap"]
         submitted = counts.get("submitted", 0)
         per_kind[kind] = {"tasks": n_tasks, "tasks_complete": complete, "answers_needed": needed, "submitted": submitted,
                           "skipped": counts.get("skipped", 0), "leased": counts.get("leased", 0),
-                          "done": min(1.0, submitted / needed) if needed else 1.0}
+                          "done": min(1.0, submitted / needed) if needed else 1.0} | ({"identical_answers": identical} if kind == "compare" else {})
     per_labeler = {}
     for r in conn.execute(
         "SELECT u.name, a.state, a.lease_expires, a.seconds_spent FROM assignments a JOIN tasks t ON t.id = a.task_id "
