@@ -336,3 +336,13 @@ def test_label_project_leaves_nothing_behind_and_reading_commands_create_nothing
         proc = cli("label", command, "p", "--dir", str(typo), check=False)
         assert proc.returncode == 2 and f"no feedback database at {typo}" in proc.stderr and "Traceback" not in proc.stderr
     assert not typo.exists()
+
+
+def test_label_project_says_how_many_compare_tasks_are_ties_of_identical_answers(tmp_path, smoke_base):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Reverse \'cat\'."}\n{"prompt": "Say dog."}\n')
+    base = smoke_base / "pretrain" / "final"
+    proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--compare", f"a={base}", "--compare", f"b={base}")
+    assert "2 compare tasks, overlap 1" in proc.stderr and "2 compare tasks have two identical answers: ties, never shown" in proc.stderr
+    status = json.loads(cli("label", "status", "p", "--dir", str(tmp_path / "d")).stdout)["progress"]["kinds"]["compare"]
+    assert (status["tasks"], status["identical_answers"], status["done"]) == (0, 2, 1.0)

@@ -266,7 +266,7 @@ def data_check(
     Every record is checked; the first that fits no format (or not the file's) is reported as
     file:line and the exit status is 2.
     """
-    from instructrl.data.formats import FORMATS, check_file
+    from instructrl.data.formats import FORMATS, check_file, control_token_warning
 
     if data_format != "auto" and data_format not in FORMATS:
         raise UserError(f"data check: unknown --format {data_format!r}; choose auto or one of {', '.join(FORMATS)}")
@@ -281,8 +281,7 @@ def data_check(
          + f"; usable as {', '.join(summary['usable_as'])}")
     if "control_tokens" in summary:
         found = summary["control_tokens"]
-        _log(f"{file}: warning: {found['records']} records hold the control tokens of {model} in their text (first at {found['first']}); "
-             "they are read as those tokens, not as text")
+        _log(control_token_warning(file, tokenizer, "records", (found["records"], found["first"])))
     typer.echo(json.dumps(summary))
 
 
@@ -415,7 +414,7 @@ def label_project(
 
     from instructrl.feedback import projects
     from instructrl.feedback.db import connect
-    from instructrl.feedback.tasks import ProjectSettings, TaskError, check_new_name, create_project
+    from instructrl.feedback.tasks import ProjectSettings, TaskError, check_new_name, create_project, progress
 
     if guidelines is not None and not guidelines.is_file():
         raise UserError(f"--guidelines {guidelines}: file not found")
@@ -453,7 +452,7 @@ def label_project(
     except TaskError as err:
         raise UserError(f"label project: {err}") from None
     counts = {kind: sum(t["kind"] == kind for t in new_tasks) for kind in ("write", "rank", "compare")}
-    identical = sum(t["kind"] == "compare" and t["responses"][0] == t["responses"][1] for t in new_tasks)
+    identical = progress(conn, project_id)["kinds"].get("compare", {}).get("identical_answers")
     _log(f"label: project {name} (id {project_id}) in {project_dir}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
          + f" tasks, overlap {overlap}, guidelines {settings.version()}"
          + (f"; {identical} compare tasks have two identical answers: ties, never shown to labelers" if identical else ""))

@@ -322,9 +322,9 @@ def control_tokens_in(path: Path | str, tokenizer) -> tuple[int, str | None]:
     return count, first
 
 
-def control_token_warning(path: Path | str, tokenizer, what: str) -> str | None:
-    """A line for a stage's log when ``path`` holds control tokens (``control_tokens_in``), else None."""
-    count, first = control_tokens_in(path, tokenizer)
+def control_token_warning(path: Path | str, tokenizer, what: str, found: tuple[int, str | None] | None = None) -> str | None:
+    """A line for a log when ``path`` holds control tokens (``found``, or ``control_tokens_in``), else None."""
+    count, first = found or control_tokens_in(path, tokenizer)
     if not count:
         return None
     return (f"warning: {count} {what} of {path} hold the tokenizer's control tokens in their text (first at {first}); "
