@@ -239,7 +239,7 @@ def test_control_tokens_in_users_text_are_pointed_out(tmp_path, tiny_sft):
 
     proc = cli("data", "check", str(data), "--model", str(model))
     assert json.loads(proc.stdout.splitlines()[-1])["control_tokens"] == {"records": 8, "first": f"{data}:2: {eos!r}"}
-    assert "warning: 8 records hold the control tokens" in proc.stderr
+    assert f"warning: 8 records of {data} hold the tokenizer's control tokens" in proc.stderr
     assert "control_tokens" not in json.loads(cli("data", "check", str(data)).stdout.splitlines()[-1])  # needs the tokenizer
 
     said = []
