@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructrl.config import load_config
 from instructrl.data.chat import tokenize_conversation
-from instructrl.models.base import FALLBACK_CHAT_TEMPLATE, PAD_TOKEN, fit_embeddings, load_causal_lm, load_tokenizer
+from instructrl.models.base import DROPOUT_ATTRIBUTES, FALLBACK_CHAT_TEMPLATE, PAD_TOKEN, fit_embeddings, load_causal_lm, load_tokenizer
 
 
 @pytest.mark.parametrize("pad", ["none", "eos"])
@@ -99,6 +99,14 @@ def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
     assert all(m["rollout/length"] >= 1 for m in metrics) and "ppo/ptx_loss" in metrics[0]
     policy = AutoModelForCausalLM.from_pretrained(ppo)
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), model.parameters()))
+    # each checkpoint's config keeps the user's model's dropout, not the one a stage trained with (SFT 0.1, RM and PPO 0)
+    source = dropout_of(model_dir)
+    assert source and all(dropout_of(path) == source for path in (sft, rm, ppo))
+
+
+def dropout_of(path) -> dict:
+    config = json.loads((path / "config.json").read_text())
+    return {name: config[name] for name in DROPOUT_ATTRIBUTES if name in config}
 
 
 def test_examples_longer_than_the_context_or_max_length_are_skipped(tmp_path):

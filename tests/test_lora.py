@@ -9,7 +9,7 @@ import torch
 from conftest import SMOKE
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model, user_data
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from instructrl.config import LoRAConfig, load_config
 from instructrl.models.base import load_causal_lm, load_tokenizer, parameter_bytes
@@ -62,6 +62,7 @@ def test_sft_rm_ppo_with_lora(tmp_path):
     before, after = load_file(model_dir / "model.safetensors"), load_file(sft / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)  # the merged update is in the weights
     assert (sft / "adapter" / "adapter_model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(sft).attention_dropout == 0.0  # the model's own, not sft.dropout's 0.1
     rm = run_rm(config, log=quiet)
     assert (rm / "reward_head.safetensors").is_file() and (rm / "adapter").is_dir()
     ppo = run_ppo(config, log=quiet)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -191,7 +192,13 @@ def apply_switches(model: nn.Module, switches) -> nn.Module:
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
-    """Set every dropout of ``model`` (modules and the config attributes that feed functional dropout)."""
+    """Set every dropout of ``model`` (modules and the config attributes that feed functional dropout).
+
+    The config's values from before the first call are kept on the model, for ``saved_dropout``:
+    a checkpoint's config.json holds the model's own dropout, not the one a stage trained with.
+    """
+    if "_source_dropout" not in vars(model):
+        model._source_dropout = {name: getattr(model.config, name) for name in DROPOUT_ATTRIBUTES if isinstance(getattr(model.config, name, None), float)}
     for name in DROPOUT_ATTRIBUTES:
         if isinstance(getattr(model.config, name, None), float):
             setattr(model.config, name, p)
@@ -200,6 +207,20 @@ def set_dropout(model: nn.Module, p: float) -> None:
             module.p = p
         elif isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = p
+
+
+@contextlib.contextmanager
+def saved_dropout(model: nn.Module):
+    """A context in which ``model``'s config holds the dropout it had before ``set_dropout`` (to save it)."""
+    source = vars(model).get("_source_dropout", {})
+    current = {name: getattr(model.config, name) for name in source}
+    for name, value in source.items():
+        setattr(model.config, name, value)
+    try:
+        yield model
+    finally:
+        for name, value in current.items():
+            setattr(model.config, name, value)
 
 
 def count_parameters(model: nn.Module) -> int:
