@@ -97,6 +97,30 @@ def test_bad_rows_of_a_parquet_file_are_named_by_row(tmp_path):
         read_comparisons(tmp_path / "p.parquet")
 
 
+def test_a_csv_file_reads_as_records_of_text_cells(tmp_path):
+    """A CSV's header names the fields; cells stay text as written (not 42, a null, or a missing field),
+    where it was once read as plain text, its header a document of PPO-ptx's."""
+    path = tmp_path / "demos.csv"
+    path.write_text('prompt,completion\n"Say cat, please.",cat\nWhat is 6*7?,42\nSay NA.,NA\nSay nothing.,\n')
+    assert [record for _, record in read_records(path)][1:] == [
+        {"prompt": "What is 6*7?", "completion": "42"}, {"prompt": "Say NA.", "completion": "NA"}, {"prompt": "Say nothing.", "completion": ""}]
+    assert read_data(path, "demonstration")[1][0].messages == [{"role": "user", "content": "Say cat, please."}, {"role": "assistant", "content": "cat"}]
+    summary = json.loads(cli("data", "check", str(path)).stdout.splitlines()[-1])
+    assert summary["format"] == "prompt_completion" and summary["records"] == 4
+    assert read_data(write_csv(tmp_path / "text.csv", "text\none document\n"), "text")[1] == ["one document"]
+    with pytest.raises(UserError, match=re.escape("short.csv:3: 1 cells, but the header (prompt, completion) names 2")):
+        read_data(write_csv(tmp_path / "short.csv", "prompt,completion\na,b\nc\n"), "demonstration")
+    with pytest.raises(UserError, match=re.escape("long.csv:2: 3 cells, but the header (prompt, completion) names 2")):
+        read_data(write_csv(tmp_path / "long.csv", "prompt,completion\na,b,c\n"), "demonstration")
+    with pytest.raises(UserError, match=re.escape("prefs.csv:2: a prompt_completion record (fields: completion, prompt) cannot be used as rm.data")):
+        read_comparisons(write_csv(tmp_path / "prefs.csv", "prompt,completion\na,b\n"))
+
+
+def write_csv(path, text: str):
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.parametrize("text, n", [
     ('{\n  "prompt": "Say cat.",\n  "completion": "cat"\n}\n', 1),  # one record, pretty-printed
     ('{"data": [{"prompt": "Say cat.", "completion": "cat"}, {"prompt": "Say dog.", "completion": "dog"}]}', 2),  # wrapped in a field

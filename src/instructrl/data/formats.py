@@ -13,10 +13,11 @@ PPO also takes its prompts from any format that holds one (the prompt of a promp
 preference or comparison record, a conversation without its last assistant turn).
 
 Files: JSON lines (``.jsonl``, or any other name), a ``.json`` file of one JSON value (a list of
-records, one record, or ``{"data": [...]}``) or of JSON lines, Parquet
-(``.parquet``), or a folder written by ``datasets``' ``save_to_disk``. A file holds one format;
-a record that fits none, or another than the first record's, is reported as file:line (file:row
-for Parquet and datasets folders, file:record for a JSON list).
+records, one record, or ``{"data": [...]}``) or of JSON lines, Parquet (``.parquet``), CSV
+(``.csv``: a header naming the fields, then text cells, so no message lists), or a folder
+written by ``datasets``' ``save_to_disk``. A file holds one format; a record that fits none, or
+another than the first record's, is reported as file:line (file:row for Parquet and datasets
+folders, file:record for a JSON list).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
         except Exception as err:  # pyarrow raises several types for a corrupt file
             raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
         yield from _arrow_rows(path, dataset)
+    elif path.suffix == ".csv":
+        yield from _csv_rows(path)
     elif path.suffix == ".json" and (records := _json_records(path)) is not None:
         for number, record in enumerate(records, start=1):
             if not isinstance(record, dict):
@@ -89,6 +92,30 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
     else:
         for number, record in read_jsonl(path):
             yield f"{path}:{number}", record
+
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # any other file is plain text to ppo.ptx_data
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """The rows of a CSV file as records whose fields the header names; every cell is text as
+    written (``42``, ``NA`` and an empty cell are text, not a number, a null or a missing field)."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                extra, missing = row.pop(None, []), sum(value is None for value in row.values())
+                if extra or missing:
+                    cells = len(reader.fieldnames) + len(extra) - missing
+                    raise UserError(f"{where}: {cells} cells, but the header ({', '.join(reader.fieldnames)}) names {len(reader.fieldnames)}")
+                yield where, row
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except csv.Error as err:
+        raise UserError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
 
 
 def _json_records(path: Path) -> list | None:
@@ -295,7 +322,7 @@ def read_prompts(path: Path | str, data_format: str = "auto") -> list[Prompt]:
 def read_texts(path: Path | str) -> list[str]:
     """Documents for PPO-ptx: ``text`` records of a data file, or a plain-text file's lines."""
     path = Path(path)
-    if path.is_dir() or path.suffix in (".jsonl", ".json", ".parquet"):
+    if path.is_dir() or path.suffix in RECORD_SUFFIXES:
         return read_data(path, "text")[1]
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -309,7 +336,7 @@ def check_file(path: Path | str, data_format: str = "auto") -> dict:
     """What ``instructrl data check`` reports: the format, the record count, the stage inputs the
     file can be, and a summary; every record is validated for each of those inputs."""
     path = Path(path)
-    if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):  # plain text: PPO-ptx's documents, one per line
+    if path.is_file() and path.suffix not in RECORD_SUFFIXES:  # plain text: PPO-ptx's documents, one per line
         return {"file": str(path), "format": "plain text", "records": sum(1 for line in read_texts(path) if line.strip()),
                 "usable_as": [STAGE_OF_USE["text"]]}
     formats, items, uses, refusal = None, [], [], None
