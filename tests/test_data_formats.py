@@ -116,6 +116,12 @@ def test_a_csv_file_reads_as_records_of_text_cells(tmp_path):
         read_comparisons(write_csv(tmp_path / "prefs.csv", "prompt,completion\na,b\n"))
 
 
+def test_a_field_of_the_wrong_type_is_named_with_what_it_may_be(tmp_path):
+    path = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "Say cat.", "completion": "cat"}, {"prompt": "Say dog.", "completion": 3}])
+    with pytest.raises(UserError, match=re.escape("demos.jsonl:2: 'completion' must be text or a list of {'role', 'content'} messages, not int")):
+        read_data(path, "demonstration")
+
+
 def write_csv(path, text: str):
     path.write_text(text)
     return path
@@ -241,5 +247,10 @@ def test_ppo_on_own_prompts_keeps_the_built_in_world_out(tmp_path, tiny_sft):
     # PPO-ptx with the user's prompts needs the user's pretraining text, not the toy world's corpus
     with pytest.raises(UserError, match="ppo.ptx_data=FILE"):
         run_ppo(load_config(SMOKE, own), log=lambda *_: None)
+    # too little of it: the message says how much there is and what to change (blocks of the model's 128-token context)
+    short = tmp_path / "short.txt"
+    short.write_text("the cat and the dog\n")
+    with pytest.raises(UserError, match=r"short.txt: too little text for ppo.ptx_batch_size = \d+ blocks of 128 tokens \(it fills 0\); add text or lower"):
+        run_ppo(load_config(SMOKE, own + [f"ppo.ptx_data={short}"]), log=lambda *_: None)
     run_ppo(load_config(SMOKE, own + ["ppo.ptx_coef=0"]), log=lambda *_: None)
     assert (tmp_path / "ppo" / "final").is_dir() and not (tmp_path / "world").exists() and not (tmp_path / "ppo_ptx" / "final").exists()

@@ -202,6 +202,8 @@ def _turns(value, where: str, field: str, role: str) -> list[dict]:
     """A text field as one turn of ``role``, or a list of messages checked as such."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
+    if not isinstance(value, list):
+        raise UserError(f"{where}: '{field}' must be text or a list of {{'role', 'content'}} messages, not {type(value).__name__}")
     return check_messages(value, where, field)
 
 

@@ -127,9 +127,11 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     ptx_blocks = None
     if cfg.ptx_coef > 0:
         ptx_path = cfg.ptx_data or world.corpus
-        ptx_blocks = pack_documents(tokenizer, read_texts(ptx_path), min(PTX_BLOCK, max_length))
+        block = min(PTX_BLOCK, max_length)
+        ptx_blocks = pack_documents(tokenizer, read_texts(ptx_path), block)
         if len(ptx_blocks) < cfg.ptx_batch_size:
-            raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {PTX_BLOCK} tokens")
+            raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {block} tokens "
+                            f"(it fills {len(ptx_blocks)}); add text or lower ppo.ptx_batch_size")
     run.start(restart)
 
     trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
