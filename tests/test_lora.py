@@ -9,9 +9,10 @@ import torch
 from conftest import SMOKE
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model, user_data
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from instructrl.config import LoRAConfig, load_config
+from instructrl.data.chat import render_ids
 from instructrl.models.base import load_causal_lm, load_tokenizer, parameter_bytes
 from instructrl.models.lora import adapter_disabled, add_lora, merged_state_dict, save_full
 
@@ -63,6 +64,17 @@ def test_sft_rm_ppo_with_lora(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)  # the merged update is in the weights
     assert (sft / "adapter" / "adapter_model.safetensors").is_file()
     assert AutoConfig.from_pretrained(sft).attention_dropout == 0.0  # the model's own, not sft.dropout's 0.1
+    # peft's way back, as the README gives it: the user's base model, grown to the tokenizer saved with the adapter (a PAD was added)
+    from peft import PeftModel
+
+    tokenizer = AutoTokenizer.from_pretrained(sft / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the adapter holds the grown embeddings
+    adapted = PeftModel.from_pretrained(base, sft / "adapter").eval()
+    ids = torch.tensor([render_ids(tokenizer, [{"role": "user", "content": "Say cat."}], add_generation_prompt=True)])
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=ids).logits, AutoModelForCausalLM.from_pretrained(sft).eval()(input_ids=ids).logits, atol=1e-5)
     rm = run_rm(config, log=quiet)
     assert (rm / "reward_head.safetensors").is_file() and (rm / "adapter").is_dir()
     ppo = run_ppo(config, log=quiet)
