@@ -127,8 +127,8 @@ class SFTConfig(TrainConfig, ModelSwitches):
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (InstructGPT: 0.2 residual; Llama models have attention dropout only).")
     max_length: int | None = Field(None, gt=0, description="Longest demonstration (tokens) trained on; longer ones are skipped and counted in the log. Default: the model's context length.")
-    select_every: int = Field(100, gt=0, description="Optimizer steps between scorings of validation answers by the labeler.")
-    max_new_tokens: int = Field(24, gt=0, description="Longest answer generated for validation.")
+    select_every: int = Field(100, gt=0, description="Optimizer steps between scorings of validation answers by the labeler (built-in world only; on your own sft.data the last step is the output).")
+    max_new_tokens: int = Field(24, gt=0, description="Longest answer generated for validation (built-in world only).")
     lora: LoRAConfig = Field(LoRAConfig(), description="LoRA adapters instead of full fine-tuning.")
 
 
