@@ -160,7 +160,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         write_text_atomic(run.path / "diagnostics.json", json.dumps(nan_to_none(diagnostics), indent=2))
         run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float)})
         log(f"rm: held-out accuracy vs {diagnostics['against']} {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
-            f"reward~Likert r = {figure(diagnostics['gold_correlation'])}, length bias r = {figure(diagnostics['length_bias'])}")
+            f"reward~{diagnostics['correlation_with']} r = {figure(diagnostics['gold_correlation'])}, length bias r = {figure(diagnostics['length_bias'])}")
         if "accuracy_by_family" in diagnostics:
             log(f"rm: right vs wrong answers {figure(diagnostics['accuracy_correct_vs_incorrect'])}; by family: "
                 + ", ".join(f"{f} {figure(a)}" for f, a in diagnostics["accuracy_by_family"].items()))
@@ -174,7 +174,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
 
 def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str, Task], device) -> dict:
     """Held-out accuracy against the gold labeler (overall and by gold margin), correlation with
-    gold Likert, and length bias. For comparisons of prompts not among ``tasks`` (the built-in world's
+    gold Likert (with the ranks where no Likert is known; ``correlation_with`` says which), and length bias. For comparisons of prompts not among ``tasks`` (the built-in world's
     RM prompts by id), the records' own ranks (and Likert scores) are the gold; ``against`` says
     which. When every comparison is of a built-in prompt, also the accuracy on right-vs-wrong pairs
     and per family."""
@@ -201,8 +201,10 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
     by_margin = {f"{lo}-{hi}": pairwise_accuracy(rewards, gold, lo, hi)[0] for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 2))}
     every_builtin = len(families) == len(heldout)
     against = "the gold labeler" if every_builtin else "the held-out rankings" if not families else "the gold labeler or the held-out rankings"
+    scored = sum(bool(tasks.get(record.id) or record.likert) for record in heldout)  # pairwise data has no Likert: its ranks stand in
+    correlation_with = "Likert" if scored == len(heldout) else "rank" if not scored else "Likert or rank"
     return {
-        "against": against, "accuracy": accuracy, "pairs": pairs, "accuracy_by_gold_margin": by_margin,
+        "against": against, "correlation_with": correlation_with, "accuracy": accuracy, "pairs": pairs, "accuracy_by_gold_margin": by_margin,
         "accuracy_gold_likert_distinct": likert_accuracy, "pairs_gold_likert_distinct": likert_pairs,
         "gold_correlation": correlation(flat["reward"], [float(x) for x in flat["likert"]]),
         "length_bias": length_bias(flat["reward"], flat["length"], flat["likert"]),
