@@ -122,6 +122,13 @@ def test_a_field_of_the_wrong_type_is_named_with_what_it_may_be(tmp_path):
         read_data(path, "demonstration")
 
 
+def test_a_hub_dataset_name_is_told_that_data_is_read_from_local_files(tmp_path):
+    with pytest.raises(UserError, match=r"trl-lib/Capybara: file not found; data is read from local files only: save a Hub dataset first"):
+        read_data("trl-lib/Capybara", "demonstration")
+    with pytest.raises(UserError, match=r"missing.jsonl: file not found$"):
+        read_data(tmp_path / "missing.jsonl", "demonstration")
+
+
 def write_csv(path, text: str):
     path.write_text(text)
     return path
@@ -247,6 +254,9 @@ def test_ppo_on_own_prompts_keeps_the_built_in_world_out(tmp_path, tiny_sft):
     # PPO-ptx with the user's prompts needs the user's pretraining text, not the toy world's corpus
     with pytest.raises(UserError, match="ppo.ptx_data=FILE"):
         run_ppo(load_config(SMOKE, own), log=lambda *_: None)
+    # too few prompts: the message says how many fit, of how many
+    with pytest.raises(UserError, match=r"ppo: 32 of the 32 prompts fit in 128 tokens with the response \(ppo.max_new_tokens = \d+\); fewer than ppo.rollout_batch_size \(64\)"):
+        run_ppo(load_config(SMOKE, own + ["ppo.ptx_coef=0", "ppo.rollout_batch_size=64", "ppo.episodes=64"]), log=lambda *_: None)
     # too little of it: the message says how much there is and what to change (blocks of the model's 128-token context)
     short = tmp_path / "short.txt"
     short.write_text("the cat and the dog\n")

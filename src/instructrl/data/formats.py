@@ -73,7 +73,7 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
     if path.is_dir():
         yield from _arrow_rows(path, _load_from_disk(path))
     elif not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise not_found(path)
     elif path.suffix == ".parquet":
         from datasets import Dataset
 
@@ -92,6 +92,13 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
     else:
         for number, record in read_jsonl(path):
             yield f"{path}:{number}", record
+
+
+def not_found(path: Path) -> UserError:
+    """A missing data file; a name like a Hub dataset's ("org/name") is told that only local files are read."""
+    hub_like = not path.is_absolute() and len(path.parts) == 2 and not path.suffix and not str(path).startswith(".")
+    return UserError(f"{path}: file not found" + ("; data is read from local files only: save a Hub dataset first "
+                                                    "(datasets' save_to_disk, to_json or to_parquet) and give that" if hub_like else ""))
 
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # any other file is plain text to ppo.ptx_data
@@ -327,7 +334,7 @@ def read_texts(path: Path | str) -> list[str]:
     if path.is_dir() or path.suffix in RECORD_SUFFIXES:
         return read_data(path, "text")[1]
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise not_found(path)
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:

@@ -105,9 +105,10 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     max_length = context_length(policy)
     encoded = [render_ids(tokenizer, p.messages, add_generation_prompt=True) for p in prompts]
     keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
-    prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
+    total, prompts, encoded = len(prompts), [prompts[i] for i in keep], [encoded[i] for i in keep]
     if len(prompts) < cfg.rollout_batch_size:
-        raise UserError(f"{stage}: {len(prompts)} prompts fit in {max_length} tokens with the response; fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
+        raise UserError(f"{stage}: {len(prompts)} of the {total} prompts fit in {max_length} tokens with the response (ppo.max_new_tokens = {cfg.max_new_tokens}); "
+                        f"fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
     reward_model = RewardModel.from_pretrained(rm_path).eval().requires_grad_(False)
     value_model = RewardModel.from_pretrained(value_path)
     set_dropout(value_model.backbone, 0.0)
