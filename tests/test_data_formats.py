@@ -8,11 +8,12 @@ import re
 
 import pytest
 from conftest import SMOKE, cli
-from tiny_models import WORDS, save_tiny_model, user_data, write_jsonl
+from tiny_models import NO_SYSTEM_TEMPLATE, WORDS, save_tiny_model, user_data, write_jsonl
 
 from instructrl.config import load_config
 from instructrl.data.formats import Demonstration, detect_format, read_comparisons, read_data, read_records
 from instructrl.errors import UserError
+from instructrl.models.base import load_tokenizer
 
 USER = {"role": "user", "content": "Say cat."}
 ASSISTANT = {"role": "assistant", "content": "cat"}
@@ -127,6 +128,32 @@ def test_a_hub_dataset_name_is_told_that_data_is_read_from_local_files(tmp_path)
         read_data("trl-lib/Capybara", "demonstration")
     with pytest.raises(UserError, match=r"missing.jsonl: file not found$"):
         read_data(tmp_path / "missing.jsonl", "demonstration")
+
+
+def test_a_conversation_the_chat_template_refuses_is_named_by_file_and_line(tmp_path):
+    """A Gemma-like template raises on a system turn: each stage names the record instead of a traceback."""
+    from instructrl.stages.ppo import run_ppo
+    from instructrl.stages.rm import run_rm
+    from instructrl.stages.sft import load_demonstrations
+
+    model = save_tiny_model("qwen2", tmp_path / "model")
+    tokenizer = load_tokenizer(model)
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    tokenizer.save_pretrained(model)
+    system = {"role": "system", "content": "Be brief."}
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"messages": [USER, ASSISTANT]}, {"messages": [system, USER, ASSISTANT]}])
+    refused = "the model's chat template refuses this conversation (System role not supported)"
+    with pytest.raises(UserError, match=re.escape(f"demos.jsonl:2: {refused}")):
+        load_demonstrations(demos, tokenizer, 128)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [WRONG]}] * 40
+                        + [{"prompt": [system, USER], "chosen": [ASSISTANT], "rejected": [WRONG]}])
+    with pytest.raises(UserError, match=re.escape(f"prefs.jsonl: comparison 'prefs.jsonl:41': {refused}")):
+        run_rm(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"rm.model={model}", f"rm.data={prefs}"]), log=lambda *_: None)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [USER]}, {"prompt": [system, USER]}])
+    with pytest.raises(UserError, match=re.escape(f"prompts.jsonl: prompt 'prompts.jsonl:2': {refused}")):
+        run_ppo(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"ppo.policy={model}", f"ppo.reward_model={model}", f"ppo.prompts={prompts}",
+                                  "ppo.ptx_coef=0"]),
+                log=lambda *_: None)
 
 
 def write_csv(path, text: str):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -55,6 +55,7 @@ class Demonstration:
 
     messages: list[dict] | None = None  # ends with the assistant's turn
     text: str | None = None
+    where: str = field(default="", compare=False)  # file:line it was read from, for error messages
 
 
 @dataclass(frozen=True)
@@ -218,15 +219,15 @@ def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
     if fmt == "text":
         if not isinstance(record.get("text"), str) or not record["text"].strip():
             raise UserError(f"{where}: 'text' must be a non-empty string")
-        return Demonstration(text=record["text"])
+        return Demonstration(text=record["text"], where=where)
     if fmt == "prompt_completion":
         _require(fmt, record, where)
         prompt = _turns(record.get("prompt"), where, "prompt", "user")
         completion = _turns(record.get("completion"), where, "completion", "assistant")
         if any(m["role"] != "assistant" for m in completion):
             raise UserError(f"{where}: every message of 'completion' must be the assistant's")
-        return Demonstration(messages=prompt + completion)
-    return Demonstration(messages=validate_messages(record.get("messages"), where))
+        return Demonstration(messages=prompt + completion, where=where)
+    return Demonstration(messages=validate_messages(record.get("messages"), where), where=where)
 
 
 REQUIRED = {"prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected")}

@@ -31,7 +31,7 @@ from instructrl.config import PipelineConfig
 from instructrl.data.chat import render_ids
 from instructrl.data.packing import pack_documents
 from instructrl.data.formats import Prompt, read_prompts, read_texts
-from instructrl.errors import UserError
+from instructrl.errors import UserError, located
 from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, optimizer_state_bytes, parameter_bytes, set_dropout
 from instructrl.models.lora import adapter_disabled, add_lora
 from instructrl.models.reward import RewardModel
@@ -103,7 +103,10 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     seed_everything(config.run.seed)
     policy = load_causal_lm(policy_path, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
     max_length = context_length(policy)
-    encoded = [render_ids(tokenizer, p.messages, add_generation_prompt=True) for p in prompts]
+    encoded = []
+    for prompt in prompts:
+        with located(f"{cfg.prompts or 'ppo.prompts'}: prompt '{prompt.id}'"):  # the id a record gives, else the file's name and the record's number
+            encoded.append(render_ids(tokenizer, prompt.messages, add_generation_prompt=True))
     keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
     total, prompts, encoded = len(prompts), [prompts[i] for i in keep], [encoded[i] for i in keep]
     if len(prompts) < cfg.rollout_batch_size:

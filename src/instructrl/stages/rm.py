@@ -19,7 +19,7 @@ from instructrl.data.chat import tokenize_conversation
 from instructrl.data.formats import read_comparisons, read_data
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
-from instructrl.errors import UserError
+from instructrl.errors import UserError, located
 from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, correlation, figure, length_bias, pairwise_accuracy
 from instructrl.models.base import apply_switches, length_cap, load_tokenizer, set_dropout
 from instructrl.models.lora import add_lora
@@ -64,7 +64,10 @@ def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonR
     if demonstrations is None:
         demos = best_ranked(train, encoded)
         return demos, f"the {len(demos)} best-ranked training responses (no rm.demonstrations)"
-    demos = [tokenize_conversation(tokenizer, d.messages).input_ids for d in read_data(demonstrations, "conversation")[1]]
+    demos = []
+    for demo in read_data(demonstrations, "conversation")[1]:
+        with located(demo.where):
+            demos.append(tokenize_conversation(tokenizer, demo.messages).input_ids)
     fitting = [ids for ids in demos if len(ids) <= max_length]
     if not fitting:
         raise UserError(f"{demonstrations}: no demonstration fits in {max_length} tokens (rm.max_length)")
@@ -93,7 +96,10 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
 
     # comparisons whose every response fits, and of those the held-out ones, by prompt, for the diagnostics
     max_length = length_cap(model, cfg.max_length, "rm.max_length")
-    encoded = [encode_comparison(tokenizer, r) for r in records]
+    encoded = []
+    for record in records:
+        with located(f"{data}: comparison '{record.id}'"):  # the id a record gives, else the file's name and the record's number
+            encoded.append(encode_comparison(tokenizer, record))
     fits = [i for i, seqs in enumerate(encoded) if max(map(len, seqs)) <= max_length]
     if not fits:
         raise UserError(f"{data}: no comparison has every response within {max_length} tokens (rm.max_length)")
