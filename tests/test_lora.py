@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import SMOKE
 from safetensors.torch import load_file
@@ -12,6 +13,8 @@ from tiny_models import save_tiny_model, user_data
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from instructrl.config import LoRAConfig, load_config
+from instructrl.errors import UserError
+from instructrl.serve.loading import load_engine
 from instructrl.data.chat import render_ids
 from instructrl.models.base import load_causal_lm, load_tokenizer, parameter_bytes
 from instructrl.models.lora import adapter_disabled, add_lora, merged_state_dict, save_full
@@ -75,6 +78,9 @@ def test_sft_rm_ppo_with_lora(tmp_path):
     ids = torch.tensor([render_ids(tokenizer, [{"role": "user", "content": "Say cat."}], add_generation_prompt=True)])
     with torch.no_grad():
         assert torch.allclose(adapted(input_ids=ids).logits, AutoModelForCausalLM.from_pretrained(sft).eval()(input_ids=ids).logits, atol=1e-5)
+    # the adapter folder given where a model is expected (to serve, say) names the merged model beside it
+    with pytest.raises(UserError, match=f"model '{sft / 'adapter'}' is a LoRA adapter, not a model: give the merged model beside it, {sft}$"):
+        load_engine(str(sft / "adapter"))
     rm = run_rm(config, log=quiet)
     assert (rm / "reward_head.safetensors").is_file() and (rm / "adapter").is_dir()
     ppo = run_ppo(config, log=quiet)

@@ -53,6 +53,16 @@ def _in_hub_cache(name: str) -> bool:
         return False
 
 
+def _check_not_adapter(name_or_path: str) -> None:
+    """Refuse a LoRA adapter folder (a checkpoint's adapter/), which transformers would try to put
+    on its base model and fail on when a PAD was added, with the folder to give instead."""
+    folder = Path(name_or_path).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        merged = folder.parent if (folder.parent / "config.json").is_file() else None
+        raise UserError(f"model '{name_or_path}' is a LoRA adapter, not a model: "
+                        + (f"give the merged model beside it, {merged}" if merged else "merge it into its base model first (peft's merge_and_unload)"))
+
+
 @functools.cache
 def _hub_reachable() -> bool:
     """One quick request to the Hub's endpoint (honouring HF_HUB_OFFLINE, HF_ENDPOINT and proxies)."""
@@ -92,6 +102,7 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
 
     name_or_path = str(name_or_path)
     _check_exists(name_or_path, "model")
+    _check_not_adapter(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as err:
