@@ -110,6 +110,20 @@ def dropout_of(path) -> dict:
     return {name: config[name] for name in DROPOUT_ATTRIBUTES if name in config}
 
 
+def test_a_weights_file_cut_short_is_one_line(tmp_path):
+    """An interrupted copy or download leaves a truncated model.safetensors: a message, not safetensors' traceback."""
+    from instructrl.errors import UserError
+    from instructrl.models.reward import RewardModel
+
+    model_dir = save_tiny_model("gpt2", tmp_path / "tiny")
+    with open(model_dir / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError, match=f"cannot load model '{model_dir}': .*header"):
+        load_causal_lm(model_dir)
+    with pytest.raises(UserError, match=f"cannot load a backbone from '{model_dir}': .*header"):
+        RewardModel.from_causal_lm(model_dir)
+
+
 def test_examples_longer_than_the_context_or_max_length_are_skipped(tmp_path):
     """GPT-2's learned positions stop at n_positions (128 here): SFT and RM skip and count longer
     examples instead of failing inside the model; a max_length above the context is refused."""

@@ -53,6 +53,14 @@ def _in_hub_cache(name: str) -> bool:
         return False
 
 
+def load_errors() -> tuple[type[Exception], ...]:
+    """What ``from_pretrained`` raises for a checkpoint that cannot be read: a missing or malformed
+    file, or a weights file cut short (an interrupted copy or download)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
 def _check_not_adapter(name_or_path: str) -> None:
     """Refuse a LoRA adapter folder (a checkpoint's adapter/), which transformers would try to put
     on its base model and fail on when a PAD was added, with the folder to give instead."""
@@ -105,7 +113,7 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
     _check_not_adapter(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as err:
+    except load_errors() as err:
         raise UserError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from None
     if dropout is not None:
         set_dropout(model, dropout)
