@@ -15,7 +15,7 @@ from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.serve.app import BackgroundServer, create_app
 from instructrl.serve.engine import Engine
 from conftest import cli
-from tiny_models import NO_SYSTEM_TEMPLATE
+from tiny_models import NO_SYSTEM_TEMPLATE, tiny_tokenizer
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "Reverse the word: green"}]
@@ -363,3 +363,47 @@ def test_chat_command_answers_side_by_side(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "sft" in proc.stdout and "ppo" in proc.stdout and "(new conversation)" in proc.stdout
     assert proc.stdout.count("╭") >= 4  # two answer panels per turn, two turns
+
+
+class _ScriptedEngine:
+    """An engine that answers every prompt with one fixed text (the chat loop's display under test)."""
+
+    def __init__(self, tokenizer, answer: str):
+        self.tokenizer, self.answer = tokenizer, answer
+
+    def start(self):
+        return self
+
+    def stop(self) -> None:
+        pass
+
+    def budget(self, prompt_length: int, max_tokens, default: int) -> int:
+        return max_tokens
+
+    def submit(self, prompt_ids, params, n, sink):
+        from instructrl.serve.engine import Event
+
+        sink(Event(0, self.answer, "stop"))
+
+
+def test_side_by_side_answers_are_shown_as_written():
+    """Answers holding brackets are text, not rich markup: "[x]" was dropped from the panel and "[/]" crashed the chat."""
+    import io
+
+    from rich.console import Console
+
+    from instructrl.serve.chat import run_chat
+
+    tokenizer = tiny_tokenizer("none", template=True)
+    engines = {"sft": _ScriptedEngine(tokenizer, "use xs[i] and [bold]"), "ppo": _ScriptedEngine(tokenizer, "a closing [/] tag")}
+    console = Console(file=io.StringIO(), width=100)
+    lines = ["hi"]
+
+    def read() -> str:
+        if not lines:
+            raise EOFError
+        return lines.pop()
+
+    run_chat(engines, console, read=read)
+    shown = console.file.getvalue()
+    assert "use xs[i] and [bold]" in shown and "a closing [/] tag" in shown
