@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructrl.config import load_config
 from instructrl.data.chat import tokenize_conversation
-from instructrl.models.base import FALLBACK_CHAT_TEMPLATE, PAD_TOKEN, fit_embeddings, load_causal_lm, load_tokenizer
+from instructrl.models.base import DROPOUT_ATTRIBUTES, FALLBACK_CHAT_TEMPLATE, PAD_TOKEN, fit_embeddings, load_causal_lm, load_tokenizer
 
 
 @pytest.mark.parametrize("pad", ["none", "eos"])
@@ -91,7 +91,8 @@ def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
     reward_model = RewardModel.from_pretrained(rm)
     assert reward_model.backbone.config.model_type == arch
     # the user's prompts are not the built-in world's: the held-out rankings are the reference, and the log says so
-    assert json.loads((run / "rm" / "diagnostics.json").read_text())["against"] == "the held-out rankings"
+    diagnostics = json.loads((run / "rm" / "diagnostics.json").read_text())
+    assert diagnostics["against"] == "the held-out rankings" and diagnostics["correlation_with"] == "rank"  # pairs have no Likert
 
     ppo = run_ppo(config, log=quiet)
     metrics = [json.loads(line) for line in (run / "ppo_ptx" / "metrics.jsonl").read_text().splitlines()]
@@ -99,6 +100,28 @@ def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
     assert all(m["rollout/length"] >= 1 for m in metrics) and "ppo/ptx_loss" in metrics[0]
     policy = AutoModelForCausalLM.from_pretrained(ppo)
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), model.parameters()))
+    # each checkpoint's config keeps the user's model's dropout, not the one a stage trained with (SFT 0.1, RM and PPO 0)
+    source = dropout_of(model_dir)
+    assert source and all(dropout_of(path) == source for path in (sft, rm, ppo))
+
+
+def dropout_of(path) -> dict:
+    config = json.loads((path / "config.json").read_text())
+    return {name: config[name] for name in DROPOUT_ATTRIBUTES if name in config}
+
+
+def test_a_weights_file_cut_short_is_one_line(tmp_path):
+    """An interrupted copy or download leaves a truncated model.safetensors: a message, not safetensors' traceback."""
+    from instructrl.errors import UserError
+    from instructrl.models.reward import RewardModel
+
+    model_dir = save_tiny_model("gpt2", tmp_path / "tiny")
+    with open(model_dir / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError, match=f"cannot load model '{model_dir}': .*header"):
+        load_causal_lm(model_dir)
+    with pytest.raises(UserError, match=f"cannot load a backbone from '{model_dir}': .*header"):
+        RewardModel.from_causal_lm(model_dir)
 
 
 def test_examples_longer_than_the_context_or_max_length_are_skipped(tmp_path):

@@ -8,11 +8,12 @@ import re
 
 import pytest
 from conftest import SMOKE, cli
-from tiny_models import WORDS, save_tiny_model, user_data, write_jsonl
+from tiny_models import NO_SYSTEM_TEMPLATE, WORDS, save_tiny_model, user_data, write_jsonl
 
 from instructrl.config import load_config
 from instructrl.data.formats import Demonstration, detect_format, read_comparisons, read_data, read_records
 from instructrl.errors import UserError
+from instructrl.models.base import load_tokenizer
 
 USER = {"role": "user", "content": "Say cat."}
 ASSISTANT = {"role": "assistant", "content": "cat"}
@@ -95,6 +96,69 @@ def test_bad_rows_of_a_parquet_file_are_named_by_row(tmp_path):
     assert [m for _, m in read_records(tmp_path / "p.parquet")][1] == {"prompt": "Say dog.", "completion": ""}
     with pytest.raises(UserError, match=r"p.parquet: row 1: a prompt_completion record \(fields: completion, prompt\) cannot be used as rm.data"):
         read_comparisons(tmp_path / "p.parquet")
+
+
+def test_a_csv_file_reads_as_records_of_text_cells(tmp_path):
+    """A CSV's header names the fields; cells stay text as written (not 42, a null, or a missing field),
+    where it was once read as plain text, its header a document of PPO-ptx's."""
+    path = tmp_path / "demos.csv"
+    path.write_text('prompt,completion\n"Say cat, please.",cat\nWhat is 6*7?,42\nSay NA.,NA\nSay nothing.,\n')
+    assert [record for _, record in read_records(path)][1:] == [
+        {"prompt": "What is 6*7?", "completion": "42"}, {"prompt": "Say NA.", "completion": "NA"}, {"prompt": "Say nothing.", "completion": ""}]
+    assert read_data(path, "demonstration")[1][0].messages == [{"role": "user", "content": "Say cat, please."}, {"role": "assistant", "content": "cat"}]
+    summary = json.loads(cli("data", "check", str(path)).stdout.splitlines()[-1])
+    assert summary["format"] == "prompt_completion" and summary["records"] == 4
+    assert read_data(write_csv(tmp_path / "text.csv", "text\none document\n"), "text")[1] == ["one document"]
+    with pytest.raises(UserError, match=re.escape("short.csv:3: 1 cells, but the header (prompt, completion) names 2")):
+        read_data(write_csv(tmp_path / "short.csv", "prompt,completion\na,b\nc\n"), "demonstration")
+    with pytest.raises(UserError, match=re.escape("long.csv:2: 3 cells, but the header (prompt, completion) names 2")):
+        read_data(write_csv(tmp_path / "long.csv", "prompt,completion\na,b,c\n"), "demonstration")
+    with pytest.raises(UserError, match=re.escape("prefs.csv:2: a prompt_completion record (fields: completion, prompt) cannot be used as rm.data")):
+        read_comparisons(write_csv(tmp_path / "prefs.csv", "prompt,completion\na,b\n"))
+
+
+def test_a_field_of_the_wrong_type_is_named_with_what_it_may_be(tmp_path):
+    path = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "Say cat.", "completion": "cat"}, {"prompt": "Say dog.", "completion": 3}])
+    with pytest.raises(UserError, match=re.escape("demos.jsonl:2: 'completion' must be text or a list of {'role', 'content'} messages, not int")):
+        read_data(path, "demonstration")
+
+
+def test_a_hub_dataset_name_is_told_that_data_is_read_from_local_files(tmp_path):
+    with pytest.raises(UserError, match=r"trl-lib/Capybara: file not found; data is read from local files only: save a Hub dataset first"):
+        read_data("trl-lib/Capybara", "demonstration")
+    with pytest.raises(UserError, match=r"missing.jsonl: file not found$"):
+        read_data(tmp_path / "missing.jsonl", "demonstration")
+
+
+def test_a_conversation_the_chat_template_refuses_is_named_by_file_and_line(tmp_path):
+    """A Gemma-like template raises on a system turn: each stage names the record instead of a traceback."""
+    from instructrl.stages.ppo import run_ppo
+    from instructrl.stages.rm import run_rm
+    from instructrl.stages.sft import load_demonstrations
+
+    model = save_tiny_model("qwen2", tmp_path / "model")
+    tokenizer = load_tokenizer(model)
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    tokenizer.save_pretrained(model)
+    system = {"role": "system", "content": "Be brief."}
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"messages": [USER, ASSISTANT]}, {"messages": [system, USER, ASSISTANT]}])
+    refused = "the model's chat template refuses this conversation (System role not supported)"
+    with pytest.raises(UserError, match=re.escape(f"demos.jsonl:2: {refused}")):
+        load_demonstrations(demos, tokenizer, 128)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": [USER], "chosen": [ASSISTANT], "rejected": [WRONG]}] * 40
+                        + [{"prompt": [system, USER], "chosen": [ASSISTANT], "rejected": [WRONG]}])
+    with pytest.raises(UserError, match=re.escape(f"prefs.jsonl: comparison 'prefs.jsonl:41': {refused}")):
+        run_rm(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"rm.model={model}", f"rm.data={prefs}"]), log=lambda *_: None)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": [USER]}, {"prompt": [system, USER]}])
+    with pytest.raises(UserError, match=re.escape(f"prompts.jsonl: prompt 'prompts.jsonl:2': {refused}")):
+        run_ppo(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"ppo.policy={model}", f"ppo.reward_model={model}", f"ppo.prompts={prompts}",
+                                  "ppo.ptx_coef=0"]),
+                log=lambda *_: None)
+
+
+def write_csv(path, text: str):
+    path.write_text(text)
+    return path
 
 
 @pytest.mark.parametrize("text, n", [
@@ -217,6 +281,14 @@ def test_ppo_on_own_prompts_keeps_the_built_in_world_out(tmp_path, tiny_sft):
     # PPO-ptx with the user's prompts needs the user's pretraining text, not the toy world's corpus
     with pytest.raises(UserError, match="ppo.ptx_data=FILE"):
         run_ppo(load_config(SMOKE, own), log=lambda *_: None)
+    # too few prompts: the message says how many fit, of how many
+    with pytest.raises(UserError, match=r"ppo: 32 of the 32 prompts fit in 128 tokens with the response \(ppo.max_new_tokens = \d+\); fewer than ppo.rollout_batch_size \(64\)"):
+        run_ppo(load_config(SMOKE, own + ["ppo.ptx_coef=0", "ppo.rollout_batch_size=64", "ppo.episodes=64"]), log=lambda *_: None)
+    # too little of it: the message says how much there is and what to change (blocks of the model's 128-token context)
+    short = tmp_path / "short.txt"
+    short.write_text("the cat and the dog\n")
+    with pytest.raises(UserError, match=r"short.txt: too little text for ppo.ptx_batch_size = \d+ blocks of 128 tokens \(it fills 0\); add text or lower"):
+        run_ppo(load_config(SMOKE, own + [f"ppo.ptx_data={short}"]), log=lambda *_: None)
     run_ppo(load_config(SMOKE, own + ["ppo.ptx_coef=0"]), log=lambda *_: None)
     assert (tmp_path / "ppo" / "final").is_dir() and not (tmp_path / "world").exists() and not (tmp_path / "ppo_ptx" / "final").exists()
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import SMOKE
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model, user_data
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from instructrl.config import LoRAConfig, load_config
+from instructrl.errors import UserError
+from instructrl.serve.loading import load_engine
+from instructrl.data.chat import render_ids
 from instructrl.models.base import load_causal_lm, load_tokenizer, parameter_bytes
 from instructrl.models.lora import adapter_disabled, add_lora, merged_state_dict, save_full
 
@@ -62,6 +66,21 @@ def test_sft_rm_ppo_with_lora(tmp_path):
     before, after = load_file(model_dir / "model.safetensors"), load_file(sft / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)  # the merged update is in the weights
     assert (sft / "adapter" / "adapter_model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(sft).attention_dropout == 0.0  # the model's own, not sft.dropout's 0.1
+    # peft's way back, as the README gives it: the user's base model, grown to the tokenizer saved with the adapter (a PAD was added)
+    from peft import PeftModel
+
+    tokenizer = AutoTokenizer.from_pretrained(sft / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the adapter holds the grown embeddings
+    adapted = PeftModel.from_pretrained(base, sft / "adapter").eval()
+    ids = torch.tensor([render_ids(tokenizer, [{"role": "user", "content": "Say cat."}], add_generation_prompt=True)])
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=ids).logits, AutoModelForCausalLM.from_pretrained(sft).eval()(input_ids=ids).logits, atol=1e-5)
+    # the adapter folder given where a model is expected (to serve, say) names the merged model beside it
+    with pytest.raises(UserError, match=f"model '{sft / 'adapter'}' is a LoRA adapter, not a model: give the merged model beside it, {sft}$"):
+        load_engine(str(sft / "adapter"))
     rm = run_rm(config, log=quiet)
     assert (rm / "reward_head.safetensors").is_file() and (rm / "adapter").is_dir()
     ppo = run_ppo(config, log=quiet)

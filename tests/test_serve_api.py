@@ -15,6 +15,7 @@ from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.serve.app import BackgroundServer, create_app
 from instructrl.serve.engine import Engine
 from conftest import cli
+from tiny_models import NO_SYSTEM_TEMPLATE, tiny_tokenizer
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "Reverse the word: green"}]
@@ -33,8 +34,10 @@ def server(tiny):
 
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = None  # a checkpoint for raw completions only
+    no_system = copy.deepcopy(tokenizer)
+    no_system.chat_template = NO_SYSTEM_TEMPLATE
     engines = {"tiny": Engine(model, tokenizer, max_batch=32), "tiny-small-queue": Engine(model, tokenizer, max_queue=0),
-               "no-template": Engine(model, plain)}
+               "no-template": Engine(model, plain), "no-system": Engine(model, no_system)}
     with BackgroundServer(create_app(engines, api_key=KEY, default_max_tokens=16)) as running:
         yield running
 
@@ -56,7 +59,7 @@ def error_of(call) -> tuple[int, dict]:
 
 
 def test_models_and_health(server, client):
-    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-small-queue", "no-template"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-small-queue", "no-template", "no-system"]
     assert client.models.retrieve("tiny").owned_by == "instructrl"
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # no key needed
 
@@ -213,6 +216,10 @@ def test_error_statuses_and_bodies(server, client):
     status, error = error_of(lambda: client.chat.completions.create(model="no-template", messages=HELLO))
     assert status == 400 and error["param"] == "messages" and "chat template" in error["message"]
     assert client.completions.create(model="no-template", prompt="the cat", max_tokens=2).usage.completion_tokens >= 1
+    # a conversation the chat template refuses (a system turn to a Gemma-like model) is the client's to fix: 400, not 500
+    status, error = error_of(lambda: client.chat.completions.create(model="no-system", messages=[{"role": "system", "content": "Be brief."}] + HELLO))
+    assert (status, error["param"], error["code"]) == (400, "messages", "unsupported") and "System role not supported" in error["message"]
+    assert client.chat.completions.create(model="no-system", messages=HELLO, max_tokens=2).usage.completion_tokens >= 1
     auth = {"Authorization": f"Bearer {KEY}"}
     response = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={**auth, "Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
@@ -356,3 +363,47 @@ def test_chat_command_answers_side_by_side(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "sft" in proc.stdout and "ppo" in proc.stdout and "(new conversation)" in proc.stdout
     assert proc.stdout.count("╭") >= 4  # two answer panels per turn, two turns
+
+
+class _ScriptedEngine:
+    """An engine that answers every prompt with one fixed text (the chat loop's display under test)."""
+
+    def __init__(self, tokenizer, answer: str):
+        self.tokenizer, self.answer = tokenizer, answer
+
+    def start(self):
+        return self
+
+    def stop(self) -> None:
+        pass
+
+    def budget(self, prompt_length: int, max_tokens, default: int) -> int:
+        return max_tokens
+
+    def submit(self, prompt_ids, params, n, sink):
+        from instructrl.serve.engine import Event
+
+        sink(Event(0, self.answer, "stop"))
+
+
+def test_side_by_side_answers_are_shown_as_written():
+    """Answers holding brackets are text, not rich markup: "[x]" was dropped from the panel and "[/]" crashed the chat."""
+    import io
+
+    from rich.console import Console
+
+    from instructrl.serve.chat import run_chat
+
+    tokenizer = tiny_tokenizer("none", template=True)
+    engines = {"sft": _ScriptedEngine(tokenizer, "use xs[i] and [bold]"), "ppo": _ScriptedEngine(tokenizer, "a closing [/] tag")}
+    console = Console(file=io.StringIO(), width=100)
+    lines = ["hi"]
+
+    def read() -> str:
+        if not lines:
+            raise EOFError
+        return lines.pop()
+
+    run_chat(engines, console, read=read)
+    shown = console.file.getvalue()
+    assert "use xs[i] and [bold]" in shown and "a closing [/] tag" in shown

@@ -34,6 +34,10 @@ def tiny_tokenizer(pad: str, template: bool):
     return tokenizer
 
 
+# a template that refuses a system turn, as Gemma's and older Mistral's do
+NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                      + CHAT_TEMPLATE)
+
 # arch -> (tokenizer's PAD, whether it has a chat template): every combination the loader must handle
 ARCHS = {"gpt2": ("none", False), "llama": ("eos", False), "qwen2": ("none", True), "gpt_neox": ("eos", True)}
 

@@ -121,8 +121,9 @@ def pretrain(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
 def sft(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
     """Supervised fine-tuning of any Hugging Face causal LM on demonstrations.
 
-    Loss on assistant tokens only; the output is the checkpoint the simulated labeler scores
-    best on validation prompts. A killed run resumes when the same command is run again.
+    Loss on assistant tokens (every token of text records). On the built-in world the output is
+    the checkpoint the simulated labeler scores best on validation prompts; on your own
+    sft.data, the last one. A killed run resumes when the same command is run again.
     """
     from instructrl.stages.sft import run_sft
 
@@ -148,7 +149,8 @@ def rm(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = 
     """Train the reward model on ranked comparisons with InstructGPT's K-way ranking loss.
 
     Starts from the SFT model's backbone, scores each response at its last real token, sets a
-    bias so the demonstrations average 0, and reports held-out accuracy against the gold labeler.
+    bias so the demonstrations average 0, and reports held-out accuracy against the gold labeler
+    (on your own rm.data: against its held-out rankings).
     """
     from instructrl.stages.rm import run_rm
 
@@ -257,7 +259,7 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("check")
 def data_check(
-    file: Path = typer.Argument(..., help="A JSONL, JSON or Parquet file, a datasets save_to_disk folder, or plain text (ppo.ptx_data)."),
+    file: Path = typer.Argument(..., help="A JSONL, JSON, Parquet or CSV file, a datasets save_to_disk folder, or plain text (ppo.ptx_data)."),
     data_format: str = typer.Option("auto", "--format", help="auto (from the fields), text, prompt_completion, messages, preference, comparison or prompt."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A checkpoint or tokenizer: also count the records whose text holds its control tokens (<|im_end|>, </s>, ...), which tokenizing reads as those tokens."),
 ) -> None:

@@ -146,14 +146,14 @@ class PretrainConfig(TrainConfig):
 
 class SFTConfig(TrainConfig, ModelSwitches):
     model: str | None = Field(None, description="Hugging Face model to fine-tune: a local folder or hub name. Default: this run's pretrain/final.")
-    data: Path | None = Field(None, description="Demonstrations: JSONL, JSON, Parquet or a datasets folder of messages, prompt/completion or text records. Default: the built-in world's.")
+    data: Path | None = Field(None, description="Demonstrations: JSONL, JSON, Parquet, CSV or a datasets folder of messages, prompt/completion or text records. Default: the built-in world's.")
     data_format: SFTFormat = Field("auto", description="Format of sft.data: auto (from the fields), messages, prompt_completion or text.")
     epochs: float = Field(8.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16). On the built-in world 8 passes over 4053 demonstrations (1008 steps) beat 16 over 2027 at the same cost: validation Likert 5.58 vs 4.50 (with the easier add, sort and k-th word tasks); more demonstrations generalise better than more passes.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (InstructGPT: 0.2 residual; Llama models have attention dropout only).")
     max_length: int | None = Field(None, gt=0, description="Longest demonstration (tokens) trained on; longer ones are skipped and counted in the log. Default: the model's context length.")
-    select_every: int = Field(100, gt=0, description="Optimizer steps between scorings of validation answers by the labeler.")
-    max_new_tokens: int = Field(24, gt=0, description="Longest answer generated for validation.")
+    select_every: int = Field(100, gt=0, description="Optimizer steps between scorings of validation answers by the labeler (built-in world only; on your own sft.data the last step is the output).")
+    max_new_tokens: int = Field(24, gt=0, description="Longest answer generated for validation (built-in world only).")
     lora: LoRAConfig = Field(LoRAConfig(), description="LoRA adapters instead of full fine-tuning.")
 
 
@@ -171,7 +171,7 @@ class CollectConfig(Strict):
 
 class RMConfig(TrainConfig, ModelSwitches):
     model: str | None = Field(None, description="Causal LM whose backbone the reward model starts from. Default: this run's sft/final (InstructGPT).")
-    data: Path | None = Field(None, description="Comparisons (K-way records) or TRL preference pairs: JSONL, JSON, Parquet or a datasets folder. Default: this run's collect/comparisons.jsonl.")
+    data: Path | None = Field(None, description="Comparisons (K-way records) or TRL preference pairs: JSONL, JSON, Parquet, CSV or a datasets folder. Default: this run's collect/comparisons.jsonl.")
     data_format: RMFormat = Field("auto", description="Format of rm.data: auto (from the fields), comparison or preference.")
     demonstrations: Path | None = Field(None, description="Demonstrations (messages or prompt/completion) whose mean reward is set to 0 after training. Default: the built-in world's, when rm.data is not given or this run has the world; otherwise the best-ranked response of each training comparison (a pair's chosen one).")
     max_length: int | None = Field(None, gt=0, description="Longest prompt plus response (tokens) trained on; a comparison with a longer response is skipped and counted in the log. Default: the model's context length.")
@@ -218,7 +218,7 @@ class PPOConfig(ModelSwitches):
     whiten_rewards: bool = Field(False, description="Whiten the per-token rewards before GAE (off: the RM bias already centres them).")
     ptx_coef: float = Field(0.1, ge=0, description="γ of PPO-ptx: weight of the mean pretraining NLL per token in every policy update; 0 = plain PPO (InstructGPT: 27.8 on its own loss scale; here 1.0 outweighs the PPO loss and moves the policy 4.5 nats from SFT within 7 iterations).")
     ptx_batch_size: int = Field(8, gt=0, description="Pretraining sequences mixed into each optimizer step.")
-    ptx_data: Path | None = Field(None, description="Pretraining text: a plain-text file (one document per line) or text records (JSONL, JSON, Parquet, datasets folder). Default: the built-in world's corpus when ppo.prompts is unset; PPO-ptx on your own prompts needs your own.")
+    ptx_data: Path | None = Field(None, description="Pretraining text: a plain-text file (one document per line) or text records (JSONL, JSON, Parquet, CSV, datasets folder). Default: the built-in world's corpus when ppo.prompts is unset; PPO-ptx on your own prompts needs your own.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (bf16 on a GPU).")
     lora: LoRAConfig = Field(LoRAConfig(), description="LoRA on the policy and the value model; the KL reference is then the policy with its adapter off (one base model in memory).")
     log_every: int = Field(1, gt=0, description="PPO iterations between metric lines.")

@@ -14,8 +14,14 @@ class TokenizedConversation:
 
 
 def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """``messages`` as text, under the tokenizer's chat template."""
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    """``messages`` as text, under the tokenizer's chat template; a conversation the template
+    refuses (``raise_exception``: a system turn, roles that do not alternate) is a UserError."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as err:
+        raise UserError(f"the model's chat template refuses this conversation ({err})") from None
 
 
 def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:

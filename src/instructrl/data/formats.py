@@ -13,17 +13,18 @@ PPO also takes its prompts from any format that holds one (the prompt of a promp
 preference or comparison record, a conversation without its last assistant turn).
 
 Files: JSON lines (``.jsonl``, or any other name), a ``.json`` file of one JSON value (a list of
-records, one record, or ``{"data": [...]}``) or of JSON lines, Parquet
-(``.parquet``), or a folder written by ``datasets``' ``save_to_disk``. A file holds one format;
-a record that fits none, or another than the first record's, is reported as file:line (file:row
-for Parquet and datasets folders, file:record for a JSON list).
+records, one record, or ``{"data": [...]}``) or of JSON lines, Parquet (``.parquet``), CSV
+(``.csv``: a header naming the fields, then text cells, so no message lists), or a folder
+written by ``datasets``' ``save_to_disk``. A file holds one format; a record that fits none, or
+another than the first record's, is reported as file:line (file:row for Parquet and datasets
+folders, file:record for a JSON list).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -54,6 +55,7 @@ class Demonstration:
 
     messages: list[dict] | None = None  # ends with the assistant's turn
     text: str | None = None
+    where: str = field(default="", compare=False)  # file:line it was read from, for error messages
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
     if path.is_dir():
         yield from _arrow_rows(path, _load_from_disk(path))
     elif not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise not_found(path)
     elif path.suffix == ".parquet":
         from datasets import Dataset
 
@@ -81,6 +83,8 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
         except Exception as err:  # pyarrow raises several types for a corrupt file
             raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
         yield from _arrow_rows(path, dataset)
+    elif path.suffix == ".csv":
+        yield from _csv_rows(path)
     elif path.suffix == ".json" and (records := _json_records(path)) is not None:
         for number, record in enumerate(records, start=1):
             if not isinstance(record, dict):
@@ -89,6 +93,37 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
     else:
         for number, record in read_jsonl(path):
             yield f"{path}:{number}", record
+
+
+def not_found(path: Path) -> UserError:
+    """A missing data file; a name like a Hub dataset's ("org/name") is told that only local files are read."""
+    hub_like = not path.is_absolute() and len(path.parts) == 2 and not path.suffix and not str(path).startswith(".")
+    return UserError(f"{path}: file not found" + ("; data is read from local files only: save a Hub dataset first "
+                                                    "(datasets' save_to_disk, to_json or to_parquet) and give that" if hub_like else ""))
+
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # any other file is plain text to ppo.ptx_data
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """The rows of a CSV file as records whose fields the header names; every cell is text as
+    written (``42``, ``NA`` and an empty cell are text, not a number, a null or a missing field)."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                extra, missing = row.pop(None, []), sum(value is None for value in row.values())
+                if extra or missing:
+                    cells = len(reader.fieldnames) + len(extra) - missing
+                    raise UserError(f"{where}: {cells} cells, but the header ({', '.join(reader.fieldnames)}) names {len(reader.fieldnames)}")
+                yield where, row
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except csv.Error as err:
+        raise UserError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
 
 
 def _json_records(path: Path) -> list | None:
@@ -175,6 +210,8 @@ def _turns(value, where: str, field: str, role: str) -> list[dict]:
     """A text field as one turn of ``role``, or a list of messages checked as such."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
+    if not isinstance(value, list):
+        raise UserError(f"{where}: '{field}' must be text or a list of {{'role', 'content'}} messages, not {type(value).__name__}")
     return check_messages(value, where, field)
 
 
@@ -182,15 +219,15 @@ def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
     if fmt == "text":
         if not isinstance(record.get("text"), str) or not record["text"].strip():
             raise UserError(f"{where}: 'text' must be a non-empty string")
-        return Demonstration(text=record["text"])
+        return Demonstration(text=record["text"], where=where)
     if fmt == "prompt_completion":
         _require(fmt, record, where)
         prompt = _turns(record.get("prompt"), where, "prompt", "user")
         completion = _turns(record.get("completion"), where, "completion", "assistant")
         if any(m["role"] != "assistant" for m in completion):
             raise UserError(f"{where}: every message of 'completion' must be the assistant's")
-        return Demonstration(messages=prompt + completion)
-    return Demonstration(messages=validate_messages(record.get("messages"), where))
+        return Demonstration(messages=prompt + completion, where=where)
+    return Demonstration(messages=validate_messages(record.get("messages"), where), where=where)
 
 
 REQUIRED = {"prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected")}
@@ -295,10 +332,10 @@ def read_prompts(path: Path | str, data_format: str = "auto") -> list[Prompt]:
 def read_texts(path: Path | str) -> list[str]:
     """Documents for PPO-ptx: ``text`` records of a data file, or a plain-text file's lines."""
     path = Path(path)
-    if path.is_dir() or path.suffix in (".jsonl", ".json", ".parquet"):
+    if path.is_dir() or path.suffix in RECORD_SUFFIXES:
         return read_data(path, "text")[1]
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise not_found(path)
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
@@ -348,7 +385,7 @@ def check_file(path: Path | str, data_format: str = "auto", tokenizer=None) -> d
     file can be, and a summary; every record is validated for each of those inputs. With a
     ``tokenizer``, also the records that hold its control tokens (``control_tokens_in``)."""
     path = Path(path)
-    if path.is_file() and path.suffix not in (".jsonl", ".json", ".parquet"):  # plain text: PPO-ptx's documents, one per line
+    if path.is_file() and path.suffix not in RECORD_SUFFIXES:  # plain text: PPO-ptx's documents, one per line
         return {"file": str(path), "format": "plain text", "records": sum(1 for line in read_texts(path) if line.strip()),
                 "usable_as": [STAGE_OF_USE["text"]]}
     formats, items, uses, refusal = None, [], [], None

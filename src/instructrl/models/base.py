@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -52,6 +53,24 @@ def _in_hub_cache(name: str) -> bool:
         return False
 
 
+def load_errors() -> tuple[type[Exception], ...]:
+    """What ``from_pretrained`` raises for a checkpoint that cannot be read: a missing or malformed
+    file, or a weights file cut short (an interrupted copy or download)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
+def _check_not_adapter(name_or_path: str) -> None:
+    """Refuse a LoRA adapter folder (a checkpoint's adapter/), which transformers would try to put
+    on its base model and fail on when a PAD was added, with the folder to give instead."""
+    folder = Path(name_or_path).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        merged = folder.parent if (folder.parent / "config.json").is_file() else None
+        raise UserError(f"model '{name_or_path}' is a LoRA adapter, not a model: "
+                        + (f"give the merged model beside it, {merged}" if merged else "merge it into its base model first (peft's merge_and_unload)"))
+
+
 @functools.cache
 def _hub_reachable() -> bool:
     """One quick request to the Hub's endpoint (honouring HF_HUB_OFFLINE, HF_ENDPOINT and proxies)."""
@@ -91,9 +110,10 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
 
     name_or_path = str(name_or_path)
     _check_exists(name_or_path, "model")
+    _check_not_adapter(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError) as err:
+    except load_errors() as err:
         raise UserError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from None
     if dropout is not None:
         set_dropout(model, dropout)
@@ -191,7 +211,13 @@ def apply_switches(model: nn.Module, switches) -> nn.Module:
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
-    """Set every dropout of ``model`` (modules and the config attributes that feed functional dropout)."""
+    """Set every dropout of ``model`` (modules and the config attributes that feed functional dropout).
+
+    The config's values from before the first call are kept on the model, for ``saved_dropout``:
+    a checkpoint's config.json holds the model's own dropout, not the one a stage trained with.
+    """
+    if "_source_dropout" not in vars(model):
+        model._source_dropout = {name: getattr(model.config, name) for name in DROPOUT_ATTRIBUTES if isinstance(getattr(model.config, name, None), float)}
     for name in DROPOUT_ATTRIBUTES:
         if isinstance(getattr(model.config, name, None), float):
             setattr(model.config, name, p)
@@ -200,6 +226,20 @@ def set_dropout(model: nn.Module, p: float) -> None:
             module.p = p
         elif isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = p
+
+
+@contextlib.contextmanager
+def saved_dropout(model: nn.Module):
+    """A context in which ``model``'s config holds the dropout it had before ``set_dropout`` (to save it)."""
+    source = vars(model).get("_source_dropout", {})
+    current = {name: getattr(model.config, name) for name in source}
+    for name, value in source.items():
+        setattr(model.config, name, value)
+    try:
+        yield model
+    finally:
+        for name, value in current.items():
+            setattr(model.config, name, value)
 
 
 def count_parameters(model: nn.Module) -> int:

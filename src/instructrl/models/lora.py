@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from instructrl.config import LoRAConfig
+from instructrl.models.base import saved_dropout
 
 
 def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
@@ -56,11 +57,13 @@ def save_full(model: nn.Module, dest: Path, state_dict: dict | None = None) -> N
     """``save_pretrained`` to ``dest``; a LoRA model as its merged full weights, plus its adapter in dest/adapter.
     ``state_dict``: the full weights to write instead of the model's own (gathered from FSDP shards)."""
     if not is_lora(model):
-        model.save_pretrained(dest, state_dict=state_dict)
+        with saved_dropout(model):
+            model.save_pretrained(dest, state_dict=state_dict)
         return
     if state_dict is not None:
         raise ValueError("save_full: a LoRA model is merged from its own weights; no state_dict")
-    model.get_base_model().save_pretrained(dest, state_dict={k: v.contiguous() for k, v in merged_state_dict(model).items()})
+    with saved_dropout(model.get_base_model()) as base:
+        base.save_pretrained(dest, state_dict={k: v.contiguous() for k, v in merged_state_dict(model).items()})
     with warnings.catch_warnings():  # peft warns that it keeps embeddings resized for an added PAD: the adapter needs them
         warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
         model.save_pretrained(Path(dest) / "adapter")

@@ -91,7 +91,9 @@ def _load_backbone(name_or_path: str | Path) -> nn.Module:
     """The transformer of a causal LM checkpoint without its LM head (``AutoModel``)."""
     from transformers import AutoModel
 
+    from instructrl.models.base import load_errors
+
     try:
         return AutoModel.from_pretrained(str(name_or_path), dtype=torch.float32)
-    except (OSError, ValueError) as err:
+    except load_errors() as err:
         raise UserError(f"cannot load a backbone from '{name_or_path}': {str(err).splitlines()[0]}") from None

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from instructrl.data.chat import render_text
+from instructrl.errors import UserError
 from instructrl.serve import schemas
 from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams
 
@@ -123,7 +124,10 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
             special = next((t for t in engine.tokenizer.all_special_tokens if t in message["content"]), None)
             if special is not None:
                 raise APIError(400, f"message {i} holds the model's control token {special!r}", param=f"messages.{i}.content")
-        text = render_text(engine.tokenizer, messages, add_generation_prompt=True)
+        try:
+            text = render_text(engine.tokenizer, messages, add_generation_prompt=True)
+        except UserError as err:  # e.g. a system turn to a model whose template has none
+            raise APIError(400, str(err), param="messages", code="unsupported") from None
         for i, message in enumerate(messages):  # a template may leave out roles it does not know (tool results, say)
             if message["content"].strip() not in text:
                 raise APIError(400, f"the chat template of '{body.model}' leaves out message {i} (role '{message['role']}')",

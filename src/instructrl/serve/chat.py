@@ -67,6 +67,7 @@ def run_chat(engines: dict[str, Engine], console, system: Optional[str] = None, 
     from rich.columns import Columns
     from rich.live import Live
     from rich.panel import Panel
+    from rich.text import Text
 
     for engine in engines.values():
         engine.start()
@@ -100,7 +101,8 @@ def run_chat(engines: dict[str, Engine], console, system: Optional[str] = None, 
             shown = {c.name: "" for c in conversations}
 
             def panels():
-                return Columns([Panel(shown[n] or "…", title=n, width=max(20, console.width // len(shown) - 1)) for n in shown])
+                # Text, not markup: an answer's "[x]" or "[/]" is shown as written (markup would drop the one and fail on the other)
+                return Columns([Panel(Text(shown[n] or "…"), title=Text(n), width=max(20, console.width // len(shown) - 1)) for n in shown])
 
             with Live(panels(), console=console, refresh_per_second=20) as live:
                 def on_text(name: str, piece: str) -> None:

@@ -31,7 +31,7 @@ from instructrl.config import PipelineConfig
 from instructrl.data.chat import render_ids
 from instructrl.data.packing import pack_documents
 from instructrl.data.formats import Prompt, control_token_warning, read_prompts, read_texts
-from instructrl.errors import UserError
+from instructrl.errors import UserError, located
 from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, optimizer_state_bytes, parameter_bytes, set_dropout
 from instructrl.models.lora import adapter_disabled, add_lora
 from instructrl.models.reward import RewardModel
@@ -106,11 +106,15 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     seed_everything(config.run.seed)
     policy = load_causal_lm(policy_path, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
     max_length = context_length(policy)
-    encoded = [render_ids(tokenizer, p.messages, add_generation_prompt=True) for p in prompts]
+    encoded = []
+    for prompt in prompts:
+        with located(f"{cfg.prompts or 'ppo.prompts'}: prompt '{prompt.id}'"):  # the id a record gives, else the file's name and the record's number
+            encoded.append(render_ids(tokenizer, prompt.messages, add_generation_prompt=True))
     keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
-    prompts, encoded = [prompts[i] for i in keep], [encoded[i] for i in keep]
+    total, prompts, encoded = len(prompts), [prompts[i] for i in keep], [encoded[i] for i in keep]
     if len(prompts) < cfg.rollout_batch_size:
-        raise UserError(f"{stage}: {len(prompts)} prompts fit in {max_length} tokens with the response; fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
+        raise UserError(f"{stage}: {len(prompts)} of the {total} prompts fit in {max_length} tokens with the response (ppo.max_new_tokens = {cfg.max_new_tokens}); "
+                        f"fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
     reward_model = RewardModel.from_pretrained(rm_path).eval().requires_grad_(False)
     value_model = RewardModel.from_pretrained(value_path)
     set_dropout(value_model.backbone, 0.0)
@@ -130,9 +134,11 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     ptx_blocks = None
     if cfg.ptx_coef > 0:
         ptx_path = cfg.ptx_data or world.corpus
-        ptx_blocks = pack_documents(tokenizer, read_texts(ptx_path), min(PTX_BLOCK, max_length))
+        block = min(PTX_BLOCK, max_length)
+        ptx_blocks = pack_documents(tokenizer, read_texts(ptx_path), block)
         if len(ptx_blocks) < cfg.ptx_batch_size:
-            raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {PTX_BLOCK} tokens")
+            raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {block} tokens "
+                            f"(it fills {len(ptx_blocks)}); add text or lower ppo.ptx_batch_size")
     run.start(restart, log)
 
     trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731

@@ -19,7 +19,7 @@ from instructrl.data.chat import tokenize_conversation
 from instructrl.data.formats import control_token_warning, read_comparisons, read_data
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
-from instructrl.errors import UserError
+from instructrl.errors import UserError, located
 from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, correlation, figure, length_bias, pairwise_accuracy
 from instructrl.models.base import apply_switches, length_cap, load_tokenizer, set_dropout
 from instructrl.models.lora import add_lora
@@ -64,7 +64,10 @@ def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonR
     if demonstrations is None:
         demos = best_ranked(train, encoded)
         return demos, f"the {len(demos)} best-ranked training responses (no rm.demonstrations)"
-    demos = [tokenize_conversation(tokenizer, d.messages).input_ids for d in read_data(demonstrations, "conversation")[1]]
+    demos = []
+    for demo in read_data(demonstrations, "conversation")[1]:
+        with located(demo.where):
+            demos.append(tokenize_conversation(tokenizer, demo.messages).input_ids)
     fitting = [ids for ids in demos if len(ids) <= max_length]
     if not fitting:
         raise UserError(f"{demonstrations}: no demonstration fits in {max_length} tokens (rm.max_length)")
@@ -96,7 +99,10 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
 
     # comparisons whose every response fits, and of those the held-out ones, by prompt, for the diagnostics
     max_length = length_cap(model, cfg.max_length, "rm.max_length")
-    encoded = [encode_comparison(tokenizer, r) for r in records]
+    encoded = []
+    for record in records:
+        with located(f"{data}: comparison '{record.id}'"):  # the id a record gives, else the file's name and the record's number
+            encoded.append(encode_comparison(tokenizer, record))
     fits = [i for i, seqs in enumerate(encoded) if max(map(len, seqs)) <= max_length]
     if not fits:
         raise UserError(f"{data}: no comparison has every response within {max_length} tokens (rm.max_length)")
@@ -163,7 +169,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         write_text_atomic(run.path / "diagnostics.json", json.dumps(nan_to_none(diagnostics), indent=2))
         run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float)})
         log(f"rm: held-out accuracy vs {diagnostics['against']} {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
-            f"reward~Likert r = {figure(diagnostics['gold_correlation'])}, length bias r = {figure(diagnostics['length_bias'])}")
+            f"reward~{diagnostics['correlation_with']} r = {figure(diagnostics['gold_correlation'])}, length bias r = {figure(diagnostics['length_bias'])}")
         if "accuracy_by_family" in diagnostics:
             log(f"rm: right vs wrong answers {figure(diagnostics['accuracy_correct_vs_incorrect'])}; by family: "
                 + ", ".join(f"{f} {figure(a)}" for f, a in diagnostics["accuracy_by_family"].items()))
@@ -177,7 +183,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
 
 def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str, Task], device) -> dict:
     """Held-out accuracy against the gold labeler (overall and by gold margin), correlation with
-    gold Likert, and length bias. For comparisons of prompts not among ``tasks`` (the built-in world's
+    gold Likert (with the ranks where no Likert is known; ``correlation_with`` says which), and length bias. For comparisons of prompts not among ``tasks`` (the built-in world's
     RM prompts by id), the records' own ranks (and Likert scores) are the gold; ``against`` says
     which. When every comparison is of a built-in prompt, also the accuracy on right-vs-wrong pairs
     and per family."""
@@ -204,8 +210,10 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
     by_margin = {f"{lo}-{hi}": pairwise_accuracy(rewards, gold, lo, hi)[0] for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 2))}
     every_builtin = len(families) == len(heldout)
     against = "the gold labeler" if every_builtin else "the held-out rankings" if not families else "the gold labeler or the held-out rankings"
+    scored = sum(bool(tasks.get(record.id) or record.likert) for record in heldout)  # pairwise data has no Likert: its ranks stand in
+    correlation_with = "Likert" if scored == len(heldout) else "rank" if not scored else "Likert or rank"
     return {
-        "against": against, "accuracy": accuracy, "pairs": pairs, "accuracy_by_gold_margin": by_margin,
+        "against": against, "correlation_with": correlation_with, "accuracy": accuracy, "pairs": pairs, "accuracy_by_gold_margin": by_margin,
         "accuracy_gold_likert_distinct": likert_accuracy, "pairs_gold_likert_distinct": likert_pairs,
         "gold_correlation": correlation(flat["reward"], [float(x) for x in flat["likert"]]),
         "length_bias": length_bias(flat["reward"], flat["length"], flat["likert"]),

@@ -16,7 +16,7 @@ import torch
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import TokenizedConversation, tokenize_conversation, tokenize_text
 from instructrl.data.formats import control_token_warning, read_data
-from instructrl.errors import UserError
+from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import apply_switches, length_cap, load_causal_lm, load_tokenizer
 from instructrl.models.lora import add_lora
@@ -36,7 +36,8 @@ def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str
     also how many were too long."""
     examples, too_long = [], 0
     for demo in read_data(path, "demonstration", data_format)[1]:
-        example = tokenize_conversation(tokenizer, demo.messages) if demo.messages is not None else tokenize_text(tokenizer, demo.text)
+        with located(demo.where):
+            example = tokenize_conversation(tokenizer, demo.messages) if demo.messages is not None else tokenize_text(tokenizer, demo.text)
         if len(example.input_ids) > max_length:
             too_long += 1
             continue

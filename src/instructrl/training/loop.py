@@ -154,12 +154,14 @@ def save_model(accelerator, model, tokenizer, dest: Path) -> None:
 
 
 def write_model(model, tokenizer, dest: Path, state_dict: dict | None = None) -> None:
-    """``save_pretrained`` model (a LoRA model merged, its adapter beside it) and tokenizer to
+    """``save_pretrained`` model (a LoRA model merged, its adapter and tokenizer beside it) and tokenizer to
     ``dest``, from this process alone; ``dest`` is replaced only once complete."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_full(model, tmp, state_dict)
     tokenizer.save_pretrained(tmp)
+    if (tmp / "adapter").is_dir():  # the adapter needs the tokenizer's size (a PAD added) to be loaded onto its base model
+        tokenizer.save_pretrained(tmp / "adapter")
     replace_dir(tmp, dest)
 
 
