@@ -172,7 +172,7 @@ class RunDir:
         if checkpoints:
             return f"an unfinished run, last checkpoint at step {int(checkpoints[-1].name[len('step-'):])}"
         if partial:
-            return f"an unfinished run, {sum(1 for _ in partial[0].open())} records written"
+            return f"an unfinished run, {len(partial[0].read_text().splitlines())} records written"
         return "an unfinished run with no checkpoint"
 
     def finish(self, outputs: dict[str, Path]) -> None:
