@@ -268,7 +268,7 @@ def data_check(
     Every record is checked; the first that fits no format (or not the file's) is reported as
     file:line and the exit status is 2.
     """
-    from instructrl.data.formats import FORMATS, check_file, control_token_warning
+    from instructrl.data.formats import FORMATS, check_file, warn_of_control_tokens
 
     if data_format != "auto" and data_format not in FORMATS:
         raise UserError(f"data check: unknown --format {data_format!r}; choose auto or one of {', '.join(FORMATS)}")
@@ -283,7 +283,7 @@ def data_check(
          + f"; usable as {', '.join(summary['usable_as'])}")
     if "control_tokens" in summary:
         found = summary["control_tokens"]
-        _log(control_token_warning(file, tokenizer, "records", (found["records"], found["first"])))
+        warn_of_control_tokens(file, tokenizer, "records", _log, (found["records"], found["first"]))
     typer.echo(json.dumps(summary))
 
 

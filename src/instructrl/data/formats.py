@@ -359,12 +359,11 @@ def control_tokens_in(path: Path | str, tokenizer) -> tuple[int, str | None]:
     return count, first
 
 
-def control_token_warning(path: Path | str, tokenizer, what: str, found: tuple[int, str | None] | None = None) -> str | None:
-    """A line for a log when ``path`` holds control tokens (``found``, or ``control_tokens_in``), else None."""
+def warn_of_control_tokens(path: Path | str, tokenizer, what: str, log, found: tuple[int, str | None] | None = None) -> None:
+    """Tell ``log`` when ``path``'s records hold control tokens (``found``, or ``control_tokens_in``)."""
     count, first = found or control_tokens_in(path, tokenizer)
-    if not count:
-        return None
-    return (f"warning: {count} {what} of {path} hold the tokenizer's control tokens in their text (first at {first}); "
+    if count:
+        log(f"warning: {count} {what} of {path} hold the tokenizer's control tokens in their text (first at {first}); "
             f"they are read as those tokens, not as text")
 
 

@@ -30,7 +30,7 @@ import torch
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import render_ids
 from instructrl.data.packing import pack_documents
-from instructrl.data.formats import Prompt, control_token_warning, read_prompts, read_texts
+from instructrl.data.formats import Prompt, read_prompts, read_texts, warn_of_control_tokens
 from instructrl.errors import UserError, located
 from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, optimizer_state_bytes, parameter_bytes, set_dropout
 from instructrl.models.lora import adapter_disabled, add_lora
@@ -99,9 +99,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         gold = {t.id: t for t in tasks}
     else:  # a prompts file in the world's own format (family, answer) keeps its gold judge
         prompts = read_prompts(cfg.prompts, cfg.prompts_format)
-        warning = control_token_warning(cfg.prompts, tokenizer, "prompts")
-        if warning:
-            log(f"{stage}: {warning}")
+        warn_of_control_tokens(cfg.prompts, tokenizer, "prompts", lambda line: log(f"{stage}: {line}"))
         gold = {t.id: t for t in world_tasks_in(cfg.prompts)} if Path(cfg.prompts).suffix == ".jsonl" else {}
     seed_everything(config.run.seed)
     policy = load_causal_lm(policy_path, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL

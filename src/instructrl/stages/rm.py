@@ -16,7 +16,7 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import tokenize_conversation
-from instructrl.data.formats import control_token_warning, read_comparisons, read_data
+from instructrl.data.formats import read_comparisons, read_data, warn_of_control_tokens
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError, located
@@ -91,9 +91,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         raise UserError(f"rm: no data given and {data} does not exist; run `instructrl collect` first or set rm.data=PATH")
     tokenizer = load_tokenizer(backbone, log=lambda m: log(f"rm: {m}"))
     records = read_comparisons(data, cfg.data_format)
-    warning = control_token_warning(data, tokenizer, "records") if cfg.data is not None else None
-    if warning:
-        log(f"rm: {warning}")
+    if cfg.data is not None:
+        warn_of_control_tokens(data, tokenizer, "records", lambda line: log(f"rm: {line}"))
     seed_everything(config.run.seed)
     model = RewardModel.from_causal_lm(backbone, tokenizer)
 

@@ -15,7 +15,7 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import TokenizedConversation, tokenize_conversation, tokenize_text
-from instructrl.data.formats import control_token_warning, read_data
+from instructrl.data.formats import read_data, warn_of_control_tokens
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import apply_switches, length_cap, load_causal_lm, load_tokenizer
@@ -98,9 +98,8 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
     cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")
-    warning = None if builtin else control_token_warning(data_path, tokenizer, "records")
-    if warning:
-        log(f"sft: {warning}")
+    if not builtin:
+        warn_of_control_tokens(data_path, tokenizer, "records", lambda line: log(f"sft: {line}"))
     run.start(restart, log)
     setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed, lengths=[len(e.input_ids) for e in examples])
     select = labeler_selection(accelerator, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None
