@@ -50,7 +50,8 @@ def test_restart_discards_the_old_run(tmp_path, smoke_base):
 
 def test_a_moved_or_respelt_run_folder_is_the_same_run(tmp_path, smoke_base):
     """run.dir is where a run lives, not what it is: a copy, or a relative spelling, of a finished
-    run has nothing to do; nor does a change of how often it logs or saves."""
+    run has nothing to do; nor does a change of how often it logs or saves. A moved run checks its
+    own inputs, from any working directory."""
     copy = tmp_path / "copy"
     shutil.copytree(smoke_base, copy)
     for where, run_dir, extra in [(None, copy, []), (tmp_path, "copy", []), (None, copy, ["pretrain.log_every=7", "pretrain.checkpoint_every=3"])]:
@@ -58,6 +59,13 @@ def test_a_moved_or_respelt_run_folder_is_the_same_run(tmp_path, smoke_base):
         assert "nothing to do" in proc.stderr, (run_dir, extra)
     proc = cli("pretrain", "-c", str(SMOKE), f"run.dir={copy}", "pretrain.lr=0.002", check=False)
     assert proc.returncode == 2 and "different config (pretrain.lr: 0.001 -> 0.002)" in proc.stderr
+    # its inputs are its own: a change to the copy's corpus is noticed, not compared with the original's
+    moved = tmp_path / "moved"
+    copy.rename(moved)
+    corpus = moved / "world" / "corpus.txt"
+    corpus.write_text(corpus.read_text() + "one more document\n")
+    proc = cli("pretrain", "-c", str(SMOKE), "run.dir=moved", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "changed since: corpus (moved/world/corpus.txt)" in proc.stderr
 
 
 def test_a_restart_names_what_it_discards(tmp_path):

@@ -126,7 +126,7 @@ class RunDir:
             return []
         changed = []
         for name, entry in json.loads(lineage.read_text())["inputs"].items():
-            path = Path(entry["path"])
+            path = Path(self.config.run.dir) / entry["path"] if entry.get("in_run") else Path(entry["path"])
             if entry["sha256"] is None or not path.exists() or entry.get("stamp") == file_stamp(path):
                 continue
             if content_hash(path) != entry["sha256"]:
@@ -197,16 +197,21 @@ class RunDir:
             self._tb.add_scalar(key, value, step)
 
     def write_lineage(self, inputs: dict[str, Path | str | None]) -> None:
-        """Record each input (data file, parent checkpoint) with its content hash."""
+        """Record each input (data file, parent checkpoint) with its content hash. An input inside
+        the run folder is recorded relative to it and any other by its absolute path, so that the
+        check holds from any working directory and in a moved or copied run folder."""
         if not self.is_main:
             return
+        root = os.path.abspath(self.config.run.dir)
         entries = {}
         for name, value in inputs.items():
             if value is None:
                 continue
             path = Path(value)
             exists = path.exists()
-            entries[name] = {"path": str(value), "sha256": content_hash(path) if exists else None, "stamp": file_stamp(path) if exists else None}
+            full = os.path.abspath(path)
+            place = {"path": os.path.relpath(full, root), "in_run": True} if full.startswith(root + os.sep) else {"path": full}
+            entries[name] = place | {"sha256": content_hash(path) if exists else None, "stamp": file_stamp(path) if exists else None}
         write_text_atomic(self.path / "lineage.json", json.dumps({"stage": self.stage, "inputs": entries}, indent=2))
 
     def trim_metrics(self, resume_step: int) -> None:
