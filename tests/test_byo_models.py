@@ -136,8 +136,10 @@ def test_examples_longer_than_the_context_or_max_length_are_skipped(tmp_path):
     long = " ".join(["cat dog"] * 80)  # well over 128 tokens
     with data["sft"].open("a") as f:
         f.write(json.dumps({"messages": [{"role": "user", "content": "Say it all."}, {"role": "assistant", "content": long}]}) + "\n")
+        f.write(json.dumps({"prompt": "Say nothing.", "completion": " "}) + "\n")  # line 34: an empty answer, warned of
     with data["rm"].open("a") as f:
         f.write(json.dumps({"prompt": "Say cat.", "chosen": "cat", "rejected": long}) + "\n")
+        f.write(json.dumps({"prompt": "Say dog.", "chosen": "dog", "rejected": "dog"}) + "\n")  # a tie: nothing to learn
     run = tmp_path / "run"
     said = []
     overrides = [f"run.dir={run}", f"sft.model={model_dir}", f"sft.data={data['sft']}", "sft.epochs=1",
@@ -148,10 +150,12 @@ def test_examples_longer_than_the_context_or_max_length_are_skipped(tmp_path):
 
     config = load_config(SMOKE, overrides)
     run_sft(config, log=said.append)
-    assert any("sft: 32 demonstrations" in line and "(1 longer than 128 tokens skipped)" in line for line in said)
+    assert any("sft: 33 demonstrations" in line and "(1 longer than 128 tokens skipped)" in line for line in said)
+    assert f"sft: warning: 1 demonstrations of {data['sft']} have an empty answer (first at {data['sft']}:34)" in "\n".join(said)
     run_rm(config, log=said.append)
-    assert any("rm: 32 comparisons" in line and "1 with a response longer than 128 tokens skipped" in line for line in said)
-    assert any("the 32 demonstrations" in line and "1 longer than 128 tokens left out" in line for line in said)
+    assert any("rm: 33 comparisons" in line and "1 with a response longer than 128 tokens skipped" in line
+               and "1 with every response tied" in line for line in said)
+    assert any("the 33 demonstrations" in line and "1 longer than 128 tokens left out" in line for line in said)
 
     # a tighter cap of the user's own: only the prompt and a word fit
     with pytest.raises(UserError, match=r"prefs.jsonl: no comparison has every response within 4 tokens \(rm.max_length\)"):

@@ -185,6 +185,9 @@ def test_data_check_cli(tmp_path):
     assert (summary["k"], summary["pairs"], summary["tied_pairs"]) == ([3], 3 + 2, 1)
     demos = json.loads(cli("data", "check", str(write_jsonl(tmp_path / "d.jsonl", [SHAPES["messages"][0]] * 2))).stdout.splitlines()[-1])
     assert demos["usable_as"] == ["sft.data", "rm.demonstrations", "ppo.prompts"] and demos["assistant_turns"] == 2
+    assert "empty_answers" not in demos
+    empty = write_jsonl(tmp_path / "e.jsonl", [SHAPES["messages"][0], {"prompt": "Say nothing.", "completion": ""}])
+    assert json.loads(cli("data", "check", str(empty)).stdout.splitlines()[-1])["empty_answers"] == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(SHAPES["messages"][0]) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     proc = cli("data", "check", str(bad), check=False)

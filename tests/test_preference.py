@@ -26,6 +26,13 @@ def test_explicit_plain_text(tmp_path):
     assert r.responses == ["5", "6"] and r.ranks == [0, 1] and r.likert is None
 
 
+def test_the_same_answer_on_both_sides_is_a_tie(tmp_path):
+    answer = [{"role": "assistant", "content": "5"}]
+    plain, chat = _read(tmp_path, {"prompt": "Add 2 and 3.", "chosen": "5", "rejected": "5"},
+                        {"prompt": [USER], "chosen": answer, "rejected": answer})
+    assert plain.ranks == chat.ranks == [0, 0]
+
+
 def test_explicit_conversational(tmp_path):
     [r] = _read(tmp_path, {"prompt": [USER], "chosen": [{"role": "assistant", "content": "5"}],
                            "rejected": [{"role": "assistant", "content": "6"}]})

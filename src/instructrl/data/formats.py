@@ -277,6 +277,11 @@ def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
     return Prompt(str(record.get("id", default_id)), messages)
 
 
+def empty_answers(demos: list[Demonstration]) -> list[str]:
+    """Where each demonstration with an empty or blank assistant turn was read: SFT teaches the model to stop at once there."""
+    return [d.where for d in demos if any(m["role"] == "assistant" and not m["content"].strip() for m in d.messages or ())]
+
+
 def to_text(fmt: str, record: dict, where: str) -> str:
     return to_demonstration("text", record, where).text
 
@@ -407,6 +412,8 @@ def check_file(path: Path | str, data_format: str = "auto", tokenizer=None) -> d
         summary["pairs"], summary["tied_pairs"] = tied.count(False), tied.count(True)  # a tie is no pair to learn from
     if isinstance(items[0], Demonstration) and items[0].messages is not None:
         summary["assistant_turns"] = sum(sum(m["role"] == "assistant" for m in d.messages) for d in items)
+        if empty := empty_answers(items):
+            summary["empty_answers"] = len(empty)
     misspelt = {}
     for where, record in read_records(path):
         for field, known in misspelt_fields(record).items():

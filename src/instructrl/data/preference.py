@@ -7,7 +7,8 @@
 
 An implicit prompt is what the two sides share: the messages before the first one that differs,
 or for plain text the longest common prefix, cut back to a whitespace. Plain-text prompts become
-one user turn, so the reward model sees every pair through the same chat template.
+one user turn, so the reward model sees every pair through the same chat template. A pair whose
+two answers are the same is read as a tie, which the ranking loss leaves out.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def split_implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 def comparison_from_preference(record: dict, where: str, default_id: str) -> ComparisonRecord:
-    """A K = 2 comparison (chosen ranked 0, rejected 1) from one TRL preference record."""
+    """A K = 2 comparison (chosen ranked 0, rejected 1; a tie when they are the same) from one TRL preference record."""
     chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise UserError(f"{where}: 'chosen' and 'rejected' must both be text or both be message lists")
@@ -60,5 +61,6 @@ def comparison_from_preference(record: dict, where: str, default_id: str) -> Com
         if len(chosen_messages) != 1 or len(rejected_messages) != 1:
             raise UserError(f"{where}: 'chosen' and 'rejected' must each hold one assistant turn after the prompt")
         chosen, rejected = _answer(chosen_messages, where, "chosen"), _answer(rejected_messages, where, "rejected")
-    return ComparisonRecord(id=str(record.get("id", default_id)), prompt=messages, responses=[chosen, rejected], ranks=[0, 1],
+    ranks = [0, 0] if chosen == rejected else [0, 1]  # the same answer on both sides is a tie: no pair to learn from
+    return ComparisonRecord(id=str(record.get("id", default_id)), prompt=messages, responses=[chosen, rejected], ranks=ranks,
                             labeler_id=str(record.get("labeler_id", "preference-data")))

@@ -128,8 +128,10 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     if cfg.lora.enabled:
         model.backbone = add_lora(model.backbone, cfg.lora)  # the head stays fully trainable
     setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed, lengths=[max(map(len, seqs)) for seqs in encoded])
+    all_tied = sum(len(set(r.ranks)) == 1 for r in train)
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
         f"{len(heldout)} held out" + (f", {too_long} with a response longer than {max_length} tokens skipped" if too_long else "")
+        + (f", {all_tied} with every response tied (nothing to learn from them)" if all_tied else "")
         + f", {setup.total_steps} steps, backbone {backbone}")
 
     def make_batch(indices: list[int]) -> dict:

@@ -15,7 +15,7 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import TokenizedConversation, tokenize_conversation, tokenize_text
-from instructrl.data.formats import read_data, warn_of_control_tokens
+from instructrl.data.formats import empty_answers, read_data, warn_of_control_tokens
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import apply_switches, length_cap, load_causal_lm, load_tokenizer
@@ -31,11 +31,16 @@ SECTIONS = ("run", "world", "sft")
 UPSTREAM = ("tokenizer", "model", "pretrain")  # part of the identity when SFT starts from this run's base model
 
 
-def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str = "auto") -> tuple[list[TokenizedConversation], int]:
+def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str = "auto", log=None) -> tuple[list[TokenizedConversation], int]:
     """Tokenized examples of a demonstrations file in any SFT format (``instructrl.data.formats``);
-    also how many were too long."""
+    also how many were too long. ``log`` is warned of empty answers, which teach the model to stop at once."""
+    demos = read_data(path, "demonstration", data_format)[1]
+    empty = empty_answers(demos)
+    if empty and log is not None:
+        log(f"warning: {len(empty)} demonstrations of {path} have an empty answer (first at {empty[0]}); "
+            f"SFT teaches the model to end its answer at once there")
     examples, too_long = [], 0
-    for demo in read_data(path, "demonstration", data_format)[1]:
+    for demo in demos:
         with located(demo.where):
             example = tokenize_conversation(tokenizer, demo.messages) if demo.messages is not None else tokenize_text(tokenizer, demo.text)
         if len(example.input_ids) > max_length:
@@ -93,7 +98,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     seed_everything(config.run.seed)
     model = load_causal_lm(model_path, dropout=cfg.dropout, tokenizer=tokenizer)
     max_length = length_cap(model, cfg.max_length, "sft.max_length")
-    examples, too_long = load_demonstrations(data_path, tokenizer, max_length, cfg.data_format)
+    examples, too_long = load_demonstrations(data_path, tokenizer, max_length, cfg.data_format, lambda line: log(f"sft: {line}"))
     apply_switches(model, cfg)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
