@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from instructrl.training.progress import progress_bar
+from instructrl.training.progress import progress_bar, time_remaining
 
 
 def test_progress_prints_lines_when_not_on_a_terminal():
@@ -23,3 +23,9 @@ def test_progress_prints_lines_when_not_on_a_terminal():
         task = bar.add_task("sft", total=3, status="")
         bar.update(task, completed=1, status="")
     assert not [line for line in silent.getvalue().splitlines() if line.startswith("sft: ")]
+
+
+def test_time_remaining_is_the_mean_pace_since_the_task_began():
+    assert time_remaining(total=800, completed=500, first=400, elapsed=10.0) == 30.0  # resumed at 400: 10 steps a second
+    assert time_remaining(total=800, completed=400, first=400, elapsed=10.0) is None  # nothing done yet: no pace
+    assert time_remaining(total=None, completed=5, first=0, elapsed=1.0) is None

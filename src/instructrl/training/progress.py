@@ -16,6 +16,12 @@ class _Progress(Progress):
         super().__init__(*columns, **kwargs)
         self.every_s = every_s
         self._last_line = time.monotonic()
+        self._first = {}  # task: its count when added (a resumed run's finished steps)
+
+    def add_task(self, description: str, *args, completed: float = 0, **kwargs) -> TaskID:
+        task_id = super().add_task(description, *args, completed=completed, **kwargs)
+        self._first[task_id] = completed
+        return task_id
 
     def update(self, task_id: TaskID, **kwargs) -> None:
         super().update(task_id, **kwargs)
@@ -23,9 +29,18 @@ class _Progress(Progress):
             return
         self._last_line = time.monotonic()
         task = self._tasks[task_id]
-        remaining = f", eta {task.time_remaining:.0f} s" if task.time_remaining is not None else ""
+        eta = time_remaining(task.total, task.completed, self._first.get(task_id, 0), task.elapsed)
+        remaining = f", eta {eta:.0f} s" if eta is not None else ""
         self.console.print(f"{task.description}: {task.completed:.0f}/{task.total:.0f} after {task.elapsed or 0:.0f} s{remaining}  "
                            f"{task.fields.get('status', '')}".rstrip(), highlight=False, soft_wrap=True)
+
+
+def time_remaining(total: float | None, completed: float, first: float, elapsed: float | None) -> float | None:
+    """Seconds left at the mean pace since the task began (from ``first`` done), or None when
+    unknown. The mean, not rich's pace of the last seconds, which swings with a machine's load."""
+    if total is None or not elapsed or completed <= first:
+        return None
+    return (total - completed) * elapsed / (completed - first)
 
 
 def progress_bar(enabled: bool = True, console: Console | None = None, every_s: float = 30.0) -> Progress:
