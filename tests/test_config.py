@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import SMOKE, cli
 
 from instructrl.config import PipelineConfig, PretrainConfig, TrainConfig, load_config
 from instructrl.errors import UserError
@@ -138,6 +139,19 @@ def test_a_key_written_twice_in_yaml_is_named(tmp_path):
 def test_ppo_episodes_are_whole_rollout_batches():
     with pytest.raises(UserError, match=r"ppo.episodes \(100\) must be a multiple of ppo.rollout_batch_size \(64\)"):
         load_config(overrides=["ppo.episodes=100"]).ppo.check_sizes(1)
+
+
+def test_every_stage_size_that_does_not_divide_is_named_at_once(tmp_path):
+    config = load_config(overrides=["sft.batch_size=30", "ppo.episodes=100", "ppo.minibatch_size=48"])
+    with pytest.raises(UserError) as err:
+        config.check_sizes(1)
+    assert str(err.value) == ("config: sft.batch_size (30) must be a multiple of sft.micro_batch_size x 1 processes (16); "
+                              "ppo.episodes (100) must be a multiple of ppo.rollout_batch_size (64); "
+                              "ppo.rollout_batch_size (64) must be a multiple of ppo.minibatch_size (48)")
+    # the pipeline says so before its first stage, not after pretraining and SFT
+    proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "ppo.episodes=100", check=False)
+    assert proc.returncode == 2 and "ppo.episodes (100) must be a multiple" in proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_malformed_yaml_names_file_line_and_column(tmp_path):

@@ -23,6 +23,9 @@ SFTFormat = Literal["auto", "messages", "prompt_completion", "text"]  # the form
 RMFormat = Literal["auto", "comparison", "preference"]  # the formats that hold rankings
 
 
+Division = tuple[int, int, str, str]  # (a, b, a's name, b's name): b must divide a
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -117,8 +120,11 @@ class TrainConfig(Strict):
     def grad_accum(self, num_processes: int, section: str = "") -> int:
         """Micro-batches per process per optimizer step, so that the global batch stays batch_size
         (``section``: the config section, to name the keys in an error)."""
+        return exact_div(*self.divisions(num_processes, section)[0])
+
+    def divisions(self, num_processes: int, section: str = "") -> list[Division]:
         key = f"{section}." if section else ""
-        return exact_div(self.batch_size, self.micro_batch_size * num_processes, f"{key}batch_size", f"{key}micro_batch_size x {num_processes} processes")
+        return [(self.batch_size, self.micro_batch_size * num_processes, f"{key}batch_size", f"{key}micro_batch_size x {num_processes} processes")]
 
     def check_fits(self, n_examples: int, num_processes: int, source: str, what: str, section: str) -> None:
         """Check the sizes before a run starts: they divide, and the data holds one global batch."""
@@ -229,9 +235,12 @@ class PPOConfig(ModelSwitches):
 
     def check_sizes(self, num_processes: int) -> None:
         """Every batch size divides the next, over ``num_processes`` processes."""
-        exact_div(self.episodes, self.rollout_batch_size, "ppo.episodes", "ppo.rollout_batch_size")
-        exact_div(self.rollout_batch_size, self.minibatch_size, "ppo.rollout_batch_size", "ppo.minibatch_size")
-        exact_div(self.minibatch_size, self.micro_batch_size * num_processes, "ppo.minibatch_size", f"ppo.micro_batch_size x {num_processes} processes")
+        check_divisions(self.divisions(num_processes))
+
+    def divisions(self, num_processes: int) -> list[Division]:
+        return [(self.episodes, self.rollout_batch_size, "ppo.episodes", "ppo.rollout_batch_size"),
+                (self.rollout_batch_size, self.minibatch_size, "ppo.rollout_batch_size", "ppo.minibatch_size"),
+                (self.minibatch_size, self.micro_batch_size * num_processes, "ppo.minibatch_size", f"ppo.micro_batch_size x {num_processes} processes")]
 
 
 class EvalConfig(Strict):
@@ -260,11 +269,23 @@ class PipelineConfig(Strict):
     pipeline: RoundsConfig = RoundsConfig()
     eval: EvalConfig = EvalConfig()
 
+    def check_sizes(self, num_processes: int) -> None:
+        """Every training stage's batch sizes divide, over ``num_processes`` processes. The pipeline
+        checks them all before its first stage: a bad PPO size is not found after SFT and the RM."""
+        check_divisions(self.pretrain.divisions(num_processes, "pretrain") + self.sft.divisions(num_processes, "sft")
+                        + self.rm.divisions(num_processes, "rm") + self.ppo.divisions(num_processes))
+
+
+def check_divisions(divisions: list[Division]) -> None:
+    """A UserError naming every pair of sizes in ``divisions`` where b does not divide a, all in one message."""
+    wrong = [f"{a_name} ({a}) must be a multiple of {b_name} ({b})" for a, b, a_name, b_name in divisions if b <= 0 or a % b]
+    if wrong:
+        raise UserError(f"config: {'; '.join(wrong)}")
+
 
 def exact_div(a: int, b: int, a_name: str, b_name: str) -> int:
     """a / b, or a UserError naming both sizes when b does not divide a."""
-    if b <= 0 or a % b:
-        raise UserError(f"config: {a_name} ({a}) must be a multiple of {b_name} ({b})")
+    check_divisions([(a, b, a_name, b_name)])
     return a // b
 
 

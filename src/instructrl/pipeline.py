@@ -35,6 +35,9 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     if restart_from is not None and restart_from not in STAGES:
         raise UserError(f"--restart-from {restart_from!r}: choose one of {', '.join(STAGES)}")
     redo = {stage: restart_from is not None and i >= STAGES.index(restart_from) for i, stage in enumerate(STAGES)}
+    from accelerate import PartialState
+
+    config.check_sizes(PartialState().num_processes)
     from instructrl.evaluation.evaluate import run_eval
     from instructrl.evaluation.report import write_report
     from instructrl.stages.collect import run_collect
