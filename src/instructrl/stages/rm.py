@@ -132,7 +132,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
         f"{len(heldout)} held out" + (f", {too_long} with a response longer than {max_length} tokens skipped" if too_long else "")
         + (f", {all_tied} with every response tied (nothing to learn from them)" if all_tied else "")
-        + f", {setup.total_steps} steps, backbone {backbone}")
+        + f", {setup.total_steps} steps on {accelerator.num_processes} process(es), backbone {backbone}")
 
     def make_batch(indices: list[int]) -> dict:
         k = max(len(encoded[i]) for i in indices)
