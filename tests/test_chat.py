@@ -123,6 +123,14 @@ def test_chatml_conversation_ends_at_the_turns_eos_as_a_sampled_response_does():
     assert tok.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m]) == "cat<|im_end|>"
 
 
+def test_chatml_earlier_turns_are_learnt_up_to_their_eos_not_the_newline_after():
+    tok = chatml_tokenizer()
+    messages = [{"role": "user", "content": "say cat"}, {"role": "assistant", "content": "cat"},
+                {"role": "user", "content": "say dog"}, {"role": "assistant", "content": "dog"}]
+    conv = tokenize_conversation(tok, messages)
+    assert tok.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m]) == "cat<|im_end|>dog<|im_end|>"
+
+
 def test_mask_count(tok):
     conv = tokenize_conversation(tok, TWO_TURNS)
     # content tokens of each turn, plus one EOS each

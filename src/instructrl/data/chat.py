@@ -34,10 +34,10 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> TokenizedConversat
 
     Turn i's tokens are those between the rendering of ``messages[:i]`` with the generation
     prompt and the rendering of ``messages[:i + 1]``; this works for any chat template whose
-    renderings of a conversation's prefixes are prefixes of each other. A conversation that ends
-    with an assistant turn ends with that turn's EOS, as a sampled response does: what a template
-    writes after it is cut ("<|im_end|>\n" in ChatML, whose EOS is <|im_end|>), and EOS is
-    appended where the template writes none.
+    renderings of a conversation's prefixes are prefixes of each other. A turn is learnt up to its
+    EOS: what a template writes after it ("\n" after ChatML's <|im_end|>) is the template's, not
+    the model's. A conversation that ends with an assistant turn ends with that EOS, as a sampled
+    response does (the rest is cut), and EOS is appended where the template writes none.
     """
     full = render_ids(tokenizer, messages, add_generation_prompt=False)
     mask = [0] * len(full)
@@ -49,16 +49,22 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> TokenizedConversat
         upto = render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if full[: len(upto)] != upto or start > len(upto):
             raise UserError("the tokenizer's chat template renders a conversation's prefix differently from the whole; cannot find assistant turns")
-        mask[start : len(upto)] = [1] * (len(upto) - start)
+        end = _after_last(full, tokenizer.eos_token_id, start, len(upto))
+        mask[start:end] = [1] * (end - start)
     if messages and messages[-1]["role"] == "assistant":
-        eos, last_turn = tokenizer.eos_token_id, full[start:]
-        if eos in last_turn:
-            end = len(full) - last_turn[::-1].index(eos)
+        eos = tokenizer.eos_token_id
+        if eos in full[start:]:
+            end = _after_last(full, eos, start, len(full))
             full, mask = full[:end], mask[:end]
         else:
             full, mask = full + [eos], mask + [1]
     return TokenizedConversation(full, mask)
 
+
+def _after_last(ids: list[int], token: int, start: int, stop: int) -> int:
+    """The position after the last ``token`` in ``ids[start:stop]``, or ``stop`` when there is none."""
+    span = ids[start:stop]
+    return stop - span[::-1].index(token) if token in span else stop
 
 
 def tokenize_text(tokenizer, text: str) -> TokenizedConversation:
