@@ -511,7 +511,8 @@ def run() -> None:
     except UserError as err:
         if _state["debug"]:
             raise
-        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        if _is_main_process():  # every process of `accelerate launch` meets the same bad input: say it once
+            console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as err:  # a full disk, a read-only or forbidden folder: checkpoints written so far are whole
         if _state["debug"] or err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
@@ -526,6 +527,19 @@ def run() -> None:
             _log("interrupted: run the same command again to resume from the last checkpoint")
             sys.exit(130)
         raise
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the process group of ``accelerate launch`` before the interpreter exits: left to
+    the interpreter's teardown, gloo's worker threads can abort a finished process ("terminate
+    called without an active exception")."""
+    if "torch.distributed" in sys.modules:  # nothing to close, and no torch to import, after --help
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
