@@ -161,6 +161,22 @@ def test_user_names_are_stripped_and_a_taken_name_is_a_conflict(project):
     assert form.status_code == 422 and form.json()["field"] == "role"
 
 
+def test_a_reset_gives_a_new_password_and_token_and_the_old_ones_stop_working(project):
+    root, pid, users, app = project
+    browser = TestClient(app)
+    browser.post("/login", data={"name": "ann", "password": "annann"})
+    proc = cli("label", "user", "ann", "--reset", "--password", "newpass", "--dir", str(root))
+    token = proc.stdout.strip()
+    assert token != users["ann"].token and "the old token no longer works" in proc.stderr
+    assert client(app, users["ann"]).get("/api/me").status_code == 401  # the leaked token
+    assert browser.get("/api/me").status_code == 401  # a session logged in before the reset
+    assert TestClient(app, headers={"Authorization": f"Bearer {token}"}).get("/api/me").json() == {"name": "ann", "role": "labeler"}
+    assert TestClient(app).post("/login", data={"name": "ann", "password": "annann"}).status_code == 401
+    assert TestClient(app).post("/login", data={"name": "ann", "password": "newpass"}, follow_redirects=False).status_code == 303
+    proc = cli("label", "user", "nobody", "--reset", "--password", "newpass", "--dir", str(root), check=False)
+    assert proc.returncode == 2 and "no user 'nobody'" in proc.stderr
+
+
 def test_pages_answer_bad_requests_with_a_page(project):
     root, pid, users, app = project
     browser = TestClient(app, headers={"Accept": "text/html"})

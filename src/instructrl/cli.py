@@ -382,14 +382,19 @@ def label_user(
     name: str = typer.Argument(..., help="Login name."),
     role: str = typer.Option("labeler", "--role", help="admin or labeler."),
     password: str = typer.Option(..., "--password", prompt=True, hide_input=True, help="Password (asked when not given)."),
+    reset: bool = typer.Option(False, "--reset", help="Give an existing account this new password and a new API token; its old token and browser sessions stop working."),
     project_dir: Path = LABEL_DIR_OPTION,
 ) -> None:
-    """Add an account; prints its API token (Authorization: Bearer TOKEN)."""
-    from instructrl.feedback.accounts import create_user
+    """Add an account, or --reset one; prints its API token (Authorization: Bearer TOKEN)."""
+    from instructrl.feedback.accounts import create_user, reset_user
     from instructrl.feedback.db import connect
 
-    user = create_user(connect(project_dir), name, role, password)
-    _log(f"label: user {user.name} ({user.role}) created")
+    if reset:
+        user = reset_user(connect(project_dir), name, password)
+        _log(f"label: user {user.name} ({user.role}) has a new password and API token; the old token no longer works")
+    else:
+        user = create_user(connect(project_dir), name, role, password)
+        _log(f"label: user {user.name} ({user.role}) created")
     typer.echo(user.token)
 
 

@@ -47,12 +47,7 @@ def _user(row: sqlite3.Row | None) -> User | None:
     return None if row is None else User(row["id"], row["name"], row["role"], row["token"])
 
 
-def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -> User:
-    """A new account named ``name`` without its surrounding spaces; its API token is generated
-    here and shown once to the admin."""
-    name = name.strip()
-    if role not in ROLES:
-        raise AccountError(f"role must be one of {', '.join(ROLES)}, got {role!r}", "role")
+def _check(name: str, password: str) -> None:
     for field, value in (("name", name), ("password", password)):
         try:
             encodable(value)
@@ -62,6 +57,15 @@ def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -
         raise AccountError("a user needs a name", "name")
     if len(password) < 4:
         raise AccountError("a password needs at least 4 characters", "password")
+
+
+def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -> User:
+    """A new account named ``name`` without its surrounding spaces; its API token is generated
+    here and shown once to the admin."""
+    name = name.strip()
+    if role not in ROLES:
+        raise AccountError(f"role must be one of {', '.join(ROLES)}, got {role!r}", "role")
+    _check(name, password)
     salt = secrets.token_hex(16)
     with transaction(conn):
         if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
@@ -69,6 +73,20 @@ def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -
         token = secrets.token_urlsafe(24)
         conn.execute("INSERT INTO users (name, role, password_hash, salt, token, created) VALUES (?, ?, ?, ?, ?, ?)",
                      (name, role, _hash(password, salt), salt, token, now()))
+    return user_by_token(conn, token)
+
+
+def reset_user(conn: sqlite3.Connection, name: str, password: str) -> User:
+    """Give account ``name`` a new password and a new API token: its old token, and every browser
+    session logged in with it, stop working (a lost password, or a token that leaked)."""
+    name = name.strip()
+    _check(name, password)
+    salt, token = secrets.token_hex(16), secrets.token_urlsafe(24)
+    with transaction(conn):
+        changed = conn.execute("UPDATE users SET password_hash = ?, salt = ?, token = ? WHERE name = ?",
+                               (_hash(password, salt), salt, token, name)).rowcount
+    if not changed:
+        raise AccountError(f"no user {name!r}", "name")
     return user_by_token(conn, token)
 
 
