@@ -160,3 +160,44 @@ def test_examples_longer_than_the_context_or_max_length_are_skipped(tmp_path):
     # a tighter cap of the user's own: only the prompt and a word fit
     with pytest.raises(UserError, match=r"prefs.jsonl: no comparison has every response within 4 tokens \(rm.max_length\)"):
         run_rm(load_config(SMOKE, overrides + [f"run.dir={tmp_path / 'run2'}", "rm.max_length=4"]), log=said.append)
+
+
+def test_a_reward_model_trained_elsewhere_as_a_sequence_classifier_drives_ppo(tmp_path):
+    """TRL's RewardTrainer and OpenRLHF save a reward model as AutoModelForSequenceClassification
+    with one label: it loads as a RewardModel scoring what the classifier scores, and PPO runs on it."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from instructrl.errors import UserError
+    from instructrl.models.reward import RewardModel
+    from instructrl.stages.ppo import run_ppo
+
+    policy = save_tiny_model("llama", tmp_path / "policy")  # PAD = EOS: instructrl adds a PAD of its own
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    config = AutoConfig.from_pretrained(policy, num_labels=1, pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(1)
+    classifier = AutoModelForSequenceClassification.from_config(config)
+    classifier.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+
+    rm = RewardModel.from_pretrained(tmp_path / "rm")
+    texts = [tokenizer(t)["input_ids"] for t in ("User: Say cat.\n\nAssistant: cat", "Say dog.")]
+    width = max(map(len, texts))
+    ids = torch.tensor([t + [tokenizer.eos_token_id] * (width - len(t)) for t in texts])  # right-padded, as HF reads it
+    mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in texts])
+    with torch.no_grad():
+        assert torch.allclose(rm(ids, mask), classifier(input_ids=ids, attention_mask=mask).logits.squeeze(-1), atol=1e-5)
+    assert rm.backbone.get_input_embeddings().weight.shape[0] == len(load_tokenizer(tmp_path / "rm"))  # a row for the added PAD
+
+    data = user_data(tmp_path / "data")
+    run_ppo(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"ppo.policy={policy}", f"ppo.reward_model={tmp_path / 'rm'}",
+                                f"ppo.prompts={data['prompts']}", "ppo.ptx_coef=0", "ppo.episodes=32"]), log=lambda *_: None)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["check/first_ratio"] == 1.0 for m in metrics)
+    assert RewardModel.from_pretrained(tmp_path / "run" / "ppo" / "value")  # the value model, initialised from it, saved as instructrl's
+
+    AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(policy, num_labels=3)).save_pretrained(tmp_path / "three")
+    tokenizer.save_pretrained(tmp_path / "three")
+    with pytest.raises(UserError, match="a sequence classifier with 3 labels; a reward model gives one score"):
+        RewardModel.from_pretrained(tmp_path / "three")
+    with pytest.raises(UserError, match=r"is not a reward model checkpoint: no reward_head.safetensors .*LlamaForCausalLM"):
+        RewardModel.from_pretrained(policy)

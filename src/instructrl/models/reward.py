@@ -49,14 +49,41 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "RewardModel":
-        """Reload a reward model saved with ``save_pretrained``: backbone, head and bias in one call."""
+        """Reload a reward model saved with ``save_pretrained``: backbone, head and bias in one call.
+
+        A reward model trained elsewhere as a Hugging Face sequence classifier with one label
+        (TRL's RewardTrainer, OpenRLHF) loads too: its score layer is the head, with no bias."""
         path = Path(path)
         if not (path / HEAD_FILE).is_file():
-            raise UserError(f"'{path}' is not a reward model checkpoint (no {HEAD_FILE})")
+            return cls._from_sequence_classifier(path)
         model = cls(_load_backbone(path))
         state = load_file(path / HEAD_FILE)
         model.head.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
         model.reward_bias.fill_(json.loads((path / CONFIG_FILE).read_text())["reward_bias"])
+        return model
+
+    @classmethod
+    def _from_sequence_classifier(cls, path: Path) -> "RewardModel":
+        from transformers import AutoModelForSequenceClassification
+
+        from instructrl.models.base import fit_embeddings, load_errors, load_tokenizer
+
+        config = path / "config.json"
+        architectures = (json.loads(config.read_text()).get("architectures") or []) if config.is_file() else []
+        if not any(name.endswith("ForSequenceClassification") for name in architectures):
+            raise UserError(f"'{path}' is not a reward model checkpoint: no {HEAD_FILE} (instructrl's), "
+                            f"nor a Hugging Face sequence classifier ({', '.join(architectures) or 'no config.json'})")
+        try:
+            classifier = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
+        except load_errors() as err:
+            raise UserError(f"cannot load the reward model '{path}': {str(err).splitlines()[0]}") from None
+        score = getattr(classifier, "score", None)
+        if classifier.config.num_labels != 1 or not isinstance(score, nn.Linear):
+            raise UserError(f"'{path}' is a sequence classifier with {classifier.config.num_labels} labels; a reward model gives one score")
+        model = cls(fit_embeddings(classifier.base_model, load_tokenizer(path)))  # a row for the PAD the tokenizer may gain
+        with torch.no_grad():
+            model.head.weight.copy_(score.weight)
+            model.head.bias.copy_(score.bias if score.bias is not None else torch.zeros(1))
         return model
 
     def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
