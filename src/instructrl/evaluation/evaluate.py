@@ -73,14 +73,21 @@ def summarize(judged: list[tuple[str, object]]) -> dict:
 
 def judge_answers(tasks: list, answers: dict[str, list[list[str]]], judge) -> tuple[dict, dict]:
     """Judge each model's answers (a list per prompt, as many per prompt for every model): the
-    judgements, and per model its summary and win rate against SFT on the same prompts (ties half)."""
+    judgements, and per model its summary and win rate against SFT on the same prompts (ties half),
+    overall and per family."""
     judged = {name: [[judge.judge(t, a) for a in row] for t, row in zip(tasks, rows)] for name, rows in answers.items()}
     results = {name: summarize([(t.family, j) for t, row in zip(tasks, js) for j in row]) for name, js in judged.items()}
     if "sft" in judged:
         quality = {name: [[j.quality for j in row] for row in js] for name, js in judged.items()}
+        by_family = defaultdict(list)
+        for i, t in enumerate(tasks):
+            by_family[t.family].append(i)
         for name in judged:
             if name != "sft":
                 results[name]["win_rate_vs_sft"] = win_rate(quality[name], quality["sft"])
+                for family, idx in by_family.items():
+                    results[name]["families"][family]["win_rate_vs_sft"] = win_rate(
+                        [quality[name][i] for i in idx], [quality["sft"][i] for i in idx])
     return judged, results
 
 
