@@ -120,3 +120,17 @@ def test_report_reads_at_a_phone_width(tmp_path):
         assert all(page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth > 0 && i.getBoundingClientRect().right <= 400)"))
         page.screenshot(path=tmp_path / "narrow.png", full_page=True)
         browser.close()
+
+
+def test_eval_of_a_users_model_with_another_tokenizer_and_no_chat_template(tmp_path, smoke_base):
+    from conftest import SMOKE, cli
+    from tiny_models import save_tiny_model
+
+    mine = save_tiny_model("gpt2", tmp_path / "gpt2")  # its own BPE, no chat template
+    proc = cli("eval", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", "eval.n_prompts=4",
+               f"eval.models={{sft: {smoke_base / 'pretrain' / 'final'}, mine: {mine}}}")
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["results"]
+    # a loss per token of another tokenizer is no tax next to SFT's: measured, but not compared
+    assert "pretraining_loss" in results["mine"] and "alignment_tax" not in results["mine"]
+    assert "mine tokenize(s) text differently from sft" in proc.stderr
+    assert results["mine"]["win_rate_vs_sft"]["n"] == 4 and "<th>mine</th>" in (tmp_path / "run" / "report.html").read_text()

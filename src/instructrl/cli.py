@@ -224,8 +224,8 @@ def bench(
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     stage: str = typer.Option("ppo", "--stage", help="ppo: time a short PPO run; rm: reward-model throughput, K-way against independent pairs."),
     iterations: int = typer.Option(6, "--iterations", "-n", min=2, help="ppo: iterations to run; the first is a warm-up and is not counted."),
-    k: int = typer.Option(4, "--k", help="rm: responses per comparison."),
-    comparisons: int = typer.Option(512, "--comparisons", help="rm: comparisons to train on in each mode."),
+    k: int = typer.Option(4, "--k", min=2, help="rm: responses per comparison."),
+    comparisons: int = typer.Option(512, "--comparisons", min=1, help="rm: comparisons to train on in each mode (at least rm.batch_size)."),
 ) -> None:
     """Measure speed on random models shaped by the config's model section; no earlier stage needed.
 

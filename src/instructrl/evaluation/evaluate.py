@@ -44,7 +44,7 @@ def default_models(config: PipelineConfig) -> dict[str, str]:
 
 @torch.no_grad()
 def pretraining_loss(model, tokenizer, documents: list[str], block_size: int = 128, batch_size: int = 32) -> float:
-    """Mean next-token NLL (nats) on held-out pretraining text: the alignment tax's measure (§4.2)."""
+    """Mean next-token NLL (nats per token) on held-out pretraining text: the alignment tax's measure (§4.2)."""
     model.eval()
     blocks = pack_documents(tokenizer, documents, block_size)
     total, count = 0.0, 0.0
@@ -130,9 +130,14 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
         for name, r in judge_answers(tasks, sampled, judge)[1].items():
             results[name]["sampled"] = {"temperature": cfg.temperature, "samples": cfg.samples, **r}
     # alignment tax: loss on held-out pretraining text, and its rise over SFT
+    # per token, so only where the tokenizer is SFT's: another one cuts the same text into other tokens
+    other_tokens = [name for name in losses if "sft" in losses and tokenizers[name].get_vocab() != tokenizers["sft"].get_vocab()]
+    if other_tokens:
+        log(f"eval: {', '.join(other_tokens)} tokenize(s) text differently from sft: held-out pretraining loss is per token, "
+            "so no alignment tax is given for them")
     for name, loss in losses.items():
         results[name]["pretraining_loss"] = loss
-        if "sft" in losses:
+        if "sft" in losses and name not in other_tokens:
             results[name]["alignment_tax"] = loss - losses["sft"]
     write_jsonl(run.path / "samples.jsonl", (
         {"id": t.id, "family": t.family, "messages": list(t.messages), "gold": t.answer,
