@@ -134,3 +134,19 @@ def test_eval_of_a_users_model_with_another_tokenizer_and_no_chat_template(tmp_p
     assert "pretraining_loss" in results["mine"] and "alignment_tax" not in results["mine"]
     assert "mine tokenize(s) text differently from sft" in proc.stderr
     assert results["mine"]["win_rate_vs_sft"]["n"] == 4 and "<th>mine</th>" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_the_printed_table_keeps_every_name_whole_in_80_columns():
+    from rich.console import Console
+
+    from instructrl.evaluation.evaluate import results_table
+
+    tasks = _tasks()
+    names = ("demonstrations", "base", "sft", "ppo", "ppo_ptx", GOLD_ANSWERS)  # a pipeline's six columns
+    _, results = judge_answers(tasks, {n: [[t.answer if i % 2 else "no"] for i, t in enumerate(tasks)] for n in names}, SimulatedLabeler())
+    console = Console(width=80, record=True)
+    console.print(results_table(results))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80
+    for name in [*names, *results["sft"]["families"], "fails_to_follow"]:
+        assert re.search(rf"(^|\s){name}(\s|$)", text, re.M), name  # not cut to "demonstr…" or folded

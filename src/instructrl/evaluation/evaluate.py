@@ -153,32 +153,39 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
 
 
 def results_table(results: dict):
-    """A rich table: mean gold Likert per family (rows) and model (columns), flags below."""
+    """A rich table: mean gold Likert per family (rows) and model (columns), flags below; then the sampled answers."""
+    from rich import box
     from rich.table import Table
 
     names = list(results)
-    table = Table(title="Mean gold Likert (1-7) on held-out prompts: greedy answers, then sampled ones")
-    table.add_column("family")
+    sampled = all("sampled" in results[n] for n in names)
+    title = "Mean gold Likert (1-7) on held-out prompts, flags (share of answers), win rate vs SFT (ties half) [95% interval]"
+    if sampled:
+        first = results[names[0]]["sampled"]
+        title += f"; greedy answers, then {first['samples']} per prompt sampled at T={first['temperature']:g}"
+    # light borders and short row labels: the six columns of a pipeline fit an 80-column terminal
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("greedy", overflow="fold", min_width=15)
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", overflow="fold")
     for family in results[names[0]]["families"]:
         table.add_row(family, *(f"{results[n]['families'][family]['likert']:.2f}" for n in names))
-    table.add_row("[bold]overall", *(f"[bold]{results[n]['overall']['likert']:.2f}" for n in names), end_section=True)
+    table.add_row("[bold]Likert", *(f"[bold]{results[n]['overall']['likert']:.2f}" for n in names))
     for flag in FLAGS:
-        table.add_row(f"flag: {flag}", *(f"{results[n]['overall']['flags'][flag]:.0%}" for n in names))
+        table.add_row(flag, *(f"{results[n]['overall']['flags'][flag]:.0%}" for n in names))
     if any("win_rate_vs_sft" in results[n] for n in names):
-        table.add_row("win rate vs SFT (95% CI)", *(_win_cell(results[n].get("win_rate_vs_sft")) for n in names))
+        table.add_row("[bold]wins vs SFT", *(_win_cell(results[n].get("win_rate_vs_sft")) for n in names))
     if any("pretraining_loss" in results[n] for n in names):
-        table.add_row("held-out pretraining loss", *(f"{results[n]['pretraining_loss']:.3f}" if "pretraining_loss" in results[n] else "" for n in names))
-    if all("sampled" in results[n] for n in names):
-        first = results[names[0]]["sampled"]
-        label = f"sampled (T={first['temperature']:g}, {first['samples']} per prompt)"
-        table.add_row(f"[bold]{label}: Likert", *(f"[bold]{results[n]['sampled']['overall']['likert']:.2f}" for n in names))
+        table.add_row("pretrain loss", *(f"{results[n]['pretraining_loss']:.2f}" if "pretraining_loss" in results[n] else "" for n in names),
+                      end_section=True)
+    if sampled:
+        table.add_row("[bold]sampled", *("" for _ in names))
+        table.add_row("[bold]Likert", *(f"[bold]{results[n]['sampled']['overall']['likert']:.2f}" for n in names))
         for flag in ("incorrect", "verbose"):
-            table.add_row(f"sampled: flag {flag}", *(f"{results[n]['sampled']['overall']['flags'][flag]:.0%}" for n in names))
-        table.add_row("sampled: win rate vs SFT", *(_win_cell(results[n]["sampled"].get("win_rate_vs_sft")) for n in names))
+            table.add_row(flag, *(f"{results[n]['sampled']['overall']['flags'][flag]:.0%}" for n in names))
+        table.add_row("[bold]wins vs SFT", *(_win_cell(results[n]["sampled"].get("win_rate_vs_sft")) for n in names))
     return table
 
 
 def _win_cell(w: dict | None) -> str:
-    return "" if w is None else f"{w['win_rate']:.0%} [{w['ci95'][0]:.0%}, {w['ci95'][1]:.0%}]"
+    return "" if w is None else f"{w['win_rate']:.0%}\n[{w['ci95'][0] * 100:.0f}-{w['ci95'][1] * 100:.0f}]"
