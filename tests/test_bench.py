@@ -26,8 +26,13 @@ def test_bench_ppo(tmp_path):
 
 
 def test_bench_rm_kway_forwards_fewer_sequences(tmp_path):
-    cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "rm", "--k", "4", "--comparisons", "32")
+    proc = cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "rm", "--k", "4", "--comparisons", "32")
     result = json.loads((tmp_path / "bench_rm.json").read_text())
+    table, printed = proc.stdout[: proc.stdout.index("{")], json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert printed == result  # a table, and the same figures as JSON
+    for mode in ("kway", "pairwise"):
+        assert f"{result[mode]['comparisons_per_s']:.1f}" in table and str(result[mode]["sequences_forwarded"]) in table
+    assert f"{result['speedup']:.2f}x" in table
     # K-way forwards each of the K responses once; pairs forward 2 per ranked pair
     assert result["kway"]["sequences_forwarded"] == 4 * result["comparisons"]
     assert result["pairwise"]["sequences_forwarded"] > result["kway"]["sequences_forwarded"]

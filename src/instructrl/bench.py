@@ -126,6 +126,20 @@ def bench_table(result: dict):
     return table
 
 
+def bench_rm_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title=f"RM bench: {result['model_parameters'] / 1e6:.1f}M-parameter reward model, {result['comparisons']} comparisons "
+                        f"of K = {result['k']} ({result['ranked_pairs']} ranked pairs)")
+    for column in ("batches of", "seconds", "sequences forwarded", "comparisons / s"):
+        table.add_column(column, justify="right" if column != "batches of" else "left")
+    for mode, label in (("kway", "K-way comparisons"), ("pairwise", "independent pairs")):
+        r = result[mode]
+        table.add_row(label, f"{r['seconds']:.2f}", str(r["sequences_forwarded"]), f"{r['comparisons_per_s']:.1f}")
+    table.add_row("[bold]K-way speed-up", "", "", f"[bold]{result['speedup']:.2f}x")
+    return table
+
+
 def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> dict:
     """Reward-model training throughput: K-way batches against the same comparisons as independent pairs.
 

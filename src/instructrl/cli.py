@@ -236,15 +236,14 @@ def bench(
     runs/bench unless the config or an override names another folder; never a trained run's) and
     are printed as a table and as JSON.
     """
-    from instructrl.bench import bench_rm, bench_table, run_bench
+    from instructrl.bench import bench_rm, bench_rm_table, bench_table, run_bench
 
     cfg = _load(config, overrides or [])
     if cfg.run.dir == PipelineConfig().run.dir:
         cfg.run.dir = Path("runs/bench")
     if stage == "rm":
         result = bench_rm(cfg, k, comparisons, log=_log)
-        _log(f"bench rm: K-way {result['kway']['comparisons_per_s']:.1f} comparisons/s, independent pairs "
-             f"{result['pairwise']['comparisons_per_s']:.1f} comparisons/s: {result['speedup']:.2f}x")
+        Console().print(bench_rm_table(result))
     elif stage == "ppo":
         result = run_bench(cfg, iterations, log=_log)
         Console().print(bench_table(result))
