@@ -173,10 +173,12 @@ def _family_table(results: dict, sampled: bool = False) -> str:
     def cell(r: dict, w: dict | None) -> str:
         return f"{r['likert']:.2f}" + (f"<br><small>{_win_text(w)}</small>" if w else "")
 
-    first = results[names[0]]
-    rows = [[html.escape(f), str(first["families"][f]["n"])] + [cell(results[n]["families"][f], results[n]["families"][f].get("win_rate_vs_sft"))
-                                                               for n in names] for f in first["families"]]
-    rows.append(["<b>overall</b>", str(first["overall"]["n"])] + [cell(results[n]["overall"], results[n].get("win_rate_vs_sft")) for n in names])
+    rows = []
+    for family in results[names[0]]["families"]:
+        per_model = [results[n]["families"][family] for n in names]
+        rows.append([html.escape(family), str(per_model[0]["n"])] + [cell(r, r.get("win_rate_vs_sft")) for r in per_model])
+    overall = [results[n]["overall"] for n in names]
+    rows.append(["<b>overall</b>", str(overall[0]["n"])] + [cell(r, results[n].get("win_rate_vs_sft")) for n, r in zip(names, overall)])
     return _table(["family", "answers"] + names, rows)
 
 
