@@ -8,18 +8,31 @@ from conftest import SMOKE, cli
 
 
 def test_bench_ppo(tmp_path):
-    cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "-n", "2")
+    proc = cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "-n", "3")
     result = json.loads((tmp_path / "bench.json").read_text())
+    assert json.loads(proc.stdout[proc.stdout.index("{"):]) == result  # the JSON printed is the file's
     phases = set(result["seconds_per_iteration"])
     assert {"generate", "score_policy", "score_reference", "score_value", "score_reward", "train"} <= phases
     assert abs(sum(result["share"].values()) - 1.0) < 1e-9
-    assert result["iterations_timed"] == 1 and result["episodes_per_s"] > 0 and result["peak_rss_mb"] > 0
+    assert result["iterations_timed"] == 2 and result["episodes_per_s"] > 0 and result["peak_rss_mb"] > 0
+    # the table adds up: episodes per second are an iteration's episodes over the seconds of its phases
+    seconds = sum(result["seconds_per_iteration"].values())
+    assert abs(result["episodes_per_s"] - result["rollout_batch_size"] / seconds) < 1e-9 * result["episodes_per_s"]
+    table = proc.stdout[: proc.stdout.index("{")]
+    assert f"{result['episodes_per_s']:.1f}" in table and f"{result['tokens_per_s']:.0f}" in table
+    for phase, s in result["seconds_per_iteration"].items():
+        assert f"{s:.3f}" in table and f"{result['share'][phase]:.0%}" in table
     assert result["parameters_mb"] > 0 and result["optimizer_state_mb"] > 0 and result["lora"] is False
 
 
 def test_bench_rm_kway_forwards_fewer_sequences(tmp_path):
-    cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "rm", "--k", "4", "--comparisons", "32")
+    proc = cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "rm", "--k", "4", "--comparisons", "32")
     result = json.loads((tmp_path / "bench_rm.json").read_text())
+    table, printed = proc.stdout[: proc.stdout.index("{")], json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert printed == result  # a table, and the same figures as JSON
+    for mode in ("kway", "pairwise"):
+        assert f"{result[mode]['comparisons_per_s']:.1f}" in table and str(result[mode]["sequences_forwarded"]) in table
+    assert f"{result['speedup']:.2f}x" in table
     # K-way forwards each of the K responses once; pairs forward 2 per ranked pair
     assert result["kway"]["sequences_forwarded"] == 4 * result["comparisons"]
     assert result["pairwise"]["sequences_forwarded"] > result["kway"]["sequences_forwarded"]
@@ -29,6 +42,14 @@ def test_bench_rm_kway_forwards_fewer_sequences(tmp_path):
 def test_bench_unknown_stage(tmp_path):
     proc = cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "nope", check=False)
     assert proc.returncode == 2 and "unknown --stage" in proc.stderr
+
+
+def test_bench_rm_bad_arguments_are_one_line(tmp_path):
+    # a comparison of one response has no pair, fewer comparisons than one batch train nothing: both divided by zero
+    one = cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "rm", "--k", "1", check=False)
+    assert one.returncode == 2 and "--k" in one.stderr and "Traceback" not in one.stderr
+    few = cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "rm", "--comparisons", "4", check=False)
+    assert few.returncode == 2 and "fewer than one batch (rm.batch_size = 8)" in few.stderr and "Traceback" not in few.stderr
 
 
 def test_bench_never_writes_over_a_trained_run(smoke_base):

@@ -245,21 +245,46 @@ def test_kl_controller_fixed_and_adaptive():
 def test_win_rate_by_hand():
     from instructrl.evaluation.preference import win_rate
 
-    # outcomes 1, 0.5, 0, 1: mean 0.625; deviations .375 -.125 -.625 .375 → squares sum 0.6875,
-    # sd = sqrt(0.6875 / 3) = 0.4787, half-width 1.96 · 0.4787 / 2 = 0.4691
+    # outcomes 1, 0.5, 0, 1: win rate 0.625. The interval adds two wins and two losses:
+    # 1 1 1 1 .5 0 0 0 → p̃ = 4.5 / 8 = 0.5625; squared deviations 4 · .4375² + .0625² + 3 · .5625²
+    # = 1.71875, v = 1.71875 / 8 = 0.21484; half-width 1.96 · √(0.21484 / 8) = 0.32120
     result = win_rate([3, 2, 1, 5], [1, 2, 4, 4])
     assert result["win_rate"] == 0.625 and (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
-    assert abs(result["ci95"][0] - (0.625 - 0.4691)) < 1e-3 and result["ci95"][1] == 1.0  # clipped at 1
+    assert abs(result["ci95"][0] - 0.24130) < 1e-4 and abs(result["ci95"][1] - 0.88370) < 1e-4
+
+
+def test_win_rate_interval_of_unanimous_prompts_is_not_a_point():
+    from instructrl.evaluation.preference import win_rate
+
+    # 3 wins of 3 (the old normal approximation: sd 0, interval [1, 1]). Plus four: 5 of 7,
+    # p̃ = 0.71429, half-width 1.96 · √(p̃ (1 - p̃) / 7) = 0.33467 → [0.37962, 1 (clipped)]
+    result = win_rate([2, 2, 2], [1, 1, 1])
+    assert result["win_rate"] == 1.0 and abs(result["ci95"][0] - 0.37962) < 1e-4 and result["ci95"][1] == 1.0
+    # 12 ties of 12: 12 halves, two 1s, two 0s → p̃ = 0.5, v = 4 · 0.25 / 16 = 0.0625,
+    # half-width 1.96 · √(0.0625 / 16) = 0.1225
+    ties = win_rate([4] * 12, [4] * 12)
+    assert ties["win_rate"] == 0.5 and ties["ci95"] == pytest.approx([0.3775, 0.6225])
+
+
+@given(st.lists(st.lists(st.sampled_from([0, 1, 2]), min_size=1, max_size=3), min_size=1, max_size=40), st.data())
+def test_win_rate_interval_holds_the_win_rate_and_has_width(scores_a, data):
+    from instructrl.evaluation.preference import win_rate
+
+    scores_b = [data.draw(st.lists(st.sampled_from([0, 1, 2]), min_size=len(a), max_size=len(a))) for a in scores_a]
+    result = win_rate(scores_a, scores_b)
+    low, high = result["ci95"]
+    assert 0.0 <= low <= result["win_rate"] <= high <= 1.0 and high - low > 0.01
 
 
 def test_win_rate_with_several_samples_per_prompt_counts_prompts():
     from instructrl.evaluation.preference import win_rate
 
     # prompt 1: samples (3 vs 1 win, 1 vs 1 tie) → 0.75; prompt 2: one tie → 0.5. Mean 0.625 over
-    # n = 2 prompts; sd = sqrt(2 · 0.125² / 1) = 0.17678, half-width 1.96 · 0.17678 / √2 = 0.245
+    # n = 2 prompts. Interval: .75 .5 1 1 0 0 → p̃ = 3.25 / 6 = 0.54167, squared deviations sum
+    # 1.05208, v = 0.17535, half-width 1.96 · √(0.17535 / 6) = 0.33507
     result = win_rate([[3, 1], [2]], [[1, 1], [2]])
     assert result["win_rate"] == 0.625 and result["n"] == 2
     assert (result["wins"], result["ties"], result["losses"]) == (1, 2, 0)
-    assert abs(result["ci95"][0] - 0.380) < 1e-3 and abs(result["ci95"][1] - 0.870) < 1e-3
+    assert abs(result["ci95"][0] - 0.20660) < 1e-4 and abs(result["ci95"][1] - 0.87673) < 1e-4
     with pytest.raises(ValueError, match="as many answers"):
         win_rate([[3, 1]], [[1]])

@@ -42,9 +42,9 @@ def test_accuracy_by_group_by_hand():
     rewards = [[1.0, 0.0, 5.0], [0.0, 1.0], [2.0, 1.0]]
     gold = [[3.0, 2.0, 2.0], [1.0, 0.0], [0.5, 0.5]]
     by = accuracy_by_group(rewards, gold, ["a", "b", "c"])
-    assert list(by) == ["a", "b", "c"] and by["a"] == 0.5 and by["b"] == 0.0 and math.isnan(by["c"])
+    assert list(by) == ["a", "b", "c"] and by["a"] == (0.5, 2) and by["b"] == (0.0, 1) and math.isnan(by["c"][0]) and by["c"][1] == 0
     # two comparisons of one group pool their pairs: 1 right of 3
-    assert accuracy_by_group(rewards[:2], gold[:2], ["a", "a"]) == {"a": 1 / 3}
+    assert accuracy_by_group(rewards[:2], gold[:2], ["a", "a"]) == {"a": (1 / 3, 3)}
 
 
 def test_length_bias_sees_a_length_reward():
@@ -72,6 +72,9 @@ def test_rm_stage_on_smoke(tmp_path, smoke_base):
     by_kind = diagnostics["accuracy_by_pair_kind"]  # every pair the gold labeler orders is of one kind
     assert set(by_kind) <= {f"{a}>{b}" for a in ("exact", "form", "wrong") for b in ("exact", "form", "wrong")}
     assert sum(k["pairs"] for k in by_kind.values()) == diagnostics["pairs"]
+    # each accuracy comes with the pairs it is of: the margins and the families split the same pairs
+    assert set(diagnostics["pairs_by_gold_margin"]) == set(diagnostics["accuracy_by_gold_margin"])
+    assert sum(diagnostics["pairs_by_gold_margin"].values()) == diagnostics["pairs"] == sum(diagnostics["pairs_by_family"].values())
     # the bias makes the demonstrations average a reward of 0 (InstructGPT §3.5)
     tokenizer = load_tokenizer(final)
     demos = [tokenize_conversation(tokenizer, r["messages"]).input_ids for _, r in read_jsonl(tmp_path / "world" / "demonstrations.jsonl")]

@@ -83,6 +83,9 @@ def run_bench(config: PipelineConfig, iterations: int, log=print) -> dict:
     phases = sorted(k[len("time/"):] for k in timed[0] if k.startswith("time/") and not k.endswith("_per_s"))
     per_iteration = {p: mean(f"time/{p}") for p in phases}
     total = sum(per_iteration.values())
+    # rates over the timed iterations together (not the mean of each one's rate), so the table adds up:
+    # episodes/s is the episodes of an iteration over its seconds above
+    tokens = sum(r["time/tokens_per_s"] * sum(r[f"time/{p}"] for p in phases) for r in timed) / len(timed)
     result = {
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
@@ -95,8 +98,8 @@ def run_bench(config: PipelineConfig, iterations: int, log=print) -> dict:
         "lora": config.ppo.lora.enabled,
         "seconds_per_iteration": per_iteration,
         "share": {p: v / total for p, v in per_iteration.items()},
-        "episodes_per_s": mean("time/episodes_per_s"),
-        "tokens_per_s": mean("time/tokens_per_s"),
+        "episodes_per_s": config.ppo.rollout_batch_size / total,
+        "tokens_per_s": tokens / total,  # prompt and response tokens
         **peak_memory_mb(),
         # what the four models and the two optimizers hold (LoRA: one base model for policy and reference)
         **{key[len("memory/"):]: value for key, value in rows[-1].items() if key.startswith("memory/")},
@@ -116,10 +119,24 @@ def bench_table(result: dict):
     for phase, seconds in result["seconds_per_iteration"].items():
         table.add_row(phase, f"{seconds:.3f}", f"{result['share'][phase]:.0%}")
     table.add_row("[bold]episodes / s", f"[bold]{result['episodes_per_s']:.1f}", "", end_section=False)
-    table.add_row("tokens / s", f"{result['tokens_per_s']:.0f}", "")
+    table.add_row("tokens / s (prompt + response)", f"{result['tokens_per_s']:.0f}", "")
     for key in ("peak_rss_mb", "peak_gpu_mb", "parameters_mb", "optimizer_state_mb"):
         if key in result:
             table.add_row(key.replace("_", " "), f"{result[key]:.0f}", "")
+    return table
+
+
+def bench_rm_table(result: dict):
+    from rich.table import Table
+
+    table = Table(title=f"RM bench: {result['model_parameters'] / 1e6:.1f}M-parameter reward model, {result['comparisons']} comparisons "
+                        f"of K = {result['k']} ({result['ranked_pairs']} ranked pairs)")
+    for column in ("batches of", "seconds", "sequences forwarded", "comparisons / s"):
+        table.add_column(column, justify="right" if column != "batches of" else "left")
+    for mode, label in (("kway", "K-way comparisons"), ("pairwise", "independent pairs")):
+        r = result[mode]
+        table.add_row(label, f"{r['seconds']:.2f}", str(r["sequences_forwarded"]), f"{r['comparisons_per_s']:.1f}")
+    table.add_row("[bold]K-way speed-up", "", "", f"[bold]{result['speedup']:.2f}x")
     return table
 
 
@@ -142,6 +159,10 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
     from instructrl.world.build import demo_labeler, load_tasks
     from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
 
+    if k < 2:
+        raise UserError(f"bench rm: --k {k}: a comparison ranks at least 2 responses")
+    if n_comparisons < config.rm.batch_size:
+        raise UserError(f"bench rm: --comparisons {n_comparisons} is fewer than one batch (rm.batch_size = {config.rm.batch_size})")
     root = Path(config.run.dir)
     world = build_world(config.world, root / "world")
     tokenizer = train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size)
@@ -154,6 +175,8 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
         ranks = ranks_from_qualities([gold.judge(task, r).quality for r in responses])
         records.append(ComparisonRecord(id=task.id, prompt=list(task.messages), responses=responses, ranks=ranks, labeler_id="gold"))
     # a unit is (sequences, ranks): one comparison of K, or one pair cut out of it
+    if len(records) < config.rm.batch_size:
+        raise UserError(f"bench rm: the world has {len(records)} RM prompts, fewer than one batch (rm.batch_size = {config.rm.batch_size})")
     kway = [(encode_comparison(tokenizer, r), r.ranks) for r in records]
     pairs = [([seqs[i], seqs[j]], [0, 1]) for seqs, ranks in kway for i in range(k) for j in range(k) if ranks[i] < ranks[j]]
 

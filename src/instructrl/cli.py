@@ -224,8 +224,8 @@ def bench(
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     stage: str = typer.Option("ppo", "--stage", help="ppo: time a short PPO run; rm: reward-model throughput, K-way against independent pairs."),
     iterations: int = typer.Option(6, "--iterations", "-n", min=2, help="ppo: iterations to run; the first is a warm-up and is not counted."),
-    k: int = typer.Option(4, "--k", help="rm: responses per comparison."),
-    comparisons: int = typer.Option(512, "--comparisons", help="rm: comparisons to train on in each mode."),
+    k: int = typer.Option(4, "--k", min=2, help="rm: responses per comparison."),
+    comparisons: int = typer.Option(512, "--comparisons", min=1, help="rm: comparisons to train on in each mode (at least rm.batch_size)."),
 ) -> None:
     """Measure speed on random models shaped by the config's model section; no earlier stage needed.
 
@@ -236,15 +236,14 @@ def bench(
     runs/bench unless the config or an override names another folder; never a trained run's) and
     are printed as a table and as JSON.
     """
-    from instructrl.bench import bench_rm, bench_table, run_bench
+    from instructrl.bench import bench_rm, bench_rm_table, bench_table, run_bench
 
     cfg = _load(config, overrides or [])
     if cfg.run.dir == PipelineConfig().run.dir:
         cfg.run.dir = Path("runs/bench")
     if stage == "rm":
         result = bench_rm(cfg, k, comparisons, log=_log)
-        _log(f"bench rm: K-way {result['kway']['comparisons_per_s']:.1f} comparisons/s, independent pairs "
-             f"{result['pairwise']['comparisons_per_s']:.1f} comparisons/s: {result['speedup']:.2f}x")
+        Console().print(bench_rm_table(result))
     elif stage == "ppo":
         result = run_bench(cfg, iterations, log=_log)
         Console().print(bench_table(result))

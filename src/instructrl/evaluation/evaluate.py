@@ -44,7 +44,7 @@ def default_models(config: PipelineConfig) -> dict[str, str]:
 
 @torch.no_grad()
 def pretraining_loss(model, tokenizer, documents: list[str], block_size: int = 128, batch_size: int = 32) -> float:
-    """Mean next-token NLL (nats) on held-out pretraining text: the alignment tax's measure (§4.2)."""
+    """Mean next-token NLL (nats per token) on held-out pretraining text: the alignment tax's measure (§4.2)."""
     model.eval()
     blocks = pack_documents(tokenizer, documents, block_size)
     total, count = 0.0, 0.0
@@ -73,14 +73,21 @@ def summarize(judged: list[tuple[str, object]]) -> dict:
 
 def judge_answers(tasks: list, answers: dict[str, list[list[str]]], judge) -> tuple[dict, dict]:
     """Judge each model's answers (a list per prompt, as many per prompt for every model): the
-    judgements, and per model its summary and win rate against SFT on the same prompts (ties half)."""
+    judgements, and per model its summary and win rate against SFT on the same prompts (ties half),
+    overall and per family."""
     judged = {name: [[judge.judge(t, a) for a in row] for t, row in zip(tasks, rows)] for name, rows in answers.items()}
     results = {name: summarize([(t.family, j) for t, row in zip(tasks, js) for j in row]) for name, js in judged.items()}
     if "sft" in judged:
         quality = {name: [[j.quality for j in row] for row in js] for name, js in judged.items()}
+        by_family = defaultdict(list)
+        for i, t in enumerate(tasks):
+            by_family[t.family].append(i)
         for name in judged:
             if name != "sft":
                 results[name]["win_rate_vs_sft"] = win_rate(quality[name], quality["sft"])
+                for family, idx in by_family.items():
+                    results[name]["families"][family]["win_rate_vs_sft"] = win_rate(
+                        [quality[name][i] for i in idx], [quality["sft"][i] for i in idx])
     return judged, results
 
 
@@ -123,9 +130,14 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
         for name, r in judge_answers(tasks, sampled, judge)[1].items():
             results[name]["sampled"] = {"temperature": cfg.temperature, "samples": cfg.samples, **r}
     # alignment tax: loss on held-out pretraining text, and its rise over SFT
+    # per token, so only where the tokenizer is SFT's: another one cuts the same text into other tokens
+    other_tokens = [name for name in losses if "sft" in losses and tokenizers[name].get_vocab() != tokenizers["sft"].get_vocab()]
+    if other_tokens:
+        log(f"eval: {', '.join(other_tokens)} tokenize(s) text differently from sft: held-out pretraining loss is per token, "
+            "so no alignment tax is given for them")
     for name, loss in losses.items():
         results[name]["pretraining_loss"] = loss
-        if "sft" in losses:
+        if "sft" in losses and name not in other_tokens:
             results[name]["alignment_tax"] = loss - losses["sft"]
     write_jsonl(run.path / "samples.jsonl", (
         {"id": t.id, "family": t.family, "messages": list(t.messages), "gold": t.answer,
@@ -141,32 +153,39 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
 
 
 def results_table(results: dict):
-    """A rich table: mean gold Likert per family (rows) and model (columns), flags below."""
+    """A rich table: mean gold Likert per family (rows) and model (columns), flags below; then the sampled answers."""
+    from rich import box
     from rich.table import Table
 
     names = list(results)
-    table = Table(title="Mean gold Likert (1-7) on held-out prompts: greedy answers, then sampled ones")
-    table.add_column("family")
+    sampled = all("sampled" in results[n] for n in names)
+    title = "Mean gold Likert (1-7) on held-out prompts, flags (share of answers), win rate vs SFT (ties half) [95% interval]"
+    if sampled:
+        first = results[names[0]]["sampled"]
+        title += f"; greedy answers, then {first['samples']} per prompt sampled at T={first['temperature']:g}"
+    # light borders and short row labels: the six columns of a pipeline fit an 80-column terminal
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("greedy", overflow="fold", min_width=15)
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", overflow="fold")
     for family in results[names[0]]["families"]:
         table.add_row(family, *(f"{results[n]['families'][family]['likert']:.2f}" for n in names))
-    table.add_row("[bold]overall", *(f"[bold]{results[n]['overall']['likert']:.2f}" for n in names), end_section=True)
+    table.add_row("[bold]Likert", *(f"[bold]{results[n]['overall']['likert']:.2f}" for n in names))
     for flag in FLAGS:
-        table.add_row(f"flag: {flag}", *(f"{results[n]['overall']['flags'][flag]:.0%}" for n in names))
+        table.add_row(flag, *(f"{results[n]['overall']['flags'][flag]:.0%}" for n in names))
     if any("win_rate_vs_sft" in results[n] for n in names):
-        table.add_row("win rate vs SFT (95% CI)", *(_win_cell(results[n].get("win_rate_vs_sft")) for n in names))
+        table.add_row("[bold]wins vs SFT", *(_win_cell(results[n].get("win_rate_vs_sft")) for n in names))
     if any("pretraining_loss" in results[n] for n in names):
-        table.add_row("held-out pretraining loss", *(f"{results[n]['pretraining_loss']:.3f}" if "pretraining_loss" in results[n] else "" for n in names))
-    if all("sampled" in results[n] for n in names):
-        first = results[names[0]]["sampled"]
-        label = f"sampled (T={first['temperature']:g}, {first['samples']} per prompt)"
-        table.add_row(f"[bold]{label}: Likert", *(f"[bold]{results[n]['sampled']['overall']['likert']:.2f}" for n in names))
+        table.add_row("pretrain loss", *(f"{results[n]['pretraining_loss']:.2f}" if "pretraining_loss" in results[n] else "" for n in names),
+                      end_section=True)
+    if sampled:
+        table.add_row("[bold]sampled", *("" for _ in names))
+        table.add_row("[bold]Likert", *(f"[bold]{results[n]['sampled']['overall']['likert']:.2f}" for n in names))
         for flag in ("incorrect", "verbose"):
-            table.add_row(f"sampled: flag {flag}", *(f"{results[n]['sampled']['overall']['flags'][flag]:.0%}" for n in names))
-        table.add_row("sampled: win rate vs SFT", *(_win_cell(results[n]["sampled"].get("win_rate_vs_sft")) for n in names))
+            table.add_row(flag, *(f"{results[n]['sampled']['overall']['flags'][flag]:.0%}" for n in names))
+        table.add_row("[bold]wins vs SFT", *(_win_cell(results[n]["sampled"].get("win_rate_vs_sft")) for n in names))
     return table
 
 
 def _win_cell(w: dict | None) -> str:
-    return "" if w is None else f"{w['win_rate']:.0%} [{w['ci95'][0]:.0%}, {w['ci95'][1]:.0%}]"
+    return "" if w is None else f"{w['win_rate']:.0%}\n[{w['ci95'][0] * 100:.0f}-{w['ci95'][1] * 100:.0f}]"

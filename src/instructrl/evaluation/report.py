@@ -16,6 +16,7 @@ from instructrl.evaluation.rm_diagnostics import figure
 from instructrl.rundir import write_text_atomic
 
 PPO_STAGES = ("ppo", "ppo_ptx")
+SMOOTHING = 8  # iterations in the over-optimisation curves' running mean
 GOLD_ANSWERS = "gold_answers"  # eval's row of the gold answers: the ceiling of every win rate vs SFT
 
 
@@ -51,48 +52,62 @@ def _likert_plot(results: dict):
 
     names = [n for n in results if n != GOLD_ANSWERS]  # 7 everywhere
     families = list(results[names[0]]["families"])
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig, ax = plt.subplots(figsize=(10, 3.8), layout="constrained")
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         values = [results[name]["families"][f]["likert"] for f in families] + [results[name]["overall"]["likert"]]
         ax.bar([i + k * width for i in range(len(families) + 1)], values, width, label=name)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(families) + 1)], families + ["OVERALL"], rotation=30, ha="right")
+    ax.set_xlabel("instruction family")
     ax.set_ylabel("mean gold Likert (1-7)")
     ax.set_ylim(1, 7)
-    ax.legend(ncols=len(names), fontsize=8)
+    ax.legend(ncols=len(names), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)  # above the bars, never on them
     return fig
 
 
+def _running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value with up to ``window - 1`` before it: a noisy per-iteration curve, smoothed in training order."""
+    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
 def _overoptimisation_plot(metrics: dict[str, list[dict]]):
-    """Proxy (RM) and gold score against √KL to SFT along training (Gao et al. 2022)."""
+    """Proxy (RM) and gold score against √KL to SFT along training (Gao et al. 2022): a dot per
+    iteration, and a line of their running mean over ``SMOOTHING`` iterations in training order."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     for stage, rows in metrics.items():
-        x = [r["rollout/sqrt_kl"] for r in rows]
-        axes[0].plot(x, [r["rollout/score"] for r in rows], "o", ms=3, alpha=0.7, label=f"{stage}: proxy (RM)")
-        gold = [(xi, r["rollout/gold_likert"]) for xi, r in zip(x, rows) if "rollout/gold_likert" in r]
-        if gold:
-            axes[1].plot(*zip(*gold), "o", ms=3, alpha=0.7, label=f"{stage}: gold")
-    axes[0].set_ylabel("reward-model score")
-    axes[1].set_ylabel("gold Likert of the samples")
+        for ax, key in zip(axes, ("rollout/score", "rollout/gold_likert")):
+            points = [(r["rollout/sqrt_kl"], r[key]) for r in rows if key in r]
+            if not points:
+                continue
+            x, y = zip(*points)
+            dots, = ax.plot(x, y, "o", ms=3, alpha=0.35)
+            ax.plot(_running_mean(x, SMOOTHING), _running_mean(y, SMOOTHING), "-", lw=2, color=dots.get_color(), label=stage)
+    axes[0].set_title("proxy: the reward model's score", fontsize=10)
+    axes[0].set_ylabel("mean RM score of the batch")
+    axes[1].set_title("gold: the gold labeler's judgement", fontsize=10)
+    axes[1].set_ylabel("mean gold Likert of the batch (1-7)")
     for ax in axes:
-        ax.set_xlabel("√KL(π ‖ π_SFT) per response (nats^½)")
+        ax.set_xlabel("√KL(π ‖ π_SFT), KL in nats per response")
         ax.legend(fontsize=8)
     return fig
 
 
 def _training_plot(metrics: dict[str, list[dict]]):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
-    keys = [("rollout/kl", "KL to SFT (nats)"), ("rollout/entropy", "entropy per token"), ("rollout/length", "response tokens"),
-            ("rollout/eos_rate", "share ending in EOS")]
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3))
+    keys = [("rollout/kl", "KL to SFT (nats per response)"), ("rollout/entropy", "entropy (nats per token)"),
+            ("rollout/length", "response length (tokens)"), ("rollout/eos_rate", "responses ending in EOS")]
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.2), layout="constrained")
     for ax, (key, label) in zip(axes, keys):
         for stage, rows in metrics.items():
             ax.plot([r["episodes"] for r in rows], [r[key] for r in rows], label=stage)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("episodes")
+    axes[3].yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    axes[3].set_ylim(-0.02, 1.02)  # the whole range: 98% and 100% are both "nearly all"
     axes[0].legend(fontsize=8)
     return fig
 
@@ -100,11 +115,18 @@ def _training_plot(metrics: dict[str, list[dict]]):
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
 
 
 def _win_text(w: dict) -> str:
     return f"{w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}]"
+
+
+def _loss_text(r: dict, name: str) -> str:
+    """Held-out pretraining loss, and for a model trained from SFT its rise over SFT's loss: the alignment tax."""
+    if "alignment_tax" in r and name not in ("sft", "base"):  # the base model comes before SFT: it pays no tax
+        return f"alignment tax {r['alignment_tax']:+.3f} nats (held-out pretraining loss {r['pretraining_loss']:.3f} over SFT's)"
+    return f"held-out pretraining loss {r['pretraining_loss']:.3f} nats"
 
 
 def headline(results: dict) -> list[str]:
@@ -121,8 +143,8 @@ def headline(results: dict) -> list[str]:
         line = f"{name}: Likert {r['overall']['likert']:.2f}"
         if "win_rate_vs_sft" in r:
             line += f", wins vs SFT {_win_text(r['win_rate_vs_sft'])}"
-        if "alignment_tax" in r and name != "sft":
-            line += f", alignment tax {r['alignment_tax']:+.3f} nats"
+        if "pretraining_loss" in r:
+            line += f", {_loss_text(r, name)}"
         if "sampled" in r and name != "demonstrations":
             sampled = r["sampled"]
             line += f"; sampled at T={sampled['temperature']:g}: Likert {sampled['overall']['likert']:.2f}"
@@ -132,52 +154,101 @@ def headline(results: dict) -> list[str]:
     return lines
 
 
+HOW_TO_READ = (
+    "<p><b>How to read this.</b> The gold labeler scores every answer 1-7 (Likert) and flags its faults; "
+    "<i>mean Likert</i> is over the held-out prompts. <i>Win rate vs SFT</i>: on each prompt the model's answer is "
+    "compared with SFT's; a better one counts 1, an equally good one (a tie) counts half, a worse one 0, and the win "
+    "rate is the mean over prompts, so a model that answers as SFT does scores 50%. The brackets are its 95% interval "
+    "over prompts: the normal approximation with two wins and two losses added (Agresti-Coull), so a family of a "
+    "few prompts gets a wide interval, not a point. <i>Alignment tax</i>: the model's loss on held-out pretraining "
+    "text (mean nats per token) minus SFT's; positive means it predicts pretraining text worse than SFT does "
+    "(InstructGPT &sect;4.2; PPO-ptx mixes pretraining gradients in to pay less of it).</p>")
+
+
+def _family_table(results: dict, sampled: bool = False) -> str:
+    """Per family (rows) and model (columns): mean Likert, and below it the win rate vs SFT with its interval."""
+    results = {n: r["sampled"] if sampled else r for n, r in results.items() if n != GOLD_ANSWERS}
+    names = list(results)
+
+    def cell(r: dict, w: dict | None) -> str:
+        return f"{r['likert']:.2f}" + (f"<br><small>{_win_text(w)}</small>" if w else "")
+
+    rows = []
+    for family in results[names[0]]["families"]:
+        per_model = [results[n]["families"][family] for n in names]
+        rows.append([html.escape(family), str(per_model[0]["n"])] + [cell(r, r.get("win_rate_vs_sft")) for r in per_model])
+    overall = [results[n]["overall"] for n in names]
+    rows.append(["<b>overall</b>", str(overall[0]["n"])] + [cell(r, results[n].get("win_rate_vs_sft")) for n, r in zip(names, overall)])
+    return _table(["family", "answers"] + names, rows)
+
+
 def write_report(root: Path, n_samples: int = 30) -> Path:
     """Write ``root/report.html`` and return its path."""
     import matplotlib
 
     matplotlib.use("Agg")
     root = Path(root)
-    results = json.loads((root / "eval" / "results.json").read_text())["results"]
+    evaluation = json.loads((root / "eval" / "results.json").read_text())
+    results = evaluation["results"]
     parts = ["<h1>instructrl report</h1>", f"<p>Run folder: <code>{html.escape(str(root))}</code></p>"]
 
-    parts.append("<h2>Held-out prompts, judged by the gold labeler</h2>")
+    parts.append(f"<h2>Held-out prompts, judged by the gold labeler</h2><p>{evaluation['n_prompts']} held-out prompts, greedy answers.</p>")
     rows = []
     for name, r in results.items():
         w = r.get("win_rate_vs_sft")
         rows.append([html.escape(name), f"{r['overall']['likert']:.2f}",
                      f"{_win_text(w)} (n={w['n']})" if w else "",
                      f"{r['pretraining_loss']:.3f}" if "pretraining_loss" in r else "",
-                     f"{r['alignment_tax']:+.3f}" if "alignment_tax" in r else "",
-                     ", ".join(f"{k} {v:.0%}" for k, v in r["overall"]["flags"].items())])
-    parts.append(_table(["model", "mean Likert", "win rate vs SFT (95% CI)", "held-out pretraining loss", "alignment tax", "flags"], rows))
+                     f"{r['alignment_tax']:+.3f}" if "alignment_tax" in r and name != "sft" else "",
+                     ", ".join(f"{html.escape(k)} {v:.0%}" for k, v in r["overall"]["flags"].items())])
+    parts.append(_table(["model", "mean Likert (1-7)", "win rate vs SFT, ties half (95% interval)", "held-out pretraining loss (nats/token)",
+                         "loss − SFT's: the alignment tax", "flags (share of answers)"], rows))
+    parts.append(HOW_TO_READ)
     if GOLD_ANSWERS in results:
-        parts.append(f"<p>{GOLD_ANSWERS}: the gold answer to every prompt. It ties with SFT's perfect answers and beats "
-                     "the rest, so its win rate against SFT is the most any model can reach.</p>")
+        parts.append(f"<p><b>The ceiling.</b> {GOLD_ANSWERS}: the gold answer to every prompt. It ties with SFT's perfect answers and beats "
+                     "the rest, so its win rate against SFT is the most any model can reach (50% would mean SFT is always perfect). "
+                     "<i>demonstrations</i>: the demonstrator's answers to the same prompts, the level SFT imitates.</p>")
     if all("sampled" in r for r in results.values()):
         first = next(iter(results.values()))["sampled"]
         parts.append(f"<p>Greedy answers above. Below, {first['samples']} answers per prompt sampled at temperature "
-                     f"{first['temperature']:g}, the distribution PPO optimises (the demonstrations and gold answers are one per prompt).</p>")
+                     f"{first['temperature']:g}, the distribution PPO optimises (the demonstrations and gold answers are one per prompt, "
+                     "met by every sample; the interval is over prompts).</p>")
         rows = []
         for name, r in results.items():
             w = r["sampled"].get("win_rate_vs_sft")
             rows.append([html.escape(name), f"{r['sampled']['overall']['likert']:.2f}",
                          f"{_win_text(w)} (n={w['n']} prompts)" if w else "",
-                         ", ".join(f"{k} {v:.0%}" for k, v in r["sampled"]["overall"]["flags"].items())])
-        parts.append(_table(["model", "mean Likert (sampled)", "win rate vs SFT (95% CI)", "flags"], rows))
-    parts.append(_figure_tag(_likert_plot(results), "Mean gold Likert (1-7) of the greedy answers, per instruction family and model."))
+                         ", ".join(f"{html.escape(k)} {v:.0%}" for k, v in r["sampled"]["overall"]["flags"].items())])
+        parts.append(_table(["model", "mean Likert (sampled)", "win rate vs SFT, ties half (95% interval)", "flags (share of answers)"], rows))
+    parts.append(_figure_tag(_likert_plot(results), "Mean gold Likert (1-7) of the greedy answers, per instruction family and model "
+                                                    "(the gold answers, 7 everywhere, left out)."))
+    parts.append("<h3>Per instruction family</h3><p>Mean Likert of the greedy answers and, below it, the win rate vs SFT "
+                 "with its 95% interval: families with few prompts have wide intervals.</p>")
+    parts.append(_family_table(results))
+    if all("sampled" in r for r in results.values()):
+        parts.append("<p>The same for the sampled answers.</p>")
+        parts.append(_family_table(results, sampled=True))
 
     diagnostics = root / "rm" / "diagnostics.json"
     if diagnostics.is_file():
         d = json.loads(diagnostics.read_text())
+        margin_pairs = d.get("pairs_by_gold_margin", {})
         parts.append("<h2>Reward model</h2>")
-        parts.append(_table(["held-out accuracy vs gold", "by gold margin", "reward ~ gold Likert r", "length bias r"], [[
-            f"{d['accuracy']:.3f} ({d['pairs']} pairs)",
-            ", ".join(f"{k}: {figure(v)}" for k, v in d["accuracy_by_gold_margin"].items()),
+        parts.append(f"<p>On the held-out comparisons (a share of the collected prompts the RM never trained on), against "
+                     f"{html.escape(d['against'])}. Accuracy: the share of response pairs the RM orders as the gold judge does; "
+                     "pairs the gold judge ties are left out. Margin: the gap in gold quality (0-1) between the two responses. "
+                     "Length bias: the correlation of reward with response length in characters among responses of equal gold "
+                     "Likert (near 0 is healthy; positive, the RM pays for length).</p>")
+        parts.append(_table(["held-out accuracy vs gold", "by gold margin (pairs)", f"reward ~ gold {html.escape(d['correlation_with'])} r", "length bias r"], [[
+            f"{figure(d['accuracy']) if d['accuracy'] is None else format(d['accuracy'], '.3f')} ({d['pairs']} pairs)",  # as the rm log
+            ", ".join(f"{html.escape(k)}: {figure(v)}" + (f" ({margin_pairs[k]})" if k in margin_pairs else "")
+                      for k, v in d["accuracy_by_gold_margin"].items()),
             figure(d["gold_correlation"]), figure(d["length_bias"])]]))
         if d.get("accuracy_by_family"):
+            family_pairs = d.get("pairs_by_family", {})
             parts.append(f"<p>Right vs wrong answers (does it check answers?): {figure(d['accuracy_correct_vs_incorrect'])}. "
-                         "By family: " + ", ".join(f"{html.escape(f)} {figure(a)}" for f, a in d["accuracy_by_family"].items()) + ".</p>")
+                         "By family (pairs): " + ", ".join(f"{html.escape(f)} {figure(a)}" + (f" ({family_pairs[f]})" if f in family_pairs else "")
+                                                 for f, a in d["accuracy_by_family"].items()) + ".</p>")
         if d.get("accuracy_by_pair_kind"):
             parts.append("<p>By kind of pair, better &gt; worse (exact: the gold answer; form: a right answer in the wrong form or "
                          "with filler; wrong: a wrong answer or none): " + ", ".join(
@@ -187,25 +258,33 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
     if metrics:
         parts.append("<h2>PPO: over-optimisation and training</h2>")
         parts.append(_figure_tag(_overoptimisation_plot(metrics),
-                                 "Each dot is one PPO iteration: the batch means of the RM's score (proxy) and of the gold labeler's "
-                                 "(gold) for the responses sampled in it, against the square root of their mean KL to SFT. A proxy "
-                                 "that keeps rising while gold falls is the RM being over-optimised (Gao et al. 2022)."))
-        parts.append(_figure_tag(_training_plot(metrics), "Per PPO iteration: KL to SFT, entropy per token, response length and the "
-                                 "share of responses that end with EOS, of the sampled batch."))
+                                 "Each dot is one PPO iteration: the batch means of the RM's score (proxy, left) and of the gold "
+                                 "labeler's Likert (gold, right) for the responses sampled in it, against the square root of their mean "
+                                 f"KL to SFT. The lines follow training: the running mean of the last {SMOOTHING} iterations' dots. "
+                                 "A proxy that keeps rising while gold falls is the RM being over-optimised (Gao et al. 2022)."))
+        parts.append(_figure_tag(_training_plot(metrics), "Per PPO iteration, of the sampled batch: mean KL to SFT (exact over the "
+                                 "vocabulary, never negative), entropy per token, response length and the share of responses that end "
+                                 "with EOS."))
 
     samples_path = root / "eval" / "samples.jsonl"
     if samples_path.is_file():
-        samples = [record for _, record in complete_lines(samples_path)][:n_samples]
+        every = [record for _, record in complete_lines(samples_path)]
+        samples = every[:n_samples]
         shown = [n for n in samples[0] if isinstance(samples[0][n], dict) and n != "demonstrations"] if samples else []
         parts.append("<h2>Answers side by side</h2>")
-        parts.append(_table(["prompt", "gold"] + shown, [
-            ["<br>".join(f"<b>{m['role']}</b>: {html.escape(m['content'])}" for m in s["messages"]), html.escape(s["gold"])]
+        parts.append(f"<p>The greedy answers to the first {len(samples)} of the {len(every)} held-out prompts; in brackets, "
+                     "the gold labeler's Likert score (1-7) of each answer.</p>")
+        parts.append(_table(["prompt", "gold answer"] + shown, [
+            ["<br>".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}" for m in s["messages"]), html.escape(s["gold"])]
             + [f"{html.escape(s[n]['answer'])} <i>({s[n]['likert']})</i>" for n in shown]
             for s in samples]))
 
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}th{background:#f3f3f3}img{max-width:100%}")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>instructrl report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             ".scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}th{background:#f3f3f3}"
+             "img{max-width:100%;height:auto}figure{margin:1em 0}")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>instructrl report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
     out = root / "report.html"
     write_text_atomic(out, page)
     return out

@@ -28,12 +28,13 @@ def pairwise_accuracy(rewards: list[list[float]], gold: list[list[float]], min_m
     return (right / total if total else float("nan")), total
 
 
-def accuracy_by_group(rewards: list[list[float]], gold: list[list[float]], groups: list[str]) -> dict[str, float]:
-    """``pairwise_accuracy`` within each group of comparisons (``groups[i]``: comparison i's group)."""
+def accuracy_by_group(rewards: list[list[float]], gold: list[list[float]], groups: list[str]) -> dict[str, tuple[float, int]]:
+    """``pairwise_accuracy`` within each group of comparisons (``groups[i]``: comparison i's group):
+    {group: (accuracy, number of pairs)}."""
     members = defaultdict(list)
     for i, name in enumerate(groups):
         members[name].append(i)
-    return {name: pairwise_accuracy([rewards[i] for i in idx], [gold[i] for i in idx])[0] for name, idx in sorted(members.items())}
+    return {name: pairwise_accuracy([rewards[i] for i in idx], [gold[i] for i in idx]) for name, idx in sorted(members.items())}
 
 
 def accuracy_by_pair_kind(rewards: list[list[float]], gold: list[list[float]], kinds: list[list[str]]) -> dict[str, dict]:

@@ -208,20 +208,22 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
     accuracy, pairs = pairwise_accuracy(rewards, gold)
     # the same, counting as ties the pairs the gold labeler gives the same 1-7 score (two near-miss wrong answers)
     likert_accuracy, likert_pairs = pairwise_accuracy(rewards, gold_likert)
-    by_margin = {f"{lo}-{hi}": pairwise_accuracy(rewards, gold, lo, hi)[0] for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 2))}
+    by_margin = {f"{lo}-{hi}": pairwise_accuracy(rewards, gold, lo, hi) for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 2))}
+    by_family = accuracy_by_group(rewards, gold, families)
     every_builtin = len(families) == len(heldout)
     against = "the gold labeler" if every_builtin else "the held-out rankings" if not families else "the gold labeler or the held-out rankings"
     scored = sum(bool(tasks.get(record.id) or record.likert) for record in heldout)  # pairwise data has no Likert: its ranks stand in
     correlation_with = "Likert" if scored == len(heldout) else "rank" if not scored else "Likert or rank"
     return {
-        "against": against, "correlation_with": correlation_with, "accuracy": accuracy, "pairs": pairs, "accuracy_by_gold_margin": by_margin,
+        "against": against, "correlation_with": correlation_with, "accuracy": accuracy, "pairs": pairs,
+        "accuracy_by_gold_margin": {k: a for k, (a, _) in by_margin.items()}, "pairs_by_gold_margin": {k: n for k, (_, n) in by_margin.items()},
         "accuracy_gold_likert_distinct": likert_accuracy, "pairs_gold_likert_distinct": likert_pairs,
         "gold_correlation": correlation(flat["reward"], [float(x) for x in flat["likert"]]),
         "length_bias": length_bias(flat["reward"], flat["length"], flat["likert"]),
     } | ({
         # does it check answers? pairs of a right answer (in any form) and a wrong or empty one
         "accuracy_correct_vs_incorrect": pairwise_accuracy(rewards, correct)[0],
-        "accuracy_by_family": accuracy_by_group(rewards, gold, families),
+        "accuracy_by_family": {f: a for f, (a, _) in by_family.items()}, "pairs_by_family": {f: n for f, (_, n) in by_family.items()},
         # which differences it sees: exact vs wrong, exact vs right in the wrong form, ...
         "accuracy_by_pair_kind": accuracy_by_pair_kind(rewards, gold, kinds),
     } if every_builtin else {})

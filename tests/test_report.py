@@ -1,0 +1,152 @@
+"""The evaluation's numbers and the report a reader sees: per-family win rates, the same figures in
+results.json, the printed headline and the page, answers shown as text, and a page that works
+offline and at a phone's width."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from instructrl.config import WorldConfig
+from instructrl.evaluation.evaluate import judge_answers
+from instructrl.evaluation.report import GOLD_ANSWERS, _win_text, headline, write_report
+from instructrl.world.build import make_splits
+from instructrl.world.labeler import SimulatedLabeler
+
+HOSTILE = "<script>alert(1)</script> & <b>bold</b>"  # what a model may well write
+
+
+def _tasks(n: int = 40):
+    return make_splits(WorldConfig(n_prompts=400, n_val=16, n_eval=n))["eval"]
+
+
+def test_win_rate_per_family_with_its_interval():
+    tasks = _tasks()
+    sft = [[t.answer] for t in tasks]
+    other = [[t.answer if t.family != tasks[0].family else "wrong"] for t in tasks]  # loses on one family, ties elsewhere
+    _, results = judge_answers(tasks, {"sft": sft, "other": other}, SimulatedLabeler())
+    families = results["other"]["families"]
+    assert set(families) == {t.family for t in tasks}
+    for family, r in families.items():
+        w = r["win_rate_vs_sft"]
+        assert w["n"] == r["n"] == sum(t.family == family for t in tasks)
+        if family == tasks[0].family:
+            assert w["win_rate"] == 0.0 and w["losses"] == w["n"]
+        else:
+            assert w["win_rate"] == 0.5 and w["ties"] == w["n"]
+        assert w["ci95"][1] - w["ci95"][0] > 0.05  # a handful of prompts is no point estimate
+    assert "win_rate_vs_sft" not in results["sft"]["families"][tasks[0].family]  # SFT is not compared with itself
+
+
+def _run_folder(root: Path) -> dict:
+    """A run folder as eval, rm and ppo leave it, small, with a model whose answers hold HTML."""
+    tasks = _tasks(24)
+    answers = {"demonstrations": [[t.answer] for t in tasks], "base": [[HOSTILE] for _ in tasks],
+               "sft": [[t.answer if i % 3 else "no"] for i, t in enumerate(tasks)], "ppo": [[t.answer] for t in tasks],
+               GOLD_ANSWERS: [[t.answer] for t in tasks]}
+    judged, results = judge_answers(tasks, answers, SimulatedLabeler())
+    for name, loss in (("base", 1.2), ("sft", 6.0), ("ppo", 2.5)):
+        results[name]["pretraining_loss"] = loss
+        results[name]["alignment_tax"] = loss - 6.0
+    (root / "eval").mkdir(parents=True)
+    (root / "eval" / "results.json").write_text(json.dumps({"models": {}, "n_prompts": len(tasks), "results": results}))
+    messages = [[{"role": "user", "content": f"Say {HOSTILE}"}]] + [list(t.messages) for t in tasks[1:]]
+    (root / "eval" / "samples.jsonl").write_text("".join(json.dumps(
+        {"id": t.id, "family": t.family, "messages": messages[i], "gold": t.answer if i else HOSTILE,
+         **{name: {"answer": answers[name][i][0], "likert": judged[name][i][0].likert} for name in answers if name != GOLD_ANSWERS}}) + "\n"
+        for i, t in enumerate(tasks)))
+    (root / "rm").mkdir()
+    (root / "rm" / "diagnostics.json").write_text(json.dumps({
+        "against": "the gold labeler", "correlation_with": "Likert", "accuracy": 0.7, "pairs": 30,
+        "accuracy_by_gold_margin": {"0-0.1": 0.5, "0.1-0.3": None, "0.3-2": 0.8}, "pairs_by_gold_margin": {"0-0.1": 10, "0.1-0.3": 0, "0.3-2": 20},
+        "gold_correlation": 0.4, "length_bias": -0.1, "accuracy_correct_vs_incorrect": 0.6,
+        "accuracy_by_family": {"add_numbers": 0.55}, "pairs_by_family": {"add_numbers": 30},
+        "accuracy_by_pair_kind": {"exact>wrong": {"accuracy": 0.7, "pairs": 30}}}))
+    (root / "ppo").mkdir()
+    (root / "ppo" / "metrics.jsonl").write_text("".join(json.dumps({
+        "episodes": 16 * (i + 1), "rollout/score": 0.1 * i, "rollout/sqrt_kl": 0.2 * i, "rollout/gold_likert": 5 - 0.1 * i,
+        "rollout/kl": 0.04 * i * i, "rollout/entropy": 0.6, "rollout/length": 5.0, "rollout/eos_rate": 1.0 - 0.01 * i}) + "\n" for i in range(6)))
+    return results
+
+
+def test_report_shows_answers_as_text_offline_with_the_same_figures(tmp_path):
+    results = _run_folder(tmp_path)
+    page = write_report(tmp_path).read_text()
+    # a model's answer, a prompt and a gold answer holding HTML are shown as text, never run or rendered
+    assert "<script>alert" not in page and "<b>bold</b>" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;") >= 3
+    # offline: nothing fetched from elsewhere; every image is embedded
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert all(base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG" for src in images)
+    # the figures printed at the end of the pipeline are the report's, and every family's win rate is shown
+    for name, r in results.items():
+        if "win_rate_vs_sft" in r:
+            assert _win_text(r["win_rate_vs_sft"]) in page
+            for family in r["families"].values():
+                assert _win_text(family["win_rate_vs_sft"]) in page
+    printed = "\n".join(headline(results))
+    for figure in re.findall(r"\d+\.\d+%? \[[^\]]+\]|Likert \d\.\d\d", printed):
+        assert figure.removeprefix("Likert ") in page, figure
+    # the reader is told what the numbers mean
+    for words in ("(a tie) counts half", "95% interval", "ceiling", "alignment tax", "minus SFT", "Likert score (1-7)", "pairs"):
+        assert words in page, words
+    # PPO's alignment tax is its loss over SFT's; the base model, before SFT, pays none
+    assert "ppo: Likert" in printed and "alignment tax -3.500 nats (held-out pretraining loss 2.500" in printed
+    assert "base: Likert" in printed and "-4.800" not in printed and "held-out pretraining loss 1.200 nats" in printed
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is missing")
+def test_report_reads_at_a_phone_width(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    _run_folder(tmp_path)
+    report = write_report(tmp_path)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 400, "height": 800})
+        dialogs = []
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto(report.as_uri())
+        # the page itself never scrolls sideways (wide tables scroll inside their box) and no script ran
+        assert page.evaluate("document.documentElement.scrollWidth") <= 400
+        assert dialogs == []
+        assert all(page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth > 0 && i.getBoundingClientRect().right <= 400)"))
+        page.screenshot(path=tmp_path / "narrow.png", full_page=True)
+        browser.close()
+
+
+def test_eval_of_a_users_model_with_another_tokenizer_and_no_chat_template(tmp_path, smoke_base):
+    from conftest import SMOKE, cli
+    from tiny_models import save_tiny_model
+
+    mine = save_tiny_model("gpt2", tmp_path / "gpt2")  # its own BPE, no chat template
+    proc = cli("eval", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", "eval.n_prompts=4",
+               f"eval.models={{sft: {smoke_base / 'pretrain' / 'final'}, mine: {mine}}}")
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["results"]
+    # a loss per token of another tokenizer is no tax next to SFT's: measured, but not compared
+    assert "pretraining_loss" in results["mine"] and "alignment_tax" not in results["mine"]
+    assert "mine tokenize(s) text differently from sft" in proc.stderr
+    assert results["mine"]["win_rate_vs_sft"]["n"] == 4 and "<th>mine</th>" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_the_printed_table_keeps_every_name_whole_in_80_columns():
+    from rich.console import Console
+
+    from instructrl.evaluation.evaluate import results_table
+
+    tasks = _tasks()
+    names = ("demonstrations", "base", "sft", "ppo", "ppo_ptx", GOLD_ANSWERS)  # a pipeline's six columns
+    _, results = judge_answers(tasks, {n: [[t.answer if i % 2 else "no"] for i, t in enumerate(tasks)] for n in names}, SimulatedLabeler())
+    console = Console(width=80, record=True)
+    console.print(results_table(results))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80
+    for name in [*names, *results["sft"]["families"], "fails_to_follow"]:
+        assert re.search(rf"(^|\s){name}(\s|$)", text, re.M), name  # not cut to "demonstr…" or folded
