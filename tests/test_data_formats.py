@@ -210,9 +210,10 @@ PPO_SHAPES = ["prompt", "prompt_messages", "prompt_completion"]
 
 
 def _records(shape: str, n: int = 16) -> list[dict]:
-    """n records of ``shape`` about different words."""
-    record = json.dumps(SHAPES[shape][0])
-    return [json.loads(record.replace("cat", w).replace("p1", f"p{i}")) for i, w in enumerate(WORDS * (n // len(WORDS)))]
+    """n records of ``shape`` about different words (a pair's wrong answer stays another word: the same one would be a tie)."""
+    record = json.dumps(SHAPES[shape][0]).replace("dog", "WRONG")
+    return [json.loads(record.replace("cat", w).replace("WRONG", "cat" if w == "dog" else "dog").replace("p1", f"p{i}"))
+            for i, w in enumerate(WORDS * (n // len(WORDS)))]
 
 
 @pytest.fixture(scope="module")
