@@ -37,7 +37,6 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     redo = {stage: restart_from is not None and i >= STAGES.index(restart_from) for i, stage in enumerate(STAGES)}
     from accelerate import PartialState
 
-    config.check_sizes(PartialState().num_processes)
     from instructrl.evaluation.evaluate import run_eval
     from instructrl.evaluation.report import write_report
     from instructrl.stages.collect import run_collect
@@ -46,6 +45,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     from instructrl.stages.rm import run_rm
     from instructrl.stages.sft import run_sft
 
+    config.check_sizes(PartialState().num_processes)  # every stage's, before the first runs
     root = Path(config.run.dir)
     rounds = config.pipeline.rounds
     run_pretrain(config, restart=redo["pretrain"], log=log)
