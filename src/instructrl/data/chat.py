@@ -13,6 +13,12 @@ class TokenizedConversation:
     assistant_mask: list[int]  # 1 on every token an assistant turn wrote, its closing EOS included
 
 
+def control_token_in(text: str, tokenizer) -> str | None:
+    """The first of ``tokenizer``'s control tokens (``<|im_end|>``, ``</s>``, ...) written inside
+    ``text``, or None. Tokenizing reads such a string as the token itself, not as text."""
+    return next((t for t in tokenizer.all_special_tokens if t and t in text), None)
+
+
 def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     """``messages`` as text, under the tokenizer's chat template; a conversation the template
     refuses (``raise_exception``: a system turn, roles that do not alternate) is a UserError."""

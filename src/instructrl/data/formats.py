@@ -30,6 +30,7 @@ from typing import Iterator
 
 from pydantic import ValidationError
 
+from instructrl.data.chat import control_token_in
 from instructrl.data.jsonl import read_jsonl
 from instructrl.data.preference import comparison_from_preference
 from instructrl.data.records import ComparisonRecord, check_messages, validate_messages
@@ -352,12 +353,11 @@ def control_tokens_in(path: Path | str, tokenizer) -> tuple[int, str | None]:
     ``</s>``, ...) in their text, and where the first is. Tokenizing reads such a string as the
     token itself, not as text: inside a message it can end the turn early. Records in the "text"
     format are left out: their text is the whole sequence, templates and control tokens included."""
-    specials = [t for t in tokenizer.all_special_tokens if t]
     count, first = 0, None
     for where, record in read_records(path):
         if detect_format(record) == "text":
             continue
-        token = next((t for text in _strings(record) for t in specials if t in text), None)
+        token = next((t for text in _strings(record) if (t := control_token_in(text, tokenizer))), None)
         if token is not None:
             count += 1
             first = first or f"{where}: {token!r}"

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from instructrl.data.chat import render_text
+from instructrl.data.chat import control_token_in, render_text
 from instructrl.errors import UserError
 from instructrl.serve import schemas
 from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams
@@ -121,7 +121,7 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
             raise APIError(400, f"the model '{body.model}' has no chat template; use /v1/completions", param="messages")
         messages = [m.as_template_message() for m in body.messages]
         for i, message in enumerate(messages):  # such a token in the text would act as one: a turn of the client's making
-            special = next((t for t in engine.tokenizer.all_special_tokens if t in message["content"]), None)
+            special = control_token_in(message["content"], engine.tokenizer)
             if special is not None:
                 raise APIError(400, f"message {i} holds the model's control token {special!r}", param=f"messages.{i}.content")
         try:
