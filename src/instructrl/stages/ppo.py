@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,6 +59,97 @@ def stage_name(config: PipelineConfig) -> str:
     return "ppo_ptx" if config.ppo.ptx_coef > 0 else "ppo"
 
 
+@dataclass(frozen=True)
+class ModelPaths:
+    """Where the four models of a PPO run come from (the defaults: this run's SFT and RM)."""
+
+    policy: str
+    reward_model: str
+    value_model: str
+    reference: str
+
+
+def model_paths(config: PipelineConfig, stage: str) -> ModelPaths:
+    cfg, root = config.ppo, Path(config.run.dir)
+    policy = cfg.policy or str(root / "sft" / "final")
+    reward_model = cfg.reward_model or str(root / "rm" / "final")
+    for what, path, given in (("policy", policy, cfg.policy), ("reward_model", reward_model, cfg.reward_model)):
+        if given is None and not Path(path).is_dir():
+            raise UserError(f"{stage}: no ppo.{what} given and {path} does not exist; run the earlier stages first or set ppo.{what}=PATH")
+    return ModelPaths(policy, reward_model, cfg.value_model or reward_model, cfg.reference or policy)
+
+
+def load_prompts(config: PipelineConfig, stage: str, tokenizer, accelerator, log):
+    """The prompts, their gold tasks by id (for the gold judge's logs) and the built-in world,
+    which supplies the prompts (and PPO-ptx's text) only when ppo.prompts is unset."""
+    cfg, root = config.ppo, Path(config.run.dir)
+    if cfg.prompts is not None:
+        if cfg.ptx_coef > 0 and cfg.ptx_data is None:
+            raise UserError(f"{stage}: PPO-ptx mixes pretraining text into every update: set ppo.ptx_data=FILE (plain text or "
+                            f"{{\"text\": ...}} records) to go with ppo.prompts, or ppo.ptx_coef=0 for plain PPO")
+        prompts = read_prompts(cfg.prompts, cfg.prompts_format)
+        warn_of_control_tokens(cfg.prompts, tokenizer, "prompts", lambda line: log(f"{stage}: {line}"))
+        # a prompts file in the world's own format (family, answer) keeps its gold judge
+        gold = {t.id: t for t in world_tasks_in(cfg.prompts)} if Path(cfg.prompts).suffix == ".jsonl" else {}
+        return prompts, gold, None
+    if accelerator.is_main_process:
+        build_world(config.world, root / "world")
+    accelerator.wait_for_everyone()
+    world = build_world(config.world, root / "world")
+    log(f"{stage}: prompts" + (" and pretraining text" if cfg.ptx_coef > 0 and cfg.ptx_data is None else "")
+        + f" from the built-in world in {root / 'world'} (ppo.prompts unset)")
+    tasks = load_tasks(world.prompts("ppo"))
+    return [Prompt(t.id, list(t.messages)) for t in tasks], {t.id: t for t in tasks}, world
+
+
+def encode_prompts(prompts: list[Prompt], tokenizer, cfg, max_length: int, stage: str) -> tuple[list[Prompt], list[list[int]]]:
+    """The prompts that leave room for a whole response in the context, with their token ids."""
+    encoded = []
+    for prompt in prompts:
+        with located(f"{cfg.prompts or 'ppo.prompts'}: prompt '{prompt.id}'"):  # the id a record gives, else the file's name and the record's number
+            encoded.append(render_ids(tokenizer, prompt.messages, add_generation_prompt=True))
+    keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
+    if len(keep) < cfg.rollout_batch_size:
+        raise UserError(f"{stage}: {len(keep)} of the {len(prompts)} prompts fit in {max_length} tokens with the response (ppo.max_new_tokens = {cfg.max_new_tokens}); "
+                        f"fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
+    return [prompts[i] for i in keep], [encoded[i] for i in keep]
+
+
+def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
+    """The frozen reward model, the value model (from ``paths.value_model``, the RM by default) and
+    the frozen reference; with ppo.lora the policy and value model get adapters and the reference is
+    None (the policy with its adapter off: one copy of the base model)."""
+    reward_model = RewardModel.from_pretrained(paths.reward_model).eval().requires_grad_(False)
+    value_model = RewardModel.from_pretrained(paths.value_model)
+    set_dropout(value_model.backbone, 0.0)
+    apply_switches(policy, cfg)
+    apply_switches(value_model.backbone, cfg)
+    if cfg.attn_implementation is not None:
+        reward_model.backbone.set_attn_implementation(cfg.attn_implementation)
+    if cfg.lora.enabled:
+        if cfg.reference is not None and cfg.reference != paths.policy:
+            raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
+        value_model.backbone = add_lora(value_model.backbone, cfg.lora)
+        return add_lora(policy, cfg.lora), None, reward_model, value_model
+    reference = load_causal_lm(paths.reference, dropout=0.0, tokenizer=tokenizer).eval().requires_grad_(False)
+    if cfg.attn_implementation is not None:
+        reference.set_attn_implementation(cfg.attn_implementation)
+    return policy, reference, reward_model, value_model
+
+
+def pretraining_blocks(cfg, world, tokenizer, max_length: int) -> torch.Tensor | None:
+    """PPO-ptx's pretraining text packed into blocks of up to 128 tokens; None for plain PPO."""
+    if cfg.ptx_coef <= 0:
+        return None
+    ptx_path = cfg.ptx_data or world.corpus
+    block = min(PTX_BLOCK, max_length)
+    blocks = pack_documents(tokenizer, read_texts(ptx_path), block)
+    if len(blocks) < cfg.ptx_batch_size:
+        raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {block} tokens "
+                        f"(it fills {len(blocks)}); add text or lower ppo.ptx_batch_size")
+    return blocks
+
+
 def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
     """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.ppo
@@ -68,75 +160,19 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     run = RunDir(config, stage, SECTIONS + (UPSTREAM if world_inputs else ()), accelerator.is_main_process, accelerator.num_processes)
     if run.skip(restart, log):
         return run.path / "final"
-    root = Path(config.run.dir)
-    policy_path = cfg.policy or str(root / "sft" / "final")
-    rm_path = cfg.reward_model or str(root / "rm" / "final")
-    value_path = cfg.value_model or rm_path
-    reference_path = cfg.reference or policy_path
-    for what, path, default in (("policy", policy_path, cfg.policy), ("reward_model", rm_path, cfg.reward_model)):
-        if default is None and not Path(path).is_dir():
-            raise UserError(f"{stage}: no ppo.{what} given and {path} does not exist; run the earlier stages first or set ppo.{what}=PATH")
 
-    # setup: prompts (with their gold tasks on the built-in world), models, pretraining blocks
-    tokenizer = load_tokenizer(policy_path)
-    if load_tokenizer(rm_path).get_vocab() != tokenizer.get_vocab():
-        raise UserError(f"{stage}: the reward model {rm_path} and the policy {policy_path} use different tokenizers")
-    # the built-in world supplies the prompts (and PPO-ptx's text) only when no prompts are given
-    world = None
-    if cfg.prompts is None:
-        if accelerator.is_main_process:
-            build_world(config.world, root / "world")
-        accelerator.wait_for_everyone()
-        world = build_world(config.world, root / "world")
-        log(f"{stage}: prompts" + (" and pretraining text" if cfg.ptx_coef > 0 and cfg.ptx_data is None else "")
-            + f" from the built-in world in {root / 'world'} (ppo.prompts unset)")
-    elif cfg.ptx_coef > 0 and cfg.ptx_data is None:
-        raise UserError(f"{stage}: PPO-ptx mixes pretraining text into every update: set ppo.ptx_data=FILE (plain text or "
-                        f"{{\"text\": ...}} records) to go with ppo.prompts, or ppo.ptx_coef=0 for plain PPO")
-    if cfg.prompts is None:
-        tasks = load_tasks(world.prompts("ppo"))
-        prompts = [Prompt(t.id, list(t.messages)) for t in tasks]
-        gold = {t.id: t for t in tasks}
-    else:  # a prompts file in the world's own format (family, answer) keeps its gold judge
-        prompts = read_prompts(cfg.prompts, cfg.prompts_format)
-        warn_of_control_tokens(cfg.prompts, tokenizer, "prompts", lambda line: log(f"{stage}: {line}"))
-        gold = {t.id: t for t in world_tasks_in(cfg.prompts)} if Path(cfg.prompts).suffix == ".jsonl" else {}
+    # setup: models, prompts (with their gold tasks on the built-in world), pretraining blocks
+    paths = model_paths(config, stage)
+    tokenizer = load_tokenizer(paths.policy)
+    if load_tokenizer(paths.reward_model).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"{stage}: the reward model {paths.reward_model} and the policy {paths.policy} use different tokenizers")
+    prompts, gold, world = load_prompts(config, stage, tokenizer, accelerator, log)
     seed_everything(config.run.seed)
-    policy = load_causal_lm(policy_path, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
+    policy = load_causal_lm(paths.policy, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
     max_length = context_length(policy)
-    encoded = []
-    for prompt in prompts:
-        with located(f"{cfg.prompts or 'ppo.prompts'}: prompt '{prompt.id}'"):  # the id a record gives, else the file's name and the record's number
-            encoded.append(render_ids(tokenizer, prompt.messages, add_generation_prompt=True))
-    keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
-    total, prompts, encoded = len(prompts), [prompts[i] for i in keep], [encoded[i] for i in keep]
-    if len(prompts) < cfg.rollout_batch_size:
-        raise UserError(f"{stage}: {len(prompts)} of the {total} prompts fit in {max_length} tokens with the response (ppo.max_new_tokens = {cfg.max_new_tokens}); "
-                        f"fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
-    reward_model = RewardModel.from_pretrained(rm_path).eval().requires_grad_(False)
-    value_model = RewardModel.from_pretrained(value_path)
-    set_dropout(value_model.backbone, 0.0)
-    apply_switches(policy, cfg)
-    apply_switches(value_model.backbone, cfg)
-    if cfg.attn_implementation is not None:
-        reward_model.backbone.set_attn_implementation(cfg.attn_implementation)
-    if cfg.lora.enabled:  # the reference is the policy with its adapter off: one copy of the base model
-        if cfg.reference is not None and cfg.reference != policy_path:
-            raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
-        policy, reference = add_lora(policy, cfg.lora), None
-        value_model.backbone = add_lora(value_model.backbone, cfg.lora)
-    else:
-        reference = load_causal_lm(reference_path, dropout=0.0, tokenizer=tokenizer).eval().requires_grad_(False)
-        if cfg.attn_implementation is not None:
-            reference.set_attn_implementation(cfg.attn_implementation)
-    ptx_blocks = None
-    if cfg.ptx_coef > 0:
-        ptx_path = cfg.ptx_data or world.corpus
-        block = min(PTX_BLOCK, max_length)
-        ptx_blocks = pack_documents(tokenizer, read_texts(ptx_path), block)
-        if len(ptx_blocks) < cfg.ptx_batch_size:
-            raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {block} tokens "
-                            f"(it fills {len(ptx_blocks)}); add text or lower ppo.ptx_batch_size")
+    prompts, encoded = encode_prompts(prompts, tokenizer, cfg, max_length, stage)
+    policy, reference, reward_model, value_model = load_models(cfg, paths, policy, tokenizer, stage)
+    ptx_blocks = pretraining_blocks(cfg, world, tokenizer, max_length)
     run.start(restart, log)
 
     trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
@@ -156,7 +192,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         log(f"{stage}: resuming from the checkpoint of iteration {state.step}")
     run.trim_metrics(state.step)
     n_iterations, world_size, rank = cfg.iterations(), accelerator.num_processes, accelerator.process_index
-    log(f"{stage}: {count_parameters(accelerator.unwrap_model(policy)) / 1e6:.2f}M-parameter policy {policy_path}, reward model {rm_path}; "
+    log(f"{stage}: {count_parameters(accelerator.unwrap_model(policy)) / 1e6:.2f}M-parameter policy {paths.policy}, reward model {paths.reward_model}; "
         f"{len(prompts)} prompts, {n_iterations} iterations of {cfg.rollout_batch_size} episodes"
         + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {world_size} process(es)")
     judge = SimulatedLabeler()
@@ -242,7 +278,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     # save: the policy as final/, the value model beside it
     save_model(accelerator, policy, tokenizer, run.path / "final")
     save_model(accelerator, value_model, tokenizer, run.path / "value")
-    run.write_lineage({"policy": policy_path, "reference": reference_path, "reward_model": rm_path, "value_model": value_path,
+    run.write_lineage({"policy": paths.policy, "reference": paths.reference, "reward_model": paths.reward_model, "value_model": paths.value_model,
                        "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})
     run.finish({"model": run.path / "final", "value_model": run.path / "value"})
     log(f"{stage}: policy saved to {run.path / 'final'}")
