@@ -14,6 +14,40 @@ from instructrl.rlmath import clipped_policy_loss, clipped_value_loss, next_toke
 TOKEN_MEANS = {"ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/ratio", "ppo/value_clipfrac"}
 
 
+def ptx_backward(accelerator, policy, ptx_blocks: torch.Tensor, cfg, seed: int, iteration: int, step: int) -> float:
+    """PPO-ptx: backward of γ · NLL of pretraining text in the same update (§3.5, eq. 2); returns the NLL.
+
+    The step's blocks are drawn alike on every process, each taking its share."""
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+    g = torch.Generator().manual_seed(seed * 104729 + iteration * 1013 + step * 7)
+    local_blocks = max(1, cfg.ptx_batch_size // world_size)
+    drawn = torch.randint(len(ptx_blocks), (local_blocks * world_size,), generator=g)[rank * local_blocks : (rank + 1) * local_blocks]
+    ids = ptx_blocks[drawn].to(accelerator.device)
+    with accelerator.no_sync(policy), accelerator.autocast():
+        nll_sum, nll_count = next_token_nll(policy(input_ids=ids).logits, ids, torch.ones_like(ids))
+        ptx_loss = nll_sum / nll_count
+    accelerator.backward(cfg.ptx_coef * ptx_loss)
+    return ptx_loss.item()
+
+
+def micro_batch_backward(accelerator, cfg, batch: Rollout, policy, value_model, scale: float, sync: bool) -> dict[str, torch.Tensor]:
+    """Backward of the clipped policy and value losses of one micro-batch, weighted by its share
+    of the minibatch's tokens (``scale`` = processes / minibatch tokens); gradients are synced
+    across processes only on the minibatch's last micro-batch (``sync``). Returns its token means."""
+    weight = float(batch.response_mask.sum()) * scale
+    mask = batch.response_mask.float()
+    with (contextlib.nullcontext() if sync else accelerator.no_sync(policy)), accelerator.autocast():
+        logprobs, _ = response_logprobs(policy, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask, cfg.temperature)
+        pg_loss, stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cfg.clip)
+    accelerator.backward(pg_loss * weight)
+    with (contextlib.nullcontext() if sync else accelerator.no_sync(value_model)), accelerator.autocast():
+        values = response_values(value_model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+        vf_loss, vf_clipfrac = clipped_value_loss(values, batch.values, batch.returns, mask, cfg.value_clip)
+    accelerator.backward(vf_loss * weight)
+    return {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/clipfrac": stats["clipfrac"], "ppo/approx_kl": stats["approx_kl"],
+            "ppo/ratio": stats["ratio"], "ppo/value_clipfrac": vf_clipfrac}
+
+
 def ppo_epochs(accelerator, cfg, rollout: Rollout, policy, value_model, policy_opt, value_opt, schedulers, ptx_blocks,
                iteration: int, seed: int) -> dict[str, float]:
     """Step 5: ``cfg.ppo_epochs`` passes over the rollout in minibatches, one optimizer step each.
@@ -44,37 +78,16 @@ def ppo_epochs(accelerator, cfg, rollout: Rollout, policy, value_model, policy_o
             n_tokens = accelerator.reduce(local_tokens, "sum").clamp(min=1).item()
             scale = world_size / n_tokens  # DDP averages gradients over processes
             step_stats: dict[str, float] = {}
-            # PPO-ptx: γ · NLL of pretraining text in the same update (§3.5, eq. 2)
             if ptx_blocks is not None:
-                # the step's blocks are drawn alike on every process, each taking its share
-                g = torch.Generator().manual_seed(seed * 104729 + iteration * 1013 + step * 7)
-                local_blocks = max(1, cfg.ptx_batch_size // world_size)
-                drawn = torch.randint(len(ptx_blocks), (local_blocks * world_size,), generator=g)[rank * local_blocks : (rank + 1) * local_blocks]
-                ids = ptx_blocks[drawn].to(accelerator.device)
-                with accelerator.no_sync(policy), accelerator.autocast():
-                    nll_sum, nll_count = next_token_nll(policy(input_ids=ids).logits, ids, torch.ones_like(ids))
-                    ptx_loss = nll_sum / nll_count
-                accelerator.backward(cfg.ptx_coef * ptx_loss)
-                add("ppo/ptx_loss", ptx_loss.item())
+                add("ppo/ptx_loss", ptx_backward(accelerator, policy, ptx_blocks, cfg, seed, iteration, step))
             for i, rows in enumerate(micro):
                 batch = rollout.select(rows)
-                last = i == len(micro) - 1
-                weight = float(batch.response_mask.sum()) * scale  # this micro-batch's share of the minibatch mean
-                with (contextlib.nullcontext() if last else accelerator.no_sync(policy)), accelerator.autocast():
-                    logprobs, _ = response_logprobs(policy, batch.query_ids, batch.query_mask, batch.response_ids,
-                                                    batch.response_mask, cfg.temperature)
-                    pg_loss, stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, batch.response_mask.float(), cfg.clip)
-                accelerator.backward(pg_loss * weight)
-                with (contextlib.nullcontext() if last else accelerator.no_sync(value_model)), accelerator.autocast():
-                    values = response_values(value_model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-                    vf_loss, vf_clipfrac = clipped_value_loss(values, batch.values, batch.returns, batch.response_mask.float(), cfg.value_clip)
-                accelerator.backward(vf_loss * weight)
+                stats = micro_batch_backward(accelerator, cfg, batch, policy, value_model, scale, sync=i == len(micro) - 1)
                 share = float(batch.response_mask.sum()) / n_tokens  # for the logs: this process's part of the minibatch's token mean
-                for k, v in (("ppo/policy_loss", pg_loss), ("ppo/value_loss", vf_loss), ("ppo/clipfrac", stats["clipfrac"]),
-                             ("ppo/approx_kl", stats["approx_kl"]), ("ppo/ratio", stats["ratio"]), ("ppo/value_clipfrac", vf_clipfrac)):
+                for k, v in stats.items():
                     step_stats[k] = step_stats.get(k, 0.0) + v.item() * share
                 if step == 0 and i == 0:
-                    first = {"check/first_ratio": stats["ratio"].item(), "check/first_approx_kl": stats["approx_kl"].item()}
+                    first = {"check/first_ratio": stats["ppo/ratio"].item(), "check/first_approx_kl": stats["ppo/approx_kl"].item()}
             for k, v in step_stats.items():
                 add(k, v)
             add("ppo/policy_grad_norm", float(accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)))
