@@ -111,8 +111,11 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
     total, prompts, encoded = len(prompts), [prompts[i] for i in keep], [encoded[i] for i in keep]
     if len(prompts) < cfg.rollout_batch_size:
-        raise UserError(f"{stage}: {len(prompts)} of the {total} prompts fit in {max_length} tokens with the response (ppo.max_new_tokens = {cfg.max_new_tokens}); "
-                        f"fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
+        source = cfg.prompts or "the built-in world's PPO split"
+        held = (f"{total} prompts" if len(prompts) == total else f"{len(prompts)} of its {total} prompts that fit in {max_length} "
+                f"tokens with the response (ppo.max_new_tokens = {cfg.max_new_tokens})")
+        raise UserError(f"{stage}: {source} has {held}, fewer than one rollout batch (ppo.rollout_batch_size = {cfg.rollout_batch_size}); "
+                        "add prompts or lower ppo.rollout_batch_size" + ("" if len(prompts) == total else " or ppo.max_new_tokens"))
     reward_model = RewardModel.from_pretrained(rm_path).eval().requires_grad_(False)
     value_model = RewardModel.from_pretrained(value_path)
     set_dropout(value_model.backbone, 0.0)
