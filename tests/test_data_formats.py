@@ -322,6 +322,10 @@ def test_control_tokens_in_users_text_are_pointed_out(tmp_path, tiny_sft):
     assert json.loads(proc.stdout.splitlines()[-1])["control_tokens"] == {"records": 8, "first": f"{data}:2: {eos!r}"}
     assert f"warning: 8 records of {data} hold the tokenizer's control tokens" in proc.stderr
     assert "control_tokens" not in json.loads(cli("data", "check", str(data)).stdout.splitlines()[-1])  # needs the tokenizer
+    clean = write_jsonl(tmp_path / "clean.jsonl", [SHAPES["messages"][0]] * 8)  # checked, and none found: it says so
+    proc = cli("data", "check", str(clean), "--model", str(model))
+    assert json.loads(proc.stdout.splitlines()[-1])["control_tokens"] == {"records": 0, "first": None}
+    assert f"{clean}: no record holds a control token of {model}'s tokenizer" in proc.stderr
 
     said = []
     run_sft(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"sft.model={model}", f"sft.data={data}"]), log=said.append)

@@ -283,6 +283,8 @@ def data_check(
     if "control_tokens" in summary:
         found = summary["control_tokens"]
         warn_of_control_tokens(file, tokenizer, "records", _log, (found["records"], found["first"]))
+        if not found["records"]:
+            _log(f"{file}: no record holds a control token of {model}'s tokenizer")
     typer.echo(json.dumps(summary))
 
 
