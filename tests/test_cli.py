@@ -199,3 +199,16 @@ def test_brackets_in_paths_and_values_survive_in_errors(tmp_path):
     assert proc.returncode == 2 and f"{tmp_path}/[exp1]/d.jsonl: file not found" in proc.stderr
     proc = cli("config", "sft.epochs=.inf", check=False)
     assert proc.returncode == 2 and "bad value for 'sft.epochs': Input should be a finite number" in proc.stderr
+
+
+def test_a_port_another_program_holds_is_named_before_anything_loads(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = str(busy.getsockname()[1])
+        # the model is checked after the port: the port's message comes first, before minutes of loading
+        proc = cli("serve", "--model", str(tmp_path / "missing"), "--port", port, check=False, timeout=120)
+        _assert_clean_error(proc, f"--host 127.0.0.1 --port {port}: cannot listen there", "choose another --port")
+        proc = cli("label", "-d", str(tmp_path / "label"), "--port", port, check=False, timeout=120)
+        _assert_clean_error(proc, f"--port {port}: cannot listen there")
+        assert "serving" not in proc.stderr

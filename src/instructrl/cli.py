@@ -292,6 +292,18 @@ MODEL_OPTION = typer.Option(..., "--model", "-m", help="A checkpoint folder (ins
 QUANTIZE_OPTION = typer.Option("none", "--quantize", help="none, or int8: dynamic int8 quantisation of the Linear layers for CPU serving.")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """One line naming the port another program holds (serve and label both default to 8000),
+    rather than uvicorn's error after the start was announced."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror}); choose another --port") from None
+
+
 @app.command()
 def serve(
     model: list[str] = MODEL_OPTION,
@@ -317,6 +329,7 @@ def serve(
     from instructrl.serve.loading import load_engine, parse_model_specs, set_serving_threads
 
     specs = parse_model_specs(model)
+    _check_port_free(host, port)  # now, not after loading the models
     set_serving_threads(threads)
     engines = {name: load_engine(path, quantize, device, max_batch=max_batch, max_queue=max_queue, seed=seed) for name, path in specs.items()}
     server_app = create_app(engines, api_key=api_key, default_max_tokens=max_tokens)
@@ -374,6 +387,7 @@ def label(
 
     from instructrl.feedback.app import create_app
 
+    _check_port_free(host, port)
     _log(f"label: serving {project_dir} on http://{host}:{port} (Ctrl-C stops; nothing submitted is lost)")
     uvicorn.run(create_app(project_dir), host=host, port=port, log_level="warning")
 
