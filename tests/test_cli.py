@@ -208,7 +208,7 @@ def test_a_port_another_program_holds_is_named_before_anything_loads(tmp_path):
         port = str(busy.getsockname()[1])
         # the model is checked after the port: the port's message comes first, before minutes of loading
         proc = cli("serve", "--model", str(tmp_path / "missing"), "--port", port, check=False, timeout=120)
-        _assert_clean_error(proc, f"--host 127.0.0.1 --port {port}: cannot listen there", "choose another --port")
+        _assert_clean_error(proc, f"--host 127.0.0.1 --port {port}: cannot listen there", "choose another --port or --host")
         proc = cli("label", "-d", str(tmp_path / "label"), "--port", port, check=False, timeout=120)
         _assert_clean_error(proc, f"--port {port}: cannot listen there")
         assert "serving" not in proc.stderr

@@ -297,11 +297,12 @@ def _check_port_free(host: str, port: int) -> None:
     rather than uvicorn's error after the start was announced."""
     import socket
 
-    try:
-        with socket.create_server((host, port)):
-            pass
-    except OSError as err:
-        raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror}); choose another --port") from None
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port left in TIME_WAIT is free
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); choose another --port or --host") from None
 
 
 @app.command()
