@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from conftest import SMOKE, cli
 
 from instructrl.rundir import content_hash
@@ -79,6 +80,29 @@ def test_missing_model_path(tmp_path):
     proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path}", f"sft.model={tmp_path / 'nope'}", check=False)
     _assert_clean_error(proc, "nope", "does not exist")
     assert not (tmp_path / "sft").exists(), "a failed start must not create the stage folder"
+
+
+def test_a_folder_or_file_that_holds_no_model(tmp_path):
+    # a stage's folder given for its final/ (runs/x/sft for runs/x/sft/final), and a file given for a folder
+    (tmp_path / "sft" / "final").mkdir(parents=True)
+    (tmp_path / "sft" / "final" / "config.json").write_text("{}")
+    proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={tmp_path / 'sft'}", check=False)
+    _assert_clean_error(proc, f"'{tmp_path / 'sft'}' is a folder that holds no model", f"its final/: {tmp_path / 'sft' / 'final'}")
+    assert not (tmp_path / "run" / "sft").exists()
+    proc = cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"collect.policy={tmp_path / 'sft' / 'final' / 'config.json'}", check=False)
+    _assert_clean_error(proc, "config.json' is a file, not a model folder")
+
+
+def test_a_reward_model_is_refused_where_a_language_model_is_loaded(tmp_path):
+    # transformers would load its backbone as a causal LM with an untrained output head, and say nothing
+    from instructrl.errors import UserError
+    from instructrl.models.base import load_causal_lm
+    from instructrl.models.reward import HEAD_FILE
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / HEAD_FILE).write_bytes(b"")
+    with pytest.raises(UserError, match=f"'{tmp_path}' is a reward model .* not a policy"):
+        load_causal_lm(tmp_path)
 
 
 def test_model_name_that_is_neither_a_folder_nor_reachable(tmp_path, monkeypatch):
@@ -175,3 +199,16 @@ def test_brackets_in_paths_and_values_survive_in_errors(tmp_path):
     assert proc.returncode == 2 and f"{tmp_path}/[exp1]/d.jsonl: file not found" in proc.stderr
     proc = cli("config", "sft.epochs=.inf", check=False)
     assert proc.returncode == 2 and "bad value for 'sft.epochs': Input should be a finite number" in proc.stderr
+
+
+def test_a_port_another_program_holds_is_named_before_anything_loads(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = str(busy.getsockname()[1])
+        # the model is checked after the port: the port's message comes first, before minutes of loading
+        proc = cli("serve", "--model", str(tmp_path / "missing"), "--port", port, check=False, timeout=120)
+        _assert_clean_error(proc, f"--host 127.0.0.1 --port {port}: cannot listen there", "choose another --port or --host")
+        proc = cli("label", "-d", str(tmp_path / "label"), "--port", port, check=False, timeout=120)
+        _assert_clean_error(proc, f"--port {port}: cannot listen there")
+        assert "serving" not in proc.stderr

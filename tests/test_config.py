@@ -115,6 +115,16 @@ def test_a_yaml_boolean_is_never_read_as_a_number_or_a_name(override, expected):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("sft.lora=true", "'sft.lora' is a section, not a value; set its keys as sft.lora.KEY=VALUE (enabled, r, alpha, dropout, target_modules)"),
+    ("sft=3", "'sft' is a section, not a value; set its keys as sft.KEY=VALUE (`instructrl config` lists them)")])
+def test_a_value_given_to_a_section_says_it_is_one(override, expected):
+    # 'sft.lora=true' read as a number ("expected a number, not the boolean true") or a class name told nothing
+    with pytest.raises(UserError) as err:
+        load_config(overrides=[override])
+    assert str(err.value) == f"override '{override}': {expected}"
+
+
 def test_the_word_no_is_a_precision_and_booleans_stay_booleans(tmp_path):
     # mixed_precision's documented value 'no' is a boolean to YAML, unquoted in a file or on the command line
     config = load_config(write(tmp_path, "sft:\n  mixed_precision: no\n"), overrides=["ppo.mixed_precision=no", "ppo.adaptive_kl=yes"])

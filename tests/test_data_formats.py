@@ -285,9 +285,14 @@ def test_ppo_on_own_prompts_keeps_the_built_in_world_out(tmp_path, tiny_sft):
     # PPO-ptx with the user's prompts needs the user's pretraining text, not the toy world's corpus
     with pytest.raises(UserError, match="ppo.ptx_data=FILE"):
         run_ppo(load_config(SMOKE, own), log=lambda *_: None)
-    # too few prompts: the message says how many fit, of how many
-    with pytest.raises(UserError, match=r"ppo: 32 of the 32 prompts fit in 128 tokens with the response \(ppo.max_new_tokens = \d+\); fewer than ppo.rollout_batch_size \(64\)"):
-        run_ppo(load_config(SMOKE, own + ["ppo.ptx_coef=0", "ppo.rollout_batch_size=64", "ppo.episodes=64"]), log=lambda *_: None)
+    # too few prompts: the message says how many there are (and how many fit, when some do not) and what to change
+    few = own + ["ppo.ptx_coef=0", "ppo.rollout_batch_size=64", "ppo.episodes=64"]
+    with pytest.raises(UserError, match=rf"ppo: {data['prompts']} has 32 prompts, fewer than one rollout batch \(ppo.rollout_batch_size = 64\); "
+                                        r"add prompts or lower ppo.rollout_batch_size$"):
+        run_ppo(load_config(SMOKE, few), log=lambda *_: None)
+    with pytest.raises(UserError, match=r"has 0 of its 32 prompts that fit in 128 tokens with the response \(ppo.max_new_tokens = 127\), "
+                                        r"fewer than one rollout batch .* or ppo.max_new_tokens$"):
+        run_ppo(load_config(SMOKE, few + ["ppo.max_new_tokens=127"]), log=lambda *_: None)
     # too little of it: the message says how much there is and what to change (blocks of the model's 128-token context)
     short = tmp_path / "short.txt"
     short.write_text("the cat and the dog\n")
@@ -317,6 +322,10 @@ def test_control_tokens_in_users_text_are_pointed_out(tmp_path, tiny_sft):
     assert json.loads(proc.stdout.splitlines()[-1])["control_tokens"] == {"records": 8, "first": f"{data}:2: {eos!r}"}
     assert f"warning: 8 records of {data} hold the tokenizer's control tokens" in proc.stderr
     assert "control_tokens" not in json.loads(cli("data", "check", str(data)).stdout.splitlines()[-1])  # needs the tokenizer
+    clean = write_jsonl(tmp_path / "clean.jsonl", [SHAPES["messages"][0]] * 8)  # checked, and none found: it says so
+    proc = cli("data", "check", str(clean), "--model", str(model))
+    assert json.loads(proc.stdout.splitlines()[-1])["control_tokens"] == {"records": 0, "first": None}
+    assert f"{clean}: no record holds a control token of {model}'s tokenizer" in proc.stderr
 
     said = []
     run_sft(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"sft.model={model}", f"sft.data={data}"]), log=said.append)

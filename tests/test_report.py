@@ -150,3 +150,17 @@ def test_the_printed_table_keeps_every_name_whole_in_80_columns():
     assert max(map(len, text.splitlines())) <= 80
     for name in [*names, *results["sft"]["families"], "fails_to_follow"]:
         assert re.search(rf"(^|\s){name}(\s|$)", text, re.M), name  # not cut to "demonstr…" or folded
+
+
+def test_over_optimisation_plot_of_ppo_on_prompts_without_gold_says_so_and_warns_of_nothing():
+    import warnings
+
+    from instructrl.evaluation.report import _overoptimisation_plot
+
+    rows = [{"rollout/sqrt_kl": 0.1 * i, "rollout/score": 0.5 * i, "episodes": 16 * i} for i in range(1, 4)]  # no rollout/gold_likert
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warned of a legend with nothing in it
+        fig = _overoptimisation_plot({"ppo": rows})
+    proxy, gold = fig.axes
+    assert proxy.get_legend() is not None and gold.get_legend() is None
+    assert [t.get_text() for t in gold.texts] == ["no gold scores: these prompts have no gold answers"]

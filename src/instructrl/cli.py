@@ -283,11 +283,26 @@ def data_check(
     if "control_tokens" in summary:
         found = summary["control_tokens"]
         warn_of_control_tokens(file, tokenizer, "records", _log, (found["records"], found["first"]))
+        if not found["records"]:
+            _log(f"{file}: no record holds a control token of {model}'s tokenizer")
     typer.echo(json.dumps(summary))
 
 
 MODEL_OPTION = typer.Option(..., "--model", "-m", help="A checkpoint folder (instructrl stage's final/ or any HF causal LM), or NAME=PATH; repeat for several.")
 QUANTIZE_OPTION = typer.Option("none", "--quantize", help="none, or int8: dynamic int8 quantisation of the Linear layers for CPU serving.")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One line naming the port another program holds (serve and label both default to 8000),
+    rather than uvicorn's error after the start was announced."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port left in TIME_WAIT is free
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); choose another --port or --host") from None
 
 
 @app.command()
@@ -315,6 +330,7 @@ def serve(
     from instructrl.serve.loading import load_engine, parse_model_specs, set_serving_threads
 
     specs = parse_model_specs(model)
+    _check_port_free(host, port)  # now, not after loading the models
     set_serving_threads(threads)
     engines = {name: load_engine(path, quantize, device, max_batch=max_batch, max_queue=max_queue, seed=seed) for name, path in specs.items()}
     server_app = create_app(engines, api_key=api_key, default_max_tokens=max_tokens)
@@ -372,6 +388,7 @@ def label(
 
     from instructrl.feedback.app import create_app
 
+    _check_port_free(host, port)
     _log(f"label: serving {project_dir} on http://{host}:{port} (Ctrl-C stops; nothing submitted is lost)")
     uvicorn.run(create_app(project_dir), host=host, port=port, log_level="warning")
 

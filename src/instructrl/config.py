@@ -393,6 +393,9 @@ def _describe_validation_error(err: ValidationError, source: str, path, override
             close = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
             lines.append(f"{where}: unknown config key '{dotted}'{hint}")
+        elif keys := _known_keys(PipelineConfig, loc):  # a value given to a section (sft.lora=true for sft.lora.enabled=true)
+            lines.append(f"{where}: '{dotted}' is a section, not a value; set its keys as {dotted}.KEY=VALUE"
+                         + (f" ({', '.join(keys)})" if len(keys) <= 8 else " (`instructrl config` lists them)"))
         else:
             lines.append(f"{where}: bad value for '{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "\n".join(lines)

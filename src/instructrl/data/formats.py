@@ -426,6 +426,5 @@ def check_file(path: Path | str, data_format: str = "auto", tokenizer=None) -> d
             (", explicit prompt" if "prompt" in first else ", implicit prompt")
     if tokenizer is not None:
         count, first = control_tokens_in(path, tokenizer)
-        if count:
-            summary["control_tokens"] = {"records": count, "first": first}
+        summary["control_tokens"] = {"records": count, "first": first}
     return summary

@@ -90,7 +90,10 @@ def _overoptimisation_plot(metrics: dict[str, list[dict]]):
     axes[1].set_ylabel("mean gold Likert of the batch (1-7)")
     for ax in axes:
         ax.set_xlabel("√KL(π ‖ π_SFT), KL in nats per response")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:  # PPO on a user's own prompts: no gold labeler judged them
+            ax.text(0.5, 0.5, "no gold scores: these prompts have no gold answers", ha="center", va="center", transform=ax.transAxes, fontsize=9)
     return fig
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from instructrl.config import ModelConfig
 from instructrl.errors import UserError
+from instructrl.models.reward import HEAD_FILE
 
 # Config attributes that hold a dropout probability, across the architectures transformers ships.
 DROPOUT_ATTRIBUTES = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
@@ -39,9 +40,26 @@ def _check_exists(name_or_path: str, what: str) -> None:
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path)
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise UserError(f"{what} '{name_or_path}' does not exist")
+    if looks_local:
+        _check_model_folder(Path(name_or_path).expanduser(), f"'{name_or_path}'")
     if not looks_local and not _in_hub_cache(name_or_path) and not _hub_reachable():
         raise UserError(f"{what} '{name_or_path}' is not a folder under {os.getcwd()}, not in the Hugging Face cache, "
                         "and the Hub cannot be reached to download it")
+
+
+# Files one of which every folder that from_pretrained can read holds (a LoRA adapter's included);
+# without them transformers' error speaks of a missing `model_type` or a tokenizer backend.
+MODEL_FOLDER_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "adapter_config.json")
+
+
+def _check_model_folder(folder: Path, named: str) -> None:
+    """Refuse a file, or a folder that holds no model, such as a stage's folder given for its final/."""
+    if not folder.is_dir():
+        raise UserError(f"{named} is a file, not a model folder; give the folder that holds the model (its config.json)")
+    if not any((folder / name).is_file() for name in MODEL_FOLDER_FILES):
+        final = folder / "final"
+        hint = f"; a stage's model is in its final/: {final}" if (final / "config.json").is_file() else ""
+        raise UserError(f"{named} is a folder that holds no model (no config.json){hint}")
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -111,6 +129,9 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
     name_or_path = str(name_or_path)
     _check_exists(name_or_path, "model")
     _check_not_adapter(name_or_path)
+    if (Path(name_or_path).expanduser() / HEAD_FILE).is_file():  # its backbone would load, with no trained LM head
+        raise UserError(f"model '{name_or_path}' is a reward model (it holds {HEAD_FILE}), not a policy; "
+                        "give a language model, such as a run's sft/final or ppo_ptx/final")
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
     except load_errors() as err:

@@ -10,7 +10,6 @@ from torch import nn
 
 from instructrl.errors import UserError
 from instructrl.models.base import load_causal_lm, load_tokenizer
-from instructrl.models.reward import HEAD_FILE
 from instructrl.serve.engine import Engine
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -66,8 +65,6 @@ def load_engine(path: str, quantize: str = "none", device: str | None = None, **
     """A started-ready Engine serving the causal LM and tokenizer at ``path``."""
     if quantize not in QUANTIZE_CHOICES:
         raise UserError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-    if (Path(path) / HEAD_FILE).is_file():
-        raise UserError(f"{path} is a reward model (it holds {HEAD_FILE}); serve a policy, such as a run's sft/final or ppo_ptx/final")
     model, tokenizer = load_causal_lm(path), load_tokenizer(path, for_chat=False)
     device = device or ("cuda" if torch.cuda.is_available() and quantize == "none" else "cpu")
     if quantize == "int8":

@@ -110,8 +110,11 @@ def encode_prompts(prompts: list[Prompt], tokenizer, cfg, max_length: int, stage
             encoded.append(render_ids(tokenizer, prompt.messages, add_generation_prompt=True))
     keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
     if len(keep) < cfg.rollout_batch_size:
-        raise UserError(f"{stage}: {len(keep)} of the {len(prompts)} prompts fit in {max_length} tokens with the response (ppo.max_new_tokens = {cfg.max_new_tokens}); "
-                        f"fewer than ppo.rollout_batch_size ({cfg.rollout_batch_size})")
+        source, total = cfg.prompts or "the built-in world's PPO split", len(prompts)
+        held = (f"{total} prompts" if len(keep) == total else f"{len(keep)} of its {total} prompts that fit in {max_length} "
+                f"tokens with the response (ppo.max_new_tokens = {cfg.max_new_tokens})")
+        raise UserError(f"{stage}: {source} has {held}, fewer than one rollout batch (ppo.rollout_batch_size = {cfg.rollout_batch_size}); "
+                        "add prompts or lower ppo.rollout_batch_size" + ("" if len(keep) == total else " or ppo.max_new_tokens"))
     return [prompts[i] for i in keep], [encoded[i] for i in keep]
 
 
