@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from instructrl.padding import truncate_after_eos
+from instructrl.padding import shared_padding, truncate_after_eos
 from instructrl.rlmath import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -35,6 +35,16 @@ def test_truncate_after_first_eos():
     assert out.tolist() == [[5, EOS, PAD, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD]]
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert ended.tolist() == [True, False, True]
+
+
+def test_shared_padding_is_the_padding_every_row_has():
+    # prompts left-padded to 4 columns: no row uses column 0, row 1 starts at column 1
+    query_mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    # responses right-padded to 5 columns: the longest ends at column 2, so columns 3 and 4 are shared padding
+    response_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    assert shared_padding(query_mask, response_mask) == (1, 3)
+    # nothing shared: nothing dropped
+    assert shared_padding(torch.ones(2, 3), torch.ones(2, 2)) == (0, 2)
 
 
 # ---------------------------------------------------------------- KL estimators

@@ -13,7 +13,7 @@ from instructrl.config import load_config
 from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.padding import pad_sequences
 from instructrl.rl.episodes import prompt_order
-from instructrl.rl.rollout import GumbelNoise, Rollout, left_pad_prompts, response_logprobs, sample_responses
+from instructrl.rl.rollout import GumbelNoise, Rollout, left_pad_prompts, response_logprobs, response_values, sample_responses, score_episodes
 from instructrl.rl.update import ppo_epochs
 from instructrl.training.loop import make_accelerator
 
@@ -38,6 +38,40 @@ def test_response_logprobs_same_alone_or_left_padded(smoke_base):
             n = len(responses[row])
             # the short prompt is left-padded: with position ids from the mask its log-probs match the unpadded row
             assert torch.allclose(batched[row, :n], alone[0], atol=1e-5)
+
+
+def test_scoring_without_shared_padding_gives_the_full_passes_values(smoke_base):
+    """Scoring drops the padding columns every row of a micro-batch shares; on real tokens its
+    log-probs, values and scores equal one pass over the whole padded batch."""
+    from instructrl.models.reward import RewardModel
+
+    model, tok, prompts, responses = _rows(smoke_base)
+    prompts.append(tok("the cat sees the red dog and", add_special_tokens=False).input_ids)  # pads the others' prompts more
+    responses.append(tok(" a sky is blue and the cat is red", add_special_tokens=False).input_ids)  # and their responses
+    q, qm = pad_sequences(prompts, tok.pad_token_id, side="left")
+    r, rm = pad_sequences(responses, tok.pad_token_id, side="right")
+    value_model = RewardModel.from_causal_lm(smoke_base / "pretrain" / "final", tok).eval()
+    ended = torch.ones(3, dtype=torch.bool)
+    # micro-batches of 2 rows: the first two rows share padding the third row's length put there
+    shared_query = len(prompts[2]) - max(map(len, prompts[:2]))
+    shared_response = len(responses[2]) - max(map(len, responses[:2]))
+    assert shared_query > 0 and shared_response > 0
+    rollout, _ = score_episodes(model, model, value_model, value_model, q, qm, r, rm, ended, temperature=1.0,
+                                micro_batch_size=2, missing_eos_score=-1.0)
+    with torch.no_grad():
+        full_logprobs, _ = response_logprobs(model, q, qm, r, rm, temperature=1.0)
+        full_values = response_values(value_model, q, qm, r, rm)
+        full_scores = value_model(torch.cat([q, r], 1), torch.cat([qm, rm], 1))
+    real = rm.bool()
+    assert rollout.logprobs.shape == rm.shape and rollout.values.shape == rm.shape
+    assert torch.allclose(rollout.logprobs[real], full_logprobs[real], atol=1e-5)
+    assert torch.allclose(rollout.values[real], full_values[real], atol=1e-5)
+    assert torch.allclose(rollout.scores, full_scores, atol=1e-5)
+    assert torch.allclose(rollout.ref_logprobs[real], rollout.logprobs[real]) and rollout.exact_kl[real].abs().max() < 1e-6
+    # the update's micro-batches drop the same columns, so they see the shapes scoring saw
+    trimmed = rollout.select([0, 1]).trimmed()
+    assert trimmed.query_ids.shape[1] == q.shape[1] - shared_query
+    assert trimmed.logprobs.shape[1] == trimmed.response_mask.shape[1] == r.shape[1] - shared_response
 
 
 def test_generate_samples_from_the_distribution_ppo_scores(smoke_base, monkeypatch):

@@ -52,6 +52,21 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return torch.where(has_token, T - 1 - from_end, torch.full_like(from_end, -1))
 
 
+def shared_padding(query_mask: Tensor, response_mask: Tensor) -> tuple[int, int]:
+    """(first, width): the padding every row of an episode batch shares, as column bounds.
+
+    Prompts are left-padded to the batch's longest, responses right-padded to its longest; in a
+    micro-batch of shorter rows the first query columns and the last response columns may be
+    padding in every row. ``query[:, first:]`` and ``response[:, :width]`` drop exactly those
+    columns: a forward pass over them costs less and gives the same values on real tokens.
+    """
+    used = query_mask.bool().any(0)
+    first = int(used.long().argmax()) if bool(used.any()) else query_mask.shape[-1]
+    used = response_mask.bool().any(0)
+    width = response_mask.shape[-1] - int(used.flip(0).long().argmax()) if bool(used.any()) else 0
+    return first, width
+
+
 def truncate_after_eos(response_ids: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Cut each generated response after its first EOS: (ids, response_mask, ended), right-padded.
 

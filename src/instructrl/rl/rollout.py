@@ -16,8 +16,11 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from instructrl.padding import pad_sequences, position_ids_from_mask, truncate_after_eos
+from instructrl.padding import pad_sequences, position_ids_from_mask, shared_padding, truncate_after_eos
 from instructrl.rlmath import entropy_from_logits, entropy_from_logprobs, gather_tokens, kl_from_logprobs, token_logprobs
+
+
+QUERY_FIELDS = ("query_ids", "query_mask")  # (B, Tq); the other 2-D fields are (B, Tr)
 
 
 @dataclass
@@ -48,6 +51,17 @@ class Rollout:
         """The episodes at ``rows``, every field indexed alike."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows] for f in fields(self)})
+
+    def trimmed(self) -> "Rollout":
+        """The same episodes without the padding columns all of them share (``shared_padding``)."""
+        first, width = shared_padding(self.query_mask, self.response_mask)
+        sliced = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and value.dim() == 2:
+                value = value[:, first:] if f.name in QUERY_FIELDS else value[:, :width]
+            sliced[f.name] = value
+        return Rollout(**sliced)
 
     def sequences(self) -> tuple[Tensor, Tensor]:
         """(B, Tq + Tr) ids and attention mask of prompt + response."""
@@ -142,20 +156,22 @@ def score_episodes(policy, reference, value_model, reward_model, query_ids: Tens
     Policy and reference log-probs (one pass over both, ``policy_and_reference_logprobs``), the
     value model's per-token values and the reward model's score read at EOS; a response that never
     ended gets ``missing_eos_score`` instead. The passes run in micro-batches of
-    ``micro_batch_size``, the first PPO epoch's, so its probability ratio is exactly 1.
+    ``micro_batch_size``, the first PPO epoch's, each without the padding all its rows share, as
+    the update's micro-batches, so the first epoch's probability ratio is exactly 1.
     Returns the rollout and the seconds each model took ("policy", "reference", "value", "reward").
     """
     args = (query_ids, query_mask, response_ids, response_mask)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    logprobs, entropy, ref_logprobs, exact_kl = in_micro_batches(lambda *t: policy_and_reference_logprobs(
-        policy, reference, *t, temperature, reference_context=reference_context, seconds=seconds), micro_batch_size, *args)
+    logprobs, entropy, ref_logprobs, exact_kl = in_micro_batches(without_shared_padding(lambda *t: policy_and_reference_logprobs(
+        policy, reference, *t, temperature, reference_context=reference_context, seconds=seconds)), micro_batch_size, *args)
     seconds["policy"] = time.perf_counter() - start - seconds["reference"]
     start = time.perf_counter()
-    values = in_micro_batches(lambda *t: response_values(value_model, *t), micro_batch_size, *args)
+    values = in_micro_batches(without_shared_padding(lambda *t: response_values(value_model, *t)), micro_batch_size, *args)
     seconds["value"] = time.perf_counter() - start
     start = time.perf_counter()
-    rm_scores = in_micro_batches(lambda q, qm, r, rm: reward_model(torch.cat([q, r], 1), torch.cat([qm, rm], 1)), micro_batch_size, *args)
+    rm_scores = in_micro_batches(without_shared_padding(lambda q, qm, r, rm: reward_model(torch.cat([q, r], 1), torch.cat([qm, rm], 1))),
+                                 micro_batch_size, *args)
     seconds["reward"] = time.perf_counter() - start
     scores = torch.where(ended, rm_scores, torch.full_like(rm_scores, missing_eos_score))
     rollout = Rollout(query_ids, query_mask, response_ids, response_mask, ended, logprobs, ref_logprobs, values, scores, rm_scores, entropy,
@@ -166,6 +182,17 @@ def score_episodes(policy, reference, value_model, reward_model, query_ids: Tens
 def left_pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
     ids, mask = pad_sequences(prompts, pad_id, side="left")
     return ids.to(device), mask.to(device)
+
+
+def without_shared_padding(fn):
+    """``fn(query_ids, query_mask, response_ids, response_mask)`` run on the columns some row
+    uses (``shared_padding``), its (b, width) outputs zero-padded back to the responses' width."""
+    def run(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor):
+        first, width = shared_padding(query_mask, response_mask)
+        out = fn(query_ids[:, first:], query_mask[:, first:], response_ids[:, :width], response_mask[:, :width])
+        pad = lambda t: t if t.dim() == 1 else torch.nn.functional.pad(t, (0, response_ids.shape[1] - width))  # noqa: E731
+        return tuple(map(pad, out)) if isinstance(out, tuple) else pad(out)
+    return run
 
 
 @torch.no_grad()

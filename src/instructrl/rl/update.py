@@ -34,6 +34,7 @@ def micro_batch_backward(accelerator, cfg, batch: Rollout, policy, value_model, 
     """Backward of the clipped policy and value losses of one micro-batch, weighted by its share
     of the minibatch's tokens (``scale`` = processes / minibatch tokens); gradients are synced
     across processes only on the minibatch's last micro-batch (``sync``). Returns its token means."""
+    batch = batch.trimmed()  # as scoring did: the same shapes, so the first ratio is exactly 1
     weight = float(batch.response_mask.sum()) * scale
     mask = batch.response_mask.float()
     with (contextlib.nullcontext() if sync else accelerator.no_sync(policy)), accelerator.autocast():
