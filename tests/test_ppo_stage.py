@@ -13,7 +13,7 @@ from instructrl.config import load_config
 from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.padding import pad_sequences
 from instructrl.rl.episodes import prompt_order
-from instructrl.rl.rollout import GumbelNoise, Rollout, left_pad_prompts, response_logprobs, response_values, sample_responses, score_episodes
+from instructrl.rl.rollout import GumbelNoise, Rollout, left_pad_prompts, response_logprobs, response_values, sample_responses, score_episodes, takes_logits_to_keep
 from instructrl.rl.update import ppo_epochs
 from instructrl.training.loop import make_accelerator
 
@@ -38,6 +38,29 @@ def test_response_logprobs_same_alone_or_left_padded(smoke_base):
             n = len(responses[row])
             # the short prompt is left-padded: with position ids from the mask its log-probs match the unpadded row
             assert torch.allclose(batched[row, :n], alone[0], atol=1e-5)
+
+
+def test_response_logprobs_same_with_or_without_logits_to_keep(smoke_base):
+    """The policy computes the response's logits only (transformers' logits_to_keep); a model
+    without that argument computes them all, and both give the same log-probs."""
+    model, tok, prompts, responses = _rows(smoke_base)
+
+    class AllLogits(torch.nn.Module):  # a causal LM whose forward does not take logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    assert takes_logits_to_keep(model) and not takes_logits_to_keep(AllLogits(model))
+    q, qm = pad_sequences(prompts, tok.pad_token_id, side="left")
+    r, rm = pad_sequences(responses, tok.pad_token_id, side="right")
+    with torch.no_grad():
+        kept, _ = response_logprobs(model, q, qm, r, rm, temperature=0.7)
+        every, _ = response_logprobs(AllLogits(model), q, qm, r, rm, temperature=0.7)
+    assert kept.shape == every.shape == r.shape
+    assert torch.allclose(kept, every, atol=1e-5)
 
 
 def test_scoring_without_shared_padding_gives_the_full_passes_values(smoke_base):

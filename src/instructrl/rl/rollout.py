@@ -10,6 +10,7 @@ and the update's, or the KL estimate is biased (RLHF-DETAILS.md).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from dataclasses import dataclass, fields
 
@@ -113,11 +114,29 @@ def response_logprobs(policy, query_ids: Tensor, query_mask: Tensor, response_id
 
 def response_logits(model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
                     temperature: float) -> Tensor:
-    """(B, Tr, V) logits / ``temperature`` that predict each response token (column Tq - 1 + t predicts token t)."""
+    """(B, Tr, V) logits / ``temperature`` that predict each response token (column Tq - 1 + t predicts token t).
+
+    A model that can (``logits_to_keep``) computes logits for those Tr + 1 last columns only: the
+    prompt's would be thrown away, and with a large vocabulary they are most of the pass's memory.
+    """
     ids = torch.cat([query_ids, response_ids], 1)
     mask = torch.cat([query_mask, response_mask], 1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-    return logits[:, query_ids.shape[1] - 1 : -1].float() / temperature
+    keep = response_ids.shape[1] + 1
+    kwargs = {"logits_to_keep": keep} if takes_logits_to_keep(model) else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), **kwargs).logits
+    return logits[:, -keep:-1].float() / temperature
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM inside ``model`` (through DDP/FSDP's ``module`` and PEFT's base model)
+    takes transformers' ``logits_to_keep``."""
+    for _ in range(4):
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
+            return True
+        model = getattr(model, "module", None) or (model.get_base_model() if hasattr(model, "get_base_model") else None)
+        if model is None:
+            return False
+    return False
 
 
 def policy_and_reference_logprobs(policy, reference, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor,
