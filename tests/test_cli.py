@@ -212,3 +212,21 @@ def test_a_port_another_program_holds_is_named_before_anything_loads(tmp_path):
         proc = cli("label", "-d", str(tmp_path / "label"), "--port", port, check=False, timeout=120)
         _assert_clean_error(proc, f"--port {port}: cannot listen there")
         assert "serving" not in proc.stderr
+
+
+def test_help_paragraphs_are_not_broken_where_the_docstring_wraps():
+    """A command's help is its docstring's paragraphs, each one line that the terminal wraps
+    (typer would keep the source's line breaks and leave half-lines at any other width)."""
+    import inspect
+    import os
+    import subprocess
+    import sys
+
+    from instructrl.cli import rm
+
+    assert any("\n" in p for p in inspect.getdoc(rm).split("\n\n")), "the docstring wraps inside a paragraph"
+    env = dict(os.environ, COLUMNS="1000")  # wide enough for every paragraph on one line
+    out = subprocess.run([sys.executable, "-m", "instructrl", "rm", "--help"], env=env, capture_output=True, text=True, check=True).stdout
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    for paragraph in inspect.getdoc(rm).split("\n\n"):
+        assert " ".join(paragraph.split()) in lines, f"help paragraph broken: {paragraph[:60]}"

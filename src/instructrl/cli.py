@@ -8,6 +8,7 @@ line or key and exit status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import os
 import sys
@@ -523,6 +524,21 @@ def label_status(name: str = typer.Argument(..., help="Project name."), project_
 def show_config(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
     """Print the resolved config (defaults, file and overrides) as YAML."""
     typer.echo(dump_config(_load(config, overrides)), nl=False)
+
+
+def _unwrap_help(typer_app: typer.Typer) -> None:
+    """Join each docstring's hard-wrapped lines into paragraphs. Typer keeps a single line break
+    after the first paragraph, and the terminal then wraps the long lines again, leaving ragged
+    half-lines in every --help."""
+    infos = list(typer_app.registered_commands) + ([typer_app.registered_callback] if typer_app.registered_callback else [])
+    for info in infos:
+        text = info.help or inspect.getdoc(info.callback) or ""
+        info.help = "\n\n".join(" ".join(paragraph.split("\n")) for paragraph in text.split("\n\n"))
+    for group in typer_app.registered_groups:
+        _unwrap_help(group.typer_instance)
+
+
+_unwrap_help(app)
 
 
 def run() -> None:
