@@ -66,6 +66,14 @@ def test_unknown_section_in_an_override_names_the_override():
     assert "override 'sfft.epochs=1': unknown config key 'sfft' (did you mean 'sft'?)" in str(err.value)
 
 
+def test_a_mapping_written_without_a_space_after_its_colon_says_so():
+    # YAML reads {sft:/path} as a key 'sft:/path' with no value
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["eval.models={sft:/tmp/a,ppo:/tmp/b}"])
+    assert "needs a space after each colon" in str(err.value)
+    assert load_config(overrides=["eval.models={sft: /tmp/a}"]).eval.models == {"sft": "/tmp/a"}
+
+
 def test_other_trainers_key_names_suggest_ours():
     # transformers' and TRL's names are too far from ours for a spelling match
     for key, ours in (("sft.learning_rate", "sft.lr"), ("ppo.cliprange", "ppo.clip"), ("rm.num_train_epochs", "rm.epochs")):

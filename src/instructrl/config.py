@@ -352,6 +352,9 @@ def _apply_override(data: dict, override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, dict) and any(v is None and ":" in str(k) for k, v in value.items()):
+        raise UserError(f"override '{override}': in a {{name: value}} mapping YAML needs a space after each colon, "
+                        f"e.g. {key.strip()}={{sft: runs/default/sft/final}}")
     node = data
     parts = key.strip().split(".")
     for part in parts[:-1]:
