@@ -38,6 +38,18 @@ def test_kill_and_resume_reaches_the_same_weights(tmp_path, smoke_base):
     assert train_steps == straight_steps
 
 
+def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, smoke_base):
+    """Ctrl-C ends with one line, no traceback; after --restart that line must not say to run the
+    same command again, which would discard the checkpoints once more."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    stderr = kill_after_first_checkpoint([*_sft_args(run_dir, smoke_base), "--restart"], run_dir / "sft" / "checkpoints", signal.SIGINT)
+    assert "Traceback" not in stderr
+    assert "interrupted: run the same command without --restart or --restart-from to resume from the last checkpoint" in stderr
+    assert "resuming from the checkpoint of step" in cli(*_sft_args(run_dir, smoke_base)).stderr
+
+
 def test_restart_discards_the_old_run(tmp_path, smoke_base):
     run_dir = tmp_path / "run"
     cli(*_sft_args(run_dir, smoke_base)[:-1], "sft.epochs=1")
