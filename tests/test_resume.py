@@ -50,6 +50,20 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, smoke_base):
     assert "resuming from the checkpoint of step" in cli(*_sft_args(run_dir, smoke_base)).stderr
 
 
+def test_an_interrupted_run_whose_inputs_changed_is_refused_not_resumed(tmp_path, smoke_base):
+    """Resumed on other data, a run would end with weights that follow from neither its old data nor its new."""
+    run_dir, demos = tmp_path / "run", tmp_path / "demos.jsonl"
+    shutil.copy(smoke_base / "world" / "demonstrations.jsonl", demos)
+    args = [*_sft_args(run_dir, smoke_base), f"sft.data={demos}"]
+    kill_after_first_checkpoint(args, run_dir / "sft" / "checkpoints")
+    demos.write_text("".join(demos.read_text().splitlines(keepends=True)[1:]))  # one demonstration fewer
+    proc = cli(*args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert f"holds an unfinished run begun on inputs that have changed since: demonstrations ({demos}); pass --restart" in message
+    assert "resuming" not in cli(*args, "--restart").stderr
+
+
 def test_restart_discards_the_old_run(tmp_path, smoke_base):
     run_dir = tmp_path / "run"
     cli(*_sft_args(run_dir, smoke_base)[:-1], "sft.epochs=1")

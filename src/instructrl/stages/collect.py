@@ -49,8 +49,8 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     if cfg.judgements is not None:  # people's rankings: check every line, then use them as they are
         records = read_comparisons(cfg.judgements)
         run.start(restart, log)
-        write_comparisons(output, records)
         run.write_lineage({"judgements": cfg.judgements})
+        write_comparisons(output, records)
         run.finish({"comparisons": output})
         log(f"collect: {len(records)} comparison records from {cfg.judgements}")
         return output
@@ -67,6 +67,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
         raise UserError(f"collect: collect.first_prompt = {cfg.first_prompt} is past the last RM prompt")
     labelers = [SimulatedLabeler(f"sim-{i}", noise=config.world.labeler_noise) for i in range(cfg.labelers)]
     run.start(restart, log)
+    run.write_lineage({"policy": policy, "prompts": world.prompts("rm")})
 
     partial = run.path / "comparisons.partial.jsonl"
     kept = [line for line, _ in complete_lines(partial)]
@@ -91,7 +92,6 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     mean_likert = sum(scored) / max(len(scored), 1)
     all_tied = sum(len(set(r.ranks)) == 1 for r in records) / len(records)
     run.log(0, {"collect/records": len(records), "collect/mean_likert": mean_likert, "collect/all_tied": all_tied})
-    run.write_lineage({"policy": policy, "prompts": world.prompts("rm")})
     run.finish({"comparisons": output})
     log(f"collect: {len(records)} prompts x {cfg.k} responses ranked; mean Likert {mean_likert:.2f}, "
         f"{all_tied:.0%} of prompts with every response tied -> {output}")
