@@ -64,6 +64,32 @@ def test_an_interrupted_run_whose_inputs_changed_is_refused_not_resumed(tmp_path
     assert "resuming" not in cli(*args, "--restart").stderr
 
 
+def test_a_checkpoint_cut_short_is_one_line_and_left_as_it_is(tmp_path):
+    """A weights or optimizer file of a checkpoint cut short (a run folder copied in part): a
+    message naming the checkpoint, not safetensors' or torch's traceback."""
+    import pytest
+    from accelerate import Accelerator
+
+    from instructrl.errors import UserError
+    from instructrl.training.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    saved = save_checkpoint(accelerator, tmp_path, TrainState(step=3))
+    assert load_latest_checkpoint(accelerator, tmp_path).step == 3
+    for name in ("model.safetensors", "optimizer.bin"):
+        whole = (saved / name).read_bytes()
+        (saved / name).write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(UserError, match=f"cannot resume from the checkpoint {saved}: .*; pass --restart to start over"):
+            load_latest_checkpoint(accelerator, tmp_path)
+        assert (saved / name).stat().st_size == len(whole) // 2  # nothing rewritten: the user decides
+        (saved / name).write_bytes(whole)
+
+
 def test_restart_discards_the_old_run(tmp_path, smoke_base):
     run_dir = tmp_path / "run"
     cli(*_sft_args(run_dir, smoke_base)[:-1], "sft.epochs=1")
