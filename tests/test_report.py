@@ -150,3 +150,20 @@ def test_the_printed_table_keeps_every_name_whole_in_80_columns():
     assert max(map(len, text.splitlines())) <= 80
     for name in [*names, *results["sft"]["families"], "fails_to_follow"]:
         assert re.search(rf"(^|\s){name}(\s|$)", text, re.M), name  # not cut to "demonstr…" or folded
+
+
+def test_an_eval_that_fails_leaves_the_last_results(tmp_path, smoke_base):
+    """A model whose weights are cut short fails the new evaluation: the last one's results stay."""
+    from conftest import SMOKE, cli
+
+    base = smoke_base / "pretrain" / "final"
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    args = ("eval", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", "eval.n_prompts=4")
+    cli(*args, f"eval.models={{base: {base}}}")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "eval").iterdir() if p.is_file()}
+    proc = cli(*args, f"eval.models={{base: {base}, broken: {broken}}}", check=False)
+    assert proc.returncode == 2 and f"cannot load model '{broken}'" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "eval").iterdir() if p.is_file()} == before
