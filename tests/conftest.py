@@ -22,21 +22,31 @@ def cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 
     return proc
 
 
-def kill_after_first_checkpoint(args: list[str], checkpoints: Path) -> None:
-    """Start ``instructrl ARGS``, SIGKILL it once a complete checkpoint exists under ``checkpoints``."""
+def kill_after_first_checkpoint(args: list[str], checkpoints: Path, sig: int | None = None) -> str:
+    """Start ``instructrl ARGS``, send it ``sig`` (SIGKILL by default; SIGINT is Ctrl-C) once a
+    complete checkpoint exists under ``checkpoints``; return what it wrote to stderr."""
     import signal
+    import tempfile
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "instructrl", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    sig = signal.SIGKILL if sig is None else sig
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a full one would stall the run
+    # a shell's background job ignores SIGINT, and the child would inherit that: Ctrl-C must reach it
+    proc = subprocess.Popen([sys.executable, "-m", "instructrl", *args], stdout=subprocess.DEVNULL, stderr=log,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if checkpoints.exists() and any(not p.name.endswith(".tmp") for p in checkpoints.glob("step-*")):
             break
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, sig)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    log.seek(0)
+    stderr = log.read()
+    expected = 130 if sig == signal.SIGINT else -sig
+    assert proc.returncode == expected, f"exit status {proc.returncode}, not {expected} (did the run finish before it could be stopped?)\n{stderr}"
+    return stderr
 
 
 @pytest.fixture(scope="session")

@@ -122,6 +122,12 @@ def test_a_weights_file_cut_short_is_one_line(tmp_path):
         load_causal_lm(model_dir)
     with pytest.raises(UserError, match=f"cannot load a backbone from '{model_dir}': .*header"):
         RewardModel.from_causal_lm(model_dir)
+    reward_dir = tmp_path / "rm"
+    RewardModel.from_causal_lm(save_tiny_model("gpt2", tmp_path / "tiny2")).save_pretrained(reward_dir)
+    with open(reward_dir / "reward_head.safetensors", "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(UserError, match=f"cannot load the reward model '{reward_dir}': .*header"):
+        RewardModel.from_pretrained(reward_dir)
 
 
 def test_examples_longer_than_the_context_or_max_length_are_skipped(tmp_path):

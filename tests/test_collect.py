@@ -42,6 +42,30 @@ def test_a_killed_collection_resumes_to_the_same_records(tmp_path, smoke_base):
     proc = _collect(killed, smoke_base)
     assert "resuming after 32 of 171 prompts" in " ".join(proc.stderr.split())
     assert out.read_text() == (straight / "collect" / "comparisons.jsonl").read_text()
+    # the killed run had logged its one metrics line (it died after, here): the resumed run's replaces it
+    assert (killed / "collect" / "metrics.jsonl").read_text() == (straight / "collect" / "metrics.jsonl").read_text()
+
+
+def test_a_collection_stopped_after_its_last_chunk_is_not_sampled_again(tmp_path, smoke_base, monkeypatch):
+    import pytest
+
+    from instructrl.config import load_config
+    from instructrl.rundir import RunDir
+    from instructrl.stages.collect import run_collect
+
+    config = load_config(SMOKE, [f"run.dir={tmp_path}", f"collect.policy={smoke_base / 'pretrain' / 'final'}"])
+
+    def interrupt(self, step, metrics):
+        raise KeyboardInterrupt  # Ctrl-C once every record is written, as the stage wraps up
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "log", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_collect(config.model_copy(deep=True))
+    said = []
+    run_collect(config.model_copy(deep=True), log=said.append)
+    assert "collect: resuming after 160 of 171 prompts" in said  # only the last, short chunk again (smoke collect.batch_size = 16)
+    assert len(read_comparisons(tmp_path / "collect" / "comparisons.jsonl")) == 171
 
 
 def test_people_judgements_are_checked_and_used(tmp_path, smoke_base):

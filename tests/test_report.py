@@ -164,3 +164,20 @@ def test_over_optimisation_plot_of_ppo_on_prompts_without_gold_says_so_and_warns
     proxy, gold = fig.axes
     assert proxy.get_legend() is not None and gold.get_legend() is None
     assert [t.get_text() for t in gold.texts] == ["no gold scores: these prompts have no gold answers"]
+
+
+def test_an_eval_that_fails_leaves_the_last_results(tmp_path, smoke_base):
+    """A model whose weights are cut short fails the new evaluation: the last one's results stay."""
+    from conftest import SMOKE, cli
+
+    base = smoke_base / "pretrain" / "final"
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    args = ("eval", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", "eval.n_prompts=4")
+    cli(*args, f"eval.models={{base: {base}}}")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "eval").iterdir() if p.is_file()}
+    proc = cli(*args, f"eval.models={{base: {base}, broken: {broken}}}", check=False)
+    assert proc.returncode == 2 and f"cannot load model '{broken}'" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "eval").iterdir() if p.is_file()} == before

@@ -38,6 +38,58 @@ def test_kill_and_resume_reaches_the_same_weights(tmp_path, smoke_base):
     assert train_steps == straight_steps
 
 
+def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, smoke_base):
+    """Ctrl-C ends with one line, no traceback; after --restart that line must not say to run the
+    same command again, which would discard the checkpoints once more."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    stderr = kill_after_first_checkpoint([*_sft_args(run_dir, smoke_base), "--restart"], run_dir / "sft" / "checkpoints", signal.SIGINT)
+    assert "Traceback" not in stderr
+    assert "interrupted: run the same command without --restart or --restart-from to resume from the last checkpoint" in stderr
+    assert "resuming from the checkpoint of step" in cli(*_sft_args(run_dir, smoke_base)).stderr
+
+
+def test_an_interrupted_run_whose_inputs_changed_is_refused_not_resumed(tmp_path, smoke_base):
+    """Resumed on other data, a run would end with weights that follow from neither its old data nor its new."""
+    run_dir, demos = tmp_path / "run", tmp_path / "demos.jsonl"
+    shutil.copy(smoke_base / "world" / "demonstrations.jsonl", demos)
+    args = [*_sft_args(run_dir, smoke_base), f"sft.data={demos}"]
+    kill_after_first_checkpoint(args, run_dir / "sft" / "checkpoints")
+    demos.write_text("".join(demos.read_text().splitlines(keepends=True)[1:]))  # one demonstration fewer
+    proc = cli(*args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert f"holds an unfinished run begun on inputs that have changed since: demonstrations ({demos}); pass --restart" in message
+    assert "resuming" not in cli(*args, "--restart").stderr
+
+
+def test_a_checkpoint_cut_short_is_one_line_and_left_as_it_is(tmp_path):
+    """A weights or optimizer file of a checkpoint cut short (a run folder copied in part): a
+    message naming the checkpoint, not safetensors' or torch's traceback."""
+    import pytest
+    from accelerate import Accelerator
+
+    from instructrl.errors import UserError
+    from instructrl.training.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    saved = save_checkpoint(accelerator, tmp_path, TrainState(step=3))
+    assert load_latest_checkpoint(accelerator, tmp_path).step == 3
+    for name in ("model.safetensors", "optimizer.bin"):
+        whole = (saved / name).read_bytes()
+        (saved / name).write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(UserError, match=f"cannot resume from the checkpoint {saved}: .*; pass --restart to start over"):
+            load_latest_checkpoint(accelerator, tmp_path)
+        assert (saved / name).stat().st_size == len(whole) // 2  # nothing rewritten: the user decides
+        (saved / name).write_bytes(whole)
+
+
 def test_restart_discards_the_old_run(tmp_path, smoke_base):
     run_dir = tmp_path / "run"
     cli(*_sft_args(run_dir, smoke_base)[:-1], "sft.epochs=1")

@@ -556,16 +556,24 @@ def run() -> None:
             raise
         where = f" {err.filename}" if err.filename else ""
         console.print(f"[bold red]error:[/bold red] cannot write{escape(where)}: {escape(err.strerror or str(err))}; "
-                      "make room or fix the folder, then run the same command again to resume", highlight=False, soft_wrap=True)
+                      f"make room or fix the folder, then {_how_to_resume()}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (KeyboardInterrupt, SystemExit) as exit_:
         # typer turns Ctrl-C into exit status 130
         if isinstance(exit_, KeyboardInterrupt) or exit_.code == 130:
-            _log("interrupted: run the same command again to resume from the last checkpoint")
+            _log(f"interrupted: {_how_to_resume()} from the last checkpoint")
             sys.exit(130)
         raise
     finally:
         _close_process_group()
+
+
+def _how_to_resume() -> str:
+    """What to run to resume: the same command, less a --restart or --restart-from, which would
+    discard the progress just made once more."""
+    if any(arg == "--restart" or arg.startswith("--restart-from") for arg in sys.argv[1:]):
+        return "run the same command without --restart or --restart-from to resume"
+    return "run the same command again to resume"
 
 
 def _close_process_group() -> None:

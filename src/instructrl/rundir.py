@@ -6,7 +6,7 @@
         metrics.jsonl    one JSON object per logged step
         tb/              TensorBoard events of the same metrics
         lineage.json     the data and parent checkpoint this stage used, with content hashes (a
-                         finished stage whose inputs changed since is not skipped but refused)
+                         stage whose inputs changed since is neither skipped nor resumed but refused)
         checkpoints/     resumable training state (step-NNNNNNNN/)
         final/           the stage's output checkpoint (save_pretrained folder)
         done.json        written last: the stage finished
@@ -197,9 +197,14 @@ class RunDir:
             self._tb.add_scalar(key, value, step)
 
     def write_lineage(self, inputs: dict[str, Path | str | None]) -> None:
-        """Record each input (data file, parent checkpoint) with its content hash. An input inside
-        the run folder is recorded relative to it and any other by its absolute path, so that the
-        check holds from any working directory and in a moved or copied run folder."""
+        """Record each input (data file, parent checkpoint) with its content hash, before training:
+        an interrupted run resumes only on the inputs it began with, else it would follow from neither.
+        An input inside the run folder is recorded relative to it and any other by its absolute
+        path, so that the check holds from any working directory and in a moved or copied run folder."""
+        changed = self.changed_inputs()  # an interrupted run's record: --restart has removed any other
+        if changed:
+            raise UserError(f"{self.path} holds an unfinished run begun on inputs that have changed since: {', '.join(changed)}; "
+                            f"pass --restart to run {self.stage} again from the start ({self._in_pipeline}), or set run.dir to another folder")
         if not self.is_main:
             return
         root = os.path.abspath(self.config.run.dir)

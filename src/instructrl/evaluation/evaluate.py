@@ -98,10 +98,8 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
         raise UserError(f"eval: no models given and none found under {config.run.dir}; run pretrain/sft first or set eval.models")
     if "sft" not in models:
         log("eval: no model is named 'sft', so there are no win rates or alignment tax (both are measured against SFT)")
-    tokenizers = {name: load_tokenizer(path) for name, path in models.items()}  # every model exists before the old results go
+    tokenizers = {name: load_tokenizer(path) for name, path in models.items()}  # a missing model fails now, not after the others answered
     world = build_world(config.world, Path(config.run.dir) / "world")
-    run = RunDir(config, "eval", SECTIONS)
-    run.start(restart=True)  # an evaluation holds no checkpoint; a new one replaces the old
     tasks = load_tasks(world.prompts("eval"))[: cfg.n_prompts]
     judge = SimulatedLabeler()
     log(f"eval: the built-in world's {len(tasks)} held-out prompts ({world.prompts('eval')}), judged by its gold labeler; "
@@ -139,6 +137,10 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
         results[name]["pretraining_loss"] = loss
         if "sft" in losses and name not in other_tokens:
             results[name]["alignment_tax"] = loss - losses["sft"]
+    # an evaluation holds no checkpoint: the new one replaces the old, once every model has answered
+    # (a model that cannot be loaded, or Ctrl-C, leaves the last results as they were)
+    run = RunDir(config, "eval", SECTIONS)
+    run.start(restart=True)
     write_jsonl(run.path / "samples.jsonl", (
         {"id": t.id, "family": t.family, "messages": list(t.messages), "gold": t.answer,
          **{name: {"answer": answers[name][i], "likert": judged[name][i][0].likert}

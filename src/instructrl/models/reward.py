@@ -56,10 +56,16 @@ class RewardModel(nn.Module):
         path = Path(path)
         if not (path / HEAD_FILE).is_file():
             return cls._from_sequence_classifier(path)
+        from instructrl.models.base import load_errors
+
         model = cls(_load_backbone(path))
-        state = load_file(path / HEAD_FILE)
+        try:
+            state = load_file(path / HEAD_FILE)
+            bias = json.loads((path / CONFIG_FILE).read_text())["reward_bias"]
+        except (*load_errors(), KeyError) as err:  # a file cut short by an interrupted copy, or missing
+            raise UserError(f"cannot load the reward model '{path}': {str(err).splitlines()[0]}") from None
         model.head.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
-        model.reward_bias.fill_(json.loads((path / CONFIG_FILE).read_text())["reward_bias"])
+        model.reward_bias.fill_(bias)
         return model
 
     @classmethod

@@ -19,7 +19,7 @@ from instructrl.data.records import ComparisonRecord, comparison_line, write_com
 from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import load_causal_lm, load_tokenizer
-from instructrl.rundir import RunDir, write_text_atomic
+from instructrl.rundir import RunDir, trim_step_log, write_text_atomic
 from instructrl.training.progress import progress_bar
 from instructrl.world.build import build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
@@ -49,8 +49,8 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     if cfg.judgements is not None:  # people's rankings: check every line, then use them as they are
         records = read_comparisons(cfg.judgements)
         run.start(restart, log)
-        write_comparisons(output, records)
         run.write_lineage({"judgements": cfg.judgements})
+        write_comparisons(output, records)
         run.finish({"comparisons": output})
         log(f"collect: {len(records)} comparison records from {cfg.judgements}")
         return output
@@ -67,11 +67,13 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
         raise UserError(f"collect: collect.first_prompt = {cfg.first_prompt} is past the last RM prompt")
     labelers = [SimulatedLabeler(f"sim-{i}", noise=config.world.labeler_noise) for i in range(cfg.labelers)]
     run.start(restart, log)
+    run.write_lineage({"policy": policy, "prompts": world.prompts("rm")})
 
     partial = run.path / "comparisons.partial.jsonl"
     kept = [line for line, _ in complete_lines(partial)]
     done = len(kept) - len(kept) % cfg.batch_size  # only whole chunks count; a torn chunk is sampled again
     write_text_atomic(partial, "".join(line + "\n" for line in kept[:done]))
+    trim_step_log(run.path / "metrics.jsonl", 0, keep_equal=False)  # a line an interrupted run wrote at its end is written again
     if done:
         log(f"collect: resuming after {done} of {len(tasks)} prompts")
     with progress_bar() as bar:
@@ -85,13 +87,12 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
             with partial.open("a") as f:
                 f.writelines(comparison_line(r) for r in records)
             bar.update(progress, advance=len(chunk))
-    partial.replace(output)
-    records = read_comparisons(output)
+    records = read_comparisons(partial)
     scored = [s for r in records for s in r.likert or ()]
     mean_likert = sum(scored) / max(len(scored), 1)
     all_tied = sum(len(set(r.ranks)) == 1 for r in records) / len(records)
     run.log(0, {"collect/records": len(records), "collect/mean_likert": mean_likert, "collect/all_tied": all_tied})
-    run.write_lineage({"policy": policy, "prompts": world.prompts("rm")})
+    partial.replace(output)  # last: a run killed before it resumes from its records rather than collecting them again
     run.finish({"comparisons": output})
     log(f"collect: {len(records)} prompts x {cfg.k} responses ranked; mean Likert {mean_likert:.2f}, "
         f"{all_tied:.0%} of prompts with every response tied -> {output}")

@@ -177,6 +177,10 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     policy, reference, reward_model, value_model = load_models(cfg, paths, policy, tokenizer, stage)
     ptx_blocks = pretraining_blocks(cfg, world, tokenizer, max_length)
     run.start(restart, log)
+    run.write_lineage({"policy": paths.policy, "reference": paths.reference, "reward_model": paths.reward_model, "value_model": paths.value_model,
+                       "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})
+    run.write_lineage({"policy": policy_path, "reference": reference_path, "reward_model": rm_path, "value_model": value_path,
+                       "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})
 
     trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
     policy_opt = torch.optim.AdamW(trainable(policy), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
@@ -281,8 +285,6 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     # save: the policy as final/, the value model beside it
     save_model(accelerator, policy, tokenizer, run.path / "final")
     save_model(accelerator, value_model, tokenizer, run.path / "value")
-    run.write_lineage({"policy": paths.policy, "reference": paths.reference, "reward_model": paths.reward_model, "value_model": paths.value_model,
-                       "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})
     run.finish({"model": run.path / "final", "value_model": run.path / "value"})
     log(f"{stage}: policy saved to {run.path / 'final'}")
     return run.path / "final"

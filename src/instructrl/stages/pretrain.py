@@ -54,6 +54,7 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     accelerator.wait_for_everyone()
     world = build_world(config.world, Path(config.run.dir) / "world")
     tokenizer = load_tokenizer(tokenizer_dir)
+    run.write_lineage({"corpus": world.corpus, "tokenizer": tokenizer_dir})
     blocks = pack_documents(tokenizer, world.corpus.read_text().splitlines(), cfg.block_size)
     cfg.check_fits(len(blocks), accelerator.num_processes, str(world.corpus), "corpus blocks", "pretrain")
 
@@ -75,7 +76,6 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     # loop + save
     fit(accelerator=accelerator, setup=setup, tokenizer=tokenizer, make_batch=make_batch, loss_fn=loss_fn, config=cfg, run=run,
         description="pretrain", log=log)
-    run.write_lineage({"corpus": world.corpus, "tokenizer": tokenizer_dir})
     run.finish({"model": run.path / "final"})
     log(f"pretrain: base model saved to {run.path / 'final'}")
     return run.path / "final"

@@ -122,6 +122,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     world = build_world(config.world, root / "world") if has_world else None
     demos, centred = centring_set(cfg.demonstrations or (world.demonstrations if world else None), tokenizer, train, encoded, max_length)
     run.start(restart, log)
+    run.write_lineage({"backbone": backbone, "comparisons": data})
 
     set_dropout(model.backbone, cfg.dropout)
     apply_switches(model.backbone, cfg)
@@ -176,7 +177,6 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
                 + ", ".join(f"{f} {figure(a)}" for f, a in diagnostics["accuracy_by_family"].items()))
             log("rm: by kind of pair (exact answer, right answer in the wrong form or with filler, wrong answer): "
                 + ", ".join(f"{kind} {figure(k['accuracy'])} ({k['pairs']})" for kind, k in diagnostics["accuracy_by_pair_kind"].items()))
-    run.write_lineage({"backbone": backbone, "comparisons": data})
     run.finish({"model": run.path / "final"})
     log(f"rm: reward model saved to {run.path / 'final'} (RewardModel.from_pretrained)")
     return run.path / "final"

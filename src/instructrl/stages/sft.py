@@ -106,6 +106,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     if not builtin:
         warn_of_control_tokens(data_path, tokenizer, "records", lambda line: log(f"sft: {line}"))
     run.start(restart, log)
+    run.write_lineage({"model": model_path, "demonstrations": data_path})
     setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed, lengths=[len(e.input_ids) for e in examples])
     select = labeler_selection(accelerator, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None
     log(f"sft: {len(examples)} demonstrations from {data_path}" + (f" ({too_long} longer than {max_length} tokens skipped)" if too_long else "")
@@ -126,7 +127,6 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
                 run=run, description="sft", select=select, select_every=cfg.select_every, log=log)
     if state.best_step is not None:
         log(f"sft: chose the checkpoint of step {state.best_step} (validation Likert {state.best_score:.2f})")
-    run.write_lineage({"model": model_path, "demonstrations": data_path})
     run.finish({"model": run.path / "final"})
     log(f"sft: model saved to {run.path / 'final'}")
     return run.path / "final"

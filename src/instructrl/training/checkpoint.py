@@ -12,6 +12,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from instructrl.errors import UserError
 from instructrl.rundir import replace_dir
 
 
@@ -58,7 +59,13 @@ def load_latest_checkpoint(accelerator, root: Path, best: Path | None = None) ->
     found = checkpoint_dirs(root)
     if not found:
         return TrainState()
-    accelerator.load_state(str(found[-1]))
+    from instructrl.models.base import load_errors
+
+    try:
+        accelerator.load_state(str(found[-1]))
+    except (*load_errors(), RuntimeError) as err:  # a file cut short (a copied run folder), or written by another model
+        raise UserError(f"cannot resume from the checkpoint {found[-1]}: {str(err).splitlines()[0]}; "
+                        "pass --restart to start over") from None
     if best is not None and (found[-1] / "best").is_dir() and accelerator.is_main_process:
         tmp = best.with_name(best.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
