@@ -179,8 +179,6 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     run.start(restart, log)
     run.write_lineage({"policy": paths.policy, "reference": paths.reference, "reward_model": paths.reward_model, "value_model": paths.value_model,
                        "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})
-    run.write_lineage({"policy": policy_path, "reference": reference_path, "reward_model": rm_path, "value_model": value_path,
-                       "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})
 
     trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
     policy_opt = torch.optim.AdamW(trainable(policy), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
