@@ -39,7 +39,7 @@ def test_pipeline_smoke_writes_every_record(tmp_path):
     assert set(results["sft"]["families"]) >= {"reverse_word", "add_numbers"}
     # a second run finds every stage complete and trains nothing
     again = cli("pipeline", "-c", str(SMOKE), f"run.dir={run_dir}")
-    assert "nothing to do" in again.stderr
+    assert "nothing to do" in again.stderr and "--restart-from rm" in again.stderr  # the pipeline's flag, beside the stage's
     # an eval of a mistyped model keeps the results it would have replaced; one of a model not named sft says what it lacks
     before = (run_dir / "eval" / "results.json").read_text()
     typo = cli("eval", "-c", str(SMOKE), f"run.dir={run_dir}", f"eval.models={{sft: {run_dir}/sft/final, x: {run_dir}/pp/final}}", check=False)

@@ -116,7 +116,7 @@ class RunDir:
         """Whether the stage has nothing to do (finished with this config and inputs, no --restart); says so in the log."""
         if restart or not self.is_done():
             return False
-        log(f"{self.stage}: {self.path} is complete with this config and inputs; nothing to do (--restart runs it again)")
+        log(f"{self.stage}: {self.path} is complete with this config and inputs; nothing to do (--restart runs it again; {self._in_pipeline})")
         return True
 
     def changed_inputs(self) -> list[str]:
