@@ -76,10 +76,13 @@ def test_debug_shows_the_traceback(tmp_path):
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-def test_missing_model_path(tmp_path):
-    proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path}", f"sft.model={tmp_path / 'nope'}", check=False)
-    _assert_clean_error(proc, "nope", "does not exist")
-    assert not (tmp_path / "sft").exists(), "a failed start must not create the stage folder"
+@pytest.mark.parametrize("stage, keys, extra", [("sft", ["sft.model"], []), ("rm", ["rm.model"], [f"rm.data={SMOKE}"]),
+                                                ("collect", ["collect.policy"], []), ("ppo", ["ppo.policy", "ppo.reward_model"], [])])
+def test_missing_model_path_names_its_key(tmp_path, stage, keys, extra):
+    # (rm.data: a file that exists, as the data is checked before the model is read)
+    proc = cli(stage, "-c", str(SMOKE), f"run.dir={tmp_path}", *(f"{key}={tmp_path / 'nope'}" for key in keys), *extra, check=False)
+    _assert_clean_error(proc, f"{keys[0]}: ", "nope", "does not exist")
+    assert not any(tmp_path.iterdir()), "a failed start must not create the stage folder"
 
 
 def test_a_folder_or_file_that_holds_no_model(tmp_path):

@@ -16,7 +16,7 @@ from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
 from instructrl.data.formats import read_comparisons
 from instructrl.data.records import ComparisonRecord, comparison_line, write_comparisons
-from instructrl.errors import UserError
+from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.rundir import RunDir, trim_step_log, write_text_atomic
@@ -58,8 +58,9 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     policy = cfg.policy or str(Path(config.run.dir) / "sft" / "final")
     if cfg.policy is None and not Path(policy).is_dir():
         raise UserError(f"collect: no policy given and {policy} does not exist; run `instructrl sft` first or set collect.policy=PATH")
-    tokenizer = load_tokenizer(policy)
-    model = load_causal_lm(policy, tokenizer=tokenizer)
+    with located("collect.policy"):  # a bad path names the key that chose it
+        tokenizer = load_tokenizer(policy)
+        model = load_causal_lm(policy, tokenizer=tokenizer)
     world = build_world(config.world, Path(config.run.dir) / "world")
     end = None if cfg.n_prompts is None else cfg.first_prompt + cfg.n_prompts
     tasks = load_tasks(world.prompts("rm"))[cfg.first_prompt : end]

@@ -122,8 +122,10 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     """The frozen reward model, the value model (from ``paths.value_model``, the RM by default) and
     the frozen reference; with ppo.lora the policy and value model get adapters and the reference is
     None (the policy with its adapter off: one copy of the base model)."""
-    reward_model = RewardModel.from_pretrained(paths.reward_model).eval().requires_grad_(False)
-    value_model = RewardModel.from_pretrained(paths.value_model)
+    with located("ppo.reward_model"):
+        reward_model = RewardModel.from_pretrained(paths.reward_model).eval().requires_grad_(False)
+    with located("ppo.value_model"):
+        value_model = RewardModel.from_pretrained(paths.value_model)
     set_dropout(value_model.backbone, 0.0)
     apply_switches(policy, cfg)
     apply_switches(value_model.backbone, cfg)
@@ -134,7 +136,8 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
             raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
         value_model.backbone = add_lora(value_model.backbone, cfg.lora)
         return add_lora(policy, cfg.lora), None, reward_model, value_model
-    reference = load_causal_lm(paths.reference, dropout=0.0, tokenizer=tokenizer).eval().requires_grad_(False)
+    with located("ppo.reference"):
+        reference = load_causal_lm(paths.reference, dropout=0.0, tokenizer=tokenizer).eval().requires_grad_(False)
     if cfg.attn_implementation is not None:
         reference.set_attn_implementation(cfg.attn_implementation)
     return policy, reference, reward_model, value_model
@@ -166,12 +169,16 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
 
     # setup: models, prompts (with their gold tasks on the built-in world), pretraining blocks
     paths = model_paths(config, stage)
-    tokenizer = load_tokenizer(paths.policy)
-    if load_tokenizer(paths.reward_model).get_vocab() != tokenizer.get_vocab():
+    with located("ppo.policy"):  # a bad path names the key that chose it
+        tokenizer = load_tokenizer(paths.policy)
+    with located("ppo.reward_model"):
+        rm_vocab = load_tokenizer(paths.reward_model).get_vocab()
+    if rm_vocab != tokenizer.get_vocab():
         raise UserError(f"{stage}: the reward model {paths.reward_model} and the policy {paths.policy} use different tokenizers")
     prompts, gold, world = load_prompts(config, stage, tokenizer, accelerator, log)
     seed_everything(config.run.seed)
-    policy = load_causal_lm(paths.policy, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
+    with located("ppo.policy"):
+        policy = load_causal_lm(paths.policy, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
     max_length = context_length(policy)
     prompts, encoded = encode_prompts(prompts, tokenizer, cfg, max_length, stage)
     policy, reference, reward_model, value_model = load_models(cfg, paths, policy, tokenizer, stage)

@@ -89,12 +89,14 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     data = cfg.data or root / "collect" / "comparisons.jsonl"
     if cfg.data is None and not Path(data).is_file():
         raise UserError(f"rm: no data given and {data} does not exist; run `instructrl collect` first or set rm.data=PATH")
-    tokenizer = load_tokenizer(backbone, log=lambda m: log(f"rm: {m}"))
+    with located("rm.model"):  # a bad path names the key that chose it
+        tokenizer = load_tokenizer(backbone, log=lambda m: log(f"rm: {m}"))
     records = read_comparisons(data, cfg.data_format)
     if cfg.data is not None:
         warn_of_control_tokens(data, tokenizer, "records", lambda line: log(f"rm: {line}"))
     seed_everything(config.run.seed)
-    model = RewardModel.from_causal_lm(backbone, tokenizer)
+    with located("rm.model"):
+        model = RewardModel.from_causal_lm(backbone, tokenizer)
 
     # comparisons whose every response fits, and of those the held-out ones, by prompt, for the diagnostics
     max_length = length_cap(model, cfg.max_length, "rm.max_length")

@@ -85,7 +85,8 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     model_path = cfg.model or str(Path(config.run.dir) / "pretrain" / "final")
     if cfg.model is None and not Path(model_path).is_dir():
         raise UserError(f"sft: no model given and {model_path} does not exist; run `instructrl pretrain` first or set sft.model=PATH")
-    tokenizer = load_tokenizer(model_path, log=lambda m: log(f"sft: {m}"))
+    with located("sft.model"):  # a bad path names the key that chose it
+        tokenizer = load_tokenizer(model_path, log=lambda m: log(f"sft: {m}"))
 
     # setup: demonstrations, and validation prompts when the built-in world is the data;
     # all inputs are read and checked before the run folder is written
@@ -96,7 +97,8 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     world = build_world(config.world, Path(config.run.dir) / "world") if builtin else None
     data_path = world.demonstrations if builtin else cfg.data
     seed_everything(config.run.seed)
-    model = load_causal_lm(model_path, dropout=cfg.dropout, tokenizer=tokenizer)
+    with located("sft.model"):
+        model = load_causal_lm(model_path, dropout=cfg.dropout, tokenizer=tokenizer)
     max_length = length_cap(model, cfg.max_length, "sft.max_length")
     examples, too_long = load_demonstrations(data_path, tokenizer, max_length, cfg.data_format, lambda line: log(f"sft: {line}"))
     apply_switches(model, cfg)
