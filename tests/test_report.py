@@ -181,3 +181,22 @@ def test_an_eval_that_fails_leaves_the_last_results(tmp_path, smoke_base):
     proc = cli(*args, f"eval.models={{base: {base}, broken: {broken}}}", check=False)
     assert proc.returncode == 2 and f"cannot load model '{broken}'" in proc.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "eval").iterdir() if p.is_file()} == before
+
+
+def test_eval_leaves_out_a_model_trained_on_inputs_that_changed_since(tmp_path, smoke_base):
+    """A PPO run left over from before its SFT model was trained again is not evaluated as this run's."""
+    from instructrl.config import load_config
+    from instructrl.evaluation.evaluate import default_models
+    from instructrl.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_base / "pretrain", run_dir / "pretrain")
+    for stage in ("sft", "ppo"):
+        shutil.copytree(smoke_base / "pretrain" / "final", run_dir / stage / "final")
+    config = load_config(overrides=[f"run.dir={run_dir}"])
+    RunDir(config, "ppo", ("run",)).write_lineage({"policy": run_dir / "sft" / "final"})
+    logged = []
+    assert set(default_models(config, logged.append)) == {"base", "sft", "ppo"} and not logged
+    (run_dir / "sft" / "final" / "config.json").write_text("{}")  # SFT trained again: the PPO run began from another model
+    assert set(default_models(config, logged.append)) == {"base", "sft"}
+    assert "ppo" in logged[0] and "left out" in logged[0] and "policy" in logged[0]

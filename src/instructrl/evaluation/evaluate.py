@@ -33,13 +33,23 @@ SECTIONS = ("run", "world", "eval")
 DEMONSTRATIONS = "demonstrations"
 
 
-def default_models(config: PipelineConfig) -> dict[str, str]:
+def default_models(config: PipelineConfig, log=print) -> dict[str, str]:
     """This run's finished models, those that exist: base, SFT, and PPO and PPO-ptx of the last
-    round (``pipeline.rounds``)."""
+    round (``pipeline.rounds``). A model whose inputs have changed since it was trained (a PPO run
+    left over from before its SFT model was trained again) is left out, and the log says so."""
     root = Path(config.run.dir)
     last = root / f"round{config.pipeline.rounds}" if config.pipeline.rounds > 1 else root
     candidates = {"base": root / "pretrain", "sft": root / "sft", "ppo": last / "ppo", "ppo_ptx": last / "ppo_ptx"}
-    return {name: str(stage / "final") for name, stage in candidates.items() if (stage / "final").is_dir()}
+    models = {}
+    for name, stage in candidates.items():
+        if not (stage / "final").is_dir():
+            continue
+        changed = RunDir(config, str(stage.relative_to(root)), ()).changed_inputs()
+        if changed:
+            log(f"eval: {name} ({stage}) left out: it was trained on inputs that have changed since: {', '.join(changed)}")
+            continue
+        models[name] = str(stage / "final")
+    return models
 
 
 @torch.no_grad()
@@ -93,7 +103,7 @@ def judge_answers(tasks: list, answers: dict[str, list[list[str]]], judge) -> tu
 
 def run_eval(config: PipelineConfig, log=print) -> dict:
     cfg = config.eval
-    models = cfg.models or default_models(config)
+    models = cfg.models or default_models(config, log)
     if not models:
         raise UserError(f"eval: no models given and none found under {config.run.dir}; run pretrain/sft first or set eval.models")
     if "sft" not in models:
