@@ -44,7 +44,9 @@ def default_models(config: PipelineConfig, log=print) -> dict[str, str]:
     for name, stage in candidates.items():
         if not (stage / "final").is_dir():
             continue
-        changed = RunDir(config, str(stage.relative_to(root)), ()).changed_inputs()
+        in_round = config.model_copy(deep=True)  # a round's lineage is recorded relative to its own folder
+        in_round.run.dir = stage.parent
+        changed = RunDir(in_round, stage.name, ()).changed_inputs()
         if changed:
             log(f"eval: {name} ({stage}) left out: it was trained on inputs that have changed since: {', '.join(changed)}")
             continue
