@@ -46,7 +46,7 @@ from instructrl.rundir import RunDir
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
 from instructrl.training.progress import progress_bar
-from instructrl.world.build import build_world, load_tasks, world_tasks_in
+from instructrl.world.build import build_world_once, load_tasks, world_tasks_in
 from instructrl.world.labeler import SimulatedLabeler
 
 SECTIONS = ("run", "world", "ppo")
@@ -92,10 +92,7 @@ def load_prompts(config: PipelineConfig, stage: str, tokenizer, accelerator, log
         # a prompts file in the world's own format (family, answer) keeps its gold judge
         gold = {t.id: t for t in world_tasks_in(cfg.prompts)} if Path(cfg.prompts).suffix == ".jsonl" else {}
         return prompts, gold, None
-    if accelerator.is_main_process:
-        build_world(config.world, root / "world")
-    accelerator.wait_for_everyone()
-    world = build_world(config.world, root / "world")
+    world = build_world_once(config.world, root / "world", accelerator)
     log(f"{stage}: prompts" + (" and pretraining text" if cfg.ptx_coef > 0 and cfg.ptx_data is None else "")
         + f" from the built-in world in {root / 'world'} (ppo.prompts unset)")
     tasks = load_tasks(world.prompts("ppo"))

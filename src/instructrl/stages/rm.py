@@ -28,7 +28,7 @@ from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
 from instructrl.rundir import RunDir, write_text_atomic
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters, write_model
-from instructrl.world.build import WorldFiles, build_world, load_tasks
+from instructrl.world.build import WorldFiles, build_world_once, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 from instructrl.world.tasks import Task
 
@@ -116,10 +116,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     cfg.check_fits(len(train), accelerator.num_processes, str(data), "training comparisons", "rm")
     # the built-in world, when the comparisons are its own or this run already has it (people ranked its prompts)
     has_world = cfg.data is None or WorldFiles(root / "world").manifest.is_file()
-    if has_world and accelerator.is_main_process:
-        build_world(config.world, root / "world")
-    accelerator.wait_for_everyone()
-    world = build_world(config.world, root / "world") if has_world else None
+    world = build_world_once(config.world, root / "world", accelerator) if has_world else None
     demos, centred = centring_set(cfg.demonstrations or (world.demonstrations if world else None), tokenizer, train, encoded, max_length)
     run.start(restart, log)
     run.write_lineage({"backbone": backbone, "comparisons": data})
