@@ -39,7 +39,7 @@ from instructrl.models.reward import RewardModel
 from instructrl.rl.episodes import episode_seed, prompt_order, rank_episodes
 from instructrl.rl.kl_control import KLController
 from instructrl.rl.metrics import rollout_metrics
-from instructrl.rl.rollout import left_pad_prompts, sample_responses, score_episodes
+from instructrl.rl.rollout import Rollout, left_pad_prompts, sample_responses, score_episodes
 from instructrl.rl.update import ppo_epochs
 from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_token_rewards
 from instructrl.rundir import RunDir
@@ -150,6 +150,20 @@ def pretraining_blocks(cfg, world, tokenizer, max_length: int) -> torch.Tensor |
     return blocks
 
 
+def add_rewards_and_advantages(rollout: Rollout, cfg, kl_coef: float, over_processes) -> None:
+    """Steps 3 and 4 of an iteration, written into ``rollout``: its per-token KL, its rewards (-β·KL on
+    every token, the score on the last; optionally whitened) and its GAE advantages, whitened, with the
+    returns. ``over_processes`` sums a tensor over every process, so the whitening statistics are the
+    global batch's."""
+    mask = rollout.response_mask.float()
+    rollout.kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
+    rollout.rewards = per_token_rewards(rollout.scores, rollout.kl, rollout.response_mask, kl_coef)
+    if cfg.whiten_rewards:
+        rollout.rewards = masked_whiten(rollout.rewards, mask, shift_mean=False, total=over_processes)
+    advantages, rollout.returns = gae_advantages(rollout.rewards, rollout.values, rollout.response_mask, cfg.gamma, cfg.lam)
+    rollout.advantages = masked_whiten(advantages, mask, total=over_processes)
+
+
 def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
     """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.ppo
@@ -230,17 +244,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             timer.update({f"score_{k}": v for k, v in seconds.items()})
             t1 = time.perf_counter()
 
-            # 3. rewards
-            mask = response_mask.float()
-            rollout.kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
-            rollout.rewards = per_token_rewards(rollout.scores, rollout.kl, response_mask, kl_ctl.value)
-            over_processes = lambda t: accelerator.reduce(t, "sum")  # noqa: E731  (statistics of the global batch)
-            if cfg.whiten_rewards:
-                rollout.rewards = masked_whiten(rollout.rewards, mask, shift_mean=False, total=over_processes)
-
-            # 4. advantages
-            advantages, rollout.returns = gae_advantages(rollout.rewards, rollout.values, response_mask, cfg.gamma, cfg.lam)
-            rollout.advantages = masked_whiten(advantages, mask, total=over_processes)
+            # 3. rewards, 4. advantages
+            add_rewards_and_advantages(rollout, cfg, kl_ctl.value, over_processes=lambda t: accelerator.reduce(t, "sum"))
             t2 = time.perf_counter()
             timer["score_advantages"] = t2 - t1
 
