@@ -29,7 +29,7 @@ from instructrl.config import TrainConfig
 from instructrl.errors import UserError
 from instructrl.models.base import count_held_parameters, count_parameters
 from instructrl.models.lora import save_full
-from instructrl.rundir import RunDir, replace_dir, trim_step_log
+from instructrl.rundir import RunDir, copy_dir, replace_dir, trim_step_log
 from instructrl.training.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from instructrl.training.data_order import DataOrder
 from instructrl.training.progress import progress_bar
@@ -261,9 +261,6 @@ def fit(
     if select is None:
         save_model(accelerator, model, tokenizer, final)
     elif accelerator.is_main_process:
-        tmp = final.with_name("final.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(best, tmp)
-        replace_dir(tmp, final)
+        copy_dir(best, final)
     accelerator.wait_for_everyone()
     return state
