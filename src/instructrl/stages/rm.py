@@ -181,10 +181,11 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
 
 def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str, Task], device) -> dict:
     """Held-out accuracy against the gold labeler (overall and by gold margin), correlation with
-    gold Likert (with the ranks where no Likert is known; ``correlation_with`` says which), and length bias. For comparisons of prompts not among ``tasks`` (the built-in world's
-    RM prompts by id), the records' own ranks (and Likert scores) are the gold; ``against`` says
-    which. When every comparison is of a built-in prompt, also the accuracy on right-vs-wrong pairs
-    and per family."""
+    gold Likert (with the ranks where no Likert is known; ``correlation_with`` says which), and
+    length bias. For comparisons of prompts not among ``tasks`` (the built-in world's RM prompts
+    by id), the records' own ranks (and Likert scores) are the gold; ``against`` says which. When
+    every comparison is of a built-in prompt, also the accuracy on right-vs-wrong pairs, per
+    family and per kind of pair."""
     gold_judge = SimulatedLabeler()
     rewards, gold, gold_likert, flat = [], [], [], {"reward": [], "likert": [], "length": []}
     correct, kinds, families = [], [], []  # of the comparisons of the built-in world's prompts

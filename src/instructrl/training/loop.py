@@ -1,4 +1,4 @@
-"""The training loop every supervised stage shares (pretrain, SFT; the reward model next).
+"""The training loop the pretraining, SFT and reward-model stages share.
 
 It runs on Hugging Face Accelerate, so the same code trains on one CPU, one GPU in bf16, or
 several processes. Each optimizer step:
