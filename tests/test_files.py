@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from instructrl.config import load_config
 from instructrl.data.jsonl import read_jsonl
 from instructrl.errors import UserError
-from instructrl.rundir import trim_step_log
+from instructrl.rundir import copy_dir, trim_step_log
 
 
 def test_non_utf8_jsonl_line_is_named(tmp_path):
@@ -71,3 +72,19 @@ def test_an_option_added_since_a_run_finished_leaves_it_finished_at_its_default(
     assert not RunDir(changed, "sft", ("run", "sft")).is_done()
     with pytest.raises(UserError, match=r"different config \(sft.max_length: None -> 64\)"):
         RunDir(changed, "sft", ("run", "sft")).start()
+
+
+def test_copy_dir_replaces_the_destination_whole(tmp_path):
+    src, dest = tmp_path / "best", tmp_path / "final"
+    src.mkdir()
+    (src / "model.safetensors").write_text("new")
+    dest.mkdir()
+    (dest / "model.safetensors").write_text("old")
+    (dest / "stale.json").write_text("{}")
+    (tmp_path / "final.tmp").mkdir()  # left by a copy that was interrupted
+    copy_dir(src, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["model.safetensors"]  # nothing of the old folder is left
+    assert (dest / "model.safetensors").read_text() == "new"
+    assert not (tmp_path / "final.tmp").exists()
+    copy_dir(src, tmp_path / "linked", copy_function=os.link)
+    assert (tmp_path / "linked" / "model.safetensors").stat().st_ino == (src / "model.safetensors").stat().st_ino

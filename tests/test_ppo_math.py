@@ -104,12 +104,13 @@ def test_kl_unknown_estimator():
 
 
 def test_per_token_rewards_put_the_score_on_the_last_real_token():
-    kl = torch.tensor([[0.5, 1.0, 2.0], [1.0, 9.0, 9.0]])
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    rewards = per_token_rewards(torch.tensor([3.0, -1.0]), kl, mask, kl_coef=0.1)
+    kl = torch.tensor([[0.5, 1.0, 2.0], [1.0, 9.0, 9.0], [4.0, 4.0, 4.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    rewards = per_token_rewards(torch.tensor([3.0, -1.0, 5.0]), kl, mask, kl_coef=0.1)
     # row 0: -0.1·KL everywhere, score 3 added on token 2 → [-0.05, -0.1, -0.2 + 3]
     # row 1: one real token: -0.1 + (-1) = -1.1; padding gets nothing even though its KL is 9
-    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, 2.8], [-1.1, 0.0, 0.0]]))
+    # row 2: no real token, so no position to put the score 5 on (not the last column either)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, 2.8], [-1.1, 0.0, 0.0], [0.0, 0.0, 0.0]]))
 
 
 # ---------------------------------------------------------------- GAE

@@ -132,6 +132,30 @@ def test_response_logprobs_divide_by_temperature(smoke_base):
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_rewards_and_advantages_fill_the_rollout_over_real_tokens_only():
+    from types import SimpleNamespace
+
+    from instructrl.stages.ppo import add_rewards_and_advantages
+
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    zeros = torch.zeros(2, 3)
+    rollout = Rollout(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), mask,
+                      torch.tensor([True, True]), logprobs=torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -9.0, -9.0]]),
+                      ref_logprobs=torch.tensor([[-1.5, -1.0, -1.0], [-2.0, 0.0, 0.0]]), values=zeros, scores=torch.tensor([1.0, -1.0]),
+                      rm_scores=torch.tensor([1.0, -1.0]), entropy=zeros)
+    cfg = SimpleNamespace(kl_estimator="k1", whiten_rewards=False, gamma=1.0, lam=1.0)
+    add_rewards_and_advantages(rollout, cfg, kl_coef=0.1, over_processes=lambda t: t)
+    # k1 = logprobs - ref_logprobs on real tokens: [0.5, 0, 0] and [0, -, -]; padding's -9 vs 0 never counts
+    assert torch.allclose(rollout.kl, torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    # rewards -0.1·KL, the score on the last real token: [-0.05, 0, 1] and [-1, 0, 0]
+    assert torch.allclose(rollout.rewards, torch.tensor([[-0.05, 0.0, 1.0], [-1.0, 0.0, 0.0]]))
+    # γ = λ = 1, V = 0: returns are the rewards to go, [0.95, 1, 1] and [-1, 0, 0]
+    assert torch.allclose(rollout.returns, torch.tensor([[0.95, 1.0, 1.0], [-1.0, 0.0, 0.0]]))
+    # advantages whitened over the 4 real tokens: mean 0, padding 0
+    assert abs(float(rollout.advantages[mask.bool()].mean())) < 1e-6
+    assert torch.equal(rollout.advantages[1, 1:], torch.zeros(2))
+
+
 def test_prompt_order_covers_every_prompt_once_per_epoch():
     seen = [i for it in range(5) for i in prompt_order(10, 4, it, seed=3)]
     # 20 draws over 10 prompts: the first 10 are a permutation, and so are the next 10

@@ -10,7 +10,7 @@ import pytest
 
 from instructrl.config import WorldConfig
 from instructrl.errors import UserError
-from instructrl.world.build import WorldFiles, build_world, make_splits, split_sizes
+from instructrl.world.build import WorldFiles, build_world, build_world_once, make_splits, split_sizes
 from instructrl.world.corpus import corpus_documents
 from instructrl.world.tasks import FAMILIES, canonical
 
@@ -250,3 +250,26 @@ def test_build_world_rewrites_for_another_config_only_when_asked(tmp_path):
     build_world(WorldConfig(**{**SMALL, "seed": 1}), tmp_path, replace=True)
     assert files.manifest.stat().st_mtime_ns != 1_000_000_000
     assert json.loads(files.manifest.read_text())["config"]["seed"] == 1
+
+
+class RecordingProcess:
+    """An accelerator's process: whether it is the main one, and a barrier that notes whether the
+    world was on disk when this process reached it."""
+
+    def __init__(self, is_main: bool, manifest):
+        self.is_main_process, self.manifest, self.world_at_barrier = is_main, manifest, None
+
+    def wait_for_everyone(self):
+        self.world_at_barrier = self.manifest.is_file()
+
+
+def test_build_world_once_is_written_by_the_main_process_before_the_barrier(tmp_path):
+    config = WorldConfig(**SMALL)
+    other = RecordingProcess(False, WorldFiles(tmp_path / "a").manifest)
+    files = build_world_once(config, tmp_path / "a", other)
+    assert other.world_at_barrier is False  # another process leaves the writing to the main one
+    assert files.manifest.is_file()  # (here no main process wrote it, so it built the world itself after the barrier)
+    main = RecordingProcess(True, WorldFiles(tmp_path / "b").manifest)
+    files = build_world_once(config, tmp_path / "b", main)
+    assert main.world_at_barrier is True
+    assert build_world_once(config, tmp_path / "b", main) == files

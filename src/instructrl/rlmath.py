@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from instructrl.padding import last_token_index
+
 
 def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
     """Sum of ``values`` where ``mask`` is 1. Any matching shapes."""
@@ -104,7 +106,7 @@ def per_token_rewards(scores: Tensor, kl: Tensor, response_mask: Tensor, kl_coef
     r_θ(x, y) - β log(π_RL(y|x) / π_SFT(y|x)), with the KL spread over tokens (§3.5, eq. 2).
     """
     rewards = -kl_coef * kl * response_mask
-    last = response_mask.long().sum(-1) - 1  # right padding: the last real token
+    last = last_token_index(response_mask)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     has_tokens = last >= 0
     rewards[rows[has_tokens], last[has_tokens]] += scores[has_tokens].to(rewards.dtype)

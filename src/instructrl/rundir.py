@@ -71,6 +71,15 @@ def replace_dir(src: Path, dest: Path) -> None:
         shutil.rmtree(old)
 
 
+def copy_dir(src: Path, dest: Path, copy_function=shutil.copy2) -> None:
+    """Copy folder ``src`` to ``dest`` (``copy_function=os.link``: as hard links), replacing what
+    was there only once the copy is complete."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=copy_function)
+    replace_dir(tmp, dest)
+
+
 class RunDir:
     """One stage's folder. Only the main process writes; every process may read."""
 

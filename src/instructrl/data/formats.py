@@ -416,8 +416,8 @@ def check_file(path: Path | str, data_format: str = "auto", tokenizer=None) -> d
             summary["empty_answers"] = len(empty)
     misspelt = {}
     for where, record in read_records(path):
-        for field, known in misspelt_fields(record).items():
-            misspelt.setdefault(field, f"{where}: did you mean '{known}'?")
+        for name, known in misspelt_fields(record).items():
+            misspelt.setdefault(name, f"{where}: did you mean '{known}'?")
     if misspelt:  # such a record may still fit some format, just not the one meant
         summary["misspelt_fields"] = misspelt
     if "preference" in formats:

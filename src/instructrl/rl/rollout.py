@@ -199,6 +199,7 @@ def score_episodes(policy, reference, value_model, reward_model, query_ids: Tens
 
 
 def left_pad_prompts(prompts: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """(B, Tq) query ids and mask on ``device``, left-padded: generation appends on the right."""
     ids, mask = pad_sequences(prompts, pad_id, side="left")
     return ids.to(device), mask.to(device)
 

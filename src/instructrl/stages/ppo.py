@@ -39,14 +39,14 @@ from instructrl.models.reward import RewardModel
 from instructrl.rl.episodes import episode_seed, prompt_order, rank_episodes
 from instructrl.rl.kl_control import KLController
 from instructrl.rl.metrics import rollout_metrics
-from instructrl.rl.rollout import left_pad_prompts, sample_responses, score_episodes
+from instructrl.rl.rollout import Rollout, left_pad_prompts, sample_responses, score_episodes
 from instructrl.rl.update import ppo_epochs
 from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_token_rewards
 from instructrl.rundir import RunDir
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
 from instructrl.training.progress import progress_bar
-from instructrl.world.build import build_world, load_tasks, world_tasks_in
+from instructrl.world.build import build_world_once, load_tasks, world_tasks_in
 from instructrl.world.labeler import SimulatedLabeler
 
 SECTIONS = ("run", "world", "ppo")
@@ -92,10 +92,7 @@ def load_prompts(config: PipelineConfig, stage: str, tokenizer, accelerator, log
         # a prompts file in the world's own format (family, answer) keeps its gold judge
         gold = {t.id: t for t in world_tasks_in(cfg.prompts)} if Path(cfg.prompts).suffix == ".jsonl" else {}
         return prompts, gold, None
-    if accelerator.is_main_process:
-        build_world(config.world, root / "world")
-    accelerator.wait_for_everyone()
-    world = build_world(config.world, root / "world")
+    world = build_world_once(config.world, root / "world", accelerator)
     log(f"{stage}: prompts" + (" and pretraining text" if cfg.ptx_coef > 0 and cfg.ptx_data is None else "")
         + f" from the built-in world in {root / 'world'} (ppo.prompts unset)")
     tasks = load_tasks(world.prompts("ppo"))
@@ -154,6 +151,20 @@ def pretraining_blocks(cfg, world, tokenizer, max_length: int) -> torch.Tensor |
         raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {block} tokens "
                         f"(it fills {len(blocks)}); add text or lower ppo.ptx_batch_size")
     return blocks
+
+
+def add_rewards_and_advantages(rollout: Rollout, cfg, kl_coef: float, over_processes) -> None:
+    """Steps 3 and 4 of an iteration, written into ``rollout``: its per-token KL, its rewards (-β·KL on
+    every token, the score on the last; optionally whitened) and its GAE advantages, whitened, with the
+    returns. ``over_processes`` sums a tensor over every process, so the whitening statistics are the
+    global batch's."""
+    mask = rollout.response_mask.float()
+    rollout.kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
+    rollout.rewards = per_token_rewards(rollout.scores, rollout.kl, rollout.response_mask, kl_coef)
+    if cfg.whiten_rewards:
+        rollout.rewards = masked_whiten(rollout.rewards, mask, shift_mean=False, total=over_processes)
+    advantages, rollout.returns = gae_advantages(rollout.rewards, rollout.values, rollout.response_mask, cfg.gamma, cfg.lam)
+    rollout.advantages = masked_whiten(advantages, mask, total=over_processes)
 
 
 def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
@@ -240,17 +251,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             timer.update({f"score_{k}": v for k, v in seconds.items()})
             t1 = time.perf_counter()
 
-            # 3. rewards
-            mask = response_mask.float()
-            rollout.kl = kl_per_token(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * mask
-            rollout.rewards = per_token_rewards(rollout.scores, rollout.kl, response_mask, kl_ctl.value)
-            over_processes = lambda t: accelerator.reduce(t, "sum")  # noqa: E731  (statistics of the global batch)
-            if cfg.whiten_rewards:
-                rollout.rewards = masked_whiten(rollout.rewards, mask, shift_mean=False, total=over_processes)
-
-            # 4. advantages
-            advantages, rollout.returns = gae_advantages(rollout.rewards, rollout.values, response_mask, cfg.gamma, cfg.lam)
-            rollout.advantages = masked_whiten(advantages, mask, total=over_processes)
+            # 3. rewards, 4. advantages
+            add_rewards_and_advantages(rollout, cfg, kl_ctl.value, over_processes=lambda t: accelerator.reduce(t, "sum"))
             t2 = time.perf_counter()
             timer["score_advantages"] = t2 - t1
 

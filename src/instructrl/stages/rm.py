@@ -28,7 +28,7 @@ from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
 from instructrl.rundir import RunDir, write_text_atomic
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters, write_model
-from instructrl.world.build import WorldFiles, build_world, load_tasks
+from instructrl.world.build import WorldFiles, build_world_once, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 from instructrl.world.tasks import Task
 
@@ -118,10 +118,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     cfg.check_fits(len(train), accelerator.num_processes, str(data), "training comparisons", "rm")
     # the built-in world, when the comparisons are its own or this run already has it (people ranked its prompts)
     has_world = cfg.data is None or WorldFiles(root / "world").manifest.is_file()
-    if has_world and accelerator.is_main_process:
-        build_world(config.world, root / "world")
-    accelerator.wait_for_everyone()
-    world = build_world(config.world, root / "world") if has_world else None
+    world = build_world_once(config.world, root / "world", accelerator) if has_world else None
     demos, centred = centring_set(cfg.demonstrations or (world.demonstrations if world else None), tokenizer, train, encoded, max_length)
     run.start(restart, log)
     run.write_lineage({"backbone": backbone, "comparisons": data})
@@ -186,10 +183,11 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
 
 def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str, Task], device) -> dict:
     """Held-out accuracy against the gold labeler (overall and by gold margin), correlation with
-    gold Likert (with the ranks where no Likert is known; ``correlation_with`` says which), and length bias. For comparisons of prompts not among ``tasks`` (the built-in world's
-    RM prompts by id), the records' own ranks (and Likert scores) are the gold; ``against`` says
-    which. When every comparison is of a built-in prompt, also the accuracy on right-vs-wrong pairs
-    and per family."""
+    gold Likert (with the ranks where no Likert is known; ``correlation_with`` says which), and
+    length bias. For comparisons of prompts not among ``tasks`` (the built-in world's RM prompts
+    by id), the records' own ranks (and Likert scores) are the gold; ``against`` says which. When
+    every comparison is of a built-in prompt, also the accuracy on right-vs-wrong pairs, per
+    family and per kind of pair."""
     gold_judge = SimulatedLabeler()
     rewards, gold, gold_likert, flat = [], [], [], {"reward": [], "likert": [], "length": []}
     correct, kinds, families = [], [], []  # of the comparisons of the built-in world's prompts

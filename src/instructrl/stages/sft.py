@@ -24,7 +24,7 @@ from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters
-from instructrl.world.build import build_world, load_tasks
+from instructrl.world.build import build_world_once, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 
 SECTIONS = ("run", "world", "sft")
@@ -91,10 +91,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     # setup: demonstrations, and validation prompts when the built-in world is the data;
     # all inputs are read and checked before the run folder is written
     builtin = cfg.data is None
-    if accelerator.is_main_process and builtin:
-        build_world(config.world, Path(config.run.dir) / "world")
-    accelerator.wait_for_everyone()
-    world = build_world(config.world, Path(config.run.dir) / "world") if builtin else None
+    world = build_world_once(config.world, Path(config.run.dir) / "world", accelerator) if builtin else None
     data_path = world.demonstrations if builtin else cfg.data
     seed_everything(config.run.seed)
     with located("sft.model"):

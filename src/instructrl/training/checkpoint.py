@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from instructrl.errors import UserError
-from instructrl.rundir import replace_dir
+from instructrl.rundir import copy_dir, replace_dir
 
 
 @dataclass
@@ -67,9 +67,6 @@ def load_latest_checkpoint(accelerator, root: Path, best: Path | None = None) ->
         raise UserError(f"cannot resume from the checkpoint {found[-1]}: {str(err).splitlines()[0]}; "
                         "pass --restart to start over") from None
     if best is not None and (found[-1] / "best").is_dir() and accelerator.is_main_process:
-        tmp = best.with_name(best.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(found[-1] / "best", tmp, copy_function=os.link)
-        replace_dir(tmp, best)
+        copy_dir(found[-1] / "best", best, copy_function=os.link)
     accelerator.wait_for_everyone()
     return TrainState(**json.loads((found[-1] / "trainer_state.json").read_text()))

@@ -1,4 +1,4 @@
-"""The training loop every supervised stage shares (pretrain, SFT; the reward model next).
+"""The training loop the pretraining, SFT and reward-model stages share.
 
 It runs on Hugging Face Accelerate, so the same code trains on one CPU, one GPU in bf16, or
 several processes. Each optimizer step:
@@ -29,7 +29,7 @@ from instructrl.config import TrainConfig
 from instructrl.errors import UserError
 from instructrl.models.base import count_held_parameters, count_parameters
 from instructrl.models.lora import save_full
-from instructrl.rundir import RunDir, replace_dir, trim_step_log
+from instructrl.rundir import RunDir, copy_dir, replace_dir, trim_step_log
 from instructrl.training.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from instructrl.training.data_order import DataOrder
 from instructrl.training.progress import progress_bar
@@ -216,14 +216,7 @@ def fit(
             local_targets = torch.tensor(float(sum(b["n_targets"] for b in batches)), device=accelerator.device)
             global_targets = accelerator.reduce(local_targets, "sum").item()
             # 3. forward and backward, each micro-batch's sum scaled by the global count
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    with accelerator.autocast():
-                        loss = loss_fn(model, batch)
-                    accelerator.backward(loss * accelerator.num_processes / max(global_targets, 1.0))
-                loss_sum += loss.detach().float()
+            loss_sum = backward_micro_batches(accelerator, model, loss_fn, batches, global_targets)
             # 4. clip and step
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -261,9 +254,21 @@ def fit(
     if select is None:
         save_model(accelerator, model, tokenizer, final)
     elif accelerator.is_main_process:
-        tmp = final.with_name("final.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(best, tmp)
-        replace_dir(tmp, final)
+        copy_dir(best, final)
     accelerator.wait_for_everyone()
     return state
+
+
+def backward_micro_batches(accelerator, model, loss_fn, batches: list[dict], global_targets: float) -> torch.Tensor:
+    """Forward and backward each of one optimizer step's micro-batches, its summed loss scaled by
+    the step's loss targets over all processes (DDP averages over processes, hence the factor);
+    gradients are synced between processes on the last micro-batch only. Returns the summed loss."""
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss = loss_fn(model, batch)
+            accelerator.backward(loss * accelerator.num_processes / max(global_targets, 1.0))
+        loss_sum += loss.detach().float()
+    return loss_sum

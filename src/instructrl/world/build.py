@@ -119,6 +119,15 @@ def build_world(config: WorldConfig, root: Path, replace: bool = False) -> World
     return files
 
 
+def build_world_once(config: WorldConfig, root: Path, accelerator) -> WorldFiles:
+    """``build_world`` for a stage of several processes: the main one writes the world while the
+    others wait (two processes writing the same files would race), then every process reads it."""
+    if accelerator.is_main_process:
+        build_world(config, root)
+    accelerator.wait_for_everyone()
+    return build_world(config, root)
+
+
 def load_tasks(path: Path) -> list[Task]:
     return [Task.from_record(record) for _, record in read_jsonl(path)]
 
