@@ -85,6 +85,11 @@ def test_missing_model_path_names_its_key(tmp_path, stage, keys, extra):
     assert not any(tmp_path.iterdir()), "a failed start must not create the stage folder"
 
 
+def test_rm_before_sft_says_to_run_sft(tmp_path):
+    proc = cli("rm", "-c", str(SMOKE), f"run.dir={tmp_path}", f"rm.data={SMOKE}", check=False)
+    _assert_clean_error(proc, "run `instructrl sft` first or set rm.model=PATH")
+
+
 def test_a_folder_or_file_that_holds_no_model(tmp_path):
     # a stage's folder given for its final/ (runs/x/sft for runs/x/sft/final), and a file given for a folder
     (tmp_path / "sft" / "final").mkdir(parents=True)

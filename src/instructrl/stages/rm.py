@@ -86,6 +86,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         return run.path / "final"
     root = Path(config.run.dir)
     backbone = cfg.model or str(root / "sft" / "final")
+    if cfg.model is None and not Path(backbone).is_dir():
+        raise UserError(f"rm: no model given and {backbone} does not exist; run `instructrl sft` first or set rm.model=PATH")
     data = cfg.data or root / "collect" / "comparisons.jsonl"
     if cfg.data is None and not Path(data).is_file():
         raise UserError(f"rm: no data given and {data} does not exist; run `instructrl collect` first or set rm.data=PATH")
