@@ -44,7 +44,7 @@ def kill_after_first_checkpoint(args: list[str], checkpoints: Path, sig: int | N
     proc.wait()
     log.seek(0)
     stderr = log.read()
-    expected = 130 if sig == signal.SIGINT else -sig
+    expected = {signal.SIGINT: 130, signal.SIGTERM: 143}.get(sig, -sig)  # Ctrl-C and SIGTERM end cleanly
     assert proc.returncode == expected, f"exit status {proc.returncode}, not {expected} (did the run finish before it could be stopped?)\n{stderr}"
     return stderr
 

@@ -50,6 +50,17 @@ def test_ctrl_c_is_one_line_that_says_how_to_resume(tmp_path, smoke_base):
     assert "resuming from the checkpoint of step" in cli(*_sft_args(run_dir, smoke_base)).stderr
 
 
+def test_sigterm_is_met_as_ctrl_c_is(tmp_path, smoke_base):
+    """A scheduler pre-empting the job sends SIGTERM: one line, no traceback, exit 143, and the run resumes."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    stderr = kill_after_first_checkpoint(_sft_args(run_dir, smoke_base), run_dir / "sft" / "checkpoints", signal.SIGTERM)
+    assert "Traceback" not in stderr
+    assert "terminated: run the same command again to resume from the last checkpoint" in stderr
+    assert "resuming from the checkpoint of step" in cli(*_sft_args(run_dir, smoke_base)).stderr
+
+
 def test_an_interrupted_run_whose_inputs_changed_is_refused_not_resumed(tmp_path, smoke_base):
     """Resumed on other data, a run would end with weights that follow from neither its old data nor its new."""
     run_dir, demos = tmp_path / "run", tmp_path / "demos.jsonl"

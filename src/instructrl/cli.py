@@ -11,6 +11,7 @@ import errno
 import inspect
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -541,8 +542,16 @@ def _unwrap_help(typer_app: typer.Typer) -> None:
 _unwrap_help(app)
 
 
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (a scheduler pre-empting the job) is met as Ctrl-C is: checkpoints are written
+    whole and the run resumes, so one line says so; the exit status is 143, the signal's."""
+    _state["terminated"] = True
+    raise KeyboardInterrupt
+
+
 def run() -> None:
     """Entry point: turn a UserError into one line on stderr and exit status 2."""
+    signal.signal(signal.SIGTERM, _on_sigterm)  # serve and label: uvicorn installs its own while it runs
     try:
         app()
     except UserError as err:
@@ -561,8 +570,9 @@ def run() -> None:
     except (KeyboardInterrupt, SystemExit) as exit_:
         # typer turns Ctrl-C into exit status 130
         if isinstance(exit_, KeyboardInterrupt) or exit_.code == 130:
-            _log(f"interrupted: {_how_to_resume()} from the last checkpoint")
-            sys.exit(130)
+            terminated = _state.get("terminated", False)
+            _log(f"{'terminated' if terminated else 'interrupted'}: {_how_to_resume()} from the last checkpoint")
+            sys.exit(143 if terminated else 130)
         raise
     finally:
         _close_process_group()
