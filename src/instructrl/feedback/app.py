@@ -13,7 +13,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
@@ -95,199 +95,258 @@ def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -
         raise tasks.Invalid(str(err), err.field) from None
 
 
+TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+
+
+def page(name: str, status: int = 200, **context) -> HTMLResponse:
+    return HTMLResponse(TEMPLATES.get_template(name).render(flags=tasks.FLAGS, **context), status_code=status)
+
+
+def error_page(status: int, message: str) -> HTMLResponse:
+    return page("message.html", status, user=None, title=f"Error {status}", message=message)
+
+
+def export_folder(request: Request, project_id: int) -> Path:
+    return request.app.state.project_dir / "exports" / str(project_id)
+
+
+def projects_table(conn: sqlite3.Connection) -> list[dict]:
+    return [dict(row) for row in conn.execute("SELECT id, name, guideline_version FROM projects ORDER BY id")]
+
+
+# -- dependencies: a connection per request, the user its token or cookie names
+
+
+def db(request: Request):
+    conn = connect(request.app.state.project_dir, create=False)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def current_user(request: Request, conn: sqlite3.Connection = Depends(db)) -> accounts.User:
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
+    user = accounts.user_by_token(conn, token) if token else None
+    if user is None:
+        raise Unauthenticated("log in, or send Authorization: Bearer <your token>", "authorization")
+    return user
+
+
+def admin_user(user: accounts.User = Depends(current_user)) -> accounts.User:
+    if not user.is_admin:
+        raise tasks.Forbidden("this needs the admin role", "role")
+    return user
+
+
+# -- errors: one message naming the field, the right status; pages get a page
+
+
+def wants_html(request: Request) -> bool:
+    return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
+
+
+async def task_error(request: Request, err: tasks.TaskError):
+    if wants_html(request):
+        if err.status == 401:
+            return page("login.html", 401, error=None, next=request.url.path)
+        return error_page(err.status, str(err))
+    detail = f"{err.field}: {err}" if err.field and err.status == 422 else str(err)
+    return JSONResponse({"detail": detail, "field": err.field}, status_code=err.status)
+
+
+async def http_error(request: Request, err: StarletteHTTPException):
+    """The framework's own refusals (413 from BodyLimit, 404, 405): a page for a browser."""
+    if wants_html(request):
+        return error_page(err.status_code, str(err.detail))
+    return await http_exception_handler(request, err)
+
+
+async def user_error(request: Request, err: UserError):
+    return JSONResponse({"detail": str(err), "field": None}, status_code=400)
+
+
+async def validation_error(request: Request, err: RequestValidationError):
+    first = err.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or "body"
+    if wants_html(request):
+        return error_page(422, f"{field}: {first['msg']}")
+    return JSONResponse({"detail": f"{field}: {first['msg']}", "field": field}, status_code=422)
+
+
+ERROR_HANDLERS = {tasks.TaskError: task_error, StarletteHTTPException: http_error, UserError: user_error,
+                  RequestValidationError: validation_error}
+
+# -- pages, for people with a browser
+
+pages = APIRouter()
+
+
+@pages.get("/login", response_class=HTMLResponse)
+def login_page(next: str = "/"):
+    return page("login.html", error=None, next=next)
+
+
+@pages.post("/login")
+def login(name: str = Form(...), password: str = Form(...), next: str = Form("/"), conn: sqlite3.Connection = Depends(db)):
+    user = accounts.login(conn, name, password)
+    if user is None:
+        return page("login.html", 401, error="Wrong name or password.", next=next)
+    # only a path on this site: "//host" would send the browser elsewhere
+    response = RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
+    response.set_cookie(COOKIE, user.token, httponly=True, samesite="strict")
+    return response
+
+
+@pages.post("/logout")
+def logout():
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE)
+    return response
+
+
+@pages.get("/", response_class=HTMLResponse)
+def home(user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+    projects = []
+    for project in projects_table(conn):
+        report = tasks.progress(conn, project["id"])
+        projects.append({"id": project["id"], "name": project["name"], "kinds": report["kinds"],
+                         "mine": report["labelers"].get(user.name, {"submitted": 0, "skipped": 0})})
+    return page("home.html", user=user, projects=projects)
+
+
+@pages.get("/projects/{project_id}/next")
+def next_page(project_id: int, kind: str | None = None, user: accounts.User = Depends(current_user),
+              conn: sqlite3.Connection = Depends(db)):
+    assignment = tasks.next_task(conn, project_id, user, kind or None)
+    if assignment is None:
+        message = f"No {kind or ''} task is waiting for you in this project. Thank you!"
+        return page("message.html", user=user, title="Nothing left", message=message)
+    return RedirectResponse(f"/assignments/{assignment}", status_code=303)
+
+
+@pages.get("/assignments/{assignment_id}", response_class=HTMLResponse)
+def task_page(assignment_id: int, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+    view = tasks.assignment_view(conn, assignment_id, user)
+    return page("task.html", user=user, task=view, labels=[chr(ord("A") + i) for i in range(len(view["responses"]))])
+
+
+@pages.get("/admin", response_class=HTMLResponse)
+def admin_page(user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+    projects = [{**project, "quality": quality(conn, project["id"])} for project in projects_table(conn)]
+    return page("admin.html", user=user, projects=projects, users=accounts.list_users(conn), created=None)
+
+
+@pages.post("/admin/users", response_class=HTMLResponse)
+def admin_create_user(name: str = Form(...), role: str = Form("labeler"), password: str = Form(...),
+                      user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+    created = create_user(conn, name, role, password)
+    return page("message.html", user=user, title="User created",
+                message=f"{created.name} ({created.role}) can log in now. API token (shown once): {created.token}")
+
+
+@pages.post("/admin/projects/{project_id}/export", response_class=HTMLResponse)
+def admin_export(project_id: int, request: Request, user: accounts.User = Depends(admin_user),
+                 conn: sqlite3.Connection = Depends(db)):
+    name = tasks.project_by_id(conn, project_id)["name"]
+    folder = export_folder(request, project_id)
+    counts = export_project(conn, project_id, folder)
+    return page("export.html", user=user, project={"id": project_id, "name": name}, counts=counts, folder=folder)
+
+
+# -- the JSON API, for scripts
+
+api = APIRouter(prefix="/api")
+
+
+@api.get("/me")
+def me(user: accounts.User = Depends(current_user)):
+    return {"name": user.name, "role": user.role}
+
+
+@api.get("/projects")
+def list_projects(user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+    return projects_table(conn)
+
+
+@api.post("/projects/{project_id}/next")
+def next_api(project_id: int, body: NextBody | None = None, user: accounts.User = Depends(current_user),
+             conn: sqlite3.Connection = Depends(db)):
+    assignment = tasks.next_task(conn, project_id, user, body.kind if body else None)
+    return {"assignment": None if assignment is None else tasks.assignment_view(conn, assignment, user)}
+
+
+@api.get("/assignments/{assignment_id}")
+def get_assignment(assignment_id: int, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+    return tasks.assignment_view(conn, assignment_id, user)
+
+
+@api.put("/assignments/{assignment_id}/draft")
+def put_draft(assignment_id: int, body: DraftBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+    tasks.save_draft(conn, assignment_id, user, body.text)
+    return {"saved": True}
+
+
+@api.post("/assignments/{assignment_id}/submit")
+async def submit_api(assignment_id: int, request: Request, user: accounts.User = Depends(current_user),
+                     conn: sqlite3.Connection = Depends(db)):
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise tasks.Invalid(f"the body is not valid JSON ({err})", "body") from None
+    return {"answer": tasks.submit(conn, assignment_id, user, body)}
+
+
+@api.post("/assignments/{assignment_id}/skip")
+def skip_api(assignment_id: int, body: SkipBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+    tasks.skip(conn, assignment_id, user, body.reason)
+    return {"skipped": True}
+
+
+@api.get("/projects/{project_id}/progress")
+def progress_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+    return tasks.progress(conn, project_id)
+
+
+@api.get("/projects/{project_id}/quality")
+def quality_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+    return nan_to_none(quality(conn, project_id))
+
+
+@api.post("/projects/{project_id}/export")
+def export_api(project_id: int, request: Request, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+    tasks.project_by_id(conn, project_id)
+    folder = export_folder(request, project_id)
+    return {"folder": str(folder), "counts": export_project(conn, project_id, folder)}
+
+
+@api.get("/projects/{project_id}/export/{name}")
+def export_file(project_id: int, name: str, request: Request, user: accounts.User = Depends(admin_user)):
+    if name not in FILES:
+        raise tasks.NotFound(f"{name!r} is not an export file; they are {', '.join(FILES)}", "name")
+    path = export_folder(request, project_id) / name
+    if not path.is_file():
+        raise tasks.NotFound(f"no exported file {name!r}; export the project first", "name")
+    return FileResponse(path, filename=name)
+
+
+@api.post("/users")
+def create_user_api(body: UserBody, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+    created = create_user(conn, body.name, body.role, body.password)
+    return {"name": created.name, "role": created.role, "token": created.token}
+
+
 def create_app(project_dir: Path | str) -> FastAPI:
+    """The app on the project database in ``project_dir`` (made, with its schema, if missing)."""
     project_dir = Path(project_dir)
     connect(project_dir).close()  # schema and WAL mode, once
-    app = FastAPI(title="instructrl feedback", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    app = FastAPI(title="instructrl feedback", docs_url="/api/docs", openapi_url="/api/openapi.json",
+                  exception_handlers=ERROR_HANDLERS)
+    app.state.project_dir = project_dir
     app.add_middleware(BodyLimit)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
-    exports = project_dir / "exports"
-
-    def page(name: str, status: int = 200, **context) -> HTMLResponse:
-        return HTMLResponse(templates.get_template(name).render(flags=tasks.FLAGS, **context), status_code=status)
-
-    def db():
-        conn = connect(project_dir, create=False)
-        try:
-            yield conn
-        finally:
-            conn.close()
-
-    def current_user(request: Request, conn: sqlite3.Connection = Depends(db)) -> accounts.User:
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
-        user = accounts.user_by_token(conn, token) if token else None
-        if user is None:
-            raise Unauthenticated("log in, or send Authorization: Bearer <your token>", "authorization")
-        return user
-
-    def admin_user(user: accounts.User = Depends(current_user)) -> accounts.User:
-        if not user.is_admin:
-            raise tasks.Forbidden("this needs the admin role", "role")
-        return user
-
-    # -- errors: one message naming the field, the right status; pages get a page
-
-    def wants_html(request: Request) -> bool:
-        return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
-
-    @app.exception_handler(tasks.TaskError)
-    async def task_error(request: Request, err: tasks.TaskError):
-        if wants_html(request):
-            if err.status == 401:
-                return page("login.html", 401, error=None, next=request.url.path)
-            return page("message.html", err.status, user=None, title=f"Error {err.status}", message=str(err))
-        detail = f"{err.field}: {err}" if err.field and err.status == 422 else str(err)
-        return JSONResponse({"detail": detail, "field": err.field}, status_code=err.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException):
-        """The framework's own refusals (413 from BodyLimit, 404, 405): a page for a browser."""
-        if wants_html(request):
-            return page("message.html", err.status_code, user=None, title=f"Error {err.status_code}", message=str(err.detail))
-        return await http_exception_handler(request, err)
-
-    @app.exception_handler(UserError)
-    async def user_error(request: Request, err: UserError):
-        return JSONResponse({"detail": str(err), "field": None}, status_code=400)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, err: RequestValidationError):
-        first = err.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        field = ".".join(loc) or "body"
-        if wants_html(request):
-            return page("message.html", 422, user=None, title="Error 422", message=f"{field}: {first['msg']}")
-        return JSONResponse({"detail": f"{field}: {first['msg']}", "field": field}, status_code=422)
-
-    # -- pages
-
-    @app.get("/login", response_class=HTMLResponse)
-    def login_page(next: str = "/"):
-        return page("login.html", error=None, next=next)
-
-    @app.post("/login")
-    def login(name: str = Form(...), password: str = Form(...), next: str = Form("/"), conn: sqlite3.Connection = Depends(db)):
-        user = accounts.login(conn, name, password)
-        if user is None:
-            return page("login.html", 401, error="Wrong name or password.", next=next)
-        response = RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
-        response.set_cookie(COOKIE, user.token, httponly=True, samesite="strict")
-        return response
-
-    @app.post("/logout")
-    def logout():
-        response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(COOKIE)
-        return response
-
-    @app.get("/", response_class=HTMLResponse)
-    def home(user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
-        projects = []
-        for row in conn.execute("SELECT id, name FROM projects ORDER BY id"):
-            report = tasks.progress(conn, row["id"])
-            projects.append({"id": row["id"], "name": row["name"], "kinds": report["kinds"],
-                             "mine": report["labelers"].get(user.name, {"submitted": 0, "skipped": 0})})
-        return page("home.html", user=user, projects=projects)
-
-    @app.get("/projects/{project_id}/next")
-    def next_page(project_id: int, kind: str | None = None, user: accounts.User = Depends(current_user),
-                  conn: sqlite3.Connection = Depends(db)):
-        assignment = tasks.next_task(conn, project_id, user, kind or None)
-        if assignment is None:
-            return page("message.html", user=user, title="Nothing left", message=f"No {kind or ''} task is waiting for you in this project. Thank you!")
-        return RedirectResponse(f"/assignments/{assignment}", status_code=303)
-
-    @app.get("/assignments/{assignment_id}", response_class=HTMLResponse)
-    def task_page(assignment_id: int, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
-        view = tasks.assignment_view(conn, assignment_id, user)
-        return page("task.html", user=user, task=view, labels=[chr(ord("A") + i) for i in range(len(view["responses"]))])
-
-    @app.get("/admin", response_class=HTMLResponse)
-    def admin_page(user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
-        projects = [{"id": r["id"], "name": r["name"], "guideline_version": r["guideline_version"], "quality": quality(conn, r["id"])}
-                    for r in conn.execute("SELECT id, name, guideline_version FROM projects ORDER BY id")]
-        return page("admin.html", user=user, projects=projects, users=accounts.list_users(conn), created=None)
-
-    @app.post("/admin/users", response_class=HTMLResponse)
-    def admin_create_user(name: str = Form(...), role: str = Form("labeler"), password: str = Form(...),
-                          user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
-        created = create_user(conn, name, role, password)
-        return page("message.html", user=user, title="User created",
-                    message=f"{created.name} ({created.role}) can log in now. API token (shown once): {created.token}")
-
-    @app.post("/admin/projects/{project_id}/export", response_class=HTMLResponse)
-    def admin_export(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
-        name = tasks.project_by_id(conn, project_id)["name"]
-        counts = export_project(conn, project_id, exports / str(project_id))
-        return page("export.html", user=user, project={"id": project_id, "name": name}, counts=counts, folder=exports / str(project_id))
-
-    # -- JSON API
-
-    @app.get("/api/me")
-    def me(user: accounts.User = Depends(current_user)):
-        return {"name": user.name, "role": user.role}
-
-    @app.get("/api/projects")
-    def list_projects(user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
-        return [{"id": r["id"], "name": r["name"], "guideline_version": r["guideline_version"]}
-                for r in conn.execute("SELECT id, name, guideline_version FROM projects ORDER BY id")]
-
-    @app.post("/api/projects/{project_id}/next")
-    def next_api(project_id: int, body: NextBody | None = None, user: accounts.User = Depends(current_user),
-                 conn: sqlite3.Connection = Depends(db)):
-        assignment = tasks.next_task(conn, project_id, user, body.kind if body else None)
-        return {"assignment": None if assignment is None else tasks.assignment_view(conn, assignment, user)}
-
-    @app.get("/api/assignments/{assignment_id}")
-    def get_assignment(assignment_id: int, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
-        return tasks.assignment_view(conn, assignment_id, user)
-
-    @app.put("/api/assignments/{assignment_id}/draft")
-    def put_draft(assignment_id: int, body: DraftBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
-        tasks.save_draft(conn, assignment_id, user, body.text)
-        return {"saved": True}
-
-    @app.post("/api/assignments/{assignment_id}/submit")
-    async def submit_api(assignment_id: int, request: Request, user: accounts.User = Depends(current_user),
-                         conn: sqlite3.Connection = Depends(db)):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise tasks.Invalid(f"the body is not valid JSON ({err})", "body") from None
-        return {"answer": tasks.submit(conn, assignment_id, user, body)}
-
-    @app.post("/api/assignments/{assignment_id}/skip")
-    def skip_api(assignment_id: int, body: SkipBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
-        tasks.skip(conn, assignment_id, user, body.reason)
-        return {"skipped": True}
-
-    @app.get("/api/projects/{project_id}/progress")
-    def progress_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
-        return tasks.progress(conn, project_id)
-
-    @app.get("/api/projects/{project_id}/quality")
-    def quality_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
-        return nan_to_none(quality(conn, project_id))
-
-    @app.post("/api/projects/{project_id}/export")
-    def export_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
-        tasks.project_by_id(conn, project_id)
-        return {"folder": str(exports / str(project_id)), "counts": export_project(conn, project_id, exports / str(project_id))}
-
-    @app.get("/api/projects/{project_id}/export/{name}")
-    def export_file(project_id: int, name: str, user: accounts.User = Depends(admin_user)):
-        path = exports / str(project_id) / name
-        if name not in FILES:
-            raise tasks.NotFound(f"{name!r} is not an export file; they are {', '.join(FILES)}", "name")
-        if not path.is_file():
-            raise tasks.NotFound(f"no exported file {name!r}; export the project first", "name")
-        return FileResponse(path, filename=name)
-
-    @app.post("/api/users")
-    def create_user_api(body: UserBody, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
-        created = create_user(conn, body.name, body.role, body.password)
-        return {"name": created.name, "role": created.role, "token": created.token}
-
+    app.include_router(pages)
+    app.include_router(api)
     return app

@@ -38,6 +38,14 @@ def comparison_record(answer: dict) -> ComparisonRecord:
                             guideline_version=answer["guideline_version"], none_acceptable=ranking["none_acceptable"])
 
 
+def rankings_by_task(rankings: list[ComparisonRecord]) -> dict[tuple, list[ComparisonRecord]]:
+    """Each task's rankings (one per labeler), keyed by the task's prompt id and responses, in first-seen order."""
+    by_task: dict[tuple, list[ComparisonRecord]] = {}
+    for r in rankings:
+        by_task.setdefault((r.id, tuple(r.responses)), []).append(r)
+    return by_task
+
+
 def aggregate(records: list[ComparisonRecord]) -> ComparisonRecord:
     """Several labelers' rankings of one task as one: responses ordered by mean rank (equal
     means tie), Likert the mean rounded half up, a flag where at least half the labelers set it,
@@ -103,10 +111,8 @@ def quality(conn: sqlite3.Connection, project_id: int, rankings: list[Comparison
         rankings = [comparison_record(a) for a in submitted_answers(conn, project_id, "rank")]
     if comparisons is None:
         comparisons = project_compare_records(conn, project_id)
-    by_task: dict[tuple, dict[str, ComparisonRecord]] = {}
-    for r in rankings:
-        by_task.setdefault((r.id, tuple(r.responses)), {})[r.labeler_id] = r
-    likert_units = [{name: r.likert[i] for name, r in unit.items()} for unit in by_task.values() for i in range(len(next(iter(unit.values())).responses))]
+    ranked_tasks = list(rankings_by_task(rankings).values())
+    likert_units = [{r.labeler_id: r.likert[i] for r in task} for task in ranked_tasks for i in range(len(task[0].responses))]
     choices: dict[tuple, dict[str, str]] = {}
     for c in comparisons:
         if c["labeler_id"] is None:  # a tie of identical answers: no labeler's choice to agree on
@@ -116,7 +122,7 @@ def quality(conn: sqlite3.Connection, project_id: int, rankings: list[Comparison
     return {
         "progress": progress(conn, project_id),
         "rank": {
-            "pairwise": pairwise_agreement([{name: r.ranks for name, r in unit.items()} for unit in by_task.values()]),
+            "pairwise": pairwise_agreement([{r.labeler_id: r.ranks for r in task} for task in ranked_tasks]),
             "likert_alpha_interval": krippendorff_alpha(likert_units, "interval"),
             "likert_alpha_ordinal": krippendorff_alpha(likert_units, "ordinal"),
         },
@@ -134,10 +140,7 @@ def export_project(conn: sqlite3.Connection, project_id: int, out_dir: Path | st
     project_by_id(conn, project_id)
     demos = demonstration_records(submitted_answers(conn, project_id, "write"))
     rankings = [comparison_record(a) for a in submitted_answers(conn, project_id, "rank")]
-    by_task: dict[tuple, list[ComparisonRecord]] = {}
-    for r in rankings:
-        by_task.setdefault((r.id, tuple(r.responses)), []).append(r)
-    aggregated = [aggregate(group) for group in by_task.values()]
+    aggregated = [aggregate(task) for task in rankings_by_task(rankings).values()]
     pairs = [p for r in rankings for p in preference_pairs(r)]
     comparisons = project_compare_records(conn, project_id)
     write_jsonl(out_dir / "demonstrations.jsonl", demos)

@@ -31,6 +31,8 @@ from instructrl.world.labeler import FLAGS as WORLD_FLAGS
 KINDS = ("write", "rank", "compare")
 # a compare task whose two answers are the same text: a tie, decided without asking anyone
 IDENTICAL = "(t.kind = 'compare' AND json_extract(t.responses, '$[0]') = json_extract(t.responses, '$[1]'))"
+# an assignment that keeps its task from other labelers: answered, or leased and not expired (one parameter: now)
+HOLDS = "(a.state = 'submitted' OR (a.state = 'leased' AND a.lease_expires > ?))"
 # the simulated labeler's flags, then more of InstructGPT's labeling metadata (Table 3)
 FLAGS = WORLD_FLAGS + ("hallucination", "harmful", "inappropriate")
 # free text from a request: refused at parse time unless it can be stored (see data.jsonl.encodable)
@@ -146,7 +148,7 @@ def display_order(task_id: int, user_id: int, k: int) -> list[int]:
 def _holders(conn: sqlite3.Connection, task_id: int, other_than: int, at: float) -> int:
     """Labelers other than ``other_than`` who answered the task or hold a live lease on it."""
     return conn.execute(
-        "SELECT COUNT(*) FROM assignments WHERE task_id = ? AND user_id != ? AND (state = 'submitted' OR (state = 'leased' AND lease_expires > ?))",
+        f"SELECT COUNT(*) FROM assignments a WHERE a.task_id = ? AND a.user_id != ? AND {HOLDS}",
         (task_id, other_than, at)).fetchone()[0]
 
 
@@ -172,8 +174,7 @@ def next_task(conn: sqlite3.Connection, project_id: int, user: User, kind: str |
         row = conn.execute(
             f"SELECT t.id, t.responses FROM tasks t WHERE t.project_id = ? {kind_clause} AND NOT {IDENTICAL} "
             "AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.task_id = t.id AND a.user_id = ? AND a.state != 'leased') "
-            "AND (SELECT COUNT(*) FROM assignments a WHERE a.task_id = t.id AND a.user_id != ? "
-            "     AND (a.state = 'submitted' OR (a.state = 'leased' AND a.lease_expires > ?))) < ? "
+            f"AND (SELECT COUNT(*) FROM assignments a WHERE a.task_id = t.id AND a.user_id != ? AND {HOLDS}) < ? "
             "ORDER BY t.id LIMIT 1",
             (project_id, *kind_args, user.id, user.id, at, project["overlap"])).fetchone()
         if row is None:

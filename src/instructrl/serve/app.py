@@ -36,6 +36,41 @@ class APIError(Exception):
         self.status, self.body, self.headers = status, schemas.error_body(message, type, param, code), headers
 
 
+# -- errors: every one in OpenAI's body
+
+
+async def _api_error(request: Request, err: APIError):
+    return JSONResponse(err.body, status_code=err.status, headers=err.headers)
+
+
+async def _invalid(request: Request, err: RequestValidationError):
+    first = err.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":  # loc is ("body", character offset)
+        where = f" at character {loc[0]}" if loc else ""
+        reason = (first.get("ctx") or {}).get("error", first.get("msg"))
+        return JSONResponse(schemas.error_body(f"the request body is not valid JSON: {reason}{where}", "invalid_request_error", None, "invalid_json"), 400)
+    param = ".".join(loc) or None
+    reason = str(first.get("msg")).removeprefix("Value error, ")
+    if param is None:  # the body as a whole: empty, or not a JSON object
+        kind = request.headers.get("content-type", "none")
+        reason = f"the request body must be a JSON object, sent with Content-Type: application/json (got {kind})"
+    message = f"{param}: {reason}" if param else reason
+    return JSONResponse(schemas.error_body(message, "invalid_request_error", param, first.get("type")), 400)
+
+
+async def _http(request: Request, err: StarletteHTTPException):
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return JSONResponse(schemas.error_body(f"{request.method} {request.url.path}: {err.detail}", kind, None, None), err.status_code)
+
+
+async def _crash(request: Request, err: Exception):
+    return JSONResponse(schemas.error_body(f"internal error: {type(err).__name__}: {err}", "server_error", None, None), 500)
+
+
+ERROR_HANDLERS = {APIError: _api_error, RequestValidationError: _invalid, StarletteHTTPException: _http, Exception: _crash}
+
+
 def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, default_max_tokens: int = 256) -> FastAPI:
     """The API serving ``engines`` by name; with ``api_key``, /v1 routes need ``Authorization: Bearer KEY``.
 
@@ -50,38 +85,7 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
         for engine in engines.values():
             engine.stop()
 
-    app = FastAPI(title="instructrl", lifespan=lifespan)
-
-    # ------------------------------------------------------------------ errors
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, err: APIError):
-        return JSONResponse(err.body, status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, err: RequestValidationError):
-        first = err.errors()[0]
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        if first.get("type") == "json_invalid":  # loc is ("body", character offset)
-            where = f" at character {loc[0]}" if loc else ""
-            reason = (first.get("ctx") or {}).get("error", first.get("msg"))
-            return JSONResponse(schemas.error_body(f"the request body is not valid JSON: {reason}{where}", "invalid_request_error", None, "invalid_json"), 400)
-        param = ".".join(loc) or None
-        reason = str(first.get("msg")).removeprefix("Value error, ")
-        if param is None:  # the body as a whole: empty, or not a JSON object
-            kind = request.headers.get("content-type", "none")
-            reason = f"the request body must be a JSON object, sent with Content-Type: application/json (got {kind})"
-        message = f"{param}: {reason}" if param else reason
-        return JSONResponse(schemas.error_body(message, "invalid_request_error", param, first.get("type")), 400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, err: StarletteHTTPException):
-        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(schemas.error_body(f"{request.method} {request.url.path}: {err.detail}", kind, None, None), err.status_code)
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, err: Exception):
-        return JSONResponse(schemas.error_body(f"internal error: {type(err).__name__}: {err}", "server_error", None, None), 500)
+    app = FastAPI(title="instructrl", lifespan=lifespan, exception_handlers=ERROR_HANDLERS)
 
     # ------------------------------------------------------------------ auth, models
 
@@ -117,22 +121,7 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
         engine = engine_for(body.model)
         refuse_unsupported(body)
-        if engine.tokenizer.chat_template is None:
-            raise APIError(400, f"the model '{body.model}' has no chat template; use /v1/completions", param="messages")
-        messages = [m.as_template_message() for m in body.messages]
-        for i, message in enumerate(messages):  # such a token in the text would act as one: a turn of the client's making
-            special = control_token_in(message["content"], engine.tokenizer)
-            if special is not None:
-                raise APIError(400, f"message {i} holds the model's control token {special!r}", param=f"messages.{i}.content")
-        try:
-            text = render_text(engine.tokenizer, messages, add_generation_prompt=True)
-        except UserError as err:  # e.g. a system turn to a model whose template has none
-            raise APIError(400, str(err), param="messages", code="unsupported") from None
-        for i, message in enumerate(messages):  # a template may leave out roles it does not know (tool results, say)
-            if message["content"].strip() not in text:
-                raise APIError(400, f"the chat template of '{body.model}' leaves out message {i} (role '{message['role']}')",
-                               param=f"messages.{i}", code="unsupported")
-        prompt = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt = _chat_prompt(engine, body)
         job = _submit(engine, [prompt], body, default_max_tokens, ["messages"])
         id = schemas.new_id("chatcmpl")
         if body.stream:
@@ -144,17 +133,7 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
     async def completions(body: schemas.CompletionRequest, request: Request):
         engine = engine_for(body.model)
         refuse_unsupported(body)
-        given = body.prompts()
-        if not given:
-            raise APIError(400, "give at least one prompt", param="prompt")
-        params = ["prompt"] if len(given) == 1 else [f"prompt.{i}" for i in range(len(given))]
-        prompts = [engine.tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in given]
-        vocabulary = engine.model.get_input_embeddings().num_embeddings
-        for param, prompt in zip(params, prompts):
-            if not prompt:
-                raise APIError(400, "the prompt is empty", param=param)
-            if not all(0 <= t < vocabulary for t in prompt):
-                raise APIError(400, f"token ids must be in [0, {vocabulary})", param=param)
+        prompts, params = _completion_prompts(engine, body)
         job = _submit(engine, prompts, body, default_max_tokens, params)
         id = schemas.new_id("cmpl")
         if body.stream:
@@ -221,6 +200,42 @@ class _Job:
     def cancel(self) -> None:
         for request in self.requests:
             request.cancel()
+
+
+def _chat_prompt(engine: Engine, body: schemas.ChatCompletionRequest) -> list[int]:
+    """The token ids of ``body.messages`` in the model's chat template, ending where the assistant's turn begins."""
+    if engine.tokenizer.chat_template is None:
+        raise APIError(400, f"the model '{body.model}' has no chat template; use /v1/completions", param="messages")
+    messages = [m.as_template_message() for m in body.messages]
+    for i, message in enumerate(messages):  # such a token in the text would act as one: a turn of the client's making
+        special = control_token_in(message["content"], engine.tokenizer)
+        if special is not None:
+            raise APIError(400, f"message {i} holds the model's control token {special!r}", param=f"messages.{i}.content")
+    try:
+        text = render_text(engine.tokenizer, messages, add_generation_prompt=True)
+    except UserError as err:  # e.g. a system turn to a model whose template has none
+        raise APIError(400, str(err), param="messages", code="unsupported") from None
+    for i, message in enumerate(messages):  # a template may leave out roles it does not know (tool results, say)
+        if message["content"].strip() not in text:
+            raise APIError(400, f"the chat template of '{body.model}' leaves out message {i} (role '{message['role']}')",
+                           param=f"messages.{i}", code="unsupported")
+    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _completion_prompts(engine: Engine, body: schemas.CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    """The token ids of each prompt in ``body`` (text or ids), and the name of each in errors: ``prompt`` or ``prompt.i``."""
+    given = body.prompts()
+    if not given:
+        raise APIError(400, "give at least one prompt", param="prompt")
+    params = ["prompt"] if len(given) == 1 else [f"prompt.{i}" for i in range(len(given))]
+    prompts = [engine.tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in given]
+    vocabulary = engine.model.get_input_embeddings().num_embeddings
+    for param, prompt in zip(params, prompts):
+        if not prompt:
+            raise APIError(400, "the prompt is empty", param=param)
+        if not all(0 <= t < vocabulary for t in prompt):
+            raise APIError(400, f"token ids must be in [0, {vocabulary})", param=param)
+    return prompts, params
 
 
 def refuse_unsupported(body: schemas.SamplingRequest) -> None:
