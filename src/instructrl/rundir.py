@@ -80,6 +80,16 @@ def copy_dir(src: Path, dest: Path, copy_function=shutil.copy2) -> None:
     replace_dir(tmp, dest)
 
 
+def given_or_earlier(given, default: Path, key: str, stage: str, earlier: str) -> str:
+    """The path a user gave as ``key``, else ``default``, an earlier stage's output in this run,
+    which must exist: else one line saying to run ``earlier`` first or to set ``key``."""
+    if given is not None:
+        return str(given)
+    if not default.exists():
+        raise UserError(f"{stage}: no {key} given and {default} does not exist; run {earlier} first or set {key}=PATH")
+    return str(default)
+
+
 class RunDir:
     """One stage's folder. Only the main process writes; every process may read."""
 

@@ -19,7 +19,7 @@ from instructrl.data.records import ComparisonRecord, comparison_line, write_com
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import load_causal_lm, load_tokenizer
-from instructrl.rundir import RunDir, trim_step_log, write_text_atomic
+from instructrl.rundir import RunDir, given_or_earlier, trim_step_log, write_text_atomic
 from instructrl.training.progress import progress_bar
 from instructrl.world.build import build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
@@ -55,9 +55,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
         log(f"collect: {len(records)} comparison records from {cfg.judgements}")
         return output
 
-    policy = cfg.policy or str(Path(config.run.dir) / "sft" / "final")
-    if cfg.policy is None and not Path(policy).is_dir():
-        raise UserError(f"collect: no policy given and {policy} does not exist; run `instructrl sft` first or set collect.policy=PATH")
+    policy = given_or_earlier(cfg.policy, Path(config.run.dir) / "sft" / "final", "collect.policy", "collect", "`instructrl sft`")
     with located("collect.policy"):  # a bad path names the key that chose it
         tokenizer = load_tokenizer(policy)
         model = load_causal_lm(policy, tokenizer=tokenizer)

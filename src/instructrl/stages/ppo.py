@@ -42,7 +42,7 @@ from instructrl.rl.metrics import rollout_metrics
 from instructrl.rl.rollout import Rollout, left_pad_prompts, sample_responses, score_episodes
 from instructrl.rl.update import ppo_epochs
 from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_token_rewards
-from instructrl.rundir import RunDir
+from instructrl.rundir import RunDir, given_or_earlier
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
 from instructrl.training.progress import progress_bar
@@ -71,11 +71,8 @@ class ModelPaths:
 
 def model_paths(config: PipelineConfig, stage: str) -> ModelPaths:
     cfg, root = config.ppo, Path(config.run.dir)
-    policy = cfg.policy or str(root / "sft" / "final")
-    reward_model = cfg.reward_model or str(root / "rm" / "final")
-    for what, path, given in (("policy", policy, cfg.policy), ("reward_model", reward_model, cfg.reward_model)):
-        if given is None and not Path(path).is_dir():
-            raise UserError(f"{stage}: no ppo.{what} given and {path} does not exist; run the earlier stages first or set ppo.{what}=PATH")
+    policy = given_or_earlier(cfg.policy, root / "sft" / "final", "ppo.policy", stage, "the earlier stages")
+    reward_model = given_or_earlier(cfg.reward_model, root / "rm" / "final", "ppo.reward_model", stage, "the earlier stages")
     return ModelPaths(policy, reward_model, cfg.value_model or reward_model, cfg.reference or policy)
 
 

@@ -26,7 +26,7 @@ from instructrl.models.lora import add_lora
 from instructrl.models.reward import RewardModel
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
-from instructrl.rundir import RunDir, write_text_atomic
+from instructrl.rundir import RunDir, given_or_earlier, write_text_atomic
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters, write_model
 from instructrl.world.build import WorldFiles, build_world_once, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
@@ -85,12 +85,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     if run.skip(restart, log):
         return run.path / "final"
     root = Path(config.run.dir)
-    backbone = cfg.model or str(root / "sft" / "final")
-    if cfg.model is None and not Path(backbone).is_dir():
-        raise UserError(f"rm: no model given and {backbone} does not exist; run `instructrl sft` first or set rm.model=PATH")
-    data = cfg.data or root / "collect" / "comparisons.jsonl"
-    if cfg.data is None and not Path(data).is_file():
-        raise UserError(f"rm: no data given and {data} does not exist; run `instructrl collect` first or set rm.data=PATH")
+    backbone = given_or_earlier(cfg.model, root / "sft" / "final", "rm.model", "rm", "`instructrl sft`")
+    data = given_or_earlier(cfg.data, root / "collect" / "comparisons.jsonl", "rm.data", "rm", "`instructrl collect`")
     with located("rm.model"):  # a bad path names the key that chose it
         tokenizer = load_tokenizer(backbone, log=lambda m: log(f"rm: {m}"))
     records = read_comparisons(data, cfg.data_format)

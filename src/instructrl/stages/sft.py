@@ -22,7 +22,7 @@ from instructrl.models.base import apply_switches, length_cap, load_causal_lm, l
 from instructrl.models.lora import add_lora
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
-from instructrl.rundir import RunDir
+from instructrl.rundir import RunDir, given_or_earlier
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters
 from instructrl.world.build import build_world_once, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
@@ -82,9 +82,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     run = RunDir(config, "sft", sections, accelerator.is_main_process, accelerator.num_processes)
     if run.skip(restart, log):
         return run.path / "final"
-    model_path = cfg.model or str(Path(config.run.dir) / "pretrain" / "final")
-    if cfg.model is None and not Path(model_path).is_dir():
-        raise UserError(f"sft: no model given and {model_path} does not exist; run `instructrl pretrain` first or set sft.model=PATH")
+    model_path = given_or_earlier(cfg.model, Path(config.run.dir) / "pretrain" / "final", "sft.model", "sft", "`instructrl pretrain`")
     with located("sft.model"):  # a bad path names the key that chose it
         tokenizer = load_tokenizer(model_path, log=lambda m: log(f"sft: {m}"))
 
