@@ -53,6 +53,18 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, best: Path | Non
     return final
 
 
+def check_rng_state(checkpoint: Path, process_index: int) -> None:
+    """Raise RuntimeError unless this process's RNG state in ``checkpoint`` loads: Accelerate skips
+    one it cannot read with a log line only, and the resumed run would silently stop being reproducible."""
+    from accelerate.utils import RNG_STATE_NAME, load
+
+    path = checkpoint / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    try:
+        load(path)["torch_manual_seed"]
+    except Exception as err:  # whatever unpickling a damaged file raises; Accelerate catches as widely
+        raise RuntimeError(f"{path.name} is missing or damaged ({type(err).__name__})") from None
+
+
 def load_latest_checkpoint(accelerator, root: Path, best: Path | None = None) -> TrainState:
     """Restore the newest complete checkpoint under ``root`` (and its snapshot of ``best``);
     a fresh TrainState if there is none."""
@@ -62,6 +74,7 @@ def load_latest_checkpoint(accelerator, root: Path, best: Path | None = None) ->
     from instructrl.models.base import load_errors
 
     try:
+        check_rng_state(found[-1], accelerator.process_index)
         accelerator.load_state(str(found[-1]))
     except (*load_errors(), RuntimeError) as err:  # a file cut short (a copied run folder), or written by another model
         raise UserError(f"cannot resume from the checkpoint {found[-1]}: {str(err).splitlines()[0]}; "
