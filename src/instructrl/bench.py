@@ -11,23 +11,30 @@ warm-up and is left out of the means.
 from __future__ import annotations
 
 import json
+import random
 import resource
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
+from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError
 from instructrl.models.base import build_base_model, count_parameters, load_causal_lm
 from instructrl.models.reward import RewardModel
 from instructrl.models.tokenizer import train_tokenizer
+from instructrl.padding import pad_sequences
+from instructrl.rlmath import kway_ranking_loss
 from instructrl.rundir import write_text_atomic
 from instructrl.stages.ppo import run_ppo
 from instructrl.stages.pretrain import tokenizer_texts
-from instructrl.world.build import build_world
+from instructrl.stages.rm import encode_comparison
+from instructrl.world.build import build_world, demo_labeler, load_tasks
+from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
 
 
 def peak_memory_mb() -> dict[str, float]:
@@ -140,6 +147,50 @@ def bench_rm_table(result: dict):
     return table
 
 
+def gold_ranked_comparisons(config: PipelineConfig, world, k: int, n_comparisons: int) -> list[ComparisonRecord]:
+    """``n_comparisons`` comparisons of the world's RM prompts: K demonstration-style answers each, ranked by the gold labeler."""
+    gold = SimulatedLabeler()
+    writers = [SimulatedLabeler(f"writer{i}", style=demo_labeler(config.world).style) for i in range(k)]
+    records = []
+    for task in load_tasks(world.prompts("rm"))[:n_comparisons]:
+        rng = random.Random(task.id)
+        responses = [w.demonstrate(task, rng) for w in writers]
+        ranks = ranks_from_qualities([gold.judge(task, r).quality for r in responses])
+        records.append(ComparisonRecord(id=task.id, prompt=list(task.messages), responses=responses, ranks=ranks, labeler_id="gold"))
+    return records
+
+
+Unit = tuple[list[list[int]], list[int]]  # (sequences, ranks): one comparison of K, or one pair cut out of it
+
+
+def time_ranking_loss_training(config: PipelineConfig, tokenizer, units: list[Unit], per_step: int, micro: int) -> dict:
+    """Train a random reward model on ``units``, ``per_step`` per optimizer step in micro-batches of
+    ``micro``: seconds, units trained, sequences forwarded and the model's parameter count."""
+    torch.manual_seed(config.run.seed)
+    model = RewardModel(build_base_model(config.model, tokenizer).base_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    start, sequences, trained = time.perf_counter(), 0, 0
+    for step_start in range(0, len(units) - per_step + 1, per_step):
+        trained += per_step
+        for m in range(step_start, step_start + per_step, micro):
+            chunk = units[m : m + micro]
+            width = max(len(seqs) for seqs, _ in chunk)
+            ids, mask = pad_sequences([s for seqs, _ in chunk for s in seqs], tokenizer.pad_token_id, side="right")
+            valid = torch.zeros(len(chunk), width, dtype=torch.long)
+            ranks = torch.zeros(len(chunk), width, dtype=torch.long)
+            for b, (seqs, r) in enumerate(chunk):
+                valid[b, : len(seqs)] = 1
+                ranks[b, : len(seqs)] = torch.tensor(r)
+            rewards = torch.zeros(len(chunk), width)
+            rewards[valid.bool()] = model(ids, mask)
+            loss, _ = kway_ranking_loss(rewards, ranks, valid)
+            (loss / per_step).backward()
+            sequences += ids.shape[0]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"seconds": time.perf_counter() - start, "trained": trained, "sequences_forwarded": sequences, "parameters": count_parameters(model)}
+
+
 def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> dict:
     """Reward-model training throughput: K-way batches against the same comparisons as independent pairs.
 
@@ -149,16 +200,6 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
     forwards each response once per comparison; the pairwise expansion forwards both responses
     of each of its C(K, 2) pairs, as trainers that consume pairs do.
     """
-    import random
-    import time
-
-    from instructrl.data.records import ComparisonRecord
-    from instructrl.padding import pad_sequences
-    from instructrl.rlmath import kway_ranking_loss
-    from instructrl.stages.rm import encode_comparison
-    from instructrl.world.build import demo_labeler, load_tasks
-    from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
-
     if k < 2:
         raise UserError(f"bench rm: --k {k}: a comparison ranks at least 2 responses")
     if n_comparisons < config.rm.batch_size:
@@ -166,65 +207,28 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
     root = Path(config.run.dir)
     world = build_world(config.world, root / "world")
     tokenizer = train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size)
-    gold = SimulatedLabeler()
-    writers = [SimulatedLabeler(f"writer{i}", style=demo_labeler(config.world).style) for i in range(k)]
-    records = []
-    for task in load_tasks(world.prompts("rm"))[:n_comparisons]:
-        rng = random.Random(task.id)
-        responses = [w.demonstrate(task, rng) for w in writers]
-        ranks = ranks_from_qualities([gold.judge(task, r).quality for r in responses])
-        records.append(ComparisonRecord(id=task.id, prompt=list(task.messages), responses=responses, ranks=ranks, labeler_id="gold"))
-    # a unit is (sequences, ranks): one comparison of K, or one pair cut out of it
+    records = gold_ranked_comparisons(config, world, k, n_comparisons)
     if len(records) < config.rm.batch_size:
         raise UserError(f"bench rm: the world has {len(records)} RM prompts, fewer than one batch (rm.batch_size = {config.rm.batch_size})")
     kway = [(encode_comparison(tokenizer, r), r.ranks) for r in records]
     pairs = [([seqs[i], seqs[j]], [0, 1]) for seqs, ranks in kway for i in range(k) for j in range(k) if ranks[i] < ranks[j]]
 
-    n_parameters = 0
-
-    def train(units: list[tuple[list[list[int]], list[int]]], per_step: int, micro: int) -> tuple[float, int, int]:
-        """Train on ``units``, ``per_step`` per optimizer step: (seconds, units trained, sequences forwarded)."""
-        torch.manual_seed(config.run.seed)
-        model = RewardModel(build_base_model(config.model, tokenizer).base_model)
-        nonlocal n_parameters
-        n_parameters = count_parameters(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        start, sequences, trained = time.perf_counter(), 0, 0
-        for step_start in range(0, len(units) - per_step + 1, per_step):
-            trained += per_step
-            for m in range(step_start, step_start + per_step, micro):
-                chunk = units[m : m + micro]
-                width = max(len(seqs) for seqs, _ in chunk)
-                ids, mask = pad_sequences([s for seqs, _ in chunk for s in seqs], tokenizer.pad_token_id, side="right")
-                valid = torch.zeros(len(chunk), width, dtype=torch.long)
-                ranks = torch.zeros(len(chunk), width, dtype=torch.long)
-                for b, (seqs, r) in enumerate(chunk):
-                    valid[b, : len(seqs)] = 1
-                    ranks[b, : len(seqs)] = torch.tensor(r)
-                rewards = torch.zeros(len(chunk), width)
-                rewards[valid.bool()] = model(ids, mask)
-                loss, _ = kway_ranking_loss(rewards, ranks, valid)
-                (loss / per_step).backward()
-                sequences += ids.shape[0]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start, trained, sequences
-
     batch, micro = config.rm.batch_size, config.rm.micro_batch_size
     log(f"bench rm: {len(records)} comparisons of K = {k} ({len(pairs)} ranked pairs), batch {batch}")
-    kway_seconds, kway_units, kway_sequences = train(kway, batch, micro)
+    by_kway = time_ranking_loss_training(config, tokenizer, kway, batch, micro)
     # the same comparisons as pairs: a step covers as many comparisons, C(K, 2) pairs each
     per_comparison = len(pairs) / len(records)
     pair_micro = micro * 2
     pair_batch = max(pair_micro, round(batch * per_comparison / pair_micro) * pair_micro)
-    pair_seconds, pair_units, pair_sequences = train(pairs, pair_batch, pair_micro)
+    by_pairs = time_ranking_loss_training(config, tokenizer, pairs, pair_batch, pair_micro)
     result = {
-        "k": k, "comparisons": len(records), "ranked_pairs": len(pairs), "model_parameters": n_parameters,
-        "kway": {"seconds": kway_seconds, "sequences_forwarded": kway_sequences, "comparisons_per_s": kway_units / kway_seconds},
-        "pairwise": {"seconds": pair_seconds, "sequences_forwarded": pair_sequences,
-                     "comparisons_per_s": pair_units / per_comparison / pair_seconds, "pairs_per_s": pair_units / pair_seconds},
+        "k": k, "comparisons": len(records), "ranked_pairs": len(pairs), "model_parameters": by_kway["parameters"],
+        "kway": {"seconds": by_kway["seconds"], "sequences_forwarded": by_kway["sequences_forwarded"],
+                 "comparisons_per_s": by_kway["trained"] / by_kway["seconds"]},
+        "pairwise": {"seconds": by_pairs["seconds"], "sequences_forwarded": by_pairs["sequences_forwarded"],
+                     "comparisons_per_s": by_pairs["trained"] / per_comparison / by_pairs["seconds"],
+                     "pairs_per_s": by_pairs["trained"] / by_pairs["seconds"]},
     }
     result["speedup"] = result["kway"]["comparisons_per_s"] / result["pairwise"]["comparisons_per_s"]
     write_text_atomic(root / "bench_rm.json", json.dumps(result, indent=2))
     return result
-
