@@ -392,7 +392,7 @@ def test_side_by_side_answers_are_shown_as_written():
 
     from rich.console import Console
 
-    from instructrl.serve.chat import run_chat
+    from instructrl.serve.terminal_chat import run_chat
 
     tokenizer = tiny_tokenizer("none", template=True)
     engines = {"sft": _ScriptedEngine(tokenizer, "use xs[i] and [bold]"), "ppo": _ScriptedEngine(tokenizer, "a closing [/] tag")}

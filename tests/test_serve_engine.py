@@ -286,6 +286,6 @@ def test_int8_quantisation_replaces_linears_and_still_answers(tiny):
 
 
 def test_importing_the_engine_or_the_math_does_not_import_the_web_server():
-    code = "import sys, instructrl.serve.engine, instructrl.serve.chat, instructrl.rlmath; print('fastapi' in sys.modules, 'uvicorn' in sys.modules)"
+    code = "import sys, instructrl.serve.engine, instructrl.serve.terminal_chat, instructrl.rlmath; print('fastapi' in sys.modules, 'uvicorn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]

@@ -355,7 +355,7 @@ def chat(
 
     Each model keeps its own history. /reset starts a new conversation, /quit (or Ctrl-D) leaves.
     """
-    from instructrl.serve.chat import run_chat
+    from instructrl.serve.terminal_chat import run_chat
     from instructrl.serve.loading import load_engine, parse_model_specs, set_serving_threads
 
     set_serving_threads(None)
