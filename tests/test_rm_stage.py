@@ -13,6 +13,7 @@ from instructrl.models.base import load_tokenizer
 from instructrl.stages.rm import score_sequences
 from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, length_bias, pairwise_accuracy
 from instructrl.models.reward import RewardModel
+from instructrl.world.labeler import QUALITY_WRONG_MAX
 
 
 def test_pairwise_accuracy_by_hand():
@@ -22,6 +23,23 @@ def test_pairwise_accuracy_by_hand():
     # margins: both pairs have a gold margin of 1, so a window [0, 0.5) holds none
     accuracy, pairs = pairwise_accuracy([[1.0, 0.0, 5.0]], [[3.0, 2.0, 2.0]], 0, 0.5)
     assert pairs == 0 and math.isnan(accuracy)
+
+
+def test_pairwise_accuracy_margin_on_a_bucket_edge_counts_in_the_upper_bucket():
+    # the gold labeler's 0.35 (an upper-casing answered in lower case: 0.35 x similarity 1) against
+    # 0.25 (a wrong answer of similarity 5/7: 0.35 x 5/7): a margin of exactly 0.1, which floats
+    # compute as 0.09999999999999998; rm's buckets are [0, 0.1), [0.1, 0.3), [0.3, 2)
+    gold = [[QUALITY_WRONG_MAX, QUALITY_WRONG_MAX * 5 / 7]]
+    assert gold[0][1] == 0.25 and gold[0][0] - gold[0][1] < 0.1  # what the floats make of it
+    assert pairwise_accuracy([[1.0, 0.0]], gold, 0.1, 0.3) == (1.0, 1)
+    assert pairwise_accuracy([[1.0, 0.0]], gold, 0, 0.1)[1] == 0
+    # 1.0 (exact) against 0.7 (verbose) is a margin of 0.3: the top bucket
+    assert pairwise_accuracy([[1.0, 0.0]], [[1.0, 0.7]], 0.3, 2) == (1.0, 1)
+
+
+def test_pairwise_accuracy_counts_an_rm_tie_as_wrong():
+    # gold orders the pair, the RM gives both 2.0: not ordered as the gold judge does
+    assert pairwise_accuracy([[2.0, 2.0, 0.0]], [[1.0, 0.5, 0.0]]) == (2 / 3, 3)
 
 
 def test_accuracy_by_pair_kind_by_hand():
