@@ -82,6 +82,12 @@ def test_wrong_answer_in_filler_is_also_verbose():
     assert judgement.flags == ("incorrect", "verbose")
 
 
+def test_wrong_means_incorrect_or_not_following():
+    # an empty answer follows nothing; a near miss is incorrect; filler and form are faults, not errors
+    assert GOLD.judge(ADD_2_3, "").wrong and GOLD.judge(ADD_2_3, "6").wrong
+    assert not GOLD.judge(ADD_2_3, "Sure! 5.").wrong and not GOLD.judge(SORT_529, "2, 5, 9").wrong
+
+
 @pytest.mark.parametrize("response", ["", "   ", "\n"])
 def test_empty_answer_scores_1(response):
     assert GOLD.judge(REVERSE_TIGER, response) == Judgement(1, 0.0, ("fails_to_follow",))
