@@ -82,6 +82,12 @@ def test_wrong_answer_in_filler_is_also_verbose():
     assert judgement.flags == ("incorrect", "verbose")
 
 
+def test_wrong_means_incorrect_or_not_following():
+    # an empty answer follows nothing; a near miss is incorrect; filler and form are faults, not errors
+    assert GOLD.judge(ADD_2_3, "").wrong and GOLD.judge(ADD_2_3, "6").wrong
+    assert not GOLD.judge(ADD_2_3, "Sure! 5.").wrong and not GOLD.judge(SORT_529, "2, 5, 9").wrong
+
+
 @pytest.mark.parametrize("response", ["", "   ", "\n"])
 def test_empty_answer_scores_1(response):
     assert GOLD.judge(REVERSE_TIGER, response) == Judgement(1, 0.0, ("fails_to_follow",))
@@ -110,10 +116,20 @@ def test_likert_from_quality(quality, likert):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gold_answers_score_7_and_mistakes_are_incorrect(family):
+    rng = random.Random(0)
+    for i in range(50):
+        args = FAMILIES[family].sample(rng)
+        task = make_task(family, args)
+        assert GOLD.judge(task, task.answer) == Judgement(7, 1.0, ()), args
+        mistake = GOLD.judge(task, FAMILIES[family].wrong(args, rng))
+        assert "incorrect" in mistake.flags and mistake.likert < 7, (args, mistake)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_off_format_answers_are_judged_off_format(family):
-    # BUG (tasks.py Reverse.off_format): half the time it spaces the letters out, 'r e g i t';
-    # canonical() keeps inner spaces, so 'r e g i t' != 'regit' and the labeler calls it
-    # incorrect (0.35 x similarity 10/14 = 0.25, Likert 3) instead of off-format (0.55, Likert 4)
+    # canonical() keeps inner spaces, so an off-format answer that spaced letters out ('r e g i t')
+    # would be judged incorrect (0.35 x similarity 10/14 = 0.25, Likert 3), not off-format (0.55, Likert 4)
     rng = random.Random(0)
     for i in range(50):
         args = FAMILIES[family].sample(rng)
@@ -125,11 +141,9 @@ def test_off_format_answers_are_judged_off_format(family):
 @pytest.mark.parametrize(
     "family, args",
     [
-        # BUG (tasks.py FirstLetter.wrong): 'eagle' ends with its first letter, so the
-        # "mistake" word[-1] is 'e', the gold answer
+        # 'eagle' ends with its first letter: a mistake of its last letter would be 'e', the gold answer
         ("first_letter", {"word": "eagle"}),
-        # BUG (tasks.py Reverse.wrong / _swap_two): 'sheep' reversed is 'peehs'; swapping the
-        # two e's (i = 1) gives 'peehs' again, the gold answer
+        # 'sheep' reversed is 'peehs'; swapping its two e's would give 'peehs' again, the gold answer
         ("reverse_word", {"word": "sheep"}),
     ],
 )
@@ -167,7 +181,39 @@ def test_rank_orders_and_ties():
     assert ranks == [0, 1, 2, 0]
 
 
+def test_filler_around_a_final_stop_scores_above_the_bare_stop():
+    # as documented, not as one might expect: '5.' is off-format (0.55, Likert 4) while in
+    # 'Sure! 5.' the stop ends the filler's sentence, so only verbose (0.7, Likert 5)
+    assert GOLD.judge(ADD_2_3, "5.").likert == 4
+    assert GOLD.judge(ADD_2_3, "Sure! 5.") == Judgement(5, 0.7, ("verbose",))
+
+
 # ---------------------------------------------------------------- noise
+
+
+def test_noisy_ranking_follows_its_responses_not_their_order():
+    labeler = SimulatedLabeler("alice", noise=PAPER_NOISE)
+    responses = ["regit", "Sure! regit.", "REGIT", "tiger", "regti", "regit"]
+    ranks = labeler.rank(REVERSE_TIGER, responses)
+    order = list(range(len(responses)))
+    for seed in range(5):
+        random.Random(seed).shuffle(order)
+        assert labeler.rank(REVERSE_TIGER, [responses[i] for i in order]) == [ranks[i] for i in order]
+
+
+def test_noisy_ranking_never_contradicts_the_likert_it_reports():
+    # ranks and Likert come from one noisy quality: a better rank never has a lower Likert
+    labeler = SimulatedLabeler("alice", noise=PAPER_NOISE)
+    rng = random.Random(0)
+    for _ in range(200):
+        task = sample_task(rng, multi_turn_rate=0.2)
+        responses = [GOLD.demonstrate(task, rng) for _ in range(4)]
+        ranks = labeler.rank(task, responses)
+        likert = [labeler.judge(task, r).likert for r in responses]
+        for i in range(4):
+            for j in range(4):
+                if ranks[i] < ranks[j]:
+                    assert likert[i] >= likert[j], (responses, ranks, likert)
 
 
 def test_noisy_labeler_is_consistent_with_itself():
@@ -257,13 +303,14 @@ def test_verbose_share_of_demonstrations(demo_flag_shares):
 
 
 def test_error_share_of_demonstrations(demo_flag_shares):
-    # error_rate = 0.15, give or take a little: uppercase's 'Red Cat' mistake reads as off-format
-    # (-0.15 / 9 / 2 = -0.008), reverse's spaced-out off-format answer reads as incorrect
-    # (+0.10 / 9 / 2 = +0.006, see above), a few mistakes equal the gold answer;
+    # error_rate = 0.15: every family's mistake is judged incorrect (see above);
     # standard error sqrt(0.15 * 0.85 / 2000) = 0.008
     assert demo_flag_shares["incorrect"] == pytest.approx(0.15, abs=0.03)
 
 
 def test_off_format_share_of_demonstrations(demo_flag_shares):
-    # off_format_rate = 0.10 (+0.008 - 0.006, see above); standard error 0.007
+    # off_format_rate = 0.10, less a little: the off-format answer of add, count and larger is the
+    # answer with a final stop, which wrapped in filler ('Sure! 5.') is the filler's stop, so only
+    # verbose (-0.10 x 0.25 x 3/9 = -0.008, and a single upper-cased word likewise, -0.001);
+    # standard error 0.007
     assert demo_flag_shares["off_format"] == pytest.approx(0.10, abs=0.03)

@@ -299,3 +299,14 @@ def test_win_rate_with_several_samples_per_prompt_counts_prompts():
     assert abs(result["ci95"][0] - 0.20660) < 1e-4 and abs(result["ci95"][1] - 0.87673) < 1e-4
     with pytest.raises(ValueError, match="as many answers"):
         win_rate([[3, 1]], [[1]])
+
+
+def test_win_rate_samples_of_one_prompt_are_not_independent_evidence():
+    from instructrl.evaluation.preference import win_rate
+
+    # 6 prompts, 3 won and 3 lost, each answered 4 times alike: as much evidence as one answer per
+    # prompt, so the same interval (.5 ± 1.96 · √(.25 / 10) = [0.19010, 0.80990]), not one of 24 comparisons
+    once = win_rate([2, 2, 2, 0, 0, 0], [1] * 6)
+    four = win_rate([[2] * 4] * 3 + [[0] * 4] * 3, [[1] * 4] * 6)
+    assert four["ci95"] == once["ci95"] == pytest.approx([0.19010, 0.80990], abs=1e-5)
+    assert (four["n"], four["wins"], four["losses"]) == (6, 12, 12)

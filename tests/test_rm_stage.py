@@ -11,8 +11,9 @@ from instructrl.data.chat import tokenize_conversation
 from instructrl.data.jsonl import read_jsonl
 from instructrl.models.base import load_tokenizer
 from instructrl.stages.rm import score_sequences
-from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, length_bias, pairwise_accuracy
+from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, correlation, length_bias, pairwise_accuracy
 from instructrl.models.reward import RewardModel
+from instructrl.world.labeler import QUALITY_WRONG_MAX
 
 
 def test_pairwise_accuracy_by_hand():
@@ -22,6 +23,23 @@ def test_pairwise_accuracy_by_hand():
     # margins: both pairs have a gold margin of 1, so a window [0, 0.5) holds none
     accuracy, pairs = pairwise_accuracy([[1.0, 0.0, 5.0]], [[3.0, 2.0, 2.0]], 0, 0.5)
     assert pairs == 0 and math.isnan(accuracy)
+
+
+def test_pairwise_accuracy_margin_on_a_bucket_edge_counts_in_the_upper_bucket():
+    # the gold labeler's 0.35 (an upper-casing answered in lower case: 0.35 x similarity 1) against
+    # 0.25 (a wrong answer of similarity 5/7: 0.35 x 5/7): a margin of exactly 0.1, which floats
+    # compute as 0.09999999999999998; rm's buckets are [0, 0.1), [0.1, 0.3), [0.3, 2)
+    gold = [[QUALITY_WRONG_MAX, QUALITY_WRONG_MAX * 5 / 7]]
+    assert gold[0][1] == 0.25 and gold[0][0] - gold[0][1] < 0.1  # what the floats make of it
+    assert pairwise_accuracy([[1.0, 0.0]], gold, 0.1, 0.3) == (1.0, 1)
+    assert pairwise_accuracy([[1.0, 0.0]], gold, 0, 0.1)[1] == 0
+    # 1.0 (exact) against 0.7 (verbose) is a margin of 0.3: the top bucket
+    assert pairwise_accuracy([[1.0, 0.0]], [[1.0, 0.7]], 0.3, 2) == (1.0, 1)
+
+
+def test_pairwise_accuracy_counts_an_rm_tie_as_wrong():
+    # gold orders the pair, the RM gives both 2.0: not ordered as the gold judge does
+    assert pairwise_accuracy([[2.0, 2.0, 0.0]], [[1.0, 0.5, 0.0]]) == (2 / 3, 3)
 
 
 def test_accuracy_by_pair_kind_by_hand():
@@ -52,6 +70,24 @@ def test_length_bias_sees_a_length_reward():
     assert math.isclose(length_bias([1, 2, 3, 10, 20, 30], [1, 2, 3, 10, 20, 30], [4, 4, 4, 7, 7, 7]), 1.0)
     # reward falls with length at level 4 (-1) and rises at level 7 (+1): weighted mean 0
     assert math.isclose(length_bias([3, 2, 1, 10, 20, 30], [1, 2, 3, 10, 20, 30], [4, 4, 4, 7, 7, 7]), 0.0, abs_tol=1e-12)
+
+
+def test_length_bias_weights_levels_by_their_responses_and_skips_the_unmeasurable():
+    # level 4: reward rises with length over 3 responses, r = +1; level 7: falls over 4, r = -1.
+    # Weighted by count: (3 * 1 + 4 * -1) / 7 = -1/7 (an unweighted mean would say 0).
+    # Level 1 has 2 responses and level 5 a constant reward: no correlation, so left out of the weights
+    # (counting their 5 responses would give -1/12)
+    rewards = [1, 2, 3] + [4, 3, 2, 1] + [0, 9] + [5, 5, 5]
+    lengths = [1, 2, 3] + [1, 2, 3, 4] + [1, 2] + [1, 2, 3]
+    likert = [4] * 3 + [7] * 4 + [1] * 2 + [5] * 3
+    assert math.isclose(length_bias(rewards, lengths, likert), -1 / 7)
+
+
+def test_correlation_by_hand():
+    # x 1 2 3 4, y 1 3 2 4: deviations from 2.5 are (-1.5, -.5, .5, 1.5) and (-1.5, .5, -.5, 1.5);
+    # products sum to 2.25 - .25 - .25 + 2.25 = 4, squares to 5 each: r = 4 / 5
+    assert math.isclose(correlation([1, 2, 3, 4], [1, 3, 2, 4]), 0.8)
+    assert math.isnan(correlation([1, 2, 3], [7, 7, 7])) and math.isnan(correlation([1, 2], [1, 2]))
 
 
 def test_rm_stage_on_smoke(tmp_path, smoke_base):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 
 import pytest
@@ -12,7 +13,8 @@ from instructrl.config import WorldConfig
 from instructrl.errors import UserError
 from instructrl.world.build import WorldFiles, build_world, build_world_once, make_splits, split_sizes
 from instructrl.world.corpus import corpus_documents
-from instructrl.world.tasks import FAMILIES, canonical
+from instructrl.world.tasks import FAMILIES, canonical, sample_task
+from instructrl.world.vocab import ORDINALS
 
 # Small worlds keep every test well under a second.
 SMALL = dict(n_prompts=300, n_val=20, n_eval=30, corpus_documents=100, heldout_documents=10)
@@ -50,6 +52,41 @@ SMALL = dict(n_prompts=300, n_val=20, n_eval=30, corpus_documents=100, heldout_d
 )
 def test_family_answer(family, args, expected):
     assert FAMILIES[family].answer(args) == expected
+
+
+def _answer_worked_out(family: str, args: dict) -> str:
+    """Each family's gold answer, computed again without the family's code."""
+    return {
+        "reverse_word": lambda: "".join(reversed(args["word"])),
+        "sort_numbers": lambda: " ".join(str(n) for n in sorted(map(int, args["nums"].split()))),
+        "add_numbers": lambda: str(args["a"] + args["b"]),
+        "count_items": lambda: str(args["items"].count(",") + 1),
+        "uppercase": lambda: "".join(c.upper() for c in args["phrase"]),
+        "repeat_word": lambda: " ".join(args["word"] for _ in range(args["n"])),
+        "larger_number": lambda: str(max(args["a"], args["b"])),
+        "kth_word": lambda: args["phrase"].split()[args["k"] - 1],
+        "first_letter": lambda: args["word"][0],
+    }[family]()
+
+
+def test_every_sampled_prompt_has_its_gold_answer_and_one_reading():
+    rng = random.Random(0)
+    for _ in range(3000):
+        task = sample_task(rng, multi_turn_rate=0.3)
+        args = task.args
+        assert task.answer == _answer_worked_out(task.family, args), task
+        # no input that would make the question ambiguous
+        if task.family == "larger_number":
+            assert args["a"] != args["b"], task  # no tie to pick from
+        if task.family == "sort_numbers":
+            assert len(set(args["nums"].split())) == len(args["nums"].split()), task
+        if task.family in ("count_items", "kth_word"):
+            items = args["items"].split(", ") if task.family == "count_items" else args["phrase"].split()
+            assert len(set(items)) == len(items), task  # counted or picked out, each item once
+        if task.family == "kth_word":
+            assert args["ordinal"] == ORDINALS[args["k"] - 1] and 1 <= args["k"] <= len(args["phrase"].split()), task
+        if task.family == "first_letter":
+            assert args["word"] == args["word"].lower(), task  # its first letter is lower case, as the answer
 
 
 def test_there_are_nine_families():

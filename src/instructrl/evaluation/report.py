@@ -185,17 +185,10 @@ def _family_table(results: dict, sampled: bool = False) -> str:
     return _table(["family", "answers"] + names, rows)
 
 
-def write_report(root: Path, n_samples: int = 30) -> Path:
-    """Write ``root/report.html`` and return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    root = Path(root)
-    evaluation = json.loads((root / "eval" / "results.json").read_text())
+def _eval_section(evaluation: dict) -> list[str]:
+    """The held-out prompts: each model's Likert, win rate, loss and flags, greedy then sampled, then per family."""
     results = evaluation["results"]
-    parts = ["<h1>instructrl report</h1>", f"<p>Run folder: <code>{html.escape(str(root))}</code></p>"]
-
-    parts.append(f"<h2>Held-out prompts, judged by the gold labeler</h2><p>{evaluation['n_prompts']} held-out prompts, greedy answers.</p>")
+    parts = [f"<h2>Held-out prompts, judged by the gold labeler</h2><p>{evaluation['n_prompts']} held-out prompts, greedy answers.</p>"]
     rows = []
     for name, r in results.items():
         w = r.get("win_rate_vs_sft")
@@ -211,7 +204,8 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
         parts.append(f"<p><b>The ceiling.</b> {GOLD_ANSWERS}: the gold answer to every prompt. It ties with SFT's perfect answers and beats "
                      "the rest, so its win rate against SFT is the most any model can reach (50% would mean SFT is always perfect). "
                      "<i>demonstrations</i>: the demonstrator's answers to the same prompts, the level SFT imitates.</p>")
-    if all("sampled" in r for r in results.values()):
+    sampled = all("sampled" in r for r in results.values())
+    if sampled:
         first = next(iter(results.values()))["sampled"]
         parts.append(f"<p>Greedy answers above. Below, {first['samples']} answers per prompt sampled at temperature "
                      f"{first['temperature']:g}, the distribution PPO optimises (the demonstrations and gold answers are one per prompt, "
@@ -228,66 +222,94 @@ def write_report(root: Path, n_samples: int = 30) -> Path:
     parts.append("<h3>Per instruction family</h3><p>Mean Likert of the greedy answers and, below it, the win rate vs SFT "
                  "with its 95% interval: families with few prompts have wide intervals.</p>")
     parts.append(_family_table(results))
-    if all("sampled" in r for r in results.values()):
+    if sampled:
         parts.append("<p>The same for the sampled answers.</p>")
         parts.append(_family_table(results, sampled=True))
+    return parts
 
-    diagnostics = root / "rm" / "diagnostics.json"
-    if diagnostics.is_file():
-        d = json.loads(diagnostics.read_text())
-        margin_pairs = d.get("pairs_by_gold_margin", {})
-        parts.append("<h2>Reward model</h2>")
-        parts.append(f"<p>On the held-out comparisons (a share of the collected prompts the RM never trained on), against "
-                     f"{html.escape(d['against'])}. Accuracy: the share of response pairs the RM orders as the gold judge does; "
-                     "pairs the gold judge ties are left out. Margin: the gap in gold quality (0-1) between the two responses. "
-                     "Length bias: the correlation of reward with response length in characters among responses of equal gold "
-                     "Likert (near 0 is healthy; positive, the RM pays for length).</p>")
-        parts.append(_table(["held-out accuracy vs gold", "by gold margin (pairs)", f"reward ~ gold {html.escape(d['correlation_with'])} r", "length bias r"], [[
-            f"{figure(d['accuracy']) if d['accuracy'] is None else format(d['accuracy'], '.3f')} ({d['pairs']} pairs)",  # as the rm log
-            ", ".join(f"{html.escape(k)}: {figure(v)}" + (f" ({margin_pairs[k]})" if k in margin_pairs else "")
-                      for k, v in d["accuracy_by_gold_margin"].items()),
-            figure(d["gold_correlation"]), figure(d["length_bias"])]]))
-        if d.get("accuracy_by_family"):
-            family_pairs = d.get("pairs_by_family", {})
-            parts.append(f"<p>Right vs wrong answers (does it check answers?): {figure(d['accuracy_correct_vs_incorrect'])}. "
-                         "By family (pairs): " + ", ".join(f"{html.escape(f)} {figure(a)}" + (f" ({family_pairs[f]})" if f in family_pairs else "")
-                                                 for f, a in d["accuracy_by_family"].items()) + ".</p>")
-        if d.get("accuracy_by_pair_kind"):
-            parts.append("<p>By kind of pair, better &gt; worse (exact: the gold answer; form: a right answer in the wrong form or "
-                         "with filler; wrong: a wrong answer or none): " + ", ".join(
-                             f"{html.escape(kind)} {figure(k['accuracy'])} ({k['pairs']} pairs)" for kind, k in d["accuracy_by_pair_kind"].items()) + ".</p>")
 
-    metrics = _ppo_metrics(root)
-    if metrics:
-        parts.append("<h2>PPO: over-optimisation and training</h2>")
-        parts.append(_figure_tag(_overoptimisation_plot(metrics),
-                                 "Each dot is one PPO iteration: the batch means of the RM's score (proxy, left) and of the gold "
-                                 "labeler's Likert (gold, right) for the responses sampled in it, against the square root of their mean "
-                                 f"KL to SFT. The lines follow training: the running mean of the last {SMOOTHING} iterations' dots. "
-                                 "A proxy that keeps rising while gold falls is the RM being over-optimised (Gao et al. 2022)."))
-        parts.append(_figure_tag(_training_plot(metrics), "Per PPO iteration, of the sampled batch: mean KL to SFT (exact over the "
-                                 "vocabulary, never negative), entropy per token, response length and the share of responses that end "
-                                 "with EOS."))
+def _rm_section(d: dict) -> list[str]:
+    """The reward model's held-out diagnostics (rm/diagnostics.json): accuracy overall, by margin, family and kind of pair."""
+    margin_pairs = d.get("pairs_by_gold_margin", {})
+    parts = ["<h2>Reward model</h2>"]
+    parts.append(f"<p>On the held-out comparisons (a share of the collected prompts the RM never trained on), against "
+                 f"{html.escape(d['against'])}. Accuracy: the share of response pairs the RM orders as the gold judge does; "
+                 "pairs the gold judge ties are left out. Margin: the gap in gold quality (0-1) between the two responses. "
+                 "Length bias: the correlation of reward with response length in characters among responses of equal gold "
+                 "Likert (near 0 is healthy; positive, the RM pays for length).</p>")
+    parts.append(_table(["held-out accuracy vs gold", "by gold margin (pairs)", f"reward ~ gold {html.escape(d['correlation_with'])} r", "length bias r"], [[
+        f"{figure(d['accuracy']) if d['accuracy'] is None else format(d['accuracy'], '.3f')} ({d['pairs']} pairs)",  # as the rm log
+        ", ".join(f"{html.escape(k)}: {figure(v)}" + (f" ({margin_pairs[k]})" if k in margin_pairs else "")
+                  for k, v in d["accuracy_by_gold_margin"].items()),
+        figure(d["gold_correlation"]), figure(d["length_bias"])]]))
+    if d.get("accuracy_by_family"):
+        family_pairs = d.get("pairs_by_family", {})
+        parts.append(f"<p>Right vs wrong answers (does it check answers?): {figure(d['accuracy_correct_vs_incorrect'])}. "
+                     "By family (pairs): " + ", ".join(f"{html.escape(f)} {figure(a)}" + (f" ({family_pairs[f]})" if f in family_pairs else "")
+                                             for f, a in d["accuracy_by_family"].items()) + ".</p>")
+    if d.get("accuracy_by_pair_kind"):
+        parts.append("<p>By kind of pair, better &gt; worse (exact: the gold answer; form: a right answer in the wrong form or "
+                     "with filler; wrong: a wrong answer or none): " + ", ".join(
+                         f"{html.escape(kind)} {figure(k['accuracy'])} ({k['pairs']} pairs)" for kind, k in d["accuracy_by_pair_kind"].items()) + ".</p>")
+    return parts
 
-    samples_path = root / "eval" / "samples.jsonl"
-    if samples_path.is_file():
-        every = [record for _, record in complete_lines(samples_path)]
-        samples = every[:n_samples]
-        shown = [n for n in samples[0] if isinstance(samples[0][n], dict) and n != "demonstrations"] if samples else []
-        parts.append("<h2>Answers side by side</h2>")
-        parts.append(f"<p>The greedy answers to the first {len(samples)} of the {len(every)} held-out prompts; in brackets, "
-                     "the gold labeler's Likert score (1-7) of each answer.</p>")
-        parts.append(_table(["prompt", "gold answer"] + shown, [
+
+def _ppo_section(metrics: dict[str, list[dict]]) -> list[str]:
+    """The PPO runs' over-optimisation and training curves."""
+    return [
+        "<h2>PPO: over-optimisation and training</h2>",
+        _figure_tag(_overoptimisation_plot(metrics),
+                    "Each dot is one PPO iteration: the batch means of the RM's score (proxy, left) and of the gold "
+                    "labeler's Likert (gold, right) for the responses sampled in it, against the square root of their mean "
+                    f"KL to SFT. The lines follow training: the running mean of the last {SMOOTHING} iterations' dots. "
+                    "A proxy that keeps rising while gold falls is the RM being over-optimised (Gao et al. 2022)."),
+        _figure_tag(_training_plot(metrics), "Per PPO iteration, of the sampled batch: mean KL to SFT (exact over the "
+                    "vocabulary, never negative), entropy per token, response length and the share of responses that end "
+                    "with EOS."),
+    ]
+
+
+def _samples_section(samples_path: Path, n_samples: int) -> list[str]:
+    """The first ``n_samples`` held-out prompts with every evaluated model's greedy answer and its Likert."""
+    every = [record for _, record in complete_lines(samples_path)]
+    samples = every[:n_samples]
+    shown = [n for n in samples[0] if isinstance(samples[0][n], dict) and n != "demonstrations"] if samples else []
+    return [
+        "<h2>Answers side by side</h2>",
+        f"<p>The greedy answers to the first {len(samples)} of the {len(every)} held-out prompts; in brackets, "
+        "the gold labeler's Likert score (1-7) of each answer.</p>",
+        _table(["prompt", "gold answer"] + shown, [
             ["<br>".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}" for m in s["messages"]), html.escape(s["gold"])]
             + [f"{html.escape(s[n]['answer'])} <i>({s[n]['likert']})</i>" for n in shown]
-            for s in samples]))
+            for s in samples]),
+    ]
 
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             ".scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}th{background:#f3f3f3}"
-             "img{max-width:100%;height:auto}figure{margin:1em 0}")
+
+PAGE_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+              ".scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:1em 0}"
+              "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}th{background:#f3f3f3}"
+              "img{max-width:100%;height:auto}figure{margin:1em 0}")
+
+
+def write_report(root: Path, n_samples: int = 30) -> Path:
+    """Write ``root/report.html`` and return its path: the evaluation, then what rm, PPO and eval's samples left, where they did."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    root = Path(root)
+    parts = ["<h1>instructrl report</h1>", f"<p>Run folder: <code>{html.escape(str(root))}</code></p>"]
+    parts += _eval_section(json.loads((root / "eval" / "results.json").read_text()))
+    diagnostics = root / "rm" / "diagnostics.json"
+    if diagnostics.is_file():
+        parts += _rm_section(json.loads(diagnostics.read_text()))
+    metrics = _ppo_metrics(root)
+    if metrics:
+        parts += _ppo_section(metrics)
+    samples_path = root / "eval" / "samples.jsonl"
+    if samples_path.is_file():
+        parts += _samples_section(samples_path, n_samples)
     page = ("<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<title>instructrl report</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+            f"<title>instructrl report</title><style>{PAGE_STYLE}</style></head><body>{''.join(parts)}</body></html>")
     out = root / "report.html"
     write_text_atomic(out, page)
     return out

@@ -13,14 +13,17 @@ from collections import defaultdict
 def pairwise_accuracy(rewards: list[list[float]], gold: list[list[float]], min_margin: float = 0.0, max_margin: float = float("inf")) -> tuple[float, int]:
     """Share of response pairs the RM orders as the gold judge does; gold ties are left out.
 
-    Only pairs whose gold quality differs by a margin in [min_margin, max_margin) count.
-    Returns (accuracy, number of pairs); accuracy is nan when no pair counts.
+    Only pairs whose gold quality differs by a margin in [min_margin, max_margin) count; a pair
+    the RM scores equally is ordered wrongly. Returns (accuracy, number of pairs); accuracy is nan
+    when no pair counts.
     """
     right = total = 0
     for r, g in zip(rewards, gold):
         for i in range(len(r)):
             for j in range(i + 1, len(r)):
-                margin = abs(g[i] - g[j])
+                # rounded, so a gap on a bucket's edge falls in the bucket it starts: 0.35 - 0.25 is
+                # 0.09999999999999998 in floats, and belongs in [0.1, 0.3), not [0, 0.1)
+                margin = round(abs(g[i] - g[j]), 9)
                 if g[i] == g[j] or not min_margin <= margin < max_margin:
                     continue
                 total += 1

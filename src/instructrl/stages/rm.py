@@ -194,7 +194,7 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
         task = tasks.get(record.id)
         judgements = [gold_judge.judge(task, resp) for resp in record.responses] if task else None
         if judgements:
-            correct.append([float(not {"incorrect", "fails_to_follow"} & set(j.flags)) for j in judgements])
+            correct.append([float(not j.wrong) for j in judgements])
             kinds.append([answer_kind(j) for j in judgements])
             families.append(task.family)
         rewards.append(scores)
@@ -231,4 +231,4 @@ def answer_kind(judgement) -> str:
     """exact (the gold answer, nothing else), wrong (incorrect or not following), or form (right, in the wrong form or with filler)."""
     if judgement.quality == 1.0:
         return "exact"
-    return "wrong" if {"incorrect", "fails_to_follow"} & set(judgement.flags) else "form"
+    return "wrong" if judgement.wrong else "form"

@@ -55,6 +55,11 @@ class Judgement:
     quality: float
     flags: tuple[str, ...] = ()
 
+    @property
+    def wrong(self) -> bool:
+        """Incorrect, or not following the instruction (an empty answer): wrong in any form."""
+        return "incorrect" in self.flags or "fails_to_follow" in self.flags
+
 
 def likert_from_quality(quality: float) -> int:
     """1 + round(6 * quality), halves rounded up, quality clipped to [0, 1]."""
@@ -74,7 +79,7 @@ def strip_filler(response: str) -> tuple[str, bool]:
     return " ".join(core).strip(" :").rstrip(".!"), True
 
 
-def similarity(family: str, response: str, answer: str) -> float:
+def similarity(response: str, answer: str) -> float:
     """Partial credit in [0, 1] for a wrong answer: numeric closeness or character overlap."""
     a, b = canonical(response), canonical(answer)
     if re.fullmatch(r"-?\d+", a) and re.fullmatch(r"-?\d+", b):
@@ -96,7 +101,7 @@ def gold_judgement(task: Task, response: str) -> Judgement:
     if core and canonical(core, keep_case) == canonical(task.answer, keep_case):
         q = QUALITY_VERBOSE_OFF_FORMAT if verbose else QUALITY_OFF_FORMAT
         return Judgement(likert_from_quality(q), q, ("verbose", "off_format") if verbose else ("off_format",))
-    sim = similarity(task.family, core, task.answer)
+    sim = similarity(core, task.answer)
     q = QUALITY_WRONG_MAX * sim
     flags = ("fails_to_follow", "incorrect") if sim < 0.3 else ("incorrect",)
     if verbose:

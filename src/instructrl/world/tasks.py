@@ -7,6 +7,7 @@ plausible mistakes and off-format answers the simulated labeler's demonstrations
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -332,6 +333,4 @@ def sample_task(rng: random.Random, multi_turn_rate: float) -> Task:
 
 
 def _stable_id(text: str) -> str:
-    import hashlib
-
     return hashlib.sha1(text.encode()).hexdigest()[:12]
