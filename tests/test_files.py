@@ -88,3 +88,26 @@ def test_copy_dir_replaces_the_destination_whole(tmp_path):
     assert not (tmp_path / "final.tmp").exists()
     copy_dir(src, tmp_path / "linked", copy_function=os.link)
     assert (tmp_path / "linked" / "model.safetensors").stat().st_ino == (src / "model.safetensors").stat().st_ino
+
+
+def test_metrics_lines_are_standard_json_and_tensorboard_keeps_the_nan(tmp_path):
+    """A NaN (a diverged loss) is null in metrics.jsonl, which JSON parsers other than Python's accept
+    (JSON has no NaN); TensorBoard, which has, shows it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from instructrl.rundir import RunDir
+
+    run = RunDir(load_config(overrides=[f"run.dir={tmp_path}"]), "sft", ("run", "sft"))
+    run.start()
+    run.log(2, {"train/loss": float("nan"), "train/grad_norm": float("inf"), "train/lr": 0.5})
+    run.finish({})
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    [line] = (run.path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line, parse_constant=strict) == {"step": 2, "train/loss": None, "train/grad_norm": None, "train/lr": 0.5}
+    events = EventAccumulator(str(run.path / "tb"))
+    events.Reload()
+    [loss] = events.Scalars("train/loss")
+    assert loss.step == 2 and loss.value != loss.value

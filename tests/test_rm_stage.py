@@ -54,6 +54,10 @@ def test_length_bias_sees_a_length_reward():
     assert math.isclose(length_bias([3, 2, 1, 10, 20, 30], [1, 2, 3, 10, 20, 30], [4, 4, 4, 7, 7, 7]), 0.0, abs_tol=1e-12)
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
 def test_rm_stage_on_smoke(tmp_path, smoke_base):
     policy = f"collect.policy={smoke_base / 'pretrain' / 'final'}"
     cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path}", policy)
@@ -80,5 +84,10 @@ def test_rm_stage_on_smoke(tmp_path, smoke_base):
     demos = [tokenize_conversation(tokenizer, r["messages"]).input_ids for _, r in read_jsonl(tmp_path / "world" / "demonstrations.jsonl")]
     rewards = score_sequences(model, demos, tokenizer.pad_token_id, "cpu")
     assert abs(sum(rewards) / len(rewards)) < 1e-4
+    # metrics.jsonl is standard JSON, and a held-out figure with nothing to measure (null above) is not logged as NaN
+    rows = [json.loads(line, parse_constant=_not_json) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    heldout = {k: v for row in rows for k, v in row.items() if k.startswith("heldout/")}
+    assert heldout["heldout/accuracy"] == diagnostics["accuracy"]
+    assert all(isinstance(v, float) for v in heldout.values()), heldout
     lineage = json.loads((tmp_path / "rm" / "lineage.json").read_text())
     assert lineage["inputs"]["comparisons"]["path"].endswith("collect/comparisons.jsonl")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from instructrl.config import PipelineConfig, dump_config, section
-from instructrl.data.jsonl import complete_lines
+from instructrl.data.jsonl import complete_lines, nan_to_none
 from instructrl.errors import UserError
 
 
@@ -204,10 +204,12 @@ class RunDir:
     # -- records
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """One line of metrics.jsonl, in standard JSON (a NaN, e.g. a diverged loss, as null), and
+        the same scalars in TensorBoard, where a NaN shows as one."""
         if not self.is_main:
             return
         with (self.path / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, **nan_to_none(metrics)}, allow_nan=False) + "\n")
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -166,7 +166,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         diagnostics = diagnose(model, tokenizer, heldout, tasks, accelerator.device)
         diagnostics["reward_bias"] = float(model.reward_bias)
         write_text_atomic(run.path / "diagnostics.json", json.dumps(nan_to_none(diagnostics), indent=2))
-        run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float)})
+        # a figure with nothing to measure (NaN, null in diagnostics.json) is left out, not drawn as NaN
+        run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float) and v == v})
         log(f"rm: held-out accuracy vs {diagnostics['against']} {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
             f"reward~{diagnostics['correlation_with']} r = {figure(diagnostics['gold_correlation'])}, length bias r = {figure(diagnostics['length_bias'])}")
         if "accuracy_by_family" in diagnostics:
