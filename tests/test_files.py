@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,27 @@ def test_metrics_lines_are_standard_json_and_tensorboard_keeps_the_nan(tmp_path)
     events.Reload()
     [loss] = events.Scalars("train/loss")
     assert loss.step == 2 and loss.value != loss.value
+
+
+def test_run_json_keeps_the_first_start_and_adds_each_resume(tmp_path, monkeypatch):
+    """Resuming a killed run must not lose how it was first started; the record names the code that ran."""
+    import subprocess
+    import sys
+
+    from instructrl import rundir
+    from instructrl.rundir import RunDir
+
+    config = load_config(overrides=[f"run.dir={tmp_path / 'run'}"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["instructrl", "sft", "-c", "first.yaml"])
+    RunDir(config, "sft", ("run", "sft")).start()
+    monkeypatch.setattr(sys, "argv", ["instructrl", "sft", "-c", "first.yaml", "sft.log_every=5"])
+    RunDir(config, "sft", ("run", "sft")).start()  # the same run, resumed
+    record = json.loads((tmp_path / "run" / "sft" / "run.json").read_text())
+    assert record["command"] == ["instructrl", "sft", "-c", "first.yaml"] and record["cwd"] == str(tmp_path)
+    assert [r["command"][-1] for r in record["resumed"]] == ["sft.log_every=5"]
+    package = Path(rundir.__file__).resolve().parent  # the instructrl being tested
+    head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # the tests run from a git checkout
+        assert record["git_commit"] == head.stdout.strip() and isinstance(record["git_dirty"], bool)
+    assert record["instructrl"] and record["torch"]

@@ -2,7 +2,8 @@
 
     runs/<name>/<stage>/
         config.yaml      the resolved pipeline config the stage ran with
-        run.json         seed, command line, library versions, start time, number of processes
+        run.json         seed, command line and working directory, versions (instructrl's git commit in a
+                         checkout), start time, number of processes; a resumed run's starts under "resumed"
         metrics.jsonl    one JSON object per logged step
         tb/              TensorBoard events of the same metrics
         lineage.json     the data and parent checkpoint this stage used, with content hashes (a
@@ -19,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -178,7 +180,11 @@ class RunDir:
         if previous != self.identity or restart:
             write_text_atomic(saved, json.dumps(self.identity, indent=2))
         write_text_atomic(self.path / "config.yaml", dump_config(self.config))
-        write_text_atomic(self.path / "run.json", json.dumps(_run_info(self.config, self.processes), indent=2))
+        info, record = _run_info(self.config, self.processes), self.path / "run.json"
+        if record.is_file():  # an interrupted run resumed: its first start's record stays, each resume is added
+            first = json.loads(record.read_text())
+            info = first | {"resumed": first.get("resumed", []) + [info]}
+        write_text_atomic(record, json.dumps(info, indent=2))
 
     def contents(self) -> str:
         """What the folder holds, in words: a finished run, or an unfinished one and how far it got."""
@@ -287,13 +293,37 @@ def _run_info(config: PipelineConfig, processes: int) -> dict:
     import torch
     import transformers
 
+    from instructrl import __version__
+
     return {
         "seed": config.run.seed,
         "command": sys.argv,
+        "cwd": os.getcwd(),  # what a relative -c or data path in the command is relative to
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "processes": processes,
         "python": platform.python_version(),
+        "instructrl": __version__,
+        **_source_revision(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
     }
+
+
+def _source_revision() -> dict:
+    """``git_commit`` and ``git_dirty`` (uncommitted changes to it) of instructrl's own source when it
+    runs from a git checkout (an editable install); nothing for an installed package."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):  # no git, or a hung one
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    # the package's files must be tracked: a site-packages inside a user's own repository is not a checkout of instructrl
+    if not git("ls-files", "--error-unmatch", Path(__file__).name):
+        return {}
+    commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return {} if commit is None else {"git_commit": commit, "git_dirty": bool(changes)}
