@@ -104,6 +104,7 @@ class RunDir:
         self.is_main = is_main
         self.processes = processes
         self._tb = None
+        self._resume_step = 0  # TensorBoard events a killed run wrote past it are dropped
 
     # -- life cycle
 
@@ -219,7 +220,7 @@ class RunDir:
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.path / "tb"), purge_step=step)
+            self._tb = SummaryWriter(str(self.path / "tb"), purge_step=min(step, self._resume_step + 1))
         for key, value in metrics.items():
             self._tb.add_scalar(key, value, step)
 
@@ -247,7 +248,9 @@ class RunDir:
         write_text_atomic(self.path / "lineage.json", json.dumps({"stage": self.stage, "inputs": entries}, indent=2))
 
     def trim_metrics(self, resume_step: int) -> None:
-        """Drop metric lines a killed run wrote past the checkpoint it resumes from (or cut in half)."""
+        """Drop metric lines a killed run wrote past the checkpoint it resumes from (or cut in half), and
+        its TensorBoard events past it (whatever steps this run logs at: log_every may have changed)."""
+        self._resume_step = resume_step
         if self.is_main:
             trim_step_log(self.path / "metrics.jsonl", resume_step, keep_equal=True)
 
