@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from instructrl.training.progress import progress_bar, time_remaining
+from instructrl.training.progress import plural, progress_bar, time_remaining
 
 
 def test_progress_prints_lines_when_not_on_a_terminal():
@@ -29,3 +29,8 @@ def test_time_remaining_is_the_mean_pace_since_the_task_began():
     assert time_remaining(total=800, completed=500, first=400, elapsed=10.0) == 30.0  # resumed at 400: 10 steps a second
     assert time_remaining(total=800, completed=400, first=400, elapsed=10.0) is None  # nothing done yet: no pace
     assert time_remaining(total=None, completed=5, first=0, elapsed=1.0) is None
+
+
+def test_plural_counts_one_in_the_singular():
+    assert [plural(1, "step"), plural(45, "step"), plural(1, "process"), plural(2, "process"), plural(0, "iteration")] == \
+        ["1 step", "45 steps", "1 process", "2 processes", "0 iterations"]

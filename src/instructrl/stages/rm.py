@@ -28,6 +28,7 @@ from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
 from instructrl.rundir import RunDir, given_or_earlier, write_text_atomic
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters, write_model
+from instructrl.training.progress import plural
 from instructrl.world.build import WorldFiles, build_world_once, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 from instructrl.world.tasks import Task
@@ -130,7 +131,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
         f"{len(heldout)} held out" + (f", {too_long} with a response longer than {max_length} tokens skipped" if too_long else "")
         + (f", {all_tied} with every response tied (nothing to learn from them)" if all_tied else "")
-        + f", {setup.total_steps} steps on {accelerator.num_processes} process(es), backbone {backbone}")
+        + f", {plural(setup.total_steps, 'step')} on {plural(accelerator.num_processes, 'process')}, backbone {backbone}")
 
     def make_batch(indices: list[int]) -> dict:
         k = max(len(encoded[i]) for i in indices)

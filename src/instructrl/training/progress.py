@@ -43,6 +43,11 @@ def time_remaining(total: float | None, completed: float, first: float, elapsed:
     return (total - completed) * elapsed / (completed - first)
 
 
+def plural(n: int, noun: str) -> str:
+    """``n`` and the noun, in the plural unless one: "1 step", "2 steps", "1 process", "4 processes"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def progress_bar(enabled: bool = True, console: Console | None = None, every_s: float = 30.0) -> Progress:
     return _Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
