@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+import time
 
 from rich.console import Console
 
@@ -19,6 +21,12 @@ def test_progress_prints_lines_when_not_on_a_terminal():
     assert [line.split(" after")[0] for line in lines] == ["sft: 1/3", "sft: 2/3", "sft: 3/3"]
     assert lines[-1].endswith("loss 0.333")
     assert all(" steps/s)" in line or " s/step)" in line for line in lines), lines  # the pace, as tqdm shows it
+    narrow = io.StringIO()  # a narrow terminal shrinks the bar, never breaks the pace over two lines
+    with progress_bar(console=Console(file=narrow, force_terminal=True, width=60)) as bar:
+        task = bar.add_task("sft", total=8, status="score 1.000 (best 1.000 @ 4)")
+        time.sleep(0.01)
+        bar.update(task, completed=8)
+    assert re.search(r"\d\.\d steps/s", narrow.getvalue()), narrow.getvalue()
     silent = io.StringIO()  # a log line at most every 30 s by default
     with progress_bar(console=Console(file=silent, force_terminal=False, width=200)) as bar:
         task = bar.add_task("sft", total=3, status="")
@@ -39,5 +47,5 @@ def test_plural_counts_one_in_the_singular():
 
 def test_pace_is_per_second_or_seconds_each():
     assert pace(done=50, elapsed=4.0, unit="step") == "12.5 steps/s"
-    assert pace(done=3, elapsed=30.0, unit="iteration") == "10.0 s/iteration"  # slower than one a second
+    assert pace(done=3, elapsed=30.0, unit="it") == "10.0 s/it"  # slower than one a second
     assert pace(done=0, elapsed=5.0, unit="step") == ""  # resumed, nothing done yet

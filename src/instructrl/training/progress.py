@@ -6,6 +6,7 @@ import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 from rich.text import Text
 
 
@@ -19,7 +20,7 @@ class _Progress(Progress):
         self._last_line = time.monotonic()
 
     def add_task(self, description: str, *args, completed: float = 0, unit: str = "step", **fields) -> TaskID:
-        """``unit``: what one count is, for the pace ("step", "iteration", "prompt")."""
+        """``unit``: what one count is, for the pace ("step", "it" for a PPO iteration, "prompt")."""
         # first: the count when added (a resumed run's finished steps), which the pace leaves out
         return super().add_task(description, *args, completed=completed, first=completed, unit=unit, **fields)
 
@@ -38,6 +39,9 @@ class _Progress(Progress):
 
 
 class _PaceColumn(ProgressColumn):
+    def __init__(self):
+        super().__init__(table_column=Column(no_wrap=True))  # on a narrow terminal the bar shrinks, not "12.5\nsteps/s"
+
     def render(self, task: Task) -> Text:
         return Text(_pace(task), style="progress.data.speed")
 
@@ -48,7 +52,7 @@ def _pace(task: Task) -> str:
 
 
 def pace(done: float, elapsed: float | None, unit: str) -> str:
-    """"12.5 steps/s", or "3.2 s/iteration" when slower than one a second ("" before the first)."""
+    """"12.5 steps/s", or "3.2 s/it" when slower than one a second ("" before the first)."""
     if done <= 0 or not elapsed:
         return ""
     per_second = done / elapsed
