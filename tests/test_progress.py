@@ -47,5 +47,6 @@ def test_plural_counts_one_in_the_singular():
 
 def test_pace_is_per_second_or_seconds_each():
     assert pace(done=50, elapsed=4.0, unit="step") == "12.5 steps/s"
-    assert pace(done=3, elapsed=30.0, unit="it") == "10.0 s/it"  # slower than one a second
+    assert pace(done=3, elapsed=30.0, unit="iter") == "10.0 s/iter"  # slower than one a second
+    assert pace(done=30, elapsed=3.0, unit="iter") == "10.0 iters/s"
     assert pace(done=0, elapsed=5.0, unit="step") == ""  # resumed, nothing done yet

@@ -222,7 +222,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     ref_model, ref_context = (unwrapped, lambda: adapter_disabled(unwrapped)) if reference is None else (reference, contextlib.nullcontext)
 
     with progress_bar(accelerator.is_main_process) as bar:
-        task = bar.add_task(stage, total=n_iterations, completed=state.step, unit="it", status="")
+        task = bar.add_task(stage, total=n_iterations, completed=state.step, unit="iter", status="")
         while state.step < n_iterations:
             iteration = state.step
             episodes = rank_episodes(cfg.rollout_batch_size, cfg.minibatch_size, world_size, rank)

@@ -20,7 +20,7 @@ class _Progress(Progress):
         self._last_line = time.monotonic()
 
     def add_task(self, description: str, *args, completed: float = 0, unit: str = "step", **fields) -> TaskID:
-        """``unit``: what one count is, for the pace ("step", "it" for a PPO iteration, "prompt")."""
+        """``unit``: what one count is, for the pace ("step", "iter" for a PPO iteration, "prompt")."""
         # first: the count when added (a resumed run's finished steps), which the pace leaves out
         return super().add_task(description, *args, completed=completed, first=completed, unit=unit, **fields)
 
@@ -52,7 +52,7 @@ def _pace(task: Task) -> str:
 
 
 def pace(done: float, elapsed: float | None, unit: str) -> str:
-    """"12.5 steps/s", or "3.2 s/it" when slower than one a second ("" before the first)."""
+    """"12.5 steps/s", or "3.2 s/iter" when slower than one a second ("" before the first)."""
     if done <= 0 or not elapsed:
         return ""
     per_second = done / elapsed
