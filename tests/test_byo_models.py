@@ -157,10 +157,10 @@ def test_examples_longer_than_the_context_or_max_length_are_skipped(tmp_path):
     config = load_config(SMOKE, overrides)
     run_sft(config, log=said.append)
     assert any("sft: 33 demonstrations" in line and "(1 longer than 128 tokens skipped)" in line for line in said)
-    assert f"sft: warning: 1 demonstrations of {data['sft']} have an empty answer (first at {data['sft']}:34)" in "\n".join(said)
+    assert f"sft: warning: 1 demonstration of {data['sft']} has an empty answer (first at {data['sft']}:34)" in "\n".join(said)
     run_rm(config, log=said.append)
     assert any("rm: 33 comparisons" in line and "1 with a response longer than 128 tokens skipped" in line
-               and "1 with every response tied" in line and "steps on 1 process(es)" in line for line in said)
+               and "1 with every response tied" in line and "steps on 1 process," in line for line in said)
     assert any("the 33 demonstrations" in line and "1 longer than 128 tokens left out" in line for line in said)
 
     # a tighter cap of the user's own: only the prompt and a word fit

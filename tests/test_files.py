@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,50 @@ def test_copy_dir_replaces_the_destination_whole(tmp_path):
     assert not (tmp_path / "final.tmp").exists()
     copy_dir(src, tmp_path / "linked", copy_function=os.link)
     assert (tmp_path / "linked" / "model.safetensors").stat().st_ino == (src / "model.safetensors").stat().st_ino
+
+
+def test_metrics_lines_are_standard_json_and_tensorboard_keeps_the_nan(tmp_path):
+    """A NaN (a diverged loss) is null in metrics.jsonl, which JSON parsers other than Python's accept
+    (JSON has no NaN); TensorBoard, which has, shows it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from instructrl.rundir import RunDir
+
+    run = RunDir(load_config(overrides=[f"run.dir={tmp_path}"]), "sft", ("run", "sft"))
+    run.start()
+    run.log(2, {"train/loss": float("nan"), "train/grad_norm": float("inf"), "train/lr": 0.5})
+    run.finish({})
+
+    def strict(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    [line] = (run.path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line, parse_constant=strict) == {"step": 2, "train/loss": None, "train/grad_norm": None, "train/lr": 0.5}
+    events = EventAccumulator(str(run.path / "tb"))
+    events.Reload()
+    [loss] = events.Scalars("train/loss")
+    assert loss.step == 2 and loss.value != loss.value
+
+
+def test_run_json_keeps_the_first_start_and_adds_each_resume(tmp_path, monkeypatch):
+    """Resuming a killed run must not lose how it was first started; the record names the code that ran."""
+    import subprocess
+    import sys
+
+    from instructrl import rundir
+    from instructrl.rundir import RunDir
+
+    config = load_config(overrides=[f"run.dir={tmp_path / 'run'}"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["instructrl", "sft", "-c", "first.yaml"])
+    RunDir(config, "sft", ("run", "sft")).start()
+    monkeypatch.setattr(sys, "argv", ["instructrl", "sft", "-c", "first.yaml", "sft.log_every=5"])
+    RunDir(config, "sft", ("run", "sft")).start()  # the same run, resumed
+    record = json.loads((tmp_path / "run" / "sft" / "run.json").read_text())
+    assert record["command"] == ["instructrl", "sft", "-c", "first.yaml"] and record["cwd"] == str(tmp_path)
+    assert [r["command"][-1] for r in record["resumed"]] == ["sft.log_every=5"]
+    package = Path(rundir.__file__).resolve().parent  # the instructrl being tested
+    head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # the tests run from a git checkout
+        assert record["git_commit"] == head.stdout.strip() and isinstance(record["git_dirty"], bool)
+    assert record["instructrl"] and record["torch"]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import re
+import time
 
 from rich.console import Console
 
-from instructrl.training.progress import progress_bar, time_remaining
+from instructrl.training.progress import pace, plural, progress_bar, time_remaining
 
 
 def test_progress_prints_lines_when_not_on_a_terminal():
@@ -18,6 +20,13 @@ def test_progress_prints_lines_when_not_on_a_terminal():
     lines = [line for line in out.getvalue().splitlines() if line.startswith("sft: ")]
     assert [line.split(" after")[0] for line in lines] == ["sft: 1/3", "sft: 2/3", "sft: 3/3"]
     assert lines[-1].endswith("loss 0.333")
+    assert all(" steps/s)" in line or " s/step)" in line for line in lines), lines  # the pace, as tqdm shows it
+    narrow = io.StringIO()  # a narrow terminal shrinks the bar, never breaks the pace over two lines
+    with progress_bar(console=Console(file=narrow, force_terminal=True, width=60)) as bar:
+        task = bar.add_task("sft", total=8, status="score 1.000 (best 1.000 @ 4)")
+        time.sleep(0.01)
+        bar.update(task, completed=8)
+    assert re.search(r"\d\.\d steps/s", narrow.getvalue()), narrow.getvalue()
     silent = io.StringIO()  # a log line at most every 30 s by default
     with progress_bar(console=Console(file=silent, force_terminal=False, width=200)) as bar:
         task = bar.add_task("sft", total=3, status="")
@@ -29,3 +38,15 @@ def test_time_remaining_is_the_mean_pace_since_the_task_began():
     assert time_remaining(total=800, completed=500, first=400, elapsed=10.0) == 30.0  # resumed at 400: 10 steps a second
     assert time_remaining(total=800, completed=400, first=400, elapsed=10.0) is None  # nothing done yet: no pace
     assert time_remaining(total=None, completed=5, first=0, elapsed=1.0) is None
+
+
+def test_plural_counts_one_in_the_singular():
+    assert [plural(1, "step"), plural(45, "step"), plural(1, "process"), plural(2, "process"), plural(0, "iteration")] == \
+        ["1 step", "45 steps", "1 process", "2 processes", "0 iterations"]
+
+
+def test_pace_is_per_second_or_seconds_each():
+    assert pace(done=50, elapsed=4.0, unit="step") == "12.5 steps/s"
+    assert pace(done=3, elapsed=30.0, unit="iter") == "10.0 s/iter"  # slower than one a second
+    assert pace(done=30, elapsed=3.0, unit="iter") == "10.0 iters/s"
+    assert pace(done=0, elapsed=5.0, unit="step") == ""  # resumed, nothing done yet

@@ -90,6 +90,10 @@ def test_correlation_by_hand():
     assert math.isnan(correlation([1, 2, 3], [7, 7, 7])) and math.isnan(correlation([1, 2], [1, 2]))
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
 def test_rm_stage_on_smoke(tmp_path, smoke_base):
     policy = f"collect.policy={smoke_base / 'pretrain' / 'final'}"
     cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path}", policy)
@@ -116,5 +120,10 @@ def test_rm_stage_on_smoke(tmp_path, smoke_base):
     demos = [tokenize_conversation(tokenizer, r["messages"]).input_ids for _, r in read_jsonl(tmp_path / "world" / "demonstrations.jsonl")]
     rewards = score_sequences(model, demos, tokenizer.pad_token_id, "cpu")
     assert abs(sum(rewards) / len(rewards)) < 1e-4
+    # metrics.jsonl is standard JSON, and a held-out figure with nothing to measure (null above) is not logged as NaN
+    rows = [json.loads(line, parse_constant=_not_json) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    heldout = {k: v for row in rows for k, v in row.items() if k.startswith("heldout/")}
+    assert heldout["heldout/accuracy"] == diagnostics["accuracy"]
+    assert all(isinstance(v, float) for v in heldout.values()), heldout
     lineage = json.loads((tmp_path / "rm" / "lineage.json").read_text())
     assert lineage["inputs"]["comparisons"]["path"].endswith("collect/comparisons.jsonl")

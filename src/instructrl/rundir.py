@@ -2,7 +2,8 @@
 
     runs/<name>/<stage>/
         config.yaml      the resolved pipeline config the stage ran with
-        run.json         seed, command line, library versions, start time, number of processes
+        run.json         seed, command line and working directory, versions (instructrl's git commit in a
+                         checkout), start time, number of processes; a resumed run's starts under "resumed"
         metrics.jsonl    one JSON object per logged step
         tb/              TensorBoard events of the same metrics
         lineage.json     the data and parent checkpoint this stage used, with content hashes (a
@@ -19,12 +20,13 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from instructrl.config import PipelineConfig, dump_config, section
-from instructrl.data.jsonl import complete_lines
+from instructrl.data.jsonl import complete_lines, nan_to_none
 from instructrl.errors import UserError
 
 
@@ -102,6 +104,7 @@ class RunDir:
         self.is_main = is_main
         self.processes = processes
         self._tb = None
+        self._resume_step = 0  # TensorBoard events a killed run wrote past it are dropped
 
     # -- life cycle
 
@@ -178,7 +181,11 @@ class RunDir:
         if previous != self.identity or restart:
             write_text_atomic(saved, json.dumps(self.identity, indent=2))
         write_text_atomic(self.path / "config.yaml", dump_config(self.config))
-        write_text_atomic(self.path / "run.json", json.dumps(_run_info(self.config, self.processes), indent=2))
+        info, record = _run_info(self.config, self.processes), self.path / "run.json"
+        if record.is_file():  # an interrupted run resumed: its first start's record stays, each resume is added
+            first = json.loads(record.read_text())
+            info = first | {"resumed": first.get("resumed", []) + [info]}
+        write_text_atomic(record, json.dumps(info, indent=2))
 
     def contents(self) -> str:
         """What the folder holds, in words: a finished run, or an unfinished one and how far it got."""
@@ -204,14 +211,16 @@ class RunDir:
     # -- records
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """One line of metrics.jsonl, in standard JSON (a NaN, e.g. a diverged loss, as null), and
+        the same scalars in TensorBoard, where a NaN shows as one."""
         if not self.is_main:
             return
         with (self.path / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, **nan_to_none(metrics)}, allow_nan=False) + "\n")
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.path / "tb"), purge_step=step)
+            self._tb = SummaryWriter(str(self.path / "tb"), purge_step=min(step, self._resume_step + 1))
         for key, value in metrics.items():
             self._tb.add_scalar(key, value, step)
 
@@ -239,7 +248,9 @@ class RunDir:
         write_text_atomic(self.path / "lineage.json", json.dumps({"stage": self.stage, "inputs": entries}, indent=2))
 
     def trim_metrics(self, resume_step: int) -> None:
-        """Drop metric lines a killed run wrote past the checkpoint it resumes from (or cut in half)."""
+        """Drop metric lines a killed run wrote past the checkpoint it resumes from (or cut in half), and
+        its TensorBoard events past it (whatever steps this run logs at: log_every may have changed)."""
+        self._resume_step = resume_step
         if self.is_main:
             trim_step_log(self.path / "metrics.jsonl", resume_step, keep_equal=True)
 
@@ -285,13 +296,37 @@ def _run_info(config: PipelineConfig, processes: int) -> dict:
     import torch
     import transformers
 
+    from instructrl import __version__
+
     return {
         "seed": config.run.seed,
         "command": sys.argv,
+        "cwd": os.getcwd(),  # what a relative -c or data path in the command is relative to
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "processes": processes,
         "python": platform.python_version(),
+        "instructrl": __version__,
+        **_source_revision(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
     }
+
+
+def _source_revision() -> dict:
+    """``git_commit`` and ``git_dirty`` (uncommitted changes to it) of instructrl's own source when it
+    runs from a git checkout (an editable install); nothing for an installed package."""
+    package = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):  # no git, or a hung one
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    # the package's files must be tracked: a site-packages inside a user's own repository is not a checkout of instructrl
+    if not git("ls-files", "--error-unmatch", Path(__file__).name):
+        return {}
+    commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return {} if commit is None else {"git_commit": commit, "git_dirty": bool(changes)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -57,12 +58,13 @@ def write_jsonl(path: Path | str, records: Iterable[dict]) -> None:
 
 
 def nan_to_none(value):
-    """JSON has no NaN: a figure with nothing to measure is written as null (dicts and lists walked)."""
+    """JSON has no NaN nor infinity: a figure with nothing to measure (or an overflow) is written as
+    null (dicts and lists walked)."""
     if isinstance(value, dict):
         return {k: nan_to_none(v) for k, v in value.items()}
     if isinstance(value, list):
         return [nan_to_none(v) for v in value]
-    return None if isinstance(value, float) and value != value else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def encodable(text: str, what: str = "the text") -> str:

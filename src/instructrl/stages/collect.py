@@ -76,7 +76,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     if done:
         log(f"collect: resuming after {done} of {len(tasks)} prompts")
     with progress_bar() as bar:
-        progress = bar.add_task("collect", total=len(tasks), completed=done, status=f"K = {cfg.k}")
+        progress = bar.add_task("collect", total=len(tasks), completed=done, unit="prompt", status=f"K = {cfg.k}")
         for start in range(done, len(tasks), cfg.batch_size):
             chunk = tasks[start : start + cfg.batch_size]
             torch.manual_seed(config.run.seed * 1_000_003 + start)  # each chunk's samples depend on it alone

@@ -45,7 +45,7 @@ from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_t
 from instructrl.rundir import RunDir, given_or_earlier
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
-from instructrl.training.progress import progress_bar
+from instructrl.training.progress import plural, progress_bar
 from instructrl.world.build import build_world_once, load_tasks, world_tasks_in
 from instructrl.world.labeler import SimulatedLabeler
 
@@ -213,8 +213,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     run.trim_metrics(state.step)
     n_iterations, world_size, rank = cfg.iterations(), accelerator.num_processes, accelerator.process_index
     log(f"{stage}: {count_parameters(accelerator.unwrap_model(policy)) / 1e6:.2f}M-parameter policy {paths.policy}, reward model {paths.reward_model}; "
-        f"{len(prompts)} prompts, {n_iterations} iterations of {cfg.rollout_batch_size} episodes"
-        + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {world_size} process(es)")
+        f"{len(prompts)} prompts, {plural(n_iterations, 'iteration')} of {cfg.rollout_batch_size} episodes"
+        + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {plural(world_size, 'process')}")
     judge = SimulatedLabeler()
     device = accelerator.device
     unwrapped = accelerator.unwrap_model(policy)  # generation and scoring go around the DDP/FSDP wrapper
@@ -222,7 +222,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     ref_model, ref_context = (unwrapped, lambda: adapter_disabled(unwrapped)) if reference is None else (reference, contextlib.nullcontext)
 
     with progress_bar(accelerator.is_main_process) as bar:
-        task = bar.add_task(stage, total=n_iterations, completed=state.step, status="")
+        task = bar.add_task(stage, total=n_iterations, completed=state.step, unit="iter", status="")
         while state.step < n_iterations:
             iteration = state.step
             episodes = rank_episodes(cfg.rollout_batch_size, cfg.minibatch_size, world_size, rank)

@@ -18,6 +18,7 @@ from instructrl.models.tokenizer import train_tokenizer
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir, replace_dir
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
+from instructrl.training.progress import plural
 from instructrl.world.build import SPLITS, build_world
 
 SECTIONS = ("run", "world", "tokenizer", "model", "pretrain")
@@ -63,7 +64,7 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     set_dropout(model, cfg.dropout)
     setup = prepare_training(accelerator, model, cfg, len(blocks), config.run.seed)
     log(f"pretrain: {count_parameters(model) / 1e6:.2f}M parameters, {len(blocks)} blocks of {cfg.block_size} tokens, "
-        f"{setup.total_steps} steps on {accelerator.num_processes} process(es)")
+        f"{plural(setup.total_steps, 'step')} on {plural(accelerator.num_processes, 'process')}")
 
     def make_batch(indices: list[int]) -> dict:
         ids = blocks[indices].to(accelerator.device)

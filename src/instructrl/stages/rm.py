@@ -28,6 +28,7 @@ from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
 from instructrl.rundir import RunDir, given_or_earlier, write_text_atomic
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters, write_model
+from instructrl.training.progress import plural
 from instructrl.world.build import WorldFiles, build_world_once, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 from instructrl.world.tasks import Task
@@ -130,7 +131,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
         f"{len(heldout)} held out" + (f", {too_long} with a response longer than {max_length} tokens skipped" if too_long else "")
         + (f", {all_tied} with every response tied (nothing to learn from them)" if all_tied else "")
-        + f", {setup.total_steps} steps on {accelerator.num_processes} process(es), backbone {backbone}")
+        + f", {plural(setup.total_steps, 'step')} on {plural(accelerator.num_processes, 'process')}, backbone {backbone}")
 
     def make_batch(indices: list[int]) -> dict:
         k = max(len(encoded[i]) for i in indices)
@@ -166,7 +167,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         diagnostics = diagnose(model, tokenizer, heldout, tasks, accelerator.device)
         diagnostics["reward_bias"] = float(model.reward_bias)
         write_text_atomic(run.path / "diagnostics.json", json.dumps(nan_to_none(diagnostics), indent=2))
-        run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float)})
+        # a figure with nothing to measure (NaN, null in diagnostics.json) is left out, not drawn as NaN
+        run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float) and v == v})
         log(f"rm: held-out accuracy vs {diagnostics['against']} {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
             f"reward~{diagnostics['correlation_with']} r = {figure(diagnostics['gold_correlation'])}, length bias r = {figure(diagnostics['length_bias'])}")
         if "accuracy_by_family" in diagnostics:

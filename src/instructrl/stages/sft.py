@@ -24,6 +24,7 @@ from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir, given_or_earlier
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters
+from instructrl.training.progress import plural
 from instructrl.world.build import build_world_once, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 
@@ -37,7 +38,7 @@ def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str
     demos = read_data(path, "demonstration", data_format)[1]
     empty = empty_answers(demos)
     if empty and log is not None:
-        log(f"warning: {len(empty)} demonstrations of {path} have an empty answer (first at {empty[0]}); "
+        log(f"warning: {plural(len(empty), 'demonstration')} of {path} {'has' if len(empty) == 1 else 'have'} an empty answer (first at {empty[0]}); "
             f"SFT teaches the model to end its answer at once there")
     examples, too_long = [], 0
     for demo in demos:
@@ -107,7 +108,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed, lengths=[len(e.input_ids) for e in examples])
     select = labeler_selection(accelerator, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None
     log(f"sft: {len(examples)} demonstrations from {data_path}" + (f" ({too_long} longer than {max_length} tokens skipped)" if too_long else "")
-        + f", {setup.total_steps} steps on {accelerator.num_processes} process(es), model {model_path}")
+        + f", {plural(setup.total_steps, 'step')} on {plural(accelerator.num_processes, 'process')}, model {model_path}")
 
     def make_batch(indices: list[int]) -> dict:
         ids, attention = pad_sequences([examples[i].input_ids for i in indices], tokenizer.pad_token_id, side="right")

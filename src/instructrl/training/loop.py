@@ -202,7 +202,8 @@ def fit(
         log(f"{description}: parameters sharded over {accelerator.num_processes} processes (FSDP): "
             f"this one holds {count_held_parameters(model)} of {count_parameters(model)} parameters")
     model.train()
-    window_start, window_targets = time.perf_counter(), 0.0
+    # a metric line's loss and throughput are over the steps since the previous line (or the resume), as HF Trainer's
+    window_start, window_targets, window_loss = time.perf_counter(), 0.0, torch.zeros((), device=accelerator.device)
     with progress_bar(accelerator.is_main_process) as bar:
         task = bar.add_task(description, total=total_steps, completed=state.step, status="")
         while state.step < total_steps:
@@ -224,18 +225,19 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             window_targets += global_targets
+            window_loss += loss_sum
             # 5. log, select, checkpoint
             if state.step % config.log_every == 0 or state.step == total_steps:
-                total_loss = accelerator.reduce(loss_sum, "sum").item()
+                total_loss = accelerator.reduce(window_loss, "sum").item()
                 elapsed = time.perf_counter() - window_start
                 metrics = {
-                    "train/loss": total_loss / max(global_targets, 1.0),
+                    "train/loss": total_loss / max(window_targets, 1.0),
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/grad_norm": float(grad_norm),
                     "train/targets_per_s": window_targets / max(elapsed, 1e-9),
                 }
                 run.log(state.step, metrics)
-                window_start, window_targets = time.perf_counter(), 0.0
+                window_start, window_targets, window_loss = time.perf_counter(), 0.0, torch.zeros_like(window_loss)
                 bar.update(task, status=f"loss {metrics['train/loss']:.3f}")
             if select is not None and (state.step % select_every == 0 or state.step == total_steps):
                 model.eval()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
+from rich.text import Text
 
 
 class _Progress(Progress):
@@ -16,12 +18,11 @@ class _Progress(Progress):
         super().__init__(*columns, **kwargs)
         self.every_s = every_s
         self._last_line = time.monotonic()
-        self._first = {}  # task: its count when added (a resumed run's finished steps)
 
-    def add_task(self, description: str, *args, completed: float = 0, **kwargs) -> TaskID:
-        task_id = super().add_task(description, *args, completed=completed, **kwargs)
-        self._first[task_id] = completed
-        return task_id
+    def add_task(self, description: str, *args, completed: float = 0, unit: str = "step", **fields) -> TaskID:
+        """``unit``: what one count is, for the pace ("step", "iter" for a PPO iteration, "prompt")."""
+        # first: the count when added (a resumed run's finished steps), which the pace leaves out
+        return super().add_task(description, *args, completed=completed, first=completed, unit=unit, **fields)
 
     def update(self, task_id: TaskID, **kwargs) -> None:
         super().update(task_id, **kwargs)
@@ -29,10 +30,33 @@ class _Progress(Progress):
             return
         self._last_line = time.monotonic()
         task = self._tasks[task_id]
-        eta = time_remaining(task.total, task.completed, self._first.get(task_id, 0), task.elapsed)
-        remaining = f", eta {eta:.0f} s" if eta is not None else ""
-        self.console.print(f"{task.description}: {task.completed:.0f}/{task.total:.0f} after {task.elapsed or 0:.0f} s{remaining}  "
+        eta = time_remaining(task.total, task.completed, task.fields["first"], task.elapsed)
+        rate = _pace(task)
+        said = f" ({rate})" if rate else ""
+        said += f", eta {eta:.0f} s" if eta is not None else ""
+        self.console.print(f"{task.description}: {task.completed:.0f}/{task.total:.0f} after {task.elapsed or 0:.0f} s{said}  "
                            f"{task.fields.get('status', '')}".rstrip(), highlight=False, soft_wrap=True)
+
+
+class _PaceColumn(ProgressColumn):
+    def __init__(self):
+        super().__init__(table_column=Column(no_wrap=True))  # on a narrow terminal the bar shrinks, not "12.5\nsteps/s"
+
+    def render(self, task: Task) -> Text:
+        return Text(_pace(task), style="progress.data.speed")
+
+
+def _pace(task: Task) -> str:
+    """The mean pace since the task began, as ``pace`` words it."""
+    return pace(task.completed - task.fields["first"], task.elapsed, task.fields["unit"])
+
+
+def pace(done: float, elapsed: float | None, unit: str) -> str:
+    """"12.5 steps/s", or "3.2 s/iter" when slower than one a second ("" before the first)."""
+    if done <= 0 or not elapsed:
+        return ""
+    per_second = done / elapsed
+    return f"{per_second:.1f} {unit}s/s" if per_second >= 1 else f"{1 / per_second:.1f} s/{unit}"
 
 
 def time_remaining(total: float | None, completed: float, first: float, elapsed: float | None) -> float | None:
@@ -43,9 +67,14 @@ def time_remaining(total: float | None, completed: float, first: float, elapsed:
     return (total - completed) * elapsed / (completed - first)
 
 
+def plural(n: int, noun: str) -> str:
+    """``n`` and the noun, in the plural unless one: "1 step", "2 steps", "1 process", "4 processes"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def progress_bar(enabled: bool = True, console: Console | None = None, every_s: float = 30.0) -> Progress:
     return _Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), _PaceColumn(),
         TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
         disable=not enabled, transient=False, console=console, every_s=every_s,
     )
