@@ -4,6 +4,7 @@ adapter off (one base model), and every checkpoint is a merged full model."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -99,3 +100,34 @@ def test_sft_rm_ppo_with_lora(tmp_path):
     assert 0.8 * base_mb < saved < base_mb  # the reference's copy, less the adapters' few parameters
     assert metrics[0]["memory/optimizer_state_mb"] < 0.5 * full_metrics["memory/optimizer_state_mb"]
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), sft_model.parameters()))
+
+
+@pytest.mark.parametrize("targets, message", [
+    ("[]", "name at least one module, or give all-linear"),
+    ("[all-linear,q_proj]", "all-linear already adapts every linear layer; give it alone"),
+])
+def test_target_modules_config_is_one_way_to_choose(targets, message):
+    with pytest.raises(UserError, match=rf"override 'sft.lora.target_modules={re.escape(targets)}': bad value for 'sft.lora.target_modules': {message}"):
+        load_config(SMOKE, [f"sft.lora.target_modules={targets}"])
+
+
+@pytest.mark.parametrize("target, found", [
+    ("nonexistent", "'nonexistent' names no module of the model"),
+    ("mlp", "'mlp' names LlamaMLP modules, which LoRA cannot wrap"),
+    ("norm", "'norm' names LlamaRMSNorm modules, which LoRA cannot wrap"),
+])
+def test_a_target_module_lora_cannot_use_is_one_line_before_the_run_folder_is_written(tmp_path, target, found):
+    from instructrl.stages.rm import run_rm
+    from instructrl.stages.sft import run_sft
+
+    model_dir, data, run = save_tiny_model("llama", tmp_path / "llama"), user_data(tmp_path / "data"), tmp_path / "run"
+    config = load_config(SMOKE, [f"run.dir={run}", f"sft.model={model_dir}", f"sft.data={data['sft']}", "sft.lora.enabled=true",
+                                 f"sft.lora.target_modules=[{target}]", f"rm.model={model_dir}", f"rm.data={data['rm']}",
+                                 "rm.lora.enabled=true", f"rm.lora.target_modules=[{target}]"])
+    layers = "down_proj, embed_tokens, gate_proj, k_proj, {}o_proj, q_proj, up_proj, v_proj (or give all-linear)"
+    with pytest.raises(UserError, match=re.escape(f"sft.lora.target_modules: {found}; its linear and embedding layers are {layers.format('lm_head, ')}")):
+        run_sft(config, log=lambda *_: None)
+    with pytest.raises(UserError, match=re.escape(f"rm.lora.target_modules: {found}; its linear and embedding layers are {layers.format('')}")):
+        run_rm(config, log=lambda *_: None)
+    assert not (run / "sft").exists() and not (run / "rm").exists()
+

@@ -17,6 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from instructrl.config import LoRAConfig
+from instructrl.errors import UserError
 from instructrl.models.base import saved_dropout
 
 
@@ -26,8 +27,31 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = config.target_modules if config.target_modules != ["all-linear"] else "all-linear"
+    if targets != "all-linear":
+        check_targets(model, targets)
     peft_config = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, bias="none")
     return get_peft_model(model, peft_config)
+
+
+def _adaptable_types() -> tuple[type, ...]:
+    """The layer types peft's LoRA can wrap (its own list)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D
+
+
+def check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Refuse a target that names no module of ``model``, or a module LoRA cannot wrap (a block, a
+    norm), naming the layers it can; peft would stop with a traceback. A target matches a module
+    whose dotted name is it or ends with it, as in peft."""
+    adaptable = _adaptable_types()
+    layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, adaptable)})
+    for target in targets:
+        matched = [module for name, module in model.named_modules() if name == target or name.endswith("." + target)]
+        wrong = sorted({type(m).__name__ for m in matched if not isinstance(m, adaptable)})
+        if not matched or wrong:
+            found = f"'{target}' names {' and '.join(wrong)} modules, which LoRA cannot wrap" if wrong else f"'{target}' names no module of the model"
+            raise UserError(f"{found}; its linear and embedding layers are {', '.join(layers)} (or give all-linear)")
 
 
 def is_lora(model: nn.Module) -> bool:

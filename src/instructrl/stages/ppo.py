@@ -128,8 +128,9 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     if cfg.lora.enabled:
         if cfg.reference is not None and cfg.reference != paths.policy:
             raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
-        value_model.backbone = add_lora(value_model.backbone, cfg.lora)
-        return add_lora(policy, cfg.lora), None, reward_model, value_model
+        with located("ppo.lora.target_modules"):
+            value_model.backbone = add_lora(value_model.backbone, cfg.lora)
+            return add_lora(policy, cfg.lora), None, reward_model, value_model
     with located("ppo.reference"):
         reference = load_causal_lm(paths.reference, dropout=0.0, tokenizer=tokenizer).eval().requires_grad_(False)
     if cfg.attn_implementation is not None:

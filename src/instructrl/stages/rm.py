@@ -118,13 +118,14 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     has_world = cfg.data is None or WorldFiles(root / "world").manifest.is_file()
     world = build_world_once(config.world, root / "world", accelerator) if has_world else None
     demos, centred = centring_set(cfg.demonstrations or (world.demonstrations if world else None), tokenizer, train, encoded, max_length)
-    run.start(restart, log)
-    run.write_lineage({"backbone": backbone, "comparisons": data})
-
     set_dropout(model.backbone, cfg.dropout)
     apply_switches(model.backbone, cfg)
     if cfg.lora.enabled:
-        model.backbone = add_lora(model.backbone, cfg.lora)  # the head stays fully trainable
+        with located("rm.lora.target_modules"):
+            model.backbone = add_lora(model.backbone, cfg.lora)  # the head stays fully trainable
+    run.start(restart, log)
+    run.write_lineage({"backbone": backbone, "comparisons": data})
+
     setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed, lengths=[max(map(len, seqs)) for seqs in encoded])
     all_tied = sum(len(set(r.ranks)) == 1 for r in train)
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "

@@ -98,7 +98,8 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     examples, too_long = load_demonstrations(data_path, tokenizer, max_length, cfg.data_format, lambda line: log(f"sft: {line}"))
     apply_switches(model, cfg)
     if cfg.lora.enabled:
-        model = add_lora(model, cfg.lora)
+        with located("sft.lora.target_modules"):
+            model = add_lora(model, cfg.lora)
     cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")
     if not builtin:
         warn_of_control_tokens(data_path, tokenizer, "records", lambda line: log(f"sft: {line}"))
