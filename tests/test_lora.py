@@ -131,3 +131,18 @@ def test_a_target_module_lora_cannot_use_is_one_line_before_the_run_folder_is_wr
         run_rm(config, log=lambda *_: None)
     assert not (run / "sft").exists() and not (run / "rm").exists()
 
+
+def test_ppo_refuses_adapter_dropout_which_would_make_the_first_ratio_differ_from_one(tmp_path):
+    from instructrl.models.reward import RewardModel
+    from instructrl.stages.ppo import run_ppo
+
+    model_dir, data, run = save_tiny_model("llama", tmp_path / "llama"), user_data(tmp_path / "data"), tmp_path / "run"
+    tokenizer = load_tokenizer(model_dir)
+    RewardModel.from_causal_lm(model_dir, tokenizer).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    config = load_config(SMOKE, [f"run.dir={run}", f"ppo.policy={model_dir}", f"ppo.reward_model={tmp_path / 'rm'}", f"ppo.prompts={data['prompts']}",
+                                 f"ppo.ptx_data={data['text']}", "ppo.episodes=16", "ppo.lora.enabled=true", "ppo.lora.dropout=0.1"])
+    with pytest.raises(UserError, match=r"^ppo\.lora\.dropout = 0\.1: PPO runs every model without dropout.*; set it to 0$"):
+        run_ppo(config, log=lambda *_: None)
+    assert not (run / "ppo_ptx").exists()
+

@@ -116,6 +116,11 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     """The frozen reward model, the value model (from ``paths.value_model``, the RM by default) and
     the frozen reference; with ppo.lora the policy and value model get adapters and the reference is
     None (the policy with its adapter off: one copy of the base model)."""
+    if cfg.lora.enabled and cfg.reference is not None and cfg.reference != paths.policy:
+        raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
+    if cfg.lora.enabled and cfg.lora.dropout > 0:  # the adapters' dropout would be on in the update and off in the rollout
+        raise UserError(f"ppo.lora.dropout = {cfg.lora.dropout}: PPO runs every model without dropout, so that an update's "
+                        "log-probs and values are the rollout's until the weights move (the first ratio is 1); set it to 0")
     with located("ppo.reward_model"):
         reward_model = RewardModel.from_pretrained(paths.reward_model).eval().requires_grad_(False)
     with located("ppo.value_model"):
@@ -126,8 +131,6 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     if cfg.attn_implementation is not None:
         reward_model.backbone.set_attn_implementation(cfg.attn_implementation)
     if cfg.lora.enabled:
-        if cfg.reference is not None and cfg.reference != paths.policy:
-            raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
         with located("ppo.lora.target_modules"):
             value_model.backbone = add_lora(value_model.backbone, cfg.lora)
             return add_lora(policy, cfg.lora), None, reward_model, value_model
