@@ -146,3 +146,31 @@ def test_ppo_refuses_adapter_dropout_which_would_make_the_first_ratio_differ_fro
         run_ppo(config, log=lambda *_: None)
     assert not (run / "ppo_ptx").exists()
 
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens", "q_proj"])
+def test_an_adapter_on_a_tied_head_saves_a_model_whose_config_unties_it(tmp_path, target):
+    from transformers import LlamaConfig
+    from tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer("none", False)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                                        intermediate_size=64, vocab_size=len(tokenizer), tie_word_embeddings=True))
+    model = add_lora(base, LoRAConfig(enabled=True, r=4, target_modules=[target]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    ids = torch.tensor([tokenizer("Say cat.").input_ids])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    save_full(model, tmp_path / "merged")
+    tied = json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"]
+    # a loader that ties head and embeddings by the config would otherwise drop the adapter's update of one of them
+    assert tied is (target == "q_proj")
+    assert model.get_base_model().config.tie_word_embeddings  # the model in training is left as it was
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
+

@@ -14,6 +14,7 @@ import contextlib
 import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from instructrl.config import LoRAConfig
@@ -77,6 +78,25 @@ def merged_state_dict(model: nn.Module) -> dict:
     return state
 
 
+@contextlib.contextmanager
+def _tied_only_if_equal(base: nn.Module, state: dict):
+    """A context in which ``base``'s config ties its LM head to its embeddings only while their merged
+    weights in ``state`` agree. An adapter on one of the two (target_modules lm_head or embed_tokens of
+    a tied model) sets them apart, and a loader that ties by the config would drop one's update."""
+    names = {id(module): name for name, module in base.named_modules()}
+    layers = [base.get_input_embeddings(), base.get_output_embeddings()]
+    keys = [f"{names[id(layer)]}.weight" for layer in layers if layer is not None and id(layer) in names]
+    apart = (getattr(base.config, "tie_word_embeddings", False) and len(keys) == 2 and all(k in state for k in keys)
+             and not torch.equal(state[keys[0]], state[keys[1]]))
+    if apart:
+        base.config.tie_word_embeddings = False
+    try:
+        yield
+    finally:
+        if apart:
+            base.config.tie_word_embeddings = True
+
+
 def save_full(model: nn.Module, dest: Path, state_dict: dict | None = None) -> None:
     """``save_pretrained`` to ``dest``; a LoRA model as its merged full weights, plus its adapter in dest/adapter.
     ``state_dict``: the full weights to write instead of the model's own (gathered from FSDP shards)."""
@@ -86,8 +106,9 @@ def save_full(model: nn.Module, dest: Path, state_dict: dict | None = None) -> N
         return
     if state_dict is not None:
         raise ValueError("save_full: a LoRA model is merged from its own weights; no state_dict")
-    with saved_dropout(model.get_base_model()) as base:
-        base.save_pretrained(dest, state_dict={k: v.contiguous() for k, v in merged_state_dict(model).items()})
+    state = {k: v.contiguous() for k, v in merged_state_dict(model).items()}
+    with saved_dropout(model.get_base_model()) as base, _tied_only_if_equal(base, state):
+        base.save_pretrained(dest, state_dict=state)
     with warnings.catch_warnings():  # peft warns that it keeps embeddings resized for an added PAD: the adapter needs them
         warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
         model.save_pretrained(Path(dest) / "adapter")
