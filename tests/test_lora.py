@@ -174,3 +174,14 @@ def test_an_adapter_on_a_tied_head_saves_a_model_whose_config_unties_it(tmp_path
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
 
+
+def test_lora_stages_log_how_many_parameters_train(tmp_path):
+    from instructrl.stages.sft import run_sft
+
+    model_dir, data = save_tiny_model("llama", tmp_path / "llama"), user_data(tmp_path / "data")
+    config = load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"sft.model={model_dir}", f"sft.data={data['sft']}", "sft.lora.enabled=true", "sft.lora.r=2"])
+    lines = []
+    run_sft(config, log=lines.append)
+    model = add_lora(load_causal_lm(model_dir, tokenizer=load_tokenizer(model_dir)), LoRAConfig(enabled=True, r=2))
+    trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+    assert any(line.endswith(f"; LoRA: {trainable:,} of {total:,} parameters train ({trainable / total:.2%})") for line in lines), lines

@@ -55,6 +55,13 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
             raise UserError(f"{found}; its linear and embedding layers are {', '.join(layers)} (or give all-linear)")
 
 
+def trainable_share(model: nn.Module) -> str:
+    """How many of ``model``'s parameters train, for a stage's log (as peft's print_trainable_parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%})"
+
+
 def is_lora(model: nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 

@@ -34,7 +34,7 @@ from instructrl.data.packing import pack_documents
 from instructrl.data.formats import Prompt, read_prompts, read_texts, warn_of_control_tokens
 from instructrl.errors import UserError, located
 from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, optimizer_state_bytes, parameter_bytes, set_dropout
-from instructrl.models.lora import adapter_disabled, add_lora
+from instructrl.models.lora import adapter_disabled, add_lora, trainable_share
 from instructrl.models.reward import RewardModel
 from instructrl.rl.episodes import episode_seed, prompt_order, rank_episodes
 from instructrl.rl.kl_control import KLController
@@ -218,7 +218,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     n_iterations, world_size, rank = cfg.iterations(), accelerator.num_processes, accelerator.process_index
     log(f"{stage}: {count_parameters(accelerator.unwrap_model(policy)) / 1e6:.2f}M-parameter policy {paths.policy}, reward model {paths.reward_model}; "
         f"{len(prompts)} prompts, {n_iterations} iterations of {cfg.rollout_batch_size} episodes"
-        + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {world_size} process(es)")
+        + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {world_size} process(es)"
+        + (f"; LoRA: policy {trainable_share(policy)}, value model {trainable_share(value_model)}" if cfg.lora.enabled else ""))
     judge = SimulatedLabeler()
     device = accelerator.device
     unwrapped = accelerator.unwrap_model(policy)  # generation and scoring go around the DDP/FSDP wrapper

@@ -22,7 +22,7 @@ from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError, located
 from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, correlation, figure, length_bias, pairwise_accuracy
 from instructrl.models.base import apply_switches, length_cap, load_tokenizer, set_dropout
-from instructrl.models.lora import add_lora
+from instructrl.models.lora import add_lora, trainable_share
 from instructrl.models.reward import RewardModel
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
@@ -131,7 +131,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
         f"{len(heldout)} held out" + (f", {too_long} with a response longer than {max_length} tokens skipped" if too_long else "")
         + (f", {all_tied} with every response tied (nothing to learn from them)" if all_tied else "")
-        + f", {setup.total_steps} steps on {accelerator.num_processes} process(es), backbone {backbone}")
+        + f", {setup.total_steps} steps on {accelerator.num_processes} process(es), backbone {backbone}"
+        + (f"; LoRA: {trainable_share(model)}" if cfg.lora.enabled else ""))
 
     def make_batch(indices: list[int]) -> dict:
         k = max(len(encoded[i]) for i in indices)
