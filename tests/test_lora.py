@@ -100,6 +100,11 @@ def test_sft_rm_ppo_with_lora(tmp_path):
     assert 0.8 * base_mb < saved < base_mb  # the reference's copy, less the adapters' few parameters
     assert metrics[0]["memory/optimizer_state_mb"] < 0.5 * full_metrics["memory/optimizer_state_mb"]
     assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), sft_model.parameters()))
+    # the PPO adapter belongs to the SFT model it started from, as the README says (not the user's base model)
+    assert json.loads((ppo / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(sft)
+    with torch.no_grad():
+        assert torch.allclose(PeftModel.from_pretrained(sft_model, ppo / "adapter").eval()(input_ids=ids).logits,
+                              policy.eval()(input_ids=ids).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("targets, message", [
