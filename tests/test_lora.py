@@ -137,19 +137,35 @@ def test_a_target_module_lora_cannot_use_is_one_line_before_the_run_folder_is_wr
     assert not (run / "sft").exists() and not (run / "rm").exists()
 
 
-def test_ppo_refuses_adapter_dropout_which_would_make_the_first_ratio_differ_from_one(tmp_path):
+def _tiny_ppo_config(tmp_path, *overrides: str):
+    """PPO with LoRA from a tiny Llama and a reward model on its backbone (untrained: nothing is learnt)."""
     from instructrl.models.reward import RewardModel
-    from instructrl.stages.ppo import run_ppo
 
-    model_dir, data, run = save_tiny_model("llama", tmp_path / "llama"), user_data(tmp_path / "data"), tmp_path / "run"
+    model_dir, data = save_tiny_model("llama", tmp_path / "llama"), user_data(tmp_path / "data")
     tokenizer = load_tokenizer(model_dir)
     RewardModel.from_causal_lm(model_dir, tokenizer).save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
-    config = load_config(SMOKE, [f"run.dir={run}", f"ppo.policy={model_dir}", f"ppo.reward_model={tmp_path / 'rm'}", f"ppo.prompts={data['prompts']}",
-                                 f"ppo.ptx_data={data['text']}", "ppo.episodes=16", "ppo.lora.enabled=true", "ppo.lora.dropout=0.1"])
+    return load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"ppo.policy={model_dir}", f"ppo.reward_model={tmp_path / 'rm'}",
+                               f"ppo.prompts={data['prompts']}", f"ppo.ptx_data={data['text']}", "ppo.episodes=16", "ppo.lora.enabled=true", *overrides])
+
+
+def test_ppo_refuses_adapter_dropout_which_would_make_the_first_ratio_differ_from_one(tmp_path):
+    from instructrl.stages.ppo import run_ppo
+
     with pytest.raises(UserError, match=r"^ppo\.lora\.dropout = 0\.1: PPO runs every model without dropout.*; set it to 0$"):
-        run_ppo(config, log=lambda *_: None)
-    assert not (run / "ppo_ptx").exists()
+        run_ppo(_tiny_ppo_config(tmp_path, "ppo.lora.dropout=0.1"), log=lambda *_: None)
+    assert not (tmp_path / "run" / "ppo_ptx").exists()
+
+
+def test_ppo_value_model_takes_the_targets_its_backbone_has(tmp_path):
+    from instructrl.stages.ppo import run_ppo
+
+    # the LM head is the policy's alone: the value model (a backbone and a scalar head) adapts q_proj only
+    final = run_ppo(_tiny_ppo_config(tmp_path, "ppo.lora.target_modules=[q_proj,lm_head]"), log=lambda *_: None)
+    targets = lambda folder: set(json.loads((folder / "adapter" / "adapter_config.json").read_text())["target_modules"])  # noqa: E731
+    assert targets(final) == {"q_proj", "lm_head"} and targets(final.parent / "value") == {"q_proj"}
+    with pytest.raises(UserError, match=r"^ppo\.lora\.target_modules \(on the value model's backbone\): 'lm_head' names no module of the model"):
+        run_ppo(_tiny_ppo_config(tmp_path / "2", "ppo.lora.target_modules=[lm_head]"), log=lambda *_: None)
 
 
 @pytest.mark.parametrize("target", ["lm_head", "embed_tokens", "q_proj"])

@@ -41,18 +41,30 @@ def _adaptable_types() -> tuple[type, ...]:
     return nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D
 
 
+def _named(name: str, target: str) -> bool:
+    """Whether ``target`` names the module called ``name``: its dotted name is it or ends with it, as in peft."""
+    return name == target or name.endswith("." + target)
+
+
 def check_targets(model: nn.Module, targets: list[str]) -> None:
     """Refuse a target that names no module of ``model``, or a module LoRA cannot wrap (a block, a
-    norm), naming the layers it can; peft would stop with a traceback. A target matches a module
-    whose dotted name is it or ends with it, as in peft."""
+    norm), naming the layers it can; peft would stop with a traceback, or pass over a misspelt name."""
     adaptable = _adaptable_types()
     layers = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, adaptable)})
     for target in targets:
-        matched = [module for name, module in model.named_modules() if name == target or name.endswith("." + target)]
+        matched = [module for name, module in model.named_modules() if _named(name, target)]
         wrong = sorted({type(m).__name__ for m in matched if not isinstance(m, adaptable)})
         if not matched or wrong:
             found = f"'{target}' names {' and '.join(wrong)} modules, which LoRA cannot wrap" if wrong else f"'{target}' names no module of the model"
             raise UserError(f"{found}; its linear and embedding layers are {', '.join(layers)} (or give all-linear)")
+
+
+def targets_in(model: nn.Module, config: LoRAConfig) -> LoRAConfig:
+    """``config`` with only the targets that name a module of ``model``, unless none does: PPO's value
+    model takes the policy's targets but has no LM head."""
+    names = [name for name, _ in model.named_modules()]
+    present = [t for t in config.target_modules if t == "all-linear" or any(_named(name, t) for name in names)]
+    return config.model_copy(update={"target_modules": present}) if present else config
 
 
 def trainable_share(model: nn.Module) -> str:

@@ -34,7 +34,7 @@ from instructrl.data.packing import pack_documents
 from instructrl.data.formats import Prompt, read_prompts, read_texts, warn_of_control_tokens
 from instructrl.errors import UserError, located
 from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, optimizer_state_bytes, parameter_bytes, set_dropout
-from instructrl.models.lora import adapter_disabled, add_lora, trainable_share
+from instructrl.models.lora import adapter_disabled, add_lora, targets_in, trainable_share
 from instructrl.models.reward import RewardModel
 from instructrl.rl.episodes import episode_seed, prompt_order, rank_episodes
 from instructrl.rl.kl_control import KLController
@@ -131,8 +131,9 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     if cfg.attn_implementation is not None:
         reward_model.backbone.set_attn_implementation(cfg.attn_implementation)
     if cfg.lora.enabled:
+        with located("ppo.lora.target_modules (on the value model's backbone)"):
+            value_model.backbone = add_lora(value_model.backbone, targets_in(value_model.backbone, cfg.lora))
         with located("ppo.lora.target_modules"):
-            value_model.backbone = add_lora(value_model.backbone, cfg.lora)
             return add_lora(policy, cfg.lora), None, reward_model, value_model
     with located("ppo.reference"):
         reference = load_causal_lm(paths.reference, dropout=0.0, tokenizer=tokenizer).eval().requires_grad_(False)
