@@ -98,6 +98,16 @@ class LoRAConfig(Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: list[str] = Field(["all-linear"], description="Module names to adapt, or all-linear (every linear layer but the output head).")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _one_way_to_choose(cls, value: list[str]) -> list[str]:
+        # peft would take all-linear beside other names as one more module name, matching nothing
+        if not value:
+            raise ValueError("name at least one module, or give all-linear")
+        if "all-linear" in value and len(value) > 1:
+            raise ValueError("all-linear already adapts every linear layer; give it alone, or name the modules")
+        return value
+
 
 class TrainConfig(Strict):
     """What every training stage shares: batch sizes, optimiser, schedule, checkpoints."""

@@ -34,7 +34,7 @@ from instructrl.data.packing import pack_documents
 from instructrl.data.formats import Prompt, read_prompts, read_texts, warn_of_control_tokens
 from instructrl.errors import UserError, located
 from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, optimizer_state_bytes, parameter_bytes, set_dropout
-from instructrl.models.lora import adapter_disabled, add_lora
+from instructrl.models.lora import adapter_disabled, add_lora, targets_in, trainable_share
 from instructrl.models.reward import RewardModel
 from instructrl.rl.episodes import episode_seed, prompt_order, rank_episodes
 from instructrl.rl.kl_control import KLController
@@ -116,6 +116,11 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     """The frozen reward model, the value model (from ``paths.value_model``, the RM by default) and
     the frozen reference; with ppo.lora the policy and value model get adapters and the reference is
     None (the policy with its adapter off: one copy of the base model)."""
+    if cfg.lora.enabled and cfg.reference is not None and cfg.reference != paths.policy:
+        raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
+    if cfg.lora.enabled and cfg.lora.dropout > 0:  # the adapters' dropout would be on in the update and off in the rollout
+        raise UserError(f"ppo.lora.dropout = {cfg.lora.dropout}: PPO runs every model without dropout, so that an update's "
+                        "log-probs and values are the rollout's until the weights move (the first ratio is 1); set it to 0")
     with located("ppo.reward_model"):
         reward_model = RewardModel.from_pretrained(paths.reward_model).eval().requires_grad_(False)
     with located("ppo.value_model"):
@@ -126,10 +131,10 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     if cfg.attn_implementation is not None:
         reward_model.backbone.set_attn_implementation(cfg.attn_implementation)
     if cfg.lora.enabled:
-        if cfg.reference is not None and cfg.reference != paths.policy:
-            raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
-        value_model.backbone = add_lora(value_model.backbone, cfg.lora)
-        return add_lora(policy, cfg.lora), None, reward_model, value_model
+        with located("ppo.lora.target_modules (on the value model's backbone)"):
+            value_model.backbone = add_lora(value_model.backbone, targets_in(value_model.backbone, cfg.lora))
+        with located("ppo.lora.target_modules"):
+            return add_lora(policy, cfg.lora), None, reward_model, value_model
     with located("ppo.reference"):
         reference = load_causal_lm(paths.reference, dropout=0.0, tokenizer=tokenizer).eval().requires_grad_(False)
     if cfg.attn_implementation is not None:
@@ -214,7 +219,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     n_iterations, world_size, rank = cfg.iterations(), accelerator.num_processes, accelerator.process_index
     log(f"{stage}: {count_parameters(accelerator.unwrap_model(policy)) / 1e6:.2f}M-parameter policy {paths.policy}, reward model {paths.reward_model}; "
         f"{len(prompts)} prompts, {plural(n_iterations, 'iteration')} of {cfg.rollout_batch_size} episodes"
-        + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {plural(world_size, 'process')}")
+        + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {plural(world_size, 'process')}"
+        + (f"; LoRA: policy {trainable_share(policy)}, value model {trainable_share(value_model)}" if cfg.lora.enabled else ""))
     judge = SimulatedLabeler()
     device = accelerator.device
     unwrapped = accelerator.unwrap_model(policy)  # generation and scoring go around the DDP/FSDP wrapper

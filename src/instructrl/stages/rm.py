@@ -22,7 +22,7 @@ from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError, located
 from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, correlation, figure, length_bias, pairwise_accuracy
 from instructrl.models.base import apply_switches, length_cap, load_tokenizer, set_dropout
-from instructrl.models.lora import add_lora
+from instructrl.models.lora import add_lora, trainable_share
 from instructrl.models.reward import RewardModel
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
@@ -119,19 +119,21 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     has_world = cfg.data is None or WorldFiles(root / "world").manifest.is_file()
     world = build_world_once(config.world, root / "world", accelerator) if has_world else None
     demos, centred = centring_set(cfg.demonstrations or (world.demonstrations if world else None), tokenizer, train, encoded, max_length)
-    run.start(restart, log)
-    run.write_lineage({"backbone": backbone, "comparisons": data})
-
     set_dropout(model.backbone, cfg.dropout)
     apply_switches(model.backbone, cfg)
     if cfg.lora.enabled:
-        model.backbone = add_lora(model.backbone, cfg.lora)  # the head stays fully trainable
+        with located("rm.lora.target_modules"):
+            model.backbone = add_lora(model.backbone, cfg.lora)  # the head stays fully trainable
+    run.start(restart, log)
+    run.write_lineage({"backbone": backbone, "comparisons": data})
+
     setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed, lengths=[max(map(len, seqs)) for seqs in encoded])
     all_tied = sum(len(set(r.ranks)) == 1 for r in train)
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
         f"{len(heldout)} held out" + (f", {too_long} with a response longer than {max_length} tokens skipped" if too_long else "")
         + (f", {all_tied} with every response tied (nothing to learn from them)" if all_tied else "")
-        + f", {plural(setup.total_steps, 'step')} on {plural(accelerator.num_processes, 'process')}, backbone {backbone}")
+        + f", {plural(setup.total_steps, 'step')} on {plural(accelerator.num_processes, 'process')}, backbone {backbone}"
+        + (f"; LoRA: {trainable_share(model)}" if cfg.lora.enabled else ""))
 
     def make_batch(indices: list[int]) -> dict:
         k = max(len(encoded[i]) for i in indices)

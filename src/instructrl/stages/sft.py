@@ -19,7 +19,7 @@ from instructrl.data.formats import empty_answers, read_data, warn_of_control_to
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import apply_switches, length_cap, load_causal_lm, load_tokenizer
-from instructrl.models.lora import add_lora
+from instructrl.models.lora import add_lora, trainable_share
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir, given_or_earlier
@@ -99,7 +99,8 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     examples, too_long = load_demonstrations(data_path, tokenizer, max_length, cfg.data_format, lambda line: log(f"sft: {line}"))
     apply_switches(model, cfg)
     if cfg.lora.enabled:
-        model = add_lora(model, cfg.lora)
+        with located("sft.lora.target_modules"):
+            model = add_lora(model, cfg.lora)
     cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")
     if not builtin:
         warn_of_control_tokens(data_path, tokenizer, "records", lambda line: log(f"sft: {line}"))
@@ -108,7 +109,8 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed, lengths=[len(e.input_ids) for e in examples])
     select = labeler_selection(accelerator, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None
     log(f"sft: {len(examples)} demonstrations from {data_path}" + (f" ({too_long} longer than {max_length} tokens skipped)" if too_long else "")
-        + f", {plural(setup.total_steps, 'step')} on {plural(accelerator.num_processes, 'process')}, model {model_path}")
+        + f", {plural(setup.total_steps, 'step')} on {plural(accelerator.num_processes, 'process')}, model {model_path}"
+        + (f"; LoRA: {trainable_share(model)}" if cfg.lora.enabled else ""))
 
     def make_batch(indices: list[int]) -> dict:
         ids, attention = pad_sequences([examples[i].input_ids for i in indices], tokenizer.pad_token_id, side="right")
