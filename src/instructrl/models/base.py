@@ -227,7 +227,11 @@ def apply_switches(model: nn.Module, switches) -> nn.Module:
     if switches.attn_implementation is not None:
         model.set_attn_implementation(switches.attn_implementation)
     if switches.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns and goes in v6
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 
