@@ -44,8 +44,10 @@ def test_pipeline_smoke_writes_every_record(tmp_path):
     before = (run_dir / "eval" / "results.json").read_text()
     typo = cli("eval", "-c", str(SMOKE), f"run.dir={run_dir}", f"eval.models={{sft: {run_dir}/sft/final, x: {run_dir}/pp/final}}", check=False)
     assert typo.returncode == 2 and "pp/final" in typo.stderr and (run_dir / "eval" / "results.json").read_text() == before
-    alone = cli("eval", "-c", str(SMOKE), f"run.dir={run_dir}", f"eval.models={{ppo: {run_dir}/ppo/final}}", "eval.n_prompts=4")
+    # (a model given relative to where the command runs is recorded where it is, for results.json read from anywhere)
+    alone = cli("eval", "-c", str(SMOKE), f"run.dir={run_dir}", "eval.models={ppo: ppo/final}", "eval.n_prompts=4", cwd=run_dir)
     assert "no model is named 'sft'" in alone.stderr and "report:" in alone.stderr
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["models"] == {"ppo": str((run_dir / "ppo" / "final").resolve())}
     # the world is what the stages learnt from: another world's config is refused, not written over it
     other = cli("world", "-c", str(SMOKE), f"run.dir={run_dir}", "world.seed=1", check=False)
     assert other.returncode == 2 and "world.seed: 0 -> 1" in other.stderr

@@ -160,7 +160,9 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
             for name in answers if name != GOLD_ANSWERS}}
         for i, t in enumerate(tasks)
     ))
-    (run.path / "results.json").write_text(json.dumps({"models": models, "n_prompts": len(tasks), "results": results}, indent=2))
+    # a folder as an absolute path (results.json is read from anywhere), a hub name as given
+    where = {name: str(Path(path).resolve()) if Path(path).exists() else path for name, path in models.items()}
+    (run.path / "results.json").write_text(json.dumps({"models": where, "n_prompts": len(tasks), "results": results}, indent=2))
     run.write_lineage({f"model:{name}": path for name, path in models.items()} | {"prompts": world.prompts("eval")})
     run.finish({"results": run.path / "results.json"})
     return results
