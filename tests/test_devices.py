@@ -3,6 +3,8 @@ when there is one, and the tensors a stage makes follow its model's device."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 
@@ -82,3 +84,60 @@ def test_pretraining_loss_feeds_the_model_on_its_device(monkeypatch):
     monkeypatch.setattr(evaluate, "pack_documents", lambda tokenizer, docs, block: torch.zeros(3, 4, dtype=torch.long))
     monkeypatch.setattr(evaluate, "next_token_nll", lambda logits, ids, mask: (torch.tensor(6.0), torch.tensor(3.0)))
     assert evaluate.pretraining_loss(DeviceCheckingLM(5), None, ["a text"]) == 2.0
+
+
+def test_deepspeed_steps_once_per_optimizer_step_not_once_per_micro_batch():
+    """Accelerate's DeepSpeed engine steps the optimizer inside ``accelerator.backward`` whenever
+    ``sync_gradients`` is set; the loop clears it on all but an optimizer step's last micro-batch."""
+    from accelerate import Accelerator
+
+    from instructrl.training.loop import backward_micro_batches
+
+    accelerator = Accelerator(cpu=True)
+    model = nn.Linear(2, 1)
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(accelerator.sync_gradients)
+        return model(batch["x"]).sum()
+
+    backward_micro_batches(accelerator, model, loss_fn, [{"x": torch.ones(1, 2)}] * 3, global_targets=3.0)
+    assert seen == [False, False, True]  # before: [True, True, True], an optimizer step per micro-batch
+    assert accelerator.sync_gradients
+
+
+def test_deepspeed_gets_the_micro_batch_size_and_gradient_clip_of_the_stage():
+    from instructrl.config import TrainConfig
+    from instructrl.training.loop import configure_deepspeed
+
+    # what Accelerate's plugin holds for configs/accelerate/zero3.yaml: prepare() refuses "auto" without a DataLoader
+    deepspeed_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}}
+    configure_deepspeed(deepspeed_config, TrainConfig(micro_batch_size=4, grad_clip=0.5))
+    assert deepspeed_config["train_micro_batch_size_per_gpu"] == 4 and deepspeed_config["gradient_clipping"] == 0.5
+
+
+def test_zero3_counts_as_sharded_zero2_does_not():
+    """ZeRO-3 partitions parameters: saving must gather them (else save_pretrained writes empty
+    tensors) and generation must keep every process stepping (else the others hang)."""
+    from instructrl.training.loop import shards_parameters
+
+    def deepspeed(stage):
+        return SimpleNamespace(distributed_type="DEEPSPEED", state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+    assert shards_parameters(deepspeed(3)) and not shards_parameters(deepspeed(2))
+    assert shards_parameters(SimpleNamespace(distributed_type="FSDP")) and not shards_parameters(SimpleNamespace(distributed_type="MULTI_GPU"))
+
+
+def test_ppo_under_deepspeed_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Accelerate steps one DeepSpeed engine (the last prepared, the value model): the policy would never train."""
+    import pytest
+    from conftest import SMOKE
+
+    from instructrl.config import load_config
+    from instructrl.errors import UserError
+    from instructrl.stages import ppo
+
+    monkeypatch.setattr(ppo, "make_accelerator", lambda cfg: SimpleNamespace(distributed_type="DEEPSPEED", num_processes=1, is_main_process=True))
+    with pytest.raises(UserError, match="ppo under DeepSpeed is not supported"):
+        ppo.run_ppo(load_config(SMOKE, [f"run.dir={tmp_path}"]), log=lambda line: None)
+    assert not (tmp_path / "ppo_ptx").exists()

@@ -173,6 +173,9 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.ppo
     accelerator = make_accelerator(cfg)
+    if accelerator.distributed_type == "DEEPSPEED":  # Accelerate drives one engine, the last prepared: the policy would never step
+        raise UserError("ppo under DeepSpeed is not supported: PPO trains two models (the policy and the value model) and Accelerate "
+                        "steps one DeepSpeed engine; use configs/accelerate/fsdp.yaml or ddp.yaml (with ppo.lora.enabled=true for large models)")
     cfg.check_sizes(accelerator.num_processes)
     world_inputs = (cfg.policy is None or cfg.reward_model is None) if upstream is None else upstream
     stage = stage_name(config)
