@@ -141,3 +141,17 @@ def test_ppo_under_deepspeed_is_refused_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="ppo under DeepSpeed is not supported"):
         ppo.run_ppo(load_config(SMOKE, [f"run.dir={tmp_path}"]), log=lambda line: None)
     assert not (tmp_path / "ppo_ptx").exists()
+
+
+def test_ppo_under_bf16_scores_the_reference_in_the_policys_precision(tmp_path, smoke_rm):
+    """The frozen reference is not prepared by Accelerate, so it ran in float32 while the policy
+    ran under bf16 autocast: before any update (policy = reference) the KL was bf16 rounding, not 0."""
+    import json
+
+    from conftest import SMOKE, cli
+
+    cli("ppo", "-c", str(SMOKE), f"run.dir={tmp_path}", f"ppo.policy={smoke_rm / 'pretrain' / 'final'}",
+        f"ppo.reward_model={smoke_rm / 'rm' / 'final'}", "ppo.ptx_coef=0", "ppo.episodes=16", "ppo.mixed_precision=bf16")
+    first = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1
+    assert first["rollout/kl"] == 0.0 and first["rollout/kl_k1"] == 0.0

@@ -249,11 +249,13 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
                 synced=shards_parameters(accelerator))
             timer["generate"] = time.perf_counter() - t0
 
-            # 2. score
-            rollout, seconds = score_episodes(unwrapped, ref_model, accelerator.unwrap_model(value_model), reward_model, query_ids, query_mask,
-                                              response_ids, response_mask, ended, temperature=cfg.temperature,
-                                              micro_batch_size=cfg.micro_batch_size, missing_eos_score=cfg.missing_eos_score,
-                                              reference_context=ref_context)
+            # 2. score, every model under the autocast the prepared ones have (the frozen reference and reward model are
+            # not prepared: in float32 they would be slower, and the reference's log-probs would differ from the policy's by bf16 rounding)
+            with accelerator.autocast():
+                rollout, seconds = score_episodes(unwrapped, ref_model, accelerator.unwrap_model(value_model), reward_model, query_ids, query_mask,
+                                                  response_ids, response_mask, ended, temperature=cfg.temperature,
+                                                  micro_batch_size=cfg.micro_batch_size, missing_eos_score=cfg.missing_eos_score,
+                                                  reference_context=ref_context)
             timer.update({f"score_{k}": v for k, v in seconds.items()})
             t1 = time.perf_counter()
 
