@@ -23,7 +23,7 @@ from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
 from instructrl.evaluation.preference import win_rate
 from instructrl.evaluation.report import GOLD_ANSWERS
-from instructrl.models.base import load_causal_lm, load_tokenizer
+from instructrl.models.base import inference_device, load_causal_lm, load_tokenizer
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir
 from instructrl.world.build import build_world, demonstration, load_tasks
@@ -58,7 +58,7 @@ def default_models(config: PipelineConfig, log=print) -> dict[str, str]:
 def pretraining_loss(model, tokenizer, documents: list[str], block_size: int = 128, batch_size: int = 32) -> float:
     """Mean next-token NLL (nats per token) on held-out pretraining text: the alignment tax's measure (§4.2)."""
     model.eval()
-    blocks = pack_documents(tokenizer, documents, block_size)
+    blocks = pack_documents(tokenizer, documents, block_size).to(next(model.parameters()).device)
     total, count = 0.0, 0.0
     for start in range(0, len(blocks), batch_size):
         ids = blocks[start : start + batch_size]
@@ -124,7 +124,7 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     for name, path in models.items():
         log(f"eval: answering {len(tasks)} held-out prompts with {name} ({path})")
         tokenizer = tokenizers[name]
-        model = load_causal_lm(path, tokenizer=tokenizer)
+        model = load_causal_lm(path, tokenizer=tokenizer).to(inference_device())
         answers[name] = generate_answers(model, tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size)
         if cfg.temperature is not None:
             torch.manual_seed(config.run.seed)  # every model draws its samples from the same seed

@@ -143,6 +143,12 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
     return model
 
 
+def inference_device() -> str:
+    """Where a model that only answers runs (collect, eval, the feedback app's samples, serving):
+    the GPU when there is one. Training stages get theirs from Accelerate."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def context_length(model: nn.Module) -> int:
     """The longest sequence (tokens) the model's config allows; 2**20 when it names none."""
     config = getattr(model, "backbone", model).config  # a RewardModel's is its backbone's

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from instructrl.errors import UserError
-from instructrl.models.base import load_causal_lm, load_tokenizer
+from instructrl.models.base import inference_device, load_causal_lm, load_tokenizer
 from instructrl.serve.engine import Engine
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -66,7 +66,7 @@ def load_engine(path: str, quantize: str = "none", device: str | None = None, **
     if quantize not in QUANTIZE_CHOICES:
         raise UserError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
     model, tokenizer = load_causal_lm(path), load_tokenizer(path, for_chat=False)
-    device = device or ("cuda" if torch.cuda.is_available() and quantize == "none" else "cpu")
+    device = device or (inference_device() if quantize == "none" else "cpu")
     if quantize == "int8":
         if device != "cpu":
             raise UserError("--quantize int8 is dynamic quantisation for CPU serving; use --device cpu")

@@ -173,6 +173,9 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.ppo
     accelerator = make_accelerator(cfg)
+    if accelerator.distributed_type == "DEEPSPEED":  # Accelerate drives one engine, the last prepared: the policy would never step
+        raise UserError("ppo under DeepSpeed is not supported: PPO trains two models (the policy and the value model) and Accelerate "
+                        "steps one DeepSpeed engine; use configs/accelerate/fsdp.yaml or ddp.yaml (with ppo.lora.enabled=true for large models)")
     cfg.check_sizes(accelerator.num_processes)
     world_inputs = (cfg.policy is None or cfg.reward_model is None) if upstream is None else upstream
     stage = stage_name(config)
@@ -246,11 +249,13 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
                 synced=shards_parameters(accelerator))
             timer["generate"] = time.perf_counter() - t0
 
-            # 2. score
-            rollout, seconds = score_episodes(unwrapped, ref_model, accelerator.unwrap_model(value_model), reward_model, query_ids, query_mask,
-                                              response_ids, response_mask, ended, temperature=cfg.temperature,
-                                              micro_batch_size=cfg.micro_batch_size, missing_eos_score=cfg.missing_eos_score,
-                                              reference_context=ref_context)
+            # 2. score, every model under the autocast the prepared ones have (the frozen reference and reward model are
+            # not prepared: in float32 they would be slower, and the reference's log-probs would differ from the policy's by bf16 rounding)
+            with accelerator.autocast():
+                rollout, seconds = score_episodes(unwrapped, ref_model, accelerator.unwrap_model(value_model), reward_model, query_ids, query_mask,
+                                                  response_ids, response_mask, ended, temperature=cfg.temperature,
+                                                  micro_batch_size=cfg.micro_batch_size, missing_eos_score=cfg.missing_eos_score,
+                                                  reference_context=ref_context)
             timer.update({f"score_{k}": v for k, v in seconds.items()})
             t1 = time.perf_counter()
 

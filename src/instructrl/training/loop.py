@@ -45,10 +45,13 @@ def make_accelerator(config: TrainConfig):
     accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False, cpu=not has_gpu)
     if accelerator.distributed_type == "MULTI_CPU" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         _shard_on_cpu(accelerator)
+    if accelerator.distributed_type == "DEEPSPEED":
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, config)
     lora = getattr(config, "lora", None)
     if shards_parameters(accelerator) and lora is not None and lora.enabled:
         raise UserError("LoRA under FSDP is not supported (a checkpoint merges the adapter from unsharded weights); "
-                        "use the ddp config, or full fine-tuning under FSDP")
+                        + ("it holds for DeepSpeed ZeRO-3 too; " if accelerator.distributed_type == "DEEPSPEED" else "")
+                        + "use the ddp config, or full fine-tuning under FSDP")
     return accelerator
 
 
@@ -71,10 +74,36 @@ def _shard_on_cpu(accelerator) -> None:
     accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def configure_deepspeed(deepspeed_config: dict, config) -> None:
+    """Fill in what DeepSpeed needs from the stage's config. Accelerate takes the micro-batch size
+    from a DataLoader, which the stages do not use, and otherwise refuses to ``prepare``; and
+    DeepSpeed clips gradients inside its own step, so it is given the stage's ``grad_clip``."""
+    deepspeed_config["train_micro_batch_size_per_gpu"] = config.micro_batch_size
+    deepspeed_config["gradient_clipping"] = config.grad_clip
+
+
 def shards_parameters(accelerator) -> bool:
-    """Whether prepared models are sharded over the processes (FSDP): a forward pass of one then
-    needs every process, and its full weights must be gathered to be saved."""
+    """Whether prepared models are sharded over the processes (FSDP, DeepSpeed ZeRO-3): a forward
+    pass of one then needs every process, and its full weights must be gathered to be saved."""
+    if accelerator.distributed_type == "DEEPSPEED":
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
     return accelerator.distributed_type == "FSDP"
+
+
+@contextlib.contextmanager
+def accumulating(accelerator, model, last: bool):
+    """Around one micro-batch's forward and backward: gradients are synced between processes on
+    the optimizer step's ``last`` micro-batch only; and DeepSpeed, whose engine steps the optimizer
+    inside ``accelerator.backward`` while ``sync_gradients`` is set, steps only after the last."""
+    if last:
+        yield
+        return
+    accelerator.sync_gradients = False
+    try:
+        with accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.sync_gradients = True
 
 
 def seed_everything(seed: int) -> None:
@@ -267,8 +296,7 @@ def backward_micro_batches(accelerator, model, loss_fn, batches: list[dict], glo
     gradients are synced between processes on the last micro-batch only. Returns the summed loss."""
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        with accumulating(accelerator, model, last=i == len(batches) - 1):
             with accelerator.autocast():
                 loss = loss_fn(model, batch)
             accelerator.backward(loss * accelerator.num_processes / max(global_targets, 1.0))
