@@ -83,6 +83,21 @@ def test_sampling_is_greedy_at_temperature_zero_and_follows_each_rows_generator(
     assert set(sample_next_tokens(logits[:1].repeat(20, 1), [1.0] * 20, [0.05] * 20, [torch.Generator().manual_seed(i) for i in range(20)])) == {1}
 
 
+
+def test_a_rows_token_is_the_one_it_gets_sampled_alone_whatever_shares_its_batch():
+    """The batch is sampled in one pass (one copy to the host): greedy rows beside sampled ones,
+    each sampled row drawing from its own generator under its own temperature and top-p."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40) * 3
+    temperatures, top_ps = [0.0, 0.7, 1.0, 0.0, 1.5, 0.3], [1.0, 0.9, 1.0, 0.5, 0.8, 1.0]
+    for seed in range(20):
+        together = sample_next_tokens(logits, temperatures, top_ps, [torch.Generator().manual_seed(seed * 10 + b) for b in range(6)])
+        alone = [sample_next_tokens(logits[b : b + 1], temperatures[b : b + 1], top_ps[b : b + 1], [torch.Generator().manual_seed(seed * 10 + b)])[0]
+                 for b in range(6)]
+        assert together == alone
+        assert together[0] == int(logits[0].argmax()) and together[3] == int(logits[3].argmax())
+
+
 # ---------------------------------------------------------------- text and stop strings
 
 

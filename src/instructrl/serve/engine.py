@@ -198,14 +198,15 @@ class Engine:
         rows = [row for request in requests for row in self._rows_of(request)]
         prompts = [row.request.prompt_ids for row in rows]
         ids, mask = pad_sequences(prompts, self.pad_id, side="left")
+        mask = mask.to(self.device)  # the running batch's mask stays beside its KV cache: no copy per decoded token
         logits, cache = self._forward(ids, mask, None)
         self._sample(rows, logits)
         return rows, cache, mask
 
     @torch.no_grad()
     def _decode(self, rows: list[_Row], cache, mask):
-        ids = torch.tensor([[row.next_token] for row in rows])
-        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+        ids = torch.tensor([[row.next_token] for row in rows], device=self.device)
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype, device=mask.device)], dim=1)
         logits, cache = self._forward(ids, mask, cache)
         self._sample(rows, logits)
         return cache, mask
@@ -235,9 +236,9 @@ class Engine:
             return rows, cache, mask
         if not keep:
             return [], None, None
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.device)
         mask = mask[index]
-        cache.batch_select_indices(index.to(self.device))
+        cache.batch_select_indices(index)
         # columns that are padding in every remaining row need no attention any more
         leading = int(mask.any(0).long().argmax())
         if leading:

@@ -34,12 +34,12 @@ def sample_next_tokens(
     drawing from ``generators[b]`` only, so a row's samples depend on its own seed and not on
     which other requests share the batch.
     """
-    tokens = []
-    for row, (temperature, top_p, generator) in enumerate(zip(temperatures, top_ps, generators)):
-        row_logits = logits[row].float()
-        if temperature <= 0.0:
-            tokens.append(int(row_logits.argmax()))
-            continue
-        probs = top_p_filter(row_logits / temperature, top_p).softmax(-1)
-        tokens.append(int(torch.multinomial(probs.cpu(), 1, generator=generator)))
+    logits = logits.float()
+    tokens = logits.argmax(-1).tolist()  # one copy to the host for the whole batch, not one per row
+    sampled = [row for row, temperature in enumerate(temperatures) if temperature > 0.0]
+    if sampled:
+        # each row's distribution on the model's device, then one copy of them all for the rows' CPU generators
+        probs = torch.stack([top_p_filter(logits[row] / temperatures[row], top_ps[row]).softmax(-1) for row in sampled]).cpu()
+        for i, row in enumerate(sampled):
+            tokens[row] = int(torch.multinomial(probs[i], 1, generator=generators[row]))
     return tokens
