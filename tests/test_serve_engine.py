@@ -304,3 +304,26 @@ def test_importing_the_engine_or_the_math_does_not_import_the_web_server():
     code = "import sys, instructrl.serve.engine, instructrl.serve.terminal_chat, instructrl.rlmath; print('fastapi' in sys.modules, 'uvicorn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_serving_dtype_loads_the_weights_as_asked_and_still_answers(tmp_path):
+    from tiny_models import save_tiny_model
+
+    from instructrl.serve.loading import load_engine, serving_dtype
+
+    path = save_tiny_model("llama", tmp_path / "llama")
+    assert serving_dtype("auto", "cuda", "none") == "auto"  # a GPU keeps the checkpoint's own (a bf16 model: half the memory)
+    assert serving_dtype("auto", "cpu", "none") == torch.float32 and serving_dtype("auto", "cpu", "int8") == torch.float32
+    for bad, quantize, needle in (("half", "none", "--dtype 'half'"), ("bfloat16", "int8", "--quantize int8 quantises float32")):
+        with pytest.raises(UserError, match=needle):
+            serving_dtype(bad, "cpu", quantize)
+    for dtype, expected in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
+        engine = load_engine(str(path), device="cpu", dtype=dtype, batch_wait_s=0)
+        assert {p.dtype for p in engine.model.parameters()} == {expected}
+        engine.start()
+        try:
+            sink = Collector()
+            engine.submit(engine.tokenizer("Say cat.").input_ids, SamplingParams(6, temperature=0.7, seed=1), 1, sink)
+            assert sink.wait().finish().completion_tokens >= 1
+        finally:
+            engine.stop()

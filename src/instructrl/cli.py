@@ -318,6 +318,7 @@ def serve(
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Most requests waiting for a place in the batch; more are answered 429."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Tokens generated when a request sets no max_tokens."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is one)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weights' dtype: auto (the checkpoint's own on a GPU, float32 on the CPU), float32, bfloat16 or float16."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for requests that bring none (default: fresh each start)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for generation (default: all cores but one, left to the HTTP loop)."),
 ) -> None:
@@ -334,7 +335,7 @@ def serve(
     specs = parse_model_specs(model)
     _check_port_free(host, port)  # now, not after loading the models
     set_serving_threads(threads)
-    engines = {name: load_engine(path, quantize, device, max_batch=max_batch, max_queue=max_queue, seed=seed) for name, path in specs.items()}
+    engines = {name: load_engine(path, quantize, device, dtype, max_batch=max_batch, max_queue=max_queue, seed=seed) for name, path in specs.items()}
     server_app = create_app(engines, api_key=api_key, default_max_tokens=max_tokens)
     for name, path in specs.items():
         _log(f"serve: model {name} from {path}" + (" (int8)" if quantize == "int8" else ""))

@@ -118,10 +118,12 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, tokenizer=None, **kwargs) -> nn.Module:
+def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, tokenizer=None, dtype: torch.dtype | str = torch.float32,
+                   **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` of a folder or hub name, with a clear error.
 
     With ``tokenizer`` (from ``load_tokenizer``), the embeddings are fitted to it (``fit_embeddings``).
+    ``dtype``: float32 for training (mixed precision autocasts); "auto" keeps the checkpoint's own.
     ``kwargs`` go to ``from_pretrained`` (e.g. ``attn_implementation``).
     """
     from transformers import AutoModelForCausalLM
@@ -133,7 +135,7 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
         raise UserError(f"model '{name_or_path}' is a reward model (it holds {HEAD_FILE}), not a policy; "
                         "give a language model, such as a run's sft/final or ppo_ptx/final")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     except load_errors() as err:
         raise UserError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from None
     if dropout is not None:

@@ -13,6 +13,7 @@ from instructrl.models.base import inference_device, load_causal_lm, load_tokeni
 from instructrl.serve.engine import Engine
 
 QUANTIZE_CHOICES = ("none", "int8")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 def model_name(path: str) -> str:
@@ -61,14 +62,26 @@ def set_serving_threads(threads: int | None) -> int:
     return threads
 
 
-def load_engine(path: str, quantize: str = "none", device: str | None = None, **engine_options) -> Engine:
+def serving_dtype(dtype: str, device: str, quantize: str) -> torch.dtype | str:
+    """The dtype to load weights in: ``auto`` is the checkpoint's own on a GPU (a bf16 model takes half the
+    memory of float32) and float32 on the CPU, where half-precision matrix products are slow on most CPUs."""
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    if quantize == "int8" and dtype not in ("auto", "float32"):
+        raise UserError(f"--quantize int8 quantises float32 weights; leave --dtype at auto, not {dtype}")
+    if dtype == "auto":
+        return "auto" if device.startswith("cuda") and quantize == "none" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_engine(path: str, quantize: str = "none", device: str | None = None, dtype: str = "auto", **engine_options) -> Engine:
     """A started-ready Engine serving the causal LM and tokenizer at ``path``."""
     if quantize not in QUANTIZE_CHOICES:
         raise UserError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-    model, tokenizer = load_causal_lm(path), load_tokenizer(path, for_chat=False)
     device = device or (inference_device() if quantize == "none" else "cpu")
+    if quantize == "int8" and device != "cpu":
+        raise UserError("--quantize int8 is dynamic quantisation for CPU serving; use --device cpu")
+    model, tokenizer = load_causal_lm(path, dtype=serving_dtype(dtype, device, quantize)), load_tokenizer(path, for_chat=False)
     if quantize == "int8":
-        if device != "cpu":
-            raise UserError("--quantize int8 is dynamic quantisation for CPU serving; use --device cpu")
         model = quantize_int8(model)
     return Engine(model.to(device), tokenizer, **engine_options)
