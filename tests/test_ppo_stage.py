@@ -224,6 +224,40 @@ def test_one_ppo_update_raises_the_logprob_of_the_advantaged_response(smoke_base
     assert gain[0] > 0 > gain[1]
 
 
+def test_the_ppo_ptx_term_alone_lowers_the_pretraining_loss(smoke_base):
+    """PPO-ptx (InstructGPT eq. 2) adds γ · the pretraining NLL to the policy's loss. With every
+    advantage 0 the clipped policy loss has no gradient, so one update that lowers the NLL of the
+    pretraining blocks did so through that term alone (the smoke PPO-ptx run only logs it)."""
+    from instructrl.data.formats import read_texts
+    from instructrl.data.packing import pack_documents
+    from instructrl.rlmath import next_token_nll
+
+    model, tok, prompts, responses = _rows(smoke_base)
+    q, qm = pad_sequences([prompts[0], prompts[0]], tok.pad_token_id, side="left")
+    r, rm = pad_sequences(responses, tok.pad_token_id, side="right")
+    with torch.no_grad():
+        old, _ = response_logprobs(model, q, qm, r, rm, 1.0)
+    zeros = torch.zeros_like(old)
+    rollout = Rollout(q, qm, r, rm, torch.tensor([True, True]), old, old, zeros, torch.zeros(2), torch.zeros(2), zeros,
+                      kl=zeros, rewards=zeros, advantages=zeros, returns=zeros)
+    blocks = pack_documents(tok, read_texts(smoke_base / "world" / "corpus.txt"), 64)[:4]
+
+    def pretraining_nll() -> float:
+        with torch.no_grad():
+            total, count = next_token_nll(model(input_ids=blocks).logits, blocks, torch.ones_like(blocks))
+        return (total / count).item()
+
+    cfg = load_config(SMOKE, ["ppo.minibatch_size=2", "ppo.micro_batch_size=1", "ppo.rollout_batch_size=2", "ppo.ppo_epochs=1",
+                              "ppo.lr=1e-3", "ppo.warmup_steps=0", "ppo.ptx_coef=1.0", "ppo.ptx_batch_size=4"]).ppo
+    value = _Value(len(tok))
+    before = pretraining_nll()
+    stats = ppo_epochs(make_accelerator(cfg), cfg, rollout, model.train(), value, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                       torch.optim.AdamW(value.parameters(), lr=1e-3), [], blocks, iteration=0, seed=0)
+    assert stats["ppo/policy_loss"] == 0.0 and stats["ppo/ptx_loss"] > 0
+    # one Adam step of lr 1e-3 along the NLL gradient: by hundredths (without the term the NLL stays within 1e-4)
+    assert pretraining_nll() < before - 0.01, before
+
+
 def test_a_reward_model_with_another_tokenizer_is_refused_before_the_run_folder_is_written(tmp_path, smoke_base):
     """Token ids mean other words to such a reward model: it would score text the policy never wrote."""
     from tiny_models import save_tiny_model
