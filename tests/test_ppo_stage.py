@@ -212,6 +212,8 @@ def test_one_ppo_update_raises_the_logprob_of_the_advantaged_response(smoke_base
                               "ppo.lr=1e-3", "ppo.warmup_steps=0"]).ppo
     accelerator = make_accelerator(cfg)
     value = _Value(len(tok))
+    with torch.no_grad():
+        values_before = response_values(value, q, qm, r, rm)
     policy_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     value_opt = torch.optim.AdamW(value.parameters(), lr=1e-3)
     model.train()
@@ -222,6 +224,9 @@ def test_one_ppo_update_raises_the_logprob_of_the_advantaged_response(smoke_base
         new, _ = response_logprobs(model.eval(), q, qm, r, rm, 1.0)
     gain = ((new - old) * mask).sum(-1)
     assert gain[0] > 0 > gain[1]
+    # and the value model moved towards the returns (0 here), from where it stood
+    with torch.no_grad():
+        assert ((response_values(value, q, qm, r, rm) ** 2) * mask).sum() < ((values_before ** 2) * mask).sum()
 
 
 def test_the_ppo_ptx_term_alone_lowers_the_pretraining_loss(smoke_base):
@@ -326,3 +331,8 @@ def test_ppo_killed_and_resumed_ends_with_the_same_weights(tmp_path, smoke_rm):
     assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 7))
     # the adaptive β carried over the restart: every iteration's coefficient matches
     assert [r["ppo/kl_coef"] for r in b] == [r["ppo/kl_coef"] for r in a]
+    # and it adapts: iteration 1 samples from the reference itself (KL 0), so the error is clipped to -0.2
+    # and β falls to β · (1 - 0.2 · rollout_batch_size / kl_horizon) for iteration 2
+    cfg = load_config(SMOKE, args(straight)[3:]).ppo
+    assert a[0]["rollout/kl"] == 0.0 and a[0]["ppo/kl_coef"] == cfg.kl_coef
+    assert a[1]["ppo/kl_coef"] == pytest.approx(cfg.kl_coef * (1 - 0.2 * cfg.rollout_batch_size / cfg.kl_horizon), rel=1e-12)
