@@ -58,9 +58,14 @@ def smoke_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smoke_rm(smoke_base) -> Path:
-    """The smoke run folder with comparisons collected from the base model and a reward model on them."""
-    base = smoke_base / "pretrain" / "final"
-    cli("collect", "-c", str(SMOKE), f"run.dir={smoke_base}", f"collect.policy={base}")
-    cli("rm", "-c", str(SMOKE), f"run.dir={smoke_base}", f"rm.model={base}")
+def smoke_collect(smoke_base) -> Path:
+    """The smoke run folder with comparisons collected from the base model (collect/), read only."""
+    cli("collect", "-c", str(SMOKE), f"run.dir={smoke_base}", f"collect.policy={smoke_base / 'pretrain' / 'final'}")
     return smoke_base
+
+
+@pytest.fixture(scope="session")
+def smoke_rm(smoke_collect) -> Path:
+    """The smoke run folder with a reward model (rm/final) on those comparisons, from the base model."""
+    cli("rm", "-c", str(SMOKE), f"run.dir={smoke_collect}", f"rm.model={smoke_collect / 'pretrain' / 'final'}")
+    return smoke_collect

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from conftest import SMOKE, cli
 
@@ -15,10 +16,9 @@ def _collect(run_dir, smoke_base, *extra, check=True):
     return cli("collect", "-c", str(SMOKE), f"run.dir={run_dir}", f"collect.policy={smoke_base / 'pretrain' / 'final'}", *extra, check=check)
 
 
-def test_collect_writes_ranked_records(tmp_path, smoke_base):
-    _collect(tmp_path, smoke_base)
-    records = read_comparisons(tmp_path / "collect" / "comparisons.jsonl")
-    tasks = {t.id: t for t in load_tasks(tmp_path / "world" / "prompts" / "rm.jsonl")}
+def test_collect_writes_ranked_records(smoke_collect):
+    records = read_comparisons(smoke_collect / "collect" / "comparisons.jsonl")
+    tasks = {t.id: t for t in load_tasks(smoke_collect / "world" / "prompts" / "rm.jsonl")}
     assert len(records) == len(tasks) == 171  # every smoke RM prompt (400 * 33 // 77)
     assert all(len(r.responses) == 4 for r in records)  # collect.k in smoke.yaml
     assert [r.labeler_id for r in records[:5]] == ["sim-0", "sim-1", "sim-2", "sim-3", "sim-0"]
@@ -29,17 +29,17 @@ def test_collect_writes_ranked_records(tmp_path, smoke_base):
         assert [m.model_dump() for m in record.prompt] == list(tasks[record.id].messages)
 
 
-def test_a_killed_collection_resumes_to_the_same_records(tmp_path, smoke_base):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _collect(straight, smoke_base)
-    _collect(killed, smoke_base)
+def test_a_killed_collection_resumes_to_the_same_records(tmp_path, smoke_collect):
+    straight, killed = smoke_collect, tmp_path / "killed"
+    for folder in ("world", "pretrain", "collect"):  # a copy of the finished run (its policy in it): a moved run is the same run
+        shutil.copytree(straight / folder, killed / folder)
     # make `killed` look like a run that died inside its third chunk (smoke collect.batch_size = 16)
     out = killed / "collect" / "comparisons.jsonl"
     lines = out.read_text().splitlines()
     (killed / "collect" / "comparisons.partial.jsonl").write_text("\n".join(lines[:40]) + "\n" + lines[40][:30])
     out.unlink()
     (killed / "collect" / "done.json").unlink()
-    proc = _collect(killed, smoke_base)
+    proc = _collect(killed, killed)
     assert "resuming after 32 of 171 prompts" in " ".join(proc.stderr.split())
     assert out.read_text() == (straight / "collect" / "comparisons.jsonl").read_text()
     # the killed run had logged its one metrics line (it died after, here): the resumed run's replaces it
@@ -68,10 +68,9 @@ def test_a_collection_stopped_after_its_last_chunk_is_not_sampled_again(tmp_path
     assert len(read_comparisons(tmp_path / "collect" / "comparisons.jsonl")) == 171
 
 
-def test_people_judgements_are_checked_and_used(tmp_path, smoke_base):
-    _collect(tmp_path / "sim", smoke_base)
+def test_people_judgements_are_checked_and_used(tmp_path, smoke_collect):
     people = tmp_path / "people.jsonl"
-    lines = (tmp_path / "sim" / "collect" / "comparisons.jsonl").read_text().splitlines()[:3]
+    lines = (smoke_collect / "collect" / "comparisons.jsonl").read_text().splitlines()[:3]
     people.write_text("\n".join(lines) + "\n")
     cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path / 'ok'}", f"collect.judgements={people}")
     assert (tmp_path / "ok" / "collect" / "comparisons.jsonl").read_text().splitlines() == lines

@@ -74,7 +74,7 @@ def test_scoring_without_shared_padding_gives_the_full_passes_values(smoke_base)
     q, qm = pad_sequences(prompts, tok.pad_token_id, side="left")
     r, rm = pad_sequences(responses, tok.pad_token_id, side="right")
     value_model = RewardModel.from_causal_lm(smoke_base / "pretrain" / "final", tok).eval()
-    ended = torch.ones(3, dtype=torch.bool)
+    ended = torch.tensor([True, False, True])  # the second response ran out of tokens before its EOS
     # micro-batches of 2 rows: the first two rows share padding the third row's length put there
     shared_query = len(prompts[2]) - max(map(len, prompts[:2]))
     shared_response = len(responses[2]) - max(map(len, responses[:2]))
@@ -89,7 +89,9 @@ def test_scoring_without_shared_padding_gives_the_full_passes_values(smoke_base)
     assert rollout.logprobs.shape == rm.shape and rollout.values.shape == rm.shape
     assert torch.allclose(rollout.logprobs[real], full_logprobs[real], atol=1e-5)
     assert torch.allclose(rollout.values[real], full_values[real], atol=1e-5)
-    assert torch.allclose(rollout.scores, full_scores, atol=1e-5)
+    # the RM's own score is logged for every response; PPO's score of one without EOS is ppo.missing_eos_score
+    assert torch.allclose(rollout.rm_scores, full_scores, atol=1e-5)
+    assert torch.allclose(rollout.scores, torch.where(ended, full_scores, torch.tensor(-1.0)), atol=1e-5)
     assert torch.allclose(rollout.ref_logprobs[real], rollout.logprobs[real]) and rollout.exact_kl[real].abs().max() < 1e-6
     # the update's micro-batches drop the same columns, so they see the shapes scoring saw
     trimmed = rollout.select([0, 1]).trimmed()
@@ -156,6 +158,26 @@ def test_rewards_and_advantages_fill_the_rollout_over_real_tokens_only():
     assert torch.equal(rollout.advantages[1, 1:], torch.zeros(2))
 
 
+def test_whitened_rewards_keep_their_mean_and_feed_gae():
+    from types import SimpleNamespace
+
+    from instructrl.stages.ppo import add_rewards_and_advantages
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    zeros = torch.zeros(2, 3)
+    same = torch.full((2, 3), -1.0)  # log π = log π_SFT: KL 0, so the rewards are the scores alone
+    rollout = Rollout(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), mask,
+                      torch.tensor([True, True]), logprobs=same, ref_logprobs=same.clone(), values=zeros, scores=torch.tensor([6.0, 3.0]),
+                      rm_scores=torch.tensor([6.0, 3.0]), entropy=zeros)
+    cfg = SimpleNamespace(kl_estimator="k1", whiten_rewards=True, gamma=1.0, lam=1.0)
+    add_rewards_and_advantages(rollout, cfg, kl_coef=0.1, over_processes=lambda t: t)
+    # rewards on real tokens [0, 6] and [3]: mean 3, unbiased variance (9 + 9 + 0) / 2 = 9, std 3;
+    # whitened without the shift: (x - 3) / 3 + 3 = [2, 4] and [3]; padding 0
+    assert torch.allclose(rollout.rewards, torch.tensor([[2.0, 4.0, 0.0], [3.0, 0.0, 0.0]]), atol=1e-5)
+    # γ = λ = 1, V = 0: returns are the whitened rewards to go, [6, 4] and [3] (unwhitened: [6, 6] and [3])
+    assert torch.allclose(rollout.returns, torch.tensor([[6.0, 4.0, 0.0], [3.0, 0.0, 0.0]]), atol=1e-5)
+
+
 def test_prompt_order_covers_every_prompt_once_per_epoch():
     seen = [i for it in range(5) for i in prompt_order(10, 4, it, seed=3)]
     # 20 draws over 10 prompts: the first 10 are a permutation, and so are the next 10
@@ -190,6 +212,8 @@ def test_one_ppo_update_raises_the_logprob_of_the_advantaged_response(smoke_base
                               "ppo.lr=1e-3", "ppo.warmup_steps=0"]).ppo
     accelerator = make_accelerator(cfg)
     value = _Value(len(tok))
+    with torch.no_grad():
+        values_before = response_values(value, q, qm, r, rm)
     policy_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     value_opt = torch.optim.AdamW(value.parameters(), lr=1e-3)
     model.train()
@@ -200,6 +224,57 @@ def test_one_ppo_update_raises_the_logprob_of_the_advantaged_response(smoke_base
         new, _ = response_logprobs(model.eval(), q, qm, r, rm, 1.0)
     gain = ((new - old) * mask).sum(-1)
     assert gain[0] > 0 > gain[1]
+    # and the value model moved towards the returns (0 here), from where it stood
+    with torch.no_grad():
+        assert ((response_values(value, q, qm, r, rm) ** 2) * mask).sum() < ((values_before ** 2) * mask).sum()
+
+
+def test_the_ppo_ptx_term_alone_lowers_the_pretraining_loss(smoke_base):
+    """PPO-ptx (InstructGPT eq. 2) adds γ · the pretraining NLL to the policy's loss. With every
+    advantage 0 the clipped policy loss has no gradient, so one update that lowers the NLL of the
+    pretraining blocks did so through that term alone (the smoke PPO-ptx run only logs it)."""
+    from instructrl.data.formats import read_texts
+    from instructrl.data.packing import pack_documents
+    from instructrl.rlmath import next_token_nll
+
+    model, tok, prompts, responses = _rows(smoke_base)
+    q, qm = pad_sequences([prompts[0], prompts[0]], tok.pad_token_id, side="left")
+    r, rm = pad_sequences(responses, tok.pad_token_id, side="right")
+    with torch.no_grad():
+        old, _ = response_logprobs(model, q, qm, r, rm, 1.0)
+    zeros = torch.zeros_like(old)
+    rollout = Rollout(q, qm, r, rm, torch.tensor([True, True]), old, old, zeros, torch.zeros(2), torch.zeros(2), zeros,
+                      kl=zeros, rewards=zeros, advantages=zeros, returns=zeros)
+    blocks = pack_documents(tok, read_texts(smoke_base / "world" / "corpus.txt"), 64)[:4]
+
+    def pretraining_nll() -> float:
+        with torch.no_grad():
+            total, count = next_token_nll(model(input_ids=blocks).logits, blocks, torch.ones_like(blocks))
+        return (total / count).item()
+
+    cfg = load_config(SMOKE, ["ppo.minibatch_size=2", "ppo.micro_batch_size=1", "ppo.rollout_batch_size=2", "ppo.ppo_epochs=1",
+                              "ppo.lr=1e-3", "ppo.warmup_steps=0", "ppo.ptx_coef=1.0", "ppo.ptx_batch_size=4"]).ppo
+    value = _Value(len(tok))
+    before = pretraining_nll()
+    stats = ppo_epochs(make_accelerator(cfg), cfg, rollout, model.train(), value, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                       torch.optim.AdamW(value.parameters(), lr=1e-3), [], blocks, iteration=0, seed=0)
+    assert stats["ppo/policy_loss"] == 0.0 and stats["ppo/ptx_loss"] > 0
+    # one Adam step of lr 1e-3 along the NLL gradient: by hundredths (without the term the NLL stays within 1e-4)
+    assert pretraining_nll() < before - 0.01, before
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused_before_the_run_folder_is_written(tmp_path, smoke_base):
+    """Token ids mean other words to such a reward model: it would score text the policy never wrote."""
+    from tiny_models import save_tiny_model
+
+    from instructrl.errors import UserError
+    from instructrl.stages.ppo import run_ppo
+
+    policy, other = smoke_base / "pretrain" / "final", save_tiny_model("gpt2", tmp_path / "gpt2")  # its own BPE
+    config = load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"ppo.policy={policy}", f"ppo.reward_model={other}"])
+    with pytest.raises(UserError, match=f"^ppo_ptx: the reward model {other} and the policy {policy} use different tokenizers$"):
+        run_ppo(config, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("ptx", [0.0, 1.0])
@@ -256,3 +331,8 @@ def test_ppo_killed_and_resumed_ends_with_the_same_weights(tmp_path, smoke_rm):
     assert [r["step"] for r in b] == [r["step"] for r in a] == list(range(1, 7))
     # the adaptive β carried over the restart: every iteration's coefficient matches
     assert [r["ppo/kl_coef"] for r in b] == [r["ppo/kl_coef"] for r in a]
+    # and it adapts: iteration 1 samples from the reference itself (KL 0), so the error is clipped to -0.2
+    # and β falls to β · (1 - 0.2 · rollout_batch_size / kl_horizon) for iteration 2
+    cfg = load_config(SMOKE, args(straight)[3:]).ppo
+    assert a[0]["rollout/kl"] == 0.0 and a[0]["ppo/kl_coef"] == cfg.kl_coef
+    assert a[1]["ppo/kl_coef"] == pytest.approx(cfg.kl_coef * (1 - 0.2 * cfg.rollout_batch_size / cfg.kl_horizon), rel=1e-12)

@@ -151,3 +151,29 @@ def test_a_restart_names_what_it_discards(tmp_path):
         assert not list(run.path.glob("checkpoints/*")) and not list(run.path.glob("*.partial.jsonl"))
     RunDir(config, "ppo", ("run",)).start(restart=True, log=said.append)  # nothing there: nothing to say
     assert len(said) == 3
+
+
+def test_sft_keeps_the_checkpoint_the_labeler_scored_best(tmp_path, smoke_base, monkeypatch):
+    """Scored 1, 3, 3, 2 at steps 4, 8, 12 and 16 (smoke: 2 epochs of 8 steps, select_every 4), the
+    final model is step 8's weights: the first of the best, not the last step's (the smoke model's
+    own scores are all alike, so the runs above cannot tell)."""
+    from instructrl.config import load_config
+    from instructrl.stages import sft
+
+    scores, seen = iter([1.0, 3.0, 3.0, 2.0]), []
+
+    def scripted(*args, **kwargs):
+        def select(model):
+            seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return next(scores)
+        return select
+
+    monkeypatch.setattr(sft, "labeler_selection", scripted)
+    shutil.copytree(smoke_base / "world", tmp_path / "world")
+    said = []
+    final = sft.run_sft(load_config(SMOKE, [f"run.dir={tmp_path}", f"sft.model={smoke_base / 'pretrain' / 'final'}", "sft.epochs=2"]),
+                        log=said.append)
+    assert len(seen) == 4 and "sft: chose the checkpoint of step 8 (validation Likert 3.00)" in said
+    weights = load_file(final / "model.safetensors")
+    assert all(torch.equal(weights[k], seen[1][k]) for k in weights)
+    assert not all(torch.equal(weights[k], seen[3][k]) for k in weights)  # training moved on after step 8

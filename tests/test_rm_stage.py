@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-from conftest import SMOKE, cli
-
 from instructrl.data.chat import tokenize_conversation
 from instructrl.data.jsonl import read_jsonl
 from instructrl.models.base import load_tokenizer
@@ -94,19 +92,17 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
 
-def test_rm_stage_on_smoke(tmp_path, smoke_base):
-    policy = f"collect.policy={smoke_base / 'pretrain' / 'final'}"
-    cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path}", policy)
-    cli("rm", "-c", str(SMOKE), f"run.dir={tmp_path}", f"rm.model={smoke_base / 'pretrain' / 'final'}")
-    final = tmp_path / "rm" / "final"
+def test_rm_stage_on_smoke(smoke_rm):
+    # the session's reward model: `instructrl rm` on the comparisons collected from the smoke base model
+    final = smoke_rm / "rm" / "final"
     model = RewardModel.from_pretrained(final)  # head, bias and backbone in one call
-    diagnostics = json.loads((tmp_path / "rm" / "diagnostics.json").read_text())
+    diagnostics = json.loads((smoke_rm / "rm" / "diagnostics.json").read_text())
     assert diagnostics["reward_bias"] == float(model.reward_bias) != 0.0
     assert diagnostics["pairs"] > 0 and 0.0 <= diagnostics["accuracy"] <= 1.0 and diagnostics["against"] == "the gold labeler"
     # a pair the gold labeler scores differently on the 1-7 scale also differs in gold quality
     assert diagnostics["pairs_gold_likert_distinct"] <= diagnostics["pairs"]
     # the smoke world's prompts are all the built-in world's: accuracy on right-vs-wrong pairs and per family
-    families = {json.loads(line)["id"]: json.loads(line)["family"] for line in (tmp_path / "world" / "prompts" / "rm.jsonl").read_text().splitlines()}
+    families = {json.loads(line)["id"]: json.loads(line)["family"] for line in (smoke_rm / "world" / "prompts" / "rm.jsonl").read_text().splitlines()}
     assert set(diagnostics["accuracy_by_family"]) <= set(families.values()) and diagnostics["accuracy_by_family"]
     assert all(a is None or 0.0 <= a <= 1.0 for a in [diagnostics["accuracy_correct_vs_incorrect"], *diagnostics["accuracy_by_family"].values()])
     by_kind = diagnostics["accuracy_by_pair_kind"]  # every pair the gold labeler orders is of one kind
@@ -117,13 +113,13 @@ def test_rm_stage_on_smoke(tmp_path, smoke_base):
     assert sum(diagnostics["pairs_by_gold_margin"].values()) == diagnostics["pairs"] == sum(diagnostics["pairs_by_family"].values())
     # the bias makes the demonstrations average a reward of 0 (InstructGPT §3.5)
     tokenizer = load_tokenizer(final)
-    demos = [tokenize_conversation(tokenizer, r["messages"]).input_ids for _, r in read_jsonl(tmp_path / "world" / "demonstrations.jsonl")]
+    demos = [tokenize_conversation(tokenizer, r["messages"]).input_ids for _, r in read_jsonl(smoke_rm / "world" / "demonstrations.jsonl")]
     rewards = score_sequences(model, demos, tokenizer.pad_token_id, "cpu")
     assert abs(sum(rewards) / len(rewards)) < 1e-4
     # metrics.jsonl is standard JSON, and a held-out figure with nothing to measure (null above) is not logged as NaN
-    rows = [json.loads(line, parse_constant=_not_json) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line, parse_constant=_not_json) for line in (smoke_rm / "rm" / "metrics.jsonl").read_text().splitlines()]
     heldout = {k: v for row in rows for k, v in row.items() if k.startswith("heldout/")}
     assert heldout["heldout/accuracy"] == diagnostics["accuracy"]
     assert all(isinstance(v, float) for v in heldout.values()), heldout
-    lineage = json.loads((tmp_path / "rm" / "lineage.json").read_text())
+    lineage = json.loads((smoke_rm / "rm" / "lineage.json").read_text())
     assert lineage["inputs"]["comparisons"]["path"].endswith("collect/comparisons.jsonl")
