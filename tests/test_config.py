@@ -26,6 +26,11 @@ def write(tmp_path, text: str) -> Path:
 def test_the_shipped_default_yaml_is_the_code_defaults():
     # `make demo` runs configs/default.yaml, the README's commands run with no file: one run, not two that drift apart
     assert load_config(CONFIGS / "default.yaml") == load_config() == PipelineConfig()
+    # and it lists every key, as its header says, in the order `instructrl config` prints them
+    from instructrl.config import dump_config
+
+    body = "".join(line for line in (CONFIGS / "default.yaml").read_text().splitlines(keepends=True) if not line.startswith("#"))
+    assert body.strip() == dump_config(PipelineConfig()).strip()
 
 
 def test_overrides_take_effect_and_are_coerced():
