@@ -50,3 +50,12 @@ def test_pace_is_per_second_or_seconds_each():
     assert pace(done=3, elapsed=30.0, unit="iter") == "10.0 s/iter"  # slower than one a second
     assert pace(done=30, elapsed=3.0, unit="iter") == "10.0 iters/s"
     assert pace(done=0, elapsed=5.0, unit="step") == ""  # resumed, nothing done yet
+
+
+def test_a_bar_written_to_a_log_file_is_not_cut_to_80_columns(monkeypatch):
+    from instructrl.training.progress import log_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)  # pytest's captured stdout is no terminal, as a log file is
+    assert log_console().width > 80
+    monkeypatch.setenv("COLUMNS", "70")
+    assert log_console().width == 70

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from rich.console import Console
@@ -72,9 +73,16 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
+def log_console() -> Console:
+    """Standard output's console. Where it is no terminal (a log file, a pipe) no width needs fitting, so the
+    final bar is not cut to 80 columns ("1008/…", "0:00:…") unless COLUMNS says so."""
+    console = Console()
+    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=200)
+
+
 def progress_bar(enabled: bool = True, console: Console | None = None, every_s: float = 30.0) -> Progress:
     return _Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), _PaceColumn(),
         TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-        disable=not enabled, transient=False, console=console, every_s=every_s,
+        disable=not enabled, transient=False, console=console or log_console(), every_s=every_s,
     )
