@@ -23,7 +23,7 @@ from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
 from instructrl.evaluation.preference import win_rate
 from instructrl.evaluation.report import GOLD_ANSWERS
-from instructrl.models.base import inference_device, load_causal_lm, load_tokenizer
+from instructrl.models.base import load_answering_model, load_tokenizer
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir
 from instructrl.world.build import build_world, demonstration, load_tasks
@@ -124,7 +124,7 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     for name, path in models.items():
         log(f"eval: answering {len(tasks)} held-out prompts with {name} ({path})")
         tokenizer = tokenizers[name]
-        model = load_causal_lm(path, tokenizer=tokenizer).to(inference_device())
+        model = load_answering_model(path, tokenizer=tokenizer)
         answers[name] = generate_answers(model, tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size)
         if cfg.temperature is not None:
             torch.manual_seed(config.run.seed)  # every model draws its samples from the same seed

@@ -24,9 +24,9 @@ def rank_tasks_from_model(prompts: list[Prompt], model: str, k: int, seed: int =
     import torch
 
     from instructrl.evaluation.generate import generate_answers
-    from instructrl.models.base import inference_device, load_causal_lm, load_tokenizer
+    from instructrl.models.base import load_answering_model, load_tokenizer
 
-    lm, tokenizer = load_causal_lm(model).to(inference_device()), load_tokenizer(model)
+    lm, tokenizer = load_answering_model(model), load_tokenizer(model)
     torch.manual_seed(seed)
     samples = generate_answers(lm, tokenizer, [p.messages for p in prompts], max_new_tokens, num_samples=k, temperature=temperature)
     return [{"kind": "rank", "prompt_id": p.id, "prompt": p.messages, "responses": s, "sources": [f"{model}#sample{i}" for i in range(k)]}
@@ -42,13 +42,13 @@ def rank_tasks_from_comparisons(path: Path) -> list[dict]:
 def compare_tasks(prompts: list[Prompt], models: dict[str, str], max_new_tokens: int = 64) -> list[dict]:
     """Both models' greedy answers to each prompt; ``models`` maps a name to a checkpoint."""
     from instructrl.evaluation.generate import generate_answers
-    from instructrl.models.base import inference_device, load_causal_lm, load_tokenizer
+    from instructrl.models.base import load_answering_model, load_tokenizer
 
     if len(models) != 2:
         raise UserError(f"compare tasks need exactly two models (NAME=PATH), got {len(models)}")
     answers = {}
     for name, path in models.items():
-        answers[name] = generate_answers(load_causal_lm(path).to(inference_device()), load_tokenizer(path), [p.messages for p in prompts], max_new_tokens)
+        answers[name] = generate_answers(load_answering_model(path), load_tokenizer(path), [p.messages for p in prompts], max_new_tokens)
     names = list(models)
     return [{"kind": "compare", "prompt_id": p.id, "prompt": p.messages, "responses": [answers[names[0]][i], answers[names[1]][i]],
              "sources": names} for i, p in enumerate(prompts)]

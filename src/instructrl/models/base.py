@@ -151,6 +151,11 @@ def inference_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def load_answering_model(name_or_path: str | Path, tokenizer=None) -> nn.Module:
+    """``load_causal_lm`` of a model that only answers (collect, eval, the feedback app's samples), on ``inference_device``."""
+    return load_causal_lm(name_or_path, tokenizer=tokenizer).to(inference_device())
+
+
 def context_length(model: nn.Module) -> int:
     """The longest sequence (tokens) the model's config allows; 2**20 when it names none."""
     config = getattr(model, "backbone", model).config  # a RewardModel's is its backbone's

@@ -18,7 +18,7 @@ from instructrl.data.formats import read_comparisons
 from instructrl.data.records import ComparisonRecord, comparison_line, write_comparisons
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
-from instructrl.models.base import inference_device, load_causal_lm, load_tokenizer
+from instructrl.models.base import load_answering_model, load_tokenizer
 from instructrl.rundir import RunDir, given_or_earlier, trim_step_log, write_text_atomic
 from instructrl.training.progress import progress_bar
 from instructrl.world.build import build_world, load_tasks
@@ -58,7 +58,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     policy = given_or_earlier(cfg.policy, Path(config.run.dir) / "sft" / "final", "collect.policy", "collect", "`instructrl sft`")
     with located("collect.policy"):  # a bad path names the key that chose it
         tokenizer = load_tokenizer(policy)
-        model = load_causal_lm(policy, tokenizer=tokenizer).to(inference_device())
+        model = load_answering_model(policy, tokenizer=tokenizer)
     world = build_world(config.world, Path(config.run.dir) / "world")
     end = None if cfg.n_prompts is None else cfg.first_prompt + cfg.n_prompts
     tasks = load_tasks(world.prompts("rm"))[cfg.first_prompt : end]
