@@ -3,13 +3,12 @@ PPO-ptx's pretraining term (InstructGPT §3.5, eq. 2)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from instructrl.rl.episodes import shuffled_local_order
 from instructrl.rl.rollout import Rollout, response_logprobs, response_values
 from instructrl.rlmath import clipped_policy_loss, clipped_value_loss, next_token_nll
+from instructrl.training.loop import accumulating
 
 TOKEN_MEANS = {"ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/ratio", "ppo/value_clipfrac"}
 
@@ -23,7 +22,7 @@ def ptx_backward(accelerator, policy, ptx_blocks: torch.Tensor, cfg, seed: int, 
     local_blocks = max(1, cfg.ptx_batch_size // world_size)
     drawn = torch.randint(len(ptx_blocks), (local_blocks * world_size,), generator=g)[rank * local_blocks : (rank + 1) * local_blocks]
     ids = ptx_blocks[drawn].to(accelerator.device)
-    with accelerator.no_sync(policy), accelerator.autocast():
+    with accumulating(accelerator, policy, last=False), accelerator.autocast():
         nll_sum, nll_count = next_token_nll(policy(input_ids=ids).logits, ids, torch.ones_like(ids))
         ptx_loss = nll_sum / nll_count
     accelerator.backward(cfg.ptx_coef * ptx_loss)
@@ -37,11 +36,11 @@ def micro_batch_backward(accelerator, cfg, batch: Rollout, policy, value_model, 
     batch = batch.trimmed()  # as scoring did: the same shapes, so the first ratio is exactly 1
     weight = float(batch.response_mask.sum()) * scale
     mask = batch.response_mask.float()
-    with (contextlib.nullcontext() if sync else accelerator.no_sync(policy)), accelerator.autocast():
+    with accumulating(accelerator, policy, last=sync), accelerator.autocast():
         logprobs, _ = response_logprobs(policy, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask, cfg.temperature)
         pg_loss, stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cfg.clip)
     accelerator.backward(pg_loss * weight)
-    with (contextlib.nullcontext() if sync else accelerator.no_sync(value_model)), accelerator.autocast():
+    with accumulating(accelerator, value_model, last=sync), accelerator.autocast():
         values = response_values(value_model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
         vf_loss, vf_clipfrac = clipped_value_loss(values, batch.values, batch.returns, mask, cfg.value_clip)
     accelerator.backward(vf_loss * weight)
