@@ -52,6 +52,12 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return torch.where(has_token, T - 1 - from_end, torch.full_like(from_end, -1))
 
 
+def leading_padding(mask: Tensor) -> int:
+    """How many first columns of a (B, T) left-padded ``mask`` are padding in every row (T when all are)."""
+    used = mask.bool().any(0)
+    return int(used.long().argmax()) if bool(used.any()) else mask.shape[-1]
+
+
 def shared_padding(query_mask: Tensor, response_mask: Tensor) -> tuple[int, int]:
     """(first, width): the padding every row of an episode batch shares, as column bounds.
 
@@ -60,8 +66,7 @@ def shared_padding(query_mask: Tensor, response_mask: Tensor) -> tuple[int, int]
     padding in every row. ``query[:, first:]`` and ``response[:, :width]`` drop exactly those
     columns: a forward pass over them costs less and gives the same values on real tokens.
     """
-    used = query_mask.bool().any(0)
-    first = int(used.long().argmax()) if bool(used.any()) else query_mask.shape[-1]
+    first = leading_padding(query_mask)
     used = response_mask.bool().any(0)
     width = response_mask.shape[-1] - int(used.flip(0).long().argmax()) if bool(used.any()) else 0
     return first, width

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from instructrl.models.base import context_length
-from instructrl.padding import pad_sequences, position_ids_from_mask
+from instructrl.padding import leading_padding, pad_sequences, position_ids_from_mask
 from instructrl.serve.sampling import sample_next_tokens
 from instructrl.serve.text import TextStream
 
@@ -240,7 +240,7 @@ class Engine:
         mask = mask[index]
         cache.batch_select_indices(index)
         # columns that are padding in every remaining row need no attention any more
-        leading = int(mask.any(0).long().argmax())
+        leading = leading_padding(mask)
         if leading:
             mask = mask[:, leading:]
             for layer in cache.layers:
