@@ -25,7 +25,7 @@ from instructrl.evaluation.preference import win_rate
 from instructrl.evaluation.report import GOLD_ANSWERS
 from instructrl.models.base import load_answering_model, load_tokenizer
 from instructrl.rlmath import next_token_nll
-from instructrl.rundir import RunDir
+from instructrl.rundir import RunDir, write_text_atomic
 from instructrl.world.build import build_world, demonstration, load_tasks
 from instructrl.world.labeler import FLAGS, SimulatedLabeler
 
@@ -162,7 +162,7 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     ))
     # a folder as an absolute path (results.json is read from anywhere), a hub name as given
     where = {name: str(Path(path).resolve()) if Path(path).exists() else path for name, path in models.items()}
-    (run.path / "results.json").write_text(json.dumps({"models": where, "n_prompts": len(tasks), "results": results}, indent=2))
+    write_text_atomic(run.path / "results.json", json.dumps({"models": where, "n_prompts": len(tasks), "results": results}, indent=2))
     run.write_lineage({f"model:{name}": path for name, path in models.items()} | {"prompts": world.prompts("eval")})
     run.finish({"results": run.path / "results.json"})
     return results
