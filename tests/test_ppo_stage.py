@@ -336,3 +336,71 @@ def test_ppo_killed_and_resumed_ends_with_the_same_weights(tmp_path, smoke_rm):
     cfg = load_config(SMOKE, args(straight)[3:]).ppo
     assert a[0]["rollout/kl"] == 0.0 and a[0]["ppo/kl_coef"] == cfg.kl_coef
     assert a[1]["ppo/kl_coef"] == pytest.approx(cfg.kl_coef * (1 - 0.2 * cfg.rollout_batch_size / cfg.kl_horizon), rel=1e-12)
+
+
+def _four_episode_rollout(smoke_base, advantage_scale: float = 1.0):
+    """Four episodes (two prompts' two responses each way), with ±``advantage_scale`` advantages."""
+    model, tok, prompts, responses = _rows(smoke_base)
+    q, qm = pad_sequences([prompts[0], prompts[1], prompts[0], prompts[1]], tok.pad_token_id, side="left")
+    r, rm = pad_sequences(responses + responses[::-1], tok.pad_token_id, side="right")
+    with torch.no_grad():
+        old, _ = response_logprobs(model, q, qm, r, rm, 1.0)
+    zeros = torch.zeros_like(old)
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0]).unsqueeze(1) * rm.float() * advantage_scale
+    rollout = Rollout(q, qm, r, rm, torch.tensor([True] * 4), old, old, zeros, torch.zeros(4), torch.zeros(4), zeros,
+                      kl=zeros, rewards=zeros, advantages=adv, returns=zeros + 1.0)
+    return model, tok, rollout
+
+
+def test_each_epoch_visits_every_episode_once_and_later_epochs_make_new_minibatches(smoke_base, monkeypatch):
+    """Epoch 1 keeps the rollout's order (so its first ratio is 1); later epochs shuffle episodes
+    between minibatches, each episode still once per epoch."""
+    model, tok, rollout = _four_episode_rollout(smoke_base)
+    cfg = load_config(SMOKE, ["ppo.minibatch_size=2", "ppo.micro_batch_size=1", "ppo.rollout_batch_size=4", "ppo.ppo_epochs=4"]).ppo
+    seen: list[int] = []
+    select = Rollout.select
+    monkeypatch.setattr(Rollout, "select", lambda self, rows: seen.extend(torch.as_tensor(rows).tolist()) or select(self, rows))
+    ppo_epochs(make_accelerator(cfg), cfg, rollout, model.train(), _Value(len(tok)), torch.optim.AdamW(model.parameters(), lr=1e-5),
+               torch.optim.AdamW(_Value(len(tok)).parameters()), [], None, iteration=0, seed=0)
+    epochs = [seen[i : i + 4] for i in range(0, 16, 4)]
+    assert epochs[0] == [0, 1, 2, 3]
+    assert all(sorted(e) == [0, 1, 2, 3] for e in epochs)
+    minibatches = [{frozenset(e[:2]), frozenset(e[2:])} for e in epochs]
+    assert any(m != minibatches[0] for m in minibatches[1:])  # episodes changed minibatch in some later epoch
+
+
+def test_the_optimizers_step_with_gradients_clipped_to_grad_clip(smoke_base):
+    """ppo.grad_clip bounds the gradient norm each optimizer steps with; the logs keep the norm before clipping."""
+    model, tok, rollout = _four_episode_rollout(smoke_base, advantage_scale=100.0)
+    cfg = load_config(SMOKE, ["ppo.minibatch_size=4", "ppo.micro_batch_size=2", "ppo.rollout_batch_size=4", "ppo.ppo_epochs=1",
+                              "ppo.grad_clip=0.01"]).ppo
+    value = _Value(len(tok))
+    policy_opt, value_opt = torch.optim.AdamW(model.parameters(), lr=1e-5), torch.optim.AdamW(value.parameters(), lr=1e-5)
+    stepped_with: list[float] = []
+
+    def spy(optimizer, params):
+        step = optimizer.step
+
+        def clipped_step(*args, **kwargs):
+            stepped_with.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))))
+            return step(*args, **kwargs)
+        optimizer.step = clipped_step
+
+    spy(policy_opt, list(model.parameters()))
+    spy(value_opt, list(value.parameters()))
+    stats = ppo_epochs(make_accelerator(cfg), cfg, rollout, model.train(), value, policy_opt, value_opt, [], None, iteration=0, seed=0)
+    assert stats["ppo/policy_grad_norm"] > 0.01 and stats["ppo/value_grad_norm"] > 0.01  # the clip had work to do
+    assert len(stepped_with) == 2 and all(norm <= 0.01 * (1 + 1e-4) for norm in stepped_with), stepped_with
+
+
+def test_a_reference_beside_ppo_lora_is_refused_before_the_run_folder_is_written(tmp_path, smoke_rm):
+    """With ppo.lora the KL reference is the policy's base model with the adapter off; another reference would be ignored."""
+    from instructrl.errors import UserError
+    from instructrl.stages.ppo import run_ppo
+
+    base = smoke_rm / "pretrain" / "final"
+    config = load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"ppo.policy={base}", f"ppo.reward_model={smoke_rm / 'rm' / 'final'}",
+                                 f"ppo.reference={smoke_rm / 'rm' / 'final'}", "ppo.lora.enabled=true", "ppo.ptx_coef=0"])
+    with pytest.raises(UserError, match="^ppo: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset$"):
+        run_ppo(config, log=lambda *_: None)
+    assert not (tmp_path / "run").exists()

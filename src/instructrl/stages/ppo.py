@@ -76,6 +76,17 @@ def model_paths(config: PipelineConfig, stage: str) -> ModelPaths:
     return ModelPaths(policy, reward_model, cfg.value_model or reward_model, cfg.reference or policy)
 
 
+def check_lora(cfg, paths: ModelPaths, stage: str) -> None:
+    """ppo.lora's two conflicts, refused before anything is loaded or written."""
+    if not cfg.lora.enabled:
+        return
+    if cfg.reference is not None and cfg.reference != paths.policy:
+        raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
+    if cfg.lora.dropout > 0:  # the adapters' dropout would be on in the update and off in the rollout
+        raise UserError(f"ppo.lora.dropout = {cfg.lora.dropout}: PPO runs every model without dropout, so that an update's "
+                        "log-probs and values are the rollout's until the weights move (the first ratio is 1); set it to 0")
+
+
 def load_prompts(config: PipelineConfig, stage: str, tokenizer, accelerator, log):
     """The prompts, their gold tasks by id (for the gold judge's logs) and the built-in world,
     which supplies the prompts (and PPO-ptx's text) only when ppo.prompts is unset."""
@@ -116,11 +127,6 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     """The frozen reward model, the value model (from ``paths.value_model``, the RM by default) and
     the frozen reference; with ppo.lora the policy and value model get adapters and the reference is
     None (the policy with its adapter off: one copy of the base model)."""
-    if cfg.lora.enabled and cfg.reference is not None and cfg.reference != paths.policy:
-        raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
-    if cfg.lora.enabled and cfg.lora.dropout > 0:  # the adapters' dropout would be on in the update and off in the rollout
-        raise UserError(f"ppo.lora.dropout = {cfg.lora.dropout}: PPO runs every model without dropout, so that an update's "
-                        "log-probs and values are the rollout's until the weights move (the first ratio is 1); set it to 0")
     with located("ppo.reward_model"):
         reward_model = RewardModel.from_pretrained(paths.reward_model).eval().requires_grad_(False)
     with located("ppo.value_model"):
@@ -185,6 +191,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
 
     # setup: models, prompts (with their gold tasks on the built-in world), pretraining blocks
     paths = model_paths(config, stage)
+    check_lora(cfg, paths, stage)
     with located("ppo.policy"):  # a bad path names the key that chose it
         tokenizer = load_tokenizer(paths.policy)
     with located("ppo.reward_model"):
