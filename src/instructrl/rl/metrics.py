@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from instructrl.models.base import optimizer_state_bytes, parameter_bytes
 from instructrl.rl.rollout import Rollout
 from instructrl.rlmath import kl_per_token
 from instructrl.world.labeler import SimulatedLabeler
@@ -36,3 +37,17 @@ def rollout_metrics(rollout: Rollout, texts: list[str], ids: list[str], gold: di
     metrics = {n: (total[i] / total[-1]).item() for i, n in enumerate(names)}
     metrics["rollout/sqrt_kl"] = math.sqrt(max(metrics["rollout/kl"], 0.0))
     return metrics
+
+
+def memory_metrics(models: tuple, optimizers: tuple) -> dict[str, float]:
+    """What the models and optimizers hold on this process; a tensor two models share (the policy
+    and its LoRA reference) counts once. ``None`` stands for a model that is not there."""
+    trained = {id(p): p.numel() for m in models if m is not None for p in m.parameters() if p.requires_grad}
+    return {"memory/parameters_mb": parameter_bytes(*models) / 2**20, "memory/trainable_parameters": float(sum(trained.values())),
+            "memory/optimizer_state_mb": optimizer_state_bytes(*optimizers) / 2**20}
+
+
+def time_metrics(seconds: dict[str, float], n_episodes: int, n_tokens: float) -> dict[str, float]:
+    """Each phase's seconds as time/PHASE, and the iteration's pace over their sum."""
+    elapsed = sum(seconds.values())
+    return {**{f"time/{k}": v for k, v in seconds.items()}, "time/episodes_per_s": n_episodes / elapsed, "time/tokens_per_s": n_tokens / elapsed}

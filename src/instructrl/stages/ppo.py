@@ -33,12 +33,12 @@ from instructrl.data.chat import render_ids
 from instructrl.data.packing import pack_documents
 from instructrl.data.formats import Prompt, read_prompts, read_texts, warn_of_control_tokens
 from instructrl.errors import UserError, located
-from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, optimizer_state_bytes, parameter_bytes, set_dropout
+from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, set_dropout
 from instructrl.models.lora import adapter_disabled, add_lora, targets_in, trainable_share
 from instructrl.models.reward import RewardModel
 from instructrl.rl.episodes import episode_seed, prompt_order, rank_episodes
 from instructrl.rl.kl_control import KLController
-from instructrl.rl.metrics import rollout_metrics
+from instructrl.rl.metrics import memory_metrics, rollout_metrics, time_metrics
 from instructrl.rl.rollout import Rollout, left_pad_prompts, sample_responses, score_episodes
 from instructrl.rl.update import ppo_epochs
 from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_token_rewards
@@ -85,6 +85,18 @@ def check_lora(cfg, paths: ModelPaths, stage: str) -> None:
     if cfg.lora.dropout > 0:  # the adapters' dropout would be on in the update and off in the rollout
         raise UserError(f"ppo.lora.dropout = {cfg.lora.dropout}: PPO runs every model without dropout, so that an update's "
                         "log-probs and values are the rollout's until the weights move (the first ratio is 1); set it to 0")
+
+
+def shared_tokenizer(paths: ModelPaths, stage: str):
+    """The policy's tokenizer, refused unless the reward model has the same vocabulary: token ids
+    would mean other words to it, and it would score text the policy never wrote."""
+    with located("ppo.policy"):  # a bad path names the key that chose it
+        tokenizer = load_tokenizer(paths.policy)
+    with located("ppo.reward_model"):
+        rm_vocab = load_tokenizer(paths.reward_model).get_vocab()
+    if rm_vocab != tokenizer.get_vocab():
+        raise UserError(f"{stage}: the reward model {paths.reward_model} and the policy {paths.policy} use different tokenizers")
+    return tokenizer
 
 
 def load_prompts(config: PipelineConfig, stage: str, tokenizer, accelerator, log):
@@ -175,6 +187,22 @@ def add_rewards_and_advantages(rollout: Rollout, cfg, kl_coef: float, over_proce
     rollout.advantages = masked_whiten(advantages, mask, total=over_processes)
 
 
+def make_optimizers(cfg, policy, value_model):
+    """AdamW for the policy and for the value model (each its own learning rate, no weight decay),
+    with a linear warmup over ppo.warmup_steps; with LoRA only the adapters (and the value head) train."""
+    trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+    policy_opt = torch.optim.AdamW(trainable(policy), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
+    value_opt = torch.optim.AdamW(trainable(value_model), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0)
+    warmup = lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))  # noqa: E731
+    return policy_opt, value_opt, [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (policy_opt, value_opt)]
+
+
+def bar_status(metrics: dict[str, float]) -> str:
+    """The progress bar's short reading of an iteration: proxy score, KL and (on the built-in world) gold Likert."""
+    status = f"score {metrics['rollout/score_in_reward']:+.2f}  kl {metrics['rollout/kl']:.2f}"
+    return status + (f"  gold {metrics['rollout/gold_likert']:.2f}" if "rollout/gold_likert" in metrics else "")
+
+
 def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
     """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.ppo
@@ -192,12 +220,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     # setup: models, prompts (with their gold tasks on the built-in world), pretraining blocks
     paths = model_paths(config, stage)
     check_lora(cfg, paths, stage)
-    with located("ppo.policy"):  # a bad path names the key that chose it
-        tokenizer = load_tokenizer(paths.policy)
-    with located("ppo.reward_model"):
-        rm_vocab = load_tokenizer(paths.reward_model).get_vocab()
-    if rm_vocab != tokenizer.get_vocab():
-        raise UserError(f"{stage}: the reward model {paths.reward_model} and the policy {paths.policy} use different tokenizers")
+    tokenizer = shared_tokenizer(paths, stage)
     prompts, gold, world = load_prompts(config, stage, tokenizer, accelerator, log)
     seed_everything(config.run.seed)
     with located("ppo.policy"):
@@ -210,11 +233,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     run.write_lineage({"policy": paths.policy, "reference": paths.reference, "reward_model": paths.reward_model, "value_model": paths.value_model,
                        "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})
 
-    trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
-    policy_opt = torch.optim.AdamW(trainable(policy), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
-    value_opt = torch.optim.AdamW(trainable(value_model), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0)
-    warmup = lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))  # noqa: E731
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (policy_opt, value_opt)]
+    policy_opt, value_opt, schedulers = make_optimizers(cfg, policy, value_model)
     policy, policy_opt = accelerator.prepare(policy, policy_opt)  # one model per call, as FSDP2 asks
     value_model, value_opt = accelerator.prepare(value_model, value_opt)
     reward_model = reward_model.to(accelerator.device)
@@ -281,25 +300,15 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             # 6. log, checkpoint
             state.step += 1
             texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip() for r, m in zip(response_ids, response_mask)]
-            metrics = rollout_metrics(rollout, texts, [prompts[i].id for i in rows], gold, judge, accelerator)
-            metrics.update(train_stats)
-            metrics["ppo/kl_coef"] = kl_ctl.value
-            # what the models hold (a tensor the policy and its LoRA reference share counts once)
-            metrics.update({"memory/parameters_mb": parameter_bytes(policy, reference, reward_model, value_model) / 2**20,
-                            "memory/trainable_parameters": float(sum(p.numel() for p in trainable(policy) + trainable(value_model))),
-                            "memory/optimizer_state_mb": optimizer_state_bytes(policy_opt, value_opt) / 2**20})
+            metrics = {**rollout_metrics(rollout, texts, [prompts[i].id for i in rows], gold, judge, accelerator), **train_stats,
+                       "ppo/kl_coef": kl_ctl.value, **memory_metrics((policy, reference, reward_model, value_model), (policy_opt, value_opt))}
             kl_ctl.update(metrics["rollout/kl"], cfg.rollout_batch_size)
             n_tokens = accelerator.reduce(torch.tensor(float(response_mask.sum() + query_mask.sum()), device=device), "sum").item()
-            elapsed = sum(timer.values())
-            metrics.update({f"time/{k}": v for k, v in timer.items()})
-            metrics.update({"time/episodes_per_s": cfg.rollout_batch_size / elapsed, "time/tokens_per_s": n_tokens / elapsed,
-                            "episodes": state.step * cfg.rollout_batch_size})
+            metrics.update(time_metrics(timer, cfg.rollout_batch_size, n_tokens))
+            metrics["episodes"] = state.step * cfg.rollout_batch_size
             if state.step % cfg.log_every == 0 or state.step == n_iterations:
                 run.log(state.step, metrics)
-            status = f"score {metrics['rollout/score_in_reward']:+.2f}  kl {metrics['rollout/kl']:.2f}"
-            if "rollout/gold_likert" in metrics:
-                status += f"  gold {metrics['rollout/gold_likert']:.2f}"
-            bar.update(task, completed=state.step, status=status)
+            bar.update(task, completed=state.step, status=bar_status(metrics))
             if state.step % cfg.checkpoint_every == 0 and state.step < n_iterations:
                 state.extra = {"kl_coef": kl_ctl.value}
                 save_checkpoint(accelerator, run.path / "checkpoints", state)
