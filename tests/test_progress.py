@@ -34,6 +34,18 @@ def test_progress_prints_lines_when_not_on_a_terminal():
     assert not [line for line in silent.getvalue().splitlines() if line.startswith("sft: ")]
 
 
+def test_an_80_column_terminal_keeps_the_counts_and_times_whole_and_cuts_the_status():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=80, color_system=None)
+    bar = progress_bar(console=console)
+    task = bar.add_task("ppo_ptx", total=64, unit="iter", status="")
+    bar.update(task, completed=3, status="score +1.23  kl 0.45  gold 5.61 " + "x" * 40)
+    console.print(bar.make_tasks_table(bar.tasks))
+    line = out.getvalue().rstrip("\n")
+    assert "\n" not in line and len(line) <= 80, line
+    assert re.search(r"^ppo_ptx .* 3/64 0:00:\d\d [\d.]+ (iters/s|s/iter) eta -:--:-- score .*…$", line), line
+
+
 def test_time_remaining_is_the_mean_pace_since_the_task_began():
     assert time_remaining(total=800, completed=500, first=400, elapsed=10.0) == 30.0  # resumed at 400: 10 steps a second
     assert time_remaining(total=800, completed=400, first=400, elapsed=10.0) is None  # nothing done yet: no pace

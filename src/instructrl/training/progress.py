@@ -47,6 +47,15 @@ class _PaceColumn(ProgressColumn):
         return Text(_pace(task), style="progress.data.speed")
 
 
+class _StatusColumn(TextColumn):
+    """The live metrics, the column a narrow terminal shortens: one line, cut with "…"."""
+
+    def render(self, task: Task) -> Text:
+        text = super().render(task)
+        text.no_wrap, text.overflow = True, "ellipsis"
+        return text
+
+
 def _pace(task: Task) -> str:
     """The mean pace since the task began, as ``pace`` words it."""
     return pace(task.completed - task.fields["first"], task.elapsed, task.fields["unit"])
@@ -81,8 +90,10 @@ def log_console() -> Console:
 
 
 def progress_bar(enabled: bool = True, console: Console | None = None, every_s: float = 30.0) -> Progress:
+    """On a narrow terminal the bar and the status's end ("kl 0.4…") give way; the counts and times stay whole."""
     return _Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), _PaceColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        TextColumn("eta"), TimeRemainingColumn(),
+        _StatusColumn("{task.fields[status]}", table_column=Column()),  # Column(): may shrink (a TextColumn is no_wrap)
         disable=not enabled, transient=False, console=console or log_console(), every_s=every_s,
     )
