@@ -39,6 +39,13 @@ def test_bench_rm_kway_forwards_fewer_sequences(tmp_path):
     assert result["speedup"] > 0
 
 
+def test_bench_rm_trains_the_rm_sections_lora(tmp_path):
+    cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "rm", "--k", "4", "--comparisons", "16", "rm.lora.enabled=true")
+    result = json.loads((tmp_path / "bench_rm.json").read_text())
+    assert result["lora"] is True and 0 < result["trainable_parameters"] < result["model_parameters"] / 2
+    assert result["kway"]["sequences_forwarded"] == 4 * result["comparisons"]
+
+
 def test_bench_unknown_stage(tmp_path):
     proc = cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "nope", check=False)
     assert proc.returncode == 2 and "unknown --stage" in proc.stderr

@@ -23,8 +23,9 @@ import torch
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
 from instructrl.data.records import ComparisonRecord
-from instructrl.errors import UserError
-from instructrl.models.base import build_base_model, count_parameters, load_causal_lm
+from instructrl.errors import UserError, located
+from instructrl.models.base import apply_switches, build_base_model, count_parameters, load_causal_lm
+from instructrl.models.lora import add_lora
 from instructrl.models.reward import RewardModel
 from instructrl.models.tokenizer import train_tokenizer
 from instructrl.padding import pad_sequences
@@ -33,6 +34,7 @@ from instructrl.rundir import write_text_atomic
 from instructrl.stages.ppo import run_ppo
 from instructrl.stages.pretrain import tokenizer_texts
 from instructrl.stages.rm import encode_comparison
+from instructrl.training.loop import make_optimizer
 from instructrl.world.build import build_world, demo_labeler, load_tasks
 from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
 
@@ -165,10 +167,15 @@ Unit = tuple[list[list[int]], list[int]]  # (sequences, ranks): one comparison o
 
 def time_ranking_loss_training(config: PipelineConfig, tokenizer, units: list[Unit], per_step: int, micro: int) -> dict:
     """Train a random reward model on ``units``, ``per_step`` per optimizer step in micro-batches of
-    ``micro``: seconds, units trained, sequences forwarded and the model's parameter count."""
+    ``micro``, with the rm section's optimizer, switches and LoRA: seconds, units trained, sequences
+    forwarded and the model's parameter counts."""
     torch.manual_seed(config.run.seed)
     model = RewardModel(build_base_model(config.model, tokenizer).base_model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    apply_switches(model.backbone, config.rm)
+    if config.rm.lora.enabled:
+        with located("rm.lora.target_modules"):
+            model.backbone = add_lora(model.backbone, config.rm.lora)
+    optimizer = make_optimizer(model, config.rm)
     start, sequences, trained = time.perf_counter(), 0, 0
     for step_start in range(0, len(units) - per_step + 1, per_step):
         trained += per_step
@@ -188,7 +195,8 @@ def time_ranking_loss_training(config: PipelineConfig, tokenizer, units: list[Un
             sequences += ids.shape[0]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"seconds": time.perf_counter() - start, "trained": trained, "sequences_forwarded": sequences, "parameters": count_parameters(model)}
+    return {"seconds": time.perf_counter() - start, "trained": trained, "sequences_forwarded": sequences, "parameters": count_parameters(model),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> dict:
@@ -223,6 +231,7 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
     by_pairs = time_ranking_loss_training(config, tokenizer, pairs, pair_batch, pair_micro)
     result = {
         "k": k, "comparisons": len(records), "ranked_pairs": len(pairs), "model_parameters": by_kway["parameters"],
+        "trainable_parameters": by_kway["trainable_parameters"], "lora": config.rm.lora.enabled,
         "kway": {"seconds": by_kway["seconds"], "sequences_forwarded": by_kway["sequences_forwarded"],
                  "comparisons_per_s": by_kway["trained"] / by_kway["seconds"]},
         "pairwise": {"seconds": by_pairs["seconds"], "sequences_forwarded": by_pairs["sequences_forwarded"],
