@@ -240,3 +240,14 @@ def test_help_paragraphs_are_not_broken_where_the_docstring_wraps():
     lines = [" ".join(line.split()) for line in out.splitlines()]
     for paragraph in inspect.getdoc(rm).split("\n\n"):
         assert " ".join(paragraph.split()) in lines, f"help paragraph broken: {paragraph[:60]}"
+
+
+def test_version_names_instructrl_and_the_libraries_that_decide_its_numbers():
+    from importlib.metadata import version
+
+    import instructrl
+
+    out = cli("--version").stdout.strip()
+    assert out.startswith(f"instructrl {instructrl.__version__} (")
+    for name in ("torch", "transformers", "accelerate", "peft"):
+        assert f"{name} {version(name)}" in out

@@ -59,8 +59,27 @@ def _log(message: str) -> None:
         console.print(message, highlight=False, soft_wrap=True, markup=False)
 
 
+def _print_version(wanted: bool) -> None:
+    """instructrl's version and the libraries' that decide its numbers, read without importing them."""
+    if not wanted:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from instructrl import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    print(f"instructrl {__version__} (" + ", ".join(f"{n} {installed(n)}" for n in ("torch", "transformers", "accelerate", "peft")) + ")")
+    raise typer.Exit()
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors.")) -> None:
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+         version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")) -> None:
     _state["debug"] = _state["debug"] or debug
     _quiet_libraries()
 
