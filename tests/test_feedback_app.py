@@ -61,6 +61,29 @@ def test_unauthenticated_and_wrong_role_requests_are_refused(project):
     assert browser.get("/api/me").json() == {"name": "ann", "role": "labeler"}
 
 
+def test_a_page_of_another_origin_cannot_post_with_the_admins_cookie(project):
+    # SameSite=strict sends the cookie from a page on another port of the same host: its form
+    # created an admin account with the logged-in admin's session
+    root, pid, users, app = project
+    browser = TestClient(app)
+    assert browser.post("/login", data={"name": "root", "password": "rootroot"}, follow_redirects=False).status_code == 303
+    form = {"name": "mallory", "role": "admin", "password": "mallory1"}
+    for headers in ({"Sec-Fetch-Site": "same-site", "Origin": "http://testserver:8001"},  # a browser that says where it comes from
+                    {"Sec-Fetch-Site": "cross-site", "Origin": "http://testserver"},
+                    {"Origin": "http://testserver:8001"},  # an older browser: Origin only
+                    {"Origin": "null"}):
+        response = browser.post("/admin/users", data=form, headers={"Accept": "text/html", **headers})
+        assert response.status_code == 403 and "another site" in response.text, headers
+        api = browser.post(f"/api/projects/{pid}/next", json={}, headers=headers)
+        assert api.status_code == 403 and api.json()["field"] == "origin", headers
+    assert [u["name"] for u in connect(root).execute("SELECT name FROM users ORDER BY id")] == list(USERS)
+    assert connect(root).execute("SELECT COUNT(*) FROM assignments").fetchone()[0] == 0
+    # the app's own pages, and scripts that send no browser headers, still work
+    for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": "http://testserver"}, {"Origin": "http://testserver"}, {}):
+        assert browser.post(f"/api/projects/{pid}/next", json={}, headers=headers).status_code == 200, headers
+    assert browser.post("/admin/users", data=form, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+
+
 def test_bad_bodies_get_422_naming_the_field(project):
     root, pid, users, app = project
     ann = client(app, users["ann"])

@@ -3,7 +3,8 @@
 ``create_app(project_dir)`` returns a FastAPI app on the project's SQLite database. Pages sign
 in with a session cookie; the API takes ``Authorization: Bearer <token>`` (each labeler's own)
 or the same cookie. Labelers see only their own tasks and answers; admin pages and the export
-need the admin role. Bad requests get a 4xx whose JSON names the field:
+need the admin role. A state-changing request from another origin's page is refused (403,
+``same_origin``). Bad requests get a 4xx whose JSON names the field:
 ``{"detail": "...", "field": "likert.2"}``; a body over ``MAX_BODY_BYTES`` gets 413.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -132,6 +134,25 @@ def current_user(request: Request, conn: sqlite3.Connection = Depends(db)) -> ac
     if user is None:
         raise Unauthenticated("log in, or send Authorization: Bearer <your token>", "authorization")
     return user
+
+
+def same_origin(request: Request) -> None:
+    """Refuse a state-changing request that a browser sends from another origin's page (CSRF).
+
+    SameSite=strict keeps the cookie from other sites only: a page on another port or subdomain
+    of the same host is the same site, and its form could create an admin with the admin's
+    cookie. As Go's net/http CrossOriginProtection: the browser's Sec-Fetch-Site where it sends
+    one, else Origin against Host; a request with neither is not from a browser's page.
+    """
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    site = request.headers.get("sec-fetch-site")
+    if site in ("same-origin", "none"):
+        return
+    origin = request.headers.get("origin")
+    if site is None and (origin is None or urlsplit(origin).netloc == request.headers.get("host")):
+        return
+    raise tasks.Forbidden("a request from another site's page is refused; use this app's own pages", "origin")
 
 
 def admin_user(user: accounts.User = Depends(current_user)) -> accounts.User:
@@ -343,7 +364,7 @@ def create_app(project_dir: Path | str) -> FastAPI:
     project_dir = Path(project_dir)
     connect(project_dir).close()  # schema and WAL mode, once
     app = FastAPI(title="instructrl feedback", docs_url="/api/docs", openapi_url="/api/openapi.json",
-                  exception_handlers=ERROR_HANDLERS)
+                  exception_handlers=ERROR_HANDLERS, dependencies=[Depends(same_origin)])
     app.state.project_dir = project_dir
     app.add_middleware(BodyLimit)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
