@@ -112,6 +112,22 @@ def test_bad_bodies_get_422_naming_the_field(project):
     assert connect(root).execute("SELECT COUNT(*) FROM assignments WHERE state != 'leased'").fetchone()[0] == 0
 
 
+def test_ids_too_big_for_sqlite_and_json_nested_too_deep_are_422_not_500(project):
+    root, pid, users, app = project
+    ann = TestClient(app, headers={"Authorization": f"Bearer {users['ann'].token}"}, raise_server_exceptions=False)
+    rank = ann.post(f"/api/projects/{pid}/next", json={"kind": "rank"}).json()["assignment"]["id"]
+    too_big = 2**63  # an SQLite integer is 64 bits: sqlite3 raised OverflowError
+    for method, path, field in (("GET", f"/api/assignments/{too_big}", "path.assignment_id"),
+                                ("POST", f"/api/projects/{too_big}/next", "path.project_id"),
+                                ("PUT", f"/api/assignments/{too_big}/draft", "path.assignment_id")):
+        response = ann.request(method, path, json={"text": "x"} if method == "PUT" else {})
+        assert response.status_code == 422 and response.json()["field"] == field, (path, response.text)
+    assert ann.get(f"/assignments/{too_big}", headers={"Accept": "text/html"}).status_code == 422
+    deep = ann.post(f"/api/assignments/{rank}/submit", content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+    assert deep.status_code == 422 and deep.json()["field"] == "body", deep.text
+    assert ann.get(f"/api/assignments/{rank}").json()["state"] == "leased"
+
+
 def test_text_that_is_not_unicode_is_refused_before_it_is_stored(project):
     root, pid, users, app = project
     ann = client(app, users["ann"])

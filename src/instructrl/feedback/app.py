@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
@@ -35,6 +37,8 @@ from instructrl.feedback.export import FILES, export_project, quality
 HERE = Path(__file__).parent
 COOKIE = "instructrl_session"
 MAX_BODY_BYTES = 1_000_000  # far more than any answer; a bigger body is refused before it is stored
+# a project or assignment id in a URL: an SQLite rowid, so a bigger number is a 422, not an OverflowError (500)
+RowId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 
 
 class Unauthenticated(tasks.TaskError):
@@ -239,7 +243,7 @@ def home(user: accounts.User = Depends(current_user), conn: sqlite3.Connection =
 
 
 @pages.get("/projects/{project_id}/next")
-def next_page(project_id: int, kind: str | None = None, user: accounts.User = Depends(current_user),
+def next_page(project_id: RowId, kind: str | None = None, user: accounts.User = Depends(current_user),
               conn: sqlite3.Connection = Depends(db)):
     assignment = tasks.next_task(conn, project_id, user, kind or None)
     if assignment is None:
@@ -249,7 +253,7 @@ def next_page(project_id: int, kind: str | None = None, user: accounts.User = De
 
 
 @pages.get("/assignments/{assignment_id}", response_class=HTMLResponse)
-def task_page(assignment_id: int, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+def task_page(assignment_id: RowId, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
     view = tasks.assignment_view(conn, assignment_id, user)
     return page("task.html", user=user, task=view, labels=[chr(ord("A") + i) for i in range(len(view["responses"]))])
 
@@ -269,7 +273,7 @@ def admin_create_user(name: str = Form(...), role: str = Form("labeler"), passwo
 
 
 @pages.post("/admin/projects/{project_id}/export", response_class=HTMLResponse)
-def admin_export(project_id: int, request: Request, user: accounts.User = Depends(admin_user),
+def admin_export(project_id: RowId, request: Request, user: accounts.User = Depends(admin_user),
                  conn: sqlite3.Connection = Depends(db)):
     name = tasks.project_by_id(conn, project_id)["name"]
     folder = export_folder(request, project_id)
@@ -293,58 +297,58 @@ def list_projects(user: accounts.User = Depends(current_user), conn: sqlite3.Con
 
 
 @api.post("/projects/{project_id}/next")
-def next_api(project_id: int, body: NextBody | None = None, user: accounts.User = Depends(current_user),
+def next_api(project_id: RowId, body: NextBody | None = None, user: accounts.User = Depends(current_user),
              conn: sqlite3.Connection = Depends(db)):
     assignment = tasks.next_task(conn, project_id, user, body.kind if body else None)
     return {"assignment": None if assignment is None else tasks.assignment_view(conn, assignment, user)}
 
 
 @api.get("/assignments/{assignment_id}")
-def get_assignment(assignment_id: int, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+def get_assignment(assignment_id: RowId, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
     return tasks.assignment_view(conn, assignment_id, user)
 
 
 @api.put("/assignments/{assignment_id}/draft")
-def put_draft(assignment_id: int, body: DraftBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+def put_draft(assignment_id: RowId, body: DraftBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
     tasks.save_draft(conn, assignment_id, user, body.text)
     return {"saved": True}
 
 
 @api.post("/assignments/{assignment_id}/submit")
-async def submit_api(assignment_id: int, request: Request, user: accounts.User = Depends(current_user),
+async def submit_api(assignment_id: RowId, request: Request, user: accounts.User = Depends(current_user),
                      conn: sqlite3.Connection = Depends(db)):
     try:
         body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: arrays nested 100,000 deep
         raise tasks.Invalid(f"the body is not valid JSON ({err})", "body") from None
     return {"answer": tasks.submit(conn, assignment_id, user, body)}
 
 
 @api.post("/assignments/{assignment_id}/skip")
-def skip_api(assignment_id: int, body: SkipBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+def skip_api(assignment_id: RowId, body: SkipBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
     tasks.skip(conn, assignment_id, user, body.reason)
     return {"skipped": True}
 
 
 @api.get("/projects/{project_id}/progress")
-def progress_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+def progress_api(project_id: RowId, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
     return tasks.progress(conn, project_id)
 
 
 @api.get("/projects/{project_id}/quality")
-def quality_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+def quality_api(project_id: RowId, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
     return nan_to_none(quality(conn, project_id))
 
 
 @api.post("/projects/{project_id}/export")
-def export_api(project_id: int, request: Request, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+def export_api(project_id: RowId, request: Request, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
     tasks.project_by_id(conn, project_id)
     folder = export_folder(request, project_id)
     return {"folder": str(folder), "counts": export_project(conn, project_id, folder)}
 
 
 @api.get("/projects/{project_id}/export/{name}")
-def export_file(project_id: int, name: str, request: Request, user: accounts.User = Depends(admin_user)):
+def export_file(project_id: RowId, name: str, request: Request, user: accounts.User = Depends(admin_user)):
     if name not in FILES:
         raise tasks.NotFound(f"{name!r} is not an export file; they are {', '.join(FILES)}", "name")
     path = export_folder(request, project_id) / name
