@@ -296,6 +296,31 @@ def test_what_labelers_submit_is_what_the_export_holds(project, tmp_path):
     assert proc.returncode == 2 and "no project named 'nope'" in proc.stderr
 
 
+def test_an_export_while_people_label_counts_the_same_answers_in_every_file(tmp_path, monkeypatch):
+    from instructrl.feedback import export, tasks
+
+    conn, pid, users = make_project(tmp_path, USERS, [rank_task(0), rank_task(1)])
+    body = {"likert": [4] * 4, "flags": [[]] * 4, "ranks": [0, 1, 2, 3]}
+    tasks.submit(conn, tasks.next_task(conn, pid, users["ann"]), users["ann"], body)
+    bobs = tasks.next_task(conn, pid, users["bob"])
+    read_compare = export.project_compare_records
+
+    def bob_submits_meanwhile(*args):  # on another connection, between two of the export's reads
+        other = connect(tmp_path)
+        tasks.submit(other, bobs, users["bob"], body)
+        other.close()
+        return read_compare(*args)
+
+    monkeypatch.setattr(export, "project_compare_records", bob_submits_meanwhile)
+    counts = export.export_project(conn, pid, tmp_path / "out")
+    quality = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert counts["comparisons.jsonl"] == len((tmp_path / "out" / "comparisons.jsonl").read_text().splitlines())
+    assert quality["progress"]["kinds"]["rank"]["submitted"] == counts["comparisons.jsonl"] == 1
+    assert not conn.in_transaction
+    monkeypatch.undo()
+    assert export.export_project(conn, pid, tmp_path / "out")["comparisons.jsonl"] == 2  # the next export has bob's
+
+
 def test_twenty_labelers_at_once_then_a_crash(tmp_path):
     names = {f"l{i:02d}": "labeler" for i in range(20)}
     conn, pid, users = make_project(tmp_path, {"root": "admin", **names}, [rank_task(i) for i in range(3)], overlap=20)
