@@ -203,3 +203,59 @@ def test_a_labeler_on_a_phone(tmp_path):
     assert layout["task"] > 0.9 * 375  # not squeezed beside the guidelines
     assert layout["direction"][arabic[:5]] == layout["direction"]["שלום,"] == "rtl"
     assert layout["direction"]["fine."] == layout["direction"]["Be ki"] == "ltr"
+
+
+def test_a_submission_on_a_bad_connection(tmp_path):
+    """No reply: the answers stay on the page to submit again. A reply lost after the answer was
+    stored: submitting again goes on to the next task (it was a 409 the labeler was stuck on).
+    A double click sends one answer."""
+    from playwright.sync_api import sync_playwright
+
+    conn, pid, _ = make_project(tmp_path / "project", {"ann": "labeler"}, [rank_task(0), rank_task(1)])
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path / "project", port)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            sent = []
+            page.on("request", lambda request: sent.append(request.url) if request.url.endswith("/submit") else None)
+            page.goto(f"{base}/projects/{pid}/next?kind=rank")
+            page.fill("#name", "ann")
+            page.fill("#password", "annann")
+            page.click("#login")
+            page.wait_for_selector("#scoring")
+            first_url = page.url
+            for p in range(4):
+                page.click(f"#likert-{p}-{p + 2}")
+            page.route("**/submit", lambda route: route.abort("internetdisconnected"))
+            page.click("#submit")
+            page.wait_for_selector("#error:has-text('Nothing is lost')")
+            assert page.is_checked("#likert-3-5") and page.url == first_url
+            page.unroute("**/submit")
+
+            def stored_but_reply_lost(route):
+                route.fetch()
+                route.abort("connectionreset")
+
+            page.route("**/submit", stored_but_reply_lost)
+            page.click("#submit")
+            page.wait_for_selector("#error:has-text('Nothing is lost')")
+            page.unroute("**/submit")
+            page.click("#submit")  # the server answers 409: already stored
+            page.wait_for_function(f"location.href !== {json.dumps(first_url)} && !!document.querySelector('#scoring')")
+
+            del sent[:]
+            for p in range(4):
+                page.click(f"#likert-{p}-4")
+            page.dblclick("#submit")
+            page.wait_for_selector("#message")  # nothing left
+            browser.close()
+    finally:
+        server.kill()
+        server.wait()
+    assert len(sent) == 1
+    answers = [json.loads(a) for (a,) in conn.execute("SELECT answer FROM assignments WHERE state = 'submitted' ORDER BY id")]
+    assert len(answers) == 2 and sorted(answers[0]["likert"]) == [2, 3, 4, 5] and answers[1]["likert"] == [4] * 4
