@@ -44,6 +44,8 @@ def test_unauthenticated_and_wrong_role_requests_are_refused(project):
     assert anonymous.get("/api/me", headers={"Authorization": "Bearer nope"}).status_code == 401
     page = anonymous.get("/", headers={"Accept": "text/html"})
     assert page.status_code == 401 and 'action="/login"' in page.text  # a page asks to log in
+    page = anonymous.get(f"/projects/{pid}/next?kind=compare", headers={"Accept": "text/html"})
+    assert page.status_code == 401 and f'name="next" value="/projects/{pid}/next?kind=compare"' in page.text
     ann = client(app, users["ann"])
     for path in (f"/api/projects/{pid}/progress", f"/api/projects/{pid}/quality"):
         assert ann.get(path).status_code == 403

@@ -175,7 +175,9 @@ def wants_html(request: Request) -> bool:
 async def task_error(request: Request, err: tasks.TaskError):
     if wants_html(request):
         if err.status == 401:
-            return page("login.html", 401, error=None, next=request.url.path)
+            # with its query: a "Next compare task" link leads back to a compare task after logging in
+            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return page("login.html", 401, error=None, next=here)
         return error_page(err.status, str(err))
     detail = f"{err.field}: {err}" if err.field and err.status == 422 else str(err)
     return JSONResponse({"detail": detail, "field": err.field}, status_code=err.status)
