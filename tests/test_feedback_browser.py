@@ -207,11 +207,11 @@ def test_a_labeler_on_a_phone(tmp_path):
 
 def test_a_submission_on_a_bad_connection(tmp_path):
     """No reply: the answers stay on the page to submit again. A reply lost after the answer was
-    stored: submitting again goes on to the next task (it was a 409 the labeler was stuck on).
-    A double click sends one answer."""
+    stored: submitting (or skipping) again goes on to the next task (it was a 409 the labeler was
+    stuck on). A double click sends one answer."""
     from playwright.sync_api import sync_playwright
 
-    conn, pid, _ = make_project(tmp_path / "project", {"ann": "labeler"}, [rank_task(0), rank_task(1)])
+    conn, pid, _ = make_project(tmp_path / "project", {"ann": "labeler"}, [rank_task(i) for i in range(3)])
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path / "project", port)
@@ -248,9 +248,19 @@ def test_a_submission_on_a_bad_connection(tmp_path):
             page.wait_for_function(f"location.href !== {json.dumps(first_url)} && !!document.querySelector('#scoring')")
 
             del sent[:]
+            second_url = page.url
             for p in range(4):
                 page.click(f"#likert-{p}-4")
             page.dblclick("#submit")
+            page.wait_for_function(f"location.href !== {json.dumps(second_url)} && !!document.querySelector('#scoring')")
+
+            page.click(".skip summary")  # a skip whose reply is lost, skipped again
+            page.fill("#skip-reason", "I cannot judge this")
+            page.route("**/skip", stored_but_reply_lost)
+            page.click("#skip")
+            page.wait_for_selector("#error:has-text('Nothing is lost')")
+            page.unroute("**/skip")
+            page.click("#skip")
             page.wait_for_selector("#message")  # nothing left
             browser.close()
     finally:
@@ -259,3 +269,4 @@ def test_a_submission_on_a_bad_connection(tmp_path):
     assert len(sent) == 1
     answers = [json.loads(a) for (a,) in conn.execute("SELECT answer FROM assignments WHERE state = 'submitted' ORDER BY id")]
     assert len(answers) == 2 and sorted(answers[0]["likert"]) == [2, 3, 4, 5] and answers[1]["likert"] == [4] * 4
+    assert [tuple(r) for r in conn.execute("SELECT skip_reason FROM assignments WHERE state = 'skipped'")] == [("I cannot judge this",)]

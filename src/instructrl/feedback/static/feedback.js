@@ -21,9 +21,11 @@
   }
   function showError(message) { errorBox.textContent = message; }
   function goNext() { window.location.href = `/projects/${data.project_id}/next?kind=${data.kind}`; }
-  async function isSubmitted() {
+  // a retry of an answer or a skip that was stored though its reply was lost gets a 409: the work is in, go on
+  async function alreadyStored(err, state) {
+    if (err.status !== 409) return false;
     const response = await fetch(`/api/assignments/${data.id}`, { credentials: "same-origin" }).catch(() => null);
-    return !!response && response.ok && (await response.json()).state === "submitted";
+    return !!response && response.ok && (await response.json()).state === state;
   }
   let submitting = false; // a double click sends one answer
   async function submit(body) {
@@ -36,8 +38,7 @@
       goNext();
     } catch (err) {
       submitting = false;
-      // a retry of an answer that was stored though its reply was lost: the labeler's work is in, go on
-      if (err.status === 409 && await isSubmitted()) { dirty = false; goNext(); return; }
+      if (await alreadyStored(err, "submitted")) { dirty = false; goNext(); return; }
       showError(err.message);
     }
   }
@@ -50,7 +51,10 @@
     const reason = document.getElementById("skip-reason").value.trim();
     if (!reason) { showError("Say why you skip this task."); return; }
     try { await api(`/api/assignments/${data.id}/skip`, { reason }); dirty = false; goNext(); }
-    catch (err) { showError(err.message); }
+    catch (err) {
+      if (await alreadyStored(err, "skipped")) { dirty = false; goNext(); return; }
+      showError(err.message);
+    }
   });
 
   // ---- write: the draft is saved a moment after each change
