@@ -65,3 +65,23 @@ def test_pairwise_agreement_by_hand():
     assert math.isclose(result["agreement"], 1 / 3)
     assert result["per_labeler"]["x"]["agreement"] == 0.5 and result["per_labeler"]["z"]["agreement"] == 0.0
     assert math.isnan(pairwise_agreement([{"x": [0, 1]}])["agreement"])  # one labeler: no pairs
+
+
+def test_ordinal_and_nominal_alpha_and_a_three_coder_per_labeler_alpha_by_hand():
+    # units (1, 2), (2, 3), (1, 1): n_1 = 3, n_2 = 2, n_3 = 1, n = 6; each unit's two ordered pairs weigh 1
+    units = [{"a": 1, "b": 2}, {"a": 2, "b": 3}, {"a": 1, "b": 1}]
+    # ordinal δ²(c, k) = (n_c + ... + n_k - (n_c + n_k) / 2)²: δ²(1,2) = (5 - 2.5)² = 6.25, δ²(2,3) = (3 - 1.5)² = 2.25,
+    # δ²(1,3) = (6 - 2)² = 16. D_o = 2 (6.25 + 2.25) / 6 = 17/6; D_e = 2 (3·2·6.25 + 2·1·2.25 + 3·1·16) / 30 = 6
+    assert math.isclose(krippendorff_alpha(units, "ordinal")["alpha"], 1 - 17 / 36)
+    # nominal: D_o = 4/6, D_e = 2 (3·2 + 2·1 + 3·1) / 30 = 11/15 -> 1 - 10/11
+    assert math.isclose(krippendorff_alpha(units, "nominal")["alpha"], 1 / 11)
+    # three coders, c the odd one: units (1, 1, 2), (2, 2, 1); interval; each ordered pair weighs 1/(3-1).
+    # D_e = 2·3·3·1 / 30 = 0.6. D_o = (4 pairs of δ² 1 per unit · 1/2 · 2 units) / 6 = 2/3 -> alpha = 1 - 10/9.
+    # a's pairs: (a,b) 0 and (a,c) 1 per unit -> D_o(a) = 1/2, alpha 1 - 5/6; c's: (c,a) 1, (c,b) 1 -> 1 - 5/3
+    result = krippendorff_alpha([{"a": 1, "b": 1, "c": 2}, {"a": 2, "b": 2, "c": 1}], "interval")
+    assert math.isclose(result["alpha"], -1 / 9)
+    assert all(math.isclose(result["per_labeler"][k], v) for k, v in {"a": 1 / 6, "b": 1 / 6, "c": -2 / 3}.items())
+    # pairwise over two tasks: reversed orders disagree on all 6 pairs; x = [0,0,1,1] vs y = [0,1,0,1] orders
+    # strictly on both sides only (0,3) (agree) and (1,2) (disagree) -> 1 of 8
+    result = pairwise_agreement([{"x": [0, 1, 2, 3], "y": [3, 2, 1, 0]}, {"x": [0, 0, 1, 1], "y": [0, 1, 0, 1]}])
+    assert (result["pairs"], result["agreement"]) == (8, 1 / 8)

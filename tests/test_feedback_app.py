@@ -44,6 +44,8 @@ def test_unauthenticated_and_wrong_role_requests_are_refused(project):
     assert anonymous.get("/api/me", headers={"Authorization": "Bearer nope"}).status_code == 401
     page = anonymous.get("/", headers={"Accept": "text/html"})
     assert page.status_code == 401 and 'action="/login"' in page.text  # a page asks to log in
+    page = anonymous.get(f"/projects/{pid}/next?kind=compare", headers={"Accept": "text/html"})
+    assert page.status_code == 401 and f'name="next" value="/projects/{pid}/next?kind=compare"' in page.text
     ann = client(app, users["ann"])
     for path in (f"/api/projects/{pid}/progress", f"/api/projects/{pid}/quality"):
         assert ann.get(path).status_code == 403
@@ -59,6 +61,29 @@ def test_unauthenticated_and_wrong_role_requests_are_refused(project):
     assert browser.post("/login", data={"name": "ann", "password": "wrong"}).status_code == 401
     assert browser.post("/login", data={"name": "ann", "password": "annann"}, follow_redirects=False).status_code == 303
     assert browser.get("/api/me").json() == {"name": "ann", "role": "labeler"}
+
+
+def test_a_page_of_another_origin_cannot_post_with_the_admins_cookie(project):
+    # SameSite=strict sends the cookie from a page on another port of the same host: its form
+    # created an admin account with the logged-in admin's session
+    root, pid, users, app = project
+    browser = TestClient(app)
+    assert browser.post("/login", data={"name": "root", "password": "rootroot"}, follow_redirects=False).status_code == 303
+    form = {"name": "mallory", "role": "admin", "password": "mallory1"}
+    for headers in ({"Sec-Fetch-Site": "same-site", "Origin": "http://testserver:8001"},  # a browser that says where it comes from
+                    {"Sec-Fetch-Site": "cross-site", "Origin": "http://testserver"},
+                    {"Origin": "http://testserver:8001"},  # an older browser: Origin only
+                    {"Origin": "null"}):
+        response = browser.post("/admin/users", data=form, headers={"Accept": "text/html", **headers})
+        assert response.status_code == 403 and "another site" in response.text, headers
+        api = browser.post(f"/api/projects/{pid}/next", json={}, headers=headers)
+        assert api.status_code == 403 and api.json()["field"] == "origin", headers
+    assert [u["name"] for u in connect(root).execute("SELECT name FROM users ORDER BY id")] == list(USERS)
+    assert connect(root).execute("SELECT COUNT(*) FROM assignments").fetchone()[0] == 0
+    # the app's own pages, and scripts that send no browser headers, still work
+    for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": "http://testserver"}, {"Origin": "http://testserver"}, {}):
+        assert browser.post(f"/api/projects/{pid}/next", json={}, headers=headers).status_code == 200, headers
+    assert browser.post("/admin/users", data=form, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
 
 
 def test_bad_bodies_get_422_naming_the_field(project):
@@ -87,6 +112,22 @@ def test_bad_bodies_get_422_naming_the_field(project):
     assert ann.post("/api/projects/99/next", json={}).status_code == 404
     # nothing invalid was stored
     assert connect(root).execute("SELECT COUNT(*) FROM assignments WHERE state != 'leased'").fetchone()[0] == 0
+
+
+def test_ids_too_big_for_sqlite_and_json_nested_too_deep_are_422_not_500(project):
+    root, pid, users, app = project
+    ann = TestClient(app, headers={"Authorization": f"Bearer {users['ann'].token}"}, raise_server_exceptions=False)
+    rank = ann.post(f"/api/projects/{pid}/next", json={"kind": "rank"}).json()["assignment"]["id"]
+    too_big = 2**63  # an SQLite integer is 64 bits: sqlite3 raised OverflowError
+    for method, path, field in (("GET", f"/api/assignments/{too_big}", "path.assignment_id"),
+                                ("POST", f"/api/projects/{too_big}/next", "path.project_id"),
+                                ("PUT", f"/api/assignments/{too_big}/draft", "path.assignment_id")):
+        response = ann.request(method, path, json={"text": "x"} if method == "PUT" else {})
+        assert response.status_code == 422 and response.json()["field"] == field, (path, response.text)
+    assert ann.get(f"/assignments/{too_big}", headers={"Accept": "text/html"}).status_code == 422
+    deep = ann.post(f"/api/assignments/{rank}/submit", content=b"[" * 100_000, headers={"Content-Type": "application/json"})
+    assert deep.status_code == 422 and deep.json()["field"] == "body", deep.text
+    assert ann.get(f"/api/assignments/{rank}").json()["state"] == "leased"
 
 
 def test_text_that_is_not_unicode_is_refused_before_it_is_stored(project):
@@ -255,6 +296,31 @@ def test_what_labelers_submit_is_what_the_export_holds(project, tmp_path):
     assert (tmp_path / "cmd" / "comparisons.jsonl").read_text() == (out / "comparisons.jsonl").read_text()
     proc = cli("label", "export", "nope", "--dir", str(root), check=False)
     assert proc.returncode == 2 and "no project named 'nope'" in proc.stderr
+
+
+def test_an_export_while_people_label_counts_the_same_answers_in_every_file(tmp_path, monkeypatch):
+    from instructrl.feedback import export, tasks
+
+    conn, pid, users = make_project(tmp_path, USERS, [rank_task(0), rank_task(1)])
+    body = {"likert": [4] * 4, "flags": [[]] * 4, "ranks": [0, 1, 2, 3]}
+    tasks.submit(conn, tasks.next_task(conn, pid, users["ann"]), users["ann"], body)
+    bobs = tasks.next_task(conn, pid, users["bob"])
+    read_compare = export.project_compare_records
+
+    def bob_submits_meanwhile(*args):  # on another connection, between two of the export's reads
+        other = connect(tmp_path)
+        tasks.submit(other, bobs, users["bob"], body)
+        other.close()
+        return read_compare(*args)
+
+    monkeypatch.setattr(export, "project_compare_records", bob_submits_meanwhile)
+    counts = export.export_project(conn, pid, tmp_path / "out")
+    quality = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert counts["comparisons.jsonl"] == len((tmp_path / "out" / "comparisons.jsonl").read_text().splitlines())
+    assert quality["progress"]["kinds"]["rank"]["submitted"] == counts["comparisons.jsonl"] == 1
+    assert not conn.in_transaction
+    monkeypatch.undo()
+    assert export.export_project(conn, pid, tmp_path / "out")["comparisons.jsonl"] == 2  # the next export has bob's
 
 
 def test_twenty_labelers_at_once_then_a_crash(tmp_path):

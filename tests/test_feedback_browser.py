@@ -166,3 +166,107 @@ def test_a_labeler_in_the_browser(tmp_path):
     assert compare[0]["winner"] == COMPARE["sources"][COMPARE["responses"].index(right_text)]
     assert sorted(p.name for p in shots.iterdir()) == ["0-login.png", "1-write.png", "2-rank-mouse.png", "3-rank-keyboard.png",
                                                        "4-compare.png", "5-admin.png", "6-export.png"]
+
+
+def test_a_labeler_on_a_phone(tmp_path):
+    """A 375-pixel-wide phone: the page fits its width (a 3,000-character word wraps, the
+    guidelines go below the task) and right-to-left text reads right to left."""
+    from playwright.sync_api import sync_playwright
+
+    arabic = "مرحبا بالعالم! كيف حالك؟"
+    task = {"kind": "rank", "prompt_id": "r0", "prompt": [{"role": "user", "content": "שלום, מה שלומך?"}],
+            "responses": ["x" * 3000, arabic, "fine.", "ok " * 300]}
+    _, pid, _ = make_project(tmp_path / "project", {"ann": "labeler"}, [task], guidelines="Be kind. " * 60)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path / "project", port)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+            page = browser.new_page(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+            page.set_default_timeout(20_000)
+            page.goto(f"{base}/projects/{pid}/next?kind=rank")
+            page.fill("#name", "ann")
+            page.fill("#password", "annann")
+            page.click("#login")
+            page.wait_for_selector("#scoring")
+            page.screenshot(path=tmp_path / "phone.png", full_page=True)
+            layout = page.evaluate("""() => ({width: innerWidth, scrolls: document.documentElement.scrollWidth,
+                task: document.querySelector('#task').getBoundingClientRect().width,
+                direction: Object.fromEntries([...document.querySelectorAll('.content')].map(
+                    e => [e.textContent.slice(0, 5), getComputedStyle(e).direction]))})""")
+            browser.close()
+    finally:
+        server.kill()
+        server.wait()
+    assert layout["width"] == 375 and layout["scrolls"] <= 375  # the phone's width, no sideways scrolling
+    assert layout["task"] > 0.9 * 375  # not squeezed beside the guidelines
+    assert layout["direction"][arabic[:5]] == layout["direction"]["שלום,"] == "rtl"
+    assert layout["direction"]["fine."] == layout["direction"]["Be ki"] == "ltr"
+
+
+def test_a_submission_on_a_bad_connection(tmp_path):
+    """No reply: the answers stay on the page to submit again. A reply lost after the answer was
+    stored: submitting (or skipping) again goes on to the next task (it was a 409 the labeler was
+    stuck on). A double click sends one answer."""
+    from playwright.sync_api import sync_playwright
+
+    conn, pid, _ = make_project(tmp_path / "project", {"ann": "labeler"}, [rank_task(i) for i in range(3)])
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path / "project", port)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            sent = []
+            page.on("request", lambda request: sent.append(request.url) if request.url.endswith("/submit") else None)
+            page.goto(f"{base}/projects/{pid}/next?kind=rank")
+            page.fill("#name", "ann")
+            page.fill("#password", "annann")
+            page.click("#login")
+            page.wait_for_selector("#scoring")
+            first_url = page.url
+            for p in range(4):
+                page.click(f"#likert-{p}-{p + 2}")
+            page.route("**/submit", lambda route: route.abort("internetdisconnected"))
+            page.click("#submit")
+            page.wait_for_selector("#error:has-text('Nothing is lost')")
+            assert page.is_checked("#likert-3-5") and page.url == first_url
+            page.unroute("**/submit")
+
+            def stored_but_reply_lost(route):
+                route.fetch()
+                route.abort("connectionreset")
+
+            page.route("**/submit", stored_but_reply_lost)
+            page.click("#submit")
+            page.wait_for_selector("#error:has-text('Nothing is lost')")
+            page.unroute("**/submit")
+            page.click("#submit")  # the server answers 409: already stored
+            page.wait_for_function(f"location.href !== {json.dumps(first_url)} && !!document.querySelector('#scoring')")
+
+            del sent[:]
+            second_url = page.url
+            for p in range(4):
+                page.click(f"#likert-{p}-4")
+            page.dblclick("#submit")
+            page.wait_for_function(f"location.href !== {json.dumps(second_url)} && !!document.querySelector('#scoring')")
+
+            page.click(".skip summary")  # a skip whose reply is lost, skipped again
+            page.fill("#skip-reason", "I cannot judge this")
+            page.route("**/skip", stored_but_reply_lost)
+            page.click("#skip")
+            page.wait_for_selector("#error:has-text('Nothing is lost')")
+            page.unroute("**/skip")
+            page.click("#skip")
+            page.wait_for_selector("#message")  # nothing left
+            browser.close()
+    finally:
+        server.kill()
+        server.wait()
+    assert len(sent) == 1
+    answers = [json.loads(a) for (a,) in conn.execute("SELECT answer FROM assignments WHERE state = 'submitted' ORDER BY id")]
+    assert len(answers) == 2 and sorted(answers[0]["likert"]) == [2, 3, 4, 5] and answers[1]["likert"] == [4] * 4
+    assert [tuple(r) for r in conn.execute("SELECT skip_reason FROM assignments WHERE state = 'skipped'")] == [("I cannot judge this",)]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from instructrl.config import load_config
-from instructrl.data.jsonl import read_jsonl
+from instructrl.data.jsonl import read_jsonl, write_jsonl
 from instructrl.errors import UserError
 from instructrl.rundir import copy_dir, trim_step_log
 
@@ -25,6 +26,24 @@ def test_jsonl_with_a_byte_order_mark_reads(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"b": 2}\n')  # what some Windows editors write
     assert [r for _, r in read_jsonl(path)] == [{"a": 1}, {"b": 2}]
+
+
+def test_two_writers_of_one_file_at_once_each_write_a_whole_file(tmp_path):
+    # two exports at once (a double-clicked Export button) shared comparisons.jsonl.tmp: the
+    # second truncated the first's file, and the first's rename then failed (a 500)
+    path = tmp_path / "comparisons.jsonl"
+
+    def first_writer():
+        yield {"writer": 1, "n": 0}
+        second = threading.Thread(target=write_jsonl, args=(path, [{"writer": 2, "n": n} for n in range(3)]))
+        second.start()  # the other request's thread writes the whole file meanwhile
+        second.join()
+        assert [r for _, r in read_jsonl(path)] == [{"writer": 2, "n": n} for n in range(3)]
+        yield {"writer": 1, "n": 1}
+
+    write_jsonl(path, first_writer())
+    assert [r for _, r in read_jsonl(path)] == [{"writer": 1, "n": 0}, {"writer": 1, "n": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["comparisons.jsonl"]
 
 
 def test_control_character_in_a_string_is_named_once(tmp_path):

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from instructrl.config import PipelineConfig, dump_config, section
-from instructrl.data.jsonl import complete_lines, nan_to_none
+from instructrl.data.jsonl import complete_lines, nan_to_none, temp_beside
 from instructrl.errors import UserError
 
 
@@ -56,7 +56,7 @@ def file_stamp(path: Path) -> list:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader or a crash never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_beside(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 

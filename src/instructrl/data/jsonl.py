@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -46,11 +47,18 @@ def complete_lines(path: Path | str) -> list[tuple[str, dict]]:
     return lines
 
 
+def temp_beside(path: Path) -> Path:
+    """Where to write ``path`` before renaming it into place: a name of this process and thread's
+    own, so that two writers of one file at once (two exports of a project) never truncate or
+    rename each other's half-written file."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 def write_jsonl(path: Path | str, records: Iterable[dict]) -> None:
     """Write records atomically: a reader never sees half a file, a crash leaves the old one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_beside(path)
     with tmp.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -3,7 +3,8 @@
 ``create_app(project_dir)`` returns a FastAPI app on the project's SQLite database. Pages sign
 in with a session cookie; the API takes ``Authorization: Bearer <token>`` (each labeler's own)
 or the same cookie. Labelers see only their own tasks and answers; admin pages and the export
-need the admin role. Bad requests get a 4xx whose JSON names the field:
+need the admin role. A state-changing request from another origin's page is refused (403,
+``same_origin``). Bad requests get a 4xx whose JSON names the field:
 ``{"detail": "...", "field": "likert.2"}``; a body over ``MAX_BODY_BYTES`` gets 413.
 """
 
@@ -12,8 +13,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
@@ -33,6 +37,8 @@ from instructrl.feedback.export import FILES, export_project, quality
 HERE = Path(__file__).parent
 COOKIE = "instructrl_session"
 MAX_BODY_BYTES = 1_000_000  # far more than any answer; a bigger body is refused before it is stored
+# a project or assignment id in a URL: an SQLite rowid, so a bigger number is a 422, not an OverflowError (500)
+RowId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 
 
 class Unauthenticated(tasks.TaskError):
@@ -134,6 +140,25 @@ def current_user(request: Request, conn: sqlite3.Connection = Depends(db)) -> ac
     return user
 
 
+def same_origin(request: Request) -> None:
+    """Refuse a state-changing request that a browser sends from another origin's page (CSRF).
+
+    SameSite=strict keeps the cookie from other sites only: a page on another port or subdomain
+    of the same host is the same site, and its form could create an admin with the admin's
+    cookie. As Go's net/http CrossOriginProtection: the browser's Sec-Fetch-Site where it sends
+    one, else Origin against Host; a request with neither is not from a browser's page.
+    """
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    site = request.headers.get("sec-fetch-site")
+    if site in ("same-origin", "none"):
+        return
+    origin = request.headers.get("origin")
+    if site is None and (origin is None or urlsplit(origin).netloc == request.headers.get("host")):
+        return
+    raise tasks.Forbidden("a request from another site's page is refused; use this app's own pages", "origin")
+
+
 def admin_user(user: accounts.User = Depends(current_user)) -> accounts.User:
     if not user.is_admin:
         raise tasks.Forbidden("this needs the admin role", "role")
@@ -150,7 +175,9 @@ def wants_html(request: Request) -> bool:
 async def task_error(request: Request, err: tasks.TaskError):
     if wants_html(request):
         if err.status == 401:
-            return page("login.html", 401, error=None, next=request.url.path)
+            # with its query: a "Next compare task" link leads back to a compare task after logging in
+            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return page("login.html", 401, error=None, next=here)
         return error_page(err.status, str(err))
     detail = f"{err.field}: {err}" if err.field and err.status == 422 else str(err)
     return JSONResponse({"detail": detail, "field": err.field}, status_code=err.status)
@@ -218,7 +245,7 @@ def home(user: accounts.User = Depends(current_user), conn: sqlite3.Connection =
 
 
 @pages.get("/projects/{project_id}/next")
-def next_page(project_id: int, kind: str | None = None, user: accounts.User = Depends(current_user),
+def next_page(project_id: RowId, kind: str | None = None, user: accounts.User = Depends(current_user),
               conn: sqlite3.Connection = Depends(db)):
     assignment = tasks.next_task(conn, project_id, user, kind or None)
     if assignment is None:
@@ -228,7 +255,7 @@ def next_page(project_id: int, kind: str | None = None, user: accounts.User = De
 
 
 @pages.get("/assignments/{assignment_id}", response_class=HTMLResponse)
-def task_page(assignment_id: int, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+def task_page(assignment_id: RowId, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
     view = tasks.assignment_view(conn, assignment_id, user)
     return page("task.html", user=user, task=view, labels=[chr(ord("A") + i) for i in range(len(view["responses"]))])
 
@@ -248,7 +275,7 @@ def admin_create_user(name: str = Form(...), role: str = Form("labeler"), passwo
 
 
 @pages.post("/admin/projects/{project_id}/export", response_class=HTMLResponse)
-def admin_export(project_id: int, request: Request, user: accounts.User = Depends(admin_user),
+def admin_export(project_id: RowId, request: Request, user: accounts.User = Depends(admin_user),
                  conn: sqlite3.Connection = Depends(db)):
     name = tasks.project_by_id(conn, project_id)["name"]
     folder = export_folder(request, project_id)
@@ -272,58 +299,58 @@ def list_projects(user: accounts.User = Depends(current_user), conn: sqlite3.Con
 
 
 @api.post("/projects/{project_id}/next")
-def next_api(project_id: int, body: NextBody | None = None, user: accounts.User = Depends(current_user),
+def next_api(project_id: RowId, body: NextBody | None = None, user: accounts.User = Depends(current_user),
              conn: sqlite3.Connection = Depends(db)):
     assignment = tasks.next_task(conn, project_id, user, body.kind if body else None)
     return {"assignment": None if assignment is None else tasks.assignment_view(conn, assignment, user)}
 
 
 @api.get("/assignments/{assignment_id}")
-def get_assignment(assignment_id: int, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+def get_assignment(assignment_id: RowId, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
     return tasks.assignment_view(conn, assignment_id, user)
 
 
 @api.put("/assignments/{assignment_id}/draft")
-def put_draft(assignment_id: int, body: DraftBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+def put_draft(assignment_id: RowId, body: DraftBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
     tasks.save_draft(conn, assignment_id, user, body.text)
     return {"saved": True}
 
 
 @api.post("/assignments/{assignment_id}/submit")
-async def submit_api(assignment_id: int, request: Request, user: accounts.User = Depends(current_user),
+async def submit_api(assignment_id: RowId, request: Request, user: accounts.User = Depends(current_user),
                      conn: sqlite3.Connection = Depends(db)):
     try:
         body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # RecursionError: arrays nested 100,000 deep
         raise tasks.Invalid(f"the body is not valid JSON ({err})", "body") from None
     return {"answer": tasks.submit(conn, assignment_id, user, body)}
 
 
 @api.post("/assignments/{assignment_id}/skip")
-def skip_api(assignment_id: int, body: SkipBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
+def skip_api(assignment_id: RowId, body: SkipBody, user: accounts.User = Depends(current_user), conn: sqlite3.Connection = Depends(db)):
     tasks.skip(conn, assignment_id, user, body.reason)
     return {"skipped": True}
 
 
 @api.get("/projects/{project_id}/progress")
-def progress_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+def progress_api(project_id: RowId, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
     return tasks.progress(conn, project_id)
 
 
 @api.get("/projects/{project_id}/quality")
-def quality_api(project_id: int, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+def quality_api(project_id: RowId, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
     return nan_to_none(quality(conn, project_id))
 
 
 @api.post("/projects/{project_id}/export")
-def export_api(project_id: int, request: Request, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
+def export_api(project_id: RowId, request: Request, user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
     tasks.project_by_id(conn, project_id)
     folder = export_folder(request, project_id)
     return {"folder": str(folder), "counts": export_project(conn, project_id, folder)}
 
 
 @api.get("/projects/{project_id}/export/{name}")
-def export_file(project_id: int, name: str, request: Request, user: accounts.User = Depends(admin_user)):
+def export_file(project_id: RowId, name: str, request: Request, user: accounts.User = Depends(admin_user)):
     if name not in FILES:
         raise tasks.NotFound(f"{name!r} is not an export file; they are {', '.join(FILES)}", "name")
     path = export_folder(request, project_id) / name
@@ -343,7 +370,7 @@ def create_app(project_dir: Path | str) -> FastAPI:
     project_dir = Path(project_dir)
     connect(project_dir).close()  # schema and WAL mode, once
     app = FastAPI(title="instructrl feedback", docs_url="/api/docs", openapi_url="/api/openapi.json",
-                  exception_handlers=ERROR_HANDLERS)
+                  exception_handlers=ERROR_HANDLERS, dependencies=[Depends(same_origin)])
     app.state.project_dir = project_dir
     app.add_middleware(BodyLimit)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

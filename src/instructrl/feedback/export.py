@@ -19,6 +19,7 @@ from instructrl.data.jsonl import nan_to_none, write_jsonl
 from instructrl.data.records import ComparisonRecord, write_comparisons
 from instructrl.evaluation.preference import win_rate
 from instructrl.feedback.agreement import krippendorff_alpha, pairwise_agreement
+from instructrl.feedback.db import snapshot
 from instructrl.feedback.tasks import FLAGS, dense_ranks, identical_compare_tasks, progress, project_by_id, submitted_answers
 from instructrl.rundir import write_text_atomic
 
@@ -106,11 +107,14 @@ def win_rates(records: list[dict]) -> dict:
 
 def quality(conn: sqlite3.Connection, project_id: int, rankings: list[ComparisonRecord] | None = None,
             comparisons: list[dict] | None = None) -> dict:
-    """Progress, agreement (ranked pairs; Krippendorff's alpha on Likert and on A/B choices) and win rates."""
-    if rankings is None:
-        rankings = [comparison_record(a) for a in submitted_answers(conn, project_id, "rank")]
-    if comparisons is None:
-        comparisons = project_compare_records(conn, project_id)
+    """Progress, agreement (ranked pairs; Krippendorff's alpha on Likert and on A/B choices) and win rates.
+    Given ``rankings`` and ``comparisons``, call it in the snapshot they were read in."""
+    with snapshot(conn):  # progress counts the answers the figures are made of, while people label
+        report_progress = progress(conn, project_id)
+        if rankings is None:
+            rankings = [comparison_record(a) for a in submitted_answers(conn, project_id, "rank")]
+        if comparisons is None:
+            comparisons = project_compare_records(conn, project_id)
     ranked_tasks = list(rankings_by_task(rankings).values())
     likert_units = [{r.labeler_id: r.likert[i] for r in task} for task in ranked_tasks for i in range(len(task[0].responses))]
     choices: dict[tuple, dict[str, str]] = {}
@@ -120,7 +124,7 @@ def quality(conn: sqlite3.Connection, project_id: int, rankings: list[Comparison
         choices.setdefault((c["id"], tuple(c["answers"])), {})[c["labeler_id"]] = c["winner"]
     choice_codes = {}
     return {
-        "progress": progress(conn, project_id),
+        "progress": report_progress,
         "rank": {
             "pairwise": pairwise_agreement([{r.labeler_id: r.ranks for r in task} for task in ranked_tasks]),
             "likert_alpha_interval": krippendorff_alpha(likert_units, "interval"),
@@ -137,18 +141,20 @@ def quality(conn: sqlite3.Connection, project_id: int, rankings: list[Comparison
 def export_project(conn: sqlite3.Connection, project_id: int, out_dir: Path | str) -> dict[str, int]:
     """Write every export file of a project under ``out_dir``; returns how many records each holds."""
     out_dir = Path(out_dir)
-    project_by_id(conn, project_id)
-    demos = demonstration_records(submitted_answers(conn, project_id, "write"))
-    rankings = [comparison_record(a) for a in submitted_answers(conn, project_id, "rank")]
+    with snapshot(conn):  # every file holds the same answers while labelers go on submitting
+        project_by_id(conn, project_id)
+        demos = demonstration_records(submitted_answers(conn, project_id, "write"))
+        rankings = [comparison_record(a) for a in submitted_answers(conn, project_id, "rank")]
+        comparisons = project_compare_records(conn, project_id)
+        report = quality(conn, project_id, rankings, comparisons)
     aggregated = [aggregate(task) for task in rankings_by_task(rankings).values()]
     pairs = [p for r in rankings for p in preference_pairs(r)]
-    comparisons = project_compare_records(conn, project_id)
     write_jsonl(out_dir / "demonstrations.jsonl", demos)
     write_comparisons(out_dir / "comparisons.jsonl", rankings)
     write_comparisons(out_dir / "comparisons_aggregated.jsonl", aggregated)
     write_jsonl(out_dir / "preference_pairs.jsonl", pairs)
     write_jsonl(out_dir / "compare.jsonl", comparisons)
-    write_text_atomic(out_dir / "quality.json", json.dumps(nan_to_none(quality(conn, project_id, rankings, comparisons)), indent=2))
+    write_text_atomic(out_dir / "quality.json", json.dumps(nan_to_none(report), indent=2))
     return {"demonstrations.jsonl": len(demos), "comparisons.jsonl": len(rankings), "comparisons_aggregated.jsonl": len(aggregated),
             "preference_pairs.jsonl": len(pairs), "compare.jsonl": len(comparisons)}
 

@@ -6,23 +6,41 @@
   let dirty = false; // unsaved text in a demonstration
 
   async function api(path, body, method) {
-    const response = await fetch(path, {
-      method: method || "POST", credentials: "same-origin",
-      headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-    });
+    let response;
+    try {
+      response = await fetch(path, {
+        method: method || "POST", credentials: "same-origin",
+        headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+      });
+    } catch (err) { // offline, or the server is down; or it stored the answer and its reply was lost
+      throw new Error("Could not reach the server. Nothing is lost: your answers are still on this page; submit again in a moment.");
+    }
     const reply = await response.json().catch(() => ({}));
-    if (!response.ok) throw new Error(reply.detail || response.statusText);
+    if (!response.ok) throw Object.assign(new Error(reply.detail || response.statusText), { status: response.status });
     return reply;
   }
   function showError(message) { errorBox.textContent = message; }
   function goNext() { window.location.href = `/projects/${data.project_id}/next?kind=${data.kind}`; }
+  // a retry of an answer or a skip that was stored though its reply was lost gets a 409: the work is in, go on
+  async function alreadyStored(err, state) {
+    if (err.status !== 409) return false;
+    const response = await fetch(`/api/assignments/${data.id}`, { credentials: "same-origin" }).catch(() => null);
+    return !!response && response.ok && (await response.json()).state === state;
+  }
+  let submitting = false; // a double click sends one answer
   async function submit(body) {
+    if (submitting) return;
+    submitting = true;
     showError("");
     try {
       await api(`/api/assignments/${data.id}/submit`, body);
       dirty = false;
       goNext();
-    } catch (err) { showError(err.message); }
+    } catch (err) {
+      submitting = false;
+      if (await alreadyStored(err, "submitted")) { dirty = false; goNext(); return; }
+      showError(err.message);
+    }
   }
 
   window.addEventListener("beforeunload", (event) => {
@@ -33,7 +51,10 @@
     const reason = document.getElementById("skip-reason").value.trim();
     if (!reason) { showError("Say why you skip this task."); return; }
     try { await api(`/api/assignments/${data.id}/skip`, { reason }); dirty = false; goNext(); }
-    catch (err) { showError(err.message); }
+    catch (err) {
+      if (await alreadyStored(err, "skipped")) { dirty = false; goNext(); return; }
+      showError(err.message);
+    }
   });
 
   // ---- write: the draft is saved a moment after each change
