@@ -138,6 +138,14 @@ def test_a_value_given_to_a_section_says_it_is_one(override, expected):
     assert str(err.value) == f"override '{override}': {expected}"
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_numpy_cannot_take_is_refused_before_anything_is_written(tmp_path, seed):
+    # accelerate's set_seed seeds numpy, which takes 0 to 2**32 - 1: a traceback once pretrain had started
+    proc = cli("pretrain", "-c", str(SMOKE), f"run.dir={tmp_path}", f"run.seed={seed}", check=False)
+    assert proc.returncode == 2 and f"override 'run.seed={seed}': bad value for 'run.seed'" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_word_no_is_a_precision_and_booleans_stay_booleans(tmp_path):
     # mixed_precision's documented value 'no' is a boolean to YAML, unquoted in a file or on the command line
     config = load_config(write(tmp_path, "sft:\n  mixed_precision: no\n"), overrides=["ppo.mixed_precision=no", "ppo.adaptive_kl=yes"])

@@ -57,7 +57,8 @@ def _choices(annotation: Any) -> list:
 
 class RunConfig(Strict):
     dir: Path = Field(Path("runs/default"), description="Where every stage writes its outputs (one sub-folder per stage).")
-    seed: int = Field(0, description="Seed of every stage; process r of a multi-process run uses seed + r for sampling and dropout.")
+    # numpy, seeded by every training stage, takes 0 to 2**32 - 1; half that leaves room for the process index
+    seed: int = Field(0, ge=0, lt=2**31, description="Seed of every stage; process r of a multi-process run uses seed + r for sampling and dropout.")
 
 
 class WorldConfig(Strict):
