@@ -167,6 +167,33 @@ def test_a_key_written_twice_in_yaml_is_named(tmp_path):
         load_config(path)
 
 
+def test_anchors_and_merge_keys_share_settings(tmp_path):
+    # the duplicate-key loader read the key '<<' itself, and refused every merge: "could not determine a constructor"
+    shared = "sft: &train\n  lr: 0.01\n  epochs: 2\nrm:\n  <<: *train\n  lr: 0.02\n"
+    config = load_config(write(tmp_path, shared))
+    # rm takes sft's epochs; its own lr beside the merge wins over the merged one
+    assert (config.sft.lr, config.sft.epochs, config.rm.lr, config.rm.epochs) == (0.01, 2.0, 0.02, 2.0)
+    path = write(tmp_path, shared + "  lr: 0.03\n")  # a key written twice beside a merge is still refused
+    with pytest.raises(UserError, match=rf"{path}:7:3: malformed YAML: duplicate key 'lr'"):
+        load_config(path)
+
+
+def test_a_section_with_its_keys_commented_out_changes_nothing(tmp_path):
+    # 'sft:' alone is YAML's null: "'sft' is a section, not a value", and an override into it "'sft' is not a section"
+    config = load_config(write(tmp_path, "sft:\n#  lr: 0.1\nrm:\n  lora:\n"), overrides=["sft.epochs=3", "rm.lora.r=4"])
+    assert config.sft.epochs == 3.0 and config.rm.lora.r == 4
+    assert config.model_copy(update={"sft": PipelineConfig().sft, "rm": PipelineConfig().rm}) == PipelineConfig()
+
+
+def test_a_mapping_given_to_a_section_keeps_its_other_keys(tmp_path):
+    path = write(tmp_path, "sft:\n  epochs: 3\n  lora:\n    enabled: true\neval:\n  models: {a: /tmp/a}\n")
+    config = load_config(path, overrides=["sft={lr: 0.01, lora: {r: 4}}", "eval.models={b: /tmp/b}"])
+    # as sft.lr=0.01 sft.lora.r=4 would: the file's sft.epochs and sft.lora.enabled stay (they were dropped)
+    assert (config.sft.epochs, config.sft.lr, config.sft.lora.enabled, config.sft.lora.r) == (3.0, 0.01, True, 4)
+    # eval.models is a value, not a section: a new mapping replaces it
+    assert config.eval.models == {"b": "/tmp/b"}
+
+
 def test_ppo_episodes_are_whole_rollout_batches():
     with pytest.raises(UserError, match=r"ppo.episodes \(100\) must be a multiple of ppo.rollout_batch_size \(64\)"):
         load_config(overrides=["ppo.episodes=100"]).ppo.check_sizes(1)

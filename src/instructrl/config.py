@@ -46,6 +46,13 @@ class Strict(BaseModel):
         expected = " or ".join(literals) if literals else "a path or name in quotes" if {str, Path} & set(choices) else "a number"
         raise ValueError(f"expected {expected}, not the boolean {str(value).lower()}")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_section(cls, value: Any, info) -> Any:
+        """A section with every key under it commented out (``sft:`` alone) is YAML's null: it changes nothing."""
+        annotation = cls.model_fields[info.field_name].annotation
+        return {} if value is None and isinstance(annotation, type) and issubclass(annotation, BaseModel) else value
+
 
 def _choices(annotation: Any) -> list:
     """The types and Literal values an annotation admits (through Optional and unions), in order."""
@@ -326,6 +333,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *shared` merges an anchored mapping in; the keys beside it override its own
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -366,13 +375,23 @@ def _apply_override(data: dict, override: str) -> None:
     if isinstance(value, dict) and any(v is None and ":" in str(k) for k, v in value.items()):
         raise UserError(f"override '{override}': in a {{name: value}} mapping YAML needs a space after each colon, "
                         f"e.g. {key.strip()}={{sft: runs/default/sft/final}}")
+    _set(data, key.strip().split("."), value, override)
+
+
+def _set(data: dict, parts: list[str], value: Any, override: str) -> None:
+    """Set the dotted key ``parts`` to ``value``; a mapping given to a section sets the keys it names and
+    keeps the section's others, as their dotted overrides would (``sft={lr: 0.1}`` keeps the file's sft.epochs)."""
+    if isinstance(value, dict) and _known_keys(PipelineConfig, tuple(parts)):
+        for name, item in value.items():
+            _set(data, [*parts, str(name)], item, override)
+        return
     node = data
-    parts = key.strip().split(".")
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if node.get(part) is None:  # absent, or a section written with no keys
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
             raise UserError(f"override '{override}': '{part}' is not a section")
-        node = child
     node[parts[-1]] = value
 
 
