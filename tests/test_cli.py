@@ -266,3 +266,16 @@ def test_help_paragraphs_are_not_broken_where_the_docstring_wraps():
     lines = [" ".join(line.split()) for line in out.splitlines()]
     for paragraph in inspect.getdoc(rm).split("\n\n"):
         assert " ".join(paragraph.split()) in lines, f"help paragraph broken: {paragraph[:60]}"
+
+
+def test_help_says_how_settings_are_given():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COLUMNS="1000")
+    out = " ".join(subprocess.run([sys.executable, "-m", "instructrl", "ppo", "--help"], env=env, capture_output=True, text=True, check=True).stdout.split())
+    # where relative paths lead, what wins, and a list value: rich read [q_proj,v_proj] as markup and printed nothing
+    assert "Relative paths in it are relative to the working directory, not to the file." in out
+    assert "applied after the file" in out and "null, [q_proj,v_proj], {name: value}" in out
+    assert "ppo.lr = 2e-05" in out  # every key of the stage with its default

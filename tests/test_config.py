@@ -79,6 +79,12 @@ def test_a_mapping_written_without_a_space_after_its_colon_says_so():
     assert load_config(overrides=["eval.models={sft: /tmp/a}"]).eval.models == {"sft": "/tmp/a"}
 
 
+def test_a_config_file_given_without_its_flag_says_to_use_c():
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["configs/smoke.yaml"])
+    assert str(err.value) == "override 'configs/smoke.yaml': expected KEY=VALUE, e.g. sft.lr=1e-4; a config file is given as -c configs/smoke.yaml"
+
+
 def test_other_trainers_key_names_suggest_ours():
     # transformers' and TRL's names are too far from ours for a spelling match
     for key, ours in (("sft.learning_rate", "sft.lr"), ("ppo.cliprange", "ppo.clip"), ("rm.num_train_epochs", "rm.epochs")):

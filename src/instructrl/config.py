@@ -367,7 +367,8 @@ def _read_yaml(path: Path) -> dict:
 def _apply_override(data: dict, override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"override '{override}': expected KEY=VALUE, e.g. sft.lr=1e-4")
+        hint = f"; a config file is given as -c {override}" if override.endswith((".yaml", ".yml")) else ""
+        raise UserError(f"override '{override}': expected KEY=VALUE, e.g. sft.lr=1e-4{hint}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
