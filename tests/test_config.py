@@ -42,6 +42,15 @@ def test_overrides_take_effect_and_are_coerced():
     assert config.pretrain.lr == PretrainConfig().lr == 1e-3
 
 
+def test_an_override_of_a_path_or_name_keeps_the_text_as_typed():
+    # YAML reads 2024 and 1.10 as numbers (1.10 as 1.1) and 2024-01-01 as a date: "Input is not a valid path"
+    config = load_config(overrides=["run.dir=2024", "sft.model=1.10", "ppo.prompts=2024-01-01", "eval.models={sft: /tmp/a}"])
+    assert (config.run.dir, config.sft.model, config.ppo.prompts) == (Path("2024"), "1.10", Path("2024-01-01"))
+    # a number's key still takes a number, and null is still the default
+    config = load_config(overrides=["ppo.lr=1e-5", "run.seed=7", "sft.model=null"])
+    assert (config.ppo.lr, config.run.seed, config.sft.model) == (1e-5, 7, None)
+
+
 def test_yaml_then_override(tmp_path):
     path = write(tmp_path, "sft:\n  lr: 0.01\n  epochs: 3\n")
     config = load_config(path, overrides=["sft.lr=0.02"])

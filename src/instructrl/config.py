@@ -7,6 +7,7 @@ and bad values are rejected with the file, line and dotted key named.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -376,13 +377,16 @@ def _apply_override(data: dict, override: str) -> None:
     if isinstance(value, dict) and any(v is None and ":" in str(k) for k, v in value.items()):
         raise UserError(f"override '{override}': in a {{name: value}} mapping YAML needs a space after each colon, "
                         f"e.g. {key.strip()}={{sft: runs/default/sft/final}}")
-    _set(data, key.strip().split("."), value, override)
+    parts = key.strip().split(".")
+    if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool) and _takes_a_name(parts):
+        value = raw.strip()  # run.dir=2024 names a folder, which YAML reads as a number (and 1.10 as 1.1)
+    _set(data, parts, value, override)
 
 
 def _set(data: dict, parts: list[str], value: Any, override: str) -> None:
     """Set the dotted key ``parts`` to ``value``; a mapping given to a section sets the keys it names and
     keeps the section's others, as their dotted overrides would (``sft={lr: 0.1}`` keeps the file's sft.epochs)."""
-    if isinstance(value, dict) and _known_keys(PipelineConfig, tuple(parts)):
+    if isinstance(value, dict) and _known_keys(tuple(parts)):
         for name, item in value.items():
             _set(data, [*parts, str(name)], item, override)
         return
@@ -396,14 +400,27 @@ def _set(data: dict, parts: list[str], value: Any, override: str) -> None:
     node[parts[-1]] = value
 
 
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+def _annotation(loc: tuple | list) -> Any:
+    """The type of the dotted key ``loc`` in PipelineConfig; None where there is no such key."""
+    annotation = PipelineConfig
     for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
+        fields = annotation.model_fields if isinstance(annotation, type) and issubclass(annotation, BaseModel) else {}
+        if str(part) not in fields:
+            return None
+        annotation = fields[str(part)].annotation
+    return annotation
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys of the section at ``loc``; none when ``loc`` is not a section."""
+    annotation = _annotation(loc)
+    return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def _takes_a_name(loc: list[str]) -> bool:
+    """Whether the key at ``loc`` is a path or a name, never a number."""
+    choices = set(_choices(_annotation(loc)))
+    return bool({str, Path} & choices) and not {int, float} & choices
 
 
 # Names other trainers (transformers' TrainingArguments, TRL) give to our keys, for the "did you mean" hint.
@@ -422,12 +439,12 @@ def _describe_validation_error(err: ValidationError, source: str, path, override
         dotted = ".".join(str(p) for p in loc)
         where = _where(dotted, path, overrides) or source
         if e["type"] == "extra_forbidden":
-            known = _known_keys(PipelineConfig, loc[:-1])
+            known = _known_keys(loc[:-1])
             alias = KEY_ALIASES.get(str(loc[-1]))
             close = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
             lines.append(f"{where}: unknown config key '{dotted}'{hint}")
-        elif keys := _known_keys(PipelineConfig, loc):  # a value given to a section (sft.lora=true for sft.lora.enabled=true)
+        elif keys := _known_keys(loc):  # a value given to a section (sft.lora=true for sft.lora.enabled=true)
             lines.append(f"{where}: '{dotted}' is a section, not a value; set its keys as {dotted}.KEY=VALUE"
                          + (f" ({', '.join(keys)})" if len(keys) <= 8 else " (`instructrl config` lists them)"))
         else:
