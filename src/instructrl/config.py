@@ -51,8 +51,11 @@ class Strict(BaseModel):
     @classmethod
     def _empty_section(cls, value: Any, info) -> Any:
         """A section with every key under it commented out (``sft:`` alone) is YAML's null: it changes nothing."""
-        annotation = cls.model_fields[info.field_name].annotation
-        return {} if value is None and isinstance(annotation, type) and issubclass(annotation, BaseModel) else value
+        return {} if value is None and _is_section(cls.model_fields[info.field_name].annotation) else value
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _choices(annotation: Any) -> list:
@@ -162,7 +165,6 @@ class ModelSwitches(Strict):
 class PretrainConfig(TrainConfig):
     block_size: int = Field(128, gt=8, description="Tokens per packed training sequence.")
     epochs: float = Field(5.0, gt=0, description="Passes over the corpus.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     batch_size: int = Field(8, gt=0, description="Global batch of packed sequences (small: the copying circuits a tiny model needs form after enough steps, not enough tokens).")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass on one process.")
     checkpoint_every: int = Field(500, gt=0, description="Optimizer steps between resumable checkpoints.")
@@ -174,7 +176,6 @@ class SFTConfig(TrainConfig, ModelSwitches):
     data: Path | None = Field(None, description="Demonstrations: JSONL, JSON, Parquet, CSV or a datasets folder of messages, prompt/completion or text records. Default: the built-in world's.")
     data_format: SFTFormat = Field("auto", description="Format of sft.data: auto (from the fields), messages, prompt_completion or text.")
     epochs: float = Field(8.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16). On the built-in world 8 passes over 4053 demonstrations (1008 steps) beat 16 over 2027 at the same cost: validation Likert 5.58 vs 4.50 (with the easier add, sort and k-th word tasks); more demonstrations generalise better than more passes.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (InstructGPT: 0.2 residual; Llama models have attention dropout only).")
     max_length: int | None = Field(None, gt=0, description="Longest demonstration (tokens) trained on; longer ones are skipped and counted in the log. Default: the model's context length.")
     select_every: int = Field(100, gt=0, description="Optimizer steps between scorings of validation answers by the labeler (built-in world only; on your own sft.data the last step is the output).")
@@ -205,7 +206,6 @@ class RMConfig(TrainConfig, ModelSwitches):
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     batch_size: int = Field(32, gt=0, description="Comparisons (prompts, each with all K responses) per optimizer step.")
     micro_batch_size: int = Field(8, gt=0, description="Comparisons per forward pass on one process.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout while training.")
     lora: LoRAConfig = Field(LoRAConfig(), description="LoRA adapters on the backbone (the scalar head trains fully).")
 
 
@@ -386,7 +386,7 @@ def _apply_override(data: dict, override: str) -> None:
 def _set(data: dict, parts: list[str], value: Any, override: str) -> None:
     """Set the dotted key ``parts`` to ``value``; a mapping given to a section sets the keys it names and
     keeps the section's others, as their dotted overrides would (``sft={lr: 0.1}`` keeps the file's sft.epochs)."""
-    if isinstance(value, dict) and _known_keys(tuple(parts)):
+    if isinstance(value, dict) and _known_keys(parts):
         for name, item in value.items():
             _set(data, [*parts, str(name)], item, override)
         return
@@ -404,17 +404,16 @@ def _annotation(loc: tuple | list) -> Any:
     """The type of the dotted key ``loc`` in PipelineConfig; None where there is no such key."""
     annotation = PipelineConfig
     for part in loc:
-        fields = annotation.model_fields if isinstance(annotation, type) and issubclass(annotation, BaseModel) else {}
-        if str(part) not in fields:
+        if not (_is_section(annotation) and str(part) in annotation.model_fields):
             return None
-        annotation = fields[str(part)].annotation
+        annotation = annotation.model_fields[str(part)].annotation
     return annotation
 
 
-def _known_keys(loc: tuple) -> list[str]:
+def _known_keys(loc: tuple | list) -> list[str]:
     """The keys of the section at ``loc``; none when ``loc`` is not a section."""
     annotation = _annotation(loc)
-    return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+    return list(annotation.model_fields) if _is_section(annotation) else []
 
 
 def _takes_a_name(loc: list[str]) -> bool:
