@@ -51,6 +51,14 @@ def test_an_override_of_a_path_or_name_keeps_the_text_as_typed():
     assert (config.ppo.lr, config.run.seed, config.sft.model) == (1e-5, 7, None)
 
 
+def test_none_on_the_command_line_is_null_where_a_key_takes_null():
+    # YAML's null is null or ~; 'None' was a model named None, and eval.temperature=none "unable to parse string as a number"
+    config = load_config(overrides=["sft.model=x", "sft.model=None", "eval.temperature=none"])
+    assert (config.sft.model, config.eval.temperature) == (None, None)
+    with pytest.raises(UserError, match="bad value for 'run.seed'"):  # a key that cannot be null still says so
+        load_config(overrides=["run.seed=None"])
+
+
 def test_yaml_then_override(tmp_path):
     path = write(tmp_path, "sft:\n  lr: 0.01\n  epochs: 3\n")
     config = load_config(path, overrides=["sft.lr=0.02"])

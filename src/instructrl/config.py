@@ -380,6 +380,8 @@ def _apply_override(data: dict, override: str) -> None:
     parts = key.strip().split(".")
     if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool) and _takes_a_name(parts):
         value = raw.strip()  # run.dir=2024 names a folder, which YAML reads as a number (and 1.10 as 1.1)
+    if value in ("none", "None") and type(None) in _choices(_annotation(parts)):
+        value = None  # Python's word for YAML's null: sft.model=None is the default, not a model named None
     _set(data, parts, value, override)
 
 
