@@ -184,6 +184,32 @@ def test_too_few_demonstrations_for_one_batch(tmp_path, smoke_base):
     assert not (tmp_path / "run" / "sft").exists()
 
 
+@pytest.mark.parametrize("stage, key", [("sft", "sft"), ("collect", "collect")])
+def test_answers_longer_than_the_context_are_refused_before_the_stage_starts(tmp_path, smoke_base, stage, key):
+    # the smoke model's context is model.max_length = 128 tokens; its validation and RM prompts are up to 68 long.
+    # A GPT-2 model (learned positions) failed with an IndexError at the first validation, mid-run
+    base = smoke_base / "pretrain" / "final"
+    proc = cli(stage, "-c", str(SMOKE), f"run.dir={tmp_path}", f"sft.model={base}", f"collect.policy={base}", f"{key}.max_new_tokens=100", check=False)
+    _assert_clean_error(proc, f"{key}.max_new_tokens = 100: the longest prompt (", "exceed the model's context length (128 tokens)")
+    assert not (tmp_path / stage).exists()
+
+
+def test_generation_past_learned_positions_names_the_setting(tmp_path):
+    from tiny_models import save_tiny_model
+
+    from instructrl.errors import UserError
+    from instructrl.evaluation.generate import generate_answers
+    from instructrl.models.base import load_causal_lm, load_tokenizer
+
+    path = save_tiny_model("gpt2", tmp_path / "gpt2")  # 128 positions
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer=tokenizer)
+    hello = [[{"role": "user", "content": "Say cat."}]]
+    assert len(generate_answers(model, tokenizer, hello, max_new_tokens=8)) == 1
+    with pytest.raises(UserError, match=r"eval.max_new_tokens = 200: the longest prompt \(\d+ tokens\) and 200 new tokens exceed the model's context length \(128 tokens\)"):
+        generate_answers(model, tokenizer, hello, max_new_tokens=200, key="eval.max_new_tokens")
+
+
 def test_a_full_disk_is_one_line_and_exit_status_1(tmp_path, monkeypatch, capsys):
     import errno
 
@@ -251,3 +277,16 @@ def test_version_names_instructrl_and_the_libraries_that_decide_its_numbers():
     assert out.startswith(f"instructrl {instructrl.__version__} (")
     for name in ("torch", "transformers", "accelerate", "peft"):
         assert f"{name} {version(name)}" in out
+
+
+def test_help_says_how_settings_are_given():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COLUMNS="1000")
+    out = " ".join(subprocess.run([sys.executable, "-m", "instructrl", "ppo", "--help"], env=env, capture_output=True, text=True, check=True).stdout.split())
+    # where relative paths lead, what wins, and a list value: rich read [q_proj,v_proj] as markup and printed nothing
+    assert "Relative paths in it are relative to the working directory, not to the file." in out
+    assert "applied after the file" in out and "null, [q_proj,v_proj], {name: value}" in out
+    assert "ppo.lr = 2e-05" in out  # every key of the stage with its default

@@ -42,6 +42,23 @@ def test_overrides_take_effect_and_are_coerced():
     assert config.pretrain.lr == PretrainConfig().lr == 1e-3
 
 
+def test_an_override_of_a_path_or_name_keeps_the_text_as_typed():
+    # YAML reads 2024 and 1.10 as numbers (1.10 as 1.1) and 2024-01-01 as a date: "Input is not a valid path"
+    config = load_config(overrides=["run.dir=2024", "sft.model=1.10", "ppo.prompts=2024-01-01", "eval.models={sft: /tmp/a}"])
+    assert (config.run.dir, config.sft.model, config.ppo.prompts) == (Path("2024"), "1.10", Path("2024-01-01"))
+    # a number's key still takes a number, and null is still the default
+    config = load_config(overrides=["ppo.lr=1e-5", "run.seed=7", "sft.model=null"])
+    assert (config.ppo.lr, config.run.seed, config.sft.model) == (1e-5, 7, None)
+
+
+def test_none_on_the_command_line_is_null_where_a_key_takes_null():
+    # YAML's null is null or ~; 'None' was a model named None, and eval.temperature=none "unable to parse string as a number"
+    config = load_config(overrides=["sft.model=x", "sft.model=None", "eval.temperature=none"])
+    assert (config.sft.model, config.eval.temperature) == (None, None)
+    with pytest.raises(UserError, match="bad value for 'run.seed'"):  # a key that cannot be null still says so
+        load_config(overrides=["run.seed=None"])
+
+
 def test_yaml_then_override(tmp_path):
     path = write(tmp_path, "sft:\n  lr: 0.01\n  epochs: 3\n")
     config = load_config(path, overrides=["sft.lr=0.02"])
@@ -77,6 +94,12 @@ def test_a_mapping_written_without_a_space_after_its_colon_says_so():
         load_config(overrides=["eval.models={sft:/tmp/a,ppo:/tmp/b}"])
     assert "needs a space after each colon" in str(err.value)
     assert load_config(overrides=["eval.models={sft: /tmp/a}"]).eval.models == {"sft": "/tmp/a"}
+
+
+def test_a_config_file_given_without_its_flag_says_to_use_c():
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["configs/smoke.yaml"])
+    assert str(err.value) == "override 'configs/smoke.yaml': expected KEY=VALUE, e.g. sft.lr=1e-4; a config file is given as -c configs/smoke.yaml"
 
 
 def test_other_trainers_key_names_suggest_ours():
@@ -138,6 +161,14 @@ def test_a_value_given_to_a_section_says_it_is_one(override, expected):
     assert str(err.value) == f"override '{override}': {expected}"
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_numpy_cannot_take_is_refused_before_anything_is_written(tmp_path, seed):
+    # accelerate's set_seed seeds numpy, which takes 0 to 2**32 - 1: a traceback once pretrain had started
+    proc = cli("pretrain", "-c", str(SMOKE), f"run.dir={tmp_path}", f"run.seed={seed}", check=False)
+    assert proc.returncode == 2 and f"override 'run.seed={seed}': bad value for 'run.seed'" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_word_no_is_a_precision_and_booleans_stay_booleans(tmp_path):
     # mixed_precision's documented value 'no' is a boolean to YAML, unquoted in a file or on the command line
     config = load_config(write(tmp_path, "sft:\n  mixed_precision: no\n"), overrides=["ppo.mixed_precision=no", "ppo.adaptive_kl=yes"])
@@ -157,6 +188,33 @@ def test_a_key_written_twice_in_yaml_is_named(tmp_path):
     path.write_text("sft:\n  lr: 0.001\nrm:\n  lr: 0.0001\nsft:\n  epochs: 2\n")  # the second sft would silently replace the first
     with pytest.raises(UserError, match=rf"{path}:5:1: malformed YAML: duplicate key 'sft'"):
         load_config(path)
+
+
+def test_anchors_and_merge_keys_share_settings(tmp_path):
+    # the duplicate-key loader read the key '<<' itself, and refused every merge: "could not determine a constructor"
+    shared = "sft: &train\n  lr: 0.01\n  epochs: 2\nrm:\n  <<: *train\n  lr: 0.02\n"
+    config = load_config(write(tmp_path, shared))
+    # rm takes sft's epochs; its own lr beside the merge wins over the merged one
+    assert (config.sft.lr, config.sft.epochs, config.rm.lr, config.rm.epochs) == (0.01, 2.0, 0.02, 2.0)
+    path = write(tmp_path, shared + "  lr: 0.03\n")  # a key written twice beside a merge is still refused
+    with pytest.raises(UserError, match=rf"{path}:7:3: malformed YAML: duplicate key 'lr'"):
+        load_config(path)
+
+
+def test_a_section_with_its_keys_commented_out_changes_nothing(tmp_path):
+    # 'sft:' alone is YAML's null: "'sft' is a section, not a value", and an override into it "'sft' is not a section"
+    config = load_config(write(tmp_path, "sft:\n#  lr: 0.1\nrm:\n  lora:\n"), overrides=["sft.epochs=3", "rm.lora.r=4"])
+    assert config.sft.epochs == 3.0 and config.rm.lora.r == 4
+    assert config.model_copy(update={"sft": PipelineConfig().sft, "rm": PipelineConfig().rm}) == PipelineConfig()
+
+
+def test_a_mapping_given_to_a_section_keeps_its_other_keys(tmp_path):
+    path = write(tmp_path, "sft:\n  epochs: 3\n  lora:\n    enabled: true\neval:\n  models: {a: /tmp/a}\n")
+    config = load_config(path, overrides=["sft={lr: 0.01, lora: {r: 4}}", "eval.models={b: /tmp/b}"])
+    # as sft.lr=0.01 sft.lora.r=4 would: the file's sft.epochs and sft.lora.enabled stay (they were dropped)
+    assert (config.sft.epochs, config.sft.lr, config.sft.lora.enabled, config.sft.lora.r) == (3.0, 0.01, True, 4)
+    # eval.models is a value, not a section: a new mapping replaces it
+    assert config.eval.models == {"b": "/tmp/b"}
 
 
 def test_ppo_episodes_are_whole_rollout_batches():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import SMOKE, cli
 
 
@@ -56,3 +57,36 @@ def test_pipeline_two_rounds(tmp_path):
     assert skipped == ["pretrain", "sft", "collect", "rm"]  # round 1's; round 2 follows from round 1's PPO and reruns
     assert f"ppo_ptx: --restart discards {tmp_path / 'ppo_ptx'}: a finished run" in rerun.stderr  # says what it threw away
     assert "  lr: 3.0e-05\n" in (tmp_path / "round2" / "ppo_ptx" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["pipeline.rounds=20", "collect.n_prompts=5"], "there are 5 to share (collect.n_prompts = 5)"),
+    # the smoke world has 400 * 33 // 77 = 171 RM prompts
+    (["collect.first_prompt=171"], "there are 0 to share (the world's RM prompts from collect.first_prompt = 171 on)")])
+def test_rounds_without_a_prompt_each_are_refused_before_the_first_stage(tmp_path, overrides, expected):
+    # n_prompts // rounds = 0 was a pydantic traceback once pretrain and SFT had run
+    proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", *overrides, check=False)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_later_rounds_rank_the_prompts_after_the_first_rounds(tmp_path, monkeypatch):
+    from instructrl import pipeline
+    from instructrl.config import load_config
+    from instructrl.evaluation import evaluate, report
+    from instructrl.stages import collect, ppo, pretrain, rm, sft
+
+    ranked = []
+
+    def fake_collect(cfg, restart=False, log=None, upstream=None):
+        ranked.append((cfg.collect.first_prompt, cfg.collect.n_prompts))
+        return cfg.run.dir / "comparisons.jsonl"
+
+    for module, name in ((pretrain, "run_pretrain"), (sft, "run_sft"), (rm, "run_rm"), (ppo, "run_ppo"),
+                         (evaluate, "run_eval"), (report, "write_report"), (pipeline, "_concatenate")):
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(collect, "run_collect", fake_collect)
+    config = load_config(SMOKE, [f"run.dir={tmp_path}", "pipeline.rounds=3", "collect.first_prompt=10", "collect.n_prompts=60"])
+    pipeline.run_pipeline(config, log=lambda line: None)
+    # 60 prompts from prompt 10 on, 20 a round: 10-29, 30-49, 50-69 (round 2 began at 20, ranking 20-29 twice)
+    assert ranked == [(10, 20), (30, 20), (50, 20)]

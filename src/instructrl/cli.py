@@ -31,8 +31,10 @@ app = typer.Typer(
 console = Console(stderr=True)
 _state = {"debug": bool(os.environ.get("INSTRUCTRL_DEBUG"))}
 
-CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; it only needs the keys it changes.", exists=False)
-OVERRIDES_ARGUMENT = typer.Argument(None, help="Config overrides as section.key=value, e.g. sft.lr=1e-4 run.dir=runs/try2.", show_default=False)
+CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; it only needs the keys it changes. Relative paths in it are "
+                             "relative to the working directory, not to the file.", exists=False)
+OVERRIDES_ARGUMENT = typer.Argument(None, help="Config overrides as section.key=value, applied after the file, e.g. sft.lr=1e-4 run.dir=runs/try2; "
+                                    "values are read as YAML: null, \\[q_proj,v_proj], {name: value}.", show_default=False)
 RESTART_OPTION = typer.Option(False, "--restart", help="Discard this stage's earlier run (checkpoints included) instead of resuming it.")
 
 

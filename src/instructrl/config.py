@@ -7,6 +7,7 @@ and bad values are rejected with the file, line and dotted key named.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -46,6 +47,16 @@ class Strict(BaseModel):
         expected = " or ".join(literals) if literals else "a path or name in quotes" if {str, Path} & set(choices) else "a number"
         raise ValueError(f"expected {expected}, not the boolean {str(value).lower()}")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_section(cls, value: Any, info) -> Any:
+        """A section with every key under it commented out (``sft:`` alone) is YAML's null: it changes nothing."""
+        return {} if value is None and _is_section(cls.model_fields[info.field_name].annotation) else value
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
 
 def _choices(annotation: Any) -> list:
     """The types and Literal values an annotation admits (through Optional and unions), in order."""
@@ -57,7 +68,8 @@ def _choices(annotation: Any) -> list:
 
 class RunConfig(Strict):
     dir: Path = Field(Path("runs/default"), description="Where every stage writes its outputs (one sub-folder per stage).")
-    seed: int = Field(0, description="Seed of every stage; process r of a multi-process run uses seed + r for sampling and dropout.")
+    # numpy, seeded by every training stage, takes 0 to 2**32 - 1; half that leaves room for the process index
+    seed: int = Field(0, ge=0, lt=2**31, description="Seed of every stage; process r of a multi-process run uses seed + r for sampling and dropout.")
 
 
 class WorldConfig(Strict):
@@ -153,7 +165,6 @@ class ModelSwitches(Strict):
 class PretrainConfig(TrainConfig):
     block_size: int = Field(128, gt=8, description="Tokens per packed training sequence.")
     epochs: float = Field(5.0, gt=0, description="Passes over the corpus.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     batch_size: int = Field(8, gt=0, description="Global batch of packed sequences (small: the copying circuits a tiny model needs form after enough steps, not enough tokens).")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass on one process.")
     checkpoint_every: int = Field(500, gt=0, description="Optimizer steps between resumable checkpoints.")
@@ -165,7 +176,6 @@ class SFTConfig(TrainConfig, ModelSwitches):
     data: Path | None = Field(None, description="Demonstrations: JSONL, JSON, Parquet, CSV or a datasets folder of messages, prompt/completion or text records. Default: the built-in world's.")
     data_format: SFTFormat = Field("auto", description="Format of sft.data: auto (from the fields), messages, prompt_completion or text.")
     epochs: float = Field(8.0, gt=0, description="Passes over the demonstrations (InstructGPT: 16). On the built-in world 8 passes over 4053 demonstrations (1008 steps) beat 16 over 2027 at the same cost: validation Likert 5.58 vs 4.50 (with the easier add, sort and k-th word tasks); more demonstrations generalise better than more passes.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (InstructGPT: 0.2 residual; Llama models have attention dropout only).")
     max_length: int | None = Field(None, gt=0, description="Longest demonstration (tokens) trained on; longer ones are skipped and counted in the log. Default: the model's context length.")
     select_every: int = Field(100, gt=0, description="Optimizer steps between scorings of validation answers by the labeler (built-in world only; on your own sft.data the last step is the output).")
@@ -196,7 +206,6 @@ class RMConfig(TrainConfig, ModelSwitches):
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     batch_size: int = Field(32, gt=0, description="Comparisons (prompts, each with all K responses) per optimizer step.")
     micro_batch_size: int = Field(8, gt=0, description="Comparisons per forward pass on one process.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout while training.")
     lora: LoRAConfig = Field(LoRAConfig(), description="LoRA adapters on the backbone (the scalar head trains fully).")
 
 
@@ -325,6 +334,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *shared` merges an anchored mapping in; the keys beside it override its own
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -357,7 +368,8 @@ def _read_yaml(path: Path) -> dict:
 def _apply_override(data: dict, override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"override '{override}': expected KEY=VALUE, e.g. sft.lr=1e-4")
+        hint = f"; a config file is given as -c {override}" if override.endswith((".yaml", ".yml")) else ""
+        raise UserError(f"override '{override}': expected KEY=VALUE, e.g. sft.lr=1e-4{hint}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -365,24 +377,51 @@ def _apply_override(data: dict, override: str) -> None:
     if isinstance(value, dict) and any(v is None and ":" in str(k) for k, v in value.items()):
         raise UserError(f"override '{override}': in a {{name: value}} mapping YAML needs a space after each colon, "
                         f"e.g. {key.strip()}={{sft: runs/default/sft/final}}")
-    node = data
     parts = key.strip().split(".")
+    if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool) and _takes_a_name(parts):
+        value = raw.strip()  # run.dir=2024 names a folder, which YAML reads as a number (and 1.10 as 1.1)
+    if value in ("none", "None") and type(None) in _choices(_annotation(parts)):
+        value = None  # Python's word for YAML's null: sft.model=None is the default, not a model named None
+    _set(data, parts, value, override)
+
+
+def _set(data: dict, parts: list[str], value: Any, override: str) -> None:
+    """Set the dotted key ``parts`` to ``value``; a mapping given to a section sets the keys it names and
+    keeps the section's others, as their dotted overrides would (``sft={lr: 0.1}`` keeps the file's sft.epochs)."""
+    if isinstance(value, dict) and _known_keys(parts):
+        for name, item in value.items():
+            _set(data, [*parts, str(name)], item, override)
+        return
+    node = data
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if node.get(part) is None:  # absent, or a section written with no keys
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
             raise UserError(f"override '{override}': '{part}' is not a section")
-        node = child
     node[parts[-1]] = value
 
 
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+def _annotation(loc: tuple | list) -> Any:
+    """The type of the dotted key ``loc`` in PipelineConfig; None where there is no such key."""
+    annotation = PipelineConfig
     for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
+        if not (_is_section(annotation) and str(part) in annotation.model_fields):
+            return None
+        annotation = annotation.model_fields[str(part)].annotation
+    return annotation
+
+
+def _known_keys(loc: tuple | list) -> list[str]:
+    """The keys of the section at ``loc``; none when ``loc`` is not a section."""
+    annotation = _annotation(loc)
+    return list(annotation.model_fields) if _is_section(annotation) else []
+
+
+def _takes_a_name(loc: list[str]) -> bool:
+    """Whether the key at ``loc`` is a path or a name, never a number."""
+    choices = set(_choices(_annotation(loc)))
+    return bool({str, Path} & choices) and not {int, float} & choices
 
 
 # Names other trainers (transformers' TrainingArguments, TRL) give to our keys, for the "did you mean" hint.
@@ -401,12 +440,12 @@ def _describe_validation_error(err: ValidationError, source: str, path, override
         dotted = ".".join(str(p) for p in loc)
         where = _where(dotted, path, overrides) or source
         if e["type"] == "extra_forbidden":
-            known = _known_keys(PipelineConfig, loc[:-1])
+            known = _known_keys(loc[:-1])
             alias = KEY_ALIASES.get(str(loc[-1]))
             close = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
             lines.append(f"{where}: unknown config key '{dotted}'{hint}")
-        elif keys := _known_keys(PipelineConfig, loc):  # a value given to a section (sft.lora=true for sft.lora.enabled=true)
+        elif keys := _known_keys(loc):  # a value given to a section (sft.lora=true for sft.lora.enabled=true)
             lines.append(f"{where}: '{dotted}' is a section, not a value; set its keys as {dotted}.KEY=VALUE"
                          + (f" ({', '.join(keys)})" if len(keys) <= 8 else " (`instructrl config` lists them)"))
         else:

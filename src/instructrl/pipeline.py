@@ -20,7 +20,7 @@ from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
 from instructrl.errors import UserError
 from instructrl.rundir import write_text_atomic
-from instructrl.world.build import build_world, load_tasks
+from instructrl.world.build import build_world, split_sizes
 
 PPO_STAGES = ("ppo_ptx", "ppo")
 STAGES = ("pretrain", "sft", "collect", "rm", "ppo")  # the order of ``restart_from``; ppo is both PPO runs
@@ -46,6 +46,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     from instructrl.stages.sft import run_sft
 
     config.check_sizes(PartialState().num_processes)  # every stage's, before the first runs
+    per_round = _prompts_per_round(config)
     root = Path(config.run.dir)
     rounds = config.pipeline.rounds
     run_pretrain(config, restart=redo["pretrain"], log=log)
@@ -53,8 +54,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     run_sft(config, restart=redo["sft"], log=log)
     first = config.model_copy(deep=True)
     if rounds > 1:  # each round ranks its own share of the RM prompts
-        n_rm = len(load_tasks(world.prompts("rm")))
-        first.collect.n_prompts = min(config.collect.n_prompts or n_rm, n_rm) // rounds
+        first.collect.n_prompts = per_round
     if is_main:  # sampling and judging run in one process; the others wait for the comparisons
         run_collect(first, restart=redo["collect"], log=log)
     _barrier()
@@ -67,7 +67,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
         rc = first.model_copy(deep=True)
         rc.run.dir = root / f"round{r}"
         rc.collect.policy = str(latest["ppo_ptx"] / "final")
-        rc.collect.first_prompt = (r - 1) * first.collect.n_prompts
+        rc.collect.first_prompt = first.collect.first_prompt + (r - 1) * per_round
         if is_main:
             comparisons.append(run_collect(rc, restart=redo["ppo"], log=log, upstream=True))
             _concatenate(comparisons, rc.run.dir / "comparisons_all.jsonl")
@@ -88,6 +88,20 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     results = run_eval(config, log=log)  # of the last round's PPO models
     write_report(root)
     return results
+
+
+def _prompts_per_round(config: PipelineConfig) -> int:
+    """How many RM prompts each round ranks: collect.n_prompts (default: all from collect.first_prompt
+    on) shared by the rounds. Checked before the first stage, not found once SFT has run."""
+    cfg, rounds = config.collect, config.pipeline.rounds
+    available = split_sizes(config.world)["rm"] - cfg.first_prompt
+    wanted = min(cfg.n_prompts or available, available)
+    if wanted < rounds:
+        limit = f"collect.n_prompts = {cfg.n_prompts}" if cfg.n_prompts and cfg.n_prompts <= available else \
+            f"the world's RM prompts from collect.first_prompt = {cfg.first_prompt} on"
+        raise UserError(f"config: each of pipeline.rounds = {rounds} rounds ranks RM prompts of its own, "
+                        f"and there are {max(wanted, 0)} to share ({limit})")
+    return wanted // rounds
 
 
 def _ppo_configs(config: PipelineConfig) -> dict[str, PipelineConfig]:

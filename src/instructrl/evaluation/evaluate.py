@@ -125,11 +125,11 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
         log(f"eval: answering {len(tasks)} held-out prompts with {name} ({path})")
         tokenizer = tokenizers[name]
         model = load_answering_model(path, tokenizer=tokenizer)
-        answers[name] = generate_answers(model, tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size)
+        answers[name] = generate_answers(model, tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size, key="eval.max_new_tokens")
         if cfg.temperature is not None:
             torch.manual_seed(config.run.seed)  # every model draws its samples from the same seed
             sampled[name] = generate_answers(model, tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size,
-                                             num_samples=cfg.samples, temperature=cfg.temperature)
+                                             num_samples=cfg.samples, temperature=cfg.temperature, key="eval.max_new_tokens")
         if heldout:
             losses[name] = pretraining_loss(model, tokenizer, heldout)
     answers[GOLD_ANSWERS] = [t.answer for t in tasks]

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 
 from instructrl.data.chat import render_ids
+from instructrl.errors import UserError
+from instructrl.models.base import context_length
 from instructrl.padding import pad_sequences
 
 
 @torch.no_grad()
 def generate_answers(
     model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 64,
-    num_samples: int = 1, temperature: float | None = None, synced: bool = False,
+    num_samples: int = 1, temperature: float | None = None, synced: bool = False, key: str = "max_new_tokens",
 ) -> list[str] | list[list[str]]:
     """Answers to the last user turn of each conversation, cut at the first EOS.
 
@@ -21,12 +23,13 @@ def generate_answers(
     conversation. Prompts are left-padded (generation appends on the right) and grouped by
     length so a batch holds little padding; answers come back in the input order.
     ``synced``: the model is sharded (FSDP) and every process calls this with as many conversations,
-    so each goes on forwarding until all are done.
+    so each goes on forwarding until all are done. ``key``: the setting that chose ``max_new_tokens``, for an error.
     """
+    prompts = [render_ids(tokenizer, list(c), add_generation_prompt=True) for c in conversations]
+    _check_room(model, prompts, max_new_tokens, key)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    prompts = [render_ids(tokenizer, list(c), add_generation_prompt=True) for c in conversations]
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     sampling = {"do_sample": False} if temperature is None else {
         "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "num_return_sequences": num_samples}
@@ -46,3 +49,16 @@ def generate_answers(
             answers[rows[k // per_row]].append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
     model.train(was_training)
     return [a[0] for a in answers] if temperature is None else answers
+
+
+def check_room(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, key: str) -> None:
+    """A UserError naming ``key`` when the longest prompt and ``max_new_tokens`` exceed the model's context,
+    before a run starts: a model with learned positions (GPT-2) fails at the first position past it."""
+    _check_room(model, [render_ids(tokenizer, list(c), add_generation_prompt=True) for c in conversations], max_new_tokens, key)
+
+
+def _check_room(model, prompts: list[list[int]], max_new_tokens: int, key: str) -> None:
+    longest, context = max(map(len, prompts), default=0), context_length(model)
+    if longest + max_new_tokens > context:
+        raise UserError(f"{key} = {max_new_tokens}: the longest prompt ({longest} tokens) and {max_new_tokens} new tokens "
+                        f"exceed the model's context length ({context} tokens)")

@@ -28,7 +28,8 @@ def rank_tasks_from_model(prompts: list[Prompt], model: str, k: int, seed: int =
 
     lm, tokenizer = load_answering_model(model), load_tokenizer(model)
     torch.manual_seed(seed)
-    samples = generate_answers(lm, tokenizer, [p.messages for p in prompts], max_new_tokens, num_samples=k, temperature=temperature)
+    samples = generate_answers(lm, tokenizer, [p.messages for p in prompts], max_new_tokens, num_samples=k, temperature=temperature,
+                               key="--max-new-tokens")
     return [{"kind": "rank", "prompt_id": p.id, "prompt": p.messages, "responses": s, "sources": [f"{model}#sample{i}" for i in range(k)]}
             for p, s in zip(prompts, samples)]
 
@@ -48,7 +49,8 @@ def compare_tasks(prompts: list[Prompt], models: dict[str, str], max_new_tokens:
         raise UserError(f"compare tasks need exactly two models (NAME=PATH), got {len(models)}")
     answers = {}
     for name, path in models.items():
-        answers[name] = generate_answers(load_answering_model(path), load_tokenizer(path), [p.messages for p in prompts], max_new_tokens)
+        answers[name] = generate_answers(load_answering_model(path), load_tokenizer(path), [p.messages for p in prompts], max_new_tokens,
+                                         key="--max-new-tokens")
     names = list(models)
     return [{"kind": "compare", "prompt_id": p.id, "prompt": p.messages, "responses": [answers[names[0]][i], answers[names[1]][i]],
              "sources": names} for i, p in enumerate(prompts)]

@@ -17,7 +17,7 @@ from instructrl.data.jsonl import complete_lines
 from instructrl.data.formats import read_comparisons
 from instructrl.data.records import ComparisonRecord, comparison_line, write_comparisons
 from instructrl.errors import UserError, located
-from instructrl.evaluation.generate import generate_answers
+from instructrl.evaluation.generate import check_room, generate_answers
 from instructrl.models.base import load_answering_model, load_tokenizer
 from instructrl.rundir import RunDir, given_or_earlier, trim_step_log, write_text_atomic
 from instructrl.training.progress import progress_bar
@@ -65,6 +65,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     if not tasks:
         raise UserError(f"collect: collect.first_prompt = {cfg.first_prompt} is past the last RM prompt")
     labelers = [SimulatedLabeler(f"sim-{i}", noise=config.world.labeler_noise) for i in range(cfg.labelers)]
+    check_room(model, tokenizer, [list(t.messages) for t in tasks], cfg.max_new_tokens, "collect.max_new_tokens")
     run.start(restart, log)
     run.write_lineage({"policy": policy, "prompts": world.prompts("rm")})
 

@@ -17,7 +17,7 @@ from instructrl.config import PipelineConfig
 from instructrl.data.chat import TokenizedConversation, tokenize_conversation, tokenize_text
 from instructrl.data.formats import empty_answers, read_data, warn_of_control_tokens
 from instructrl.errors import UserError, located
-from instructrl.evaluation.generate import generate_answers
+from instructrl.evaluation.generate import check_room, generate_answers
 from instructrl.models.base import apply_switches, length_cap, load_causal_lm, load_tokenizer
 from instructrl.models.lora import add_lora, trainable_share
 from instructrl.padding import pad_sequences
@@ -55,8 +55,9 @@ def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str
     return examples, too_long
 
 
-def labeler_selection(accelerator, tokenizer, tasks, max_new_tokens: int):
-    """A ``select(model)`` that returns the gold labeler's mean Likert of greedy answers to ``tasks``.
+def labeler_selection(accelerator, model, tokenizer, tasks, max_new_tokens: int):
+    """A ``select(model)`` that returns the gold labeler's mean Likert of greedy answers to ``tasks``;
+    checks now that ``model``'s answers fit in its context.
 
     Each process answers its share of the prompts; the sums are reduced over processes. A sharded
     model generates in step on every process, so each then answers as many prompts (extras unscored).
@@ -66,6 +67,7 @@ def labeler_selection(accelerator, tokenizer, tasks, max_new_tokens: int):
     synced = shards_parameters(accelerator)
     largest_share = -(-len(tasks) // accelerator.num_processes)
     asked = mine + mine[:1] * (largest_share - len(mine)) if synced else mine
+    check_room(model, tokenizer, [list(t.messages) for t in tasks], max_new_tokens, "sft.max_new_tokens")
 
     def select(model) -> float:
         answers = generate_answers(model, tokenizer, [list(t.messages) for t in asked], max_new_tokens, synced=synced)
@@ -102,12 +104,12 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
         with located("sft.lora.target_modules"):
             model = add_lora(model, cfg.lora)
     cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")
+    select = labeler_selection(accelerator, model, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None
     if not builtin:
         warn_of_control_tokens(data_path, tokenizer, "records", lambda line: log(f"sft: {line}"))
     run.start(restart, log)
     run.write_lineage({"model": model_path, "demonstrations": data_path})
     setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed, lengths=[len(e.input_ids) for e in examples])
-    select = labeler_selection(accelerator, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None
     log(f"sft: {len(examples)} demonstrations from {data_path}" + (f" ({too_long} longer than {max_length} tokens skipped)" if too_long else "")
         + f", {plural(setup.total_steps, 'step')} on {plural(accelerator.num_processes, 'process')}, model {model_path}"
         + (f"; LoRA: {trainable_share(model)}" if cfg.lora.enabled else ""))
