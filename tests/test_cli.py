@@ -290,3 +290,14 @@ def test_help_says_how_settings_are_given():
     assert "Relative paths in it are relative to the working directory, not to the file." in out
     assert "applied after the file" in out and "null, [q_proj,v_proj], {name: value}" in out
     assert "ppo.lr = 2e-05" in out  # every key of the stage with its default
+
+
+def test_config_given_twice_layers_the_second_file_over_the_first(tmp_path):
+    import yaml
+
+    (tmp_path / "exp.yaml").write_text("ppo:\n  lr: 3.0e-06\n")
+    shown = yaml.safe_load(cli("config", "-c", str(SMOKE), "-c", str(tmp_path / "exp.yaml")).stdout)
+    smoke = yaml.safe_load(cli("config", "-c", str(SMOKE)).stdout)
+    assert shown["ppo"]["lr"] == 3e-6 and smoke["ppo"]["lr"] != 3e-6
+    shown["ppo"]["lr"] = smoke["ppo"]["lr"]
+    assert shown == smoke  # the rest is the first file's

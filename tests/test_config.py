@@ -217,6 +217,23 @@ def test_a_mapping_given_to_a_section_keeps_its_other_keys(tmp_path):
     assert config.eval.models == {"b": "/tmp/b"}
 
 
+def test_config_files_given_in_turn_layer_a_later_files_keys_over_the_earlier(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("run:\n  seed: 3\nsft:\n  epochs: 3\n  lora:\n    enabled: true\neval:\n  models: {a: /tmp/a}\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("sft:\n  lr: 0.01\n  lora:\n    r: 4\nrm:\neval:\n  models: {b: /tmp/b}\n")
+    config = load_config([base, exp], overrides=["run.seed=5"])
+    assert (config.sft.epochs, config.sft.lr, config.sft.lora.enabled, config.sft.lora.r) == (3.0, 0.01, True, 4)
+    assert config.eval.models == {"b": "/tmp/b"} and config.rm == PipelineConfig().rm and config.run.seed == 5
+    # an error names the file and line that set the key, whichever layer it is in
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft:\n  lr: 0.01\n  epochs: -1\n")
+    with pytest.raises(UserError, match=rf"^{bad}:3: bad value for 'sft.epochs'"):
+        load_config([base, bad])
+    with pytest.raises(UserError, match=rf"^{bad}:3: bad value for 'sft.epochs'"):
+        load_config([bad, exp])
+
+
 def test_ppo_episodes_are_whole_rollout_batches():
     with pytest.raises(UserError, match=r"ppo.episodes \(100\) must be a multiple of ppo.rollout_batch_size \(64\)"):
         load_config(overrides=["ppo.episodes=100"]).ppo.check_sizes(1)

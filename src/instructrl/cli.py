@@ -32,7 +32,8 @@ console = Console(stderr=True)
 _state = {"debug": bool(os.environ.get("INSTRUCTRL_DEBUG"))}
 
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; it only needs the keys it changes. Relative paths in it are "
-                             "relative to the working directory, not to the file.", exists=False)
+                             "relative to the working directory, not to the file. Give -c again to layer files: a later file's keys win.",
+                             exists=False, metavar="FILE")
 OVERRIDES_ARGUMENT = typer.Argument(None, help="Config overrides as section.key=value, applied after the file, e.g. sft.lr=1e-4 run.dir=runs/try2; "
                                     "values are read as YAML: null, \\[q_proj,v_proj], {name: value}.", show_default=False)
 RESTART_OPTION = typer.Option(False, "--restart", help="Discard this stage's earlier run (checkpoints included) instead of resuming it.")
@@ -47,8 +48,8 @@ def _config_help(*sections: str) -> str:
     return "\n\n".join(lines)
 
 
-def _load(config: Optional[Path], overrides: Optional[list[str]]) -> PipelineConfig:
-    return load_config(config, overrides or [])
+def _load(config: Optional[list[Path]], overrides: Optional[list[str]]) -> PipelineConfig:
+    return load_config(config or None, overrides or [])
 
 
 def _is_main_process() -> bool:
@@ -105,7 +106,7 @@ def _quiet_libraries() -> None:
 
 @app.command(epilog=_config_help("run", "world"))
 def world(
-    config: Optional[Path] = CONFIG_OPTION,
+    config: Optional[list[Path]] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     restart: bool = typer.Option(False, "--restart", help="Replace a world of another config in run.dir (the stages trained on it are then stale)."),
 ) -> None:
@@ -130,7 +131,7 @@ def world(
 
 
 @app.command(epilog=_config_help("run", "world", "tokenizer", "model", "pretrain"))
-def pretrain(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
+def pretrain(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
     """Train the BPE tokenizer and pretrain the small base model on the world's corpus.
 
     A killed run resumes from its last checkpoint when the same command is run again.
@@ -141,7 +142,7 @@ def pretrain(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
 
 
 @app.command(epilog=_config_help("run", "sft"))
-def sft(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
+def sft(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
     """Supervised fine-tuning of any Hugging Face causal LM on demonstrations.
 
     Loss on assistant tokens (every token of text records). On the built-in world the output is
@@ -154,7 +155,7 @@ def sft(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] =
 
 
 @app.command(epilog=_config_help("run", "collect"))
-def collect(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
+def collect(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
     """Sample K responses per RM prompt from the SFT policy and have labelers rank them.
 
     The simulated labelers judge by default; collect.judgements=FILE takes people's rankings
@@ -168,7 +169,7 @@ def collect(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str
 
 
 @app.command(epilog=_config_help("run", "rm"))
-def rm(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
+def rm(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
     """Train the reward model on ranked comparisons with InstructGPT's K-way ranking loss.
 
     Starts from the SFT model's backbone, scores each response at its last real token, sets a
@@ -181,7 +182,7 @@ def rm(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = 
 
 
 @app.command(epilog=_config_help("run", "ppo"))
-def ppo(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
+def ppo(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
     """Optimise the SFT policy against the reward model with PPO; with ppo.ptx_coef > 0, PPO-ptx.
 
     Per-token KL penalty against the frozen SFT model, a value model initialised from the RM,
@@ -194,7 +195,7 @@ def ppo(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] =
 
 
 @app.command("eval", epilog=_config_help("run", "eval"))
-def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
+def evaluate(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
     """Judge models' answers to the built-in world's held-out prompts with its gold labeler, per instruction family.
 
     Any causal LM can be judged (eval.models), but the prompts and the judge are the built-in
@@ -213,7 +214,7 @@ def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
 
 @app.command(epilog=_config_help("run", "world", "tokenizer", "model", "pretrain", "sft", "collect", "rm", "ppo", "pipeline", "eval"))
 def pipeline(
-    config: Optional[Path] = CONFIG_OPTION,
+    config: Optional[list[Path]] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     restart_from: Optional[str] = typer.Option(None, "--restart-from", help="Discard the earlier runs of this stage and every later one and run them again: pretrain, sft, collect, rm or ppo (both PPO runs; ppo_ptx says the same). For a run folder whose config you changed. Evaluation and the report are always redone."),
 ) -> None:
@@ -243,7 +244,7 @@ def pipeline(
 
 @app.command(epilog=_config_help("run", "model", "ppo", "rm"))
 def bench(
-    config: Optional[Path] = CONFIG_OPTION,
+    config: Optional[list[Path]] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     stage: str = typer.Option("ppo", "--stage", help="ppo: time a short PPO run; rm: reward-model throughput, K-way against independent pairs."),
     iterations: int = typer.Option(6, "--iterations", "-n", min=2, help="ppo: iterations to run; the first is a warm-up and is not counted."),
@@ -544,7 +545,7 @@ def label_status(name: str = typer.Argument(..., help="Project name."), project_
 
 
 @app.command("config")
-def show_config(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
+def show_config(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
     """Print the resolved config (defaults, file and overrides) as YAML."""
     typer.echo(dump_config(_load(config, overrides)), nl=False)
 

@@ -311,19 +311,20 @@ def exact_div(a: int, b: int, a_name: str, b_name: str) -> int:
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: Path | str | None = None, overrides: list[str] = ()) -> PipelineConfig:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` ("a.b=value"), validated."""
+def load_config(path: Path | str | list | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """Defaults, then the YAML file at ``path`` (or each of a list of files in turn, a later file's
+    keys winning), then ``overrides`` ("a.b=value"), validated."""
+    paths = [Path(p) for p in ([] if path is None else path if isinstance(path, list) else [path])]
     data: dict = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        data = _read_yaml(Path(path))
+    for i, file in enumerate(paths):
+        data = _read_yaml(file) if i == 0 else _layer(data, _read_yaml(file), file)
     for override in overrides:
         _apply_override(data, override)
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as err:
-        raise UserError(_describe_validation_error(err, source, path, overrides)) from None
+        source = ", ".join(map(str, paths)) or "defaults"
+        raise UserError(_describe_validation_error(err, source, paths, overrides)) from None
     config.model.head_dim()
     return config
 
@@ -402,6 +403,16 @@ def _set(data: dict, parts: list[str], value: Any, override: str) -> None:
     node[parts[-1]] = value
 
 
+def _layer(data: dict, upper: dict, file: Path) -> dict:
+    """``data`` with a later config file's keys set over it: a section it names keeps the keys it
+    leaves out, as with ``-c`` given twice (a base file and an experiment's changes)."""
+    for name, value in upper.items():
+        if value is None and _is_section(_annotation([name])):
+            continue  # a section with its keys commented out changes nothing
+        _set(data, [str(name)], value, str(file))
+    return data
+
+
 def _annotation(loc: tuple | list) -> Any:
     """The type of the dotted key ``loc`` in PipelineConfig; None where there is no such key."""
     annotation = PipelineConfig
@@ -453,25 +464,34 @@ def _describe_validation_error(err: ValidationError, source: str, path, override
     return "\n".join(lines)
 
 
-def _where(dotted: str, path, overrides) -> str | None:
-    """'override sft.lr=x' or 'file.yaml:LINE' for the dotted key, if it can be located."""
+def _where(dotted: str, paths: list[Path], overrides) -> str | None:
+    """'override sft.lr=x' or 'file.yaml:LINE' for the dotted key, if it can be located: the last
+    override or file that sets it."""
     for override in reversed(list(overrides)):
         key = override.partition("=")[0].strip()
         if key == dotted or dotted.startswith(key + ".") or key.startswith(dotted + "."):
             return f"override '{override}'"
-    if path is None:
-        return None
+    for whole in (True, False):  # the file that sets the key itself, else one that writes its section
+        for path in reversed(paths):
+            if (where := _line_of(dotted, path, whole)) is not None:
+                return where
+    return str(paths[-1]) if len(paths) == 1 else None
+
+
+def _line_of(dotted: str, path: Path, whole: bool) -> str | None:
+    """'file.yaml:LINE' of the dotted key, or unless ``whole`` of its deepest section written there;
+    None where the file does not write it."""
     try:
         node = yaml.compose(Path(path).read_text())
     except yaml.YAMLError:
         return str(path)
-    line = None
-    for part in dotted.split("."):
+    line, parts = None, dotted.split(".")
+    for depth, part in enumerate(parts, 1):
         match = next(((k, v) for k, v in node.value if k.value == part), None) if isinstance(node, yaml.MappingNode) else None
         if match is None:
-            break
+            return f"{path}:{line}" if line and not whole else None
         line, node = match[0].start_mark.line + 1, match[1]
-    return f"{path}:{line}" if line else str(path)
+    return f"{path}:{line}" if line else None
 
 
 def dump_config(config: BaseModel) -> str:
