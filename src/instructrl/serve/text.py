@@ -64,8 +64,8 @@ class TextStream:
     def add(self, token_id: int) -> tuple[str, bool]:
         self.token_ids.append(token_id)
         before, self.text = self.text, self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        # where the text changes: a token that completes a character begins where that character does
-        self.starts.append(common_prefix_length(before, self.text))
+        # a token begins where the text changes, or, while a character is incomplete, where that character does
+        self.starts.append(min(common_prefix_length(before, self.text), len(self.text.rstrip(REPLACEMENT))))
         cut = first_stop(self.text, self.stops, self.sent)
         if cut >= 0:
             self.text = self.text[:cut]
