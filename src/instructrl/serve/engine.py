@@ -224,16 +224,12 @@ class Engine:
         if scored:
             self._send_prompt_logprobs(rows, logits)
             logits = logits[:, -1]
+        for row in rows:
+            if row.request.params.max_tokens == 0:  # only the prompt is scored: the row leaves the batch unsampled
+                self._send(row, Event(row.index, "", "length", 0))
         generating = [b for b, row in enumerate(rows) if row.request.params.max_tokens > 0]
-        if len(generating) < len(rows):
-            for row in rows:
-                if row.request.params.max_tokens == 0:  # the prompt is scored; nothing to generate (the row leaves unsampled)
-                    self._send(row, Event(row.index, "", "length", 0))
-            rows_to_sample, logits = [rows[b] for b in generating], logits[generating]
-        else:
-            rows_to_sample = rows
-        if rows_to_sample:
-            self._sample(rows_to_sample, logits)
+        if generating:
+            self._sample([rows[b] for b in generating], logits if len(generating) == len(rows) else logits[generating])
         return rows, cache, mask
 
     def _send_prompt_logprobs(self, rows: list[_Row], logits: torch.Tensor) -> None:
