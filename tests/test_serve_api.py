@@ -8,12 +8,14 @@ import json
 import httpx
 import openai
 import pytest
+import torch
 
 from instructrl.data.chat import render_ids
 from instructrl.evaluation.generate import generate_answers
-from instructrl.models.base import load_causal_lm, load_tokenizer
+from instructrl.models.base import context_length, load_causal_lm, load_tokenizer
 from instructrl.serve.app import BackgroundServer, create_app
 from instructrl.serve.engine import Engine
+from instructrl.serve.text import TokenTexts
 from conftest import cli
 from tiny_models import NO_SYSTEM_TEMPLATE, tiny_tokenizer
 
@@ -190,10 +192,98 @@ def test_raw_completions_plain_streamed_and_several_prompts(tiny, client):
     assert [c.text for c in both.choices] == [plain.choices[0].text] * 2
 
 
+# ---------------------------------------------------------------- log-probs
+
+
+def scored_alone(model, ids: list[int]) -> list[float]:
+    """Each token of ``ids`` after the first scored by one forward pass of ``ids`` alone."""
+    with torch.no_grad():
+        logprobs = model(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+    return logprobs.gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1).tolist()
+
+
+def test_chat_logprobs_are_the_raw_models_streamed_or_not_for_each_choice(tiny, client):
+    """Sampled at temperature 0.8, n = 2: each token's log-prob is the model's own, as one forward pass of the answer alone gives."""
+    _, model, tokenizer = tiny
+    texts = TokenTexts(tokenizer)
+    id_of_bytes = {bytes(texts(i)[1]): i for i in range(len(tokenizer))}  # a byte-level vocabulary spells each token differently
+    prompt = render_ids(tokenizer, HELLO, add_generation_prompt=True)
+    kwargs = dict(model="tiny", messages=HELLO, temperature=0.8, seed=9, max_tokens=12, n=2, logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(**kwargs)
+    streamed = list(client.chat.completions.create(**kwargs, stream=True))
+    assert sum(len(c.logprobs.content) for c in reply.choices) == reply.usage.completion_tokens  # EOS included, no stop string here
+    for choice in reply.choices:
+        content = choice.logprobs.content
+        assert (content[-1].token == tokenizer.eos_token) == (choice.finish_reason == "stop")
+        answer = [t for t in content if t.token != tokenizer.eos_token]
+        assert b"".join(bytes(t.bytes) for t in answer).decode("utf-8", "replace") == choice.message.content
+        ids = prompt + [id_of_bytes[bytes(t.bytes)] for t in content]
+        assert [t.logprob for t in content] == pytest.approx(scored_alone(model, ids)[len(prompt) - 1 :], abs=1e-4)
+        for t in content:
+            alternatives = [a.logprob for a in t.top_logprobs]
+            assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True) and alternatives[0] >= t.logprob
+        mine = [c.choices[0] for c in streamed if c.choices and c.choices[0].index == choice.index]
+        assert [t.model_dump() for c in mine if c.logprobs for t in c.logprobs.content] == [t.model_dump() for t in content]
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+    assert client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=2).choices[0].logprobs is None
+    without_top = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, logprobs=True)
+    assert all(t.top_logprobs == [] for t in without_top.choices[0].logprobs.content)
+
+
+def test_completion_echo_scores_the_prompt_as_lm_evaluation_harness_asks(tiny, client):
+    """lm-eval's local-completions: token ids, echo, logprobs 1, max_tokens 0 or 1, several prompts in one request."""
+    _, model, tokenizer = tiny
+    contexts = [tokenizer("the cat sat on")["input_ids"], tokenizer("Reverse the word: green")["input_ids"]]
+    scored = client.completions.create(model="tiny", prompt=contexts, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    assert scored.usage.completion_tokens == 0 and [c.finish_reason for c in scored.choices] == ["length", "length"]
+    for ids, choice in zip(contexts, scored.choices):
+        lp = choice.logprobs
+        assert choice.text == tokenizer.decode(ids) and len(lp.tokens) == len(ids)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(scored_alone(model, ids), abs=1e-4)
+        assert all(len(top) in (1, 2) and top[token] == logprob for token, logprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]))
+        assert [choice.text[o:].startswith(t) for t, o in zip(lp.tokens, lp.text_offset)] == [True] * len(ids)
+    # max_tokens 1: one more token; lm-eval reads token_logprobs[ctxlen:-1] of the context and continuation
+    context, continuation = contexts[0][:2], contexts[0][2:]
+    one = client.completions.create(model="tiny", prompt=context + continuation, max_tokens=1, echo=True, logprobs=1, temperature=0).choices[0]
+    assert len(one.logprobs.token_logprobs) == len(context + continuation) + 1  # the EOS too, if the model ends there
+    assert sum(one.logprobs.token_logprobs[len(context) : -1]) == pytest.approx(sum(scored.choices[0].logprobs.token_logprobs[len(context) :]), abs=1e-4)
+    assert one.text.startswith(scored.choices[0].text) and one.logprobs.text_offset[-1] == len(scored.choices[0].text)
+    # streamed, the prompt comes first with its log-probs, then the answer's tokens with offsets in the same text
+    kwargs = dict(model="tiny", prompt="the cat", max_tokens=6, echo=True, logprobs=2, temperature=1.0, seed=3)
+    whole = client.completions.create(**kwargs).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stream=True)]
+    assert chunks[0].text == "the cat" and "".join(c.text for c in chunks) == whole.text
+    joined = {key: [v for c in chunks if c.logprobs for v in getattr(c.logprobs, key)] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    assert joined == whole.logprobs.model_dump()
+    # echo without log-probs: the prompt's text and the answer's
+    echoed = client.completions.create(**{**kwargs, "logprobs": None}).choices[0]
+    assert echoed.text == whole.text and echoed.logprobs is None
+
+
+def test_completion_logprobs_follow_the_returned_text_through_stop_strings(tiny, client):
+    kwargs = dict(model="tiny", prompt="the cat", max_tokens=16, temperature=1.0, seed=4, logprobs=0)
+    full = client.completions.create(**kwargs).choices[0]
+    assert len(full.text) >= 4, full.text
+    stop = full.text[2:4]
+    for stream in (False, True):
+        if stream:
+            chunks = [c.choices[0] for c in client.completions.create(**kwargs, stop=stop, stream=True)]
+            text, lp = "".join(c.text for c in chunks), {k: [v for c in chunks if c.logprobs for v in getattr(c.logprobs, k)] for k in ("tokens", "text_offset")}
+        else:
+            choice = client.completions.create(**kwargs, stop=stop).choices[0]
+            text, lp = choice.text, choice.logprobs.model_dump()
+        assert text == full.text[: full.text.index(stop)]
+        # the tokens that make up the text, and not one more: each begins inside it, the next one would not
+        kept = len(lp["tokens"])
+        assert lp["tokens"] == full.logprobs.tokens[:kept] and all(offset < len(text) for offset in lp["text_offset"])
+        assert full.logprobs.text_offset[kept] >= len(text)
+
+
 # ---------------------------------------------------------------- errors
 
 
-def test_error_statuses_and_bodies(server, client):
+def test_error_statuses_and_bodies(tiny, server, client):
     status, error = error_of(lambda: client.chat.completions.create(model="nope", messages=HELLO))
     assert (status, error["code"], error["param"]) == (404, "model_not_found", "model")
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, temperature=3))
@@ -206,8 +296,25 @@ def test_error_statuses_and_bodies(server, client):
     assert status == 400 and error["param"] == "stop"
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}]))
     assert (status, error["code"], error["param"]) == (400, "context_length_exceeded", "messages")
-    status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, logprobs=True))
-    assert status == 400 and error["param"] == "logprobs"
+    # log-prob values out of range, or top_logprobs without logprobs (as OpenAI refuses it), name the param
+    for call, param in [
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, top_logprobs=2), "top_logprobs"),
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, logprobs=False, top_logprobs=2), "top_logprobs"),
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, logprobs=True, top_logprobs=21), "top_logprobs"),
+        (lambda: client.completions.create(model="tiny", prompt="the cat", logprobs=21), "logprobs"),
+        (lambda: client.completions.create(model="tiny", prompt="the cat", logprobs=-1), "logprobs"),
+        (lambda: client.completions.create(model="tiny", prompt="the cat", extra_body={"logprobs": True}), "logprobs"),
+        (lambda: client.completions.create(model="tiny", prompt="the cat", max_tokens=0), "max_tokens"),
+        (lambda: client.completions.create(model="tiny", prompt="the cat", max_tokens=-1, echo=True), "max_tokens"),
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=0), "max_tokens"),
+    ]:
+        status, error = error_of(call)
+        assert (status, error["param"]) == (400, param) and param in error["message"]
+    # scoring a prompt (max_tokens 0) needs room for the prompt only
+    context = context_length(tiny[1])
+    status, error = error_of(lambda: client.completions.create(model="tiny", prompt=[1] * (context + 1), max_tokens=0, echo=True, logprobs=0))
+    assert (status, error["code"]) == (400, "context_length_exceeded")
+    assert len(client.completions.create(model="tiny", prompt=[1] * context, max_tokens=0, echo=True, logprobs=0).choices[0].logprobs.tokens) == context
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, n=33))
     assert status == 400 and error["param"] == "n"
     with pytest.raises(openai.RateLimitError) as busy:
@@ -246,11 +353,10 @@ def test_error_statuses_and_bodies(server, client):
 
 
 def test_what_the_server_does_not_do_is_refused_not_ignored(server, client):
-    """Fields that ask for tools, log-probs, echo or JSON output, and turns the chat template leaves out."""
+    """Fields that ask for tools, best_of or JSON output, and turns the chat template leaves out."""
     for call, param in [
         (lambda: client.chat.completions.create(model="tiny", messages=HELLO, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
         (lambda: client.chat.completions.create(model="tiny", messages=HELLO, response_format={"type": "json_object"}), "response_format"),
-        (lambda: client.completions.create(model="tiny", prompt="the cat", echo=True), "echo"),
         (lambda: client.completions.create(model="tiny", prompt="the cat", best_of=3), "best_of"),
     ]:
         status, error = error_of(call)
@@ -286,7 +392,7 @@ def test_server_error_is_500_with_the_error_body(tiny):
     _, model, tokenizer = tiny
 
     class Broken(Engine):
-        def _forward(self, *args):
+        def _forward(self, *args, **kwargs):
             raise RuntimeError("the accelerator caught fire")
 
     with BackgroundServer(create_app({"broken": Broken(model, tokenizer)})) as running:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import threading
@@ -14,8 +15,8 @@ from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams
 from instructrl.serve.loading import model_name, parse_model_specs, quantize_int8
-from instructrl.serve.sampling import sample_next_tokens, top_p_filter
-from instructrl.serve.text import TextStream, first_stop, stop_prefix_length
+from instructrl.serve.sampling import LOGPROB_FLOOR, sample_next_tokens, token_logprobs, top_p_filter
+from instructrl.serve.text import REPLACEMENT, TextStream, TokenTexts, first_stop, stop_prefix_length
 from instructrl.errors import UserError
 
 PROMPTS = [
@@ -327,3 +328,166 @@ def test_serving_dtype_loads_the_weights_as_asked_and_still_answers(tmp_path):
             assert sink.wait().finish().completion_tokens >= 1
         finally:
             engine.stop()
+
+
+# ---------------------------------------------------------------- log-probs
+
+
+class ByteTokenizer:
+    """Token i is byte i - 1 (0 is a special token decoding skips): a character of several bytes takes several tokens."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i - 1 for i in ids if i).decode("utf-8", "replace")
+
+
+def byte_ids(text: str) -> list[int]:
+    return [b + 1 for b in text.encode()]
+
+
+def test_token_logprobs_score_the_raw_distribution_with_the_top_alternatives():
+    # probabilities 0.5, 0.3, 0.2 (logits are their logs plus 7: log_softmax removes the shift)
+    logits = torch.tensor([0.5, 0.3, 0.2]).log() + 7
+    [one, two] = token_logprobs(torch.stack([logits, logits]), [1, 2], [2, 0])
+    assert (one.token_id, two.token_id) == (1, 2)
+    assert one.logprob == pytest.approx(math.log(0.3)) and two.logprob == pytest.approx(math.log(0.2))
+    assert [t for t, _ in one.top] == [0, 1] and [lp for _, lp in one.top] == pytest.approx([math.log(0.5), math.log(0.3)])
+    assert two.top == ()
+    # a token the model rules out gets a finite floor JSON can carry, not -inf
+    [ruled_out] = token_logprobs(torch.tensor([[0.0, float("-inf")]]), [1], [1])
+    assert ruled_out.logprob == LOGPROB_FLOOR and ruled_out.top == ((0, 0.0),)
+
+
+def test_text_stream_releases_each_token_with_the_first_character_of_its_text():
+    stream = TextStream(CharTokenizer(), ["END"])
+    for ch, released in zip("ok EN", [1, 2, 3, 3, 3]):  # "E" and "N" may begin the stop string: held back with their tokens
+        stream.add(ord(ch))
+        assert stream.released_tokens == released
+    assert stream.add(ord("x")) == ("ENx", False) and stream.released_tokens == 6
+    _, stopped = feed(stream, "abEND more")
+    assert stopped and stream.text == "ok ENxab"
+    assert stream.released_tokens == 8  # the stop string's tokens never are
+    assert stream.starts[:8] == list(range(8))
+
+
+def test_text_stream_puts_each_byte_of_a_character_where_the_character_begins():
+    stream = TextStream(ByteTokenizer())
+    for token in byte_ids("aé☃b"):  # 1 + 2 + 3 + 1 bytes
+        stream.add(token)
+    assert stream.text == "aé☃b" and stream.starts == [0, 1, 1, 2, 2, 2, 3]
+    assert stream.released_tokens == 7
+    # a byte that never becomes a character is text of its own (a replacement character): the next token begins after it
+    stream = TextStream(ByteTokenizer())
+    for token in [0xFF + 1, *byte_ids("ok")]:
+        stream.add(token)
+    assert stream.text == "\ufffdok" and stream.starts == [0, 1, 2]
+    # EOS ends the answer where its text ends, and every token goes out with it
+    stream = TextStream(ByteTokenizer())
+    stream.add(byte_ids("é")[0])
+    assert stream.released_tokens == 0
+    stream.finish(end_token=0)
+    assert stream.starts == [0, 1] and stream.released_tokens == 2
+
+
+def test_token_texts_give_exact_bytes_even_for_part_of_a_character(tiny):
+    _, tokenizer = tiny
+    texts = TokenTexts(tokenizer)
+    assert texts.byte_level
+    text = "héllo — ☃ 日本"
+    ids = tokenizer(text)["input_ids"]
+    assert b"".join(bytes(texts(i)[1]) for i in ids).decode() == text
+    partial = [texts(i) for i in ids if REPLACEMENT in tokenizer.decode([i])]
+    assert partial, "the tokenizer has no token holding part of a character"
+    for token, raw in partial:  # shown escaped, as OpenAI shows such a token
+        assert token == bytes(raw).decode("utf-8", "backslashreplace") and token.startswith("\\x")
+    assert texts(tokenizer.eos_token_id) == (tokenizer.eos_token, list(tokenizer.eos_token.encode()))
+
+
+def test_token_texts_of_a_sentencepiece_vocabulary_keep_spaces_and_raw_bytes():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "\u2581hi": 1, "<0xC3>": 2, "<0xA9>": 3, "x": 4}
+    backend = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    texts = TokenTexts(PreTrainedTokenizerFast(tokenizer_object=backend))
+    assert not texts.byte_level
+    assert texts(1) == (" hi", list(b" hi"))  # decoding the token alone would strip its space
+    assert texts(2) == ("\\xc3", [0xC3]) and texts(3) == ("\\xa9", [0xA9])
+    assert texts(4) == ("x", [ord("x")])
+
+
+def alone_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1, V): log-probs of each next token, from one forward pass of ``ids`` alone."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+
+
+def test_engine_logprobs_are_a_forward_pass_of_each_answer_alone_whatever_shares_the_batch(tiny):
+    """Prompts of different lengths (left padding), sampled at their own temperature and top-p, n = 2,
+    beside a row that asks for no log-probs: each token is scored by the model's raw distribution."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, batch_wait_s=0.2)  # the requests share the prefill and the decode steps
+    asks = [(render_ids(tokenizer, PROMPTS[0], True), SamplingParams(12, 0.7, 0.9, seed=1, logprobs=3, prompt_logprobs=True), 2),
+            (render_ids(tokenizer, PROMPTS[3], True), SamplingParams(12, 1.0, seed=2, logprobs=0), 1),
+            (render_ids(tokenizer, PROMPTS[1], True), SamplingParams(12, 1.0, seed=3), 1)]
+    sinks = [Collector(n) for _, _, n in asks]
+    for (prompt, params, n), sink in zip(asks, sinks):
+        engine.submit(prompt, params, n, sink)
+    engine.start()
+    try:
+        for sink in sinks:
+            sink.wait()
+    finally:
+        engine.stop()
+    assert engine.steps <= 13  # one prefill, then decode steps shared by every row
+    for (prompt, params, n), sink in zip(asks, sinks):
+        for index in range(n):
+            events = [e for e in sink.events if e.index == index]
+            generated = [lp for e in events for lp in e.logprobs]
+            if params.logprobs is None:
+                assert generated == [] and all(e.prompt_logprobs == () for e in events)
+                continue
+            assert len(generated) == events[-1].completion_tokens  # neither a stop string here nor a token left out
+            ids = prompt + [lp.token_id for lp in generated]
+            alone = alone_logprobs(model, ids)
+            expected = alone[len(prompt) - 1 :].gather(-1, torch.tensor(ids[len(prompt) :])[:, None]).squeeze(-1)
+            assert torch.allclose(torch.tensor([lp.logprob for lp in generated]), expected, atol=1e-4)
+            for lp, row in zip(generated, alone[len(prompt) - 1 :]):
+                top = row.topk(params.logprobs)
+                assert [t for t, _ in lp.top] == top.indices.tolist()
+                assert torch.allclose(torch.tensor([v for _, v in lp.top]), top.values, atol=1e-4)
+            scored_prompt = events[0].prompt_logprobs if params.prompt_logprobs else ()
+            if params.prompt_logprobs:
+                assert [lp.token_id for lp in scored_prompt] == prompt and scored_prompt[0].logprob is None
+                expected = alone[: len(prompt) - 1].gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1)
+                assert torch.allclose(torch.tensor([lp.logprob for lp in scored_prompt[1:]]), expected, atol=1e-4)
+
+
+def test_a_batch_without_log_probs_computes_none(tiny, monkeypatch):
+    """No cost when no one asks: the decode loop never scores a row that did not ask."""
+    import instructrl.serve.engine as engine_module
+
+    model, tokenizer = tiny
+    scored_rows = []
+    real = engine_module.token_logprobs
+
+    def counting(logits, tokens, top_ks):
+        scored_rows.append(len(tokens))
+        return real(logits, tokens, top_ks)
+
+    monkeypatch.setattr(engine_module, "token_logprobs", counting)
+    engine = Engine(model, tokenizer, batch_wait_s=0.2)
+    plain, asking = Collector(3), Collector()
+    engine.submit(render_ids(tokenizer, PROMPTS[0], True), SamplingParams(8, 1.0, seed=1), 3, plain)
+    engine.submit(render_ids(tokenizer, PROMPTS[1], True), SamplingParams(8, 1.0, seed=2, logprobs=2), 1, asking)
+    engine.start()
+    try:
+        plain.wait(), asking.wait()
+        assert scored_rows and set(scored_rows) == {1}  # only the asking row, at each of its steps
+        scored_rows.clear()
+        alone = Collector()
+        engine.submit(render_ids(tokenizer, PROMPTS[2], True), SamplingParams(8, 1.0, seed=3), 1, alone)
+        alone.wait()
+    finally:
+        engine.stop()
+    assert scored_rows == []

@@ -14,6 +14,7 @@ import json
 import secrets
 import threading
 import time
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Optional
 
 from fastapi import Depends, FastAPI, Request
@@ -25,6 +26,7 @@ from instructrl.data.chat import control_token_in, render_text
 from instructrl.errors import UserError
 from instructrl.serve import schemas
 from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams
+from instructrl.serve.text import TokenTexts
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 
@@ -77,6 +79,7 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
     The engines start with the app and stop with it.
     """
     created = int(time.time())
+    token_texts = {name: TokenTexts(engine.tokenizer) for name, engine in engines.items()}
 
     async def lifespan(app: FastAPI):
         for engine in engines.values():
@@ -124,24 +127,51 @@ def create_app(engines: dict[str, Engine], api_key: Optional[str] = None, defaul
         prompt = _chat_prompt(engine, body)
         job = _submit(engine, [prompt], body, default_max_tokens, ["messages"])
         id = schemas.new_id("chatcmpl")
+        logprobs = (lambda entries: schemas.chat_logprobs(entries, token_texts[body.model])) if body.logprobs else None
         if body.stream:
-            return _sse(_chat_stream(job, id, body.model, body.include_usage()), job)
-        texts, reasons = await job.collect(request)
-        return schemas.chat_completion(id, body.model, texts, reasons, job.prompt_tokens, job.completion_tokens)
+            return _sse(_chat_stream(job, id, body.model, body.include_usage(), logprobs), job)
+        choices = await job.collect(request)
+        return schemas.chat_completion(id, body.model, [c.text for c in choices], [c.finish_reason for c in choices], job.prompt_tokens,
+                                       job.completion_tokens, logprobs and [logprobs(c.logprobs) for c in choices])
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: schemas.CompletionRequest, request: Request):
         engine = engine_for(body.model)
         refuse_unsupported(body)
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing; it is for scoring the prompt, with echo: true", param="max_tokens")
         prompts, params = _completion_prompts(engine, body)
         job = _submit(engine, prompts, body, default_max_tokens, params)
         id = schemas.new_id("cmpl")
+        # choice i answers prompt i // n; with echo its text begins with the prompt's
+        echoes = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=True) for p in body.prompts()] if body.echo else None
+        logprobs = (lambda entries: schemas.completion_logprobs(entries, token_texts[body.model])) if body.logprobs is not None else None
         if body.stream:
-            return _sse(_completion_stream(job, id, body.model, body.include_usage()), job)
-        texts, reasons = await job.collect(request)
-        return schemas.text_completion(id, body.model, texts, reasons, job.prompt_tokens, job.completion_tokens)
+            return _sse(_completion_stream(job, id, body.model, body.include_usage(), echoes, logprobs), job)
+        choices = await job.collect(request)
+        prefixes = [echoes[i // job.n] if echoes else "" for i in range(len(choices))]
+        return schemas.text_completion(
+            id, body.model, [prefix + c.text for prefix, c in zip(prefixes, choices)], [c.finish_reason for c in choices],
+            job.prompt_tokens, job.completion_tokens,
+            logprobs and [logprobs([*c.prompt_logprobs, *shifted(c.logprobs, len(prefix))]) for prefix, c in zip(prefixes, choices)],
+        )
 
     return app
+
+
+@dataclass
+class _Choice:
+    """One choice's whole answer, gathered from its events."""
+
+    text: str = ""
+    finish_reason: str = ""
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: tuple = ()
+
+
+def shifted(entries, by: int) -> list:
+    """Log-prob entries whose text comes ``by`` characters later in the returned text (after an echoed prompt)."""
+    return [replace(e, text_offset=e.text_offset + by) for e in entries] if by else list(entries)
 
 
 class _Job:
@@ -160,8 +190,7 @@ class _Job:
 
     def sink_for(self, offset: int):
         def sink(event: Event) -> None:  # called on the engine's thread
-            shifted = Event(offset + event.index, event.text, event.finish_reason, event.completion_tokens)
-            self.loop.call_soon_threadsafe(self.events.put_nowait, shifted)
+            self.loop.call_soon_threadsafe(self.events.put_nowait, replace(event, index=offset + event.index))
         return sink
 
     @property
@@ -178,10 +207,9 @@ class _Job:
             self.unfinished -= 1
         return event
 
-    async def collect(self, request: Request) -> tuple[list[str], list[str]]:
-        """Every choice's whole text and finish reason; gives up if the client goes away."""
-        total = self.unfinished
-        texts, reasons = [""] * total, [""] * total
+    async def collect(self, request: Request) -> list[_Choice]:
+        """Every choice's whole answer; gives up if the client goes away."""
+        choices = [_Choice() for _ in range(self.unfinished)]
         try:
             while self.unfinished:
                 try:
@@ -190,12 +218,15 @@ class _Job:
                     if await request.is_disconnected():
                         raise APIError(499, "client disconnected") from None
                     continue
-                texts[event.index] += event.text
-                reasons[event.index] = event.finish_reason or reasons[event.index]
+                choice = choices[event.index]
+                choice.text += event.text
+                choice.finish_reason = event.finish_reason or choice.finish_reason
+                choice.logprobs += event.logprobs
+                choice.prompt_logprobs = event.prompt_logprobs or choice.prompt_logprobs
         finally:
             if self.unfinished:
                 self.cancel()
-        return texts, reasons
+        return choices
 
     def cancel(self) -> None:
         for request in self.requests:
@@ -249,8 +280,9 @@ def _submit(engine: Engine, prompts: list[list[int]], body: schemas.SamplingRequ
     if n * len(prompts) > engine.max_batch:
         raise APIError(400, f"n x prompts = {n * len(prompts)} is more than this server's batch of {engine.max_batch}", param="n")
     budgets = [engine.budget(len(prompt), body.token_limit(), default_max_tokens) for prompt in prompts]
-    for prompt, budget, param in zip(prompts, budgets, prompt_params):
-        if budget < 1:
+    room_needed = 0 if body.token_limit() == 0 else 1  # max_tokens 0 scores the prompt: it only has to fit
+    for prompt, param in zip(prompts, prompt_params):
+        if len(prompt) + room_needed > engine.context_length:
             raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {engine.context_length}",
                            param=param, code="context_length_exceeded")
     job = _Job(n, sum(len(p) for p in prompts))
@@ -258,6 +290,7 @@ def _submit(engine: Engine, prompts: list[list[int]], body: schemas.SamplingRequ
         params = SamplingParams(
             max_tokens=budget, temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop_strings(), seed=body.seed,
+            logprobs=body.logprobs_asked(), prompt_logprobs=body.scores_prompt(),
         )
         try:
             job.requests.append(engine.submit(prompt, params, n, job.sink_for(p * n)))
@@ -284,26 +317,36 @@ def _sse(chunks: AsyncIterator[dict], job: _Job) -> StreamingResponse:
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _chat_stream(job: _Job, id: str, model: str, include_usage: bool) -> AsyncIterator[dict]:
+async def _chat_stream(job: _Job, id: str, model: str, include_usage: bool, logprobs) -> AsyncIterator[dict]:
+    """Chat chunks; ``logprobs`` (entries -> their ``logprobs`` object, or None) puts each token's beside its text."""
     created = int(time.time())
     for index in range(job.unfinished):
         yield schemas.chat_chunk(id, model, created, index, {"role": "assistant", "content": ""}, with_usage=include_usage)
     while job.unfinished:
         event = await job.next()
-        if event.text:
-            yield schemas.chat_chunk(id, model, created, event.index, {"content": event.text}, with_usage=include_usage)
+        if event.text or event.logprobs:
+            yield schemas.chat_chunk(id, model, created, event.index, {"content": event.text}, with_usage=include_usage,
+                                     logprobs=logprobs and logprobs(event.logprobs))
         if event.finish_reason:
             yield schemas.chat_chunk(id, model, created, event.index, {}, event.finish_reason, with_usage=include_usage)
     if include_usage:
         yield schemas.chat_chunk(id, model, created, None, with_usage=True, usage_=schemas.usage(job.prompt_tokens, job.completion_tokens))
 
 
-async def _completion_stream(job: _Job, id: str, model: str, include_usage: bool) -> AsyncIterator[dict]:
+async def _completion_stream(job: _Job, id: str, model: str, include_usage: bool, echoes: Optional[list[str]], logprobs) -> AsyncIterator[dict]:
+    """Completion chunks; with ``echoes`` each choice's first is its prompt's text (with the prompt's log-probs when asked)."""
     created = int(time.time())
+    echoed: set[int] = set()
     while job.unfinished:
         event = await job.next()
-        if event.text or event.finish_reason:
-            yield schemas.completion_chunk(id, model, created, event.index, event.text, event.finish_reason, with_usage=include_usage)
+        prefix = echoes[event.index // job.n] if echoes else ""
+        if echoes and event.index not in echoed:  # the engine's first event of a choice brings its prompt's log-probs
+            echoed.add(event.index)
+            yield schemas.completion_chunk(id, model, created, event.index, prefix, with_usage=include_usage,
+                                           logprobs=logprobs and logprobs(event.prompt_logprobs))
+        if event.text or event.finish_reason or event.logprobs:
+            yield schemas.completion_chunk(id, model, created, event.index, event.text, event.finish_reason, with_usage=include_usage,
+                                           logprobs=logprobs and logprobs(shifted(event.logprobs, len(prefix))))
     if include_usage:
         yield schemas.completion_chunk(id, model, created, None, with_usage=True, usage_=schemas.usage(job.prompt_tokens, job.completion_tokens))
 

@@ -7,6 +7,9 @@ and a short answer never waits for a long one. Each choice of each request is on
 own temperature, top-p, stop strings, token budget and random generator. Results go out token
 by token through the request's ``sink``, called from the worker thread: a slow consumer only
 lets its own events pile up, and a cancelled request leaves the batch at the next step.
+
+Log-probs are computed only for the rows that ask for them: each sampled token's, released
+with its text, and the prompt's (from a prefill that keeps every position's logits).
 """
 
 from __future__ import annotations
@@ -15,15 +18,15 @@ import inspect
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 
 from instructrl.models.base import context_length
 from instructrl.padding import leading_padding, pad_sequences, position_ids_from_mask
-from instructrl.serve.sampling import sample_next_tokens
-from instructrl.serve.text import TextStream
+from instructrl.serve.sampling import TokenLogprob, sample_next_tokens, token_logprobs
+from instructrl.serve.text import TextStream, text_offsets
 
 
 class QueueFull(Exception):
@@ -32,11 +35,13 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int
+    max_tokens: int  # 0: only score the prompt (with ``prompt_logprobs``)
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
+    logprobs: Optional[int] = None  # each sampled token's log-prob and its this many most likely alternatives; None: none
+    prompt_logprobs: bool = False  # the prompt's tokens' log-probs too (with ``logprobs`` alternatives each)
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class Event:
     text: str
     finish_reason: Optional[str] = None  # "stop", "length", or "error" (then ``text`` is the message)
     completion_tokens: int = 0  # tokens generated so far for this choice, EOS and stop tokens included
+    logprobs: tuple[TokenLogprob, ...] = ()  # the tokens whose text this event releases (and EOS), when asked
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # the prompt's, in a choice's first event, when asked
 
 
 Sink = Callable[[Event], None]
@@ -73,6 +80,16 @@ class _Row:
     text: TextStream
     next_token: int = -1  # sampled, not yet fed through the model
     generated: int = 0
+    logprobs: Optional[list[TokenLogprob]] = None  # every generated token's, when the request asks
+    logprobs_sent: int = 0
+
+    def released_logprobs(self) -> tuple[TokenLogprob, ...]:
+        """The log-probs of the tokens whose text went out since the last call (see ``TextStream``)."""
+        if self.logprobs is None:
+            return ()
+        upto = self.text.released_tokens
+        released, self.logprobs_sent = self.logprobs[self.logprobs_sent : upto], max(upto, self.logprobs_sent)
+        return tuple(released)
 
 
 def choice_seed(seed: int, index: int) -> int:
@@ -123,7 +140,7 @@ class Engine:
         if not 1 <= n <= self.max_batch:
             raise ValueError(f"n must be between 1 and {self.max_batch}")
         if params.seed is None:
-            params = SamplingParams(params.max_tokens, params.temperature, params.top_p, params.stop, self._unseeded.getrandbits(62))
+            params = replace(params, seed=self._unseeded.getrandbits(62))
         request = Request(list(prompt_ids), params, n, sink)
         with self._lock:
             if len(self._waiting) >= self.max_queue:
@@ -180,18 +197,21 @@ class Engine:
                 rows, cache, mask = [], None, None
 
     def _rows_of(self, request: Request) -> list[_Row]:
+        params = request.params
         return [
-            _Row(request, i, torch.Generator().manual_seed(choice_seed(request.params.seed, i)), TextStream(self.tokenizer, request.params.stop))
+            _Row(request, i, torch.Generator().manual_seed(choice_seed(params.seed, i)), TextStream(self.tokenizer, params.stop),
+                 logprobs=None if params.logprobs is None else [])
             for i in range(request.n)
         ]
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache):
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, every_position: bool = False):
+        """The logits of the last position (B, V), or of ``every_position`` (B, T, V), and the cache."""
         kwargs = {self._cache_arg: cache, "use_cache": True}
-        if self._logits_to_keep:
+        if self._logits_to_keep and not every_position:
             kwargs["logits_to_keep"] = 1
         positions = position_ids_from_mask(mask)[:, -ids.shape[1] :]
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device), **kwargs)
-        return out.logits[:, -1], out["cache"] if "cache" in out else out["past_key_values"]
+        return out.logits if every_position else out.logits[:, -1], out["cache"] if "cache" in out else out["past_key_values"]
 
     @torch.no_grad()
     def _prefill(self, requests: list[Request]):
@@ -199,9 +219,33 @@ class Engine:
         prompts = [row.request.prompt_ids for row in rows]
         ids, mask = pad_sequences(prompts, self.pad_id, side="left")
         mask = mask.to(self.device)  # the running batch's mask stays beside its KV cache: no copy per decoded token
-        logits, cache = self._forward(ids, mask, None)
-        self._sample(rows, logits)
+        scored = any(request.params.prompt_logprobs for request in requests)
+        logits, cache = self._forward(ids, mask, None, every_position=scored)
+        if scored:
+            self._send_prompt_logprobs(rows, logits)
+            logits = logits[:, -1]
+        for row in rows:
+            if row.request.params.max_tokens == 0:  # only the prompt is scored: the row leaves the batch unsampled
+                self._send(row, Event(row.index, "", "length", 0))
+        generating = [b for b, row in enumerate(rows) if row.request.params.max_tokens > 0]
+        if generating:
+            self._sample([rows[b] for b in generating], logits if len(generating) == len(rows) else logits[generating])
         return rows, cache, mask
+
+    def _send_prompt_logprobs(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Each asking request's prompt tokens scored by the (B, T, V) prefill ``logits`` of its first row, sent to every row of it."""
+        width = logits.shape[1]
+        for b, row in enumerate(rows):
+            params = row.request.params
+            if not params.prompt_logprobs or row.index != 0:
+                continue
+            prompt = row.request.prompt_ids
+            start = width - len(prompt)  # the row is left-padded: its prompt fills the last columns
+            scored = token_logprobs(logits[b, start : width - 1], prompt[1:], [params.logprobs or 0] * (len(prompt) - 1))
+            _, offsets = text_offsets(self.tokenizer, prompt)
+            entries = tuple(replace(entry, text_offset=offset) for entry, offset in zip([TokenLogprob(prompt[0], None), *scored], offsets))
+            for same in rows[b : b + row.request.n]:
+                self._send(same, Event(same.index, "", prompt_logprobs=entries))
 
     @torch.no_grad()
     def _decode(self, rows: list[_Row], cache, mask):
@@ -216,19 +260,29 @@ class Engine:
         tokens = sample_next_tokens(
             logits, [r.request.params.temperature for r in rows], [r.request.params.top_p for r in rows], [r.generator for r in rows]
         )
-        for row, token in zip(rows, tokens):
+        asking = [b for b, row in enumerate(rows) if row.logprobs is not None]
+        scored = dict(zip(asking, token_logprobs(logits[asking], [tokens[b] for b in asking], [rows[b].request.params.logprobs for b in asking]))) if asking else {}
+        for b, (row, token) in enumerate(zip(rows, tokens)):
             row.next_token, row.generated = token, row.generated + 1
             if token in self.eos_ids:
-                finish, delta = "stop", row.text.finish()
+                finish, delta = "stop", row.text.finish(end_token=token)
             else:
                 delta, stopped = row.text.add(token)
                 finish = "stop" if stopped else None
+            if b in scored:
+                row.logprobs.append(replace(scored[b], text_offset=row.text.starts[-1]))
             if finish is None and row.generated >= row.request.params.max_tokens:
                 finish, delta = "length", delta + row.text.finish()
-            if not row.request.cancelled.is_set() and (delta or finish):
-                row.request.sink(Event(row.index, delta, finish, row.generated))
+            released = row.released_logprobs()
+            if delta or finish or released:
+                self._send(row, Event(row.index, delta, finish, row.generated, released))
             if finish:
                 row.next_token = -1
+
+    @staticmethod
+    def _send(row: _Row, event: Event) -> None:
+        if not row.request.cancelled.is_set():
+            row.request.sink(event)
 
     def _drop_finished(self, rows: list[_Row], cache, mask):
         keep = [i for i, row in enumerate(rows) if row.next_token >= 0 and not row.request.cancelled.is_set()]

@@ -1,8 +1,9 @@
-"""Choosing each row's next token under its own sampling parameters. Torch only."""
+"""Choosing each row's next token under its own sampling parameters, and scoring tokens. Torch only."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -43,3 +44,33 @@ def sample_next_tokens(
         for i, row in enumerate(sampled):
             tokens[row] = int(torch.multinomial(probs[i], 1, generator=generators[row]))
     return tokens
+
+
+LOGPROB_FLOOR = -9999.0  # stands for -inf, which JSON cannot carry (vLLM's choice)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model, and the most likely tokens in its place."""
+
+    token_id: int
+    logprob: Optional[float]  # None for a prompt's first token: nothing before it predicts it
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-prob), most likely first
+    text_offset: int = 0  # where its text begins in the text it belongs to (the answer, or the prompt)
+
+
+def token_logprobs(logits: Tensor, tokens: Sequence[int], top_ks: Sequence[int]) -> list[TokenLogprob]:
+    """Row b's ``tokens[b]`` scored by log_softmax(``logits[b]``), with its ``top_ks[b]`` most likely tokens.
+
+    ``logits`` is (N, V), the raw model's: neither temperature nor top-p applies (vLLM's default),
+    so a token's log-prob does not depend on how it was sampled. A log-prob of -inf comes out as ``LOGPROB_FLOOR``.
+    """
+    logprobs = logits.float().log_softmax(-1).clamp_min(LOGPROB_FLOOR)
+    chosen = logprobs.gather(-1, torch.tensor(list(tokens), device=logits.device)[:, None]).squeeze(-1).tolist()
+    k = min(max(top_ks, default=0), logits.shape[-1])
+    top_values, top_ids = logprobs.topk(k, -1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [
+        TokenLogprob(token, logprob, tuple(zip(top_ids[b][: top_ks[b]], top_values[b][: top_ks[b]])))
+        for b, (token, logprob) in enumerate(zip(tokens, chosen))
+    ]

@@ -2,20 +2,32 @@
 
 Fields the server does not use are accepted and ignored, as OpenAI-compatible servers do, so
 any client built on the official ``openai`` package works unchanged; fields that ask for what it
-does not do (tools, logprobs, echo, a JSON response format) are refused (``unsupported``).
+does not do (tools, best_of, a JSON response format) are refused (``unsupported``).
+
+Log-probs (chat ``logprobs``/``top_logprobs``, completions ``logprobs``/``echo``) are those of the
+model's own distribution, log_softmax of its logits, whatever the temperature and top-p a token
+was sampled with (vLLM's default). The tokens listed are the ones whose text makes up the
+returned text (a token that the text keeps part of, before a stop string, included), and the
+EOS token that ended an answer (which adds no text); the tokens of a stop string are not.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 from instructrl.data.jsonl import encodable
 
+if TYPE_CHECKING:
+    from instructrl.serve.sampling import TokenLogprob
+
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_TOP_LOGPROBS = 20  # OpenAI's for chat; its completions stop at 5, vLLM's at 20 as here
+
+TokenText = Callable[[int], tuple[str, list[int]]]  # a token id's text and UTF-8 bytes (serve.text.TokenTexts)
 
 
 class TextPart(BaseModel):
@@ -84,6 +96,13 @@ class SamplingRequest(BaseModel):
         """(param, reason) for a field set to ask for what this server does not do; silently ignoring it would change the answer's meaning."""
         return None
 
+    def logprobs_asked(self) -> Optional[int]:
+        """How many alternatives to list beside each generated token's log-prob; None: no log-probs."""
+        return None
+
+    def scores_prompt(self) -> bool:
+        return False
+
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return tuple(s for s in stops if s)
@@ -96,15 +115,24 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list] = None
     response_format: Optional[dict] = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, top_logprobs, info: ValidationInfo):
+        if top_logprobs is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return top_logprobs
 
     def token_limit(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def logprobs_asked(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> Optional[tuple[str, str]]:
-        if self.logprobs:
-            return "logprobs", "logprobs are not supported"
         if self.tools:
             return "tools", "tools (function calling) are not supported"
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -118,7 +146,8 @@ def _token_ids(value) -> bool:
 
 class CompletionRequest(SamplingRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(union_mode="left_to_right")
-    logprobs: Optional[int] = None
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0 with echo: score the prompt only
+    logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: Optional[bool] = None
     best_of: Optional[int] = None
 
@@ -146,11 +175,13 @@ class CompletionRequest(SamplingRequest):
     def token_limit(self) -> Optional[int]:
         return self.max_tokens
 
+    def logprobs_asked(self) -> Optional[int]:
+        return self.logprobs
+
+    def scores_prompt(self) -> bool:
+        return bool(self.echo) and self.logprobs is not None
+
     def unsupported(self) -> Optional[tuple[str, str]]:
-        if self.logprobs:
-            return "logprobs", "logprobs are not supported"
-        if self.echo:
-            return "echo", "echo is not supported"
         if self.best_of is not None and self.best_of > 1:
             return "best_of", "best_of is not supported; use n"
         return None
@@ -167,39 +198,66 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_completion(id: str, model: str, texts: list[str], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int) -> dict:
+def chat_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText) -> dict:
+    """A chat choice's (or chunk's) ``logprobs``: each token with its bytes and its most likely alternatives."""
+
+    def token(token_id: int, logprob: float) -> dict:
+        text, raw = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return {"content": [{**token(e.token_id, e.logprob), "top_logprobs": [token(t, lp) for t, lp in e.top]} for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText) -> dict:
+    """A text completion's (or chunk's) ``logprobs`` in OpenAI's legacy shape: each alternatives' dict
+    holds the token itself too (up to logprobs + 1 entries, as OpenAI's), none for a prompt's first token."""
+    tokens = [token_text(e.token_id)[0] for e in entries]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [None if e.logprob is None else {**{token_text(t)[0]: lp for t, lp in e.top}, text: e.logprob} for e, text in zip(entries, tokens)],
+        "text_offset": [e.text_offset for e in entries],
+    }
+
+
+def chat_completion(id: str, model: str, texts: list[str], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int,
+                    logprobs: Optional[list[dict]] = None) -> dict:
+    logprobs = logprobs or [None] * len(texts)
     return {
         "id": id, "object": "chat.completion", "created": int(time.time()), "model": model, "system_fingerprint": None,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(zip(texts, finish_reasons))
+            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason}
+            for i, (text, reason, lp) in enumerate(zip(texts, finish_reasons, logprobs))
         ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def chat_chunk(id: str, model: str, created: int, index: int | None = None, delta: dict | None = None,
-               finish_reason: str | None = None, with_usage: bool = False, usage_: dict | None = None) -> dict:
+               finish_reason: str | None = None, with_usage: bool = False, usage_: dict | None = None, logprobs: dict | None = None) -> dict:
     """A ``chat.completion.chunk``; ``index=None`` makes the closing usage chunk (no choices)."""
     chunk = {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None,
-             "choices": [] if index is None else [{"index": index, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason}]}
+             "choices": [] if index is None else [{"index": index, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if with_usage:
         chunk["usage"] = usage_
     return chunk
 
 
-def text_completion(id: str, model: str, texts: list[str], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int) -> dict:
+def text_completion(id: str, model: str, texts: list[str], finish_reasons: list[str], prompt_tokens: int, completion_tokens: int,
+                    logprobs: Optional[list[dict]] = None) -> dict:
+    logprobs = logprobs or [None] * len(texts)
     return {
         "id": id, "object": "text_completion", "created": int(time.time()), "model": model, "system_fingerprint": None,
-        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, finish_reasons))],
+        "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+                    for i, (text, reason, lp) in enumerate(zip(texts, finish_reasons, logprobs))],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def completion_chunk(id: str, model: str, created: int, index: int | None = None, text: str = "",
-                     finish_reason: str | None = None, with_usage: bool = False, usage_: dict | None = None) -> dict:
+                     finish_reason: str | None = None, with_usage: bool = False, usage_: dict | None = None, logprobs: dict | None = None) -> dict:
     chunk = {"id": id, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None,
-             "choices": [] if index is None else [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+             "choices": [] if index is None else [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
     if with_usage:
         chunk["usage"] = usage_
     return chunk
