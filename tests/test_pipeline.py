@@ -25,6 +25,9 @@ def test_pipeline_two_rounds(tmp_path):
         assert lineage["policy"]["path"] == str(tmp_path / stage / "final")
         assert lineage["reference"]["path"] == str(tmp_path / "sft" / "final")
         assert lineage["reward_model"] == lineage["reward_model"] | {"path": "rm/final", "in_run": True}  # round 2's own
+    # and goes on from round 1's iteration count (its own prompts and sampling seeds): TensorBoard draws one curve
+    steps = [[json.loads(x)["step"] for x in (folder / stage / "metrics.jsonl").read_text().splitlines()] for folder in (tmp_path, tmp_path / "round2")]
+    assert steps == [[1, 2, 3], [4, 5, 6]]  # smoke: 3 iterations a round
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["models"]["ppo_ptx"] == str(tmp_path / "round2" / "ppo_ptx" / "final")

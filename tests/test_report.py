@@ -166,6 +166,22 @@ def test_over_optimisation_plot_of_ppo_on_prompts_without_gold_says_so_and_warns
     assert [t.get_text() for t in gold.texts] == ["no gold scores: these prompts have no gold answers"]
 
 
+def test_the_rounds_of_a_ppo_run_join_end_to_end(tmp_path):
+    """Round 2 counts on from round 1 (ppo.first_iteration); a round written before that counted from 0 again."""
+    from instructrl.evaluation.report import _ppo_metrics
+
+    def write(folder, episodes):
+        (folder / "ppo").mkdir(parents=True)
+        (folder / "ppo" / "metrics.jsonl").write_text("".join(json.dumps({"step": e // 16, "episodes": e}) + "\n" for e in episodes))
+
+    write(tmp_path / "new", [16, 32])
+    write(tmp_path / "new" / "round2", [48, 64])
+    write(tmp_path / "old", [16, 32])
+    write(tmp_path / "old" / "round2", [16, 32])
+    for run in ("new", "old"):
+        assert [r["episodes"] for r in _ppo_metrics(tmp_path / run)["ppo"]] == [16, 32, 48, 64], run
+
+
 def test_an_eval_that_fails_leaves_the_last_results(tmp_path, smoke_base):
     """A model whose weights are cut short fails the new evaluation: the last one's results stay."""
     from conftest import SMOKE, cli

@@ -210,6 +210,7 @@ class PPOConfig(ModelSwitches):
     prompts: Path | None = Field(None, description="Prompts: prompt-only records ({'prompt': ...} or messages ending with a user turn), or the prompts of any other format. Default: the built-in world's PPO split.")
     prompts_format: DataFormat = Field("auto", description="Format of ppo.prompts: auto (from the fields) or a format name.")
     episodes: int = Field(4096, gt=0, description="Prompts answered and scored in all (InstructGPT: 256k).")
+    first_iteration: int = Field(0, ge=0, description="Iterations run before this one: a later pipeline round continues its policy's count, so its prompts, sampling seeds and logged steps go on from there instead of repeating the first round's.")
     rollout_batch_size: int = Field(64, gt=0, description="Episodes generated per PPO iteration, over all processes (InstructGPT: 512).")
     minibatch_size: int = Field(16, gt=0, description="Episodes per optimizer step (InstructGPT: 64).")
     micro_batch_size: int = Field(16, gt=0, description="Episodes per forward pass on one process.")

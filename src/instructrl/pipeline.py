@@ -79,6 +79,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
             cfg.ppo.policy, cfg.ppo.value_model = str(latest[stage] / "final"), str(latest[stage] / "value")
             cfg.ppo.reference, cfg.ppo.reward_model = str(root / "sft" / "final"), str(rc.run.dir / "rm" / "final")
             cfg.ppo.prompts = world.prompts("ppo")
+            cfg.ppo.first_iteration = first.ppo.first_iteration + (r - 1) * first.ppo.iterations()
             if cfg.ppo.ptx_coef > 0 and cfg.ppo.ptx_data is None:
                 cfg.ppo.ptx_data = world.corpus
             run_ppo(cfg, restart=redo["ppo"], log=log, upstream=True)

@@ -32,16 +32,17 @@ def _figure_tag(fig, caption: str) -> str:
 
 
 def _ppo_metrics(root: Path) -> dict[str, list[dict]]:
-    """Each PPO run's metrics, later pipeline rounds (round2/, ...) appended with their episodes offset."""
+    """Each PPO run's metrics, later pipeline rounds (round2/, ...) appended. A later round counts on
+    from the previous one's episodes; one that counted from 0 again (written before ppo.first_iteration) is offset."""
     found = {}
     folders = [root] + sorted((p for p in root.glob("round*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
     for stage in PPO_STAGES:
         rows: list[dict] = []
         for folder in folders:
             path = folder / stage / "metrics.jsonl"
-            if path.is_file():
-                offset = rows[-1]["episodes"] if rows else 0
-                rows += [{**record, "episodes": record["episodes"] + offset} for _, record in complete_lines(path)]
+            records = [record for _, record in complete_lines(path)] if path.is_file() else []
+            offset = rows[-1]["episodes"] if rows and records and records[0]["episodes"] <= rows[-1]["episodes"] else 0
+            rows += [{**record, "episodes": record["episodes"] + offset} for record in records]
         if rows:
             found[stage] = rows
     return found

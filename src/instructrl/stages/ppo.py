@@ -217,11 +217,12 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     state = load_latest_checkpoint(accelerator, run.path / "checkpoints")
     kl_ctl = KLController(state.extra.get("kl_coef", cfg.kl_coef), cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
     if state.step:
-        log(f"{stage}: resuming from the checkpoint of iteration {state.step}")
-    run.trim_metrics(state.step)
+        log(f"{stage}: resuming from the checkpoint of iteration {cfg.first_iteration + state.step}")
+    run.trim_metrics(cfg.first_iteration + state.step)
     n_iterations, world_size, rank = cfg.iterations(), accelerator.num_processes, accelerator.process_index
     log(f"{stage}: {count_parameters(accelerator.unwrap_model(policy)) / 1e6:.2f}M-parameter policy {paths.policy}, reward model {paths.reward_model}; "
         f"{len(prompts)} prompts, {plural(n_iterations, 'iteration')} of {cfg.rollout_batch_size} episodes"
+        + (f" after {plural(cfg.first_iteration, 'earlier one')}" if cfg.first_iteration else "")
         + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {plural(world_size, 'process')}"
         + (f"; LoRA: policy {trainable_share(policy)}, value model {trainable_share(value_model)}" if cfg.lora.enabled else ""))
     judge = SimulatedLabeler()
@@ -233,7 +234,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     with progress_bar(accelerator.is_main_process) as bar:
         task = bar.add_task(stage, total=n_iterations, completed=state.step, unit="iter", status="")
         while state.step < n_iterations:
-            iteration = state.step
+            iteration = cfg.first_iteration + state.step  # prompts, seeds and logged steps continue a previous round's
             episodes = rank_episodes(cfg.rollout_batch_size, cfg.minibatch_size, world_size, rank)
             batch_prompts = prompt_order(len(prompts), cfg.rollout_batch_size, iteration, config.run.seed)
             rows = [batch_prompts[j] for j in episodes]
@@ -286,9 +287,9 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             elapsed = sum(timer.values())
             metrics.update({f"time/{k}": v for k, v in timer.items()})
             metrics.update({"time/episodes_per_s": cfg.rollout_batch_size / elapsed, "time/tokens_per_s": n_tokens / elapsed,
-                            "episodes": state.step * cfg.rollout_batch_size})
+                            "episodes": (iteration + 1) * cfg.rollout_batch_size})
             if state.step % cfg.log_every == 0 or state.step == n_iterations:
-                run.log(state.step, metrics)
+                run.log(iteration + 1, metrics)
             status = f"score {metrics['rollout/score_in_reward']:+.2f}  kl {metrics['rollout/kl']:.2f}"
             if "rollout/gold_likert" in metrics:
                 status += f"  gold {metrics['rollout/gold_likert']:.2f}"
