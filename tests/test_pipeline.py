@@ -8,11 +8,12 @@ from conftest import SMOKE, cli
 
 
 def test_pipeline_two_rounds(tmp_path):
-    run = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", timeout=1200)
+    args = ["pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", "collect.n_prompts=56"]
+    run = cli(*args, timeout=1200)
     out = run.stdout + run.stderr
     assert "report:" in out and "wins vs SFT" in out
 
-    # round 1 ranked half the RM prompts, round 2 the other half, with the round-1 PPO-ptx policy
+    # round 1 ranked 56 RM prompts, round 2 the next 56, with the round-1 PPO-ptx policy
     r1 = (tmp_path / "collect" / "comparisons.jsonl").read_text().splitlines()
     r2 = (tmp_path / "round2" / "collect" / "comparisons.jsonl").read_text().splitlines()
     assert {json.loads(x)["id"] for x in r1}.isdisjoint(json.loads(x)["id"] for x in r2)
@@ -47,11 +48,11 @@ def test_pipeline_two_rounds(tmp_path):
     assert "<th>base</th><th>sft</th><th>ppo</th><th>ppo_ptx</th>" in report  # every evaluated model's answers
 
     # everything is done: a second run skips every stage
-    again = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", timeout=1200)
+    again = cli(*args, timeout=1200)
     assert (again.stdout + again.stderr).count("nothing to do") >= 9
 
     # a changed PPO config stops at the first PPO run, pointing at --restart-from, which reruns PPO and what follows it
-    changed = ["pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", "ppo.lr=3e-5"]
+    changed = [*args, "ppo.lr=3e-5"]
     refused = cli(*changed, check=False, timeout=1200)
     assert refused.returncode == 2 and "different config (ppo.lr: 2e-05 -> 3e-05)" in refused.stderr and "--restart-from ppo" in refused.stderr
     rerun = cli(*changed, "--restart-from", "ppo", timeout=1200)
@@ -59,3 +60,23 @@ def test_pipeline_two_rounds(tmp_path):
     assert skipped == ["pretrain", "sft", "collect", "rm"]  # round 1's; round 2 follows from round 1's PPO and reruns
     assert f"ppo_ptx: --restart discards {tmp_path / 'ppo_ptx'}: a finished run" in rerun.stderr  # says what it threw away
     assert "  lr: 3.0e-05\n" in (tmp_path / "round2" / "ppo_ptx" / "config.yaml").read_text()
+
+    # a third round adds to the finished two (collect.n_prompts is a round's): nothing of theirs runs again
+    third = cli(*[a.replace("rounds=2", "rounds=3") for a in changed], timeout=1200)
+    skipped = [line.split(":")[1].strip() for line in (third.stdout + third.stderr).splitlines() if "nothing to do" in line]
+    assert len(skipped) == 10 and not any("round3" in s for s in skipped)
+    assert len((tmp_path / "round3" / "comparisons_all.jsonl").read_text().splitlines()) == 3 * 56
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["models"]["ppo_ptx"] == str(tmp_path / "round3" / "ppo_ptx" / "final")
+
+
+def test_what_later_rounds_cannot_do_is_refused_before_the_first_stage(tmp_path):
+    cases = {
+        ("pipeline.rounds=2", "collect.judgements=people.jsonl"): "pipeline.rounds = 2 with collect.judgements: each later round ranks samples of the previous round's",
+        ("pipeline.rounds=2", "ppo.lora.enabled=true"): "pipeline.rounds = 2 with ppo.lora.enabled: a later round continues PPO",
+        ("pipeline.rounds=2", "collect.n_prompts=100"): "pipeline.rounds = 2: the world has 171 RM prompts, too few for 2 rounds of collect.n_prompts = 100 a round",
+        ("pipeline.rounds=20", "world.n_prompts=40"): "pipeline.rounds = 20: the world has 17 RM prompts, too few for 20 rounds of an equal share of them (0)",
+    }
+    for overrides, message in cases.items():
+        run = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", *overrides, check=False)
+        assert run.returncode == 2 and f"error: {message}" in " ".join(run.stderr.split()), run.stderr
+        assert not (tmp_path / "run").exists()

@@ -176,7 +176,7 @@ class SFTConfig(TrainConfig, ModelSwitches):
 class CollectConfig(Strict):
     policy: str | None = Field(None, description="Model whose answers are ranked: a folder or hub name. Default: this run's sft/final.")
     k: int = Field(4, ge=2, le=9, description="Responses sampled per prompt (InstructGPT: 4 to 9).")
-    n_prompts: int | None = Field(None, gt=0, description="Rank n RM prompts only. Default: all of them.")
+    n_prompts: int | None = Field(None, gt=0, description="Rank n RM prompts only (in the pipeline, n a round). Default: all of them (with pipeline.rounds, an equal share a round).")
     first_prompt: int = Field(0, ge=0, description="Index of the first RM prompt to rank (later pipeline rounds rank fresh prompts).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (InstructGPT: 1).")
     max_new_tokens: int = Field(24, gt=0, description="Longest response sampled.")
@@ -264,7 +264,7 @@ class EvalConfig(Strict):
 
 
 class RoundsConfig(Strict):
-    rounds: int = Field(1, ge=1, le=20, description="Rounds of collect -> RM -> PPO (InstructGPT iterated steps 2 and 3): each later round ranks fresh RM prompts with the latest PPO-ptx policy, retrains the RM on every comparison so far and continues PPO.")
+    rounds: int = Field(1, ge=1, le=20, description="Rounds of collect -> RM -> PPO (InstructGPT iterated steps 2 and 3): each later round ranks fresh RM prompts (collect.n_prompts a round) with the latest PPO-ptx policy, retrains the RM on every comparison so far and continues PPO. Not with collect.judgements (people ranked the first round's samples only) nor ppo.lora (whose KL reference is the policy's own base model).")
 
 
 class PipelineConfig(Strict):

@@ -20,7 +20,7 @@ from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
 from instructrl.errors import UserError
 from instructrl.rundir import write_text_atomic
-from instructrl.world.build import build_world, load_tasks
+from instructrl.world.build import build_world, split_sizes
 
 PPO_STAGES = ("ppo_ptx", "ppo")
 STAGES = ("pretrain", "sft", "collect", "rm", "ppo")  # the order of ``restart_from``; ppo is both PPO runs
@@ -46,15 +46,12 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     from instructrl.stages.sft import run_sft
 
     config.check_sizes(PartialState().num_processes)  # every stage's, before the first runs
+    first = round_one(config, log)  # and what later rounds cannot do
     root = Path(config.run.dir)
     rounds = config.pipeline.rounds
     run_pretrain(config, restart=redo["pretrain"], log=log)
     world = build_world(config.world, root / "world")
     run_sft(config, restart=redo["sft"], log=log)
-    first = config.model_copy(deep=True)
-    if rounds > 1:  # each round ranks its own share of the RM prompts
-        n_rm = len(load_tasks(world.prompts("rm")))
-        first.collect.n_prompts = min(config.collect.n_prompts or n_rm, n_rm) // rounds
     if is_main:  # sampling and judging run in one process; the others wait for the comparisons
         run_collect(first, restart=redo["collect"], log=log)
     _barrier()
@@ -67,7 +64,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
         rc = first.model_copy(deep=True)
         rc.run.dir = root / f"round{r}"
         rc.collect.policy = str(latest["ppo_ptx"] / "final")
-        rc.collect.first_prompt = (r - 1) * first.collect.n_prompts
+        rc.collect.first_prompt = first.collect.first_prompt + (r - 1) * first.collect.n_prompts
         if is_main:
             comparisons.append(run_collect(rc, restart=redo["ppo"], log=log, upstream=True))
             _concatenate(comparisons, rc.run.dir / "comparisons_all.jsonl")
@@ -89,6 +86,35 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     results = run_eval(config, log=log)  # of the last round's PPO models
     write_report(root)
     return results
+
+
+def round_one(config: PipelineConfig, log=print) -> PipelineConfig:
+    """The first round's config: with several rounds, collect ranks one round's RM prompts, collect.n_prompts
+    (an equal share of them all when unset), and round r the next ones. Refuses, before any stage runs,
+    what a later round could not do."""
+    rounds, collect = config.pipeline.rounds, config.collect
+    if rounds == 1:
+        return config
+    if collect.judgements is not None:
+        raise UserError(f"pipeline.rounds = {rounds} with collect.judgements: each later round ranks samples of the previous round's "
+                        f"PPO-ptx policy, which {collect.judgements} does not hold (the pipeline would train on its rankings again); "
+                        "run people's rankings with pipeline.rounds=1")
+    if config.ppo.lora.enabled:
+        raise UserError(f"pipeline.rounds = {rounds} with ppo.lora.enabled: a later round continues PPO from the previous round's "
+                        "policy with the SFT model as the KL reference, and under ppo.lora the reference is the policy's own base "
+                        "model; use pipeline.rounds=1 or full fine-tuning (ppo.lora.enabled=false)")
+    available = split_sizes(config.world)["rm"] - collect.first_prompt
+    per_round = collect.n_prompts or available // rounds
+    if per_round * rounds > available or per_round == 0:
+        given = f"collect.n_prompts = {collect.n_prompts} a round" if collect.n_prompts else f"an equal share of them ({per_round})"
+        raise UserError(f"pipeline.rounds = {rounds}: the world has {available} RM prompts"
+                        + (f" from collect.first_prompt = {collect.first_prompt}" if collect.first_prompt else "")
+                        + f", too few for {rounds} rounds of {given}; lower pipeline.rounds or collect.n_prompts, or raise world.n_prompts")
+    log(f"pipeline: {rounds} rounds, each ranking {per_round} new RM prompts of {available} "
+        + ("(collect.n_prompts)" if collect.n_prompts else "(an equal share of them; collect.n_prompts sets how many a round)"))
+    first = config.model_copy(deep=True)
+    first.collect.n_prompts = per_round
+    return first
 
 
 def _ppo_configs(config: PipelineConfig) -> dict[str, PipelineConfig]:
