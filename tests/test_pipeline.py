@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 from conftest import SMOKE, cli
 
@@ -47,9 +49,14 @@ def test_pipeline_two_rounds(tmp_path):
     assert report.count("<figcaption>") == report.count("<img ") == 3  # every figure says what it shows
     assert "<th>base</th><th>sft</th><th>ppo</th><th>ppo_ptx</th>" in report  # every evaluated model's answers
 
-    # everything is done: a second run skips every stage
+    # everything is done: a second run skips every stage, in a copy of the run folder too
     again = cli(*args, timeout=1200)
-    assert (again.stdout + again.stderr).count("nothing to do") >= 9
+    assert (again.stdout + again.stderr).count("nothing to do") == 10
+    copy = tmp_path.with_name(tmp_path.name + "-copy")
+    shutil.copytree(tmp_path, copy)
+    moved = cli(*[f"run.dir={copy}" if a.startswith("run.dir=") else a for a in args], timeout=1200)
+    assert (moved.stdout + moved.stderr).count("nothing to do") == 10, moved.stderr
+    shutil.rmtree(copy)
 
     # a changed PPO config stops at the first PPO run, pointing at --restart-from, which reruns PPO and what follows it
     changed = [*args, "ppo.lr=3e-5"]
@@ -80,3 +87,23 @@ def test_what_later_rounds_cannot_do_is_refused_before_the_first_stage(tmp_path)
         run = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", *overrides, check=False)
         assert run.returncode == 2 and f"error: {message}" in " ".join(run.stderr.split()), run.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_a_later_round_goes_on_from_the_previous_rounds_models_with_round_ones_reference(tmp_path):
+    from instructrl.config import load_config, section
+    from instructrl.pipeline import _ppo_configs, later_round, round_one
+
+    def third_round(*overrides):
+        return later_round(round_one(load_config(SMOKE, [f"run.dir={tmp_path}", "pipeline.rounds=3", *overrides]), log=lambda _: None), 3)
+
+    rc, previous = third_round()
+    assert os.path.normpath(rc.collect.policy) == str(tmp_path / "round2" / "ppo_ptx" / "final") and rc.collect.first_prompt == 2 * 57
+    assert {stage: (os.path.normpath(c.ppo.policy), os.path.normpath(c.ppo.value_model)) for stage, c in _ppo_configs(rc, previous).items()} == {
+        stage: (str(tmp_path / "round2" / stage / "final"), str(tmp_path / "round2" / stage / "value")) for stage in ("ppo_ptx", "ppo")}
+    assert os.path.normpath(rc.ppo.reference) == str(tmp_path / "sft" / "final") and rc.ppo.first_iteration == 2 * 3
+    # the run's folders are named from the round's in its identity: a moved or copied run folder holds the same run
+    assert section(rc, "collect")["collect"]["policy"] == "<run.dir>/../round2/ppo_ptx/final"
+    # plain PPO alone: the next round ranks its samples (there is no ppo_ptx/)
+    assert os.path.normpath(third_round("ppo.ptx_coef=0")[0].collect.policy) == str(tmp_path / "round2" / "ppo" / "final")
+    # a policy of one's own to start from stays every round's KL reference, as in round 1
+    assert third_round("ppo.policy=/models/mine")[0].ppo.reference == "/models/mine"

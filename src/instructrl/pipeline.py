@@ -7,19 +7,20 @@ pipeline again after a crash resumes where it stopped; after a change of config,
 reruns a stage and everything after it. Plain PPO runs beside PPO-ptx to measure
 the alignment tax that the pretraining mix removes. With ``pipeline.rounds: N`` the bracket
 repeats as InstructGPT iterated its steps 2 and 3: round r (in ``round<r>/``) ranks fresh RM
-prompts with the latest PPO-ptx policy, retrains the RM from the SFT model on every comparison
-so far, and continues both PPO runs from where the previous round left them, the KL reference
-staying the SFT model.
+prompts with the latest PPO-ptx policy (plain PPO's when ppo.ptx_coef = 0), retrains the RM from
+the SFT model on every comparison so far, and continues both PPO runs from where the previous round
+left them (its iteration count included), the KL reference staying the SFT model.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
 from instructrl.errors import UserError
-from instructrl.rundir import write_text_atomic
+from instructrl.rundir import copy_dir, write_text_atomic
 from instructrl.world.build import build_world, split_sizes
 
 PPO_STAGES = ("ppo_ptx", "ppo")
@@ -48,44 +49,49 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     config.check_sizes(PartialState().num_processes)  # every stage's, before the first runs
     first = round_one(config, log)  # and what later rounds cannot do
     root = Path(config.run.dir)
-    rounds = config.pipeline.rounds
     run_pretrain(config, restart=redo["pretrain"], log=log)
     world = build_world(config.world, root / "world")
     run_sft(config, restart=redo["sft"], log=log)
-    if is_main:  # sampling and judging run in one process; the others wait for the comparisons
-        run_collect(first, restart=redo["collect"], log=log)
-    _barrier()
-    run_rm(first, restart=redo["rm"], log=log)
-    latest = {stage: root / stage for stage in PPO_STAGES}
-    for cfg in _ppo_configs(first).values():
-        run_ppo(cfg, restart=redo["ppo"], log=log)
-    comparisons = [root / "collect" / "comparisons.jsonl"]
-    for r in range(2, rounds + 1):
-        rc = first.model_copy(deep=True)
-        rc.run.dir = root / f"round{r}"
-        rc.collect.policy = str(latest["ppo_ptx"] / "final")
-        rc.collect.first_prompt = first.collect.first_prompt + (r - 1) * first.collect.n_prompts
-        if is_main:
-            comparisons.append(run_collect(rc, restart=redo["ppo"], log=log, upstream=True))
-            _concatenate(comparisons, rc.run.dir / "comparisons_all.jsonl")
+    comparisons = []
+    for r in range(1, config.pipeline.rounds + 1):
+        rc, previous = (first, None) if r == 1 else later_round(first, r)
+        # a later round's inputs are this run's own, though given by path; it follows from round 1's PPO
+        upstream, restart = (None, redo) if r == 1 else (True, dict.fromkeys(redo, redo["ppo"]))
+        if is_main:  # sampling and judging run in one process; the others wait for the comparisons
+            if r > 1:
+                copy_dir(world.root, rc.run.dir / "world", copy_function=os.link)  # the round's stages read the run's world
+            comparisons.append(run_collect(rc, restart=restart["collect"], log=log, upstream=upstream))
+            if r > 1:
+                _concatenate(comparisons, rc.rm.data)
         _barrier()
-        rc.rm.model, rc.rm.data = str(root / "sft" / "final"), rc.run.dir / "comparisons_all.jsonl"
-        rc.rm.demonstrations = world.demonstrations
-        run_rm(rc, restart=redo["ppo"], log=log, upstream=True)
-        for stage, cfg in _ppo_configs(rc).items():
-            cfg.ppo.policy, cfg.ppo.value_model = str(latest[stage] / "final"), str(latest[stage] / "value")
-            cfg.ppo.reference, cfg.ppo.reward_model = str(root / "sft" / "final"), str(rc.run.dir / "rm" / "final")
-            cfg.ppo.prompts = world.prompts("ppo")
-            cfg.ppo.first_iteration = first.ppo.first_iteration + (r - 1) * first.ppo.iterations()
-            if cfg.ppo.ptx_coef > 0 and cfg.ppo.ptx_data is None:
-                cfg.ppo.ptx_data = world.corpus
-            run_ppo(cfg, restart=redo["ppo"], log=log, upstream=True)
-            latest[stage] = rc.run.dir / stage
+        run_rm(rc, restart=restart["rm"], log=log, upstream=upstream)
+        for cfg in _ppo_configs(rc, previous).values():
+            run_ppo(cfg, restart=restart["ppo"], log=log, upstream=upstream)
     if not is_main:
         return None
     results = run_eval(config, log=log)  # of the last round's PPO models
     write_report(root)
     return results
+
+
+def later_round(first: PipelineConfig, r: int) -> tuple[PipelineConfig, Path]:
+    """Round ``r``'s config (r > 1), in round<r>/, and the previous round's folder: collect ranks the
+    next RM prompts with the previous round's policy (PPO-ptx's when it runs), the RM trains from round
+    1's backbone on every round's comparisons, and PPO keeps round 1's KL reference (``_ppo_configs``
+    goes on from the previous round's policies). The run's own folders are named from the round's
+    ("round2/../sft/final"), so that the round's identity holds in a moved or copied run folder."""
+    rc = first.model_copy(deep=True)
+    rc.run.dir = Path(first.run.dir) / f"round{r}"
+    run = rc.run.dir / ".."
+    previous = run if r == 2 else run / f"round{r - 1}"
+    sft = run / "sft" / "final"
+    rc.collect.first_prompt = first.collect.first_prompt + (r - 1) * first.collect.n_prompts
+    rc.collect.policy = str(previous / next(iter(_ppo_configs(first))) / "final")
+    rc.rm.model, rc.rm.data = first.rm.model or str(sft), rc.run.dir / "comparisons_all.jsonl"
+    rc.ppo.reference = first.ppo.reference or first.ppo.policy or str(sft)
+    rc.ppo.reward_model = str(rc.run.dir / "rm" / "final")
+    rc.ppo.first_iteration = first.ppo.first_iteration + (r - 1) * first.ppo.iterations()
+    return rc, previous
 
 
 def round_one(config: PipelineConfig, log=print) -> PipelineConfig:
@@ -117,14 +123,17 @@ def round_one(config: PipelineConfig, log=print) -> PipelineConfig:
     return first
 
 
-def _ppo_configs(config: PipelineConfig) -> dict[str, PipelineConfig]:
-    """PPO-ptx with the config's ptx_coef, and plain PPO (ptx_coef = 0) beside it."""
+def _ppo_configs(config: PipelineConfig, previous: Path | None = None) -> dict[str, PipelineConfig]:
+    """PPO-ptx with the config's ptx_coef, and plain PPO (ptx_coef = 0) beside it, by folder name;
+    each goes on from its own policy and value model in ``previous`` (a later round's previous round)."""
     ptx = config.model_copy(deep=True)
-    if ptx.ppo.ptx_coef == 0:
-        return {"ppo": ptx}
     plain = config.model_copy(deep=True)
     plain.ppo.ptx_coef = 0.0
-    return {"ppo_ptx": ptx, "ppo": plain}
+    runs = {"ppo": ptx} if ptx.ppo.ptx_coef == 0 else {"ppo_ptx": ptx, "ppo": plain}
+    for stage, cfg in runs.items():
+        if previous is not None:
+            cfg.ppo.policy, cfg.ppo.value_model = str(previous / stage / "final"), str(previous / stage / "value")
+    return runs
 
 
 def _barrier() -> None:
