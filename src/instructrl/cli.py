@@ -187,7 +187,7 @@ def evaluate(config: Optional[Path] = CONFIG_OPTION, overrides: Optional[list[st
         return  # evaluation runs in one process
     results = run_eval(cfg, log=_log)
     Console().print(results_table(results))
-    _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}; report: {write_report(Path(cfg.run.dir))}")
+    _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}; report: {write_report(Path(cfg.run.dir), cfg.pipeline.rounds)}")
 
 
 @app.command(epilog=_config_help("run", "world", "tokenizer", "model", "pretrain", "sft", "collect", "rm", "ppo", "pipeline", "eval"))

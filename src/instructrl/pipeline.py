@@ -70,7 +70,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     if not is_main:
         return None
     results = run_eval(config, log=log)  # of the last round's PPO models
-    write_report(root)
+    write_report(root, config.pipeline.rounds)
     return results
 
 
