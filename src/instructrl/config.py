@@ -191,7 +191,7 @@ class RMConfig(TrainConfig, ModelSwitches):
     data_format: RMFormat = Field("auto", description="Format of rm.data: auto (from the fields), comparison or preference.")
     demonstrations: Path | None = Field(None, description="Demonstrations (messages or prompt/completion) whose mean reward is set to 0 after training. Default: the built-in world's, when rm.data is not given or this run has the world; otherwise the best-ranked response of each training comparison (a pair's chosen one).")
     max_length: int | None = Field(None, gt=0, description="Longest prompt plus response (tokens) trained on; a comparison with a longer response is skipped and counted in the log. Default: the model's context length.")
-    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of comparisons (by prompt) held out for the diagnostics.")
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out for the diagnostics, with every comparison of each (several labelers' rankings of one prompt stay together).")
     epochs: float = Field(1.0, gt=0, description="Passes over the comparisons (InstructGPT: 1; more overfits).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     batch_size: int = Field(32, gt=0, description="Comparisons (prompts, each with all K responses) per optimizer step.")
