@@ -182,7 +182,7 @@ class CollectConfig(Strict):
     max_new_tokens: int = Field(24, gt=0, description="Longest response sampled.")
     batch_size: int = Field(32, gt=0, description="Prompts per generation batch; also the unit a killed collection resumes from.")
     labelers: int = Field(4, gt=0, description="Simulated labelers sharing the prompts round-robin (noise: world.labeler_noise).")
-    judgements: Path | None = Field(None, description="A comparisons JSONL written by people (the feedback app): validated and used instead of the simulated labelers.")
+    judgements: Path | None = Field(None, description="A comparisons JSONL written by people (the feedback app's export): validated (no record twice, one prompt per id) and used instead of the simulated labelers; in the pipeline, with pipeline.rounds = 1 only.")
 
 
 class RMConfig(TrainConfig, ModelSwitches):
