@@ -110,6 +110,21 @@ def test_the_held_out_comparisons_are_whole_prompts():
     assert split_by_prompt(unique, 0.1, seed=3) == (sorted(order[:5]), sorted(order[5:]))
 
 
+def test_diagnostics_judge_by_gold_only_the_built_in_prompts_themselves(smoke_rm):
+    """A record under a built-in prompt's id but with another prompt (people's own) is measured against its own
+    ranks: the gold labeler would judge its answers against the built-in prompt's answer."""
+    from instructrl.data.formats import read_comparisons
+    from instructrl.stages.rm import diagnose
+    from instructrl.world.build import load_tasks
+
+    records = read_comparisons(smoke_rm / "collect" / "comparisons.jsonl")[:4]
+    tasks = {t.id: t for t in load_tasks(smoke_rm / "world" / "prompts" / "rm.jsonl")}
+    model, tokenizer = RewardModel.from_pretrained(smoke_rm / "rm" / "final"), load_tokenizer(smoke_rm / "rm" / "final")
+    assert diagnose(model, tokenizer, records, tasks, "cpu")["against"] == "the gold labeler"
+    renamed = [r.model_copy(update={"prompt": [r.prompt[0].model_copy(update={"content": "Tell me a story."})]}) for r in records]
+    assert diagnose(model, tokenizer, renamed, tasks, "cpu")["against"] == "the held-out rankings"
+
+
 def test_rm_stage_on_smoke(smoke_rm):
     # the session's reward model: `instructrl rm` on the comparisons collected from the smoke base model
     final = smoke_rm / "rm" / "final"

@@ -203,6 +203,8 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
     for record in heldout:
         scores = score_sequences(model, encode_comparison(tokenizer, record), tokenizer.pad_token_id, device)
         task = tasks.get(record.id)
+        if task is not None and [m.model_dump() for m in record.prompt] != list(task.messages):
+            task = None  # a built-in prompt's id on another prompt: its gold answer is not this one's
         judgements = [gold_judge.judge(task, resp) for resp in record.responses] if task else None
         if judgements:
             correct.append([float(not j.wrong) for j in judgements])
