@@ -202,6 +202,10 @@ def pipeline(
     command again after a crash resumes where it stopped; a stage whose config changed stops
     the run unless --restart-from names it or an earlier stage. Plain PPO (ppo.ptx_coef = 0)
     runs beside PPO-ptx to measure the alignment tax the pretraining mix removes.
+
+    pipeline.rounds=N repeats collect, RM and PPO as InstructGPT iterated them, each later round in
+    run.dir/round<r>/ ranking collect.n_prompts new prompts; collect.judgements=FILE trains on people's
+    rankings (instructrl label export) instead of the simulated labelers', in one round.
     """
     import time
 
