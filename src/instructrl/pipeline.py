@@ -52,14 +52,16 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     run_pretrain(config, restart=redo["pretrain"], log=log)
     world = build_world(config.world, root / "world")
     run_sft(config, restart=redo["sft"], log=log)
-    comparisons = []
+    comparisons = []  # each round's, for the later rounds' RMs
     for r in range(1, config.pipeline.rounds + 1):
-        rc, previous = (first, None) if r == 1 else later_round(first, r)
-        # a later round's inputs are this run's own, though given by path; it follows from round 1's PPO
-        upstream, restart = (None, redo) if r == 1 else (True, dict.fromkeys(redo, redo["ppo"]))
+        if r == 1:
+            rc, previous, upstream, restart = first, None, None, redo
+        else:  # its inputs are this run's own, though given by path; it follows from round 1's PPO
+            rc, previous = later_round(first, r)
+            upstream, restart = True, dict.fromkeys(redo, redo["ppo"])
         if is_main:  # sampling and judging run in one process; the others wait for the comparisons
-            if r > 1:
-                copy_dir(world.root, rc.run.dir / "world", copy_function=os.link)  # the round's stages read the run's world
+            if r > 1:  # the round's stages read the run's world (as hard links, not a copy)
+                copy_dir(world.root, rc.run.dir / "world", copy_function=os.link)
             comparisons.append(run_collect(rc, restart=restart["collect"], log=log, upstream=upstream))
             if r > 1:
                 _concatenate(comparisons, rc.rm.data)
@@ -72,26 +74,6 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     results = run_eval(config, log=log)  # of the last round's PPO models
     write_report(root, config.pipeline.rounds)
     return results
-
-
-def later_round(first: PipelineConfig, r: int) -> tuple[PipelineConfig, Path]:
-    """Round ``r``'s config (r > 1), in round<r>/, and the previous round's folder: collect ranks the
-    next RM prompts with the previous round's policy (PPO-ptx's when it runs), the RM trains from round
-    1's backbone on every round's comparisons, and PPO keeps round 1's KL reference (``_ppo_configs``
-    goes on from the previous round's policies). The run's own folders are named from the round's
-    ("round2/../sft/final"), so that the round's identity holds in a moved or copied run folder."""
-    rc = first.model_copy(deep=True)
-    rc.run.dir = Path(first.run.dir) / f"round{r}"
-    run = rc.run.dir / ".."
-    previous = run if r == 2 else run / f"round{r - 1}"
-    sft = run / "sft" / "final"
-    rc.collect.first_prompt = first.collect.first_prompt + (r - 1) * first.collect.n_prompts
-    rc.collect.policy = str(previous / next(iter(_ppo_configs(first))) / "final")
-    rc.rm.model, rc.rm.data = first.rm.model or str(sft), rc.run.dir / "comparisons_all.jsonl"
-    rc.ppo.reference = first.ppo.reference or first.ppo.policy or str(sft)
-    rc.ppo.reward_model = str(rc.run.dir / "rm" / "final")
-    rc.ppo.first_iteration = first.ppo.first_iteration + (r - 1) * first.ppo.iterations()
-    return rc, previous
 
 
 def round_one(config: PipelineConfig, log=print) -> PipelineConfig:
@@ -123,6 +105,26 @@ def round_one(config: PipelineConfig, log=print) -> PipelineConfig:
     return first
 
 
+def later_round(first: PipelineConfig, r: int) -> tuple[PipelineConfig, Path]:
+    """Round ``r``'s config (r > 1), in round<r>/, and the previous round's folder: collect ranks the
+    next RM prompts with the previous round's policy (PPO-ptx's when it runs), the RM trains from round
+    1's backbone on every round's comparisons, and PPO keeps round 1's KL reference (``_ppo_configs``
+    goes on from the previous round's policies). The run's own folders are named from the round's
+    ("round2/../sft/final"), so that the round's identity holds in a moved or copied run folder."""
+    rc = first.model_copy(deep=True)
+    rc.run.dir = Path(first.run.dir) / f"round{r}"
+    run = rc.run.dir / ".."
+    previous = run if r == 2 else run / f"round{r - 1}"
+    sft = run / "sft" / "final"
+    rc.collect.first_prompt = first.collect.first_prompt + (r - 1) * first.collect.n_prompts
+    rc.collect.policy = str(previous / next(iter(_ppo_configs(first))) / "final")
+    rc.rm.model, rc.rm.data = first.rm.model or str(sft), rc.run.dir / "comparisons_all.jsonl"
+    rc.ppo.reference = first.ppo.reference or first.ppo.policy or str(sft)
+    rc.ppo.reward_model = str(rc.run.dir / "rm" / "final")
+    rc.ppo.first_iteration = first.ppo.first_iteration + (r - 1) * first.ppo.iterations()
+    return rc, previous
+
+
 def _ppo_configs(config: PipelineConfig, previous: Path | None = None) -> dict[str, PipelineConfig]:
     """PPO-ptx with the config's ptx_coef, and plain PPO (ptx_coef = 0) beside it, by folder name;
     each goes on from its own policy and value model in ``previous`` (a later round's previous round)."""
@@ -130,8 +132,8 @@ def _ppo_configs(config: PipelineConfig, previous: Path | None = None) -> dict[s
     plain = config.model_copy(deep=True)
     plain.ppo.ptx_coef = 0.0
     runs = {"ppo": ptx} if ptx.ppo.ptx_coef == 0 else {"ppo_ptx": ptx, "ppo": plain}
-    for stage, cfg in runs.items():
-        if previous is not None:
+    if previous is not None:
+        for stage, cfg in runs.items():
             cfg.ppo.policy, cfg.ppo.value_model = str(previous / stage / "final"), str(previous / stage / "value")
     return runs
 
