@@ -80,3 +80,18 @@ def test_people_judgements_are_checked_and_used(tmp_path, smoke_collect):
     proc = cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path / 'bad'}", f"collect.judgements={people}", check=False)
     assert proc.returncode == 2 and f"{people}:2" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "bad" / "collect").exists()
+
+    # a record twice (a file joined to itself), or an id naming two prompts: the RM would weigh it twice, or
+    # its diagnostics judge the answers to one prompt as answers to another
+    other_prompt = json.loads(lines[1]) | {"id": json.loads(lines[0])["id"]}
+    for written, message in (([lines[0], lines[1], lines[0]], f"{people}:3: repeats the record at {people}:1 (labeler "),
+                             ([lines[0], json.dumps(other_prompt)], f"{people}:2: prompt id '{other_prompt['id']}' names another prompt at {people}:1")):
+        people.write_text("\n".join(written) + "\n")
+        proc = cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path / 'bad'}", f"collect.judgements={people}", check=False)
+        assert proc.returncode == 2 and f"error: {message}" in " ".join(proc.stderr.split()), proc.stderr
+        assert not (tmp_path / "bad" / "collect").exists()
+    # K may differ from record to record (InstructGPT ranked 4 to 9), and ties are a labeler's to give
+    short = json.loads(lines[2])
+    short = short | {key: short[key][:3] for key in ("responses", "ranks", "likert", "flags")} | {"ranks": [0, 0, 1]}
+    people.write_text("\n".join([lines[0], lines[1], json.dumps(short)]) + "\n")
+    cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path / 'mixed'}", f"collect.judgements={people}")

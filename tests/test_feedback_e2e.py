@@ -45,8 +45,8 @@ def test_rankings_from_the_app_train_a_reward_model(tmp_path, smoke_base):
     assert len(read_comparisons(project / "exports" / "1" / "comparisons_aggregated.jsonl")) == N_PROMPTS
 
     proc = cli("rm", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"rm.data={data}", f"rm.model={base}")
-    held_out = int(len(records) * 0.1)  # rm.heldout_fraction
-    assert f"rm: {len(records) - held_out} comparisons" in " ".join(proc.stderr.split())
+    held_out = 2 * int(N_PROMPTS * 0.1)  # rm.heldout_fraction of the prompts, with both labelers' rankings of each
+    assert f"rm: {len(records) - held_out} comparisons (120 responses) from {data}, {held_out} held out" in " ".join(proc.stderr.split())
     assert (tmp_path / "run" / "rm" / "final" / "config.json").is_file()
     losses = [m["train/loss"] for m in map(json.loads, (tmp_path / "run" / "rm" / "metrics.jsonl").read_text().splitlines()) if "train/loss" in m]
     assert losses and all(math.isfinite(x) for x in losses)

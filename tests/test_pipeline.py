@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 from conftest import SMOKE, cli
 
 
 def test_pipeline_two_rounds(tmp_path):
-    run = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", timeout=1200)
+    args = ["pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", "collect.n_prompts=56"]
+    run = cli(*args, timeout=1200)
     out = run.stdout + run.stderr
     assert "report:" in out and "wins vs SFT" in out
 
-    # round 1 ranked half the RM prompts, round 2 the other half, with the round-1 PPO-ptx policy
+    # round 1 ranked 56 RM prompts, round 2 the next 56, with the round-1 PPO-ptx policy
     r1 = (tmp_path / "collect" / "comparisons.jsonl").read_text().splitlines()
     r2 = (tmp_path / "round2" / "collect" / "comparisons.jsonl").read_text().splitlines()
     assert {json.loads(x)["id"] for x in r1}.isdisjoint(json.loads(x)["id"] for x in r2)
@@ -26,6 +29,9 @@ def test_pipeline_two_rounds(tmp_path):
         assert lineage["policy"]["path"] == str(tmp_path / stage / "final")
         assert lineage["reference"]["path"] == str(tmp_path / "sft" / "final")
         assert lineage["reward_model"] == lineage["reward_model"] | {"path": "rm/final", "in_run": True}  # round 2's own
+    # and goes on from round 1's iteration count (its own prompts and sampling seeds): TensorBoard draws one curve
+    steps = [[json.loads(x)["step"] for x in (folder / stage / "metrics.jsonl").read_text().splitlines()] for folder in (tmp_path, tmp_path / "round2")]
+    assert steps == [[1, 2, 3], [4, 5, 6]]  # smoke: 3 iterations a round
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["models"]["ppo_ptx"] == str(tmp_path / "round2" / "ppo_ptx" / "final")
@@ -44,12 +50,17 @@ def test_pipeline_two_rounds(tmp_path):
     assert report.count("<figcaption>") == report.count("<img ") == 3  # every figure says what it shows
     assert "<th>base</th><th>sft</th><th>ppo</th><th>ppo_ptx</th>" in report  # every evaluated model's answers
 
-    # everything is done: a second run skips every stage
-    again = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", timeout=1200)
-    assert (again.stdout + again.stderr).count("nothing to do") >= 9
+    # everything is done: a second run skips every stage, in a copy of the run folder too
+    again = cli(*args, timeout=1200)
+    assert (again.stdout + again.stderr).count("nothing to do") == 10
+    copy = tmp_path.with_name(tmp_path.name + "-copy")
+    shutil.copytree(tmp_path, copy)
+    moved = cli(*[f"run.dir={copy}" if a.startswith("run.dir=") else a for a in args], timeout=1200)
+    assert (moved.stdout + moved.stderr).count("nothing to do") == 10, moved.stderr
+    shutil.rmtree(copy)
 
     # a changed PPO config stops at the first PPO run, pointing at --restart-from, which reruns PPO and what follows it
-    changed = ["pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", "ppo.lr=3e-5"]
+    changed = [*args, "ppo.lr=3e-5"]
     refused = cli(*changed, check=False, timeout=1200)
     assert refused.returncode == 2 and "different config (ppo.lr: 2e-05 -> 3e-05)" in refused.stderr and "--restart-from ppo" in refused.stderr
     rerun = cli(*changed, "--restart-from", "ppo", timeout=1200)
@@ -58,15 +69,51 @@ def test_pipeline_two_rounds(tmp_path):
     assert f"ppo_ptx: --restart discards {tmp_path / 'ppo_ptx'}: a finished run" in rerun.stderr  # says what it threw away
     assert "  lr: 3.0e-05\n" in (tmp_path / "round2" / "ppo_ptx" / "config.yaml").read_text()
 
+    # a third round adds to the finished two (collect.n_prompts is a round's): nothing of theirs runs again
+    third = cli(*[a.replace("rounds=2", "rounds=3") for a in changed], timeout=1200)
+    skipped = [line.split(":")[1].strip() for line in (third.stdout + third.stderr).splitlines() if "nothing to do" in line]
+    assert len(skipped) == 10 and not any("round3" in s for s in skipped)
+    assert len((tmp_path / "round3" / "comparisons_all.jsonl").read_text().splitlines()) == 3 * 56
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["models"]["ppo_ptx"] == str(tmp_path / "round3" / "ppo_ptx" / "final")
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["pipeline.rounds=20", "collect.n_prompts=5"], "there are 5 to share (collect.n_prompts = 5)"),
-    # the smoke world has 400 * 33 // 77 = 171 RM prompts
-    (["collect.first_prompt=171"], "there are 0 to share (the world's RM prompts from collect.first_prompt = 171 on)")])
-def test_rounds_without_a_prompt_each_are_refused_before_the_first_stage(tmp_path, overrides, expected):
-    # n_prompts // rounds = 0 was a pydantic traceback once pretrain and SFT had run
-    proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", *overrides, check=False)
-    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+
+def test_what_later_rounds_cannot_do_is_refused_before_the_first_stage(tmp_path):
+    cases = {
+        ("pipeline.rounds=2", "collect.judgements=people.jsonl"): "pipeline.rounds = 2 with collect.judgements: each later round ranks samples of the previous round's",
+        ("pipeline.rounds=2", "ppo.lora.enabled=true"): "pipeline.rounds = 2 with ppo.lora.enabled: a later round continues PPO",
+        ("pipeline.rounds=2", "collect.n_prompts=100"): "pipeline.rounds = 2: the world has 171 RM prompts, too few for 2 rounds of collect.n_prompts = 100 a round",
+        ("pipeline.rounds=20", "world.n_prompts=40"): "pipeline.rounds = 20: the world has 17 RM prompts, too few for 20 rounds of an equal share of them (0)",
+    }
+    for overrides, message in cases.items():
+        run = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", *overrides, check=False)
+        assert run.returncode == 2 and f"error: {message}" in " ".join(run.stderr.split()), run.stderr
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_later_round_goes_on_from_the_previous_rounds_models_with_round_ones_reference(tmp_path):
+    from instructrl.config import load_config, section
+    from instructrl.pipeline import _ppo_configs, later_round, round_one
+
+    def third_round(*overrides):
+        return later_round(round_one(load_config(SMOKE, [f"run.dir={tmp_path}", "pipeline.rounds=3", *overrides]), log=lambda _: None), 3)
+
+    rc, previous = third_round()
+    assert os.path.normpath(rc.collect.policy) == str(tmp_path / "round2" / "ppo_ptx" / "final") and rc.collect.first_prompt == 2 * 57
+    assert {stage: (os.path.normpath(c.ppo.policy), os.path.normpath(c.ppo.value_model)) for stage, c in _ppo_configs(rc, previous).items()} == {
+        stage: (str(tmp_path / "round2" / stage / "final"), str(tmp_path / "round2" / stage / "value")) for stage in ("ppo_ptx", "ppo")}
+    assert os.path.normpath(rc.ppo.reference) == str(tmp_path / "sft" / "final") and rc.ppo.first_iteration == 2 * 3
+    # the run's folders are named from the round's in its identity: a moved or copied run folder holds the same run
+    assert section(rc, "collect")["collect"]["policy"] == "<run.dir>/../round2/ppo_ptx/final"
+    # plain PPO alone: the next round ranks its samples (there is no ppo_ptx/)
+    assert os.path.normpath(third_round("ppo.ptx_coef=0")[0].collect.policy) == str(tmp_path / "round2" / "ppo" / "final")
+    # a policy of one's own to start from stays every round's KL reference, as in round 1
+    assert third_round("ppo.policy=/models/mine")[0].ppo.reference == "/models/mine"
+
+
+def test_a_first_prompt_past_the_rm_prompts_is_refused_before_the_first_stage(tmp_path):
+    # the smoke world has 400 * 33 // 77 = 171 RM prompts; collect found it once pretrain and SFT had run
+    proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "collect.first_prompt=171", check=False)
+    assert proc.returncode == 2 and "collect.first_prompt = 171 is past the world's 171 RM prompts" in proc.stderr, proc.stderr
     assert not list(tmp_path.iterdir())
 
 
@@ -86,7 +133,7 @@ def test_later_rounds_rank_the_prompts_after_the_first_rounds(tmp_path, monkeypa
                          (evaluate, "run_eval"), (report, "write_report"), (pipeline, "_concatenate")):
         monkeypatch.setattr(module, name, lambda *args, **kwargs: None)
     monkeypatch.setattr(collect, "run_collect", fake_collect)
-    config = load_config(SMOKE, [f"run.dir={tmp_path}", "pipeline.rounds=3", "collect.first_prompt=10", "collect.n_prompts=60"])
+    config = load_config(SMOKE, [f"run.dir={tmp_path}", "pipeline.rounds=3", "collect.first_prompt=10", "collect.n_prompts=20"])
     pipeline.run_pipeline(config, log=lambda line: None)
-    # 60 prompts from prompt 10 on, 20 a round: 10-29, 30-49, 50-69 (round 2 began at 20, ranking 20-29 twice)
+    # 20 prompts a round from prompt 10 on: 10-29, 30-49, 50-69 (round 2 began at 20, ranking 20-29 twice)
     assert ranked == [(10, 20), (30, 20), (50, 20)]

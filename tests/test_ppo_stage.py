@@ -404,3 +404,20 @@ def test_a_reference_beside_ppo_lora_is_refused_before_the_run_folder_is_written
     with pytest.raises(UserError, match="^ppo: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset$"):
         run_ppo(config, log=lambda *_: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_later_round_goes_on_from_the_iterations_before_it(tmp_path, smoke_rm, monkeypatch):
+    """ppo.first_iteration = 3 (a pipeline round after one of 3 iterations): iterations 3-5's prompts and
+    seeds, logged as steps 4-6, not the first round's prompts sampled with the first round's seeds again."""
+    import instructrl.stages.ppo as ppo_stage
+
+    seen = []
+    monkeypatch.setattr(ppo_stage, "prompt_order", lambda n, batch, iteration, seed: seen.append(iteration) or prompt_order(n, batch, iteration, seed))
+    config = load_config(SMOKE, [f"run.dir={tmp_path}", f"ppo.policy={smoke_rm / 'pretrain' / 'final'}",
+                                 f"ppo.reward_model={smoke_rm / 'rm' / 'final'}", "ppo.ptx_coef=0", "ppo.first_iteration=3"])
+    said = []
+    ppo_stage.run_ppo(config, log=said.append)
+    assert seen == [3, 4, 5]
+    metrics = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], m["episodes"]) for m in metrics] == [(4, 64), (5, 80), (6, 96)]  # smoke: 16 episodes per iteration
+    assert any("3 iterations of 16 episodes after 3 earlier ones" in line for line in said)

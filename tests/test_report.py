@@ -166,6 +166,34 @@ def test_over_optimisation_plot_of_ppo_on_prompts_without_gold_says_so_and_warns
     assert [t.get_text() for t in gold.texts] == ["no gold scores: these prompts have no gold answers"]
 
 
+def test_the_rounds_of_a_ppo_run_join_end_to_end(tmp_path):
+    """Round 2 counts on from round 1 (ppo.first_iteration); a round written before that counted from 0 again."""
+    from instructrl.evaluation.report import _ppo_metrics
+
+    def write(folder, episodes):
+        (folder / "ppo").mkdir(parents=True)
+        (folder / "ppo" / "metrics.jsonl").write_text("".join(json.dumps({"step": e // 16, "episodes": e}) + "\n" for e in episodes))
+
+    write(tmp_path / "new", [16, 32])
+    write(tmp_path / "new" / "round2", [48, 64])
+    write(tmp_path / "new" / "round3", [80, 96])  # left by an earlier run of three rounds
+    write(tmp_path / "old", [16, 32])
+    write(tmp_path / "old" / "round2", [16, 32])
+    for run in ("new", "old"):
+        assert [r["episodes"] for r in _ppo_metrics(tmp_path / run, rounds=2)["ppo"]] == [16, 32, 48, 64], run
+
+
+def test_the_report_of_rounds_shows_the_last_rounds_reward_model(tmp_path):
+    _run_folder(tmp_path)  # round 1's RM: accuracy 0.7
+    for r, accuracy in ((2, 0.9), (3, 0.1)):  # round 3 is left from an earlier run of three rounds
+        (tmp_path / f"round{r}" / "rm").mkdir(parents=True)
+        diagnostics = json.loads((tmp_path / "rm" / "diagnostics.json").read_text()) | {"accuracy": accuracy, "pairs": 40}
+        (tmp_path / f"round{r}" / "rm" / "diagnostics.json").write_text(json.dumps(diagnostics))
+    page = write_report(tmp_path, rounds=2).read_text()
+    assert "round 1 0.70 (30 pairs), round 2 0.90 (40 pairs). Below, round 2's" in page
+    assert "<td>0.900 (40 pairs)</td>" in page and "0.100" not in page and "0.700 (30 pairs)" not in page
+
+
 def test_an_eval_that_fails_leaves_the_last_results(tmp_path, smoke_base):
     """A model whose weights are cut short fails the new evaluation: the last one's results stay."""
     from conftest import SMOKE, cli

@@ -92,6 +92,39 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
 
+def test_the_held_out_comparisons_are_whole_prompts():
+    """Two labelers ranked each of 20 prompts (the feedback app's overlap): each prompt's two rankings
+    of the same responses are held out together or trained on together, never one of each."""
+    import random
+
+    from instructrl.stages.rm import split_by_prompt
+
+    ids = [f"p{i}" for i in range(20) for _ in range(2)]
+    held, train = split_by_prompt(ids, 0.2, seed=0)
+    assert sorted(held + train) == list(range(40)) and len(held) == 8
+    assert {ids[i] for i in held}.isdisjoint(ids[i] for i in train)
+    # one comparison per prompt (collect's): the split the RM always drew, so that runs stay the same
+    unique = [f"p{i}" for i in range(50)]
+    order = list(range(50))
+    random.Random("rm-split:3").shuffle(order)
+    assert split_by_prompt(unique, 0.1, seed=3) == (sorted(order[:5]), sorted(order[5:]))
+
+
+def test_diagnostics_judge_by_gold_only_the_built_in_prompts_themselves(smoke_rm):
+    """A record under a built-in prompt's id but with another prompt (people's own) is measured against its own
+    ranks: the gold labeler would judge its answers against the built-in prompt's answer."""
+    from instructrl.data.formats import read_comparisons
+    from instructrl.stages.rm import diagnose
+    from instructrl.world.build import load_tasks
+
+    records = read_comparisons(smoke_rm / "collect" / "comparisons.jsonl")[:4]
+    tasks = {t.id: t for t in load_tasks(smoke_rm / "world" / "prompts" / "rm.jsonl")}
+    model, tokenizer = RewardModel.from_pretrained(smoke_rm / "rm" / "final"), load_tokenizer(smoke_rm / "rm" / "final")
+    assert diagnose(model, tokenizer, records, tasks, "cpu")["against"] == "the gold labeler"
+    renamed = [r.model_copy(update={"prompt": [r.prompt[0].model_copy(update={"content": "Tell me a story."})]}) for r in records]
+    assert diagnose(model, tokenizer, renamed, tasks, "cpu")["against"] == "the held-out rankings"
+
+
 def test_rm_stage_on_smoke(smoke_rm):
     # the session's reward model: `instructrl rm` on the comparisons collected from the smoke base model
     final = smoke_rm / "rm" / "final"

@@ -209,7 +209,7 @@ def evaluate(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[l
         return  # evaluation runs in one process
     results = run_eval(cfg, log=_log)
     Console().print(results_table(results))
-    _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}; report: {write_report(Path(cfg.run.dir))}")
+    _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}; report: {write_report(Path(cfg.run.dir), cfg.pipeline.rounds)}")
 
 
 @app.command(epilog=_config_help("run", "world", "tokenizer", "model", "pretrain", "sft", "collect", "rm", "ppo", "pipeline", "eval"))
@@ -224,6 +224,10 @@ def pipeline(
     command again after a crash resumes where it stopped; a stage whose config changed stops
     the run unless --restart-from names it or an earlier stage. Plain PPO (ppo.ptx_coef = 0)
     runs beside PPO-ptx to measure the alignment tax the pretraining mix removes.
+
+    pipeline.rounds=N repeats collect, RM and PPO as InstructGPT iterated them, each later round in
+    run.dir/round<r>/ ranking collect.n_prompts new prompts; collect.judgements=FILE trains on people's
+    rankings (instructrl label export) instead of the simulated labelers', in one round.
     """
     import time
 

@@ -186,13 +186,13 @@ class SFTConfig(TrainConfig, ModelSwitches):
 class CollectConfig(Strict):
     policy: str | None = Field(None, description="Model whose answers are ranked: a folder or hub name. Default: this run's sft/final.")
     k: int = Field(4, ge=2, le=9, description="Responses sampled per prompt (InstructGPT: 4 to 9).")
-    n_prompts: int | None = Field(None, gt=0, description="Rank n RM prompts only. Default: all of them.")
+    n_prompts: int | None = Field(None, gt=0, description="Rank n RM prompts only (in the pipeline, n a round). Default: all of them (with pipeline.rounds, an equal share a round).")
     first_prompt: int = Field(0, ge=0, description="Index of the first RM prompt to rank (later pipeline rounds rank fresh prompts).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (InstructGPT: 1).")
     max_new_tokens: int = Field(24, gt=0, description="Longest response sampled.")
     batch_size: int = Field(32, gt=0, description="Prompts per generation batch; also the unit a killed collection resumes from.")
     labelers: int = Field(4, gt=0, description="Simulated labelers sharing the prompts round-robin (noise: world.labeler_noise).")
-    judgements: Path | None = Field(None, description="A comparisons JSONL written by people (the feedback app): validated and used instead of the simulated labelers.")
+    judgements: Path | None = Field(None, description="A comparisons JSONL written by people (the feedback app's export): validated (no record twice, one prompt per id) and used instead of the simulated labelers; in the pipeline, with pipeline.rounds = 1 only.")
 
 
 class RMConfig(TrainConfig, ModelSwitches):
@@ -201,7 +201,7 @@ class RMConfig(TrainConfig, ModelSwitches):
     data_format: RMFormat = Field("auto", description="Format of rm.data: auto (from the fields), comparison or preference.")
     demonstrations: Path | None = Field(None, description="Demonstrations (messages or prompt/completion) whose mean reward is set to 0 after training. Default: the built-in world's, when rm.data is not given or this run has the world; otherwise the best-ranked response of each training comparison (a pair's chosen one).")
     max_length: int | None = Field(None, gt=0, description="Longest prompt plus response (tokens) trained on; a comparison with a longer response is skipped and counted in the log. Default: the model's context length.")
-    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of comparisons (by prompt) held out for the diagnostics.")
+    heldout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of prompts held out for the diagnostics, with every comparison of each (several labelers' rankings of one prompt stay together).")
     epochs: float = Field(1.0, gt=0, description="Passes over the comparisons (InstructGPT: 1; more overfits).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     batch_size: int = Field(32, gt=0, description="Comparisons (prompts, each with all K responses) per optimizer step.")
@@ -219,6 +219,7 @@ class PPOConfig(ModelSwitches):
     prompts: Path | None = Field(None, description="Prompts: prompt-only records ({'prompt': ...} or messages ending with a user turn), or the prompts of any other format. Default: the built-in world's PPO split.")
     prompts_format: DataFormat = Field("auto", description="Format of ppo.prompts: auto (from the fields) or a format name.")
     episodes: int = Field(4096, gt=0, description="Prompts answered and scored in all (InstructGPT: 256k).")
+    first_iteration: int = Field(0, ge=0, description="Iterations run before this one: a later pipeline round continues its policy's count, so its prompts, sampling seeds and logged steps go on from there instead of repeating the first round's.")
     rollout_batch_size: int = Field(64, gt=0, description="Episodes generated per PPO iteration, over all processes (InstructGPT: 512).")
     minibatch_size: int = Field(16, gt=0, description="Episodes per optimizer step (InstructGPT: 64).")
     micro_batch_size: int = Field(16, gt=0, description="Episodes per forward pass on one process.")
@@ -272,7 +273,7 @@ class EvalConfig(Strict):
 
 
 class RoundsConfig(Strict):
-    rounds: int = Field(1, ge=1, le=20, description="Rounds of collect -> RM -> PPO (InstructGPT iterated steps 2 and 3): each later round ranks fresh RM prompts with the latest PPO-ptx policy, retrains the RM on every comparison so far and continues PPO.")
+    rounds: int = Field(1, ge=1, le=20, description="Rounds of collect -> RM -> PPO (InstructGPT iterated steps 2 and 3): each later round ranks fresh RM prompts (collect.n_prompts a round) with the latest PPO-ptx policy, retrains the RM on every comparison so far and continues PPO. Not with collect.judgements (people ranked the first round's samples only) nor ppo.lora (whose KL reference is the policy's own base model).")
 
 
 class PipelineConfig(Strict):

@@ -7,19 +7,20 @@ pipeline again after a crash resumes where it stopped; after a change of config,
 reruns a stage and everything after it. Plain PPO runs beside PPO-ptx to measure
 the alignment tax that the pretraining mix removes. With ``pipeline.rounds: N`` the bracket
 repeats as InstructGPT iterated its steps 2 and 3: round r (in ``round<r>/``) ranks fresh RM
-prompts with the latest PPO-ptx policy, retrains the RM from the SFT model on every comparison
-so far, and continues both PPO runs from where the previous round left them, the KL reference
-staying the SFT model.
+prompts with the latest PPO-ptx policy (plain PPO's when ppo.ptx_coef = 0), retrains the RM from
+the SFT model on every comparison so far, and continues both PPO runs from where the previous round
+left them (its iteration count included), the KL reference staying the SFT model.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
 from instructrl.errors import UserError
-from instructrl.rundir import write_text_atomic
+from instructrl.rundir import copy_dir, write_text_atomic
 from instructrl.world.build import build_world, split_sizes
 
 PPO_STAGES = ("ppo_ptx", "ppo")
@@ -46,72 +47,97 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     from instructrl.stages.sft import run_sft
 
     config.check_sizes(PartialState().num_processes)  # every stage's, before the first runs
-    per_round = _prompts_per_round(config)
+    first = round_one(config, log)  # and what later rounds cannot do
     root = Path(config.run.dir)
-    rounds = config.pipeline.rounds
     run_pretrain(config, restart=redo["pretrain"], log=log)
     world = build_world(config.world, root / "world")
     run_sft(config, restart=redo["sft"], log=log)
-    first = config.model_copy(deep=True)
-    if rounds > 1:  # each round ranks its own share of the RM prompts
-        first.collect.n_prompts = per_round
-    if is_main:  # sampling and judging run in one process; the others wait for the comparisons
-        run_collect(first, restart=redo["collect"], log=log)
-    _barrier()
-    run_rm(first, restart=redo["rm"], log=log)
-    latest = {stage: root / stage for stage in PPO_STAGES}
-    for cfg in _ppo_configs(first).values():
-        run_ppo(cfg, restart=redo["ppo"], log=log)
-    comparisons = [root / "collect" / "comparisons.jsonl"]
-    for r in range(2, rounds + 1):
-        rc = first.model_copy(deep=True)
-        rc.run.dir = root / f"round{r}"
-        rc.collect.policy = str(latest["ppo_ptx"] / "final")
-        rc.collect.first_prompt = first.collect.first_prompt + (r - 1) * per_round
-        if is_main:
-            comparisons.append(run_collect(rc, restart=redo["ppo"], log=log, upstream=True))
-            _concatenate(comparisons, rc.run.dir / "comparisons_all.jsonl")
+    comparisons = []  # each round's, for the later rounds' RMs
+    for r in range(1, config.pipeline.rounds + 1):
+        if r == 1:
+            rc, previous, upstream, restart = first, None, None, redo
+        else:  # its inputs are this run's own, though given by path; it follows from round 1's PPO
+            rc, previous = later_round(first, r)
+            upstream, restart = True, dict.fromkeys(redo, redo["ppo"])
+        if is_main:  # sampling and judging run in one process; the others wait for the comparisons
+            if r > 1:  # the round's stages read the run's world (as hard links, not a copy)
+                copy_dir(world.root, rc.run.dir / "world", copy_function=os.link)
+            comparisons.append(run_collect(rc, restart=restart["collect"], log=log, upstream=upstream))
+            if r > 1:
+                _concatenate(comparisons, rc.rm.data)
         _barrier()
-        rc.rm.model, rc.rm.data = str(root / "sft" / "final"), rc.run.dir / "comparisons_all.jsonl"
-        rc.rm.demonstrations = world.demonstrations
-        run_rm(rc, restart=redo["ppo"], log=log, upstream=True)
-        for stage, cfg in _ppo_configs(rc).items():
-            cfg.ppo.policy, cfg.ppo.value_model = str(latest[stage] / "final"), str(latest[stage] / "value")
-            cfg.ppo.reference, cfg.ppo.reward_model = str(root / "sft" / "final"), str(rc.run.dir / "rm" / "final")
-            cfg.ppo.prompts = world.prompts("ppo")
-            if cfg.ppo.ptx_coef > 0 and cfg.ppo.ptx_data is None:
-                cfg.ppo.ptx_data = world.corpus
-            run_ppo(cfg, restart=redo["ppo"], log=log, upstream=True)
-            latest[stage] = rc.run.dir / stage
+        run_rm(rc, restart=restart["rm"], log=log, upstream=upstream)
+        for cfg in _ppo_configs(rc, previous).values():
+            run_ppo(cfg, restart=restart["ppo"], log=log, upstream=upstream)
     if not is_main:
         return None
     results = run_eval(config, log=log)  # of the last round's PPO models
-    write_report(root)
+    write_report(root, config.pipeline.rounds)
     return results
 
 
-def _prompts_per_round(config: PipelineConfig) -> int:
-    """How many RM prompts each round ranks: collect.n_prompts (default: all from collect.first_prompt
-    on) shared by the rounds. Checked before the first stage, not found once SFT has run."""
-    cfg, rounds = config.collect, config.pipeline.rounds
-    available = split_sizes(config.world)["rm"] - cfg.first_prompt
-    wanted = min(cfg.n_prompts or available, available)
-    if wanted < rounds:
-        limit = f"collect.n_prompts = {cfg.n_prompts}" if cfg.n_prompts and cfg.n_prompts <= available else \
-            f"the world's RM prompts from collect.first_prompt = {cfg.first_prompt} on"
-        raise UserError(f"config: each of pipeline.rounds = {rounds} rounds ranks RM prompts of its own, "
-                        f"and there are {max(wanted, 0)} to share ({limit})")
-    return wanted // rounds
+def round_one(config: PipelineConfig, log=print) -> PipelineConfig:
+    """The first round's config: with several rounds, collect ranks one round's RM prompts, collect.n_prompts
+    (an equal share of them all when unset), and round r the next ones. Refuses, before any stage runs,
+    what a later round could not do, and a collect.first_prompt past the RM prompts."""
+    rounds, collect = config.pipeline.rounds, config.collect
+    available = split_sizes(config.world)["rm"] - collect.first_prompt
+    if collect.judgements is None and available <= 0:
+        raise UserError(f"collect.first_prompt = {collect.first_prompt} is past the world's {split_sizes(config.world)['rm']} RM prompts")
+    if rounds == 1:
+        return config
+    if collect.judgements is not None:
+        raise UserError(f"pipeline.rounds = {rounds} with collect.judgements: each later round ranks samples of the previous round's "
+                        f"PPO-ptx policy, which {collect.judgements} does not hold (the pipeline would train on its rankings again); "
+                        "run people's rankings with pipeline.rounds=1")
+    if config.ppo.lora.enabled:
+        raise UserError(f"pipeline.rounds = {rounds} with ppo.lora.enabled: a later round continues PPO from the previous round's "
+                        "policy with the SFT model as the KL reference, and under ppo.lora the reference is the policy's own base "
+                        "model; use pipeline.rounds=1 or full fine-tuning (ppo.lora.enabled=false)")
+    per_round = collect.n_prompts or available // rounds
+    if per_round * rounds > available or per_round == 0:
+        given = f"collect.n_prompts = {collect.n_prompts} a round" if collect.n_prompts else f"an equal share of them ({per_round})"
+        raise UserError(f"pipeline.rounds = {rounds}: the world has {available} RM prompts"
+                        + (f" from collect.first_prompt = {collect.first_prompt}" if collect.first_prompt else "")
+                        + f", too few for {rounds} rounds of {given}; lower pipeline.rounds or collect.n_prompts, or raise world.n_prompts")
+    log(f"pipeline: {rounds} rounds, each ranking {per_round} new RM prompts of {available} "
+        + ("(collect.n_prompts)" if collect.n_prompts else "(an equal share of them; collect.n_prompts sets how many a round)"))
+    first = config.model_copy(deep=True)
+    first.collect.n_prompts = per_round
+    return first
 
 
-def _ppo_configs(config: PipelineConfig) -> dict[str, PipelineConfig]:
-    """PPO-ptx with the config's ptx_coef, and plain PPO (ptx_coef = 0) beside it."""
+def later_round(first: PipelineConfig, r: int) -> tuple[PipelineConfig, Path]:
+    """Round ``r``'s config (r > 1), in round<r>/, and the previous round's folder: collect ranks the
+    next RM prompts with the previous round's policy (PPO-ptx's when it runs), the RM trains from round
+    1's backbone on every round's comparisons, and PPO keeps round 1's KL reference (``_ppo_configs``
+    goes on from the previous round's policies). The run's own folders are named from the round's
+    ("round2/../sft/final"), so that the round's identity holds in a moved or copied run folder."""
+    rc = first.model_copy(deep=True)
+    rc.run.dir = Path(first.run.dir) / f"round{r}"
+    run = rc.run.dir / ".."
+    previous = run if r == 2 else run / f"round{r - 1}"
+    sft = run / "sft" / "final"
+    rc.collect.first_prompt = first.collect.first_prompt + (r - 1) * first.collect.n_prompts
+    rc.collect.policy = str(previous / next(iter(_ppo_configs(first))) / "final")
+    rc.rm.model, rc.rm.data = first.rm.model or str(sft), rc.run.dir / "comparisons_all.jsonl"
+    rc.ppo.reference = first.ppo.reference or first.ppo.policy or str(sft)
+    rc.ppo.reward_model = str(rc.run.dir / "rm" / "final")
+    rc.ppo.first_iteration = first.ppo.first_iteration + (r - 1) * first.ppo.iterations()
+    return rc, previous
+
+
+def _ppo_configs(config: PipelineConfig, previous: Path | None = None) -> dict[str, PipelineConfig]:
+    """PPO-ptx with the config's ptx_coef, and plain PPO (ptx_coef = 0) beside it, by folder name;
+    each goes on from its own policy and value model in ``previous`` (a later round's previous round)."""
     ptx = config.model_copy(deep=True)
-    if ptx.ppo.ptx_coef == 0:
-        return {"ppo": ptx}
     plain = config.model_copy(deep=True)
     plain.ppo.ptx_coef = 0.0
-    return {"ppo_ptx": ptx, "ppo": plain}
+    runs = {"ppo": ptx} if ptx.ppo.ptx_coef == 0 else {"ppo_ptx": ptx, "ppo": plain}
+    if previous is not None:
+        for stage, cfg in runs.items():
+            cfg.ppo.policy, cfg.ppo.value_model = str(previous / stage / "final"), str(previous / stage / "value")
+    return runs
 
 
 def _barrier() -> None:

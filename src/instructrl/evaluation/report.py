@@ -31,17 +31,22 @@ def _figure_tag(fig, caption: str) -> str:
     return f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
-def _ppo_metrics(root: Path) -> dict[str, list[dict]]:
-    """Each PPO run's metrics, later pipeline rounds (round2/, ...) appended with their episodes offset."""
+def round_folders(root: Path, rounds: int) -> list[Path]:
+    """Each pipeline round's folder: the run folder, then round2/, ... (not those of an earlier run of more rounds)."""
+    return [root] + [root / f"round{r}" for r in range(2, rounds + 1)]
+
+
+def _ppo_metrics(root: Path, rounds: int = 1) -> dict[str, list[dict]]:
+    """Each PPO run's metrics, later pipeline rounds (round2/, ...) appended. A later round counts on
+    from the previous one's episodes; one that counted from 0 again (written before ppo.first_iteration) is offset."""
     found = {}
-    folders = [root] + sorted((p for p in root.glob("round*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
     for stage in PPO_STAGES:
         rows: list[dict] = []
-        for folder in folders:
+        for folder in round_folders(root, rounds):
             path = folder / stage / "metrics.jsonl"
-            if path.is_file():
-                offset = rows[-1]["episodes"] if rows else 0
-                rows += [{**record, "episodes": record["episodes"] + offset} for _, record in complete_lines(path)]
+            records = [record for _, record in complete_lines(path)] if path.is_file() else []
+            offset = rows[-1]["episodes"] if rows and records and records[0]["episodes"] <= rows[-1]["episodes"] else 0
+            rows += [{**record, "episodes": record["episodes"] + offset} for record in records]
         if rows:
             found[stage] = rows
     return found
@@ -228,10 +233,15 @@ def _eval_section(evaluation: dict) -> list[str]:
     return parts
 
 
-def _rm_section(d: dict) -> list[str]:
-    """The reward model's held-out diagnostics (rm/diagnostics.json): accuracy overall, by margin, family and kind of pair."""
+def _rm_section(d: dict, by_round: dict[int, dict] | None = None) -> list[str]:
+    """The reward model's held-out diagnostics (rm/diagnostics.json): accuracy overall, by margin, family and kind of pair;
+    with ``by_round`` (each pipeline round's, the last one's as ``d``), each round's accuracy first."""
     margin_pairs = d.get("pairs_by_gold_margin", {})
     parts = ["<h2>Reward model</h2>"]
+    if by_round and len(by_round) > 1:
+        parts.append(f"<p>Each round's RM, held-out accuracy against {html.escape(d['against'])}: "
+                     + ", ".join(f"round {r} {figure(x['accuracy'])} ({x['pairs']} pairs)" for r, x in by_round.items())
+                     + f". Below, round {max(by_round)}'s, whose rewards the last PPO round optimised.</p>")
     parts.append(f"<p>On the held-out comparisons (a share of the collected prompts the RM never trained on), against "
                  f"{html.escape(d['against'])}. Accuracy: the share of response pairs the RM orders as the gold judge does; "
                  "pairs the gold judge ties are left out. Margin: the gap in gold quality (0-1) between the two responses. "
@@ -291,18 +301,20 @@ PAGE_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padd
               "img{max-width:100%;height:auto}figure{margin:1em 0}")
 
 
-def write_report(root: Path, n_samples: int = 30) -> Path:
-    """Write ``root/report.html`` and return its path: the evaluation, then what rm, PPO and eval's samples left, where they did."""
+def write_report(root: Path, rounds: int = 1, n_samples: int = 30) -> Path:
+    """Write ``root/report.html`` and return its path: the evaluation, then what rm, PPO and eval's samples left, where they
+    did; of the first ``rounds`` pipeline rounds (pipeline.rounds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     root = Path(root)
     parts = ["<h1>instructrl report</h1>", f"<p>Run folder: <code>{html.escape(str(root))}</code></p>"]
     parts += _eval_section(json.loads((root / "eval" / "results.json").read_text()))
-    diagnostics = root / "rm" / "diagnostics.json"
-    if diagnostics.is_file():
-        parts += _rm_section(json.loads(diagnostics.read_text()))
-    metrics = _ppo_metrics(root)
+    by_round = {r: json.loads(path.read_text()) for r, folder in enumerate(round_folders(root, rounds), start=1)
+                if (path := folder / "rm" / "diagnostics.json").is_file()}
+    if by_round:
+        parts += _rm_section(by_round[max(by_round)], by_round)
+    metrics = _ppo_metrics(root, rounds)
     if metrics:
         parts += _ppo_section(metrics)
     samples_path = root / "eval" / "samples.jsonl"

@@ -14,7 +14,7 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
-from instructrl.data.formats import read_comparisons
+from instructrl.data.formats import read_comparisons, read_records
 from instructrl.data.records import ComparisonRecord, comparison_line, write_comparisons
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import check_room, generate_answers
@@ -38,6 +38,24 @@ def judge_responses(labeler: SimulatedLabeler, task: Task, responses: list[str])
     )
 
 
+def read_judgements(path: Path) -> list[ComparisonRecord]:
+    """People's comparison records, each checked, and none twice: a record repeating another's labeler,
+    prompt id and responses (a file joined to itself), or a prompt id naming two prompts, is an error at its line."""
+    records = read_comparisons(path)
+    first_of_task, first_of_id = {}, {}
+    for (where, _), record in zip(read_records(path), records):
+        prompt = [m.model_dump() for m in record.prompt]
+        task = (record.labeler_id, record.id, tuple(record.responses))
+        if task in first_of_task:
+            raise UserError(f"{where}: repeats the record at {first_of_task[task]} (labeler '{record.labeler_id}', prompt "
+                            f"'{record.id}', the same responses); each labeler ranks a task once")
+        first_of_task[task] = where
+        seen_where, seen_prompt = first_of_id.setdefault(record.id, (where, prompt))
+        if seen_prompt != prompt:
+            raise UserError(f"{where}: prompt id '{record.id}' names another prompt at {seen_where}; give each prompt its own id")
+    return records
+
+
 def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
     """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the policy is this run's SFT model)."""
     cfg = config.collect
@@ -47,7 +65,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     if run.skip(restart, log):
         return output
     if cfg.judgements is not None:  # people's rankings: check every line, then use them as they are
-        records = read_comparisons(cfg.judgements)
+        records = read_judgements(cfg.judgements)
         run.start(restart, log)
         run.write_lineage({"judgements": cfg.judgements})
         write_comparisons(output, records)

@@ -243,11 +243,12 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     state = load_latest_checkpoint(accelerator, run.path / "checkpoints")
     kl_ctl = KLController(state.extra.get("kl_coef", cfg.kl_coef), cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
     if state.step:
-        log(f"{stage}: resuming from the checkpoint of iteration {state.step}")
-    run.trim_metrics(state.step)
+        log(f"{stage}: resuming from the checkpoint of iteration {cfg.first_iteration + state.step}")
+    run.trim_metrics(cfg.first_iteration + state.step)
     n_iterations, world_size, rank = cfg.iterations(), accelerator.num_processes, accelerator.process_index
     log(f"{stage}: {count_parameters(accelerator.unwrap_model(policy)) / 1e6:.2f}M-parameter policy {paths.policy}, reward model {paths.reward_model}; "
         f"{len(prompts)} prompts, {plural(n_iterations, 'iteration')} of {cfg.rollout_batch_size} episodes"
+        + (f" after {plural(cfg.first_iteration, 'earlier one')}" if cfg.first_iteration else "")
         + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {plural(world_size, 'process')}"
         + (f"; LoRA: policy {trainable_share(policy)}, value model {trainable_share(value_model)}" if cfg.lora.enabled else ""))
     judge = SimulatedLabeler()
@@ -259,7 +260,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     with progress_bar(accelerator.is_main_process) as bar:
         task = bar.add_task(stage, total=n_iterations, completed=state.step, unit="iter", status="")
         while state.step < n_iterations:
-            iteration = state.step
+            iteration = cfg.first_iteration + state.step  # prompts, seeds and logged steps continue a previous round's
             episodes = rank_episodes(cfg.rollout_batch_size, cfg.minibatch_size, world_size, rank)
             batch_prompts = prompt_order(len(prompts), cfg.rollout_batch_size, iteration, config.run.seed)
             rows = [batch_prompts[j] for j in episodes]
@@ -305,9 +306,9 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             kl_ctl.update(metrics["rollout/kl"], cfg.rollout_batch_size)
             n_tokens = accelerator.reduce(torch.tensor(float(response_mask.sum() + query_mask.sum()), device=device), "sum").item()
             metrics.update(time_metrics(timer, cfg.rollout_batch_size, n_tokens))
-            metrics["episodes"] = state.step * cfg.rollout_batch_size
+            metrics["episodes"] = (iteration + 1) * cfg.rollout_batch_size
             if state.step % cfg.log_every == 0 or state.step == n_iterations:
-                run.log(state.step, metrics)
+                run.log(iteration + 1, metrics)
             bar.update(task, completed=state.step, status=bar_status(metrics))
             if state.step % cfg.checkpoint_every == 0 and state.step < n_iterations:
                 state.extra = {"kl_coef": kl_ctl.value}

@@ -58,6 +58,16 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, device, batc
     return rewards
 
 
+def split_by_prompt(ids: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Positions of the held-out and of the training comparisons, in order: ``fraction`` of the prompts (by
+    id), drawn with ``seed``, with every comparison of each. Several labelers' rankings of one prompt (the
+    feedback app's overlap) fall on one side: a held-out prompt's responses are never trained on."""
+    prompts = list(dict.fromkeys(ids))
+    random.Random(f"rm-split:{seed}").shuffle(prompts)
+    held = set(prompts[: int(len(prompts) * fraction)])
+    return [i for i, p in enumerate(ids) if p in held], [i for i, p in enumerate(ids) if p not in held]
+
+
 def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonRecord], encoded: list[list[list[int]]],
                  max_length: int) -> tuple[list[list[int]], str]:
     """The sequences whose mean reward the bias sets to 0 (§3.5), and what they are: the
@@ -108,11 +118,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         raise UserError(f"{data}: no comparison has every response within {max_length} tokens (rm.max_length)")
     too_long = len(records) - len(fits)
     records, encoded = [records[i] for i in fits], [encoded[i] for i in fits]
-    order = list(range(len(records)))
-    random.Random(f"rm-split:{config.run.seed}").shuffle(order)
-    n_heldout = int(len(records) * cfg.heldout_fraction)
-    heldout = [records[i] for i in sorted(order[:n_heldout])]
-    kept = sorted(order[n_heldout:])
+    held, kept = split_by_prompt([r.id for r in records], cfg.heldout_fraction, config.run.seed)
+    heldout = [records[i] for i in held]
     train, encoded = [records[i] for i in kept], [encoded[i] for i in kept]
     cfg.check_fits(len(train), accelerator.num_processes, str(data), "training comparisons", "rm")
     # the built-in world, when the comparisons are its own or this run already has it (people ranked its prompts)
@@ -196,6 +203,8 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
     for record in heldout:
         scores = score_sequences(model, encode_comparison(tokenizer, record), tokenizer.pad_token_id, device)
         task = tasks.get(record.id)
+        if task is not None and [m.model_dump() for m in record.prompt] != list(task.messages):
+            task = None  # a built-in prompt's id on another prompt: its gold answer is not this one's
         judgements = [gold_judge.judge(task, resp) for resp in record.responses] if task else None
         if judgements:
             correct.append([float(not j.wrong) for j in judgements])
