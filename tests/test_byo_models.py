@@ -1,4 +1,4 @@
-"""Bring your own model: tiny random GPT-2, Llama, Qwen2 and GPT-NeoX checkpoints, whose
+"""Bring your own model: tiny random GPT-2, Llama, Qwen2, GPT-NeoX and Mistral (sliding-window) checkpoints, whose
 tokenizers lack a PAD (or use EOS as PAD) and a chat template, through SFT, RM and PPO."""
 
 from __future__ import annotations

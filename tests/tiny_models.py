@@ -39,11 +39,14 @@ NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exceptio
                       + CHAT_TEMPLATE)
 
 # arch -> (tokenizer's PAD, whether it has a chat template): every combination the loader must handle
-ARCHS = {"gpt2": ("none", False), "llama": ("eos", False), "qwen2": ("none", True), "gpt_neox": ("eos", True)}
+ARCHS = {"gpt2": ("none", False), "llama": ("eos", False), "qwen2": ("none", True), "gpt_neox": ("eos", True), "mistral": ("none", False)}
+
+
+SLIDING_WINDOW = 4
 
 
 def tiny_model_config(arch: str, vocab_size: int, eos_id: int):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     ids = dict(vocab_size=vocab_size, eos_token_id=eos_id, bos_token_id=eos_id)
     if arch == "gpt2":
@@ -55,6 +58,8 @@ def tiny_model_config(arch: str, vocab_size: int, eos_id: int):
         return Qwen2Config(num_key_value_heads=1, **shape)
     if arch == "gpt_neox":
         return GPTNeoXConfig(**shape)
+    if arch == "mistral":  # a window shorter than any prompt: its KV cache keeps only the last 3 tokens of each layer
+        return MistralConfig(num_key_value_heads=1, sliding_window=SLIDING_WINDOW, **shape)
     raise ValueError(arch)
 
 
