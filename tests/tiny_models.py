@@ -39,18 +39,21 @@ NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exceptio
                       + CHAT_TEMPLATE)
 
 # arch -> (tokenizer's PAD, whether it has a chat template): every combination the loader must handle
-ARCHS = {"gpt2": ("none", False), "llama": ("eos", False), "qwen2": ("none", True), "gpt_neox": ("eos", True), "mistral": ("none", False)}
+ARCHS = {"gpt2": ("none", False), "llama": ("eos", False), "qwen2": ("none", True), "gpt_neox": ("eos", True), "mistral": ("none", False),
+         "opt": ("none", False)}
 
 
 SLIDING_WINDOW = 4
 
 
 def tiny_model_config(arch: str, vocab_size: int, eos_id: int):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     ids = dict(vocab_size=vocab_size, eos_token_id=eos_id, bos_token_id=eos_id)
     if arch == "gpt2":
         return GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=128, **ids)
+    if arch == "opt":  # dropout 0.1 as OPT's checkpoints ship it, applied by each layer with F.dropout
+        return OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=128, **ids)
     shape = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128, **ids)
     if arch == "llama":
         return LlamaConfig(num_key_value_heads=1, **shape)

@@ -14,8 +14,9 @@ from instructrl.config import ModelConfig
 from instructrl.errors import UserError
 from instructrl.models.reward import HEAD_FILE
 
-# Config attributes that hold a dropout probability, across the architectures transformers ships.
-DROPOUT_ATTRIBUTES = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
+# How the float attributes of a config or a layer that hold a dropout probability end, across the
+# architectures transformers ships (attn_pdrop, Bloom's hidden_dropout, Starcoder2's residual_dropout, ...).
+DROPOUT_SUFFIXES = ("dropout", "pdrop", "dropout_prob")
 
 
 def build_base_model(config: ModelConfig, tokenizer) -> nn.Module:
@@ -248,22 +249,31 @@ def apply_switches(model: nn.Module, switches) -> nn.Module:
     return model
 
 
+def dropout_attributes(obj) -> dict[str, float]:
+    """The float attributes of ``obj`` (a config or a layer) that hold a dropout probability, and OPT's ``layerdrop``."""
+    return {name: value for name, value in vars(obj).items()
+            if isinstance(value, float) and (name.endswith(DROPOUT_SUFFIXES) or name == "layerdrop")}
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
-    """Set every dropout of ``model`` (modules and the config attributes that feed functional dropout).
+    """Set every dropout of ``model`` to ``p``, and LayerDrop (OPT skips whole layers while training) to 0.
+
+    Many layers copy their probability from the config when they are built and give it to
+    ``F.dropout`` at each pass, where no ``nn.Dropout`` shows it (OPT's ``dropout``, Bloom's and
+    Falcon's ``hidden_dropout``, GPT-BigCode's ``attn_dropout``, Starcoder2's ``residual_dropout``):
+    left on, PPO's update would not compute the rollout's log-probs. So the modules, every layer's
+    float attributes and the config's (some layers read it at each pass) are all set.
 
     The config's values from before the first call are kept on the model, for ``saved_dropout``:
     a checkpoint's config.json holds the model's own dropout, not the one a stage trained with.
     """
     if "_source_dropout" not in vars(model):
-        model._source_dropout = {name: getattr(model.config, name) for name in DROPOUT_ATTRIBUTES if isinstance(getattr(model.config, name, None), float)}
-    for name in DROPOUT_ATTRIBUTES:
-        if isinstance(getattr(model.config, name, None), float):
-            setattr(model.config, name, p)
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
-        elif isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = p
+        model._source_dropout = dropout_attributes(model.config)
+    for owner in (model.config, *model.modules()):
+        for name in dropout_attributes(owner):
+            setattr(owner, name, 0.0 if name == "layerdrop" else p)
+        if isinstance(owner, nn.Dropout):
+            owner.p = p
 
 
 @contextlib.contextmanager
