@@ -61,6 +61,20 @@ def test_fallback_template_marks_only_the_assistant_turns(tmp_path):
     assert marked == " cat<|endoftext|> dog<|endoftext|>"
 
 
+def test_fallback_template_starts_with_bos_for_a_tokenizer_that_puts_it_first(tmp_path):
+    """Llama, Mistral, Gemma and OPT base tokenizers put BOS before the text they encode, and their
+    models were trained so: conversations rendered with the fallback template start with it too."""
+    tiny_tokenizer("none", template=False, bos=True).save_pretrained(tmp_path)
+    told = []
+    tokenizer = load_tokenizer(tmp_path, log=told.append)
+    messages = [{"role": "user", "content": "Say cat."}, {"role": "assistant", "content": "cat"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "<s>User: Say cat.\n\nAssistant: cat<|endoftext|>"
+    conv = tokenize_conversation(tokenizer, messages)
+    assert conv.input_ids[0] == tokenizer.bos_token_id and tokenizer.bos_token_id != tokenizer.eos_token_id
+    assert tokenizer.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m]) == " cat<|endoftext|>"
+    assert "after BOS" in told[-1]
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
     from instructrl.models.reward import RewardModel

@@ -12,12 +12,14 @@ from instructrl.models.tokenizer import CHAT_TEMPLATE
 
 WORDS = ["cat", "dog", "fox", "owl", "bee", "elk", "emu", "yak"]
 EOS = "<|endoftext|>"
+BOS = "<s>"
 
 
-def tiny_tokenizer(pad: str, template: bool):
+def tiny_tokenizer(pad: str, template: bool, bos: bool = False):
     """A byte-level BPE with EOS only, as base models ship: ``pad`` is "none" (GPT-2, Pythia) or
-    "eos" (PAD = EOS, as Llama and Qwen2 recipes set it); ``template`` gives it a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    "eos" (PAD = EOS, as Llama and Qwen2 recipes set it); ``template`` gives it a chat template;
+    ``bos`` a BOS of its own that it puts before every text it encodes (Llama, Mistral, Gemma)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
@@ -26,7 +28,10 @@ def tiny_tokenizer(pad: str, template: bool):
     texts = [f"User: Say {w}.\n\nAssistant: {w}" for w in WORDS] * 4
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                        show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, model_max_length=1 << 20)
+    if bos:
+        bpe.add_special_tokens([BOS])
+        bpe.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bpe.token_to_id(BOS))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=BOS if bos else EOS, model_max_length=1 << 20)
     if pad == "eos":
         tokenizer.pad_token = EOS
     if template:

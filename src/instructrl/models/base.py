@@ -119,6 +119,22 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
+def puts_bos_first(tokenizer) -> bool:
+    """Whether ``tokenizer`` puts its BOS before the text it encodes (Llama, Mistral, Gemma and OPT do)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    encoded, plain = tokenizer("a").input_ids, tokenizer("a", add_special_tokens=False).input_ids
+    return encoded[:1] == [bos] and plain[:1] != [bos]
+
+
+def fallback_chat_template(tokenizer) -> str:
+    """``FALLBACK_CHAT_TEMPLATE``, after BOS for a tokenizer that puts BOS first. Conversations are
+    encoded without the tokenizer's special tokens (the templates that want BOS write it), and the
+    models of such tokenizers were trained with BOS first: without it Gemma's answers are nonsense."""
+    return ("{{ bos_token }}" if puts_bos_first(tokenizer) else "") + FALLBACK_CHAT_TEMPLATE
+
+
 def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, tokenizer=None, dtype: torch.dtype | str = torch.float32,
                    **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` of a folder or hub name, with a clear error.
@@ -181,7 +197,7 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
     PAD must exist and differ from EOS (RLHF-DETAILS.md: padding, EOS detection and "last real
     token" break when they share an id): a tokenizer without one, or whose PAD is EOS (GPT-2,
     Llama, Pythia, Qwen2 base), gets a new ``<|pad|>`` token; ``fit_embeddings`` then gives the
-    model a row for it. A tokenizer without a chat template gets ``FALLBACK_CHAT_TEMPLATE``.
+    model a row for it. A tokenizer without a chat template gets ``fallback_chat_template``.
 
     ``for_chat=False`` (serving) only needs EOS: generation pads by attention mask alone, and a
     checkpoint without a chat template can still answer raw completions. ``log``: told of each change.
@@ -206,10 +222,10 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
             log(f"tokenizer of {name_or_path}: no PAD distinct from EOS, so {PAD_TOKEN} is added as id {tokenizer.pad_token_id} "
                 "(the model gets an embedding row for it)")
     if tokenizer.chat_template is None:
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        tokenizer.chat_template = fallback_chat_template(tokenizer)
         if log:
             log(f"tokenizer of {name_or_path}: no chat template, so conversations are rendered as 'User: ...' / 'Assistant: ...' "
-                "turns, each answer ending with EOS")
+                "turns, each answer ending with EOS" + (", after BOS (as the tokenizer encodes text)" if puts_bos_first(tokenizer) else ""))
     return tokenizer
 
 
