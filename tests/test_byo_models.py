@@ -1,4 +1,5 @@
-"""Bring your own model: tiny random GPT-2, Llama, Qwen2, GPT-NeoX, Mistral (sliding-window) and OPT checkpoints, whose
+"""Bring your own model: tiny random GPT-2, Llama, Qwen2, GPT-NeoX, Mistral (sliding-window), OPT and Gemma 3
+(vision-language) checkpoints, whose
 tokenizers lack a PAD (or use EOS as PAD) and a chat template, through SFT, RM and PPO."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructrl.config import load_config
 from instructrl.data.chat import tokenize_conversation
-from instructrl.models.base import FALLBACK_CHAT_TEMPLATE, PAD_TOKEN, dropout_attributes, fit_embeddings, load_causal_lm, load_tokenizer, set_dropout
+from instructrl.models.base import FALLBACK_CHAT_TEMPLATE, PAD_TOKEN, context_length, dropout_attributes, fit_embeddings, load_causal_lm, load_tokenizer, set_dropout
 
 
 @pytest.mark.parametrize("pad", ["none", "eos"])
@@ -95,7 +96,7 @@ def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
     sft = run_sft(config, log=quiet)
     tokenizer = AutoTokenizer.from_pretrained(sft)
     model = AutoModelForCausalLM.from_pretrained(sft)
-    assert model.config.model_type == arch
+    assert model.config.model_type == arch and context_length(model) == 128
     assert tokenizer.pad_token == PAD_TOKEN and model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
     assert tokenizer.chat_template is not None  # the fallback is saved with the checkpoint
     losses = [json.loads(line)["train/loss"] for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
@@ -122,7 +123,7 @@ def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
 def dropout_of(path) -> dict:
     from transformers import AutoConfig
 
-    return dropout_attributes(AutoConfig.from_pretrained(path))
+    return dropout_attributes(AutoConfig.from_pretrained(path).get_text_config())
 
 
 def test_set_dropout_switches_off_the_dropout_layers_apply_themselves():

@@ -45,14 +45,14 @@ NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exceptio
 
 # arch -> (tokenizer's PAD, whether it has a chat template): every combination the loader must handle
 ARCHS = {"gpt2": ("none", False), "llama": ("eos", False), "qwen2": ("none", True), "gpt_neox": ("eos", True), "mistral": ("none", False),
-         "opt": ("none", False)}
+         "opt": ("none", False), "gemma3": ("none", True)}
 
 
 SLIDING_WINDOW = 4
 
 
 def tiny_model_config(arch: str, vocab_size: int, eos_id: int):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+    from transformers import Gemma3Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     ids = dict(vocab_size=vocab_size, eos_token_id=eos_id, bos_token_id=eos_id)
     if arch == "gpt2":
@@ -66,6 +66,11 @@ def tiny_model_config(arch: str, vocab_size: int, eos_id: int):
         return Qwen2Config(num_key_value_heads=1, **shape)
     if arch == "gpt_neox":
         return GPTNeoXConfig(**shape)
+    if arch == "gemma3":  # a vision-language model, as Gemma 3 is from 4B up: its text sizes are in text_config
+        image_tokens = dict(image_token_index=vocab_size + 1, boi_token_index=vocab_size + 2, eoi_token_index=vocab_size + 3)  # past the PAD to be added
+        text = dict(shape, vocab_size=vocab_size + 4, num_key_value_heads=1, head_dim=16, sliding_window=SLIDING_WINDOW)
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+        return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, **image_tokens)
     if arch == "mistral":  # a window shorter than any prompt: its KV cache keeps only the last 3 tokens of each layer
         return MistralConfig(num_key_value_heads=1, sliding_window=SLIDING_WINDOW, **shape)
     raise ValueError(arch)

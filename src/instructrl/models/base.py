@@ -175,7 +175,8 @@ def load_answering_model(name_or_path: str | Path, tokenizer=None) -> nn.Module:
 
 def context_length(model: nn.Module) -> int:
     """The longest sequence (tokens) the model's config allows; 2**20 when it names none."""
-    config = getattr(model, "backbone", model).config  # a RewardModel's is its backbone's
+    # a RewardModel's is its backbone's; a vision-language model's (Gemma 3 from 4B up) its language model's
+    config = getattr(model, "backbone", model).config.get_text_config()
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -283,9 +284,10 @@ def set_dropout(model: nn.Module, p: float) -> None:
     The config's values from before the first call are kept on the model, for ``saved_dropout``:
     a checkpoint's config.json holds the model's own dropout, not the one a stage trained with.
     """
+    config = model.config.get_text_config()  # a vision-language model's dropout is its language model's
     if "_source_dropout" not in vars(model):
-        model._source_dropout = dropout_attributes(model.config)
-    for owner in (model.config, *model.modules()):
+        model._source_dropout = dropout_attributes(config)
+    for owner in (config, *model.modules()):
         for name in dropout_attributes(owner):
             setattr(owner, name, 0.0 if name == "layerdrop" else p)
         if isinstance(owner, nn.Dropout):
@@ -296,14 +298,18 @@ def set_dropout(model: nn.Module, p: float) -> None:
 def saved_dropout(model: nn.Module):
     """A context in which ``model``'s config holds the dropout it had before ``set_dropout`` (to save it)."""
     source = vars(model).get("_source_dropout", {})
-    current = {name: getattr(model.config, name) for name in source}
+    if not source:  # set_dropout never saw it (a RewardModel: its backbone's is restored as the backbone saves)
+        yield model
+        return
+    config = model.config.get_text_config()
+    current = {name: getattr(config, name) for name in source}
     for name, value in source.items():
-        setattr(model.config, name, value)
+        setattr(config, name, value)
     try:
         yield model
     finally:
         for name, value in current.items():
-            setattr(model.config, name, value)
+            setattr(config, name, value)
 
 
 def count_parameters(model: nn.Module) -> int:
