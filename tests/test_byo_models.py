@@ -1,4 +1,5 @@
-"""Bring your own model: tiny random GPT-2, Llama, Qwen2 and GPT-NeoX checkpoints, whose
+"""Bring your own model: tiny random GPT-2, Llama, Qwen2, GPT-NeoX, Mistral (sliding-window), OPT and Gemma 3
+(vision-language) checkpoints, whose
 tokenizers lack a PAD (or use EOS as PAD) and a chat template, through SFT, RM and PPO."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructrl.config import load_config
 from instructrl.data.chat import tokenize_conversation
-from instructrl.models.base import DROPOUT_ATTRIBUTES, FALLBACK_CHAT_TEMPLATE, PAD_TOKEN, fit_embeddings, load_causal_lm, load_tokenizer
+from instructrl.models.base import FALLBACK_CHAT_TEMPLATE, PAD_TOKEN, context_length, dropout_attributes, fit_embeddings, load_causal_lm, load_tokenizer, set_dropout
 
 
 @pytest.mark.parametrize("pad", ["none", "eos"])
@@ -61,6 +62,20 @@ def test_fallback_template_marks_only_the_assistant_turns(tmp_path):
     assert marked == " cat<|endoftext|> dog<|endoftext|>"
 
 
+def test_fallback_template_starts_with_bos_for_a_tokenizer_that_puts_it_first(tmp_path):
+    """Llama, Mistral, Gemma and OPT base tokenizers put BOS before the text they encode, and their
+    models were trained so: conversations rendered with the fallback template start with it too."""
+    tiny_tokenizer("none", template=False, bos=True).save_pretrained(tmp_path)
+    told = []
+    tokenizer = load_tokenizer(tmp_path, log=told.append)
+    messages = [{"role": "user", "content": "Say cat."}, {"role": "assistant", "content": "cat"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "<s>User: Say cat.\n\nAssistant: cat<|endoftext|>"
+    conv = tokenize_conversation(tokenizer, messages)
+    assert conv.input_ids[0] == tokenizer.bos_token_id and tokenizer.bos_token_id != tokenizer.eos_token_id
+    assert tokenizer.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m]) == " cat<|endoftext|>"
+    assert "after BOS" in told[-1]
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
     from instructrl.models.reward import RewardModel
@@ -81,7 +96,7 @@ def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
     sft = run_sft(config, log=quiet)
     tokenizer = AutoTokenizer.from_pretrained(sft)
     model = AutoModelForCausalLM.from_pretrained(sft)
-    assert model.config.model_type == arch
+    assert model.config.model_type == arch and context_length(model) == 128
     assert tokenizer.pad_token == PAD_TOKEN and model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
     assert tokenizer.chat_template is not None  # the fallback is saved with the checkpoint
     losses = [json.loads(line)["train/loss"] for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()]
@@ -106,8 +121,34 @@ def test_sft_rm_ppo_on_a_tiny_model(tmp_path, arch):
 
 
 def dropout_of(path) -> dict:
-    config = json.loads((path / "config.json").read_text())
-    return {name: config[name] for name in DROPOUT_ATTRIBUTES if name in config}
+    from transformers import AutoConfig
+
+    return dropout_attributes(AutoConfig.from_pretrained(path).get_text_config())
+
+
+def test_set_dropout_switches_off_the_dropout_layers_apply_themselves():
+    """OPT, Bloom, GPT-BigCode and Starcoder2 layers keep their probability as a float given to
+    F.dropout, under names of their own: with dropout 0 two passes in train mode are equal (the
+    first PPO epoch's ratio is 1), and the config saved with the model keeps the model's own."""
+    from transformers import BloomConfig, GPTBigCodeConfig, OPTConfig, Starcoder2Config
+
+    from instructrl.models.base import saved_dropout
+
+    small = dict(vocab_size=64, num_hidden_layers=2, hidden_size=32, num_attention_heads=2)
+    configs = [OPTConfig(ffn_dim=64, word_embed_proj_dim=32, dropout=0.3, attention_dropout=0.3, layerdrop=0.3, **small),
+               BloomConfig(hidden_dropout=0.3, attention_dropout=0.3, **small),
+               GPTBigCodeConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=64, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3),
+               Starcoder2Config(intermediate_size=64, residual_dropout=0.3, embedding_dropout=0.3, attention_dropout=0.3, **small)]
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for config in configs:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).train()
+        own = dropout_attributes(model.config)
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits), config.model_type  # dropout is on
+        set_dropout(model, 0.0)
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits), config.model_type
+        with saved_dropout(model):
+            assert dropout_attributes(model.config) == own and set(own.values()) == {0.3}
 
 
 def test_a_weights_file_cut_short_is_one_line(tmp_path):

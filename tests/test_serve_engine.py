@@ -169,11 +169,14 @@ class JoiningEngine(Engine):
         return super()._merge(cache, mask, new_cache, new_mask)
 
 
-def greedy_while_joining(model, tokenizer, max_tokens: int = 12) -> tuple[list[str], list[Collector], int]:
-    """Greedy answers to PROMPTS: the first alone, the rest joining its batch after its first token."""
+def greedy_while_joining(model, tokenizer, max_tokens: int | list[int] = 12) -> tuple[list[str], list[Collector], int]:
+    """Greedy answers to PROMPTS: the first alone, the rest joining its batch after its first token.
+    ``max_tokens``: one for every prompt, or each prompt's."""
     engine = JoiningEngine(model, tokenizer, max_batch=8, batch_wait_s=0)
     sinks = [Collector() for _ in PROMPTS]
-    requests = [(render_ids(tokenizer, messages, True), SamplingParams(max_tokens, temperature=0.0), 1, sink) for messages, sink in zip(PROMPTS, sinks)]
+    budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(PROMPTS)
+    requests = [(render_ids(tokenizer, messages, True), SamplingParams(budget, temperature=0.0), 1, sink)
+                for messages, sink, budget in zip(PROMPTS, sinks, budgets)]
     engine.later = requests[1:]
     engine.submit(*requests[0])
     engine.start()
@@ -205,6 +208,24 @@ def test_engine_serves_a_gpt2_checkpoint_too(tiny):
     answers, _, joins = greedy_while_joining(gpt2, tokenizer)
     assert joins >= 1
     assert [a.strip() for a in answers] == generate_answers(gpt2, tokenizer, PROMPTS, max_new_tokens=12)
+
+
+def test_engine_serves_a_sliding_window_model_while_requests_join_and_leave(tmp_path):
+    """Mistral's (and Gemma 2's and 3's) sliding-window layers keep only the window's last keys in
+    the model's own KV cache. The engine's batch is longer than the window when requests join it,
+    and the longest prompt leaves it first (its padding columns are then cut): each answer is still
+    the one generate gives the prompt alone."""
+    from tiny_models import SLIDING_WINDOW, save_tiny_model
+
+    path = save_tiny_model("mistral", tmp_path / "mistral")
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer=tokenizer).eval()
+    budgets = [12, 12, 12, 2, 12, 12]  # PROMPTS[3], the longest, leaves after two tokens
+    assert max(range(len(PROMPTS)), key=lambda i: len(render_ids(tokenizer, PROMPTS[i], True))) == 3
+    assert min(len(render_ids(tokenizer, p, True)) for p in PROMPTS) > SLIDING_WINDOW
+    answers, _, joins = greedy_while_joining(model, tokenizer, budgets)
+    assert joins >= 1
+    assert [a.strip() for a in answers] == [generate_answers(model, tokenizer, [p], max_new_tokens=n)[0] for p, n in zip(PROMPTS, budgets)]
 
 
 def test_engine_seed_reproduces_samples_and_n_choices_differ(tiny):

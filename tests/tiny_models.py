@@ -12,12 +12,14 @@ from instructrl.models.tokenizer import CHAT_TEMPLATE
 
 WORDS = ["cat", "dog", "fox", "owl", "bee", "elk", "emu", "yak"]
 EOS = "<|endoftext|>"
+BOS = "<s>"
 
 
-def tiny_tokenizer(pad: str, template: bool):
+def tiny_tokenizer(pad: str, template: bool, bos: bool = False):
     """A byte-level BPE with EOS only, as base models ship: ``pad`` is "none" (GPT-2, Pythia) or
-    "eos" (PAD = EOS, as Llama and Qwen2 recipes set it); ``template`` gives it a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    "eos" (PAD = EOS, as Llama and Qwen2 recipes set it); ``template`` gives it a chat template;
+    ``bos`` a BOS of its own that it puts before every text it encodes (Llama, Mistral, Gemma)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
@@ -26,7 +28,10 @@ def tiny_tokenizer(pad: str, template: bool):
     texts = [f"User: Say {w}.\n\nAssistant: {w}" for w in WORDS] * 4
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                        show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, model_max_length=1 << 20)
+    if bos:
+        bpe.add_special_tokens([BOS])
+        bpe.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bpe.token_to_id(BOS))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=BOS if bos else EOS, model_max_length=1 << 20)
     if pad == "eos":
         tokenizer.pad_token = EOS
     if template:
@@ -39,15 +44,21 @@ NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exceptio
                       + CHAT_TEMPLATE)
 
 # arch -> (tokenizer's PAD, whether it has a chat template): every combination the loader must handle
-ARCHS = {"gpt2": ("none", False), "llama": ("eos", False), "qwen2": ("none", True), "gpt_neox": ("eos", True)}
+ARCHS = {"gpt2": ("none", False), "llama": ("eos", False), "qwen2": ("none", True), "gpt_neox": ("eos", True), "mistral": ("none", False),
+         "opt": ("none", False), "gemma3": ("none", True)}
+
+
+SLIDING_WINDOW = 4
 
 
 def tiny_model_config(arch: str, vocab_size: int, eos_id: int):
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+    from transformers import Gemma3Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     ids = dict(vocab_size=vocab_size, eos_token_id=eos_id, bos_token_id=eos_id)
     if arch == "gpt2":
         return GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=128, **ids)
+    if arch == "opt":  # dropout 0.1 as OPT's checkpoints ship it, applied by each layer with F.dropout
+        return OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=128, **ids)
     shape = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128, **ids)
     if arch == "llama":
         return LlamaConfig(num_key_value_heads=1, **shape)
@@ -55,6 +66,13 @@ def tiny_model_config(arch: str, vocab_size: int, eos_id: int):
         return Qwen2Config(num_key_value_heads=1, **shape)
     if arch == "gpt_neox":
         return GPTNeoXConfig(**shape)
+    if arch == "gemma3":  # a vision-language model, as Gemma 3 is from 4B up: its text sizes are in text_config
+        image_tokens = dict(image_token_index=vocab_size + 1, boi_token_index=vocab_size + 2, eoi_token_index=vocab_size + 3)  # past the PAD to be added
+        text = dict(shape, vocab_size=vocab_size + 4, num_key_value_heads=1, head_dim=16, sliding_window=SLIDING_WINDOW)
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+        return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, **image_tokens)
+    if arch == "mistral":  # a window shorter than any prompt: its KV cache keeps only the last 3 tokens of each layer
+        return MistralConfig(num_key_value_heads=1, sliding_window=SLIDING_WINDOW, **shape)
     raise ValueError(arch)
 
 

@@ -14,8 +14,9 @@ from instructrl.config import ModelConfig
 from instructrl.errors import UserError
 from instructrl.models.reward import HEAD_FILE
 
-# Config attributes that hold a dropout probability, across the architectures transformers ships.
-DROPOUT_ATTRIBUTES = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
+# How the float attributes of a config or a layer that hold a dropout probability end, across the
+# architectures transformers ships (attn_pdrop, Bloom's hidden_dropout, Starcoder2's residual_dropout, ...).
+DROPOUT_SUFFIXES = ("dropout", "pdrop", "dropout_prob")
 
 
 def build_base_model(config: ModelConfig, tokenizer) -> nn.Module:
@@ -118,6 +119,22 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
+def puts_bos_first(tokenizer) -> bool:
+    """Whether ``tokenizer`` puts its BOS before the text it encodes (Llama, Mistral, Gemma and OPT do)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    encoded, plain = tokenizer("a").input_ids, tokenizer("a", add_special_tokens=False).input_ids
+    return encoded[:1] == [bos] and plain[:1] != [bos]
+
+
+def fallback_chat_template(tokenizer) -> str:
+    """``FALLBACK_CHAT_TEMPLATE``, after BOS for a tokenizer that puts BOS first. Conversations are
+    encoded without the tokenizer's special tokens (the templates that want BOS write it), and the
+    models of such tokenizers were trained with BOS first: without it Gemma's answers are nonsense."""
+    return ("{{ bos_token }}" if puts_bos_first(tokenizer) else "") + FALLBACK_CHAT_TEMPLATE
+
+
 def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, tokenizer=None, dtype: torch.dtype | str = torch.float32,
                    **kwargs) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` of a folder or hub name, with a clear error.
@@ -158,7 +175,8 @@ def load_answering_model(name_or_path: str | Path, tokenizer=None) -> nn.Module:
 
 def context_length(model: nn.Module) -> int:
     """The longest sequence (tokens) the model's config allows; 2**20 when it names none."""
-    config = getattr(model, "backbone", model).config  # a RewardModel's is its backbone's
+    # a RewardModel's is its backbone's; a vision-language model's (Gemma 3 from 4B up) its language model's
+    config = getattr(model, "backbone", model).config.get_text_config()
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -180,7 +198,7 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
     PAD must exist and differ from EOS (RLHF-DETAILS.md: padding, EOS detection and "last real
     token" break when they share an id): a tokenizer without one, or whose PAD is EOS (GPT-2,
     Llama, Pythia, Qwen2 base), gets a new ``<|pad|>`` token; ``fit_embeddings`` then gives the
-    model a row for it. A tokenizer without a chat template gets ``FALLBACK_CHAT_TEMPLATE``.
+    model a row for it. A tokenizer without a chat template gets ``fallback_chat_template``.
 
     ``for_chat=False`` (serving) only needs EOS: generation pads by attention mask alone, and a
     checkpoint without a chat template can still answer raw completions. ``log``: told of each change.
@@ -205,10 +223,10 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
             log(f"tokenizer of {name_or_path}: no PAD distinct from EOS, so {PAD_TOKEN} is added as id {tokenizer.pad_token_id} "
                 "(the model gets an embedding row for it)")
     if tokenizer.chat_template is None:
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+        tokenizer.chat_template = fallback_chat_template(tokenizer)
         if log:
             log(f"tokenizer of {name_or_path}: no chat template, so conversations are rendered as 'User: ...' / 'Assistant: ...' "
-                "turns, each answer ending with EOS")
+                "turns, each answer ending with EOS" + (", after BOS (as the tokenizer encodes text)" if puts_bos_first(tokenizer) else ""))
     return tokenizer
 
 
@@ -248,36 +266,50 @@ def apply_switches(model: nn.Module, switches) -> nn.Module:
     return model
 
 
+def dropout_attributes(obj) -> dict[str, float]:
+    """The float attributes of ``obj`` (a config or a layer) that hold a dropout probability, and OPT's ``layerdrop``."""
+    return {name: value for name, value in vars(obj).items()
+            if isinstance(value, float) and (name.endswith(DROPOUT_SUFFIXES) or name == "layerdrop")}
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
-    """Set every dropout of ``model`` (modules and the config attributes that feed functional dropout).
+    """Set every dropout of ``model`` to ``p``, and LayerDrop (OPT skips whole layers while training) to 0.
+
+    Many layers copy their probability from the config when they are built and give it to
+    ``F.dropout`` at each pass, where no ``nn.Dropout`` shows it (OPT's ``dropout``, Bloom's and
+    Falcon's ``hidden_dropout``, GPT-BigCode's ``attn_dropout``, Starcoder2's ``residual_dropout``):
+    left on, PPO's update would not compute the rollout's log-probs. So the modules, every layer's
+    float attributes and the config's (some layers read it at each pass) are all set.
 
     The config's values from before the first call are kept on the model, for ``saved_dropout``:
     a checkpoint's config.json holds the model's own dropout, not the one a stage trained with.
     """
+    config = model.config.get_text_config()  # a vision-language model's dropout is its language model's
     if "_source_dropout" not in vars(model):
-        model._source_dropout = {name: getattr(model.config, name) for name in DROPOUT_ATTRIBUTES if isinstance(getattr(model.config, name, None), float)}
-    for name in DROPOUT_ATTRIBUTES:
-        if isinstance(getattr(model.config, name, None), float):
-            setattr(model.config, name, p)
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
-        elif isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = p
+        model._source_dropout = dropout_attributes(config)
+    for owner in (config, *model.modules()):
+        for name in dropout_attributes(owner):
+            setattr(owner, name, 0.0 if name == "layerdrop" else p)
+        if isinstance(owner, nn.Dropout):
+            owner.p = p
 
 
 @contextlib.contextmanager
 def saved_dropout(model: nn.Module):
     """A context in which ``model``'s config holds the dropout it had before ``set_dropout`` (to save it)."""
     source = vars(model).get("_source_dropout", {})
-    current = {name: getattr(model.config, name) for name in source}
+    if not source:  # set_dropout never saw it (a RewardModel: its backbone's is restored as the backbone saves)
+        yield model
+        return
+    config = model.config.get_text_config()
+    current = {name: getattr(config, name) for name in source}
     for name, value in source.items():
-        setattr(model.config, name, value)
+        setattr(config, name, value)
     try:
         yield model
     finally:
         for name, value in current.items():
-            setattr(model.config, name, value)
+            setattr(config, name, value)
 
 
 def count_parameters(model: nn.Module) -> int:

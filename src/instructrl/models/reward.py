@@ -27,7 +27,7 @@ class RewardModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self._no_split_modules = getattr(backbone, "_no_split_modules", None)  # FSDP shards per decoder layer, as for the backbone
-        hidden = backbone.config.hidden_size
+        hidden = backbone.config.get_text_config().hidden_size  # a vision-language model's (Gemma 3 from 4B up) is its language model's
         self.head = nn.Linear(hidden, 1)
         # lm-human-preferences: head weights ~ N(0, 1 / (hidden + 1)), zero bias
         nn.init.normal_(self.head.weight, std=1 / (hidden + 1) ** 0.5)

@@ -111,6 +111,7 @@ class Engine:
         parameters = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in parameters
+        self._full_cache = has_sliding_layers(model)
         self._unseeded = random.Random(seed)
         self._waiting: list[Request] = []
         self._lock = threading.Condition()
@@ -213,6 +214,16 @@ class Engine:
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=positions.to(self.device), **kwargs)
         return out.logits if every_position else out.logits[:, -1], out["cache"] if "cache" in out else out["past_key_values"]
 
+    def _empty_cache(self):
+        """None (the model builds its own KV cache), or for a model with sliding-window layers a cache
+        whose every layer keeps every column, as its full-attention layers do. A sliding layer of its
+        own keeps only the window's last columns and counts the rest, so cutting the padding columns
+        (``_drop_finished``) or padding a joining batch's (``_merge``) would set it apart from the
+        mask; the model's mask still limits each of those layers to its window."""
+        from transformers import DynamicCache
+
+        return DynamicCache() if self._full_cache else None
+
     @torch.no_grad()
     def _prefill(self, requests: list[Request]):
         rows = [row for request in requests for row in self._rows_of(request)]
@@ -220,7 +231,7 @@ class Engine:
         ids, mask = pad_sequences(prompts, self.pad_id, side="left")
         mask = mask.to(self.device)  # the running batch's mask stays beside its KV cache: no copy per decoded token
         scored = any(request.params.prompt_logprobs for request in requests)
-        logits, cache = self._forward(ids, mask, None, every_position=scored)
+        logits, cache = self._forward(ids, mask, self._empty_cache(), every_position=scored)
         if scored:
             self._send_prompt_logprobs(rows, logits)
             logits = logits[:, -1]
@@ -312,7 +323,14 @@ class Engine:
             (torch.cat([left_pad(a.keys, width, 2), left_pad(b.keys, width, 2)]), torch.cat([left_pad(a.values, width, 2), left_pad(b.values, width, 2)]))
             for a, b in zip(cache.layers, new_cache.layers)
         ]
-        return DynamicCache(layers, config=self.model.config), torch.cat([left_pad(mask, width, 1), left_pad(new_mask, width, 1)])
+        return DynamicCache(layers), torch.cat([left_pad(mask, width, 1), left_pad(new_mask, width, 1)])
+
+
+def has_sliding_layers(model) -> bool:
+    """Whether ``model``'s own KV cache would keep only a window of some layers (Mistral, Gemma 2 and 3, gpt-oss)."""
+    from transformers import DynamicCache
+
+    return any(DynamicCache(config=model.config).is_sliding)
 
 
 def left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
