@@ -99,19 +99,6 @@ def text_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[int]]:
     return stream.text, stream.starts
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: byte -> the printable character a byte-level BPE vocabulary writes it as."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[byte] = chr(byte)
-        else:
-            chars[byte], extra = chr(256 + extra), extra + 1
-    return chars
-
-
-BYTE_OF_CHAR = {char: byte for byte, char in _bytes_to_unicode().items()}
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token for one raw byte
 METASPACE = "\u2581"  # SentencePiece's "▁", a space
 
@@ -136,8 +123,12 @@ class TokenTexts:
     """
 
     def __init__(self, tokenizer):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
         self.tokenizer = tokenizer
         self.byte_level = is_byte_level(tokenizer)
+        # GPT-2's byte-level alphabet, read backwards: the printable character a vocabulary writes -> its byte
+        self.byte_of_char = {char: byte for byte, char in bytes_to_unicode().items()} if self.byte_level else {}
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
@@ -148,8 +139,8 @@ class TokenTexts:
 
     def _bytes(self, token_id: int) -> bytes:
         piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        if self.byte_level and all(char in BYTE_OF_CHAR for char in piece):
-            return bytes(BYTE_OF_CHAR[char] for char in piece)
+        if self.byte_level and all(char in self.byte_of_char for char in piece):
+            return bytes(self.byte_of_char[char] for char in piece)
         if match := BYTE_FALLBACK.fullmatch(piece):
             return bytes([int(match[1], 16)])
         if METASPACE in piece:  # decoding one token alone would drop its leading space
