@@ -379,7 +379,7 @@ def test_token_logprobs_score_the_raw_distribution_with_the_top_alternatives():
 
 
 def test_text_stream_releases_each_token_with_the_first_character_of_its_text():
-    stream = TextStream(CharTokenizer(), ["END"])
+    stream = TextStream(CharTokenizer(), ["END"], token_starts=True)
     for ch, released in zip("ok EN", [1, 2, 3, 3, 3]):  # "E" and "N" may begin the stop string: held back with their tokens
         stream.add(ord(ch))
         assert stream.released_tokens == released
@@ -391,18 +391,18 @@ def test_text_stream_releases_each_token_with_the_first_character_of_its_text():
 
 
 def test_text_stream_puts_each_byte_of_a_character_where_the_character_begins():
-    stream = TextStream(ByteTokenizer())
+    stream = TextStream(ByteTokenizer(), token_starts=True)
     for token in byte_ids("aé☃b"):  # 1 + 2 + 3 + 1 bytes
         stream.add(token)
     assert stream.text == "aé☃b" and stream.starts == [0, 1, 1, 2, 2, 2, 3]
     assert stream.released_tokens == 7
     # a byte that never becomes a character is text of its own (a replacement character): the next token begins after it
-    stream = TextStream(ByteTokenizer())
+    stream = TextStream(ByteTokenizer(), token_starts=True)
     for token in [0xFF + 1, *byte_ids("ok")]:
         stream.add(token)
     assert stream.text == "\ufffdok" and stream.starts == [0, 1, 2]
     # EOS ends the answer where its text ends, and every token goes out with it
-    stream = TextStream(ByteTokenizer())
+    stream = TextStream(ByteTokenizer(), token_starts=True)
     stream.add(byte_ids("é")[0])
     assert stream.released_tokens == 0
     stream.finish(end_token=0)

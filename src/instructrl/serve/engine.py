@@ -200,7 +200,7 @@ class Engine:
     def _rows_of(self, request: Request) -> list[_Row]:
         params = request.params
         return [
-            _Row(request, i, torch.Generator().manual_seed(choice_seed(params.seed, i)), TextStream(self.tokenizer, params.stop),
+            _Row(request, i, torch.Generator().manual_seed(choice_seed(params.seed, i)), TextStream(self.tokenizer, params.stop, token_starts=params.logprobs is not None),
                  logprobs=None if params.logprobs is None else [])
             for i in range(request.n)
         ]

@@ -48,24 +48,25 @@ class TextStream:
     yet, is held back until it is decided; a completed stop string and everything after it
     are never sent. ``finish()`` releases what is held back when generation ends another way.
 
-    A token counts as released (``released_tokens``) with the first character of its text, so
-    the tokens after a stop string's start never are, and every token is once finished.
+    With ``token_starts`` (for log-probs) it also records where each token's text begins: a token
+    counts as released (``released_tokens``) with the first character of its text, so the tokens
+    after a stop string's start never are, and every token is once finished.
     """
 
-    def __init__(self, tokenizer, stops: Sequence[str] = ()):
+    def __init__(self, tokenizer, stops: Sequence[str] = (), token_starts: bool = False):
         self.tokenizer = tokenizer
         self.stops = [s for s in stops if s]
         self.token_ids: list[int] = []
         self.text = ""
         self.sent = 0  # characters of self.text already released
-        self.starts: list[int] = []  # where each token's text begins in self.text
+        self.starts: list[int] | None = [] if token_starts else None  # where each token's text begins in self.text
         self.finished = False
 
     def add(self, token_id: int) -> tuple[str, bool]:
         self.token_ids.append(token_id)
         before, self.text = self.text, self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        # a token begins where the text changes, or, while a character is incomplete, where that character does
-        self.starts.append(min(common_prefix_length(before, self.text), len(self.text.rstrip(REPLACEMENT))))
+        if self.starts is not None:  # a token begins where the text changes, or, while a character is incomplete, where that character does
+            self.starts.append(min(common_prefix_length(before, self.text), len(self.text.rstrip(REPLACEMENT))))
         cut = first_stop(self.text, self.stops, self.sent)
         if cut >= 0:
             self.text = self.text[:cut]
@@ -77,8 +78,9 @@ class TextStream:
     def finish(self, end_token: int | None = None) -> str:
         """Release what is held back; ``end_token`` (EOS) ends the answer without adding text."""
         if end_token is not None:
-            self.starts.append(len(self.text))
             self.token_ids.append(end_token)
+            if self.starts is not None:
+                self.starts.append(len(self.text))
         self.finished = True
         return self._release(len(self.text))
 
@@ -93,7 +95,7 @@ class TextStream:
 
 def text_offsets(tokenizer, token_ids: Sequence[int]) -> tuple[str, list[int]]:
     """The text of ``token_ids`` and where each token's text begins in it (as a streamed answer's)."""
-    stream = TextStream(tokenizer)
+    stream = TextStream(tokenizer, token_starts=True)
     for token_id in token_ids:
         stream.add(token_id)
     return stream.text, stream.starts
