@@ -81,9 +81,10 @@ def round_one(config: PipelineConfig, log=print) -> PipelineConfig:
     (an equal share of them all when unset), and round r the next ones. Refuses, before any stage runs,
     what a later round could not do, and a collect.first_prompt past the RM prompts."""
     rounds, collect = config.pipeline.rounds, config.collect
-    available = split_sizes(config.world)["rm"] - collect.first_prompt
+    n_rm = split_sizes(config.world)["rm"]
+    available = n_rm - collect.first_prompt
     if collect.judgements is None and available <= 0:
-        raise UserError(f"collect.first_prompt = {collect.first_prompt} is past the world's {split_sizes(config.world)['rm']} RM prompts")
+        raise UserError(f"collect.first_prompt = {collect.first_prompt} is past the world's {n_rm} RM prompts")
     if rounds == 1:
         return config
     if collect.judgements is not None:
