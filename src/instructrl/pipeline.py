@@ -20,6 +20,7 @@ from pathlib import Path
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
 from instructrl.errors import UserError
+from instructrl.evaluation.report import round_folders
 from instructrl.rundir import copy_dir, write_text_atomic
 from instructrl.world.build import build_world, split_sizes
 
@@ -115,7 +116,7 @@ def later_round(first: PipelineConfig, r: int) -> tuple[PipelineConfig, Path]:
     goes on from the previous round's policies). The run's own folders are named from the round's
     ("round2/../sft/final"), so that the round's identity holds in a moved or copied run folder."""
     rc = first.model_copy(deep=True)
-    rc.run.dir = Path(first.run.dir) / f"round{r}"
+    rc.run.dir = round_folders(Path(first.run.dir), r)[-1]
     run = rc.run.dir / ".."
     previous = run if r == 2 else run / f"round{r - 1}"
     sft = run / "sft" / "final"

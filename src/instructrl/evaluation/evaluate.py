@@ -22,7 +22,7 @@ from instructrl.data.jsonl import write_jsonl
 from instructrl.errors import UserError
 from instructrl.evaluation.generate import generate_answers
 from instructrl.evaluation.preference import win_rate
-from instructrl.evaluation.report import GOLD_ANSWERS
+from instructrl.evaluation.report import GOLD_ANSWERS, round_folders
 from instructrl.models.base import load_answering_model, load_tokenizer
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir, write_text_atomic
@@ -38,7 +38,7 @@ def default_models(config: PipelineConfig, log=print) -> dict[str, str]:
     round (``pipeline.rounds``). A model whose inputs have changed since it was trained (a PPO run
     left over from before its SFT model was trained again) is left out, and the log says so."""
     root = Path(config.run.dir)
-    last = root / f"round{config.pipeline.rounds}" if config.pipeline.rounds > 1 else root
+    last = round_folders(root, config.pipeline.rounds)[-1]
     candidates = {"base": root / "pretrain", "sft": root / "sft", "ppo": last / "ppo", "ppo_ptx": last / "ppo_ptx"}
     models = {}
     for name, stage in candidates.items():
