@@ -175,6 +175,16 @@ def test_the_word_no_is_a_precision_and_booleans_stay_booleans(tmp_path):
     assert (config.sft.mixed_precision, config.ppo.mixed_precision, config.ppo.adaptive_kl) == ("no", "no", True)
 
 
+def test_numbers_are_read_as_yaml_1_2_reads_them(tmp_path):
+    # PyYAML reads YAML 1.1: `seed: 010` was the octal 8 and `1:30` the sexagesimal 90, silently
+    config = load_config(write(tmp_path, "run:\n  seed: 010\nsft:\n  lr: 1e-4\n  batch_size: 0x10\nrm:\n  batch_size: 1_024\n"),
+                         overrides=["ppo.lr=3.0e-6", "world.seed=0o17"])
+    assert (config.run.seed, config.sft.lr, config.sft.batch_size, config.rm.batch_size) == (10, 1e-4, 16, 1024)
+    assert (config.ppo.lr, config.world.seed) == (3e-6, 15)
+    with pytest.raises(UserError, match="bad value for 'run.seed'"):
+        load_config(overrides=["run.seed=1:30"])
+
+
 def test_bad_value_in_yaml_names_file_and_line(tmp_path):
     path = write(tmp_path, "world:\n  seed: 1\n  n_prompts: 0\n")
     # n_prompts is on line 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -345,6 +346,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# Numbers as YAML 1.2 reads them (PyYAML reads YAML 1.1): `seed: 010` is ten, not octal eight, and
+# `1:30` is text, not the sexagesimal ninety. Kept from 1.1: `1_000_000`, and `1e-4` is a number.
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    return int(text, 0) if text[:2] in ("0o", "0x") else int(text)
+
+
+_UniqueKeyLoader.add_constructor(_INT, _construct_int)
+
+
 def _read_yaml(path: Path) -> dict:
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not a config file")
@@ -373,7 +396,7 @@ def _apply_override(data: dict, override: str) -> None:
         hint = f"; a config file is given as -c {override}" if override.endswith((".yaml", ".yml")) else ""
         raise UserError(f"override '{override}': expected KEY=VALUE, e.g. sft.lr=1e-4{hint}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, dict) and any(v is None and ":" in str(k) for k, v in value.items()):
