@@ -116,6 +116,14 @@ def test_target_modules_config_is_one_way_to_choose(targets, message):
         load_config(SMOKE, [f"sft.lora.target_modules={targets}"])
 
 
+def test_target_modules_may_be_one_string_as_peft_takes_them(tmp_path):
+    # `target_modules: all-linear` (peft's spelling) was refused as "Input should be a valid list"
+    path = tmp_path / "lora.yaml"
+    path.write_text("sft:\n  lora:\n    target_modules: all-linear\n")
+    config = load_config(path, ["rm.lora.target_modules=q_proj, v_proj"])
+    assert (config.sft.lora.target_modules, config.rm.lora.target_modules) == (["all-linear"], ["q_proj", "v_proj"])
+
+
 @pytest.mark.parametrize("target, found", [
     ("nonexistent", "'nonexistent' names no module of the model"),
     ("mlp", "'mlp' names LlamaMLP modules, which LoRA cannot wrap"),

@@ -111,6 +111,12 @@ class LoRAConfig(Strict):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: list[str] = Field(["all-linear"], description="Module names to adapt, or all-linear (every linear layer but the output head).")
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _names_in_one_string(cls, value: Any) -> Any:
+        # as peft and the command line write them: `target_modules: all-linear`, `...target_modules=q_proj,v_proj`
+        return [name.strip() for name in value.split(",")] if isinstance(value, str) else value
+
     @field_validator("target_modules")
     @classmethod
     def _one_way_to_choose(cls, value: list[str]) -> list[str]:
