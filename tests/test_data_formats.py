@@ -247,8 +247,8 @@ def test_rm_on_each_format(tmp_path, tiny_sft, shape):
     from instructrl.stages.rm import run_rm
 
     from instructrl.models.base import load_tokenizer
-    from instructrl.models.reward import RewardModel
-    from instructrl.stages.rm import best_ranked, encode_comparison, score_sequences
+    from instructrl.models.reward import RewardModel, score_sequences
+    from instructrl.stages.rm import best_ranked, encode_comparison
 
     run, _ = tiny_sft
     prefs = write_jsonl(tmp_path / f"{shape}.jsonl", _records(shape))

@@ -228,3 +228,54 @@ def test_eval_leaves_out_a_model_trained_on_inputs_that_changed_since(tmp_path, 
     (run_dir / "sft" / "final" / "config.json").write_text("{}")  # SFT trained again: the PPO run began from another model
     assert set(default_models(config, logged.append)) == {"base", "sft"}
     assert "ppo" in logged[0] and "left out" in logged[0] and "policy" in logged[0]
+
+
+def test_eval_of_your_own_prompts_judged_by_a_reward_model(tmp_path, smoke_rm):
+    """eval.prompts: any prompt records, answered by each model and scored by eval.reward_model, which
+    re-reads each answer with its own tokenizer (the gpt2 model's differs from the RM's)."""
+    from conftest import SMOKE, cli
+    from tiny_models import save_tiny_model
+
+    from instructrl.data.chat import tokenize_conversation
+    from instructrl.models.base import load_tokenizer
+    from instructrl.models.reward import RewardModel, score_sequences
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Reverse the word cat."}\n{"messages": [{"role": "user", "content": "Add 2 and 3."}]}\n'
+                       '{"id": "p3", "prompt": [{"role": "user", "content": "Sort 3 1 2."}]}\n')
+    rm, run = smoke_rm / "rm" / "final", tmp_path / "run"
+    models = f"eval.models={{sft: {smoke_rm / 'pretrain' / 'final'}, mine: {save_tiny_model('gpt2', tmp_path / 'gpt2')}}}"
+    refused = cli("eval", "-c", str(SMOKE), f"run.dir={run}", models, f"eval.prompts={prompts}", check=False)
+    assert refused.returncode == 2 and "eval.prompts: your own prompts need eval.reward_model" in refused.stderr and not run.exists()
+    proc = cli("eval", "-c", str(SMOKE), f"run.dir={run}", models, f"eval.prompts={prompts}", f"eval.reward_model={rm}")
+    assert "RM wins" in proc.stdout
+    evaluation = json.loads((run / "eval" / "results.json").read_text())
+    samples = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in samples] == ["prompts.jsonl:1", "prompts.jsonl:2", "p3"] and evaluation["reward_model"] == str(rm)
+    model, tokenizer = RewardModel.from_pretrained(rm), load_tokenizer(rm)
+    for name in ("sft", "mine"):
+        sequences = [tokenize_conversation(tokenizer, s["messages"] + [{"role": "assistant", "content": s[name]["answer"]}]).input_ids
+                     for s in samples]
+        expected = score_sequences(model, sequences, tokenizer.pad_token_id, "cpu")
+        assert [s[name]["reward"] for s in samples] == pytest.approx(expected, abs=1e-5)
+        assert evaluation["results"][name]["reward"]["mean"] == pytest.approx(sum(expected) / 3, abs=1e-5)
+        sampled = [r for s in samples for r in s[name]["sampled_rewards"]]
+        assert len(sampled) == 3 * 4 and evaluation["results"][name]["sampled"]["reward"]["mean"] == pytest.approx(sum(sampled) / 12)
+        assert "overall" not in evaluation["results"][name]  # no gold labeler for prompts not the world's
+    win = evaluation["results"]["mine"]["reward"]["win_rate_vs_sft"]
+    assert win["n"] == 3 and win["wins"] == sum(s["mine"]["reward"] > s["sft"]["reward"] for s in samples)
+    assert "Judged by the reward model" in (run / "report.html").read_text()
+
+
+def test_eval_of_the_worlds_prompts_by_the_gold_labeler_and_a_reward_model(tmp_path, smoke_rm):
+    from conftest import SMOKE, cli
+
+    base = smoke_rm / "pretrain" / "final"
+    cli("eval", "-c", str(SMOKE), f"run.dir={tmp_path}", "eval.n_prompts=6", f"eval.models={{sft: {base}, again: {base}}}",
+        f"eval.reward_model={smoke_rm / 'rm' / 'final'}")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    # the same model's greedy answers tie everywhere, by either judge; the gold and demonstrated answers are scored too
+    assert results["again"]["reward"]["win_rate_vs_sft"]["ties"] == 6 == results["again"]["win_rate_vs_sft"]["ties"]
+    assert {"reward", "overall"} <= set(results[GOLD_ANSWERS]) and "reward" in results["demonstrations"]["sampled"]
+    page = (tmp_path / "report.html").read_text()
+    assert "Held-out prompts, judged by the gold labeler" in page and "Judged by the reward model" in page

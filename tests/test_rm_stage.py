@@ -8,7 +8,7 @@ import math
 from instructrl.data.chat import tokenize_conversation
 from instructrl.data.jsonl import read_jsonl
 from instructrl.models.base import load_tokenizer
-from instructrl.stages.rm import score_sequences
+from instructrl.models.reward import score_sequences
 from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, correlation, length_bias, pairwise_accuracy
 from instructrl.models.reward import RewardModel
 from instructrl.world.labeler import QUALITY_WRONG_MAX

@@ -196,11 +196,11 @@ def ppo(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[s
 
 @app.command("eval", epilog=_config_help("run", "eval"))
 def evaluate(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
-    """Judge models' answers to the built-in world's held-out prompts with its gold labeler, per instruction family.
+    """Judge models' answers to held-out prompts: the built-in world's, by its gold labeler, or your own, by a reward model.
 
-    Any causal LM can be judged (eval.models), but the prompts and the judge are the built-in
-    world's: to compare your own models on your own prompts, people judge A/B pairs in
-    `instructrl label`."""
+    Any causal LM can be judged (eval.models). eval.reward_model=PATH scores every answer with a
+    reward model as well; eval.prompts=FILE answers your own prompts, which only a reward model
+    can judge. To have people judge, use `instructrl label`'s A/B comparisons."""
     from instructrl.evaluation.evaluate import results_table, run_eval
     from instructrl.evaluation.report import write_report
 

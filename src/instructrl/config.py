@@ -272,7 +272,10 @@ class PPOConfig(ModelSwitches):
 
 class EvalConfig(Strict):
     models: dict[str, str] | None = Field(None, description="name: model path to evaluate; win rates and the alignment tax are measured against the one named sft. Default: this run's base, SFT, PPO and PPO-ptx models (of the last round), those that exist.")
-    n_prompts: int | None = Field(None, gt=0, description="Evaluate on the first n held-out prompts only.")
+    prompts: Path | None = Field(None, description="Your own prompts (any format whose records hold a prompt; `instructrl data check` says), judged by eval.reward_model alone: the world's gold labeler knows only its own. Default: the built-in world's held-out prompts.")
+    prompts_format: DataFormat = Field("auto", description="Format of eval.prompts: auto (from the fields) or a format name.")
+    reward_model: str | None = Field(None, description="Also judge every answer by this reward model: mean reward and win rate against sft by reward. A proxy, and the one PPO was trained to please when it is this run's RM: one trained on other comparisons judges more fairly.")
+    n_prompts: int | None = Field(None, gt=0, description="Evaluate on the first n prompts only.")
     max_new_tokens: int = Field(24, gt=0, description="Longest answer generated.")
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch.")
     temperature: float | None = Field(1.0, gt=0, description="Also judge answers sampled at this temperature (null: greedy answers only). PPO maximises the reward of samples at its rollout temperature (1.0), so these are the figures of what it optimised, as in Gao et al.'s gold-labeler evaluation; greedy answers are judged as well.")

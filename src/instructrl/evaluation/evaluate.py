@@ -17,13 +17,16 @@ from pathlib import Path
 import torch
 
 from instructrl.config import PipelineConfig
-from instructrl.data.packing import pack_documents
+from instructrl.data.chat import tokenize_conversation
+from instructrl.data.formats import read_prompts
 from instructrl.data.jsonl import write_jsonl
-from instructrl.errors import UserError
+from instructrl.data.packing import pack_documents
+from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
 from instructrl.evaluation.preference import win_rate
 from instructrl.evaluation.report import GOLD_ANSWERS, round_folders
-from instructrl.models.base import load_answering_model, load_tokenizer
+from instructrl.models.base import context_length, inference_device, load_answering_model, load_tokenizer
+from instructrl.models.reward import RewardModel, score_sequences
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir, write_text_atomic
 from instructrl.world.build import build_world, demonstration, load_tasks
@@ -103,26 +106,79 @@ def judge_answers(tasks: list, answers: dict[str, list[list[str]]], judge) -> tu
     return judged, results
 
 
+class RewardJudge:
+    """Scores answers with a reward model: each (conversation, answer) is tokenised with the RM's own
+    tokenizer, so any policy's answers can be judged, whatever its tokenizer."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tokenizer = load_tokenizer(path)
+        self.model = RewardModel.from_pretrained(path).to(inference_device())
+
+    def score(self, conversations: list[list[dict]], answers: list[str]) -> list[float]:
+        sequences = [tokenize_conversation(self.tokenizer, c + [{"role": "assistant", "content": a}]).input_ids
+                     for c, a in zip(conversations, answers)]
+        longest, context = max(map(len, sequences), default=0), context_length(self.model)
+        if longest > context:
+            raise UserError(f"eval.reward_model = {self.path}: a prompt and its answer are {longest} tokens, "
+                            f"more than the reward model's context ({context}); lower eval.max_new_tokens or drop the longest prompts")
+        return score_sequences(self.model, sequences, self.tokenizer.pad_token_id, inference_device())
+
+    def score_rows(self, conversations: list[list[dict]], rows: list[list[str]]) -> list[list[float]]:
+        """The rewards of several answers per conversation, row by row."""
+        flat = self.score([c for c, row in zip(conversations, rows) for _ in row], [a for row in rows for a in row])
+        out, start = [], 0
+        for row in rows:
+            out.append(flat[start : start + len(row)])
+            start += len(row)
+        return out
+
+
+def reward_summary(rewards: dict[str, list[list[float]]]) -> dict[str, dict]:
+    """Per model its mean reward over every answer and, beside sft's, its win rate by reward (ties half)."""
+    summary = {name: {"mean": sum(map(sum, rows)) / sum(map(len, rows))} for name, rows in rewards.items()}
+    if "sft" in rewards:
+        for name, rows in rewards.items():
+            if name != "sft":
+                summary[name]["win_rate_vs_sft"] = win_rate(rows, rewards["sft"])
+    return summary
+
+
+def _eval_prompts(config: PipelineConfig, log) -> tuple[list[str], list[list[dict]], list, Path, list[str]]:
+    """The prompts' ids and conversations, the world's tasks behind them (none for your own prompts),
+    the prompts' file, and the held-out pretraining text (for the alignment tax; the world's only)."""
+    cfg = config.eval
+    if cfg.prompts is not None:
+        prompts = read_prompts(cfg.prompts, cfg.prompts_format)[: cfg.n_prompts]
+        log(f"eval: {len(prompts)} prompts from {cfg.prompts}, judged by the reward model {cfg.reward_model}")
+        return [p.id for p in prompts], [p.messages for p in prompts], [], Path(cfg.prompts), []
+    world = build_world(config.world, Path(config.run.dir) / "world")
+    tasks = load_tasks(world.prompts("eval"))[: cfg.n_prompts]
+    log(f"eval: the built-in world's {len(tasks)} held-out prompts ({world.prompts('eval')}), judged by its gold labeler"
+        + (f" and the reward model {cfg.reward_model}" if cfg.reward_model else "")
+        + "; to have people judge your own models on your own prompts, use `instructrl label`'s A/B comparisons")
+    return [t.id for t in tasks], [list(t.messages) for t in tasks], tasks, world.prompts("eval"), world.heldout_corpus.read_text().splitlines()
+
+
 def run_eval(config: PipelineConfig, log=print) -> dict:
     cfg = config.eval
     models = cfg.models or default_models(config, log)
     if not models:
         raise UserError(f"eval: no models given and none found under {config.run.dir}; run pretrain/sft first or set eval.models")
+    if cfg.prompts is not None and cfg.reward_model is None:
+        raise UserError("eval.prompts: your own prompts need eval.reward_model to judge the answers "
+                        "(the built-in world's gold labeler knows only its own prompts)")
     if "sft" not in models:
         log("eval: no model is named 'sft', so there are no win rates or alignment tax (both are measured against SFT)")
     tokenizers = {name: load_tokenizer(path) for name, path in models.items()}  # a missing model fails now, not after the others answered
-    world = build_world(config.world, Path(config.run.dir) / "world")
-    tasks = load_tasks(world.prompts("eval"))[: cfg.n_prompts]
-    judge = SimulatedLabeler()
-    log(f"eval: the built-in world's {len(tasks)} held-out prompts ({world.prompts('eval')}), judged by its gold labeler; "
-        "to have people judge your own models on your own prompts, use `instructrl label`'s A/B comparisons")
-    answers = {DEMONSTRATIONS: [demonstration(config.world, t) for t in tasks]}
-    heldout = world.heldout_corpus.read_text().splitlines()
-    sampled = {}
-    conversations = [list(t.messages) for t in tasks]
-    losses = {}
+    with located("eval.reward_model"):
+        reward_judge = RewardJudge(cfg.reward_model) if cfg.reward_model else None
+    ids, conversations, tasks, prompts_file, heldout = _eval_prompts(config, log)
+    answers, sampled, losses = {}, {}, {}
+    if tasks:
+        answers[DEMONSTRATIONS] = [demonstration(config.world, t) for t in tasks]
     for name, path in models.items():
-        log(f"eval: answering {len(tasks)} held-out prompts with {name} ({path})")
+        log(f"eval: answering {len(conversations)} prompts with {name} ({path})")
         tokenizer = tokenizers[name]
         model = load_answering_model(path, tokenizer=tokenizer)
         answers[name] = generate_answers(model, tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size, key="eval.max_new_tokens")
@@ -132,13 +188,30 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
                                              num_samples=cfg.samples, temperature=cfg.temperature, key="eval.max_new_tokens")
         if heldout:
             losses[name] = pretraining_loss(model, tokenizer, heldout)
-    answers[GOLD_ANSWERS] = [t.answer for t in tasks]
-    for name in (DEMONSTRATIONS, GOLD_ANSWERS):  # one written answer per prompt, met by every sample
-        sampled[name] = [[a] * cfg.samples for a in answers[name]]
-    judged, results = judge_answers(tasks, {name: [[a] for a in texts] for name, texts in answers.items()}, judge)
-    if cfg.temperature is not None:
-        for name, r in judge_answers(tasks, sampled, judge)[1].items():
-            results[name]["sampled"] = {"temperature": cfg.temperature, "samples": cfg.samples, **r}
+    if tasks:
+        answers[GOLD_ANSWERS] = [t.answer for t in tasks]
+        for name in (DEMONSTRATIONS, GOLD_ANSWERS):  # one written answer per prompt, met by every sample
+            sampled[name] = [[a] * cfg.samples for a in answers[name]]
+        judge = SimulatedLabeler()
+        judged, results = judge_answers(tasks, {name: [[a] for a in texts] for name, texts in answers.items()}, judge)
+        if cfg.temperature is not None:
+            for name, r in judge_answers(tasks, sampled, judge)[1].items():
+                results[name]["sampled"] = {"temperature": cfg.temperature, "samples": cfg.samples, **r}
+    else:
+        judged, results = {}, {name: {} for name in answers}
+        if cfg.temperature is not None:
+            for r in results.values():
+                r["sampled"] = {"temperature": cfg.temperature, "samples": cfg.samples}
+    rewards, sampled_rewards = {}, {}
+    if reward_judge is not None:
+        log(f"eval: scoring every answer with the reward model {cfg.reward_model}")
+        rewards = {name: reward_judge.score_rows(conversations, [[a] for a in texts]) for name, texts in answers.items()}
+        for name, summary in reward_summary(rewards).items():
+            results[name]["reward"] = summary
+        if cfg.temperature is not None:
+            sampled_rewards = {name: reward_judge.score_rows(conversations, rows) for name, rows in sampled.items()}
+            for name, summary in reward_summary(sampled_rewards).items():
+                results[name]["sampled"]["reward"] = summary
     # alignment tax: loss on held-out pretraining text, and its rise over SFT
     # per token, so only where the tokenizer is SFT's: another one cuts the same text into other tokens
     other_tokens = [name for name in losses if "sft" in losses and tokenizers[name].get_vocab() != tokenizers["sft"].get_vocab()]
@@ -153,17 +226,31 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     # (a model that cannot be loaded, or Ctrl-C, leaves the last results as they were)
     run = RunDir(config, "eval", SECTIONS)
     run.start(restart=True)
+
+    def answer_record(name: str, i: int) -> dict:
+        record = {"answer": answers[name][i]}
+        if name in judged:
+            record["likert"] = judged[name][i][0].likert
+        if name in rewards:
+            record["reward"] = rewards[name][i][0]
+        if cfg.temperature is not None and name != DEMONSTRATIONS:
+            record["sampled"] = sampled[name][i]
+            if name in sampled_rewards:
+                record["sampled_rewards"] = sampled_rewards[name][i]
+        return record
+
     write_jsonl(run.path / "samples.jsonl", (
-        {"id": t.id, "family": t.family, "messages": list(t.messages), "gold": t.answer,
-         **{name: {"answer": answers[name][i], "likert": judged[name][i][0].likert}
-            | ({"sampled": sampled[name][i]} if cfg.temperature is not None and name != DEMONSTRATIONS else {})
-            for name in answers if name != GOLD_ANSWERS}}
-        for i, t in enumerate(tasks)
+        {"id": ids[i], **({"family": tasks[i].family} if tasks else {}), "messages": conversation,
+         **({"gold": tasks[i].answer} if tasks else {}),
+         **{name: answer_record(name, i) for name in answers if name != GOLD_ANSWERS}}
+        for i, conversation in enumerate(conversations)
     ))
     # a folder as an absolute path (results.json is read from anywhere), a hub name as given
     where = {name: str(Path(path).resolve()) if Path(path).exists() else path for name, path in models.items()}
-    write_text_atomic(run.path / "results.json", json.dumps({"models": where, "n_prompts": len(tasks), "results": results}, indent=2))
-    run.write_lineage({f"model:{name}": path for name, path in models.items()} | {"prompts": world.prompts("eval")})
+    write_text_atomic(run.path / "results.json", json.dumps(
+        {"models": where, "prompts": str(prompts_file), "reward_model": cfg.reward_model, "n_prompts": len(conversations), "results": results}, indent=2))
+    run.write_lineage({f"model:{name}": path for name, path in models.items()} | {"prompts": prompts_file}
+                      | ({"reward_model": cfg.reward_model} if cfg.reward_model else {}))
     run.finish({"results": run.path / "results.json"})
     return results
 
@@ -174,6 +261,8 @@ def results_table(results: dict):
     from rich.table import Table
 
     names = list(results)
+    if "overall" not in results[names[0]]:
+        return _reward_table(results)
     sampled = all("sampled" in results[n] for n in names)
     title = "Mean gold Likert (1-7) on held-out prompts, flags (share of answers), win rate vs SFT (ties half) [95% interval]"
     if sampled:
@@ -192,14 +281,43 @@ def results_table(results: dict):
     if any("win_rate_vs_sft" in results[n] for n in names):
         table.add_row("[bold]wins vs SFT", *(_win_cell(results[n].get("win_rate_vs_sft")) for n in names))
     if any("pretraining_loss" in results[n] for n in names):
-        table.add_row("pretrain loss", *(f"{results[n]['pretraining_loss']:.2f}" if "pretraining_loss" in results[n] else "" for n in names),
-                      end_section=True)
+        table.add_row("pretrain loss", *(f"{results[n]['pretraining_loss']:.2f}" if "pretraining_loss" in results[n] else "" for n in names))
+    _reward_rows(table, [results[n] for n in names])
+    table.rows[-1].end_section = True
     if sampled:
         table.add_row("[bold]sampled", *("" for _ in names))
         table.add_row("[bold]Likert", *(f"[bold]{results[n]['sampled']['overall']['likert']:.2f}" for n in names))
         for flag in ("incorrect", "verbose"):
             table.add_row(flag, *(f"{results[n]['sampled']['overall']['flags'][flag]:.0%}" for n in names))
         table.add_row("[bold]wins vs SFT", *(_win_cell(results[n]["sampled"].get("win_rate_vs_sft")) for n in names))
+        _reward_rows(table, [results[n]["sampled"] for n in names])
+    return table
+
+
+def _reward_rows(table, results: list[dict]) -> None:
+    """The reward model's mean reward and win rate vs SFT, when it judged (eval.reward_model)."""
+    if any("reward" in r for r in results):
+        table.add_row("RM reward", *(f"{r['reward']['mean']:.2f}" for r in results))
+        table.add_row("RM wins", *(_win_cell(r["reward"].get("win_rate_vs_sft")) for r in results))
+
+
+def _reward_table(results: dict):
+    """Your own prompts (eval.prompts): each model's mean reward and win rate vs SFT by reward, greedy then sampled."""
+    from rich import box
+    from rich.table import Table
+
+    names = list(results)
+    table = Table(title="Judged by the reward model: win rates ties half [95% interval]",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("greedy", min_width=15)
+    for name in names:
+        table.add_column(name, justify="right", overflow="fold")
+    _reward_rows(table, [results[n] for n in names])
+    if all("sampled" in results[n] for n in names):
+        first = results[names[0]]["sampled"]
+        table.rows[-1].end_section = True
+        table.add_row(f"[bold]{first['samples']} sampled, T={first['temperature']:g}", *("" for _ in names))
+        _reward_rows(table, [results[n]["sampled"] for n in names])
     return table
 
 

@@ -148,18 +148,24 @@ def headline(results: dict) -> list[str]:
                     line += f", vs SFT's samples {_win_text(r['sampled']['win_rate_vs_sft'])}"
                 lines.append(f"{line}: no model can win more often")
             continue
-        line = f"{name}: Likert {r['overall']['likert']:.2f}"
-        if "win_rate_vs_sft" in r:
-            line += f", wins vs SFT {_win_text(r['win_rate_vs_sft'])}"
+        line = f"{name}: {_judged_text(r)}"
         if "pretraining_loss" in r:
             line += f", {_loss_text(r, name)}"
         if "sampled" in r and name != "demonstrations":
-            sampled = r["sampled"]
-            line += f"; sampled at T={sampled['temperature']:g}: Likert {sampled['overall']['likert']:.2f}"
-            if "win_rate_vs_sft" in sampled:
-                line += f", wins vs SFT {_win_text(sampled['win_rate_vs_sft'])}"
+            line += f"; sampled at T={r['sampled']['temperature']:g}: {_judged_text(r['sampled'])}"
         lines.append(line)
     return lines
+
+
+def _judged_text(r: dict) -> str:
+    """Likert and win rate by the gold labeler, and mean reward and win rate by the reward model, those judged."""
+    parts = []
+    if "overall" in r:
+        parts.append(f"Likert {r['overall']['likert']:.2f}" + (f", wins vs SFT {_win_text(r['win_rate_vs_sft'])}" if "win_rate_vs_sft" in r else ""))
+    if "reward" in r:
+        w = r["reward"].get("win_rate_vs_sft")
+        parts.append(f"RM reward {r['reward']['mean']:.2f}" + (f", RM wins vs SFT {_win_text(w)}" if w else ""))
+    return ", ".join(parts)
 
 
 HOW_TO_READ = (
@@ -231,6 +237,24 @@ def _eval_section(evaluation: dict) -> list[str]:
         parts.append("<p>The same for the sampled answers.</p>")
         parts.append(_family_table(results, sampled=True))
     return parts
+
+
+def _reward_section(evaluation: dict) -> list[str]:
+    """Each model's mean reward and win rate vs SFT by the reward model eval.reward_model, greedy and sampled, when it judged."""
+    results = evaluation["results"]
+    if not any("reward" in r for r in results.values()):
+        return []
+    rows = []
+    for name, r in results.items():
+        row = [html.escape(name)]
+        for judged in (r, r.get("sampled", {})):
+            w = judged.get("reward", {}).get("win_rate_vs_sft")
+            row += [f"{judged['reward']['mean']:.3f}" if "reward" in judged else "", f"{_win_text(w)} (n={w['n']})" if w else ""]
+        rows.append(row)
+    return [f"<h2>Judged by the reward model</h2><p>{evaluation['n_prompts']} prompts from <code>{html.escape(evaluation.get('prompts', ''))}</code>, "
+            f"every answer scored by <code>{html.escape(str(evaluation['reward_model']))}</code>. A reward model is a proxy for people's "
+            "judgement, and PPO was trained to please this run's own: judged by it, PPO's models look better than people would find them.</p>",
+            _table(["model", "mean reward (greedy)", "win rate vs SFT by reward", "mean reward (sampled)", "win rate vs SFT by reward (sampled)"], rows)]
 
 
 def _rm_section(d: dict, by_round: dict[int, dict] | None = None) -> list[str]:
@@ -309,7 +333,10 @@ def write_report(root: Path, rounds: int = 1, n_samples: int = 30) -> Path:
     matplotlib.use("Agg")
     root = Path(root)
     parts = ["<h1>instructrl report</h1>", f"<p>Run folder: <code>{html.escape(str(root))}</code></p>"]
-    parts += _eval_section(json.loads((root / "eval" / "results.json").read_text()))
+    evaluation = json.loads((root / "eval" / "results.json").read_text())
+    if "overall" in next(iter(evaluation["results"].values())):  # the world's prompts, judged by its gold labeler
+        parts += _eval_section(evaluation)
+    parts += _reward_section(evaluation)
     by_round = {r: json.loads(path.read_text()) for r, folder in enumerate(round_folders(root, rounds), start=1)
                 if (path := folder / "rm" / "diagnostics.json").is_file()}
     if by_round:
@@ -318,7 +345,7 @@ def write_report(root: Path, rounds: int = 1, n_samples: int = 30) -> Path:
     if metrics:
         parts += _ppo_section(metrics)
     samples_path = root / "eval" / "samples.jsonl"
-    if samples_path.is_file():
+    if samples_path.is_file() and "overall" in next(iter(evaluation["results"].values())):
         parts += _samples_section(samples_path, n_samples)
     page = ("<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>instructrl report</title><style>{PAGE_STYLE}</style></head><body>{''.join(parts)}</body></html>")

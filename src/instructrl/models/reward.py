@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from instructrl.errors import UserError
-from instructrl.padding import last_token_index, position_ids_from_mask
+from instructrl.padding import last_token_index, pad_sequences, position_ids_from_mask
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -118,6 +118,17 @@ class RewardModel(nn.Module):
             return values
         last = last_token_index(attention_mask).clamp(min=0)
         return values.gather(1, last.unsqueeze(1)).squeeze(1) + self.reward_bias
+
+
+@torch.no_grad()
+def score_sequences(model: RewardModel, sequences: list[list[int]], pad_id: int, device, batch_size: int = 64) -> list[float]:
+    """The reward of each token sequence (a prompt and response ending with EOS), in batches."""
+    model.eval()
+    rewards = []
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = pad_sequences(sequences[start : start + batch_size], pad_id, side="right")
+        rewards += model(ids.to(device), mask.to(device)).tolist()
+    return rewards
 
 
 def _load_backbone(name_or_path: str | Path) -> nn.Module:

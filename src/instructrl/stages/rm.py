@@ -23,7 +23,7 @@ from instructrl.errors import UserError, located
 from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, correlation, figure, length_bias, pairwise_accuracy
 from instructrl.models.base import apply_switches, length_cap, load_tokenizer, set_dropout
 from instructrl.models.lora import add_lora, trainable_share
-from instructrl.models.reward import RewardModel
+from instructrl.models.reward import RewardModel, score_sequences
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
 from instructrl.rundir import RunDir, given_or_earlier, write_text_atomic
@@ -46,16 +46,6 @@ def encode_comparison(tokenizer, record: ComparisonRecord) -> list[list[int]]:
 def best_ranked(records: list[ComparisonRecord], encoded: list[list[list[int]]]) -> list[list[int]]:
     """The encoded responses ranked best (ties included) in each record: a pair's chosen response."""
     return [seq for record, seqs in zip(records, encoded) for rank, seq in zip(record.ranks, seqs) if rank == min(record.ranks)]
-
-
-@torch.no_grad()
-def score_sequences(model, sequences: list[list[int]], pad_id: int, device, batch_size: int = 64) -> list[float]:
-    model.eval()
-    rewards = []
-    for start in range(0, len(sequences), batch_size):
-        ids, mask = pad_sequences(sequences[start : start + batch_size], pad_id, side="right")
-        rewards += model(ids.to(device), mask.to(device)).tolist()
-    return rewards
 
 
 def split_by_prompt(ids: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
