@@ -114,6 +114,27 @@ def test_bad_bodies_get_422_naming_the_field(project):
     assert connect(root).execute("SELECT COUNT(*) FROM assignments WHERE state != 'leased'").fetchone()[0] == 0
 
 
+def test_every_json_route_answers_a_malformed_or_ill_typed_body_naming_the_field(project):
+    # draft, skip and next answered broken JSON with field "9" (the character where parsing stopped)
+    # and JSON nested too deep with FastAPI's bare 400 "There was an error parsing the body"
+    root, pid, users, app = project
+    ann = client(app, users["ann"])
+    rank = ann.post(f"/api/projects/{pid}/next", json={"kind": "rank"}).json()["assignment"]["id"]
+    routes = {("PUT", f"/api/assignments/{rank}/draft"): {"text": 5}, ("POST", f"/api/assignments/{rank}/skip"): {"reason": ["x"]},
+              ("POST", f"/api/projects/{pid}/next"): {"kind": 5}, ("POST", f"/api/assignments/{rank}/submit"): {"likert": "high", "flags": [[]] * 4, "ranks": [0, 1, 2, 3]}}
+    for (method, path), ill_typed in routes.items():
+        for body in (b'{"text": ', b"\xff\xfe", b"[" * 100_000, b"[1]", json.dumps(ill_typed).encode()):
+            response = ann.request(method, path, content=body, headers={"Content-Type": "application/json"})
+            field = "body" if body != json.dumps(ill_typed).encode() else next(iter(ill_typed))
+            reply = response.json()
+            assert response.status_code == 422 and reply["field"] == field and reply["detail"].startswith(f"{field}: "), (path, body[:9], reply)
+    admin = client(app, users["root"])
+    for body in (b'{"name": "eve", ', b"[" * 100_000):
+        reply = admin.post("/api/users", content=body, headers={"Content-Type": "application/json"}).json()
+        assert reply["field"] == "body" and "not valid JSON" in reply["detail"], reply
+    assert ann.get(f"/api/assignments/{rank}").json()["state"] == "leased"
+
+
 def test_ids_too_big_for_sqlite_and_json_nested_too_deep_are_422_not_500(project):
     root, pid, users, app = project
     ann = TestClient(app, headers={"Authorization": f"Bearer {users['ann'].token}"}, raise_server_exceptions=False)

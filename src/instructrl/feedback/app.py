@@ -185,6 +185,8 @@ async def task_error(request: Request, err: tasks.TaskError):
 
 async def http_error(request: Request, err: StarletteHTTPException):
     """The framework's own refusals (413 from BodyLimit, 404, 405): a page for a browser."""
+    if err.status_code == 400:  # FastAPI's only 400: a body it could not parse (JSON nested too deep raised RecursionError)
+        return await task_error(request, tasks.Invalid(f"the body is not valid JSON ({err.__cause__ or err.detail})", "body"))
     if wants_html(request):
         return error_page(err.status_code, str(err.detail))
     return await http_exception_handler(request, err)
@@ -196,11 +198,13 @@ async def user_error(request: Request, err: UserError):
 
 async def validation_error(request: Request, err: RequestValidationError):
     first = err.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or "body"
+    if first["type"] == "json_invalid":  # its loc is ("body", the character where parsing stopped): no field
+        field, message = "body", f"the body is not valid JSON ({first['ctx']['error']} at character {first['loc'][-1]})"
+    else:
+        field, message = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body", first["msg"]
     if wants_html(request):
-        return error_page(422, f"{field}: {first['msg']}")
-    return JSONResponse({"detail": f"{field}: {first['msg']}", "field": field}, status_code=422)
+        return error_page(422, f"{field}: {message}")
+    return JSONResponse({"detail": f"{field}: {message}", "field": field}, status_code=422)
 
 
 ERROR_HANDLERS = {tasks.TaskError: task_error, StarletteHTTPException: http_error, UserError: user_error,
