@@ -86,6 +86,24 @@ def test_a_page_of_another_origin_cannot_post_with_the_admins_cookie(project):
     assert browser.post("/admin/users", data=form, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
 
 
+def test_no_response_may_be_framed_or_sniffed_and_pages_run_only_the_apps_script(project):
+    # no anti-framing header: another site could show /admin in a hidden frame under its own buttons
+    root, pid, users, app = project
+    ann = client(app, users["ann"])
+    html = {"Accept": "text/html"}
+    responses = [TestClient(app).get("/login"), TestClient(app).get("/", headers=html), ann.get("/", headers=html),
+                 ann.get("/static/feedback.js"), ann.get("/api/me"), ann.get("/no-such-page", headers=html),
+                 ann.post(f"/api/projects/{pid}/next", json={"kind": "essay"}), ann.get(f"/projects/{pid}/next", follow_redirects=False),
+                 ann.put("/api/assignments/1/draft", content=b"x" * (MAX_BODY_BYTES + 1)), TestClient(app).get("/api/me")]
+    for response in responses:
+        headers = response.headers
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff", (response.url, response.status_code)
+        assert headers["content-security-policy"] == "default-src 'self'; frame-ancestors 'none'", response.url
+    assert {r.status_code for r in responses} == {200, 303, 401, 404, 413, 422}
+    docs = ann.get("/api/docs")  # Swagger UI runs an inline script: framing is refused all the same
+    assert docs.status_code == 200 and docs.headers["content-security-policy"] == "frame-ancestors 'none'"
+
+
 def test_bad_bodies_get_422_naming_the_field(project):
     root, pid, users, app = project
     ann = client(app, users["ann"])
