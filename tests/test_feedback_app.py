@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import threading
@@ -16,7 +17,9 @@ from ports import free_port
 from instructrl.data.preference import comparison_from_preference
 from instructrl.data.formats import read_comparisons
 from instructrl.data.records import validate_messages
-from instructrl.feedback.app import MAX_BODY_BYTES, create_app
+from instructrl.feedback import accounts
+from instructrl.feedback.accounts import SESSION_SECONDS
+from instructrl.feedback.app import COOKIE, MAX_BODY_BYTES, create_app
 from instructrl.feedback.db import connect
 from instructrl.feedback.tasks import FLAGS, dense_ranks
 
@@ -61,6 +64,30 @@ def test_unauthenticated_and_wrong_role_requests_are_refused(project):
     assert browser.post("/login", data={"name": "ann", "password": "wrong"}).status_code == 401
     assert browser.post("/login", data={"name": "ann", "password": "annann"}, follow_redirects=False).status_code == 303
     assert browser.get("/api/me").json() == {"name": "ann", "role": "labeler"}
+
+
+def test_logging_out_ends_the_browser_session_and_leaves_the_api_token_working(project, monkeypatch):
+    # the cookie was the API token itself: logging out deleted it from the browser only, so a copy
+    # of it kept working, and the only way to end that session was a new token for every script
+    root, pid, users, app = project
+    browser = TestClient(app)
+    assert browser.post("/login", data={"name": "ann", "password": "annann"}, follow_redirects=False).status_code == 303
+    cookie = browser.cookies[COOKIE]
+    assert cookie != users["ann"].token
+    stored = connect(root).execute("SELECT id_hash FROM sessions").fetchall()
+    assert [row["id_hash"] for row in stored] == [hashlib.sha256(cookie.encode()).hexdigest()]  # the id itself is not kept
+    copy = TestClient(app, cookies={COOKIE: cookie})
+    assert copy.get("/api/me").json()["name"] == "ann"
+    assert browser.post("/logout", follow_redirects=False).status_code == 303
+    assert copy.get("/api/me").status_code == 401 and browser.get("/api/me").status_code == 401
+    assert copy.get("/", headers={"Accept": "text/html"}).status_code == 401
+    assert client(app, users["ann"]).get("/api/me").status_code == 200  # her scripts go on
+    # a session ends by itself after SESSION_SECONDS
+    browser.post("/login", data={"name": "ann", "password": "annann"})
+    assert browser.get("/api/me").status_code == 200
+    later = accounts.now() + SESSION_SECONDS + 1
+    monkeypatch.setattr(accounts, "now", lambda: later)
+    assert browser.get("/api/me").status_code == 401
 
 
 def test_a_page_of_another_origin_cannot_post_with_the_admins_cookie(project):

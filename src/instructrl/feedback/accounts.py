@@ -1,4 +1,4 @@
-"""Labeler accounts: roles, passwords (scrypt) and per-labeler API tokens."""
+"""Labeler accounts: roles, passwords (scrypt), per-labeler API tokens and browser sessions."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 from instructrl.errors import UserError
 from instructrl.data.jsonl import encodable
-from instructrl.feedback.db import now, transaction
+from instructrl.feedback.db import digest, now, transaction
 
 ROLES = ("admin", "labeler")
+SESSION_SECONDS = 12 * 3600  # a working day: a browser left logged in is logged out overnight
 
 
 class AccountError(UserError):
@@ -77,14 +78,15 @@ def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -
 
 
 def reset_user(conn: sqlite3.Connection, name: str, password: str) -> User:
-    """Give account ``name`` a new password and a new API token: its old token, and every browser
-    session logged in with it, stop working (a lost password, or a token that leaked)."""
+    """Give account ``name`` a new password and a new API token: its old token and its browser
+    sessions stop working (a lost password, or a token that leaked)."""
     name = name.strip()
     _check(name, password)
     salt, token = secrets.token_hex(16), secrets.token_urlsafe(24)
     with transaction(conn):
         changed = conn.execute("UPDATE users SET password_hash = ?, salt = ?, token = ? WHERE name = ?",
                                (_hash(password, salt), salt, token, name)).rowcount
+        conn.execute("DELETE FROM sessions WHERE user_id IN (SELECT id FROM users WHERE name = ?)", (name,))
     if not changed:
         raise AccountError(f"no user {name!r}", "name")
     return user_by_token(conn, token)
@@ -99,6 +101,28 @@ def login(conn: sqlite3.Connection, name: str, password: str) -> User | None:
 
 def user_by_token(conn: sqlite3.Connection, token: str) -> User | None:
     return _user(conn.execute("SELECT * FROM users WHERE token = ?", (token,)).fetchone())
+
+
+def start_session(conn: sqlite3.Connection, user: User) -> str:
+    """A new browser session of ``user``, SESSION_SECONDS long: its id, for the cookie. The
+    database keeps only its digest; expired sessions are dropped here."""
+    session_id = secrets.token_urlsafe(32)
+    with transaction(conn):
+        at = now()
+        conn.execute("DELETE FROM sessions WHERE expires <= ?", (at,))
+        conn.execute("INSERT INTO sessions (id_hash, user_id, expires) VALUES (?, ?, ?)", (digest(session_id), user.id, at + SESSION_SECONDS))
+    return session_id
+
+
+def user_by_session(conn: sqlite3.Connection, session_id: str) -> User | None:
+    return _user(conn.execute("SELECT u.* FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id_hash = ? AND s.expires > ?",
+                              (digest(session_id), now())).fetchone())
+
+
+def end_session(conn: sqlite3.Connection, session_id: str) -> None:
+    """Log a browser out: its cookie, or any copy of it, no longer works. The API token still does."""
+    with transaction(conn):
+        conn.execute("DELETE FROM sessions WHERE id_hash = ?", (digest(session_id),))
 
 
 def list_users(conn: sqlite3.Connection) -> list[User]:

@@ -1,8 +1,8 @@
 """The feedback app over HTTP: server-rendered pages for people, a JSON API for scripts.
 
 ``create_app(project_dir)`` returns a FastAPI app on the project's SQLite database. Pages sign
-in with a session cookie; the API takes ``Authorization: Bearer <token>`` (each labeler's own)
-or the same cookie. Labelers see only their own tasks and answers; admin pages and the export
+in with a session cookie (logging out ends the session); the API takes ``Authorization: Bearer
+<token>`` (each labeler's own) or the same cookie. Labelers see only their own tasks and answers; admin pages and the export
 need the admin role. A state-changing request from another origin's page is refused (403,
 ``same_origin``). Bad requests get a 4xx whose JSON names the field:
 ``{"detail": "...", "field": "likert.2"}``; a body over ``MAX_BODY_BYTES`` gets 413.
@@ -159,8 +159,10 @@ def db(request: Request):
 
 def current_user(request: Request, conn: sqlite3.Connection = Depends(db)) -> accounts.User:
     header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
-    user = accounts.user_by_token(conn, token) if token else None
+    if header.lower().startswith("bearer "):
+        user = accounts.user_by_token(conn, header[7:].strip())
+    else:
+        user = accounts.user_by_session(conn, request.cookies.get(COOKIE, ""))
     if user is None:
         raise Unauthenticated("log in, or send Authorization: Bearer <your token>", "authorization")
     return user
@@ -253,12 +255,13 @@ def login(name: str = Form(...), password: str = Form(...), next: str = Form("/"
         return page("login.html", 401, error="Wrong name or password.", next=next)
     # only a path on this site: "//host" would send the browser elsewhere
     response = RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
-    response.set_cookie(COOKIE, user.token, httponly=True, samesite="strict")
+    response.set_cookie(COOKIE, accounts.start_session(conn, user), max_age=accounts.SESSION_SECONDS, httponly=True, samesite="strict")
     return response
 
 
 @pages.post("/logout")
-def logout():
+def logout(request: Request, conn: sqlite3.Connection = Depends(db)):
+    accounts.end_session(conn, request.cookies.get(COOKIE, ""))
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE)
     return response

@@ -8,6 +8,7 @@ wait up to ``busy_timeout``), so many labelers submitting at once are serialised
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -28,6 +29,11 @@ CREATE TABLE IF NOT EXISTS users (
     salt TEXT NOT NULL,
     token TEXT NOT NULL UNIQUE,    -- the labeler's API token (Authorization: Bearer ...)
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash TEXT PRIMARY KEY,      -- digest of the session id in the browser's cookie
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    expires REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS projects (
     id INTEGER PRIMARY KEY,
@@ -119,3 +125,10 @@ def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 def now() -> float:
     return time.time()
+
+
+def digest(secret: str) -> str:
+    """What the database keeps of a secret it checks (a session id): its sha256, hex, so that a copy
+    of the file logs nobody in. The secrets are random (``secrets.token_urlsafe``), not passwords:
+    no salt or slow hash is needed."""
+    return hashlib.sha256(secret.encode()).hexdigest()
