@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import sqlite3
 import threading
 
 import httpx
@@ -17,10 +18,11 @@ from ports import free_port
 from instructrl.data.preference import comparison_from_preference
 from instructrl.data.formats import read_comparisons
 from instructrl.data.records import validate_messages
-from instructrl.feedback import accounts
+from instructrl.feedback import accounts, db
+from instructrl.feedback.accounts import create_user
 from instructrl.feedback.accounts import SESSION_SECONDS
 from instructrl.feedback.app import COOKIE, MAX_BODY_BYTES, create_app
-from instructrl.feedback.db import connect
+from instructrl.feedback.db import SCHEMA_VERSION, connect
 from instructrl.feedback.tasks import FLAGS, dense_ranks
 
 USERS = {"root": "admin", "ann": "labeler", "bob": "labeler"}
@@ -282,6 +284,85 @@ def test_a_reset_gives_a_new_password_and_token_and_the_old_ones_stop_working(pr
     assert TestClient(app).post("/login", data={"name": "ann", "password": "newpass"}, follow_redirects=False).status_code == 303
     proc = cli("label", "user", "nobody", "--reset", "--password", "newpass", "--dir", str(root), check=False)
     assert proc.returncode == 2 and "no user 'nobody'" in proc.stderr
+
+
+# the users table as instructrl wrote it before schema version 1: each API token in plain text
+VERSION_0_USERS = """CREATE TABLE users (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL CHECK (role IN ('admin', 'labeler')),
+    password_hash TEXT NOT NULL,   -- scrypt, hex, with its salt
+    salt TEXT NOT NULL,
+    token TEXT NOT NULL UNIQUE,    -- the labeler's API token (Authorization: Bearer ...)
+    created REAL NOT NULL
+);"""
+
+
+def version_0_database(root) -> dict[str, str]:
+    """feedback.db as instructrl wrote it before hashing tokens (user_version 0); returns each user's token."""
+    raw = sqlite3.connect(root / "feedback.db")
+    raw.execute("PRAGMA journal_mode = WAL")
+    raw.executescript(VERSION_0_USERS)
+    tokens = {name: f"plain-token-of-{name}-{'x' * 16}" for name in USERS}
+    for name, role in USERS.items():
+        raw.execute("INSERT INTO users (name, role, password_hash, salt, token, created) VALUES (?, ?, ?, ?, ?, 0)",
+                    (name, role, accounts._hash(name * 2, "00" * 16), "00" * 16, tokens[name]))
+    raw.commit()
+    raw.close()
+    return tokens
+
+
+def test_a_database_of_plain_tokens_is_upgraded_on_open_and_every_token_goes_on_working(tmp_path, monkeypatch):
+    # the users table held each API token in plain text: a copy of feedback.db (a backup) logged anyone in
+    tokens = version_0_database(tmp_path)
+    connect_as_built = sqlite3.connect
+
+    def connect_without_secure_delete(*args, **kwargs):  # as SQLite is built on macOS or by python.org (Debian's zeroes freed bytes)
+        conn = connect_as_built(*args, **kwargs)
+        conn.execute("PRAGMA secure_delete = OFF")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect_without_secure_delete)
+    server = connect(tmp_path)  # upgraded on open, and left open as a running server's connection is
+    for path in tmp_path.glob("feedback.db*"):  # neither the file's freed bytes nor its write-ahead log keep a token
+        assert not any(token.encode() in path.read_bytes() for token in tokens.values()), path
+    monkeypatch.undo()
+    app = create_app(tmp_path)
+    for name, token in tokens.items():
+        assert TestClient(app, headers={"Authorization": f"Bearer {token}"}).get("/api/me").json()["name"] == name
+    assert TestClient(app).post("/login", data={"name": "ann", "password": "annann"}, follow_redirects=False).status_code == 303
+    assert server.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert {r["name"]: r["token_hash"] for r in server.execute("SELECT name, token_hash FROM users")} == \
+        {name: hashlib.sha256(token.encode()).hexdigest() for name, token in tokens.items()}
+    # and the new code's own accounts work beside the old ones
+    assert create_user(server, "cat", "labeler", "catcat").token not in tokens.values()
+    server.close()
+
+
+def test_an_upgrade_that_fails_changes_nothing(tmp_path, monkeypatch):
+    tokens = version_0_database(tmp_path)
+    hashed = []
+
+    def digest_fails_on_the_second_token(secret):
+        if hashed:
+            raise OSError("disk full")
+        hashed.append(secret)
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    monkeypatch.setattr(db, "digest", digest_fails_on_the_second_token)
+    with pytest.raises(OSError):
+        connect(tmp_path)
+    monkeypatch.undo()
+    raw = sqlite3.connect(tmp_path / "feedback.db")
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 0
+    assert dict(raw.execute("SELECT name, token FROM users")) == tokens  # the same plain tokens: not half of them hashed
+    raw.close()
+    assert TestClient(create_app(tmp_path), headers={"Authorization": f"Bearer {tokens['bob']}"}).get("/api/me").status_code == 200
+    raw = sqlite3.connect(tmp_path / "feedback.db")
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    proc = cli("label", "status", "p", "--dir", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "made by a newer instructrl" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_pages_answer_bad_requests_with_a_page(project):

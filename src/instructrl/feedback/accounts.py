@@ -6,7 +6,7 @@ import hashlib
 import hmac
 import secrets
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from instructrl.errors import UserError
 from instructrl.data.jsonl import encodable
@@ -33,7 +33,7 @@ class User:
     id: int
     name: str
     role: str
-    token: str
+    token: str | None = None  # the API token, in plain text only where it is made (create_user, reset_user), to be shown once
 
     @property
     def is_admin(self) -> bool:
@@ -45,7 +45,7 @@ def _hash(password: str, salt: str) -> str:
 
 
 def _user(row: sqlite3.Row | None) -> User | None:
-    return None if row is None else User(row["id"], row["name"], row["role"], row["token"])
+    return None if row is None else User(row["id"], row["name"], row["role"])
 
 
 def _check(name: str, password: str) -> None:
@@ -62,7 +62,7 @@ def _check(name: str, password: str) -> None:
 
 def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -> User:
     """A new account named ``name`` without its surrounding spaces; its API token is generated
-    here and shown once to the admin."""
+    here and shown once to the admin: the database keeps only its digest."""
     name = name.strip()
     if role not in ROLES:
         raise AccountError(f"role must be one of {', '.join(ROLES)}, got {role!r}", "role")
@@ -72,9 +72,9 @@ def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -
         if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
             raise NameTaken(f"user {name!r} already exists", "name")
         token = secrets.token_urlsafe(24)
-        conn.execute("INSERT INTO users (name, role, password_hash, salt, token, created) VALUES (?, ?, ?, ?, ?, ?)",
-                     (name, role, _hash(password, salt), salt, token, now()))
-    return user_by_token(conn, token)
+        user_id = conn.execute("INSERT INTO users (name, role, password_hash, salt, token_hash, created) VALUES (?, ?, ?, ?, ?, ?)",
+                               (name, role, _hash(password, salt), salt, digest(token), now())).lastrowid
+    return User(user_id, name, role, token)
 
 
 def reset_user(conn: sqlite3.Connection, name: str, password: str) -> User:
@@ -84,12 +84,13 @@ def reset_user(conn: sqlite3.Connection, name: str, password: str) -> User:
     _check(name, password)
     salt, token = secrets.token_hex(16), secrets.token_urlsafe(24)
     with transaction(conn):
-        changed = conn.execute("UPDATE users SET password_hash = ?, salt = ?, token = ? WHERE name = ?",
-                               (_hash(password, salt), salt, token, name)).rowcount
-        conn.execute("DELETE FROM sessions WHERE user_id IN (SELECT id FROM users WHERE name = ?)", (name,))
-    if not changed:
-        raise AccountError(f"no user {name!r}", "name")
-    return user_by_token(conn, token)
+        user = _user(conn.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone())
+        if user is None:
+            raise AccountError(f"no user {name!r}", "name")
+        conn.execute("UPDATE users SET password_hash = ?, salt = ?, token_hash = ? WHERE id = ?",
+                     (_hash(password, salt), salt, digest(token), user.id))
+        conn.execute("DELETE FROM sessions WHERE user_id = ?", (user.id,))
+    return replace(user, token=token)
 
 
 def login(conn: sqlite3.Connection, name: str, password: str) -> User | None:
@@ -100,7 +101,7 @@ def login(conn: sqlite3.Connection, name: str, password: str) -> User | None:
 
 
 def user_by_token(conn: sqlite3.Connection, token: str) -> User | None:
-    return _user(conn.execute("SELECT * FROM users WHERE token = ?", (token,)).fetchone())
+    return _user(conn.execute("SELECT * FROM users WHERE token_hash = ?", (digest(token),)).fetchone())
 
 
 def start_session(conn: sqlite3.Connection, user: User) -> str:
