@@ -19,7 +19,7 @@ from instructrl.data.preference import comparison_from_preference
 from instructrl.data.formats import read_comparisons
 from instructrl.data.records import validate_messages
 from instructrl.feedback import accounts, db
-from instructrl.feedback.accounts import create_user
+from instructrl.feedback.accounts import FailedLogins, create_user
 from instructrl.feedback.accounts import SESSION_SECONDS
 from instructrl.feedback.app import COOKIE, MAX_BODY_BYTES, create_app
 from instructrl.feedback.db import SCHEMA_VERSION, connect
@@ -90,6 +90,29 @@ def test_logging_out_ends_the_browser_session_and_leaves_the_api_token_working(p
     later = accounts.now() + SESSION_SECONDS + 1
     monkeypatch.setattr(accounts, "now", lambda: later)
     assert browser.get("/api/me").status_code == 401
+
+
+def test_failed_logins_are_throttled_per_account_and_per_client(project):
+    # nothing limited failed logins: a script could try passwords as fast as scrypt allows
+    root, pid, users, app = project
+    clock = [1000.0]
+    app.state.failed_logins = FailedLogins(per_name=5, per_client=20, window=300, clock=lambda: clock[0])
+    here, elsewhere = TestClient(app), TestClient(app, client=("10.0.0.9", 50000))
+    for attempt in range(5):
+        assert here.post("/login", data={"name": "ann", "password": f"guess{attempt}"}).status_code == 401
+    for browser in (here, elsewhere):  # ann's account, from any address: refused, the right password too
+        refused = browser.post("/login", data={"name": "ann", "password": "annann"}, headers={"Accept": "text/html"})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "300" and "Too many failed logins" in refused.text
+    assert here.post("/login", data={"name": "bob", "password": "bobbob"}, follow_redirects=False).status_code == 303
+    clock[0] += 200
+    assert here.post("/login", data={"name": "ann", "password": "annann"}).headers["retry-after"] == "100"
+    clock[0] += 100
+    assert here.post("/login", data={"name": "ann", "password": "annann"}, follow_redirects=False).status_code == 303
+    # one address trying many names (ann's 5 failures have left the window)
+    for attempt in range(20):
+        assert here.post("/login", data={"name": f"user{attempt % 10}", "password": "guess"}).status_code == 401
+    assert here.post("/login", data={"name": "bob", "password": "bobbob"}).status_code == 429
+    assert elsewhere.post("/login", data={"name": "bob", "password": "bobbob"}, follow_redirects=False).status_code == 303
 
 
 def test_a_page_of_another_origin_cannot_post_with_the_admins_cookie(project):

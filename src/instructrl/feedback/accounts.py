@@ -1,11 +1,16 @@
-"""Labeler accounts: roles, passwords (scrypt), per-labeler API tokens and browser sessions."""
+"""Labeler accounts: roles, passwords (scrypt), per-labeler API tokens, browser sessions and a
+throttle on failed logins."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from instructrl.errors import UserError
@@ -128,3 +133,39 @@ def end_session(conn: sqlite3.Connection, session_id: str) -> None:
 
 def list_users(conn: sqlite3.Connection) -> list[User]:
     return [_user(r) for r in conn.execute("SELECT * FROM users ORDER BY id")]
+
+
+class FailedLogins:
+    """Failed logins of the last ``window`` seconds, per account name and per client address, in
+    memory (one server process). Past ``per_name`` failures for a name, or ``per_client`` from an
+    address, a login is refused without its password being tried: guessing a password takes
+    years, not hours. A success clears the account's failures."""
+
+    def __init__(self, per_name: int = 5, per_client: int = 20, window: float = 300.0, clock: Callable[[], float] = time.monotonic):
+        self.limits = {"name": per_name, "client": per_client}
+        self.window, self.clock = window, clock
+        self.failures: dict[tuple[str, str], list[float]] = {}  # (kind, name or address) -> times, oldest first
+        self.lock = threading.Lock()  # sync routes run in a thread pool
+
+    def retry_after(self, name: str, client: str) -> int:
+        """Seconds until ``name`` may try again from ``client``; 0: now."""
+        with self.lock:
+            at, wait = self.clock(), 0.0
+            for key in (("name", name), ("client", client)):
+                recent = [t for t in self.failures.get(key, ()) if t > at - self.window]
+                limit = self.limits[key[0]]
+                if len(recent) >= limit:  # allowed again once the limit-th latest failure leaves the window
+                    wait = max(wait, recent[-limit] + self.window - at)
+            return math.ceil(wait)
+
+    def failed(self, name: str, client: str) -> None:
+        with self.lock:
+            at = self.clock()
+            if len(self.failures) > 10_000:  # names nobody has: forget those of past windows
+                self.failures = {k: v for k, v in self.failures.items() if v[-1] > at - self.window}
+            for key in (("name", name), ("client", client)):
+                self.failures[key] = [t for t in self.failures.get(key, ()) if t > at - self.window] + [at]
+
+    def succeeded(self, name: str) -> None:
+        with self.lock:
+            self.failures.pop(("name", name), None)

@@ -249,10 +249,19 @@ def login_page(next: str = "/"):
 
 
 @pages.post("/login")
-def login(name: str = Form(...), password: str = Form(...), next: str = Form("/"), conn: sqlite3.Connection = Depends(db)):
+def login(request: Request, name: str = Form(...), password: str = Form(...), next: str = Form("/"),
+          conn: sqlite3.Connection = Depends(db)):
+    failed_logins = request.app.state.failed_logins
+    client = request.client.host if request.client else ""
+    if wait := failed_logins.retry_after(name, client):
+        response = page("login.html", 429, error=f"Too many failed logins: try again in {wait} seconds.", next=next)
+        response.headers["Retry-After"] = str(wait)
+        return response
     user = accounts.login(conn, name, password)
     if user is None:
+        failed_logins.failed(name, client)
         return page("login.html", 401, error="Wrong name or password.", next=next)
+    failed_logins.succeeded(name)
     # only a path on this site: "//host" would send the browser elsewhere
     response = RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
     response.set_cookie(COOKIE, accounts.start_session(conn, user), max_age=accounts.SESSION_SECONDS, httponly=True, samesite="strict")
@@ -405,6 +414,7 @@ def create_app(project_dir: Path | str) -> FastAPI:
     app = FastAPI(title="instructrl feedback", docs_url="/api/docs", openapi_url="/api/openapi.json",
                   exception_handlers=ERROR_HANDLERS, dependencies=[Depends(same_origin)])
     app.state.project_dir = project_dir
+    app.state.failed_logins = accounts.FailedLogins()
     app.add_middleware(BodyLimit)
     app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
