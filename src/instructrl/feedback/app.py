@@ -2,8 +2,8 @@
 
 ``create_app(project_dir)`` returns a FastAPI app on the project's SQLite database. Pages sign
 in with a session cookie (logging out ends the session); the API takes ``Authorization: Bearer
-<token>`` (each labeler's own) or the same cookie. Labelers see only their own tasks and answers; admin pages and the export
-need the admin role. A state-changing request from another origin's page is refused (403,
+<token>`` (each labeler's own) or the same cookie. Labelers see only their own tasks and
+answers; admin pages and the export need the admin role. A state-changing request from another origin's page is refused (403,
 ``same_origin``). Bad requests get a 4xx whose JSON names the field:
 ``{"detail": "...", "field": "likert.2"}``; a body over ``MAX_BODY_BYTES`` gets 413.
 """

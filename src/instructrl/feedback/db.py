@@ -1,4 +1,4 @@
-"""The feedback app's SQLite database: schema, connections and transactions.
+"""The feedback app's SQLite database: schema (and its upgrade), connections and transactions.
 
 One file, ``feedback.db`` in the project directory, in WAL mode so that readers never block the
 writer, with ``synchronous=FULL`` so that a committed answer survives a crash or a power cut.
@@ -115,7 +115,7 @@ def upgrade(conn: sqlite3.Connection, path: Path) -> None:
                 conn.execute("UPDATE users SET token = ? WHERE id = ?", (digest(token), user_id))
             conn.execute("ALTER TABLE users RENAME COLUMN token TO token_hash")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # and the log of the change does not keep them either
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # until the log is copied back, the file's old pages hold the plain tokens
 
 
 def _version(conn: sqlite3.Connection) -> int:
@@ -154,7 +154,7 @@ def now() -> float:
 
 
 def digest(secret: str) -> str:
-    """What the database keeps of a secret it checks (an API token, a session id): its sha256, hex, so that a copy
-    of the file logs nobody in. The secrets are random (``secrets.token_urlsafe``), not passwords:
-    no salt or slow hash is needed."""
+    """What the database keeps of a secret it checks (an API token, a session id): its sha256,
+    hex, so that a copy of the file logs nobody in. The secrets are random
+    (``secrets.token_urlsafe``), not passwords: no salt or slow hash is needed."""
     return hashlib.sha256(secret.encode()).hexdigest()
