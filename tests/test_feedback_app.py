@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
+import sqlite3
 import threading
 
 import httpx
@@ -16,8 +18,11 @@ from ports import free_port
 from instructrl.data.preference import comparison_from_preference
 from instructrl.data.formats import read_comparisons
 from instructrl.data.records import validate_messages
-from instructrl.feedback.app import MAX_BODY_BYTES, create_app
-from instructrl.feedback.db import connect
+from instructrl.feedback import accounts, db
+from instructrl.feedback.accounts import FailedLogins, create_user
+from instructrl.feedback.accounts import SESSION_SECONDS
+from instructrl.feedback.app import COOKIE, MAX_BODY_BYTES, create_app
+from instructrl.feedback.db import SCHEMA_VERSION, connect
 from instructrl.feedback.tasks import FLAGS, dense_ranks
 
 USERS = {"root": "admin", "ann": "labeler", "bob": "labeler"}
@@ -63,6 +68,53 @@ def test_unauthenticated_and_wrong_role_requests_are_refused(project):
     assert browser.get("/api/me").json() == {"name": "ann", "role": "labeler"}
 
 
+def test_logging_out_ends_the_browser_session_and_leaves_the_api_token_working(project, monkeypatch):
+    # the cookie was the API token itself: logging out deleted it from the browser only, so a copy
+    # of it kept working, and the only way to end that session was a new token for every script
+    root, pid, users, app = project
+    browser = TestClient(app)
+    assert browser.post("/login", data={"name": "ann", "password": "annann"}, follow_redirects=False).status_code == 303
+    cookie = browser.cookies[COOKIE]
+    assert cookie != users["ann"].token
+    stored = connect(root).execute("SELECT id_hash FROM sessions").fetchall()
+    assert [row["id_hash"] for row in stored] == [hashlib.sha256(cookie.encode()).hexdigest()]  # the id itself is not kept
+    copy = TestClient(app, cookies={COOKIE: cookie})
+    assert copy.get("/api/me").json()["name"] == "ann"
+    assert browser.post("/logout", follow_redirects=False).status_code == 303
+    assert copy.get("/api/me").status_code == 401 and browser.get("/api/me").status_code == 401
+    assert copy.get("/", headers={"Accept": "text/html"}).status_code == 401
+    assert client(app, users["ann"]).get("/api/me").status_code == 200  # her scripts go on
+    # a session ends by itself after SESSION_SECONDS
+    browser.post("/login", data={"name": "ann", "password": "annann"})
+    assert browser.get("/api/me").status_code == 200
+    later = accounts.now() + SESSION_SECONDS + 1
+    monkeypatch.setattr(accounts, "now", lambda: later)
+    assert browser.get("/api/me").status_code == 401
+
+
+def test_failed_logins_are_throttled_per_account_and_per_client(project):
+    # nothing limited failed logins: a script could try passwords as fast as scrypt allows
+    root, pid, users, app = project
+    clock = [1000.0]
+    app.state.failed_logins = FailedLogins(per_name=5, per_client=20, window=300, clock=lambda: clock[0])
+    here, elsewhere = TestClient(app), TestClient(app, client=("10.0.0.9", 50000))
+    for attempt in range(5):
+        assert here.post("/login", data={"name": "ann", "password": f"guess{attempt}"}).status_code == 401
+    for browser in (here, elsewhere):  # ann's account, from any address: refused, the right password too
+        refused = browser.post("/login", data={"name": "ann", "password": "annann"}, headers={"Accept": "text/html"})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "300" and "Too many failed logins" in refused.text
+    assert here.post("/login", data={"name": "bob", "password": "bobbob"}, follow_redirects=False).status_code == 303
+    clock[0] += 200
+    assert here.post("/login", data={"name": "ann", "password": "annann"}).headers["retry-after"] == "100"
+    clock[0] += 100
+    assert here.post("/login", data={"name": "ann", "password": "annann"}, follow_redirects=False).status_code == 303
+    # one address trying many names (ann's 5 failures have left the window)
+    for attempt in range(20):
+        assert here.post("/login", data={"name": f"user{attempt % 10}", "password": "guess"}).status_code == 401
+    assert here.post("/login", data={"name": "bob", "password": "bobbob"}).status_code == 429
+    assert elsewhere.post("/login", data={"name": "bob", "password": "bobbob"}, follow_redirects=False).status_code == 303
+
+
 def test_a_page_of_another_origin_cannot_post_with_the_admins_cookie(project):
     # SameSite=strict sends the cookie from a page on another port of the same host: its form
     # created an admin account with the logged-in admin's session
@@ -84,6 +136,24 @@ def test_a_page_of_another_origin_cannot_post_with_the_admins_cookie(project):
     for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": "http://testserver"}, {"Origin": "http://testserver"}, {}):
         assert browser.post(f"/api/projects/{pid}/next", json={}, headers=headers).status_code == 200, headers
     assert browser.post("/admin/users", data=form, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+
+
+def test_no_response_may_be_framed_or_sniffed_and_pages_run_only_the_apps_script(project):
+    # no anti-framing header: another site could show /admin in a hidden frame under its own buttons
+    root, pid, users, app = project
+    ann = client(app, users["ann"])
+    html = {"Accept": "text/html"}
+    responses = [TestClient(app).get("/login"), TestClient(app).get("/", headers=html), ann.get("/", headers=html),
+                 ann.get("/static/feedback.js"), ann.get("/api/me"), ann.get("/no-such-page", headers=html),
+                 ann.post(f"/api/projects/{pid}/next", json={"kind": "essay"}), ann.get(f"/projects/{pid}/next", follow_redirects=False),
+                 ann.put("/api/assignments/1/draft", content=b"x" * (MAX_BODY_BYTES + 1)), TestClient(app).get("/api/me")]
+    for response in responses:
+        headers = response.headers
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff", (response.url, response.status_code)
+        assert headers["content-security-policy"] == "default-src 'self'; frame-ancestors 'none'", response.url
+    assert {r.status_code for r in responses} == {200, 303, 401, 404, 413, 422}
+    docs = ann.get("/api/docs")  # Swagger UI runs an inline script: framing is refused all the same
+    assert docs.status_code == 200 and docs.headers["content-security-policy"] == "frame-ancestors 'none'"
 
 
 def test_bad_bodies_get_422_naming_the_field(project):
@@ -112,6 +182,27 @@ def test_bad_bodies_get_422_naming_the_field(project):
     assert ann.post("/api/projects/99/next", json={}).status_code == 404
     # nothing invalid was stored
     assert connect(root).execute("SELECT COUNT(*) FROM assignments WHERE state != 'leased'").fetchone()[0] == 0
+
+
+def test_every_json_route_answers_a_malformed_or_ill_typed_body_naming_the_field(project):
+    # draft, skip and next answered broken JSON with field "9" (the character where parsing stopped)
+    # and JSON nested too deep with FastAPI's bare 400 "There was an error parsing the body"
+    root, pid, users, app = project
+    ann = client(app, users["ann"])
+    rank = ann.post(f"/api/projects/{pid}/next", json={"kind": "rank"}).json()["assignment"]["id"]
+    routes = {("PUT", f"/api/assignments/{rank}/draft"): {"text": 5}, ("POST", f"/api/assignments/{rank}/skip"): {"reason": ["x"]},
+              ("POST", f"/api/projects/{pid}/next"): {"kind": 5}, ("POST", f"/api/assignments/{rank}/submit"): {"likert": "high", "flags": [[]] * 4, "ranks": [0, 1, 2, 3]}}
+    for (method, path), ill_typed in routes.items():
+        for body in (b'{"text": ', b"\xff\xfe", b"[" * 100_000, b"[1]", json.dumps(ill_typed).encode()):
+            response = ann.request(method, path, content=body, headers={"Content-Type": "application/json"})
+            field = "body" if body != json.dumps(ill_typed).encode() else next(iter(ill_typed))
+            reply = response.json()
+            assert response.status_code == 422 and reply["field"] == field and reply["detail"].startswith(f"{field}: "), (path, body[:9], reply)
+    admin = client(app, users["root"])
+    for body in (b'{"name": "eve", ', b"[" * 100_000):
+        reply = admin.post("/api/users", content=body, headers={"Content-Type": "application/json"}).json()
+        assert reply["field"] == "body" and "not valid JSON" in reply["detail"], reply
+    assert ann.get(f"/api/assignments/{rank}").json()["state"] == "leased"
 
 
 def test_ids_too_big_for_sqlite_and_json_nested_too_deep_are_422_not_500(project):
@@ -216,6 +307,85 @@ def test_a_reset_gives_a_new_password_and_token_and_the_old_ones_stop_working(pr
     assert TestClient(app).post("/login", data={"name": "ann", "password": "newpass"}, follow_redirects=False).status_code == 303
     proc = cli("label", "user", "nobody", "--reset", "--password", "newpass", "--dir", str(root), check=False)
     assert proc.returncode == 2 and "no user 'nobody'" in proc.stderr
+
+
+# the users table as instructrl wrote it before schema version 1: each API token in plain text
+VERSION_0_USERS = """CREATE TABLE users (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL CHECK (role IN ('admin', 'labeler')),
+    password_hash TEXT NOT NULL,   -- scrypt, hex, with its salt
+    salt TEXT NOT NULL,
+    token TEXT NOT NULL UNIQUE,    -- the labeler's API token (Authorization: Bearer ...)
+    created REAL NOT NULL
+);"""
+
+
+def version_0_database(root) -> dict[str, str]:
+    """feedback.db as instructrl wrote it before hashing tokens (user_version 0); returns each user's token."""
+    raw = sqlite3.connect(root / "feedback.db")
+    raw.execute("PRAGMA journal_mode = WAL")
+    raw.executescript(VERSION_0_USERS)
+    tokens = {name: f"plain-token-of-{name}-{'x' * 16}" for name in USERS}
+    for name, role in USERS.items():
+        raw.execute("INSERT INTO users (name, role, password_hash, salt, token, created) VALUES (?, ?, ?, ?, ?, 0)",
+                    (name, role, accounts._hash(name * 2, "00" * 16), "00" * 16, tokens[name]))
+    raw.commit()
+    raw.close()
+    return tokens
+
+
+def test_a_database_of_plain_tokens_is_upgraded_on_open_and_every_token_goes_on_working(tmp_path, monkeypatch):
+    # the users table held each API token in plain text: a copy of feedback.db (a backup) logged anyone in
+    tokens = version_0_database(tmp_path)
+    connect_as_built = sqlite3.connect
+
+    def connect_without_secure_delete(*args, **kwargs):  # as SQLite is built on macOS or by python.org (Debian's zeroes freed bytes)
+        conn = connect_as_built(*args, **kwargs)
+        conn.execute("PRAGMA secure_delete = OFF")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect_without_secure_delete)
+    server = connect(tmp_path)  # upgraded on open, and left open as a running server's connection is
+    for path in tmp_path.glob("feedback.db*"):  # neither the file's freed bytes nor its write-ahead log keep a token
+        assert not any(token.encode() in path.read_bytes() for token in tokens.values()), path
+    monkeypatch.undo()
+    app = create_app(tmp_path)
+    for name, token in tokens.items():
+        assert TestClient(app, headers={"Authorization": f"Bearer {token}"}).get("/api/me").json()["name"] == name
+    assert TestClient(app).post("/login", data={"name": "ann", "password": "annann"}, follow_redirects=False).status_code == 303
+    assert server.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert {r["name"]: r["token_hash"] for r in server.execute("SELECT name, token_hash FROM users")} == \
+        {name: hashlib.sha256(token.encode()).hexdigest() for name, token in tokens.items()}
+    # and the new code's own accounts work beside the old ones
+    assert create_user(server, "cat", "labeler", "catcat").token not in tokens.values()
+    server.close()
+
+
+def test_an_upgrade_that_fails_changes_nothing(tmp_path, monkeypatch):
+    tokens = version_0_database(tmp_path)
+    hashed = []
+
+    def digest_fails_on_the_second_token(secret):
+        if hashed:
+            raise OSError("disk full")
+        hashed.append(secret)
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    monkeypatch.setattr(db, "digest", digest_fails_on_the_second_token)
+    with pytest.raises(OSError):
+        connect(tmp_path)
+    monkeypatch.undo()
+    raw = sqlite3.connect(tmp_path / "feedback.db")
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 0
+    assert dict(raw.execute("SELECT name, token FROM users")) == tokens  # the same plain tokens: not half of them hashed
+    raw.close()
+    assert TestClient(create_app(tmp_path), headers={"Authorization": f"Bearer {tokens['bob']}"}).get("/api/me").status_code == 200
+    raw = sqlite3.connect(tmp_path / "feedback.db")
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    proc = cli("label", "status", "p", "--dir", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "made by a newer instructrl" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_pages_answer_bad_requests_with_a_page(project):

@@ -1,6 +1,7 @@
 """A labeler in a real browser (Debian's chromium, headless, driven by Playwright): write a
 demonstration, score and rank K responses with the mouse and with the keyboard, judge an A/B
-comparison; then the admin exports and the files hold exactly what was done in the browser.
+comparison; then the admin exports and the files hold exactly what was done in the browser,
+under a Content-Security-Policy that runs only the app's own script file.
 
 Screenshots of every page are kept under the test's tmp folder (the path is printed).
 """
@@ -55,6 +56,13 @@ def new_page(browser, **options):
     return page
 
 
+def next_task_page(page, url: str) -> None:
+    """Wait for the next task's page after ``url``. (Playwright's wait_for_function runs its
+    predicate with eval, which the app's Content-Security-Policy refuses.)"""
+    page.wait_for_url(lambda next_url: next_url != url)
+    page.wait_for_selector("#scoring")
+
+
 def ranking_order(page) -> list[int]:
     return [int(p) for p in page.eval_on_selector_all("#ranking .rank-item", "items => items.map(i => i.dataset.pos)")]
 
@@ -66,8 +74,9 @@ def test_a_labeler_in_the_browser(tmp_path):
     print(f"\nscreenshots of each task page: {shots}")
     with served_browser(tmp_path / "project") as (browser, base):
         page = new_page(browser, viewport={"width": 1280, "height": 1000})
-        dialogs = []
+        dialogs, refused = [], []
         page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.dismiss()))
+        page.on("console", lambda message: refused.append(message.text) if "Content Security Policy" in message.text else None)
 
         # log in
         page.goto(base + "/")
@@ -112,7 +121,7 @@ def test_a_labeler_in_the_browser(tmp_path):
         mouse_ranks = [0, 1, 1, 2]  # by display position
         first_url = page.url
         page.click("#submit")
-        page.wait_for_function(f"location.href !== {json.dumps(first_url)} && !!document.querySelector('#scoring')")
+        next_task_page(page, first_url)
 
         # rank with the keyboard only: digits score the focused response, arrows move, T ties
         keyboard_texts = [page.inner_text(f"#response-{p} .content") for p in range(4)]
@@ -152,6 +161,7 @@ def test_a_labeler_in_the_browser(tmp_path):
 
         # the admin exports with the button
         admin = new_page(browser, viewport={"width": 1280, "height": 1000})
+        admin.on("console", lambda message: refused.append(message.text) if "Content Security Policy" in message.text else None)
         admin.goto(base + "/admin")
         admin.fill("#name", "root")
         admin.fill("#password", "rootroot")
@@ -162,6 +172,12 @@ def test_a_labeler_in_the_browser(tmp_path):
         admin.wait_for_selector("#files")
         assert "comparisons.jsonl: 2 records" in admin.inner_text("#files")
         admin.screenshot(path=shots / "6-export.png", full_page=True)
+
+        # the policy (script-src 'self') refused nothing the pages use, and refuses a script injected into one
+        assert refused == []
+        ran = admin.evaluate("""() => { const s = document.createElement('script'); s.textContent = 'window.injected = true';
+                                        document.head.append(s); return window.injected === true; }""")
+        assert ran is False
 
     out = tmp_path / "project" / "exports" / str(pid)
     demos = [json.loads(line) for line in (out / "demonstrations.jsonl").read_text().splitlines()]
@@ -239,14 +255,14 @@ def test_a_submission_on_a_bad_connection(tmp_path):
         page.wait_for_selector("#error:has-text('Nothing is lost')")
         page.unroute("**/submit")
         page.click("#submit")  # the server answers 409: already stored
-        page.wait_for_function(f"location.href !== {json.dumps(first_url)} && !!document.querySelector('#scoring')")
+        next_task_page(page, first_url)
 
         del sent[:]
         second_url = page.url
         for p in range(4):
             page.click(f"#likert-{p}-4")
         page.dblclick("#submit")
-        page.wait_for_function(f"location.href !== {json.dumps(second_url)} && !!document.querySelector('#scoring')")
+        next_task_page(page, second_url)
 
         page.click(".skip summary")  # a skip whose reply is lost, skipped again
         page.fill("#skip-reason", "I cannot judge this")

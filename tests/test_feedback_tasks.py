@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from instructrl.feedback import tasks
+from instructrl.feedback.db import connect
 from instructrl.feedback.tasks import Conflict, Forbidden, Invalid, dense_ranks, next_task, parse_answer, skip, submit
 
 LABELERS = {"ann": "labeler", "bob": "labeler", "cat": "labeler"}
@@ -213,3 +214,39 @@ def test_progress_counts_per_kind_and_labeler(tmp_path):
     assert report["kinds"]["write"]["leased"] == 1
     assert report["labelers"]["ann"]["submitted"] == 1 and report["labelers"]["ann"]["skipped"] == 1
     assert json.dumps(report)  # plain data
+
+
+class SubmitsBetweenReads:
+    """A connection on which, after each query, another labeler submits an answer on their own connection."""
+
+    def __init__(self, conn, submissions):
+        self.conn, self.submissions = conn, iter(submissions)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    def execute(self, sql, *args):
+        cursor = self.conn.execute(sql, *args)
+        if sql.lstrip().upper().startswith("SELECT"):
+            next(self.submissions, lambda: None)()
+        return cursor
+
+
+def test_progress_counts_come_from_one_snapshot_while_people_submit(tmp_path):
+    labelers = {f"l{i}": "labeler" for i in range(8)}
+    conn, pid, users = make_project(tmp_path, labelers, [rank_task(0), rank_task(1)], overlap=8)
+    leases = [(user, next_task(conn, pid, user)) for user in users.values()]
+
+    def submits(user, assignment):
+        def run():
+            other = connect(tmp_path)
+            submit(other, assignment, user, rank_body(4, [0, 1, 2, 3]))
+            other.close()
+        return run
+
+    quiet = tasks.progress(conn, pid)
+    busy = tasks.progress(SubmitsBetweenReads(conn, [submits(*lease) for lease in leases]), pid)
+    # every figure is the database as it was at progress's first read: per kind and per labeler agree
+    assert busy == quiet and busy["kinds"]["rank"]["leased"] == 8
+    assert sum(entry["submitted"] for entry in tasks.progress(conn, pid)["labelers"].values()) > 0  # they did submit meanwhile

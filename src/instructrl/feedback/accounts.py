@@ -1,18 +1,24 @@
-"""Labeler accounts: roles, passwords (scrypt) and per-labeler API tokens."""
+"""Labeler accounts: roles, passwords (scrypt), per-labeler API tokens, browser sessions and a
+throttle on failed logins."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import sqlite3
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from instructrl.errors import UserError
 from instructrl.data.jsonl import encodable
-from instructrl.feedback.db import now, transaction
+from instructrl.feedback.db import digest, now, transaction
 
 ROLES = ("admin", "labeler")
+SESSION_SECONDS = 12 * 3600  # a working day: a browser left logged in is logged out overnight
 
 
 class AccountError(UserError):
@@ -32,7 +38,7 @@ class User:
     id: int
     name: str
     role: str
-    token: str
+    token: str | None = None  # the API token, in plain text only where it is made (create_user, reset_user), to be shown once
 
     @property
     def is_admin(self) -> bool:
@@ -44,7 +50,7 @@ def _hash(password: str, salt: str) -> str:
 
 
 def _user(row: sqlite3.Row | None) -> User | None:
-    return None if row is None else User(row["id"], row["name"], row["role"], row["token"])
+    return None if row is None else User(row["id"], row["name"], row["role"])
 
 
 def _check(name: str, password: str) -> None:
@@ -61,7 +67,7 @@ def _check(name: str, password: str) -> None:
 
 def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -> User:
     """A new account named ``name`` without its surrounding spaces; its API token is generated
-    here and shown once to the admin."""
+    here and shown once to the admin: the database keeps only its digest."""
     name = name.strip()
     if role not in ROLES:
         raise AccountError(f"role must be one of {', '.join(ROLES)}, got {role!r}", "role")
@@ -71,23 +77,25 @@ def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -
         if conn.execute("SELECT 1 FROM users WHERE name = ?", (name,)).fetchone():
             raise NameTaken(f"user {name!r} already exists", "name")
         token = secrets.token_urlsafe(24)
-        conn.execute("INSERT INTO users (name, role, password_hash, salt, token, created) VALUES (?, ?, ?, ?, ?, ?)",
-                     (name, role, _hash(password, salt), salt, token, now()))
-    return user_by_token(conn, token)
+        user_id = conn.execute("INSERT INTO users (name, role, password_hash, salt, token_hash, created) VALUES (?, ?, ?, ?, ?, ?)",
+                               (name, role, _hash(password, salt), salt, digest(token), now())).lastrowid
+    return User(user_id, name, role, token)
 
 
 def reset_user(conn: sqlite3.Connection, name: str, password: str) -> User:
-    """Give account ``name`` a new password and a new API token: its old token, and every browser
-    session logged in with it, stop working (a lost password, or a token that leaked)."""
+    """Give account ``name`` a new password and a new API token: its old token and its browser
+    sessions stop working (a lost password, or a token that leaked)."""
     name = name.strip()
     _check(name, password)
     salt, token = secrets.token_hex(16), secrets.token_urlsafe(24)
     with transaction(conn):
-        changed = conn.execute("UPDATE users SET password_hash = ?, salt = ?, token = ? WHERE name = ?",
-                               (_hash(password, salt), salt, token, name)).rowcount
-    if not changed:
-        raise AccountError(f"no user {name!r}", "name")
-    return user_by_token(conn, token)
+        user = _user(conn.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone())
+        if user is None:
+            raise AccountError(f"no user {name!r}", "name")
+        conn.execute("UPDATE users SET password_hash = ?, salt = ?, token_hash = ? WHERE id = ?",
+                     (_hash(password, salt), salt, digest(token), user.id))
+        conn.execute("DELETE FROM sessions WHERE user_id = ?", (user.id,))
+    return replace(user, token=token)
 
 
 def login(conn: sqlite3.Connection, name: str, password: str) -> User | None:
@@ -98,8 +106,66 @@ def login(conn: sqlite3.Connection, name: str, password: str) -> User | None:
 
 
 def user_by_token(conn: sqlite3.Connection, token: str) -> User | None:
-    return _user(conn.execute("SELECT * FROM users WHERE token = ?", (token,)).fetchone())
+    return _user(conn.execute("SELECT * FROM users WHERE token_hash = ?", (digest(token),)).fetchone())
+
+
+def start_session(conn: sqlite3.Connection, user: User) -> str:
+    """A new browser session of ``user``, SESSION_SECONDS long: its id, for the cookie. The
+    database keeps only its digest; expired sessions are dropped here."""
+    session_id = secrets.token_urlsafe(32)
+    with transaction(conn):
+        at = now()
+        conn.execute("DELETE FROM sessions WHERE expires <= ?", (at,))
+        conn.execute("INSERT INTO sessions (id_hash, user_id, expires) VALUES (?, ?, ?)", (digest(session_id), user.id, at + SESSION_SECONDS))
+    return session_id
+
+
+def user_by_session(conn: sqlite3.Connection, session_id: str) -> User | None:
+    return _user(conn.execute("SELECT u.* FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id_hash = ? AND s.expires > ?",
+                              (digest(session_id), now())).fetchone())
+
+
+def end_session(conn: sqlite3.Connection, session_id: str) -> None:
+    """Log a browser out: its cookie, or any copy of it, no longer works. The API token still does."""
+    with transaction(conn):
+        conn.execute("DELETE FROM sessions WHERE id_hash = ?", (digest(session_id),))
 
 
 def list_users(conn: sqlite3.Connection) -> list[User]:
     return [_user(r) for r in conn.execute("SELECT * FROM users ORDER BY id")]
+
+
+class FailedLogins:
+    """Failed logins of the last ``window`` seconds, per account name and per client address, in
+    memory (one server process). Past ``per_name`` failures for a name, or ``per_client`` from an
+    address, a login is refused without its password being tried: guessing a password takes
+    years, not hours. A success clears the account's failures."""
+
+    def __init__(self, per_name: int = 5, per_client: int = 20, window: float = 300.0, clock: Callable[[], float] = time.monotonic):
+        self.limits = {"name": per_name, "client": per_client}
+        self.window, self.clock = window, clock
+        self.failures: dict[tuple[str, str], list[float]] = {}  # (kind, name or address) -> times, oldest first
+        self.lock = threading.Lock()  # sync routes run in a thread pool
+
+    def retry_after(self, name: str, client: str) -> int:
+        """Seconds until ``name`` may try again from ``client``; 0: now."""
+        with self.lock:
+            at, wait = self.clock(), 0.0
+            for key in (("name", name), ("client", client)):
+                recent = [t for t in self.failures.get(key, ()) if t > at - self.window]
+                limit = self.limits[key[0]]
+                if len(recent) >= limit:  # allowed again once the limit-th latest failure leaves the window
+                    wait = max(wait, recent[-limit] + self.window - at)
+            return math.ceil(wait)
+
+    def failed(self, name: str, client: str) -> None:
+        with self.lock:
+            at = self.clock()
+            if len(self.failures) > 10_000:  # names nobody has: forget those of past windows
+                self.failures = {k: v for k, v in self.failures.items() if v[-1] > at - self.window}
+            for key in (("name", name), ("client", client)):
+                self.failures[key] = [t for t in self.failures.get(key, ()) if t > at - self.window] + [at]
+
+    def succeeded(self, name: str) -> None:
+        with self.lock:
+            self.failures.pop(("name", name), None)

@@ -1,9 +1,9 @@
 """The feedback app over HTTP: server-rendered pages for people, a JSON API for scripts.
 
 ``create_app(project_dir)`` returns a FastAPI app on the project's SQLite database. Pages sign
-in with a session cookie; the API takes ``Authorization: Bearer <token>`` (each labeler's own)
-or the same cookie. Labelers see only their own tasks and answers; admin pages and the export
-need the admin role. A state-changing request from another origin's page is refused (403,
+in with a session cookie (logging out ends the session); the API takes ``Authorization: Bearer
+<token>`` (each labeler's own) or the same cookie. Labelers see only their own tasks and
+answers; admin pages and the export need the admin role. A state-changing request from another origin's page is refused (403,
 ``same_origin``). Bad requests get a 4xx whose JSON names the field:
 ``{"detail": "...", "field": "likert.2"}``; a body over ``MAX_BODY_BYTES`` gets 413.
 """
@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -91,6 +91,32 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class SecurityHeaders:
+    """ASGI middleware: every response says that no page may frame it (clickjacking: a hidden frame
+    of /admin under another site's buttons), that its content type is not to be guessed, and that
+    a page runs only this app's own script file, so text injected into a page runs nothing."""
+
+    HEADERS = {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+               "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'"}
+    # /api/docs is FastAPI's Swagger UI: an inline script and files from a CDN
+    DOCS = {**HEADERS, "Content-Security-Policy": "frame-ancestors 'none'"}
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = self.DOCS if scope["path"].startswith("/api/docs") else self.HEADERS
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(headers)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def create_user(conn: sqlite3.Connection, name: str, role: str, password: str) -> accounts.User:
     """``accounts.create_user``, its refusals as the app's errors: a taken name is a Conflict."""
     try:
@@ -133,8 +159,10 @@ def db(request: Request):
 
 def current_user(request: Request, conn: sqlite3.Connection = Depends(db)) -> accounts.User:
     header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE, "")
-    user = accounts.user_by_token(conn, token) if token else None
+    if header.lower().startswith("bearer "):
+        user = accounts.user_by_token(conn, header[7:].strip())
+    else:
+        user = accounts.user_by_session(conn, request.cookies.get(COOKIE, ""))
     if user is None:
         raise Unauthenticated("log in, or send Authorization: Bearer <your token>", "authorization")
     return user
@@ -185,6 +213,8 @@ async def task_error(request: Request, err: tasks.TaskError):
 
 async def http_error(request: Request, err: StarletteHTTPException):
     """The framework's own refusals (413 from BodyLimit, 404, 405): a page for a browser."""
+    if err.status_code == 400:  # FastAPI's only 400: a body it could not parse (JSON nested too deep raised RecursionError)
+        return await task_error(request, tasks.Invalid(f"the body is not valid JSON ({err.__cause__ or err.detail})", "body"))
     if wants_html(request):
         return error_page(err.status_code, str(err.detail))
     return await http_exception_handler(request, err)
@@ -196,11 +226,13 @@ async def user_error(request: Request, err: UserError):
 
 async def validation_error(request: Request, err: RequestValidationError):
     first = err.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or "body"
+    if first["type"] == "json_invalid":  # its loc is ("body", the character where parsing stopped): no field
+        field, message = "body", f"the body is not valid JSON ({first['ctx']['error']} at character {first['loc'][-1]})"
+    else:
+        field, message = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body", first["msg"]
     if wants_html(request):
-        return error_page(422, f"{field}: {first['msg']}")
-    return JSONResponse({"detail": f"{field}: {first['msg']}", "field": field}, status_code=422)
+        return error_page(422, f"{field}: {message}")
+    return JSONResponse({"detail": f"{field}: {message}", "field": field}, status_code=422)
 
 
 ERROR_HANDLERS = {tasks.TaskError: task_error, StarletteHTTPException: http_error, UserError: user_error,
@@ -217,18 +249,28 @@ def login_page(next: str = "/"):
 
 
 @pages.post("/login")
-def login(name: str = Form(...), password: str = Form(...), next: str = Form("/"), conn: sqlite3.Connection = Depends(db)):
+def login(request: Request, name: str = Form(...), password: str = Form(...), next: str = Form("/"),
+          conn: sqlite3.Connection = Depends(db)):
+    failed_logins = request.app.state.failed_logins
+    client = request.client.host if request.client else ""
+    if wait := failed_logins.retry_after(name, client):
+        response = page("login.html", 429, error=f"Too many failed logins: try again in {wait} seconds.", next=next)
+        response.headers["Retry-After"] = str(wait)
+        return response
     user = accounts.login(conn, name, password)
     if user is None:
+        failed_logins.failed(name, client)
         return page("login.html", 401, error="Wrong name or password.", next=next)
+    failed_logins.succeeded(name)
     # only a path on this site: "//host" would send the browser elsewhere
     response = RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
-    response.set_cookie(COOKIE, user.token, httponly=True, samesite="strict")
+    response.set_cookie(COOKIE, accounts.start_session(conn, user), max_age=accounts.SESSION_SECONDS, httponly=True, samesite="strict")
     return response
 
 
 @pages.post("/logout")
-def logout():
+def logout(request: Request, conn: sqlite3.Connection = Depends(db)):
+    accounts.end_session(conn, request.cookies.get(COOKIE, ""))
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE)
     return response
@@ -372,7 +414,9 @@ def create_app(project_dir: Path | str) -> FastAPI:
     app = FastAPI(title="instructrl feedback", docs_url="/api/docs", openapi_url="/api/openapi.json",
                   exception_handlers=ERROR_HANDLERS, dependencies=[Depends(same_origin)])
     app.state.project_dir = project_dir
+    app.state.failed_logins = accounts.FailedLogins()
     app.add_middleware(BodyLimit)
+    app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(pages)
     app.include_router(api)

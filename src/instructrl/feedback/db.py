@@ -1,4 +1,4 @@
-"""The feedback app's SQLite database: schema, connections and transactions.
+"""The feedback app's SQLite database: schema (and its upgrade), connections and transactions.
 
 One file, ``feedback.db`` in the project directory, in WAL mode so that readers never block the
 writer, with ``synchronous=FULL`` so that a committed answer survives a crash or a power cut.
@@ -8,6 +8,7 @@ wait up to ``busy_timeout``), so many labelers submitting at once are serialised
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from instructrl.errors import UserError
 
 DB_NAME = "feedback.db"
 BUSY_TIMEOUT_MS = 30_000
+# PRAGMA user_version. 0: API tokens in plain text (users.token); 1: their digests (users.token_hash)
+SCHEMA_VERSION = 1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -26,8 +29,13 @@ CREATE TABLE IF NOT EXISTS users (
     role TEXT NOT NULL CHECK (role IN ('admin', 'labeler')),
     password_hash TEXT NOT NULL,   -- scrypt, hex, with its salt
     salt TEXT NOT NULL,
-    token TEXT NOT NULL UNIQUE,    -- the labeler's API token (Authorization: Bearer ...)
+    token_hash TEXT NOT NULL UNIQUE,  -- digest of the labeler's API token (Authorization: Bearer ...)
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash TEXT PRIMARY KEY,      -- digest of the session id in the browser's cookie
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    expires REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS projects (
     id INTEGER PRIMARY KEY,
@@ -85,9 +93,33 @@ def connect(project_dir: Path | str, create: bool = True) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
+    upgrade(conn, path)
     if create:
         conn.executescript(SCHEMA)
     return conn
+
+
+def upgrade(conn: sqlite3.Connection, path: Path) -> None:
+    """Bring a database made by an earlier instructrl to SCHEMA_VERSION: all of it in one
+    transaction, or, on any error, nothing. Version 0 kept API tokens in plain text: each is
+    replaced by its digest, so every labeler's token goes on working."""
+    if _version(conn) == SCHEMA_VERSION:
+        return
+    with transaction(conn):
+        version = _version(conn)  # again, in the transaction: another process may have upgraded it meanwhile
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{path} was made by a newer instructrl (schema version {version}; this one reads {SCHEMA_VERSION})")
+        if "token" in {row["name"] for row in conn.execute("PRAGMA table_info(users)")}:
+            conn.execute("PRAGMA secure_delete = ON")  # the plain tokens' bytes are overwritten, not just freed
+            for user_id, token in conn.execute("SELECT id, token FROM users").fetchall():
+                conn.execute("UPDATE users SET token = ? WHERE id = ?", (digest(token), user_id))
+            conn.execute("ALTER TABLE users RENAME COLUMN token TO token_hash")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # until the log is copied back, the file's old pages hold the plain tokens
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
 
 
 @contextmanager
@@ -119,3 +151,10 @@ def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 def now() -> float:
     return time.time()
+
+
+def digest(secret: str) -> str:
+    """What the database keeps of a secret it checks (an API token, a session id): its sha256,
+    hex, so that a copy of the file logs nobody in. The secrets are random
+    (``secrets.token_urlsafe``), not passwords: no salt or slow hash is needed."""
+    return hashlib.sha256(secret.encode()).hexdigest()

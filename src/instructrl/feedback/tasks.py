@@ -25,7 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from instructrl.feedback.accounts import User
 from instructrl.data.jsonl import encodable
-from instructrl.feedback.db import now, transaction
+from instructrl.feedback.db import now, snapshot, transaction
 from instructrl.world.labeler import FLAGS as WORLD_FLAGS
 
 KINDS = ("write", "rank", "compare")
@@ -384,36 +384,39 @@ def identical_compare_tasks(conn: sqlite3.Connection, project_id: int) -> list[d
 
 def progress(conn: sqlite3.Connection, project_id: int) -> dict:
     """Tasks, answers needed (tasks x overlap), submitted, skipped and live leases, per kind and per labeler."""
-    project = project_by_id(conn, project_id)
-    at = now()
-    per_kind = {}
-    for kind, n_tasks, identical in conn.execute(f"SELECT kind, COUNT(*), SUM({IDENTICAL}) FROM tasks t WHERE project_id = ? GROUP BY kind",
-                                                 (project_id,)).fetchall():
-        n_tasks -= identical  # decided as ties, never shown
-        counts = dict(conn.execute(
-            "SELECT CASE WHEN a.state = 'leased' AND a.lease_expires <= ? THEN 'expired' ELSE a.state END AS s, COUNT(*) "
-            "FROM assignments a JOIN tasks t ON t.id = a.task_id WHERE t.project_id = ? AND t.kind = ? GROUP BY s",
-            (at, project_id, kind)).fetchall())
-        complete = conn.execute(
-            "SELECT COUNT(*) FROM tasks t WHERE t.project_id = ? AND t.kind = ? AND "
-            f"NOT {IDENTICAL} AND (SELECT COUNT(*) FROM assignments a WHERE a.task_id = t.id AND a.state = 'submitted') >= ?",
-            (project_id, kind, project["overlap"])).fetchone()[0]
-        needed = n_tasks * project["overlap"]
-        submitted = counts.get("submitted", 0)
-        per_kind[kind] = {"tasks": n_tasks, "tasks_complete": complete, "answers_needed": needed, "submitted": submitted,
-                          "skipped": counts.get("skipped", 0), "leased": counts.get("leased", 0),
-                          "done": min(1.0, submitted / needed) if needed else 1.0} | ({"identical_answers": identical} if kind == "compare" else {})
-    per_labeler = {}
-    for r in conn.execute(
-        "SELECT u.name, a.state, a.lease_expires, a.seconds_spent FROM assignments a JOIN tasks t ON t.id = a.task_id "
-        "JOIN users u ON u.id = a.user_id WHERE t.project_id = ? ORDER BY u.name", (project_id,)):
-        entry = per_labeler.setdefault(r["name"], {"submitted": 0, "skipped": 0, "leased": 0, "seconds": 0.0})
-        if r["state"] == "leased":
-            entry["leased"] += r["lease_expires"] > at
-        else:
-            entry[r["state"]] += 1
-            entry["seconds"] += r["seconds_spent"] or 0.0
-    for entry in per_labeler.values():
-        finished = entry["submitted"] + entry["skipped"]
-        entry["mean_seconds"] = entry.pop("seconds") / finished if finished else None
-    return {"project": project["name"], "overlap": project["overlap"], "kinds": per_kind, "labelers": per_labeler}
+    with snapshot(conn):  # one read transaction: per kind and per labeler count the same answers while people submit
+        project = project_by_id(conn, project_id)
+        at = now()
+        per_kind = {}
+        for kind, n_tasks, identical in conn.execute(f"SELECT kind, COUNT(*), SUM({IDENTICAL}) FROM tasks t WHERE project_id = ? GROUP BY kind",
+                                                     (project_id,)).fetchall():
+            n_tasks -= identical  # decided as ties, never shown
+            counts = dict(conn.execute(
+                "SELECT CASE WHEN a.state = 'leased' AND a.lease_expires <= ? THEN 'expired' ELSE a.state END AS s, COUNT(*) "
+                "FROM assignments a JOIN tasks t ON t.id = a.task_id WHERE t.project_id = ? AND t.kind = ? GROUP BY s",
+                (at, project_id, kind)).fetchall())
+            complete = conn.execute(
+                "SELECT COUNT(*) FROM tasks t WHERE t.project_id = ? AND t.kind = ? AND "
+                f"NOT {IDENTICAL} AND (SELECT COUNT(*) FROM assignments a WHERE a.task_id = t.id AND a.state = 'submitted') >= ?",
+                (project_id, kind, project["overlap"])).fetchone()[0]
+            needed = n_tasks * project["overlap"]
+            submitted = counts.get("submitted", 0)
+            per_kind[kind] = {"tasks": n_tasks, "tasks_complete": complete, "answers_needed": needed, "submitted": submitted,
+                              "skipped": counts.get("skipped", 0), "leased": counts.get("leased", 0),
+                              "done": min(1.0, submitted / needed) if needed else 1.0}
+            if kind == "compare":
+                per_kind[kind]["identical_answers"] = identical
+        per_labeler = {}
+        for r in conn.execute(
+            "SELECT u.name, a.state, a.lease_expires, a.seconds_spent FROM assignments a JOIN tasks t ON t.id = a.task_id "
+            "JOIN users u ON u.id = a.user_id WHERE t.project_id = ? ORDER BY u.name", (project_id,)):
+            entry = per_labeler.setdefault(r["name"], {"submitted": 0, "skipped": 0, "leased": 0, "seconds": 0.0})
+            if r["state"] == "leased":
+                entry["leased"] += r["lease_expires"] > at
+            else:
+                entry[r["state"]] += 1
+                entry["seconds"] += r["seconds_spent"] or 0.0
+        for entry in per_labeler.values():
+            finished = entry["submitted"] + entry["skipped"]
+            entry["mean_seconds"] = entry.pop("seconds") / finished if finished else None
+        return {"project": project["name"], "overlap": project["overlap"], "kinds": per_kind, "labelers": per_labeler}
