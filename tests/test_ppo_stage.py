@@ -13,7 +13,8 @@ from instructrl.config import load_config
 from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.padding import pad_sequences
 from instructrl.rl.episodes import prompt_order
-from instructrl.rl.rollout import GumbelNoise, Rollout, left_pad_prompts, response_logprobs, response_values, sample_responses, score_episodes, takes_logits_to_keep
+from instructrl.rl.rollout import (GumbelNoise, Rollout, left_pad_prompts, response_logits, response_logprobs, response_values, sample_responses,
+                                   score_episodes, takes_logits_to_keep)
 from instructrl.rl.update import ppo_epochs
 from instructrl.training.loop import make_accelerator
 
@@ -121,6 +122,30 @@ def test_generate_samples_from_the_distribution_ppo_scores(smoke_base, monkeypat
     real = rm.bool()
     assert real.sum() >= 4 and real[0].any() and real[1].any()  # both rows, the left-padded one included
     assert torch.allclose(sampled[real], scored[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 1.5}, {"min_new_tokens": 6}, {"suppress_tokens": list(range(3, 200))},
+                                     {"no_repeat_ngram_size": 1}])
+def test_a_checkpoints_generation_settings_do_not_reach_the_rollouts_sampler(smoke_base, monkeypatch, setting):
+    """A checkpoint's generation_config.json (Qwen2.5-Instruct's sets repetition_penalty 1.05) fills in
+    every setting generate's own config leaves unset; the rollout must sample from the logits PPO
+    scores all the same, and leave the model's settings as they were."""
+    model, tok, prompts, _ = _rows(smoke_base)
+    for key, value in setting.items():
+        setattr(model.generation_config, key, value)
+    before = model.generation_config.to_dict()
+    q, qm = left_pad_prompts(prompts, tok.pad_token_id, "cpu")
+    seen = []
+    original = GumbelNoise.__call__
+    monkeypatch.setattr(GumbelNoise, "__call__", lambda self, input_ids, scores: seen.append(scores.float()) or original(self, input_ids, scores))
+    with torch.no_grad():
+        r, rm, _ = sample_responses(model, q, qm, temperature=1.0, max_new_tokens=6, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seeds=[1, 2])
+        scored = response_logits(model, q, qm, r, rm, temperature=1.0)
+    sampled_from = torch.stack(seen[: r.shape[1]], 1)  # (B, Tr, V): the logits each token was drawn from
+    real = rm.bool()
+    gap = (sampled_from[real].log_softmax(-1) - scored[real].log_softmax(-1)).abs().max()
+    assert gap < 1e-4, gap
+    assert model.generation_config.to_dict() == before
 
 
 def test_response_logprobs_divide_by_temperature(smoke_base):
