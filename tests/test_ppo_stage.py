@@ -13,7 +13,8 @@ from instructrl.config import load_config
 from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.padding import pad_sequences
 from instructrl.rl.episodes import prompt_order
-from instructrl.rl.rollout import GumbelNoise, Rollout, left_pad_prompts, response_logprobs, response_values, sample_responses, score_episodes, takes_logits_to_keep
+from instructrl.rl.rollout import (GumbelNoise, Rollout, left_pad_prompts, response_logits, response_logprobs, response_values, sample_responses,
+                                   score_episodes, takes_logits_to_keep)
 from instructrl.rl.update import ppo_epochs
 from instructrl.training.loop import make_accelerator
 
@@ -121,6 +122,30 @@ def test_generate_samples_from_the_distribution_ppo_scores(smoke_base, monkeypat
     real = rm.bool()
     assert real.sum() >= 4 and real[0].any() and real[1].any()  # both rows, the left-padded one included
     assert torch.allclose(sampled[real], scored[real], atol=1e-4)
+
+
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 1.5}, {"min_new_tokens": 6}, {"suppress_tokens": list(range(3, 200))},
+                                     {"no_repeat_ngram_size": 1}])
+def test_a_checkpoints_generation_settings_do_not_reach_the_rollouts_sampler(smoke_base, monkeypatch, setting):
+    """A checkpoint's generation_config.json (Qwen2.5-Instruct's sets repetition_penalty 1.05) fills in
+    every setting generate's own config leaves unset; the rollout must sample from the logits PPO
+    scores all the same, and leave the model's settings as they were."""
+    model, tok, prompts, _ = _rows(smoke_base)
+    for key, value in setting.items():
+        setattr(model.generation_config, key, value)
+    before = model.generation_config.to_dict()
+    q, qm = left_pad_prompts(prompts, tok.pad_token_id, "cpu")
+    seen = []
+    original = GumbelNoise.__call__
+    monkeypatch.setattr(GumbelNoise, "__call__", lambda self, input_ids, scores: seen.append(scores.float()) or original(self, input_ids, scores))
+    with torch.no_grad():
+        r, rm, _ = sample_responses(model, q, qm, temperature=1.0, max_new_tokens=6, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seeds=[1, 2])
+        scored = response_logits(model, q, qm, r, rm, temperature=1.0)
+    sampled_from = torch.stack(seen[: r.shape[1]], 1)  # (B, Tr, V): the logits each token was drawn from
+    real = rm.bool()
+    gap = (sampled_from[real].log_softmax(-1) - scored[real].log_softmax(-1)).abs().max()
+    assert gap < 1e-4, gap
+    assert model.generation_config.to_dict() == before
 
 
 def test_response_logprobs_divide_by_temperature(smoke_base):
@@ -421,3 +446,94 @@ def test_a_later_round_goes_on_from_the_iterations_before_it(tmp_path, smoke_rm,
     metrics = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["episodes"]) for m in metrics] == [(4, 64), (5, 80), (6, 96)]  # smoke: 16 episodes per iteration
     assert any("3 iterations of 16 episodes after 3 earlier ones" in line for line in said)
+
+
+def test_values_are_read_at_the_token_before_each_response_token():
+    """V(s_t) is the value model's output at the last token of s_t = prompt + response[:t], the
+    column before response token t (the value head reads a state, not the action taken in it)."""
+
+    class Columns(torch.nn.Module):  # per-token output = the column's index
+        def forward(self, input_ids, attention_mask, per_token=False):
+            return torch.arange(input_ids.shape[1], dtype=torch.float32).expand(input_ids.shape)
+
+    q, qm = torch.tensor([[0, 7, 8]]), torch.tensor([[0, 1, 1]])  # left-padded prompt 7 8: columns 0-2
+    r, rm = torch.tensor([[9, 10, 0]]), torch.tensor([[1, 1, 0]])  # response 9 10, then padding: columns 3-5
+    # token 9 is chosen after 8 (column 2), token 10 after 9 (column 3); the padding's column 4 is never read by GAE
+    assert response_values(Columns(), q, qm, r, rm).tolist() == [[2.0, 3.0, 4.0]]
+
+
+def test_the_optimizers_use_the_rl_epsilon_no_weight_decay_and_a_linear_warmup():
+    from instructrl.stages.ppo import make_optimizers
+
+    cfg = load_config(SMOKE, ["ppo.lr=1e-3", "ppo.value_lr=4e-3", "ppo.warmup_steps=4", "ppo.adam_eps=1e-5"]).ppo
+    policy, value = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    policy.bias.requires_grad_(False)  # a frozen tensor (LoRA's base weights) is not the optimizer's
+    policy_opt, value_opt, schedulers = make_optimizers(cfg, policy, value)
+    assert [p for g in policy_opt.param_groups for p in g["params"]] == [policy.weight]
+    for opt in (policy_opt, value_opt):
+        assert all(g["eps"] == 1e-5 and g["weight_decay"] == 0.0 for g in opt.param_groups)
+    lrs = []
+    for _ in range(6):
+        lrs.append((policy_opt.param_groups[0]["lr"], value_opt.param_groups[0]["lr"]))
+        policy_opt.step(), value_opt.step()
+        for s in schedulers:
+            s.step()
+    # step k of 4 warm-up steps uses (k + 1) / 4 of the rate, then the whole rate, constant
+    expected = [(1e-3 * f, 4e-3 * f) for f in (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)]
+    assert all(a == pytest.approx(e, rel=1e-12) for got, want in zip(lrs, expected) for a, e in zip(got, want)), lrs
+
+
+def test_a_minibatch_in_one_micro_batch_or_in_four_makes_the_same_update(smoke_base):
+    """Each loss is a token sum over the minibatch's token count, not a mean of micro-batch means: the
+    responses have different lengths, so a mean of means would weigh a short response's tokens more."""
+    updates = []
+    for micro in (4, 1):
+        model, tok, rollout = _four_episode_rollout(smoke_base)
+        assert len(set(rollout.response_mask.sum(-1).tolist())) > 1
+        torch.manual_seed(0)
+        value = _Value(len(tok))
+        start = [p.detach().clone() for p in (*model.parameters(), *value.parameters())]
+        cfg = load_config(SMOKE, ["ppo.minibatch_size=4", f"ppo.micro_batch_size={micro}", "ppo.rollout_batch_size=4", "ppo.ppo_epochs=1",
+                                  "ppo.grad_clip=1e9"]).ppo
+        # SGD with lr 1: each parameter moves by minus its gradient
+        ppo_epochs(make_accelerator(cfg), cfg, rollout, model.train(), value, torch.optim.SGD(model.parameters(), lr=1.0),
+                   torch.optim.SGD(value.parameters(), lr=1.0), [], None, iteration=0, seed=0)
+        updates.append(torch.cat([(p.detach() - s).flatten() for p, s in zip((*model.parameters(), *value.parameters()), start)]))
+    assert updates[0].abs().max() > 1e-3
+    assert torch.allclose(updates[0], updates[1], atol=1e-5, rtol=1e-4)
+
+
+def test_the_ppo_ptx_term_is_gamma_times_the_gradient_of_the_mean_pretraining_nll(smoke_base):
+    """PPO-ptx adds γ · E_pretrain[-log π(x)] per token (InstructGPT eq. 2): with every block the same,
+    whichever blocks are drawn, the gradient is γ times that of one block's mean NLL."""
+    from instructrl.data.formats import read_texts
+    from instructrl.data.packing import pack_documents
+    from instructrl.rl.update import ptx_backward
+    from instructrl.rlmath import next_token_nll
+
+    model, tok, _, _ = _rows(smoke_base)
+    block = pack_documents(tok, read_texts(smoke_base / "world" / "corpus.txt"), 32)[:1]
+    cfg = load_config(SMOKE, ["ppo.ptx_coef=2.5", "ppo.ptx_batch_size=2"]).ppo
+    nll = ptx_backward(make_accelerator(cfg), model.train(), block.repeat(3, 1), cfg, seed=0, iteration=0, step=0)
+    ptx_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    total, count = next_token_nll(model(input_ids=block).logits, block, torch.ones_like(block))
+    (total / count).backward()
+    assert nll == pytest.approx((total / count).item(), rel=1e-5)
+    assert all(torch.allclose(g, 2.5 * p.grad, atol=1e-6) for g, p in zip(ptx_grads, model.parameters()))
+
+
+def test_the_reference_and_the_reward_model_are_frozen_and_out_of_the_optimizers(smoke_rm):
+    from instructrl.stages.ppo import ModelPaths, load_models, make_optimizers
+
+    cfg = load_config(SMOKE, []).ppo
+    base, rm = str(smoke_rm / "pretrain" / "final"), str(smoke_rm / "rm" / "final")
+    tok = load_tokenizer(base)
+    policy, reference, reward_model, value_model = load_models(cfg, ModelPaths(base, rm, rm, base), load_causal_lm(base, dropout=0.0, tokenizer=tok),
+                                                               tok, "ppo")
+    for frozen in (reference, reward_model):
+        assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    policy_opt, value_opt, _ = make_optimizers(cfg, policy, value_model)
+    trained = {id(p) for opt in (policy_opt, value_opt) for g in opt.param_groups for p in g["params"]}
+    assert trained == {id(p) for p in (*policy.parameters(), *value_model.parameters())}
+    assert trained.isdisjoint(id(p) for m in (reference, reward_model) for p in m.parameters())

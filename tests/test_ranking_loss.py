@@ -65,3 +65,37 @@ def test_equals_the_mean_of_its_pairwise_losses(k, seed):
         assert n.item() == 0 and total.item() == 0
     else:
         assert math.isclose(total.item(), sum(pairwise) / len(pairwise), rel_tol=1e-5)
+
+
+def test_a_steps_gradient_is_its_ranked_prompts_mean_however_it_is_micro_batched():
+    """The RM's step divides the summed per-prompt losses by the step's count of prompts that have a
+    ranked pair (``fit``'s global targets), so splitting the step into micro-batches changes nothing,
+    and a prompt whose responses all tie counts for nothing, not as a zero that dilutes the rest."""
+    from instructrl.config import RMConfig
+    from instructrl.training.loop import backward_micro_batches, make_accelerator
+
+    class Rewards(torch.nn.Module):  # one learnable reward per response, all 0 to start
+        def __init__(self):
+            super().__init__()
+            self.r = torch.nn.Parameter(torch.zeros(7))
+
+        def forward(self, rows):
+            return self.r[rows]
+
+    # prompt A: responses 0 > 1; prompt B: 2 and 3 tie; prompt C: 4 > 5 > 6 (slot 3 of A and B is padding)
+    prompts = {"A": ([0, 1, 0], [0, 1, 0], [1, 1, 0]), "B": ([2, 3, 0], [0, 0, 0], [1, 1, 0]), "C": ([4, 5, 6], [0, 1, 2], [1, 1, 1])}
+
+    def batch(names):
+        rows, ranks, valid = (torch.tensor([prompts[n][i] for n in names]) for i in range(3))
+        return {"rows": rows, "ranks": ranks, "valid": valid}
+
+    loss_fn = lambda model, b: kway_ranking_loss(model(b["rows"]), b["ranks"], b["valid"])[0]  # noqa: E731
+    # at margin 0, d/dm -log σ(m) = -σ(0) = -0.5. A: one pair, so r0 gets -0.5 and r1 +0.5. C: three pairs,
+    # each loss / 3: r4 wins two (-1/3), r5 wins one and loses one (0), r6 loses two (+1/3). Two prompts
+    # have ranked pairs (B has none): the step's gradient is half the sum.
+    expected = torch.tensor([-0.25, 0.25, 0.0, 0.0, -1 / 6, 0.0, 1 / 6])
+    accelerator = make_accelerator(RMConfig())
+    for split in ([["A", "B", "C"]], [["A"], ["B"], ["C"]], [["A", "B"], ["C"]]):
+        model = Rewards()
+        backward_micro_batches(accelerator, model, loss_fn, [batch(names) for names in split], global_targets=2)
+        assert torch.allclose(model.r.grad, expected, atol=1e-7), split

@@ -39,6 +39,22 @@ def test_reward_ignores_what_follows_the_last_real_token(tmp_path):
 
 
 @torch.no_grad()
+def test_per_token_values_are_on_the_rewards_scale(tmp_path):
+    """PPO's value model starts from the RM (InstructGPT §3.5) and reads its per-token outputs: they
+    include the bias that centres the rewards, as the reward read at the last real token does
+    (Huang et al.'s critic is the RM's scalar model, bias and all). Without it every initial value
+    is off by the bias from the rewards GAE compares it with."""
+    model = tiny_reward_model(tmp_path)
+    ids, mask = pad_sequences(SEQUENCES, pad_id=0, side="right")
+    raw = model(ids, mask, per_token=True)
+    model.reward_bias.fill_(-0.25)
+    values = model(ids, mask, per_token=True)
+    assert torch.allclose(values, raw - 0.25)  # every position moves with the bias, padding included
+    last = torch.tensor([len(s) - 1 for s in SEQUENCES])
+    assert torch.equal(values[torch.arange(len(SEQUENCES)), last], model(ids, mask))
+
+
+@torch.no_grad()
 def test_save_and_reload_keeps_head_and_bias(tmp_path):
     model = tiny_reward_model(tmp_path)
     model.reward_bias.fill_(-0.25)

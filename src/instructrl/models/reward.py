@@ -2,8 +2,9 @@
 
 The reward of a (prompt, response) sequence is the head's output at the sequence's last real
 token (its EOS), never at a padding position, whichever side the batch is padded on. A bias,
-set after training so that the demonstrations score 0 on average, is stored with the head.
-The per-token outputs (``values``) are what a value model initialised from the RM starts from.
+set after training so that the demonstrations score 0 on average, is stored with the head and
+added at every position. The per-token outputs (``values``) are what a value model initialised
+from the RM starts from.
 """
 
 from __future__ import annotations
@@ -104,20 +105,23 @@ class RewardModel(nn.Module):
         (path / CONFIG_FILE).write_text(json.dumps({"reward_bias": float(state["reward_bias"])}, indent=2))
 
     def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, T) head output at every position; position ids count real tokens only."""
+        """(B, T) head output plus the bias at every position; position ids count real tokens only.
+
+        The bias belongs to every position: a value model initialised from the RM starts on the
+        centred rewards' scale, not off by the bias (Huang et al.'s critic is the RM, bias and all)."""
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
         ).last_hidden_state
-        return self.head(hidden).squeeze(-1).float()
+        return self.head(hidden).squeeze(-1).float() + self.reward_bias
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, per_token: bool = False) -> Tensor:
-        """(B,) reward of each sequence, read at its last real token, bias included; with
-        ``per_token``, ``values`` (a value model is called this way, so that DDP's wrapper sees the call)."""
+        """(B,) reward of each sequence, ``values`` read at its last real token; with ``per_token``,
+        ``values`` (a value model is called this way, so that DDP's wrapper sees the call)."""
         values = self.values(input_ids, attention_mask)
         if per_token:
             return values
         last = last_token_index(attention_mask).clamp(min=0)
-        return values.gather(1, last.unsqueeze(1)).squeeze(1) + self.reward_bias
+        return values.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
 @torch.no_grad()

@@ -91,17 +91,34 @@ def sample_responses(policy, query_ids: Tensor, query_mask: Tensor, *, temperatu
     """Sample one response per left-padded prompt from the full distribution at ``temperature``,
     row i with random numbers from ``seeds[i]`` (``GumbelNoise``).
 
-    The generation config is built here, not taken from the checkpoint: a checkpoint's top_k,
-    top_p or repetition penalty would make the samples disagree with the log-probs PPO computes.
+    The generation config is built here, and the checkpoint's is set aside (``own_generation_config_aside``):
+    its repetition penalty, min_new_tokens or suppressed tokens would make the samples disagree with
+    the log-probs PPO computes.
     ``synced``: the policy is sharded (FSDP), so every process goes on forwarding until all are done.
     Returns (response_ids, response_mask, ended) as ``truncate_after_eos`` gives them.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos_id)
-    out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config, synced_gpus=synced,
-                          logits_processor=LogitsProcessorList([GumbelNoise(seeds, temperature, query_ids.device)]))
+    with own_generation_config_aside(policy):
+        out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config, synced_gpus=synced,
+                              logits_processor=LogitsProcessorList([GumbelNoise(seeds, temperature, query_ids.device)]))
     return truncate_after_eos(out[:, query_ids.shape[1]:], eos_id, pad_id)
+
+
+@contextlib.contextmanager
+def own_generation_config_aside(model):
+    """Around ``model.generate``: the model's own generation settings (its checkpoint's
+    generation_config.json) replaced by transformers' defaults. ``generate`` fills every setting
+    the config it is given leaves unset from them, and a setting cannot be given as "unset"."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT generates with its base model's
+    saved, inner.generation_config = inner.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 def response_logprobs(policy, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
