@@ -95,3 +95,32 @@ def test_people_judgements_are_checked_and_used(tmp_path, smoke_collect):
     short = short | {key: short[key][:3] for key in ("responses", "ranks", "likert", "flags")} | {"ranks": [0, 0, 1]}
     people.write_text("\n".join([lines[0], lines[1], json.dumps(short)]) + "\n")
     cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path / 'mixed'}", f"collect.judgements={people}")
+
+
+def test_a_checkpoints_generation_settings_do_not_reach_collect_or_eval_answers(smoke_base):
+    """generate fills every setting it is not given from the checkpoint's generation_config.json
+    (Qwen2.5-Instruct's sets repetition_penalty): collect's and eval's answers must come from the
+    model's own distribution all the same, and the model's settings be left as they were."""
+    import torch
+
+    from instructrl.evaluation.generate import generate_answers
+    from instructrl.models.base import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(smoke_base / "pretrain" / "final", dropout=0.0).eval()
+    tokenizer = load_tokenizer(smoke_base / "pretrain" / "final")
+    prompts = [[{"role": "user", "content": t.messages[0]["content"]}] for t in load_tasks(smoke_base / "world" / "prompts" / "eval.jsonl")[:6]]
+    greedy = generate_answers(model, tokenizer, prompts, max_new_tokens=8)
+    torch.manual_seed(0)
+    sampled = generate_answers(model, tokenizer, prompts, max_new_tokens=8, num_samples=2, temperature=1.0)
+    settings = {"no_repeat_ngram_size": 1, "min_new_tokens": 8, "suppress_tokens": list(range(3, 300)), "repetition_penalty": 5.0}
+    for key, value in settings.items():
+        setattr(model.generation_config, key, value)
+    before = model.generation_config.to_dict()
+    with torch.no_grad():  # the settings do change what generate writes when they are let in
+        ids = tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        let_in = tokenizer.decode(model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:])
+    assert let_in.strip() != greedy[0]
+    assert generate_answers(model, tokenizer, prompts, max_new_tokens=8) == greedy
+    torch.manual_seed(0)
+    assert generate_answers(model, tokenizer, prompts, max_new_tokens=8, num_samples=2, temperature=1.0) == sampled
+    assert model.generation_config.to_dict() == before

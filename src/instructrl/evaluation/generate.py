@@ -6,7 +6,7 @@ import torch
 
 from instructrl.data.chat import render_ids
 from instructrl.errors import UserError
-from instructrl.models.base import context_length
+from instructrl.models.base import context_length, own_generation_config_aside
 from instructrl.padding import pad_sequences
 
 
@@ -19,8 +19,8 @@ def generate_answers(
 
     Greedy when ``temperature`` is None. Otherwise ``num_samples`` answers per conversation,
     sampled from the full distribution at ``temperature`` (no top-k or top-p truncation, which
-    would make the samples' log-probs disagree with the policy's), returned as a list per
-    conversation. Prompts are left-padded (generation appends on the right) and grouped by
+    would make the samples' log-probs disagree with the policy's, nor any other setting of the
+    checkpoint's generation_config), returned as a list per conversation. Prompts are left-padded (generation appends on the right) and grouped by
     length so a batch holds little padding; answers come back in the input order.
     ``synced``: the model is sharded (FSDP) and every process calls this with as many conversations,
     so each goes on forwarding until all are done. ``key``: the setting that chose ``max_new_tokens``, for an error.
@@ -37,10 +37,11 @@ def generate_answers(
     for start in range(0, len(by_length), batch_size):
         rows = by_length[start : start + batch_size]
         ids, mask = pad_sequences([prompts[i] for i in rows], tokenizer.pad_token_id, side="left")
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, **sampling,
-        )
+        with own_generation_config_aside(model):
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced, **sampling,
+            )
         # generate returns the samples of one prompt next to each other
         per_row = 1 if temperature is None else num_samples
         for k, tokens in enumerate(out[:, ids.shape[1] :].tolist()):

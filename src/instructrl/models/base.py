@@ -173,6 +173,21 @@ def load_answering_model(name_or_path: str | Path, tokenizer=None) -> nn.Module:
     return load_causal_lm(name_or_path, tokenizer=tokenizer).to(inference_device())
 
 
+@contextlib.contextmanager
+def own_generation_config_aside(model):
+    """Around ``model.generate``: the model's own generation settings (its checkpoint's
+    generation_config.json) replaced by transformers' defaults. ``generate`` fills every setting
+    the config it is given leaves unset from them, and a setting cannot be given as "unset"."""
+    from transformers import GenerationConfig
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT generates with its base model's
+    saved, inner.generation_config = inner.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
+
+
 def context_length(model: nn.Module) -> int:
     """The longest sequence (tokens) the model's config allows; 2**20 when it names none."""
     # a RewardModel's is its backbone's; a vision-language model's (Gemma 3 from 4B up) its language model's

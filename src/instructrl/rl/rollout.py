@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from instructrl.models.base import own_generation_config_aside
 from instructrl.padding import pad_sequences, position_ids_from_mask, shared_padding, truncate_after_eos
 from instructrl.rlmath import entropy_from_logits, entropy_from_logprobs, gather_tokens, kl_from_logprobs, token_logprobs
 
@@ -104,21 +105,6 @@ def sample_responses(policy, query_ids: Tensor, query_mask: Tensor, *, temperatu
         out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config, synced_gpus=synced,
                               logits_processor=LogitsProcessorList([GumbelNoise(seeds, temperature, query_ids.device)]))
     return truncate_after_eos(out[:, query_ids.shape[1]:], eos_id, pad_id)
-
-
-@contextlib.contextmanager
-def own_generation_config_aside(model):
-    """Around ``model.generate``: the model's own generation settings (its checkpoint's
-    generation_config.json) replaced by transformers' defaults. ``generate`` fills every setting
-    the config it is given leaves unset from them, and a setting cannot be given as "unset"."""
-    from transformers import GenerationConfig
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT generates with its base model's
-    saved, inner.generation_config = inner.generation_config, GenerationConfig()
-    try:
-        yield
-    finally:
-        inner.generation_config = saved
 
 
 def response_logprobs(policy, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
