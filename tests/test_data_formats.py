@@ -117,6 +117,23 @@ def test_a_csv_file_reads_as_records_of_text_cells(tmp_path):
         read_comparisons(write_csv(tmp_path / "prefs.csv", "prompt,completion\na,b\n"))
 
 
+def test_a_byte_order_mark_and_windows_line_ends_are_not_part_of_the_data(tmp_path):
+    """Excel's "CSV UTF-8" and Windows editors begin a file with a byte-order mark and end lines with CRLF:
+    the mark was read into the CSV header's first field ('\\ufeffprompt': "needs 'prompt'"), failed a JSON
+    file ("expected a JSON object, found list") and began PPO-ptx's first document."""
+    from instructrl.data.formats import read_texts
+
+    bom = "\ufeff"
+    (tmp_path / "demos.csv").write_text(bom + "prompt,completion\r\nSay cat.,cat\r\n", newline="")
+    assert read_data(tmp_path / "demos.csv", "demonstration")[1][0].messages == [USER, ASSISTANT]
+    for name, text in (("list.json", json.dumps([SHAPES["messages"][0]] * 2)), ("pretty.json", json.dumps([SHAPES["messages"][0]] * 2, indent=2)),
+                       ("one.json", json.dumps(SHAPES["messages"][0], indent=2)), ("lines.jsonl", json.dumps(SHAPES["messages"][0]) + "\r\n")):
+        (tmp_path / name).write_text(bom + text.replace("\n", "\r\n"), newline="")
+        assert {d.messages[-1]["content"] for d in read_data(tmp_path / name, "demonstration")[1]} == {"cat"}, name
+    (tmp_path / "text.txt").write_text(bom + "first document\r\nsecond\r\n", newline="")
+    assert read_texts(tmp_path / "text.txt") == ["first document", "second"]
+
+
 def test_a_field_of_the_wrong_type_is_named_with_what_it_may_be(tmp_path):
     path = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "Say cat.", "completion": "cat"}, {"prompt": "Say dog.", "completion": 3}])
     with pytest.raises(UserError, match=re.escape("demos.jsonl:2: 'completion' must be text or a list of {'role', 'content'} messages, not int")):

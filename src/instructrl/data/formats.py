@@ -112,7 +112,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
     import csv
 
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" begins with a byte-order mark
             reader = csv.DictReader(f)
             for row in reader:
                 where = f"{path}:{reader.line_num}"
@@ -132,7 +132,7 @@ def _json_records(path: Path) -> list | None:
     pretty-printed), or an object whose only value is the list (``{"data": [...]}``). None when
     the file is JSON lines under a .json name, as ``datasets`` writes them."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the JSON
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     try:
@@ -343,7 +343,7 @@ def read_texts(path: Path | str) -> list[str]:
     if not path.is_file():
         raise not_found(path)
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
 
