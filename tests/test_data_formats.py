@@ -32,6 +32,8 @@ SHAPES = {
     "comparison": ({"id": "p1", "prompt": [USER], "responses": ["cat", "dog", "fox"], "ranks": [0, 1, 2], "labeler_id": "me"}, "comparison"),
     "prompt": ({"prompt": "Say cat."}, "prompt"),
     "prompt_messages": ({"messages": [USER]}, "prompt"),
+    "unpaired_preference": ({"prompt": "Say cat.", "completion": "dog", "label": False}, "unpaired_preference"),
+    "stepwise_supervision": ({"prompt": "Say cat.", "completions": ["I say", "dog"], "labels": [True, False]}, "stepwise_supervision"),
 }
 
 
@@ -54,8 +56,21 @@ def test_each_format_converts_for_its_stage(tmp_path):
         assert [m.model_dump() for m in comparison.prompt] == [USER]
     assert read("comparison", "comparison").ranks == [0, 1, 2]
     # PPO takes the prompt of any record that holds one
-    for shape in ("prompt", "prompt_messages", "prompt_completion", "messages", "preference_explicit", "comparison"):
+    for shape in ("prompt", "prompt_messages", "prompt_completion", "messages", "preference_explicit", "comparison",
+                  "unpaired_preference", "stepwise_supervision"):
         assert read(shape, "prompt").messages == [USER], shape
+
+
+@pytest.mark.parametrize("shape", ["unpaired_preference", "stepwise_supervision"])
+def test_labelled_completions_are_neither_demonstrations_nor_rankings(tmp_path, shape):
+    """TRL's KTO data (a completion labelled good or bad) was read as prompt/completion, and SFT learnt
+    the completions labelled false; TRL's stepwise data was a prompt whose 'completions' looked misspelt."""
+    path = write_jsonl(tmp_path / f"{shape}.jsonl", [SHAPES[shape][0]] * 2)
+    for use, key in (("demonstration", "sft.data"), ("comparison", "rm.data")):
+        with pytest.raises(UserError, match=re.escape(f"{path}:1: a {shape} record (fields: {', '.join(sorted(SHAPES[shape][0]))}) cannot be used as {key}")):
+            read_data(path, use)
+    summary = json.loads(cli("data", "check", str(path)).stdout.splitlines()[-1])
+    assert (summary["format"], summary["usable_as"]) == (shape, ["ppo.prompts"]) and "misspelt_fields" not in summary
 
 
 def test_parquet_json_and_datasets_folder_read_like_jsonl(tmp_path):

@@ -287,7 +287,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("check")
 def data_check(
     file: Path = typer.Argument(..., help="A JSONL, JSON, Parquet or CSV file, a datasets save_to_disk folder, or plain text (ppo.ptx_data)."),
-    data_format: str = typer.Option("auto", "--format", help="auto (from the fields), text, prompt_completion, messages, preference, comparison or prompt."),
+    data_format: str = typer.Option("auto", "--format", help="auto (from the fields), text, prompt_completion, messages, preference, comparison, prompt, unpaired_preference or stepwise_supervision."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A checkpoint or tokenizer: also count the records whose text holds its control tokens (<|im_end|>, </s>, ...), which tokenizing reads as those tokens."),
 ) -> None:
     """Validate a data file and print its format, its record count and the stage inputs it can be.

@@ -7,10 +7,14 @@
     preference         {"prompt"?, "chosen", "rejected"} (TRL; see preference.py)     rm (K = 2)
     comparison         a ComparisonRecord: {"id", "prompt", "responses", "ranks", ...}  rm (K-way)
     prompt             {"prompt": str | [messages]} or {"messages": [..., user turn]}  ppo.prompts
+    unpaired_preference   {"prompt", "completion", "label": bool} (TRL's KTO data)          ppo.prompts
+    stepwise_supervision  {"prompt", "completions": [...], "labels": [bool, ...]} (TRL's PRM data)  ppo.prompts
 
 These are the Hugging Face ecosystem's (TRL's) dataset formats plus our K-way comparison record.
 PPO also takes its prompts from any format that holds one (the prompt of a prompt/completion,
-preference or comparison record, a conversation without its last assistant turn).
+preference or comparison record, a conversation without its last assistant turn). Unpaired
+preferences and stepwise labels are no demonstrations (a completion labelled false is a bad
+answer) nor rankings (no two answers are compared), so SFT and the RM refuse them.
 
 Files: JSON lines (``.jsonl``, or any other name), a ``.json`` file of one JSON value (a list of
 records, one record, or ``{"data": [...]}``) or of JSON lines, Parquet (``.parquet``), CSV
@@ -36,14 +40,14 @@ from instructrl.data.preference import comparison_from_preference
 from instructrl.data.records import ComparisonRecord, check_messages, validate_messages
 from instructrl.errors import UserError
 
-FORMATS = ("text", "prompt_completion", "messages", "preference", "comparison", "prompt")
+FORMATS = ("text", "prompt_completion", "messages", "preference", "comparison", "prompt", "unpaired_preference", "stepwise_supervision")
 
 # what each kind of input a stage reads accepts
 USES = {
     "demonstration": ("messages", "prompt_completion", "text"),  # sft.data
     "conversation": ("messages", "prompt_completion"),  # rm.demonstrations (scored through the chat template)
     "comparison": ("comparison", "preference"),  # rm.data, collect.judgements
-    "prompt": ("prompt", "prompt_completion", "preference", "comparison", "messages"),  # ppo.prompts
+    "prompt": ("prompt", "prompt_completion", "preference", "comparison", "messages", "unpaired_preference", "stepwise_supervision"),  # ppo.prompts
     "text": ("text",),  # ppo.ptx_data
 }
 STAGE_OF_USE = {"demonstration": "sft.data", "conversation": "rm.demonstrations", "comparison": "rm.data",
@@ -188,6 +192,10 @@ def detect_format(record: dict) -> str | None:
         return "comparison"
     if keys & {"chosen", "rejected"}:
         return "preference"
+    if keys & {"completions", "labels"}:
+        return "stepwise_supervision"
+    if keys >= {"completion", "label"}:
+        return "unpaired_preference"
     if "completion" in keys:
         return "prompt_completion"
     if "messages" in keys:
@@ -231,9 +239,11 @@ def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
     return Demonstration(messages=validate_messages(record.get("messages"), where), where=where)
 
 
-REQUIRED = {"prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected")}
+REQUIRED = {"prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected"),
+            "unpaired_preference": ("prompt", "completion", "label"), "stepwise_supervision": ("prompt", "completions", "labels")}
 # every field a record of some format may hold: others are reported as possible misspellings
-KNOWN_FIELDS = frozenset({"id", "text", "prompt", "completion", "messages", "chosen", "rejected", "family", "answer", "args"}
+KNOWN_FIELDS = frozenset({"id", "text", "prompt", "completion", "messages", "chosen", "rejected", "label", "completions", "labels",
+                          "family", "answer", "args"}
                          | set(ComparisonRecord.model_fields))
 
 
@@ -269,7 +279,7 @@ def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
     if fmt == "messages":
         messages = validate_messages(record.get("messages"), where)[:-1]
     else:
-        if fmt == "prompt_completion":
+        if fmt in REQUIRED:
             _require(fmt, record, where)
         field = "prompt" if "prompt" in record else "messages"
         messages = _turns(record.get(field), where, field, "user")
@@ -323,7 +333,8 @@ def read_data(path: Path | str, use: str, data_format: str = "auto") -> tuple[li
 
 def describe_fields() -> str:
     return ("text; prompt + completion; messages; prompt + chosen + rejected (or chosen + rejected); "
-            "prompt + responses + ranks (comparison); prompt, or messages ending with a user turn (prompt-only)")
+            "prompt + responses + ranks (comparison); prompt, or messages ending with a user turn (prompt-only); "
+            "prompt + completion + label (unpaired preference); prompt + completions + labels (stepwise supervision)")
 
 
 def read_comparisons(path: Path | str, data_format: str = "auto") -> list[ComparisonRecord]:
