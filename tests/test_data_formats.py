@@ -61,6 +61,19 @@ def test_each_format_converts_for_its_stage(tmp_path):
         assert read(shape, "prompt").messages == [USER], shape
 
 
+def test_a_preference_record_whose_sides_repeat_the_prompt_reads_as_the_same_pair(tmp_path):
+    """HF's ultrafeedback_binarized writes the prompt's text beside two whole conversations (TRL reads the
+    turns they share as the prompt): it was refused ("must each hold one assistant turn after the prompt"),
+    as was a conversational prompt that each side repeats; its 'prompt_id' is no misspelt 'prompt'."""
+    ultrafeedback = {"prompt": "Say cat.", "prompt_id": "0f3a", "chosen": [USER, ASSISTANT], "rejected": [USER, WRONG],
+                     "messages": [USER, ASSISTANT], "score_chosen": 8.0, "score_rejected": 2.0}
+    repeated = {"prompt": [USER], "chosen": [USER, ASSISTANT], "rejected": [USER, WRONG]}
+    path = write_jsonl(tmp_path / "prefs.jsonl", [ultrafeedback, repeated, SHAPES["preference_explicit_conversational"][0]])
+    first, second, expected = read_comparisons(path)
+    assert (first.prompt, first.responses) == (second.prompt, second.responses) == (expected.prompt, expected.responses)
+    assert "misspelt_fields" not in json.loads(cli("data", "check", str(path)).stdout.splitlines()[-1])
+
+
 @pytest.mark.parametrize("shape", ["unpaired_preference", "stepwise_supervision"])
 def test_labelled_completions_are_neither_demonstrations_nor_rankings(tmp_path, shape):
     """TRL's KTO data (a completion labelled good or bad) was read as prompt/completion, and SFT learnt

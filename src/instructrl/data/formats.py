@@ -243,7 +243,7 @@ REQUIRED = {"prompt_completion": ("prompt", "completion"), "preference": ("chose
             "unpaired_preference": ("prompt", "completion", "label"), "stepwise_supervision": ("prompt", "completions", "labels")}
 # every field a record of some format may hold: others are reported as possible misspellings
 KNOWN_FIELDS = frozenset({"id", "text", "prompt", "completion", "messages", "chosen", "rejected", "label", "completions", "labels",
-                          "family", "answer", "args"}
+                          "prompt_id", "family", "answer", "args"}
                          | set(ComparisonRecord.model_fields))
 
 
