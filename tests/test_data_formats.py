@@ -248,6 +248,13 @@ def test_data_check_cli(tmp_path):
     assert summary == {"file": str(text), "format": "plain text", "records": 2, "usable_as": ["ppo.ptx_data"]}
 
 
+def test_a_file_that_is_no_parquet_is_one_line(tmp_path):
+    """The reader's own log line ('Failed to read schema ...') came before ours."""
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    proc = cli("data", "check", str(tmp_path / "empty.parquet"), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'empty.parquet'}: not a readable Parquet file (Parquet file size is 0 bytes)"]
+
+
 # SFT, RM and PPO on a user's files in each format, on a tiny Llama with no PAD and no chat template
 SFT_SHAPES = ["text", "prompt_completion", "prompt_completion_conversational", "messages"]
 RM_SHAPES = ["preference_explicit", "preference_explicit_conversational", "preference_implicit", "preference_implicit_conversational", "comparison"]

@@ -81,13 +81,7 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
     elif not path.is_file():
         raise not_found(path)
     elif path.suffix == ".parquet":
-        from datasets import Dataset
-
-        try:
-            dataset = Dataset.from_parquet(str(path), keep_in_memory=True)
-        except Exception as err:  # pyarrow raises several types for a corrupt file
-            raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
-        yield from _arrow_rows(path, dataset)
+        yield from _parquet_rows(path)
     elif path.suffix == ".csv":
         yield from _csv_rows(path)
     elif path.suffix == ".json" and (records := _json_records(path)) is not None:
@@ -166,6 +160,24 @@ def _load_from_disk(path: Path):
             raise UserError(f"{path}: a DatasetDict with splits {sorted(dataset)} and no 'train'; save the split to use")
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     return dataset
+
+
+def _parquet_file(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """The rows of a Parquet file, read a batch at a time: a file larger than memory streams."""
+    number = 0
+    for batch in _parquet_file(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{path}: row {number}", _without_nulls(row)
 
 
 def _arrow_rows(path: Path, dataset) -> Iterator[tuple[str, dict]]:
