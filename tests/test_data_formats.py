@@ -248,6 +248,57 @@ def test_data_check_cli(tmp_path):
     assert summary == {"file": str(text), "format": "plain text", "records": 2, "usable_as": ["ppo.ptx_data"]}
 
 
+def test_data_check_says_what_each_input_would_say_of_the_file(tmp_path):
+    """data check validates every record for every input in one pass: a file an input takes is usable as
+    it even where another input refuses a record (a conversation that opens with the assistant is a
+    demonstration, but no PPO prompt: data check refused the whole file, which SFT trains on), and an
+    input that took some records says which record it stopped at (a conversation with no answer among
+    demonstrations left the file 'usable as ppo.prompts', with no word of why not as sft.data)."""
+    from instructrl.stages.sft import load_demonstrations
+
+    greeting = {"messages": [{"role": "system", "content": "Greet."}, {"role": "assistant", "content": "hello"}]}
+    demos = write_jsonl(tmp_path / "demos.jsonl", [SHAPES["messages"][0], greeting])
+    assert len(load_demonstrations(demos, load_tokenizer(save_tiny_model("llama", tmp_path / "llama")), 128)[0]) == 2
+    summary = json.loads(cli("data", "check", str(demos)).stdout.splitlines()[-1])
+    assert summary["usable_as"] == ["sft.data", "rm.demonstrations"]
+    assert summary["not_usable_as"] == {"ppo.prompts": f"{demos}:2: the last message of a prompt must be the user's"}
+
+    unanswered = write_jsonl(tmp_path / "unanswered.jsonl", [SHAPES["messages"][0], SHAPES["prompt_messages"][0]])
+    proc = cli("data", "check", str(unanswered))
+    refusal = f"{unanswered}:2: a prompt record (fields: messages; its last message is the user's, with no answer after it) cannot be used as sft.data"
+    assert json.loads(proc.stdout.splitlines()[-1])["not_usable_as"]["sft.data"].startswith(refusal)
+    assert f"not usable as sft.data: {refusal}" in proc.stderr
+    # an input refused at the first record, for its format, is no input the file was meant for: not listed
+    assert "not_usable_as" not in json.loads(cli("data", "check", str(write_jsonl(tmp_path / "p.jsonl", [SHAPES["prompt"][0]]))).stdout.splitlines()[-1])
+    # no input takes the file: the error is that of the input that read furthest
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [SHAPES["preference_explicit"][0], SHAPES["text"][0]])
+    proc = cli("data", "check", str(mixed), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {mixed}:2: a text record (fields: text) cannot be used as rm.data, which takes comparison, preference records"
+
+
+def test_data_check_reads_a_file_once_keeping_no_record_and_tells_its_progress(tmp_path, monkeypatch):
+    """A large file is checked in one pass in constant memory (it was read once per input and once
+    per summary figure, every record of each input kept: 2.1 GB and 62 s for a 200 MB JSONL), with
+    a count of the records read so far and, where quick to know, their total."""
+    from datasets import Dataset
+
+    from instructrl.data import formats
+
+    rows = [SHAPES["messages"][0]] * 2500
+    path = write_jsonl(tmp_path / "demos.jsonl", rows)
+    path.write_text(path.read_text().replace("\n", "\n\n", 3))  # blank lines are no records
+    reads, told = [], []
+    read_records = formats.read_records
+    monkeypatch.setattr(formats, "read_records", lambda *args: reads.append(args) or read_records(*args))
+    summary = formats.check_file(path, progress=told.append)
+    assert (len(reads), summary["records"], told) == (1, 2500, [1000, 2000])
+    assert formats.count_records(path) == 2500
+    Dataset.from_list(rows[:30]).to_parquet(str(tmp_path / "demos.parquet"))
+    Dataset.from_list(rows[:20]).save_to_disk(str(tmp_path / "demos_dataset"))
+    assert (formats.count_records(tmp_path / "demos.parquet"), formats.count_records(tmp_path / "demos_dataset")) == (30, 20)
+    assert formats.count_records(tmp_path / "missing.jsonl") is None  # the check itself says it is missing
+
+
 def test_a_file_that_is_no_parquet_is_one_line(tmp_path):
     """The reader's own log line ('Failed to read schema ...') came before ours."""
     (tmp_path / "empty.parquet").write_bytes(b"")
