@@ -366,6 +366,22 @@ def test_rm_on_each_format(tmp_path, tiny_sft, shape):
     assert not (tmp_path / "world").exists()
 
 
+def test_rm_refuses_comparisons_that_are_all_ties(tmp_path, tiny_sft):
+    """A pair with the same answer on both sides is a tie, which the ranking loss leaves out: with only
+    ties the RM trained on nothing and was saved, exit status 0 (held-out accuracy nan)."""
+    from instructrl.stages.rm import run_rm
+
+    run, _ = tiny_sft
+    ties = write_jsonl(tmp_path / "ties.jsonl", [{"prompt": f"Say {w}.", "chosen": w, "rejected": w} for w in WORDS * 4])
+    refusal = f"{ties}: every training comparison ranks all its responses equal: no pair to learn from"
+    with pytest.raises(UserError, match=f"^{re.escape(refusal)}$"):
+        run_rm(load_config(SMOKE, [f"run.dir={tmp_path}", f"rm.model={run / 'sft' / 'final'}", f"rm.data={ties}"]), log=lambda *_: None)
+    assert not (tmp_path / "rm").exists()
+    summary = json.loads(cli("data", "check", str(ties)).stdout.splitlines()[-1])
+    assert summary["usable_as"] == ["ppo.prompts"] and summary["not_usable_as"]["rm.data"].endswith("no pair to learn from")
+    assert (summary["pairs"], summary["tied_pairs"]) == (0, len(WORDS) * 4)
+
+
 @pytest.mark.parametrize("shape", PPO_SHAPES)
 def test_ppo_on_each_prompt_format(tmp_path, tiny_sft, shape):
     from instructrl.stages.ppo import run_ppo

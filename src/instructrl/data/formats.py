@@ -484,12 +484,16 @@ def check_file(path: Path | str, data_format: str = "auto", tokenizer=None, prog
             progress(number)
     if not number:
         raise UserError(f"{path}: no records")
+    rankings = verdicts[list(USES).index("comparison")]
+    if rankings.error is None and not rankings.stats.get("pairs", 1):  # as rm refuses it
+        rankings.error = UserError(f"{path}: every comparison ranks all its responses equal: no pair to learn from")
     usable = [v for v in verdicts if v.error is None]
     summary: dict = {"file": str(path), "format": "+".join(formats), "records": number, "usable_as": [STAGE_OF_USE[v.use] for v in usable]}
     # an input that took some records, or refused a bad record of a format it takes: the file was likely meant for it
     if refused := {STAGE_OF_USE[v.use]: str(v.error) for v in verdicts if v.error is not None and (v.taken or not v.refused_format)}:
         summary["not_usable_as"] = refused
-    summary.update({name: sorted(value) if isinstance(value, set) else value for name, value in usable[0].stats.items()})
+    figures = next(v for v in verdicts if v.taken == number).stats  # of the first input that took every record
+    summary.update({name: sorted(value) if isinstance(value, set) else value for name, value in figures.items()})
     if misspelt:  # such a record may still fit some format, just not the one meant
         summary["misspelt_fields"] = misspelt
     if style is not None:
