@@ -421,6 +421,18 @@ def test_ppo_on_own_prompts_keeps_the_built_in_world_out(tmp_path, tiny_sft):
     assert (tmp_path / "ppo" / "final").is_dir() and not (tmp_path / "world").exists() and not (tmp_path / "ppo_ptx" / "final").exists()
 
 
+def test_ppo_says_how_many_prompts_are_too_long_for_the_context(tmp_path, tiny_sft):
+    """SFT and the RM count what they skip as too long; PPO left such prompts out without a word."""
+    from instructrl.stages.ppo import run_ppo
+
+    run, _ = tiny_sft
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {w}."} for w in WORDS * 4] + [{"prompt": "Say " + "cat " * 200}] * 3)
+    said = []
+    run_ppo(load_config(SMOKE, [f"run.dir={tmp_path}", f"ppo.policy={run / 'sft' / 'final'}", f"ppo.reward_model={run / 'rm' / 'final'}",
+                                f"ppo.prompts={prompts}", "ppo.ptx_coef=0", "ppo.episodes=16"]), log=said.append)
+    assert any(f"; {len(WORDS) * 4} prompts (3 with no room for a response of 8 tokens in the 128-token context skipped), " in line for line in said), said
+
+
 def test_control_tokens_in_users_text_are_pointed_out(tmp_path, tiny_sft):
     """'<|endoftext|>' typed inside a message is read as the EOS token and ends the turn: data check
     --model and the stages say which records hold such a token; "text" records (whole templated
