@@ -74,6 +74,17 @@ def test_a_preference_record_whose_sides_repeat_the_prompt_reads_as_the_same_pai
     assert "misspelt_fields" not in json.loads(cli("data", "check", str(path)).stdout.splitlines()[-1])
 
 
+@pytest.mark.parametrize("record", [{"prompt": ""}, {"prompt": " "}, {"messages": [{"role": "user", "content": ""}]},
+                                    {"prompt": "", "chosen": "cat", "rejected": "dog"}, {"prompt": [{"role": "user", "content": " "}], "chosen": [ASSISTANT], "rejected": [WRONG]}])
+def test_an_empty_prompt_is_named(tmp_path, record):
+    """PPO rolled out on a blank prompt (an empty CSV cell), and an empty text 'prompt' of a pair was
+    told that 'chosen' and 'rejected' share no prompt, to give one as 'prompt'."""
+    use, shape = ("comparison", "preference_explicit") if "chosen" in record else ("prompt", "prompt")
+    path = write_jsonl(tmp_path / "data.jsonl", [SHAPES[shape][0], record])
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))}:2: the prompt is empty$"):
+        read_data(path, use)
+
+
 @pytest.mark.parametrize("shape", ["unpaired_preference", "stepwise_supervision"])
 def test_labelled_completions_are_neither_demonstrations_nor_rankings(tmp_path, shape):
     """TRL's KTO data (a completion labelled good or bad) was read as prompt/completion, and SFT learnt

@@ -312,6 +312,8 @@ def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
         messages = _turns(record.get(field), where, field, "user")
     if not messages or messages[-1]["role"] != "user":
         raise UserError(f"{where}: the last message of a prompt must be the user's")
+    if not messages[-1]["content"].strip():  # a PPO episode, or a labeling task, with nothing asked
+        raise UserError(f"{where}: the prompt is empty")
     return Prompt(str(record.get("id", default_id)), messages)
 
 
