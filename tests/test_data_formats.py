@@ -55,6 +55,9 @@ def test_each_format_converts_for_its_stage(tmp_path):
         assert comparison.responses == ["cat", "dog"] and comparison.ranks == [0, 1]
         assert [m.model_dump() for m in comparison.prompt] == [USER]
     assert read("comparison", "comparison").ranks == [0, 1, 2]
+    # a K-way record's text prompt is one user turn, as in every other format (it was refused: "prompt: Input should be a valid list")
+    text_prompt = write_jsonl(tmp_path / "text_prompt.jsonl", [SHAPES["comparison"][0] | {"prompt": "Say cat."}])
+    assert read_data(text_prompt, "comparison")[1][0] == read("comparison", "comparison")
     # PPO takes the prompt of any record that holds one
     for shape in ("prompt", "prompt_messages", "prompt_completion", "messages", "preference_explicit", "comparison",
                   "unpaired_preference", "stepwise_supervision"):
@@ -75,11 +78,12 @@ def test_a_preference_record_whose_sides_repeat_the_prompt_reads_as_the_same_pai
 
 
 @pytest.mark.parametrize("record", [{"prompt": ""}, {"prompt": " "}, {"messages": [{"role": "user", "content": ""}]},
-                                    {"prompt": "", "chosen": "cat", "rejected": "dog"}, {"prompt": [{"role": "user", "content": " "}], "chosen": [ASSISTANT], "rejected": [WRONG]}])
+                                    {"prompt": "", "chosen": "cat", "rejected": "dog"}, {"prompt": [{"role": "user", "content": " "}], "chosen": [ASSISTANT], "rejected": [WRONG]},
+                                    SHAPES["comparison"][0] | {"prompt": ""}])
 def test_an_empty_prompt_is_named(tmp_path, record):
     """PPO rolled out on a blank prompt (an empty CSV cell), and an empty text 'prompt' of a pair was
     told that 'chosen' and 'rejected' share no prompt, to give one as 'prompt'."""
-    use, shape = ("comparison", "preference_explicit") if "chosen" in record else ("prompt", "prompt")
+    use, shape = ("comparison", "preference_explicit") if "chosen" in record or "ranks" in record else ("prompt", "prompt")
     path = write_jsonl(tmp_path / "data.jsonl", [SHAPES[shape][0], record])
     with pytest.raises(UserError, match=f"^{re.escape(str(path))}:2: the prompt is empty$"):
         read_data(path, use)

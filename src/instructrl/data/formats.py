@@ -289,13 +289,19 @@ def _fields(record: dict) -> str:
 def to_comparison(fmt: str, record: dict, where: str, default_id: str) -> ComparisonRecord:
     if fmt == "preference":
         _require(fmt, record, where)
-        return comparison_from_preference(record, where, default_id)
-    try:
-        return ComparisonRecord.model_validate(record)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "record"
-        raise UserError(f"{where}: not a comparison record ({field}: {first['msg']})") from None
+        comparison = comparison_from_preference(record, where, default_id)
+    else:
+        if isinstance(record.get("prompt"), str):  # a text prompt is one user turn, as in every other format
+            record = {**record, "prompt": [{"role": "user", "content": record["prompt"]}]}
+        try:
+            comparison = ComparisonRecord.model_validate(record)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "record"
+            raise UserError(f"{where}: not a comparison record ({field}: {first['msg']})") from None
+    if not comparison.prompt[-1].content.strip():
+        raise UserError(f"{where}: the prompt is empty")
+    return comparison
 
 
 def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:

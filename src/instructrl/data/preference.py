@@ -67,8 +67,6 @@ def comparison_from_preference(record: dict, where: str, default_id: str) -> Com
         if len(chosen_messages) != 1 or len(rejected_messages) != 1:
             raise UserError(f"{where}: 'chosen' and 'rejected' must each hold one assistant turn after the prompt")
         chosen, rejected = _answer(chosen_messages, where, "chosen"), _answer(rejected_messages, where, "rejected")
-    if not messages[-1]["content"].strip():
-        raise UserError(f"{where}: the prompt is empty")
     ranks = [0, 0] if chosen == rejected else [0, 1]  # the same answer on both sides is a tie: no pair to learn from
     return ComparisonRecord(id=str(record.get("id", default_id)), prompt=messages, responses=[chosen, rejected], ranks=ranks,
                             labeler_id=str(record.get("labeler_id", "preference-data")))
