@@ -95,7 +95,7 @@ def test_labelled_completions_are_neither_demonstrations_nor_rankings(tmp_path, 
     the completions labelled false; TRL's stepwise data was a prompt whose 'completions' looked misspelt."""
     path = write_jsonl(tmp_path / f"{shape}.jsonl", [SHAPES[shape][0]] * 2)
     for use, key in (("demonstration", "sft.data"), ("comparison", "rm.data")):
-        with pytest.raises(UserError, match=re.escape(f"{path}:1: a {shape} record (fields: {', '.join(sorted(SHAPES[shape][0]))}) cannot be used as {key}")):
+        with pytest.raises(UserError, match=re.escape(f"{path}:1: {'an' if shape[0] == 'u' else 'a'} {shape} record (fields: {', '.join(sorted(SHAPES[shape][0]))}) cannot be used as {key}")):
             read_data(path, use)
     summary = json.loads(cli("data", "check", str(path)).stdout.splitlines()[-1])
     assert (summary["format"], summary["usable_as"]) == (shape, ["ppo.prompts"]) and "misspelt_fields" not in summary

@@ -239,7 +239,7 @@ def detect_format(record: dict) -> str | None:
 def _require(fmt: str, record: dict, where: str) -> None:
     missing = [field for field in REQUIRED[fmt] if field not in record]
     if missing:
-        raise UserError(f"{where}: a {fmt} record needs '{missing[0]}' ({_fields(record)})")
+        raise UserError(f"{where}: {_a(fmt)} record needs '{missing[0]}' ({_fields(record)})")
 
 
 def _turns(value, where: str, field: str, role: str) -> list[dict]:
@@ -278,6 +278,11 @@ def misspelt_fields(record: dict) -> dict[str, str]:
     """{field: the known field it is likely a misspelling of} among ``record``'s unknown fields."""
     unknown = [k for k in record if k not in KNOWN_FIELDS]
     return {k: close[0] for k in unknown if (close := difflib.get_close_matches(k, KNOWN_FIELDS, n=1, cutoff=0.75))}
+
+
+def _a(fmt: str) -> str:
+    """'a text', 'an unpaired_preference'."""
+    return f"{'an' if fmt[0] in 'aeiou' else 'a'} {fmt}"
 
 
 def _fields(record: dict) -> str:
@@ -364,7 +369,7 @@ def to_item(use: str, fmt: str, record: dict, where: str, default_id: str):
     """A record of format ``fmt`` read for ``use``: a Demonstration, ComparisonRecord, Prompt or text."""
     if fmt not in USES[use]:
         unanswered = "; its last message is the user's, with no answer after it" if fmt == "prompt" and "messages" in record else ""
-        raise UserError(f"{where}: a {fmt} record ({_fields(record)}{unanswered}) cannot be used as {STAGE_OF_USE[use]}, "
+        raise UserError(f"{where}: {_a(fmt)} record ({_fields(record)}{unanswered}) cannot be used as {STAGE_OF_USE[use]}, "
                         f"which takes {', '.join(USES[use])} records")
     if use in ("demonstration", "conversation"):
         return to_demonstration(fmt, record, where)
