@@ -32,6 +32,8 @@ SHAPES = {
     "comparison": ({"id": "p1", "prompt": [USER], "responses": ["cat", "dog", "fox"], "ranks": [0, 1, 2], "labeler_id": "me"}, "comparison"),
     "prompt": ({"prompt": "Say cat."}, "prompt"),
     "prompt_messages": ({"messages": [USER]}, "prompt"),
+    "unpaired_preference": ({"prompt": "Say cat.", "completion": "dog", "label": False}, "unpaired_preference"),
+    "stepwise_supervision": ({"prompt": "Say cat.", "completions": ["I say", "dog"], "labels": [True, False]}, "stepwise_supervision"),
 }
 
 
@@ -53,9 +55,50 @@ def test_each_format_converts_for_its_stage(tmp_path):
         assert comparison.responses == ["cat", "dog"] and comparison.ranks == [0, 1]
         assert [m.model_dump() for m in comparison.prompt] == [USER]
     assert read("comparison", "comparison").ranks == [0, 1, 2]
+    # a K-way record's text prompt is one user turn, as in every other format (it was refused: "prompt: Input should be a valid list")
+    text_prompt = write_jsonl(tmp_path / "text_prompt.jsonl", [SHAPES["comparison"][0] | {"prompt": "Say cat."}])
+    assert read_data(text_prompt, "comparison")[1][0] == read("comparison", "comparison")
     # PPO takes the prompt of any record that holds one
-    for shape in ("prompt", "prompt_messages", "prompt_completion", "messages", "preference_explicit", "comparison"):
+    for shape in ("prompt", "prompt_messages", "prompt_completion", "messages", "preference_explicit", "comparison",
+                  "unpaired_preference", "stepwise_supervision"):
         assert read(shape, "prompt").messages == [USER], shape
+
+
+def test_a_preference_record_whose_sides_repeat_the_prompt_reads_as_the_same_pair(tmp_path):
+    """HF's ultrafeedback_binarized writes the prompt's text beside two whole conversations (TRL reads the
+    turns they share as the prompt): it was refused ("must each hold one assistant turn after the prompt"),
+    as was a conversational prompt that each side repeats; its 'prompt_id' is no misspelt 'prompt'."""
+    ultrafeedback = {"prompt": "Say cat.", "prompt_id": "0f3a", "chosen": [USER, ASSISTANT], "rejected": [USER, WRONG],
+                     "messages": [USER, ASSISTANT], "score_chosen": 8.0, "score_rejected": 2.0}
+    repeated = {"prompt": [USER], "chosen": [USER, ASSISTANT], "rejected": [USER, WRONG]}
+    path = write_jsonl(tmp_path / "prefs.jsonl", [ultrafeedback, repeated, SHAPES["preference_explicit_conversational"][0]])
+    first, second, expected = read_comparisons(path)
+    assert (first.prompt, first.responses) == (second.prompt, second.responses) == (expected.prompt, expected.responses)
+    assert "misspelt_fields" not in json.loads(cli("data", "check", str(path)).stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("record", [{"prompt": ""}, {"prompt": " "}, {"messages": [{"role": "user", "content": ""}]},
+                                    {"prompt": "", "chosen": "cat", "rejected": "dog"}, {"prompt": [{"role": "user", "content": " "}], "chosen": [ASSISTANT], "rejected": [WRONG]},
+                                    SHAPES["comparison"][0] | {"prompt": ""}])
+def test_an_empty_prompt_is_named(tmp_path, record):
+    """PPO rolled out on a blank prompt (an empty CSV cell), and an empty text 'prompt' of a pair was
+    told that 'chosen' and 'rejected' share no prompt, to give one as 'prompt'."""
+    use, shape = ("comparison", "preference_explicit") if "chosen" in record or "ranks" in record else ("prompt", "prompt")
+    path = write_jsonl(tmp_path / "data.jsonl", [SHAPES[shape][0], record])
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))}:2: the prompt is empty$"):
+        read_data(path, use)
+
+
+@pytest.mark.parametrize("shape", ["unpaired_preference", "stepwise_supervision"])
+def test_labelled_completions_are_neither_demonstrations_nor_rankings(tmp_path, shape):
+    """TRL's KTO data (a completion labelled good or bad) was read as prompt/completion, and SFT learnt
+    the completions labelled false; TRL's stepwise data was a prompt whose 'completions' looked misspelt."""
+    path = write_jsonl(tmp_path / f"{shape}.jsonl", [SHAPES[shape][0]] * 2)
+    for use, key in (("demonstration", "sft.data"), ("comparison", "rm.data")):
+        with pytest.raises(UserError, match=re.escape(f"{path}:1: {'an' if shape[0] == 'u' else 'a'} {shape} record (fields: {', '.join(sorted(SHAPES[shape][0]))}) cannot be used as {key}")):
+            read_data(path, use)
+    summary = json.loads(cli("data", "check", str(path)).stdout.splitlines()[-1])
+    assert (summary["format"], summary["usable_as"]) == (shape, ["ppo.prompts"]) and "misspelt_fields" not in summary
 
 
 def test_parquet_json_and_datasets_folder_read_like_jsonl(tmp_path):
@@ -115,6 +158,23 @@ def test_a_csv_file_reads_as_records_of_text_cells(tmp_path):
         read_data(write_csv(tmp_path / "long.csv", "prompt,completion\na,b,c\n"), "demonstration")
     with pytest.raises(UserError, match=re.escape("prefs.csv:2: a prompt_completion record (fields: completion, prompt) cannot be used as rm.data")):
         read_comparisons(write_csv(tmp_path / "prefs.csv", "prompt,completion\na,b\n"))
+
+
+def test_a_byte_order_mark_and_windows_line_ends_are_not_part_of_the_data(tmp_path):
+    """Excel's "CSV UTF-8" and Windows editors begin a file with a byte-order mark and end lines with CRLF:
+    the mark was read into the CSV header's first field ('\\ufeffprompt': "needs 'prompt'"), failed a JSON
+    file ("expected a JSON object, found list") and began PPO-ptx's first document."""
+    from instructrl.data.formats import read_texts
+
+    bom = "\ufeff"
+    (tmp_path / "demos.csv").write_text(bom + "prompt,completion\r\nSay cat.,cat\r\n", newline="")
+    assert read_data(tmp_path / "demos.csv", "demonstration")[1][0].messages == [USER, ASSISTANT]
+    for name, text in (("list.json", json.dumps([SHAPES["messages"][0]] * 2)), ("pretty.json", json.dumps([SHAPES["messages"][0]] * 2, indent=2)),
+                       ("one.json", json.dumps(SHAPES["messages"][0], indent=2)), ("lines.jsonl", json.dumps(SHAPES["messages"][0]) + "\r\n")):
+        (tmp_path / name).write_text(bom + text.replace("\n", "\r\n"), newline="")
+        assert {d.messages[-1]["content"] for d in read_data(tmp_path / name, "demonstration")[1]} == {"cat"}, name
+    (tmp_path / "text.txt").write_text(bom + "first document\r\nsecond\r\n", newline="")
+    assert read_texts(tmp_path / "text.txt") == ["first document", "second"]
 
 
 def test_a_field_of_the_wrong_type_is_named_with_what_it_may_be(tmp_path):
@@ -203,6 +263,64 @@ def test_data_check_cli(tmp_path):
     assert summary == {"file": str(text), "format": "plain text", "records": 2, "usable_as": ["ppo.ptx_data"]}
 
 
+def test_data_check_says_what_each_input_would_say_of_the_file(tmp_path):
+    """data check validates every record for every input in one pass: a file an input takes is usable as
+    it even where another input refuses a record (a conversation that opens with the assistant is a
+    demonstration, but no PPO prompt: data check refused the whole file, which SFT trains on), and an
+    input that took some records says which record it stopped at (a conversation with no answer among
+    demonstrations left the file 'usable as ppo.prompts', with no word of why not as sft.data)."""
+    from instructrl.stages.sft import load_demonstrations
+
+    greeting = {"messages": [{"role": "system", "content": "Greet."}, {"role": "assistant", "content": "hello"}]}
+    demos = write_jsonl(tmp_path / "demos.jsonl", [SHAPES["messages"][0], greeting])
+    assert len(load_demonstrations(demos, load_tokenizer(save_tiny_model("llama", tmp_path / "llama")), 128)[0]) == 2
+    summary = json.loads(cli("data", "check", str(demos)).stdout.splitlines()[-1])
+    assert summary["usable_as"] == ["sft.data", "rm.demonstrations"]
+    assert summary["not_usable_as"] == {"ppo.prompts": f"{demos}:2: the last message of a prompt must be the user's"}
+
+    unanswered = write_jsonl(tmp_path / "unanswered.jsonl", [SHAPES["messages"][0], SHAPES["prompt_messages"][0]])
+    proc = cli("data", "check", str(unanswered))
+    refusal = f"{unanswered}:2: a prompt record (fields: messages; its last message is the user's, with no answer after it) cannot be used as sft.data"
+    assert json.loads(proc.stdout.splitlines()[-1])["not_usable_as"]["sft.data"].startswith(refusal)
+    assert f"not usable as sft.data: {refusal}" in proc.stderr
+    # an input refused at the first record, for its format, is no input the file was meant for: not listed
+    assert "not_usable_as" not in json.loads(cli("data", "check", str(write_jsonl(tmp_path / "p.jsonl", [SHAPES["prompt"][0]]))).stdout.splitlines()[-1])
+    # no input takes the file: the error is that of the input that read furthest
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [SHAPES["preference_explicit"][0], SHAPES["text"][0]])
+    proc = cli("data", "check", str(mixed), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {mixed}:2: a text record (fields: text) cannot be used as rm.data, which takes comparison, preference records"
+
+
+def test_data_check_reads_a_file_once_keeping_no_record_and_tells_its_progress(tmp_path, monkeypatch):
+    """A large file is checked in one pass in constant memory (it was read once per input and once
+    per summary figure, every record of each input kept: 2.1 GB and 62 s for a 200 MB JSONL), with
+    a count of the records read so far and, where quick to know, their total."""
+    from datasets import Dataset
+
+    from instructrl.data import formats
+
+    rows = [SHAPES["messages"][0]] * 2500
+    path = write_jsonl(tmp_path / "demos.jsonl", rows)
+    path.write_text(path.read_text().replace("\n", "\n\n", 3))  # blank lines are no records
+    reads, told = [], []
+    read_records = formats.read_records
+    monkeypatch.setattr(formats, "read_records", lambda *args: reads.append(args) or read_records(*args))
+    summary = formats.check_file(path, progress=told.append)
+    assert (len(reads), summary["records"], told) == (1, 2500, [1000, 2000])
+    assert formats.count_records(path) == 2500
+    Dataset.from_list(rows[:30]).to_parquet(str(tmp_path / "demos.parquet"))
+    Dataset.from_list(rows[:20]).save_to_disk(str(tmp_path / "demos_dataset"))
+    assert (formats.count_records(tmp_path / "demos.parquet"), formats.count_records(tmp_path / "demos_dataset")) == (30, 20)
+    assert formats.count_records(tmp_path / "missing.jsonl") is None  # the check itself says it is missing
+
+
+def test_a_file_that_is_no_parquet_is_one_line(tmp_path):
+    """The reader's own log line ('Failed to read schema ...') came before ours."""
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    proc = cli("data", "check", str(tmp_path / "empty.parquet"), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'empty.parquet'}: not a readable Parquet file (Parquet file size is 0 bytes)"]
+
+
 # SFT, RM and PPO on a user's files in each format, on a tiny Llama with no PAD and no chat template
 SFT_SHAPES = ["text", "prompt_completion", "prompt_completion_conversational", "messages"]
 RM_SHAPES = ["preference_explicit", "preference_explicit_conversational", "preference_implicit", "preference_implicit_conversational", "comparison"]
@@ -263,6 +381,22 @@ def test_rm_on_each_format(tmp_path, tiny_sft, shape):
     assert not (tmp_path / "world").exists()
 
 
+def test_rm_refuses_comparisons_that_are_all_ties(tmp_path, tiny_sft):
+    """A pair with the same answer on both sides is a tie, which the ranking loss leaves out: with only
+    ties the RM trained on nothing and was saved, exit status 0 (held-out accuracy nan)."""
+    from instructrl.stages.rm import run_rm
+
+    run, _ = tiny_sft
+    ties = write_jsonl(tmp_path / "ties.jsonl", [{"prompt": f"Say {w}.", "chosen": w, "rejected": w} for w in WORDS * 4])
+    refusal = f"{ties}: every training comparison ranks all its responses equal: no pair to learn from"
+    with pytest.raises(UserError, match=f"^{re.escape(refusal)}$"):
+        run_rm(load_config(SMOKE, [f"run.dir={tmp_path}", f"rm.model={run / 'sft' / 'final'}", f"rm.data={ties}"]), log=lambda *_: None)
+    assert not (tmp_path / "rm").exists()
+    summary = json.loads(cli("data", "check", str(ties)).stdout.splitlines()[-1])
+    assert summary["usable_as"] == ["ppo.prompts"] and summary["not_usable_as"]["rm.data"].endswith("no pair to learn from")
+    assert (summary["pairs"], summary["tied_pairs"]) == (0, len(WORDS) * 4)
+
+
 @pytest.mark.parametrize("shape", PPO_SHAPES)
 def test_ppo_on_each_prompt_format(tmp_path, tiny_sft, shape):
     from instructrl.stages.ppo import run_ppo
@@ -300,6 +434,18 @@ def test_ppo_on_own_prompts_keeps_the_built_in_world_out(tmp_path, tiny_sft):
         run_ppo(load_config(SMOKE, own + [f"ppo.ptx_data={short}"]), log=lambda *_: None)
     run_ppo(load_config(SMOKE, own + ["ppo.ptx_coef=0"]), log=lambda *_: None)
     assert (tmp_path / "ppo" / "final").is_dir() and not (tmp_path / "world").exists() and not (tmp_path / "ppo_ptx" / "final").exists()
+
+
+def test_ppo_says_how_many_prompts_are_too_long_for_the_context(tmp_path, tiny_sft):
+    """SFT and the RM count what they skip as too long; PPO left such prompts out without a word."""
+    from instructrl.stages.ppo import run_ppo
+
+    run, _ = tiny_sft
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {w}."} for w in WORDS * 4] + [{"prompt": "Say " + "cat " * 200}] * 3)
+    said = []
+    run_ppo(load_config(SMOKE, [f"run.dir={tmp_path}", f"ppo.policy={run / 'sft' / 'final'}", f"ppo.reward_model={run / 'rm' / 'final'}",
+                                f"ppo.prompts={prompts}", "ppo.ptx_coef=0", "ppo.episodes=16"]), log=said.append)
+    assert any(f"; {len(WORDS) * 4} prompts (3 with no room for a response of 8 tokens in the 128-token context skipped), " in line for line in said), said
 
 
 def test_control_tokens_in_users_text_are_pointed_out(tmp_path, tiny_sft):

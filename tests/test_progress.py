@@ -71,3 +71,13 @@ def test_a_bar_written_to_a_log_file_is_not_cut_to_80_columns(monkeypatch):
     assert log_console().width > 80
     monkeypatch.setenv("COLUMNS", "70")
     assert log_console().width == 70
+
+
+def test_a_count_with_no_known_total_and_a_cleared_bar_off_a_terminal():
+    """data check counts records whose total a .json or .csv file does not tell (the line failed on
+    total None), and clears its bar when done: off a terminal rich's Progress ended with a blank line."""
+    out = io.StringIO()
+    with progress_bar(console=Console(file=out, force_terminal=False, width=200), every_s=0.0, transient=True) as bar:
+        task = bar.add_task("data check", total=None, unit="record", status="")
+        bar.update(task, completed=1000)
+    assert re.fullmatch(r"data check: 1000 after \d+ s \([\d.]+ records/s\)\n", out.getvalue()), repr(out.getvalue())

@@ -40,3 +40,12 @@ def test_bad_records_are_named_by_line(tmp_path, change, needle):
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **change}) + "\n")
     with pytest.raises(UserError, match=rf"comparisons.jsonl:2: .*{needle}"):
         read_comparisons(path)
+
+
+def test_true_and_false_are_no_ranks(tmp_path):
+    """pydantic read true as rank 1 (the worse) and false as 0: [true, false] meant as 'the first is chosen' trained the pair inverted."""
+    record = {"id": "p1", "prompt": [{"role": "user", "content": "Say cat."}], "responses": ["cat", "dog"], "ranks": [True, False], "labeler_id": "me"}
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(UserError, match=f"{path}:1: not a comparison record \\(ranks: Value error, ranks are numbers, 0 = best, not true/false\\)"):
+        read_comparisons(path)

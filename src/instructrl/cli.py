@@ -287,7 +287,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("check")
 def data_check(
     file: Path = typer.Argument(..., help="A JSONL, JSON, Parquet or CSV file, a datasets save_to_disk folder, or plain text (ppo.ptx_data)."),
-    data_format: str = typer.Option("auto", "--format", help="auto (from the fields), text, prompt_completion, messages, preference, comparison or prompt."),
+    data_format: str = typer.Option("auto", "--format", help="auto (from the fields), text, prompt_completion, messages, preference, comparison, prompt, unpaired_preference or stepwise_supervision."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="A checkpoint or tokenizer: also count the records whose text holds its control tokens (<|im_end|>, </s>, ...), which tokenizing reads as those tokens."),
 ) -> None:
     """Validate a data file and print its format, its record count and the stage inputs it can be.
@@ -295,7 +295,8 @@ def data_check(
     Every record is checked; the first that fits no format (or not the file's) is reported as
     file:line and the exit status is 2.
     """
-    from instructrl.data.formats import FORMATS, check_file, warn_of_control_tokens
+    from instructrl.data.formats import FORMATS, check_file, count_records, warn_of_control_tokens
+    from instructrl.training.progress import progress_bar
 
     if data_format != "auto" and data_format not in FORMATS:
         raise UserError(f"data check: unknown --format {data_format!r}; choose auto or one of {', '.join(FORMATS)}")
@@ -304,10 +305,15 @@ def data_check(
         from instructrl.models.base import load_tokenizer
 
         tokenizer = load_tokenizer(model)
-    summary = check_file(file, data_format, tokenizer)
-    details = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("file", "format", "records", "usable_as", "control_tokens"))
+    with progress_bar(console=console, transient=True) as bar:  # on stderr: standard output is the summary's JSON
+        task = bar.add_task("data check", total=count_records(file), unit="record", status="")
+        summary = check_file(file, data_format, tokenizer, progress=lambda n: bar.update(task, completed=n))
+        bar.update(task, total=summary["records"], completed=summary["records"])
+    details = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("file", "format", "records", "usable_as", "not_usable_as", "control_tokens"))
     _log(f"{file}: {summary['records']} {summary['format']} records" + (f" ({details})" if details else "")
          + f"; usable as {', '.join(summary['usable_as'])}")
+    for stage, reason in summary.get("not_usable_as", {}).items():
+        _log(f"not usable as {stage}: {reason}")
     if "control_tokens" in summary:
         found = summary["control_tokens"]
         warn_of_control_tokens(file, tokenizer, "records", _log, (found["records"], found["first"]))

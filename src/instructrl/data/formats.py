@@ -7,10 +7,14 @@
     preference         {"prompt"?, "chosen", "rejected"} (TRL; see preference.py)     rm (K = 2)
     comparison         a ComparisonRecord: {"id", "prompt", "responses", "ranks", ...}  rm (K-way)
     prompt             {"prompt": str | [messages]} or {"messages": [..., user turn]}  ppo.prompts
+    unpaired_preference   {"prompt", "completion", "label": bool} (TRL's KTO data)          ppo.prompts
+    stepwise_supervision  {"prompt", "completions": [...], "labels": [bool, ...]} (TRL's PRM data)  ppo.prompts
 
 These are the Hugging Face ecosystem's (TRL's) dataset formats plus our K-way comparison record.
 PPO also takes its prompts from any format that holds one (the prompt of a prompt/completion,
-preference or comparison record, a conversation without its last assistant turn).
+preference or comparison record, a conversation without its last assistant turn). Unpaired
+preferences and stepwise labels are no demonstrations (a completion labelled false is a bad
+answer) nor rankings (no two answers are compared), so SFT and the RM refuse them.
 
 Files: JSON lines (``.jsonl``, or any other name), a ``.json`` file of one JSON value (a list of
 records, one record, or ``{"data": [...]}``) or of JSON lines, Parquet (``.parquet``), CSV
@@ -36,14 +40,14 @@ from instructrl.data.preference import comparison_from_preference
 from instructrl.data.records import ComparisonRecord, check_messages, validate_messages
 from instructrl.errors import UserError
 
-FORMATS = ("text", "prompt_completion", "messages", "preference", "comparison", "prompt")
+FORMATS = ("text", "prompt_completion", "messages", "preference", "comparison", "prompt", "unpaired_preference", "stepwise_supervision")
 
 # what each kind of input a stage reads accepts
 USES = {
     "demonstration": ("messages", "prompt_completion", "text"),  # sft.data
     "conversation": ("messages", "prompt_completion"),  # rm.demonstrations (scored through the chat template)
     "comparison": ("comparison", "preference"),  # rm.data, collect.judgements
-    "prompt": ("prompt", "prompt_completion", "preference", "comparison", "messages"),  # ppo.prompts
+    "prompt": ("prompt", "prompt_completion", "preference", "comparison", "messages", "unpaired_preference", "stepwise_supervision"),  # ppo.prompts
     "text": ("text",),  # ppo.ptx_data
 }
 STAGE_OF_USE = {"demonstration": "sft.data", "conversation": "rm.demonstrations", "comparison": "rm.data",
@@ -77,13 +81,7 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
     elif not path.is_file():
         raise not_found(path)
     elif path.suffix == ".parquet":
-        from datasets import Dataset
-
-        try:
-            dataset = Dataset.from_parquet(str(path), keep_in_memory=True)
-        except Exception as err:  # pyarrow raises several types for a corrupt file
-            raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
-        yield from _arrow_rows(path, dataset)
+        yield from _parquet_rows(path)
     elif path.suffix == ".csv":
         yield from _csv_rows(path)
     elif path.suffix == ".json" and (records := _json_records(path)) is not None:
@@ -112,7 +110,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
     import csv
 
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" begins with a byte-order mark
             reader = csv.DictReader(f)
             for row in reader:
                 where = f"{path}:{reader.line_num}"
@@ -132,7 +130,7 @@ def _json_records(path: Path) -> list | None:
     pretty-printed), or an object whose only value is the list (``{"data": [...]}``). None when
     the file is JSON lines under a .json name, as ``datasets`` writes them."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the JSON
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     try:
@@ -164,6 +162,39 @@ def _load_from_disk(path: Path):
     return dataset
 
 
+def _parquet_file(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise UserError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """The rows of a Parquet file, read a batch at a time: a file larger than memory streams."""
+    number = 0
+    for batch in _parquet_file(path).iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            number += 1
+            yield f"{path}: row {number}", _without_nulls(row)
+
+
+def count_records(path: Path | str) -> int | None:
+    """How many records ``read_records`` yields, where that is quick to know (a progress bar's
+    total): the rows of Parquet files and datasets folders, the non-blank lines of JSON lines;
+    None for .json and .csv files (a record there may span lines)."""
+    path = Path(path)
+    if path.is_dir():
+        return len(_load_from_disk(path))
+    if not path.is_file() or path.suffix in (".json", ".csv"):
+        return None
+    if path.suffix == ".parquet":
+        return _parquet_file(path).metadata.num_rows
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def _arrow_rows(path: Path, dataset) -> Iterator[tuple[str, dict]]:
     for number, row in enumerate(dataset, start=1):
         yield f"{path}: row {number}", _without_nulls(row)
@@ -188,6 +219,10 @@ def detect_format(record: dict) -> str | None:
         return "comparison"
     if keys & {"chosen", "rejected"}:
         return "preference"
+    if keys & {"completions", "labels"}:
+        return "stepwise_supervision"
+    if keys >= {"completion", "label"}:
+        return "unpaired_preference"
     if "completion" in keys:
         return "prompt_completion"
     if "messages" in keys:
@@ -204,7 +239,7 @@ def detect_format(record: dict) -> str | None:
 def _require(fmt: str, record: dict, where: str) -> None:
     missing = [field for field in REQUIRED[fmt] if field not in record]
     if missing:
-        raise UserError(f"{where}: a {fmt} record needs '{missing[0]}' ({_fields(record)})")
+        raise UserError(f"{where}: {_a(fmt)} record needs '{missing[0]}' ({_fields(record)})")
 
 
 def _turns(value, where: str, field: str, role: str) -> list[dict]:
@@ -231,9 +266,11 @@ def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
     return Demonstration(messages=validate_messages(record.get("messages"), where), where=where)
 
 
-REQUIRED = {"prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected")}
+REQUIRED = {"prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected"),
+            "unpaired_preference": ("prompt", "completion", "label"), "stepwise_supervision": ("prompt", "completions", "labels")}
 # every field a record of some format may hold: others are reported as possible misspellings
-KNOWN_FIELDS = frozenset({"id", "text", "prompt", "completion", "messages", "chosen", "rejected", "family", "answer", "args"}
+KNOWN_FIELDS = frozenset({"id", "text", "prompt", "completion", "messages", "chosen", "rejected", "label", "completions", "labels",
+                          "prompt_id", "family", "answer", "args"}
                          | set(ComparisonRecord.model_fields))
 
 
@@ -241,6 +278,11 @@ def misspelt_fields(record: dict) -> dict[str, str]:
     """{field: the known field it is likely a misspelling of} among ``record``'s unknown fields."""
     unknown = [k for k in record if k not in KNOWN_FIELDS]
     return {k: close[0] for k in unknown if (close := difflib.get_close_matches(k, KNOWN_FIELDS, n=1, cutoff=0.75))}
+
+
+def _a(fmt: str) -> str:
+    """'a text', 'an unpaired_preference'."""
+    return f"{'an' if fmt[0] in 'aeiou' else 'a'} {fmt}"
 
 
 def _fields(record: dict) -> str:
@@ -252,13 +294,19 @@ def _fields(record: dict) -> str:
 def to_comparison(fmt: str, record: dict, where: str, default_id: str) -> ComparisonRecord:
     if fmt == "preference":
         _require(fmt, record, where)
-        return comparison_from_preference(record, where, default_id)
-    try:
-        return ComparisonRecord.model_validate(record)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "record"
-        raise UserError(f"{where}: not a comparison record ({field}: {first['msg']})") from None
+        comparison = comparison_from_preference(record, where, default_id)
+    else:
+        if isinstance(record.get("prompt"), str):  # a text prompt is one user turn, as in every other format
+            record = {**record, "prompt": [{"role": "user", "content": record["prompt"]}]}
+        try:
+            comparison = ComparisonRecord.model_validate(record)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "record"
+            raise UserError(f"{where}: not a comparison record ({field}: {first['msg']})") from None
+    if not comparison.prompt[-1].content.strip():
+        raise UserError(f"{where}: the prompt is empty")
+    return comparison
 
 
 def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
@@ -269,12 +317,14 @@ def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
     if fmt == "messages":
         messages = validate_messages(record.get("messages"), where)[:-1]
     else:
-        if fmt == "prompt_completion":
+        if fmt in REQUIRED:
             _require(fmt, record, where)
         field = "prompt" if "prompt" in record else "messages"
         messages = _turns(record.get(field), where, field, "user")
     if not messages or messages[-1]["role"] != "user":
         raise UserError(f"{where}: the last message of a prompt must be the user's")
+    if not messages[-1]["content"].strip():  # a PPO episode, or a labeling task, with nothing asked
+        raise UserError(f"{where}: the prompt is empty")
     return Prompt(str(record.get("id", default_id)), messages)
 
 
@@ -298,32 +348,42 @@ def read_data(path: Path | str, use: str, data_format: str = "auto") -> tuple[li
     path = Path(path)
     formats, items = [], []
     for number, (where, record) in enumerate(read_records(path), start=1):
-        fmt = data_format if data_format != "auto" else detect_format(record)
-        if fmt is None:
-            raise UserError(f"{where}: fits no known format ({_fields(record)}); "
-                            f"expected one of: {describe_fields()}")
-        if fmt not in USES[use]:
-            raise UserError(f"{where}: a {fmt} record ({_fields(record)}) cannot be used as {STAGE_OF_USE[use]}, "
-                            f"which takes {', '.join(USES[use])} records")
+        fmt = record_format(record, where, data_format)
         if fmt not in formats:
             formats.append(fmt)
-        default_id = f"{path.name}:{number}"
-        if use in ("demonstration", "conversation"):
-            items.append(to_demonstration(fmt, record, where))
-        elif use == "comparison":
-            items.append(to_comparison(fmt, record, where, default_id))
-        elif use == "prompt":
-            items.append(to_prompt(fmt, record, where, default_id))
-        else:
-            items.append(to_text(fmt, record, where))
+        items.append(to_item(use, fmt, record, where, f"{path.name}:{number}"))
     if not items:
         raise UserError(f"{path}: no records")
     return formats, items
 
 
+def record_format(record: dict, where: str, data_format: str = "auto") -> str:
+    """``data_format``, or unless given the format ``record``'s fields say it is in; a UserError when none."""
+    fmt = data_format if data_format != "auto" else detect_format(record)
+    if fmt is None:
+        raise UserError(f"{where}: fits no known format ({_fields(record)}); expected one of: {describe_fields()}")
+    return fmt
+
+
+def to_item(use: str, fmt: str, record: dict, where: str, default_id: str):
+    """A record of format ``fmt`` read for ``use``: a Demonstration, ComparisonRecord, Prompt or text."""
+    if fmt not in USES[use]:
+        unanswered = "; its last message is the user's, with no answer after it" if fmt == "prompt" and "messages" in record else ""
+        raise UserError(f"{where}: {_a(fmt)} record ({_fields(record)}{unanswered}) cannot be used as {STAGE_OF_USE[use]}, "
+                        f"which takes {', '.join(USES[use])} records")
+    if use in ("demonstration", "conversation"):
+        return to_demonstration(fmt, record, where)
+    if use == "comparison":
+        return to_comparison(fmt, record, where, default_id)
+    if use == "prompt":
+        return to_prompt(fmt, record, where, default_id)
+    return to_text(fmt, record, where)
+
+
 def describe_fields() -> str:
     return ("text; prompt + completion; messages; prompt + chosen + rejected (or chosen + rejected); "
-            "prompt + responses + ranks (comparison); prompt, or messages ending with a user turn (prompt-only)")
+            "prompt + responses + ranks (comparison); prompt, or messages ending with a user turn (prompt-only); "
+            "prompt + completion + label (unpaired preference); prompt + completions + labels (stepwise supervision)")
 
 
 def read_comparisons(path: Path | str, data_format: str = "auto") -> list[ComparisonRecord]:
@@ -343,25 +403,30 @@ def read_texts(path: Path | str) -> list[str]:
     if not path.is_file():
         raise not_found(path)
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
 
 
 def control_tokens_in(path: Path | str, tokenizer) -> tuple[int, str | None]:
     """How many records of ``path`` hold one of ``tokenizer``'s control tokens (``<|im_end|>``,
-    ``</s>``, ...) in their text, and where the first is. Tokenizing reads such a string as the
-    token itself, not as text: inside a message it can end the turn early. Records in the "text"
-    format are left out: their text is the whole sequence, templates and control tokens included."""
+    ``</s>``, ...) in their text, and where the first is (``record_control_token``)."""
     count, first = 0, None
     for where, record in read_records(path):
-        if detect_format(record) == "text":
-            continue
-        token = next((t for text in _strings(record) if (t := control_token_in(text, tokenizer))), None)
-        if token is not None:
+        if (token := record_control_token(record, tokenizer)) is not None:
             count += 1
             first = first or f"{where}: {token!r}"
     return count, first
+
+
+def record_control_token(record: dict, tokenizer) -> str | None:
+    """The first of ``tokenizer``'s control tokens written in ``record``'s text, or None. Tokenizing
+    reads such a string as the token itself, not as text: inside a message it can end the turn
+    early. Records in the "text" format are left out: their text is the whole sequence, templates
+    and control tokens included."""
+    if detect_format(record) == "text":
+        return None
+    return next((t for text in _strings(record) if (t := control_token_in(text, tokenizer))), None)
 
 
 def warn_of_control_tokens(path: Path | str, tokenizer, what: str, log, found: tuple[int, str | None] | None = None) -> None:
@@ -384,47 +449,82 @@ def _strings(value) -> Iterator[str]:
             yield from _strings(v)
 
 
-def check_file(path: Path | str, data_format: str = "auto", tokenizer=None) -> dict:
+@dataclass
+class _Verdict:
+    """How the records of a file fare as one stage input (a key of USES), for data check."""
+
+    use: str
+    taken: int = 0  # records read as this input so far
+    error: UserError | None = None  # the first record it cannot take: the file is not this input
+    refused_format: bool = False  # that record's format is not one the input takes (rather than a bad record of one it does)
+    stats: dict = field(default_factory=dict)  # what data check reports of the records taken (``_count``)
+
+
+def check_file(path: Path | str, data_format: str = "auto", tokenizer=None, progress=None) -> dict:
     """What ``instructrl data check`` reports: the format, the record count, the stage inputs the
-    file can be, and a summary; every record is validated for each of those inputs. With a
-    ``tokenizer``, also the records that hold its control tokens (``control_tokens_in``)."""
+    file can be, why it cannot be an input that took some of its records (``not_usable_as``), and a
+    summary; every record is validated for each input, in one pass that keeps no record, so a file
+    of any size checks in constant memory. With a ``tokenizer``, also the records that hold its
+    control tokens (``record_control_token``). ``progress(n)`` is told every 1000 records read."""
     path = Path(path)
     if path.is_file() and path.suffix not in RECORD_SUFFIXES:  # plain text: PPO-ptx's documents, one per line
         return {"file": str(path), "format": "plain text", "records": sum(1 for line in read_texts(path) if line.strip()),
                 "usable_as": [STAGE_OF_USE["text"]]}
-    formats, items, uses, refusal = None, [], [], None
-    for use in USES:
-        try:
-            found, items_for_use = read_data(path, use, data_format)
-        except UserError as err:
-            if "cannot be used as" not in str(err):
-                raise
-            refusal = refusal or err
-            continue
-        uses.append(STAGE_OF_USE[use])
-        formats, items = formats or found, items or items_for_use
-    if not uses:  # a file mixing formats no single input takes
-        raise refusal
-    summary: dict = {"file": str(path), "format": "+".join(formats), "records": len(items), "usable_as": uses}
-    if isinstance(items[0], ComparisonRecord):
-        summary["k"] = sorted({len(c.responses) for c in items})
-        tied = [a == b for c in items for i, a in enumerate(c.ranks) for b in c.ranks[i + 1:]]
-        summary["pairs"], summary["tied_pairs"] = tied.count(False), tied.count(True)  # a tie is no pair to learn from
-    if isinstance(items[0], Demonstration) and items[0].messages is not None:
-        summary["assistant_turns"] = sum(sum(m["role"] == "assistant" for m in d.messages) for d in items)
-        if empty := empty_answers(items):
-            summary["empty_answers"] = len(empty)
-    misspelt = {}
-    for where, record in read_records(path):
+    verdicts = [_Verdict(use) for use in USES]
+    formats, misspelt, style, control = [], {}, None, [0, None]
+    number = 0
+    for number, (where, record) in enumerate(read_records(path), start=1):
+        fmt = record_format(record, where, data_format)
+        if fmt not in formats:
+            formats.append(fmt)
+        live, default_id = [v for v in verdicts if v.error is None], f"{path.name}:{number}"
+        for verdict in live:
+            try:
+                _count(verdict.stats, to_item(verdict.use, fmt, record, where, default_id))
+                verdict.taken += 1
+            except UserError as err:
+                verdict.error, verdict.refused_format = err, fmt not in USES[verdict.use]
+        if all(v.error is not None for v in live):  # no input takes the file: say why the input that read furthest stops here
+            raise next((v.error for v in live if not v.refused_format), live[0].error)
         for name, known in misspelt_fields(record).items():
             misspelt.setdefault(name, f"{where}: did you mean '{known}'?")
+        if fmt == "preference" and style is None:
+            style = ("conversational" if isinstance(record.get("chosen"), list) else "plain text") + \
+                (", explicit prompt" if "prompt" in record else ", implicit prompt")
+        if tokenizer is not None and (token := record_control_token(record, tokenizer)) is not None:
+            control = [control[0] + 1, control[1] or f"{where}: {token!r}"]
+        if progress is not None and number % 1000 == 0:
+            progress(number)
+    if not number:
+        raise UserError(f"{path}: no records")
+    rankings = verdicts[list(USES).index("comparison")]
+    if rankings.error is None and not rankings.stats.get("pairs", 1):  # as rm refuses it
+        rankings.error = UserError(f"{path}: every comparison ranks all its responses equal: no pair to learn from")
+    usable = [v for v in verdicts if v.error is None]
+    summary: dict = {"file": str(path), "format": "+".join(formats), "records": number, "usable_as": [STAGE_OF_USE[v.use] for v in usable]}
+    # an input that took some records, or refused a bad record of a format it takes: the file was likely meant for it
+    if refused := {STAGE_OF_USE[v.use]: str(v.error) for v in verdicts if v.error is not None and (v.taken or not v.refused_format)}:
+        summary["not_usable_as"] = refused
+    figures = next(v for v in verdicts if v.taken == number).stats  # of the first input that took every record
+    summary.update({name: sorted(value) if isinstance(value, set) else value for name, value in figures.items()})
     if misspelt:  # such a record may still fit some format, just not the one meant
         summary["misspelt_fields"] = misspelt
-    if "preference" in formats:
-        first = next(record for _, record in read_records(path) if detect_format(record) == "preference")
-        summary["style"] = ("conversational" if isinstance(first["chosen"], list) else "plain text") + \
-            (", explicit prompt" if "prompt" in first else ", implicit prompt")
+    if style is not None:
+        summary["style"] = style
     if tokenizer is not None:
-        count, first = control_tokens_in(path, tokenizer)
-        summary["control_tokens"] = {"records": count, "first": first}
+        summary["control_tokens"] = {"records": control[0], "first": control[1]}
     return summary
+
+
+def _count(stats: dict, item) -> None:
+    """Add what data check reports of one item to ``stats``: a comparison's K and its pairs, tied
+    or not (a tie is no pair to learn from); a conversation's assistant turns, and an empty answer."""
+    if isinstance(item, ComparisonRecord):
+        tied = [a == b for i, a in enumerate(item.ranks) for b in item.ranks[i + 1:]]
+        stats.setdefault("k", set()).add(len(item.responses))
+        stats["pairs"] = stats.get("pairs", 0) + tied.count(False)
+        stats["tied_pairs"] = stats.get("tied_pairs", 0) + tied.count(True)
+    elif isinstance(item, Demonstration) and item.messages is not None:
+        stats["assistant_turns"] = stats.get("assistant_turns", 0) + sum(m["role"] == "assistant" for m in item.messages)
+        if empty_answers([item]):
+            stats["empty_answers"] = stats.get("empty_answers", 0) + 1

@@ -5,7 +5,9 @@
     implicit prompt, conversational:  {"chosen": [whole conversation], "rejected": [whole conversation]}
     implicit prompt, plain text:      {"chosen": "whole text", "rejected": "whole text"}
 
-An implicit prompt is what the two sides share: the messages before the first one that differs,
+An implicit prompt is what the two sides share, also where a text 'prompt' stands beside two whole
+conversations (HF's ultrafeedback_binarized: the prompt is the first user turn's text), as TRL reads it;
+a conversational 'prompt' that both sides repeat before their answers is read once: the messages before the first one that differs,
 or for plain text the longest common prefix, cut back to a whitespace. Plain-text prompts become
 one user turn, so the reward model sees every pair through the same chat template. A pair whose
 two answers are the same is read as a tie, which the ranking loss leaves out.
@@ -40,22 +42,26 @@ def comparison_from_preference(record: dict, where: str, default_id: str) -> Com
     if isinstance(chosen, str):
         if prompt is None:
             prompt, chosen, rejected = split_implicit_text(chosen, rejected)
+            if not prompt:
+                raise UserError(f"{where}: 'chosen' and 'rejected' share no prompt; give one as 'prompt'")
         elif not isinstance(prompt, str):
             raise UserError(f"{where}: with text 'chosen'/'rejected', 'prompt' must be text too")
-        if not prompt:
-            raise UserError(f"{where}: 'chosen' and 'rejected' share no prompt; give one as 'prompt'")
         messages = [{"role": "user", "content": prompt}]
     else:
         chosen_messages = check_messages(chosen, where, "chosen")
         rejected_messages = check_messages(rejected, where, "rejected")
-        if prompt is None:  # implicit: the shared turns are the prompt
-            shared = 0
+        if prompt is None or isinstance(prompt, str) and max(len(chosen_messages), len(rejected_messages)) > 1:
+            shared = 0  # implicit: the shared turns are the prompt
             while shared < min(len(chosen_messages), len(rejected_messages)) - 1 and chosen_messages[shared] == rejected_messages[shared]:
                 shared += 1
             messages = chosen_messages[:shared]
             chosen_messages, rejected_messages = chosen_messages[shared:], rejected_messages[shared:]
+        elif isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
         else:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else check_messages(prompt, where, "prompt")
+            messages = check_messages(prompt, where, "prompt")
+            if chosen_messages[: len(messages)] == messages == rejected_messages[: len(messages)]:
+                chosen_messages, rejected_messages = chosen_messages[len(messages):], rejected_messages[len(messages):]
         if not messages or messages[-1]["role"] != "user":
             raise UserError(f"{where}: the prompt must end with a user turn")
         if len(chosen_messages) != 1 or len(rejected_messages) != 1:

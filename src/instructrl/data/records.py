@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from instructrl.data.jsonl import write_jsonl
 from instructrl.errors import UserError
@@ -60,6 +60,14 @@ class ComparisonRecord(BaseModel):
     labeler_id: str
     guideline_version: str = GUIDELINE_VERSION
     none_acceptable: bool = Field(False, description="The labeler found no response acceptable (the feedback app's 'none is acceptable').")
+
+    @field_validator("ranks", mode="before")
+    @classmethod
+    def _not_booleans(cls, ranks):
+        # JSON's true would read as rank 1, the worse of a pair: [true, false] meaning "the first is chosen" would invert it
+        if isinstance(ranks, list) and any(isinstance(r, bool) for r in ranks):
+            raise ValueError("ranks are numbers, 0 = best, not true/false")
+        return ranks
 
     @model_validator(mode="after")
     def _consistent(self) -> "ComparisonRecord":

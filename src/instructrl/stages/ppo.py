@@ -226,6 +226,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     with located("ppo.policy"):
         policy = load_causal_lm(paths.policy, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
     max_length = context_length(policy)
+    n_read = len(prompts)
     prompts, encoded = encode_prompts(prompts, tokenizer, cfg, max_length, stage)
     policy, reference, reward_model, value_model = load_models(cfg, paths, policy, tokenizer, stage)
     ptx_blocks = pretraining_blocks(cfg, world, tokenizer, max_length)
@@ -247,7 +248,9 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     run.trim_metrics(cfg.first_iteration + state.step)
     n_iterations, world_size, rank = cfg.iterations(), accelerator.num_processes, accelerator.process_index
     log(f"{stage}: {count_parameters(accelerator.unwrap_model(policy)) / 1e6:.2f}M-parameter policy {paths.policy}, reward model {paths.reward_model}; "
-        f"{len(prompts)} prompts, {plural(n_iterations, 'iteration')} of {cfg.rollout_batch_size} episodes"
+        f"{len(prompts)} prompts" + (f" ({n_read - len(prompts)} with no room for a response of {cfg.max_new_tokens} tokens in the "
+                                     f"{max_length}-token context skipped)" if len(prompts) < n_read else "")
+        + f", {plural(n_iterations, 'iteration')} of {cfg.rollout_batch_size} episodes"
         + (f" after {plural(cfg.first_iteration, 'earlier one')}" if cfg.first_iteration else "")
         + (f", pretraining mix γ = {cfg.ptx_coef}" if ptx_blocks is not None else "") + f", {plural(world_size, 'process')}"
         + (f"; LoRA: policy {trainable_share(policy)}, value model {trainable_share(value_model)}" if cfg.lora.enabled else ""))

@@ -112,6 +112,9 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     heldout = [records[i] for i in held]
     train, encoded = [records[i] for i in kept], [encoded[i] for i in kept]
     cfg.check_fits(len(train), accelerator.num_processes, str(data), "training comparisons", "rm")
+    all_tied = sum(len(set(r.ranks)) == 1 for r in train)
+    if all_tied == len(train):
+        raise UserError(f"{data}: every training comparison ranks all its responses equal: no pair to learn from")
     # the built-in world, when the comparisons are its own or this run already has it (people ranked its prompts)
     has_world = cfg.data is None or WorldFiles(root / "world").manifest.is_file()
     world = build_world_once(config.world, root / "world", accelerator) if has_world else None
@@ -125,7 +128,6 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     run.write_lineage({"backbone": backbone, "comparisons": data})
 
     setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed, lengths=[max(map(len, seqs)) for seqs in encoded])
-    all_tied = sum(len(set(r.ranks)) == 1 for r in train)
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
         f"{len(heldout)} held out" + (f", {too_long} with a response longer than {max_length} tokens skipped" if too_long else "")
         + (f", {all_tied} with every response tied (nothing to learn from them)" if all_tied else "")

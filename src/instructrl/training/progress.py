@@ -25,6 +25,12 @@ class _Progress(Progress):
         # first: the count when added (a resumed run's finished steps), which the pace leaves out
         return super().add_task(description, *args, completed=completed, first=completed, unit=unit, **fields)
 
+    def stop(self) -> None:
+        if self.live.transient and not self.disable:
+            self.live.stop()  # not rich's stop, which ends with a blank line off a terminal, where a cleared bar drew nothing
+        else:
+            super().stop()
+
     def update(self, task_id: TaskID, **kwargs) -> None:
         super().update(task_id, **kwargs)
         if self.disable or self.console.is_terminal or time.monotonic() - self._last_line < self.every_s:
@@ -35,7 +41,8 @@ class _Progress(Progress):
         rate = _pace(task)
         said = f" ({rate})" if rate else ""
         said += f", eta {eta:.0f} s" if eta is not None else ""
-        self.console.print(f"{task.description}: {task.completed:.0f}/{task.total:.0f} after {task.elapsed or 0:.0f} s{said}  "
+        of = f"/{task.total:.0f}" if task.total is not None else ""  # None: a count with no known end
+        self.console.print(f"{task.description}: {task.completed:.0f}{of} after {task.elapsed or 0:.0f} s{said}  "
                            f"{task.fields.get('status', '')}".rstrip(), highlight=False, soft_wrap=True)
 
 
@@ -89,11 +96,12 @@ def log_console() -> Console:
     return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=200)
 
 
-def progress_bar(enabled: bool = True, console: Console | None = None, every_s: float = 30.0) -> Progress:
-    """On a narrow terminal the bar and the status's end ("kl 0.4…") give way; the counts and times stay whole."""
+def progress_bar(enabled: bool = True, console: Console | None = None, every_s: float = 30.0, transient: bool = False) -> Progress:
+    """On a narrow terminal the bar and the status's end ("kl 0.4…") give way; the counts and times stay whole.
+    A ``transient`` bar is cleared when the work ends (or fails), leaving only what is printed after it."""
     return _Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), _PaceColumn(),
         TextColumn("eta"), TimeRemainingColumn(),
         _StatusColumn("{task.fields[status]}", table_column=Column()),  # Column(): may shrink (a TextColumn is no_wrap)
-        disable=not enabled, transient=False, console=console or log_console(), every_s=every_s,
+        disable=not enabled, transient=transient, console=console or log_console(), every_s=every_s,
     )
