@@ -93,18 +93,24 @@ def _not_json(constant: str):
 
 
 def test_the_held_out_comparisons_are_whole_prompts():
-    """Two labelers ranked each of 20 prompts (the feedback app's overlap): each prompt's two rankings
-    of the same responses are held out together or trained on together, never one of each."""
+    """Two labelers ranked each of 20 prompts (the feedback app's overlap), or a preference file holds
+    two pairs of each prompt, each pair with an id of its own (file:line): each prompt's comparisons are
+    held out together or trained on together, never one of each."""
     import random
 
+    from instructrl.data.records import ComparisonRecord
     from instructrl.stages.rm import split_by_prompt
 
-    ids = [f"p{i}" for i in range(20) for _ in range(2)]
-    held, train = split_by_prompt(ids, 0.2, seed=0)
-    assert sorted(held + train) == list(range(40)) and len(held) == 8
-    assert {ids[i] for i in held}.isdisjoint(ids[i] for i in train)
+    def record(id: str, prompt: str) -> ComparisonRecord:
+        return ComparisonRecord(id=id, prompt=[{"role": "user", "content": prompt}], responses=["a", "b"], ranks=[0, 1], labeler_id="x")
+
+    for ids in ([f"p{i}" for i in range(20) for _ in range(2)], [f"pairs.jsonl:{line}" for line in range(1, 41)]):
+        records = [record(id, f"prompt {n // 2}") for n, id in enumerate(ids)]
+        held, train = split_by_prompt(records, 0.2, seed=0)
+        assert sorted(held + train) == list(range(40)) and len(held) == 8
+        assert {records[i].prompt[0].content for i in held}.isdisjoint(records[i].prompt[0].content for i in train)
     # one comparison per prompt (collect's): the split the RM always drew, so that runs stay the same
-    unique = [f"p{i}" for i in range(50)]
+    unique = [record(f"p{i}", f"prompt {i}") for i in range(50)]
     order = list(range(50))
     random.Random("rm-split:3").shuffle(order)
     assert split_by_prompt(unique, 0.1, seed=3) == (sorted(order[:5]), sorted(order[5:]))

@@ -48,14 +48,17 @@ def best_ranked(records: list[ComparisonRecord], encoded: list[list[list[int]]])
     return [seq for record, seqs in zip(records, encoded) for rank, seq in zip(record.ranks, seqs) if rank == min(record.ranks)]
 
 
-def split_by_prompt(ids: list[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Positions of the held-out and of the training comparisons, in order: ``fraction`` of the prompts (by
-    id), drawn with ``seed``, with every comparison of each. Several labelers' rankings of one prompt (the
-    feedback app's overlap) fall on one side: a held-out prompt's responses are never trained on."""
-    prompts = list(dict.fromkeys(ids))
+def split_by_prompt(records: list[ComparisonRecord], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Positions of the held-out and of the training comparisons, in order: ``fraction`` of the prompts,
+    drawn with ``seed``, with every comparison of each. A prompt is its turns, whatever ids its records
+    carry: several labelers' rankings of one prompt (the feedback app's overlap), or the several pairs of
+    one prompt in a preference file (each its own id, file:line), fall on one side, so a held-out
+    prompt's responses are never trained on."""
+    keys = [json.dumps([[m.role, m.content] for m in r.prompt]) for r in records]
+    prompts = list(dict.fromkeys(keys))
     random.Random(f"rm-split:{seed}").shuffle(prompts)
     held = set(prompts[: int(len(prompts) * fraction)])
-    return [i for i, p in enumerate(ids) if p in held], [i for i, p in enumerate(ids) if p not in held]
+    return [i for i, p in enumerate(keys) if p in held], [i for i, p in enumerate(keys) if p not in held]
 
 
 def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonRecord], encoded: list[list[list[int]]],
@@ -108,7 +111,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         raise UserError(f"{data}: no comparison has every response within {max_length} tokens (rm.max_length)")
     too_long = len(records) - len(fits)
     records, encoded = [records[i] for i in fits], [encoded[i] for i in fits]
-    held, kept = split_by_prompt([r.id for r in records], cfg.heldout_fraction, config.run.seed)
+    held, kept = split_by_prompt(records, cfg.heldout_fraction, config.run.seed)
     heldout = [records[i] for i in held]
     train, encoded = [records[i] for i in kept], [encoded[i] for i in kept]
     cfg.check_fits(len(train), accelerator.num_processes, str(data), "training comparisons", "rm")
