@@ -22,6 +22,20 @@ def test_non_utf8_jsonl_line_is_named(tmp_path):
         list(read_jsonl(path))
 
 
+@pytest.mark.parametrize("name", ["data.jsonl.gz", "data.jsonl", "data.csv", "data.json", "corpus.txt"])
+def test_a_compressed_file_says_so_and_how_to_decompress_it(tmp_path, name):
+    # a .jsonl.gz was "not UTF-8 text", which sent people looking for a bad character
+    import gzip
+
+    from instructrl.data.formats import read_data, read_texts
+
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(b'{"prompt": "a", "completion": "b"}\n'))
+    with pytest.raises(UserError) as err:
+        read_texts(path) if name.endswith(".txt") else read_data(path, "sft")
+    assert str(err.value) == f"{path}: a gzip file; decompress it first (gunzip -k {path})"
+
+
 def test_jsonl_with_a_byte_order_mark_reads(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n{"b": 2}\n')  # what some Windows editors write

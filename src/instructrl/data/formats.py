@@ -35,7 +35,7 @@ from typing import Iterator
 from pydantic import ValidationError
 
 from instructrl.data.chat import control_token_in
-from instructrl.data.jsonl import read_jsonl
+from instructrl.data.jsonl import not_text, read_jsonl
 from instructrl.data.preference import comparison_from_preference
 from instructrl.data.records import ComparisonRecord, check_messages, validate_messages
 from instructrl.errors import UserError
@@ -120,7 +120,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
                     raise UserError(f"{where}: {cells} cells, but the header ({', '.join(reader.fieldnames)}) names {len(reader.fieldnames)}")
                 yield where, row
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+        raise not_text(path) from None
     except csv.Error as err:
         raise UserError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
 
@@ -132,7 +132,7 @@ def _json_records(path: Path) -> list | None:
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the JSON
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+        raise not_text(path) from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -405,7 +405,7 @@ def read_texts(path: Path | str) -> list[str]:
     try:
         return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
+        raise not_text(path) from None
 
 
 def control_tokens_in(path: Path | str, tokenizer) -> tuple[int, str | None]:

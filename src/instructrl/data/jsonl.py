@@ -12,6 +12,21 @@ from typing import Iterable, Iterator
 from instructrl.errors import UserError
 
 
+# the first bytes of compressed files: what they are, and how to decompress one
+COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"PK\x03\x04": ("zip", "unzip"), b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d"),
+              b"BZh": ("bzip2", "bunzip2 -k"), b"\xfd7zXZ": ("xz", "unxz -k")}
+
+
+def not_text(path: Path, where: str | None = None) -> UserError:
+    """The error for a file that is not UTF-8 text at ``where`` (default: the file); a compressed one is named as such."""
+    with open(path, "rb") as f:
+        start = f.read(6)
+    for magic, (kind, command) in COMPRESSED.items():
+        if start.startswith(magic):
+            return UserError(f"{path}: a {kind} file; decompress it first ({command} {path})")
+    return UserError(f"{where or path}: not UTF-8 text")
+
+
 def read_jsonl(path: Path | str) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) for every non-blank line; a bad line raises a UserError."""
     path = Path(path)
@@ -22,7 +37,7 @@ def read_jsonl(path: Path | str) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the record
             except UnicodeDecodeError:
-                raise UserError(f"{path}:{number}: not UTF-8 text") from None
+                raise not_text(path, f"{path}:{number}") from None
             if not line.strip():
                 continue
             try:
