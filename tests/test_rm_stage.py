@@ -114,6 +114,8 @@ def test_the_held_out_comparisons_are_whole_prompts():
     order = list(range(50))
     random.Random("rm-split:3").shuffle(order)
     assert split_by_prompt(unique, 0.1, seed=3) == (sorted(order[:5]), sorted(order[5:]))
+    # eight prompts and a tenth held out: one prompt still is, so the diagnostics measure something; none at fraction 0
+    assert [len(held) for held, _ in (split_by_prompt(unique[:8], f, seed=0) for f in (0.1, 0.0))] == [1, 0]
 
 
 def test_diagnostics_judge_by_gold_only_the_built_in_prompts_themselves(smoke_rm):

@@ -57,7 +57,8 @@ def split_by_prompt(records: list[ComparisonRecord], fraction: float, seed: int)
     keys = [json.dumps([[m.role, m.content] for m in r.prompt]) for r in records]
     prompts = list(dict.fromkeys(keys))
     random.Random(f"rm-split:{seed}").shuffle(prompts)
-    held = set(prompts[: int(len(prompts) * fraction)])
+    n_held = max(1, int(len(prompts) * fraction)) if fraction > 0 and len(prompts) > 1 else 0  # a few prompts: still one to measure on
+    held = set(prompts[:n_held])
     return [i for i, p in enumerate(keys) if p in held], [i for i, p in enumerate(keys) if p not in held]
 
 
@@ -173,8 +174,11 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
         write_text_atomic(run.path / "diagnostics.json", json.dumps(nan_to_none(diagnostics), indent=2))
         # a figure with nothing to measure (NaN, null in diagnostics.json) is left out, not drawn as NaN
         run.log(setup.total_steps, {f"heldout/{k}": v for k, v in diagnostics.items() if isinstance(v, float) and v == v})
-        log(f"rm: held-out accuracy vs {diagnostics['against']} {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
-            f"reward~{diagnostics['correlation_with']} r = {figure(diagnostics['gold_correlation'])}, length bias r = {figure(diagnostics['length_bias'])}")
+        if not heldout:
+            log("rm: no prompt held out (rm.heldout_fraction), so no held-out diagnostics")
+        else:
+            log(f"rm: held-out accuracy vs {diagnostics['against']} {diagnostics['accuracy']:.3f} ({diagnostics['pairs']} pairs, ties excluded), "
+                f"reward~{diagnostics['correlation_with']} r = {figure(diagnostics['gold_correlation'])}, length bias r = {figure(diagnostics['length_bias'])}")
         if "accuracy_by_family" in diagnostics:
             log(f"rm: right vs wrong answers {figure(diagnostics['accuracy_correct_vs_incorrect'])}; by family: "
                 + ", ".join(f"{f} {figure(a)}" for f, a in diagnostics["accuracy_by_family"].items()))
@@ -216,8 +220,9 @@ def diagnose(model, tokenizer, heldout: list[ComparisonRecord], tasks: dict[str,
     likert_accuracy, likert_pairs = pairwise_accuracy(rewards, gold_likert)
     by_margin = {f"{lo}-{hi}": pairwise_accuracy(rewards, gold, lo, hi) for lo, hi in ((0, 0.1), (0.1, 0.3), (0.3, 2))}
     by_family = accuracy_by_group(rewards, gold, families)
-    every_builtin = len(families) == len(heldout)
-    against = "the gold labeler" if every_builtin else "the held-out rankings" if not families else "the gold labeler or the held-out rankings"
+    every_builtin = bool(heldout) and len(families) == len(heldout)
+    against = ("nothing (no prompt held out)" if not heldout else "the gold labeler" if every_builtin
+               else "the held-out rankings" if not families else "the gold labeler or the held-out rankings")
     scored = sum(bool(tasks.get(record.id) or record.likert) for record in heldout)  # pairwise data has no Likert: its ranks stand in
     correlation_with = "Likert" if scored == len(heldout) else "rank" if not scored else "Likert or rank"
     return {
