@@ -109,6 +109,21 @@ def test_other_trainers_key_names_suggest_ours():
             load_config(overrides=[f"{key}=1"])
 
 
+def test_a_key_given_without_its_section_names_the_sections_that_hold_it(tmp_path):
+    # `instructrl sft lr=1e-4`: the key is right, its section is missing (an alias is resolved too)
+    for override, hint in (("lr=1e-4", "pretrain.lr, sft.lr, rm.lr or ppo.lr"), ("learning_rate=1e-4", "pretrain.lr, sft.lr, rm.lr or ppo.lr"),
+                           ("kl_coef=0.1", "ppo.kl_coef")):
+        with pytest.raises(UserError) as err:
+            load_config(overrides=[override])
+        assert f"unknown config key '{override.partition('=')[0]}' (a key goes under its section: {hint})" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, "epochs: 2\n"))
+    assert "config.yaml:1: unknown config key 'epochs' (a key goes under its section: pretrain.epochs, sft.epochs or rm.epochs)" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["nonsense=1"])
+    assert str(err.value) == "override 'nonsense=1': unknown config key 'nonsense'"
+
+
 def test_unknown_yaml_key_names_file_and_line(tmp_path):
     path = write(tmp_path, "run:\n  dir: runs/x\nsft:\n  epochs: 2\n  lrr: 0.1\n")
     # line 1 run:, 2 dir, 3 sft:, 4 epochs, 5 lrr

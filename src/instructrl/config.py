@@ -484,17 +484,30 @@ def _describe_validation_error(err: ValidationError, source: str, path, override
         dotted = ".".join(str(p) for p in loc)
         where = _where(dotted, path, overrides) or source
         if e["type"] == "extra_forbidden":
-            known = _known_keys(loc[:-1])
-            alias = KEY_ALIASES.get(str(loc[-1]))
-            close = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
-            lines.append(f"{where}: unknown config key '{dotted}'{hint}")
+            lines.append(f"{where}: unknown config key '{dotted}'{_key_hint(loc)}")
         elif keys := _known_keys(loc):  # a value given to a section (sft.lora=true for sft.lora.enabled=true)
             lines.append(f"{where}: '{dotted}' is a section, not a value; set its keys as {dotted}.KEY=VALUE"
                          + (f" ({', '.join(keys)})" if len(keys) <= 8 else " (`instructrl config` lists them)"))
         else:
             lines.append(f"{where}: bad value for '{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def _key_hint(loc: tuple) -> str:
+    """' (did you mean ...?)' for an unknown key: the key of its section it is closest to, or for a
+    key given without its section (lr=1e-4), the sections that hold it."""
+    name = str(loc[-1])
+    known = _known_keys(loc[:-1])
+    alias = KEY_ALIASES.get(name)
+    close = [alias] if alias in known else difflib.get_close_matches(name, known, n=1)
+    if close:
+        return f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
+    if len(loc) == 1:  # a key without its section
+        holders = [f"{section}.{key}" for section in PipelineConfig.model_fields for key in (name, alias) if key in _known_keys([section])]
+        if holders:
+            listed = ", ".join(holders[:-1]) + " or " + holders[-1] if len(holders) > 1 else holders[0]
+            return f" (a key goes under its section: {listed})"
+    return ""
 
 
 def _where(dotted: str, paths: list[Path], overrides) -> str | None:
