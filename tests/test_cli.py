@@ -268,6 +268,23 @@ def test_help_paragraphs_are_not_broken_where_the_docstring_wraps():
         assert " ".join(paragraph.split()) in lines, f"help paragraph broken: {paragraph[:60]}"
 
 
+def _help(*command: str) -> str:
+    """A command's --help on one line per paragraph, its whitespace runs made single."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COLUMNS="1000")
+    return " ".join(subprocess.run([sys.executable, "-m", "instructrl", *command, "--help"], env=env, capture_output=True, text=True, check=True).stdout.split())
+
+
+def test_top_level_help_says_what_instructrl_is_and_how_stages_are_configured():
+    # the callback's empty docstring used to replace the app's help, leaving `instructrl --help` a bare list of commands
+    out = _help()
+    assert "InstructGPT's recipe end to end" in out
+    assert "`instructrl STAGE --help` lists the stage's keys with their defaults" in out
+
+
 def test_version_names_instructrl_and_the_libraries_that_decide_its_numbers():
     from importlib.metadata import version
 

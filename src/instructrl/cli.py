@@ -25,7 +25,10 @@ from instructrl.config import PipelineConfig, describe_fields, dump_config, load
 from instructrl.errors import UserError
 
 app = typer.Typer(
-    help="InstructGPT for anyone: pretrain, SFT, reward model, PPO-ptx, evaluate, serve.",
+    help="InstructGPT's recipe end to end: pretrain, SFT, collect rankings, reward model, PPO-ptx, evaluate, serve.\n\n"
+         "Every stage reads the defaults, then -c FILE, then KEY=VALUE overrides (sft.lr=1e-4); "
+         "`instructrl STAGE --help` lists the stage's keys with their defaults. Every stage in seconds, on a tiny model: "
+         "`instructrl pipeline -c configs/smoke.yaml`.",
     no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
@@ -566,8 +569,9 @@ def _unwrap_help(typer_app: typer.Typer) -> None:
     half-lines in every --help."""
     infos = list(typer_app.registered_commands) + ([typer_app.registered_callback] if typer_app.registered_callback else [])
     for info in infos:
-        text = info.help or inspect.getdoc(info.callback) or ""
-        info.help = "\n\n".join(" ".join(paragraph.split("\n")) for paragraph in text.split("\n\n"))
+        text = info.help or inspect.getdoc(info.callback)
+        if text:  # an empty help would hide the one given to typer.Typer(help=...), as the callback `main` has none
+            info.help = "\n\n".join(" ".join(paragraph.split("\n")) for paragraph in text.split("\n\n"))
     for group in typer_app.registered_groups:
         _unwrap_help(group.typer_instance)
 
