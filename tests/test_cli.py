@@ -285,6 +285,15 @@ def test_top_level_help_says_what_instructrl_is_and_how_stages_are_configured():
     assert "`instructrl STAGE --help` lists the stage's keys with their defaults" in out
 
 
+def test_stage_help_lists_its_own_keys_first_with_defaults_as_yaml_writes_them():
+    out = _help("sft")
+    assert "[OPTIONS] [KEY=VALUE]..." in out  # not typer's [overrides]...
+    # the model and data a newcomer sets come before the training knobs every stage shares
+    assert out.index("sft.model = -") < out.index("sft.data = -") < out.index("sft.batch_size = 32") < out.index("sft.attn_implementation = -")
+    # as they are typed in a file or an override, not as Python prints them (False, ['all-linear']); rich read [all-linear] as markup
+    assert "sft.gradient_checkpointing = false" in out and "sft.lora.target_modules = [all-linear]" in out
+
+
 def test_version_names_instructrl_and_the_libraries_that_decide_its_numbers():
     from importlib.metadata import version
 

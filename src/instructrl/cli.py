@@ -37,7 +37,7 @@ _state = {"debug": bool(os.environ.get("INSTRUCTRL_DEBUG"))}
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; it only needs the keys it changes. Relative paths in it are "
                              "relative to the working directory, not to the file. Give -c again to layer files: a later file's keys win.",
                              exists=False, metavar="FILE")
-OVERRIDES_ARGUMENT = typer.Argument(None, help="Config overrides as section.key=value, applied after the file, e.g. sft.lr=1e-4 run.dir=runs/try2; "
+OVERRIDES_ARGUMENT = typer.Argument(None, metavar="KEY=VALUE", help="Config overrides as section.key=value, applied after the file, e.g. sft.lr=1e-4 run.dir=runs/try2; "
                                     "values are read as YAML: null, \\[q_proj,v_proj], {name: value}.", show_default=False)
 RESTART_OPTION = typer.Option(False, "--restart", help="Discard this stage's earlier run (checkpoints included) instead of resuming it.")
 
@@ -47,7 +47,7 @@ def _config_help(*sections: str) -> str:
     for name in sections:
         model = PipelineConfig.model_fields[name].annotation
         for key, default, description in describe_fields(model, name):
-            lines.append(f"[cyan]{key}[/cyan] = {default or '-'}  {description}")
+            lines.append(f"[cyan]{key}[/cyan] = {escape(default) or '-'}  {escape(description)}")  # [all-linear] is no markup
     return "\n\n".join(lines)
 
 

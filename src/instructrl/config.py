@@ -545,15 +545,30 @@ def dump_config(config: BaseModel) -> str:
 
 
 def describe_fields(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every field, for --help."""
+    """(dotted key, default as YAML writes it, description) for every field, for --help: the
+    section's own keys (its model and data) before those it shares with other stages (batch sizes,
+    optimiser, GPU switches)."""
+    inherited = [name for base in model.__bases__ if _is_section(base) for name in base.model_fields]
+    names = [name for name in model.model_fields if name not in inherited] + list(dict.fromkeys(inherited))
     rows = []
-    for name, field in model.model_fields.items():
-        default = field.default
-        if isinstance(default, BaseModel):
-            rows += describe_fields(type(default), f"{prefix}.{name}")
-            continue
-        rows.append((f"{prefix}.{name}", "" if default is None else str(default), field.description or ""))
+    for name in names:
+        field = model.model_fields[name]
+        if isinstance(field.default, BaseModel):
+            rows += describe_fields(type(field.default), f"{prefix}.{name}")
+        else:
+            rows.append((f"{prefix}.{name}", _as_yaml(field.default), field.description or ""))
     return rows
+
+
+def _as_yaml(value: Any) -> str:
+    """A default as it is typed in a config file or override (false, [all-linear]), not as Python prints it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_as_yaml, value)) + "]"
+    return str(value)
 
 
 # keys that change what a run logs or how often it saves, never its results
