@@ -272,7 +272,7 @@ class PPOConfig(ModelSwitches):
 
 class EvalConfig(Strict):
     models: dict[str, str] | None = Field(None, description="name: model path to evaluate; win rates and the alignment tax are measured against the one named sft. Default: this run's base, SFT, PPO and PPO-ptx models (of the last round), those that exist.")
-    prompts: Path | None = Field(None, description="Your own prompts (any format whose records hold a prompt; `instructrl data check` says), judged by eval.reward_model alone: the world's gold labeler knows only its own. Default: the built-in world's held-out prompts.")
+    prompts: Path | None = Field(None, description="Your own prompts (any records that hold one: a file `instructrl data check` finds usable as ppo.prompts), judged by eval.reward_model alone: the world's gold labeler knows only its own. Default: the built-in world's held-out prompts.")
     prompts_format: DataFormat = Field("auto", description="Format of eval.prompts: auto (from the fields) or a format name.")
     reward_model: str | None = Field(None, description="Also judge every answer by this reward model: mean reward and win rate against sft by reward. A proxy, and the one PPO was trained to please when it is this run's RM: one trained on other comparisons judges more fairly.")
     n_prompts: int | None = Field(None, gt=0, description="Evaluate on the first n prompts only.")
