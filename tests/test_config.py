@@ -96,6 +96,13 @@ def test_a_mapping_written_without_a_space_after_its_colon_says_so():
     assert load_config(overrides=["eval.models={sft: /tmp/a}"]).eval.models == {"sft": "/tmp/a"}
 
 
+def test_a_mapping_key_given_one_value_says_how_a_mapping_is_written():
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["eval.models=runs/x/sft/final"])
+    assert str(err.value) == ("override 'eval.models=runs/x/sft/final': bad value for 'eval.models': "
+                              "expected a mapping, written {name: value} (got 'runs/x/sft/final')")
+
+
 def test_a_config_file_given_without_its_flag_says_to_use_c():
     with pytest.raises(UserError) as err:
         load_config(overrides=["configs/smoke.yaml"])

@@ -489,7 +489,9 @@ def _describe_validation_error(err: ValidationError, source: str, path, override
             lines.append(f"{where}: '{dotted}' is a section, not a value; set its keys as {dotted}.KEY=VALUE"
                          + (f" ({', '.join(keys)})" if len(keys) <= 8 else " (`instructrl config` lists them)"))
         else:
-            lines.append(f"{where}: bad value for '{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+            # pydantic's "Input should be a valid dictionary" says nothing of how to write one
+            problem = "expected a mapping, written {name: value}" if e["type"] == "dict_type" else e["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: bad value for '{dotted}': {problem} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
