@@ -152,7 +152,8 @@ def test_bad_input_never_touches_a_finished_run(tmp_path, smoke_base):
     final = run_dir / "sft" / "final"
     before = content_hash(final)
     # a different config must not resume or overwrite the finished run
-    _assert_clean_error(cli(*base, "sft.lr=0.01", check=False), "different config", "sft.lr", "--restart")
+    # (the folder names the stage: it said "holds a sft run")
+    _assert_clean_error(cli(*base, "sft.lr=0.01", check=False), f"{run_dir / 'sft'} holds a run of a different config (sft.lr: ", "--restart")
     # a broken override fails before anything is written
     _assert_clean_error(cli(*base, "sft.epochs=-1", check=False), "sft.epochs")
     assert content_hash(final) == before
