@@ -172,6 +172,44 @@ def test_stop_strings_cut_the_answer_and_never_appear(client):
         assert streamed == expected and stop not in streamed
 
 
+def greedy_adjusted(model, prompt: list[int], steps: int, eos: int, presence: float, frequency: float, bias: dict[int, float]) -> list[int]:
+    """Greedy decoding by full forward passes, each step's logits changed by OpenAI's formula written out here."""
+    answer: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([prompt + answer])).logits[0, -1].float()
+            for token in set(answer):
+                logits[token] -= answer.count(token) * frequency + presence
+            for token, value in bias.items():
+                logits[token] += value
+            answer.append(int(logits.argmax()))
+            if answer[-1] == eos:
+                break
+    return answer
+
+
+def test_presence_frequency_penalties_and_logit_bias_steer_sampling_but_not_the_logprobs(tiny, client):
+    _, model, tokenizer = tiny
+    prompt = render_ids(tokenizer, HELLO, add_generation_prompt=True)
+    plain = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=12).choices[0].message.content
+    banned = tokenizer(plain[:1], add_special_tokens=False)["input_ids"][0]  # the plain answer's first token
+    favoured = tokenizer(" the", add_special_tokens=False)["input_ids"][0]
+    options = dict(presence_penalty=0.7, frequency_penalty=1.5, logit_bias={str(banned): -100, str(favoured): 3})
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=12, logprobs=True, **options).choices[0]
+    expected = greedy_adjusted(model, prompt, 12, tokenizer.eos_token_id, 0.7, 1.5, {banned: -100, favoured: 3})
+    assert reply.message.content == tokenizer.decode(expected, skip_special_tokens=True) != plain
+    assert [t.logprob for t in reply.logprobs.content] == pytest.approx(scored_alone(model, prompt + expected)[len(prompt) - 1 :], abs=1e-4)
+    streamed = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=12, stream=True, **options)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == reply.message.content
+    completion = client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=12, **options)
+    assert completion.choices[0].text == reply.message.content
+    for options, param in [({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+                           ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": {"five": 1}}, "logit_bias"),
+                           ({"logit_bias": [5]}, "logit_bias"), ({"logit_bias": {str(model.get_input_embeddings().num_embeddings): 1}}, "logit_bias")]:
+        status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, **options))
+        assert (status, error["param"]) == (400, param) and param in error["message"]
+
+
 # ---------------------------------------------------------------- completions
 
 

@@ -15,7 +15,7 @@ from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams
 from instructrl.serve.loading import model_name, parse_model_specs, quantize_int8
-from instructrl.serve.sampling import LOGPROB_FLOOR, sample_next_tokens, token_logprobs, top_p_filter
+from instructrl.serve.sampling import LOGPROB_FLOOR, adjusted_logits, sample_next_tokens, token_logprobs, top_p_filter
 from instructrl.serve.text import REPLACEMENT, TextStream, TokenTexts, first_stop, stop_prefix_length
 from instructrl.errors import UserError
 
@@ -97,6 +97,18 @@ def test_a_rows_token_is_the_one_it_gets_sampled_alone_whatever_shares_its_batch
                  for b in range(6)]
         assert together == alone
         assert together[0] == int(logits[0].argmax()) and together[3] == int(logits[3].argmax())
+
+
+def test_penalties_and_logit_bias_change_the_logits_as_openai_documents():
+    # OpenAI: logits[j] - c[j] * frequency - (c[j] > 0) * presence, then logit_bias[j] added; the answer so far is 0 0 2
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0])
+    adjusted = adjusted_logits(logits, [0, 0, 2], presence_penalty=0.5, frequency_penalty=1.0, bias=[(1, -100.0), (3, 5.0)])
+    # token 0: 2 - 2 * 1 - 0.5; token 1: 1 - 100 (never generated); token 2: 0.5 - 1 - 0.5; token 3: 0 + 5
+    assert adjusted.tolist() == [-0.5, -99.0, -1.0, 5.0]
+    assert logits.tolist() == [2.0, 1.0, 0.5, 0.0]  # the model's own logits stay as they were (log-probs read them)
+    assert adjusted_logits(logits, [0, 0, 2], 0.0, 0.0, []).tolist() == logits.tolist()
+    # negative penalties encourage repeats: token 0 gains 2 * 0.5 + 1
+    assert adjusted_logits(logits, [0, 0], presence_penalty=-1.0, frequency_penalty=-0.5, bias=[]).tolist() == [4.0, 1.0, 0.5, 0.0]
 
 
 # ---------------------------------------------------------------- text and stop strings

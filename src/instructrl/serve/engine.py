@@ -25,7 +25,7 @@ import torch
 
 from instructrl.models.base import context_length
 from instructrl.padding import leading_padding, pad_sequences, position_ids_from_mask
-from instructrl.serve.sampling import TokenLogprob, sample_next_tokens, token_logprobs
+from instructrl.serve.sampling import TokenLogprob, adjusted_logits, sample_next_tokens, token_logprobs
 from instructrl.serve.text import TextStream, text_offsets
 
 
@@ -40,8 +40,15 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
+    presence_penalty: float = 0.0  # OpenAI's penalties on the tokens the answer already holds (sampling.adjusted_logits)
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: Optional[int] = None  # each sampled token's log-prob and its this many most likely alternatives; None: none
     prompt_logprobs: bool = False  # the prompt's tokens' log-probs too (with ``logprobs`` alternatives each)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
         self.context_length = context_length(model)
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # the token ids a prompt or a logit_bias may name
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -269,7 +277,7 @@ class Engine:
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         self.steps += 1
         tokens = sample_next_tokens(
-            logits, [r.request.params.temperature for r in rows], [r.request.params.top_p for r in rows], [r.generator for r in rows]
+            _sampling_logits(rows, logits), [r.request.params.temperature for r in rows], [r.request.params.top_p for r in rows], [r.generator for r in rows]
         )
         asking = [b for b, row in enumerate(rows) if row.logprobs is not None]
         scored = dict(zip(asking, token_logprobs(logits[asking], [tokens[b] for b in asking], [rows[b].request.params.logprobs for b in asking]))) if asking else {}
@@ -324,6 +332,18 @@ class Engine:
             for a, b in zip(cache.layers, new_cache.layers)
         ]
         return DynamicCache(layers), torch.cat([left_pad(mask, width, 1), left_pad(new_mask, width, 1)])
+
+
+def _sampling_logits(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) ``logits`` with each row's penalties and logit_bias applied; log-probs stay the raw model's (vLLM's default)."""
+    adjusting = [b for b, row in enumerate(rows) if row.request.params.adjusts_logits]
+    if not adjusting:
+        return logits
+    adjusted = logits.float().clone()
+    for b in adjusting:
+        params = rows[b].request.params
+        adjusted[b] = adjusted_logits(adjusted[b], rows[b].text.token_ids, params.presence_penalty, params.frequency_penalty, params.logit_bias)
+    return adjusted
 
 
 def has_sliding_layers(model) -> bool:

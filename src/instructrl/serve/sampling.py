@@ -26,6 +26,25 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def adjusted_logits(
+    logits: Tensor, generated: Sequence[int], presence_penalty: float, frequency_penalty: float, bias: Sequence[tuple[int, float]]
+) -> Tensor:
+    """(V,) ``logits`` as OpenAI's sampling options change them before sampling.
+
+    A token j that the answer holds c_j > 0 times so far (``generated``) loses
+    c_j * ``frequency_penalty`` + ``presence_penalty`` (OpenAI's formula; the prompt's tokens do
+    not count), and each (token, value) of ``bias`` (``logit_bias``) adds value to its token.
+    """
+    logits = logits.clone()
+    if generated and (presence_penalty or frequency_penalty):
+        tokens, counts = torch.tensor(list(generated), device=logits.device).unique(return_counts=True)
+        logits[tokens] -= counts.to(logits.dtype) * frequency_penalty + presence_penalty
+    if bias:
+        tokens, values = zip(*bias)
+        logits[torch.tensor(tokens, device=logits.device)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+    return logits
+
+
 def sample_next_tokens(
     logits: Tensor, temperatures: Sequence[float], top_ps: Sequence[float], generators: Sequence[torch.Generator]
 ) -> list[int]:

@@ -5,8 +5,8 @@ any client built on the official ``openai`` package works unchanged; fields that
 does not do (tools, best_of, a JSON response format) are refused (``unsupported``).
 
 Log-probs (chat ``logprobs``/``top_logprobs``, completions ``logprobs``/``echo``) are those of the
-model's own distribution, log_softmax of its logits, whatever the temperature and top-p a token
-was sampled with (vLLM's default). The tokens listed are the ones whose text makes up the
+model's own distribution, log_softmax of its logits, whatever the temperature, top-p, penalties
+and logit_bias a token was sampled with (vLLM's default). The tokens listed are the ones whose text makes up the
 returned text (a token that the text keeps part of, before a stop string, included), and the
 EOS token that ended an answer (which adds no text); the tokens of a stop string are not.
 """
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from instructrl.serve.sampling import TokenLogprob
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as OpenAI's
+MAX_LOGIT_BIAS = 100.0  # a logit_bias lies in [-100, 100], as OpenAI's
 MAX_TOP_LOGPROBS = 20  # OpenAI's for chat; its completions stop at 5, vLLM's at 20 as here
 
 TokenText = Callable[[int], tuple[str, list[int]]]  # a token id's text and UTF-8 bytes (serve.text.TokenTexts)
@@ -80,6 +82,9 @@ class SamplingRequest(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)
+    logit_bias: Optional[dict[int, float]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
 
@@ -91,6 +96,21 @@ class SamplingRequest(BaseModel):
         for text in [stop] if isinstance(stop, str) else stop or []:
             encodable(text, "a stop string")
         return stop
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _token_biases(cls, bias):
+        """One clear error for anything but {token id: bias in [-100, 100]} (JSON writes the ids as strings)."""
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise ValueError(f"must map token ids to biases, as {{\"50256\": -100}}, not {type(bias).__name__}")
+        for token, value in bias.items():
+            if not (isinstance(token, int) or (isinstance(token, str) and token.strip().isdigit())):
+                raise ValueError(f"{token!r} is not a token id")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"the bias of token {token} must be a number from {-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}, not {value!r}")
+        return bias
 
     def unsupported(self) -> Optional[tuple[str, str]]:
         """(param, reason) for a field set to ask for what this server does not do; silently ignoring it would change the answer's meaning."""
@@ -106,6 +126,9 @@ class SamplingRequest(BaseModel):
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return tuple(s for s in stops if s)
+
+    def token_biases(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((self.logit_bias or {}).items()))
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
