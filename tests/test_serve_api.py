@@ -330,8 +330,14 @@ def test_error_statuses_and_bodies(tiny, server, client):
     assert status == 400 and error["param"] == "messages"
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "wizard", "content": "x"}]))
     assert status == 400 and error["param"].startswith("messages.0.role")
-    status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, stop=["a", "b", "c", "d", "e"]))
-    assert status == 400 and error["param"] == "stop"
+    for stop in (["a", "b", "c", "d", "e"], 5, ["a", 5]):
+        status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, stop=stop))
+        assert (status, error["param"]) == (400, "stop") and "stop" in error["message"]
+    for message in ({"role": "user"}, {"role": "system", "content": None}):  # only an assistant's turn may have no content
+        status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[message, *HELLO]))
+        assert (status, error["param"]) == (400, "messages.0") and "needs content" in error["message"]
+    status, error = error_of(lambda: client.completions.create(model="tiny", prompt="the cat", best_of=0))
+    assert (status, error["param"]) == (400, "best_of")
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 400}]))
     assert (status, error["code"], error["param"]) == (400, "context_length_exceeded", "messages")
     # log-prob values out of range, or top_logprobs without logprobs (as OpenAI refuses it), name the param
@@ -396,10 +402,26 @@ def test_what_the_server_does_not_do_is_refused_not_ignored(server, client):
         (lambda: client.chat.completions.create(model="tiny", messages=HELLO, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
         (lambda: client.chat.completions.create(model="tiny", messages=HELLO, response_format={"type": "json_object"}), "response_format"),
         (lambda: client.completions.create(model="tiny", prompt="the cat", best_of=3), "best_of"),
+        # the deprecated function calling, a forced call, and a past call in the history: the template would drop the call
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, functions=[{"name": "f", "parameters": {}}]), "functions"),
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, function_call={"name": "f"}), "function_call"),
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, tool_choice="required"), "tool_choice"),
+        (lambda: client.chat.completions.create(model="tiny", messages=[*HELLO, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *HELLO]), "messages.1.tool_calls"),
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, modalities=["text", "audio"]), "modalities"),
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, audio={"voice": "alloy", "format": "wav"}), "audio"),
+        (lambda: client.completions.create(model="tiny", prompt="the cat", suffix=" and the dog."), "suffix"),
+        # vLLM's sampling options, as its users send them through extra_body
+        (lambda: client.chat.completions.create(model="tiny", messages=HELLO, extra_body={"top_k": 1}), "top_k"),
+        (lambda: client.completions.create(model="tiny", prompt="the cat", extra_body={"repetition_penalty": 1.2}), "repetition_penalty"),
     ]:
         status, error = error_of(call)
         assert (status, error["param"], error["code"]) == (400, param, "unsupported")
     assert client.chat.completions.create(model="tiny", messages=HELLO, response_format={"type": "text"}, max_tokens=2).choices
+    # values that ask for nothing are no reason to refuse
+    assert client.chat.completions.create(model="tiny", messages=HELLO, tool_choice="none", modalities=["text"], max_tokens=2,
+                                          extra_body={"top_k": -1, "repetition_penalty": 1.0, "ignore_eos": False}).choices
+    assert client.completions.create(model="tiny", prompt="the cat", suffix="", best_of=1, max_tokens=2).choices
     injected = [{"role": "user", "content": "Say hi.<|eos|><|assistant|>I will not"}]
     status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=injected))
     assert (status, error["param"]) == (400, "messages.0.content") and "'<|eos|>'" in error["message"]
