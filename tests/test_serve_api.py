@@ -448,6 +448,30 @@ def test_a_failed_prompt_of_several_queues_none_of_them(tiny):
         assert (status, error["param"]) == (400, "prompt") and "token ids must be in" in error["message"]
 
 
+def test_a_hybrid_recurrent_model_answers_concurrent_clients_one_at_a_time_and_refuses_n(tmp_path):
+    from tiny_models import save_tiny_model
+
+    path = save_tiny_model("lfm2", tmp_path / "lfm2")
+    engine = Engine(load_causal_lm(path), load_tokenizer(path))
+
+    async def ask(client, i: int):  # answers of different lengths: with batching, the shortest would leave the batch first
+        if i % 2:
+            reply = await client.chat.completions.create(model="lfm2", messages=HELLO, max_tokens=2 + i, seed=i)
+            return reply.choices[0].finish_reason
+        chunks = [c async for c in await client.chat.completions.create(model="lfm2", messages=HELLO, max_tokens=2 + i, seed=i, stream=True)]
+        return chunks[-1].choices[0].finish_reason
+
+    async def main(url):
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as client:
+            return await asyncio.gather(*(ask(client, i) for i in range(6)))
+
+    with BackgroundServer(create_app({"lfm2": engine})) as running:
+        assert set(asyncio.run(main(running.url))) <= {"stop", "length"}
+        plain = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+        status, error = error_of(lambda: plain.chat.completions.create(model="lfm2", messages=HELLO, n=2))
+        assert (status, error["param"]) == (400, "n") and "one sequence at a time" in error["message"]
+
+
 def test_server_error_is_500_with_the_error_body(tiny):
     _, model, tokenizer = tiny
 

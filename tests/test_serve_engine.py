@@ -13,7 +13,7 @@ import torch
 from instructrl.data.chat import render_ids
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import load_causal_lm, load_tokenizer
-from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams
+from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams, joins_rows
 from instructrl.serve.loading import model_name, parse_model_specs, quantize_int8
 from instructrl.serve.sampling import LOGPROB_FLOOR, adjusted_logits, sample_next_tokens, token_logprobs, top_p_filter
 from instructrl.serve.text import REPLACEMENT, TextStream, TokenTexts, first_stop, stop_prefix_length
@@ -235,8 +235,26 @@ def test_engine_serves_a_sliding_window_model_while_requests_join_and_leave(tmp_
     budgets = [12, 12, 12, 2, 12, 12]  # PROMPTS[3], the longest, leaves after two tokens
     assert max(range(len(PROMPTS)), key=lambda i: len(render_ids(tokenizer, PROMPTS[i], True))) == 3
     assert min(len(render_ids(tokenizer, p, True)) for p in PROMPTS) > SLIDING_WINDOW
+    assert joins_rows(model)  # sliding layers keep keys and values by position: batched as any other model
     answers, _, joins = greedy_while_joining(model, tokenizer, budgets)
     assert joins >= 1
+    assert [a.strip() for a in answers] == [generate_answers(model, tokenizer, [p], max_new_tokens=n)[0] for p, n in zip(PROMPTS, budgets)]
+
+
+def test_engine_serves_a_hybrid_recurrent_model_one_sequence_at_a_time(tmp_path):
+    """LFM2's convolution layers (as Mamba's, Jamba's, Qwen3-Next's) keep a state per sequence that left
+    padding would change and that transformers cannot drop a row of: joining the batch failed every
+    request in it. Requests that arrive while another runs now wait for it, and each answer is the
+    one generate gives the prompt alone."""
+    from tiny_models import save_tiny_model
+
+    path = save_tiny_model("lfm2", tmp_path / "lfm2")
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer=tokenizer).eval()
+    assert not joins_rows(model) and Engine(model, tokenizer, max_batch=8).max_batch == 1
+    budgets = [12, 3, 12, 2, 7, 12]
+    answers, collectors, joins = greedy_while_joining(model, tokenizer, budgets)
+    assert joins == 0 and all(c.finish().finish_reason in ("stop", "length") for c in collectors)
     assert [a.strip() for a in answers] == [generate_answers(model, tokenizer, [p], max_new_tokens=n)[0] for p, n in zip(PROMPTS, budgets)]
 
 

@@ -277,7 +277,8 @@ def _submit(engine: Engine, prompts: list[list[int]], body: schemas.SamplingRequ
     """Queue every prompt's n choices, once all of them are known to fit; ``prompt_params`` name the prompts in errors."""
     n = body.n or 1
     if n * len(prompts) > engine.max_batch:
-        raise APIError(400, f"n x prompts = {n * len(prompts)} is more than this server's batch of {engine.max_batch}", param="n")
+        why = f" (the model '{body.model}' has recurrent layers: it is served one sequence at a time)" if engine.one_at_a_time else ""
+        raise APIError(400, f"n x prompts = {n * len(prompts)} is more than this server's batch of {engine.max_batch}{why}", param="n")
     budgets = [engine.budget(len(prompt), body.token_limit(), default_max_tokens) for prompt in prompts]
     room_needed = 0 if body.token_limit() == 0 else 1  # max_tokens 0 scores the prompt: it only has to fit
     for prompt, param in zip(prompts, prompt_params):

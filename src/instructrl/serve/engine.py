@@ -10,6 +10,9 @@ lets its own events pile up, and a cancelled request leaves the batch at the nex
 
 Log-probs are computed only for the rows that ask for them: each sampled token's, released
 with its text, and the prompt's (from a prefill that keeps every position's logits).
+
+A model with recurrent layers (``joins_rows``: Mamba, LFM2, Jamba, Qwen3-Next, Falcon-H1) is
+served one sequence at a time, as a batch of one that nothing joins and that ends with it.
 """
 
 from __future__ import annotations
@@ -110,7 +113,8 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 256, batch_wait_s: float = 0.005, seed: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
+        self.one_at_a_time = not joins_rows(model)
+        self.max_batch, self.max_queue, self.batch_wait_s = 1 if self.one_at_a_time else max_batch, max_queue, batch_wait_s
         self.context_length = context_length(model)
         self.vocab_size = model.get_input_embeddings().num_embeddings  # the token ids a prompt or a logit_bias may name
         self.device = next(model.parameters()).device
@@ -119,7 +123,7 @@ class Engine:
         parameters = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in parameters
-        self._full_cache = has_sliding_layers(model)
+        self._full_cache = not self.one_at_a_time and has_sliding_layers(model)
         self._unseeded = random.Random(seed)
         self._waiting: list[Request] = []
         self._lock = threading.Condition()
@@ -344,6 +348,17 @@ def _sampling_logits(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         params = rows[b].request.params
         adjusted[b] = adjusted_logits(adjusted[b], rows[b].text.token_ids, params.presence_penalty, params.frequency_penalty, params.logit_bias)
     return adjusted
+
+
+def joins_rows(model) -> bool:
+    """Whether ``model``'s sequences can share a batch that they join and leave at any step: whether each layer
+    of its cache holds keys and values by position, which left padding, merging and cutting columns keep exact.
+    A recurrent layer's state (Mamba's, LFM2's convolution, Qwen3-Next's linear attention) sums up its sequence,
+    padding included, and transformers cannot drop a row of it."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in DynamicCache(config=model.config).layers)
 
 
 def has_sliding_layers(model) -> bool:
