@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -208,6 +212,21 @@ def test_presence_frequency_penalties_and_logit_bias_steer_sampling_but_not_the_
                            ({"logit_bias": [5]}, "logit_bias"), ({"logit_bias": {str(model.get_input_embeddings().num_embeddings): 1}}, "logit_bias")]:
         status, error = error_of(lambda: client.chat.completions.create(model="tiny", messages=HELLO, **options))
         assert (status, error["param"]) == (400, param) and param in error["message"]
+
+
+def test_stop_strings_across_tokens_at_the_very_start_and_four_at_once(tiny, client):
+    kwargs = dict(model="tiny", prompt="the cat", temperature=1.0, seed=4, max_tokens=16)
+    full = client.completions.create(**kwargs, logprobs=0).choices[0]
+    text, starts = full.text, full.logprobs.text_offset
+    # the last character of one token and the first of the next, past the first token and found nowhere earlier
+    across = next(text[start - 1 : start + 1] for start in starts[2:] if start < len(text) and text.index(text[start - 1 : start + 1]) == start - 1)
+    firsts = [text[:1]]  # a stop string that the answer begins with leaves it empty
+    earliest = ["never-there", text[6:8], text[3:5], "nor-this"]  # four, the earliest found wins
+    for stop, expected in [(across, text[: text.index(across)]), (firsts, ""), (earliest, text[: min(text.index(earliest[1]), text.index(earliest[2]))])]:
+        reply = client.completions.create(**kwargs, stop=stop).choices[0]
+        assert (reply.text, reply.finish_reason) == (expected, "stop")
+        chunks = [c.choices[0] for c in client.completions.create(**kwargs, stop=stop, stream=True)]
+        assert "".join(c.text for c in chunks) == expected and chunks[-1].finish_reason == "stop"
 
 
 # ---------------------------------------------------------------- completions
@@ -488,16 +507,18 @@ def test_server_error_is_500_with_the_error_body(tiny):
 # ---------------------------------------------------------------- concurrency
 
 
-def test_32_concurrent_streamed_chats_all_complete_each_with_its_own_answer(tiny, server):
-    """Each client asks its own question; every stream must finish with the answer that question gets alone."""
+def test_32_concurrent_chats_streamed_or_not_all_complete_each_with_its_own_answer(tiny, server):
+    """Each client asks its own question, every other one streamed; each must finish with the answer that question gets alone."""
     _, model, tokenizer = tiny
     questions = [[{"role": "user", "content": f"Add {i} and {2 * i + 1}."}] for i in range(32)]
     alone = generate_answers(model, tokenizer, questions, max_new_tokens=8)
 
-    async def one(client, messages):
-        stream = await client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=8, stream=True)
+    async def one(client, messages, stream: bool):
+        reply = await client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=8, stream=stream)
+        if not stream:
+            return {reply.id}, reply.choices[0].message.content, reply.choices[0].finish_reason
         ids, text, finish = set(), "", None
-        async for chunk in stream:
+        async for chunk in reply:
             ids.add(chunk.id)
             text += chunk.choices[0].delta.content or ""
             finish = chunk.choices[0].finish_reason or finish
@@ -505,7 +526,7 @@ def test_32_concurrent_streamed_chats_all_complete_each_with_its_own_answer(tiny
 
     async def main():
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0) as client:
-            return await asyncio.gather(*(one(client, q) for q in questions))
+            return await asyncio.gather(*(one(client, q, stream=i % 2 == 0) for i, q in enumerate(questions)))
 
     results = asyncio.run(main())
     assert len(results) == 32 and all(finish in ("stop", "length") for _, _, finish in results)
@@ -523,6 +544,70 @@ def test_a_client_that_stops_reading_or_leaves_does_not_stall_the_others(server,
                 next(leaver.iter_lines())  # reads one event, then hangs up
             answers = [client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, seed=i) for i in range(3)]
     assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
+
+
+class GatedEngine(Engine):
+    """An engine whose decode steps wait for ``gate`` (a prefill does not), recording the requests it is given and each step's rows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate, self.requests, self.steps_of = threading.Event(), [], []
+
+    def submit(self, *args, **kwargs):
+        self.requests.append(super().submit(*args, **kwargs))
+        return self.requests[-1]
+
+    def _decode(self, rows, cache, mask):
+        self.gate.wait()
+        return super()._decode(rows, cache, mask)
+
+    def _sample(self, rows, logits):
+        self.steps_of.append([row.request for row in rows])
+        super()._sample(rows, logits)
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + 60  # a hang guard, not a timing assertion
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting until {what}"
+        time.sleep(0.01)
+
+
+def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_place(tiny):
+    """One place in the batch, one in the queue. A long streamed answer holds the place (its decode steps
+    wait for the gate), a second request waits in the queue, a third is turned away with 429. The first
+    client hangs up: its request is cancelled and leaves the batch, the waiting one is served, and a
+    non-streaming client that hangs up is cancelled as well."""
+    _, model, tokenizer = tiny
+    engine = GatedEngine(model, tokenizer, max_batch=1, max_queue=1)
+    endless = {"messages": HELLO, "max_tokens": 10_000, "temperature": 0, "logit_bias": {str(tokenizer.eos_token_id): -100}}  # to the context's end
+    with BackgroundServer(create_app({"tiny": engine})) as running, ThreadPoolExecutor(1) as pool:
+        plain = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+        with httpx.stream("POST", running.url + "/v1/chat/completions", json={"model": "tiny", **endless, "stream": True}, timeout=60) as first:
+            for line in first.iter_lines():  # up to its first token: it holds the batch's place
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    break
+            waiting = pool.submit(lambda: plain.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4))
+            wait_until(lambda: len(engine._waiting) == 1, "the second request is queued")
+            with pytest.raises(openai.RateLimitError) as busy:
+                plain.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
+            assert busy.value.body["code"] == "queue_full" and busy.value.response.headers["retry-after"] == "1"
+        wait_until(engine.requests[0].cancelled.is_set, "the first client's request is cancelled")
+        engine.gate.set()
+        assert waiting.result(timeout=60).choices[0].finish_reason in ("stop", "length")
+        assert sum(engine.requests[0] in rows for rows in engine.steps_of) <= 2  # left at once, far from its 100+ tokens
+        # a non-streaming client that hangs up mid-answer: noticed within DISCONNECT_POLL_S, its place freed as well
+        engine.gate.clear()
+        body, url, before = json.dumps({"model": "tiny", **endless}).encode(), httpx.URL(running.url), len(engine.requests)
+        with socket.create_connection((url.host, url.port)) as raw:
+            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_until(lambda: len(engine.requests) > before and any(engine.requests[before] in rows for rows in engine.steps_of), "it is admitted")
+        hung_up = engine.requests[before]
+        wait_until(hung_up.cancelled.is_set, "the hung-up request is cancelled")
+        engine.gate.set()
+        assert plain.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4).choices[0].finish_reason in ("stop", "length")
+        assert sum(hung_up in rows for rows in engine.steps_of) <= 2
 
 
 # ---------------------------------------------------------------- the command

@@ -277,6 +277,36 @@ def test_engine_seed_reproduces_samples_and_n_choices_differ(tiny):
     assert len(set(a)) > 1
 
 
+def test_engine_seeded_choices_do_not_depend_on_what_shares_the_batch(tiny):
+    """A seeded request with n = 3 samples the same answers alone, with requests joining its batch and
+    leaving it before it ends, and when it joins a batch already running."""
+    model, tokenizer = tiny
+    mine = render_ids(tokenizer, PROMPTS[1], True), SamplingParams(16, temperature=1.0, seed=5)
+
+    def others() -> list[tuple]:
+        return [(render_ids(tokenizer, messages, True), SamplingParams(2 + 3 * i, temperature=0.9, top_p=0.9 if i % 2 else 1.0), 1 + i % 2, Collector(1 + i % 2))
+                for i, messages in enumerate(PROMPTS)]
+
+    def sample(first: list[tuple], later: list[tuple]) -> tuple[list[str], int]:
+        engine = JoiningEngine(model, tokenizer, max_batch=16, batch_wait_s=0)
+        engine.later = later
+        for request in first:
+            engine.submit(*request)
+        sink = next(request[3] for request in first + later if request[0] is mine[0])
+        engine.start()
+        try:
+            return [sink.wait().text(i) for i in range(3)], engine.joins
+        finally:
+            engine.stop()
+
+    alone, _ = sample([(*mine, 3, Collector(3))], [])
+    joined_by_others, joins = sample([(*mine, 3, Collector(3))], others())
+    assert joins >= 1 and joined_by_others == alone
+    joining_others, joins = sample(others(), [(*mine, 3, Collector(3))])
+    assert joins >= 1 and joining_others == alone
+    assert len(set(alone)) > 1
+
+
 def test_engine_cancelled_request_leaves_the_batch_and_others_finish(tiny):
     model, tokenizer = tiny
     engine = Engine(model, tokenizer).start()
