@@ -534,6 +534,20 @@ def test_32_concurrent_chats_streamed_or_not_all_complete_each_with_its_own_answ
     assert [text.strip() for _, text, _ in results] == alone
 
 
+def test_a_tiny_temperature_is_greedy_and_fails_no_one_in_its_batch(server, client):
+    """1e-300 is 0 in float32: the logits divided by it were inf, sampling raised, and every request in the batch got a 500."""
+    greedy = client.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=8).choices[0].message.content
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0) as concurrent:
+            return await asyncio.gather(*(concurrent.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=t, seed=i)
+                                          for i, t in enumerate([1.0, 1e-300, 1.0, 1e-40, 1.0])))
+
+    replies = asyncio.run(main())
+    assert [r.choices[0].message.content for r in replies[1::2]] == [greedy, greedy]
+    assert all(r.choices[0].finish_reason in ("stop", "length") for r in replies)
+
+
 def test_a_client_that_stops_reading_or_leaves_does_not_stall_the_others(server, client):
     body = {"model": "tiny", "messages": HELLO, "max_tokens": 16, "stream": True}
     headers = {"Authorization": f"Bearer {KEY}"}

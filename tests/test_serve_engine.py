@@ -80,6 +80,8 @@ def test_sampling_is_greedy_at_temperature_zero_and_follows_each_rows_generator(
     draws = lambda seed: [sample_next_tokens(logits[:1], [1.0], [1.0], [g])[0] for g in [torch.Generator().manual_seed(seed)] for _ in range(30)]  # noqa: E731
     assert draws(3) == draws(3)
     assert len(set(draws(3))) > 1  # sampled, not greedy
+    # a temperature too small to divide by is greedy: 1e-300 is 0 in float32, and logits / 1e-40 overflow to inf
+    assert sample_next_tokens(logits, [1e-300, 1e-40], [1.0, 1.0], [torch.Generator(), torch.Generator()]) == [1, 0]
     # top_p small enough leaves only the argmax
     assert set(sample_next_tokens(logits[:1].repeat(20, 1), [1.0] * 20, [0.05] * 20, [torch.Generator().manual_seed(i) for i in range(20)])) == {1}
 

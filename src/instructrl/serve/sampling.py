@@ -45,10 +45,13 @@ def adjusted_logits(
     return logits
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy: dividing by it could take logits past float32 (vLLM's _SAMPLING_EPS)
+
+
 def sample_next_tokens(
     logits: Tensor, temperatures: Sequence[float], top_ps: Sequence[float], generators: Sequence[torch.Generator]
 ) -> list[int]:
-    """One token per row of (B, V) ``logits``: greedy where the temperature is 0, else sampled.
+    """One token per row of (B, V) ``logits``: greedy where the temperature is 0 (below ``GREEDY_BELOW``), else sampled.
 
     Row b is sampled from softmax(logits[b] / temperatures[b]) restricted to its top-p nucleus,
     drawing from ``generators[b]`` only, so a row's samples depend on its own seed and not on
@@ -56,7 +59,7 @@ def sample_next_tokens(
     """
     logits = logits.float()
     tokens = logits.argmax(-1).tolist()  # one copy to the host for the whole batch, not one per row
-    sampled = [row for row, temperature in enumerate(temperatures) if temperature > 0.0]
+    sampled = [row for row, temperature in enumerate(temperatures) if temperature >= GREEDY_BELOW]
     if sampled:
         # each row's distribution on the model's device, then one copy of them all for the rows' CPU generators
         probs = torch.stack([top_p_filter(logits[row] / temperatures[row], top_ps[row]).softmax(-1) for row in sampled]).cpu()
