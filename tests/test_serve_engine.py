@@ -413,6 +413,19 @@ def test_serving_dtype_loads_the_weights_as_asked_and_still_answers(tmp_path):
             engine.stop()
 
 
+def test_a_model_that_returns_no_cache_is_refused_at_load(tmp_path):
+    """RecurrentGemma keeps its state in its own modules and restarts it on every call without a cache:
+    every request to it failed (KeyError: 'cache'), with a 500."""
+    from tiny_models import save_tiny_model
+
+    from instructrl.serve.loading import load_engine
+
+    path = save_tiny_model("recurrent_gemma", tmp_path / "recurrent-gemma")
+    with pytest.raises(UserError, match="RecurrentGemmaForCausalLM.*returns no cache"):
+        load_engine(str(path), device="cpu")
+    assert load_engine(str(save_tiny_model("lfm2", tmp_path / "lfm2")), device="cpu").one_at_a_time
+
+
 # ---------------------------------------------------------------- log-probs
 
 
