@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 
 import httpx
 import openai
@@ -587,41 +588,65 @@ def wait_until(condition, what: str) -> None:
         time.sleep(0.01)
 
 
+def holds_a_place(stream) -> Iterator[str]:
+    """Reads a streamed chat up to its first token (its request has a place in the batch then) and returns
+    the rest of its lines, to keep while the client stays: closing them would close the connection."""
+    lines = stream.iter_lines()
+    next(line for line in lines if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"))
+    return lines
+
+
 def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_its_place(tiny):
     """One place in the batch, one in the queue. A long streamed answer holds the place (its decode steps
     wait for the gate), a second request waits in the queue, a third is turned away with 429. The first
-    client hangs up: its request is cancelled and leaves the batch, the waiting one is served, and a
-    non-streaming client that hangs up is cancelled as well."""
+    client hangs up: its request is cancelled and leaves the batch, and the waiting one is served. A
+    non-streaming client that hangs up is cancelled as well, and one that hangs up while queued gives
+    its place in the queue to the next."""
     _, model, tokenizer = tiny
     engine = GatedEngine(model, tokenizer, max_batch=1, max_queue=1)
-    endless = {"messages": HELLO, "max_tokens": 10_000, "temperature": 0, "logit_bias": {str(tokenizer.eos_token_id): -100}}  # to the context's end
+    endless = {"model": "tiny", "messages": HELLO, "max_tokens": 10_000, "temperature": 0, "logit_bias": {str(tokenizer.eos_token_id): -100}}
+    route = "/v1/chat/completions"
     with BackgroundServer(create_app({"tiny": engine})) as running, ThreadPoolExecutor(1) as pool:
-        plain = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
-        with httpx.stream("POST", running.url + "/v1/chat/completions", json={"model": "tiny", **endless, "stream": True}, timeout=60) as first:
-            for line in first.iter_lines():  # up to its first token: it holds the batch's place
-                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                    break
-            waiting = pool.submit(lambda: plain.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4))
+        plain = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=60)  # a failure, not a hang
+        short = lambda: plain.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)  # noqa: E731
+        with httpx.stream("POST", running.url + route, json={**endless, "stream": True}, timeout=60) as first:
+            kept = holds_a_place(first)  # noqa: F841 (while the client stays)
+            waiting = pool.submit(short)
             wait_until(lambda: len(engine._waiting) == 1, "the second request is queued")
             with pytest.raises(openai.RateLimitError) as busy:
-                plain.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
+                short()
             assert busy.value.body["code"] == "queue_full" and busy.value.response.headers["retry-after"] == "1"
         wait_until(engine.requests[0].cancelled.is_set, "the first client's request is cancelled")
         engine.gate.set()
         assert waiting.result(timeout=60).choices[0].finish_reason in ("stop", "length")
         assert sum(engine.requests[0] in rows for rows in engine.steps_of) <= 2  # left at once, far from its 100+ tokens
+
         # a non-streaming client that hangs up mid-answer: noticed within DISCONNECT_POLL_S, its place freed as well
         engine.gate.clear()
-        body, url, before = json.dumps({"model": "tiny", **endless}).encode(), httpx.URL(running.url), len(engine.requests)
+        body, url, before = json.dumps(endless).encode(), httpx.URL(running.url), len(engine.requests)
         with socket.create_connection((url.host, url.port)) as raw:
-            raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            raw.sendall(f"POST {route} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
             wait_until(lambda: len(engine.requests) > before and any(engine.requests[before] in rows for rows in engine.steps_of), "it is admitted")
         hung_up = engine.requests[before]
         wait_until(hung_up.cancelled.is_set, "the hung-up request is cancelled")
         engine.gate.set()
-        assert plain.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4).choices[0].finish_reason in ("stop", "length")
+        assert short().choices[0].finish_reason in ("stop", "length")
         assert sum(hung_up in rows for rows in engine.steps_of) <= 2
+
+        # a client that hangs up while queued: its place in the queue goes to the next one (it was kept: 429)
+        engine.gate.clear()
+        with httpx.stream("POST", running.url + route, json={**endless, "stream": True}, timeout=60) as first:
+            kept = holds_a_place(first)  # noqa: F841 (while the client stays)
+            with httpx.stream("POST", running.url + route, json={**endless, "stream": True}, timeout=60):
+                wait_until(lambda: len(engine._waiting) == 1, "the request is queued")
+                left = engine.requests[-1]
+            wait_until(left.cancelled.is_set, "the queued request is cancelled")
+            before = len(engine.requests)
+            waiting = pool.submit(short)
+            wait_until(lambda: len(engine.requests) > before or waiting.done(), "the next request is queued or refused")
+        engine.gate.set()
+        assert waiting.result(timeout=60).choices[0].finish_reason in ("stop", "length")
+        assert not any(left in rows for rows in engine.steps_of)
 
 
 # ---------------------------------------------------------------- the command

@@ -156,6 +156,7 @@ class Engine:
             params = replace(params, seed=self._unseeded.getrandbits(62))
         request = Request(list(prompt_ids), params, n, sink)
         with self._lock:
+            self._waiting = [waiting for waiting in self._waiting if not waiting.cancelled.is_set()]  # its client left: no place kept
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"its queue of waiting requests is full ({self.max_queue}); try again later")
             self._waiting.append(request)
