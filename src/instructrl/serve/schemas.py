@@ -7,9 +7,10 @@ other servers' sampling options such as vLLM's top_k) are refused (``unsupported
 
 Log-probs (chat ``logprobs``/``top_logprobs``, completions ``logprobs``/``echo``) are those of the
 model's own distribution, log_softmax of its logits, whatever the temperature, top-p, penalties
-and logit_bias a token was sampled with (vLLM's default). The tokens listed are the ones whose text makes up the
-returned text (a token that the text keeps part of, before a stop string, included), and the
-EOS token that ended an answer (which adds no text); the tokens of a stop string are not.
+and logit_bias a token was sampled with (vLLM's default). The tokens listed are the ones whose
+text makes up the returned text (a token that the text keeps part of, before a stop string,
+included), and the EOS token that ended an answer (which adds no text); the tokens of a stop
+string are not.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ if TYPE_CHECKING:
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as OpenAI's
 MAX_LOGIT_BIAS = 100.0  # a logit_bias lies in [-100, 100], as OpenAI's
+MAX_TOP_LOGPROBS = 20  # OpenAI's for chat; its completions stop at 5, vLLM's at 20 as here
 # other servers' sampling options (vLLM's, sent through the openai client's extra_body), each with the
 # values that leave sampling as it is: any other value would change the answer, so it is refused
 OTHER_SERVERS_OPTIONS = {"top_k": (None, -1, 0), "min_p": (None, 0), "repetition_penalty": (None, 1), "min_tokens": (None, 0),
                          "ignore_eos": (None, False), "stop_token_ids": (None, []), "guided_json": (None,), "guided_regex": (None,),
                          "guided_choice": (None,), "guided_grammar": (None,)}
-MAX_TOP_LOGPROBS = 20  # OpenAI's for chat; its completions stop at 5, vLLM's at 20 as here
 
 TokenText = Callable[[int], tuple[str, list[int]]]  # a token id's text and UTF-8 bytes (serve.text.TokenTexts)
 
