@@ -13,9 +13,9 @@ import torch
 from instructrl.data.chat import render_ids
 from instructrl.evaluation.generate import generate_answers
 from instructrl.models.base import load_causal_lm, load_tokenizer
-from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams
+from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams, joins_rows
 from instructrl.serve.loading import model_name, parse_model_specs, quantize_int8
-from instructrl.serve.sampling import LOGPROB_FLOOR, sample_next_tokens, token_logprobs, top_p_filter
+from instructrl.serve.sampling import LOGPROB_FLOOR, adjusted_logits, sample_next_tokens, token_logprobs, top_p_filter
 from instructrl.serve.text import REPLACEMENT, TextStream, TokenTexts, first_stop, stop_prefix_length
 from instructrl.errors import UserError
 
@@ -80,6 +80,8 @@ def test_sampling_is_greedy_at_temperature_zero_and_follows_each_rows_generator(
     draws = lambda seed: [sample_next_tokens(logits[:1], [1.0], [1.0], [g])[0] for g in [torch.Generator().manual_seed(seed)] for _ in range(30)]  # noqa: E731
     assert draws(3) == draws(3)
     assert len(set(draws(3))) > 1  # sampled, not greedy
+    # a temperature too small to divide by is greedy: 1e-300 is 0 in float32, and logits / 1e-40 overflow to inf
+    assert sample_next_tokens(logits, [1e-300, 1e-40], [1.0, 1.0], [torch.Generator(), torch.Generator()]) == [1, 0]
     # top_p small enough leaves only the argmax
     assert set(sample_next_tokens(logits[:1].repeat(20, 1), [1.0] * 20, [0.05] * 20, [torch.Generator().manual_seed(i) for i in range(20)])) == {1}
 
@@ -97,6 +99,18 @@ def test_a_rows_token_is_the_one_it_gets_sampled_alone_whatever_shares_its_batch
                  for b in range(6)]
         assert together == alone
         assert together[0] == int(logits[0].argmax()) and together[3] == int(logits[3].argmax())
+
+
+def test_penalties_and_logit_bias_change_the_logits_as_openai_documents():
+    # OpenAI: logits[j] - c[j] * frequency - (c[j] > 0) * presence, then logit_bias[j] added; the answer so far is 0 0 2
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0])
+    adjusted = adjusted_logits(logits, [0, 0, 2], presence_penalty=0.5, frequency_penalty=1.0, bias=[(1, -100.0), (3, 5.0)])
+    # token 0: 2 - 2 * 1 - 0.5; token 1: 1 - 100 (never generated); token 2: 0.5 - 1 - 0.5; token 3: 0 + 5
+    assert adjusted.tolist() == [-0.5, -99.0, -1.0, 5.0]
+    assert logits.tolist() == [2.0, 1.0, 0.5, 0.0]  # the model's own logits stay as they were (log-probs read them)
+    assert adjusted_logits(logits, [0, 0, 2], 0.0, 0.0, []).tolist() == logits.tolist()
+    # negative penalties encourage repeats: token 0 gains 2 * 0.5 + 1
+    assert adjusted_logits(logits, [0, 0], presence_penalty=-1.0, frequency_penalty=-0.5, bias=[]).tolist() == [4.0, 1.0, 0.5, 0.0]
 
 
 # ---------------------------------------------------------------- text and stop strings
@@ -223,8 +237,26 @@ def test_engine_serves_a_sliding_window_model_while_requests_join_and_leave(tmp_
     budgets = [12, 12, 12, 2, 12, 12]  # PROMPTS[3], the longest, leaves after two tokens
     assert max(range(len(PROMPTS)), key=lambda i: len(render_ids(tokenizer, PROMPTS[i], True))) == 3
     assert min(len(render_ids(tokenizer, p, True)) for p in PROMPTS) > SLIDING_WINDOW
+    assert joins_rows(model)  # sliding layers keep keys and values by position: batched as any other model
     answers, _, joins = greedy_while_joining(model, tokenizer, budgets)
     assert joins >= 1
+    assert [a.strip() for a in answers] == [generate_answers(model, tokenizer, [p], max_new_tokens=n)[0] for p, n in zip(PROMPTS, budgets)]
+
+
+def test_engine_serves_a_hybrid_recurrent_model_one_sequence_at_a_time(tmp_path):
+    """LFM2's convolution layers (as Mamba's, Jamba's, Qwen3-Next's) keep a state per sequence that left
+    padding would change and that transformers cannot drop a row of: joining the batch failed every
+    request in it. Requests that arrive while another runs now wait for it, and each answer is the
+    one generate gives the prompt alone."""
+    from tiny_models import save_tiny_model
+
+    path = save_tiny_model("lfm2", tmp_path / "lfm2")
+    tokenizer = load_tokenizer(path)
+    model = load_causal_lm(path, tokenizer=tokenizer).eval()
+    assert not joins_rows(model) and Engine(model, tokenizer, max_batch=8).max_batch == 1
+    budgets = [12, 3, 12, 2, 7, 12]
+    answers, collectors, joins = greedy_while_joining(model, tokenizer, budgets)
+    assert joins == 0 and all(c.finish().finish_reason in ("stop", "length") for c in collectors)
     assert [a.strip() for a in answers] == [generate_answers(model, tokenizer, [p], max_new_tokens=n)[0] for p, n in zip(PROMPTS, budgets)]
 
 
@@ -245,6 +277,36 @@ def test_engine_seed_reproduces_samples_and_n_choices_differ(tiny):
     assert a == b
     assert a != c
     assert len(set(a)) > 1
+
+
+def test_engine_seeded_choices_do_not_depend_on_what_shares_the_batch(tiny):
+    """A seeded request with n = 3 samples the same answers alone, with requests joining its batch and
+    leaving it before it ends, and when it joins a batch already running."""
+    model, tokenizer = tiny
+    mine = render_ids(tokenizer, PROMPTS[1], True), SamplingParams(16, temperature=1.0, seed=5)
+
+    def others() -> list[tuple]:
+        return [(render_ids(tokenizer, messages, True), SamplingParams(2 + 3 * i, temperature=0.9, top_p=0.9 if i % 2 else 1.0), 1 + i % 2, Collector(1 + i % 2))
+                for i, messages in enumerate(PROMPTS)]
+
+    def sample(first: list[tuple], later: list[tuple]) -> tuple[list[str], int]:
+        engine = JoiningEngine(model, tokenizer, max_batch=16, batch_wait_s=0)
+        engine.later = later
+        for request in first:
+            engine.submit(*request)
+        sink = next(request[3] for request in first + later if request[0] is mine[0])
+        engine.start()
+        try:
+            return [sink.wait().text(i) for i in range(3)], engine.joins
+        finally:
+            engine.stop()
+
+    alone, _ = sample([(*mine, 3, Collector(3))], [])
+    joined_by_others, joins = sample([(*mine, 3, Collector(3))], others())
+    assert joins >= 1 and joined_by_others == alone
+    joining_others, joins = sample(others(), [(*mine, 3, Collector(3))])
+    assert joins >= 1 and joining_others == alone
+    assert len(set(alone)) > 1
 
 
 def test_engine_cancelled_request_leaves_the_batch_and_others_finish(tiny):
@@ -349,6 +411,19 @@ def test_serving_dtype_loads_the_weights_as_asked_and_still_answers(tmp_path):
             assert sink.wait().finish().completion_tokens >= 1
         finally:
             engine.stop()
+
+
+def test_a_model_that_returns_no_cache_is_refused_at_load(tmp_path):
+    """RecurrentGemma keeps its state in its own modules and restarts it on every call without a cache:
+    every request to it failed (KeyError: 'cache'), with a 500."""
+    from tiny_models import save_tiny_model
+
+    from instructrl.serve.loading import load_engine
+
+    path = save_tiny_model("recurrent_gemma", tmp_path / "recurrent-gemma")
+    with pytest.raises(UserError, match="RecurrentGemmaForCausalLM.*returns no cache"):
+        load_engine(str(path), device="cpu")
+    assert load_engine(str(save_tiny_model("lfm2", tmp_path / "lfm2")), device="cpu").one_at_a_time
 
 
 # ---------------------------------------------------------------- log-probs

@@ -47,12 +47,15 @@ NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exceptio
 ARCHS = {"gpt2": ("none", False), "llama": ("eos", False), "qwen2": ("none", True), "gpt_neox": ("eos", True), "mistral": ("none", False),
          "opt": ("none", False), "gemma3": ("none", True)}
 
+# hybrid recurrent models, served one sequence at a time (not in ARCHS: the stages are not tested on them)
+RECURRENT_ARCHS = {"lfm2": ("none", True), "recurrent_gemma": ("none", True)}
 
 SLIDING_WINDOW = 4
 
 
 def tiny_model_config(arch: str, vocab_size: int, eos_id: int):
-    from transformers import Gemma3Config, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+    from transformers import (Gemma3Config, GPT2Config, GPTNeoXConfig, LlamaConfig, Lfm2Config, MistralConfig, OPTConfig, Qwen2Config,
+                              RecurrentGemmaConfig)
 
     ids = dict(vocab_size=vocab_size, eos_token_id=eos_id, bos_token_id=eos_id)
     if arch == "gpt2":
@@ -73,6 +76,11 @@ def tiny_model_config(arch: str, vocab_size: int, eos_id: int):
         return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, **image_tokens)
     if arch == "mistral":  # a window shorter than any prompt: its KV cache keeps only the last 3 tokens of each layer
         return MistralConfig(num_key_value_heads=1, sliding_window=SLIDING_WINDOW, **shape)
+    if arch == "lfm2":  # LFM2's short-convolution layer (a recurrent state per sequence), then attention
+        return Lfm2Config(num_key_value_heads=1, **dict(shape, num_hidden_layers=2), layer_types=["conv", "full_attention"])
+    if arch == "recurrent_gemma":  # keeps its recurrent state in its own modules, not in the cache it returns
+        return RecurrentGemmaConfig(num_hidden_layers=2, block_types=["recurrent", "attention"], hidden_size=32, num_attention_heads=2,
+                                    num_key_value_heads=1, intermediate_size=64, lru_width=32, attention_window_size=SLIDING_WINDOW, **ids)
     raise ValueError(arch)
 
 
@@ -80,7 +88,7 @@ def save_tiny_model(arch: str, dest: Path, seed: int = 0) -> Path:
     """A random ``arch`` model and its tokenizer (PAD and template per ``ARCHS``) saved to ``dest``."""
     from transformers import AutoModelForCausalLM
 
-    pad, template = ARCHS[arch]
+    pad, template = {**ARCHS, **RECURRENT_ARCHS}[arch]
     tokenizer = tiny_tokenizer(pad, template)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_model_config(arch, len(tokenizer), tokenizer.eos_token_id))

@@ -373,7 +373,8 @@ def serve(
     engines = {name: load_engine(path, quantize, device, dtype, max_batch=max_batch, max_queue=max_queue, seed=seed) for name, path in specs.items()}
     server_app = create_app(engines, api_key=api_key, default_max_tokens=max_tokens)
     for name, path in specs.items():
-        _log(f"serve: model {name} from {path}" + (" (int8)" if quantize == "int8" else ""))
+        one_at_a_time = " (recurrent layers: one sequence at a time, n = 1)" if engines[name].one_at_a_time else ""
+        _log(f"serve: model {name} from {path}" + (" (int8)" if quantize == "int8" else "") + one_at_a_time)
     _log(f"serve: OpenAI-compatible API at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     uvicorn.run(server_app, host=host, port=port, log_level="warning")
 

@@ -260,12 +260,11 @@ def _completion_prompts(engine: Engine, body: schemas.CompletionRequest) -> tupl
         raise APIError(400, "give at least one prompt", param="prompt")
     params = ["prompt"] if len(given) == 1 else [f"prompt.{i}" for i in range(len(given))]
     prompts = [engine.tokenizer(p)["input_ids"] if isinstance(p, str) else p for p in given]
-    vocabulary = engine.model.get_input_embeddings().num_embeddings
     for param, prompt in zip(params, prompts):
         if not prompt:
             raise APIError(400, "the prompt is empty", param=param)
-        if not all(0 <= t < vocabulary for t in prompt):
-            raise APIError(400, f"token ids must be in [0, {vocabulary})", param=param)
+        if not all(0 <= t < engine.vocab_size for t in prompt):
+            raise APIError(400, f"token ids must be in [0, {engine.vocab_size})", param=param)
     return prompts, params
 
 
@@ -278,18 +277,23 @@ def _submit(engine: Engine, prompts: list[list[int]], body: schemas.SamplingRequ
     """Queue every prompt's n choices, once all of them are known to fit; ``prompt_params`` name the prompts in errors."""
     n = body.n or 1
     if n * len(prompts) > engine.max_batch:
-        raise APIError(400, f"n x prompts = {n * len(prompts)} is more than this server's batch of {engine.max_batch}", param="n")
+        why = f" (the model '{body.model}' has recurrent layers: it is served one sequence at a time)" if engine.one_at_a_time else ""
+        raise APIError(400, f"n x prompts = {n * len(prompts)} is more than this server's batch of {engine.max_batch}{why}", param="n")
     budgets = [engine.budget(len(prompt), body.token_limit(), default_max_tokens) for prompt in prompts]
     room_needed = 0 if body.token_limit() == 0 else 1  # max_tokens 0 scores the prompt: it only has to fit
     for prompt, param in zip(prompts, prompt_params):
         if len(prompt) + room_needed > engine.context_length:
             raise APIError(400, f"the prompt is {len(prompt)} tokens; the model's context is {engine.context_length}",
                            param=param, code="context_length_exceeded")
+    for token, _ in body.token_biases():
+        if not 0 <= token < engine.vocab_size:
+            raise APIError(400, f"logit_bias: token id {token} is not in [0, {engine.vocab_size})", param="logit_bias")
     job = _Job(n, sum(len(p) for p in prompts))
     for p, (prompt, budget) in enumerate(zip(prompts, budgets)):
         params = SamplingParams(
             max_tokens=budget, temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop_strings(), seed=body.seed,
+            presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0, logit_bias=body.token_biases(),
             logprobs=body.logprobs_asked(), prompt_logprobs=body.scores_prompt(),
         )
         try:

@@ -10,6 +10,9 @@ lets its own events pile up, and a cancelled request leaves the batch at the nex
 
 Log-probs are computed only for the rows that ask for them: each sampled token's, released
 with its text, and the prompt's (from a prefill that keeps every position's logits).
+
+A model with recurrent layers (``joins_rows``: Mamba, LFM2, Jamba, Qwen3-Next, Falcon-H1) is
+served one sequence at a time, as a batch of one that nothing joins and that ends with it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from instructrl.models.base import context_length
 from instructrl.padding import leading_padding, pad_sequences, position_ids_from_mask
-from instructrl.serve.sampling import TokenLogprob, sample_next_tokens, token_logprobs
+from instructrl.serve.sampling import TokenLogprob, adjusted_logits, sample_next_tokens, token_logprobs
 from instructrl.serve.text import TextStream, text_offsets
 
 
@@ -40,8 +43,15 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
+    presence_penalty: float = 0.0  # OpenAI's penalties on the tokens the answer already holds (sampling.adjusted_logits)
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: Optional[int] = None  # each sampled token's log-prob and its this many most likely alternatives; None: none
     prompt_logprobs: bool = False  # the prompt's tokens' log-probs too (with ``logprobs`` alternatives each)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -103,15 +113,17 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 256, batch_wait_s: float = 0.005, seed: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
+        self.one_at_a_time = not joins_rows(model)
+        self.max_batch, self.max_queue, self.batch_wait_s = 1 if self.one_at_a_time else max_batch, max_queue, batch_wait_s
         self.context_length = context_length(model)
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # the token ids a prompt or a logit_bias may name
         self.device = next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
         parameters = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in parameters
-        self._full_cache = has_sliding_layers(model)
+        self._full_cache = not self.one_at_a_time and has_sliding_layers(model)
         self._unseeded = random.Random(seed)
         self._waiting: list[Request] = []
         self._lock = threading.Condition()
@@ -144,6 +156,7 @@ class Engine:
             params = replace(params, seed=self._unseeded.getrandbits(62))
         request = Request(list(prompt_ids), params, n, sink)
         with self._lock:
+            self._waiting = [waiting for waiting in self._waiting if not waiting.cancelled.is_set()]  # its client left: no place kept
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"its queue of waiting requests is full ({self.max_queue}); try again later")
             self._waiting.append(request)
@@ -269,7 +282,7 @@ class Engine:
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         self.steps += 1
         tokens = sample_next_tokens(
-            logits, [r.request.params.temperature for r in rows], [r.request.params.top_p for r in rows], [r.generator for r in rows]
+            _sampling_logits(rows, logits), [r.request.params.temperature for r in rows], [r.request.params.top_p for r in rows], [r.generator for r in rows]
         )
         asking = [b for b, row in enumerate(rows) if row.logprobs is not None]
         scored = dict(zip(asking, token_logprobs(logits[asking], [tokens[b] for b in asking], [rows[b].request.params.logprobs for b in asking]))) if asking else {}
@@ -324,6 +337,29 @@ class Engine:
             for a, b in zip(cache.layers, new_cache.layers)
         ]
         return DynamicCache(layers), torch.cat([left_pad(mask, width, 1), left_pad(new_mask, width, 1)])
+
+
+def _sampling_logits(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) ``logits`` with each row's penalties and logit_bias applied; log-probs stay the raw model's (vLLM's default)."""
+    adjusting = [b for b, row in enumerate(rows) if row.request.params.adjusts_logits]
+    if not adjusting:
+        return logits
+    adjusted = logits.float().clone()
+    for b in adjusting:
+        params = rows[b].request.params
+        adjusted[b] = adjusted_logits(adjusted[b], rows[b].text.token_ids, params.presence_penalty, params.frequency_penalty, params.logit_bias)
+    return adjusted
+
+
+def joins_rows(model) -> bool:
+    """Whether ``model``'s sequences can share a batch that they join and leave at any step: whether each layer
+    of its cache holds keys and values by position, which left padding, merging and cutting columns keep exact.
+    A recurrent layer's state (Mamba's, LFM2's convolution, Qwen3-Next's linear attention) sums up its sequence,
+    padding included, and transformers cannot drop a row of it."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in DynamicCache(config=model.config).layers)
 
 
 def has_sliding_layers(model) -> bool:

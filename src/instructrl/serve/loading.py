@@ -84,4 +84,16 @@ def load_engine(path: str, quantize: str = "none", device: str | None = None, dt
     model, tokenizer = load_causal_lm(path, dtype=serving_dtype(dtype, device, quantize)), load_tokenizer(path, for_chat=False)
     if quantize == "int8":
         model = quantize_int8(model)
-    return Engine(model.to(device), tokenizer, **engine_options)
+    model = model.to(device)
+    refuse_stateful(model, path)
+    return Engine(model, tokenizer, **engine_options)
+
+
+@torch.no_grad()
+def refuse_stateful(model: nn.Module, path: str) -> None:
+    """A model whose forward pass returns no cache keeps its state in its own modules (RecurrentGemma),
+    and a call without one starts it afresh: the engine could not continue any answer, so none is served."""
+    out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), use_cache=True)
+    if "cache" not in out and "past_key_values" not in out:
+        raise UserError(f"model '{path}' ({type(model).__name__}) returns no cache from its forward pass: it keeps its state in its "
+                        "own modules, one sequence at a time, and instructrl serve cannot continue its answers")

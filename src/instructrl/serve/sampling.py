@@ -26,10 +26,32 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def adjusted_logits(
+    logits: Tensor, generated: Sequence[int], presence_penalty: float, frequency_penalty: float, bias: Sequence[tuple[int, float]]
+) -> Tensor:
+    """(V,) ``logits`` as OpenAI's sampling options change them before sampling.
+
+    A token j that the answer holds c_j > 0 times so far (``generated``) loses
+    c_j * ``frequency_penalty`` + ``presence_penalty`` (OpenAI's formula; the prompt's tokens do
+    not count), and each (token, value) of ``bias`` (``logit_bias``) adds value to its token.
+    """
+    logits = logits.clone()
+    if generated and (presence_penalty or frequency_penalty):
+        tokens, counts = torch.tensor(list(generated), device=logits.device).unique(return_counts=True)
+        logits[tokens] -= counts.to(logits.dtype) * frequency_penalty + presence_penalty
+    if bias:
+        tokens, values = zip(*bias)
+        logits[torch.tensor(tokens, device=logits.device)] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+    return logits
+
+
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy: dividing by it could take logits past float32 (vLLM's _SAMPLING_EPS)
+
+
 def sample_next_tokens(
     logits: Tensor, temperatures: Sequence[float], top_ps: Sequence[float], generators: Sequence[torch.Generator]
 ) -> list[int]:
-    """One token per row of (B, V) ``logits``: greedy where the temperature is 0, else sampled.
+    """One token per row of (B, V) ``logits``: greedy where the temperature is 0 (below ``GREEDY_BELOW``), else sampled.
 
     Row b is sampled from softmax(logits[b] / temperatures[b]) restricted to its top-p nucleus,
     drawing from ``generators[b]`` only, so a row's samples depend on its own seed and not on
@@ -37,7 +59,7 @@ def sample_next_tokens(
     """
     logits = logits.float()
     tokens = logits.argmax(-1).tolist()  # one copy to the host for the whole batch, not one per row
-    sampled = [row for row, temperature in enumerate(temperatures) if temperature > 0.0]
+    sampled = [row for row, temperature in enumerate(temperatures) if temperature >= GREEDY_BELOW]
     if sampled:
         # each row's distribution on the model's device, then one copy of them all for the rows' CPU generators
         probs = torch.stack([top_p_filter(logits[row] / temperatures[row], top_ps[row]).softmax(-1) for row in sampled]).cpu()

@@ -2,13 +2,15 @@
 
 Fields the server does not use are accepted and ignored, as OpenAI-compatible servers do, so
 any client built on the official ``openai`` package works unchanged; fields that ask for what it
-does not do (tools, best_of, a JSON response format) are refused (``unsupported``).
+does not do (tools and function calls, best_of, a JSON response format, audio, a suffix, and
+other servers' sampling options such as vLLM's top_k) are refused (``unsupported``).
 
 Log-probs (chat ``logprobs``/``top_logprobs``, completions ``logprobs``/``echo``) are those of the
-model's own distribution, log_softmax of its logits, whatever the temperature and top-p a token
-was sampled with (vLLM's default). The tokens listed are the ones whose text makes up the
-returned text (a token that the text keeps part of, before a stop string, included), and the
-EOS token that ended an answer (which adds no text); the tokens of a stop string are not.
+model's own distribution, log_softmax of its logits, whatever the temperature, top-p, penalties
+and logit_bias a token was sampled with (vLLM's default). The tokens listed are the ones whose
+text makes up the returned text (a token that the text keeps part of, before a stop string,
+included), and the EOS token that ended an answer (which adds no text); the tokens of a stop
+string are not.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
 from instructrl.data.jsonl import encodable
 
@@ -25,7 +27,14 @@ if TYPE_CHECKING:
     from instructrl.serve.sampling import TokenLogprob
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2], as OpenAI's
+MAX_LOGIT_BIAS = 100.0  # a logit_bias lies in [-100, 100], as OpenAI's
 MAX_TOP_LOGPROBS = 20  # OpenAI's for chat; its completions stop at 5, vLLM's at 20 as here
+# other servers' sampling options (vLLM's, sent through the openai client's extra_body), each with the
+# values that leave sampling as it is: any other value would change the answer, so it is refused
+OTHER_SERVERS_OPTIONS = {"top_k": (None, -1, 0), "min_p": (None, 0), "repetition_penalty": (None, 1), "min_tokens": (None, 0),
+                         "ignore_eos": (None, False), "stop_token_ids": (None, []), "guided_json": (None,), "guided_regex": (None,),
+                         "guided_choice": (None,), "guided_grammar": (None,)}
 
 TokenText = Callable[[int], tuple[str, list[int]]]  # a token id's text and UTF-8 bytes (serve.text.TokenTexts)
 
@@ -40,6 +49,14 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: Optional[list] = None  # an assistant's past calls: refused, as tools are
+    function_call: Optional[dict] = None
+
+    @model_validator(mode="after")
+    def _has_content(self):
+        if self.content is None and self.role != "assistant":  # only an assistant's turn may be calls alone
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -72,7 +89,7 @@ class StreamOptions(BaseModel):
 class SamplingRequest(BaseModel):
     """Fields the chat and completion endpoints share; ``null`` means the default, as in OpenAI's API."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept, to refuse OTHER_SERVERS_OPTIONS; the rest is ignored
     model: str
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -80,20 +97,45 @@ class SamplingRequest(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)
+    frequency_penalty: Optional[float] = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY, allow_inf_nan=False)
+    logit_bias: Optional[dict[int, float]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
     def _at_most_four(cls, stop):
-        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+        """One clear error for anything but a string or a list of at most four."""
+        texts = [stop] if isinstance(stop, str) else stop
+        if stop is not None and not (isinstance(texts, list) and all(isinstance(text, str) for text in texts)):
+            raise ValueError(f"must be a string or a list of at most {MAX_STOP_STRINGS} strings")
+        if len(texts or []) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        for text in [stop] if isinstance(stop, str) else stop or []:
+        for text in texts or []:
             encodable(text, "a stop string")
         return stop
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _token_biases(cls, bias):
+        """One clear error for anything but {token id: bias in [-100, 100]} (JSON writes the ids as strings)."""
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise ValueError(f"must map token ids to biases, as {{\"50256\": -100}}, not {type(bias).__name__}")
+        for token, value in bias.items():
+            if not (isinstance(token, int) or (isinstance(token, str) and token.strip().isdigit())):
+                raise ValueError(f"{token!r} is not a token id")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"the bias of token {token} must be a number from {-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}, not {value!r}")
+        return bias
+
     def unsupported(self) -> Optional[tuple[str, str]]:
         """(param, reason) for a field set to ask for what this server does not do; silently ignoring it would change the answer's meaning."""
+        for name, value in (self.model_extra or {}).items():
+            if name in OTHER_SERVERS_OPTIONS and value not in OTHER_SERVERS_OPTIONS[name]:
+                return name, f"{name} is not an OpenAI parameter and this server does not implement it"
         return None
 
     def logprobs_asked(self) -> Optional[int]:
@@ -107,6 +149,9 @@ class SamplingRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return tuple(s for s in stops if s)
 
+    def token_biases(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((self.logit_bias or {}).items()))
+
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -117,6 +162,11 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list] = None
+    functions: Optional[list] = None  # the deprecated form of tools
+    tool_choice: Union[str, dict, None] = None
+    function_call: Union[str, dict, None] = None
+    modalities: Optional[list[str]] = None
+    audio: Optional[dict] = None
     response_format: Optional[dict] = None
 
     @field_validator("top_logprobs")
@@ -133,11 +183,21 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> Optional[tuple[str, str]]:
-        if self.tools:
-            return "tools", "tools (function calling) are not supported"
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name, f"{name} (function calling) are not supported"
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none", "auto"):
+                return name, f"{name} {getattr(self, name)!r} asks for a function call; function calling is not supported"
+        for i, message in enumerate(self.messages):
+            if message.tool_calls or message.function_call:
+                param = f"messages.{i}.{'tool_calls' if message.tool_calls else 'function_call'}"
+                return param, f"message {i} holds function calls; function calling is not supported"
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format", f"response_format {self.response_format.get('type')!r} is not supported; only 'text'"
-        return None
+        if self.audio is not None or any(m != "text" for m in self.modalities or []):
+            return "audio" if self.audio is not None else "modalities", "only text output is supported"
+        return super().unsupported()
 
 
 def _token_ids(value) -> bool:
@@ -149,7 +209,8 @@ class CompletionRequest(SamplingRequest):
     max_tokens: Optional[int] = Field(None, ge=0)  # 0 with echo: score the prompt only
     logprobs: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: Optional[bool] = None
-    best_of: Optional[int] = None
+    best_of: Optional[int] = Field(None, ge=1)
+    suffix: Optional[str] = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -184,7 +245,9 @@ class CompletionRequest(SamplingRequest):
     def unsupported(self) -> Optional[tuple[str, str]]:
         if self.best_of is not None and self.best_of > 1:
             return "best_of", "best_of is not supported; use n"
-        return None
+        if self.suffix:
+            return "suffix", "suffix (text to insert before) is not supported"
+        return super().unsupported()
 
 
 # ---------------------------------------------------------------------- responses
