@@ -456,7 +456,7 @@ def label_user(
 @label_app.command("project")
 def label_project(
     name: str = typer.Argument(..., help="Project name."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts JSONL ({'messages': [...]} or {'prompt': ...} per line)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts: any records that hold one ({'prompt': ...}, {'messages': [...]}, ...), in JSONL, JSON, Parquet or CSV: a file `instructrl data check` finds usable as ppo.prompts."),
     write: bool = typer.Option(False, "--write", help="A write task (a demonstration) per prompt."),
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint whose K sampled responses per prompt are ranked."),
     k: int = typer.Option(4, "--k", min=2, max=9, help="Responses per rank task (InstructGPT: 4 to 9)."),
