@@ -152,7 +152,8 @@ def test_bad_input_never_touches_a_finished_run(tmp_path, smoke_base):
     final = run_dir / "sft" / "final"
     before = content_hash(final)
     # a different config must not resume or overwrite the finished run
-    _assert_clean_error(cli(*base, "sft.lr=0.01", check=False), "different config", "sft.lr", "--restart")
+    # (the folder names the stage: it said "holds a sft run")
+    _assert_clean_error(cli(*base, "sft.lr=0.01", check=False), f"{run_dir / 'sft'} holds a run of a different config (sft.lr: ", "--restart")
     # a broken override fails before anything is written
     _assert_clean_error(cli(*base, "sft.epochs=-1", check=False), "sft.epochs")
     assert content_hash(final) == before
@@ -266,6 +267,32 @@ def test_help_paragraphs_are_not_broken_where_the_docstring_wraps():
     lines = [" ".join(line.split()) for line in out.splitlines()]
     for paragraph in inspect.getdoc(rm).split("\n\n"):
         assert " ".join(paragraph.split()) in lines, f"help paragraph broken: {paragraph[:60]}"
+
+
+def _help(*command: str) -> str:
+    """A command's --help on one line per paragraph, its whitespace runs made single."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COLUMNS="1000")
+    return " ".join(subprocess.run([sys.executable, "-m", "instructrl", *command, "--help"], env=env, capture_output=True, text=True, check=True).stdout.split())
+
+
+def test_top_level_help_says_what_instructrl_is_and_how_stages_are_configured():
+    # the callback's empty docstring used to replace the app's help, leaving `instructrl --help` a bare list of commands
+    out = _help()
+    assert "InstructGPT's recipe end to end" in out
+    assert "`instructrl STAGE --help` lists the stage's keys with their defaults" in out
+
+
+def test_stage_help_lists_its_own_keys_first_with_defaults_as_yaml_writes_them():
+    out = _help("sft")
+    assert "[OPTIONS] [KEY=VALUE]..." in out  # not typer's [overrides]...
+    # the model and data a newcomer sets come before the training knobs every stage shares
+    assert out.index("sft.model = -") < out.index("sft.data = -") < out.index("sft.batch_size = 32") < out.index("sft.attn_implementation = -")
+    # as they are typed in a file or an override, not as Python prints them (False, ['all-linear']); rich read [all-linear] as markup
+    assert "sft.gradient_checkpointing = false" in out and "sft.lora.target_modules = [all-linear]" in out
 
 
 def test_version_names_instructrl_and_the_libraries_that_decide_its_numbers():

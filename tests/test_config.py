@@ -96,6 +96,13 @@ def test_a_mapping_written_without_a_space_after_its_colon_says_so():
     assert load_config(overrides=["eval.models={sft: /tmp/a}"]).eval.models == {"sft": "/tmp/a"}
 
 
+def test_a_mapping_key_given_one_value_says_how_a_mapping_is_written():
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["eval.models=runs/x/sft/final"])
+    assert str(err.value) == ("override 'eval.models=runs/x/sft/final': bad value for 'eval.models': "
+                              "expected a mapping, written {name: value} (got 'runs/x/sft/final')")
+
+
 def test_a_config_file_given_without_its_flag_says_to_use_c():
     with pytest.raises(UserError) as err:
         load_config(overrides=["configs/smoke.yaml"])
@@ -107,6 +114,21 @@ def test_other_trainers_key_names_suggest_ours():
     for key, ours in (("sft.learning_rate", "sft.lr"), ("ppo.cliprange", "ppo.clip"), ("rm.num_train_epochs", "rm.epochs")):
         with pytest.raises(UserError, match=f"did you mean '{ours}'"):
             load_config(overrides=[f"{key}=1"])
+
+
+def test_a_key_given_without_its_section_names_the_sections_that_hold_it(tmp_path):
+    # `instructrl sft lr=1e-4`: the key is right, its section is missing (an alias is resolved too)
+    for override, hint in (("lr=1e-4", "pretrain.lr, sft.lr, rm.lr or ppo.lr"), ("learning_rate=1e-4", "pretrain.lr, sft.lr, rm.lr or ppo.lr"),
+                           ("kl_coef=0.1", "ppo.kl_coef")):
+        with pytest.raises(UserError) as err:
+            load_config(overrides=[override])
+        assert f"unknown config key '{override.partition('=')[0]}' (a key goes under its section: {hint})" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, "epochs: 2\n"))
+    assert "config.yaml:1: unknown config key 'epochs' (a key goes under its section: pretrain.epochs, sft.epochs or rm.epochs)" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["nonsense=1"])
+    assert str(err.value) == "override 'nonsense=1': unknown config key 'nonsense'"
 
 
 def test_unknown_yaml_key_names_file_and_line(tmp_path):

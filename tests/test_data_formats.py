@@ -291,6 +291,25 @@ def test_data_check_says_what_each_input_would_say_of_the_file(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {mixed}:2: a text record (fields: text) cannot be used as rm.data, which takes comparison, preference records"
 
 
+def test_a_file_of_the_wrong_kind_is_refused_as_the_input_it_was_given_as(tmp_path):
+    """Prompts and rankings are read by more than one input: the error names the one the user set
+    (eval.prompts=demos.txt said 'cannot be used as ppo.prompts', collect.judgements 'as rm.data')."""
+    from instructrl.evaluation.evaluate import _eval_prompts
+
+    texts = write_jsonl(tmp_path / "texts.jsonl", [SHAPES["text"][0]])
+    config = load_config(overrides=[f"run.dir={tmp_path / 'run'}", f"eval.prompts={texts}", "eval.reward_model=rm"])
+    with pytest.raises(UserError, match=f"^{re.escape(str(texts))}:1: a text record \\(fields: text\\) cannot be used as eval.prompts, "):
+        _eval_prompts(config, print)
+    demos = write_jsonl(tmp_path / "demos.jsonl", [SHAPES["messages"][0]])
+    proc = cli("collect", f"run.dir={tmp_path / 'run'}", f"collect.judgements={demos}", check=False)
+    assert proc.returncode == 2 and f"{demos}:1: a messages record (fields: messages) cannot be used as collect.judgements," in proc.stderr
+    proc = cli("label", "project", "p", "-d", str(tmp_path / "label"), "--prompts", str(texts), "--write", check=False)
+    assert proc.returncode == 2 and f"{texts}:1: a text record (fields: text) cannot be used as --prompts," in proc.stderr
+    # where no input is named, the stage's own
+    with pytest.raises(UserError, match="cannot be used as ppo.prompts,"):
+        read_data(texts, "prompt")
+
+
 def test_data_check_reads_a_file_once_keeping_no_record_and_tells_its_progress(tmp_path, monkeypatch):
     """A large file is checked in one pass in constant memory (it was read once per input and once
     per summary figure, every record of each input kept: 2.1 GB and 62 s for a 200 MB JSONL), with

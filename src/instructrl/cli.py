@@ -25,7 +25,10 @@ from instructrl.config import PipelineConfig, describe_fields, dump_config, load
 from instructrl.errors import UserError
 
 app = typer.Typer(
-    help="InstructGPT for anyone: pretrain, SFT, reward model, PPO-ptx, evaluate, serve.",
+    help="InstructGPT's recipe end to end: pretrain, SFT, collect rankings, reward model, PPO-ptx, evaluate, serve.\n\n"
+         "Every stage reads the defaults, then -c FILE, then KEY=VALUE overrides (sft.lr=1e-4); "
+         "`instructrl STAGE --help` lists the stage's keys with their defaults. Every stage in seconds, on a tiny model: "
+         "`instructrl pipeline -c configs/smoke.yaml`.",
     no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
@@ -34,7 +37,7 @@ _state = {"debug": bool(os.environ.get("INSTRUCTRL_DEBUG"))}
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; it only needs the keys it changes. Relative paths in it are "
                              "relative to the working directory, not to the file. Give -c again to layer files: a later file's keys win.",
                              exists=False, metavar="FILE")
-OVERRIDES_ARGUMENT = typer.Argument(None, help="Config overrides as section.key=value, applied after the file, e.g. sft.lr=1e-4 run.dir=runs/try2; "
+OVERRIDES_ARGUMENT = typer.Argument(None, metavar="KEY=VALUE", help="Config overrides as section.key=value, applied after the file, e.g. sft.lr=1e-4 run.dir=runs/try2; "
                                     "values are read as YAML: null, \\[q_proj,v_proj], {name: value}.", show_default=False)
 RESTART_OPTION = typer.Option(False, "--restart", help="Discard this stage's earlier run (checkpoints included) instead of resuming it.")
 
@@ -44,7 +47,7 @@ def _config_help(*sections: str) -> str:
     for name in sections:
         model = PipelineConfig.model_fields[name].annotation
         for key, default, description in describe_fields(model, name):
-            lines.append(f"[cyan]{key}[/cyan] = {default or '-'}  {description}")
+            lines.append(f"[cyan]{key}[/cyan] = {escape(default) or '-'}  {escape(description)}")  # [all-linear] is no markup
     return "\n\n".join(lines)
 
 
@@ -453,7 +456,7 @@ def label_user(
 @label_app.command("project")
 def label_project(
     name: str = typer.Argument(..., help="Project name."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts JSONL ({'messages': [...]} or {'prompt': ...} per line)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts: any records that hold one ({'prompt': ...}, {'messages': [...]}, ...), in JSONL, JSON, Parquet or CSV: a file `instructrl data check` finds usable as ppo.prompts."),
     write: bool = typer.Option(False, "--write", help="A write task (a demonstration) per prompt."),
     model: Optional[str] = typer.Option(None, "--model", help="Checkpoint whose K sampled responses per prompt are ranked."),
     k: int = typer.Option(4, "--k", min=2, max=9, help="Responses per rank task (InstructGPT: 4 to 9)."),
@@ -567,8 +570,9 @@ def _unwrap_help(typer_app: typer.Typer) -> None:
     half-lines in every --help."""
     infos = list(typer_app.registered_commands) + ([typer_app.registered_callback] if typer_app.registered_callback else [])
     for info in infos:
-        text = info.help or inspect.getdoc(info.callback) or ""
-        info.help = "\n\n".join(" ".join(paragraph.split("\n")) for paragraph in text.split("\n\n"))
+        text = info.help or inspect.getdoc(info.callback)
+        if text:  # an empty help would hide the one given to typer.Typer(help=...), as the callback `main` has none
+            info.help = "\n\n".join(" ".join(paragraph.split("\n")) for paragraph in text.split("\n\n"))
     for group in typer_app.registered_groups:
         _unwrap_help(group.typer_instance)
 

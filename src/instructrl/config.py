@@ -272,7 +272,7 @@ class PPOConfig(ModelSwitches):
 
 class EvalConfig(Strict):
     models: dict[str, str] | None = Field(None, description="name: model path to evaluate; win rates and the alignment tax are measured against the one named sft. Default: this run's base, SFT, PPO and PPO-ptx models (of the last round), those that exist.")
-    prompts: Path | None = Field(None, description="Your own prompts (any format whose records hold a prompt; `instructrl data check` says), judged by eval.reward_model alone: the world's gold labeler knows only its own. Default: the built-in world's held-out prompts.")
+    prompts: Path | None = Field(None, description="Your own prompts (any records that hold one: a file `instructrl data check` finds usable as ppo.prompts), judged by eval.reward_model alone: the world's gold labeler knows only its own. Default: the built-in world's held-out prompts.")
     prompts_format: DataFormat = Field("auto", description="Format of eval.prompts: auto (from the fields) or a format name.")
     reward_model: str | None = Field(None, description="Also judge every answer by this reward model: mean reward and win rate against sft by reward. A proxy, and the one PPO was trained to please when it is this run's RM: one trained on other comparisons judges more fairly.")
     n_prompts: int | None = Field(None, gt=0, description="Evaluate on the first n prompts only.")
@@ -484,17 +484,32 @@ def _describe_validation_error(err: ValidationError, source: str, path, override
         dotted = ".".join(str(p) for p in loc)
         where = _where(dotted, path, overrides) or source
         if e["type"] == "extra_forbidden":
-            known = _known_keys(loc[:-1])
-            alias = KEY_ALIASES.get(str(loc[-1]))
-            close = [alias] if alias in known else difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
-            lines.append(f"{where}: unknown config key '{dotted}'{hint}")
+            lines.append(f"{where}: unknown config key '{dotted}'{_key_hint(loc)}")
         elif keys := _known_keys(loc):  # a value given to a section (sft.lora=true for sft.lora.enabled=true)
             lines.append(f"{where}: '{dotted}' is a section, not a value; set its keys as {dotted}.KEY=VALUE"
                          + (f" ({', '.join(keys)})" if len(keys) <= 8 else " (`instructrl config` lists them)"))
         else:
-            lines.append(f"{where}: bad value for '{dotted}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
+            # pydantic's "Input should be a valid dictionary" says nothing of how to write one
+            problem = "expected a mapping, written {name: value}" if e["type"] == "dict_type" else e["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: bad value for '{dotted}': {problem} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def _key_hint(loc: tuple) -> str:
+    """' (did you mean ...?)' for an unknown key: the key of its section it is closest to, or for a
+    key given without its section (lr=1e-4), the sections that hold it."""
+    name = str(loc[-1])
+    known = _known_keys(loc[:-1])
+    alias = KEY_ALIASES.get(name)
+    close = [alias] if alias in known else difflib.get_close_matches(name, known, n=1)
+    if close:
+        return f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)"
+    if len(loc) == 1:  # a key without its section
+        holders = [f"{section}.{key}" for section in PipelineConfig.model_fields for key in (name, alias) if key in _known_keys([section])]
+        if holders:
+            listed = ", ".join(holders[:-1]) + " or " + holders[-1] if len(holders) > 1 else holders[0]
+            return f" (a key goes under its section: {listed})"
+    return ""
 
 
 def _where(dotted: str, paths: list[Path], overrides) -> str | None:
@@ -532,15 +547,30 @@ def dump_config(config: BaseModel) -> str:
 
 
 def describe_fields(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every field, for --help."""
+    """(dotted key, default as YAML writes it, description) for every field, for --help: the
+    section's own keys (its model and data) before those it shares with other stages (batch sizes,
+    optimiser, GPU switches)."""
+    inherited = [name for base in model.__bases__ if _is_section(base) for name in base.model_fields]
+    names = [name for name in model.model_fields if name not in inherited] + list(dict.fromkeys(inherited))
     rows = []
-    for name, field in model.model_fields.items():
-        default = field.default
-        if isinstance(default, BaseModel):
-            rows += describe_fields(type(default), f"{prefix}.{name}")
-            continue
-        rows.append((f"{prefix}.{name}", "" if default is None else str(default), field.description or ""))
+    for name in names:
+        field = model.model_fields[name]
+        if isinstance(field.default, BaseModel):
+            rows += describe_fields(type(field.default), f"{prefix}.{name}")
+        else:
+            rows.append((f"{prefix}.{name}", _as_yaml(field.default), field.description or ""))
     return rows
+
+
+def _as_yaml(value: Any) -> str:
+    """A default as it is typed in a config file or override (false, [all-linear]), not as Python prints it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_as_yaml, value)) + "]"
+    return str(value)
 
 
 # keys that change what a run logs or how often it saves, never its results

@@ -168,7 +168,7 @@ class RunDir:
             if now != then:
                 changed = _diff(then, now)
                 raise UserError(
-                    f"{self.path} holds a {self.stage} run with a different config ({changed}); "
+                    f"{self.path} holds a run of a different config ({changed}); "
                     f"set run.dir to another folder, or pass --restart to discard it ({self._in_pipeline})"
                 )
         if not self.is_main:

@@ -340,18 +340,19 @@ def to_text(fmt: str, record: dict, where: str) -> str:
 # ---------------------------------------------------------------- reading a file for one use
 
 
-def read_data(path: Path | str, use: str, data_format: str = "auto") -> tuple[list[str], list]:
+def read_data(path: Path | str, use: str, data_format: str = "auto", key: str | None = None) -> tuple[list[str], list]:
     """(formats found, items) of a data file read for ``use`` (a key of USES): Demonstrations,
     ComparisonRecords, Prompts or texts. Each record's format is detected from its fields (a file
     may mix formats the use accepts, e.g. K-way comparisons and preference pairs), or is
-    ``data_format``. Every record is checked; the first bad one is a UserError naming its file and line."""
+    ``data_format``. Every record is checked; the first bad one is a UserError naming its file and line,
+    and for a record of a format the use does not take, the input it was given as (``key``; default: the stage's)."""
     path = Path(path)
     formats, items = [], []
     for number, (where, record) in enumerate(read_records(path), start=1):
         fmt = record_format(record, where, data_format)
         if fmt not in formats:
             formats.append(fmt)
-        items.append(to_item(use, fmt, record, where, f"{path.name}:{number}"))
+        items.append(to_item(use, fmt, record, where, f"{path.name}:{number}", key))
     if not items:
         raise UserError(f"{path}: no records")
     return formats, items
@@ -365,11 +366,11 @@ def record_format(record: dict, where: str, data_format: str = "auto") -> str:
     return fmt
 
 
-def to_item(use: str, fmt: str, record: dict, where: str, default_id: str):
-    """A record of format ``fmt`` read for ``use``: a Demonstration, ComparisonRecord, Prompt or text."""
+def to_item(use: str, fmt: str, record: dict, where: str, default_id: str, key: str | None = None):
+    """A record of format ``fmt`` read for ``use`` (given as ``key``): a Demonstration, ComparisonRecord, Prompt or text."""
     if fmt not in USES[use]:
         unanswered = "; its last message is the user's, with no answer after it" if fmt == "prompt" and "messages" in record else ""
-        raise UserError(f"{where}: {_a(fmt)} record ({_fields(record)}{unanswered}) cannot be used as {STAGE_OF_USE[use]}, "
+        raise UserError(f"{where}: {_a(fmt)} record ({_fields(record)}{unanswered}) cannot be used as {key or STAGE_OF_USE[use]}, "
                         f"which takes {', '.join(USES[use])} records")
     if use in ("demonstration", "conversation"):
         return to_demonstration(fmt, record, where)
@@ -386,13 +387,15 @@ def describe_fields() -> str:
             "prompt + completion + label (unpaired preference); prompt + completions + labels (stepwise supervision)")
 
 
-def read_comparisons(path: Path | str, data_format: str = "auto") -> list[ComparisonRecord]:
-    """Comparison records (K-way, or TRL preference pairs as K = 2) from any supported file."""
-    return read_data(path, "comparison", data_format)[1]
+def read_comparisons(path: Path | str, data_format: str = "auto", key: str = "rm.data") -> list[ComparisonRecord]:
+    """Comparison records (K-way, or TRL preference pairs as K = 2) from any supported file; ``key``
+    names the input in an error (collect.judgements)."""
+    return read_data(path, "comparison", data_format, key)[1]
 
 
-def read_prompts(path: Path | str, data_format: str = "auto") -> list[Prompt]:
-    return read_data(path, "prompt", data_format)[1]
+def read_prompts(path: Path | str, data_format: str = "auto", key: str = "ppo.prompts") -> list[Prompt]:
+    """The prompts of any records that hold one; ``key`` names the input in an error (eval.prompts, --prompts)."""
+    return read_data(path, "prompt", data_format, key)[1]
 
 
 def read_texts(path: Path | str) -> list[str]:

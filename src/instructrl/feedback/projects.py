@@ -57,5 +57,5 @@ def compare_tasks(prompts: list[Prompt], models: dict[str, str], max_new_tokens:
 
 
 def load_prompts(path: Path, limit: int | None = None) -> list[Prompt]:
-    prompts = read_prompts(path)
+    prompts = read_prompts(path, key="--prompts")
     return prompts if limit is None else prompts[:limit]

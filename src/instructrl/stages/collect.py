@@ -41,7 +41,7 @@ def judge_responses(labeler: SimulatedLabeler, task: Task, responses: list[str])
 def read_judgements(path: Path) -> list[ComparisonRecord]:
     """People's comparison records, each checked, and none twice: a record repeating another's labeler,
     prompt id and responses (a file joined to itself), or a prompt id naming two prompts, is an error at its line."""
-    records = read_comparisons(path)
+    records = read_comparisons(path, key="collect.judgements")
     first_of_task, first_of_id = {}, {}
     for (where, _), record in zip(read_records(path), records):
         prompt = [m.model_dump() for m in record.prompt]
