@@ -173,11 +173,7 @@ def _parquet_file(path: Path):
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
     """The rows of a Parquet file, read a batch at a time: a file larger than memory streams."""
-    number = 0
-    for batch in _parquet_file(path).iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            number += 1
-            yield f"{path}: row {number}", _without_nulls(row)
+    yield from _arrow_rows(path, (row for batch in _parquet_file(path).iter_batches(batch_size=1024) for row in batch.to_pylist()))
 
 
 def count_records(path: Path | str) -> int | None:
@@ -195,8 +191,9 @@ def count_records(path: Path | str) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
-def _arrow_rows(path: Path, dataset) -> Iterator[tuple[str, dict]]:
-    for number, row in enumerate(dataset, start=1):
+def _arrow_rows(path: Path, rows) -> Iterator[tuple[str, dict]]:
+    """Each row (of a dataset, or a Parquet file's batches) named by its number, its nulls dropped."""
+    for number, row in enumerate(rows, start=1):
         yield f"{path}: row {number}", _without_nulls(row)
 
 
