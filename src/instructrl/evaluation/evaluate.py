@@ -209,7 +209,9 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
         for name, summary in reward_summary(rewards).items():
             results[name]["reward"] = summary
         if cfg.temperature is not None:
-            sampled_rewards = {name: reward_judge.score_rows(conversations, rows) for name, rows in sampled.items()}
+            # the demonstrations' and gold answers' rows repeat their one written answer: scored once, above
+            sampled_rewards = {name: [[r] * cfg.samples for [r] in rewards[name]] if name in (DEMONSTRATIONS, GOLD_ANSWERS)
+                               else reward_judge.score_rows(conversations, rows) for name, rows in sampled.items()}
             for name, summary in reward_summary(sampled_rewards).items():
                 results[name]["sampled"]["reward"] = summary
     # alignment tax: loss on held-out pretraining text, and its rise over SFT
