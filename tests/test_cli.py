@@ -101,6 +101,12 @@ def test_a_folder_or_file_that_holds_no_model(tmp_path):
     assert not (tmp_path / "run" / "sft").exists()
     proc = cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"collect.policy={tmp_path / 'sft' / 'final' / 'config.json'}", check=False)
     _assert_clean_error(proc, "config.json' is a file, not a model folder")
+    # a run's folder given for one of its models: the stages' final/ folders are named
+    (tmp_path / "ppo" / "final").mkdir(parents=True)
+    (tmp_path / "ppo" / "final" / "config.json").write_text("{}")
+    proc = cli("collect", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"collect.policy={tmp_path}", check=False)
+    _assert_clean_error(proc, f"'{tmp_path}' is a folder that holds no model",
+                        f"its stages' final/ folders: {tmp_path / 'ppo' / 'final'}, {tmp_path / 'sft' / 'final'}")
 
 
 def test_a_reward_model_is_refused_where_a_language_model_is_loaded(tmp_path):

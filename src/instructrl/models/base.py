@@ -54,12 +54,15 @@ MODEL_FOLDER_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", 
 
 
 def _check_model_folder(folder: Path, named: str) -> None:
-    """Refuse a file, or a folder that holds no model, such as a stage's folder given for its final/."""
+    """Refuse a file, or a folder that holds no model, such as a stage's folder given for its final/
+    or a run's folder given for one of its stages' models."""
     if not folder.is_dir():
         raise UserError(f"{named} is a file, not a model folder; give the folder that holds the model (its config.json)")
     if not any((folder / name).is_file() for name in MODEL_FOLDER_FILES):
         final = folder / "final"
-        hint = f"; a stage's model is in its final/: {final}" if (final / "config.json").is_file() else ""
+        stages = sorted(str(config.parent) for config in folder.glob("*/final/config.json"))
+        hint = (f"; a stage's model is in its final/: {final}" if (final / "config.json").is_file()
+                else f"; a run's models are in its stages' final/ folders: {', '.join(stages)}" if stages else "")
         raise UserError(f"{named} is a folder that holds no model (no config.json){hint}")
 
 
