@@ -277,13 +277,24 @@ def test_messages_are_read_alike_in_prompts_and_comparisons(tmp_path):
             read_data(write_jsonl(tmp_path / "p.jsonl", [record]), use)
 
 
+def test_a_prompt_completion_record_learns_the_completion_not_the_prompts_answers(tmp_path):
+    """The answers inside a conversational prompt were learnt as the completion is (' no<|endoftext|> cat<|endoftext|>')."""
+    from instructrl.stages.sft import load_demonstrations
+
+    tokenizer = load_tokenizer(save_tiny_model("llama", tmp_path / "model"))
+    record = {"prompt": [{"role": "user", "content": "Say no."}, {"role": "assistant", "content": "no"}, USER], "completion": [ASSISTANT]}
+    [example] = load_demonstrations(write_jsonl(tmp_path / "pc.jsonl", [record]), tokenizer, 128)[0]
+    assert tokenizer.decode([t for t, m in zip(example.input_ids, example.assistant_mask) if m]) == " cat<|endoftext|>"
+
+
 def test_data_check_counts_weight_0_and_tool_turns(tmp_path):
-    data = write_jsonl(tmp_path / "openai.jsonl", [OPENAI, TOOL_RECORD])
+    empty_context = {"messages": [USER, {"role": "assistant", "content": "", "weight": 0}, USER, ASSISTANT]}
+    data = write_jsonl(tmp_path / "openai.jsonl", [OPENAI, TOOL_RECORD, empty_context])
     summary = json.loads(cli("data", "check", str(data)).stdout.splitlines()[-1])
     assert (summary["format"], summary["usable_as"]) == ("messages", ["sft.data", "rm.demonstrations"])
-    assert (summary["assistant_turns"], summary["weight_0_turns"], summary["tool_turns"]) == (4, 1, 2)
+    assert (summary["assistant_turns"], summary["weight_0_turns"], summary["tool_turns"]) == (6, 2, 2)
     assert summary["not_usable_as"]["ppo.prompts"].startswith(f"{data}:2: 'tools' (tool definitions) are read in demonstrations (sft.data) only")
-    assert "empty_answers" not in summary  # a turn of calls alone is no empty answer
+    assert "empty_answers" not in summary  # a turn of calls alone, or one not learnt, is no empty answer
 
 
 def test_sft_learns_tool_calls_under_a_template_that_renders_them_and_refuses_one_that_drops_them(tmp_path):

@@ -290,7 +290,8 @@ def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
         completion = _turns(record.get("completion"), where, "completion", "assistant", tool_turns=True)
         if any(m["role"] not in ("assistant", "tool") for m in completion) or completion[-1]["role"] != "assistant":
             raise UserError(f"{where}: every message of 'completion' must be the assistant's (or a tool's result), the last the assistant's")
-        messages = prompt + completion
+        # the loss is on the completion (TRL's, and this table's, reading): the prompt's answers are context
+        messages = [m | {"weight": 0} if m["role"] == "assistant" else m for m in prompt] + completion
     else:
         messages = validate_messages(record.get("messages"), where, tool_turns=True)
     if not _learnt(messages):
@@ -363,10 +364,10 @@ def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
 
 
 def empty_answers(demos: list[Demonstration]) -> list[str]:
-    """Where each demonstration with an empty or blank assistant turn (that calls no tool) was read:
-    SFT teaches the model to stop at once there."""
-    return [d.where for d in demos
-            if any(m["role"] == "assistant" and not m["content"].strip() and "tool_calls" not in m for m in d.messages or ())]
+    """Where each demonstration with an empty or blank assistant turn that is learnt (of weight 1,
+    calling no tool) was read: SFT teaches the model to stop at once there."""
+    return [d.where for d in demos if any(m["role"] == "assistant" and not m["content"].strip() and "tool_calls" not in m and m.get("weight", 1)
+                                          for m in d.messages or ())]
 
 
 def to_text(fmt: str, record: dict, where: str) -> str:
