@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from instructrl.data.records import is_learnt, is_tool_turn
 from instructrl.errors import UserError
 
 
@@ -35,11 +36,6 @@ def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool, to
 def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
     """Token ids of ``messages`` under the tokenizer's chat template."""
     return tokenizer(render_text(tokenizer, messages, add_generation_prompt, tools), add_special_tokens=False)["input_ids"]
-
-
-def is_tool_turn(message: dict) -> bool:
-    """A tool's result, or an assistant turn that calls tools."""
-    return message["role"] == "tool" or "tool_calls" in message
 
 
 # a conversation whose tool definition, call and result each carry a mark of their own, to see whether a template writes them
@@ -78,7 +74,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], tools: list[dict] | N
     the model's. A conversation that ends with an assistant turn ends with that EOS, as a sampled
     response does (the rest is cut), and EOS is appended where the template writes none.
     """
-    learnt = [m["role"] == "assistant" and m.get("weight", 1) != 0 for m in messages]
+    learnt = [is_learnt(m) for m in messages]
     messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]  # ours, not the template's
     if tools or any(is_tool_turn(m) for m in messages):
         check_renders_tools(tokenizer)

@@ -30,6 +30,7 @@ folders, file:record for a JSON list).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 from dataclasses import dataclass, field
@@ -38,10 +39,10 @@ from typing import Iterator
 
 from pydantic import ValidationError
 
-from instructrl.data.chat import control_token_in, is_tool_turn
+from instructrl.data.chat import control_token_in
 from instructrl.data.jsonl import not_text, read_jsonl
 from instructrl.data.preference import comparison_from_preference
-from instructrl.data.records import ComparisonRecord, check_messages, validate_messages
+from instructrl.data.records import ComparisonRecord, check_messages, is_learnt, is_tool_turn, validate_messages
 from instructrl.errors import UserError
 
 FORMATS = ("text", "prompt_completion", "messages", "preference", "comparison", "prompt", "unpaired_preference", "stepwise_supervision")
@@ -258,10 +259,8 @@ def _tools(record: dict, where: str) -> list[dict] | None:
     schemas differing) is parsed."""
     tools = record.get("tools")
     if isinstance(tools, str):
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # not JSON: refused below
             tools = json.loads(tools)
-        except json.JSONDecodeError:
-            pass
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise UserError(f"{where}: 'tools' must be a list of tool definitions ({{'type': 'function', 'function': {{'name', ...}}}}), "
                         f"got {str(record['tools'])[:80]!r}")
@@ -272,11 +271,6 @@ def _no_tools(record: dict, where: str) -> None:
     """Prompts and comparisons are stored as role and content only: tools would be dropped."""
     if record.get("tools"):
         raise UserError(f"{where}: 'tools' (tool definitions) are read in demonstrations (sft.data) only, not in prompts or comparisons")
-
-
-def _learnt(messages: list[dict]) -> bool:
-    """Whether some assistant turn is learnt: OpenAI's weight 0 makes a turn context only."""
-    return any(m["role"] == "assistant" and m.get("weight", 1) for m in messages)
 
 
 def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
@@ -294,7 +288,7 @@ def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
         messages = [m | {"weight": 0} if m["role"] == "assistant" else m for m in prompt] + completion
     else:
         messages = validate_messages(record.get("messages"), where, tool_turns=True)
-    if not _learnt(messages):
+    if not any(is_learnt(m) for m in messages):
         raise UserError(f"{where}: every assistant turn has weight 0: nothing to learn")
     return Demonstration(messages=messages, tools=_tools(record, where), where=where)
 
@@ -330,7 +324,7 @@ def to_comparison(fmt: str, record: dict, where: str, default_id: str) -> Compar
         _require(fmt, record, where)
         comparison = comparison_from_preference(record, where, default_id)
     else:
-        if isinstance(record.get("prompt"), (str, list)):  # a text prompt is one user turn, as in every other format
+        if isinstance(record.get("prompt"), (str, list)):  # messages read as everywhere; a text prompt is one user turn
             record = {**record, "prompt": _turns(record["prompt"], where, "prompt", "user")}
         try:
             comparison = ComparisonRecord.model_validate(record)
@@ -366,8 +360,7 @@ def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
 def empty_answers(demos: list[Demonstration]) -> list[str]:
     """Where each demonstration with an empty or blank assistant turn that is learnt (of weight 1,
     calling no tool) was read: SFT teaches the model to stop at once there."""
-    return [d.where for d in demos if any(m["role"] == "assistant" and not m["content"].strip() and "tool_calls" not in m and m.get("weight", 1)
-                                          for m in d.messages or ())]
+    return [d.where for d in demos if any(is_learnt(m) and not m["content"].strip() and "tool_calls" not in m for m in d.messages or ())]
 
 
 def to_text(fmt: str, record: dict, where: str) -> str:

@@ -98,6 +98,16 @@ def _is_call(call) -> bool:
     return isinstance(call, dict) and isinstance(call.get("function"), dict) and isinstance(call["function"].get("name"), str)
 
 
+def is_tool_turn(message: dict) -> bool:
+    """A tool's result, or an assistant turn that calls tools."""
+    return message["role"] == "tool" or "tool_calls" in message
+
+
+def is_learnt(message: dict) -> bool:
+    """An assistant turn SFT learns: OpenAI's weight 0 makes it context only."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
 def validate_messages(messages, where: str, tool_turns: bool = False) -> list[dict]:
     """Check a demonstration's ``messages``: a conversation (``check_messages``) ending with the
     assistant's turn. ``where`` (file:line) prefixes the error."""
