@@ -188,7 +188,7 @@ def test_validate_messages_rejects_a_bad_role():
 
 
 def test_validate_messages_rejects_non_string_content():
-    with pytest.raises(UserError, match=r"^demos\.jsonl:3: messages\[0\] must be"):
+    with pytest.raises(UserError, match=r"^demos\.jsonl:3: messages\[0\]\.content: must be a string or a list of text parts, not int$"):
         validate_messages([{"role": "assistant", "content": 7}], "demos.jsonl:3")
 
 
@@ -196,3 +196,44 @@ def test_validate_messages_requires_the_assistant_last():
     messages = [{"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Hi"}]
     with pytest.raises(UserError, match=r"^demos\.jsonl:3: the last message must be the assistant's"):
         validate_messages(messages, "demos.jsonl:3")
+
+
+# ---------------------------------------------------------------- OpenAI's weights, tool calls and results
+
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "say cat weather"},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "call00001", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call00001", "content": "sunny"},
+    {"role": "assistant", "content": "say sunny"},
+]
+
+
+def test_a_turn_of_weight_0_is_context_not_learnt(tok):
+    """OpenAI's fine-tuning weight: 0 leaves an assistant turn out of the loss (it was refused: an unknown field)."""
+    weighted = [TWO_TURNS[0], {**TWO_TURNS[1], "weight": 0}, TWO_TURNS[2], {**TWO_TURNS[3], "weight": 1}]
+    plain, conv = tokenize_conversation(tok, TWO_TURNS), tokenize_conversation(tok, weighted)
+    assert conv.input_ids == plain.input_ids  # the weight is ours: the template never sees it
+    assert tok.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m]) == "the answer is 19<|eos|>"
+
+
+def test_tool_calls_are_learnt_and_tool_results_are_not_under_a_template_that_renders_them():
+    from tiny_models import TOOL_TEMPLATE
+
+    tok = chatml_tokenizer()
+    tok.chat_template = TOOL_TEMPLATE
+    conv = tokenize_conversation(tok, TOOL_CONVERSATION, WEATHER_TOOLS)
+    text = tok.decode(conv.input_ids)
+    assert text.startswith('[tools]{"type": "function", "function": {"name": "get_weather"') and "[tool]sunny[assistant]say sunny" in text
+    learnt = tok.decode([t for t, m in zip(conv.input_ids, conv.assistant_mask) if m])
+    assert learnt == '<call>get_weather {"city": "Paris"}</call><|im_end|>say sunny<|im_end|>'
+
+
+@pytest.mark.parametrize("tools, messages", [(WEATHER_TOOLS, TOOL_CONVERSATION), (None, TOOL_CONVERSATION),
+                                             (WEATHER_TOOLS, [TOOL_CONVERSATION[0], TOOL_CONVERSATION[3]])])
+def test_a_template_that_drops_tool_turns_is_refused_not_silently_trained_on(tok, tools, messages):
+    """The built-in template writes system, user and assistant turns only: the call, the result and
+    the tools offered were dropped, and the model learnt an answer to a result it never saw."""
+    with pytest.raises(UserError, match=r"^the model's chat template does not render tool definitions and calls and results \(it would drop them\)"):
+        tokenize_conversation(tok, messages, tools)

@@ -216,6 +216,111 @@ def test_a_conversation_the_chat_template_refuses_is_named_by_file_and_line(tmp_
                 log=lambda *_: None)
 
 
+# OpenAI's chat fine-tuning records: content parts, the developer role, a participant's name, weights, tools
+PARTS = {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]}
+SYSTEM = {"role": "system", "content": "Be brief."}
+CALL = {"role": "assistant", "content": None, "tool_calls": [{"id": "call00001", "type": "function",
+                                                              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+RESULT = {"role": "tool", "tool_call_id": "call00001", "content": "sunny"}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+OPENAI = {"messages": [PARTS, {**USER, "name": "ann"}, {**WRONG, "weight": 0}, USER, {**ASSISTANT, "weight": 1}], "parallel_tool_calls": False}
+TOOL_RECORD = {"messages": [USER, CALL, RESULT, ASSISTANT], "tools": TOOLS}
+
+
+def test_openai_fine_tuning_records_read_as_demonstrations(tmp_path):
+    """A 'weight' or 'name' was refused as an unknown field, content parts as no string, 'developer' as no role."""
+    data = write_jsonl(tmp_path / "openai.jsonl", [OPENAI, TOOL_RECORD])
+    formats, (weighted, tools) = read_data(data, "demonstration")
+    assert formats == ["messages"]
+    assert weighted.messages == [SYSTEM, {**USER, "name": "ann"}, {**WRONG, "weight": 0}, USER, {**ASSISTANT, "weight": 1}]
+    assert tools.messages == [USER, {**CALL, "content": ""}, RESULT, ASSISTANT] and tools.tools == TOOLS
+    # datasets store the tools as JSON text (their schemas differ) and drop null content: read alike
+    from datasets import Dataset
+
+    Dataset.from_list([{**TOOL_RECORD, "tools": json.dumps(TOOLS)}]).to_parquet(str(tmp_path / "tools.parquet"))
+    assert read_data(tmp_path / "tools.parquet", "demonstration")[1][0] == tools
+
+
+@pytest.mark.parametrize("messages, needle", [
+    ([USER, {**ASSISTANT, "weight": 0}], "data.jsonl:2: every assistant turn has weight 0: nothing to learn"),
+    ([USER, {**ASSISTANT, "weight": 2}], "data.jsonl:2: messages[1].weight must be 0 (the turn is context, not learnt) or 1, got 2"),
+    ([USER, {**ASSISTANT, "weight": True}], "data.jsonl:2: messages[1].weight must be 0 (the turn is context, not learnt) or 1, got True"),
+    ([{**USER, "weight": 1}, ASSISTANT], "data.jsonl:2: messages[0]: a message of role user has no field 'weight' (it may hold role, content, name)"),
+    ([{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]}, ASSISTANT],
+     "data.jsonl:2: messages[0].content: part 1 is of type 'image_url'; only text parts are supported"),
+    ([USER, {**ASSISTANT, "refusal": None, "audio": {"id": "a"}}], "data.jsonl:2: messages[1]: a message of role assistant has no field 'audio' (it may hold role, content, name, weight, tool_calls)"),
+    ([USER, {"role": "assistant"}], "data.jsonl:2: messages[1].content is missing: only an assistant turn that calls tools may have none"),
+    ([USER, {**CALL, "tool_calls": [{"name": "f"}]}, ASSISTANT], "data.jsonl:2: messages[1].tool_calls must be a non-empty list of"),
+])
+def test_a_bad_openai_message_is_named_by_file_line_and_field(tmp_path, messages, needle):
+    path = write_jsonl(tmp_path / "data.jsonl", [SHAPES["messages"][0], {"messages": messages}])
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / needle))}"):
+        read_data(path, "demonstration")
+
+
+def test_messages_are_read_alike_in_prompts_and_comparisons(tmp_path):
+    """One reading of messages for every input: content parts and the developer role in a PPO prompt,
+    a comparison's and a preference pair's prompt (a comparison's refused them: 'prompt.0.role');
+    tool turns only where they are learnt, in demonstrations, not silently dropped elsewhere."""
+    plain = [SYSTEM, USER]
+    openai = [PARTS, {**USER, "name": "ann"}]
+    assert read_data(write_jsonl(tmp_path / "p.jsonl", [{"messages": openai}]), "prompt")[1][0].messages == plain
+    comparison = SHAPES["comparison"][0] | {"prompt": openai}
+    pair = SHAPES["preference_explicit_conversational"][0] | {"prompt": openai}
+    for record in (comparison, pair):
+        assert [m.model_dump() for m in read_comparisons(write_jsonl(tmp_path / "c.jsonl", [record]))[0].prompt] == plain
+    tool_prompt = {"messages": [USER, CALL, RESULT, {"role": "user", "content": "And in Rome?"}]}
+    for record, use, needle in [(tool_prompt, "prompt", "p.jsonl:1: messages[1]: tool calls and tool results are read in demonstrations (sft.data) only"),
+                                ({"messages": [USER], "tools": TOOLS}, "prompt", "p.jsonl:1: 'tools' (tool definitions) are read in demonstrations"),
+                                (pair | {"tools": TOOLS}, "comparison", "p.jsonl:1: 'tools' (tool definitions) are read in demonstrations")]:
+        with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / needle))}"):
+            read_data(write_jsonl(tmp_path / "p.jsonl", [record]), use)
+
+
+def test_a_prompt_completion_record_learns_the_completion_not_the_prompts_answers(tmp_path):
+    """The answers inside a conversational prompt were learnt as the completion is (' no<|endoftext|> cat<|endoftext|>')."""
+    from instructrl.stages.sft import load_demonstrations
+
+    tokenizer = load_tokenizer(save_tiny_model("llama", tmp_path / "model"))
+    record = {"prompt": [{"role": "user", "content": "Say no."}, {"role": "assistant", "content": "no"}, USER], "completion": [ASSISTANT]}
+    [example] = load_demonstrations(write_jsonl(tmp_path / "pc.jsonl", [record]), tokenizer, 128)[0]
+    assert tokenizer.decode([t for t, m in zip(example.input_ids, example.assistant_mask) if m]) == " cat<|endoftext|>"
+
+
+def test_data_check_counts_weight_0_and_tool_turns(tmp_path):
+    empty_context = {"messages": [USER, {"role": "assistant", "content": "", "weight": 0}, USER, ASSISTANT]}
+    data = write_jsonl(tmp_path / "openai.jsonl", [OPENAI, TOOL_RECORD, empty_context])
+    summary = json.loads(cli("data", "check", str(data)).stdout.splitlines()[-1])
+    assert (summary["format"], summary["usable_as"]) == ("messages", ["sft.data", "rm.demonstrations"])
+    assert (summary["assistant_turns"], summary["weight_0_turns"], summary["tool_turns"]) == (6, 2, 2)
+    assert summary["not_usable_as"]["ppo.prompts"].startswith(f"{data}:2: 'tools' (tool definitions) are read in demonstrations (sft.data) only")
+    assert "empty_answers" not in summary  # a turn of calls alone, or one not learnt, is no empty answer
+
+
+def test_sft_learns_tool_calls_under_a_template_that_renders_them_and_refuses_one_that_drops_them(tmp_path):
+    from tiny_models import TOOL_TEMPLATE
+
+    from instructrl.stages.sft import load_demonstrations, run_sft
+
+    model = save_tiny_model("qwen2", tmp_path / "model")
+    data = write_jsonl(tmp_path / "tools.jsonl", [OPENAI, TOOL_RECORD])
+    refusal = f"{data}:2: the model's chat template does not render tool definitions and calls (it would drop them)"
+    with pytest.raises(UserError, match=f"^{re.escape(refusal)}"):
+        load_demonstrations(data, load_tokenizer(save_tiny_model("llama", tmp_path / "llama")), 1024)  # the fallback template
+    tokenizer = load_tokenizer(model)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    tokenizer.save_pretrained(model)
+    weighted, tools = load_demonstrations(data, tokenizer, 1024)[0]
+    assert tokenizer.decode(tools.input_ids).startswith('[tools]{"type": "function", "function": {"name": "get_weather"')
+    learnt = [tokenizer.decode([t for t, m in zip(e.input_ids, e.assistant_mask) if m]) for e in (weighted, tools)]
+    assert learnt == ["cat<|endoftext|>", '<call>get_weather {"city": "Paris"}</call><|endoftext|>cat<|endoftext|>']
+    # the stage, on records that fit the tiny model's 128-token context (tool definitions alone fill it)
+    data = write_jsonl(tmp_path / "short.jsonl", [OPENAI, {"messages": TOOL_RECORD["messages"]}] * 8)
+    said = []
+    run_sft(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"sft.model={model}", f"sft.data={data}"]), log=said.append)
+    assert any(line.startswith(f"sft: 16 demonstrations from {data}, ") for line in said) and (tmp_path / "run" / "sft" / "final").is_dir()
+
+
 def write_csv(path, text: str):
     path.write_text(text)
     return path

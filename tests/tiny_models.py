@@ -43,6 +43,14 @@ def tiny_tokenizer(pad: str, template: bool, bos: bool = False):
 NO_SYSTEM_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
                       + CHAT_TEMPLATE)
 
+# a template that renders tools, tool calls (arguments as JSON text or objects) and tool results, as many HF templates do
+TOOL_TEMPLATE = ("{% if tools %}[tools]{% for tool in tools %}{{ tool | tojson }}{% endfor %}[/tools]{% endif %}"
+                 "{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+                 "{% for call in m.tool_calls or [] %}<call>{{ call.function.name }} "
+                 "{{ call.function.arguments if call.function.arguments is string else call.function.arguments | tojson }}</call>{% endfor %}"
+                 "{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant]{% endif %}")
+
 # arch -> (tokenizer's PAD, whether it has a chat template): every combination the loader must handle
 ARCHS = {"gpt2": ("none", False), "llama": ("eos", False), "qwen2": ("none", True), "gpt_neox": ("eos", True), "mistral": ("none", False),
          "opt": ("none", False), "gemma3": ("none", True)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from instructrl.data.records import is_learnt, is_tool_turn
 from instructrl.errors import UserError
 
 
@@ -19,24 +20,52 @@ def control_token_in(text: str, tokenizer) -> str | None:
     return next((t for t in tokenizer.all_special_tokens if t and t in text), None)
 
 
-def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """``messages`` as text, under the tokenizer's chat template; a conversation the template
-    refuses (``raise_exception``: a system turn, roles that do not alternate) is a UserError."""
+def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    """``messages`` (and the ``tools`` they may call) as text, under the tokenizer's chat template;
+    a conversation the template refuses (``raise_exception``: a system turn, roles that do not
+    alternate; a TypeError of its own, such as joining a tool call's arguments of the other JSON
+    type) is a UserError."""
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
-    except TemplateError as err:
+        return tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except (TemplateError, TypeError) as err:
         raise UserError(f"the model's chat template refuses this conversation ({err})") from None
 
 
-def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
     """Token ids of ``messages`` under the tokenizer's chat template."""
-    return tokenizer(render_text(tokenizer, messages, add_generation_prompt), add_special_tokens=False)["input_ids"]
+    return tokenizer(render_text(tokenizer, messages, add_generation_prompt, tools), add_special_tokens=False)["input_ids"]
 
 
-def tokenize_conversation(tokenizer, messages: list[dict]) -> TokenizedConversation:
-    """Tokenize a conversation and mark the tokens of every assistant turn.
+# a conversation whose tool definition, call and result each carry a mark of their own, to see whether a template writes them
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "probe", "description": "instructrl-tool-definition", "parameters": {"type": "object"}}}]
+_PROBE = [{"role": "user", "content": "hi"},
+          {"role": "assistant", "content": "", "tool_calls": [{"id": "call00001", "type": "function",
+                                                               "function": {"name": "probe", "arguments": '{"a": "instructrl-tool-call"}'}}]},
+          {"role": "tool", "tool_call_id": "call00001", "name": "probe", "content": "instructrl-tool-result"},
+          {"role": "assistant", "content": "ok"}]
+
+
+def check_renders_tools(tokenizer) -> None:
+    """A UserError unless the chat template writes tool definitions, tool calls and tool results
+    into the text (many Hugging Face templates do); one that knows only system, user and assistant
+    turns would drop them, and the model would learn answers to results it never saw."""
+    try:
+        text = render_text(tokenizer, _PROBE, add_generation_prompt=False, tools=_PROBE_TOOLS)
+    except UserError as err:
+        raise UserError(f"the model's chat template cannot render tool calls and results: {err}") from None
+    missing = [f"{what}s" for what in ("definition", "call", "result") if f"instructrl-tool-{what}" not in text]
+    if missing:
+        raise UserError(f"the model's chat template does not render tool {' and '.join(missing)} (it would drop them); "
+                        "give a model whose template renders tools, or leave the tool turns out")
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> TokenizedConversation:
+    """Tokenize a conversation and mark the tokens of every assistant turn whose ``weight`` is not 0
+    (OpenAI's: a turn of weight 0 is context). Tool calls and results, and the ``tools`` they
+    call, go to the chat template, which must render them (``check_renders_tools``); a tool's
+    result is not learnt, an assistant's call is.
 
     Turn i's tokens are those between the rendering of ``messages[:i]`` with the generation
     prompt and the rendering of ``messages[:i + 1]``; this works for any chat template whose
@@ -45,25 +74,29 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> TokenizedConversat
     the model's. A conversation that ends with an assistant turn ends with that EOS, as a sampled
     response does (the rest is cut), and EOS is appended where the template writes none.
     """
-    full = render_ids(tokenizer, messages, add_generation_prompt=False)
+    learnt = [is_learnt(m) for m in messages]
+    messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]  # ours, not the template's
+    if tools or any(is_tool_turn(m) for m in messages):
+        check_renders_tools(tokenizer)
+    full = render_ids(tokenizer, messages, add_generation_prompt=False, tools=tools)
     mask = [0] * len(full)
     start = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(render_ids(tokenizer, messages[:i], add_generation_prompt=True))
-        upto = render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        start = len(render_ids(tokenizer, messages[:i], add_generation_prompt=True, tools=tools))
+        upto = render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         if full[: len(upto)] != upto or start > len(upto):
             raise UserError("the tokenizer's chat template renders a conversation's prefix differently from the whole; cannot find assistant turns")
         end = _after_last(full, tokenizer.eos_token_id, start, len(upto))
-        mask[start:end] = [1] * (end - start)
+        mask[start:end] = [int(learnt[i])] * (end - start)
     if messages and messages[-1]["role"] == "assistant":
         eos = tokenizer.eos_token_id
         if eos in full[start:]:
             end = _after_last(full, eos, start, len(full))
             full, mask = full[:end], mask[:end]
         else:
-            full, mask = full + [eos], mask + [1]
+            full, mask = full + [eos], mask + [int(learnt[-1])]
     return TokenizedConversation(full, mask)
 
 

@@ -4,6 +4,7 @@
     text               {"text": "..."}                                       sft (loss on every token), ppo.ptx_data
     prompt_completion  {"prompt": str | [messages], "completion": str | [messages]}   sft (loss on the completion)
     messages           {"messages": [..., {"role": "assistant", ...}]}       sft (loss on assistant turns), rm.demonstrations
+                       (also OpenAI's chat fine-tuning records: weights, content parts, tools)
     preference         {"prompt"?, "chosen", "rejected"} (TRL; see preference.py)     rm (K = 2)
     comparison         a ComparisonRecord: {"id", "prompt", "responses", "ranks", ...}  rm (K-way)
     prompt             {"prompt": str | [messages]} or {"messages": [..., user turn]}  ppo.prompts
@@ -11,6 +12,9 @@
     stepwise_supervision  {"prompt", "completions": [...], "labels": [bool, ...]} (TRL's PRM data)  ppo.prompts
 
 These are the Hugging Face ecosystem's (TRL's) dataset formats plus our K-way comparison record.
+Messages are read by ``records.check_messages`` wherever they appear: OpenAI's content parts and
+developer role; in demonstrations also an assistant turn's ``weight`` (0: context, not learnt),
+tool calls and tool results, with the record's ``tools``, which the chat template must render.
 PPO also takes its prompts from any format that holds one (the prompt of a prompt/completion,
 preference or comparison record, a conversation without its last assistant turn). Unpaired
 preferences and stepwise labels are no demonstrations (a completion labelled false is a bad
@@ -26,6 +30,7 @@ folders, file:record for a JSON list).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 from dataclasses import dataclass, field
@@ -37,7 +42,7 @@ from pydantic import ValidationError
 from instructrl.data.chat import control_token_in
 from instructrl.data.jsonl import not_text, read_jsonl
 from instructrl.data.preference import comparison_from_preference
-from instructrl.data.records import ComparisonRecord, check_messages, validate_messages
+from instructrl.data.records import ComparisonRecord, check_messages, is_learnt, is_tool_turn, validate_messages
 from instructrl.errors import UserError
 
 FORMATS = ("text", "prompt_completion", "messages", "preference", "comparison", "prompt", "unpaired_preference", "stepwise_supervision")
@@ -60,6 +65,7 @@ class Demonstration:
 
     messages: list[dict] | None = None  # ends with the assistant's turn
     text: str | None = None
+    tools: list[dict] | None = None  # the tool definitions the chat template renders (OpenAI's and TRL's 'tools')
     where: str = field(default="", compare=False)  # file:line it was read from, for error messages
 
 
@@ -239,13 +245,32 @@ def _require(fmt: str, record: dict, where: str) -> None:
         raise UserError(f"{where}: {_a(fmt)} record needs '{missing[0]}' ({_fields(record)})")
 
 
-def _turns(value, where: str, field: str, role: str) -> list[dict]:
-    """A text field as one turn of ``role``, or a list of messages checked as such."""
+def _turns(value, where: str, field: str, role: str, tool_turns: bool = False) -> list[dict]:
+    """A text field as one turn of ``role``, or a list of messages checked as such (``check_messages``)."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if not isinstance(value, list):
         raise UserError(f"{where}: '{field}' must be text or a list of {{'role', 'content'}} messages, not {type(value).__name__}")
-    return check_messages(value, where, field)
+    return check_messages(value, where, field, tool_turns)
+
+
+def _tools(record: dict, where: str) -> list[dict] | None:
+    """A demonstration's tool definitions, or None; a JSON string (as datasets store them, their
+    schemas differing) is parsed."""
+    tools = record.get("tools")
+    if isinstance(tools, str):
+        with contextlib.suppress(json.JSONDecodeError):  # not JSON: refused below
+            tools = json.loads(tools)
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise UserError(f"{where}: 'tools' must be a list of tool definitions ({{'type': 'function', 'function': {{'name', ...}}}}), "
+                        f"got {str(record['tools'])[:80]!r}")
+    return tools or None
+
+
+def _no_tools(record: dict, where: str) -> None:
+    """Prompts and comparisons are stored as role and content only: tools would be dropped."""
+    if record.get("tools"):
+        raise UserError(f"{where}: 'tools' (tool definitions) are read in demonstrations (sft.data) only, not in prompts or comparisons")
 
 
 def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
@@ -255,19 +280,24 @@ def to_demonstration(fmt: str, record: dict, where: str) -> Demonstration:
         return Demonstration(text=record["text"], where=where)
     if fmt == "prompt_completion":
         _require(fmt, record, where)
-        prompt = _turns(record.get("prompt"), where, "prompt", "user")
-        completion = _turns(record.get("completion"), where, "completion", "assistant")
-        if any(m["role"] != "assistant" for m in completion):
-            raise UserError(f"{where}: every message of 'completion' must be the assistant's")
-        return Demonstration(messages=prompt + completion, where=where)
-    return Demonstration(messages=validate_messages(record.get("messages"), where), where=where)
+        prompt = _turns(record.get("prompt"), where, "prompt", "user", tool_turns=True)
+        completion = _turns(record.get("completion"), where, "completion", "assistant", tool_turns=True)
+        if any(m["role"] not in ("assistant", "tool") for m in completion) or completion[-1]["role"] != "assistant":
+            raise UserError(f"{where}: every message of 'completion' must be the assistant's (or a tool's result), the last the assistant's")
+        # the loss is on the completion (TRL's, and this table's, reading): the prompt's answers are context
+        messages = [m | {"weight": 0} if m["role"] == "assistant" else m for m in prompt] + completion
+    else:
+        messages = validate_messages(record.get("messages"), where, tool_turns=True)
+    if not any(is_learnt(m) for m in messages):
+        raise UserError(f"{where}: every assistant turn has weight 0: nothing to learn")
+    return Demonstration(messages=messages, tools=_tools(record, where), where=where)
 
 
 REQUIRED = {"prompt_completion": ("prompt", "completion"), "preference": ("chosen", "rejected"),
             "unpaired_preference": ("prompt", "completion", "label"), "stepwise_supervision": ("prompt", "completions", "labels")}
 # every field a record of some format may hold: others are reported as possible misspellings
 KNOWN_FIELDS = frozenset({"id", "text", "prompt", "completion", "messages", "chosen", "rejected", "label", "completions", "labels",
-                          "prompt_id", "family", "answer", "args"}
+                          "prompt_id", "family", "answer", "args", "tools", "parallel_tool_calls"}
                          | set(ComparisonRecord.model_fields))
 
 
@@ -289,12 +319,13 @@ def _fields(record: dict) -> str:
 
 
 def to_comparison(fmt: str, record: dict, where: str, default_id: str) -> ComparisonRecord:
+    _no_tools(record, where)
     if fmt == "preference":
         _require(fmt, record, where)
         comparison = comparison_from_preference(record, where, default_id)
     else:
-        if isinstance(record.get("prompt"), str):  # a text prompt is one user turn, as in every other format
-            record = {**record, "prompt": [{"role": "user", "content": record["prompt"]}]}
+        if isinstance(record.get("prompt"), (str, list)):  # messages read as everywhere; a text prompt is one user turn
+            record = {**record, "prompt": _turns(record["prompt"], where, "prompt", "user")}
         try:
             comparison = ComparisonRecord.model_validate(record)
         except ValidationError as err:
@@ -311,6 +342,7 @@ def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
     if fmt in ("preference", "comparison"):
         comparison = to_comparison(fmt, record, where, default_id)
         return Prompt(comparison.id, [m.model_dump() for m in comparison.prompt])
+    _no_tools(record, where)
     if fmt == "messages":
         messages = validate_messages(record.get("messages"), where)[:-1]
     else:
@@ -326,8 +358,9 @@ def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
 
 
 def empty_answers(demos: list[Demonstration]) -> list[str]:
-    """Where each demonstration with an empty or blank assistant turn was read: SFT teaches the model to stop at once there."""
-    return [d.where for d in demos if any(m["role"] == "assistant" and not m["content"].strip() for m in d.messages or ())]
+    """Where each demonstration with an empty or blank assistant turn that is learnt (of weight 1,
+    calling no tool) was read: SFT teaches the model to stop at once there."""
+    return [d.where for d in demos if any(is_learnt(m) and not m["content"].strip() and "tool_calls" not in m for m in d.messages or ())]
 
 
 def to_text(fmt: str, record: dict, where: str) -> str:
@@ -518,7 +551,8 @@ def check_file(path: Path | str, data_format: str = "auto", tokenizer=None, prog
 
 def _count(stats: dict, item) -> None:
     """Add what data check reports of one item to ``stats``: a comparison's K and its pairs, tied
-    or not (a tie is no pair to learn from); a conversation's assistant turns, and an empty answer."""
+    or not (a tie is no pair to learn from); a conversation's assistant turns, an empty answer,
+    its turns of weight 0 (context only) and its tool calls and results."""
     if isinstance(item, ComparisonRecord):
         tied = [a == b for i, a in enumerate(item.ranks) for b in item.ranks[i + 1:]]
         stats.setdefault("k", set()).add(len(item.responses))
@@ -526,5 +560,8 @@ def _count(stats: dict, item) -> None:
         stats["tied_pairs"] = stats.get("tied_pairs", 0) + tied.count(True)
     elif isinstance(item, Demonstration) and item.messages is not None:
         stats["assistant_turns"] = stats.get("assistant_turns", 0) + sum(m["role"] == "assistant" for m in item.messages)
-        if empty_answers([item]):
-            stats["empty_answers"] = stats.get("empty_answers", 0) + 1
+        counts = {"empty_answers": len(empty_answers([item])), "weight_0_turns": sum(m.get("weight") == 0 for m in item.messages),
+                  "tool_turns": sum(is_tool_turn(m) for m in item.messages)}
+        for name, count in counts.items():
+            if count:
+                stats[name] = stats.get(name, 0) + count

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Literal, Optional, Sequence, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
 from instructrl.data.jsonl import encodable
+from instructrl.data.records import TEMPLATE_ROLES, content_text
 
 if TYPE_CHECKING:
     from instructrl.serve.sampling import TokenLogprob
@@ -39,16 +40,10 @@ OTHER_SERVERS_OPTIONS = {"top_k": (None, -1, 0), "min_p": (None, 0), "repetition
 TokenText = Callable[[int], tuple[str, list[int]]]  # a token id's text and UTF-8 bytes (serve.text.TokenTexts)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Optional[str] = None  # text, or a list of text parts joined (content_text)
     tool_calls: Optional[list] = None  # an assistant's past calls: refused, as tools are
     function_call: Optional[dict] = None
 
@@ -61,24 +56,12 @@ class Message(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_only(cls, content):
-        """One clear error for content that is neither text nor a list of text parts (an image, say)."""
-        if content is None or isinstance(content, str):
-            return content if content is None else encodable(content)
-        if not isinstance(content, list):
-            raise ValueError(f"must be a string or a list of text parts, not {type(content).__name__}")
-        for i, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            if kind != "text":
-                raise ValueError(f"part {i} is of type {kind!r}; only text parts are supported")
-            if not isinstance(part.get("text"), str):
-                raise ValueError(f"part {i} needs a 'text' string")
-            encodable(part["text"], f"part {i}")
-        return content
+        """One clear error for content that is neither text nor a list of text parts (an image, say): as the data files are read."""
+        return None if content is None else content_text(content)
 
     def as_template_message(self) -> dict:
-        """The message as a chat template reads it: text content (parts joined), developer as system."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        """The message as a chat template reads it: text content, developer as system."""
+        return {"role": TEMPLATE_ROLES[self.role], "content": self.content or ""}
 
 
 class StreamOptions(BaseModel):

@@ -72,7 +72,7 @@ def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonR
     demos = []
     for demo in read_data(demonstrations, "conversation")[1]:
         with located(demo.where):
-            demos.append(tokenize_conversation(tokenizer, demo.messages).input_ids)
+            demos.append(tokenize_conversation(tokenizer, demo.messages, demo.tools).input_ids)
     fitting = [ids for ids in demos if len(ids) <= max_length]
     if not fitting:
         raise UserError(f"{demonstrations}: no demonstration fits in {max_length} tokens (rm.max_length)")

@@ -43,7 +43,7 @@ def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str
     examples, too_long = [], 0
     for demo in demos:
         with located(demo.where):
-            example = tokenize_conversation(tokenizer, demo.messages) if demo.messages is not None else tokenize_text(tokenizer, demo.text)
+            example = tokenize_conversation(tokenizer, demo.messages, demo.tools) if demo.messages is not None else tokenize_text(tokenizer, demo.text)
         if len(example.input_ids) > max_length:
             too_long += 1
             continue
