@@ -237,3 +237,29 @@ def test_a_template_that_drops_tool_turns_is_refused_not_silently_trained_on(tok
     the tools offered were dropped, and the model learnt an answer to a result it never saw."""
     with pytest.raises(UserError, match=r"^the model's chat template does not render tool definitions and calls and results \(it would drop them\)"):
         tokenize_conversation(tok, messages, tools)
+
+
+class CountingTokenizer:
+    """``tok``, counting the calls that tokenize text."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_a_conversation_is_tokenized_in_one_call_with_the_ids_of_one_call_per_rendering(tok):
+    """A large sft.data spent most of its minutes in three tokenizer calls per one-turn
+    conversation; one call of the distinct renderings gives the same ids and mask."""
+    counting = CountingTokenizer(tok)
+    conv = tokenize_conversation(counting, TWO_TURNS)
+    assert counting.calls == 1
+    full = ids(tok, tok.apply_chat_template(TWO_TURNS, tokenize=False))
+    assert conv.input_ids == full[: len(conv.input_ids)] and conv.input_ids[-1] == tok.eos_token_id
+    assert conv == tokenize_conversation(tok, TWO_TURNS)
+    assert [m for t, m in zip(conv.input_ids, conv.assistant_mask) if t == tok.eos_token_id] == [1, 1]

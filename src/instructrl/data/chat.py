@@ -78,14 +78,17 @@ def tokenize_conversation(tokenizer, messages: list[dict], tools: list[dict] | N
     messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]  # ours, not the template's
     if tools or any(is_tool_turn(m) for m in messages):
         check_renders_tools(tokenizer)
-    full = render_ids(tokenizer, messages, add_generation_prompt=False, tools=tools)
+    full_text = render_text(tokenizer, messages, add_generation_prompt=False, tools=tools)
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    # (before turn i with the generation prompt, up to turn i's end) of each assistant turn
+    spans = [(render_text(tokenizer, messages[:i], add_generation_prompt=True, tools=tools),
+              render_text(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)) for i in turns]
+    ids = token_ids(tokenizer, [full_text, *(text for span in spans for text in span)])
+    full = ids[full_text]
     mask = [0] * len(full)
     start = 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(render_ids(tokenizer, messages[:i], add_generation_prompt=True, tools=tools))
-        upto = render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
+    for i, (before, upto_text) in zip(turns, spans):
+        start, upto = len(ids[before]), ids[upto_text]
         if full[: len(upto)] != upto or start > len(upto):
             raise UserError("the tokenizer's chat template renders a conversation's prefix differently from the whole; cannot find assistant turns")
         end = _after_last(full, tokenizer.eos_token_id, start, len(upto))
@@ -98,6 +101,14 @@ def tokenize_conversation(tokenizer, messages: list[dict], tools: list[dict] | N
         else:
             full, mask = full + [eos], mask + [int(learnt[-1])]
     return TokenizedConversation(full, mask)
+
+
+def token_ids(tokenizer, texts: list[str]) -> dict[str, list[int]]:
+    """The token ids of each distinct text of ``texts``, in one call of the tokenizer: a
+    conversation's last turn ends where the whole does, and one call of a fast tokenizer with
+    several texts costs less than one call each (the ids are the same)."""
+    distinct = list(dict.fromkeys(texts))
+    return dict(zip(distinct, tokenizer(distinct, add_special_tokens=False, return_attention_mask=False)["input_ids"]))
 
 
 def _after_last(ids: list[int], token: int, start: int, stop: int) -> int:

@@ -45,7 +45,7 @@ from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_t
 from instructrl.rundir import RunDir, given_or_earlier
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
-from instructrl.training.progress import plural, progress_bar
+from instructrl.training.progress import plural, progress_bar, tracked
 from instructrl.world.build import build_world_once, load_tasks, world_tasks_in
 from instructrl.world.labeler import SimulatedLabeler
 
@@ -119,10 +119,12 @@ def load_prompts(config: PipelineConfig, stage: str, tokenizer, accelerator, log
     return [Prompt(t.id, list(t.messages)) for t in tasks], {t.id: t for t in tasks}, world
 
 
-def encode_prompts(prompts: list[Prompt], tokenizer, cfg, max_length: int, stage: str) -> tuple[list[Prompt], list[list[int]]]:
-    """The prompts that leave room for a whole response in the context, with their token ids."""
+def encode_prompts(prompts: list[Prompt], tokenizer, cfg, max_length: int, stage: str,
+                   progress: bool = False) -> tuple[list[Prompt], list[list[int]]]:
+    """The prompts that leave room for a whole response in the context, with their token ids.
+    ``progress``: show a bar while they are tokenized."""
     encoded = []
-    for prompt in prompts:
+    for prompt in tracked(prompts, f"{stage}: tokenizing {cfg.prompts or 'the prompts'}", "prompt", progress):
         with located(f"{cfg.prompts or 'ppo.prompts'}: prompt '{prompt.id}'"):  # the id a record gives, else the file's name and the record's number
             encoded.append(render_ids(tokenizer, prompt.messages, add_generation_prompt=True))
     keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
@@ -160,13 +162,14 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     return policy, reference, reward_model, value_model
 
 
-def pretraining_blocks(cfg, world, tokenizer, max_length: int) -> torch.Tensor | None:
-    """PPO-ptx's pretraining text packed into blocks of up to 128 tokens; None for plain PPO."""
+def pretraining_blocks(cfg, world, tokenizer, max_length: int, stage: str, progress: bool = False) -> torch.Tensor | None:
+    """PPO-ptx's pretraining text packed into blocks of up to 128 tokens; None for plain PPO.
+    ``progress``: show a bar while the text is tokenized."""
     if cfg.ptx_coef <= 0:
         return None
     ptx_path = cfg.ptx_data or world.corpus
     block = min(PTX_BLOCK, max_length)
-    blocks = pack_documents(tokenizer, read_texts(ptx_path), block)
+    blocks = pack_documents(tokenizer, read_texts(ptx_path), block, f"{stage}: tokenizing {ptx_path}" if progress else None)
     if len(blocks) < cfg.ptx_batch_size:
         raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {block} tokens "
                         f"(it fills {len(blocks)}); add text or lower ppo.ptx_batch_size")
@@ -227,9 +230,9 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         policy = load_causal_lm(paths.policy, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
     max_length = context_length(policy)
     n_read = len(prompts)
-    prompts, encoded = encode_prompts(prompts, tokenizer, cfg, max_length, stage)
+    prompts, encoded = encode_prompts(prompts, tokenizer, cfg, max_length, stage, accelerator.is_main_process)
     policy, reference, reward_model, value_model = load_models(cfg, paths, policy, tokenizer, stage)
-    ptx_blocks = pretraining_blocks(cfg, world, tokenizer, max_length)
+    ptx_blocks = pretraining_blocks(cfg, world, tokenizer, max_length, stage, accelerator.is_main_process)
     run.start(restart, log)
     run.write_lineage({"policy": paths.policy, "reference": paths.reference, "reward_model": paths.reward_model, "value_model": paths.value_model,
                        "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})

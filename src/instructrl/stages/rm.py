@@ -28,7 +28,7 @@ from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
 from instructrl.rundir import RunDir, given_or_earlier, write_text_atomic
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters, write_model
-from instructrl.training.progress import plural
+from instructrl.training.progress import plural, tracked
 from instructrl.world.build import WorldFiles, build_world_once, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 from instructrl.world.tasks import Task
@@ -63,14 +63,15 @@ def split_by_prompt(records: list[ComparisonRecord], fraction: float, seed: int)
 
 
 def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonRecord], encoded: list[list[list[int]]],
-                 max_length: int) -> tuple[list[list[int]], str]:
+                 max_length: int, progress: bool = False) -> tuple[list[list[int]], str]:
     """The sequences whose mean reward the bias sets to 0 (§3.5), and what they are: the
-    ``demonstrations`` that fit in ``max_length`` tokens; without any, the best-ranked training responses."""
+    ``demonstrations`` that fit in ``max_length`` tokens; without any, the best-ranked training responses.
+    ``progress``: show a bar while the demonstrations are tokenized."""
     if demonstrations is None:
         demos = best_ranked(train, encoded)
         return demos, f"the {len(demos)} best-ranked training responses (no rm.demonstrations)"
     demos = []
-    for demo in read_data(demonstrations, "conversation")[1]:
+    for demo in tracked(read_data(demonstrations, "conversation")[1], f"rm: tokenizing {demonstrations}", "demonstration", progress):
         with located(demo.where):
             demos.append(tokenize_conversation(tokenizer, demo.messages, demo.tools).input_ids)
     fitting = [ids for ids in demos if len(ids) <= max_length]
@@ -104,7 +105,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     # comparisons whose every response fits, and of those the held-out ones, by prompt, for the diagnostics
     max_length = length_cap(model, cfg.max_length, "rm.max_length")
     encoded = []
-    for record in records:
+    for record in tracked(records, f"rm: tokenizing {data}", "comparison", accelerator.is_main_process):
         with located(f"{data}: comparison '{record.id}'"):  # the id a record gives, else the file's name and the record's number
             encoded.append(encode_comparison(tokenizer, record))
     fits = [i for i, seqs in enumerate(encoded) if max(map(len, seqs)) <= max_length]
@@ -122,7 +123,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     # the built-in world, when the comparisons are its own or this run already has it (people ranked its prompts)
     has_world = cfg.data is None or WorldFiles(root / "world").manifest.is_file()
     world = build_world_once(config.world, root / "world", accelerator) if has_world else None
-    demos, centred = centring_set(cfg.demonstrations or (world.demonstrations if world else None), tokenizer, train, encoded, max_length)
+    demos, centred = centring_set(cfg.demonstrations or (world.demonstrations if world else None), tokenizer, train, encoded, max_length,
+                                  accelerator.is_main_process)
     set_dropout(model.backbone, cfg.dropout)
     apply_switches(model.backbone, cfg)
     if cfg.lora.enabled:

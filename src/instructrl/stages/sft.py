@@ -24,7 +24,7 @@ from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir, given_or_earlier
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters
-from instructrl.training.progress import plural
+from instructrl.training.progress import plural, tracked
 from instructrl.world.build import build_world_once, load_tasks
 from instructrl.world.labeler import SimulatedLabeler
 
@@ -32,16 +32,18 @@ SECTIONS = ("run", "world", "sft")
 UPSTREAM = ("tokenizer", "model", "pretrain")  # part of the identity when SFT starts from this run's base model
 
 
-def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str = "auto", log=None) -> tuple[list[TokenizedConversation], int]:
+def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str = "auto", log=None,
+                        progress: bool = False) -> tuple[list[TokenizedConversation], int]:
     """Tokenized examples of a demonstrations file in any SFT format (``instructrl.data.formats``);
-    also how many were too long. ``log`` is warned of empty answers, which teach the model to stop at once."""
+    also how many were too long. ``log`` is warned of empty answers, which teach the model to stop at once.
+    ``progress``: show a bar while they are tokenized."""
     demos = read_data(path, "demonstration", data_format)[1]
     empty = empty_answers(demos)
     if empty and log is not None:
         log(f"warning: {plural(len(empty), 'demonstration')} of {path} {'has' if len(empty) == 1 else 'have'} an empty answer (first at {empty[0]}); "
             f"SFT teaches the model to end its answer at once there")
     examples, too_long = [], 0
-    for demo in demos:
+    for demo in tracked(demos, f"sft: tokenizing {path}", "demonstration", progress):
         with located(demo.where):
             example = tokenize_conversation(tokenizer, demo.messages, demo.tools) if demo.messages is not None else tokenize_text(tokenizer, demo.text)
         if len(example.input_ids) > max_length:
@@ -98,7 +100,8 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     with located("sft.model"):
         model = load_causal_lm(model_path, dropout=cfg.dropout, tokenizer=tokenizer)
     max_length = length_cap(model, cfg.max_length, "sft.max_length")
-    examples, too_long = load_demonstrations(data_path, tokenizer, max_length, cfg.data_format, lambda line: log(f"sft: {line}"))
+    examples, too_long = load_demonstrations(data_path, tokenizer, max_length, cfg.data_format, lambda line: log(f"sft: {line}"),
+                                             accelerator.is_main_process)
     apply_switches(model, cfg)
     if cfg.lora.enabled:
         with located("sft.lora.target_modules"):

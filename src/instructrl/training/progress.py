@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column
 from rich.text import Text
+
+T = TypeVar("T")
 
 
 class _Progress(Progress):
@@ -105,3 +109,21 @@ def progress_bar(enabled: bool = True, console: Console | None = None, every_s: 
         _StatusColumn("{task.fields[status]}", table_column=Column()),  # Column(): may shrink (a TextColumn is no_wrap)
         disable=not enabled, transient=transient, console=console or log_console(), every_s=every_s,
     )
+
+
+@contextmanager
+def counting(description: str, total: int | None, unit: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A bar for a setup phase (reading, tokenizing, packing a user's file), cleared when it ends:
+    minutes of it would otherwise pass in silence. Yields ``done(n)``, to be told the count so far.
+    ``enabled``: in the main process only, as every process reads the same file."""
+    with progress_bar(enabled, transient=True) as bar:
+        task = bar.add_task(description, total=total, unit=unit, status="")
+        yield lambda n: bar.update(task, completed=n)
+
+
+def tracked(items: Sequence[T], description: str, unit: str, enabled: bool = True) -> Iterator[T]:
+    """Each of ``items``, counted by a ``counting`` bar."""
+    with counting(description, len(items), unit, enabled) as done:
+        for number, item in enumerate(items, start=1):
+            yield item
+            done(number)
