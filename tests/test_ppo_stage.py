@@ -302,6 +302,21 @@ def test_a_reward_model_with_another_tokenizer_is_refused_before_the_run_folder_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_broken_line_of_ptx_data_is_refused_before_the_prompts_are_encoded_and_the_models_loaded(tmp_path, smoke_rm, monkeypatch):
+    """A user's pretraining text is read first: a bad line deep in it costs seconds, not the whole setup."""
+    from instructrl.errors import UserError
+    from instructrl.stages import ppo
+
+    ptx = tmp_path / "ptx.jsonl"
+    ptx.write_text('{"text": "one"}\n{"text": \n')
+    monkeypatch.setattr(ppo, "encode_prompts", lambda *a, **k: pytest.fail("the prompts were encoded before the text was read"))
+    config = load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"ppo.policy={smoke_rm / 'pretrain' / 'final'}",
+                                 f"ppo.reward_model={smoke_rm / 'rm' / 'final'}", f"ppo.ptx_data={ptx}"])
+    with pytest.raises(UserError, match="ptx.jsonl.*2"):
+        ppo.run_ppo(config, log=lambda *_: None)
+    assert not (tmp_path / "run" / "ppo_ptx").exists()
+
+
 @pytest.mark.parametrize("ptx", [0.0, 1.0])
 def test_ppo_stage_on_smoke(tmp_path, smoke_rm, ptx):
     base = smoke_rm / "pretrain" / "final"

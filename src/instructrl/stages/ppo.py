@@ -229,10 +229,10 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     with located("ppo.policy"):
         policy = load_causal_lm(paths.policy, dropout=0.0, tokenizer=tokenizer)  # dropout off in every model during RL
     max_length = context_length(policy)
+    ptx_blocks = pretraining_blocks(cfg, world, tokenizer, max_length, stage, accelerator.is_main_process)  # a bad line before the slow setup
     n_read = len(prompts)
     prompts, encoded = encode_prompts(prompts, tokenizer, cfg, max_length, stage, accelerator.is_main_process)
     policy, reference, reward_model, value_model = load_models(cfg, paths, policy, tokenizer, stage)
-    ptx_blocks = pretraining_blocks(cfg, world, tokenizer, max_length, stage, accelerator.is_main_process)
     run.start(restart, log)
     run.write_lineage({"policy": paths.policy, "reference": paths.reference, "reward_model": paths.reward_model, "value_model": paths.value_model,
                        "prompts": cfg.prompts or world.prompts("ppo"), "ptx_data": (cfg.ptx_data or world.corpus) if ptx_blocks is not None else None})
