@@ -385,12 +385,13 @@ def test_under_a_launch_the_process_that_stops_first_says_why_and_the_others_fol
     assert _run_as(0, KeyboardInterrupt(), monkeypatch, capsys) == (130, "")
 
 
-def test_under_a_launch_an_interrupt_or_a_crash_on_one_process_is_said_once(a_launch, monkeypatch, capsys):
+def test_under_a_launch_an_interrupt_or_a_crash_on_one_process_is_said_once(a_launch, tmp_path, monkeypatch, capsys):
     status, err = _run_as(1, KeyboardInterrupt(), monkeypatch, capsys)
     assert status == 130 and err.strip() == "interrupted: run the same command again to resume from the last checkpoint"
     a_launch.set("instructrl/stopped/0", "0")  # a new launch: nobody has stopped yet
-    with pytest.raises(RuntimeError, match="out of memory"):  # a crash keeps its traceback
+    with pytest.raises(RuntimeError, match="out of memory"):  # a crash keeps its traceback, and the launcher's summary names it
         _run_as(1, RuntimeError("CUDA out of memory"), monkeypatch, capsys)
+    assert json.loads((tmp_path / "error.json").read_text())["message"] == "RuntimeError: CUDA out of memory"
 
 
 def test_without_the_launchers_store_the_main_process_says_why(monkeypatch, capsys):

@@ -83,7 +83,8 @@ def test_bad_input_that_one_process_or_every_process_meets_is_said_once_and_stop
     from test_parity import _launch
 
     def our_lines(stderr: str) -> list[str]:
-        assert "Connection closed by peer" not in stderr  # the other process, stopped in its wake, says nothing
+        # the other process, stopped in its wake (a broken collective, then the launcher's SIGTERM), says nothing
+        assert "Connection closed by peer" not in stderr and "KeyboardInterrupt" not in stderr
         return [line for line in stderr.splitlines() if line.startswith(("error:", "interrupted:", "terminated:"))]
 
     sft = ["sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={smoke_base / 'pretrain' / 'final'}"]

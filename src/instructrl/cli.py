@@ -588,16 +588,18 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def run() -> None:
-    """Entry point: turn a UserError into one line on stderr and exit status 2."""
+    """Entry point: turn a UserError into one line on stderr and exit status 2; of several processes, the
+    first to stop says why (``_first_to_stop``)."""
     signal.signal(signal.SIGTERM, _on_sigterm)  # serve and label: uvicorn installs its own while it runs
     _state.pop("first_to_stop", None)
     try:
         _run_app()
-    except Exception:
+    except Exception as crash:
         # a bug or running out of memory shows its traceback; a collective broken because another process
         # of the launch stopped first (gloo: "Connection closed by peer") follows from that one's message
         if not _first_to_stop():
             sys.exit(1)
+        _tell_launcher(f"{type(crash).__name__}: {crash}")
         raise
     finally:
         _close_process_group()
@@ -627,15 +629,20 @@ def _run_app() -> None:
 
 
 def _say_why(message: str, error: bool = True) -> None:
-    """One line on stderr saying why the command stops, from the first process of its launch to stop;
-    torchrun's failure summary, which ``accelerate launch`` prints last, then names it as the root cause."""
+    """One line on stderr saying why the command stops, from the first process of its launch to stop
+    (and in the failure summary ``accelerate launch`` prints last)."""
     if not _first_to_stop():
         return
     console.print(("[bold red]error:[/bold red] " if error else "") + escape(message), highlight=False, soft_wrap=True)
+    _tell_launcher(("error: " if error else "") + message)
+
+
+def _tell_launcher(message: str) -> None:
+    """Write ``message`` to torchrun's error file, whose failure summary then names it as the root cause."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         with contextlib.suppress(OSError):  # the full disk this may report
-            Path(error_file).write_text(json.dumps({"message": ("error: " if error else "") + message, "timestamp": int(time.time())}))
+            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
 
 
 def _first_to_stop() -> bool:
