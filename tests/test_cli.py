@@ -402,3 +402,5 @@ def test_without_the_launchers_store_the_main_process_says_why(monkeypatch, caps
     assert _run_as(1, UserError("bad"), monkeypatch, capsys) == (2, "")
     status, err = _run_as(0, UserError("bad"), monkeypatch, capsys)
     assert status == 2 and err.strip() == "error: bad"
+    with pytest.raises(RuntimeError, match="out of memory"):  # any process's crash shows its traceback
+        _run_as(1, RuntimeError("CUDA out of memory"), monkeypatch, capsys)

@@ -597,7 +597,7 @@ def run() -> None:
     except Exception as crash:
         # a bug or running out of memory shows its traceback; a collective broken because another process
         # of the launch stopped first (gloo: "Connection closed by peer") follows from that one's message
-        if not _first_to_stop():
+        if _first_to_stop() is False:
             sys.exit(1)
         _tell_launcher(f"{type(crash).__name__}: {crash}")
         raise
@@ -631,7 +631,8 @@ def _run_app() -> None:
 def _say_why(message: str, error: bool = True) -> None:
     """One line on stderr saying why the command stops, from the first process of its launch to stop
     (and in the failure summary ``accelerate launch`` prints last)."""
-    if not _first_to_stop():
+    first = _first_to_stop()
+    if not (_is_main_process() if first is None else first):  # without the launcher's store, the main process speaks
         return
     console.print(("[bold red]error:[/bold red] " if error else "") + escape(message), highlight=False, soft_wrap=True)
     _tell_launcher(("error: " if error else "") + message)
@@ -645,14 +646,14 @@ def _tell_launcher(message: str) -> None:
             Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
 
 
-def _first_to_stop() -> bool:
-    """Whether this process, stopping early, is the first of its launch to stop, and so the one to say why.
+def _first_to_stop() -> bool | None:
+    """Whether this process, stopping early, is the first of its launch to stop, and so the one to say why;
+    None when it cannot know (several processes, and no launcher's store to count them in).
 
     Under `accelerate launch` every process meets the same bad input, or one process alone fails (a
     checkpoint only the main process writes, a file only its own rank reads); either way the launcher
     then stops the others (SIGTERM) or their collectives break, and one message says why, from the
-    process that knows. The first to stop is counted in the launcher's store; without one, the main
-    process speaks."""
+    process that knows. The first to stop is counted in the store of torchrun's agent."""
     if "first_to_stop" not in _state:
         # this process is leaving: the launcher's SIGTERM to the others must not cut its message short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -660,11 +661,11 @@ def _first_to_stop() -> bool:
     return _state["first_to_stop"]
 
 
-def _claim_first_stop() -> bool:
+def _claim_first_stop() -> bool | None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return True
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not launched by torchrun's agent (accelerate launch's)
-        return _is_main_process()
+        return None
     from datetime import timedelta
 
     from torch.distributed import TCPStore
@@ -674,7 +675,7 @@ def _claim_first_stop() -> bool:
         # the agent's store outlives the workers; a restarted worker group counts afresh
         return store.add(f"instructrl/stopped/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", 1) == 1
     except (RuntimeError, OSError, KeyError, ValueError):  # the launcher is gone
-        return _is_main_process()
+        return None
 
 
 def _how_to_resume() -> str:
