@@ -334,3 +334,73 @@ def test_config_given_twice_layers_the_second_file_over_the_first(tmp_path):
     assert shown["ppo"]["lr"] == 3e-6 and smoke["ppo"]["lr"] != 3e-6
     shown["ppo"]["lr"] = smoke["ppo"]["lr"]
     assert shown == smoke  # the rest is the first file's
+
+
+@pytest.fixture
+def a_launch(tmp_path, monkeypatch):
+    """This test as one process of a 2-process `accelerate launch` (torchrun's agent): the agent's
+    store, in which the processes of the launch count who stops first, and this process's error file."""
+    import signal
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from ports import free_port
+
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    for name, value in {"WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port), "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json")}.items():
+        monkeypatch.setenv(name, value)
+    sigterm = signal.getsignal(signal.SIGTERM)  # run() installs its own handlers in this test process
+    yield store
+    signal.signal(signal.SIGTERM, sigterm)
+
+
+def _run_as(rank: int, failure: BaseException, monkeypatch, capsys) -> tuple[int, str]:
+    """``instructrl.cli.run()`` as process ``rank`` of the launch, its command raising ``failure``: exit status and stderr."""
+    from instructrl import cli as cli_module
+
+    def command():
+        raise failure
+
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(cli_module, "app", command)
+    with pytest.raises(SystemExit) as exit_:
+        cli_module.run()
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_under_a_launch_the_process_that_stops_first_says_why_and_the_others_follow_silently(a_launch, tmp_path, monkeypatch, capsys):
+    from instructrl.errors import UserError
+
+    # rank 1 alone meets bad input (a file only it reads): it says so, though it is not the main process
+    status, err = _run_as(1, UserError("d.jsonl:7: not valid JSON"), monkeypatch, capsys)
+    assert status == 2 and err.strip() == "error: d.jsonl:7: not valid JSON"
+    # and the launcher's failure summary names it (torchrun's error file)
+    assert json.loads((tmp_path / "error.json").read_text())["message"] == "error: d.jsonl:7: not valid JSON"
+    # rank 0 then meets the same bad input, or its collective breaks as rank 1 leaves, or the launcher stops it: no second word
+    assert _run_as(0, UserError("d.jsonl:7: not valid JSON"), monkeypatch, capsys) == (2, "")
+    assert _run_as(0, RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:4242"), monkeypatch, capsys) == (1, "")
+    assert _run_as(0, KeyboardInterrupt(), monkeypatch, capsys) == (130, "")
+
+
+def test_under_a_launch_an_interrupt_or_a_crash_on_one_process_is_said_once(a_launch, tmp_path, monkeypatch, capsys):
+    status, err = _run_as(1, KeyboardInterrupt(), monkeypatch, capsys)
+    assert status == 130 and err.strip() == "interrupted: run the same command again to resume from the last checkpoint"
+    a_launch.set("instructrl/stopped/0", "0")  # a new launch: nobody has stopped yet
+    with pytest.raises(RuntimeError, match="out of memory"):  # a crash keeps its traceback, and the launcher's summary names it
+        _run_as(1, RuntimeError("CUDA out of memory"), monkeypatch, capsys)
+    assert json.loads((tmp_path / "error.json").read_text())["message"] == "RuntimeError: CUDA out of memory"
+
+
+def test_without_the_launchers_store_the_main_process_says_why(monkeypatch, capsys):
+    from instructrl.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert _run_as(1, UserError("bad"), monkeypatch, capsys) == (2, "")
+    status, err = _run_as(0, UserError("bad"), monkeypatch, capsys)
+    assert status == 2 and err.strip() == "error: bad"
+    with pytest.raises(RuntimeError, match="out of memory"):  # any process's crash shows its traceback
+        _run_as(1, RuntimeError("CUDA out of memory"), monkeypatch, capsys)

@@ -59,7 +59,9 @@ def test_lora_under_fsdp_is_refused_with_a_clear_message(tmp_path):
     proc = _launch("-m", "instructrl", "sft", "-c", str(SMOKE), *_stage_overrides(tmp_path / "run", model, data), "sft.lora.enabled=true",
                    config="fsdp_cpu", check=False)
     assert proc.returncode != 0
-    assert " ".join((proc.stdout + proc.stderr).split()).count("LoRA under FSDP is not supported") == 1  # said once, not per process
+    said = [line for line in proc.stderr.splitlines() if line.startswith("error: LoRA under FSDP is not supported")]
+    assert len(said) == 1  # said once, not per process; and the launcher's failure summary names it as the root cause
+    assert f"traceback : {said[0]}" in proc.stderr
     assert not (tmp_path / "run" / "sft" / "final").exists()
 
 

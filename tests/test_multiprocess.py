@@ -1,4 +1,4 @@
-"""SFT in two CPU processes (gloo) under ``torchrun``: it trains, and each process sees its own data."""
+"""SFT in two CPU processes (gloo) under ``torchrun``: it trains, each process sees its own data, and bad input stops every process with one message."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from conftest import SMOKE
 
+import pytest
 import torch
 
 from instructrl.config import load_config
@@ -59,3 +60,44 @@ def test_sft_in_two_processes(tmp_path, smoke_base):
         seen1 = [i for micro in b["indices"] for i in micro]
         assert not set(seen0) & set(seen1)
         assert sorted(seen0 + seen1) == sorted(order.global_batch(a["step"]))
+
+
+RANK_1_FAILS = """
+import os
+import sys
+
+from instructrl import cli, rundir
+from instructrl.errors import UserError
+
+if os.environ["RANK"] == "1":  # a bad line in a file only this process reads, while rank 0 goes on into the collectives
+    def start(self, *args, **kwargs):
+        raise UserError("demos.jsonl:35: only rank 1 reads this line")
+
+    rundir.RunDir.start = start
+cli.run()
+"""
+
+
+@pytest.mark.slow
+def test_bad_input_that_one_process_or_every_process_meets_is_said_once_and_stops_the_launch(tmp_path, smoke_base):
+    from test_parity import _launch
+
+    def our_lines(stderr: str) -> list[str]:
+        # the other process, stopped in its wake (a broken collective, then the launcher's SIGTERM), says nothing
+        assert "Connection closed by peer" not in stderr and "KeyboardInterrupt" not in stderr
+        return [line for line in stderr.splitlines() if line.startswith(("error:", "interrupted:", "terminated:"))]
+
+    sft = ["sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={smoke_base / 'pretrain' / 'final'}"]
+    script = tmp_path / "rank_1_fails.py"
+    script.write_text(RANK_1_FAILS)
+    proc = _launch(str(script), *sft, check=False)
+    assert proc.returncode != 0
+    assert our_lines(proc.stderr) == ["error: demos.jsonl:35: only rank 1 reads this line"]
+    assert "traceback : error: demos.jsonl:35: only rank 1 reads this line" in proc.stderr  # the launcher's summary names it
+
+    broken = tmp_path / "demos.jsonl"
+    lines = (smoke_base / "world" / "demonstrations.jsonl").read_text().splitlines()
+    broken.write_text("\n".join(lines[:10] + [lines[10][:40]] + lines[11:]) + "\n")
+    proc = _launch("-m", "instructrl", *sft, f"sft.data={broken}", check=False)
+    assert proc.returncode != 0
+    assert len(our_lines(proc.stderr)) == 1 and our_lines(proc.stderr)[0].startswith(f"error: {broken}:11: ")

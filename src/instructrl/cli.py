@@ -7,12 +7,14 @@ line or key and exit status 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import json
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -232,8 +234,6 @@ def pipeline(
     run.dir/round<r>/ ranking collect.n_prompts new prompts; collect.judgements=FILE trains on people's
     rankings (instructrl label export) instead of the simulated labelers', in one round.
     """
-    import time
-
     from instructrl.evaluation.evaluate import results_table
     from instructrl.evaluation.report import headline
     from instructrl.pipeline import run_pipeline
@@ -588,32 +588,94 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def run() -> None:
-    """Entry point: turn a UserError into one line on stderr and exit status 2."""
+    """Entry point: turn a UserError into one line on stderr and exit status 2; of several processes, the
+    first to stop says why (``_first_to_stop``)."""
     signal.signal(signal.SIGTERM, _on_sigterm)  # serve and label: uvicorn installs its own while it runs
+    _state.pop("first_to_stop", None)
+    try:
+        _run_app()
+    except Exception as crash:
+        # a bug or running out of memory shows its traceback; a collective broken because another process
+        # of the launch stopped first (gloo: "Connection closed by peer") follows from that one's message
+        if _first_to_stop() is False:
+            sys.exit(1)
+        _tell_launcher(f"{type(crash).__name__}: {crash}")
+        raise
+    finally:
+        _close_process_group()
+
+
+def _run_app() -> None:
     try:
         app()
     except UserError as err:
         if _state["debug"]:
             raise
-        if _is_main_process():  # every process of `accelerate launch` meets the same bad input: say it once
-            console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        _say_why(str(err))
         sys.exit(2)
     except OSError as err:  # a full disk, a read-only or forbidden folder: checkpoints written so far are whole
         if _state["debug"] or err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
             raise
         where = f" {err.filename}" if err.filename else ""
-        console.print(f"[bold red]error:[/bold red] cannot write{escape(where)}: {escape(err.strerror or str(err))}; "
-                      f"make room or fix the folder, then {_how_to_resume()}", highlight=False, soft_wrap=True)
+        _say_why(f"cannot write{where}: {err.strerror or err}; make room or fix the folder, then {_how_to_resume()}")
         sys.exit(1)
     except (KeyboardInterrupt, SystemExit) as exit_:
         # typer turns Ctrl-C into exit status 130
         if isinstance(exit_, KeyboardInterrupt) or exit_.code == 130:
             terminated = _state.get("terminated", False)
-            _log(f"{'terminated' if terminated else 'interrupted'}: {_how_to_resume()} from the last checkpoint")
+            _say_why(f"{'terminated' if terminated else 'interrupted'}: {_how_to_resume()} from the last checkpoint", error=False)
             sys.exit(143 if terminated else 130)
         raise
-    finally:
-        _close_process_group()
+
+
+def _say_why(message: str, error: bool = True) -> None:
+    """One line on stderr saying why the command stops, from the first process of its launch to stop
+    (and in the failure summary ``accelerate launch`` prints last)."""
+    first = _first_to_stop()
+    if not (_is_main_process() if first is None else first):  # without the launcher's store, the main process speaks
+        return
+    console.print(("[bold red]error:[/bold red] " if error else "") + escape(message), highlight=False, soft_wrap=True)
+    _tell_launcher(("error: " if error else "") + message)
+
+
+def _tell_launcher(message: str) -> None:
+    """Write ``message`` to torchrun's error file, whose failure summary then names it as the root cause."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):  # the full disk this may report
+            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+
+
+def _first_to_stop() -> bool | None:
+    """Whether this process, stopping early, is the first of its launch to stop, and so the one to say why;
+    None when it cannot know (several processes, and no launcher's store to count them in).
+
+    Under `accelerate launch` every process meets the same bad input, or one process alone fails (a
+    checkpoint only the main process writes, a file only its own rank reads); either way the launcher
+    then stops the others (SIGTERM) or their collectives break, and one message says why, from the
+    process that knows. The first to stop is counted in the store of torchrun's agent."""
+    if "first_to_stop" not in _state:
+        # this process is leaving: the launcher's SIGTERM to the others must not cut its message short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _state["first_to_stop"] = _claim_first_stop()
+    return _state["first_to_stop"]
+
+
+def _claim_first_stop() -> bool | None:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not launched by torchrun's agent (accelerate launch's)
+        return None
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    try:
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=10))
+        # the agent's store outlives the workers; a restarted worker group counts afresh
+        return store.add(f"instructrl/stopped/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", 1) == 1
+    except (RuntimeError, OSError, KeyError, ValueError):  # the launcher is gone
+        return None
 
 
 def _how_to_resume() -> str:
