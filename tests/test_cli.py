@@ -129,6 +129,45 @@ def test_model_name_that_is_neither_a_folder_nor_reachable(tmp_path, monkeypatch
     assert not (tmp_path / "run" / "sft").exists()
 
 
+def test_the_hub_is_probed_without_an_http_client_we_do_not_depend_on(monkeypatch):
+    # httpx came only with the dev extras: without them, a hub name not in the cache was a ModuleNotFoundError
+    import http.server
+    import sys
+    import threading
+
+    from huggingface_hub import constants
+    from ports import free_port
+
+    from instructrl.models.base import _hub_reachable
+
+    monkeypatch.setitem(sys.modules, "httpx", None)  # `import httpx` fails, as where it is not installed
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def reachable(endpoint: str) -> bool:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        _hub_reachable.cache_clear()
+        return _hub_reachable()
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):  # noqa: N802
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert reachable(f"http://127.0.0.1:{server.server_port}")  # an error status is still an answer
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not reachable(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert not reachable("not a url")
+    _hub_reachable.cache_clear()
+
+
 def test_model_folder_without_its_tokenizer(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

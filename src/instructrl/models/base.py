@@ -95,17 +95,23 @@ def _check_not_adapter(name_or_path: str) -> None:
 
 @functools.cache
 def _hub_reachable() -> bool:
-    """One quick request to the Hub's endpoint (honouring HF_HUB_OFFLINE, HF_ENDPOINT and proxies)."""
-    import httpx
+    """One quick request to the Hub's endpoint (honouring HF_HUB_OFFLINE, HF_ENDPOINT and proxies).
+    With the standard library: no HTTP client is among our dependencies, and huggingface_hub's own
+    differs between its versions (requests before 1.0)."""
+    import urllib.error
+    import urllib.request
+
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
     try:
-        httpx.head(constants.ENDPOINT, timeout=5.0)
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=5.0).close()
+    except urllib.error.HTTPError:  # an answer, even an error status, is a Hub that can be reached
         return True
-    except httpx.HTTPError:
+    except (OSError, ValueError):  # no connection, a timeout, or an endpoint that is no URL
         return False
+    return True
 
 
 PAD_TOKEN = "<|pad|>"
