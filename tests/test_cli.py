@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -173,7 +174,7 @@ def test_model_folder_without_its_tokenizer(tmp_path):
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "model")
     proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={tmp_path / 'model'}", check=False)
-    _assert_clean_error(proc, "turns text into no tokens", "tokenizer.save_pretrained")
+    _assert_clean_error(proc, f"tokenizer '{tmp_path / 'model'}'", "is its tokenizer saved there (tokenizer.save_pretrained)?")
     assert not (tmp_path / "run" / "sft").exists()
 
 
@@ -333,7 +334,8 @@ def test_top_level_help_says_what_instructrl_is_and_how_stages_are_configured():
 
 def test_stage_help_lists_its_own_keys_first_with_defaults_as_yaml_writes_them():
     out = _help("sft")
-    assert "[OPTIONS] [KEY=VALUE]..." in out  # not typer's [overrides]...
+    # not typer's [overrides]...; how typer brackets an optional, repeatable argument differs between its versions
+    assert re.search(r"\[OPTIONS\] \[?KEY=VALUE\]?(\.\.\.)?", out)
     # the model and data a newcomer sets come before the training knobs every stage shares
     assert out.index("sft.model = -") < out.index("sft.data = -") < out.index("sft.batch_size = 32") < out.index("sft.attn_implementation = -")
     # as they are typed in a file or an override, not as Python prints them (False, ['all-linear']); rich read [all-linear] as markup

@@ -231,12 +231,15 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
 
     name_or_path = str(name_or_path)
     _check_exists(name_or_path, "tokenizer")
+    unsaved = "is its tokenizer saved there (tokenizer.save_pretrained)?"
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load tokenizer '{name_or_path}': {str(err).splitlines()[0]}") from None
-    if not tokenizer("Hello world", add_special_tokens=False).input_ids:  # e.g. a model folder saved without its tokenizer
-        raise UserError(f"tokenizer '{name_or_path}' turns text into no tokens; is its tokenizer saved there (tokenizer.save_pretrained)?")
+    except TypeError:  # transformers 4.x on a model folder saved without its tokenizer: it opens a vocabulary file of None
+        raise UserError(f"tokenizer '{name_or_path}' has no vocabulary file; {unsaved}") from None
+    if not tokenizer("Hello world", add_special_tokens=False).input_ids:  # transformers 5 on a model folder saved without its tokenizer
+        raise UserError(f"tokenizer '{name_or_path}' turns text into no tokens; {unsaved}")
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{name_or_path}' has no EOS token")
     if not for_chat:
