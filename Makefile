@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 
-.PHONY: install chromium demo test test-slow bench clean
+.PHONY: install chromium demo test test-slow test-min bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ test: install chromium  ## the whole default suite (slow end-to-end checks exclu
 
 test-slow: install chromium  ## the slow end-to-end checks only
 	$(BIN)/python -m pytest -q -m slow
+
+# The lowest versions pyproject.toml allows (constraints/min.txt; torch is TORCH_SPEC's), in a venv of their own
+MIN_VENV ?= .venv-min
+test-min: chromium  ## the default suite against the lowest declared versions: do the lower bounds still hold?
+	rm -rf $(MIN_VENV) && $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip -q --disable-pip-version-check install $(TORCH_SPEC) $(TORCH_PIP_ARGS) 2>&1 | grep -v "is ignored" || true
+	$(MIN_VENV)/bin/python -m pip -q --disable-pip-version-check install -c constraints/min.txt -e '.[dev]' 2>&1 | grep -v "is ignored" || true
+	$(MIN_VENV)/bin/python -m pip check
+	$(MIN_VENV)/bin/python -m pytest -q
 
 clean:
 	rm -rf runs/smoke runs/test

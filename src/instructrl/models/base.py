@@ -95,17 +95,23 @@ def _check_not_adapter(name_or_path: str) -> None:
 
 @functools.cache
 def _hub_reachable() -> bool:
-    """One quick request to the Hub's endpoint (honouring HF_HUB_OFFLINE, HF_ENDPOINT and proxies)."""
-    import httpx
+    """One quick request to the Hub's endpoint (honouring HF_HUB_OFFLINE, HF_ENDPOINT and proxies).
+    With the standard library: no HTTP client is among our dependencies, and huggingface_hub's own
+    differs between its versions (requests before 1.0)."""
+    import urllib.error
+    import urllib.request
+
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
     try:
-        httpx.head(constants.ENDPOINT, timeout=5.0)
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=5.0).close()
+    except urllib.error.HTTPError:  # an answer, even an error status, is a Hub that can be reached
         return True
-    except httpx.HTTPError:
+    except (OSError, ValueError):  # no connection, a timeout, or an endpoint that is no URL
         return False
+    return True
 
 
 PAD_TOKEN = "<|pad|>"
@@ -225,12 +231,15 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
 
     name_or_path = str(name_or_path)
     _check_exists(name_or_path, "tokenizer")
+    unsaved = "is its tokenizer saved there (tokenizer.save_pretrained)?"
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load tokenizer '{name_or_path}': {str(err).splitlines()[0]}") from None
-    if not tokenizer("Hello world", add_special_tokens=False).input_ids:  # e.g. a model folder saved without its tokenizer
-        raise UserError(f"tokenizer '{name_or_path}' turns text into no tokens; is its tokenizer saved there (tokenizer.save_pretrained)?")
+    except TypeError:  # transformers 4.x on a model folder saved without its tokenizer: it opens a vocabulary file of None
+        raise UserError(f"tokenizer '{name_or_path}' has no vocabulary file; {unsaved}") from None
+    if not tokenizer("Hello world", add_special_tokens=False).input_ids:  # transformers 5 on a model folder saved without its tokenizer
+        raise UserError(f"tokenizer '{name_or_path}' turns text into no tokens; {unsaved}")
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{name_or_path}' has no EOS token")
     if not for_chat:

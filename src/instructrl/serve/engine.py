@@ -355,11 +355,22 @@ def joins_rows(model) -> bool:
     """Whether ``model``'s sequences can share a batch that they join and leave at any step: whether each layer
     of its cache holds keys and values by position, which left padding, merging and cutting columns keep exact.
     A recurrent layer's state (Mamba's, LFM2's convolution, Qwen3-Next's linear attention) sums up its sequence,
-    padding included, and transformers cannot drop a row of it."""
+    padding included, and transformers cannot drop a row of it.
+    The cache asked of is the one a forward pass returns: transformers 4.x gives such models a cache class
+    of their own, and there ``DynamicCache(config=...)`` would list plain layers for them."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    return all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in DynamicCache(config=model.config).layers)
+    cache = returned_cache(model)
+    return isinstance(cache, DynamicCache) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers)
+
+
+@torch.no_grad()
+def returned_cache(model):
+    """The cache ``model``'s forward pass returns for a prompt of two tokens (None for none). Two, not one:
+    transformers 4.x's RecurrentGemma sets up its state only for a prompt longer than one token."""
+    out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device), use_cache=True)
+    return out.get("past_key_values", out.get("cache"))
 
 
 def has_sliding_layers(model) -> bool:

@@ -10,7 +10,7 @@ from torch import nn
 
 from instructrl.errors import UserError
 from instructrl.models.base import inference_device, load_causal_lm, load_tokenizer
-from instructrl.serve.engine import Engine
+from instructrl.serve.engine import Engine, returned_cache
 
 QUANTIZE_CHOICES = ("none", "int8")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -89,11 +89,9 @@ def load_engine(path: str, quantize: str = "none", device: str | None = None, dt
     return Engine(model, tokenizer, **engine_options)
 
 
-@torch.no_grad()
 def refuse_stateful(model: nn.Module, path: str) -> None:
     """A model whose forward pass returns no cache keeps its state in its own modules (RecurrentGemma),
     and a call without one starts it afresh: the engine could not continue any answer, so none is served."""
-    out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), use_cache=True)
-    if "cache" not in out and "past_key_values" not in out:
+    if returned_cache(model) is None:
         raise UserError(f"model '{path}' ({type(model).__name__}) returns no cache from its forward pass: it keeps its state in its "
                         "own modules, one sequence at a time, and instructrl serve cannot continue its answers")
