@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from instructrl.data.records import is_learnt, is_tool_turn
@@ -51,14 +52,22 @@ def check_renders_tools(tokenizer) -> None:
     """A UserError unless the chat template writes tool definitions, tool calls and tool results
     into the text (many Hugging Face templates do); one that knows only system, user and assistant
     turns would drop them, and the model would learn answers to results it never saw."""
+    refusal = _tool_rendering_refusal(tokenizer, str(tokenizer.chat_template))
+    if refusal is not None:
+        raise UserError(refusal)
+
+
+@functools.cache  # once per tokenizer and template, not once per conversation that calls tools
+def _tool_rendering_refusal(tokenizer, template: str) -> str | None:
     try:
         text = render_text(tokenizer, _PROBE, add_generation_prompt=False, tools=_PROBE_TOOLS)
     except UserError as err:
-        raise UserError(f"the model's chat template cannot render tool calls and results: {err}") from None
+        return f"the model's chat template cannot render tool calls and results: {err}"
     missing = [f"{what}s" for what in ("definition", "call", "result") if f"instructrl-tool-{what}" not in text]
     if missing:
-        raise UserError(f"the model's chat template does not render tool {' and '.join(missing)} (it would drop them); "
-                        "give a model whose template renders tools, or leave the tool turns out")
+        return (f"the model's chat template does not render tool {' and '.join(missing)} (it would drop them); "
+                "give a model whose template renders tools, or leave the tool turns out")
+    return None
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> TokenizedConversation:
