@@ -299,7 +299,7 @@ def data_check(
     file:line and the exit status is 2.
     """
     from instructrl.data.formats import FORMATS, check_file, count_records, warn_of_control_tokens
-    from instructrl.training.progress import progress_bar
+    from instructrl.training.progress import counting
 
     if data_format != "auto" and data_format not in FORMATS:
         raise UserError(f"data check: unknown --format {data_format!r}; choose auto or one of {', '.join(FORMATS)}")
@@ -308,10 +308,9 @@ def data_check(
         from instructrl.models.base import load_tokenizer
 
         tokenizer = load_tokenizer(model)
-    with progress_bar(console=console, transient=True) as bar:  # on stderr: standard output is the summary's JSON
-        task = bar.add_task("data check", total=count_records(file), unit="record", status="")
-        summary = check_file(file, data_format, tokenizer, progress=lambda n: bar.update(task, completed=n))
-        bar.update(task, total=summary["records"], completed=summary["records"])
+    with counting("data check", count_records(file), "record", console=console) as done:  # on stderr: standard output is the summary's JSON
+        summary = check_file(file, data_format, tokenizer, progress=done)
+        done(summary["records"], total=summary["records"])
     details = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("file", "format", "records", "usable_as", "not_usable_as", "control_tokens"))
     _log(f"{file}: {summary['records']} {summary['format']} records" + (f" ({details})" if details else "")
          + f"; usable as {', '.join(summary['usable_as'])}")

@@ -112,13 +112,15 @@ def progress_bar(enabled: bool = True, console: Console | None = None, every_s: 
 
 
 @contextmanager
-def counting(description: str, total: int | None, unit: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+def counting(description: str, total: int | None, unit: str, enabled: bool = True,
+             console: Console | None = None) -> Iterator[Callable[..., None]]:
     """A bar for a setup phase (reading, tokenizing, packing a user's file), cleared when it ends:
-    minutes of it would otherwise pass in silence. Yields ``done(n)``, to be told the count so far.
+    minutes of it would otherwise pass in silence. Yields ``done(n, total=...)``, to be told the count
+    so far (and the total, once known where it was not: None).
     ``enabled``: in the main process only, as every process reads the same file."""
-    with progress_bar(enabled, transient=True) as bar:
+    with progress_bar(enabled, console, transient=True) as bar:
         task = bar.add_task(description, total=total, unit=unit, status="")
-        yield lambda n: bar.update(task, completed=n)
+        yield lambda n, total=total: bar.update(task, completed=n, total=total)
 
 
 def tracked(items: Sequence[T], description: str, unit: str, enabled: bool = True) -> Iterator[T]:
