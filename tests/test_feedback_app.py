@@ -93,6 +93,15 @@ def test_logging_out_ends_the_browser_session_and_leaves_the_api_token_working(p
     assert browser.get("/api/me").status_code == 401
 
 
+def test_the_session_cookie_is_secure_over_https_only(project):
+    root, pid, users, app = project
+    for base_url, secure in (("https://testserver", True), ("http://testserver", False)):
+        reply = TestClient(app, base_url=base_url).post("/login", data={"name": "ann", "password": "annann"}, follow_redirects=False)
+        cookie = reply.headers["set-cookie"].lower()
+        assert reply.status_code == 303 and "httponly" in cookie and "samesite=strict" in cookie
+        assert ("; secure" in cookie) == secure
+
+
 def test_failed_logins_are_throttled_per_account_and_per_client(project):
     # nothing limited failed logins: a script could try passwords as fast as scrypt allows
     if "client" not in inspect.signature(TestClient).parameters:
@@ -547,6 +556,10 @@ def test_twenty_labelers_at_once_then_a_crash(tmp_path):
     try:
         progress = httpx.get(f"{base}/api/projects/{pid}/progress", headers={"Authorization": f"Bearer {users['root'].token}"}).json()
         assert progress["kinds"]["rank"]["submitted"] == 60 and progress["kinds"]["rank"]["tasks_complete"] == 3
+        # behind an HTTPS proxy on this host, the session cookie is Secure; over plain HTTP it is not
+        for headers, secure in (({"X-Forwarded-Proto": "https"}, True), ({}, False)):
+            reply = httpx.post(f"{base}/login", data={"name": "root", "password": "rootroot"}, headers=headers)
+            assert reply.status_code == 303 and ("secure" in reply.headers["set-cookie"].lower()) == secure
     finally:
         server.kill()
         server.wait()

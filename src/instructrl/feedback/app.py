@@ -264,7 +264,10 @@ def login(request: Request, name: str = Form(...), password: str = Form(...), ne
     failed_logins.succeeded(name)
     # only a path on this site: "//host" would send the browser elsewhere
     response = RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
-    response.set_cookie(COOKIE, accounts.start_session(conn, user), max_age=accounts.SESSION_SECONDS, httponly=True, samesite="strict")
+    # Secure over HTTPS, directly or behind a proxy on this host (uvicorn trusts its X-Forwarded-Proto):
+    # the browser then never sends the session over plain HTTP
+    response.set_cookie(COOKIE, accounts.start_session(conn, user), max_age=accounts.SESSION_SECONDS, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
     return response
 
 
