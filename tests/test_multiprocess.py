@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import SMOKE
+from conftest import SMOKE, cli
 
 import pytest
 import torch
@@ -101,3 +101,44 @@ def test_bad_input_that_one_process_or_every_process_meets_is_said_once_and_stop
     proc = _launch("-m", "instructrl", *sft, f"sft.data={broken}", check=False)
     assert proc.returncode != 0
     assert len(our_lines(proc.stderr)) == 1 and our_lines(proc.stderr)[0].startswith(f"error: {broken}:11: ")
+
+
+STOP_AFTER_FIRST_CHECKPOINT = """
+import os
+
+from instructrl import cli
+from instructrl.training import loop
+
+save = loop.save_checkpoint
+
+
+def save_then_stop(*args, **kwargs):  # every process, once the checkpoint is complete: a pre-empted job
+    save(*args, **kwargs)
+    os._exit(0)
+
+
+loop.save_checkpoint = save_then_stop
+cli.run()
+"""
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_another_number_of_processes_ends_as_an_uninterrupted_one(tmp_path, smoke_base):
+    """Without dropout, SFT stopped at its first checkpoint in 1 process and resumed in 2 (or the
+    reverse) ends with the weights of an uninterrupted 1-process run, and the log says the count changed."""
+    from test_parity import _assert_same_weights, _launch
+
+    script = tmp_path / "stop_after_first_checkpoint.py"
+    script.write_text(STOP_AFTER_FIRST_CHECKPOINT)
+    sft = ["sft", "-c", str(SMOKE), f"sft.model={smoke_base / 'pretrain' / 'final'}", f"sft.data={smoke_base / 'world' / 'demonstrations.jsonl'}",
+           "sft.dropout=0", "sft.epochs=2"]
+    cli(*sft, f"run.dir={tmp_path / 'straight'}")
+    one_process = lambda *args: subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, check=True)  # noqa: E731
+    for first, then, written, resumed in [(one_process, _launch, "1 process", 2), (_launch, one_process, "2 processes", 1)]:
+        run_dir = tmp_path / f"{written[0]}-to-{resumed}"
+        first(str(script), *sft, f"run.dir={run_dir}")
+        assert not (run_dir / "sft" / "final").exists()
+        checkpoint = next((run_dir / "sft" / "checkpoints").glob("step-*"))
+        stderr = then("-m", "instructrl", *sft, f"run.dir={run_dir}").stderr
+        assert f"sft: {checkpoint} was written by {written} and this run has {resumed}: weights, optimizer" in " ".join(stderr.split())
+        _assert_same_weights(tmp_path / "straight" / "sft" / "final", run_dir / "sft" / "final")

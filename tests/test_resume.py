@@ -92,14 +92,107 @@ def test_a_checkpoint_cut_short_is_one_line_and_left_as_it_is(tmp_path):
     model(torch.ones(1, 4)).sum().backward()
     optimizer.step()
     saved = save_checkpoint(accelerator, tmp_path, TrainState(step=3))
-    assert load_latest_checkpoint(accelerator, tmp_path).step == 3
+    assert load_latest_checkpoint(accelerator, tmp_path, seed=0).step == 3
     for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):  # Accelerate skips the last silently
         whole = (saved / name).read_bytes()
         (saved / name).write_bytes(whole[: len(whole) // 2])
         with pytest.raises(UserError, match=f"cannot resume from the checkpoint {saved}: .*; pass --restart to start over"):
-            load_latest_checkpoint(accelerator, tmp_path)
+            load_latest_checkpoint(accelerator, tmp_path, seed=0)
         assert (saved / name).stat().st_size == len(whole) // 2  # nothing rewritten: the user decides
         (saved / name).write_bytes(whole)
+
+
+def _one_step_checkpoint(root):
+    """A checkpoint of step 3 of a one-process run of a tiny model (its Accelerator, model, checkpoint)."""
+    from accelerate import Accelerator
+
+    from instructrl.training.checkpoint import TrainState, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    return accelerator, model, save_checkpoint(accelerator, root, TrainState(step=3))
+
+
+def _as_if_written_by(checkpoint, processes: int | None) -> None:
+    """Make ``checkpoint`` look written by ``processes`` (None: by 2, in a version that did not record
+    it: one RNG state per process)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state.pop("processes")
+    if processes is not None:
+        state["processes"] = processes
+    else:
+        shutil.copy(checkpoint / "random_states_0.pkl", checkpoint / "random_states_1.pkl")
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+
+
+def test_a_checkpoint_of_another_process_count_resumes_with_fresh_random_states_and_says_so(tmp_path):
+    """Resumed on another number of processes, a checkpoint restores the weights and the step, and
+    each process's RNG starts from the run's seed, the step and its rank, the same way every time
+    (the checkpoint holds no state for it); one line says so. On its own number, its RNG state is restored."""
+    from instructrl.training.checkpoint import load_latest_checkpoint
+
+    accelerator, model, checkpoint = _one_step_checkpoint(tmp_path)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 1
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    said = []
+    assert load_latest_checkpoint(accelerator, tmp_path, seed=5, log=said.append).step == 3
+    assert said == []
+    saved_draw = torch.rand(4)
+
+    for recorded in (2, None):  # recorded in trainer_state.json, or counted from the RNG files of an older checkpoint
+        _as_if_written_by(checkpoint, recorded)
+        draws = []
+        for _ in range(2):
+            with torch.no_grad():
+                model.weight.zero_()
+            said = []
+            assert load_latest_checkpoint(accelerator, tmp_path, seed=5, log=said.append).step == 3
+            draws.append(torch.rand(4))
+            assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+            assert said == [f"{checkpoint} was written by 2 processes and this run has 1: weights, optimizer, schedule and data position "
+                            "carry over; each process's random state (dropout masks) starts afresh from run.seed"]
+        assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], saved_draw)
+
+
+def test_a_checkpoint_another_process_count_cannot_load_says_which_to_resume_with(tmp_path):
+    """FSDP's checkpoint files are not one process's: the message names both counts, not a missing file."""
+    import pytest
+
+    from instructrl.errors import UserError
+    from instructrl.training.checkpoint import load_latest_checkpoint
+
+    accelerator, _, checkpoint = _one_step_checkpoint(tmp_path)
+    _as_if_written_by(checkpoint, 2)
+    (checkpoint / "model.safetensors").rename(checkpoint / "pytorch_model_fsdp.bin")
+    with pytest.raises(UserError) as err:
+        load_latest_checkpoint(accelerator, tmp_path, seed=0)
+    assert str(err.value).startswith(f"cannot resume from the checkpoint {checkpoint}: it was written by 2 processes and this run has 1, "
+                                     "which cannot load it (")
+    assert str(err.value).endswith("); resume with 2 processes as it was launched, or pass --restart to start over")
+
+
+def test_sizes_that_do_not_divide_on_a_resume_name_the_checkpoint_and_its_process_count(tmp_path):
+    import pytest
+
+    from instructrl.config import TrainConfig
+    from instructrl.errors import UserError
+    from instructrl.training.checkpoint import sizes_for_resuming
+
+    cfg = TrainConfig(batch_size=8, micro_batch_size=4)
+    with pytest.raises(UserError) as err, sizes_for_resuming(tmp_path, 3):  # nothing to resume: the config's message alone
+        cfg.check_fits(16, 3, "demos.jsonl", "demonstrations", "sft")
+    alone = str(err.value)
+    assert alone == "config: sft.batch_size (8) must be a multiple of sft.micro_batch_size x 3 processes (12)"
+    checkpoint = tmp_path / "step-00000002"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "processes": 1}))
+    with pytest.raises(UserError) as err, sizes_for_resuming(tmp_path, 3):
+        cfg.check_fits(16, 3, "demos.jsonl", "demonstrations", "sft")
+    assert str(err.value) == (f"{alone}; the checkpoint {checkpoint} was written by 1 process and this run has 3: "
+                              "resume it with 1 process, or pass --restart with sizes that divide")
 
 
 def test_restart_discards_the_old_run(tmp_path, smoke_base):

@@ -43,7 +43,7 @@ from instructrl.rl.rollout import Rollout, left_pad_prompts, sample_responses, s
 from instructrl.rl.update import ppo_epochs
 from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_token_rewards
 from instructrl.rundir import RunDir, given_or_earlier
-from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint
+from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint, sizes_for_resuming
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
 from instructrl.training.progress import plural, progress_bar, tracked
 from instructrl.world.build import build_world_once, load_tasks, world_tasks_in
@@ -213,9 +213,10 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     if accelerator.distributed_type == "DEEPSPEED":  # Accelerate drives one engine, the last prepared: the policy would never step
         raise UserError("ppo under DeepSpeed is not supported: PPO trains two models (the policy and the value model) and Accelerate "
                         "steps one DeepSpeed engine; use configs/accelerate/fsdp.yaml or ddp.yaml (with ppo.lora.enabled=true for large models)")
-    cfg.check_sizes(accelerator.num_processes)
-    world_inputs = (cfg.policy is None or cfg.reward_model is None) if upstream is None else upstream
     stage = stage_name(config)
+    with sizes_for_resuming(Path(config.run.dir) / stage / "checkpoints", accelerator.num_processes):
+        cfg.check_sizes(accelerator.num_processes)
+    world_inputs = (cfg.policy is None or cfg.reward_model is None) if upstream is None else upstream
     run = RunDir(config, stage, SECTIONS + (UPSTREAM if world_inputs else ()), accelerator.is_main_process, accelerator.num_processes)
     if run.skip(restart, log):
         return run.path / "final"
@@ -244,7 +245,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     reference = reference.to(accelerator.device) if reference is not None else None
     for s in schedulers:
         accelerator.register_for_checkpointing(s)
-    state = load_latest_checkpoint(accelerator, run.path / "checkpoints")
+    state = load_latest_checkpoint(accelerator, run.path / "checkpoints", config.run.seed, log=lambda line: log(f"{stage}: {line}"))
     kl_ctl = KLController(state.extra.get("kl_coef", cfg.kl_coef), cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
     if state.step:
         log(f"{stage}: resuming from the checkpoint of iteration {cfg.first_iteration + state.step}")

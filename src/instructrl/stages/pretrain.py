@@ -17,6 +17,7 @@ from instructrl.models.base import build_base_model, count_parameters, load_toke
 from instructrl.models.tokenizer import train_tokenizer
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir, replace_dir
+from instructrl.training.checkpoint import sizes_for_resuming
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
 from instructrl.training.progress import plural
 from instructrl.world.build import SPLITS, build_world
@@ -57,7 +58,8 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     tokenizer = load_tokenizer(tokenizer_dir)
     run.write_lineage({"corpus": world.corpus, "tokenizer": tokenizer_dir})
     blocks = pack_documents(tokenizer, world.corpus.read_text().splitlines(), cfg.block_size)
-    cfg.check_fits(len(blocks), accelerator.num_processes, str(world.corpus), "corpus blocks", "pretrain")
+    with sizes_for_resuming(run.path / "checkpoints", accelerator.num_processes):
+        cfg.check_fits(len(blocks), accelerator.num_processes, str(world.corpus), "corpus blocks", "pretrain")
 
     seed_everything(config.run.seed)  # same initial weights in every process
     model = build_base_model(config.model, tokenizer)

@@ -27,6 +27,7 @@ from instructrl.models.reward import RewardModel, score_sequences
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
 from instructrl.rundir import RunDir, given_or_earlier, write_text_atomic
+from instructrl.training.checkpoint import sizes_for_resuming
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters, write_model
 from instructrl.training.progress import plural, tracked
 from instructrl.world.build import WorldFiles, build_world_once, load_tasks
@@ -116,7 +117,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     held, kept = split_by_prompt(records, cfg.heldout_fraction, config.run.seed)
     heldout = [records[i] for i in held]
     train, encoded = [records[i] for i in kept], [encoded[i] for i in kept]
-    cfg.check_fits(len(train), accelerator.num_processes, str(data), "training comparisons", "rm")
+    with sizes_for_resuming(run.path / "checkpoints", accelerator.num_processes):
+        cfg.check_fits(len(train), accelerator.num_processes, str(data), "training comparisons", "rm")
     all_tied = sum(len(set(r.ranks)) == 1 for r in train)
     if all_tied == len(train):
         raise UserError(f"{data}: every training comparison ranks all its responses equal: no pair to learn from")

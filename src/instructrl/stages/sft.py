@@ -23,6 +23,7 @@ from instructrl.models.lora import add_lora, trainable_share
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir, given_or_earlier
+from instructrl.training.checkpoint import sizes_for_resuming
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters
 from instructrl.training.progress import plural, tracked
 from instructrl.world.build import build_world_once, load_tasks
@@ -106,7 +107,8 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     if cfg.lora.enabled:
         with located("sft.lora.target_modules"):
             model = add_lora(model, cfg.lora)
-    cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")
+    with sizes_for_resuming(run.path / "checkpoints", accelerator.num_processes):
+        cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")
     select = labeler_selection(accelerator, model, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None
     if not builtin:
         warn_of_control_tokens(data_path, tokenizer, "records", lambda line: log(f"sft: {line}"))

@@ -1,11 +1,14 @@
 """Resumable checkpoints: weights, optimizer, scheduler, every process's RNG, and the step.
 
 A checkpoint is written to ``step-N.tmp`` and renamed when complete, so a run killed while
-saving leaves the previous checkpoint intact and the half-written one is ignored.
+saving leaves the previous checkpoint intact and the half-written one is ignored. It resumes on
+another number of processes too (the global batch and the data order do not depend on it), but
+then the RNG states it holds belong to other processes, and each process's starts afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from instructrl.errors import UserError
 from instructrl.rundir import copy_dir, replace_dir
+from instructrl.training.progress import plural
 
 
 @dataclass
@@ -43,7 +47,7 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, best: Path | Non
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state) | {"processes": accelerator.num_processes}))
         if best is not None and best.is_dir():
             shutil.copytree(best, tmp / "best", copy_function=os.link)
         replace_dir(tmp, final)
@@ -65,21 +69,73 @@ def check_rng_state(checkpoint: Path, process_index: int) -> None:
         raise RuntimeError(f"{path.name} is missing or damaged ({type(err).__name__})") from None
 
 
-def load_latest_checkpoint(accelerator, root: Path, best: Path | None = None) -> TrainState:
+def written_by(checkpoint: Path) -> int:
+    """How many processes wrote ``checkpoint``: as its trainer_state.json records, or for a checkpoint
+    older than that record, how many RNG states it holds (one per process; none: the first is missing)."""
+    from accelerate.utils import RNG_STATE_NAME
+
+    recorded = json.loads((checkpoint / "trainer_state.json").read_text()).get("processes")
+    return recorded or max(1, len(list(checkpoint.glob(f"{RNG_STATE_NAME}_*.pkl"))))
+
+
+@contextlib.contextmanager
+def sizes_for_resuming(root: Path, processes: int):
+    """Around a stage's size checks: a size that does not divide over ``processes``, where the run would
+    resume a checkpoint under ``root`` written by another number of processes, also names the checkpoint
+    and the number it resumes on (the sizes are part of the run's config: changing them starts it over)."""
+    try:
+        yield
+    except UserError as err:
+        found = checkpoint_dirs(root)
+        try:
+            writers = written_by(found[-1]) if found else processes
+        except (OSError, ValueError):  # a damaged checkpoint: resuming says so
+            raise err from None
+        if writers == processes:
+            raise
+        raise UserError(f"{err}; the checkpoint {found[-1]} was written by {plural(writers, 'process')} and this run has {processes}: "
+                        f"resume it with {plural(writers, 'process')}, or pass --restart with sizes that divide") from None
+
+
+def fresh_random_state(seed: int, step: int, process_index: int) -> None:
+    """Seed this process's RNGs from the run's seed, the step and the process (as a run starts from
+    seed + process): a run resumed on another number of processes has no saved state for them,
+    and must still repeat itself run to run. The step keeps the masks of step 0 from being replayed."""
+    from accelerate.utils import set_seed
+
+    set_seed((seed + process_index + 1_000_003 * step) % 2**32)
+
+
+def load_latest_checkpoint(accelerator, root: Path, seed: int, best: Path | None = None, log=print) -> TrainState:
     """Restore the newest complete checkpoint under ``root`` (and its snapshot of ``best``);
-    a fresh TrainState if there is none."""
+    a fresh TrainState if there is none. Written by another number of processes, it restores all
+    but the RNGs, which start afresh from ``seed``, and ``log`` says so."""
     found = checkpoint_dirs(root)
     if not found:
         return TrainState()
     from instructrl.models.base import load_errors
 
+    checkpoint, processes = found[-1], accelerator.num_processes
+    writers = processes  # until the checkpoint says otherwise
     try:
-        check_rng_state(found[-1], accelerator.process_index)
-        accelerator.load_state(str(found[-1]))
+        writers = written_by(checkpoint)
+        if writers == processes:
+            check_rng_state(checkpoint, accelerator.process_index)
+        accelerator.load_state(str(checkpoint))
     except (*load_errors(), RuntimeError) as err:  # a file cut short (a copied run folder), or written by another model
-        raise UserError(f"cannot resume from the checkpoint {found[-1]}: {str(err).splitlines()[0]}; "
-                        "pass --restart to start over") from None
-    if best is not None and (found[-1] / "best").is_dir() and accelerator.is_main_process:
-        copy_dir(found[-1] / "best", best, copy_function=os.link)
+        reason = str(err).splitlines()[0]
+        if writers != processes:  # its state laid out for those processes (FSDP's files against one process's)
+            raise UserError(f"cannot resume from the checkpoint {checkpoint}: it was written by {plural(writers, 'process')} and this run "
+                            f"has {processes}, which cannot load it ({reason}); resume with {plural(writers, 'process')} "
+                            "as it was launched, or pass --restart to start over") from None
+        raise UserError(f"cannot resume from the checkpoint {checkpoint}: {reason}; pass --restart to start over") from None
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = TrainState(**{k: v for k, v in saved.items() if k != "processes"})
+    if writers != processes:
+        fresh_random_state(seed, state.step, accelerator.process_index)
+        log(f"{checkpoint} was written by {plural(writers, 'process')} and this run has {processes}: weights, optimizer, "
+            "schedule and data position carry over; each process's random state (dropout masks) starts afresh from run.seed")
+    if best is not None and (checkpoint / "best").is_dir() and accelerator.is_main_process:
+        copy_dir(checkpoint / "best", best, copy_function=os.link)
     accelerator.wait_for_everyone()
-    return TrainState(**json.loads((found[-1] / "trainer_state.json").read_text()))
+    return state

@@ -141,6 +141,7 @@ class TrainingSetup:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     order: DataOrder
     total_steps: int
+    seed: int  # the run's: process r starts from seed + r
 
 
 def prepare_training(accelerator, model, config: TrainConfig, n_examples: int, seed: int, lengths: list[int] | None = None) -> TrainingSetup:
@@ -157,7 +158,7 @@ def prepare_training(accelerator, model, config: TrainConfig, n_examples: int, s
     scheduler = cosine_schedule(optimizer, config.warmup_steps, total_steps, config.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
     seed_everything(seed + accelerator.process_index)
-    return TrainingSetup(model, optimizer, scheduler, order, total_steps)
+    return TrainingSetup(model, optimizer, scheduler, order, total_steps, seed)
 
 
 def full_state_dict(accelerator, model) -> dict:
@@ -220,7 +221,7 @@ def fit(
         raise ValueError("fit: select needs select_every")
     best = run.path / "best"
     accelerator.register_for_checkpointing(scheduler)
-    state = load_latest_checkpoint(accelerator, run.path / "checkpoints", best)
+    state = load_latest_checkpoint(accelerator, run.path / "checkpoints", setup.seed, best, lambda line: log(f"{description}: {line}"))
     if state.step:
         log(f"{description}: resuming from the checkpoint of step {state.step}")
     run.trim_metrics(state.step)
