@@ -249,6 +249,23 @@ def test_a_mapping_given_to_a_section_keeps_its_other_keys(tmp_path):
     assert config.eval.models == {"b": "/tmp/b"}
 
 
+def test_values_given_as_a_mapping_go_between_the_files_and_the_overrides(tmp_path):
+    config = load_config(write(tmp_path, "rm:\n  lr: 0.5\n  epochs: 3\n  log_every: 7\n"), ["rm.epochs=4"],
+                         values={"rm": {"lr": 0.25, "epochs": 5}, "sft": {"lr": 0.125}})
+    assert (config.rm.lr, config.rm.epochs, config.rm.log_every, config.sft.lr) == (0.25, 4, 7, 0.125)
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"rm": {"lrr": 0.1}}, "config values: unknown config key 'rm.lrr' (did you mean 'rm.lr'?)"),
+    ({"rm": {"lr": "fast"}}, "config values: bad value for 'rm.lr': "),
+    ({"lr": 0.1}, "config values: unknown config key 'lr' (a key goes under its section: "),
+])
+def test_a_bad_key_or_value_in_values_is_named_there_not_in_the_file(tmp_path, values, expected):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, "rm:\n  lr: 0.5\n"), values=values)
+    assert str(err.value).startswith(expected)
+
+
 def test_config_files_given_in_turn_layer_a_later_files_keys_over_the_earlier(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text("run:\n  seed: 3\nsft:\n  epochs: 3\n  lora:\n    enabled: true\neval:\n  models: {a: /tmp/a}\n")

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from instructrl import padding, rlmath
 from instructrl.padding import last_token_index, pad_sequences, position_ids_from_mask
 from instructrl.rlmath import masked_mean, masked_sum, next_token_nll, token_logprobs
 
 LN2 = math.log(2)
+
+
+@pytest.mark.parametrize("module", [rlmath, padding])
+def test_the_math_modules_export_every_function_they_define_each_with_a_docstring(module):
+    defined = {name for name, value in vars(module).items()
+               if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")}
+    assert sorted(module.__all__) == sorted(defined)  # help() and `import *` show them, not torch or F
+    assert [name for name in module.__all__ if not inspect.getdoc(getattr(module, name))] == []
 
 
 # ---------------------------------------------------------------- padding

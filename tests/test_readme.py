@@ -35,3 +35,56 @@ def test_every_instructrl_command_the_readme_shows_exists():
         group = getattr(commands[command], "commands", None)  # data and label have sub-commands
         if group and rest and re.fullmatch(r"[a-z]+", rest[0]):
             assert rest[0] in group, f"instructrl {command} {rest[0]}"
+
+
+PYTHON_SECTION = README.partition("## Using instructrl from Python")[2].partition("\n## ")[0]
+
+
+def test_the_python_example_runs_on_a_smoke_run(smoke_rm, tmp_path, monkeypatch):
+    """The README's Python example, run as written in a folder holding `runs/smoke` and `configs`."""
+    (code,) = re.findall(r"```python\n(.*?)```", PYTHON_SECTION, re.S)
+    run = tmp_path / "runs" / "smoke"
+    (run / "ppo_ptx").mkdir(parents=True)
+    for part in ("world", "collect", "rm"):
+        (run / part).symlink_to(smoke_rm / part)
+    (run / "ppo_ptx" / "final").symlink_to(smoke_rm / "pretrain" / "final")  # any causal LM of the run stands in for the policy
+    (tmp_path / "configs").symlink_to(Path(__file__).resolve().parents[1] / "configs")
+    monkeypatch.chdir(tmp_path)
+    done: dict = {}
+    exec(compile(code, "README.md", "exec"), done)
+    assert not any(module.training for module in done["reward_model"].modules())
+    assert len(done["rewards"]) == 2 and all(isinstance(r, float) for r in done["rewards"])
+    assert 1 <= done["judgement"].likert <= 7 and done["records"]
+    assert done["n_prompts"] == 2 and done["advantages"].shape == (1, 3)
+    assert (done["config"].rm.lr, str(done["config"].run.dir)) == (3e-4, "runs/smoke")
+
+
+def test_what_the_python_section_imports_has_a_docstring_of_its_own():
+    """help() on what the README's Python section names says what it is: a class without a docstring
+    of its own shows its base class's (a RewardModel would be "Base class for all neural network modules")."""
+    import importlib
+
+    imports = re.findall(r"^from (instructrl[\w.]*) import (.+)$", PYTHON_SECTION, re.M)
+    named = [(module, name.strip()) for module, names in imports for name in names.split(",")]
+    named += [(m.rpartition(".")[0], m.rpartition(".")[2]) for m in re.findall(r"`(instructrl\.[\w.]+\.run_\w+)", PYTHON_SECTION)]
+    assert len(named) >= 8, "the patterns no longer find the section's names"
+    objects = {f"{module}.{name}": getattr(importlib.import_module(module), name) for module, name in named}
+    objects |= {"RewardModel.from_pretrained": objects["instructrl.models.reward.RewardModel"].from_pretrained,
+                "SimulatedLabeler.judge": objects["instructrl.world.labeler.SimulatedLabeler"].judge}
+    assert [name for name, obj in objects.items() if not (vars(obj).get("__doc__") if isinstance(obj, type) else obj.__doc__)] == []
+
+
+
+def test_what_help_instructrl_names_exists():
+    import importlib
+
+    import instructrl
+
+    names = [n for n in re.findall(r"``([\w.]+)``", instructrl.__doc__) if n.partition(".")[0] in ("config", "models", "data", "world", "rlmath", "padding")]
+    assert len(names) >= 6, "the pattern no longer finds the docstring's names"
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        try:
+            importlib.import_module(f"instructrl.{name}")
+        except ModuleNotFoundError:
+            assert hasattr(importlib.import_module(f"instructrl.{module}"), attr), f"instructrl.{name}"

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from tiny_models import tiny_tokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from instructrl.models.reward import RewardModel
+from instructrl.data.chat import response_ids
+from instructrl.data.records import ComparisonRecord
+from instructrl.errors import UserError
+from instructrl.models.reward import RewardModel, score_responses
 from instructrl.padding import pad_sequences
+from instructrl.stages.rm import encode_comparison
 
 
-def tiny_reward_model(tmp_path) -> RewardModel:
+def tiny_reward_model(tmp_path, vocab_size: int = 50) -> RewardModel:
     config = LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                         max_position_embeddings=64, vocab_size=50, pad_token_id=0, eos_token_id=1)
+                         max_position_embeddings=64, vocab_size=vocab_size, pad_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "lm")
     return RewardModel.from_causal_lm(tmp_path / "lm").eval()
@@ -70,3 +76,29 @@ def test_the_backbone_starts_from_the_causal_lm(tmp_path):
     lm = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
     assert torch.equal(model.backbone.layers[0].self_attn.q_proj.weight, lm.model.layers[0].self_attn.q_proj.weight)
     assert torch.equal(model.backbone.embed_tokens.weight, lm.model.embed_tokens.weight)
+
+
+def test_a_reloaded_reward_model_is_in_eval_mode_as_transformers_loads_models(tmp_path):
+    tiny_reward_model(tmp_path).save_pretrained(tmp_path / "rm")
+    again = RewardModel.from_pretrained(tmp_path / "rm")
+    assert [name or "the model" for name, module in again.named_modules() if module.training] == []
+
+
+def test_a_missing_reward_model_folder_is_named_as_missing(tmp_path):
+    with pytest.raises(UserError, match=r"reward model '.*nope' does not exist"):
+        RewardModel.from_pretrained(tmp_path / "nope")
+
+
+@torch.no_grad()
+def test_score_responses_scores_each_pair_as_the_rm_stage_encodes_it(tmp_path):
+    tokenizer = tiny_tokenizer(pad="eos", template=True)
+    model = tiny_reward_model(tmp_path, vocab_size=len(tokenizer)).eval()
+    prompt = [{"role": "user", "content": "Say cat."}, {"role": "assistant", "content": "cat"}, {"role": "user", "content": "Say dog."}]
+    responses = ["dog", "Sure! dog dog dog, owl and yak.", ""]  # three lengths: the batch is padded
+    record = ComparisonRecord(id="1", prompt=prompt, responses=responses, ranks=[0, 1, 2], labeler_id="test")
+    encoded = encode_comparison(tokenizer, record)
+    assert encoded == [response_ids(tokenizer, prompt, r) for r in responses] and all(s[-1] == tokenizer.eos_token_id for s in encoded)
+    alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in encoded]
+    assert score_responses(model, tokenizer, [prompt] * 3, responses) == pytest.approx(alone, abs=1e-5)
+    with pytest.raises(ValueError):  # a response without its conversation is a mistake, not a shorter batch
+        score_responses(model, tokenizer, [prompt], responses)

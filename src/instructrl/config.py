@@ -321,21 +321,27 @@ def exact_div(a: int, b: int, a_name: str, b_name: str) -> int:
 
 # ---------------------------------------------------------------- loading
 
+VALUES = "config values"  # how an error names load_config's ``values``
 
-def load_config(path: Path | str | list | None = None, overrides: list[str] = ()) -> PipelineConfig:
+
+def load_config(path: Path | str | list | None = None, overrides: list[str] = (), values: dict | None = None) -> PipelineConfig:
     """Defaults, then the YAML file at ``path`` (or each of a list of files in turn, a later file's
-    keys winning), then ``overrides`` ("a.b=value"), validated."""
+    keys winning), then ``values`` (sections as a file holds them, ``{"rm": {"lr": 1e-4}}``), then
+    ``overrides`` ("a.b=value"), validated: an unknown key or a bad value is a UserError naming the
+    key, and the file line, override or ``values`` that set it."""
     paths = [Path(p) for p in ([] if path is None else path if isinstance(path, list) else [path])]
     data: dict = {}
     for i, file in enumerate(paths):
         data = _read_yaml(file) if i == 0 else _layer(data, _read_yaml(file), file)
+    if values:
+        data = _layer(data, values, VALUES)
     for override in overrides:
         _apply_override(data, override)
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as err:
-        source = ", ".join(map(str, paths)) or "defaults"
-        raise UserError(_describe_validation_error(err, source, paths, overrides)) from None
+        source = ", ".join([*map(str, paths), *([VALUES] if values else [])]) or "defaults"
+        raise UserError(_describe_validation_error(err, source, paths, overrides, values or {})) from None
     config.model.head_dim()
     return config
 
@@ -436,7 +442,7 @@ def _set(data: dict, parts: list[str], value: Any, override: str) -> None:
     node[parts[-1]] = value
 
 
-def _layer(data: dict, upper: dict, file: Path) -> dict:
+def _layer(data: dict, upper: dict, file: Path | str) -> dict:
     """``data`` with a later config file's keys set over it: a section it names keeps the keys it
     leaves out, as with ``-c`` given twice (a base file and an experiment's changes)."""
     for name, value in upper.items():
@@ -477,12 +483,12 @@ KEY_ALIASES = {
 }
 
 
-def _describe_validation_error(err: ValidationError, source: str, path, overrides) -> str:
+def _describe_validation_error(err: ValidationError, source: str, path, overrides, values: dict) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         dotted = ".".join(str(p) for p in loc)
-        where = _where(dotted, path, overrides) or source
+        where = _where(dotted, path, overrides, values) or source
         if e["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown config key '{dotted}'{_key_hint(loc)}")
         elif keys := _known_keys(loc):  # a value given to a section (sft.lora=true for sft.lora.enabled=true)
@@ -512,13 +518,20 @@ def _key_hint(loc: tuple) -> str:
     return ""
 
 
-def _where(dotted: str, paths: list[Path], overrides) -> str | None:
-    """'override sft.lr=x' or 'file.yaml:LINE' for the dotted key, if it can be located: the last
-    override or file that sets it."""
+def _where(dotted: str, paths: list[Path], overrides, values: dict) -> str | None:
+    """'override sft.lr=x', 'config values' or 'file.yaml:LINE' for the dotted key, if it can be
+    located: the last override, ``values`` or file that sets it."""
     for override in reversed(list(overrides)):
         key = override.partition("=")[0].strip()
         if key == dotted or dotted.startswith(key + ".") or key.startswith(dotted + "."):
             return f"override '{override}'"
+    node = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            break
+        node = node[part]
+    else:
+        return VALUES
     for whole in (True, False):  # the file that sets the key itself, else one that writes its section
         for path in reversed(paths):
             if (where := _line_of(dotted, path, whole)) is not None:

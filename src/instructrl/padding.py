@@ -11,6 +11,8 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+__all__ = ["pad_sequences", "position_ids_from_mask", "last_token_index", "leading_padding", "shared_padding", "truncate_after_eos"]
+
 
 def pad_sequences(
     sequences: Sequence[Sequence[int]], pad_id: int, side: Literal["left", "right"], value_dtype=torch.long

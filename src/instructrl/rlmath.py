@@ -1,6 +1,7 @@
 """The pure math of instructrl: torch-only functions, no models, optimizers or I/O.
 
-Shapes: B = batch, T = sequence length, V = vocabulary.
+Shapes: B = batch, T = sequence length, V = vocabulary, K = responses per prompt. Masks may be
+bool, int or float tensors (1 = counted); values and results are float.
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from instructrl.padding import last_token_index
+
+__all__ = [
+    "masked_sum", "masked_mean", "token_logprobs", "gather_tokens", "next_token_nll",
+    "ranked_pairs_mask", "kway_ranking_loss",
+    "kl_per_token", "per_token_rewards", "gae_advantages", "masked_whiten", "clipped_policy_loss", "clipped_value_loss",
+    "entropy_from_logits", "entropy_from_logprobs", "kl_from_logits", "kl_from_logprobs",
+]
 
 
 def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
@@ -118,6 +126,8 @@ def gae_advantages(
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over right-padded responses: (advantages, returns), (B, T).
 
+    rewards (``per_token_rewards``), values and response_mask: (B, T), one column per response token.
+
         δ_t = r_t + γ V_{t+1} - V_t,   A_t = δ_t + γλ A_{t+1},   returns_t = A_t + V_t
 
     with V and A zero past the last real token, so padding adds nothing. A reverse scan, one
@@ -137,7 +147,8 @@ def gae_advantages(
 
 
 def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, total: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """Normalise ``values`` to unit variance (and zero mean) over the masked entries only.
+    """Normalise ``values`` to unit variance (and zero mean) over the masked entries only; any
+    shape, ``mask`` the same.
 
     Padding must not enter the statistics: with it, short responses shift every advantage.
     The variance is the unbiased one, as in lm-human-preferences. Masked-out entries become 0.

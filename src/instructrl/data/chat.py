@@ -112,6 +112,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], tools: list[dict] | N
     return TokenizedConversation(full, mask)
 
 
+def response_ids(tokenizer, messages: list[dict], response: str) -> list[int]:
+    """Token ids of the conversation ``messages`` answered by ``response``, ending at the answer's EOS:
+    what a reward model scores."""
+    return tokenize_conversation(tokenizer, [*messages, {"role": "assistant", "content": response}]).input_ids
+
+
 def token_ids(tokenizer, texts: list[str]) -> dict[str, list[int]]:
     """The token ids of each distinct text of ``texts``, in one call of the tokenizer: a
     conversation's last turn ends where the whole does, and one call of a fast tokenizer with

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from instructrl.config import PipelineConfig
-from instructrl.data.chat import tokenize_conversation
+from instructrl.data.chat import response_ids
 from instructrl.data.formats import read_prompts
 from instructrl.data.jsonl import write_jsonl
 from instructrl.data.packing import pack_documents
@@ -116,8 +116,7 @@ class RewardJudge:
         self.model = RewardModel.from_pretrained(path).to(inference_device())
 
     def score(self, conversations: list[list[dict]], answers: list[str]) -> list[float]:
-        sequences = [tokenize_conversation(self.tokenizer, c + [{"role": "assistant", "content": a}]).input_ids
-                     for c, a in zip(conversations, answers)]
+        sequences = [response_ids(self.tokenizer, c, a) for c, a in zip(conversations, answers)]
         longest, context = max(map(len, sequences), default=0), context_length(self.model)
         if longest > context:
             raise UserError(f"eval.reward_model = {self.path}: a prompt and its answer are {longest} tokens, "
@@ -161,6 +160,9 @@ def _eval_prompts(config: PipelineConfig, log) -> tuple[list[str], list[list[dic
 
 
 def run_eval(config: PipelineConfig, log=print) -> dict:
+    """Answer the evaluation prompts with each model, greedily and sampled, and judge the answers
+    (the gold labeler; a reward model with ``eval.reward_model``); writes ``run.dir``/eval and
+    returns the results (as ``results.json``). ``log`` takes each line it reports."""
     cfg = config.eval
     models = cfg.models or default_models(config, log)
     if not models:

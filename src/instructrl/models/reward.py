@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from instructrl.data.chat import response_ids
 from instructrl.errors import UserError
 from instructrl.padding import last_token_index, pad_sequences, position_ids_from_mask
 
@@ -24,6 +25,12 @@ CONFIG_FILE = "reward_config.json"
 
 
 class RewardModel(nn.Module):
+    """A causal LM's backbone with a scalar head: ``model(input_ids, attention_mask)`` is the (B,)
+    reward of each sequence, read at its last real token (left or right padding alike).
+
+    Reload a trained one with ``from_pretrained`` (in eval mode, as transformers loads models);
+    ``score_responses`` scores (conversation, response) pairs as the RM stage trained on them."""
+
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
@@ -55,8 +62,10 @@ class RewardModel(nn.Module):
         A reward model trained elsewhere as a Hugging Face sequence classifier with one label
         (TRL's RewardTrainer, OpenRLHF) loads too: its score layer is the head, with no bias."""
         path = Path(path)
+        if not path.exists():
+            raise UserError(f"reward model '{path}' does not exist")
         if not (path / HEAD_FILE).is_file():
-            return cls._from_sequence_classifier(path)
+            return cls._from_sequence_classifier(path).eval()
         from instructrl.models.base import load_errors
 
         model = cls(_load_backbone(path))
@@ -67,7 +76,7 @@ class RewardModel(nn.Module):
             raise UserError(f"cannot load the reward model '{path}': {str(err).splitlines()[0]}") from None
         model.head.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
         model.reward_bias.fill_(bias)
-        return model
+        return model.eval()  # a new nn.Module trains; its backbone, loaded by transformers, would not
 
     @classmethod
     def _from_sequence_classifier(cls, path: Path) -> "RewardModel":
@@ -133,6 +142,14 @@ def score_sequences(model: RewardModel, sequences: list[list[int]], pad_id: int,
         ids, mask = pad_sequences(sequences[start : start + batch_size], pad_id, side="right")
         rewards += model(ids.to(device), mask.to(device)).tolist()
     return rewards
+
+
+@torch.no_grad()
+def score_responses(model: RewardModel, tokenizer, conversations: list[list[dict]], responses: list[str], batch_size: int = 64) -> list[float]:
+    """The reward of each response to its conversation (messages ending with a user turn), on the
+    model's device: each pair tokenised as the RM stage trained on it (``response_ids``)."""
+    sequences = [response_ids(tokenizer, messages, response) for messages, response in zip(conversations, responses, strict=True)]
+    return score_sequences(model, sequences, tokenizer.pad_token_id, next(model.parameters()).device, batch_size)
 
 
 def _load_backbone(name_or_path: str | Path) -> nn.Module:

@@ -57,7 +57,11 @@ def read_judgements(path: Path) -> list[ComparisonRecord]:
 
 
 def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
-    """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the policy is this run's SFT model)."""
+    """Sample K responses per RM prompt and have the labelers rank them, into ``run.dir``/collect;
+    returns the comparisons file. A run finished with the same config and inputs is skipped
+    (``restart`` runs it again); ``log`` takes each line the stage reports.
+
+    ``upstream``: whether the earlier stages' config is part of this run's identity (default: when the policy is this run's SFT model)."""
     cfg = config.collect
     upstream = cfg.policy is None if upstream is None else upstream
     run = RunDir(config, "collect", SECTIONS + (UPSTREAM if upstream else ()))

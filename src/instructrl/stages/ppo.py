@@ -207,7 +207,12 @@ def bar_status(metrics: dict[str, float]) -> str:
 
 
 def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
-    """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
+    """Optimise the policy against the reward model, into ``run.dir``/ppo_ptx (``ppo.ptx_coef`` > 0)
+    or ``run.dir``/ppo; returns the saved policy's folder (final/).
+    A run finished with the same config and inputs is skipped, an interrupted one resumes
+    (``restart`` discards it instead); ``log`` takes each line the stage reports.
+
+    ``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.ppo
     accelerator = make_accelerator(cfg)
     if accelerator.distributed_type == "DEEPSPEED":  # Accelerate drives one engine, the last prepared: the policy would never step

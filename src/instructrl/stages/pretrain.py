@@ -35,6 +35,10 @@ def tokenizer_texts(world) -> list[str]:
 
 
 def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Path:
+    """Train a byte-level BPE and the base model on the world's corpus, into ``run.dir``/pretrain;
+    returns the saved model's folder (final/).
+    A run finished with the same config and inputs is skipped, an interrupted one resumes
+    (``restart`` discards it instead); ``log`` takes each line the stage reports."""
     cfg = config.pretrain
     if cfg.block_size > config.model.max_length:
         raise UserError(f"config: pretrain.block_size ({cfg.block_size}) exceeds model.max_length ({config.model.max_length})")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from instructrl.config import PipelineConfig
-from instructrl.data.chat import tokenize_conversation
+from instructrl.data.chat import response_ids, tokenize_conversation
 from instructrl.data.formats import read_comparisons, read_data, warn_of_control_tokens
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
@@ -41,7 +41,7 @@ UPSTREAM = ("tokenizer", "model", "pretrain", "sft")  # part of the identity whe
 def encode_comparison(tokenizer, record: ComparisonRecord) -> list[list[int]]:
     """Token ids of (prompt, response) for each of the record's K responses, each ending with EOS."""
     prompt = [m.model_dump() for m in record.prompt]
-    return [tokenize_conversation(tokenizer, prompt + [{"role": "assistant", "content": r}]).input_ids for r in record.responses]
+    return [response_ids(tokenizer, prompt, r) for r in record.responses]
 
 
 def best_ranked(records: list[ComparisonRecord], encoded: list[list[list[int]]]) -> list[list[int]]:
@@ -83,7 +83,12 @@ def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonR
 
 
 def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
-    """``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
+    """Train the reward model on ranked comparisons, into ``run.dir``/rm; returns the saved model's
+    folder (final/, loaded by ``RewardModel.from_pretrained``).
+    A run finished with the same config and inputs is skipped, an interrupted one resumes
+    (``restart`` discards it instead); ``log`` takes each line the stage reports.
+
+    ``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.rm
     accelerator = make_accelerator(cfg)
     sections = SECTIONS + (UPSTREAM if (cfg.model is None if upstream is None else upstream) else ()) \

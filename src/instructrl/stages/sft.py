@@ -82,6 +82,10 @@ def labeler_selection(accelerator, model, tokenizer, tasks, max_new_tokens: int)
 
 
 def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
+    """Fine-tune ``sft.model`` (default: this run's base model) on demonstrations, into
+    ``run.dir``/sft; returns the saved model's folder (final/).
+    A run finished with the same config and inputs is skipped, an interrupted one resumes
+    (``restart`` discards it instead); ``log`` takes each line the stage reports."""
     cfg = config.sft
     accelerator = make_accelerator(cfg)
     sections = SECTIONS + (UPSTREAM if cfg.model is None else ())

@@ -128,7 +128,8 @@ def build_world_once(config: WorldConfig, root: Path, accelerator) -> WorldFiles
     return build_world(config, root)
 
 
-def load_tasks(path: Path) -> list[Task]:
+def load_tasks(path: Path | str) -> list[Task]:
+    """The tasks of a world prompts file (``run.dir/world/prompts/<split>.jsonl``), for the labeler to judge answers to."""
     return [Task.from_record(record) for _, record in read_jsonl(path)]
 
 

@@ -139,6 +139,8 @@ class SimulatedLabeler:
     style: DemoStyle = field(default_factory=DemoStyle)
 
     def judge(self, task: Task, response: str) -> Judgement:
+        """This labeler's judgement of ``response`` as an answer to ``task``'s last turn: ``gold_judgement``,
+        its quality moved by this labeler's own noise (the Likert with it; the flags stay the gold ones)."""
         gold = gold_judgement(task, response)
         if self.noise == 0:
             return gold
