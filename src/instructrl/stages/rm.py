@@ -16,7 +16,7 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import tokenize_conversation
-from instructrl.data.formats import read_comparisons, read_data, warn_of_control_tokens
+from instructrl.data.formats import read_data, warn_of_control_tokens
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError, located
@@ -66,18 +66,22 @@ def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonR
                  max_length: int, progress: bool = False) -> tuple[list[list[int]], str]:
     """The sequences whose mean reward the bias sets to 0 (§3.5), and what they are: the
     ``demonstrations`` that fit in ``max_length`` tokens; without any, the best-ranked training responses.
-    ``progress``: show a bar while the demonstrations are tokenized."""
+    ``progress``: show bars while the demonstrations are read and tokenized."""
     if demonstrations is None:
         demos = best_ranked(train, encoded)
         return demos, f"the {len(demos)} best-ranked training responses (no rm.demonstrations)"
-    demos = []
-    for demo in tracked(read_data(demonstrations, "conversation")[1], f"rm: tokenizing {demonstrations}", "demonstration", progress):
+    fitting, too_long = [], 0
+    conversations = read_data(demonstrations, "conversation", progress=f"rm: reading {demonstrations}" if progress else None).items
+    for demo in tracked(conversations, f"rm: tokenizing {demonstrations}", "demonstration", progress):
         with located(demo.where):
-            demos.append(tokenize_conversation(tokenizer, demo.messages, demo.tools).input_ids)
-    fitting = [ids for ids in demos if len(ids) <= max_length]
+            ids = tokenize_conversation(tokenizer, demo.messages, demo.tools).input_ids
+        if len(ids) > max_length:
+            too_long += 1
+            continue
+        fitting.append(ids)
     if not fitting:
         raise UserError(f"{demonstrations}: no demonstration fits in {max_length} tokens (rm.max_length)")
-    skipped = f", {len(demos) - len(fitting)} longer than {max_length} tokens left out" if len(fitting) < len(demos) else ""
+    skipped = f", {too_long} longer than {max_length} tokens left out" if too_long else ""
     return fitting, f"the {len(fitting)} demonstrations of {demonstrations}{skipped}"
 
 
@@ -95,9 +99,11 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     data = given_or_earlier(cfg.data, root / "collect" / "comparisons.jsonl", "rm.data", "rm", "`instructrl collect`")
     with located("rm.model"):  # a bad path names the key that chose it
         tokenizer = load_tokenizer(backbone, log=lambda m: log(f"rm: {m}"))
-    records = read_comparisons(data, cfg.data_format)
-    if cfg.data is not None:
-        warn_of_control_tokens(data, tokenizer, "records", lambda line: log(f"rm: {line}"))
+    # your own comparisons' control tokens are counted as they are read (collect writes none)
+    comparisons = read_data(data, "comparison", cfg.data_format, "rm.data", tokenizer if cfg.data is not None else None,
+                            f"rm: reading {data}" if accelerator.is_main_process else None)
+    records = comparisons.items
+    warn_of_control_tokens(data, comparisons.control_tokens, "records", lambda line: log(f"rm: {line}"))
     seed_everything(config.run.seed)
     with located("rm.model"):
         model = RewardModel.from_causal_lm(backbone, tokenizer)

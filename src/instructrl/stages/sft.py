@@ -35,10 +35,12 @@ UPSTREAM = ("tokenizer", "model", "pretrain")  # part of the identity when SFT s
 def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str = "auto", log=None,
                         progress: bool = False) -> tuple[list[TokenizedConversation], int]:
     """Tokenized examples of a demonstrations file in any SFT format (``instructrl.data.formats``);
-    also how many were too long. ``log`` is warned of empty answers, which teach the model to stop at once.
-    ``progress``: show a bar while they are tokenized."""
-    demos = read_data(path, "demonstration", data_format)[1]
-    empty = empty_answers(demos)
+    also how many were too long. ``log`` is warned of empty answers, which teach the model to stop at once,
+    and of records holding the tokenizer's control tokens. ``progress``: show bars while they are read and tokenized."""
+    data = read_data(path, "demonstration", data_format, tokenizer=tokenizer, progress=f"sft: reading {path}" if progress else None)
+    demos, empty = data.items, empty_answers(data.items)
+    if log is not None:
+        warn_of_control_tokens(path, data.control_tokens, "records", log)
     if empty and log is not None:
         log(f"warning: {plural(len(empty), 'demonstration')} of {path} {'has' if len(empty) == 1 else 'have'} an empty answer (first at {empty[0]}); "
             f"SFT teaches the model to end its answer at once there")
@@ -108,8 +110,6 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
             model = add_lora(model, cfg.lora)
     cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")
     select = labeler_selection(accelerator, model, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None
-    if not builtin:
-        warn_of_control_tokens(data_path, tokenizer, "records", lambda line: log(f"sft: {line}"))
     run.start(restart, log)
     run.write_lineage({"model": model_path, "demonstrations": data_path})
     setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed, lengths=[len(e.input_ids) for e in examples])
