@@ -19,6 +19,7 @@ from instructrl.data.chat import tokenize_conversation
 from instructrl.data.formats import read_data, warn_of_control_tokens
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
+from instructrl.data.sequences import TokenSequences
 from instructrl.errors import UserError, located
 from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, correlation, figure, length_bias, pairwise_accuracy
 from instructrl.models.base import apply_switches, length_cap, load_tokenizer, set_dropout
@@ -43,9 +44,9 @@ def encode_comparison(tokenizer, record: ComparisonRecord) -> list[list[int]]:
     return [tokenize_conversation(tokenizer, prompt + [{"role": "assistant", "content": r}]).input_ids for r in record.responses]
 
 
-def best_ranked(records: list[ComparisonRecord], encoded: list[list[list[int]]]) -> list[list[int]]:
+def best_ranked(records: list[ComparisonRecord], encoded: list[TokenSequences]) -> TokenSequences:
     """The encoded responses ranked best (ties included) in each record: a pair's chosen response."""
-    return [seq for record, seqs in zip(records, encoded) for rank, seq in zip(record.ranks, seqs) if rank == min(record.ranks)]
+    return TokenSequences(seq for record, seqs in zip(records, encoded) for rank, seq in zip(record.ranks, seqs) if rank == min(record.ranks))
 
 
 def split_by_prompt(records: list[ComparisonRecord], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -62,15 +63,15 @@ def split_by_prompt(records: list[ComparisonRecord], fraction: float, seed: int)
     return [i for i, p in enumerate(keys) if p in held], [i for i, p in enumerate(keys) if p not in held]
 
 
-def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonRecord], encoded: list[list[list[int]]],
-                 max_length: int, progress: bool = False) -> tuple[list[list[int]], str]:
+def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonRecord], encoded: list[TokenSequences],
+                 max_length: int, progress: bool = False) -> tuple[TokenSequences, str]:
     """The sequences whose mean reward the bias sets to 0 (§3.5), and what they are: the
     ``demonstrations`` that fit in ``max_length`` tokens; without any, the best-ranked training responses.
     ``progress``: show bars while the demonstrations are read and tokenized."""
     if demonstrations is None:
         demos = best_ranked(train, encoded)
         return demos, f"the {len(demos)} best-ranked training responses (no rm.demonstrations)"
-    fitting, too_long = [], 0
+    fitting, too_long = TokenSequences(), 0
     conversations = read_data(demonstrations, "conversation", progress=f"rm: reading {demonstrations}" if progress else None).items
     for demo in tracked(conversations, f"rm: tokenizing {demonstrations}", "demonstration", progress):
         with located(demo.where):
@@ -113,8 +114,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     encoded = []
     for record in tracked(records, f"rm: tokenizing {data}", "comparison", accelerator.is_main_process):
         with located(f"{data}: comparison '{record.id}'"):  # the id a record gives, else the file's name and the record's number
-            encoded.append(encode_comparison(tokenizer, record))
-    fits = [i for i, seqs in enumerate(encoded) if max(map(len, seqs)) <= max_length]
+            encoded.append(TokenSequences(encode_comparison(tokenizer, record)))
+    fits = [i for i, seqs in enumerate(encoded) if max(seqs.lengths()) <= max_length]
     if not fits:
         raise UserError(f"{data}: no comparison has every response within {max_length} tokens (rm.max_length)")
     too_long = len(records) - len(fits)
@@ -139,7 +140,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     run.start(restart, log)
     run.write_lineage({"backbone": backbone, "comparisons": data})
 
-    setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed, lengths=[max(map(len, seqs)) for seqs in encoded])
+    setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed, lengths=[max(seqs.lengths()) for seqs in encoded])
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
         f"{len(heldout)} held out" + (f", {too_long} with a response longer than {max_length} tokens skipped" if too_long else "")
         + (f", {all_tied} with every response tied (nothing to learn from them)" if all_tied else "")
