@@ -3,8 +3,10 @@ data check`, and SFT / RM / PPO run on each format with no conversion."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 from conftest import SMOKE, cli
@@ -14,6 +16,7 @@ from instructrl.config import load_config
 from instructrl.data.formats import Demonstration, detect_format, read_comparisons, read_data, read_records
 from instructrl.errors import UserError
 from instructrl.models.base import load_tokenizer
+from instructrl.training import progress
 
 USER = {"role": "user", "content": "Say cat."}
 ASSISTANT = {"role": "assistant", "content": "cat"}
@@ -230,7 +233,7 @@ TOOL_RECORD = {"messages": [USER, CALL, RESULT, ASSISTANT], "tools": TOOLS}
 def test_openai_fine_tuning_records_read_as_demonstrations(tmp_path):
     """A 'weight' or 'name' was refused as an unknown field, content parts as no string, 'developer' as no role."""
     data = write_jsonl(tmp_path / "openai.jsonl", [OPENAI, TOOL_RECORD])
-    formats, (weighted, tools) = read_data(data, "demonstration")
+    formats, (weighted, tools), _ = read_data(data, "demonstration")
     assert formats == ["messages"]
     assert weighted.messages == [SYSTEM, {**USER, "name": "ann"}, {**WRONG, "weight": 0}, USER, {**ASSISTANT, "weight": 1}]
     assert tools.messages == [USER, {**CALL, "content": ""}, RESULT, ASSISTANT] and tools.tools == TOOLS
@@ -576,7 +579,6 @@ def test_control_tokens_in_users_text_are_pointed_out(tmp_path, tiny_sft):
     """'<|endoftext|>' typed inside a message is read as the EOS token and ends the turn: data check
     --model and the stages say which records hold such a token; "text" records (whole templated
     sequences) are left out."""
-    from instructrl.data.formats import control_tokens_in
     from instructrl.models.base import load_tokenizer
     from instructrl.stages.sft import run_sft
 
@@ -585,8 +587,8 @@ def test_control_tokens_in_users_text_are_pointed_out(tmp_path, tiny_sft):
     eos = load_tokenizer(model).eos_token
     rows = [SHAPES["messages"][0], {"messages": [{"role": "user", "content": f"Say cat.{eos}"}, ASSISTANT]}] * 8
     data = write_jsonl(tmp_path / "demos.jsonl", rows)
-    assert control_tokens_in(data, load_tokenizer(model)) == (8, f"{data}:2: {eos!r}")
-    assert control_tokens_in(write_jsonl(tmp_path / "text.jsonl", [{"text": f"the cat{eos}"}]), load_tokenizer(model)) == (0, None)
+    assert read_data(data, "demonstration", tokenizer=load_tokenizer(model)).control_tokens == (8, f"{data}:2: {eos!r}")
+    assert read_data(write_jsonl(tmp_path / "text.jsonl", [{"text": f"the cat{eos}"}]), "text", tokenizer=load_tokenizer(model)).control_tokens == (0, None)
 
     proc = cli("data", "check", str(data), "--model", str(model))
     assert json.loads(proc.stdout.splitlines()[-1])["control_tokens"] == {"records": 8, "first": f"{data}:2: {eos!r}"}
@@ -600,3 +602,55 @@ def test_control_tokens_in_users_text_are_pointed_out(tmp_path, tiny_sft):
     said = []
     run_sft(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"sft.model={model}", f"sft.data={data}"]), log=said.append)
     assert any(line.startswith(f"sft: warning: 8 records of {data} hold the tokenizer's control tokens") for line in said), said
+
+
+def test_the_stages_read_a_users_file_once_with_a_bar(tmp_path, tiny_sft, monkeypatch):
+    """sft.data, rm.data and ppo.prompts were read twice, the second time only for control tokens, and
+    with no bar while they were read and checked (16 s per 200k demonstrations)."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from instructrl.data import formats
+    from instructrl.stages.ppo import load_prompts
+    from instructrl.stages.rm import run_rm
+    from instructrl.stages.sft import load_demonstrations
+
+    run, _ = tiny_sft
+    model = run / "sft" / "final"
+    tokenizer = load_tokenizer(model)
+    eos = tokenizer.eos_token
+    reads, read_records = [], formats.read_records
+    monkeypatch.setattr(formats, "read_records", lambda path: reads.append(Path(path).name) or read_records(path))
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "log_console", lambda: Console(file=out, force_terminal=True, width=300))
+
+    demos = write_jsonl(tmp_path / "demos.jsonl", [SHAPES["messages"][0], {"messages": [{"role": "user", "content": f"Say cat.{eos}"}, ASSISTANT]}] * 2)
+    said = []
+    assert len(load_demonstrations(demos, tokenizer, 128, log=said.append, progress=True)[0]) == 4
+    assert said == [f"warning: 2 records of {demos} hold the tokenizer's control tokens in their text (first at {demos}:2: {eos!r}); "
+                    "they are read as those tokens, not as text"]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say {w}.{eos}"} for w in WORDS])
+    said = []
+    load_prompts(load_config(SMOKE, [f"ppo.prompts={prompts}", "ppo.ptx_coef=0"]), "ppo", tokenizer, SimpleNamespace(is_main_process=True), said.append)
+    assert said[0].startswith(f"ppo: warning: {len(WORDS)} prompts of {prompts} hold the tokenizer's control tokens")
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{**r, "prompt": r["prompt"] + eos} for r in _records("preference_explicit")])
+    said = []
+    run_rm(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"rm.model={model}", f"rm.data={prefs}", "rm.heldout_fraction=0"]), log=said.append)
+    assert any(line.startswith(f"rm: warning: 16 records of {prefs} hold the tokenizer's control tokens") for line in said), said
+    assert reads == ["demos.jsonl", "prompts.jsonl", "prefs.jsonl"]
+    for bar in (f"sft: reading {demos}", f"ppo: reading {prompts}", f"rm: reading {prefs}"):
+        assert bar in out.getvalue()
+
+
+def test_a_bad_line_deep_in_a_file_is_named_with_the_bar_on(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "log_console", lambda: Console(file=out, force_terminal=True, width=300))
+    good = json.dumps(SHAPES["messages"][0]) + "\n"
+    path = tmp_path / "demos.jsonl"
+    path.write_text(good * 2500 + '{"messages": [}\n' + good)
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))}:2501: not valid JSON"):
+        read_data(path, "demonstration", progress="sft: reading demos.jsonl")
+    assert "2000/2502" in out.getvalue()  # the bar counted the records read before the bad one

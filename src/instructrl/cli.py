@@ -318,7 +318,7 @@ def data_check(
         _log(f"not usable as {stage}: {reason}")
     if "control_tokens" in summary:
         found = summary["control_tokens"]
-        warn_of_control_tokens(file, tokenizer, "records", _log, (found["records"], found["first"]))
+        warn_of_control_tokens(file, (found["records"], found["first"]), "records", _log)
         if not found["records"]:
             _log(f"{file}: no record holds a control token of {model}'s tokenizer")
     typer.echo(json.dumps(summary))

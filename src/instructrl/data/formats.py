@@ -35,15 +35,15 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from pydantic import ValidationError
 
-from instructrl.data.chat import control_token_in
 from instructrl.data.jsonl import not_text, read_jsonl
 from instructrl.data.preference import comparison_from_preference
 from instructrl.data.records import ComparisonRecord, check_messages, is_learnt, is_tool_turn, validate_messages
 from instructrl.errors import UserError
+from instructrl.training.progress import counting
 
 FORMATS = ("text", "prompt_completion", "messages", "preference", "comparison", "prompt", "unpaired_preference", "stepwise_supervision")
 
@@ -370,22 +370,38 @@ def to_text(fmt: str, record: dict, where: str) -> str:
 # ---------------------------------------------------------------- reading a file for one use
 
 
-def read_data(path: Path | str, use: str, data_format: str = "auto", key: str | None = None) -> tuple[list[str], list]:
-    """(formats found, items) of a data file read for ``use`` (a key of USES): Demonstrations,
+class DataFile(NamedTuple):
+    """What ``read_data`` reads of a file."""
+
+    formats: list[str]  # the formats found, in the order met
+    items: list  # Demonstrations, ComparisonRecords, Prompts or texts
+    control_tokens: tuple[int, str | None]  # the records holding the tokenizer's control tokens, and where the first is
+
+
+def read_data(path: Path | str, use: str, data_format: str = "auto", key: str | None = None, tokenizer=None,
+              progress: str | None = None) -> DataFile:
+    """The formats and items of a data file read for ``use`` (a key of USES): Demonstrations,
     ComparisonRecords, Prompts or texts. Each record's format is detected from its fields (a file
     may mix formats the use accepts, e.g. K-way comparisons and preference pairs), or is
     ``data_format``. Every record is checked; the first bad one is a UserError naming its file and line,
-    and for a record of a format the use does not take, the input it was given as (``key``; default: the stage's)."""
+    and for a record of a format the use does not take, the input it was given as (``key``; default: the stage's).
+    With a ``tokenizer``, also the records that hold its control tokens (``record_control_token``),
+    in the same pass. ``progress``: the description of a bar counting the records read (None: no bar)."""
     path = Path(path)
-    formats, items = [], []
-    for number, (where, record) in enumerate(read_records(path), start=1):
-        fmt = record_format(record, where, data_format)
-        if fmt not in formats:
-            formats.append(fmt)
-        items.append(to_item(use, fmt, record, where, f"{path.name}:{number}", key))
+    formats, items, control = [], [], (0, None)
+    with counting(progress or "", count_records(path) if progress else None, "record", enabled=progress is not None) as done:
+        for number, (where, record) in enumerate(read_records(path), start=1):
+            fmt = record_format(record, where, data_format)
+            if fmt not in formats:
+                formats.append(fmt)
+            items.append(to_item(use, fmt, record, where, f"{path.name}:{number}", key))
+            if tokenizer is not None and (token := record_control_token(record, tokenizer)) is not None:
+                control = (control[0] + 1, control[1] or f"{where}: {token!r}")
+            if number % 1000 == 0:
+                done(number)
     if not items:
         raise UserError(f"{path}: no records")
-    return formats, items
+    return DataFile(formats, items, control)
 
 
 def record_format(record: dict, where: str, data_format: str = "auto") -> str:
@@ -420,36 +436,27 @@ def describe_fields() -> str:
 def read_comparisons(path: Path | str, data_format: str = "auto", key: str = "rm.data") -> list[ComparisonRecord]:
     """Comparison records (K-way, or TRL preference pairs as K = 2) from any supported file; ``key``
     names the input in an error (collect.judgements)."""
-    return read_data(path, "comparison", data_format, key)[1]
+    return read_data(path, "comparison", data_format, key).items
 
 
-def read_prompts(path: Path | str, data_format: str = "auto", key: str = "ppo.prompts") -> list[Prompt]:
-    """The prompts of any records that hold one; ``key`` names the input in an error (eval.prompts, --prompts)."""
-    return read_data(path, "prompt", data_format, key)[1]
+def read_prompts(path: Path | str, data_format: str = "auto", key: str = "ppo.prompts", progress: str | None = None) -> list[Prompt]:
+    """The prompts of any records that hold one; ``key`` names the input in an error (eval.prompts, --prompts).
+    ``progress``: the description of a bar counting the records read (None: no bar)."""
+    return read_data(path, "prompt", data_format, key, progress=progress).items
 
 
-def read_texts(path: Path | str) -> list[str]:
-    """Documents for PPO-ptx: ``text`` records of a data file, or a plain-text file's lines."""
+def read_texts(path: Path | str, progress: str | None = None) -> list[str]:
+    """Documents for PPO-ptx: ``text`` records of a data file (``progress``: the description of a
+    bar counting them; None: no bar), or a plain-text file's lines."""
     path = Path(path)
     if path.is_dir() or path.suffix in RECORD_SUFFIXES:
-        return read_data(path, "text")[1]
+        return read_data(path, "text", progress=progress).items
     if not path.is_file():
         raise not_found(path)
     try:
         return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise not_text(path) from None
-
-
-def control_tokens_in(path: Path | str, tokenizer) -> tuple[int, str | None]:
-    """How many records of ``path`` hold one of ``tokenizer``'s control tokens (``<|im_end|>``,
-    ``</s>``, ...) in their text, and where the first is (``record_control_token``)."""
-    count, first = 0, None
-    for where, record in read_records(path):
-        if (token := record_control_token(record, tokenizer)) is not None:
-            count += 1
-            first = first or f"{where}: {token!r}"
-    return count, first
 
 
 def record_control_token(record: dict, tokenizer) -> str | None:
@@ -459,12 +466,14 @@ def record_control_token(record: dict, tokenizer) -> str | None:
     and control tokens included."""
     if detect_format(record) == "text":
         return None
-    return next((t for text in _strings(record) if (t := control_token_in(text, tokenizer))), None)
+    special = [t for t in tokenizer.all_special_tokens if t]  # once a record: transformers builds this list anew at each call
+    return next((t for text in _strings(record) for t in special if t in text), None)
 
 
-def warn_of_control_tokens(path: Path | str, tokenizer, what: str, log, found: tuple[int, str | None] | None = None) -> None:
-    """Tell ``log`` when ``path``'s records hold control tokens (``found``, or ``control_tokens_in``)."""
-    count, first = found or control_tokens_in(path, tokenizer)
+def warn_of_control_tokens(path: Path | str, found: tuple[int, str | None], what: str, log) -> None:
+    """Tell ``log`` when ``path``'s records hold control tokens: ``found`` is how many, and where
+    the first is (``DataFile.control_tokens``)."""
+    count, first = found
     if count:
         log(f"warning: {count} {what} of {path} hold the tokenizer's control tokens in their text (first at {first}); "
             f"they are read as those tokens, not as text")

@@ -148,7 +148,7 @@ def _eval_prompts(config: PipelineConfig, log) -> tuple[list[str], list[list[dic
     the prompts' file, and the held-out pretraining text (for the alignment tax; the world's only)."""
     cfg = config.eval
     if cfg.prompts is not None:
-        prompts = read_prompts(cfg.prompts, cfg.prompts_format, key="eval.prompts")[: cfg.n_prompts]
+        prompts = read_prompts(cfg.prompts, cfg.prompts_format, "eval.prompts", f"eval: reading {cfg.prompts}")[: cfg.n_prompts]
         log(f"eval: {len(prompts)} prompts from {cfg.prompts}, judged by the reward model {cfg.reward_model}")
         return [p.id for p in prompts], [p.messages for p in prompts], [], Path(cfg.prompts), []
     world = build_world(config.world, Path(config.run.dir) / "world")

@@ -31,7 +31,7 @@ import torch
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import render_ids
 from instructrl.data.packing import pack_documents
-from instructrl.data.formats import Prompt, read_prompts, read_texts, warn_of_control_tokens
+from instructrl.data.formats import Prompt, read_data, read_texts, warn_of_control_tokens
 from instructrl.errors import UserError, located
 from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, set_dropout
 from instructrl.models.lora import adapter_disabled, add_lora, targets_in, trainable_share
@@ -107,11 +107,12 @@ def load_prompts(config: PipelineConfig, stage: str, tokenizer, accelerator, log
         if cfg.ptx_coef > 0 and cfg.ptx_data is None:
             raise UserError(f"{stage}: PPO-ptx mixes pretraining text into every update: set ppo.ptx_data=FILE (plain text or "
                             f"{{\"text\": ...}} records) to go with ppo.prompts, or ppo.ptx_coef=0 for plain PPO")
-        prompts = read_prompts(cfg.prompts, cfg.prompts_format)
-        warn_of_control_tokens(cfg.prompts, tokenizer, "prompts", lambda line: log(f"{stage}: {line}"))
+        data = read_data(cfg.prompts, "prompt", cfg.prompts_format, "ppo.prompts", tokenizer,
+                         f"{stage}: reading {cfg.prompts}" if accelerator.is_main_process else None)
+        warn_of_control_tokens(cfg.prompts, data.control_tokens, "prompts", lambda line: log(f"{stage}: {line}"))
         # a prompts file in the world's own format (family, answer) keeps its gold judge
         gold = {t.id: t for t in world_tasks_in(cfg.prompts)} if Path(cfg.prompts).suffix == ".jsonl" else {}
-        return prompts, gold, None
+        return data.items, gold, None
     world = build_world_once(config.world, root / "world", accelerator)
     log(f"{stage}: prompts" + (" and pretraining text" if cfg.ptx_coef > 0 and cfg.ptx_data is None else "")
         + f" from the built-in world in {root / 'world'} (ppo.prompts unset)")
@@ -164,12 +165,13 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
 
 def pretraining_blocks(cfg, world, tokenizer, max_length: int, stage: str, progress: bool = False) -> torch.Tensor | None:
     """PPO-ptx's pretraining text packed into blocks of up to 128 tokens; None for plain PPO.
-    ``progress``: show a bar while the text is tokenized."""
+    ``progress``: show bars while the text is read and tokenized."""
     if cfg.ptx_coef <= 0:
         return None
     ptx_path = cfg.ptx_data or world.corpus
     block = min(PTX_BLOCK, max_length)
-    blocks = pack_documents(tokenizer, read_texts(ptx_path), block, f"{stage}: tokenizing {ptx_path}" if progress else None)
+    documents = read_texts(ptx_path, f"{stage}: reading {ptx_path}" if progress else None)
+    blocks = pack_documents(tokenizer, documents, block, f"{stage}: tokenizing {ptx_path}" if progress else None)
     if len(blocks) < cfg.ptx_batch_size:
         raise UserError(f"{ptx_path}: too little text for ppo.ptx_batch_size = {cfg.ptx_batch_size} blocks of {block} tokens "
                         f"(it fills {len(blocks)}); add text or lower ppo.ptx_batch_size")

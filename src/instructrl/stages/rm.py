@@ -16,9 +16,10 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import response_ids, tokenize_conversation
-from instructrl.data.formats import read_comparisons, read_data, warn_of_control_tokens
+from instructrl.data.formats import read_data, warn_of_control_tokens
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
+from instructrl.data.sequences import TokenSequences
 from instructrl.errors import UserError, located
 from instructrl.evaluation.rm_diagnostics import accuracy_by_group, accuracy_by_pair_kind, correlation, figure, length_bias, pairwise_accuracy
 from instructrl.models.base import apply_switches, length_cap, load_tokenizer, set_dropout
@@ -44,9 +45,9 @@ def encode_comparison(tokenizer, record: ComparisonRecord) -> list[list[int]]:
     return [response_ids(tokenizer, prompt, r) for r in record.responses]
 
 
-def best_ranked(records: list[ComparisonRecord], encoded: list[list[list[int]]]) -> list[list[int]]:
+def best_ranked(records: list[ComparisonRecord], encoded: list[TokenSequences]) -> TokenSequences:
     """The encoded responses ranked best (ties included) in each record: a pair's chosen response."""
-    return [seq for record, seqs in zip(records, encoded) for rank, seq in zip(record.ranks, seqs) if rank == min(record.ranks)]
+    return TokenSequences(seq for record, seqs in zip(records, encoded) for rank, seq in zip(record.ranks, seqs) if rank == min(record.ranks))
 
 
 def split_by_prompt(records: list[ComparisonRecord], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -63,22 +64,26 @@ def split_by_prompt(records: list[ComparisonRecord], fraction: float, seed: int)
     return [i for i, p in enumerate(keys) if p in held], [i for i, p in enumerate(keys) if p not in held]
 
 
-def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonRecord], encoded: list[list[list[int]]],
-                 max_length: int, progress: bool = False) -> tuple[list[list[int]], str]:
+def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonRecord], encoded: list[TokenSequences],
+                 max_length: int, progress: bool = False) -> tuple[TokenSequences, str]:
     """The sequences whose mean reward the bias sets to 0 (§3.5), and what they are: the
     ``demonstrations`` that fit in ``max_length`` tokens; without any, the best-ranked training responses.
-    ``progress``: show a bar while the demonstrations are tokenized."""
+    ``progress``: show bars while the demonstrations are read and tokenized."""
     if demonstrations is None:
         demos = best_ranked(train, encoded)
         return demos, f"the {len(demos)} best-ranked training responses (no rm.demonstrations)"
-    demos = []
-    for demo in tracked(read_data(demonstrations, "conversation")[1], f"rm: tokenizing {demonstrations}", "demonstration", progress):
+    fitting, too_long = TokenSequences(), 0
+    conversations = read_data(demonstrations, "conversation", progress=f"rm: reading {demonstrations}" if progress else None).items
+    for demo in tracked(conversations, f"rm: tokenizing {demonstrations}", "demonstration", progress):
         with located(demo.where):
-            demos.append(tokenize_conversation(tokenizer, demo.messages, demo.tools).input_ids)
-    fitting = [ids for ids in demos if len(ids) <= max_length]
+            ids = tokenize_conversation(tokenizer, demo.messages, demo.tools).input_ids
+        if len(ids) > max_length:
+            too_long += 1
+            continue
+        fitting.append(ids)
     if not fitting:
         raise UserError(f"{demonstrations}: no demonstration fits in {max_length} tokens (rm.max_length)")
-    skipped = f", {len(demos) - len(fitting)} longer than {max_length} tokens left out" if len(fitting) < len(demos) else ""
+    skipped = f", {too_long} longer than {max_length} tokens left out" if too_long else ""
     return fitting, f"the {len(fitting)} demonstrations of {demonstrations}{skipped}"
 
 
@@ -101,9 +106,11 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     data = given_or_earlier(cfg.data, root / "collect" / "comparisons.jsonl", "rm.data", "rm", "`instructrl collect`")
     with located("rm.model"):  # a bad path names the key that chose it
         tokenizer = load_tokenizer(backbone, log=lambda m: log(f"rm: {m}"))
-    records = read_comparisons(data, cfg.data_format)
-    if cfg.data is not None:
-        warn_of_control_tokens(data, tokenizer, "records", lambda line: log(f"rm: {line}"))
+    # your own comparisons' control tokens are counted as they are read (collect writes none)
+    comparisons = read_data(data, "comparison", cfg.data_format, "rm.data", tokenizer if cfg.data is not None else None,
+                            f"rm: reading {data}" if accelerator.is_main_process else None)
+    records = comparisons.items
+    warn_of_control_tokens(data, comparisons.control_tokens, "records", lambda line: log(f"rm: {line}"))
     seed_everything(config.run.seed)
     with located("rm.model"):
         model = RewardModel.from_causal_lm(backbone, tokenizer)
@@ -113,8 +120,8 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     encoded = []
     for record in tracked(records, f"rm: tokenizing {data}", "comparison", accelerator.is_main_process):
         with located(f"{data}: comparison '{record.id}'"):  # the id a record gives, else the file's name and the record's number
-            encoded.append(encode_comparison(tokenizer, record))
-    fits = [i for i, seqs in enumerate(encoded) if max(map(len, seqs)) <= max_length]
+            encoded.append(TokenSequences(encode_comparison(tokenizer, record)))
+    fits = [i for i, seqs in enumerate(encoded) if max(seqs.lengths()) <= max_length]
     if not fits:
         raise UserError(f"{data}: no comparison has every response within {max_length} tokens (rm.max_length)")
     too_long = len(records) - len(fits)
@@ -140,7 +147,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     run.start(restart, log)
     run.write_lineage({"backbone": backbone, "comparisons": data})
 
-    setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed, lengths=[max(map(len, seqs)) for seqs in encoded])
+    setup = prepare_training(accelerator, model, cfg, len(train), config.run.seed, lengths=[max(seqs.lengths()) for seqs in encoded])
     log(f"rm: {len(train)} comparisons ({sum(len(r.responses) for r in train)} responses) from {data}, "
         f"{len(heldout)} held out" + (f", {too_long} with a response longer than {max_length} tokens skipped" if too_long else "")
         + (f", {all_tied} with every response tied (nothing to learn from them)" if all_tied else "")

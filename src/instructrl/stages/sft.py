@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from instructrl.config import PipelineConfig
-from instructrl.data.chat import TokenizedConversation, tokenize_conversation, tokenize_text
+from instructrl.data.chat import tokenize_conversation, tokenize_text
 from instructrl.data.formats import empty_answers, read_data, warn_of_control_tokens
+from instructrl.data.sequences import TokenizedConversations
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import check_room, generate_answers
 from instructrl.models.base import apply_switches, length_cap, load_causal_lm, load_tokenizer
@@ -34,16 +35,18 @@ UPSTREAM = ("tokenizer", "model", "pretrain")  # part of the identity when SFT s
 
 
 def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str = "auto", log=None,
-                        progress: bool = False) -> tuple[list[TokenizedConversation], int]:
+                        progress: bool = False) -> tuple[TokenizedConversations, int]:
     """Tokenized examples of a demonstrations file in any SFT format (``instructrl.data.formats``);
-    also how many were too long. ``log`` is warned of empty answers, which teach the model to stop at once.
-    ``progress``: show a bar while they are tokenized."""
-    demos = read_data(path, "demonstration", data_format)[1]
-    empty = empty_answers(demos)
+    also how many were too long. ``log`` is warned of empty answers, which teach the model to stop at once,
+    and of records holding the tokenizer's control tokens. ``progress``: show bars while they are read and tokenized."""
+    data = read_data(path, "demonstration", data_format, tokenizer=tokenizer, progress=f"sft: reading {path}" if progress else None)
+    demos, empty = data.items, empty_answers(data.items)
+    if log is not None:
+        warn_of_control_tokens(path, data.control_tokens, "records", log)
     if empty and log is not None:
         log(f"warning: {plural(len(empty), 'demonstration')} of {path} {'has' if len(empty) == 1 else 'have'} an empty answer (first at {empty[0]}); "
             f"SFT teaches the model to end its answer at once there")
-    examples, too_long = [], 0
+    examples, too_long = TokenizedConversations(), 0
     for demo in tracked(demos, f"sft: tokenizing {path}", "demonstration", progress):
         with located(demo.where):
             example = tokenize_conversation(tokenizer, demo.messages, demo.tools) if demo.messages is not None else tokenize_text(tokenizer, demo.text)
@@ -53,7 +56,7 @@ def load_demonstrations(path: Path, tokenizer, max_length: int, data_format: str
         examples.append(example)
     if not examples:
         raise UserError(f"{path}: no demonstration fits in {max_length} tokens")
-    if not any(any(e.assistant_mask[1:]) for e in examples):  # the first token is never predicted
+    if not any(any(mask[1:]) for mask in examples.assistant_masks):  # the first token is never predicted
         raise UserError(f"{path}: no demonstration has an assistant token to learn from once tokenized")
     return examples, too_long
 
@@ -114,11 +117,9 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     with sizes_for_resuming(run.path / "checkpoints", accelerator.num_processes):
         cfg.check_fits(len(examples), accelerator.num_processes, str(data_path), "demonstrations", "sft")
     select = labeler_selection(accelerator, model, tokenizer, load_tasks(world.prompts("val")), cfg.max_new_tokens) if builtin else None
-    if not builtin:
-        warn_of_control_tokens(data_path, tokenizer, "records", lambda line: log(f"sft: {line}"))
     run.start(restart, log)
     run.write_lineage({"model": model_path, "demonstrations": data_path})
-    setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed, lengths=[len(e.input_ids) for e in examples])
+    setup = prepare_training(accelerator, model, cfg, len(examples), config.run.seed, lengths=examples.input_ids.lengths())
     log(f"sft: {len(examples)} demonstrations from {data_path}" + (f" ({too_long} longer than {max_length} tokens skipped)" if too_long else "")
         + f", {plural(setup.total_steps, 'step')} on {plural(accelerator.num_processes, 'process')}, model {model_path}"
         + (f"; LoRA: {trainable_share(model)}" if cfg.lora.enabled else ""))
