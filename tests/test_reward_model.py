@@ -1,15 +1,20 @@
-"""The reward model reads each sequence's reward at its last real token, and saves with one call."""
+"""The reward model reads each sequence's reward at its last real token, saves with one call, and
+loads from a folder or by hub name."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from tiny_models import tiny_tokenizer
+from conftest import SMOKE, cli
+from tiny_models import into_hub_cache, save_tiny_classifier, save_tiny_model, tiny_tokenizer, user_data
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from instructrl.data.chat import response_ids
 from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError
+from instructrl.evaluation.evaluate import RewardJudge
 from instructrl.models.reward import RewardModel, score_responses
 from instructrl.padding import pad_sequences
 from instructrl.stages.rm import encode_comparison
@@ -102,3 +107,61 @@ def test_score_responses_scores_each_pair_as_the_rm_stage_encodes_it(tmp_path):
     assert score_responses(model, tokenizer, [prompt] * 3, responses) == pytest.approx(alone, abs=1e-5)
     with pytest.raises(ValueError):  # a response without its conversation is a mistake, not a shorter batch
         score_responses(model, tokenizer, [prompt], responses)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache and no Hub (HF_HUB_OFFLINE), in this process and the CLI's."""
+    from huggingface_hub import constants
+
+    from instructrl.models.base import _hub_reachable
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read when huggingface_hub was imported
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _hub_reachable.cache_clear()
+    yield cache
+    _hub_reachable.cache_clear()
+
+
+@torch.no_grad()
+def test_a_reward_model_loads_by_hub_name_from_the_cache(tmp_path, offline_hub):
+    # ppo.reward_model=Skywork/Skywork-Reward-V2-Qwen3-0.6B was "reward model '...' does not exist", as any name but a folder's
+    from instructrl.models.base import load_tokenizer
+
+    tokenizer = load_tokenizer(save_tiny_model("llama", tmp_path / "lm"))  # with the PAD it adds, as the RM stage saves it
+    model = RewardModel.from_causal_lm(tmp_path / "lm", tokenizer)
+    model.reward_bias.fill_(-0.25)
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    into_hub_cache(tmp_path / "rm", offline_hub, "org/instructrl-rm")  # one of ours, pushed to the Hub
+    into_hub_cache(save_tiny_classifier(tmp_path / "classifier"), offline_hub, "org/classifier-rm")  # TRL's, OpenRLHF's
+
+    ids, mask = pad_sequences(SEQUENCES, pad_id=0, side="left")
+    for name, folder in (("org/instructrl-rm", tmp_path / "rm"), ("org/classifier-rm", tmp_path / "classifier")):
+        assert torch.equal(RewardModel.from_pretrained(name)(ids, mask), RewardModel.from_pretrained(folder)(ids, mask)), name
+    # eval.reward_model: the judge reads the answers with the tokenizer of the same name
+    prompt = [{"role": "user", "content": "Say cat."}]
+    assert RewardJudge("org/instructrl-rm").score([prompt] * 2, ["cat", "dog"]) == RewardJudge(str(tmp_path / "rm")).score([prompt] * 2, ["cat", "dog"])
+
+
+def test_a_reward_model_name_neither_cached_nor_reachable_is_one_line(offline_hub):
+    with pytest.raises(UserError, match=r"^reward model 'org/absent' is not a folder under .*, not in the Hugging Face cache, "
+                                        r"and the Hub cannot be reached to download it$"):
+        RewardModel.from_pretrained("org/absent")
+
+
+def test_ppo_takes_a_reward_model_by_hub_name(tmp_path, offline_hub):
+    policy = save_tiny_model("llama", tmp_path / "policy")  # the classifier's tokenizer, as PPO requires
+    into_hub_cache(save_tiny_classifier(tmp_path / "classifier"), offline_hub, "org/classifier-rm")
+    data = user_data(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    cli("ppo", "-c", str(SMOKE), f"run.dir={run_dir}", f"ppo.policy={policy}", "ppo.reward_model=org/classifier-rm",
+        f"ppo.prompts={data['prompts']}", "ppo.ptx_coef=0", "ppo.episodes=32", cwd=tmp_path)
+    assert RewardModel.from_pretrained(run_dir / "ppo" / "value")  # the value model, started from it
+    lineage = json.loads((run_dir / "ppo" / "lineage.json").read_text())["inputs"]
+    for key in ("reward_model", "value_model"):  # the name as given, not a folder of that name under the working directory
+        assert lineage[key] == {"path": "org/classifier-rm", "sha256": None, "stamp": None}

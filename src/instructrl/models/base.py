@@ -38,7 +38,7 @@ def build_base_model(config: ModelConfig, tokenizer) -> nn.Module:
 def _check_exists(name_or_path: str, what: str) -> None:
     """Fail at once on a missing folder, or on a hub name that is neither cached nor reachable
     (the hub client would otherwise retry for most of a minute before giving up)."""
-    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path)
+    looks_local = _looks_local(name_or_path)
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise UserError(f"{what} '{name_or_path}' does not exist")
     if looks_local:
@@ -46,6 +46,36 @@ def _check_exists(name_or_path: str, what: str) -> None:
     if not looks_local and not _in_hub_cache(name_or_path) and not _hub_reachable():
         raise UserError(f"{what} '{name_or_path}' is not a folder under {os.getcwd()}, not in the Hugging Face cache, "
                         "and the Hub cannot be reached to download it")
+
+
+def _looks_local(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` names a path rather than a hub repository ("org/name", "gpt2")."""
+    return os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path)
+
+
+# What loading a model reads from a hub repository: config, tokenizer, and safetensors weights (a
+# repository may also hold the same weights as .bin, or for other frameworks: ONNX, GGUF, TF, Flax)
+SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def model_folder(name_or_path: str | Path, what: str = "model") -> Path:
+    """The folder holding a model: ``name_or_path`` itself, or for a hub name its snapshot in the
+    Hugging Face cache, downloaded first when the Hub can be reached. For loaders that read a
+    model's files themselves (the reward model's head); one line for a name that is neither."""
+    name_or_path = str(name_or_path)
+    _check_exists(name_or_path, what)
+    if _looks_local(name_or_path):
+        return Path(name_or_path).expanduser()
+    from huggingface_hub import snapshot_download
+
+    online = _hub_reachable()
+    try:
+        folder = Path(snapshot_download(name_or_path, allow_patterns=SNAPSHOT_FILES, local_files_only=not online))
+        if online and not any(f.name != HEAD_FILE for f in folder.glob("*.safetensors")):  # weights saved before safetensors
+            snapshot_download(name_or_path, allow_patterns=["*.bin"])
+    except load_errors() as err:  # not cached (offline), a private or gated repository, a name the Hub refuses
+        raise UserError(f"cannot get {what} '{name_or_path}' from the Hugging Face Hub: {str(err).splitlines()[0]}") from None
+    return folder
 
 
 # Files one of which every folder that from_pretrained can read holds (a LoRA adapter's included);
