@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import SMOKE, cli
+from safetensors.torch import load_file
 from tiny_models import into_hub_cache, save_tiny_classifier, save_tiny_model, tiny_tokenizer, user_data
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -165,3 +166,64 @@ def test_ppo_takes_a_reward_model_by_hub_name(tmp_path, offline_hub):
     lineage = json.loads((run_dir / "ppo" / "lineage.json").read_text())["inputs"]
     for key in ("reward_model", "value_model"):  # the name as given, not a folder of that name under the working directory
         assert lineage[key] == {"path": "org/classifier-rm", "sha256": None, "stamp": None}
+
+
+def test_a_cached_model_loads_at_once_where_the_hub_cannot_be_reached(tmp_path, monkeypatch, offline_hub):
+    # HF_HUB_OFFLINE unset on a machine without internet access: the hub client retried each file for two minutes
+    import socket
+
+    from huggingface_hub import constants
+    from ports import free_port
+
+    from instructrl.models.base import _hub_reachable, load_causal_lm, load_tokenizer
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    _hub_reachable.cache_clear()
+    assert not _hub_reachable()
+
+    def connect(address, *args, **kwargs):
+        raise AssertionError(f"a connection to {address} after the Hub was found unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    into_hub_cache(save_tiny_model("llama", tmp_path / "policy"), offline_hub, "org/policy")
+    into_hub_cache(save_tiny_classifier(tmp_path / "classifier"), offline_hub, "org/classifier-rm")
+    assert load_tokenizer("org/policy").get_vocab() == load_tokenizer("org/classifier-rm").get_vocab()
+    assert load_causal_lm("org/policy") and RewardModel.from_pretrained("org/classifier-rm")
+    assert RewardModel.from_causal_lm("org/policy")  # rm.model
+
+
+@torch.no_grad()
+def test_a_reward_model_is_downloaded_with_only_the_files_it_loads(tmp_path, monkeypatch, offline_hub):
+    # a repository may hold its weights twice (.bin beside .safetensors, Mistral's consolidated file) and other frameworks' too
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from instructrl.models import base
+
+    repos = {"org/both": save_tiny_classifier(tmp_path / "both"), "org/bin-only": save_tiny_classifier(tmp_path / "bin-only")}
+    weights = load_file(tmp_path / "both" / "model.safetensors")
+    for repo in repos.values():
+        torch.save(weights, repo / "pytorch_model.bin")
+        (repo / "onnx").mkdir()
+        (repo / "onnx" / "model.onnx").write_bytes(b"onnx")
+    (tmp_path / "both" / "consolidated.safetensors").write_bytes(b"mistral")
+    (tmp_path / "bin-only" / "model.safetensors").unlink()
+
+    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, local_files_only=False):  # the Hub, in tmp_path
+        snapshot = offline_hub / repo_id / "snapshot"
+        files = [str(f.relative_to(repos[repo_id])) for f in repos[repo_id].rglob("*") if f.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / name).write_bytes((repos[repo_id] / name).read_bytes())
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(base, "_hub_reachable", lambda: True)
+    ids, mask = pad_sequences(SEQUENCES, pad_id=0, side="left")
+    expected = RewardModel.from_pretrained(tmp_path / "both")(ids, mask)
+    for name, weights_file in (("org/both", "model.safetensors"), ("org/bin-only", "pytorch_model.bin")):
+        assert torch.equal(RewardModel.from_pretrained(name)(ids, mask), expected), name
+        fetched = {f.name for f in (offline_hub / name / "snapshot").rglob("*")}
+        assert weights_file in fetched and not fetched & {"consolidated.safetensors", "onnx", "model.onnx"} and len(fetched & {"model.safetensors", "pytorch_model.bin"}) == 1

@@ -54,8 +54,9 @@ def _looks_local(name_or_path: str) -> bool:
 
 
 # What loading a model reads from a hub repository: config, tokenizer, and safetensors weights (a
-# repository may also hold the same weights as .bin, or for other frameworks: ONNX, GGUF, TF, Flax)
+# repository may also hold the same weights as .bin, Mistral's format, or other frameworks': ONNX, GGUF, TF, Flax)
 SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+NOT_SNAPSHOT_FILES = ["consolidated*"]
 
 
 def model_folder(name_or_path: str | Path, what: str = "model") -> Path:
@@ -70,12 +71,24 @@ def model_folder(name_or_path: str | Path, what: str = "model") -> Path:
 
     online = _hub_reachable()
     try:
-        folder = Path(snapshot_download(name_or_path, allow_patterns=SNAPSHOT_FILES, local_files_only=not online))
+        folder = Path(snapshot_download(name_or_path, allow_patterns=SNAPSHOT_FILES, ignore_patterns=NOT_SNAPSHOT_FILES,
+                                        local_files_only=not online))
         if online and not any(f.name != HEAD_FILE for f in folder.glob("*.safetensors")):  # weights saved before safetensors
             snapshot_download(name_or_path, allow_patterns=["*.bin"])
     except load_errors() as err:  # not cached (offline), a private or gated repository, a name the Hub refuses
         raise UserError(f"cannot get {what} '{name_or_path}' from the Hugging Face Hub: {str(err).splitlines()[0]}") from None
     return folder
+
+
+def loadable(name_or_path: str, what: str = "model") -> str:
+    """What ``from_pretrained`` is given for ``name_or_path``, checked (``_check_exists``): itself, but
+    for a hub name the Hub cannot be reached for, its snapshot in the cache. Given the name, the hub
+    client would retry every file it asks for (two minutes for a tokenizer) before reading the cache,
+    where HF_HUB_OFFLINE is unset, as on a machine without internet access."""
+    _check_exists(name_or_path, what)
+    if _looks_local(name_or_path) or _hub_reachable():
+        return name_or_path
+    return str(model_folder(name_or_path, what))
 
 
 # Files one of which every folder that from_pretrained can read holds (a LoRA adapter's included);
@@ -185,13 +198,13 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
     from transformers import AutoModelForCausalLM
 
     name_or_path = str(name_or_path)
-    _check_exists(name_or_path, "model")
+    source = loadable(name_or_path, "model")
     _check_not_adapter(name_or_path)
     if (Path(name_or_path).expanduser() / HEAD_FILE).is_file():  # its backbone would load, with no trained LM head
         raise UserError(f"model '{name_or_path}' is a reward model (it holds {HEAD_FILE}), not a policy; "
                         "give a language model, such as a run's sft/final or ppo_ptx/final")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except load_errors() as err:
         raise UserError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from None
     if dropout is not None:
@@ -260,10 +273,10 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
     from transformers import AutoTokenizer
 
     name_or_path = str(name_or_path)
-    _check_exists(name_or_path, "tokenizer")
+    source = loadable(name_or_path, "tokenizer")
     unsaved = "is its tokenizer saved there (tokenizer.save_pretrained)?"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load tokenizer '{name_or_path}': {str(err).splitlines()[0]}") from None
     except TypeError:  # transformers 4.x on a model folder saved without its tokenizer: it opens a vocabulary file of None

@@ -155,9 +155,9 @@ def _load_backbone(name_or_path: str | Path) -> nn.Module:
     """The transformer of a causal LM checkpoint without its LM head (``AutoModel``)."""
     from transformers import AutoModel
 
-    from instructrl.models.base import load_errors
+    from instructrl.models.base import load_errors, loadable
 
     try:
-        return AutoModel.from_pretrained(str(name_or_path), dtype=torch.float32)
+        return AutoModel.from_pretrained(loadable(str(name_or_path)), dtype=torch.float32)
     except load_errors() as err:
         raise UserError(f"cannot load a backbone from '{name_or_path}': {str(err).splitlines()[0]}") from None
