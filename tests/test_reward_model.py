@@ -1,15 +1,21 @@
-"""The reward model reads each sequence's reward at its last real token, and saves with one call."""
+"""The reward model reads each sequence's reward at its last real token, saves with one call, and
+loads from a folder or by hub name."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from tiny_models import tiny_tokenizer
+from conftest import SMOKE, cli
+from safetensors.torch import load_file
+from tiny_models import into_hub_cache, save_tiny_classifier, save_tiny_model, tiny_tokenizer, user_data
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from instructrl.data.chat import response_ids
 from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError
+from instructrl.evaluation.evaluate import RewardJudge
 from instructrl.models.reward import RewardModel, score_responses
 from instructrl.padding import pad_sequences
 from instructrl.stages.rm import encode_comparison
@@ -102,3 +108,122 @@ def test_score_responses_scores_each_pair_as_the_rm_stage_encodes_it(tmp_path):
     assert score_responses(model, tokenizer, [prompt] * 3, responses) == pytest.approx(alone, abs=1e-5)
     with pytest.raises(ValueError):  # a response without its conversation is a mistake, not a shorter batch
         score_responses(model, tokenizer, [prompt], responses)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache and no Hub (HF_HUB_OFFLINE), in this process and the CLI's."""
+    from huggingface_hub import constants
+
+    from instructrl.models.base import _hub_reachable
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read when huggingface_hub was imported
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _hub_reachable.cache_clear()
+    yield cache
+    _hub_reachable.cache_clear()
+
+
+@torch.no_grad()
+def test_a_reward_model_loads_by_hub_name_from_the_cache(tmp_path, offline_hub):
+    # ppo.reward_model=Skywork/Skywork-Reward-V2-Qwen3-0.6B was "reward model '...' does not exist", as any name but a folder's
+    from instructrl.models.base import load_tokenizer
+
+    tokenizer = load_tokenizer(save_tiny_model("llama", tmp_path / "lm"))  # with the PAD it adds, as the RM stage saves it
+    model = RewardModel.from_causal_lm(tmp_path / "lm", tokenizer)
+    model.reward_bias.fill_(-0.25)
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    into_hub_cache(tmp_path / "rm", offline_hub, "org/instructrl-rm")  # one of ours, pushed to the Hub
+    into_hub_cache(save_tiny_classifier(tmp_path / "classifier"), offline_hub, "org/classifier-rm")  # TRL's, OpenRLHF's
+
+    ids, mask = pad_sequences(SEQUENCES, pad_id=0, side="left")
+    for name, folder in (("org/instructrl-rm", tmp_path / "rm"), ("org/classifier-rm", tmp_path / "classifier")):
+        assert torch.equal(RewardModel.from_pretrained(name)(ids, mask), RewardModel.from_pretrained(folder)(ids, mask)), name
+    # eval.reward_model: the judge reads the answers with the tokenizer of the same name
+    prompt = [{"role": "user", "content": "Say cat."}]
+    assert RewardJudge("org/instructrl-rm").score([prompt] * 2, ["cat", "dog"]) == RewardJudge(str(tmp_path / "rm")).score([prompt] * 2, ["cat", "dog"])
+
+
+def test_a_reward_model_name_neither_cached_nor_reachable_is_one_line(offline_hub):
+    with pytest.raises(UserError, match=r"^reward model 'org/absent' is not a folder under .*, not in the Hugging Face cache, "
+                                        r"and the Hub cannot be reached to download it$"):
+        RewardModel.from_pretrained("org/absent")
+
+
+def test_ppo_takes_a_reward_model_by_hub_name(tmp_path, offline_hub):
+    policy = save_tiny_model("llama", tmp_path / "policy")  # the classifier's tokenizer, as PPO requires
+    into_hub_cache(save_tiny_classifier(tmp_path / "classifier"), offline_hub, "org/classifier-rm")
+    data = user_data(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    cli("ppo", "-c", str(SMOKE), f"run.dir={run_dir}", f"ppo.policy={policy}", "ppo.reward_model=org/classifier-rm",
+        f"ppo.prompts={data['prompts']}", "ppo.ptx_coef=0", "ppo.episodes=32", cwd=tmp_path)
+    assert RewardModel.from_pretrained(run_dir / "ppo" / "value")  # the value model, started from it
+    lineage = json.loads((run_dir / "ppo" / "lineage.json").read_text())["inputs"]
+    for key in ("reward_model", "value_model"):  # the name as given, not a folder of that name under the working directory
+        assert lineage[key] == {"path": "org/classifier-rm", "sha256": None, "stamp": None}
+
+
+def test_a_cached_model_loads_at_once_where_the_hub_cannot_be_reached(tmp_path, monkeypatch, offline_hub):
+    # HF_HUB_OFFLINE unset on a machine without internet access: the hub client retried each file for two minutes
+    import socket
+
+    from huggingface_hub import constants
+    from ports import free_port
+
+    from instructrl.models.base import _hub_reachable, load_causal_lm, load_tokenizer
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    _hub_reachable.cache_clear()
+    assert not _hub_reachable()
+
+    def connect(address, *args, **kwargs):
+        raise AssertionError(f"a connection to {address} after the Hub was found unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    into_hub_cache(save_tiny_model("llama", tmp_path / "policy"), offline_hub, "org/policy")
+    into_hub_cache(save_tiny_classifier(tmp_path / "classifier"), offline_hub, "org/classifier-rm")
+    assert load_tokenizer("org/policy").get_vocab() == load_tokenizer("org/classifier-rm").get_vocab()
+    assert load_causal_lm("org/policy") and RewardModel.from_pretrained("org/classifier-rm")
+    assert RewardModel.from_causal_lm("org/policy")  # rm.model
+
+
+@torch.no_grad()
+def test_a_reward_model_is_downloaded_with_only_the_files_it_loads(tmp_path, monkeypatch, offline_hub):
+    # a repository may hold its weights twice (.bin beside .safetensors, Mistral's consolidated file) and other frameworks' too
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from instructrl.models import base
+
+    repos = {"org/both": save_tiny_classifier(tmp_path / "both"), "org/bin-only": save_tiny_classifier(tmp_path / "bin-only")}
+    weights = load_file(tmp_path / "both" / "model.safetensors")
+    for repo in repos.values():
+        torch.save(weights, repo / "pytorch_model.bin")
+        (repo / "onnx").mkdir()
+        (repo / "onnx" / "model.onnx").write_bytes(b"onnx")
+    (tmp_path / "both" / "consolidated.safetensors").write_bytes(b"mistral")
+    (tmp_path / "bin-only" / "model.safetensors").unlink()
+
+    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, local_files_only=False):  # the Hub, in tmp_path
+        snapshot = offline_hub / repo_id / "snapshot"
+        files = [str(f.relative_to(repos[repo_id])) for f in repos[repo_id].rglob("*") if f.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / name).write_bytes((repos[repo_id] / name).read_bytes())
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(base, "_hub_reachable", lambda: True)
+    ids, mask = pad_sequences(SEQUENCES, pad_id=0, side="left")
+    expected = RewardModel.from_pretrained(tmp_path / "both")(ids, mask)
+    for name, weights_file in (("org/both", "model.safetensors"), ("org/bin-only", "pytorch_model.bin")):
+        assert torch.equal(RewardModel.from_pretrained(name)(ids, mask), expected), name
+        fetched = {f.name for f in (offline_hub / name / "snapshot").rglob("*")}
+        assert weights_file in fetched and not fetched & {"consolidated.safetensors", "onnx", "model.onnx"} and len(fetched & {"model.safetensors", "pytorch_model.bin"}) == 1

@@ -3,7 +3,9 @@ files in each format, built locally for the bring-your-own-model tests (no downl
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -103,6 +105,31 @@ def save_tiny_model(arch: str, dest: Path, seed: int = 0) -> Path:
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
+
+
+def save_tiny_classifier(dest: Path, seed: int = 1) -> Path:
+    """A tiny random Llama sequence classifier with one label and its tokenizer (PAD = EOS), as TRL's
+    RewardTrainer and OpenRLHF save a reward model, in ``dest``."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = tiny_tokenizer(pad="eos", template=False)
+    config = tiny_model_config("llama", len(tokenizer), tokenizer.eos_token_id)
+    config.num_labels, config.pad_token_id = 1, tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def into_hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
+    """Copy a saved model into the Hugging Face cache ``cache`` as the hub client lays out a download
+    (models--org--name/snapshots/COMMIT/, with refs/main naming the commit); returns the snapshot."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -203,8 +203,8 @@ def ppo(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[s
 def evaluate(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
     """Judge models' answers to held-out prompts: the built-in world's, by its gold labeler, or your own, by a reward model.
 
-    Any causal LM can be judged (eval.models). eval.reward_model=PATH scores every answer with a
-    reward model as well; eval.prompts=FILE answers your own prompts, which only a reward model
+    Any causal LM can be judged (eval.models). eval.reward_model=PATH (or hub name) scores every answer
+    with a reward model as well; eval.prompts=FILE answers your own prompts, which only a reward model
     can judge. To have people judge, use `instructrl label`'s A/B comparisons."""
     from instructrl.evaluation.evaluate import results_table, run_eval
     from instructrl.evaluation.report import write_report

@@ -228,7 +228,8 @@ class RunDir:
         """Record each input (data file, parent checkpoint) with its content hash, before training:
         an interrupted run resumes only on the inputs it began with, else it would follow from neither.
         An input inside the run folder is recorded relative to it and any other by its absolute
-        path, so that the check holds from any working directory and in a moved or copied run folder."""
+        path, so that the check holds from any working directory and in a moved or copied run folder;
+        a hub name is recorded as given, with no hash."""
         changed = self.changed_inputs()  # an interrupted run's record: --restart has removed any other
         if changed:
             raise UserError(f"{self.path} holds an unfinished run begun on inputs that have changed since: {', '.join(changed)}; "
@@ -243,7 +244,12 @@ class RunDir:
             path = Path(value)
             exists = path.exists()
             full = os.path.abspath(path)
-            place = {"path": os.path.relpath(full, root), "in_run": True} if full.startswith(root + os.sep) else {"path": full}
+            if not exists:  # a hub name ("org/name"), not a path under the working directory
+                place = {"path": str(value)}
+            elif full.startswith(root + os.sep):
+                place = {"path": os.path.relpath(full, root), "in_run": True}
+            else:
+                place = {"path": full}
             entries[name] = place | {"sha256": content_hash(path) if exists else None, "stamp": file_stamp(path) if exists else None}
         write_text_atomic(self.path / "lineage.json", json.dumps({"stage": self.stage, "inputs": entries}, indent=2))
 

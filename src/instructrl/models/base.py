@@ -38,7 +38,7 @@ def build_base_model(config: ModelConfig, tokenizer) -> nn.Module:
 def _check_exists(name_or_path: str, what: str) -> None:
     """Fail at once on a missing folder, or on a hub name that is neither cached nor reachable
     (the hub client would otherwise retry for most of a minute before giving up)."""
-    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path)
+    looks_local = _looks_local(name_or_path)
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise UserError(f"{what} '{name_or_path}' does not exist")
     if looks_local:
@@ -46,6 +46,49 @@ def _check_exists(name_or_path: str, what: str) -> None:
     if not looks_local and not _in_hub_cache(name_or_path) and not _hub_reachable():
         raise UserError(f"{what} '{name_or_path}' is not a folder under {os.getcwd()}, not in the Hugging Face cache, "
                         "and the Hub cannot be reached to download it")
+
+
+def _looks_local(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` names a path rather than a hub repository ("org/name", "gpt2")."""
+    return os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path)
+
+
+# What loading a model reads from a hub repository: config, tokenizer, and safetensors weights (a
+# repository may also hold the same weights as .bin, Mistral's format, or other frameworks': ONNX, GGUF, TF, Flax)
+SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+NOT_SNAPSHOT_FILES = ["consolidated*"]
+
+
+def model_folder(name_or_path: str | Path, what: str = "model") -> Path:
+    """The folder holding a model: ``name_or_path`` itself, or for a hub name its snapshot in the
+    Hugging Face cache, downloaded first when the Hub can be reached. For loaders that read a
+    model's files themselves (the reward model's head); one line for a name that is neither."""
+    name_or_path = str(name_or_path)
+    _check_exists(name_or_path, what)
+    if _looks_local(name_or_path):
+        return Path(name_or_path).expanduser()
+    from huggingface_hub import snapshot_download
+
+    online = _hub_reachable()
+    try:
+        folder = Path(snapshot_download(name_or_path, allow_patterns=SNAPSHOT_FILES, ignore_patterns=NOT_SNAPSHOT_FILES,
+                                        local_files_only=not online))
+        if online and not any(f.name != HEAD_FILE for f in folder.glob("*.safetensors")):  # weights saved before safetensors
+            snapshot_download(name_or_path, allow_patterns=["*.bin"])
+    except load_errors() as err:  # not cached (offline), a private or gated repository, a name the Hub refuses
+        raise UserError(f"cannot get {what} '{name_or_path}' from the Hugging Face Hub: {str(err).splitlines()[0]}") from None
+    return folder
+
+
+def loadable(name_or_path: str, what: str = "model") -> str:
+    """What ``from_pretrained`` is given for ``name_or_path``, checked (``_check_exists``): itself, but
+    for a hub name the Hub cannot be reached for, its snapshot in the cache. Given the name, the hub
+    client would retry every file it asks for (two minutes for a tokenizer) before reading the cache,
+    where HF_HUB_OFFLINE is unset, as on a machine without internet access."""
+    _check_exists(name_or_path, what)
+    if _looks_local(name_or_path) or _hub_reachable():
+        return name_or_path
+    return str(model_folder(name_or_path, what))
 
 
 # Files one of which every folder that from_pretrained can read holds (a LoRA adapter's included);
@@ -155,13 +198,13 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
     from transformers import AutoModelForCausalLM
 
     name_or_path = str(name_or_path)
-    _check_exists(name_or_path, "model")
+    source = loadable(name_or_path, "model")
     _check_not_adapter(name_or_path)
     if (Path(name_or_path).expanduser() / HEAD_FILE).is_file():  # its backbone would load, with no trained LM head
         raise UserError(f"model '{name_or_path}' is a reward model (it holds {HEAD_FILE}), not a policy; "
                         "give a language model, such as a run's sft/final or ppo_ptx/final")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except load_errors() as err:
         raise UserError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from None
     if dropout is not None:
@@ -230,10 +273,10 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
     from transformers import AutoTokenizer
 
     name_or_path = str(name_or_path)
-    _check_exists(name_or_path, "tokenizer")
+    source = loadable(name_or_path, "tokenizer")
     unsaved = "is its tokenizer saved there (tokenizer.save_pretrained)?"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load tokenizer '{name_or_path}': {str(err).splitlines()[0]}") from None
     except TypeError:  # transformers 4.x on a model folder saved without its tokenizer: it opens a vocabulary file of None

@@ -56,18 +56,17 @@ class RewardModel(nn.Module):
         return cls(backbone)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "RewardModel":
+    def from_pretrained(cls, name_or_path: str | Path) -> "RewardModel":
         """Reload a reward model saved with ``save_pretrained``: backbone, head and bias in one call.
 
         A reward model trained elsewhere as a Hugging Face sequence classifier with one label
-        (TRL's RewardTrainer, OpenRLHF) loads too: its score layer is the head, with no bias."""
-        path = Path(path)
-        if not path.exists():
-            raise UserError(f"reward model '{path}' does not exist")
+        (TRL's RewardTrainer, OpenRLHF) loads too: its score layer is the head, with no bias.
+        ``name_or_path``: a folder, or a hub name (from the Hugging Face cache, or downloaded)."""
+        from instructrl.models.base import load_errors, model_folder
+
+        path = model_folder(name_or_path, "reward model")
         if not (path / HEAD_FILE).is_file():
             return cls._from_sequence_classifier(path).eval()
-        from instructrl.models.base import load_errors
-
         model = cls(_load_backbone(path))
         try:
             state = load_file(path / HEAD_FILE)
@@ -156,9 +155,9 @@ def _load_backbone(name_or_path: str | Path) -> nn.Module:
     """The transformer of a causal LM checkpoint without its LM head (``AutoModel``)."""
     from transformers import AutoModel
 
-    from instructrl.models.base import load_errors
+    from instructrl.models.base import load_errors, loadable
 
     try:
-        return AutoModel.from_pretrained(str(name_or_path), dtype=torch.float32)
+        return AutoModel.from_pretrained(loadable(str(name_or_path)), dtype=torch.float32)
     except load_errors() as err:
         raise UserError(f"cannot load a backbone from '{name_or_path}': {str(err).splitlines()[0]}") from None
