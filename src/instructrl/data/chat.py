@@ -15,10 +15,16 @@ class TokenizedConversation:
     assistant_mask: list[int]  # 1 on every token an assistant turn wrote, its closing EOS included
 
 
-def control_token_in(text: str, tokenizer) -> str | None:
-    """The first of ``tokenizer``'s control tokens (``<|im_end|>``, ``</s>``, ...) written inside
-    ``text``, or None. Tokenizing reads such a string as the token itself, not as text."""
-    return next((t for t in tokenizer.all_special_tokens if t and t in text), None)
+def control_tokens(tokenizer) -> list[str]:
+    """``tokenizer``'s control tokens (``<|im_end|>``, ``</s>``, ...). Get them once for many texts:
+    transformers builds the list anew at each call."""
+    return [t for t in tokenizer.all_special_tokens if t]
+
+
+def control_token_in(text: str, tokens: list[str]) -> str | None:
+    """The first of the control ``tokens`` written inside ``text``, or None. Tokenizing reads such
+    a string as the token itself, not as text."""
+    return next((t for t in tokens if t in text), None)
 
 
 def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:

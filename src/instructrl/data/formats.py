@@ -39,6 +39,7 @@ from typing import Iterator, NamedTuple
 
 from pydantic import ValidationError
 
+from instructrl.data.chat import control_token_in, control_tokens
 from instructrl.data.jsonl import not_text, read_jsonl
 from instructrl.data.preference import comparison_from_preference
 from instructrl.data.records import ComparisonRecord, check_messages, is_learnt, is_tool_turn, validate_messages
@@ -389,13 +390,14 @@ def read_data(path: Path | str, use: str, data_format: str = "auto", key: str | 
     in the same pass. ``progress``: the description of a bar counting the records read (None: no bar)."""
     path = Path(path)
     formats, items, control = [], [], (0, None)
+    tokens = control_tokens(tokenizer) if tokenizer is not None else None
     with counting(progress or "", count_records(path) if progress else None, "record", enabled=progress is not None) as done:
         for number, (where, record) in enumerate(read_records(path), start=1):
             fmt = record_format(record, where, data_format)
             if fmt not in formats:
                 formats.append(fmt)
             items.append(to_item(use, fmt, record, where, f"{path.name}:{number}", key))
-            if tokenizer is not None and (token := record_control_token(record, tokenizer)) is not None:
+            if tokens and (token := record_control_token(record, tokens)) is not None:
                 control = (control[0] + 1, control[1] or f"{where}: {token!r}")
             if number % 1000 == 0:
                 done(number)
@@ -459,15 +461,14 @@ def read_texts(path: Path | str, progress: str | None = None) -> list[str]:
         raise not_text(path) from None
 
 
-def record_control_token(record: dict, tokenizer) -> str | None:
-    """The first of ``tokenizer``'s control tokens written in ``record``'s text, or None. Tokenizing
+def record_control_token(record: dict, tokens: list[str]) -> str | None:
+    """The first of the control ``tokens`` (``control_tokens``) written in ``record``'s text, or None. Tokenizing
     reads such a string as the token itself, not as text: inside a message it can end the turn
     early. Records in the "text" format are left out: their text is the whole sequence, templates
     and control tokens included."""
     if detect_format(record) == "text":
         return None
-    special = [t for t in tokenizer.all_special_tokens if t]  # once a record: transformers builds this list anew at each call
-    return next((t for text in _strings(record) for t in special if t in text), None)
+    return next((t for text in _strings(record) if (t := control_token_in(text, tokens))), None)
 
 
 def warn_of_control_tokens(path: Path | str, found: tuple[int, str | None], what: str, log) -> None:
@@ -514,6 +515,7 @@ def check_file(path: Path | str, data_format: str = "auto", tokenizer=None, prog
                 "usable_as": [STAGE_OF_USE["text"]]}
     verdicts = [_Verdict(use) for use in USES]
     formats, misspelt, style, control = [], {}, None, [0, None]
+    tokens = control_tokens(tokenizer) if tokenizer is not None else None
     number = 0
     for number, (where, record) in enumerate(read_records(path), start=1):
         fmt = record_format(record, where, data_format)
@@ -533,7 +535,7 @@ def check_file(path: Path | str, data_format: str = "auto", tokenizer=None, prog
         if fmt == "preference" and style is None:
             style = ("conversational" if isinstance(record.get("chosen"), list) else "plain text") + \
                 (", explicit prompt" if "prompt" in record else ", implicit prompt")
-        if tokenizer is not None and (token := record_control_token(record, tokenizer)) is not None:
+        if tokens and (token := record_control_token(record, tokens)) is not None:
             control = [control[0] + 1, control[1] or f"{where}: {token!r}"]
         if progress is not None and number % 1000 == 0:
             progress(number)

@@ -85,10 +85,10 @@ def loadable(name_or_path: str, what: str = "model") -> str:
     for a hub name the Hub cannot be reached for, its snapshot in the cache. Given the name, the hub
     client would retry every file it asks for (two minutes for a tokenizer) before reading the cache,
     where HF_HUB_OFFLINE is unset, as on a machine without internet access."""
+    if not _looks_local(name_or_path) and not _hub_reachable():
+        return str(model_folder(name_or_path, what))  # which checks it
     _check_exists(name_or_path, what)
-    if _looks_local(name_or_path) or _hub_reachable():
-        return name_or_path
-    return str(model_folder(name_or_path, what))
+    return name_or_path
 
 
 # Files one of which every folder that from_pretrained can read holds (a LoRA adapter's included);

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from instructrl.data.chat import control_token_in, render_text
+from instructrl.data.chat import control_token_in, control_tokens, render_text
 from instructrl.errors import UserError
 from instructrl.serve import schemas
 from instructrl.serve.engine import Engine, Event, QueueFull, SamplingParams
@@ -237,9 +237,9 @@ def _chat_prompt(engine: Engine, body: schemas.ChatCompletionRequest) -> list[in
     """The token ids of ``body.messages`` in the model's chat template, ending where the assistant's turn begins."""
     if engine.tokenizer.chat_template is None:
         raise APIError(400, f"the model '{body.model}' has no chat template; use /v1/completions", param="messages")
-    messages = [m.as_template_message() for m in body.messages]
+    messages, tokens = [m.as_template_message() for m in body.messages], control_tokens(engine.tokenizer)
     for i, message in enumerate(messages):  # such a token in the text would act as one: a turn of the client's making
-        special = control_token_in(message["content"], engine.tokenizer)
+        special = control_token_in(message["content"], tokens)
         if special is not None:
             raise APIError(400, f"message {i} holds the model's control token {special!r}", param=f"messages.{i}.content")
     try:
