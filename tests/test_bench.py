@@ -10,7 +10,7 @@ from conftest import SMOKE, cli
 def test_bench_ppo(tmp_path):
     proc = cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "-n", "3")
     result = json.loads((tmp_path / "bench.json").read_text())
-    assert json.loads(proc.stdout[proc.stdout.index("{"):]) == result  # the JSON printed is the file's
+    assert json.loads(proc.stdout) == result  # standard output is the file's JSON alone (`bench | jq`); the table, bar and log on stderr
     phases = set(result["seconds_per_iteration"])
     assert {"generate", "score_policy", "score_reference", "score_value", "score_reward", "train"} <= phases
     assert abs(sum(result["share"].values()) - 1.0) < 1e-9
@@ -18,7 +18,7 @@ def test_bench_ppo(tmp_path):
     # the table adds up: episodes per second are an iteration's episodes over the seconds of its phases
     seconds = sum(result["seconds_per_iteration"].values())
     assert abs(result["episodes_per_s"] - result["rollout_batch_size"] / seconds) < 1e-9 * result["episodes_per_s"]
-    table = proc.stdout[: proc.stdout.index("{")]
+    table = proc.stderr
     assert f"{result['episodes_per_s']:.1f}" in table and f"{result['tokens_per_s']:.0f}" in table
     for phase, s in result["seconds_per_iteration"].items():
         assert f"{s:.3f}" in table and f"{result['share'][phase]:.0%}" in table
@@ -28,8 +28,8 @@ def test_bench_ppo(tmp_path):
 def test_bench_rm_kway_forwards_fewer_sequences(tmp_path):
     proc = cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "rm", "--k", "4", "--comparisons", "32")
     result = json.loads((tmp_path / "bench_rm.json").read_text())
-    table, printed = proc.stdout[: proc.stdout.index("{")], json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert printed == result  # a table, and the same figures as JSON
+    table, printed = proc.stderr, json.loads(proc.stdout)
+    assert printed == result  # a table on stderr, and the same figures as JSON alone on stdout
     for mode in ("kway", "pairwise"):
         assert f"{result[mode]['comparisons_per_s']:.1f}" in table and str(result[mode]["sequences_forwarded"]) in table
     assert f"{result['speedup']:.2f}x" in table

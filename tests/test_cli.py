@@ -15,7 +15,9 @@ from instructrl.rundir import content_hash
 def test_pipeline_smoke_writes_every_record(tmp_path):
     run_dir = tmp_path / "run"
     proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={run_dir}")
-    assert "Mean gold Likert" in proc.stdout
+    # standard output holds the results alone, the table and the headline figures; bars and messages go to stderr
+    assert "Mean gold Likert" in proc.stdout and "ppo_ptx: Likert" in proc.stdout
+    assert "━" not in proc.stdout and "saved to" not in proc.stdout and "ppo_ptx ━" in proc.stderr
     for stage in ("pretrain", "sft", "collect", "rm", "ppo_ptx", "ppo"):
         folder = run_dir / stage
         outputs = ("comparisons.jsonl",) if stage == "collect" else ("final/config.json", "final/tokenizer.json")
@@ -220,6 +222,24 @@ def test_world_command_writes_the_world_and_reports_agreement(tmp_path):
     assert "agree on" in out
     for name in ("prompts/sft.jsonl", "prompts/eval.jsonl", "demonstrations.jsonl", "corpus.txt", "corpus_heldout.txt", "world.json"):
         assert (tmp_path / "world" / name).is_file(), name
+
+
+def test_eval_in_a_log_file_prints_its_whole_table_alone_on_stdout(tmp_path, smoke_base):
+    """A Slurm or CI job: no terminal and no COLUMNS. The table of many models was cut at 80 columns."""
+    import os
+    import subprocess
+    import sys
+
+    shutil.copytree(smoke_base / "world", tmp_path / "world")
+    names = [f"base_model_copy_{i}" for i in range(6)]
+    models = "{" + ", ".join(f"{name}: {smoke_base}/pretrain/final" for name in names) + "}"
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    proc = subprocess.run([sys.executable, "-m", "instructrl", "eval", "-c", str(SMOKE), f"run.dir={tmp_path}", f"eval.models={models}",
+                           "eval.n_prompts=2", "eval.samples=1"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if line.lstrip().startswith("greedy"))
+    assert header.split() == ["greedy", "demonstrations", *names, "gold_answers"]  # each name whole, on one line
+    assert "eval: answering" in proc.stderr and "eval:" not in proc.stdout
 
 
 def test_too_few_demonstrations_for_one_batch(tmp_path, smoke_base):

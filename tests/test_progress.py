@@ -64,13 +64,22 @@ def test_pace_is_per_second_or_seconds_each():
     assert pace(done=0, elapsed=5.0, unit="step") == ""  # resumed, nothing done yet
 
 
-def test_a_bar_written_to_a_log_file_is_not_cut_to_80_columns(monkeypatch):
-    from instructrl.training.progress import log_console
+def test_a_bar_or_results_table_written_to_a_log_file_is_not_cut_to_80_columns(monkeypatch):
+    from instructrl.training.progress import log_console, results_console
 
-    monkeypatch.delenv("COLUMNS", raising=False)  # pytest's captured stdout is no terminal, as a log file is
-    assert log_console().width > 80
+    monkeypatch.delenv("COLUMNS", raising=False)  # pytest's captured output is no terminal, as a log file is
+    assert log_console().width > 80 and results_console().width > 80  # eval's table of 8 models was cut at 80
     monkeypatch.setenv("COLUMNS", "70")
-    assert log_console().width == 70
+    assert log_console().width == 70 and results_console().width == 70
+
+
+def test_bars_go_to_standard_error_as_tqdms_do(capsys):
+    """Standard output holds a command's results alone: `instructrl bench | jq` read a bar before the JSON."""
+    with progress_bar(every_s=0.0) as bar:
+        task = bar.add_task("sft", total=2, status="")
+        bar.update(task, completed=1)
+    out, err = capsys.readouterr()
+    assert out == "" and "sft: 1/2" in err
 
 
 def test_a_count_with_no_known_total_and_a_cleared_bar_off_a_terminal():
@@ -81,3 +90,29 @@ def test_a_count_with_no_known_total_and_a_cleared_bar_off_a_terminal():
         task = bar.add_task("data check", total=None, unit="record", status="")
         bar.update(task, completed=1000)
     assert re.fullmatch(r"data check: 1000 after \d+ s \([\d.]+ records/s\)\n", out.getvalue()), repr(out.getvalue())
+
+
+def test_quiet_libraries_silences_transformers_bars_from_python(tmp_path):
+    """In a notebook every model a stage loads or saves drew transformers' own bar ("Loading weights",
+    "Writing model shards"); quiet_libraries, which the CLI calls, is there for Python callers too."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from transformers import LlamaConfig, LlamaForCausalLM
+from instructrl.training.progress import quiet_libraries
+if sys.argv[1] == "quiet":
+    quiet_libraries()
+model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))
+model.save_pretrained({str(tmp_path)!r})
+LlamaForCausalLM.from_pretrained({str(tmp_path)!r})
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def stderr(mode: str) -> str:
+        return subprocess.run([sys.executable, "-c", script, mode], env=env, capture_output=True, text=True, check=True).stderr
+
+    assert "Loading weights" in stderr("loud")  # what the test looks for is there without it
+    assert stderr("quiet") == ""

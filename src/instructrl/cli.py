@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +24,7 @@ from rich.markup import escape
 
 from instructrl.config import PipelineConfig, describe_fields, dump_config, load_config
 from instructrl.errors import UserError
+from instructrl.training.progress import log_console, quiet_libraries, results_console
 
 app = typer.Typer(
     help="InstructGPT's recipe end to end: pretrain, SFT, collect rankings, reward model, PPO-ptx, evaluate, serve.\n\n"
@@ -33,7 +33,7 @@ app = typer.Typer(
          "`instructrl pipeline -c configs/smoke.yaml`.",
     no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = log_console()  # messages and bars; standard output holds the results alone (results_console)
 _state = {"debug": bool(os.environ.get("INSTRUCTRL_DEBUG"))}
 
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; it only needs the keys it changes. Relative paths in it are "
@@ -89,24 +89,7 @@ def _print_version(wanted: bool) -> None:
 def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")) -> None:
     _state["debug"] = _state["debug"] or debug
-    _quiet_libraries()
-
-
-def _quiet_libraries() -> None:
-    """Our progress bars and messages are the output; silence the libraries' own chatter."""
-    import logging
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("accelerate").setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    from datasets.utils import logging as datasets_logging
-
-    datasets_logging.disable_progress_bar()
-    # transformers' deprecation of a method peft still calls: nothing a user can act on
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    quiet_libraries()
 
 
 @app.command(epilog=_config_help("run", "world"))
@@ -213,7 +196,7 @@ def evaluate(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[l
     if not _is_main_process():
         return  # evaluation runs in one process
     results = run_eval(cfg, log=_log)
-    Console().print(results_table(results))
+    results_console().print(results_table(results))
     _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}; report: {write_report(Path(cfg.run.dir), cfg.pipeline.rounds)}")
 
 
@@ -243,9 +226,10 @@ def pipeline(
     results = run_pipeline(cfg, log=_log, is_main=_is_main_process(), restart_from=restart_from)
     if results is None:
         return  # evaluation runs in one process
-    Console().print(results_table(results))
+    out = results_console()
+    out.print(results_table(results))
     for line in headline(results):
-        _log(f"  {line}")
+        out.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
     _log(f"pipeline: finished in {time.perf_counter() - start:.0f} s; report: {Path(cfg.run.dir) / 'report.html'}")
 
 
@@ -274,10 +258,10 @@ def bench(
         cfg.run.dir = Path("runs/bench")
     if stage == "rm":
         result = bench_rm(cfg, k, comparisons, log=_log)
-        Console().print(bench_rm_table(result))
+        console.print(bench_rm_table(result))  # on stderr: standard output is the JSON
     elif stage == "ppo":
         result = run_bench(cfg, iterations, log=_log)
-        Console().print(bench_table(result))
+        console.print(bench_table(result))
     else:
         raise UserError(f"bench: unknown --stage {stage!r}; choose ppo or rm")
     typer.echo(json.dumps(result, indent=2))
@@ -308,7 +292,7 @@ def data_check(
         from instructrl.models.base import load_tokenizer
 
         tokenizer = load_tokenizer(model)
-    with counting("data check", count_records(file), "record", console=console) as done:  # on stderr: standard output is the summary's JSON
+    with counting("data check", count_records(file), "record") as done:
         summary = check_file(file, data_format, tokenizer, progress=done)
         done(summary["records"], total=summary["records"])
     details = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("file", "format", "records", "usable_as", "not_usable_as", "control_tokens"))

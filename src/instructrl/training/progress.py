@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence, TypeVar
 
@@ -94,10 +95,41 @@ def plural(n: int, noun: str) -> str:
 
 
 def log_console() -> Console:
-    """Standard output's console. Where it is no terminal (a log file, a pipe) no width needs fitting, so the
-    final bar is not cut to 80 columns ("1008/…", "0:00:…") unless COLUMNS says so."""
-    console = Console()
-    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=200)
+    """Standard error's console, for bars and messages: standard output holds a command's results alone (its
+    table or JSON), as tqdm's bars keep off it, so `instructrl eval > results.txt` or `instructrl bench | jq`
+    reads them whole."""
+    return _fitted_console(stderr=True)
+
+
+def results_console() -> Console:
+    """Standard output's console, for a command's results."""
+    return _fitted_console(stderr=False)
+
+
+def _fitted_console(stderr: bool) -> Console:
+    """Where the stream is no terminal (a log file, a pipe) no width needs fitting, so a bar or a results table
+    is not cut to 80 columns ("1008/…", "0:00:…", a table's last models) unless COLUMNS says so."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal or "COLUMNS" in os.environ else Console(stderr=stderr, width=200)
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own chatter (transformers' "Loading weights" and "Writing model shards" bars, accelerate's
+    "Removed shared tensor" at every checkpoint): instructrl's bars and messages say what happens. The CLI calls it;
+    a notebook or script may, as it changes those libraries' settings for the whole process."""
+    import logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from datasets.utils import logging as datasets_logging
+
+    datasets_logging.disable_progress_bar()
+    # transformers' deprecation of a method peft still calls: nothing a user can act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def progress_bar(enabled: bool = True, console: Console | None = None, every_s: float = 30.0, transient: bool = False) -> Progress:
@@ -112,13 +144,12 @@ def progress_bar(enabled: bool = True, console: Console | None = None, every_s: 
 
 
 @contextmanager
-def counting(description: str, total: int | None, unit: str, enabled: bool = True,
-             console: Console | None = None) -> Iterator[Callable[..., None]]:
+def counting(description: str, total: int | None, unit: str, enabled: bool = True) -> Iterator[Callable[..., None]]:
     """A bar for a setup phase (reading, tokenizing, packing a user's file), cleared when it ends:
     minutes of it would otherwise pass in silence. Yields ``done(n, total=...)``, to be told the count
     so far (and the total, once known where it was not: None).
     ``enabled``: in the main process only, as every process reads the same file."""
-    with progress_bar(enabled, console, transient=True) as bar:
+    with progress_bar(enabled, transient=True) as bar:
         task = bar.add_task(description, total=total, unit=unit, status="")
         yield lambda n, total=total: bar.update(task, completed=n, total=total)
 
