@@ -174,6 +174,51 @@ def test_a_checkpoint_another_process_count_cannot_load_says_which_to_resume_wit
     assert str(err.value).endswith("); resume with 2 processes as it was launched, or pass --restart to start over")
 
 
+def _as_if_under_fsdp(checkpoint, recorded: bool) -> None:
+    """Make ``checkpoint`` look written under FSDP: its model file named as FSDP names it, and the
+    layout recorded (or, as in a version that did not record it, not)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state.pop("layout")
+    if recorded:
+        state["layout"] = "fsdp"
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / "model.safetensors").rename(checkpoint / "pytorch_model_fsdp.bin")
+
+
+def test_a_checkpoint_of_another_layout_at_the_same_process_count_is_refused_naming_both(tmp_path):
+    """FSDP's checkpoint resumed without FSDP (and the reverse) on as many processes: a message naming
+    how it was written and how this run is launched, not a missing file; nothing is loaded."""
+    import types
+
+    import pytest
+
+    from instructrl.errors import UserError
+    from instructrl.training.checkpoint import load_latest_checkpoint
+
+    accelerator, model, checkpoint = _one_step_checkpoint(tmp_path)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["layout"] == "ddp"
+    under_fsdp = types.SimpleNamespace(distributed_type="FSDP", num_processes=1, process_index=0, load_state=accelerator.load_state)
+    with torch.no_grad():
+        model.weight.zero_()
+    with pytest.raises(UserError) as err:  # a one-process checkpoint, this run under FSDP
+        load_latest_checkpoint(under_fsdp, tmp_path, seed=0)
+    assert str(err.value) == (f"cannot resume from the checkpoint {checkpoint}: it was written by 1 process and this run has 1 process "
+                              "under FSDP, which cannot load it; resume without FSDP or DeepSpeed as it was launched "
+                              "(configs/accelerate/ddp.yaml, or one process), or pass --restart to start over")
+    assert not model.weight.any()  # nothing loaded
+
+    for recorded in (True, False):  # recorded in trainer_state.json, or told by the model file of an older checkpoint
+        _as_if_under_fsdp(checkpoint, recorded)
+        with pytest.raises(UserError) as err:
+            load_latest_checkpoint(accelerator, tmp_path, seed=0)
+        assert str(err.value) == (f"cannot resume from the checkpoint {checkpoint}: it was written by 1 process under FSDP and this run "
+                                  "has 1 process, which cannot load it; resume under FSDP as it was launched (an accelerate config "
+                                  "with distributed_type: FSDP), or pass --restart to start over")
+        (checkpoint / "pytorch_model_fsdp.bin").rename(checkpoint / "model.safetensors")
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        (checkpoint / "trainer_state.json").write_text(json.dumps(state | {"layout": "ddp"}))
+
+
 def test_sizes_that_do_not_divide_on_a_resume_name_the_checkpoint_and_its_process_count(tmp_path):
     import pytest
 
