@@ -240,6 +240,55 @@ def test_sizes_that_do_not_divide_on_a_resume_name_the_checkpoint_and_its_proces
                               "resume it with 1 process, or pass --restart with sizes that divide")
 
 
+def _checkpoint_written_by(folder, processes: int):
+    """A checkpoint of step 2 in ``folder`` (a stage's run folder) as a run of ``processes`` processes records it."""
+    checkpoint = folder / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "processes": processes, "layout": "ddp"}))
+    return checkpoint
+
+
+def test_the_pipelines_and_pretrains_size_checks_name_the_checkpoint_as_the_stages_do(tmp_path, monkeypatch):
+    """Both check the sizes before a stage's own check: a batch that does not divide over 3 processes,
+    with a checkpoint of 1 process to resume, names it and how to start over there."""
+    from types import SimpleNamespace
+
+    import accelerate
+    import pytest
+
+    from instructrl import pipeline
+    from instructrl.config import load_config
+    from instructrl.errors import UserError
+    from instructrl.stages import pretrain
+
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu: SimpleNamespace(num_processes=3))
+    monkeypatch.setattr(pretrain, "make_accelerator", lambda cfg: SimpleNamespace(num_processes=3, is_main_process=True))
+    config = load_config(SMOKE, [f"run.dir={tmp_path}"])
+    with pytest.raises(UserError) as err:
+        pipeline.run_pipeline(config, log=lambda line: None)
+    alone = str(err.value)  # nothing to resume: the config's message alone
+    assert alone.startswith("config: pretrain.batch_size (16) must be a multiple of pretrain.micro_batch_size x 3 processes (24); "
+                            "sft.batch_size (8) must be a multiple of sft.micro_batch_size x 3 processes (12)")
+
+    unfinished = _checkpoint_written_by(tmp_path / "pretrain", 2)  # until done.json says it finished: not resumed
+    (tmp_path / "pretrain" / "done.json").write_text("{}")
+    checkpoint = _checkpoint_written_by(tmp_path / "sft", 1)
+    with pytest.raises(UserError) as err:
+        pipeline.run_pipeline(config, log=lambda line: None)
+    assert str(err.value) == (f"{alone}; the checkpoint {checkpoint} was written by 1 process and this run has 3: "
+                              "resume it with 1 process, or pass --restart-from sft with sizes that divide")
+    with pytest.raises(UserError) as err:  # which --restart-from discards
+        pipeline.run_pipeline(config, log=lambda line: None, restart_from="sft")
+    assert str(err.value) == alone
+
+    (tmp_path / "pretrain" / "done.json").unlink()
+    with pytest.raises(UserError) as err:
+        pretrain.run_pretrain(config, log=lambda line: None)
+    assert str(err.value) == ("config: pretrain.batch_size (16) must be a multiple of pretrain.micro_batch_size x 3 processes (24); "
+                              f"the checkpoint {unfinished} was written by 2 processes and this run has 3: "
+                              "resume it with 2 processes, or pass --restart with sizes that divide")
+
+
 def test_restart_discards_the_old_run(tmp_path, smoke_base):
     run_dir = tmp_path / "run"
     cli(*_sft_args(run_dir, smoke_base)[:-1], "sft.epochs=1")

@@ -113,14 +113,15 @@ def launched(processes: int, layout: str) -> str:
 
 
 @contextlib.contextmanager
-def sizes_for_resuming(root: Path, processes: int):
+def sizes_for_resuming(root: Path | None, processes: int, restart: str = "--restart"):
     """Around a stage's size checks: a size that does not divide over ``processes``, where the run would
     resume a checkpoint under ``root`` written by another number of processes, also names the checkpoint
-    and the number it resumes on (the sizes are part of the run's config: changing them starts it over)."""
+    and the number it resumes on (the sizes are part of the run's config: changing them starts it over,
+    as the option ``restart`` does). ``root`` None: there is nothing to resume."""
     try:
         yield
     except UserError as err:
-        found = checkpoint_dirs(root)
+        found = checkpoint_dirs(root) if root is not None else []
         try:
             writers = written_by(found[-1]) if found else processes
         except (OSError, ValueError):  # a damaged checkpoint: resuming says so
@@ -128,7 +129,7 @@ def sizes_for_resuming(root: Path, processes: int):
         if writers == processes:
             raise
         raise UserError(f"{err}; the checkpoint {found[-1]} was written by {plural(writers, 'process')} and this run has {processes}: "
-                        f"resume it with {plural(writers, 'process')}, or pass --restart with sizes that divide") from None
+                        f"resume it with {plural(writers, 'process')}, or pass {restart} with sizes that divide") from None
 
 
 def fresh_random_state(seed: int, step: int, process_index: int) -> None:
