@@ -16,6 +16,7 @@ from test_parity import _assert_runs_match, _assert_same_weights, _launch, _stag
 from tiny_models import save_tiny_model, user_data
 
 from instructrl.config import load_config
+from instructrl.training.checkpoint import LAYOUTS
 
 SHARDED = re.compile(r"(\w+): parameters sharded over 2 processes \(FSDP\): this one holds (\d+) of (\d+) parameters")
 
@@ -110,3 +111,24 @@ def test_sft_choosing_its_checkpoint_by_the_labeler_under_fsdp_scores_as_one_pro
     scores = lambda run: [row["select/score"] for row in map(json.loads, (run / "sft" / "metrics.jsonl").read_text().splitlines()) if "select/score" in row]  # noqa: E731
     assert len(scores(two)) == 2 and scores(two) == pytest.approx(scores(one))
     _assert_same_weights(one / "sft" / "final", two / "sft" / "final")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_under_fsdp_is_refused_under_ddp_on_as_many_processes_and_the_reverse(tmp_path, smoke_base):
+    """One line naming how the checkpoint was written and how the run is launched, not a missing file."""
+    from test_multiprocess import STOP_AFTER_FIRST_CHECKPOINT
+
+    script = tmp_path / "stop_after_first_checkpoint.py"
+    script.write_text(STOP_AFTER_FIRST_CHECKPOINT)
+    sft = ["sft", "-c", str(SMOKE), f"sft.model={smoke_base / 'pretrain' / 'final'}", f"sft.data={smoke_base / 'world' / 'demonstrations.jsonl'}"]
+    for written, resumed, was, now in [("fsdp_cpu", "ddp", "FSDP", "DDP"), ("ddp", "fsdp_cpu", "DDP", "FSDP")]:
+        run_dir = tmp_path / written
+        _launch(str(script), *sft, f"run.dir={run_dir}", config=written)
+        checkpoint = next((run_dir / "sft" / "checkpoints").glob("step-*"))
+        assert json.loads((checkpoint / "trainer_state.json").read_text())["layout"] == was.lower()
+        proc = _launch("-m", "instructrl", *sft, f"run.dir={run_dir}", config=resumed, check=False)
+        assert proc.returncode != 0
+        said = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert said == [f"error: cannot resume from the checkpoint {checkpoint}: it was written by 2 processes under {was} and this run has "
+                        f"2 processes under {now}, which cannot load it; resume {LAYOUTS[was.lower()][1]}, or pass --restart to start over"]
+        assert not (run_dir / "sft" / "final").exists()

@@ -142,3 +142,20 @@ def test_a_run_resumed_on_another_number_of_processes_ends_as_an_uninterrupted_o
         stderr = then("-m", "instructrl", *sft, f"run.dir={run_dir}").stderr
         assert f"sft: {checkpoint} was written by {written} and this run has {resumed}: weights, optimizer" in " ".join(stderr.split())
         _assert_same_weights(tmp_path / "straight" / "sft" / "final", run_dir / "sft" / "final")
+
+
+@pytest.mark.slow
+def test_the_pipeline_counts_its_cpu_processes_and_names_a_checkpoint_of_another_count(tmp_path):
+    """Under torchrun on CPU the pipeline is one run of 2 gloo processes, not 2 runs of one each:
+    its up-front size check counts 2, and names the checkpoint of 1 process it would resume."""
+    checkpoint = tmp_path / "run" / "sft" / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "processes": 1}))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    proc = subprocess.run([*launcher, "-m", "instructrl", "pipeline", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", "sft.batch_size=12"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: config: sft.batch_size (12) must be a multiple of sft.micro_batch_size x 2 processes (8); the checkpoint {checkpoint} was "
+        "written by 1 process and this run has 2: resume it with 1 process, or pass --restart-from sft with sizes that divide"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["sft"]  # no stage ran

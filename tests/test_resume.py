@@ -174,6 +174,51 @@ def test_a_checkpoint_another_process_count_cannot_load_says_which_to_resume_wit
     assert str(err.value).endswith("); resume with 2 processes as it was launched, or pass --restart to start over")
 
 
+def _as_if_under_fsdp(checkpoint, recorded: bool) -> None:
+    """Make ``checkpoint`` look written under FSDP: its model file named as FSDP names it, and the
+    layout recorded (or, as in a version that did not record it, not)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state.pop("layout")
+    if recorded:
+        state["layout"] = "fsdp"
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / "model.safetensors").rename(checkpoint / "pytorch_model_fsdp.bin")
+
+
+def test_a_checkpoint_of_another_layout_at_the_same_process_count_is_refused_naming_both(tmp_path):
+    """FSDP's checkpoint resumed without FSDP (and the reverse) on as many processes: a message naming
+    how it was written and how this run is launched, not a missing file; nothing is loaded."""
+    import types
+
+    import pytest
+
+    from instructrl.errors import UserError
+    from instructrl.training.checkpoint import load_latest_checkpoint
+
+    accelerator, model, checkpoint = _one_step_checkpoint(tmp_path)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["layout"] == "ddp"
+    under_fsdp = types.SimpleNamespace(distributed_type="FSDP", num_processes=1, process_index=0, load_state=accelerator.load_state)
+    with torch.no_grad():
+        model.weight.zero_()
+    with pytest.raises(UserError) as err:  # a one-process checkpoint, this run under FSDP
+        load_latest_checkpoint(under_fsdp, tmp_path, seed=0)
+    assert str(err.value) == (f"cannot resume from the checkpoint {checkpoint}: it was written by 1 process and this run has 1 process "
+                              "under FSDP, which cannot load it; resume without FSDP or DeepSpeed as it was launched "
+                              "(configs/accelerate/ddp.yaml, or one process), or pass --restart to start over")
+    assert not model.weight.any()  # nothing loaded
+
+    for recorded in (True, False):  # recorded in trainer_state.json, or told by the model file of an older checkpoint
+        _as_if_under_fsdp(checkpoint, recorded)
+        with pytest.raises(UserError) as err:
+            load_latest_checkpoint(accelerator, tmp_path, seed=0)
+        assert str(err.value) == (f"cannot resume from the checkpoint {checkpoint}: it was written by 1 process under FSDP and this run "
+                                  "has 1 process, which cannot load it; resume under FSDP as it was launched (an accelerate config "
+                                  "with distributed_type: FSDP), or pass --restart to start over")
+        (checkpoint / "pytorch_model_fsdp.bin").rename(checkpoint / "model.safetensors")
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        (checkpoint / "trainer_state.json").write_text(json.dumps(state | {"layout": "ddp"}))
+
+
 def test_sizes_that_do_not_divide_on_a_resume_name_the_checkpoint_and_its_process_count(tmp_path):
     import pytest
 
@@ -193,6 +238,55 @@ def test_sizes_that_do_not_divide_on_a_resume_name_the_checkpoint_and_its_proces
         cfg.check_fits(16, 3, "demos.jsonl", "demonstrations", "sft")
     assert str(err.value) == (f"{alone}; the checkpoint {checkpoint} was written by 1 process and this run has 3: "
                               "resume it with 1 process, or pass --restart with sizes that divide")
+
+
+def _checkpoint_written_by(folder, processes: int):
+    """A checkpoint of step 2 in ``folder`` (a stage's run folder) as a run of ``processes`` processes records it."""
+    checkpoint = folder / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "processes": processes, "layout": "ddp"}))
+    return checkpoint
+
+
+def test_the_pipelines_and_pretrains_size_checks_name_the_checkpoint_as_the_stages_do(tmp_path, monkeypatch):
+    """Both check the sizes before a stage's own check: a batch that does not divide over 3 processes,
+    with a checkpoint of 1 process to resume, names it and how to start over there."""
+    from types import SimpleNamespace
+
+    import accelerate
+    import pytest
+
+    from instructrl import pipeline
+    from instructrl.config import load_config
+    from instructrl.errors import UserError
+    from instructrl.stages import pretrain
+
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu: SimpleNamespace(num_processes=3))
+    monkeypatch.setattr(pretrain, "make_accelerator", lambda cfg: SimpleNamespace(num_processes=3, is_main_process=True))
+    config = load_config(SMOKE, [f"run.dir={tmp_path}"])
+    with pytest.raises(UserError) as err:
+        pipeline.run_pipeline(config, log=lambda line: None)
+    alone = str(err.value)  # nothing to resume: the config's message alone
+    assert alone.startswith("config: pretrain.batch_size (16) must be a multiple of pretrain.micro_batch_size x 3 processes (24); "
+                            "sft.batch_size (8) must be a multiple of sft.micro_batch_size x 3 processes (12)")
+
+    unfinished = _checkpoint_written_by(tmp_path / "pretrain", 2)  # until done.json says it finished: not resumed
+    (tmp_path / "pretrain" / "done.json").write_text("{}")
+    checkpoint = _checkpoint_written_by(tmp_path / "sft", 1)
+    with pytest.raises(UserError) as err:
+        pipeline.run_pipeline(config, log=lambda line: None)
+    assert str(err.value) == (f"{alone}; the checkpoint {checkpoint} was written by 1 process and this run has 3: "
+                              "resume it with 1 process, or pass --restart-from sft with sizes that divide")
+    with pytest.raises(UserError) as err:  # which --restart-from discards
+        pipeline.run_pipeline(config, log=lambda line: None, restart_from="sft")
+    assert str(err.value) == alone
+
+    (tmp_path / "pretrain" / "done.json").unlink()
+    with pytest.raises(UserError) as err:
+        pretrain.run_pretrain(config, log=lambda line: None)
+    assert str(err.value) == ("config: pretrain.batch_size (16) must be a multiple of pretrain.micro_batch_size x 3 processes (24); "
+                              f"the checkpoint {unfinished} was written by 2 processes and this run has 3: "
+                              "resume it with 2 processes, or pass --restart with sizes that divide")
 
 
 def test_restart_discards_the_old_run(tmp_path, smoke_base):

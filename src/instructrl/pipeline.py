@@ -22,6 +22,7 @@ from instructrl.data.jsonl import complete_lines
 from instructrl.errors import UserError
 from instructrl.evaluation.report import round_folders
 from instructrl.rundir import copy_dir, write_text_atomic
+from instructrl.training.checkpoint import checkpoint_dirs, sizes_for_resuming
 from instructrl.world.build import build_world, split_sizes
 
 PPO_STAGES = ("ppo_ptx", "ppo")
@@ -46,8 +47,12 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     from instructrl.stages.pretrain import run_pretrain
     from instructrl.stages.rm import run_rm
     from instructrl.stages.sft import run_sft
+    from instructrl.training.loop import without_gpu
 
-    config.check_sizes(PartialState().num_processes)  # every stage's, before the first runs
+    processes = PartialState(cpu=without_gpu()).num_processes  # as the stages' Accelerator will count them
+    resumed, stage = resumed_checkpoints(config, redo)
+    with sizes_for_resuming(resumed, processes, f"--restart-from {stage}"):
+        config.check_sizes(processes)  # every stage's, before the first runs
     first = round_one(config, log)  # and what later rounds cannot do
     root = Path(config.run.dir)
     run_pretrain(config, restart=redo["pretrain"], log=log)
@@ -75,6 +80,20 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     results = run_eval(config, log=log)  # of the last round's PPO models
     write_report(root, config.pipeline.rounds)
     return results
+
+
+def resumed_checkpoints(config: PipelineConfig, redo: dict[str, bool]) -> tuple[Path | None, str]:
+    """The checkpoints folder of the first training stage the pipeline would resume (unfinished, with a
+    checkpoint, not redone), and the stage --restart-from names to discard it; (None, "pretrain") if none.
+    A later round's stages are redone with PPO (see run_pipeline)."""
+    root = Path(config.run.dir)
+    folders = [(root / "pretrain", "pretrain"), (root / "sft", "sft")]
+    for r, folder in enumerate(round_folders(root, config.pipeline.rounds), 1):
+        folders += [(folder / "rm", "rm" if r == 1 else "ppo")] + [(folder / name, "ppo") for name in PPO_STAGES]
+    for folder, stage in folders:
+        if not redo[stage] and not (folder / "done.json").is_file() and checkpoint_dirs(folder / "checkpoints"):
+            return folder / "checkpoints", stage
+    return None, "pretrain"
 
 
 def round_one(config: PipelineConfig, log=print) -> PipelineConfig:

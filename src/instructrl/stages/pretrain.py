@@ -43,7 +43,8 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     if cfg.block_size > config.model.max_length:
         raise UserError(f"config: pretrain.block_size ({cfg.block_size}) exceeds model.max_length ({config.model.max_length})")
     accelerator = make_accelerator(cfg)
-    cfg.grad_accum(accelerator.num_processes, "pretrain")  # sizes must divide before anything is written
+    with sizes_for_resuming(Path(config.run.dir) / "pretrain" / "checkpoints", accelerator.num_processes):
+        cfg.grad_accum(accelerator.num_processes, "pretrain")  # sizes must divide before anything is written
     run = RunDir(config, "pretrain", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
     if run.skip(restart, log):
         return run.path / "final"

@@ -3,7 +3,8 @@
 A checkpoint is written to ``step-N.tmp`` and renamed when complete, so a run killed while
 saving leaves the previous checkpoint intact and the half-written one is ignored. It resumes on
 another number of processes too (the global batch and the data order do not depend on it), but
-then the RNG states it holds belong to other processes, and each process's starts afresh.
+then the RNG states it holds belong to other processes, and each process's starts afresh. It does
+not resume under another layout of the state (FSDP's, DeepSpeed's, or one process's as DDP's).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def save_checkpoint(accelerator, root: Path, state: TrainState, best: Path | Non
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state) | {"processes": accelerator.num_processes}))
+        recorded = {"processes": accelerator.num_processes, "layout": layout_of(accelerator)}
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state) | recorded))
         if best is not None and best.is_dir():
             shutil.copytree(best, tmp / "best", copy_function=os.link)
         replace_dir(tmp, final)
@@ -78,15 +80,48 @@ def written_by(checkpoint: Path) -> int:
     return recorded or max(1, len(list(checkpoint.glob(f"{RNG_STATE_NAME}_*.pkl"))))
 
 
+# How Accelerate's save_state lays out the weights and optimizer: FSDP and DeepSpeed write their own
+# files, which load only under the same; one process's are DDP's too. Each: its name in a message,
+# and how to launch a run under it.
+LAYOUTS = {
+    "fsdp": ("FSDP", "under FSDP as it was launched (an accelerate config with distributed_type: FSDP)"),
+    "deepspeed": ("DeepSpeed", "under DeepSpeed as it was launched (an accelerate config with distributed_type: DEEPSPEED)"),
+    "ddp": ("DDP", "without FSDP or DeepSpeed as it was launched (configs/accelerate/ddp.yaml, or one process)"),
+}
+
+
+def layout_of(accelerator) -> str:
+    """The key in LAYOUTS of the checkpoints ``accelerator`` writes and can load."""
+    kind = accelerator.distributed_type  # an enum of strings
+    return "fsdp" if kind == "FSDP" else "deepspeed" if kind == "DEEPSPEED" else "ddp"
+
+
+def laid_out(checkpoint: Path) -> str:
+    """How ``checkpoint``'s state is laid out (a key in LAYOUTS): as its trainer_state.json records, or for a
+    checkpoint older than that record, from the model files Accelerate names after the layout."""
+    recorded = json.loads((checkpoint / "trainer_state.json").read_text()).get("layout")
+    if recorded:
+        return recorded
+    if any(checkpoint.glob("pytorch_model_fsdp*")):
+        return "fsdp"
+    return "deepspeed" if (checkpoint / "pytorch_model").is_dir() else "ddp"
+
+
+def launched(processes: int, layout: str) -> str:
+    """A run's processes and layout in words: "2 processes under FSDP", "1 process" (one process is no DDP)."""
+    return plural(processes, "process") + ("" if layout == "ddp" and processes == 1 else f" under {LAYOUTS[layout][0]}")
+
+
 @contextlib.contextmanager
-def sizes_for_resuming(root: Path, processes: int):
+def sizes_for_resuming(root: Path | None, processes: int, restart: str = "--restart"):
     """Around a stage's size checks: a size that does not divide over ``processes``, where the run would
     resume a checkpoint under ``root`` written by another number of processes, also names the checkpoint
-    and the number it resumes on (the sizes are part of the run's config: changing them starts it over)."""
+    and the number it resumes on (the sizes are part of the run's config: changing them starts it over,
+    as the option ``restart`` does). ``root`` None: there is nothing to resume."""
     try:
         yield
     except UserError as err:
-        found = checkpoint_dirs(root)
+        found = checkpoint_dirs(root) if root is not None else []
         try:
             writers = written_by(found[-1]) if found else processes
         except (OSError, ValueError):  # a damaged checkpoint: resuming says so
@@ -94,7 +129,7 @@ def sizes_for_resuming(root: Path, processes: int):
         if writers == processes:
             raise
         raise UserError(f"{err}; the checkpoint {found[-1]} was written by {plural(writers, 'process')} and this run has {processes}: "
-                        f"resume it with {plural(writers, 'process')}, or pass --restart with sizes that divide") from None
+                        f"resume it with {plural(writers, 'process')}, or pass {restart} with sizes that divide") from None
 
 
 def fresh_random_state(seed: int, step: int, process_index: int) -> None:
@@ -109,7 +144,8 @@ def fresh_random_state(seed: int, step: int, process_index: int) -> None:
 def load_latest_checkpoint(accelerator, root: Path, seed: int, best: Path | None = None, log=print) -> TrainState:
     """Restore the newest complete checkpoint under ``root`` (and its snapshot of ``best``);
     a fresh TrainState if there is none. Written by another number of processes, it restores all
-    but the RNGs, which start afresh from ``seed``, and ``log`` says so."""
+    but the RNGs, which start afresh from ``seed``, and ``log`` says so; written under another
+    layout (FSDP against DDP), it is refused, naming both."""
     found = checkpoint_dirs(root)
     if not found:
         return TrainState()
@@ -118,7 +154,11 @@ def load_latest_checkpoint(accelerator, root: Path, seed: int, best: Path | None
     checkpoint, processes = found[-1], accelerator.num_processes
     writers = processes  # until the checkpoint says otherwise
     try:
-        writers = written_by(checkpoint)
+        writers, layout = written_by(checkpoint), laid_out(checkpoint)
+        if layout != layout_of(accelerator):  # before loading: Accelerate would look for files of its own layout, and name one missing
+            raise UserError(f"cannot resume from the checkpoint {checkpoint}: it was written by {launched(writers, layout)} and this run "
+                            f"has {launched(processes, layout_of(accelerator))}, which cannot load it; resume {LAYOUTS[layout][1]}, "
+                            "or pass --restart to start over")
         if writers == processes:
             check_rng_state(checkpoint, accelerator.process_index)
         accelerator.load_state(str(checkpoint))
@@ -130,7 +170,7 @@ def load_latest_checkpoint(accelerator, root: Path, seed: int, best: Path | None
                             "as it was launched, or pass --restart to start over") from None
         raise UserError(f"cannot resume from the checkpoint {checkpoint}: {reason}; pass --restart to start over") from None
     saved = json.loads((checkpoint / "trainer_state.json").read_text())
-    state = TrainState(**{k: v for k, v in saved.items() if k != "processes"})
+    state = TrainState(**{k: v for k, v in saved.items() if k not in ("processes", "layout")})
     if writers != processes:
         fresh_random_state(seed, state.step, accelerator.process_index)
         log(f"{checkpoint} was written by {plural(writers, 'process')} and this run has {processes}: weights, optimizer, "

@@ -35,14 +35,18 @@ from instructrl.training.data_order import DataOrder
 from instructrl.training.progress import progress_bar
 
 
+def without_gpu() -> bool:
+    """Whether processes run on CPU: Accelerate must then be told (cpu=True), or each of the N processes
+    that `torchrun --nproc_per_node N` starts is a run of its own rather than one of N gloo processes."""
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
+
+
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
     # We step the schedule once per optimizer step ourselves: Accelerate would otherwise step
     # it once per process, changing the schedule with the number of processes.
-    # Without a GPU, cpu=True is what lets `torchrun --nproc_per_node N` run N gloo processes.
-    has_gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False, cpu=not has_gpu)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False, cpu=without_gpu())
     if accelerator.distributed_type == "MULTI_CPU" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         _shard_on_cpu(accelerator)
     if accelerator.distributed_type == "DEEPSPEED":
