@@ -168,6 +168,22 @@ def test_ppo_takes_a_reward_model_by_hub_name(tmp_path, offline_hub):
         assert lineage[key] == {"path": "org/classifier-rm", "sha256": None, "stamp": None}
 
 
+@pytest.mark.parametrize("reachable", [False, True])
+def test_a_reward_model_by_hub_name_is_refused_where_a_policy_is_loaded(tmp_path, monkeypatch, offline_hub, reachable):
+    # ppo.policy=org/rm (sft.model, eval's models, serve, chat): only a folder was looked into, so a hub name's
+    # backbone loaded with an untrained LM head and answered gibberish, silently
+    from instructrl.models import base
+
+    RewardModel.from_causal_lm(save_tiny_model("llama", tmp_path / "lm")).save_pretrained(tmp_path / "rm")
+    into_hub_cache(tmp_path / "rm", offline_hub, "org/instructrl-rm")
+    into_hub_cache(tmp_path / "lm", offline_hub, "org/policy")
+    monkeypatch.setattr(base, "_hub_reachable", lambda: reachable)  # reachable: refused before transformers asks the Hub
+    with pytest.raises(UserError, match=r"^model 'org/instructrl-rm' is a reward model \(it holds reward_head.safetensors\), not a policy"):
+        base.load_causal_lm("org/instructrl-rm")
+    if not reachable:
+        assert base.load_causal_lm("org/policy")
+
+
 def test_a_cached_model_loads_at_once_where_the_hub_cannot_be_reached(tmp_path, monkeypatch, offline_hub):
     # HF_HUB_OFFLINE unset on a machine without internet access: the hub client retried each file for two minutes
     import socket
