@@ -155,6 +155,19 @@ def test_a_reward_model_name_neither_cached_nor_reachable_is_one_line(offline_hu
         RewardModel.from_pretrained("org/absent")
 
 
+@pytest.mark.parametrize("stage, key", [("ppo", "ppo.reward_model"), ("ppo", "ppo.value_model"), ("eval", "eval.reward_model")])
+def test_an_uncached_reward_model_name_offline_names_its_role(tmp_path, offline_hub, stage, key):
+    # the reward model's tokenizer is loaded first, and the line named it: "ppo.reward_model: tokenizer 'org/absent' ..."
+    policy = save_tiny_model("llama", tmp_path / "policy")
+    into_hub_cache(save_tiny_classifier(tmp_path / "classifier"), offline_hub, "org/classifier-rm")  # the policy's tokenizer
+    models = {"ppo": [f"ppo.policy={policy}", "ppo.reward_model=org/classifier-rm"], "eval": [f"eval.models={{sft: {policy}}}"]}[stage]
+    proc = cli(stage, "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", *models, f"{key}=org/absent", cwd=tmp_path, check=False)
+    role = "value model" if key == "ppo.value_model" else "reward model"
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == (
+        f"error: {key}: {role} 'org/absent' is not a folder under {tmp_path}, not in the Hugging Face cache, "
+        "and the Hub cannot be reached to download it"), proc.stderr
+
+
 def test_ppo_takes_a_reward_model_by_hub_name(tmp_path, offline_hub):
     policy = save_tiny_model("llama", tmp_path / "policy")  # the classifier's tokenizer, as PPO requires
     into_hub_cache(save_tiny_classifier(tmp_path / "classifier"), offline_hub, "org/classifier-rm")

@@ -266,7 +266,7 @@ def length_cap(model: nn.Module, max_length: int | None, field: str) -> int:
     return max_length or context
 
 
-def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
+def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, what: str = "model"):
     """``AutoTokenizer.from_pretrained``, made fit for RLHF.
 
     PAD must exist and differ from EOS (RLHF-DETAILS.md: padding, EOS detection and "last real
@@ -276,11 +276,12 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
 
     ``for_chat=False`` (serving) only needs EOS: generation pads by attention mask alone, and a
     checkpoint without a chat template can still answer raw completions. ``log``: told of each change.
+    ``what``: the role of the model whose tokenizer it is ("reward model"), named when it cannot be found.
     """
     from transformers import AutoTokenizer
 
     name_or_path = str(name_or_path)
-    source = loadable(name_or_path, "tokenizer")
+    source = loadable(name_or_path, what)
     unsaved = "is its tokenizer saved there (tokenizer.save_pretrained)?"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
