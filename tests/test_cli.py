@@ -128,7 +128,7 @@ def test_model_name_that_is_neither_a_folder_nor_reachable(tmp_path, monkeypatch
     # a typo for a local folder reads as a hub name; with no hub (offline here) it fails at once instead of retrying
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", "sft.model=my_modle", cwd=tmp_path, check=False)
-    _assert_clean_error(proc, "'my_modle' is not a folder under", "the Hub cannot be reached")
+    _assert_clean_error(proc, "sft.model: model 'my_modle' is not a folder under", "the Hub cannot be reached")  # a model's name, not its tokenizer's
     assert not (tmp_path / "run" / "sft").exists()
 
 

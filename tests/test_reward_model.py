@@ -4,12 +4,13 @@ loads from a folder or by hub name."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import SMOKE, cli
 from safetensors.torch import load_file
-from tiny_models import into_hub_cache, save_tiny_classifier, save_tiny_model, tiny_tokenizer, user_data
+from tiny_models import into_hub_cache, newer_hub_commit, save_tiny_classifier, save_tiny_model, tiny_tokenizer, user_data
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from instructrl.data.chat import response_ids
@@ -155,17 +156,75 @@ def test_a_reward_model_name_neither_cached_nor_reachable_is_one_line(offline_hu
         RewardModel.from_pretrained("org/absent")
 
 
+@pytest.mark.parametrize("stage, key", [("ppo", "ppo.reward_model"), ("ppo", "ppo.value_model"), ("eval", "eval.reward_model")])
+def test_an_uncached_reward_model_name_offline_names_its_role(tmp_path, offline_hub, stage, key):
+    # the reward model's tokenizer is loaded first, and the line named it: "ppo.reward_model: tokenizer 'org/absent' ..."
+    policy = save_tiny_model("llama", tmp_path / "policy")
+    into_hub_cache(save_tiny_classifier(tmp_path / "classifier"), offline_hub, "org/classifier-rm")  # the policy's tokenizer
+    models = {"ppo": [f"ppo.policy={policy}", "ppo.reward_model=org/classifier-rm"], "eval": [f"eval.models={{sft: {policy}}}"]}[stage]
+    proc = cli(stage, "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", *models, f"{key}=org/absent", cwd=tmp_path, check=False)
+    role = "value model" if key == "ppo.value_model" else "reward model"
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == (
+        f"error: {key}: {role} 'org/absent' is not a folder under {tmp_path}, not in the Hugging Face cache, "
+        "and the Hub cannot be reached to download it"), proc.stderr
+
+
 def test_ppo_takes_a_reward_model_by_hub_name(tmp_path, offline_hub):
     policy = save_tiny_model("llama", tmp_path / "policy")  # the classifier's tokenizer, as PPO requires
-    into_hub_cache(save_tiny_classifier(tmp_path / "classifier"), offline_hub, "org/classifier-rm")
+    snapshot = into_hub_cache(save_tiny_classifier(tmp_path / "classifier"), offline_hub, "org/classifier-rm")
     data = user_data(tmp_path / "data")
     run_dir = tmp_path / "run"
-    cli("ppo", "-c", str(SMOKE), f"run.dir={run_dir}", f"ppo.policy={policy}", "ppo.reward_model=org/classifier-rm",
-        f"ppo.prompts={data['prompts']}", "ppo.ptx_coef=0", "ppo.episodes=32", cwd=tmp_path)
+    args = ("ppo", "-c", str(SMOKE), f"run.dir={run_dir}", f"ppo.policy={policy}", "ppo.reward_model=org/classifier-rm",
+            f"ppo.prompts={data['prompts']}", "ppo.ptx_coef=0", "ppo.episodes=32")
+    cli(*args, cwd=tmp_path)
     assert RewardModel.from_pretrained(run_dir / "ppo" / "value")  # the value model, started from it
     lineage = json.loads((run_dir / "ppo" / "lineage.json").read_text())["inputs"]
     for key in ("reward_model", "value_model"):  # the name as given, not a folder of that name under the working directory
-        assert lineage[key] == {"path": "org/classifier-rm", "sha256": None, "stamp": None}
+        assert lineage[key] == {"path": "org/classifier-rm", "commit": snapshot.name, "sha256": None, "stamp": None}
+    # the repository updated since, as a changed folder would be: refused, not skipped as complete; its model card alone changes nothing
+    newer_hub_commit(offline_hub, "org/classifier-rm", "b" * 40, {"README.md": b"a model card"})
+    assert "complete with this config and inputs; nothing to do" in cli(*args, cwd=tmp_path).stderr
+    other = (save_tiny_classifier(tmp_path / "other", seed=2) / "model.safetensors").read_bytes()
+    newer_hub_commit(offline_hub, "org/classifier-rm", "c" * 40, {"model.safetensors": other})
+    proc = cli(*args, cwd=tmp_path, check=False)
+    changed = f"org/classifier-rm: commit {snapshot.name[:12]}, now cccccccccccc in the Hugging Face cache"
+    assert proc.returncode == 2 and f"finished on inputs that have changed since: reward_model ({changed}), value_model ({changed})" in proc.stderr
+
+
+def test_an_interrupted_run_on_a_hub_name_is_not_resumed_on_other_weights(tmp_path, offline_hub):
+    # lineage.json held the name alone: a run resumed after the repository was updated went on with other weights, silently
+    from instructrl.config import load_config
+    from instructrl.rundir import RunDir
+
+    into_hub_cache(save_tiny_classifier(tmp_path / "rm"), offline_hub, "org/rm")
+    config = load_config(overrides=[f"run.dir={tmp_path / 'run'}"])
+    (tmp_path / "run" / "ppo").mkdir(parents=True)
+    RunDir(config, "ppo", ("run",)).write_lineage({"reward_model": "org/rm"})  # the interrupted run's record
+    newer_hub_commit(offline_hub, "org/rm", "b" * 40, {"README.md": b"a model card"})
+    RunDir(config, "ppo", ("run",)).write_lineage({"reward_model": "org/rm"})  # resumed: the same weights
+    assert json.loads((tmp_path / "run" / "ppo" / "lineage.json").read_text())["inputs"]["reward_model"]["commit"] == "b" * 40
+    newer_hub_commit(offline_hub, "org/rm", "c" * 40, {"model.safetensors": b"other weights"})
+    with pytest.raises(UserError, match=r"holds an unfinished run begun on inputs that have changed since: "
+                                        r"reward_model \(org/rm: commit bbbbbbbbbbbb, now cccccccccccc in the Hugging Face cache\); pass --restart"):
+        RunDir(config, "ppo", ("run",)).write_lineage({"reward_model": "org/rm"})
+    shutil.rmtree(offline_hub / "models--org--rm")  # no longer cached: not compared, as a folder no longer there is not
+    assert RunDir(config, "ppo", ("run",)).changed_inputs() == []
+
+
+@pytest.mark.parametrize("reachable", [False, True])
+def test_a_reward_model_by_hub_name_is_refused_where_a_policy_is_loaded(tmp_path, monkeypatch, offline_hub, reachable):
+    # ppo.policy=org/rm (sft.model, eval's models, serve, chat): only a folder was looked into, so a hub name's
+    # backbone loaded with an untrained LM head and answered gibberish, silently
+    from instructrl.models import base
+
+    RewardModel.from_causal_lm(save_tiny_model("llama", tmp_path / "lm")).save_pretrained(tmp_path / "rm")
+    into_hub_cache(tmp_path / "rm", offline_hub, "org/instructrl-rm")
+    into_hub_cache(tmp_path / "lm", offline_hub, "org/policy")
+    monkeypatch.setattr(base, "_hub_reachable", lambda: reachable)  # reachable: refused before transformers asks the Hub
+    with pytest.raises(UserError, match=r"^model 'org/instructrl-rm' is a reward model \(it holds reward_head.safetensors\), not a policy"):
+        base.load_causal_lm("org/instructrl-rm")
+    if not reachable:
+        assert base.load_causal_lm("org/policy")
 
 
 def test_a_cached_model_loads_at_once_where_the_hub_cannot_be_reached(tmp_path, monkeypatch, offline_hub):

@@ -132,6 +132,19 @@ def into_hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
     return repo / "snapshots" / commit
 
 
+def newer_hub_commit(cache: Path, repo_id: str, commit: str, files: dict[str, bytes]) -> Path:
+    """A newer commit of a repository in the Hugging Face cache ``cache``, as downloading it after the
+    repository was updated leaves the cache: its snapshot with ``files`` written over the last one's
+    (refs/main names it; the older snapshot stays). Returns the new snapshot."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(repo / "snapshots" / (repo / "refs" / "main").read_text(), snapshot)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

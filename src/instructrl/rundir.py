@@ -6,8 +6,9 @@
                          checkout), start time, number of processes; a resumed run's starts under "resumed"
         metrics.jsonl    one JSON object per logged step
         tb/              TensorBoard events of the same metrics
-        lineage.json     the data and parent checkpoint this stage used, with content hashes (a
-                         stage whose inputs changed since is neither skipped nor resumed but refused)
+        lineage.json     the data and parent checkpoint this stage used, with content hashes (a hub
+                         name: its cached snapshot's commit); a stage whose inputs changed since
+                         is neither skipped nor resumed but refused
         checkpoints/     resumable training state (step-NNNNNNNN/)
         final/           the stage's output checkpoint (save_pretrained folder)
         done.json        written last: the stage finished
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -52,6 +54,27 @@ def content_hash(path: Path) -> str:
 def file_stamp(path: Path) -> list:
     """The (name, size, mtime) of a file or of a folder's files: an unchanged stamp spares a re-hash."""
     return [[name, f.stat().st_size, f.stat().st_mtime_ns] for name, f in _files(path)]
+
+
+def hub_snapshot_changed(name: str, commit: str) -> str | None:
+    """The commit of hub name ``name``'s snapshot in the Hugging Face cache now (what loaders read), where
+    a file it shares with snapshot ``commit`` differs, or ``commit``'s is no longer cached to compare;
+    else None, as where ``name`` is not cached. A commit that changed only files no loader fetched
+    (the model card) changes nothing."""
+    from instructrl.models.base import hub_snapshot
+
+    now = hub_snapshot(name)
+    if now is None or now.name == commit:
+        return None
+    then = now.parent / commit
+    if not then.is_dir():
+        return now.name
+    for file in then.rglob("*"):
+        same = now / file.relative_to(then)
+        # the cache links each snapshot's files to blobs named by their content; copies where it cannot link
+        if file.is_file() and same.is_file() and file.resolve() != same.resolve() and not filecmp.cmp(file, same, shallow=False):
+            return now.name
+    return None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -148,6 +171,11 @@ class RunDir:
             return []
         changed = []
         for name, entry in json.loads(lineage.read_text())["inputs"].items():
+            if entry.get("commit"):  # a hub name
+                now = hub_snapshot_changed(entry["path"], entry["commit"])
+                if now:
+                    changed.append(f"{name} ({entry['path']}: commit {entry['commit'][:12]}, now {now[:12]} in the Hugging Face cache)")
+                continue
             path = Path(self.config.run.dir) / entry["path"] if entry.get("in_run") else Path(entry["path"])
             if entry["sha256"] is None or not path.exists() or entry.get("stamp") == file_stamp(path):
                 continue
@@ -229,7 +257,8 @@ class RunDir:
         an interrupted run resumes only on the inputs it began with, else it would follow from neither.
         An input inside the run folder is recorded relative to it and any other by its absolute
         path, so that the check holds from any working directory and in a moved or copied run folder;
-        a hub name is recorded as given, with no hash."""
+        a hub name is recorded as given, with the commit of its snapshot in the Hugging Face cache (which
+        the stage loaded)."""
         changed = self.changed_inputs()  # an interrupted run's record: --restart has removed any other
         if changed:
             raise UserError(f"{self.path} holds an unfinished run begun on inputs that have changed since: {', '.join(changed)}; "
@@ -245,7 +274,10 @@ class RunDir:
             exists = path.exists()
             full = os.path.abspath(path)
             if not exists:  # a hub name ("org/name"), not a path under the working directory
-                place = {"path": str(value)}
+                from instructrl.models.base import hub_snapshot
+
+                snapshot = hub_snapshot(str(value))
+                place = {"path": str(value), "commit": snapshot and snapshot.name}
             elif full.startswith(root + os.sep):
                 place = {"path": os.path.relpath(full, root), "in_run": True}
             else:

@@ -112,7 +112,7 @@ class RewardJudge:
 
     def __init__(self, path: str):
         self.path = path
-        self.tokenizer = load_tokenizer(path)
+        self.tokenizer = load_tokenizer(path, what="reward model")
         self.model = RewardModel.from_pretrained(path).to(inference_device())
 
     def score(self, conversations: list[list[dict]], answers: list[str]) -> list[float]:

@@ -43,7 +43,7 @@ def _check_exists(name_or_path: str, what: str) -> None:
         raise UserError(f"{what} '{name_or_path}' does not exist")
     if looks_local:
         _check_model_folder(Path(name_or_path).expanduser(), f"'{name_or_path}'")
-    if not looks_local and not _in_hub_cache(name_or_path) and not _hub_reachable():
+    if not looks_local and hub_snapshot(name_or_path) is None and not _hub_reachable():
         raise UserError(f"{what} '{name_or_path}' is not a folder under {os.getcwd()}, not in the Hugging Face cache, "
                         "and the Hub cannot be reached to download it")
 
@@ -109,13 +109,19 @@ def _check_model_folder(folder: Path, named: str) -> None:
         raise UserError(f"{named} is a folder that holds no model (no config.json){hint}")
 
 
-def _in_hub_cache(name: str) -> bool:
+def hub_snapshot(name: str) -> Path | None:
+    """The folder of hub name ``name``'s snapshot in the Hugging Face cache (the one refs/main names;
+    the folder's name is its commit), or None where it is not cached. Asks nothing of the Hub."""
     from huggingface_hub import try_to_load_from_cache
 
-    try:
-        return any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json"))
-    except Exception:  # noqa: BLE001  (a name that is no valid repo id is not cached)
-        return False
+    for file in ("config.json", "tokenizer_config.json"):
+        try:
+            cached = try_to_load_from_cache(name, file)
+        except Exception:  # noqa: BLE001  (a name that is no valid repo id is not cached)
+            return None
+        if isinstance(cached, str):
+            return Path(cached).parent
+    return None
 
 
 def load_errors() -> tuple[type[Exception], ...]:
@@ -200,7 +206,8 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
     name_or_path = str(name_or_path)
     source = loadable(name_or_path, "model")
     _check_not_adapter(name_or_path)
-    if (Path(name_or_path).expanduser() / HEAD_FILE).is_file():  # its backbone would load, with no trained LM head
+    folder = Path(name_or_path).expanduser() if _looks_local(name_or_path) else hub_snapshot(name_or_path)
+    if folder is not None and (folder / HEAD_FILE).is_file():  # its backbone would load, with no trained LM head
         raise UserError(f"model '{name_or_path}' is a reward model (it holds {HEAD_FILE}), not a policy; "
                         "give a language model, such as a run's sft/final or ppo_ptx/final")
     try:
@@ -259,7 +266,7 @@ def length_cap(model: nn.Module, max_length: int | None, field: str) -> int:
     return max_length or context
 
 
-def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
+def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, what: str = "model"):
     """``AutoTokenizer.from_pretrained``, made fit for RLHF.
 
     PAD must exist and differ from EOS (RLHF-DETAILS.md: padding, EOS detection and "last real
@@ -269,11 +276,12 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None):
 
     ``for_chat=False`` (serving) only needs EOS: generation pads by attention mask alone, and a
     checkpoint without a chat template can still answer raw completions. ``log``: told of each change.
+    ``what``: the role of the model whose tokenizer it is ("reward model"), named when it cannot be found.
     """
     from transformers import AutoTokenizer
 
     name_or_path = str(name_or_path)
-    source = loadable(name_or_path, "tokenizer")
+    source = loadable(name_or_path, what)
     unsaved = "is its tokenizer saved there (tokenizer.save_pretrained)?"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -56,15 +56,16 @@ class RewardModel(nn.Module):
         return cls(backbone)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path) -> "RewardModel":
+    def from_pretrained(cls, name_or_path: str | Path, what: str = "reward model") -> "RewardModel":
         """Reload a reward model saved with ``save_pretrained``: backbone, head and bias in one call.
 
         A reward model trained elsewhere as a Hugging Face sequence classifier with one label
         (TRL's RewardTrainer, OpenRLHF) loads too: its score layer is the head, with no bias.
-        ``name_or_path``: a folder, or a hub name (from the Hugging Face cache, or downloaded)."""
+        ``name_or_path``: a folder, or a hub name (from the Hugging Face cache, or downloaded); ``what``:
+        its role ("value model"), named when it cannot be found."""
         from instructrl.models.base import load_errors, model_folder
 
-        path = model_folder(name_or_path, "reward model")
+        path = model_folder(name_or_path, what)
         if not (path / HEAD_FILE).is_file():
             return cls._from_sequence_classifier(path).eval()
         model = cls(_load_backbone(path))

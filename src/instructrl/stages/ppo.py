@@ -93,7 +93,7 @@ def shared_tokenizer(paths: ModelPaths, stage: str):
     with located("ppo.policy"):  # a bad path names the key that chose it
         tokenizer = load_tokenizer(paths.policy)
     with located("ppo.reward_model"):
-        rm_vocab = load_tokenizer(paths.reward_model).get_vocab()
+        rm_vocab = load_tokenizer(paths.reward_model, what="reward model").get_vocab()
     if rm_vocab != tokenizer.get_vocab():
         raise UserError(f"{stage}: the reward model {paths.reward_model} and the policy {paths.policy} use different tokenizers")
     return tokenizer
@@ -145,7 +145,7 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     with located("ppo.reward_model"):
         reward_model = RewardModel.from_pretrained(paths.reward_model).eval().requires_grad_(False)
     with located("ppo.value_model"):
-        value_model = RewardModel.from_pretrained(paths.value_model)
+        value_model = RewardModel.from_pretrained(paths.value_model, "value model")
     set_dropout(value_model.backbone, 0.0)
     apply_switches(policy, cfg)
     apply_switches(value_model.backbone, cfg)
