@@ -572,7 +572,11 @@ def test_label_commands_name_the_bad_input(tmp_path):
     assert proc.returncode == 2 and f"{prompts}:2" in proc.stderr and "Traceback" not in proc.stderr
     prompts.write_text('{"prompt": "Reverse \'cat\'."}\n')
     proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--model", str(tmp_path / "nope"), check=False)
-    assert proc.returncode == 2 and "nope' does not exist" in proc.stderr
+    assert proc.returncode == 2 and "--model: " in proc.stderr and "nope' does not exist" in proc.stderr
+    # a model to compare that cannot be loaded is named by its --compare
+    proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--compare", f"a={tmp_path / 'nope_a'}",
+               "--compare", f"b={tmp_path / 'nope_b'}", check=False)
+    assert proc.returncode == 2 and "--compare a: " in proc.stderr and "nope_a' does not exist" in proc.stderr
     cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--overlap", "2")
     proc = cli("label", "status", "p", "--dir", str(tmp_path / "d"))
     assert json.loads(proc.stdout)["progress"]["kinds"]["write"] == {

@@ -207,7 +207,7 @@ def test_an_eval_that_fails_leaves_the_last_results(tmp_path, smoke_base):
     cli(*args, f"eval.models={{base: {base}}}")
     before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "eval").iterdir() if p.is_file()}
     proc = cli(*args, f"eval.models={{base: {base}, broken: {broken}}}", check=False)
-    assert proc.returncode == 2 and f"cannot load model '{broken}'" in proc.stderr
+    assert proc.returncode == 2 and f"eval.models.broken: cannot load model '{broken}'" in proc.stderr  # the key that chose it
     assert {p.name: p.read_bytes() for p in (tmp_path / "run" / "eval").iterdir() if p.is_file()} == before
 
 

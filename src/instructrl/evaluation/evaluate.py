@@ -172,7 +172,10 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
                         "(the built-in world's gold labeler knows only its own prompts)")
     if "sft" not in models:
         log("eval: no model is named 'sft', so there are no win rates or alignment tax (both are measured against SFT)")
-    tokenizers = {name: load_tokenizer(path) for name, path in models.items()}  # a missing model fails now, not after the others answered
+    tokenizers = {}
+    for name, path in models.items():  # a missing model fails now, not after the others answered
+        with located(f"eval.models.{name}"):
+            tokenizers[name] = load_tokenizer(path)
     with located("eval.reward_model"):
         reward_judge = RewardJudge(cfg.reward_model) if cfg.reward_model else None
     ids, conversations, tasks, prompts_file, heldout = _eval_prompts(config, log)
@@ -182,7 +185,8 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     for name, path in models.items():
         log(f"eval: answering {len(conversations)} prompts with {name} ({path})")
         tokenizer = tokenizers[name]
-        model = load_answering_model(path, tokenizer=tokenizer)
+        with located(f"eval.models.{name}"):
+            model = load_answering_model(path, tokenizer=tokenizer)
         answers[name] = generate_answers(model, tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size, key="eval.max_new_tokens")
         if cfg.temperature is not None:
             torch.manual_seed(config.run.seed)  # every model draws its samples from the same seed

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from instructrl.data.formats import Prompt, read_comparisons, read_prompts
-from instructrl.errors import UserError
+from instructrl.errors import UserError, located
 
 
 def write_tasks(prompts: list[Prompt]) -> list[dict]:
@@ -26,7 +26,8 @@ def rank_tasks_from_model(prompts: list[Prompt], model: str, k: int, seed: int =
     from instructrl.evaluation.generate import generate_answers
     from instructrl.models.base import load_answering_model, load_tokenizer
 
-    lm, tokenizer = load_answering_model(model), load_tokenizer(model)
+    with located("--model"):
+        lm, tokenizer = load_answering_model(model), load_tokenizer(model)
     torch.manual_seed(seed)
     samples = generate_answers(lm, tokenizer, [p.messages for p in prompts], max_new_tokens, num_samples=k, temperature=temperature,
                                key="--max-new-tokens")
@@ -47,10 +48,15 @@ def compare_tasks(prompts: list[Prompt], models: dict[str, str], max_new_tokens:
 
     if len(models) != 2:
         raise UserError(f"compare tasks need exactly two models (NAME=PATH), got {len(models)}")
+    tokenizers = {}
+    for name, path in models.items():  # a missing model fails now, not after the other answered
+        with located(f"--compare {name}"):
+            tokenizers[name] = load_tokenizer(path)
     answers = {}
     for name, path in models.items():
-        answers[name] = generate_answers(load_answering_model(path), load_tokenizer(path), [p.messages for p in prompts], max_new_tokens,
-                                         key="--max-new-tokens")
+        with located(f"--compare {name}"):
+            model = load_answering_model(path)
+        answers[name] = generate_answers(model, tokenizers[name], [p.messages for p in prompts], max_new_tokens, key="--max-new-tokens")
     names = list(models)
     return [{"kind": "compare", "prompt_id": p.id, "prompt": p.messages, "responses": [answers[names[0]][i], answers[names[1]][i]],
              "sources": names} for i, p in enumerate(prompts)]
