@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,13 +11,20 @@ from conftest import SMOKE, cli
 from safetensors.torch import load_file
 
 from instructrl.config import load_config
+from instructrl.data import formats
+from instructrl.data.chat import render_ids
+from instructrl.data.formats import Prompt
+from instructrl.data.sequences import TokenSequences
 from instructrl.models.base import load_causal_lm, load_tokenizer
 from instructrl.padding import pad_sequences
 from instructrl.rl.episodes import prompt_order
 from instructrl.rl.rollout import (GumbelNoise, Rollout, left_pad_prompts, response_logits, response_logprobs, response_values, sample_responses,
                                    score_episodes, takes_logits_to_keep)
 from instructrl.rl.update import ppo_epochs
+from instructrl.stages.ppo import encode_prompts, load_prompts
 from instructrl.training.loop import make_accelerator
+from instructrl.world import build
+from instructrl.world.build import load_tasks
 
 
 def _rows(smoke_base):
@@ -208,6 +216,42 @@ def test_prompt_order_covers_every_prompt_once_per_epoch():
     # 20 draws over 10 prompts: the first 10 are a permutation, and so are the next 10
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
     assert prompt_order(10, 4, 2, seed=3) == prompt_order(10, 4, 2, seed=3)
+
+
+def test_encoded_prompts_are_token_sequences_of_the_prompts_that_leave_room_for_a_response(smoke_base):
+    """PPO held its prompts' token ids as lists of Python ints (117 MB of the stage's 1 GB at 200k
+    smoke prompts, twice that with a real vocabulary, whose ids are no cached small ints); a
+    TokenSequences holds the same ids in 4 bytes each."""
+    tokenizer = load_tokenizer(smoke_base / "pretrain" / "final")
+    prompts = [Prompt(t.id, list(t.messages)) for t in load_tasks(smoke_base / "world" / "prompts" / "ppo.jsonl")]
+    ids = [render_ids(tokenizer, p.messages, add_generation_prompt=True) for p in prompts]
+    cfg = load_config(SMOKE).ppo
+    max_length = sorted(map(len, ids))[len(ids) // 2] + cfg.max_new_tokens  # about half of them leave room
+    fits = [i for i, prompt_ids in enumerate(ids) if len(prompt_ids) + cfg.max_new_tokens <= max_length]
+    assert cfg.rollout_batch_size <= len(fits) < len(prompts)
+    kept, encoded = encode_prompts(prompts, tokenizer, cfg, max_length, "ppo")
+    assert isinstance(encoded, TokenSequences)
+    assert kept == [prompts[i] for i in fits] and list(encoded) == [ids[i] for i in fits]
+
+
+def test_a_world_format_prompts_file_is_read_once_with_its_gold_tasks(tmp_path, smoke_base, monkeypatch):
+    """The gold tasks of ppo.prompts in the world's own format were read in a pass of their own over
+    the file, each with a copy of its messages (4 s and 240 MB at 200k prompts); they come from
+    read_data's pass, sharing the prompts' messages."""
+    world_prompts = smoke_base / "world" / "prompts" / "ppo.jsonl"
+    tasks = load_tasks(world_prompts)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(world_prompts.read_text() + json.dumps({"id": "mine", "prompt": "Say cat."}) + "\n")  # no gold answer
+    reads = []
+    for module in (formats, build):
+        monkeypatch.setattr(module, "read_jsonl", lambda p, read=module.read_jsonl: reads.append(p) or read(p))
+    config = load_config(SMOKE, [f"ppo.prompts={path}", "ppo.ptx_coef=0"])
+    tokenizer = load_tokenizer(smoke_base / "pretrain" / "final")
+    prompts, gold, _ = load_prompts(config, "ppo", tokenizer, SimpleNamespace(is_main_process=False), lambda line: None)
+    assert reads == [path]
+    assert [p.id for p in prompts] == [t.id for t in tasks] + ["mine"]
+    assert gold == {t.id: t for t in tasks}
+    assert all(gold[p.id].messages[-1] is p.messages[-1] for p in prompts[:-1])
 
 
 class _Value(torch.nn.Module):

@@ -35,7 +35,7 @@ import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from pydantic import ValidationError
 
@@ -380,14 +380,16 @@ class DataFile(NamedTuple):
 
 
 def read_data(path: Path | str, use: str, data_format: str = "auto", key: str | None = None, tokenizer=None,
-              progress: str | None = None) -> DataFile:
+              progress: str | None = None, on_item: Callable[[dict, object], None] | None = None) -> DataFile:
     """The formats and items of a data file read for ``use`` (a key of USES): Demonstrations,
     ComparisonRecords, Prompts or texts. Each record's format is detected from its fields (a file
     may mix formats the use accepts, e.g. K-way comparisons and preference pairs), or is
     ``data_format``. Every record is checked; the first bad one is a UserError naming its file and line,
     and for a record of a format the use does not take, the input it was given as (``key``; default: the stage's).
     With a ``tokenizer``, also the records that hold its control tokens (``record_control_token``),
-    in the same pass. ``progress``: the description of a bar counting the records read (None: no bar)."""
+    in the same pass. ``progress``: the description of a bar counting the records read (None: no bar).
+    ``on_item(record, item)`` is called with each record and its item, for what else a caller keeps of
+    a record in the same pass (PPO: the built-in world's gold answers)."""
     path = Path(path)
     formats, items, control = [], [], (0, None)
     tokens = control_tokens(tokenizer) if tokenizer is not None else None
@@ -397,6 +399,8 @@ def read_data(path: Path | str, use: str, data_format: str = "auto", key: str | 
             if fmt not in formats:
                 formats.append(fmt)
             items.append(to_item(use, fmt, record, where, f"{path.name}:{number}", key))
+            if on_item is not None:
+                on_item(record, items[-1])
             if tokens and (token := record_control_token(record, tokens)) is not None:
                 control = (control[0] + 1, control[1] or f"{where}: {token!r}")
             if number % 1000 == 0:

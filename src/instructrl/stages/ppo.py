@@ -32,6 +32,7 @@ from instructrl.config import PipelineConfig
 from instructrl.data.chat import render_ids
 from instructrl.data.packing import pack_documents
 from instructrl.data.formats import Prompt, read_data, read_texts, warn_of_control_tokens
+from instructrl.data.sequences import TokenSequences
 from instructrl.errors import UserError, located
 from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, set_dropout
 from instructrl.models.lora import adapter_disabled, add_lora, targets_in, trainable_share
@@ -46,7 +47,7 @@ from instructrl.rundir import RunDir, given_or_earlier
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint, sizes_for_resuming
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
 from instructrl.training.progress import plural, progress_bar, tracked
-from instructrl.world.build import build_world_once, load_tasks, world_tasks_in
+from instructrl.world.build import build_world_once, load_tasks, world_task
 from instructrl.world.labeler import SimulatedLabeler
 
 SECTIONS = ("run", "world", "ppo")
@@ -107,11 +108,15 @@ def load_prompts(config: PipelineConfig, stage: str, tokenizer, accelerator, log
         if cfg.ptx_coef > 0 and cfg.ptx_data is None:
             raise UserError(f"{stage}: PPO-ptx mixes pretraining text into every update: set ppo.ptx_data=FILE (plain text or "
                             f"{{\"text\": ...}} records) to go with ppo.prompts, or ppo.ptx_coef=0 for plain PPO")
+        gold = {}
+
+        def keep_gold(record: dict, prompt: Prompt) -> None:  # a prompts file in the world's own format (family, answer) keeps its gold judge
+            if (task := world_task(record, prompt.messages)) is not None:
+                gold[task.id] = task
+
         data = read_data(cfg.prompts, "prompt", cfg.prompts_format, "ppo.prompts", tokenizer,
-                         f"{stage}: reading {cfg.prompts}" if accelerator.is_main_process else None)
+                         f"{stage}: reading {cfg.prompts}" if accelerator.is_main_process else None, keep_gold)
         warn_of_control_tokens(cfg.prompts, data.control_tokens, "prompts", lambda line: log(f"{stage}: {line}"))
-        # a prompts file in the world's own format (family, answer) keeps its gold judge
-        gold = {t.id: t for t in world_tasks_in(cfg.prompts)} if Path(cfg.prompts).suffix == ".jsonl" else {}
         return data.items, gold, None
     world = build_world_once(config.world, root / "world", accelerator)
     log(f"{stage}: prompts" + (" and pretraining text" if cfg.ptx_coef > 0 and cfg.ptx_data is None else "")
@@ -121,21 +126,21 @@ def load_prompts(config: PipelineConfig, stage: str, tokenizer, accelerator, log
 
 
 def encode_prompts(prompts: list[Prompt], tokenizer, cfg, max_length: int, stage: str,
-                   progress: bool = False) -> tuple[list[Prompt], list[list[int]]]:
+                   progress: bool = False) -> tuple[list[Prompt], TokenSequences]:
     """The prompts that leave room for a whole response in the context, with their token ids.
     ``progress``: show a bar while they are tokenized."""
-    encoded = []
+    encoded = TokenSequences()
     for prompt in tracked(prompts, f"{stage}: tokenizing {cfg.prompts or 'the prompts'}", "prompt", progress):
         with located(f"{cfg.prompts or 'ppo.prompts'}: prompt '{prompt.id}'"):  # the id a record gives, else the file's name and the record's number
             encoded.append(render_ids(tokenizer, prompt.messages, add_generation_prompt=True))
-    keep = [i for i, ids in enumerate(encoded) if len(ids) + cfg.max_new_tokens <= max_length]
+    keep = [i for i, length in enumerate(encoded.lengths()) if length + cfg.max_new_tokens <= max_length]
     if len(keep) < cfg.rollout_batch_size:
         source, total = cfg.prompts or "the built-in world's PPO split", len(prompts)
         held = (f"{total} prompts" if len(keep) == total else f"{len(keep)} of its {total} prompts that fit in {max_length} "
                 f"tokens with the response (ppo.max_new_tokens = {cfg.max_new_tokens})")
         raise UserError(f"{stage}: {source} has {held}, fewer than one rollout batch (ppo.rollout_batch_size = {cfg.rollout_batch_size}); "
                         "add prompts or lower ppo.rollout_batch_size" + ("" if len(keep) == total else " or ppo.max_new_tokens"))
-    return [prompts[i] for i in keep], [encoded[i] for i in keep]
+    return [prompts[i] for i in keep], TokenSequences(encoded[i] for i in keep)
 
 
 def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):

@@ -133,6 +133,9 @@ def load_tasks(path: Path | str) -> list[Task]:
     return [Task.from_record(record) for _, record in read_jsonl(path)]
 
 
-def world_tasks_in(path: Path) -> list[Task]:
-    """The built-in world's tasks among a prompts file's records: those with a known family and a gold answer."""
-    return [Task.from_record(r) for _, r in read_jsonl(path) if r.get("family") in FAMILIES and {"id", "answer", "args", "messages"} <= set(r)]
+def world_task(record: dict, messages: list[dict]) -> Task | None:
+    """The built-in world's task a prompts file's record is, if it is one (a known family and a gold
+    answer), holding ``messages``: the record's, as its Prompt holds them, so that they are kept once."""
+    if record.get("family") in FAMILIES and {"id", "answer", "args", "messages"} <= set(record):
+        return Task(str(record["id"]), record["family"], tuple(messages), record["answer"], record["args"])
+    return None
