@@ -159,3 +159,58 @@ def test_the_pipeline_counts_its_cpu_processes_and_names_a_checkpoint_of_another
         f"error: config: sft.batch_size (12) must be a multiple of sft.micro_batch_size x 2 processes (8); the checkpoint {checkpoint} was "
         "written by 1 process and this run has 2: resume it with 1 process, or pass --restart-from sft with sizes that divide"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["sft"]  # no stage ran
+
+
+A_STAGE_THEN_EXIT = """
+import os
+
+import torch
+import torch.distributed as dist
+
+from instructrl import cli
+
+
+def stage():  # as under a launcher: Accelerate creates the group, then loading a tokenizer imports torch.distributed.nn
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    import torch.distributed.nn  # noqa: F401
+    dist.all_reduce(torch.ones(1))
+
+
+cli.app = stage
+cli.run()
+threads = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
+print("gloo threads left:", sum("gloo" in name for name in threads))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_the_process_group_is_freed_before_the_interpreter_exits(tmp_path):
+    """torch.distributed.nn imported after the group exists keeps it as its functions' default argument:
+    gloo's worker threads then outlived destroy_process_group, and one releasing the last collective's
+    tensors during the interpreter's teardown aborted the process now and then (the pipeline's rank 1)."""
+    script = tmp_path / "a_stage_then_exit.py"
+    script.write_text(A_STAGE_THEN_EXIT)
+    # WORLD_SIZE as a launcher of 2 processes sets it; the group itself has this one process
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=dict(os.environ, WORLD_SIZE="2"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "gloo threads left: 0"
+
+
+@pytest.mark.slow
+def test_the_pipeline_in_two_processes_runs_to_the_end_and_again_skips_every_stage(tmp_path):
+    """Under torchrun on CPU the pipeline trains in 2 gloo processes and evaluates in one; rank 1,
+    leaving while rank 0 evaluates, exits cleanly. Run again, every stage is skipped."""
+    run_dir = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    for attempt in ("first", "again"):
+        proc = subprocess.run([*launcher, "-m", "instructrl", "pipeline", "-c", str(SMOKE), f"run.dir={run_dir}"],
+                              capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, (attempt, proc.stdout[-3000:] + proc.stderr[-3000:])
+        assert proc.stderr.count("pipeline: finished") == 1 and "terminate called" not in proc.stderr
+    skipped = [line.split(":")[0] for line in proc.stderr.splitlines() if "is complete with this config and inputs; nothing to do" in line]
+    assert skipped == ["pretrain", "sft", "collect", "rm", "ppo_ptx", "ppo"]
+    processes = {stage: json.loads((run_dir / stage / "run.json").read_text())["processes"]
+                 for stage in ("pretrain", "sft", "collect", "rm", "ppo_ptx", "ppo", "eval")}
+    assert processes == {"pretrain": 2, "sft": 2, "collect": 1, "rm": 2, "ppo_ptx": 2, "ppo": 2, "eval": 1}  # sampling and eval in one
+    assert json.loads((run_dir / "eval" / "results.json").read_text())["results"].keys() >= {"sft", "ppo", "ppo_ptx"}
+    assert (run_dir / "report.html").is_file()

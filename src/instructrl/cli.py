@@ -575,6 +575,7 @@ def run() -> None:
     first to stop says why (``_first_to_stop``)."""
     signal.signal(signal.SIGTERM, _on_sigterm)  # serve and label: uvicorn installs its own while it runs
     _state.pop("first_to_stop", None)
+    _import_before_the_process_group()
     try:
         _run_app()
     except Exception as crash:
@@ -669,10 +670,21 @@ def _how_to_resume() -> str:
     return "run the same command again to resume"
 
 
+def _import_before_the_process_group() -> None:
+    """Import torch.distributed.nn before Accelerate creates the process group, so that
+    ``_close_process_group`` frees it. Imported later (transformers does, loading a tokenizer), its
+    functions keep the group as a default argument (``group=group.WORLD``): gloo's worker threads then
+    outlive destroy_process_group, and one still releasing the last collective's tensors when the
+    interpreter shuts down takes the GIL and aborts the process (the pipeline's rank 1, leaving just
+    after its last PPO step while rank 0 evaluates)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched as several processes; one has no group
+        import torch.distributed.nn  # noqa: F401
+
+
 def _close_process_group() -> None:
     """Destroy the process group of ``accelerate launch`` before the interpreter exits: left to
     the interpreter's teardown, gloo's worker threads can abort a finished process ("terminate
-    called without an active exception")."""
+    called without an active exception"); see ``_import_before_the_process_group``."""
     if "torch.distributed" in sys.modules:  # nothing to close, and no torch to import, after --help
         import torch.distributed as dist
 
