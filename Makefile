@@ -25,6 +25,10 @@ install: $(VENV)/.installed
 demo: install  ## the whole pipeline on the built-in world: pretrain, SFT, collect, RM, PPO-ptx and PPO, eval, report
 	$(BIN)/instructrl pipeline -c configs/default.yaml
 
+bench: install  ## PPO's time split, episodes/s and peak memory, then the RM's K-way against pairwise throughput (runs/bench/)
+	$(BIN)/instructrl bench
+	$(BIN)/instructrl bench --stage rm
+
 # Debian's chromium drives the feedback app's browser tests (Playwright never downloads a browser)
 chromium:
 	@command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
