@@ -137,5 +137,5 @@ def world_task(record: dict, messages: list[dict]) -> Task | None:
     """The built-in world's task a prompts file's record is, if it is one (a known family and a gold
     answer), holding ``messages``: the record's, as its Prompt holds them, so that they are kept once."""
     if record.get("family") in FAMILIES and {"id", "answer", "args", "messages"} <= set(record):
-        return Task(str(record["id"]), record["family"], tuple(messages), record["answer"], record["args"])
+        return Task.from_record(record, messages)
     return None

@@ -315,8 +315,10 @@ class Task:
         return {"id": self.id, "family": self.family, "messages": list(self.messages), "answer": self.answer, "args": self.args}
 
     @classmethod
-    def from_record(cls, record: dict) -> "Task":
-        return cls(record["id"], record["family"], tuple(record["messages"]), record["answer"], record["args"])
+    def from_record(cls, record: dict, messages: list[dict] | None = None) -> "Task":
+        """``messages``: held in place of the record's (the same turns, already read once, kept once)."""
+        return cls(str(record["id"]), record["family"], tuple(record["messages"] if messages is None else messages), record["answer"],
+                   record["args"])
 
 
 def sample_task(rng: random.Random, multi_turn_rate: float) -> Task:
