@@ -646,7 +646,7 @@ def _first_to_stop() -> bool | None:
 
 
 def _claim_first_stop() -> bool | None:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not _launched():
         return True
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # not launched by torchrun's agent (accelerate launch's)
         return None
@@ -677,8 +677,13 @@ def _import_before_the_process_group() -> None:
     outlive destroy_process_group, and one still releasing the last collective's tensors when the
     interpreter shuts down takes the GIL and aborts the process (the pipeline's rank 1, leaving just
     after its last PPO step while rank 0 evaluates)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched as several processes; one has no group
+    if _launched():  # one process has no group
         import torch.distributed.nn  # noqa: F401
+
+
+def _launched() -> bool:
+    """Whether this is one of several processes a launcher (torchrun, accelerate launch) started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _close_process_group() -> None:

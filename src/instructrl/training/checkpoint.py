@@ -71,15 +71,6 @@ def check_rng_state(checkpoint: Path, process_index: int) -> None:
         raise RuntimeError(f"{path.name} is missing or damaged ({type(err).__name__})") from None
 
 
-def written_by(checkpoint: Path) -> int:
-    """How many processes wrote ``checkpoint``: as its trainer_state.json records, or for a checkpoint
-    older than that record, how many RNG states it holds (one per process; none: the first is missing)."""
-    from accelerate.utils import RNG_STATE_NAME
-
-    recorded = json.loads((checkpoint / "trainer_state.json").read_text()).get("processes")
-    return recorded or max(1, len(list(checkpoint.glob(f"{RNG_STATE_NAME}_*.pkl"))))
-
-
 # How Accelerate's save_state lays out the weights and optimizer: FSDP and DeepSpeed write their own
 # files, which load only under the same; one process's are DDP's too. Each: its name in a message,
 # and how to launch a run under it.
@@ -96,15 +87,17 @@ def layout_of(accelerator) -> str:
     return "fsdp" if kind == "FSDP" else "deepspeed" if kind == "DEEPSPEED" else "ddp"
 
 
-def laid_out(checkpoint: Path) -> str:
-    """How ``checkpoint``'s state is laid out (a key in LAYOUTS): as its trainer_state.json records, or for a
-    checkpoint older than that record, from the model files Accelerate names after the layout."""
-    recorded = json.loads((checkpoint / "trainer_state.json").read_text()).get("layout")
-    if recorded:
-        return recorded
-    if any(checkpoint.glob("pytorch_model_fsdp*")):
-        return "fsdp"
-    return "deepspeed" if (checkpoint / "pytorch_model").is_dir() else "ddp"
+def written_by(checkpoint: Path) -> tuple[int, str]:
+    """How many processes wrote ``checkpoint``, and how its state is laid out (a key in LAYOUTS): as its
+    trainer_state.json records, or for a checkpoint older than that record, from its files: one RNG
+    state per process (none: the first is missing), model files Accelerate names after the layout."""
+    from accelerate.utils import RNG_STATE_NAME
+
+    recorded = json.loads((checkpoint / "trainer_state.json").read_text())
+    processes = recorded.get("processes") or max(1, len(list(checkpoint.glob(f"{RNG_STATE_NAME}_*.pkl"))))
+    layout = recorded.get("layout") or ("fsdp" if any(checkpoint.glob("pytorch_model_fsdp*"))
+                                        else "deepspeed" if (checkpoint / "pytorch_model").is_dir() else "ddp")
+    return processes, layout
 
 
 def launched(processes: int, layout: str) -> str:
@@ -123,7 +116,7 @@ def sizes_for_resuming(root: Path | None, processes: int, restart: str = "--rest
     except UserError as err:
         found = checkpoint_dirs(root) if root is not None else []
         try:
-            writers = written_by(found[-1]) if found else processes
+            writers = written_by(found[-1])[0] if found else processes
         except (OSError, ValueError):  # a damaged checkpoint: resuming says so
             raise err from None
         if writers == processes:
@@ -154,7 +147,7 @@ def load_latest_checkpoint(accelerator, root: Path, seed: int, best: Path | None
     checkpoint, processes = found[-1], accelerator.num_processes
     writers = processes  # until the checkpoint says otherwise
     try:
-        writers, layout = written_by(checkpoint), laid_out(checkpoint)
+        writers, layout = written_by(checkpoint)
         if layout != layout_of(accelerator):  # before loading: Accelerate would look for files of its own layout, and name one missing
             raise UserError(f"cannot resume from the checkpoint {checkpoint}: it was written by {launched(writers, layout)} and this run "
                             f"has {launched(processes, layout_of(accelerator))}, which cannot load it; resume {LAYOUTS[layout][1]}, "
@@ -164,7 +157,7 @@ def load_latest_checkpoint(accelerator, root: Path, seed: int, best: Path | None
         accelerator.load_state(str(checkpoint))
     except (*load_errors(), RuntimeError) as err:  # a file cut short (a copied run folder), or written by another model
         reason = str(err).splitlines()[0]
-        if writers != processes:  # its state laid out for those processes (FSDP's files against one process's)
+        if writers != processes:  # of the same layout, yet laid out for those processes (DeepSpeed's partitioned state)
             raise UserError(f"cannot resume from the checkpoint {checkpoint}: it was written by {plural(writers, 'process')} and this run "
                             f"has {processes}, which cannot load it ({reason}); resume with {plural(writers, 'process')} "
                             "as it was launched, or pass --restart to start over") from None
