@@ -6,6 +6,8 @@ import json
 
 from conftest import SMOKE, cli
 
+from instructrl.bench import count_text
+
 
 def test_bench_ppo(tmp_path):
     proc = cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "-n", "3")
@@ -23,6 +25,15 @@ def test_bench_ppo(tmp_path):
     for phase, s in result["seconds_per_iteration"].items():
         assert f"{s:.3f}" in table and f"{result['share'][phase]:.0%}" in table
     assert result["parameters_mb"] > 0 and result["optimizer_state_mb"] > 0 and result["lora"] is False
+    # the smoke policy's ~46k parameters were "0.0M"
+    assert f"PPO bench: {count_text(result['policy_parameters'])}-parameter policy" in table and "k-parameter" in table
+
+
+def test_a_parameter_count_reads_as_model_sizes_are_written():
+    assert [count_text(n) for n in (7, 999, 1000, 45_728, 99_949, 123_456)] == ["7", "999", "1.0k", "45.7k", "99.9k", "123k"]
+    assert [count_text(n) for n in (1_234_567, 34_000_000, 123_400_000, 1_200_000_000, 175 * 10**9)] == ["1.2M", "34.0M", "123M", "1.2B", "175B"]
+    # a count that rounds up to 1000 of one unit is 1.0 of the next
+    assert [count_text(n) for n in (999_500, 999_950, 999_960_000)] == ["1.0M", "1.0M", "1.0B"]
 
 
 def test_bench_rm_kway_forwards_fewer_sequences(tmp_path):
@@ -33,6 +44,7 @@ def test_bench_rm_kway_forwards_fewer_sequences(tmp_path):
     for mode in ("kway", "pairwise"):
         assert f"{result[mode]['comparisons_per_s']:.1f}" in table and str(result[mode]["sequences_forwarded"]) in table
     assert f"{result['speedup']:.2f}x" in table
+    assert f"RM bench: {count_text(result['model_parameters'])}-parameter reward model" in table
     # K-way forwards each of the K responses once; pairs forward 2 per ranked pair
     assert result["kway"]["sequences_forwarded"] == 4 * result["comparisons"]
     assert result["pairwise"]["sequences_forwarded"] > result["kway"]["sequences_forwarded"]

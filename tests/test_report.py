@@ -8,13 +8,14 @@ import base64
 import json
 import re
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from instructrl.config import WorldConfig
 from instructrl.evaluation.evaluate import judge_answers
-from instructrl.evaluation.report import GOLD_ANSWERS, _win_text, headline, write_report
+from instructrl.evaluation.report import GOLD_ANSWERS, SAMPLES_SHOWN, _win_text, headline, write_report
 from instructrl.world.build import make_splits
 from instructrl.world.labeler import SimulatedLabeler
 
@@ -97,9 +98,75 @@ def test_report_shows_answers_as_text_offline_with_the_same_figures(tmp_path):
     # the reader is told what the numbers mean
     for words in ("(a tie) counts half", "95% interval", "ceiling", "alignment tax", "minus SFT", "Likert score (1-7)", "pairs"):
         assert words in page, words
+    rows, _ = _side_by_side(page)
+    assert rows[0] == ["prompt", "gold answer", "base", "sft", "ppo"] and len(rows) == 1 + SAMPLES_SHOWN
+    assert rows[1][1:3] == [HOSTILE, f"{HOSTILE} (Likert 1)"]
     # PPO's alignment tax is its loss over SFT's; the base model, before SFT, pays none
     assert "ppo: Likert" in printed and "alignment tax -3.500 nats (held-out pretraining loss 2.500" in printed
     assert "base: Likert" in printed and "-4.800" not in printed and "held-out pretraining loss 1.200 nats" in printed
+
+
+class _Tables(HTMLParser):
+    """The page's tables as a browser reads them: per table its rows, per row its cells' text, and the tags met in cells."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.tags_in_cells, self.cell = [], set(), None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.cell = ""
+        elif self.cell is not None:
+            self.tags_in_cells.add(tag)
+            self.cell += "\n" if tag == "br" else ""
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self.cell)
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def _side_by_side(page: str) -> tuple[list[list[str]], set[str]]:
+    """The rows of the report's "Answers side by side" table, header first, and every tag its cells hold."""
+    parser = _Tables()
+    parser.feed(page[page.index("<h2>Answers side by side</h2>"):])
+    return parser.tables[0], parser.tags_in_cells
+
+
+def test_the_report_shows_the_answers_to_your_own_prompts_side_by_side_as_text(tmp_path):
+    """eval.prompts: no gold labeler, so only the reward model's figures; every model's greedy answer to the first prompts,
+    side by side with its reward, as text: a | , markup or a line break in a prompt or an answer breaks no table."""
+    hostile = "a | b\n<script>alert(1)</script></td></tr><tr><td>x"
+    names = ("base", "sft", "ppo")
+    n = SAMPLES_SHOWN + 3
+    results = {name: {"reward": {"mean": 0.5, **({"win_rate_vs_sft": {"win_rate": 0.5, "ci95": [0.2, 0.8], "n": n}} if name != "sft" else {})}}
+               for name in names}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps(
+        {"models": {}, "prompts": "mine.jsonl", "reward_model": "rm", "n_prompts": n, "results": results}))
+    (tmp_path / "eval" / "samples.jsonl").write_text("".join(json.dumps(
+        {"id": f"mine.jsonl:{i + 1}", "messages": [{"role": "user", "content": f"prompt {i}: {hostile}"}],
+         **{name: {"answer": "" if name == "ppo" else f"{name} says {i}: {hostile}", "reward": k + i / 100, "sampled": ["s"]}
+            for k, name in enumerate(names)}}) + "\n" for i in range(n)))
+    page = write_report(tmp_path).read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert f"the first {SAMPLES_SHOWN} of the {n} prompts of <code>mine.jsonl</code>; in brackets, the reward model's reward" in page
+    rows, tags = _side_by_side(page)
+    assert tags <= {"b", "br", "i"}  # the page's own emphasis and line breaks; nothing a prompt or an answer wrote
+    assert rows[0] == ["prompt", *names] and len(rows) == 1 + SAMPLES_SHOWN
+    for i, row in enumerate(rows[1:]):
+        assert row == [f"user: prompt {i}: a | b\n<script>alert(1)</script></td></tr><tr><td>x",
+                       f"base says {i}: a | b\n<script>alert(1)</script></td></tr><tr><td>x (reward {i / 100:.2f})",
+                       f"sft says {i}: a | b\n<script>alert(1)</script></td></tr><tr><td>x (reward {1 + i / 100:.2f})",
+                       f"(empty) (reward {2 + i / 100:.2f})"]
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None and not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is missing")
@@ -264,7 +331,9 @@ def test_eval_of_your_own_prompts_judged_by_a_reward_model(tmp_path, smoke_rm):
         assert "overall" not in evaluation["results"][name]  # no gold labeler for prompts not the world's
     win = evaluation["results"]["mine"]["reward"]["win_rate_vs_sft"]
     assert win["n"] == 3 and win["wins"] == sum(s["mine"]["reward"] > s["sft"]["reward"] for s in samples)
-    assert "Judged by the reward model" in (run / "report.html").read_text()
+    page = (run / "report.html").read_text()
+    assert "Judged by the reward model" in page and f"Each model's greedy answer to all 3 prompts of <code>{prompts}</code>" in page
+    assert all(f"(reward {s[name]['reward']:.2f})" in page for s in samples for name in ("sft", "mine"))  # side by side, from samples.jsonl
 
 
 def test_eval_of_the_worlds_prompts_by_the_gold_labeler_and_a_reward_model(tmp_path, smoke_rm):

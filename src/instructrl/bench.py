@@ -117,10 +117,22 @@ def run_bench(config: PipelineConfig, iterations: int, log=print) -> dict:
     return result
 
 
+def count_text(n: int) -> str:
+    """A count as people write model sizes: "950", "45.7k", "4.5M", "124M", "1.2B" (3 significant figures at most)."""
+    if n < 1000:
+        return str(n)
+    value = float(n)
+    for unit in "kMB":
+        value /= 1000
+        text = f"{value:.1f}" if value < 99.95 else f"{value:.0f}"
+        if float(text) < 1000 or unit == "B":  # 999,950 is "1.0M", not "1000k"
+            return text + unit
+
+
 def bench_table(result: dict):
     from rich.table import Table
 
-    table = Table(title=f"PPO bench: {result['policy_parameters'] / 1e6:.1f}M-parameter policy on {result['device']}, "
+    table = Table(title=f"PPO bench: {count_text(result['policy_parameters'])}-parameter policy on {result['device']}, "
                         f"{result['rollout_batch_size']} episodes per iteration")
     table.add_column("phase")
     table.add_column("s / iteration", justify="right")
@@ -138,7 +150,7 @@ def bench_table(result: dict):
 def bench_rm_table(result: dict):
     from rich.table import Table
 
-    table = Table(title=f"RM bench: {result['model_parameters'] / 1e6:.1f}M-parameter reward model, {result['comparisons']} comparisons "
+    table = Table(title=f"RM bench: {count_text(result['model_parameters'])}-parameter reward model, {result['comparisons']} comparisons "
                         f"of K = {result['k']} ({result['ranked_pairs']} ranked pairs)")
     for column in ("batches of", "seconds", "sequences forwarded", "comparisons / s"):
         table.add_column(column, justify="right" if column != "batches of" else "left")

@@ -18,6 +18,7 @@ from instructrl.rundir import write_text_atomic
 PPO_STAGES = ("ppo", "ppo_ptx")
 SMOOTHING = 8  # iterations in the over-optimisation curves' running mean
 GOLD_ANSWERS = "gold_answers"  # eval's row of the gold answers: the ceiling of every win rate vs SFT
+SAMPLES_SHOWN = 12  # prompts whose answers the report shows side by side: enough to see the models differ, few enough to read
 
 
 def _figure_tag(fig, caption: str) -> str:
@@ -303,18 +304,36 @@ def _ppo_section(metrics: dict[str, list[dict]]) -> list[str]:
     ]
 
 
-def _samples_section(samples_path: Path, n_samples: int) -> list[str]:
-    """The first ``n_samples`` held-out prompts with every evaluated model's greedy answer and its Likert."""
+def _text(text: str) -> str:
+    """Text a model or a user wrote, shown as text: escaped, its line breaks kept, an empty answer said to be one."""
+    return html.escape(text).replace("\n", "<br>") if text else "<i>(empty)</i>"
+
+
+def _judgement(answer: dict) -> str:
+    """An answer's judges' figures, those that judged: the gold labeler's Likert, the reward model's reward."""
+    figures = ([f"Likert {answer['likert']}"] if "likert" in answer else []) + ([f"reward {answer['reward']:.2f}"] if "reward" in answer else [])
+    return f" <i>({', '.join(figures)})</i>" if figures else ""
+
+
+def _samples_section(samples_path: Path, evaluation: dict, n_samples: int) -> list[str]:
+    """The first ``n_samples`` evaluation prompts with every evaluated model's greedy answer side by side, and its judgement.
+    The world's held-out prompts come shuffled by its seed, so their first are a fixed sample; your own come in file order."""
     every = [record for _, record in complete_lines(samples_path)]
     samples = every[:n_samples]
-    shown = [n for n in samples[0] if isinstance(samples[0][n], dict) and n != "demonstrations"] if samples else []
+    if not samples:
+        return []
+    shown = [n for n in samples[0] if isinstance(samples[0][n], dict) and n != "demonstrations"]
+    world = "gold" in samples[0]  # your own prompts have no gold answer, and no Likert
+    count = f"all {len(every)}" if len(samples) == len(every) else f"the first {len(samples)} of the {len(every)}"
+    which = f"{count} held-out prompts" if world else f"{count} prompts of <code>{html.escape(evaluation.get('prompts', ''))}</code>"
+    judges = [words for key, words in (("likert", "the gold labeler's Likert score (1-7)"), ("reward", "the reward model's reward"))
+              if any(key in samples[0][n] for n in shown)]
     return [
         "<h2>Answers side by side</h2>",
-        f"<p>The greedy answers to the first {len(samples)} of the {len(every)} held-out prompts; in brackets, "
-        "the gold labeler's Likert score (1-7) of each answer.</p>",
-        _table(["prompt", "gold answer"] + shown, [
-            ["<br>".join(f"<b>{html.escape(m['role'])}</b>: {html.escape(m['content'])}" for m in s["messages"]), html.escape(s["gold"])]
-            + [f"{html.escape(s[n]['answer'])} <i>({s[n]['likert']})</i>" for n in shown]
+        f"<p>Each model's greedy answer to {which}" + (f"; in brackets, {' and '.join(judges)} of each answer" if judges else "") + ".</p>",
+        _table(["prompt"] + (["gold answer"] if world else []) + shown, [
+            ["<br>".join(f"<b>{html.escape(m['role'])}</b>: {_text(m['content'])}" for m in s["messages"])]
+            + ([_text(s["gold"])] if world else []) + [_text(s[n]["answer"]) + _judgement(s[n]) for n in shown]
             for s in samples]),
     ]
 
@@ -325,7 +344,7 @@ PAGE_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padd
               "img{max-width:100%;height:auto}figure{margin:1em 0}")
 
 
-def write_report(root: Path, rounds: int = 1, n_samples: int = 30) -> Path:
+def write_report(root: Path, rounds: int = 1, n_samples: int = SAMPLES_SHOWN) -> Path:
     """Write ``root/report.html`` and return its path: the evaluation, then what rm, PPO and eval's samples left, where they
     did; of the first ``rounds`` pipeline rounds (pipeline.rounds)."""
     import matplotlib
@@ -345,8 +364,8 @@ def write_report(root: Path, rounds: int = 1, n_samples: int = 30) -> Path:
     if metrics:
         parts += _ppo_section(metrics)
     samples_path = root / "eval" / "samples.jsonl"
-    if samples_path.is_file() and "overall" in next(iter(evaluation["results"].values())):
-        parts += _samples_section(samples_path, n_samples)
+    if samples_path.is_file():
+        parts += _samples_section(samples_path, evaluation, n_samples)
     page = ("<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>instructrl report</title><style>{PAGE_STYLE}</style></head><body>{''.join(parts)}</body></html>")
     out = root / "report.html"
