@@ -422,23 +422,27 @@ def _apply_override(data: dict, override: str) -> None:
         value = raw.strip()  # run.dir=2024 names a folder, which YAML reads as a number (and 1.10 as 1.1)
     if value in ("none", "None") and type(None) in _choices(_annotation(parts)):
         value = None  # Python's word for YAML's null: sft.model=None is the default, not a model named None
-    _set(data, parts, value, override)
+    _set(data, parts, value, f"override '{override}'")
 
 
-def _set(data: dict, parts: list[str], value: Any, override: str) -> None:
+def _set(data: dict, parts: list[str], value: Any, source: str) -> None:
     """Set the dotted key ``parts`` to ``value``; a mapping given to a section sets the keys it names and
-    keeps the section's others, as their dotted overrides would (``sft={lr: 0.1}`` keeps the file's sft.epochs)."""
+    keeps the section's others, as their dotted overrides would (``sft={lr: 0.1}`` keeps the file's sft.epochs).
+    ``source`` names the override, file or values setting it, for an error."""
     if isinstance(value, dict) and _known_keys(parts):
         for name, item in value.items():
-            _set(data, [*parts, str(name)], item, override)
+            _set(data, [*parts, str(name)], item, source)
         return
     node = data
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], 1):
         if node.get(part) is None:  # absent, or a section written with no keys
             node[part] = {}
         node = node[part]
         if not isinstance(node, dict):
-            raise UserError(f"override '{override}': '{part}' is not a section")
+            dotted = ".".join(parts[:depth])
+            # a section that an earlier file or override gave one value (sft: 5) has no keys left to set
+            what = f"a section, but was given the value {node!r} before" if _known_keys(parts[:depth]) else "not a section"
+            raise UserError(f"{source}: '{dotted}' is {what}")
     node[parts[-1]] = value
 
 
