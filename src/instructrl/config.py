@@ -98,9 +98,6 @@ class ModelConfig(Strict):
     n_head: int = Field(4, gt=0, description="Attention heads (must divide hidden_size).")
     max_length: int = Field(192, gt=0, description="Longest sequence (tokens) the model handles.")
 
-    def head_dim(self) -> int:
-        return exact_div(self.hidden_size, self.n_head, "model.hidden_size", "model.n_head")
-
 
 class LoRAConfig(Strict):
     """LoRA adapters (peft): only low-rank updates of the chosen linear layers train."""
@@ -342,7 +339,7 @@ def load_config(path: Path | str | list | None = None, overrides: list[str] = ()
     except ValidationError as err:
         source = ", ".join([*map(str, paths), *([VALUES] if values else [])]) or "defaults"
         raise UserError(_describe_validation_error(err, source, paths, overrides, values or {})) from None
-    config.model.head_dim()
+    check_divisions([(config.model.hidden_size, config.model.n_head, "model.hidden_size", "model.n_head")])
     return config
 
 
@@ -487,12 +484,12 @@ KEY_ALIASES = {
 }
 
 
-def _describe_validation_error(err: ValidationError, source: str, path, overrides, values: dict) -> str:
+def _describe_validation_error(err: ValidationError, source: str, paths: list[Path], overrides, values: dict) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         dotted = ".".join(str(p) for p in loc)
-        where = _where(dotted, path, overrides, values) or source
+        where = _where(dotted, paths, overrides, values) or source
         if e["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown config key '{dotted}'{_key_hint(loc)}")
         elif keys := _known_keys(loc):  # a value given to a section (sft.lora=true for sft.lora.enabled=true)
