@@ -163,6 +163,19 @@ def test_a_stage_takes_only_the_data_formats_it_can_train_on(override, allowed):
         load_config(overrides=[override])
 
 
+def test_the_configs_format_names_are_the_data_readers():
+    """config.py spells the format names out (importing the readers would make loading a config
+    heavy); they must stay the ones data/formats.py reads and each stage accepts."""
+    from typing import get_args
+
+    from instructrl.config import DataFormat, RMFormat, SFTFormat
+    from instructrl.data.formats import FORMATS, USES
+
+    assert get_args(DataFormat) == ("auto", *FORMATS)
+    assert set(get_args(SFTFormat)) == {"auto", *USES["demonstration"]}
+    assert set(get_args(RMFormat)) == {"auto", *USES["comparison"]}
+
+
 @pytest.mark.parametrize("override, expected", [("run.seed=true", "expected a number, not the boolean true"),
                                                 ("ppo.lr=yes", "expected a number, not the boolean true"),
                                                 ("model.arch=false", "expected 'gpt2' or 'llama', not the boolean false"),

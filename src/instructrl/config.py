@@ -20,6 +20,7 @@ from instructrl.errors import UserError
 
 
 # The data formats of instructrl.data.formats; "auto" detects the format from the first record's fields.
+# Spelt out rather than imported, so that loading a config does not import the readers (a test keeps them equal).
 DataFormat = Literal["auto", "text", "prompt_completion", "messages", "preference", "comparison", "prompt", "unpaired_preference", "stepwise_supervision"]
 SFTFormat = Literal["auto", "messages", "prompt_completion", "text"]  # the formats that hold demonstrations
 RMFormat = Literal["auto", "comparison", "preference"]  # the formats that hold rankings
