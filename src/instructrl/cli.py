@@ -463,22 +463,12 @@ def label_project(
     project_dir: Path = LABEL_DIR_OPTION,
 ) -> None:
     """Create a project: write tasks, rank tasks (K responses from a model or a file) and/or compare tasks."""
-    from pydantic import ValidationError
-
     from instructrl.feedback import projects
     from instructrl.feedback.db import connect
-    from instructrl.feedback.tasks import ProjectSettings, TaskError, check_new_name, create_project, progress
+    from instructrl.feedback.tasks import TaskError, check_new_name, create_project, progress
 
-    if guidelines is not None and not guidelines.is_file():
-        raise UserError(f"--guidelines {guidelines}: file not found")
-    if lease_minutes <= 0:
-        raise UserError(f"label project: --lease-minutes must be more than 0, got {lease_minutes}")
-    try:
-        settings = ProjectSettings(name=name, guidelines=guidelines.read_text(encoding="utf-8") if guidelines else "",
-                                   guideline_version=guideline_version, overlap=overlap, lease_seconds=max(1, round(lease_minutes * 60)))
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise UserError(f"label project: --{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    settings = _project_settings(name, guidelines, guideline_version, overlap, lease_minutes)
+    compared_models = _compared_models(compare)  # now, not after sampling responses for minutes
     wanted = {"--write": write, "--model": model, "--compare": compare}
     if prompts is None and any(wanted.values()):
         raise UserError(f"label project: {', '.join(k for k, v in wanted.items() if v)} need --prompts FILE")
@@ -495,11 +485,8 @@ def label_project(
         new_tasks += projects.rank_tasks_from_model(prompt_list, model, k, seed=seed, max_new_tokens=max_new_tokens)
     if responses:
         new_tasks += projects.rank_tasks_from_comparisons(responses)[:limit]
-    if compare:
-        pairs = [c.partition("=") for c in compare]
-        if any(not sep or not n or not p for n, sep, p in pairs):
-            raise UserError("label project: --compare takes NAME=CHECKPOINT")
-        new_tasks += projects.compare_tasks(prompt_list, {n: p for n, _, p in pairs}, max_new_tokens=max_new_tokens)
+    if compared_models:
+        new_tasks += projects.compare_tasks(prompt_list, compared_models, max_new_tokens=max_new_tokens)
     try:
         project_id = create_project(conn, settings, new_tasks)
     except TaskError as err:
@@ -509,6 +496,35 @@ def label_project(
     _log(f"label: project {name} (id {project_id}) in {project_dir}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
          + f" tasks, overlap {overlap}, guidelines {settings.version()}"
          + (f"; {identical} compare tasks have two identical answers: ties, never shown to labelers" if identical else ""))
+
+
+def _project_settings(name: str, guidelines: Optional[Path], guideline_version: Optional[str], overlap: int, lease_minutes: float):
+    """``label project``'s options as the project's ProjectSettings; a UserError naming the bad option."""
+    from pydantic import ValidationError
+
+    from instructrl.feedback.tasks import ProjectSettings
+
+    if guidelines is not None and not guidelines.is_file():
+        raise UserError(f"--guidelines {guidelines}: file not found")
+    if lease_minutes <= 0:
+        raise UserError(f"label project: --lease-minutes must be more than 0, got {lease_minutes}")
+    try:
+        return ProjectSettings(name=name, guidelines=guidelines.read_text(encoding="utf-8") if guidelines else "",
+                               guideline_version=guideline_version, overlap=overlap, lease_seconds=max(1, round(lease_minutes * 60)))
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"label project: --{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+
+def _compared_models(compare: Optional[list[str]]) -> dict[str, str]:
+    """The two models of ``--compare NAME=CHECKPOINT`` (given twice), by name; none without --compare."""
+    pairs = [c.partition("=") for c in compare or []]
+    if any(not sep or not n or not p for n, sep, p in pairs):
+        raise UserError("label project: --compare takes NAME=CHECKPOINT")
+    models = {n: p for n, _, p in pairs}
+    if compare and len(models) != 2:
+        raise UserError(f"label project: --compare needs two models with different names (NAME=CHECKPOINT twice), got {len(models)}")
+    return models
 
 
 @label_app.command("export")
