@@ -466,3 +466,16 @@ def test_without_the_launchers_store_the_main_process_says_why(monkeypatch, caps
     assert status == 2 and err.strip() == "error: bad"
     with pytest.raises(RuntimeError, match="out of memory"):  # any process's crash shows its traceback
         _run_as(1, RuntimeError("CUDA out of memory"), monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("compare, expected", [
+    (["a"], "label project: --compare takes NAME=CHECKPOINT"),
+    (["a=x"], "label project: --compare needs two models with different names (NAME=CHECKPOINT twice), got 1"),
+    (["a=x", "a=y"], "label project: --compare needs two models with different names (NAME=CHECKPOINT twice), got 1")])
+def test_a_bad_compare_option_is_named_before_any_model_samples(tmp_path, compare, expected):
+    # the --model that would sample for minutes is missing: had it been loaded first, its error would come instead
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Reverse \'cat\'."}\n')
+    args = [arg for name_path in compare for arg in ("--compare", name_path)]
+    proc = cli("label", "project", "p", "-d", str(tmp_path / "d"), "--prompts", str(prompts), "--model", str(tmp_path / "nope"), *args, check=False)
+    _assert_clean_error(proc, expected)

@@ -163,6 +163,19 @@ def test_a_stage_takes_only_the_data_formats_it_can_train_on(override, allowed):
         load_config(overrides=[override])
 
 
+def test_the_configs_format_names_are_the_data_readers():
+    """config.py spells the format names out (importing the readers would make loading a config
+    heavy); they must stay the ones data/formats.py reads and each stage accepts."""
+    from typing import get_args
+
+    from instructrl.config import DataFormat, RMFormat, SFTFormat
+    from instructrl.data.formats import FORMATS, USES
+
+    assert get_args(DataFormat) == ("auto", *FORMATS)
+    assert set(get_args(SFTFormat)) == {"auto", *USES["demonstration"]}
+    assert set(get_args(RMFormat)) == {"auto", *USES["comparison"]}
+
+
 @pytest.mark.parametrize("override, expected", [("run.seed=true", "expected a number, not the boolean true"),
                                                 ("ppo.lr=yes", "expected a number, not the boolean true"),
                                                 ("model.arch=false", "expected 'gpt2' or 'llama', not the boolean false"),
@@ -281,6 +294,21 @@ def test_config_files_given_in_turn_layer_a_later_files_keys_over_the_earlier(tm
         load_config([base, bad])
     with pytest.raises(UserError, match=rf"^{bad}:3: bad value for 'sft.epochs'"):
         load_config([bad, exp])
+
+
+@pytest.mark.parametrize("files, overrides, expected", [
+    # a later file or an override cannot set keys in a section an earlier file gave one value (sft: 5):
+    # the file is named as a file (it was "override 'b.yaml'"), and the section as one (it was "not a section")
+    (["a.yaml", "b.yaml"], [], "{tmp}/b.yaml: 'sft' is a section, but was given the value 5 before"),
+    (["a.yaml"], ["sft.lr=0.1"], "override 'sft.lr=0.1': 'sft' is a section, but was given the value 5 before"),
+    ([], ["sft.lr=0.1", "sft.lr.x=1"], "override 'sft.lr.x=1': 'sft.lr' is not a section"),
+])
+def test_keys_set_under_a_section_given_one_value_name_their_source_and_the_section(tmp_path, files, overrides, expected):
+    (tmp_path / "a.yaml").write_text("sft: 5\n")
+    (tmp_path / "b.yaml").write_text("sft:\n  lr: 0.1\n")
+    with pytest.raises(UserError) as err:
+        load_config([tmp_path / name for name in files], overrides)
+    assert str(err.value) == expected.format(tmp=tmp_path)
 
 
 def test_ppo_episodes_are_whole_rollout_batches():

@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from instructrl.config import PipelineConfig, describe_fields, dump_config, load_config
+from instructrl.config import PipelineConfig, WorldConfig, describe_fields, dump_config, load_config
 from instructrl.errors import UserError
 from instructrl.training.progress import log_console, quiet_libraries, results_console
 
@@ -99,23 +100,30 @@ def world(
     restart: bool = typer.Option(False, "--restart", help="Replace a world of another config in run.dir (the stages trained on it are then stale)."),
 ) -> None:
     """Write the built-in instruction world: prompt splits, demonstrations, pretraining corpus."""
-    import json
-    import random
-
-    from instructrl.world.build import build_world, demo_labeler, demonstration, load_tasks
-    from instructrl.world.labeler import SimulatedLabeler, agreement_rate
+    from instructrl.world.build import build_world
 
     cfg = _load(config, overrides)
     files = build_world(cfg.world, Path(cfg.run.dir) / "world", replace=restart)
     counts = json.loads(files.manifest.read_text())["counts"]
     _log(f"world written to {files.root}: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " prompts")
-    # the agreement of two noisy labelers on pairs of distinct demonstrations of the same RM prompt
-    rng, writer = random.Random(cfg.world.seed), demo_labeler(cfg.world)
-    pairs = [(t, demonstration(cfg.world, t), writer.demonstrate(t, rng)) for t in load_tasks(files.prompts("rm"))[:1500]]
+    rate, n_pairs = _labeler_agreement(cfg.world, files.prompts("rm"))
+    _log(f"two simulated labelers at noise {cfg.world.labeler_noise} agree on {rate:.1%} of {n_pairs} comparisons (InstructGPT's labelers: ~73%)")
+
+
+def _labeler_agreement(world_cfg: WorldConfig, rm_prompts: Path) -> tuple[float, int]:
+    """How often two simulated labelers agree, and on how many comparisons: two distinct
+    demonstrations of one RM prompt each (of the first 1500), so that world.labeler_noise can be
+    set against InstructGPT's ~73% inter-labeler agreement."""
+    import random
+
+    from instructrl.world.build import demo_labeler, demonstration, load_tasks
+    from instructrl.world.labeler import SimulatedLabeler, agreement_rate
+
+    rng, writer = random.Random(world_cfg.seed), demo_labeler(world_cfg)
+    pairs = [(t, demonstration(world_cfg, t), writer.demonstrate(t, rng)) for t in load_tasks(rm_prompts)[:1500]]
     pairs = [p for p in pairs if p[1] != p[2]]
-    noise = cfg.world.labeler_noise
-    rate = agreement_rate(SimulatedLabeler("a", noise), SimulatedLabeler("b", noise), pairs)
-    _log(f"two simulated labelers at noise {noise} agree on {rate:.1%} of {len(pairs)} comparisons (InstructGPT's labelers: ~73%)")
+    noise = world_cfg.labeler_noise
+    return agreement_rate(SimulatedLabeler("a", noise), SimulatedLabeler("b", noise), pairs), len(pairs)
 
 
 @app.command(epilog=_config_help("run", "world", "tokenizer", "model", "pretrain"))
@@ -253,7 +261,7 @@ def bench(
     """
     from instructrl.bench import bench_rm, bench_rm_table, bench_table, run_bench
 
-    cfg = _load(config, overrides or [])
+    cfg = _load(config, overrides)
     if cfg.run.dir == PipelineConfig().run.dir:
         cfg.run.dir = Path("runs/bench")
     if stage == "rm":
@@ -455,22 +463,12 @@ def label_project(
     project_dir: Path = LABEL_DIR_OPTION,
 ) -> None:
     """Create a project: write tasks, rank tasks (K responses from a model or a file) and/or compare tasks."""
-    from pydantic import ValidationError
-
     from instructrl.feedback import projects
     from instructrl.feedback.db import connect
-    from instructrl.feedback.tasks import ProjectSettings, TaskError, check_new_name, create_project, progress
+    from instructrl.feedback.tasks import TaskError, check_new_name, create_project, progress
 
-    if guidelines is not None and not guidelines.is_file():
-        raise UserError(f"--guidelines {guidelines}: file not found")
-    if lease_minutes <= 0:
-        raise UserError(f"label project: --lease-minutes must be more than 0, got {lease_minutes}")
-    try:
-        settings = ProjectSettings(name=name, guidelines=guidelines.read_text(encoding="utf-8") if guidelines else "",
-                                   guideline_version=guideline_version, overlap=overlap, lease_seconds=max(1, round(lease_minutes * 60)))
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise UserError(f"label project: --{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    settings = _project_settings(name, guidelines, guideline_version, overlap, lease_minutes)
+    compared_models = _compared_models(compare)  # now, not after sampling responses for minutes
     wanted = {"--write": write, "--model": model, "--compare": compare}
     if prompts is None and any(wanted.values()):
         raise UserError(f"label project: {', '.join(k for k, v in wanted.items() if v)} need --prompts FILE")
@@ -487,11 +485,8 @@ def label_project(
         new_tasks += projects.rank_tasks_from_model(prompt_list, model, k, seed=seed, max_new_tokens=max_new_tokens)
     if responses:
         new_tasks += projects.rank_tasks_from_comparisons(responses)[:limit]
-    if compare:
-        pairs = [c.partition("=") for c in compare]
-        if any(not sep or not n or not p for n, sep, p in pairs):
-            raise UserError("label project: --compare takes NAME=CHECKPOINT")
-        new_tasks += projects.compare_tasks(prompt_list, {n: p for n, _, p in pairs}, max_new_tokens=max_new_tokens)
+    if compared_models:
+        new_tasks += projects.compare_tasks(prompt_list, compared_models, max_new_tokens=max_new_tokens)
     try:
         project_id = create_project(conn, settings, new_tasks)
     except TaskError as err:
@@ -503,6 +498,35 @@ def label_project(
          + (f"; {identical} compare tasks have two identical answers: ties, never shown to labelers" if identical else ""))
 
 
+def _project_settings(name: str, guidelines: Optional[Path], guideline_version: Optional[str], overlap: int, lease_minutes: float):
+    """``label project``'s options as the project's ProjectSettings; a UserError naming the bad option."""
+    from pydantic import ValidationError
+
+    from instructrl.feedback.tasks import ProjectSettings
+
+    if guidelines is not None and not guidelines.is_file():
+        raise UserError(f"--guidelines {guidelines}: file not found")
+    if lease_minutes <= 0:
+        raise UserError(f"label project: --lease-minutes must be more than 0, got {lease_minutes}")
+    try:
+        return ProjectSettings(name=name, guidelines=guidelines.read_text(encoding="utf-8") if guidelines else "",
+                               guideline_version=guideline_version, overlap=overlap, lease_seconds=max(1, round(lease_minutes * 60)))
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"label project: --{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+
+def _compared_models(compare: Optional[list[str]]) -> dict[str, str]:
+    """The two models of ``--compare NAME=CHECKPOINT`` (given twice), by name; none without --compare."""
+    pairs = [c.partition("=") for c in compare or []]
+    if any(not sep or not n or not p for n, sep, p in pairs):
+        raise UserError("label project: --compare takes NAME=CHECKPOINT")
+    models = {n: p for n, _, p in pairs}
+    if compare and len(models) != 2:
+        raise UserError(f"label project: --compare needs two models with different names (NAME=CHECKPOINT twice), got {len(models)}")
+    return models
+
+
 @label_app.command("export")
 def label_export(
     name: str = typer.Argument(..., help="Project name."),
@@ -511,15 +535,9 @@ def label_export(
 ) -> None:
     """Write demonstrations.jsonl (sft.data), comparisons.jsonl (rm.data), comparisons_aggregated.jsonl,
     preference_pairs.jsonl (TRL), compare.jsonl and quality.json."""
-    from instructrl.feedback.db import connect
     from instructrl.feedback.export import export_project
-    from instructrl.feedback.tasks import TaskError, project_by_name
 
-    conn = connect(project_dir, create=False)
-    try:
-        project_id = project_by_name(conn, name)["id"]
-    except TaskError as err:
-        raise UserError(f"label export: {err} in {project_dir}") from None
+    conn, project_id = _open_project(project_dir, name, "label export")
     folder = out or project_dir / "exports" / str(project_id)
     counts = export_project(conn, project_id, folder)
     _log(f"label: exported {name} to {folder}: " + ", ".join(f"{file} {n}" for file, n in counts.items()))
@@ -529,16 +547,23 @@ def label_export(
 def label_status(name: str = typer.Argument(..., help="Project name."), project_dir: Path = LABEL_DIR_OPTION) -> None:
     """Progress per task kind and per labeler, agreement and win rates, as JSON."""
     from instructrl.data.jsonl import nan_to_none
-    from instructrl.feedback.db import connect
     from instructrl.feedback.export import quality
+
+    conn, project_id = _open_project(project_dir, name, "label status")
+    typer.echo(json.dumps(nan_to_none(quality(conn, project_id)), indent=2))
+
+
+def _open_project(project_dir: Path, name: str, command: str) -> tuple[sqlite3.Connection, int]:
+    """The connection to an existing project folder and the id of its project ``name``; a UserError
+    naming ``command`` when there is no such project."""
+    from instructrl.feedback.db import connect
     from instructrl.feedback.tasks import TaskError, project_by_name
 
     conn = connect(project_dir, create=False)
     try:
-        project_id = project_by_name(conn, name)["id"]
+        return conn, project_by_name(conn, name)["id"]
     except TaskError as err:
-        raise UserError(f"label status: {err} in {project_dir}") from None
-    typer.echo(json.dumps(nan_to_none(quality(conn, project_id)), indent=2))
+        raise UserError(f"{command}: {err} in {project_dir}") from None
 
 
 @app.command("config")

@@ -20,6 +20,7 @@ from instructrl.errors import UserError
 
 
 # The data formats of instructrl.data.formats; "auto" detects the format from the first record's fields.
+# Spelt out rather than imported, so that loading a config does not import the readers (a test keeps them equal).
 DataFormat = Literal["auto", "text", "prompt_completion", "messages", "preference", "comparison", "prompt", "unpaired_preference", "stepwise_supervision"]
 SFTFormat = Literal["auto", "messages", "prompt_completion", "text"]  # the formats that hold demonstrations
 RMFormat = Literal["auto", "comparison", "preference"]  # the formats that hold rankings
@@ -97,9 +98,6 @@ class ModelConfig(Strict):
     hidden_size: int = Field(128, gt=0, description="Width of the residual stream.")
     n_head: int = Field(4, gt=0, description="Attention heads (must divide hidden_size).")
     max_length: int = Field(192, gt=0, description="Longest sequence (tokens) the model handles.")
-
-    def head_dim(self) -> int:
-        return exact_div(self.hidden_size, self.n_head, "model.hidden_size", "model.n_head")
 
 
 class LoRAConfig(Strict):
@@ -342,7 +340,7 @@ def load_config(path: Path | str | list | None = None, overrides: list[str] = ()
     except ValidationError as err:
         source = ", ".join([*map(str, paths), *([VALUES] if values else [])]) or "defaults"
         raise UserError(_describe_validation_error(err, source, paths, overrides, values or {})) from None
-    config.model.head_dim()
+    check_divisions([(config.model.hidden_size, config.model.n_head, "model.hidden_size", "model.n_head")])
     return config
 
 
@@ -422,23 +420,27 @@ def _apply_override(data: dict, override: str) -> None:
         value = raw.strip()  # run.dir=2024 names a folder, which YAML reads as a number (and 1.10 as 1.1)
     if value in ("none", "None") and type(None) in _choices(_annotation(parts)):
         value = None  # Python's word for YAML's null: sft.model=None is the default, not a model named None
-    _set(data, parts, value, override)
+    _set(data, parts, value, f"override '{override}'")
 
 
-def _set(data: dict, parts: list[str], value: Any, override: str) -> None:
+def _set(data: dict, parts: list[str], value: Any, source: str) -> None:
     """Set the dotted key ``parts`` to ``value``; a mapping given to a section sets the keys it names and
-    keeps the section's others, as their dotted overrides would (``sft={lr: 0.1}`` keeps the file's sft.epochs)."""
+    keeps the section's others, as their dotted overrides would (``sft={lr: 0.1}`` keeps the file's sft.epochs).
+    ``source`` names the override, file or values setting it, for an error."""
     if isinstance(value, dict) and _known_keys(parts):
         for name, item in value.items():
-            _set(data, [*parts, str(name)], item, override)
+            _set(data, [*parts, str(name)], item, source)
         return
     node = data
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], 1):
         if node.get(part) is None:  # absent, or a section written with no keys
             node[part] = {}
         node = node[part]
         if not isinstance(node, dict):
-            raise UserError(f"override '{override}': '{part}' is not a section")
+            dotted = ".".join(parts[:depth])
+            # a section that an earlier file or override gave one value (sft: 5) has no keys left to set
+            what = f"a section, but was given the value {node!r} before" if _known_keys(parts[:depth]) else "not a section"
+            raise UserError(f"{source}: '{dotted}' is {what}")
     node[parts[-1]] = value
 
 
@@ -483,12 +485,12 @@ KEY_ALIASES = {
 }
 
 
-def _describe_validation_error(err: ValidationError, source: str, path, overrides, values: dict) -> str:
+def _describe_validation_error(err: ValidationError, source: str, paths: list[Path], overrides, values: dict) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         dotted = ".".join(str(p) for p in loc)
-        where = _where(dotted, path, overrides, values) or source
+        where = _where(dotted, paths, overrides, values) or source
         if e["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown config key '{dotted}'{_key_hint(loc)}")
         elif keys := _known_keys(loc):  # a value given to a section (sft.lora=true for sft.lora.enabled=true)
