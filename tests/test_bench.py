@@ -51,11 +51,17 @@ def test_bench_rm_kway_forwards_fewer_sequences(tmp_path):
     assert result["speedup"] > 0
 
 
-def test_bench_rm_trains_the_rm_sections_lora(tmp_path):
-    cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "rm", "--k", "4", "--comparisons", "16", "rm.lora.enabled=true")
+def test_bench_rm_trains_the_rm_sections_lora_and_records_its_config_and_seed(tmp_path):
+    from instructrl.config import load_config
+
+    cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "rm", "--k", "4", "--comparisons", "16", "rm.lora.enabled=true", "run.seed=3")
     result = json.loads((tmp_path / "bench_rm.json").read_text())
     assert result["lora"] is True and 0 < result["trainable_parameters"] < result["model_parameters"] / 2
     assert result["kway"]["sequences_forwarded"] == 4 * result["comparisons"]
+    # the figures' config and seed, in the record every run writes
+    recorded = load_config(tmp_path / "bench_rm" / "config.yaml")
+    assert recorded.rm.lora.enabled is True and recorded.run.seed == 3 and recorded.model == load_config(SMOKE).model
+    assert json.loads((tmp_path / "bench_rm" / "run.json").read_text())["seed"] == 3
 
 
 def test_bench_unknown_stage(tmp_path):

@@ -155,10 +155,17 @@ def test_run_json_keeps_the_first_start_and_adds_each_resume(tmp_path, monkeypat
     from instructrl import rundir
     from instructrl.rundir import RunDir
 
+    import torch
+
     config = load_config(overrides=[f"run.dir={tmp_path / 'run'}"])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["instructrl", "sft", "-c", "first.yaml"])
-    RunDir(config, "sft", ("run", "sft")).start()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # the CPU's numbers depend on it: another count, other last digits
+    try:
+        RunDir(config, "sft", ("run", "sft")).start()
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setattr(sys, "argv", ["instructrl", "sft", "-c", "first.yaml", "sft.log_every=5"])
     RunDir(config, "sft", ("run", "sft")).start()  # the same run, resumed
     record = json.loads((tmp_path / "run" / "sft" / "run.json").read_text())
@@ -169,3 +176,4 @@ def test_run_json_keeps_the_first_start_and_adds_each_resume(tmp_path, monkeypat
     if head.returncode == 0:  # the tests run from a git checkout
         assert record["git_commit"] == head.stdout.strip() and isinstance(record["git_dirty"], bool)
     assert record["instructrl"] and record["torch"]
+    assert record["torch_threads"] == threads + 1 and record["resumed"][0]["torch_threads"] == threads

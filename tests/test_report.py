@@ -348,3 +348,25 @@ def test_eval_of_the_worlds_prompts_by_the_gold_labeler_and_a_reward_model(tmp_p
     assert {"reward", "overall"} <= set(results[GOLD_ANSWERS]) and "reward" in results["demonstrations"]["sampled"]
     page = (tmp_path / "report.html").read_text()
     assert "Held-out prompts, judged by the gold labeler" in page and "Judged by the reward model" in page
+
+
+def test_eval_samples_follow_the_seed_alone(tmp_path, smoke_base):
+    """Same seed, same sampled answers, whichever models answer beside; another seed, other answers, and
+    each run's record says which seed it drew them with."""
+    from conftest import SMOKE
+
+    from instructrl.config import load_config
+    from instructrl.evaluation.evaluate import run_eval
+
+    base = smoke_base / "pretrain" / "final"
+
+    def sampled(name: str, seed: int, models: str) -> tuple[list, int]:
+        run_dir = tmp_path / name
+        run_eval(load_config(SMOKE, [f"run.dir={run_dir}", f"run.seed={seed}", "eval.n_prompts=4", f"eval.models={models}"]), log=lambda _: None)
+        rows = [json.loads(line) for line in (run_dir / "eval" / "samples.jsonl").read_text().splitlines()]
+        return [row["sft"]["sampled"] for row in rows], json.loads((run_dir / "eval" / "run.json").read_text())["seed"]
+
+    alone = sampled("a", 0, f"{{sft: {base}}}")
+    assert sampled("b", 0, f"{{other: {base}, sft: {base}}}") == alone  # another model sampling first draws nothing from sft's
+    other_seed = sampled("c", 1, f"{{sft: {base}}}")
+    assert other_seed[0] != alone[0] and (alone[1], other_seed[1]) == (0, 1)

@@ -30,7 +30,7 @@ from instructrl.models.reward import RewardModel
 from instructrl.models.tokenizer import train_tokenizer
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
-from instructrl.rundir import write_text_atomic
+from instructrl.rundir import RunDir, write_text_atomic
 from instructrl.stages.ppo import run_ppo
 from instructrl.stages.pretrain import tokenizer_texts
 from instructrl.stages.rm import encode_comparison
@@ -233,6 +233,9 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
     kway = [(encode_comparison(tokenizer, r), r.ranks) for r in records]
     pairs = [([seqs[i], seqs[j]], [0, 1]) for seqs, ranks in kway for i in range(k) for j in range(k) if ranks[i] < ranks[j]]
 
+    run = RunDir(config, "bench_rm", ("run", "world", "tokenizer", "model", "rm"))
+    run.start(restart=True)  # the config and seed of these figures, as every run records them; each bench replaces the last
+
     batch, micro = config.rm.batch_size, config.rm.micro_batch_size
     log(f"bench rm: {len(records)} comparisons of K = {k} ({len(pairs)} ranked pairs), batch {batch}")
     by_kway = time_ranking_loss_training(config, tokenizer, kway, batch, micro)
@@ -252,4 +255,5 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
     }
     result["speedup"] = result["kway"]["comparisons_per_s"] / result["pairwise"]["comparisons_per_s"]
     write_text_atomic(root / "bench_rm.json", json.dumps(result, indent=2))
+    run.finish({"results": root / "bench_rm.json"})
     return result

@@ -3,7 +3,8 @@
     runs/<name>/<stage>/
         config.yaml      the resolved pipeline config the stage ran with
         run.json         seed, command line and working directory, versions (instructrl's git commit in a
-                         checkout), start time, number of processes; a resumed run's starts under "resumed"
+                         checkout), start time, number of processes and of torch's CPU threads; a resumed
+                         run's starts under "resumed"
         metrics.jsonl    one JSON object per logged step
         tb/              TensorBoard events of the same metrics
         lineage.json     the data and parent checkpoint this stage used, with content hashes (a hub
@@ -342,6 +343,7 @@ def _run_info(config: PipelineConfig, processes: int) -> dict:
         "cwd": os.getcwd(),  # what a relative -c or data path in the command is relative to
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "processes": processes,
+        "torch_threads": torch.get_num_threads(),  # another count sums floats in another order: the numbers differ in their last digits
         "python": platform.python_version(),
         "instructrl": __version__,
         **_source_revision(),
