@@ -158,9 +158,11 @@ def test_run_json_keeps_the_first_start_and_adds_each_resume(tmp_path, monkeypat
     config = load_config(overrides=[f"run.dir={tmp_path / 'run'}"])
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["instructrl", "sft", "-c", "first.yaml"])
-    RunDir(config, "sft", ("run", "sft")).start()
-    monkeypatch.setattr(sys, "argv", ["instructrl", "sft", "-c", "first.yaml", "sft.log_every=5"])
-    RunDir(config, "sft", ("run", "sft")).start()  # the same run, resumed
+    for argv in (["instructrl", "sft", "-c", "first.yaml"], ["instructrl", "sft", "-c", "first.yaml", "sft.log_every=5"]):  # then resumed
+        monkeypatch.setattr(sys, "argv", argv)
+        run = RunDir(config, "sft", ("run", "sft"))
+        run.start()
+        run.record_start()
     record = json.loads((tmp_path / "run" / "sft" / "run.json").read_text())
     assert record["command"] == ["instructrl", "sft", "-c", "first.yaml"] and record["cwd"] == str(tmp_path)
     assert [r["command"][-1] for r in record["resumed"]] == ["sft.log_every=5"]

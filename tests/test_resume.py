@@ -75,6 +75,29 @@ def test_an_interrupted_run_whose_inputs_changed_is_refused_not_resumed(tmp_path
     assert "resuming" not in cli(*args, "--restart").stderr
 
 
+def test_a_refused_resume_adds_no_start_to_run_json(tmp_path, smoke_base):
+    """run.json lists the starts that resumed the run: one refused, for inputs changed since or a checkpoint of
+    another layout (refused after the folder is checked, once the data is read or the checkpoint opened), is none."""
+    run_dir, demos = tmp_path / "run", tmp_path / "demos.jsonl"
+    shutil.copy(smoke_base / "world" / "demonstrations.jsonl", demos)
+    args = [*_sft_args(run_dir, smoke_base), f"sft.data={demos}"]
+    kill_after_first_checkpoint(args, run_dir / "sft" / "checkpoints")
+    record, config = (run_dir / "sft" / "run.json").read_text(), (run_dir / "sft" / "config.yaml").read_text()
+    kept = demos.read_text()
+    demos.write_text("".join(kept.splitlines(keepends=True)[1:]))
+    assert "changed since" in cli(*args, check=False).stderr
+    demos.write_text(kept)
+    state = next((run_dir / "sft" / "checkpoints").glob("step-*")) / "trainer_state.json"
+    written = state.read_text()
+    state.write_text(json.dumps(json.loads(written) | {"layout": "fsdp"}))
+    assert "under FSDP" in cli(*args, "sft.log_every=4", check=False).stderr
+    assert (run_dir / "sft" / "run.json").read_text() == record and (run_dir / "sft" / "config.yaml").read_text() == config
+    state.write_text(written)
+    assert "resuming from the checkpoint" in cli(*args, "sft.log_every=4").stderr
+    assert [start["command"][-1] for start in json.loads((run_dir / "sft" / "run.json").read_text())["resumed"]] == ["sft.log_every=4"]
+    assert "log_every: 4" in (run_dir / "sft" / "config.yaml").read_text()
+
+
 def test_a_checkpoint_cut_short_is_one_line_and_left_as_it_is(tmp_path):
     """A weights, optimizer or RNG file of a checkpoint cut short (a run folder copied in part): a
     message naming the checkpoint, not safetensors' or torch's traceback, nor a resumed run that

@@ -258,6 +258,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     for s in schedulers:
         accelerator.register_for_checkpointing(s)
     state = load_latest_checkpoint(accelerator, run.path / "checkpoints", config.run.seed, log=lambda line: log(f"{stage}: {line}"))
+    run.record_start()
     kl_ctl = KLController(state.extra.get("kl_coef", cfg.kl_coef), cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
     if state.step:
         log(f"{stage}: resuming from the checkpoint of iteration {cfg.first_iteration + state.step}")
