@@ -163,11 +163,15 @@ def test_run_json_keeps_the_first_start_and_adds_each_resume(tmp_path, monkeypat
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)  # the CPU's numbers depend on it: another count, other last digits
     try:
-        RunDir(config, "sft", ("run", "sft")).start()
+        run = RunDir(config, "sft", ("run", "sft"))
+        run.start()
+        run.record_start()
     finally:
         torch.set_num_threads(threads)
     monkeypatch.setattr(sys, "argv", ["instructrl", "sft", "-c", "first.yaml", "sft.log_every=5"])
-    RunDir(config, "sft", ("run", "sft")).start()  # the same run, resumed
+    run = RunDir(config, "sft", ("run", "sft"))  # the same run, resumed
+    run.start()
+    run.record_start()
     record = json.loads((tmp_path / "run" / "sft" / "run.json").read_text())
     assert record["command"] == ["instructrl", "sft", "-c", "first.yaml"] and record["cwd"] == str(tmp_path)
     assert [r["command"][-1] for r in record["resumed"]] == ["sft.log_every=5"]

@@ -75,6 +75,29 @@ def test_an_interrupted_run_whose_inputs_changed_is_refused_not_resumed(tmp_path
     assert "resuming" not in cli(*args, "--restart").stderr
 
 
+def test_a_refused_resume_adds_no_start_to_run_json(tmp_path, smoke_base):
+    """run.json lists the starts that resumed the run: one refused, for inputs changed since or a checkpoint of
+    another layout (refused after the folder is checked, once the data is read or the checkpoint opened), is none."""
+    run_dir, demos = tmp_path / "run", tmp_path / "demos.jsonl"
+    shutil.copy(smoke_base / "world" / "demonstrations.jsonl", demos)
+    args = [*_sft_args(run_dir, smoke_base), f"sft.data={demos}"]
+    kill_after_first_checkpoint(args, run_dir / "sft" / "checkpoints")
+    record, config = (run_dir / "sft" / "run.json").read_text(), (run_dir / "sft" / "config.yaml").read_text()
+    kept = demos.read_text()
+    demos.write_text("".join(kept.splitlines(keepends=True)[1:]))
+    assert "changed since" in cli(*args, check=False).stderr
+    demos.write_text(kept)
+    state = next((run_dir / "sft" / "checkpoints").glob("step-*")) / "trainer_state.json"
+    written = state.read_text()
+    state.write_text(json.dumps(json.loads(written) | {"layout": "fsdp"}))
+    assert "under FSDP" in cli(*args, "sft.log_every=4", check=False).stderr
+    assert (run_dir / "sft" / "run.json").read_text() == record and (run_dir / "sft" / "config.yaml").read_text() == config
+    state.write_text(written)
+    assert "resuming from the checkpoint" in cli(*args, "sft.log_every=4").stderr
+    assert [start["command"][-1] for start in json.loads((run_dir / "sft" / "run.json").read_text())["resumed"]] == ["sft.log_every=4"]
+    assert "log_every: 4" in (run_dir / "sft" / "config.yaml").read_text()
+
+
 def test_a_checkpoint_cut_short_is_one_line_and_left_as_it_is(tmp_path):
     """A weights, optimizer or RNG file of a checkpoint cut short (a run folder copied in part): a
     message naming the checkpoint, not safetensors' or torch's traceback, nor a resumed run that
@@ -272,14 +295,15 @@ def test_the_pipelines_and_pretrains_size_checks_name_the_checkpoint_as_the_stag
 
     unfinished = _checkpoint_written_by(tmp_path / "pretrain", 2)  # until done.json says it finished: not resumed
     (tmp_path / "pretrain" / "done.json").write_text("{}")
+    after_pretrain = "config: " + alone.split("; ", 1)[1]  # a finished stage's sizes are not checked
     checkpoint = _checkpoint_written_by(tmp_path / "sft", 1)
     with pytest.raises(UserError) as err:
         pipeline.run_pipeline(config, log=lambda line: None)
-    assert str(err.value) == (f"{alone}; the checkpoint {checkpoint} was written by 1 process and this run has 3: "
+    assert str(err.value) == (f"{after_pretrain}; the checkpoint {checkpoint} was written by 1 process and this run has 3: "
                               "resume it with 1 process, or pass --restart-from sft with sizes that divide")
     with pytest.raises(UserError) as err:  # which --restart-from discards
         pipeline.run_pipeline(config, log=lambda line: None, restart_from="sft")
-    assert str(err.value) == alone
+    assert str(err.value) == after_pretrain
 
     (tmp_path / "pretrain" / "done.json").unlink()
     with pytest.raises(UserError) as err:
@@ -287,6 +311,54 @@ def test_the_pipelines_and_pretrains_size_checks_name_the_checkpoint_as_the_stag
     assert str(err.value) == ("config: pretrain.batch_size (16) must be a multiple of pretrain.micro_batch_size x 3 processes (24); "
                               f"the checkpoint {unfinished} was written by 2 processes and this run has 3: "
                               "resume it with 2 processes, or pass --restart with sizes that divide")
+
+
+def test_a_finished_stage_relaunched_on_a_count_its_sizes_do_not_divide_over_is_skipped(tmp_path, monkeypatch):
+    """Finished on 1 process (its last checkpoint kept) and relaunched on 3 that its batches do not divide
+    over: pretrain and PPO skip it as on 1 (nothing is trained), and so does the pipeline's up-front check,
+    which still checks every stage left to train, and those --restart-from redoes."""
+    from types import SimpleNamespace
+
+    import accelerate
+    import pytest
+
+    from instructrl import pipeline
+    from instructrl.config import load_config
+    from instructrl.errors import UserError
+    from instructrl.rundir import RunDir
+    from instructrl.stages import ppo, pretrain
+
+    three = lambda cfg: SimpleNamespace(num_processes=3, is_main_process=True, distributed_type="MULTI_CPU")  # noqa: E731
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu: SimpleNamespace(num_processes=3))
+    monkeypatch.setattr(pretrain, "make_accelerator", three)
+    monkeypatch.setattr(ppo, "make_accelerator", three)
+    config = load_config(SMOKE, [f"run.dir={tmp_path}"])
+
+    def finish(stage, sections):
+        _checkpoint_written_by(tmp_path / stage, 1)
+        run = RunDir(config, stage, sections)
+        run.start()
+        run.finish({})
+
+    finish("pretrain", pretrain.SECTIONS)
+    finish("ppo_ptx", ppo.SECTIONS + ppo.UPSTREAM)
+    said = []
+    assert pretrain.run_pretrain(config, log=said.append) == tmp_path / "pretrain" / "final"
+    assert ppo.run_ppo(config, log=said.append) == tmp_path / "ppo_ptx" / "final"
+    assert [line.split(": ")[0] for line in said] == ["pretrain", "ppo_ptx"] and all("nothing to do" in line for line in said)
+
+    with pytest.raises(UserError) as err:  # SFT, the RM and plain PPO are left to train
+        pipeline.run_pipeline(config, log=said.append)
+    assert str(err.value) == ("config: sft.batch_size (8) must be a multiple of sft.micro_batch_size x 3 processes (12); "
+                              "rm.batch_size (8) must be a multiple of rm.micro_batch_size x 3 processes (12); "
+                              "ppo.minibatch_size (8) must be a multiple of ppo.micro_batch_size x 3 processes (12)")
+    finish("sft", ("run", "world", "sft"))
+    finish("rm", ("run", "world", "rm"))
+    finish("ppo", ppo.SECTIONS)
+    pipeline.check_sizes(config, dict.fromkeys(pipeline.STAGES, False), 3)  # every one finished
+    with pytest.raises(UserError) as err:
+        pipeline.check_sizes(config, {stage: stage in ("rm", "ppo") for stage in pipeline.STAGES}, 3)  # --restart-from rm
+    assert str(err.value).startswith("config: rm.batch_size (8) must be a multiple of rm.micro_batch_size x 3 processes (12); ppo.")
 
 
 def test_restart_discards_the_old_run(tmp_path, smoke_base):

@@ -235,6 +235,7 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
 
     run = RunDir(config, "bench_rm", ("run", "world", "tokenizer", "model", "rm"))
     run.start(restart=True)  # the config and seed of these figures, as every run records them; each bench replaces the last
+    run.record_start()
 
     batch, micro = config.rm.batch_size, config.rm.micro_batch_size
     log(f"bench rm: {len(records)} comparisons of K = {k} ({len(pairs)} ranked pairs), batch {batch}")

@@ -297,11 +297,12 @@ class PipelineConfig(Strict):
     pipeline: RoundsConfig = RoundsConfig()
     eval: EvalConfig = EvalConfig()
 
-    def check_sizes(self, num_processes: int) -> None:
-        """Every training stage's batch sizes divide, over ``num_processes`` processes. The pipeline
-        checks them all before its first stage: a bad PPO size is not found after SFT and the RM."""
-        check_divisions(self.pretrain.divisions(num_processes, "pretrain") + self.sft.divisions(num_processes, "sft")
-                        + self.rm.divisions(num_processes, "rm") + self.ppo.divisions(num_processes))
+    def check_sizes(self, num_processes: int, sections=("pretrain", "sft", "rm", "ppo")) -> None:
+        """The batch sizes of the training ``sections`` divide, over ``num_processes`` processes. The pipeline
+        checks those it will train before its first stage: a bad PPO size is not found after SFT and the RM."""
+        divisions = {"pretrain": self.pretrain.divisions(num_processes, "pretrain"), "sft": self.sft.divisions(num_processes, "sft"),
+                     "rm": self.rm.divisions(num_processes, "rm"), "ppo": self.ppo.divisions(num_processes)}
+        check_divisions([pair for section in divisions if section in sections for pair in divisions[section]])
 
 
 def check_divisions(divisions: list[Division]) -> None:

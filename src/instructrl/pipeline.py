@@ -50,9 +50,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     from instructrl.training.loop import without_gpu
 
     processes = PartialState(cpu=without_gpu()).num_processes  # as the stages' Accelerator will count them
-    resumed, stage = resumed_checkpoints(config, redo)
-    with sizes_for_resuming(resumed, processes, f"--restart-from {stage}"):
-        config.check_sizes(processes)  # every stage's, before the first runs
+    check_sizes(config, redo, processes)  # before the first stage runs
     first = round_one(config, log)  # and what later rounds cannot do
     root = Path(config.run.dir)
     run_pretrain(config, restart=redo["pretrain"], log=log)
@@ -82,18 +80,26 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     return results
 
 
-def resumed_checkpoints(config: PipelineConfig, redo: dict[str, bool]) -> tuple[Path | None, str]:
-    """The checkpoints folder of the first training stage the pipeline would resume (unfinished, with a
-    checkpoint, not redone), and the stage --restart-from names to discard it; (None, "pretrain") if none.
-    A later round's stages are redone with PPO (see run_pipeline)."""
+def check_sizes(config: PipelineConfig, redo: dict[str, bool], processes: int) -> None:
+    """The batch sizes of every run the pipeline may train divide over ``processes``; where one does not
+    and the pipeline would resume a checkpoint of another count, the error names it (sizes_for_resuming).
+    A finished run is skipped whatever the count: nothing is trained, so its sizes do not matter."""
+    runs = runs_to_train(config, redo)
+    resumed = [(folder / "checkpoints", stage) for folder, _, stage in runs if not redo[stage] and checkpoint_dirs(folder / "checkpoints")]
+    checkpoints, stage = resumed[0] if resumed else (None, "pretrain")  # the first it would resume
+    with sizes_for_resuming(checkpoints, processes, f"--restart-from {stage}"):
+        config.check_sizes(processes, {section for _, section, _ in runs})
+
+
+def runs_to_train(config: PipelineConfig, redo: dict[str, bool]) -> list[tuple[Path, str, str]]:
+    """The training runs the pipeline may train, in order: those not finished, and those redone. Each as its
+    folder, its config section, and the stage --restart-from names to redo it (a later round's are redone
+    with PPO, see run_pipeline). A finished run not redone is skipped, or refused for a changed config or inputs."""
     root = Path(config.run.dir)
-    folders = [(root / "pretrain", "pretrain"), (root / "sft", "sft")]
+    runs = [(root / "pretrain", "pretrain", "pretrain"), (root / "sft", "sft", "sft")]
     for r, folder in enumerate(round_folders(root, config.pipeline.rounds), 1):
-        folders += [(folder / "rm", "rm" if r == 1 else "ppo")] + [(folder / name, "ppo") for name in PPO_STAGES]
-    for folder, stage in folders:
-        if not redo[stage] and not (folder / "done.json").is_file() and checkpoint_dirs(folder / "checkpoints"):
-            return folder / "checkpoints", stage
-    return None, "pretrain"
+        runs += [(folder / "rm", "rm", "rm" if r == 1 else "ppo")] + [(folder / name, "ppo", "ppo") for name in PPO_STAGES]
+    return [(folder, section, stage) for folder, section, stage in runs if redo[stage] or not (folder / "done.json").is_file()]
 
 
 def round_one(config: PipelineConfig, log=print) -> PipelineConfig:

@@ -185,7 +185,8 @@ class RunDir:
         return changed
 
     def start(self, restart: bool = False, log=None) -> None:
-        """Check that the folder holds no other run, then write config.yaml and run.json.
+        """Check that the folder holds no other run, then make it (``restart``: empty) and write identity.json;
+        ``record_start`` writes config.yaml and run.json once the stage's own checks have passed too.
 
         A folder holding a run of a different config is an error unless ``restart`` is set:
         its checkpoints are never silently overwritten. ``log``: told what a restart discards.
@@ -209,6 +210,12 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         if previous != self.identity or restart:
             write_text_atomic(saved, json.dumps(self.identity, indent=2))
+
+    def record_start(self) -> None:
+        """Write config.yaml and run.json as the run begins or resumes, after the last check that may refuse
+        it (changed inputs, a checkpoint of another layout or process count): a refused resume records nothing."""
+        if not self.is_main:
+            return
         write_text_atomic(self.path / "config.yaml", dump_config(self.config))
         info, record = _run_info(self.config, self.processes), self.path / "run.json"
         if record.is_file():  # an interrupted run resumed: its first start's record stays, each resume is added

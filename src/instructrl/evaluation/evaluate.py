@@ -234,6 +234,7 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     # (a model that cannot be loaded, or Ctrl-C, leaves the last results as they were)
     run = RunDir(config, "eval", SECTIONS)
     run.start(restart=True)
+    run.record_start()
 
     def answer_record(name: str, i: int) -> dict:
         record = {"answer": answers[name][i]}

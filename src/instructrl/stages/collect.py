@@ -72,6 +72,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
         records = read_judgements(cfg.judgements)
         run.start(restart, log)
         run.write_lineage({"judgements": cfg.judgements})
+        run.record_start()
         write_comparisons(output, records)
         run.finish({"comparisons": output})
         log(f"collect: {len(records)} comparison records from {cfg.judgements}")
@@ -90,6 +91,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     check_room(model, tokenizer, [list(t.messages) for t in tasks], cfg.max_new_tokens, "collect.max_new_tokens")
     run.start(restart, log)
     run.write_lineage({"policy": policy, "prompts": world.prompts("rm")})
+    run.record_start()
 
     partial = run.path / "comparisons.partial.jsonl"
     kept = [line for line, _ in complete_lines(partial)]

@@ -226,12 +226,12 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         raise UserError("ppo under DeepSpeed is not supported: PPO trains two models (the policy and the value model) and Accelerate "
                         "steps one DeepSpeed engine; use configs/accelerate/fsdp.yaml or ddp.yaml (with ppo.lora.enabled=true for large models)")
     stage = stage_name(config)
-    with sizes_for_resuming(Path(config.run.dir) / stage / "checkpoints", accelerator.num_processes):
-        cfg.check_sizes(accelerator.num_processes)
     world_inputs = (cfg.policy is None or cfg.reward_model is None) if upstream is None else upstream
     run = RunDir(config, stage, SECTIONS + (UPSTREAM if world_inputs else ()), accelerator.is_main_process, accelerator.num_processes)
-    if run.skip(restart, log):
+    if run.skip(restart, log):  # whatever the process count: a finished run trains nothing
         return run.path / "final"
+    with sizes_for_resuming(run.path / "checkpoints", accelerator.num_processes):
+        cfg.check_sizes(accelerator.num_processes)
 
     # setup: models, prompts (with their gold tasks on the built-in world), pretraining blocks
     paths = model_paths(config, stage)
@@ -258,6 +258,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     for s in schedulers:
         accelerator.register_for_checkpointing(s)
     state = load_latest_checkpoint(accelerator, run.path / "checkpoints", config.run.seed, log=lambda line: log(f"{stage}: {line}"))
+    run.record_start()
     kl_ctl = KLController(state.extra.get("kl_coef", cfg.kl_coef), cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
     if state.step:
         log(f"{stage}: resuming from the checkpoint of iteration {cfg.first_iteration + state.step}")

@@ -43,11 +43,11 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     if cfg.block_size > config.model.max_length:
         raise UserError(f"config: pretrain.block_size ({cfg.block_size}) exceeds model.max_length ({config.model.max_length})")
     accelerator = make_accelerator(cfg)
-    with sizes_for_resuming(Path(config.run.dir) / "pretrain" / "checkpoints", accelerator.num_processes):
-        cfg.grad_accum(accelerator.num_processes, "pretrain")  # sizes must divide before anything is written
     run = RunDir(config, "pretrain", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
-    if run.skip(restart, log):
+    if run.skip(restart, log):  # whatever the process count: a finished run trains nothing
         return run.path / "final"
+    with sizes_for_resuming(run.path / "checkpoints", accelerator.num_processes):
+        cfg.grad_accum(accelerator.num_processes, "pretrain")  # sizes must divide before anything is written
     run.start(restart, log)
 
     # setup: the world and the tokenizer are written by the main process, read by all

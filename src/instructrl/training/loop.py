@@ -226,6 +226,7 @@ def fit(
     best = run.path / "best"
     accelerator.register_for_checkpointing(scheduler)
     state = load_latest_checkpoint(accelerator, run.path / "checkpoints", setup.seed, best, lambda line: log(f"{description}: {line}"))
+    run.record_start()
     if state.step:
         log(f"{description}: resuming from the checkpoint of step {state.step}")
     run.trim_metrics(state.step)
