@@ -6,7 +6,7 @@ import json
 
 from conftest import SMOKE, cli
 
-from instructrl.bench import count_text
+from instructrl.models.base import count_text
 
 
 def test_bench_ppo(tmp_path):

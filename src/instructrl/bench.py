@@ -24,7 +24,7 @@ from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
 from instructrl.data.records import ComparisonRecord
 from instructrl.errors import UserError, located
-from instructrl.models.base import apply_switches, build_base_model, count_parameters, load_causal_lm
+from instructrl.models.base import apply_switches, build_base_model, count_parameters, count_text, load_causal_lm
 from instructrl.models.lora import add_lora
 from instructrl.models.reward import RewardModel
 from instructrl.models.tokenizer import train_tokenizer
@@ -117,18 +117,6 @@ def run_bench(config: PipelineConfig, iterations: int, log=print) -> dict:
     return result
 
 
-def count_text(n: int) -> str:
-    """A count as people write model sizes: "950", "45.7k", "4.5M", "124M", "1.2B" (3 significant figures at most)."""
-    if n < 1000:
-        return str(n)
-    value = float(n)
-    for unit in "kMB":
-        value /= 1000
-        text = f"{value:.1f}" if value < 99.95 else f"{value:.0f}"
-        if float(text) < 1000 or unit == "B":  # 999,950 is "1.0M", not "1000k"
-            return text + unit
-
-
 def bench_table(result: dict):
     from rich.table import Table
 
@@ -143,7 +131,7 @@ def bench_table(result: dict):
     table.add_row("tokens / s (prompt + response)", f"{result['tokens_per_s']:.0f}", "")
     for key in ("peak_rss_mb", "peak_gpu_mb", "parameters_mb", "optimizer_state_mb"):
         if key in result:
-            table.add_row(key.replace("_", " "), f"{result[key]:.0f}", "")
+            table.add_row(key.replace("_", " "), f"{result[key]:.1f}", "")
     return table
 
 

@@ -394,6 +394,18 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_text(n: int) -> str:
+    """A count as people write model sizes: "950", "45.7k", "4.5M", "124M", "1.2B" (3 significant figures at most)."""
+    if n < 1000:
+        return str(n)
+    value = float(n)
+    for unit in "kMB":
+        value /= 1000
+        text = f"{value:.1f}" if value < 99.95 else f"{value:.0f}"
+        if float(text) < 1000 or unit == "B":  # 999,950 is "1.0M", not "1000k"
+            return text + unit
+
+
 def held(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this process holds: a sharded (FSDP) DTensor's local shard, else itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -34,7 +34,7 @@ from instructrl.data.packing import pack_documents
 from instructrl.data.formats import Prompt, read_data, read_texts, warn_of_control_tokens
 from instructrl.data.sequences import TokenSequences
 from instructrl.errors import UserError, located
-from instructrl.models.base import apply_switches, context_length, count_parameters, load_causal_lm, load_tokenizer, set_dropout
+from instructrl.models.base import apply_switches, context_length, count_parameters, count_text, load_causal_lm, load_tokenizer, set_dropout
 from instructrl.models.lora import adapter_disabled, add_lora, targets_in, trainable_share
 from instructrl.models.reward import RewardModel
 from instructrl.rl.episodes import episode_seed, prompt_order, rank_episodes
@@ -264,7 +264,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         log(f"{stage}: resuming from the checkpoint of iteration {cfg.first_iteration + state.step}")
     run.trim_metrics(cfg.first_iteration + state.step)
     n_iterations, world_size, rank = cfg.iterations(), accelerator.num_processes, accelerator.process_index
-    log(f"{stage}: {count_parameters(accelerator.unwrap_model(policy)) / 1e6:.2f}M-parameter policy {paths.policy}, reward model {paths.reward_model}; "
+    log(f"{stage}: {count_text(count_parameters(accelerator.unwrap_model(policy)))}-parameter policy {paths.policy}, reward model {paths.reward_model}; "
         f"{len(prompts)} prompts" + (f" ({n_read - len(prompts)} with no room for a response of {cfg.max_new_tokens} tokens in the "
                                      f"{max_length}-token context skipped)" if len(prompts) < n_read else "")
         + f", {plural(n_iterations, 'iteration')} of {cfg.rollout_batch_size} episodes"

@@ -13,7 +13,7 @@ from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import read_jsonl
 from instructrl.data.packing import pack_documents
 from instructrl.errors import UserError
-from instructrl.models.base import build_base_model, count_parameters, load_tokenizer, set_dropout
+from instructrl.models.base import build_base_model, count_parameters, count_text, load_tokenizer, set_dropout
 from instructrl.models.tokenizer import train_tokenizer
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir, replace_dir
@@ -70,7 +70,7 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     model = build_base_model(config.model, tokenizer)
     set_dropout(model, cfg.dropout)
     setup = prepare_training(accelerator, model, cfg, len(blocks), config.run.seed)
-    log(f"pretrain: {count_parameters(model) / 1e6:.2f}M parameters, {len(blocks)} blocks of {cfg.block_size} tokens, "
+    log(f"pretrain: {count_text(count_parameters(model))} parameters, {len(blocks)} blocks of {cfg.block_size} tokens, "
         f"{plural(setup.total_steps, 'step')} on {plural(accelerator.num_processes, 'process')}")
 
     def make_batch(indices: list[int]) -> dict:
