@@ -436,8 +436,9 @@ def test_data_check_reads_a_file_once_keeping_no_record_and_tells_its_progress(t
     assert (len(reads), summary["records"], told) == (1, 2500, [1000, 2000])
     assert formats.count_records(path) == 2500
     Dataset.from_list(rows[:30]).to_parquet(str(tmp_path / "demos.parquet"))
-    Dataset.from_list(rows[:20]).save_to_disk(str(tmp_path / "demos_dataset"))
-    assert (formats.count_records(tmp_path / "demos.parquet"), formats.count_records(tmp_path / "demos_dataset")) == (30, 20)
+    Dataset.from_list(rows[:1030]).save_to_disk(str(tmp_path / "demos_dataset"))  # more than one batch of rows
+    assert (formats.count_records(tmp_path / "demos.parquet"), formats.count_records(tmp_path / "demos_dataset")) == (30, 1030)
+    assert list(read_records(tmp_path / "demos_dataset")) == [(f"{tmp_path / 'demos_dataset'}: row {n}", rows[0]) for n in range(1, 1031)]
     assert formats.count_records(tmp_path / "missing.jsonl") is None  # the check itself says it is missing
 
 
