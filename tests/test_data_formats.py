@@ -436,8 +436,9 @@ def test_data_check_reads_a_file_once_keeping_no_record_and_tells_its_progress(t
     assert (len(reads), summary["records"], told) == (1, 2500, [1000, 2000])
     assert formats.count_records(path) == 2500
     Dataset.from_list(rows[:30]).to_parquet(str(tmp_path / "demos.parquet"))
-    Dataset.from_list(rows[:20]).save_to_disk(str(tmp_path / "demos_dataset"))
-    assert (formats.count_records(tmp_path / "demos.parquet"), formats.count_records(tmp_path / "demos_dataset")) == (30, 20)
+    Dataset.from_list(rows[:1030]).save_to_disk(str(tmp_path / "demos_dataset"))  # more than one batch of rows
+    assert (formats.count_records(tmp_path / "demos.parquet"), formats.count_records(tmp_path / "demos_dataset")) == (30, 1030)
+    assert list(read_records(tmp_path / "demos_dataset")) == [(f"{tmp_path / 'demos_dataset'}: row {n}", rows[0]) for n in range(1, 1031)]
     assert formats.count_records(tmp_path / "missing.jsonl") is None  # the check itself says it is missing
 
 
@@ -638,9 +639,32 @@ def test_the_stages_read_a_users_file_once_with_a_bar(tmp_path, tiny_sft, monkey
     said = []
     run_rm(load_config(SMOKE, [f"run.dir={tmp_path / 'run'}", f"rm.model={model}", f"rm.data={prefs}", "rm.heldout_fraction=0"]), log=said.append)
     assert any(line.startswith(f"rm: warning: 16 records of {prefs} hold the tokenizer's control tokens") for line in said), said
-    assert reads == ["demos.jsonl", "prompts.jsonl", "prefs.jsonl"]
-    for bar in (f"sft: reading {demos}", f"ppo: reading {prompts}", f"rm: reading {prefs}"):
+    assert reads == ["demos.jsonl", "demos.jsonl", "prompts.jsonl", "prefs.jsonl"]  # SFT checks, then tokenizes as it reads again
+    for bar in (f"sft: reading {demos}", f"sft: tokenizing {demos}", f"ppo: reading {prompts}", f"rm: reading {prefs}"):
         assert bar in out.getvalue()
+
+
+def test_sft_checks_every_demonstration_then_tokenizes_each_as_it_reads_it(tmp_path, monkeypatch):
+    """SFT held every Demonstration while tokenizing (172 MB at 200k records) to name a bad record
+    before any tokenizing: it checks the file first, then tokenizes each record as it reads it again."""
+    import weakref
+
+    from instructrl.data import formats
+    from instructrl.stages import sft
+
+    tokenizer = load_tokenizer(save_tiny_model("llama", tmp_path / "llama"))
+    demos, alive = [], []  # a weak reference to every Demonstration read; how many of them live at each tokenizing
+    to_demonstration, tokenize = formats.to_demonstration, sft.tokenize_conversation
+    monkeypatch.setattr(formats, "to_demonstration", lambda *args: demos.append(weakref.ref(demo := to_demonstration(*args))) or demo)
+    monkeypatch.setattr(sft, "tokenize_conversation", lambda *args: alive.append(sum(ref() is not None for ref in demos)) or tokenize(*args))
+    records = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]} for w in WORDS]
+    bad = write_jsonl(tmp_path / "bad.jsonl", records + [{"messages": [USER]}])
+    with pytest.raises(UserError, match=f"^{re.escape(str(bad))}:{len(records) + 1}: "):
+        sft.load_demonstrations(bad, tokenizer, 128)
+    assert alive == []  # named before any record was tokenized
+    examples, too_long = sft.load_demonstrations(write_jsonl(tmp_path / "good.jsonl", records), tokenizer, 128)
+    assert (len(examples), too_long, len(alive)) == (len(records), 0, len(records))
+    assert max(alive) == 1  # the one being tokenized
 
 
 def test_a_bad_line_deep_in_a_file_is_named_with_the_bar_on(tmp_path, monkeypatch):

@@ -84,7 +84,7 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
     ``where`` is file:line (file:row, file:record) for error messages."""
     path = Path(path)
     if path.is_dir():
-        yield from _arrow_rows(path, _load_from_disk(path))
+        yield from _arrow_rows(path, _dataset_rows(_load_from_disk(path)))
     elif not path.is_file():
         raise not_found(path)
     elif path.suffix == ".parquet":
@@ -167,6 +167,12 @@ def _load_from_disk(path: Path):
             raise UserError(f"{path}: a DatasetDict with splits {sorted(dataset)} and no 'train'; save the split to use")
         dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
     return dataset
+
+
+def _dataset_rows(dataset) -> Iterator[dict]:
+    """A dataset's rows, formatted a batch at a time: a row at a time took 7 times as long (2.2 s for 200k rows)."""
+    for batch in dataset.iter(batch_size=1024):
+        yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
 
 
 def _parquet_file(path: Path):
@@ -380,7 +386,7 @@ class DataFile(NamedTuple):
 
 
 def read_data(path: Path | str, use: str, data_format: str = "auto", key: str | None = None, tokenizer=None,
-              progress: str | None = None, on_item: Callable[[dict, object], None] | None = None) -> DataFile:
+              progress: str | None = None, on_item: Callable[[dict, object], None] | None = None, keep: bool = True) -> DataFile:
     """The formats and items of a data file read for ``use`` (a key of USES): Demonstrations,
     ComparisonRecords, Prompts or texts. Each record's format is detected from its fields (a file
     may mix formats the use accepts, e.g. K-way comparisons and preference pairs), or is
@@ -389,23 +395,26 @@ def read_data(path: Path | str, use: str, data_format: str = "auto", key: str | 
     With a ``tokenizer``, also the records that hold its control tokens (``record_control_token``),
     in the same pass. ``progress``: the description of a bar counting the records read (None: no bar).
     ``on_item(record, item)`` is called with each record and its item, for what else a caller keeps of
-    a record in the same pass (PPO: the built-in world's gold answers)."""
+    a record in the same pass (PPO: the built-in world's gold answers). ``keep=False``: the items are
+    given to ``on_item`` only, not held (``DataFile.items`` is empty), for a caller that keeps less of each (SFT: its token ids)."""
     path = Path(path)
-    formats, items, control = [], [], (0, None)
+    formats, items, control, number = [], [], (0, None), 0
     tokens = control_tokens(tokenizer) if tokenizer is not None else None
     with counting(progress or "", count_records(path) if progress else None, "record", enabled=progress is not None) as done:
         for number, (where, record) in enumerate(read_records(path), start=1):
             fmt = record_format(record, where, data_format)
             if fmt not in formats:
                 formats.append(fmt)
-            items.append(to_item(use, fmt, record, where, f"{path.name}:{number}", key))
+            item = to_item(use, fmt, record, where, f"{path.name}:{number}", key)
+            if keep:
+                items.append(item)
             if on_item is not None:
-                on_item(record, items[-1])
+                on_item(record, item)
             if tokens and (token := record_control_token(record, tokens)) is not None:
                 control = (control[0] + 1, control[1] or f"{where}: {token!r}")
             if number % 1000 == 0:
                 done(number)
-    if not items:
+    if not number:
         raise UserError(f"{path}: no records")
     return DataFile(formats, items, control)
 
