@@ -364,10 +364,10 @@ def to_prompt(fmt: str, record: dict, where: str, default_id: str) -> Prompt:
     return Prompt(str(record.get("id", default_id)), messages)
 
 
-def empty_answers(demos: list[Demonstration]) -> list[str]:
-    """Where each demonstration with an empty or blank assistant turn that is learnt (of weight 1,
-    calling no tool) was read: SFT teaches the model to stop at once there."""
-    return [d.where for d in demos if any(is_learnt(m) and not m["content"].strip() and "tool_calls" not in m for m in d.messages or ())]
+def has_empty_answer(demo: Demonstration) -> bool:
+    """Whether the demonstration has an empty or blank assistant turn that is learnt (of weight 1,
+    calling no tool): SFT teaches the model to stop at once there."""
+    return any(is_learnt(m) and not m["content"].strip() and "tool_calls" not in m for m in demo.messages or ())
 
 
 def to_text(fmt: str, record: dict, where: str) -> str:
@@ -584,7 +584,7 @@ def _count(stats: dict, item) -> None:
         stats["tied_pairs"] = stats.get("tied_pairs", 0) + tied.count(True)
     elif isinstance(item, Demonstration) and item.messages is not None:
         stats["assistant_turns"] = stats.get("assistant_turns", 0) + sum(m["role"] == "assistant" for m in item.messages)
-        counts = {"empty_answers": len(empty_answers([item])), "weight_0_turns": sum(m.get("weight") == 0 for m in item.messages),
+        counts = {"empty_answers": int(has_empty_answer(item)), "weight_0_turns": sum(m.get("weight") == 0 for m in item.messages),
                   "tool_turns": sum(is_tool_turn(m) for m in item.messages)}
         for name, count in counts.items():
             if count:
