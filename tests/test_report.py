@@ -5,6 +5,7 @@ offline and at a phone's width."""
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -328,7 +329,7 @@ def test_eval_of_your_own_prompts_judged_by_a_reward_model(tmp_path, smoke_rm):
         assert evaluation["results"][name]["reward"]["mean"] == pytest.approx(sum(expected) / 3, abs=1e-5)
         sampled = [r for s in samples for r in s[name]["sampled_rewards"]]
         assert len(sampled) == 3 * 4 and evaluation["results"][name]["sampled"]["reward"]["mean"] == pytest.approx(sum(sampled) / 12)
-        assert "overall" not in evaluation["results"][name]  # no gold labeler for prompts not the world's
+        assert not {"overall", "new_prompts"} & set(evaluation["results"][name])  # no gold labeler, nor training prompts, for prompts not the world's
     win = evaluation["results"]["mine"]["reward"]["win_rate_vs_sft"]
     assert win["n"] == 3 and win["wins"] == sum(s["mine"]["reward"] > s["sft"]["reward"] for s in samples)
     page = (run / "report.html").read_text()
@@ -370,3 +371,81 @@ def test_eval_samples_follow_the_seed_alone(tmp_path, smoke_base):
     assert sampled("b", 0, f"{{other: {base}, sft: {base}}}") == alone  # another model sampling first draws nothing from sft's
     other_seed = sampled("c", 1, f"{{sft: {base}}}")
     assert other_seed[0] != alone[0] and (alone[1], other_seed[1]) == (0, 1)
+
+
+def test_an_eval_prompt_is_seen_when_a_training_prompt_asks_its_question_in_any_words(tmp_path):
+    from instructrl.data.jsonl import write_jsonl
+    from instructrl.evaluation.evaluate import seen_in_training
+    from instructrl.world.build import WorldFiles
+    from instructrl.world.tasks import Task
+
+    def task(text: str, family: str, args: dict) -> Task:
+        return Task(text, family, ({"role": "user", "content": text},), "", args)
+
+    world = WorldFiles(tmp_path)
+    write_jsonl(world.prompts("sft"), [task("Reverse 'cat'.", "reverse_word", {"word": "cat"}).to_record()])
+    write_jsonl(world.prompts("rm"), [task("Add 2 and 3.", "add_numbers", {"a": 2, "b": 3}).to_record()])
+    write_jsonl(world.prompts("ppo"), [])
+    write_jsonl(world.prompts("val"), [task("Reverse 'dog'.", "reverse_word", {"word": "dog"}).to_record()])  # not a training split
+    held_out = [task("Spell cat backwards.", "reverse_word", {"word": "cat"}),  # sft's question, other words
+                task("What is 2 plus 3?", "add_numbers", {"b": 3, "a": 2}),  # rm's, its input written in another order
+                task("Spell dog backwards.", "reverse_word", {"word": "dog"}),  # asked by a validation prompt alone
+                task("Uppercase cat.", "uppercase", {"word": "cat"})]  # the same input, another family's question
+    assert seen_in_training(world, held_out) == [True, True, False, False]
+
+
+def test_when_every_eval_prompt_was_seen_in_training_no_figures_without_them_are_made_up():
+    from instructrl.evaluation.evaluate import new_prompt_results
+    from instructrl.evaluation.report import new_prompts_text
+
+    tasks = _tasks(8)
+    judged, results = judge_answers(tasks, {"sft": [[t.answer] for t in tasks], "ppo": [["no"] for _ in tasks]}, SimulatedLabeler())
+    one_new = new_prompt_results(tasks, judged, [True] * 7 + [False])
+    assert one_new["ppo"]["win_rate_vs_sft"]["n"] == 1 and (one_new["ppo"]["prompts"], one_new["ppo"]["seen"]) == (1, 7)
+    for name, r in new_prompt_results(tasks, judged, [True] * 8).items():
+        results[name]["new_prompts"] = r
+    assert results["ppo"]["new_prompts"] == {"prompts": 0, "seen": 8}
+    assert new_prompts_text(results).startswith("8 of 8 eval prompts ask a question also in the training prompts") and "none is left" in new_prompts_text(results)
+
+
+def test_eval_gives_the_figures_on_the_prompts_whose_question_no_training_prompt_asks(tmp_path, smoke_base):
+    from conftest import SMOKE, cli
+
+    from instructrl.evaluation.preference import interval95
+    from instructrl.evaluation.report import new_prompts_text
+    from instructrl.world.build import load_tasks
+
+    base = smoke_base / "pretrain" / "final"
+    proc = cli("eval", "-c", str(SMOKE), f"run.dir={tmp_path}", f"eval.models={{sft: {base}, again: {base}}}", "eval.samples=2")
+    evaluation = json.loads((tmp_path / "eval" / "results.json").read_text())
+    results = evaluation["results"]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    # recomputed here: an eval prompt whose (family, args) a training prompt has too
+    trained = {(t.family, json.dumps(t.args, sort_keys=True)) for split in ("sft", "rm", "ppo")
+               for t in load_tasks(tmp_path / "world" / "prompts" / f"{split}.jsonl")}
+    tasks = {t.id: t for t in load_tasks(tmp_path / "world" / "prompts" / "eval.jsonl")}
+    seen = [(tasks[r["id"]].family, json.dumps(tasks[r["id"]].args, sort_keys=True)) in trained for r in rows]
+    assert [r["seen_in_training"] for r in rows] == seen and 0 < sum(seen) < len(rows)  # the smoke world has both
+    new = [r for r, s in zip(rows, seen) if not s]
+    labeler = SimulatedLabeler()
+
+    def outcome(a: float, b: float) -> float:
+        return 1.0 if a > b else 0.5 if a == b else 0.0
+
+    for name, r in results.items():
+        figures = r["new_prompts"]
+        assert (figures["prompts"], figures["seen"]) == (len(new), sum(seen))
+        answers = [row[name]["answer"] if name != GOLD_ANSWERS else row["gold"] for row in new]
+        assert figures["likert"] == pytest.approx(sum(labeler.judge(tasks[row["id"]], a).likert for row, a in zip(new, answers)) / len(new))
+        if name != "sft":
+            outcomes = [outcome(labeler.judge(tasks[row["id"]], a).quality, labeler.judge(tasks[row["id"]], row["sft"]["answer"]).quality)
+                        for row, a in zip(new, answers)]
+            assert figures["win_rate_vs_sft"]["win_rate"] == pytest.approx(sum(outcomes) / len(new))
+            assert figures["win_rate_vs_sft"]["ci95"] == pytest.approx(interval95(outcomes))
+        if name not in ("demonstrations", GOLD_ANSWERS):  # theirs is one written answer, met by every sample
+            sampled = [labeler.judge(tasks[row["id"]], a).likert for row in new for a in row[name]["sampled"]]
+            assert r["sampled"]["new_prompts"]["likert"] == pytest.approx(sum(sampled) / len(sampled))
+    assert results[GOLD_ANSWERS]["new_prompts"]["win_rate_vs_sft"]["win_rate"] > 0.5  # the smoke model is no match for the gold answers
+    line = f"{sum(seen)} of {len(rows)} eval prompts ask a question also in the training prompts"
+    assert line in " ".join(proc.stdout.split())  # the table's caption, however it wraps
+    assert html.escape(new_prompts_text(results)) in (tmp_path / "report.html").read_text()

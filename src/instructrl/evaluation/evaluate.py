@@ -19,17 +19,17 @@ import torch
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import response_ids
 from instructrl.data.formats import read_prompts
-from instructrl.data.jsonl import write_jsonl
+from instructrl.data.jsonl import read_jsonl, write_jsonl
 from instructrl.data.packing import pack_documents
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
 from instructrl.evaluation.preference import win_rate
-from instructrl.evaluation.report import GOLD_ANSWERS, round_folders
+from instructrl.evaluation.report import GOLD_ANSWERS, new_prompts_text, round_folders
 from instructrl.models.base import context_length, inference_device, load_answering_model, load_tokenizer
 from instructrl.models.reward import RewardModel, score_sequences
 from instructrl.rlmath import next_token_nll
 from instructrl.rundir import RunDir, write_text_atomic
-from instructrl.world.build import build_world, demonstration, load_tasks
+from instructrl.world.build import SPLIT_RATIOS, WorldFiles, build_world, demonstration, load_tasks
 from instructrl.world.labeler import FLAGS, SimulatedLabeler
 
 SECTIONS = ("run", "world", "eval")
@@ -91,6 +91,11 @@ def judge_answers(tasks: list, answers: dict[str, list[list[str]]], judge) -> tu
     judgements, and per model its summary and win rate against SFT on the same prompts (ties half),
     overall and per family."""
     judged = {name: [[judge.judge(t, a) for a in row] for t, row in zip(tasks, rows)] for name, rows in answers.items()}
+    return judged, judged_results(tasks, judged)
+
+
+def judged_results(tasks: list, judged: dict[str, list[list]]) -> dict:
+    """Per model the summary of its judgements (a list per task) and its win rate against SFT's, overall and per family."""
     results = {name: summarize([(t.family, j) for t, row in zip(tasks, js) for j in row]) for name, js in judged.items()}
     if "sft" in judged:
         quality = {name: [[j.quality for j in row] for row in js] for name, js in judged.items()}
@@ -103,7 +108,29 @@ def judge_answers(tasks: list, answers: dict[str, list[list[str]]], judge) -> tu
                 for family, idx in by_family.items():
                     results[name]["families"][family]["win_rate_vs_sft"] = win_rate(
                         [quality[name][i] for i in idx], [quality["sft"][i] for i in idx])
-    return judged, results
+    return results
+
+
+def seen_in_training(world: WorldFiles, tasks: list) -> list[bool]:
+    """Whether each task asks a question that a training split's prompts (sft, rm, ppo) ask too: the same
+    family and input (``args``), in whatever phrasing. The world keeps prompt texts disjoint, but its small
+    families have few inputs (reverse_word some 65 words), so a held-out prompt often repeats a trained question."""
+    def question(family: str, args: dict) -> tuple[str, str]:
+        return family, json.dumps(args, sort_keys=True)
+
+    trained = {question(r["family"], r["args"]) for split in SPLIT_RATIOS for _, r in read_jsonl(world.prompts(split))}  # the training splits
+    return [question(t.family, t.args) in trained for t in tasks]
+
+
+def new_prompt_results(tasks: list, judged: dict[str, list[list]], seen: list[bool]) -> dict[str, dict]:
+    """Per model its mean Likert and win rate vs SFT on the prompts not ``seen`` in training alone, and how many those are."""
+    new = [i for i, s in enumerate(seen) if not s]
+    counts = {"prompts": len(new), "seen": len(seen) - len(new)}
+    if not new:
+        return {name: counts for name in judged}
+    results = judged_results([tasks[i] for i in new], {name: [rows[i] for i in new] for name, rows in judged.items()})
+    return {name: {**counts, "likert": r["overall"]["likert"], **({"win_rate_vs_sft": r["win_rate_vs_sft"]} if "win_rate_vs_sft" in r else {})}
+            for name, r in results.items()}
 
 
 class RewardJudge:
@@ -200,11 +227,16 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
             sampled[name] = [[a] * cfg.samples for a in answers[name]]
         judge = SimulatedLabeler()
         judged, results = judge_answers(tasks, {name: [[a] for a in texts] for name, texts in answers.items()}, judge)
+        seen = seen_in_training(WorldFiles(Path(config.run.dir) / "world"), tasks)
+        for name, r in new_prompt_results(tasks, judged, seen).items():
+            results[name]["new_prompts"] = r
         if cfg.temperature is not None:
-            for name, r in judge_answers(tasks, sampled, judge)[1].items():
-                results[name]["sampled"] = {"temperature": cfg.temperature, "samples": cfg.samples, **r}
+            sampled_judged, sampled_results = judge_answers(tasks, sampled, judge)
+            new_sampled = new_prompt_results(tasks, sampled_judged, seen)
+            for name, r in sampled_results.items():
+                results[name]["sampled"] = {"temperature": cfg.temperature, "samples": cfg.samples, **r, "new_prompts": new_sampled[name]}
     else:
-        judged, results = {}, {name: {} for name in answers}
+        judged, results, seen = {}, {name: {} for name in answers}, []
         if cfg.temperature is not None:
             for r in results.values():
                 r["sampled"] = {"temperature": cfg.temperature, "samples": cfg.samples}
@@ -250,7 +282,7 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
 
     write_jsonl(run.path / "samples.jsonl", (
         {"id": ids[i], **({"family": tasks[i].family} if tasks else {}), "messages": conversation,
-         **({"gold": tasks[i].answer} if tasks else {}),
+         **({"gold": tasks[i].answer, "seen_in_training": seen[i]} if tasks else {}),
          **{name: answer_record(name, i) for name in answers if name != GOLD_ANSWERS}}
         for i, conversation in enumerate(conversations)
     ))
@@ -268,6 +300,7 @@ def results_table(results: dict):
     """A rich table: mean gold Likert per family (rows) and model (columns), flags below; then the sampled answers."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     names = list(results)
     if "overall" not in results[names[0]]:
@@ -278,7 +311,9 @@ def results_table(results: dict):
         first = results[names[0]]["sampled"]
         title += f"; greedy answers, then {first['samples']} per prompt sampled at T={first['temperature']:g}"
     # light borders and short row labels: the six columns of a pipeline fit an 80-column terminal
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    caption = new_prompts_text(results)  # plain text: its brackets are intervals, not markup
+    table = Table(title=title, caption=Text(caption) if caption else None, caption_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("greedy", overflow="fold", min_width=15)
     for name in names:
         table.add_column(name, justify="right", overflow="fold")

@@ -158,6 +158,25 @@ def headline(results: dict) -> list[str]:
     return lines
 
 
+def new_prompts_text(results: dict) -> str | None:
+    """How many eval prompts ask a question also in the training prompts, and each model's figures on the others alone
+    (eval's ``new_prompts``); None where eval did not tell them apart (your own prompts)."""
+    counts = next(iter(results.values())).get("new_prompts")
+    if counts is None:
+        return None
+    line = (f"{counts['seen']} of {counts['seen'] + counts['prompts']} eval prompts ask a question also in the training prompts "
+            "(same family and input, other phrasing)")
+    if not counts["prompts"]:
+        return f"{line}: none is left to judge without them"
+
+    def figures(r: dict) -> str:
+        return f"Likert {r['likert']:.2f}" + (f", wins {_win_text(r['win_rate_vs_sft'])} vs SFT" if "win_rate_vs_sft" in r else "")
+
+    models = [f"{name} {figures(r['new_prompts'])}" + (f" (sampled: {figures(r['sampled']['new_prompts'])})" if "sampled" in r else "")
+              for name, r in results.items() if name not in (GOLD_ANSWERS, "demonstrations")]
+    return f"{line}; on the other {counts['prompts']}: " + "; ".join(models)
+
+
 def _judged_text(r: dict) -> str:
     """Likert and win rate by the gold labeler, and mean reward and win rate by the reward model, those judged."""
     parts = []
@@ -216,6 +235,10 @@ def _eval_section(evaluation: dict) -> list[str]:
         parts.append(f"<p><b>The ceiling.</b> {GOLD_ANSWERS}: the gold answer to every prompt. It ties with SFT's perfect answers and beats "
                      "the rest, so its win rate against SFT is the most any model can reach (50% would mean SFT is always perfect). "
                      "<i>demonstrations</i>: the demonstrator's answers to the same prompts, the level SFT imitates.</p>")
+    if line := new_prompts_text(results):
+        parts.append(f"<p><b>Questions also in the training prompts.</b> {html.escape(line)}. The world's prompt texts are disjoint "
+                     "between splits, but its small families have few inputs (some 65 words to reverse), so a held-out prompt often "
+                     "asks a trained question in other words; figures on those measure recall as much as generalisation.</p>")
     sampled = all("sampled" in r for r in results.values())
     if sampled:
         first = next(iter(results.values()))["sampled"]
