@@ -9,7 +9,7 @@ import shutil
 import pytest
 from conftest import SMOKE, cli
 
-from instructrl.rundir import content_hash
+from instructrl.rundir import content_hash, run_info
 
 
 def test_pipeline_smoke_writes_every_record(tmp_path):
@@ -223,6 +223,10 @@ def test_world_command_writes_the_world_and_reports_agreement(tmp_path):
     assert "agree on" in out
     for name in ("prompts/sft.jsonl", "prompts/eval.jsonl", "demonstrations.jsonl", "corpus.txt", "corpus_heldout.txt", "world.json"):
         assert (tmp_path / "world" / name).is_file(), name
+    # world.json records what built it, as a stage's run.json does (it held the config and counts only)
+    manifest = json.loads((tmp_path / "world" / "world.json").read_text())
+    assert manifest["command"][1:] == ["world", "-c", str(SMOKE), f"run.dir={tmp_path}"]
+    assert set(run_info(0)) <= set(manifest) and manifest["seed"] == manifest["config"]["seed"] and manifest["torch"]
 
 
 def test_eval_in_a_log_file_prints_its_whole_table_alone_on_stdout(tmp_path, smoke_base):

@@ -667,6 +667,37 @@ def test_sft_checks_every_demonstration_then_tokenizes_each_as_it_reads_it(tmp_p
     assert max(alive) == 1  # the one being tokenized
 
 
+def test_the_rms_centring_set_is_checked_then_tokenized_as_it_is_read_again(tmp_path, monkeypatch):
+    """rm.demonstrations were held as Demonstrations while tokenized, as SFT's were: they are read as SFT
+    reads its own, so a bad record at the end is named before any tokenizing, and only token ids are held."""
+    import weakref
+
+    from instructrl.data import formats
+    from instructrl.data.chat import tokenize_conversation
+    from instructrl.stages import rm
+
+    tokenizer = load_tokenizer(save_tiny_model("llama", tmp_path / "llama"))
+    demos, alive = [], []  # a weak reference to every Demonstration read; how many of them live at each tokenizing
+    to_demonstration = formats.to_demonstration
+    monkeypatch.setattr(formats, "to_demonstration", lambda *args: demos.append(weakref.ref(demo := to_demonstration(*args))) or demo)
+    monkeypatch.setattr(rm, "tokenize_conversation", lambda *args: alive.append(sum(ref() is not None for ref in demos)) or tokenize_conversation(*args))
+    records = [{"messages": [{"role": "user", "content": f"Say {w} {i} times."}, {"role": "assistant", "content": " ".join([w] * i)}]}
+               for i, w in enumerate(WORDS, start=1)]
+    bad = write_jsonl(tmp_path / "bad.jsonl", records + [{"messages": [USER]}])
+    with pytest.raises(UserError, match=f"^{re.escape(str(bad))}:{len(records) + 1}: "):
+        rm.centring_set(bad, tokenizer, [], [], 128)
+    assert alive == []  # named before any record was tokenized
+    ids = [tokenize_conversation(tokenizer, r["messages"]).input_ids for r in records]
+    longest = max(len(i) for i in ids)
+    good = write_jsonl(tmp_path / "good.jsonl", records)
+    alive.clear()
+    fitting, centred = rm.centring_set(good, tokenizer, [], [], longest - 1)
+    assert list(fitting) == [i for i in ids if len(i) < longest]  # in the file's order, the longest left out
+    n_long = sum(len(i) == longest for i in ids)
+    assert centred == f"the {len(ids) - n_long} demonstrations of {good}, {n_long} longer than {longest - 1} tokens left out"
+    assert len(alive) == len(records) and max(alive) == 1  # the one being tokenized
+
+
 def test_a_bad_line_deep_in_a_file_is_named_with_the_bar_on(tmp_path, monkeypatch):
     from rich.console import Console
 

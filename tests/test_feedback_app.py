@@ -618,3 +618,29 @@ def test_label_project_says_how_many_compare_tasks_are_ties_of_identical_answers
     assert "2 compare tasks, overlap 1" in proc.stderr and "2 compare tasks have two identical answers: ties, never shown" in proc.stderr
     status = json.loads(cli("label", "status", "p", "--dir", str(tmp_path / "d")).stdout)["progress"]["kinds"]["compare"]
     assert (status["tasks"], status["identical_answers"], status["done"]) == (0, 2, 1.0)
+
+
+def test_a_project_records_how_its_responses_were_generated_and_status_shows_it(tmp_path):
+    """label project kept the sampled responses but not the model, K, seed or length that made them;
+    a database made before it kept them opens, its projects' generation unknown ({})."""
+    from tiny_models import save_tiny_model
+
+    prompts, project_dir = tmp_path / "prompts.jsonl", tmp_path / "d"
+    prompts.write_text('{"prompt": "Say cat."}\n')
+    model = str(save_tiny_model("gpt2", tmp_path / "m"))
+    cli("label", "project", "p", "--dir", str(project_dir), "--prompts", str(prompts), "--model", model, "--k", "3", "--seed", "7",
+        "--max-new-tokens", "5", "--compare", f"a={model}", "--compare", f"b={model}")
+    status = json.loads(cli("label", "status", "p", "--dir", str(project_dir)).stdout)["progress"]
+    assert status["generation"] == {"rank": {"model": model, "k": 3, "seed": 7, "temperature": 1.0, "max_new_tokens": 5},
+                                    "compare": {"models": {"a": model, "b": model}, "greedy": True, "max_new_tokens": 5}}
+    assert status["kinds"]["rank"]["tasks"] == 1
+
+    raw = sqlite3.connect(project_dir / "feedback.db")  # as schema version 1 wrote it
+    raw.execute("ALTER TABLE projects DROP COLUMN generation")
+    raw.execute("PRAGMA user_version = 1")
+    raw.close()
+    status = json.loads(cli("label", "status", "p", "--dir", str(project_dir)).stdout)["progress"]
+    assert status["generation"] == {} and status["kinds"]["rank"]["tasks"] == 1
+    raw = sqlite3.connect(project_dir / "feedback.db")
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    raw.close()

@@ -436,3 +436,22 @@ def test_sft_keeps_the_checkpoint_the_labeler_scored_best(tmp_path, smoke_base, 
     weights = load_file(final / "model.safetensors")
     assert all(torch.equal(weights[k], seen[1][k]) for k in weights)
     assert not all(torch.equal(weights[k], seen[3][k]) for k in weights)  # training moved on after step 8
+
+
+def test_pretrain_refused_for_a_corpus_of_less_than_one_batch_writes_no_run(tmp_path, smoke_base):
+    """The corpus was checked after the run folder was made: the fixed config found it holding a run of
+    another config and needed --restart. Refused now before it is written, the fixed config just starts."""
+    import pytest
+
+    from instructrl.config import load_config
+    from instructrl.errors import UserError
+    from instructrl.stages.pretrain import run_pretrain
+
+    with pytest.raises(UserError, match=r"corpus.txt: \d+ corpus blocks are fewer than one batch \(pretrain.batch_size = 4096\)"):
+        run_pretrain(load_config(SMOKE, [f"run.dir={tmp_path}", "pretrain.batch_size=4096"]), log=lambda line: None)
+    assert not (tmp_path / "pretrain").exists()
+    said = []
+    run_pretrain(load_config(SMOKE, [f"run.dir={tmp_path}"]), log=said.append)
+    assert any(line.startswith("pretrain: base model saved to") for line in said)
+    for name in ("tokenizer/tokenizer.json", "final/model.safetensors"):  # as a first start of the fixed config writes them
+        assert (tmp_path / "pretrain" / name).read_bytes() == (smoke_base / "pretrain" / name).read_bytes(), name

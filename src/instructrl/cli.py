@@ -481,14 +481,18 @@ def label_project(
         check_new_name(conn, name)  # now, not after sampling responses for minutes
     except TaskError as err:
         raise UserError(f"label project: {err}") from None
+    generation = {}  # recorded with the project: the responses alone do not say what made them
     if model:
-        new_tasks += projects.rank_tasks_from_model(prompt_list, model, k, seed=seed, max_new_tokens=max_new_tokens)
+        sampling = {"k": k, "seed": seed, "temperature": 1.0, "max_new_tokens": max_new_tokens}
+        new_tasks += projects.rank_tasks_from_model(prompt_list, model, **sampling)
+        generation["rank"] = {"model": model, **sampling}
     if responses:
-        new_tasks += projects.rank_tasks_from_comparisons(responses)[:limit]
+        new_tasks += projects.rank_tasks_from_comparisons(responses)[:limit]  # their sources name the file
     if compared_models:
         new_tasks += projects.compare_tasks(prompt_list, compared_models, max_new_tokens=max_new_tokens)
+        generation["compare"] = {"models": compared_models, "greedy": True, "max_new_tokens": max_new_tokens}
     try:
-        project_id = create_project(conn, settings, new_tasks)
+        project_id = create_project(conn, settings.model_copy(update={"generation": generation}), new_tasks)
     except TaskError as err:
         raise UserError(f"label project: {err}") from None
     counts = {kind: sum(t["kind"] == kind for t in new_tasks) for kind in ("write", "rank", "compare")}

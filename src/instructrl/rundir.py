@@ -217,7 +217,7 @@ class RunDir:
         if not self.is_main:
             return
         write_text_atomic(self.path / "config.yaml", dump_config(self.config))
-        info, record = _run_info(self.config, self.processes), self.path / "run.json"
+        info, record = run_info(self.config.run.seed, self.processes), self.path / "run.json"
         if record.is_file():  # an interrupted run resumed: its first start's record stays, each resume is added
             first = json.loads(record.read_text())
             info = first | {"resumed": first.get("resumed", []) + [info]}
@@ -337,7 +337,9 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
     return ", ".join(changes)
 
 
-def _run_info(config: PipelineConfig, processes: int) -> dict:
+def run_info(seed: int, processes: int = 1) -> dict:
+    """What run.json records of a run begun now (world.json of the world's build): ``seed``, the command
+    line and working directory, the time, ``processes``, torch's threads and the versions."""
     import accelerate
     import torch
     import transformers
@@ -345,7 +347,7 @@ def _run_info(config: PipelineConfig, processes: int) -> dict:
     from instructrl import __version__
 
     return {
-        "seed": config.run.seed,
+        "seed": seed,
         "command": sys.argv,
         "cwd": os.getcwd(),  # what a relative -c or data path in the command is relative to
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -19,8 +19,9 @@ from instructrl.errors import UserError
 
 DB_NAME = "feedback.db"
 BUSY_TIMEOUT_MS = 30_000
-# PRAGMA user_version. 0: API tokens in plain text (users.token); 1: their digests (users.token_hash)
-SCHEMA_VERSION = 1
+# PRAGMA user_version. 0: API tokens in plain text (users.token); 1: their digests (users.token_hash);
+# 2: how a project's responses were generated (projects.generation)
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS projects (
     guideline_version TEXT NOT NULL,
     overlap INTEGER NOT NULL CHECK (overlap >= 1),  -- different labelers per task
     lease_seconds INTEGER NOT NULL CHECK (lease_seconds >= 1),
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    generation TEXT NOT NULL DEFAULT '{}'  -- JSON: the models and settings its responses were generated with
 );
 CREATE TABLE IF NOT EXISTS tasks (
     id INTEGER PRIMARY KEY,
@@ -102,24 +104,32 @@ def connect(project_dir: Path | str, create: bool = True) -> sqlite3.Connection:
 def upgrade(conn: sqlite3.Connection, path: Path) -> None:
     """Bring a database made by an earlier instructrl to SCHEMA_VERSION: all of it in one
     transaction, or, on any error, nothing. Version 0 kept API tokens in plain text: each is
-    replaced by its digest, so every labeler's token goes on working."""
+    replaced by its digest, so every labeler's token goes on working. Before version 2 a project
+    did not record how its responses were generated: its ``generation`` is ``{}``."""
     if _version(conn) == SCHEMA_VERSION:
         return
     with transaction(conn):
         version = _version(conn)  # again, in the transaction: another process may have upgraded it meanwhile
         if version > SCHEMA_VERSION:
             raise UserError(f"{path} was made by a newer instructrl (schema version {version}; this one reads {SCHEMA_VERSION})")
-        if "token" in {row["name"] for row in conn.execute("PRAGMA table_info(users)")}:
+        if "token" in _columns(conn, "users"):
             conn.execute("PRAGMA secure_delete = ON")  # the plain tokens' bytes are overwritten, not just freed
             for user_id, token in conn.execute("SELECT id, token FROM users").fetchall():
                 conn.execute("UPDATE users SET token = ? WHERE id = ?", (digest(token), user_id))
             conn.execute("ALTER TABLE users RENAME COLUMN token TO token_hash")
+        if (project_columns := _columns(conn, "projects")) and "generation" not in project_columns:
+            conn.execute("ALTER TABLE projects ADD COLUMN generation TEXT NOT NULL DEFAULT '{}'")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # until the log is copied back, the file's old pages hold the plain tokens
 
 
 def _version(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    """The names of ``table``'s columns; none where a new database does not have it yet."""
+    return {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
 @contextmanager

@@ -74,6 +74,8 @@ class ProjectSettings(BaseModel):
     guideline_version: Text | None = Field(None, description="Stored on each answer. Default: a hash of the guidelines.")
     overlap: int = Field(1, ge=1, description="Different labelers who judge each task.")
     lease_seconds: int = Field(1800, ge=1, description="How long a task stays reserved for the labeler who opened it.")
+    generation: dict = Field(default_factory=dict, description="The models and settings the tasks' responses were generated with, "
+                             "by kind of task (label project's --model, --k, --seed, --max-new-tokens; --compare); shown in its progress.")
 
     def version(self) -> str:
         return self.guideline_version or "sha256:" + hashlib.sha256(self.guidelines.encode()).hexdigest()[:12]
@@ -89,8 +91,8 @@ def create_project(conn: sqlite3.Connection, settings: ProjectSettings, tasks: S
     with transaction(conn):
         check_new_name(conn, settings.name)
         cur = conn.execute(
-            "INSERT INTO projects (name, guidelines, guideline_version, overlap, lease_seconds, created) VALUES (?, ?, ?, ?, ?, ?)",
-            (settings.name, settings.guidelines, settings.version(), settings.overlap, settings.lease_seconds, now()))
+            "INSERT INTO projects (name, guidelines, guideline_version, overlap, lease_seconds, created, generation) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (settings.name, settings.guidelines, settings.version(), settings.overlap, settings.lease_seconds, now(), json.dumps(settings.generation)))
         _insert_tasks(conn, cur.lastrowid, tasks)
     return cur.lastrowid
 
@@ -383,7 +385,8 @@ def identical_compare_tasks(conn: sqlite3.Connection, project_id: int) -> list[d
 
 
 def progress(conn: sqlite3.Connection, project_id: int) -> dict:
-    """Tasks, answers needed (tasks x overlap), submitted, skipped and live leases, per kind and per labeler."""
+    """Tasks, answers needed (tasks x overlap), submitted, skipped and live leases, per kind and per labeler;
+    and how the responses were generated."""
     with snapshot(conn):  # one read transaction: per kind and per labeler count the same answers while people submit
         project = project_by_id(conn, project_id)
         at = now()
@@ -419,4 +422,5 @@ def progress(conn: sqlite3.Connection, project_id: int) -> dict:
         for entry in per_labeler.values():
             finished = entry["submitted"] + entry["skipped"]
             entry["mean_seconds"] = entry.pop("seconds") / finished if finished else None
-        return {"project": project["name"], "overlap": project["overlap"], "kinds": per_kind, "labelers": per_labeler}
+        return {"project": project["name"], "overlap": project["overlap"], "generation": json.loads(project["generation"]),
+                "kinds": per_kind, "labelers": per_labeler}

@@ -20,7 +20,7 @@ from instructrl.rundir import RunDir, replace_dir
 from instructrl.training.checkpoint import sizes_for_resuming
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
 from instructrl.training.progress import plural
-from instructrl.world.build import SPLITS, build_world
+from instructrl.world.build import SPLITS, WorldFiles, build_world
 
 SECTIONS = ("run", "world", "tokenizer", "model", "pretrain")
 
@@ -39,6 +39,8 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     returns the saved model's folder (final/).
     A run finished with the same config and inputs is skipped, an interrupted one resumes
     (``restart`` discards it instead); ``log`` takes each line the stage reports."""
+    from accelerate.utils import broadcast_object_list
+
     cfg = config.pretrain
     if cfg.block_size > config.model.max_length:
         raise UserError(f"config: pretrain.block_size ({cfg.block_size}) exceeds model.max_length ({config.model.max_length})")
@@ -48,23 +50,30 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
         return run.path / "final"
     with sizes_for_resuming(run.path / "checkpoints", accelerator.num_processes):
         cfg.grad_accum(accelerator.num_processes, "pretrain")  # sizes must divide before anything is written
-    run.start(restart, log)
 
-    # setup: the world and the tokenizer are written by the main process, read by all
-    tokenizer_dir = run.path / "tokenizer"
+    # setup: the world and the tokenizer (an interrupted run's, else trained anew) are the main process's,
+    # written for all to read; the corpus must hold one batch before the run folder is written, or the
+    # fixed config would find it holding a run of another config
+    world_dir, tokenizer_dir = Path(config.run.dir) / "world", run.path / "tokenizer"
+    n_blocks = [0]
     if accelerator.is_main_process:
-        world = build_world(config.world, Path(config.run.dir) / "world", replace=restart)
-        if not tokenizer_dir.is_dir():
-            tmp = tokenizer_dir.with_name("tokenizer.tmp")
-            train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size).save_pretrained(tmp)
-            replace_dir(tmp, tokenizer_dir)
+        world = build_world(config.world, world_dir, replace=restart)
+        resumed = tokenizer_dir.is_dir() and not restart  # --restart discards it
+        tokenizer = load_tokenizer(tokenizer_dir) if resumed else train_tokenizer(tokenizer_texts(world), config.tokenizer.vocab_size)
+        n_blocks = [len(pack_documents(tokenizer, world.corpus.read_text().splitlines(), cfg.block_size))]
+    broadcast_object_list(n_blocks)
+    with sizes_for_resuming(run.path / "checkpoints", accelerator.num_processes):
+        cfg.check_fits(n_blocks[0], accelerator.num_processes, str(WorldFiles(world_dir).corpus), "corpus blocks", "pretrain")
+    run.start(restart, log)
+    if accelerator.is_main_process and not tokenizer_dir.is_dir():
+        tmp = tokenizer_dir.with_name("tokenizer.tmp")
+        tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, tokenizer_dir)
     accelerator.wait_for_everyone()
-    world = build_world(config.world, Path(config.run.dir) / "world")
+    world = build_world(config.world, world_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     run.write_lineage({"corpus": world.corpus, "tokenizer": tokenizer_dir})
     blocks = pack_documents(tokenizer, world.corpus.read_text().splitlines(), cfg.block_size)
-    with sizes_for_resuming(run.path / "checkpoints", accelerator.num_processes):
-        cfg.check_fits(len(blocks), accelerator.num_processes, str(world.corpus), "corpus blocks", "pretrain")
 
     seed_everything(config.run.seed)  # same initial weights in every process
     model = build_base_model(config.model, tokenizer)

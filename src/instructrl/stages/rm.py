@@ -72,15 +72,21 @@ def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonR
     if demonstrations is None:
         demos = best_ranked(train, encoded)
         return demos, f"the {len(demos)} best-ranked training responses (no rm.demonstrations)"
+    # check, then stream, as SFT reads its demonstrations: a bad record at the end of the file is named before
+    # any is tokenized, and of each only its token ids are held
     fitting, too_long = TokenSequences(), 0
-    conversations = read_data(demonstrations, "conversation", progress=f"rm: reading {demonstrations}" if progress else None).items
-    for demo in tracked(conversations, f"rm: tokenizing {demonstrations}", "demonstration", progress):
+
+    def tokenize(record: dict, demo) -> None:
+        nonlocal too_long
         with located(demo.where):
             ids = tokenize_conversation(tokenizer, demo.messages, demo.tools).input_ids
         if len(ids) > max_length:
             too_long += 1
-            continue
-        fitting.append(ids)
+        else:
+            fitting.append(ids)
+
+    read_data(demonstrations, "conversation", progress=f"rm: reading {demonstrations}" if progress else None, keep=False)
+    read_data(demonstrations, "conversation", progress=f"rm: tokenizing {demonstrations}" if progress else None, on_item=tokenize, keep=False)
     if not fitting:
         raise UserError(f"{demonstrations}: no demonstration fits in {max_length} tokens (rm.max_length)")
     skipped = f", {too_long} longer than {max_length} tokens left out" if too_long else ""

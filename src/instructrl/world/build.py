@@ -1,6 +1,7 @@
 """Write the built-in world to disk: prompt splits, demonstrations and the pretraining corpus.
 
-Everything is a pure function of ``WorldConfig``; the same config always writes the same bytes.
+Everything is a pure function of ``WorldConfig``; the same config always writes the same bytes,
+but for world.json's record of the build (command line, versions), as a stage's run.json records its run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from instructrl.config import WorldConfig
 from instructrl.data.jsonl import read_jsonl, write_jsonl
 from instructrl.errors import UserError
-from instructrl.rundir import write_text_atomic
+from instructrl.rundir import run_info, write_text_atomic
 from instructrl.world.corpus import corpus_documents
 from instructrl.world.labeler import DemoStyle, SimulatedLabeler
 from instructrl.world.tasks import FAMILIES, Task, sample_task
@@ -115,7 +116,7 @@ def build_world(config: WorldConfig, root: Path, replace: bool = False) -> World
     write_text_atomic(files.corpus, "\n".join(docs[config.heldout_documents :]) + "\n")
     write_text_atomic(files.heldout_corpus, "\n".join(docs[: config.heldout_documents]) + "\n")
     counts = {name: len(tasks) for name, tasks in splits.items()}
-    write_text_atomic(files.manifest, json.dumps({"config": wanted, "counts": counts}, indent=2))
+    write_text_atomic(files.manifest, json.dumps({"config": wanted, "counts": counts, **run_info(config.seed)}, indent=2))
     return files
 
 
