@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from instructrl.data.jsonl import encodable, write_jsonl
 from instructrl.errors import UserError
