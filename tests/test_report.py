@@ -446,6 +446,7 @@ def test_eval_gives_the_figures_on_the_prompts_whose_question_no_training_prompt
             sampled = [labeler.judge(tasks[row["id"]], a).likert for row in new for a in row[name]["sampled"]]
             assert r["sampled"]["new_prompts"]["likert"] == pytest.approx(sum(sampled) / len(sampled))
     assert results[GOLD_ANSWERS]["new_prompts"]["win_rate_vs_sft"]["win_rate"] > 0.5  # the smoke model is no match for the gold answers
-    line = f"{sum(seen)} of {len(rows)} eval prompts ask a question also in the training prompts"
-    assert line in " ".join(proc.stdout.split())  # the table's caption, however it wraps
+    caption = f"new: the {len(new)} of {len(rows)} prompts whose question no training prompt asks ({sum(seen)} ask one in other words)"
+    assert caption in " ".join(proc.stdout.split())  # however it wraps
+    assert " ".join(proc.stdout.split()).count("new: Likert") == 2  # greedy and sampled
     assert html.escape(new_prompts_text(results)) in (tmp_path / "report.html").read_text()

@@ -24,7 +24,7 @@ from instructrl.data.packing import pack_documents
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
 from instructrl.evaluation.preference import win_rate
-from instructrl.evaluation.report import GOLD_ANSWERS, new_prompts_text, round_folders
+from instructrl.evaluation.report import GOLD_ANSWERS, round_folders
 from instructrl.models.base import context_length, inference_device, load_answering_model, load_tokenizer
 from instructrl.models.reward import RewardModel, score_sequences
 from instructrl.rlmath import next_token_nll
@@ -300,7 +300,6 @@ def results_table(results: dict):
     """A rich table: mean gold Likert per family (rows) and model (columns), flags below; then the sampled answers."""
     from rich import box
     from rich.table import Table
-    from rich.text import Text
 
     names = list(results)
     if "overall" not in results[names[0]]:
@@ -311,9 +310,12 @@ def results_table(results: dict):
         first = results[names[0]]["sampled"]
         title += f"; greedy answers, then {first['samples']} per prompt sampled at T={first['temperature']:g}"
     # light borders and short row labels: the six columns of a pipeline fit an 80-column terminal
-    caption = new_prompts_text(results)  # plain text: its brackets are intervals, not markup
-    table = Table(title=title, caption=Text(caption) if caption else None, caption_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    counts = results[names[0]].get("new_prompts")
+    caption = None
+    if counts:
+        caption = (f"new: the {counts['prompts']} of {counts['prompts'] + counts['seen']} prompts whose question no training prompt "
+                   f"asks ({counts['seen']} ask one in other words)")
+    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("greedy", overflow="fold", min_width=15)
     for name in names:
         table.add_column(name, justify="right", overflow="fold")
@@ -327,6 +329,7 @@ def results_table(results: dict):
     if any("pretraining_loss" in results[n] for n in names):
         table.add_row("pretrain loss", *(f"{results[n]['pretraining_loss']:.2f}" if "pretraining_loss" in results[n] else "" for n in names))
     _reward_rows(table, [results[n] for n in names])
+    _new_prompt_rows(table, [results[n] for n in names])
     table.rows[-1].end_section = True
     if sampled:
         table.add_row("[bold]sampled", *("" for _ in names))
@@ -335,7 +338,16 @@ def results_table(results: dict):
             table.add_row(flag, *(f"{results[n]['sampled']['overall']['flags'][flag]:.0%}" for n in names))
         table.add_row("[bold]wins vs SFT", *(_win_cell(results[n]["sampled"].get("win_rate_vs_sft")) for n in names))
         _reward_rows(table, [results[n]["sampled"] for n in names])
+        _new_prompt_rows(table, [results[n]["sampled"] for n in names])
     return table
+
+
+def _new_prompt_rows(table, results: list[dict]) -> None:
+    """Likert and win rate vs SFT on the prompts whose question no training prompt asks (eval's ``new_prompts``)."""
+    new = [r.get("new_prompts") or {} for r in results]
+    if all("likert" in n for n in new):
+        table.add_row("new: Likert", *(f"{n['likert']:.2f}" for n in new))
+        table.add_row("new: wins", *(_win_cell(n.get("win_rate_vs_sft")) for n in new))
 
 
 def _reward_rows(table, results: list[dict]) -> None:
