@@ -117,8 +117,7 @@ def hold(folder: Path) -> None:
     process that would write it (a second ``instructrl pipeline`` on the run) stops with one line naming
     this one, before it writes anything. An flock, which the kernel drops when its holder dies, kill -9
     included, so that it never goes stale; on a file beside the folder, as --restart empties the folder."""
-    folder = Path(folder)
-    lock = os.path.realpath(folder.with_name(f".{folder.name}.lock"))
+    lock = _lock_file(folder)
     if lock in _held:  # a stage run again in this process (after an error, in a test)
         return
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -135,9 +134,14 @@ def hold(folder: Path) -> None:
 
 def release(folder: Path) -> None:
     """Let another process write ``folder`` (see ``hold``)."""
-    fd = _held.pop(os.path.realpath(Path(folder).with_name(f".{Path(folder).name}.lock")), None)
+    fd = _held.pop(_lock_file(folder), None)
     if fd is not None:
         os.close(fd)
+
+
+def _lock_file(folder: Path) -> str:
+    folder = Path(folder)
+    return os.path.realpath(folder.with_name(f".{folder.name}.lock"))
 
 
 def _holder(fd: int) -> str:
