@@ -13,15 +13,18 @@
         checkpoints/     resumable training state (step-NNNNNNNN/)
         final/           the stage's output checkpoint (save_pretrained folder)
         done.json        written last: the stage finished
+    runs/<name>/.<stage>.lock   held by the one process writing the stage (``hold``); says which
 """
 
 from __future__ import annotations
 
+import fcntl
 import filecmp
 import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -106,6 +109,57 @@ def copy_dir(src: Path, dest: Path, copy_function=shutil.copy2) -> None:
     replace_dir(tmp, dest)
 
 
+_held: dict[str, int] = {}  # lock file -> the descriptor by which this process holds it
+
+
+def hold(folder: Path) -> None:
+    """Make this process the one writer of ``folder`` until ``release(folder)`` or its exit: another
+    process that would write it (a second ``instructrl pipeline`` on the run) stops with one line naming
+    this one, before it writes anything. An flock, which the kernel drops when its holder dies, kill -9
+    included, so that it never goes stale; on a file beside the folder, as --restart empties the folder."""
+    lock = _lock_file(folder)
+    if lock in _held:  # a stage run again in this process (after an error, in a test)
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another instructrl process ({holder}); wait for it to finish or stop it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M"), "command": _command_line()}).encode())
+    _held[lock] = fd
+
+
+def release(folder: Path) -> None:
+    """Let another process write ``folder`` (see ``hold``)."""
+    fd = _held.pop(_lock_file(folder), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _lock_file(folder: Path) -> str:
+    folder = Path(folder)
+    return os.path.realpath(folder.with_name(f".{folder.name}.lock"))
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock file, as its holder wrote it: "pid N, started ..., `command`"."""
+    try:
+        info = json.loads(os.pread(fd, 1 << 16, 0))
+        return f"pid {info['pid']}, started {info['started']}, `{info['command']}`"
+    except (ValueError, KeyError, TypeError):  # the holder is writing it this instant
+        return "pid unknown"
+
+
+def _command_line() -> str:
+    """This process's command, as typed: ``instructrl ...`` however the CLI was started (python -m, torchrun)."""
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    name = "instructrl" if "instructrl" in (program.name, program.parent.name) else program.name
+    return shlex.join([name, *sys.argv[1:]])
+
+
 def given_or_earlier(given, default: Path, key: str, stage: str, earlier: str) -> str:
     """The path a user gave as ``key``, else ``default``, an earlier stage's output in this run,
     which must exist: else one line saying to run ``earlier`` first or to set ``key``."""
@@ -160,8 +214,11 @@ class RunDir:
 
     def skip(self, restart: bool, log) -> bool:
         """Whether the stage has nothing to do (finished with this config and inputs, no --restart); says so in the log."""
+        if self.is_main and self.path.exists():  # another run may be writing it: refuse now, not after loading the models
+            hold(self.path)
         if restart or not self.is_done():
             return False
+        release(self.path)
         log(f"{self.stage}: {self.path} is complete with this config and inputs; nothing to do (--restart runs it again; {self._in_pipeline})")
         return True
 
@@ -190,7 +247,11 @@ class RunDir:
 
         A folder holding a run of a different config is an error unless ``restart`` is set:
         its checkpoints are never silently overwritten. ``log``: told what a restart discards.
+        The main process holds the folder from here until ``finish`` (``hold``).
         """
+        if self.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            hold(self.path)
         saved = self.path / "identity.json"
         previous = json.loads(saved.read_text()) if saved.is_file() else None
         if previous is not None and not restart:
@@ -243,6 +304,7 @@ class RunDir:
             write_text_atomic(self.done_file, json.dumps(record, indent=2))
         if self._tb is not None:
             self._tb.close()
+        release(self.path)
 
     # -- records
 

@@ -1,0 +1,89 @@
+"""Two processes on one stage folder: the second stops with one line and writes nothing; kill -9 of the first frees it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SMOKE, cli
+
+from instructrl.config import load_config
+from instructrl.errors import UserError
+from instructrl.rundir import RunDir
+
+# a stage that has begun writing its folder and goes on training (as `instructrl pipeline` in a forgotten tmux)
+HOLDER = """
+import sys, time
+from instructrl.config import load_config
+from instructrl.rundir import RunDir
+
+root = sys.argv[1]
+sys.argv = ["instructrl", "pipeline", "-c", "configs/smoke.yaml", "run.dir=" + root]  # what run.json and the lock record
+run = RunDir(load_config(overrides=["run.dir=" + root]), "sft", ("run", "sft"))
+run.start()
+run.record_start()
+print("writing", flush=True)
+time.sleep(600)
+"""
+
+
+def _files(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def holder(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "writing\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_run_of_a_stage_in_use_stops_with_one_line_and_changes_nothing(tmp_path, holder):
+    config = load_config(overrides=[f"run.dir={tmp_path}"])
+    before = _files(tmp_path)
+    in_use = rf"^{tmp_path / 'sft'} is in use by another instructrl process \(pid {holder.pid}, started \d{{4}}-\d\d-\d\d \d\d:\d\d, " \
+             r"`instructrl pipeline -c configs/smoke.yaml run.dir=.*`\); wait for it to finish or stop it$"
+    for restart in (False, True):  # --restart would have emptied the folder under the running stage
+        with pytest.raises(UserError, match=in_use):
+            RunDir(config, "sft", ("run", "sft")).skip(restart, log=print)
+        with pytest.raises(UserError, match=in_use):
+            RunDir(config, "sft", ("run", "sft")).start(restart)
+    proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path}", "--restart", check=False)
+    assert proc.returncode == 2 and f"is in use by another instructrl process (pid {holder.pid}," in " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert _files(tmp_path) == before
+    # another stage of the same run is free, and a reader needs no lock
+    assert not RunDir(config, "rm", ("run", "rm")).skip(False, log=print)
+    assert RunDir(config, "sft", ("run", "sft")).changed_inputs() == []
+
+    holder.send_signal(signal.SIGKILL)  # no clean exit: the kernel drops the lock with the process
+    holder.wait()
+    run = RunDir(config, "sft", ("run", "sft"))
+    run.start()
+    run.finish({})
+    assert (tmp_path / "sft" / "done.json").is_file()
+
+
+def test_the_main_process_holds_the_folder_from_start_to_finish_and_other_ranks_take_nothing(tmp_path):
+    from instructrl import rundir
+
+    config = load_config(overrides=[f"run.dir={tmp_path}"])
+    rank1 = RunDir(config, "sft", ("run", "sft"), is_main=False)
+    rank1.start()
+    assert not rundir._held and not (tmp_path / ".sft.lock").exists()
+    run = RunDir(config, "sft", ("run", "sft"))
+    run.start()
+    assert list(rundir._held) == [os.path.realpath(tmp_path / ".sft.lock")]
+    RunDir(config, "sft", ("run", "sft")).start()  # the same process again (a resumed stage in a test): no refusal
+    run.finish({})
+    assert not rundir._held
+    assert RunDir(config, "sft", ("run", "sft")).skip(False, log=print)  # finished: skipped, and nothing held
+    assert not rundir._held
