@@ -296,6 +296,10 @@ def test_eval_leaves_out_a_model_trained_on_inputs_that_changed_since(tmp_path, 
     (run_dir / "sft" / "final" / "config.json").write_text("{}")  # SFT trained again: the PPO run began from another model
     assert set(default_models(config, logged.append)) == {"base", "sft"}
     assert "ppo" in logged[0] and "left out" in logged[0] and "policy" in logged[0]
+    (run_dir / "ppo_ptx" / "checkpoints").mkdir(parents=True)  # begun, not finished (still running, or stopped)
+    logged.clear()
+    assert set(default_models(config, logged.append)) == {"base", "sft"}
+    assert any(line.startswith("eval: ppo_ptx (") and "has not finished" in line for line in logged)
 
 
 def test_eval_of_your_own_prompts_judged_by_a_reward_model(tmp_path, smoke_rm):

@@ -38,14 +38,17 @@ DEMONSTRATIONS = "demonstrations"
 
 def default_models(config: PipelineConfig, log=print) -> dict[str, str]:
     """This run's finished models, those that exist: base, SFT, and PPO and PPO-ptx of the last
-    round (``pipeline.rounds``). A model whose inputs have changed since it was trained (a PPO run
-    left over from before its SFT model was trained again) is left out, and the log says so."""
+    round (``pipeline.rounds``). A stage begun but not finished (no final/ yet), and a model whose
+    inputs have changed since it was trained (a PPO run left over from before its SFT model was
+    trained again), are left out, and the log says so."""
     root = Path(config.run.dir)
     last = round_folders(root, config.pipeline.rounds)[-1]
     candidates = {"base": root / "pretrain", "sft": root / "sft", "ppo": last / "ppo", "ppo_ptx": last / "ppo_ptx"}
     models = {}
     for name, stage in candidates.items():
         if not (stage / "final").is_dir():
+            if stage.is_dir():
+                log(f"eval: {name} ({stage}) left out: it has not finished (no final/ yet)")
             continue
         in_round = config.model_copy(deep=True)  # a round's lineage is recorded relative to its own folder
         in_round.run.dir = stage.parent
