@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import importlib
 import os
 import signal
 import subprocess
@@ -75,15 +77,45 @@ def test_a_second_run_of_a_stage_in_use_stops_with_one_line_and_changes_nothing(
 def test_the_main_process_holds_the_folder_from_start_to_finish_and_other_ranks_take_nothing(tmp_path):
     from instructrl import rundir
 
+    def held() -> list[str]:  # this test's locks: earlier tests of the process may hold their own
+        return [lock for lock in rundir._held if lock.startswith(os.path.realpath(tmp_path))]
+
     config = load_config(overrides=[f"run.dir={tmp_path}"])
     rank1 = RunDir(config, "sft", ("run", "sft"), is_main=False)
     rank1.start()
-    assert not rundir._held and not (tmp_path / ".sft.lock").exists()
+    assert not held() and not (tmp_path / ".sft.lock").exists()
     run = RunDir(config, "sft", ("run", "sft"))
     run.start()
-    assert list(rundir._held) == [os.path.realpath(tmp_path / ".sft.lock")]
+    assert held() == [os.path.realpath(tmp_path / ".sft.lock")]
     RunDir(config, "sft", ("run", "sft")).start()  # the same process again (a resumed stage in a test): no refusal
     run.finish({})
-    assert not rundir._held
+    assert not held()
     assert RunDir(config, "sft", ("run", "sft")).skip(False, log=print)  # finished: skipped, and nothing held
-    assert not rundir._held
+    assert not held()
+
+
+def test_a_stage_that_fails_lets_go_of_its_folder(tmp_path):
+    """From Python (a notebook) the caller lives on after a stage's error: another process must be able to run it."""
+    from instructrl import rundir
+
+    config = load_config(overrides=[f"run.dir={tmp_path}"])
+
+    @rundir.releases_on_error
+    def stage(fail: bool) -> None:
+        RunDir(config, "sft", ("run", "sft")).start()
+        if fail:
+            raise KeyboardInterrupt  # any error, an interrupt included
+        RunDir(config, "rm", ("run", "rm")).start()
+
+    with pytest.raises(KeyboardInterrupt):
+        stage(fail=True)
+    assert os.path.realpath(tmp_path / ".sft.lock") not in rundir._held
+    with open(tmp_path / ".sft.lock") as other:  # another open of the file (as another process's) takes it at once
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    stage(fail=False)  # without an error, what it holds stays held until each run finishes
+    assert {os.path.realpath(tmp_path / f".{name}.lock") for name in ("sft", "rm")} <= set(rundir._held)
+    for name in ("sft", "rm"):
+        rundir.release(tmp_path / name)
+    for function in ("pretrain.run_pretrain", "sft.run_sft", "collect.run_collect", "rm.run_rm", "ppo.run_ppo"):
+        module, name = function.split(".")
+        assert getattr(importlib.import_module(f"instructrl.stages.{module}"), name).__wrapped__  # every stage lets go

@@ -30,7 +30,7 @@ from instructrl.models.reward import RewardModel
 from instructrl.models.tokenizer import train_tokenizer
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
-from instructrl.rundir import RunDir, write_text_atomic
+from instructrl.rundir import releases_on_error, RunDir, write_text_atomic
 from instructrl.stages.ppo import run_ppo
 from instructrl.stages.pretrain import tokenizer_texts
 from instructrl.stages.rm import encode_comparison
@@ -199,6 +199,7 @@ def time_ranking_loss_training(config: PipelineConfig, tokenizer, units: list[Un
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
+@releases_on_error
 def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> dict:
     """Reward-model training throughput: K-way batches against the same comparisons as independent pairs.
 

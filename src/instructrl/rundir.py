@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import filecmp
+import functools
 import hashlib
 import json
 import os
@@ -137,6 +138,21 @@ def release(folder: Path) -> None:
     fd = _held.pop(_lock_file(folder), None)
     if fd is not None:
         os.close(fd)
+
+
+def releases_on_error(stage):
+    """Decorates a stage's function: if it fails, the folders it took (``hold``) are let go. The caller
+    may live on (a notebook, a test), and another process must then be able to run the stage."""
+    @functools.wraps(stage)
+    def run(*args, **kwargs):
+        before = set(_held)
+        try:
+            return stage(*args, **kwargs)
+        except BaseException:
+            for lock in set(_held) - before:
+                os.close(_held.pop(lock))
+            raise
+    return run
 
 
 def _lock_file(folder: Path) -> str:

@@ -28,7 +28,7 @@ from instructrl.evaluation.report import GOLD_ANSWERS, round_folders
 from instructrl.models.base import context_length, inference_device, load_answering_model, load_tokenizer
 from instructrl.models.reward import RewardModel, score_sequences
 from instructrl.rlmath import next_token_nll
-from instructrl.rundir import RunDir, write_text_atomic
+from instructrl.rundir import releases_on_error, RunDir, write_text_atomic
 from instructrl.world.build import SPLIT_RATIOS, WorldFiles, build_world, demonstration, load_tasks
 from instructrl.world.labeler import FLAGS, SimulatedLabeler
 
@@ -189,6 +189,7 @@ def _eval_prompts(config: PipelineConfig, log) -> tuple[list[str], list[list[dic
     return [t.id for t in tasks], [list(t.messages) for t in tasks], tasks, world.prompts("eval"), world.heldout_corpus.read_text().splitlines()
 
 
+@releases_on_error
 def run_eval(config: PipelineConfig, log=print) -> dict:
     """Answer the evaluation prompts with each model, greedily and sampled, and judge the answers
     (the gold labeler; a reward model with ``eval.reward_model``); writes ``run.dir``/eval and

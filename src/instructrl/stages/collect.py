@@ -19,7 +19,7 @@ from instructrl.data.records import ComparisonRecord, comparison_line, write_com
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import check_room, generate_answers
 from instructrl.models.base import load_answering_model, load_tokenizer
-from instructrl.rundir import RunDir, given_or_earlier, trim_step_log, write_text_atomic
+from instructrl.rundir import given_or_earlier, releases_on_error, RunDir, trim_step_log, write_text_atomic
 from instructrl.training.progress import progress_bar
 from instructrl.world.build import build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities
@@ -56,6 +56,7 @@ def read_judgements(path: Path) -> list[ComparisonRecord]:
     return records
 
 
+@releases_on_error
 def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
     """Sample K responses per RM prompt and have the labelers rank them, into ``run.dir``/collect;
     returns the comparisons file. A run finished with the same config and inputs is skipped

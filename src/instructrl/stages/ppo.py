@@ -43,7 +43,7 @@ from instructrl.rl.metrics import memory_metrics, rollout_metrics, time_metrics
 from instructrl.rl.rollout import Rollout, left_pad_prompts, sample_responses, score_episodes
 from instructrl.rl.update import ppo_epochs
 from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_token_rewards
-from instructrl.rundir import RunDir, given_or_earlier
+from instructrl.rundir import given_or_earlier, releases_on_error, RunDir
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint, sizes_for_resuming
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
 from instructrl.training.progress import plural, progress_bar, tracked
@@ -213,6 +213,7 @@ def bar_status(metrics: dict[str, float]) -> str:
     return status + (f"  gold {metrics['rollout/gold_likert']:.2f}" if "rollout/gold_likert" in metrics else "")
 
 
+@releases_on_error
 def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
     """Optimise the policy against the reward model, into ``run.dir``/ppo_ptx (``ppo.ptx_coef`` > 0)
     or ``run.dir``/ppo; returns the saved policy's folder (final/).

@@ -16,7 +16,7 @@ from instructrl.errors import UserError
 from instructrl.models.base import build_base_model, count_parameters, count_text, load_tokenizer, set_dropout
 from instructrl.models.tokenizer import train_tokenizer
 from instructrl.rlmath import next_token_nll
-from instructrl.rundir import RunDir, replace_dir
+from instructrl.rundir import releases_on_error, replace_dir, RunDir
 from instructrl.training.checkpoint import sizes_for_resuming
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
 from instructrl.training.progress import plural
@@ -34,6 +34,7 @@ def tokenizer_texts(world) -> list[str]:
     return texts
 
 
+@releases_on_error
 def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     """Train a byte-level BPE and the base model on the world's corpus, into ``run.dir``/pretrain;
     returns the saved model's folder (final/).

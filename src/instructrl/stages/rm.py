@@ -27,7 +27,7 @@ from instructrl.models.lora import add_lora, trainable_share
 from instructrl.models.reward import RewardModel, score_sequences
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
-from instructrl.rundir import RunDir, given_or_earlier, write_text_atomic
+from instructrl.rundir import given_or_earlier, releases_on_error, RunDir, write_text_atomic
 from instructrl.training.checkpoint import sizes_for_resuming
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters, write_model
 from instructrl.training.progress import plural, tracked
@@ -93,6 +93,7 @@ def centring_set(demonstrations: Path | None, tokenizer, train: list[ComparisonR
     return fitting, f"the {len(fitting)} demonstrations of {demonstrations}{skipped}"
 
 
+@releases_on_error
 def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: bool | None = None) -> Path:
     """Train the reward model on ranked comparisons, into ``run.dir``/rm; returns the saved model's
     folder (final/, loaded by ``RewardModel.from_pretrained``).

@@ -23,7 +23,7 @@ from instructrl.models.base import apply_switches, length_cap, load_causal_lm, l
 from instructrl.models.lora import add_lora, trainable_share
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
-from instructrl.rundir import RunDir, given_or_earlier
+from instructrl.rundir import given_or_earlier, releases_on_error, RunDir
 from instructrl.training.checkpoint import sizes_for_resuming
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters
 from instructrl.training.progress import plural
@@ -97,6 +97,7 @@ def labeler_selection(accelerator, model, tokenizer, tasks, max_new_tokens: int)
     return select
 
 
+@releases_on_error
 def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     """Fine-tune ``sft.model`` (default: this run's base model) on demonstrations, into
     ``run.dir``/sft; returns the saved model's folder (final/).
