@@ -105,6 +105,7 @@ def test_report_shows_answers_as_text_offline_with_the_same_figures(tmp_path):
     # PPO's alignment tax is its loss over SFT's; the base model, before SFT, pays none
     assert "ppo: Likert" in printed and "alignment tax -3.500 nats (held-out pretraining loss 2.500" in printed
     assert "base: Likert" in printed and "-4.800" not in printed and "held-out pretraining loss 1.200 nats" in printed
+    assert "-3.500" in page and "-4.800" not in page  # the report's table, too
 
 
 class _Tables(HTMLParser):

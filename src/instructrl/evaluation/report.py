@@ -131,9 +131,14 @@ def _win_text(w: dict) -> str:
     return f"{w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}]"
 
 
+def _pays_tax(r: dict, name: str) -> bool:
+    """Whether a model's alignment tax is shown: only a model trained from SFT pays one (the base model comes before it)."""
+    return "alignment_tax" in r and name not in ("sft", "base")
+
+
 def _loss_text(r: dict, name: str) -> str:
     """Held-out pretraining loss, and for a model trained from SFT its rise over SFT's loss: the alignment tax."""
-    if "alignment_tax" in r and name not in ("sft", "base"):  # the base model comes before SFT: it pays no tax
+    if _pays_tax(r, name):
         return f"alignment tax {r['alignment_tax']:+.3f} nats (held-out pretraining loss {r['pretraining_loss']:.3f} over SFT's)"
     return f"held-out pretraining loss {r['pretraining_loss']:.3f} nats"
 
@@ -226,7 +231,7 @@ def _eval_section(evaluation: dict) -> list[str]:
         rows.append([html.escape(name), f"{r['overall']['likert']:.2f}",
                      f"{_win_text(w)} (n={w['n']})" if w else "",
                      f"{r['pretraining_loss']:.3f}" if "pretraining_loss" in r else "",
-                     f"{r['alignment_tax']:+.3f}" if "alignment_tax" in r and name != "sft" else "",
+                     f"{r['alignment_tax']:+.3f}" if _pays_tax(r, name) else "",
                      ", ".join(f"{html.escape(k)} {v:.0%}" for k, v in r["overall"]["flags"].items())])
     parts.append(_table(["model", "mean Likert (1-7)", "win rate vs SFT, ties half (95% interval)", "held-out pretraining loss (nats/token)",
                          "loss − SFT's: the alignment tax", "flags (share of answers)"], rows))
