@@ -135,9 +135,13 @@ def hold(folder: Path) -> None:
 
 def release(folder: Path) -> None:
     """Let another process write ``folder`` (see ``hold``)."""
-    fd = _held.pop(_lock_file(folder), None)
+    _let_go(_lock_file(folder))
+
+
+def _let_go(lock: str) -> None:
+    fd = _held.pop(lock, None)
     if fd is not None:
-        os.close(fd)
+        os.close(fd)  # the kernel drops the flock with its last descriptor
 
 
 def releases_on_error(stage):
@@ -150,7 +154,7 @@ def releases_on_error(stage):
             return stage(*args, **kwargs)
         except BaseException:
             for lock in set(_held) - before:
-                os.close(_held.pop(lock))
+                _let_go(lock)
             raise
     return run
 
