@@ -99,6 +99,7 @@ def test_report_shows_answers_as_text_offline_with_the_same_figures(tmp_path):
     # the reader is told what the numbers mean
     for words in ("(a tie) counts half", "95% interval", "ceiling", "alignment tax", "minus SFT", "Likert score (1-7)", "pairs"):
         assert words in page, words
+    assert "new:" not in page and "<caption>" not in page  # eval told no prompts apart: nothing about new ones
     rows, _ = _side_by_side(page)
     assert rows[0] == ["prompt", "gold answer", "base", "sft", "ppo"] and len(rows) == 1 + SAMPLES_SHOWN
     assert rows[1][1:3] == [HOSTILE, f"{HOSTILE} (Likert 1)"]
@@ -399,9 +400,8 @@ def test_an_eval_prompt_is_seen_when_a_training_prompt_asks_its_question_in_any_
     assert seen_in_training(world, held_out) == [True, True, False, False]
 
 
-def test_when_every_eval_prompt_was_seen_in_training_no_figures_without_them_are_made_up():
+def test_when_every_eval_prompt_was_seen_in_training_no_figures_without_them_are_made_up(tmp_path):
     from instructrl.evaluation.evaluate import new_prompt_results
-    from instructrl.evaluation.report import new_prompts_text
 
     tasks = _tasks(8)
     judged, results = judge_answers(tasks, {"sft": [[t.answer] for t in tasks], "ppo": [["no"] for _ in tasks]}, SimulatedLabeler())
@@ -410,14 +410,25 @@ def test_when_every_eval_prompt_was_seen_in_training_no_figures_without_them_are
     for name, r in new_prompt_results(tasks, judged, [True] * 8).items():
         results[name]["new_prompts"] = r
     assert results["ppo"]["new_prompts"] == {"prompts": 0, "seen": 8}
-    assert new_prompts_text(results).startswith("8 of 8 eval prompts ask a question also in the training prompts") and "none is left" in new_prompts_text(results)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"models": {}, "n_prompts": 8, "results": results}))
+    page = write_report(tmp_path).read_text()
+    assert "each of the 8 prompts asks a question a training prompt asks, in other words: none is new" in page
+    assert _model_tables(page)[0][0] == ["model", "mean Likert (1-7)", "win rate vs SFT, ties half (95% interval)", "held-out pretraining loss (nats/token)",
+                                         "loss − SFT's: the alignment tax", "flags (share of answers)"]  # no columns of figures on no prompts
+
+
+def _model_tables(page: str) -> list[list[list[str]]]:
+    """The report's tables of the models' figures on the held-out prompts, greedy then sampled: rows of cells' text, header first."""
+    parser = _Tables()
+    parser.feed(page)
+    return [table for table in parser.tables if table[0][:2] in (["model", "mean Likert (1-7)"], ["model", "mean Likert (sampled)"])]
 
 
 def test_eval_gives_the_figures_on_the_prompts_whose_question_no_training_prompt_asks(tmp_path, smoke_base):
     from conftest import SMOKE, cli
 
     from instructrl.evaluation.preference import interval95
-    from instructrl.evaluation.report import new_prompts_text
     from instructrl.world.build import load_tasks
 
     base = smoke_base / "pretrain" / "final"
@@ -437,21 +448,38 @@ def test_eval_gives_the_figures_on_the_prompts_whose_question_no_training_prompt
     def outcome(a: float, b: float) -> float:
         return 1.0 if a > b else 0.5 if a == b else 0.0
 
+    shown = {}  # per model the report's cells on the new prompts, greedy then sampled, from the figures recomputed here
     for name, r in results.items():
         figures = r["new_prompts"]
         assert (figures["prompts"], figures["seen"]) == (len(new), sum(seen))
         answers = [row[name]["answer"] if name != GOLD_ANSWERS else row["gold"] for row in new]
-        assert figures["likert"] == pytest.approx(sum(labeler.judge(tasks[row["id"]], a).likert for row, a in zip(new, answers)) / len(new))
+        likert = sum(labeler.judge(tasks[row["id"]], a).likert for row, a in zip(new, answers)) / len(new)
+        assert figures["likert"] == pytest.approx(likert)
+        shown[name] = [f"{likert:.2f}", ""]
         if name != "sft":
             outcomes = [outcome(labeler.judge(tasks[row["id"]], a).quality, labeler.judge(tasks[row["id"]], row["sft"]["answer"]).quality)
                         for row, a in zip(new, answers)]
             assert figures["win_rate_vs_sft"]["win_rate"] == pytest.approx(sum(outcomes) / len(new))
             assert figures["win_rate_vs_sft"]["ci95"] == pytest.approx(interval95(outcomes))
+            shown[name][1] = f"{_win_text({'win_rate': sum(outcomes) / len(new), 'ci95': interval95(outcomes)})} (n={len(new)})"
         if name not in ("demonstrations", GOLD_ANSWERS):  # theirs is one written answer, met by every sample
             sampled = [labeler.judge(tasks[row["id"]], a).likert for row in new for a in row[name]["sampled"]]
             assert r["sampled"]["new_prompts"]["likert"] == pytest.approx(sum(sampled) / len(sampled))
+            shown[name].append(f"{sum(sampled) / len(sampled):.2f}")
     assert results[GOLD_ANSWERS]["new_prompts"]["win_rate_vs_sft"]["win_rate"] > 0.5  # the smoke model is no match for the gold answers
     caption = f"new: the {len(new)} of {len(rows)} prompts whose question no training prompt asks ({sum(seen)} ask one in other words)"
     assert caption in " ".join(proc.stdout.split())  # however it wraps
     assert " ".join(proc.stdout.split()).count("new: Likert") == 2  # greedy and sampled
-    assert html.escape(new_prompts_text(results)) in (tmp_path / "report.html").read_text()
+    # the report gives the same figures as columns of its model tables, greedy and sampled, under the same caption
+    page = (tmp_path / "report.html").read_text()
+    assert page.count(f"<caption>{caption}") == 2
+    greedy, sampled = _model_tables(page)
+    for table in (greedy, sampled):
+        assert table[0][3:5] == ["new: mean Likert", "new: win rate vs SFT"]
+        assert [row[0] for row in table[1:]] == list(results)
+    assert {row[0]: row[3:5] for row in greedy[1:]} == {name: cells[:2] for name, cells in shown.items()}
+    for row in sampled[1:]:
+        if row[0] not in ("demonstrations", GOLD_ANSWERS):
+            assert row[3] == shown[row[0]][2], row[0]
+        w = results[row[0]]["sampled"]["new_prompts"].get("win_rate_vs_sft")
+        assert row[4] == (f"{_win_text(w)} (n={len(new)} prompts)" if w else ""), row[0]

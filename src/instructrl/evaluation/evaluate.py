@@ -24,7 +24,7 @@ from instructrl.data.packing import pack_documents
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
 from instructrl.evaluation.preference import win_rate
-from instructrl.evaluation.report import GOLD_ANSWERS, round_folders
+from instructrl.evaluation.report import GOLD_ANSWERS, new_prompt_figures, new_prompts_caption, round_folders
 from instructrl.models.base import context_length, inference_device, load_answering_model, load_tokenizer
 from instructrl.models.reward import RewardModel, score_sequences
 from instructrl.rlmath import next_token_nll
@@ -314,12 +314,7 @@ def results_table(results: dict):
         first = results[names[0]]["sampled"]
         title += f"; greedy answers, then {first['samples']} per prompt sampled at T={first['temperature']:g}"
     # light borders and short row labels: the six columns of a pipeline fit an 80-column terminal
-    counts = results[names[0]].get("new_prompts")
-    caption = None
-    if counts:
-        caption = (f"new: the {counts['prompts']} of {counts['prompts'] + counts['seen']} prompts whose question no training prompt "
-                   f"asks ({counts['seen']} ask one in other words)")
-    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table = Table(title=title, caption=new_prompts_caption(results), caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("greedy", overflow="fold", min_width=15)
     for name in names:
         table.add_column(name, justify="right", overflow="fold")
@@ -348,8 +343,7 @@ def results_table(results: dict):
 
 def _new_prompt_rows(table, results: list[dict]) -> None:
     """Likert and win rate vs SFT on the prompts whose question no training prompt asks (eval's ``new_prompts``)."""
-    new = [r.get("new_prompts") or {} for r in results]
-    if all("likert" in n for n in new):
+    if new := new_prompt_figures(results):
         table.add_row("new: Likert", *(f"{n['likert']:.2f}" for n in new))
         table.add_row("new: wins", *(_win_cell(n.get("win_rate_vs_sft")) for n in new))
 

@@ -121,14 +121,21 @@ def _training_plot(metrics: dict[str, list[dict]]):
     return fig
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def _table(header: list[str], rows: list[list[str]], caption: str = "") -> str:
+    """A table of ``rows`` of HTML cells under escaped ``header``s, with ``caption`` (HTML) below it."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
+    caption = f"<caption>{caption}</caption>" if caption else ""
+    return f"<div class='scroll'><table>{caption}<tr>{head}</tr>{body}</table></div>"
 
 
 def _win_text(w: dict) -> str:
     return f"{w['win_rate']:.1%} [{w['ci95'][0]:.1%}, {w['ci95'][1]:.1%}]"
+
+
+def _win_cell(w: dict | None, unit: str = "") -> str:
+    """A table's win rate vs SFT with its interval and the prompts it is over; empty where there is none (SFT's own)."""
+    return f"{_win_text(w)} (n={w['n']}{unit})" if w else ""
 
 
 def _pays_tax(r: dict, name: str) -> bool:
@@ -163,23 +170,23 @@ def headline(results: dict) -> list[str]:
     return lines
 
 
-def new_prompts_text(results: dict) -> str | None:
-    """How many eval prompts ask a question also in the training prompts, and each model's figures on the others alone
-    (eval's ``new_prompts``); None where eval did not tell them apart (your own prompts)."""
+def new_prompts_caption(results: dict) -> str | None:
+    """What "new" means in the tables' new-prompt figures: how many eval prompts ask a question no training prompt asks;
+    None where eval did not tell them apart (your own prompts)."""
     counts = next(iter(results.values())).get("new_prompts")
     if counts is None:
         return None
-    line = (f"{counts['seen']} of {counts['seen'] + counts['prompts']} eval prompts ask a question also in the training prompts "
-            "(same family and input, other phrasing)")
+    total = counts["prompts"] + counts["seen"]
     if not counts["prompts"]:
-        return f"{line}: none is left to judge without them"
+        return f"each of the {total} prompts asks a question a training prompt asks, in other words: none is new"
+    return f"new: the {counts['prompts']} of {total} prompts whose question no training prompt asks ({counts['seen']} ask one in other words)"
 
-    def figures(r: dict) -> str:
-        return f"Likert {r['likert']:.2f}" + (f", wins {_win_text(r['win_rate_vs_sft'])} vs SFT" if "win_rate_vs_sft" in r else "")
 
-    models = [f"{name} {figures(r['new_prompts'])}" + (f" (sampled: {figures(r['sampled']['new_prompts'])})" if "sampled" in r else "")
-              for name, r in results.items() if name not in (GOLD_ANSWERS, "demonstrations")]
-    return f"{line}; on the other {counts['prompts']}: " + "; ".join(models)
+def new_prompt_figures(results: list[dict]) -> list[dict] | None:
+    """Each model's figures on the prompts whose question no training prompt asks (eval's ``new_prompts``: likert,
+    win_rate_vs_sft), or None where there are none: your own prompts, or none of them new."""
+    new = [r.get("new_prompts") or {} for r in results]
+    return new if all("likert" in n for n in new) else None
 
 
 def _judged_text(r: dict) -> str:
@@ -204,6 +211,16 @@ HOW_TO_READ = (
     "(InstructGPT &sect;4.2; PPO-ptx mixes pretraining gradients in to pay less of it).</p>")
 
 
+NEW_HEADER = ["new: mean Likert", "new: win rate vs SFT"]
+NEW_WHY = (". The world's small families have few inputs (some 65 words to reverse), so a prompt that asks a trained question "
+           "in other words measures recall as much as generalisation.")
+
+
+def _new_cells(new: dict | None, unit: str = "") -> list[str]:
+    """A model's Likert and win rate vs SFT on the prompts whose question no training prompt asks; none where there are no such figures."""
+    return [] if new is None else [f"{new['likert']:.2f}", _win_cell(new.get("win_rate_vs_sft"), unit)]
+
+
 def _family_table(results: dict, sampled: bool = False) -> str:
     """Per family (rows) and model (columns): mean Likert, and below it the win rate vs SFT with its interval."""
     results = {n: r["sampled"] if sampled else r for n, r in results.items() if n != GOLD_ANSWERS}
@@ -225,38 +242,36 @@ def _eval_section(evaluation: dict) -> list[str]:
     """The held-out prompts: each model's Likert, win rate, loss and flags, greedy then sampled, then per family."""
     results = evaluation["results"]
     parts = [f"<h2>Held-out prompts, judged by the gold labeler</h2><p>{evaluation['n_prompts']} held-out prompts, greedy answers.</p>"]
+    caption = html.escape(new_prompts_caption(results) or "")
+    new = new_prompt_figures(list(results.values()))
     rows = []
-    for name, r in results.items():
-        w = r.get("win_rate_vs_sft")
-        rows.append([html.escape(name), f"{r['overall']['likert']:.2f}",
-                     f"{_win_text(w)} (n={w['n']})" if w else "",
+    for (name, r), new_r in zip(results.items(), new or [None] * len(results)):
+        rows.append([html.escape(name), f"{r['overall']['likert']:.2f}", _win_cell(r.get("win_rate_vs_sft")), *_new_cells(new_r),
                      f"{r['pretraining_loss']:.3f}" if "pretraining_loss" in r else "",
                      f"{r['alignment_tax']:+.3f}" if _pays_tax(r, name) else "",
                      ", ".join(f"{html.escape(k)} {v:.0%}" for k, v in r["overall"]["flags"].items())])
-    parts.append(_table(["model", "mean Likert (1-7)", "win rate vs SFT, ties half (95% interval)", "held-out pretraining loss (nats/token)",
-                         "loss − SFT's: the alignment tax", "flags (share of answers)"], rows))
+    parts.append(_table(["model", "mean Likert (1-7)", "win rate vs SFT, ties half (95% interval)", *(NEW_HEADER if new else []),
+                         "held-out pretraining loss (nats/token)", "loss − SFT's: the alignment tax", "flags (share of answers)"], rows,
+                        caption + NEW_WHY if caption else ""))
     parts.append(HOW_TO_READ)
     if GOLD_ANSWERS in results:
         parts.append(f"<p><b>The ceiling.</b> {GOLD_ANSWERS}: the gold answer to every prompt. It ties with SFT's perfect answers and beats "
                      "the rest, so its win rate against SFT is the most any model can reach (50% would mean SFT is always perfect). "
                      "<i>demonstrations</i>: the demonstrator's answers to the same prompts, the level SFT imitates.</p>")
-    if line := new_prompts_text(results):
-        parts.append(f"<p><b>Questions also in the training prompts.</b> {html.escape(line)}. The world's prompt texts are disjoint "
-                     "between splits, but its small families have few inputs (some 65 words to reverse), so a held-out prompt often "
-                     "asks a trained question in other words; figures on those measure recall as much as generalisation.</p>")
     sampled = all("sampled" in r for r in results.values())
     if sampled:
         first = next(iter(results.values()))["sampled"]
         parts.append(f"<p>Greedy answers above. Below, {first['samples']} answers per prompt sampled at temperature "
                      f"{first['temperature']:g}, the distribution PPO optimises (the demonstrations and gold answers are one per prompt, "
                      "met by every sample; the interval is over prompts).</p>")
+        new = new_prompt_figures([r["sampled"] for r in results.values()])
         rows = []
-        for name, r in results.items():
-            w = r["sampled"].get("win_rate_vs_sft")
-            rows.append([html.escape(name), f"{r['sampled']['overall']['likert']:.2f}",
-                         f"{_win_text(w)} (n={w['n']} prompts)" if w else "",
+        for (name, r), new_r in zip(results.items(), new or [None] * len(results)):
+            rows.append([html.escape(name), f"{r['sampled']['overall']['likert']:.2f}", _win_cell(r["sampled"].get("win_rate_vs_sft"), " prompts"),
+                         *_new_cells(new_r, " prompts"),
                          ", ".join(f"{html.escape(k)} {v:.0%}" for k, v in r["sampled"]["overall"]["flags"].items())])
-        parts.append(_table(["model", "mean Likert (sampled)", "win rate vs SFT, ties half (95% interval)", "flags (share of answers)"], rows))
+        parts.append(_table(["model", "mean Likert (sampled)", "win rate vs SFT, ties half (95% interval)", *(NEW_HEADER if new else []),
+                             "flags (share of answers)"], rows, caption))
     parts.append(_figure_tag(_likert_plot(results), "Mean gold Likert (1-7) of the greedy answers, per instruction family and model "
                                                     "(the gold answers, 7 everywhere, left out)."))
     parts.append("<h3>Per instruction family</h3><p>Mean Likert of the greedy answers and, below it, the win rate vs SFT "
@@ -278,7 +293,7 @@ def _reward_section(evaluation: dict) -> list[str]:
         row = [html.escape(name)]
         for judged in (r, r.get("sampled", {})):
             w = judged.get("reward", {}).get("win_rate_vs_sft")
-            row += [f"{judged['reward']['mean']:.3f}" if "reward" in judged else "", f"{_win_text(w)} (n={w['n']})" if w else ""]
+            row += [f"{judged['reward']['mean']:.3f}" if "reward" in judged else "", _win_cell(w)]
         rows.append(row)
     return [f"<h2>Judged by the reward model</h2><p>{evaluation['n_prompts']} prompts from <code>{html.escape(evaluation.get('prompts', ''))}</code>, "
             f"every answer scored by <code>{html.escape(str(evaluation['reward_model']))}</code>. A reward model is a proxy for people's "
@@ -369,7 +384,7 @@ def _samples_section(samples_path: Path, evaluation: dict, n_samples: int) -> li
 PAGE_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
               ".scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:1em 0}"
               "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:top}th{background:#f3f3f3}"
-              "img{max-width:100%;height:auto}figure{margin:1em 0}")
+              "caption{caption-side:bottom;text-align:left;font-size:13px;padding-top:4px}img{max-width:100%;height:auto}figure{margin:1em 0}")
 
 
 def write_report(root: Path, rounds: int = 1, n_samples: int = SAMPLES_SHOWN) -> Path:
