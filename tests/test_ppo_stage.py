@@ -562,6 +562,24 @@ def test_a_minibatch_in_one_micro_batch_or_in_four_makes_the_same_update(smoke_b
     assert torch.allclose(updates[0], updates[1], atol=1e-5, rtol=1e-4)
 
 
+def test_gradients_are_synced_on_a_minibatchs_last_backward_only(smoke_base):
+    """Every backward of a minibatch but its last micro-batch's (PPO-ptx's too) runs where syncing is
+    off (``accumulating``). FSDP decides at backward time (FSDP2's set_requires_gradient_sync, FSDP1's
+    no_sync): a backward made after leaving the context reduce-scattered every micro-batch's gradients."""
+    model, tok, rollout = _four_episode_rollout(smoke_base)
+    cfg = load_config(SMOKE, ["ppo.minibatch_size=4", "ppo.micro_batch_size=2", "ppo.rollout_batch_size=4", "ppo.ppo_epochs=1",
+                              "ppo.ptx_coef=1.0", "ppo.ptx_batch_size=2"]).ppo
+    accelerator = make_accelerator(cfg)
+    synced, backward = [], accelerator.backward
+    accelerator.backward = lambda loss, **kwargs: synced.append(accelerator.sync_gradients) or backward(loss, **kwargs)
+    value = _Value(len(tok))
+    blocks = torch.randint(len(tok), (4, 16), generator=torch.Generator().manual_seed(0))
+    ppo_epochs(accelerator, cfg, rollout, model.train(), value, torch.optim.AdamW(model.parameters(), lr=1e-5),
+               torch.optim.AdamW(value.parameters(), lr=1e-5), [], blocks, iteration=0, seed=0)
+    # one minibatch: the ptx term, then micro-batch 1's policy and value backward with syncing off; micro-batch 2's on
+    assert synced == [False, False, False, True, True]
+
+
 def test_the_ppo_ptx_term_is_gamma_times_the_gradient_of_the_mean_pretraining_nll(smoke_base):
     """PPO-ptx adds γ · E_pretrain[-log π(x)] per token (InstructGPT eq. 2): with every block the same,
     whichever blocks are drawn, the gradient is γ times that of one block's mean NLL."""
