@@ -218,6 +218,25 @@ def test_clipped_policy_loss_gradient_is_zero_when_clipped():
     assert new.grad.item() == 0.0
 
 
+def test_clipped_losses_ignore_the_positions_the_mask_leaves_out():
+    """Tokens after the first EOS (mask 0) hold garbage log-probs, values and advantages: they must
+    change neither the losses, nor their statistics, nor the gradient."""
+    new = torch.log(torch.tensor([[1.1, 50.0]])).requires_grad_()  # ratios 1.1 and, on padding, 50
+    mask = torch.tensor([[1, 0]])
+    loss, stats = clipped_policy_loss(new, torch.zeros(1, 2), torch.tensor([[2.0, -7.0]]), mask, clip=0.2)
+    # the real token alone: A = 2, ratio 1.1 inside the clip range: -2.2; approx-KL 0.5·ln²1.1 = 0.004542
+    assert torch.allclose(loss, torch.tensor(-2.2)) and stats["clipfrac"].item() == 0.0
+    assert torch.allclose(stats["approx_kl"], torch.tensor(0.5 * math.log(1.1) ** 2)) and torch.allclose(stats["ratio"], torch.tensor(1.1))
+    loss.backward()
+    assert new.grad[0, 1].item() == 0.0 and new.grad[0, 0].item() != 0.0
+    values = torch.tensor([[0.1, 100.0]]).requires_grad_()
+    vf_loss, vf_clipfrac = clipped_value_loss(values, torch.zeros(1, 2), torch.tensor([[1.0, -100.0]]), mask, clip=0.2)
+    # V = 0.1 inside the clip range of old V = 0: 0.5·(0.1 - 1)² = 0.405
+    assert torch.allclose(vf_loss, torch.tensor(0.405)) and vf_clipfrac.item() == 0.0
+    vf_loss.backward()
+    assert values.grad[0, 1].item() == 0.0
+
+
 def test_clipped_value_loss_hand_values():
     old = torch.tensor([[0.0, 0.0]])
     new = torch.tensor([[1.0, 0.1]])

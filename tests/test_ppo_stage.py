@@ -211,6 +211,33 @@ def test_whitened_rewards_keep_their_mean_and_feed_gae():
     assert torch.allclose(rollout.returns, torch.tensor([[6.0, 4.0, 0.0], [3.0, 0.0, 0.0]]), atol=1e-5)
 
 
+def test_rollout_metrics_sum_each_response_over_its_real_tokens_and_average_the_episodes():
+    """The logged KL is nats per response (summed over its tokens up to EOS), entropy a per-token mean,
+    each averaged over episodes; what follows EOS (garbage here: 9, 50) never counts."""
+    import math
+
+    from instructrl.rl.metrics import rollout_metrics
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    zeros = torch.zeros(2, 3)
+    rollout = Rollout(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), mask,
+                      ended=torch.tensor([True, False]), logprobs=torch.tensor([[-1.0, -2.0, -9.0], [-1.0, -9.0, -9.0]]),
+                      ref_logprobs=torch.tensor([[-1.5, -1.5, 0.0], [-2.0, 0.0, 0.0]]), values=zeros, scores=torch.tensor([1.0, -3.0]),
+                      rm_scores=torch.tensor([1.0, 2.0]), entropy=torch.tensor([[2.0, 1.0, 50.0], [3.0, 50.0, 50.0]]),
+                      exact_kl=torch.tensor([[0.5, 0.25, 9.0], [1.0, 9.0, 9.0]]))
+    m = rollout_metrics(rollout, ["a", "b"], ["x", "y"], {}, None, SimpleNamespace(reduce=lambda t, op: t))
+    # exact KL per response 0.75 and 1.0: mean 0.875; log π - log π_ref on real tokens: [0.5, -0.5] and [1.0]
+    assert m["rollout/kl"] == pytest.approx(0.875) and m["rollout/sqrt_kl"] == pytest.approx(math.sqrt(0.875))
+    assert m["rollout/kl_k1"] == pytest.approx((0.0 + 1.0) / 2)
+    k3 = lambda log_ratio: math.expm1(-log_ratio) + log_ratio  # noqa: E731  (ρ - 1) - log ρ, ρ = π_ref / π
+    assert m["rollout/kl_k3"] == pytest.approx((k3(0.5) + k3(-0.5) + k3(1.0)) / 2)  # (0.1065 + 0.1487 + 0.3679) / 2
+    # entropy per token 1.5 and 3.0: mean 2.25; lengths 2 and 1; one response of two ended
+    assert m["rollout/entropy"] == pytest.approx(2.25) and m["rollout/length"] == 1.5 and m["rollout/eos_rate"] == 0.5
+    # the RM's scores 1 and 2; the reward's, with the missing-EOS score -3 for the second
+    assert m["rollout/score"] == 1.5 and m["rollout/score_in_reward"] == -1.0
+    assert "rollout/gold_likert" not in m  # no gold tasks given
+
+
 def test_prompt_order_covers_every_prompt_once_per_epoch():
     seen = [i for it in range(5) for i in prompt_order(10, 4, it, seed=3)]
     # 20 draws over 10 prompts: the first 10 are a permutation, and so are the next 10
@@ -562,6 +589,24 @@ def test_a_minibatch_in_one_micro_batch_or_in_four_makes_the_same_update(smoke_b
     assert torch.allclose(updates[0], updates[1], atol=1e-5, rtol=1e-4)
 
 
+def test_gradients_are_synced_on_a_minibatchs_last_backward_only(smoke_base):
+    """Every backward of a minibatch but its last micro-batch's (PPO-ptx's too) runs where syncing is
+    off (``accumulating``). FSDP decides at backward time (FSDP2's set_requires_gradient_sync, FSDP1's
+    no_sync): a backward made after leaving the context reduce-scattered every micro-batch's gradients."""
+    model, tok, rollout = _four_episode_rollout(smoke_base)
+    cfg = load_config(SMOKE, ["ppo.minibatch_size=4", "ppo.micro_batch_size=2", "ppo.rollout_batch_size=4", "ppo.ppo_epochs=1",
+                              "ppo.ptx_coef=1.0", "ppo.ptx_batch_size=2"]).ppo
+    accelerator = make_accelerator(cfg)
+    synced, backward = [], accelerator.backward
+    accelerator.backward = lambda loss, **kwargs: synced.append(accelerator.sync_gradients) or backward(loss, **kwargs)
+    value = _Value(len(tok))
+    blocks = torch.randint(len(tok), (4, 16), generator=torch.Generator().manual_seed(0))
+    ppo_epochs(accelerator, cfg, rollout, model.train(), value, torch.optim.AdamW(model.parameters(), lr=1e-5),
+               torch.optim.AdamW(value.parameters(), lr=1e-5), [], blocks, iteration=0, seed=0)
+    # one minibatch: the ptx term, then micro-batch 1's policy and value backward with syncing off; micro-batch 2's on
+    assert synced == [False, False, False, True, True]
+
+
 def test_the_ppo_ptx_term_is_gamma_times_the_gradient_of_the_mean_pretraining_nll(smoke_base):
     """PPO-ptx adds γ · E_pretrain[-log π(x)] per token (InstructGPT eq. 2): with every block the same,
     whichever blocks are drawn, the gradient is γ times that of one block's mean NLL."""
@@ -580,6 +625,47 @@ def test_the_ppo_ptx_term_is_gamma_times_the_gradient_of_the_mean_pretraining_nl
     (total / count).backward()
     assert nll == pytest.approx((total / count).item(), rel=1e-5)
     assert all(torch.allclose(g, 2.5 * p.grad, atol=1e-6) for g, p in zip(ptx_grads, model.parameters()))
+
+
+def test_the_value_model_starts_as_the_reward_model_head_and_bias_included(smoke_rm):
+    """InstructGPT initialises the value function from the RM (§3.5): its head and the bias that centres
+    the rewards, so that its first values are on the scale of the scores GAE compares them with."""
+    from instructrl.stages.ppo import ModelPaths, load_models
+
+    cfg = load_config(SMOKE, []).ppo
+    base, rm = str(smoke_rm / "pretrain" / "final"), str(smoke_rm / "rm" / "final")
+    tok = load_tokenizer(base)
+    _, _, reward_model, value_model = load_models(cfg, ModelPaths(base, rm, rm, base), load_causal_lm(base, dropout=0.0, tokenizer=tok), tok, "ppo")
+    assert float(reward_model.reward_bias) != 0.0 and float(value_model.reward_bias) == float(reward_model.reward_bias)
+    assert torch.equal(value_model.head.weight, reward_model.head.weight) and torch.equal(value_model.head.bias, reward_model.head.bias)
+    ids, mask = pad_sequences([tok("the cat sees the dog").input_ids + [tok.eos_token_id], tok("red").input_ids + [tok.eos_token_id]],
+                              tok.pad_token_id, side="right")
+    with torch.no_grad():
+        assert torch.allclose(value_model.eval()(ids, mask), reward_model(ids, mask))
+    assert all(p.requires_grad for p in value_model.parameters())
+
+
+def test_the_ppo_ptx_blocks_are_drawn_afresh_for_every_optimizer_step(smoke_base):
+    """Each update's pretraining blocks are a new draw (of iteration and step), never one batch over and over."""
+    from instructrl.rl.update import ptx_backward
+
+    class Recording(torch.nn.Module):  # a causal LM stand-in that records which blocks it was given (block i holds i)
+        def __init__(self):
+            super().__init__()
+            self.weight, self.seen = torch.nn.Parameter(torch.zeros(())), []
+
+        def forward(self, input_ids):
+            self.seen.append(tuple(input_ids[:, 0].tolist()))
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 100) + self.weight)
+
+    cfg = load_config(SMOKE, ["ppo.ptx_coef=1.0", "ppo.ptx_batch_size=4"]).ppo
+    policy, blocks = Recording(), torch.arange(100).unsqueeze(1).repeat(1, 8)
+    accelerator = make_accelerator(cfg)
+    for iteration in range(3):
+        for step in range(8):
+            ptx_backward(accelerator, policy, blocks, cfg, seed=0, iteration=iteration, step=step)
+    assert len(policy.seen) == 24 and all(len(draw) == 4 for draw in policy.seen)
+    assert len(set(policy.seen)) == 24
 
 
 def test_the_reference_and_the_reward_model_are_frozen_and_out_of_the_optimizers(smoke_rm):

@@ -22,10 +22,11 @@ def ptx_backward(accelerator, policy, ptx_blocks: torch.Tensor, cfg, seed: int, 
     local_blocks = max(1, cfg.ptx_batch_size // world_size)
     drawn = torch.randint(len(ptx_blocks), (local_blocks * world_size,), generator=g)[rank * local_blocks : (rank + 1) * local_blocks]
     ids = ptx_blocks[drawn].to(accelerator.device)
-    with accumulating(accelerator, policy, last=False), accelerator.autocast():
-        nll_sum, nll_count = next_token_nll(policy(input_ids=ids).logits, ids, torch.ones_like(ids))
-        ptx_loss = nll_sum / nll_count
-    accelerator.backward(cfg.ptx_coef * ptx_loss)
+    with accumulating(accelerator, policy, last=False):
+        with accelerator.autocast():
+            nll_sum, nll_count = next_token_nll(policy(input_ids=ids).logits, ids, torch.ones_like(ids))
+            ptx_loss = nll_sum / nll_count
+        accelerator.backward(cfg.ptx_coef * ptx_loss)
     return ptx_loss.item()
 
 
@@ -36,14 +37,17 @@ def micro_batch_backward(accelerator, cfg, batch: Rollout, policy, value_model, 
     batch = batch.trimmed()  # as scoring did: the same shapes, so the first ratio is exactly 1
     weight = float(batch.response_mask.sum()) * scale
     mask = batch.response_mask.float()
-    with accumulating(accelerator, policy, last=sync), accelerator.autocast():
-        logprobs, _ = response_logprobs(policy, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask, cfg.temperature)
-        pg_loss, stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cfg.clip)
-    accelerator.backward(pg_loss * weight)
-    with accumulating(accelerator, value_model, last=sync), accelerator.autocast():
-        values = response_values(value_model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
-        vf_loss, vf_clipfrac = clipped_value_loss(values, batch.values, batch.returns, mask, cfg.value_clip)
-    accelerator.backward(vf_loss * weight)
+    # the backward inside accumulating(): FSDP decides at backward time whether to reduce-scatter
+    with accumulating(accelerator, policy, last=sync):
+        with accelerator.autocast():
+            logprobs, _ = response_logprobs(policy, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask, cfg.temperature)
+            pg_loss, stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, cfg.clip)
+        accelerator.backward(pg_loss * weight)
+    with accumulating(accelerator, value_model, last=sync):
+        with accelerator.autocast():
+            values = response_values(value_model, batch.query_ids, batch.query_mask, batch.response_ids, batch.response_mask)
+            vf_loss, vf_clipfrac = clipped_value_loss(values, batch.values, batch.returns, mask, cfg.value_clip)
+        accelerator.backward(vf_loss * weight)
     return {"ppo/policy_loss": pg_loss, "ppo/value_loss": vf_loss, "ppo/clipfrac": stats["clipfrac"], "ppo/approx_kl": stats["approx_kl"],
             "ppo/ratio": stats["ratio"], "ppo/value_clipfrac": vf_clipfrac}
 
