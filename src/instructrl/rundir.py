@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import filecmp
 import functools
@@ -121,16 +122,38 @@ def hold(folder: Path) -> None:
     lock = _lock_file(folder)
     if lock in _held:  # a stage run again in this process (after an error, in a test)
         return
+    fd = _take(lock, folder)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M"), "command": _command_line()}).encode())
+    _held[lock] = fd
+
+
+@contextlib.contextmanager
+def rewriting(folder: Path):
+    """Hold ``folder`` (``hold``) while the caller rewrites it, which no stage of its run may be running to read
+    (the world): while another process holds one, stop with the one line ``hold`` gives, before anything is written."""
+    run = Path(folder).parent
+    run.mkdir(parents=True, exist_ok=True)  # where the lock files lie
+    hold(folder)
+    try:
+        for lock in sorted([*run.glob(".*.lock"), *run.glob("*/.*.lock")]):  # the run's stages, and its later rounds'
+            if os.path.realpath(lock) not in _held:  # this process's own stage (pretrain --restart rebuilds the world)
+                os.close(_take(str(lock), lock.with_name(lock.name[1 : -len(".lock")]), f"cannot rewrite {folder}, which the run's stages read: "))
+        yield
+    finally:
+        release(folder)
+
+
+def _take(lock: str, folder: Path, why: str = "") -> int:
+    """A descriptor of lock file ``lock`` that holds it; else one line naming the process that holds ``folder``."""
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise UserError(f"{folder} is in use by another instructrl process ({holder}); wait for it to finish or stop it") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M"), "command": _command_line()}).encode())
-    _held[lock] = fd
+        raise UserError(f"{why}{folder} is in use by another instructrl process ({holder}); wait for it to finish or stop it") from None
+    return fd
 
 
 def release(folder: Path) -> None:
