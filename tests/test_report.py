@@ -304,6 +304,35 @@ def test_eval_leaves_out_a_model_trained_on_inputs_that_changed_since(tmp_path, 
     assert any(line.startswith("eval: ppo_ptx (") and "has not finished" in line for line in logged)
 
 
+
+def test_eval_leaves_out_a_model_trained_from_a_stage_since_discarded(tmp_path, smoke_base):
+    """`instructrl sft --restart` (or pipeline --restart-from sft) discards sft/ before it trains SFT again: until
+    it has, the PPO runs trained from the old SFT model are no longer this run's. A world file (any stage rebuilds
+    it as it was) or a data file of the user's, gone, leaves a model in."""
+    from instructrl.config import load_config
+    from instructrl.evaluation.evaluate import default_models
+    from instructrl.rundir import RunDir
+
+    run_dir, own = tmp_path / "run", tmp_path / "prompts.jsonl"
+    shutil.copytree(smoke_base / "pretrain", run_dir / "pretrain")  # its lineage names world/corpus.txt, not copied
+    for stage in ("sft", "ppo"):
+        shutil.copytree(smoke_base / "pretrain" / "final", run_dir / stage / "final")
+    shutil.copytree(smoke_base / "world", run_dir / "world")
+    own.write_text('{"prompt": "Add 2 and 3."}\n')
+    config = load_config(overrides=[f"run.dir={run_dir}"])
+    sft = run_dir / "sft" / "final"
+    RunDir(config, "ppo", ("run",)).write_lineage({"policy": sft, "reference": sft, "prompts": own, "world": run_dir / "world" / "prompts" / "ppo.jsonl"})
+    own.unlink()
+    shutil.rmtree(run_dir / "world")
+    logged = []
+    assert set(default_models(config, logged.append)) == {"base", "sft", "ppo"} and not logged
+    shutil.rmtree(sft)  # as --restart leaves sft/ until SFT has finished again
+    assert set(default_models(config, logged.append)) == {"base"}
+    assert logged[-1] == (f"eval: ppo ({run_dir / 'ppo'}) left out: it was trained from inputs that no longer exist: policy and reference "
+                          f"({sft}; `instructrl pipeline --restart-from sft` trains it and the stages after it again)")
+    # a stage run again keeps its say: finished on inputs that have not changed (it cannot train again without them)
+    assert RunDir(config, "ppo", ("run",)).changed_inputs() == []
+
 def test_eval_of_your_own_prompts_judged_by_a_reward_model(tmp_path, smoke_rm):
     """eval.prompts: any prompt records, answered by each model and scored by eval.reward_model, which
     re-reads each answer with its own tokenizer (the gpt2 model's differs from the RM's)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import importlib
 import os
 import signal
@@ -119,3 +120,29 @@ def test_a_stage_that_fails_lets_go_of_its_folder(tmp_path):
     for function in ("pretrain.run_pretrain", "sft.run_sft", "collect.run_collect", "rm.run_rm", "ppo.run_ppo"):
         module, name = function.split(".")
         assert getattr(importlib.import_module(f"instructrl.stages.{module}"), name).__wrapped__  # every stage lets go
+
+
+def test_the_world_is_not_rebuilt_under_a_running_stage_of_its_run(tmp_path, holder):
+    """`instructrl world --restart` (pretrain --restart on another world) would rewrite the prompts and corpus
+    that the run's running stages read: it stops with the stage lock's one line, and the world keeps its bytes."""
+    from instructrl.world.build import build_world
+
+    smoke = load_config([SMOKE])
+    build_world(smoke.world, tmp_path / "elsewhere" / "world")  # written while no stage of that run runs
+    (tmp_path / "elsewhere" / "world").rename(tmp_path / "world")
+    before = _files(tmp_path / "world")
+    in_use = f"cannot rewrite {tmp_path / 'world'}, which the run's stages read: {tmp_path / 'sft'} is in use by another instructrl process (pid {holder.pid}, "
+    for command in ("world", "pretrain"):
+        proc = cli(command, "-c", str(SMOKE), f"run.dir={tmp_path}", "world.seed=7", "--restart", check=False)
+        assert proc.returncode == 2 and in_use in " ".join(proc.stderr.split()), proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    with pytest.raises(UserError, match="wait for it to finish or stop it"):
+        build_world(smoke.world.model_copy(update={"seed": 7}), tmp_path / "world", replace=True)
+    assert _files(tmp_path / "world") == before and not (tmp_path / "pretrain").exists()
+    assert build_world(smoke.world, tmp_path / "world").root == tmp_path / "world"  # the same world, not rewritten: reading it is free
+
+    holder.kill()
+    holder.wait()
+    cli("world", "-c", str(SMOKE), f"run.dir={tmp_path}", "world.seed=7", "--restart")
+    assert json.loads((tmp_path / "world" / "world.json").read_text())["config"]["seed"] == 7
+    build_world(smoke.world, tmp_path / "world", replace=True)  # the lock it took in this process is let go

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import filecmp
 import functools
@@ -121,16 +122,38 @@ def hold(folder: Path) -> None:
     lock = _lock_file(folder)
     if lock in _held:  # a stage run again in this process (after an error, in a test)
         return
+    fd = _take(lock, folder)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M"), "command": _command_line()}).encode())
+    _held[lock] = fd
+
+
+@contextlib.contextmanager
+def rewriting(folder: Path):
+    """Hold ``folder`` (``hold``) while the caller rewrites it, which no stage of its run may be running to read
+    (the world): while another process holds one, stop with the one line ``hold`` gives, before anything is written."""
+    run = Path(folder).parent
+    run.mkdir(parents=True, exist_ok=True)  # where the lock files lie
+    hold(folder)
+    try:
+        for lock in sorted([*run.glob(".*.lock"), *run.glob("*/.*.lock")]):  # the run's stages, and its later rounds'
+            if os.path.realpath(lock) not in _held:  # this process's own stage (pretrain --restart rebuilds the world)
+                os.close(_take(str(lock), lock.with_name(lock.name[1 : -len(".lock")]), f"cannot rewrite {folder}, which the run's stages read: "))
+        yield
+    finally:
+        release(folder)
+
+
+def _take(lock: str, folder: Path, why: str = "") -> int:
+    """A descriptor of lock file ``lock`` that holds it; else one line naming the process that holds ``folder``."""
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise UserError(f"{folder} is in use by another instructrl process ({holder}); wait for it to finish or stop it") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M"), "command": _command_line()}).encode())
-    _held[lock] = fd
+        raise UserError(f"{why}{folder} is in use by another instructrl process ({holder}); wait for it to finish or stop it") from None
+    return fd
 
 
 def release(folder: Path) -> None:
@@ -243,23 +266,43 @@ class RunDir:
         return True
 
     def changed_inputs(self) -> list[str]:
-        """The inputs in lineage.json whose content differs now from when the stage ran (a missing one is not compared)."""
-        lineage = self.path / "lineage.json"
-        if not lineage.is_file():
-            return []
+        """The inputs in lineage.json whose content differs now from when the stage ran (a missing one is not
+        compared: a data file of the user's may have moved, and a stage rebuilds the world as it was; see ``missing_inputs``)."""
         changed = []
-        for name, entry in json.loads(lineage.read_text())["inputs"].items():
+        for name, entry, path in self._recorded_inputs():
             if entry.get("commit"):  # a hub name
                 now = hub_snapshot_changed(entry["path"], entry["commit"])
                 if now:
                     changed.append(f"{name} ({entry['path']}: commit {entry['commit'][:12]}, now {now[:12]} in the Hugging Face cache)")
                 continue
-            path = Path(self.config.run.dir) / entry["path"] if entry.get("in_run") else Path(entry["path"])
             if entry["sha256"] is None or not path.exists() or entry.get("stamp") == file_stamp(path):
                 continue
             if content_hash(path) != entry["sha256"]:
                 changed.append(f"{name} ({path})")
         return changed
+
+    def missing_inputs(self) -> list[str]:
+        """The outputs of this run's earlier stages in lineage.json that no longer exist (a stage discarded by
+        --restart and not trained again), each with the stage that makes it again. Not the world's files, which
+        any stage rebuilds from the config as they were, nor the user's own files, in the run folder or not (moved, say)."""
+        from instructrl.pipeline import PPO_STAGES, STAGES
+
+        gone: dict[tuple[Path, str], list[str]] = {}  # the names of each missing input (ppo's policy and reference are one)
+        for name, entry, path in self._recorded_inputs():
+            stage = Path(entry["path"]).parts[0]  # the folder of the stage that wrote it, if a stage did
+            if entry.get("in_run") and stage in {*STAGES, *PPO_STAGES} and not path.exists():
+                gone.setdefault((path, stage), []).append(name)
+        return [f"{' and '.join(names)} ({path}; `instructrl pipeline --restart-from {stage}` trains it and the stages after it again)"
+                for (path, stage), names in gone.items()]
+
+    def _recorded_inputs(self) -> list[tuple[str, dict, Path]]:
+        """Each input lineage.json records: its name, its entry, and where it is now (an input inside the run, in
+        this run folder wherever it has moved); none before the stage has begun."""
+        lineage = self.path / "lineage.json"
+        if not lineage.is_file():
+            return []
+        return [(name, entry, Path(self.config.run.dir) / entry["path"] if entry.get("in_run") else Path(entry["path"]))
+                for name, entry in json.loads(lineage.read_text())["inputs"].items()]
 
     def start(self, restart: bool = False, log=None) -> None:
         """Check that the folder holds no other run, then make it (``restart``: empty) and write identity.json;

@@ -38,9 +38,10 @@ DEMONSTRATIONS = "demonstrations"
 
 def default_models(config: PipelineConfig, log=print) -> dict[str, str]:
     """This run's finished models, those that exist: base, SFT, and PPO and PPO-ptx of the last
-    round (``pipeline.rounds``). A stage begun but not finished (no final/ yet), and a model whose
-    inputs have changed since it was trained (a PPO run left over from before its SFT model was
-    trained again), are left out, and the log says so."""
+    round (``pipeline.rounds``). A stage begun but not finished (no final/ yet), a model trained from
+    an earlier stage's output that no longer exists (a PPO run whose SFT model --restart discarded),
+    and one whose inputs have changed since it was trained (a PPO run left over from before its SFT
+    model was trained again), are left out, and the log says so."""
     root = Path(config.run.dir)
     last = round_folders(root, config.pipeline.rounds)[-1]
     candidates = {"base": root / "pretrain", "sft": root / "sft", "ppo": last / "ppo", "ppo_ptx": last / "ppo_ptx"}
@@ -52,7 +53,12 @@ def default_models(config: PipelineConfig, log=print) -> dict[str, str]:
             continue
         in_round = config.model_copy(deep=True)  # a round's lineage is recorded relative to its own folder
         in_round.run.dir = stage.parent
-        changed = RunDir(in_round, stage.name, ()).changed_inputs()
+        run = RunDir(in_round, stage.name, ())
+        missing = run.missing_inputs()
+        if missing:
+            log(f"eval: {name} ({stage}) left out: it was trained from inputs that no longer exist: {', '.join(missing)}")
+            continue
+        changed = run.changed_inputs()
         if changed:
             log(f"eval: {name} ({stage}) left out: it was trained on inputs that have changed since: {', '.join(changed)}")
             continue

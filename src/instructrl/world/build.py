@@ -14,7 +14,7 @@ from pathlib import Path
 from instructrl.config import WorldConfig
 from instructrl.data.jsonl import read_jsonl, write_jsonl
 from instructrl.errors import UserError
-from instructrl.rundir import run_info, write_text_atomic
+from instructrl.rundir import rewriting, run_info, write_text_atomic
 from instructrl.world.corpus import corpus_documents
 from instructrl.world.labeler import DemoStyle, SimulatedLabeler
 from instructrl.world.tasks import FAMILIES, Task, sample_task
@@ -104,19 +104,20 @@ def build_world(config: WorldConfig, root: Path, replace: bool = False) -> World
             raise UserError(f"{files.root} holds the world of another config ({changed}), which this run's stages learnt from; "
                             "set run.dir to another folder, or rebuild it with `instructrl world --restart` "
                             "(`instructrl pipeline --restart-from pretrain`)")
-    files.manifest.unlink(missing_ok=True)  # a half-rebuilt world must not pass for the old one
-    splits = make_splits(config)
-    for name, tasks in splits.items():
-        write_jsonl(files.prompts(name), (t.to_record() for t in tasks))
-    write_jsonl(files.demonstrations, (
-        {"id": t.id, "family": t.family, "messages": [*t.messages, {"role": "assistant", "content": demonstration(config, t)}]}
-        for t in splits["sft"]
-    ))
-    docs = corpus_documents(config.corpus_documents + config.heldout_documents, config.seed)
-    write_text_atomic(files.corpus, "\n".join(docs[config.heldout_documents :]) + "\n")
-    write_text_atomic(files.heldout_corpus, "\n".join(docs[: config.heldout_documents]) + "\n")
-    counts = {name: len(tasks) for name, tasks in splits.items()}
-    write_text_atomic(files.manifest, json.dumps({"config": wanted, "counts": counts, **run_info(config.seed)}, indent=2))
+    with rewriting(files.root):  # not under a stage that reads it, nor beside another rebuild
+        files.manifest.unlink(missing_ok=True)  # a half-rebuilt world must not pass for the old one
+        splits = make_splits(config)
+        for name, tasks in splits.items():
+            write_jsonl(files.prompts(name), (t.to_record() for t in tasks))
+        write_jsonl(files.demonstrations, (
+            {"id": t.id, "family": t.family, "messages": [*t.messages, {"role": "assistant", "content": demonstration(config, t)}]}
+            for t in splits["sft"]
+        ))
+        docs = corpus_documents(config.corpus_documents + config.heldout_documents, config.seed)
+        write_text_atomic(files.corpus, "\n".join(docs[config.heldout_documents :]) + "\n")
+        write_text_atomic(files.heldout_corpus, "\n".join(docs[: config.heldout_documents]) + "\n")
+        counts = {name: len(tasks) for name, tasks in splits.items()}
+        write_text_atomic(files.manifest, json.dumps({"config": wanted, "counts": counts, **run_info(config.seed)}, indent=2))
     return files
 
 
