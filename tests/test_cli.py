@@ -302,6 +302,16 @@ def test_a_full_disk_is_one_line_and_exit_status_1(tmp_path, monkeypatch, capsys
     assert f"cannot write {tmp_path}/world/corpus.txt: No space left on device" in err
 
 
+def test_a_file_where_a_folder_is_needed_is_named(tmp_path):
+    # run.dir, or a folder on its way, that is a file: one line naming the file, and the file left as it was
+    results = tmp_path / "results.txt"
+    results.write_text("keep me")
+    for folder in (results, results / "run"):
+        _assert_clean_error(cli("world", "-c", str(SMOKE), f"run.dir={folder}", check=False), f"{results} is a file, where a folder is needed")
+    _assert_clean_error(cli("label", "user", "ann", "--password", "secret", "--dir", str(results), check=False), f"{results} is a file")
+    assert results.read_text() == "keep me"
+
+
 def test_brackets_in_paths_and_values_survive_in_errors(tmp_path):
     proc = cli("data", "check", str(tmp_path / "[exp1]" / "d.jsonl"), check=False)
     assert proc.returncode == 2 and f"{tmp_path}/[exp1]/d.jsonl: file not found" in proc.stderr

@@ -627,8 +627,12 @@ def _run_app() -> None:
         _say_why(str(err))
         sys.exit(2)
     except OSError as err:  # a full disk, a read-only or forbidden folder: checkpoints written so far are whole
-        if _state["debug"] or err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        in_the_way = _file_in_the_way(err)
+        if _state["debug"] or (in_the_way is None and err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)):
             raise
+        if in_the_way is not None:  # run.dir=results.txt, --dir of a file: bad input, not a full disk
+            _say_why(f"{in_the_way} is a file, where a folder is needed; give a folder's path")
+            sys.exit(2)
         where = f" {err.filename}" if err.filename else ""
         _say_why(f"cannot write{where}: {err.strerror or err}; make room or fix the folder, then {_how_to_resume()}")
         sys.exit(1)
@@ -639,6 +643,15 @@ def _run_app() -> None:
             _say_why(f"{'terminated' if terminated else 'interrupted'}: {_how_to_resume()} from the last checkpoint", error=False)
             sys.exit(143 if terminated else 130)
         raise
+
+
+def _file_in_the_way(err: OSError) -> Path | None:
+    """The file that stands where ``err`` needed a folder (a folder to make, or one on the way to a
+    file to write): os.makedirs says EEXIST for the first, any write ENOTDIR for the second."""
+    if err.errno not in (errno.EEXIST, errno.ENOTDIR) or not err.filename:
+        return None
+    path = Path(os.fsdecode(err.filename))
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
 
 
 def _say_why(message: str, error: bool = True) -> None:
