@@ -332,6 +332,14 @@ def test_a_port_another_program_holds_is_named_before_anything_loads(tmp_path):
         assert "serving" not in proc.stderr
 
 
+def test_a_port_out_of_range_is_named_before_anything_loads_or_is_written(tmp_path):
+    # socket's bind raised OverflowError for 99999 and -1; 0 would listen on a port no one is told
+    for port in ("99999", "-1", "0"):
+        _assert_clean_error(cli("serve", "--model", str(tmp_path / "missing"), "--port", port, check=False), f"--port {port}: choose a port from 1 to 65535")
+    _assert_clean_error(cli("label", "-d", str(tmp_path / "label"), "--port", "70000", check=False), "--port 70000: choose a port from 1 to 65535")
+    assert not (tmp_path / "label").exists()
+
+
 def test_help_paragraphs_are_not_broken_where_the_docstring_wraps():
     """A command's help is its docstring's paragraphs, each one line that the terminal wraps
     (typer would keep the source's line breaks and leave half-lines at any other width)."""

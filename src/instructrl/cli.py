@@ -325,6 +325,8 @@ def _check_port_free(host: str, port: int) -> None:
     rather than uvicorn's error after the start was announced."""
     import socket
 
+    if not 1 <= port <= 65535:  # socket's bind would raise OverflowError; 0 would listen on a port no one is told
+        raise UserError(f"--port {port}: choose a port from 1 to 65535")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port left in TIME_WAIT is free
         try:
