@@ -466,8 +466,8 @@ def label_project(
 ) -> None:
     """Create a project: write tasks, rank tasks (K responses from a model or a file) and/or compare tasks."""
     from instructrl.feedback import projects
-    from instructrl.feedback.db import connect
-    from instructrl.feedback.tasks import TaskError, check_new_name, create_project, progress
+    from instructrl.feedback.db import DB_NAME, connect
+    from instructrl.feedback.tasks import TaskError, check_new_name, check_tasks, create_project, progress
 
     settings = _project_settings(name, guidelines, guideline_version, overlap, lease_minutes)
     compared_models = _compared_models(compare)  # now, not after sampling responses for minutes
@@ -478,11 +478,12 @@ def label_project(
         raise UserError("label project: say which tasks to make: --write, --model CHECKPOINT, --responses FILE or --compare NAME=PATH (twice)")
     prompt_list = projects.load_prompts(prompts, limit) if prompts else []
     new_tasks = projects.write_tasks(prompt_list) if write else []
-    conn = connect(project_dir)
-    try:
-        check_new_name(conn, name)  # now, not after sampling responses for minutes
-    except TaskError as err:
-        raise UserError(f"label project: {err}") from None
+    if (project_dir / DB_NAME).is_file():  # a new folder is made once the tasks are: bad input leaves none behind
+        try:
+            with contextlib.closing(connect(project_dir)) as existing:
+                check_new_name(existing, name)  # now, not after sampling responses for minutes
+        except TaskError as err:
+            raise UserError(f"label project: {err}") from None
     generation = {}  # recorded with the project: the responses alone do not say what made them
     if model:
         sampling = {"k": k, "seed": seed, "temperature": 1.0, "max_new_tokens": max_new_tokens}
@@ -494,6 +495,8 @@ def label_project(
         new_tasks += projects.compare_tasks(prompt_list, compared_models, max_new_tokens=max_new_tokens)
         generation["compare"] = {"models": compared_models, "greedy": True, "max_new_tokens": max_new_tokens}
     try:
+        check_tasks(new_tasks)  # before the database is made: a project refused leaves no folder behind
+        conn = connect(project_dir)
         project_id = create_project(conn, settings.model_copy(update={"generation": generation}), new_tasks)
     except TaskError as err:
         raise UserError(f"label project: {err}") from None
