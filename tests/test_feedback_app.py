@@ -578,6 +578,8 @@ def test_label_commands_name_the_bad_input(tmp_path):
                "--compare", f"b={tmp_path / 'nope_b'}", check=False)
     assert proc.returncode == 2 and "--compare a: " in proc.stderr and "nope_a' does not exist" in proc.stderr
     assert not (tmp_path / "d").exists(), "a project that was not made must leave no folder or empty database behind"
+    proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--guidelines", str(tmp_path), check=False)
+    assert proc.returncode == 2 and f"--guidelines {tmp_path}: a folder, not a text file" in proc.stderr
     cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--overlap", "2")
     proc = cli("label", "status", "p", "--dir", str(tmp_path / "d"))
     assert json.loads(proc.stdout)["progress"]["kinds"]["write"] == {

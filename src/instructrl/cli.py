@@ -514,7 +514,7 @@ def _project_settings(name: str, guidelines: Optional[Path], guideline_version: 
     from instructrl.feedback.tasks import ProjectSettings
 
     if guidelines is not None and not guidelines.is_file():
-        raise UserError(f"--guidelines {guidelines}: file not found")
+        raise UserError(f"--guidelines {guidelines}: " + ("a folder, not a text file" if guidelines.is_dir() else "file not found"))
     if lease_minutes <= 0:
         raise UserError(f"label project: --lease-minutes must be more than 0, got {lease_minutes}")
     try:
