@@ -302,6 +302,16 @@ def test_a_full_disk_is_one_line_and_exit_status_1(tmp_path, monkeypatch, capsys
     assert f"cannot write {tmp_path}/world/corpus.txt: No space left on device" in err
 
 
+def test_a_file_where_a_folder_is_needed_is_named(tmp_path):
+    # run.dir, or a folder on its way, that is a file: one line naming the file, and the file left as it was
+    results = tmp_path / "results.txt"
+    results.write_text("keep me")
+    for folder in (results, results / "run"):
+        _assert_clean_error(cli("world", "-c", str(SMOKE), f"run.dir={folder}", check=False), f"{results} is a file, where a folder is needed")
+    _assert_clean_error(cli("label", "user", "ann", "--password", "secret", "--dir", str(results), check=False), f"{results} is a file")
+    assert results.read_text() == "keep me"
+
+
 def test_brackets_in_paths_and_values_survive_in_errors(tmp_path):
     proc = cli("data", "check", str(tmp_path / "[exp1]" / "d.jsonl"), check=False)
     assert proc.returncode == 2 and f"{tmp_path}/[exp1]/d.jsonl: file not found" in proc.stderr
@@ -320,6 +330,14 @@ def test_a_port_another_program_holds_is_named_before_anything_loads(tmp_path):
         proc = cli("label", "-d", str(tmp_path / "label"), "--port", port, check=False, timeout=120)
         _assert_clean_error(proc, f"--port {port}: cannot listen there")
         assert "serving" not in proc.stderr
+
+
+def test_a_port_out_of_range_is_named_before_anything_loads_or_is_written(tmp_path):
+    # socket's bind raised OverflowError for 99999 and -1; 0 would listen on a port no one is told
+    for port in ("99999", "-1", "0"):
+        _assert_clean_error(cli("serve", "--model", str(tmp_path / "missing"), "--port", port, check=False), f"--port {port}: choose a port from 1 to 65535")
+    _assert_clean_error(cli("label", "-d", str(tmp_path / "label"), "--port", "70000", check=False), "--port 70000: choose a port from 1 to 65535")
+    assert not (tmp_path / "label").exists()
 
 
 def test_help_paragraphs_are_not_broken_where_the_docstring_wraps():

@@ -577,6 +577,9 @@ def test_label_commands_name_the_bad_input(tmp_path):
     proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--compare", f"a={tmp_path / 'nope_a'}",
                "--compare", f"b={tmp_path / 'nope_b'}", check=False)
     assert proc.returncode == 2 and "--compare a: " in proc.stderr and "nope_a' does not exist" in proc.stderr
+    assert not (tmp_path / "d").exists(), "a project that was not made must leave no folder or empty database behind"
+    proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--guidelines", str(tmp_path), check=False)
+    assert proc.returncode == 2 and f"--guidelines {tmp_path}: a folder, not a text file" in proc.stderr
     cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--overlap", "2")
     proc = cli("label", "status", "p", "--dir", str(tmp_path / "d"))
     assert json.loads(proc.stdout)["progress"]["kinds"]["write"] == {
@@ -601,6 +604,7 @@ def test_label_project_leaves_nothing_behind_and_reading_commands_create_nothing
     project_dir = tmp_path / "d"
     proc = cli("label", "project", "p", "--dir", str(project_dir), "--responses", str(comparisons), check=False)
     assert proc.returncode == 2 and "cannot hold 10 responses" in proc.stderr
+    assert not project_dir.exists()
     cli("label", "project", "p", "--dir", str(project_dir), "--responses", str(comparisons), "--limit", "1")  # the name is still free
     assert json.loads(cli("label", "status", "p", "--dir", str(project_dir)).stdout)["progress"]["kinds"]["rank"]["tasks"] == 1
     typo = tmp_path / "typo"

@@ -413,6 +413,23 @@ def test_serving_dtype_loads_the_weights_as_asked_and_still_answers(tmp_path):
             engine.stop()
 
 
+def test_a_device_torch_cannot_use_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    # torch.device('tpu') raised a RuntimeError, and .to('cuda') without a GPU an AssertionError, as tracebacks
+    from instructrl.serve.loading import load_engine, serving_device
+
+    missing = str(tmp_path / "no-model")  # the device is refused first: nothing is loaded for a device that cannot run it
+    for device, needle in (("tpu", "--device 'tpu': choose cpu or cuda"), ("mps", "--device 'mps'"), ("cuda:x", "--device 'cuda:x'")):
+        with pytest.raises(UserError, match=needle):
+            load_engine(missing, device=device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UserError, match="--device cuda: torch finds no CUDA GPU here; use --device cpu"):
+        load_engine(missing, device="cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert serving_device("cuda") == "cuda" and serving_device("cuda:1") == "cuda:1" and serving_device("cpu") == "cpu"
+    with pytest.raises(UserError, match="--device cuda:2: only cuda:0 to cuda:1 are here"):
+        serving_device("cuda:2")
+
+
 def test_a_model_that_returns_no_cache_is_refused_at_load(tmp_path):
     """RecurrentGemma keeps its state in its own modules and restarts it on every call without a cache:
     every request to it failed (KeyError: 'cache'), with a 500."""

@@ -325,6 +325,8 @@ def _check_port_free(host: str, port: int) -> None:
     rather than uvicorn's error after the start was announced."""
     import socket
 
+    if not 1 <= port <= 65535:  # socket's bind would raise OverflowError; 0 would listen on a port no one is told
+        raise UserError(f"--port {port}: choose a port from 1 to 65535")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port left in TIME_WAIT is free
         try:
@@ -464,8 +466,8 @@ def label_project(
 ) -> None:
     """Create a project: write tasks, rank tasks (K responses from a model or a file) and/or compare tasks."""
     from instructrl.feedback import projects
-    from instructrl.feedback.db import connect
-    from instructrl.feedback.tasks import TaskError, check_new_name, create_project, progress
+    from instructrl.feedback.db import DB_NAME, connect
+    from instructrl.feedback.tasks import TaskError, check_new_name, check_tasks, create_project, progress
 
     settings = _project_settings(name, guidelines, guideline_version, overlap, lease_minutes)
     compared_models = _compared_models(compare)  # now, not after sampling responses for minutes
@@ -476,11 +478,12 @@ def label_project(
         raise UserError("label project: say which tasks to make: --write, --model CHECKPOINT, --responses FILE or --compare NAME=PATH (twice)")
     prompt_list = projects.load_prompts(prompts, limit) if prompts else []
     new_tasks = projects.write_tasks(prompt_list) if write else []
-    conn = connect(project_dir)
-    try:
-        check_new_name(conn, name)  # now, not after sampling responses for minutes
-    except TaskError as err:
-        raise UserError(f"label project: {err}") from None
+    if (project_dir / DB_NAME).is_file():  # a new folder is made once the tasks are: bad input leaves none behind
+        try:
+            with contextlib.closing(connect(project_dir)) as existing:
+                check_new_name(existing, name)  # now, not after sampling responses for minutes
+        except TaskError as err:
+            raise UserError(f"label project: {err}") from None
     generation = {}  # recorded with the project: the responses alone do not say what made them
     if model:
         sampling = {"k": k, "seed": seed, "temperature": 1.0, "max_new_tokens": max_new_tokens}
@@ -492,6 +495,8 @@ def label_project(
         new_tasks += projects.compare_tasks(prompt_list, compared_models, max_new_tokens=max_new_tokens)
         generation["compare"] = {"models": compared_models, "greedy": True, "max_new_tokens": max_new_tokens}
     try:
+        check_tasks(new_tasks)  # before the database is made: a project refused leaves no folder behind
+        conn = connect(project_dir)
         project_id = create_project(conn, settings.model_copy(update={"generation": generation}), new_tasks)
     except TaskError as err:
         raise UserError(f"label project: {err}") from None
@@ -509,7 +514,7 @@ def _project_settings(name: str, guidelines: Optional[Path], guideline_version: 
     from instructrl.feedback.tasks import ProjectSettings
 
     if guidelines is not None and not guidelines.is_file():
-        raise UserError(f"--guidelines {guidelines}: file not found")
+        raise UserError(f"--guidelines {guidelines}: " + ("a folder, not a text file" if guidelines.is_dir() else "file not found"))
     if lease_minutes <= 0:
         raise UserError(f"label project: --lease-minutes must be more than 0, got {lease_minutes}")
     try:
@@ -627,8 +632,12 @@ def _run_app() -> None:
         _say_why(str(err))
         sys.exit(2)
     except OSError as err:  # a full disk, a read-only or forbidden folder: checkpoints written so far are whole
-        if _state["debug"] or err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        in_the_way = _file_in_the_way(err)
+        if _state["debug"] or (in_the_way is None and err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)):
             raise
+        if in_the_way is not None:  # run.dir=results.txt, --dir of a file: bad input, not a full disk
+            _say_why(f"{in_the_way} is a file, where a folder is needed; give a folder's path")
+            sys.exit(2)
         where = f" {err.filename}" if err.filename else ""
         _say_why(f"cannot write{where}: {err.strerror or err}; make room or fix the folder, then {_how_to_resume()}")
         sys.exit(1)
@@ -639,6 +648,15 @@ def _run_app() -> None:
             _say_why(f"{'terminated' if terminated else 'interrupted'}: {_how_to_resume()} from the last checkpoint", error=False)
             sys.exit(143 if terminated else 130)
         raise
+
+
+def _file_in_the_way(err: OSError) -> Path | None:
+    """The file that stands where ``err`` needed a folder (a folder to make, or one on the way to a
+    file to write): os.makedirs says EEXIST for the first, any write ENOTDIR for the second."""
+    if err.errno not in (errno.EEXIST, errno.ENOTDIR) or not err.filename:
+        return None
+    path = Path(os.fsdecode(err.filename))
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
 
 
 def _say_why(message: str, error: bool = True) -> None:

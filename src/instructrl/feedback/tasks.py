@@ -123,16 +123,23 @@ def add_tasks(conn: sqlite3.Connection, project_id: int, tasks: list[dict]) -> i
         return _insert_tasks(conn, project_id, tasks)
 
 
+def check_tasks(tasks: Sequence[dict]) -> None:
+    """An Invalid naming the first task whose kind cannot hold its number of responses."""
+    for task in tasks:
+        kind, n = task["kind"], len(task.get("responses", []))
+        expected = {"write": 0, "compare": 2}.get(kind)
+        if kind not in KINDS or (expected is not None and n != expected) or (kind == "rank" and not 2 <= n <= 9):
+            raise Invalid(f"task {task.get('prompt_id')}: a {kind} task cannot hold {n} responses", "responses")
+
+
 def _insert_tasks(conn: sqlite3.Connection, project_id: int, tasks: Sequence[dict]) -> int:
     """Check and insert tasks, inside the caller's transaction."""
+    check_tasks(tasks)
     rows = []
     for task in tasks:
-        kind, responses = task["kind"], list(task.get("responses", []))
-        expected = {"write": 0, "compare": 2}.get(kind)
-        if kind not in KINDS or (expected is not None and len(responses) != expected) or (kind == "rank" and not 2 <= len(responses) <= 9):
-            raise Invalid(f"task {task.get('prompt_id')}: a {kind} task cannot hold {len(responses)} responses", "responses")
+        responses = list(task.get("responses", []))
         sources = list(task.get("sources") or [""] * len(responses))
-        rows.append((project_id, kind, str(task["prompt_id"]), json.dumps(task["prompt"]), json.dumps(responses), json.dumps(sources)))
+        rows.append((project_id, task["kind"], str(task["prompt_id"]), json.dumps(task["prompt"]), json.dumps(responses), json.dumps(sources)))
     conn.executemany("INSERT INTO tasks (project_id, kind, prompt_id, prompt, responses, sources) VALUES (?, ?, ?, ?, ?, ?)", rows)
     return len(rows)
 

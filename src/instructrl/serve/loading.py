@@ -74,11 +74,26 @@ def serving_dtype(dtype: str, device: str, quantize: str) -> torch.dtype | str:
     return getattr(torch, dtype)
 
 
+def serving_device(device: str) -> str:
+    """``--device`` checked before any model loads: the CPU or a CUDA GPU that is there."""
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        kind = None
+    if kind is None or kind.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: choose cpu or cuda (cuda:N for the N-th GPU)")
+    gpus = torch.cuda.device_count()
+    if kind.type == "cuda" and (kind.index or 0) >= gpus:
+        there = f"only cuda:0 to cuda:{gpus - 1} are here" if gpus else "torch finds no CUDA GPU here; use --device cpu"
+        raise UserError(f"--device {device}: {there}")
+    return device
+
+
 def load_engine(path: str, quantize: str = "none", device: str | None = None, dtype: str = "auto", **engine_options) -> Engine:
     """A started-ready Engine serving the causal LM and tokenizer at ``path``."""
     if quantize not in QUANTIZE_CHOICES:
         raise UserError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
-    device = device or (inference_device() if quantize == "none" else "cpu")
+    device = serving_device(device) if device else inference_device() if quantize == "none" else "cpu"
     if quantize == "int8" and device != "cpu":
         raise UserError("--quantize int8 is dynamic quantisation for CPU serving; use --device cpu")
     model, tokenizer = load_causal_lm(path, dtype=serving_dtype(dtype, device, quantize)), load_tokenizer(path, for_chat=False)
