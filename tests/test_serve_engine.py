@@ -428,6 +428,8 @@ def test_a_device_torch_cannot_use_is_named_before_the_model_loads(tmp_path, mon
     assert serving_device("cuda") == "cuda" and serving_device("cuda:1") == "cuda:1" and serving_device("cpu") == "cpu"
     with pytest.raises(UserError, match="--device cuda:2: only cuda:0 to cuda:1 are here"):
         serving_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac: its GPU is served on
+    assert serving_device("mps") == "mps"
 
 
 def test_a_model_that_returns_no_cache_is_refused_at_load(tmp_path):

@@ -345,7 +345,7 @@ def serve(
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Most sequences decoded together (a request with n choices takes n)."),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Most requests waiting for a place in the batch; more are answered 429."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Tokens generated when a request sets no max_tokens."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is one)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda (cuda:N) or mps (default: cuda when there is one)."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights' dtype: auto (the checkpoint's own on a GPU, float32 on the CPU), float32, bfloat16 or float16."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for requests that bring none (default: fresh each start)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for generation (default: all cores but one, left to the HTTP loop)."),

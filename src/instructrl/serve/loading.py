@@ -75,13 +75,15 @@ def serving_dtype(dtype: str, device: str, quantize: str) -> torch.dtype | str:
 
 
 def serving_device(device: str) -> str:
-    """``--device`` checked before any model loads: the CPU or a CUDA GPU that is there."""
+    """``--device`` checked before any model loads: the CPU, a CUDA GPU that is there, or a Mac's GPU (mps)."""
     try:
         kind = torch.device(device)
     except RuntimeError:
         kind = None
+    if kind is not None and kind.type == "mps" and torch.backends.mps.is_available():
+        return device
     if kind is None or kind.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {device!r}: choose cpu or cuda (cuda:N for the N-th GPU)")
+        raise UserError(f"--device {device!r}: choose cpu or cuda (cuda:N for the N-th GPU), or mps on a Mac")
     gpus = torch.cuda.device_count()
     if kind.type == "cuda" and (kind.index or 0) >= gpus:
         there = f"only cuda:0 to cuda:{gpus - 1} are here" if gpus else "torch finds no CUDA GPU here; use --device cpu"
