@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -199,10 +200,13 @@ def test_the_process_group_is_freed_before_the_interpreter_exits(tmp_path):
 @pytest.mark.slow
 def test_the_pipeline_in_two_processes_runs_to_the_end_and_again_skips_every_stage(tmp_path):
     """Under torchrun on CPU the pipeline trains in 2 gloo processes and evaluates in one; rank 1,
-    leaving while rank 0 evaluates, exits cleanly. Run again, every stage is skipped."""
+    leaving while rank 0 evaluates, exits cleanly. Run again on a world since deleted, every stage is skipped
+    and one process rebuilds the world (both did, and the second was refused the world's lock)."""
     run_dir = tmp_path / "run"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     for attempt in ("first", "again"):
+        if attempt == "again":
+            shutil.rmtree(run_dir / "world")
         proc = subprocess.run([*launcher, "-m", "instructrl", "pipeline", "-c", str(SMOKE), f"run.dir={run_dir}"],
                               capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
         assert proc.returncode == 0, (attempt, proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -213,4 +217,4 @@ def test_the_pipeline_in_two_processes_runs_to_the_end_and_again_skips_every_sta
                  for stage in ("pretrain", "sft", "collect", "rm", "ppo_ptx", "ppo", "eval")}
     assert processes == {"pretrain": 2, "sft": 2, "collect": 1, "rm": 2, "ppo_ptx": 2, "ppo": 2, "eval": 1}  # sampling and eval in one
     assert json.loads((run_dir / "eval" / "results.json").read_text())["results"].keys() >= {"sft", "ppo", "ppo_ptx"}
-    assert (run_dir / "report.html").is_file()
+    assert (run_dir / "report.html").is_file() and (run_dir / "world" / "world.json").is_file()

@@ -304,7 +304,6 @@ def test_eval_leaves_out_a_model_trained_on_inputs_that_changed_since(tmp_path, 
     assert any(line.startswith("eval: ppo_ptx (") and "has not finished" in line for line in logged)
 
 
-
 def test_eval_leaves_out_a_model_trained_from_a_stage_since_discarded(tmp_path, smoke_base):
     """`instructrl sft --restart` (or pipeline --restart-from sft) discards sft/ before it trains SFT again: until
     it has, the PPO runs trained from the old SFT model are no longer this run's. A world file (any stage rebuilds
@@ -332,6 +331,32 @@ def test_eval_leaves_out_a_model_trained_from_a_stage_since_discarded(tmp_path, 
                           f"({sft}; `instructrl pipeline --restart-from sft` trains it and the stages after it again)")
     # a stage run again keeps its say: finished on inputs that have not changed (it cannot train again without them)
     assert RunDir(config, "ppo", ("run",)).changed_inputs() == []
+
+
+def test_eval_leaves_out_a_later_rounds_model_trained_from_a_stage_since_discarded(tmp_path, smoke_base):
+    """A later round's lineage (round2/) records the run's own folders (round2/../sft/final) by their absolute paths:
+    its PPO, trained with SFT as the KL reference, was kept after `instructrl sft --restart` discarded SFT."""
+    from instructrl.config import load_config
+    from instructrl.evaluation.evaluate import default_models
+    from instructrl.rundir import RunDir
+
+    run_dir = tmp_path / "run"
+    for stage in ("pretrain", "sft", "ppo", "round2/rm", "round2/ppo"):
+        shutil.copytree(smoke_base / "pretrain" / "final", run_dir / stage / "final")
+    config = load_config(overrides=[f"run.dir={run_dir}", "pipeline.rounds=2"])
+    in_round = config.model_copy(deep=True)
+    in_round.run.dir = run_dir / "round2"
+    RunDir(in_round, "ppo", ("run",)).write_lineage({"policy": in_round.run.dir / ".." / "ppo" / "final", "reference": in_round.run.dir / ".." / "sft" / "final",
+                                                      "reward_model": in_round.run.dir / "rm" / "final"})
+    logged = []
+    assert set(default_models(config, logged.append)) == {"base", "sft", "ppo"} and not logged
+    shutil.rmtree(run_dir / "round2" / "rm" / "final")  # the round's own folder, recorded inside it
+    shutil.rmtree(run_dir / "sft" / "final")
+    assert set(default_models(config, logged.append)) == {"base"}
+    assert logged[-1] == (f"eval: ppo ({run_dir / 'round2' / 'ppo'}) left out: it was trained from inputs that no longer exist: "
+                          f"reference ({run_dir / 'sft' / 'final'}; `instructrl pipeline --restart-from sft` trains it and the stages after it again), "
+                          f"reward_model ({run_dir / 'round2' / 'rm' / 'final'}; `instructrl pipeline --restart-from rm` trains it and the stages after it again)")
+
 
 def test_eval_of_your_own_prompts_judged_by_a_reward_model(tmp_path, smoke_rm):
     """eval.prompts: any prompt records, answered by each model and scored by eval.reward_model, which

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import importlib
+import json
 import os
 import signal
 import subprocess

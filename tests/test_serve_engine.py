@@ -426,6 +426,9 @@ def test_a_device_torch_cannot_use_is_named_before_the_model_loads(tmp_path, mon
         load_engine(missing, device="cuda")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert serving_device("cuda") == "cuda" and serving_device("cuda:1") == "cuda:1" and serving_device("cpu") == "cpu"
+    assert serving_device("cpu:0") == "cpu"  # int8 serving refused cpu:0 with "use --device cpu"
+    with pytest.raises(UserError, match="no-model"):  # past the device checks, to the missing model
+        load_engine(missing, quantize="int8", device="cpu:0")
     with pytest.raises(UserError, match="--device cuda:2: only cuda:0 to cuda:1 are here"):
         serving_device("cuda:2")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac: its GPU is served on

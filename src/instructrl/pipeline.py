@@ -23,7 +23,7 @@ from instructrl.errors import UserError
 from instructrl.evaluation.report import round_folders
 from instructrl.rundir import copy_dir, write_text_atomic
 from instructrl.training.checkpoint import checkpoint_dirs, sizes_for_resuming
-from instructrl.world.build import build_world, split_sizes
+from instructrl.world.build import build_world_once, split_sizes
 
 PPO_STAGES = ("ppo_ptx", "ppo")
 STAGES = ("pretrain", "sft", "collect", "rm", "ppo")  # the order of ``restart_from``; ppo is both PPO runs
@@ -54,7 +54,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     first = round_one(config, log)  # and what later rounds cannot do
     root = Path(config.run.dir)
     run_pretrain(config, restart=redo["pretrain"], log=log)
-    world = build_world(config.world, root / "world")
+    world = build_world_once(config.world, root / "world", PartialState())  # one process rebuilds a world a skipped pretrain left missing
     run_sft(config, restart=redo["sft"], log=log)
     comparisons = []  # each round's, for the later rounds' RMs
     for r in range(1, config.pipeline.rounds + 1):

@@ -281,16 +281,22 @@ class RunDir:
                 changed.append(f"{name} ({path})")
         return changed
 
-    def missing_inputs(self) -> list[str]:
+    def missing_inputs(self, run_root: Path | None = None) -> list[str]:
         """The outputs of this run's earlier stages in lineage.json that no longer exist (a stage discarded by
         --restart and not trained again), each with the stage that makes it again. Not the world's files, which
-        any stage rebuilds from the config as they were, nor the user's own files, in the run folder or not (moved, say)."""
+        any stage rebuilds from the config as they were, nor the user's own files, in the run folder or not (moved, say).
+        ``run_root``: the run folder, where this stage is a later pipeline round's (round2/), whose lineage records
+        the run's own folders (round2/../sft/final) by their absolute paths."""
         from instructrl.pipeline import PPO_STAGES, STAGES
 
+        folders = [Path(os.path.abspath(folder)) for folder in (self.config.run.dir, run_root or self.config.run.dir)]
         gone: dict[tuple[Path, str], list[str]] = {}  # the names of each missing input (ppo's policy and reference are one)
         for name, entry, path in self._recorded_inputs():
-            stage = Path(entry["path"]).parts[0]  # the folder of the stage that wrote it, if a stage did
-            if entry.get("in_run") and stage in {*STAGES, *PPO_STAGES} and not path.exists():
+            if entry["sha256"] is None or path.exists():  # a hub name, or there
+                continue
+            full = Path(os.path.abspath(path))
+            stage = next((full.relative_to(folder).parts[0] for folder in folders if folder in full.parents), None)  # its writer's folder
+            if stage in {*STAGES, *PPO_STAGES}:
                 gone.setdefault((path, stage), []).append(name)
         return [f"{' and '.join(names)} ({path}; `instructrl pipeline --restart-from {stage}` trains it and the stages after it again)"
                 for (path, stage), names in gone.items()]

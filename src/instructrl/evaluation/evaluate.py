@@ -54,7 +54,7 @@ def default_models(config: PipelineConfig, log=print) -> dict[str, str]:
         in_round = config.model_copy(deep=True)  # a round's lineage is recorded relative to its own folder
         in_round.run.dir = stage.parent
         run = RunDir(in_round, stage.name, ())
-        missing = run.missing_inputs()
+        missing = run.missing_inputs(root)
         if missing:
             log(f"eval: {name} ({stage}) left out: it was trained from inputs that no longer exist: {', '.join(missing)}")
             continue

@@ -124,7 +124,7 @@ def add_tasks(conn: sqlite3.Connection, project_id: int, tasks: list[dict]) -> i
 
 
 def check_tasks(tasks: Sequence[dict]) -> None:
-    """An Invalid naming the first task whose kind cannot hold its number of responses."""
+    """Refuse (Invalid) the first task whose kind cannot hold its number of responses, naming it."""
     for task in tasks:
         kind, n = task["kind"], len(task.get("responses", []))
         expected = {"write": 0, "compare": 2}.get(kind)

@@ -75,7 +75,8 @@ def serving_dtype(dtype: str, device: str, quantize: str) -> torch.dtype | str:
 
 
 def serving_device(device: str) -> str:
-    """``--device`` checked before any model loads: the CPU, a CUDA GPU that is there, or a Mac's GPU (mps)."""
+    """``--device`` checked before any model loads: the CPU (``cpu``, whatever index it was given, as int8 serving
+    and the dtype compare it), a CUDA GPU that is there, or a Mac's GPU (mps)."""
     try:
         kind = torch.device(device)
     except RuntimeError:
@@ -88,7 +89,7 @@ def serving_device(device: str) -> str:
     if kind.type == "cuda" and (kind.index or 0) >= gpus:
         there = f"only cuda:0 to cuda:{gpus - 1} are here" if gpus else "torch finds no CUDA GPU here; use --device cpu"
         raise UserError(f"--device {device}: {there}")
-    return device
+    return "cpu" if kind.type == "cpu" else device
 
 
 def load_engine(path: str, quantize: str = "none", device: str | None = None, dtype: str = "auto", **engine_options) -> Engine:
