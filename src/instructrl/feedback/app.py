@@ -307,8 +307,20 @@ def task_page(assignment_id: RowId, user: accounts.User = Depends(current_user),
 
 @pages.get("/admin", response_class=HTMLResponse)
 def admin_page(user: accounts.User = Depends(admin_user), conn: sqlite3.Connection = Depends(db)):
-    projects = [{**project, "quality": quality(conn, project["id"])} for project in projects_table(conn)]
+    projects = []
+    for project in projects_table(conn):
+        q = quality(conn, project["id"])
+        generated = {kind: _settings_text(q["progress"]["generation"].get(kind)) for kind in ("rank", "compare") if kind in q["progress"]["kinds"]}
+        projects.append({**project, "quality": q, "generated": generated})
     return page("admin.html", user=user, projects=projects, users=accounts.list_users(conn), created=None)
+
+
+def _settings_text(settings: dict | None) -> str:
+    """How a kind of task's responses were generated, as /admin words it: "model M, k 3, ..." ("models a = P, b = Q" for compare)."""
+    if settings is None:
+        return "not recorded (from a file, or by an older version)"
+    return ", ".join(f"{key} " + (", ".join(f"{name} = {path}" for name, path in value.items()) if isinstance(value, dict) else str(value))
+                     for key, value in settings.items())
 
 
 @pages.post("/admin/users", response_class=HTMLResponse)
