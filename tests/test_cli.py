@@ -310,6 +310,9 @@ def test_a_file_where_a_folder_is_needed_is_named(tmp_path):
         _assert_clean_error(cli("world", "-c", str(SMOKE), f"run.dir={folder}", check=False), f"{results} is a file, where a folder is needed")
     _assert_clean_error(cli("label", "user", "ann", "--password", "secret", "--dir", str(results), check=False), f"{results} is a file")
     assert results.read_text() == "keep me"
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "gone" / "runs")  # a link to a folder since removed
+    _assert_clean_error(cli("world", "-c", str(SMOKE), f"run.dir={link}", check=False), f"{link} is a link to {tmp_path}/gone/runs, which does not exist")
 
 
 def test_brackets_in_paths_and_values_survive_in_errors(tmp_path):

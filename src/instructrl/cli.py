@@ -632,11 +632,11 @@ def _run_app() -> None:
         _say_why(str(err))
         sys.exit(2)
     except OSError as err:  # a full disk, a read-only or forbidden folder: checkpoints written so far are whole
-        in_the_way = _file_in_the_way(err)
+        in_the_way = _not_a_folder(err)
         if _state["debug"] or (in_the_way is None and err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)):
             raise
         if in_the_way is not None:  # run.dir=results.txt, --dir of a file: bad input, not a full disk
-            _say_why(f"{in_the_way} is a file, where a folder is needed; give a folder's path")
+            _say_why(f"{in_the_way}; give a folder's path")
             sys.exit(2)
         where = f" {err.filename}" if err.filename else ""
         _say_why(f"cannot write{where}: {err.strerror or err}; make room or fix the folder, then {_how_to_resume()}")
@@ -650,13 +650,18 @@ def _run_app() -> None:
         raise
 
 
-def _file_in_the_way(err: OSError) -> Path | None:
-    """The file that stands where ``err`` needed a folder (a folder to make, or one on the way to a
-    file to write): os.makedirs says EEXIST for the first, any write ENOTDIR for the second."""
+def _not_a_folder(err: OSError) -> str | None:
+    """What stands where ``err`` needed a folder (a folder to make, or one on the way to a file to write:
+    os.makedirs says EEXIST for the first, any write ENOTDIR for the second): a file, or a link to nothing."""
     if err.errno not in (errno.EEXIST, errno.ENOTDIR) or not err.filename:
         return None
     path = Path(os.fsdecode(err.filename))
-    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            return f"{p} is a link to {os.readlink(p)}, which does not exist"
+        if p.exists() and not p.is_dir():
+            return f"{p} is a file, where a folder is needed"
+    return None
 
 
 def _say_why(message: str, error: bool = True) -> None:
