@@ -216,9 +216,13 @@ NEW_WHY = (". The world's small families have few inputs (some 65 words to rever
            "in other words measures recall as much as generalisation.")
 
 
-def _new_cells(new: dict | None, unit: str = "") -> list[str]:
-    """A model's Likert and win rate vs SFT on the prompts whose question no training prompt asks; none where there are no such figures."""
-    return [] if new is None else [f"{new['likert']:.2f}", _win_cell(new.get("win_rate_vs_sft"), unit)]
+def _new_columns(results: list[dict], unit: str = "") -> tuple[list[str], list[list[str]]]:
+    """The header of the columns of figures on the prompts whose question no training prompt asks, and each model's
+    cells (Likert, win rate vs SFT); no columns where there are no such figures."""
+    new = new_prompt_figures(results)
+    if new is None:
+        return [], [[] for _ in results]
+    return NEW_HEADER, [[f"{n['likert']:.2f}", _win_cell(n.get("win_rate_vs_sft"), unit)] for n in new]
 
 
 def _family_table(results: dict, sampled: bool = False) -> str:
@@ -243,14 +247,14 @@ def _eval_section(evaluation: dict) -> list[str]:
     results = evaluation["results"]
     parts = [f"<h2>Held-out prompts, judged by the gold labeler</h2><p>{evaluation['n_prompts']} held-out prompts, greedy answers.</p>"]
     caption = html.escape(new_prompts_caption(results) or "")
-    new = new_prompt_figures(list(results.values()))
+    new_header, new_cells = _new_columns(list(results.values()))
     rows = []
-    for (name, r), new_r in zip(results.items(), new or [None] * len(results)):
-        rows.append([html.escape(name), f"{r['overall']['likert']:.2f}", _win_cell(r.get("win_rate_vs_sft")), *_new_cells(new_r),
+    for (name, r), new in zip(results.items(), new_cells):
+        rows.append([html.escape(name), f"{r['overall']['likert']:.2f}", _win_cell(r.get("win_rate_vs_sft")), *new,
                      f"{r['pretraining_loss']:.3f}" if "pretraining_loss" in r else "",
                      f"{r['alignment_tax']:+.3f}" if _pays_tax(r, name) else "",
                      ", ".join(f"{html.escape(k)} {v:.0%}" for k, v in r["overall"]["flags"].items())])
-    parts.append(_table(["model", "mean Likert (1-7)", "win rate vs SFT, ties half (95% interval)", *(NEW_HEADER if new else []),
+    parts.append(_table(["model", "mean Likert (1-7)", "win rate vs SFT, ties half (95% interval)", *new_header,
                          "held-out pretraining loss (nats/token)", "loss − SFT's: the alignment tax", "flags (share of answers)"], rows,
                         caption + NEW_WHY if caption else ""))
     parts.append(HOW_TO_READ)
@@ -264,13 +268,13 @@ def _eval_section(evaluation: dict) -> list[str]:
         parts.append(f"<p>Greedy answers above. Below, {first['samples']} answers per prompt sampled at temperature "
                      f"{first['temperature']:g}, the distribution PPO optimises (the demonstrations and gold answers are one per prompt, "
                      "met by every sample; the interval is over prompts).</p>")
-        new = new_prompt_figures([r["sampled"] for r in results.values()])
+        new_header, new_cells = _new_columns([r["sampled"] for r in results.values()], " prompts")
         rows = []
-        for (name, r), new_r in zip(results.items(), new or [None] * len(results)):
+        for (name, r), new in zip(results.items(), new_cells):
             rows.append([html.escape(name), f"{r['sampled']['overall']['likert']:.2f}", _win_cell(r["sampled"].get("win_rate_vs_sft"), " prompts"),
-                         *_new_cells(new_r, " prompts"),
+                         *new,
                          ", ".join(f"{html.escape(k)} {v:.0%}" for k, v in r["sampled"]["overall"]["flags"].items())])
-        parts.append(_table(["model", "mean Likert (sampled)", "win rate vs SFT, ties half (95% interval)", *(NEW_HEADER if new else []),
+        parts.append(_table(["model", "mean Likert (sampled)", "win rate vs SFT, ties half (95% interval)", *new_header,
                              "flags (share of answers)"], rows, caption))
     parts.append(_figure_tag(_likert_plot(results), "Mean gold Likert (1-7) of the greedy answers, per instruction family and model "
                                                     "(the gold answers, 7 everywhere, left out)."))
