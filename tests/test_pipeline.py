@@ -22,12 +22,11 @@ def test_pipeline_two_rounds(tmp_path):
     assert {json.loads(x)["id"] for x in r1}.isdisjoint(json.loads(x)["id"] for x in r2)
     assert len((tmp_path / "round2" / "comparisons_all.jsonl").read_text().splitlines()) == len(r1) + len(r2)
     collect2 = json.loads((tmp_path / "round2" / "collect" / "lineage.json").read_text())["inputs"]
-    assert collect2["policy"]["path"] == str(tmp_path / "ppo_ptx" / "final")
+    assert collect2["policy"] == collect2["policy"] | {"path": "../ppo_ptx/final", "in_run": True}  # the run's own, from round2/
     # round 2 continues each PPO run from round 1, against the new RM, with SFT still the reference
     for stage in ("ppo_ptx", "ppo"):
         lineage = json.loads((tmp_path / "round2" / stage / "lineage.json").read_text())["inputs"]
-        assert lineage["policy"]["path"] == str(tmp_path / stage / "final")
-        assert lineage["reference"]["path"] == str(tmp_path / "sft" / "final")
+        assert lineage["policy"]["path"] == f"../{stage}/final" and lineage["reference"]["path"] == "../sft/final"
         assert lineage["reward_model"] == lineage["reward_model"] | {"path": "rm/final", "in_run": True}  # round 2's own
     # and goes on from round 1's iteration count (its own prompts and sampling seeds): TensorBoard draws one curve
     steps = [[json.loads(x)["step"] for x in (folder / stage / "metrics.jsonl").read_text().splitlines()] for folder in (tmp_path, tmp_path / "round2")]
@@ -108,6 +107,56 @@ def test_a_later_round_goes_on_from_the_previous_rounds_models_with_round_ones_r
     assert os.path.normpath(third_round("ppo.ptx_coef=0")[0].collect.policy) == str(tmp_path / "round2" / "ppo" / "final")
     # a policy of one's own to start from stays every round's KL reference, as in round 1
     assert third_round("ppo.policy=/models/mine")[0].ppo.reference == "/models/mine"
+
+
+def _finished_round_two_ppo(root):
+    """A RunDir of round 2's plain PPO in run folder ``root``, finished on root/sft/final as its reference; and
+    a function that gives its RunDir in a run folder."""
+    from instructrl.config import load_config
+    from instructrl.pipeline import later_round, round_one
+    from instructrl.rundir import RunDir
+
+    def round_two(root):
+        rc = later_round(round_one(load_config(SMOKE, [f"run.dir={root}", "pipeline.rounds=2"]), log=lambda _: None), 2)[0]
+        return RunDir(rc, "ppo", ("run", "ppo"))
+
+    (root / "sft" / "final").mkdir(parents=True)
+    (root / "sft" / "final" / "model.safetensors").write_text("sft")
+    run = round_two(root)
+    run.start()
+    run.write_lineage({"reference": run.config.ppo.reference})
+    run.finish({})
+    return run, round_two
+
+
+def test_a_copied_runs_later_round_checks_the_copys_own_models_not_the_originals(tmp_path):
+    # round 2's lineage named the run's SFT model by absolute path: a copy of the run compared its original's,
+    # so it was refused (and eval left its PPO out) once the original was trained again, and counted as
+    # present an SFT model the copy no longer had
+    original, copy = tmp_path / "a", tmp_path / "b"
+    _, round_two = _finished_round_two_ppo(original)
+    shutil.copytree(original, copy)
+    (original / "sft" / "final" / "model.safetensors").write_text("sft trained again")
+
+    assert round_two(copy).is_done() and round_two(copy).changed_inputs() == []
+    (copy / "sft" / "final" / "model.safetensors").write_text("sft trained again")  # the copy's own SFT model is what counts
+    assert round_two(copy).changed_inputs() == [f"reference ({copy / 'sft' / 'final'})"]
+    shutil.rmtree(copy / "sft")
+    assert round_two(copy).missing_inputs(copy) == [
+        f"reference ({copy / 'sft' / 'final'}; `instructrl pipeline --restart-from sft` trains it and the stages after it again)"]
+
+
+def test_a_later_rounds_lineage_of_absolute_paths_still_counts(tmp_path):
+    # as instructrl wrote it before it recorded the run's own folders from round2/: still finished, still checked
+    run, _ = _finished_round_two_ppo(tmp_path)
+    lineage = json.loads((run.path / "lineage.json").read_text())
+    entry = lineage["inputs"]["reference"]
+    assert entry.pop("in_run") and entry["path"] == "../sft/final"
+    entry["path"] = str(tmp_path / "sft" / "final")
+    (run.path / "lineage.json").write_text(json.dumps(lineage))
+    assert run.is_done()
+    (tmp_path / "sft" / "final" / "model.safetensors").write_text("sft trained again")
+    assert run.changed_inputs() == [f"reference ({tmp_path / 'sft' / 'final'})"]
 
 
 def test_a_first_prompt_past_the_rm_prompts_is_refused_before_the_first_stage(tmp_path):

@@ -286,7 +286,7 @@ class RunDir:
         --restart and not trained again), each with the stage that makes it again. Not the world's files, which
         any stage rebuilds from the config as they were, nor the user's own files, in the run folder or not (moved, say).
         ``run_root``: the run folder, where this stage is a later pipeline round's (round2/), whose lineage records
-        the run's own folders (round2/../sft/final) by their absolute paths."""
+        the run's own folders as ../sft/final (by their absolute paths before instructrl recorded them so)."""
         from instructrl.pipeline import PPO_STAGES, STAGES
 
         folders = [Path(os.path.abspath(folder)) for folder in (self.config.run.dir, run_root or self.config.run.dir)]
@@ -303,11 +303,11 @@ class RunDir:
 
     def _recorded_inputs(self) -> list[tuple[str, dict, Path]]:
         """Each input lineage.json records: its name, its entry, and where it is now (an input inside the run, in
-        this run folder wherever it has moved); none before the stage has begun."""
+        this run folder wherever it has moved: round2/../sft/final as sft/final); none before the stage has begun."""
         lineage = self.path / "lineage.json"
         if not lineage.is_file():
             return []
-        return [(name, entry, Path(self.config.run.dir) / entry["path"] if entry.get("in_run") else Path(entry["path"]))
+        return [(name, entry, Path(os.path.normpath(Path(self.config.run.dir) / entry["path"])) if entry.get("in_run") else Path(entry["path"]))
                 for name, entry in json.loads(lineage.read_text())["inputs"].items()]
 
     def start(self, restart: bool = False, log=None) -> None:
@@ -394,8 +394,9 @@ class RunDir:
     def write_lineage(self, inputs: dict[str, Path | str | None]) -> None:
         """Record each input (data file, parent checkpoint) with its content hash, before training:
         an interrupted run resumes only on the inputs it began with, else it would follow from neither.
-        An input inside the run folder is recorded relative to it and any other by its absolute
-        path, so that the check holds from any working directory and in a moved or copied run folder;
+        An input inside the run folder, or named from it (round2/../sft/final), is recorded relative to
+        it and any other by its absolute path, so that the check holds from any working directory and in
+        a moved or copied run folder;
         a hub name is recorded as given, with the commit of its snapshot in the Hugging Face cache (which
         the stage loaded)."""
         changed = self.changed_inputs()  # an interrupted run's record: --restart has removed any other
@@ -404,7 +405,8 @@ class RunDir:
                             f"pass --restart to run {self.stage} again from the start ({self._in_pipeline}), or set run.dir to another folder")
         if not self.is_main:
             return
-        root = os.path.abspath(self.config.run.dir)
+        run_dir = str(self.config.run.dir)
+        root = os.path.abspath(run_dir)
         entries = {}
         for name, value in inputs.items():
             if value is None:
@@ -417,7 +419,9 @@ class RunDir:
 
                 snapshot = hub_snapshot(str(value))
                 place = {"path": str(value), "commit": snapshot and snapshot.name}
-            elif full.startswith(root + os.sep):
+            elif full.startswith(root + os.sep) or str(value).startswith(run_dir + os.sep):
+                # the second: named from run.dir, as a later round names the run's own folders (round2/../sft/final),
+                # and as its identity does (config.section); a copy of the run compares its own, not its original's
                 place = {"path": os.path.relpath(full, root), "in_run": True}
             else:
                 place = {"path": full}
