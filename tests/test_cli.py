@@ -351,7 +351,7 @@ def test_help_paragraphs_are_not_broken_where_the_docstring_wraps():
     import subprocess
     import sys
 
-    from instructrl.cli import rm
+    from instructrl.cli.stages import rm
 
     assert any("\n" in p for p in inspect.getdoc(rm).split("\n\n")), "the docstring wraps inside a paragraph"
     env = dict(os.environ, COLUMNS="1000")  # wide enough for every paragraph on one line
@@ -376,6 +376,16 @@ def test_top_level_help_says_what_instructrl_is_and_how_stages_are_configured():
     out = _help()
     assert "InstructGPT's recipe end to end" in out
     assert "`instructrl STAGE --help` lists the stage's keys with their defaults" in out
+
+
+def test_help_lists_the_stages_in_the_recipes_order_then_the_tools():
+    # each module of instructrl.cli adds its commands as the package imports it: that import order is --help's
+    import typer
+
+    from instructrl.cli import app
+
+    assert list(typer.main.get_command(app).commands) == [
+        "world", "pretrain", "sft", "collect", "rm", "ppo", "eval", "pipeline", "bench", "serve", "chat", "config", "data", "label"]
 
 
 def test_stage_help_lists_its_own_keys_first_with_defaults_as_yaml_writes_them():
@@ -446,15 +456,15 @@ def a_launch(tmp_path, monkeypatch):
 
 def _run_as(rank: int, failure: BaseException, monkeypatch, capsys) -> tuple[int, str]:
     """``instructrl.cli.run()`` as process ``rank`` of the launch, its command raising ``failure``: exit status and stderr."""
-    from instructrl import cli as cli_module
+    from instructrl.cli import exits
 
     def command():
         raise failure
 
     monkeypatch.setenv("RANK", str(rank))
-    monkeypatch.setattr(cli_module, "app", command)
+    monkeypatch.setattr(exits, "app", command)
     with pytest.raises(SystemExit) as exit_:
-        cli_module.run()
+        exits.run()
     return exit_.value.code, capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""Config loading and its error messages (config.py), and the data order (training/data_order.py)."""
+"""Config loading and its error messages (config/), and the data order (training/data_order.py)."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_a_stage_takes_only_the_data_formats_it_can_train_on(override, allowed):
 
 
 def test_the_configs_format_names_are_the_data_readers():
-    """config.py spells the format names out (importing the readers would make loading a config
+    """config/schema.py spells the format names out (importing the readers would make loading a config
     heavy); they must stay the ones data/formats.py reads and each stage accepts."""
     from typing import get_args
 

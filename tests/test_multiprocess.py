@@ -168,7 +168,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from instructrl import cli
+from instructrl.cli import exits
 
 
 def stage():  # as under a launcher: Accelerate creates the group, then loading a tokenizer imports torch.distributed.nn
@@ -177,8 +177,8 @@ def stage():  # as under a launcher: Accelerate creates the group, then loading 
     dist.all_reduce(torch.ones(1))
 
 
-cli.app = stage
-cli.run()
+exits.app = stage
+exits.run()
 threads = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task")]
 print("gloo threads left:", sum("gloo" in name for name in threads))
 """

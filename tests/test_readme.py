@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 
 from instructrl.cli import app
-from instructrl.config import PipelineConfig, _annotation
+from instructrl.config import PipelineConfig
+from instructrl.config.loading import _annotation
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 FENCED = re.compile(r"```\w*\n(.*?)```", re.S)
