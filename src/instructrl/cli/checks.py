@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from instructrl.cli.root import CONFIG_OPTION, OVERRIDES_ARGUMENT, _load, _log, app
+from instructrl.cli.root import CONFIG_OPTION, OVERRIDES_ARGUMENT, load_options, log, app
 from instructrl.config import dump_config
 from instructrl.errors import UserError
 
@@ -16,7 +16,7 @@ from instructrl.errors import UserError
 @app.command("config")
 def show_config(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
     """Print the resolved config (defaults, file and overrides) as YAML."""
-    typer.echo(dump_config(_load(config, overrides)), nl=False)
+    typer.echo(dump_config(load_options(config, overrides)), nl=False)
 
 
 data_app = typer.Typer(help="Check data files before a run.", no_args_is_help=True)
@@ -48,13 +48,13 @@ def data_check(
         summary = check_file(file, data_format, tokenizer, progress=done)
         done(summary["records"], total=summary["records"])
     details = ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("file", "format", "records", "usable_as", "not_usable_as", "control_tokens"))
-    _log(f"{file}: {summary['records']} {summary['format']} records" + (f" ({details})" if details else "")
+    log(f"{file}: {summary['records']} {summary['format']} records" + (f" ({details})" if details else "")
          + f"; usable as {', '.join(summary['usable_as'])}")
     for stage, reason in summary.get("not_usable_as", {}).items():
-        _log(f"not usable as {stage}: {reason}")
+        log(f"not usable as {stage}: {reason}")
     if "control_tokens" in summary:
         found = summary["control_tokens"]
-        warn_of_control_tokens(file, (found["records"], found["first"]), "records", _log)
+        warn_of_control_tokens(file, (found["records"], found["first"]), "records", log)
         if not found["records"]:
-            _log(f"{file}: no record holds a control token of {model}'s tokenizer")
+            log(f"{file}: no record holds a control token of {model}'s tokenizer")
     typer.echo(json.dumps(summary))

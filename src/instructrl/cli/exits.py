@@ -16,14 +16,14 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from instructrl.cli.root import _is_main_process, _state, app, console
+from instructrl.cli.root import is_main_process, state, app, console
 from instructrl.errors import UserError
 
 
 def _on_sigterm(signum, frame) -> None:
     """SIGTERM (a scheduler pre-empting the job) is met as Ctrl-C is: checkpoints are written
     whole and the run resumes, so one line says so; the exit status is 143, the signal's."""
-    _state["terminated"] = True
+    state["terminated"] = True
     raise KeyboardInterrupt
 
 
@@ -31,7 +31,7 @@ def run() -> None:
     """Entry point: turn a UserError into one line on stderr and exit status 2; of several processes, the
     first to stop says why (``_first_to_stop``)."""
     signal.signal(signal.SIGTERM, _on_sigterm)  # serve and label: uvicorn installs its own while it runs
-    _state.pop("first_to_stop", None)
+    state.pop("first_to_stop", None)
     _import_before_the_process_group()
     try:
         _run_app()
@@ -50,13 +50,13 @@ def _run_app() -> None:
     try:
         app()
     except UserError as err:
-        if _state["debug"]:
+        if state["debug"]:
             raise
         _say_why(str(err))
         sys.exit(2)
     except OSError as err:  # a full disk, a read-only or forbidden folder: checkpoints written so far are whole
         in_the_way = _not_a_folder(err)
-        if _state["debug"] or (in_the_way is None and err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)):
+        if state["debug"] or (in_the_way is None and err.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)):
             raise
         if in_the_way is not None:  # run.dir=results.txt, --dir of a file: bad input, not a full disk
             _say_why(f"{in_the_way}; give a folder's path")
@@ -67,7 +67,7 @@ def _run_app() -> None:
     except (KeyboardInterrupt, SystemExit) as exit_:
         # typer turns Ctrl-C into exit status 130
         if isinstance(exit_, KeyboardInterrupt) or exit_.code == 130:
-            terminated = _state.get("terminated", False)
+            terminated = state.get("terminated", False)
             _say_why(f"{'terminated' if terminated else 'interrupted'}: {_how_to_resume()} from the last checkpoint", error=False)
             sys.exit(143 if terminated else 130)
         raise
@@ -91,7 +91,7 @@ def _say_why(message: str, error: bool = True) -> None:
     """One line on stderr saying why the command stops, from the first process of its launch to stop
     (and in the failure summary ``accelerate launch`` prints last)."""
     first = _first_to_stop()
-    if not (_is_main_process() if first is None else first):  # without the launcher's store, the main process speaks
+    if not (is_main_process() if first is None else first):  # without the launcher's store, the main process speaks
         return
     console.print(("[bold red]error:[/bold red] " if error else "") + escape(message), highlight=False, soft_wrap=True)
     _tell_launcher(("error: " if error else "") + message)
@@ -113,11 +113,11 @@ def _first_to_stop() -> bool | None:
     checkpoint only the main process writes, a file only its own rank reads); either way the launcher
     then stops the others (SIGTERM) or their collectives break, and one message says why, from the
     process that knows. The first to stop is counted in the store of torchrun's agent."""
-    if "first_to_stop" not in _state:
+    if "first_to_stop" not in state:
         # this process is leaving: the launcher's SIGTERM to the others must not cut its message short
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _state["first_to_stop"] = _claim_first_stop()
-    return _state["first_to_stop"]
+        state["first_to_stop"] = _claim_first_stop()
+    return state["first_to_stop"]
 
 
 def _claim_first_stop() -> bool | None:

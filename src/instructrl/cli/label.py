@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from instructrl.cli.root import _log, app
-from instructrl.cli.serve import _check_port_free
+from instructrl.cli.root import log, app
+from instructrl.cli.serve import check_port_free
 from instructrl.errors import UserError
 
 
@@ -40,8 +40,8 @@ def label(
 
     from instructrl.feedback.app import create_app
 
-    _check_port_free(host, port)
-    _log(f"label: serving {project_dir} on http://{host}:{port} (Ctrl-C stops; nothing submitted is lost)")
+    check_port_free(host, port)
+    log(f"label: serving {project_dir} on http://{host}:{port} (Ctrl-C stops; nothing submitted is lost)")
     uvicorn.run(create_app(project_dir), host=host, port=port, log_level="warning")
 
 
@@ -59,10 +59,10 @@ def label_user(
 
     if reset:
         user = reset_user(connect(project_dir), name, password)
-        _log(f"label: user {user.name} ({user.role}) has a new password and API token; the old token no longer works")
+        log(f"label: user {user.name} ({user.role}) has a new password and API token; the old token no longer works")
     else:
         user = create_user(connect(project_dir), name, role, password)
-        _log(f"label: user {user.name} ({user.role}) created")
+        log(f"label: user {user.name} ({user.role}) created")
     typer.echo(user.token)
 
 
@@ -122,7 +122,7 @@ def label_project(
         raise UserError(f"label project: {err}") from None
     counts = {kind: sum(t["kind"] == kind for t in new_tasks) for kind in ("write", "rank", "compare")}
     identical = progress(conn, project_id)["kinds"].get("compare", {}).get("identical_answers")
-    _log(f"label: project {name} (id {project_id}) in {project_dir}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+    log(f"label: project {name} (id {project_id}) in {project_dir}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
          + f" tasks, overlap {overlap}, guidelines {settings.version()}"
          + (f"; {identical} compare tasks have two identical answers: ties, never shown to labelers" if identical else ""))
 
@@ -169,7 +169,7 @@ def label_export(
     conn, project_id = _open_project(project_dir, name, "label export")
     folder = out or project_dir / "exports" / str(project_id)
     counts = export_project(conn, project_id, folder)
-    _log(f"label: exported {name} to {folder}: " + ", ".join(f"{file} {n}" for file, n in counts.items()))
+    log(f"label: exported {name} to {folder}: " + ", ".join(f"{file} {n}" for file, n in counts.items()))
 
 
 @label_app.command("status")

@@ -22,7 +22,7 @@ app = typer.Typer(
     no_args_is_help=True, rich_markup_mode="rich", pretty_exceptions_enable=False,
 )
 console = log_console()  # messages and bars; standard output holds the results alone (results_console)
-_state = {"debug": bool(os.environ.get("INSTRUCTRL_DEBUG"))}
+state = {"debug": bool(os.environ.get("INSTRUCTRL_DEBUG"))}
 
 CONFIG_OPTION = typer.Option(None, "--config", "-c", help="YAML config file; it only needs the keys it changes. Relative paths in it are "
                              "relative to the working directory, not to the file. Give -c again to layer files: a later file's keys win.",
@@ -32,7 +32,7 @@ OVERRIDES_ARGUMENT = typer.Argument(None, metavar="KEY=VALUE", help="Config over
 RESTART_OPTION = typer.Option(False, "--restart", help="Discard this stage's earlier run (checkpoints included) instead of resuming it.")
 
 
-def _config_help(*sections: str) -> str:
+def config_help(*sections: str) -> str:
     lines = ["[bold]Config keys[/bold] (set in the YAML file or as KEY=VALUE):"]
     for name in sections:
         model = PipelineConfig.model_fields[name].annotation
@@ -41,16 +41,16 @@ def _config_help(*sections: str) -> str:
     return "\n\n".join(lines)
 
 
-def _load(config: Optional[list[Path]], overrides: Optional[list[str]]) -> PipelineConfig:
+def load_options(config: Optional[list[Path]], overrides: Optional[list[str]]) -> PipelineConfig:
     return load_config(config or None, overrides or [])
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-def _log(message: str) -> None:
-    if _is_main_process():
+def log(message: str) -> None:
+    if is_main_process():
         # one line per message: paths stay whole when copied or grepped; no markup, so [brackets] in a path or value stay
         console.print(message, highlight=False, soft_wrap=True, markup=False)
 
@@ -76,11 +76,11 @@ def _print_version(wanted: bool) -> None:
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")) -> None:
-    _state["debug"] = _state["debug"] or debug
+    state["debug"] = state["debug"] or debug
     quiet_libraries()
 
 
-def _unwrap_help(typer_app: typer.Typer) -> None:
+def unwrap_help(typer_app: typer.Typer) -> None:
     """Join each docstring's hard-wrapped lines into paragraphs. Typer keeps a single line break
     after the first paragraph, and the terminal then wraps the long lines again, leaving ragged
     half-lines in every --help."""
@@ -90,4 +90,4 @@ def _unwrap_help(typer_app: typer.Typer) -> None:
         if text:  # an empty help would hide the one given to typer.Typer(help=...), as the callback `main` has none
             info.help = "\n\n".join(" ".join(paragraph.split("\n")) for paragraph in text.split("\n\n"))
     for group in typer_app.registered_groups:
-        _unwrap_help(group.typer_instance)
+        unwrap_help(group.typer_instance)

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from instructrl.cli.root import _log, app
+from instructrl.cli.root import log, app
 from instructrl.errors import UserError
 
 
@@ -15,7 +15,7 @@ MODEL_OPTION = typer.Option(..., "--model", "-m", help="A checkpoint folder (ins
 QUANTIZE_OPTION = typer.Option("none", "--quantize", help="none, or int8: dynamic int8 quantisation of the Linear layers for CPU serving.")
 
 
-def _check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int) -> None:
     """One line naming the port another program holds (serve and label both default to 8000),
     rather than uvicorn's error after the start was announced."""
     import socket
@@ -56,14 +56,14 @@ def serve(
     from instructrl.serve.loading import load_engine, parse_model_specs, set_serving_threads
 
     specs = parse_model_specs(model)
-    _check_port_free(host, port)  # now, not after loading the models
+    check_port_free(host, port)  # now, not after loading the models
     set_serving_threads(threads)
     engines = {name: load_engine(path, quantize, device, dtype, max_batch=max_batch, max_queue=max_queue, seed=seed) for name, path in specs.items()}
     server_app = create_app(engines, api_key=api_key, default_max_tokens=max_tokens)
     for name, path in specs.items():
         one_at_a_time = " (recurrent layers: one sequence at a time, n = 1)" if engines[name].one_at_a_time else ""
-        _log(f"serve: model {name} from {path}" + (" (int8)" if quantize == "int8" else "") + one_at_a_time)
-    _log(f"serve: OpenAI-compatible API at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
+        log(f"serve: model {name} from {path}" + (" (int8)" if quantize == "int8" else "") + one_at_a_time)
+    log(f"serve: OpenAI-compatible API at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
     uvicorn.run(server_app, host=host, port=port, log_level="warning")
 
 

@@ -10,13 +10,13 @@ from typing import Optional
 
 import typer
 
-from instructrl.cli.root import CONFIG_OPTION, OVERRIDES_ARGUMENT, RESTART_OPTION, _config_help, _is_main_process, _load, _log, app, console
+from instructrl.cli.root import CONFIG_OPTION, OVERRIDES_ARGUMENT, RESTART_OPTION, config_help, is_main_process, load_options, log, app, console
 from instructrl.config import PipelineConfig, WorldConfig
 from instructrl.errors import UserError
 from instructrl.training.progress import results_console
 
 
-@app.command(epilog=_config_help("run", "world"))
+@app.command(epilog=config_help("run", "world"))
 def world(
     config: Optional[list[Path]] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
@@ -25,12 +25,12 @@ def world(
     """Write the built-in instruction world: prompt splits, demonstrations, pretraining corpus."""
     from instructrl.world.build import build_world
 
-    cfg = _load(config, overrides)
+    cfg = load_options(config, overrides)
     files = build_world(cfg.world, Path(cfg.run.dir) / "world", replace=restart)
     counts = json.loads(files.manifest.read_text())["counts"]
-    _log(f"world written to {files.root}: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " prompts")
+    log(f"world written to {files.root}: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " prompts")
     rate, n_pairs = _labeler_agreement(cfg.world, files.prompts("rm"))
-    _log(f"two simulated labelers at noise {cfg.world.labeler_noise} agree on {rate:.1%} of {n_pairs} comparisons (InstructGPT's labelers: ~73%)")
+    log(f"two simulated labelers at noise {cfg.world.labeler_noise} agree on {rate:.1%} of {n_pairs} comparisons (InstructGPT's labelers: ~73%)")
 
 
 def _labeler_agreement(world_cfg: WorldConfig, rm_prompts: Path) -> tuple[float, int]:
@@ -49,7 +49,7 @@ def _labeler_agreement(world_cfg: WorldConfig, rm_prompts: Path) -> tuple[float,
     return agreement_rate(SimulatedLabeler("a", noise), SimulatedLabeler("b", noise), pairs), len(pairs)
 
 
-@app.command(epilog=_config_help("run", "world", "tokenizer", "model", "pretrain"))
+@app.command(epilog=config_help("run", "world", "tokenizer", "model", "pretrain"))
 def pretrain(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
     """Train the BPE tokenizer and pretrain the small base model on the world's corpus.
 
@@ -57,10 +57,10 @@ def pretrain(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[l
     """
     from instructrl.stages.pretrain import run_pretrain
 
-    run_pretrain(_load(config, overrides), restart=restart, log=_log)
+    run_pretrain(load_options(config, overrides), restart=restart, log=log)
 
 
-@app.command(epilog=_config_help("run", "sft"))
+@app.command(epilog=config_help("run", "sft"))
 def sft(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
     """Supervised fine-tuning of any Hugging Face causal LM on demonstrations.
 
@@ -70,10 +70,10 @@ def sft(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[s
     """
     from instructrl.stages.sft import run_sft
 
-    run_sft(_load(config, overrides), restart=restart, log=_log)
+    run_sft(load_options(config, overrides), restart=restart, log=log)
 
 
-@app.command(epilog=_config_help("run", "collect"))
+@app.command(epilog=config_help("run", "collect"))
 def collect(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
     """Sample K responses per RM prompt from the SFT policy and have labelers rank them.
 
@@ -83,11 +83,11 @@ def collect(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[li
     """
     from instructrl.stages.collect import run_collect
 
-    if _is_main_process():
-        run_collect(_load(config, overrides), restart=restart, log=_log)
+    if is_main_process():
+        run_collect(load_options(config, overrides), restart=restart, log=log)
 
 
-@app.command(epilog=_config_help("run", "rm"))
+@app.command(epilog=config_help("run", "rm"))
 def rm(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
     """Train the reward model on ranked comparisons with InstructGPT's K-way ranking loss.
 
@@ -97,10 +97,10 @@ def rm(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[st
     """
     from instructrl.stages.rm import run_rm
 
-    run_rm(_load(config, overrides), restart=restart, log=_log)
+    run_rm(load_options(config, overrides), restart=restart, log=log)
 
 
-@app.command(epilog=_config_help("run", "ppo"))
+@app.command(epilog=config_help("run", "ppo"))
 def ppo(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT, restart: bool = RESTART_OPTION) -> None:
     """Optimise the SFT policy against the reward model with PPO; with ppo.ptx_coef > 0, PPO-ptx.
 
@@ -110,10 +110,10 @@ def ppo(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[s
     """
     from instructrl.stages.ppo import run_ppo
 
-    run_ppo(_load(config, overrides), restart=restart, log=_log)
+    run_ppo(load_options(config, overrides), restart=restart, log=log)
 
 
-@app.command("eval", epilog=_config_help("run", "eval"))
+@app.command("eval", epilog=config_help("run", "eval"))
 def evaluate(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[list[str]] = OVERRIDES_ARGUMENT) -> None:
     """Judge models' answers to held-out prompts: the built-in world's, by its gold labeler, or your own, by a reward model.
 
@@ -123,15 +123,15 @@ def evaluate(config: Optional[list[Path]] = CONFIG_OPTION, overrides: Optional[l
     from instructrl.evaluation.evaluate import results_table, run_eval
     from instructrl.evaluation.report import write_report
 
-    cfg = _load(config, overrides)
-    if not _is_main_process():
+    cfg = load_options(config, overrides)
+    if not is_main_process():
         return  # evaluation runs in one process
-    results = run_eval(cfg, log=_log)
+    results = run_eval(cfg, log=log)
     results_console().print(results_table(results))
-    _log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}; report: {write_report(Path(cfg.run.dir), cfg.pipeline.rounds)}")
+    log(f"eval: results in {Path(cfg.run.dir) / 'eval' / 'results.json'}; report: {write_report(Path(cfg.run.dir), cfg.pipeline.rounds)}")
 
 
-@app.command(epilog=_config_help("run", "world", "tokenizer", "model", "pretrain", "sft", "collect", "rm", "ppo", "pipeline", "eval"))
+@app.command(epilog=config_help("run", "world", "tokenizer", "model", "pretrain", "sft", "collect", "rm", "ppo", "pipeline", "eval"))
 def pipeline(
     config: Optional[list[Path]] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
@@ -152,19 +152,19 @@ def pipeline(
     from instructrl.evaluation.report import headline
     from instructrl.pipeline import run_pipeline
 
-    cfg = _load(config, overrides)
+    cfg = load_options(config, overrides)
     start = time.perf_counter()
-    results = run_pipeline(cfg, log=_log, is_main=_is_main_process(), restart_from=restart_from)
+    results = run_pipeline(cfg, log=log, is_main=is_main_process(), restart_from=restart_from)
     if results is None:
         return  # evaluation runs in one process
     out = results_console()
     out.print(results_table(results))
     for line in headline(results):
         out.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
-    _log(f"pipeline: finished in {time.perf_counter() - start:.0f} s; report: {Path(cfg.run.dir) / 'report.html'}")
+    log(f"pipeline: finished in {time.perf_counter() - start:.0f} s; report: {Path(cfg.run.dir) / 'report.html'}")
 
 
-@app.command(epilog=_config_help("run", "model", "ppo", "rm"))
+@app.command(epilog=config_help("run", "model", "ppo", "rm"))
 def bench(
     config: Optional[list[Path]] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
@@ -184,14 +184,14 @@ def bench(
     """
     from instructrl.bench import bench_rm, bench_rm_table, bench_table, run_bench
 
-    cfg = _load(config, overrides)
+    cfg = load_options(config, overrides)
     if cfg.run.dir == PipelineConfig().run.dir:
         cfg.run.dir = Path("runs/bench")
     if stage == "rm":
-        result = bench_rm(cfg, k, comparisons, log=_log)
+        result = bench_rm(cfg, k, comparisons, log=log)
         console.print(bench_rm_table(result))  # on stderr: standard output is the JSON
     elif stage == "ppo":
-        result = run_bench(cfg, iterations, log=_log)
+        result = run_bench(cfg, iterations, log=log)
         console.print(bench_table(result))
     else:
         raise UserError(f"bench: unknown --stage {stage!r}; choose ppo or rm")

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from instructrl.config.schema import PipelineConfig, _choices, _is_section, check_divisions
+from instructrl.config.schema import PipelineConfig, annotation_choices, is_section, check_divisions
 from instructrl.errors import UserError
 
 
@@ -115,7 +115,7 @@ def _apply_override(data: dict, override: str) -> None:
     parts = key.strip().split(".")
     if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool) and _takes_a_name(parts):
         value = raw.strip()  # run.dir=2024 names a folder, which YAML reads as a number (and 1.10 as 1.1)
-    if value in ("none", "None") and type(None) in _choices(_annotation(parts)):
+    if value in ("none", "None") and type(None) in annotation_choices(_annotation(parts)):
         value = None  # Python's word for YAML's null: sft.model=None is the default, not a model named None
     _set(data, parts, value, f"override '{override}'")
 
@@ -145,7 +145,7 @@ def _layer(data: dict, upper: dict, file: Path | str) -> dict:
     """``data`` with a later config file's keys set over it: a section it names keeps the keys it
     leaves out, as with ``-c`` given twice (a base file and an experiment's changes)."""
     for name, value in upper.items():
-        if value is None and _is_section(_annotation([name])):
+        if value is None and is_section(_annotation([name])):
             continue  # a section with its keys commented out changes nothing
         _set(data, [str(name)], value, str(file))
     return data
@@ -155,7 +155,7 @@ def _annotation(loc: tuple | list) -> Any:
     """The type of the dotted key ``loc`` in PipelineConfig; None where there is no such key."""
     annotation = PipelineConfig
     for part in loc:
-        if not (_is_section(annotation) and str(part) in annotation.model_fields):
+        if not (is_section(annotation) and str(part) in annotation.model_fields):
             return None
         annotation = annotation.model_fields[str(part)].annotation
     return annotation
@@ -164,12 +164,12 @@ def _annotation(loc: tuple | list) -> Any:
 def _known_keys(loc: tuple | list) -> list[str]:
     """The keys of the section at ``loc``; none when ``loc`` is not a section."""
     annotation = _annotation(loc)
-    return list(annotation.model_fields) if _is_section(annotation) else []
+    return list(annotation.model_fields) if is_section(annotation) else []
 
 
 def _takes_a_name(loc: list[str]) -> bool:
     """Whether the key at ``loc`` is a path or a name, never a number."""
-    choices = set(_choices(_annotation(loc)))
+    choices = set(annotation_choices(_annotation(loc)))
     return bool({str, Path} & choices) and not {int, float} & choices
 
 

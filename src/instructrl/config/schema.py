@@ -31,7 +31,7 @@ class Strict(BaseModel):
         back (``mixed_precision: no``); a number or a path never takes a boolean (``seed: true``)."""
         if not isinstance(value, bool):
             return value
-        choices = _choices(cls.model_fields[info.field_name].annotation)
+        choices = annotation_choices(cls.model_fields[info.field_name].annotation)
         if bool in choices:
             return value
         words = [w for w in (("yes", "on", "true") if value else ("no", "off", "false")) if w in choices]
@@ -45,19 +45,19 @@ class Strict(BaseModel):
     @classmethod
     def _empty_section(cls, value: Any, info) -> Any:
         """A section with every key under it commented out (``sft:`` alone) is YAML's null: it changes nothing."""
-        return {} if value is None and _is_section(cls.model_fields[info.field_name].annotation) else value
+        return {} if value is None and is_section(cls.model_fields[info.field_name].annotation) else value
 
 
-def _is_section(annotation: Any) -> bool:
+def is_section(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
-def _choices(annotation: Any) -> list:
+def annotation_choices(annotation: Any) -> list:
     """The types and Literal values an annotation admits (through Optional and unions), in order."""
     if get_origin(annotation) is Literal:
         return list(get_args(annotation))
     args = get_args(annotation)
-    return [c for arg in args for c in _choices(arg)] if args else [annotation]
+    return [c for arg in args for c in annotation_choices(arg)] if args else [annotation]
 
 
 class RunConfig(Strict):
@@ -314,7 +314,7 @@ def describe_fields(model: type[BaseModel], prefix: str) -> list[tuple[str, str,
     """(dotted key, default as YAML writes it, description) for every field, for --help: the
     section's own keys (its model and data) before those it shares with other stages (batch sizes,
     optimiser, GPU switches)."""
-    inherited = [name for base in model.__bases__ if _is_section(base) for name in base.model_fields]
+    inherited = [name for base in model.__bases__ if is_section(base) for name in base.model_fields]
     names = [name for name in model.model_fields if name not in inherited] + list(dict.fromkeys(inherited))
     rows = []
     for name in names:
