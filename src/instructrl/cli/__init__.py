@@ -17,6 +17,6 @@ from instructrl.cli import checks  # noqa: F401
 from instructrl.cli import label  # noqa: F401
 # isort: on
 from instructrl.cli.exits import run  # noqa: F401
-from instructrl.cli.root import unwrap_help, app
+from instructrl.cli.root import app, unwrap_help
 
 unwrap_help(app)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from instructrl.cli.root import CONFIG_OPTION, OVERRIDES_ARGUMENT, load_options, log, app
+from instructrl.cli.root import CONFIG_OPTION, OVERRIDES_ARGUMENT, app, load_options, log
 from instructrl.config import dump_config
 from instructrl.errors import UserError
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from instructrl.cli.root import is_main_process, state, app, console
+from instructrl.cli.root import app, console, is_main_process, state
 from instructrl.errors import UserError
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from instructrl.cli.root import log, app
+from instructrl.cli.root import app, log
 from instructrl.cli.serve import check_port_free
 from instructrl.errors import UserError
 

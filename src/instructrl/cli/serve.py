@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from instructrl.cli.root import log, app
+from instructrl.cli.root import app, log
 from instructrl.errors import UserError
 
 

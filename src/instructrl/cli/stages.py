@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from instructrl.cli.root import CONFIG_OPTION, OVERRIDES_ARGUMENT, RESTART_OPTION, config_help, is_main_process, load_options, log, app, console
+from instructrl.cli.root import CONFIG_OPTION, OVERRIDES_ARGUMENT, RESTART_OPTION, app, config_help, console, is_main_process, load_options, log
 from instructrl.config import PipelineConfig, WorldConfig
 from instructrl.errors import UserError
 from instructrl.training.progress import results_console

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from instructrl.config.schema import PipelineConfig, annotation_choices, is_section, check_divisions
+from instructrl.config.schema import annotation_choices, check_divisions, is_section, PipelineConfig
 from instructrl.errors import UserError
 
 
