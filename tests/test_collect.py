@@ -29,6 +29,16 @@ def test_collect_writes_ranked_records(smoke_collect):
         assert [m.model_dump() for m in record.prompt] == list(tasks[record.id].messages)
 
 
+def test_collect_labeler_noise_is_the_simulated_labelers_noise(tmp_path, smoke_base, smoke_collect):
+    _collect(tmp_path, smoke_base, "collect.labeler_noise=0")
+    records = read_comparisons(tmp_path / "collect" / "comparisons.jsonl")
+    tasks = {t.id: t for t in load_tasks(tmp_path / "world" / "prompts" / "rm.jsonl")}
+    noisy = read_comparisons(smoke_collect / "collect" / "comparisons.jsonl")  # at the default 0.3
+    assert [r.responses for r in records] == [r.responses for r in noisy]  # the same samples, ranked without noise
+    assert all(SimulatedLabeler(r.labeler_id, noise=0).rank(tasks[r.id], r.responses) == r.ranks for r in records)
+    assert any(r.ranks != n.ranks for r, n in zip(records, noisy))
+
+
 def test_a_killed_collection_resumes_to_the_same_records(tmp_path, smoke_collect):
     straight, killed = smoke_collect, tmp_path / "killed"
     for folder in ("world", "pretrain", "collect"):  # a copy of the finished run (its policy in it): a moved run is the same run

@@ -131,6 +131,20 @@ def test_a_key_given_without_its_section_names_the_sections_that_hold_it(tmp_pat
     assert str(err.value) == "override 'nonsense=1': unknown config key 'nonsense'"
 
 
+def test_a_moved_key_names_where_it_is_now(tmp_path):
+    # the labelers' noise is collect's, the stage that reads it (the world's files never depended on it)
+    moved = "unknown config key 'world.labeler_noise' (it is now 'collect.labeler_noise')"
+    with pytest.raises(UserError) as err:
+        load_config(overrides=["world.labeler_noise=0"])
+    assert str(err.value) == f"override 'world.labeler_noise=0': {moved}"
+    path = write(tmp_path, "world:\n  seed: 1\n  labeler_noise: 0.5\n")  # a config file written before the move
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}:3: {moved}"
+    assert load_config(overrides=["collect.labeler_noise=0"]).collect.labeler_noise == 0
+    assert PipelineConfig().collect.labeler_noise == 0.3
+
+
 def test_unknown_yaml_key_names_file_and_line(tmp_path):
     path = write(tmp_path, "run:\n  dir: runs/x\nsft:\n  epochs: 2\n  lrr: 0.1\n")
     # line 1 run:, 2 dir, 3 sft:, 4 epochs, 5 lrr

@@ -186,3 +186,46 @@ def test_later_rounds_rank_the_prompts_after_the_first_rounds(tmp_path, monkeypa
     pipeline.run_pipeline(config, log=lambda line: None)
     # 20 prompts a round from prompt 10 on: 10-29, 30-49, 50-69 (round 2 began at 20, ranking 20-29 twice)
     assert ranked == [(10, 20), (30, 20), (50, 20)]
+
+
+def _as_written_before_the_move(run, noise: float) -> None:
+    """Make a run's records as instructrl wrote them while the labelers' noise was world.labeler_noise:
+    in every stage's identity.json and done.json, and in world.json."""
+    for record in [*run.glob("*/identity.json"), *run.glob("*/done.json")]:
+        data = json.loads(record.read_text())
+        identity = data.get("identity", data)  # done.json holds it under "identity"
+        identity.get("collect", {}).pop("labeler_noise", None)
+        identity["world"]["labeler_noise"] = noise
+        record.write_text(json.dumps(data))
+    manifest = json.loads((run / "world" / "world.json").read_text())
+    manifest["config"]["labeler_noise"] = noise
+    (run / "world" / "world.json").write_text(json.dumps(manifest))
+
+
+def _skipped(proc) -> list[str]:
+    return [line.split(":")[0] for line in (proc.stdout + proc.stderr).splitlines() if "nothing to do" in line]
+
+
+def test_the_labelers_noise_is_collects_and_reruns_collect_and_what_follows_only(tmp_path):
+    args = ["pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}"]
+    cli(*args)
+    old_key = cli(*args, "world.labeler_noise=0", check=False)
+    assert old_key.returncode == 2 and "unknown config key 'world.labeler_noise' (it is now 'collect.labeler_noise')" in old_key.stderr
+    # a run finished before the move is finished still, its noise compared as collect's
+    _as_written_before_the_move(tmp_path, 0.5)
+    refused = cli(*args, check=False)
+    assert refused.returncode == 2 and _skipped(refused) == ["pretrain", "sft"]
+    assert "collect holds a run of a different config (collect.labeler_noise: 0.5 -> 0.3)" in refused.stderr
+    _as_written_before_the_move(tmp_path, 0.3)
+    world = (tmp_path / "world" / "world.json").read_text()
+    assert _skipped(cli(*args)) == ["pretrain", "sft", "collect", "rm", "ppo_ptx", "ppo"]
+
+    # another noise: collect is refused, pointing at --restart-from collect, which reruns it and the stages that learn from it
+    refused = cli(*args, "collect.labeler_noise=0", check=False)
+    assert refused.returncode == 2 and "(collect.labeler_noise: 0.3 -> 0.0)" in refused.stderr and "--restart-from collect" in refused.stderr
+    rerun = cli(*args, "collect.labeler_noise=0", "--restart-from", "collect")
+    assert _skipped(rerun) == ["pretrain", "sft"]
+    for stage in ("collect", "rm", "ppo_ptx", "ppo"):
+        assert f"{stage}: --restart discards {tmp_path / stage}: a finished run" in rerun.stderr
+    assert (tmp_path / "world" / "world.json").read_text() == world  # not rebuilt
+    assert json.loads((tmp_path / "rm" / "done.json").read_text())["identity"]["collect"]["labeler_noise"] == 0.0

@@ -8,6 +8,7 @@ import random
 import re
 
 import pytest
+from conftest import SMOKE, cli
 
 from instructrl.config import WorldConfig
 from instructrl.errors import UserError
@@ -287,6 +288,24 @@ def test_build_world_rewrites_for_another_config_only_when_asked(tmp_path):
     build_world(WorldConfig(**{**SMALL, "seed": 1}), tmp_path, replace=True)
     assert files.manifest.stat().st_mtime_ns != 1_000_000_000
     assert json.loads(files.manifest.read_text())["config"]["seed"] == 1
+
+
+def test_a_world_whose_record_holds_the_labelers_noise_is_the_same_world(tmp_path):
+    # world.json written while labeler_noise was the world's (now collect's): the files never depended on it
+    files = build_world(WorldConfig(**SMALL), tmp_path)
+    manifest = json.loads(files.manifest.read_text())
+    manifest["config"]["labeler_noise"] = 0.5
+    files.manifest.write_text(json.dumps(manifest))
+    os.utime(files.manifest, ns=(1_000_000_000, 1_000_000_000))
+    build_world(WorldConfig(**SMALL), tmp_path)  # neither refused nor rebuilt
+    assert files.manifest.stat().st_mtime_ns == 1_000_000_000
+    with pytest.raises(UserError, match=r"another config \(world.seed: 0 -> 1\)"):  # what still differs is named alone
+        build_world(WorldConfig(**{**SMALL, "seed": 1}), tmp_path)
+
+
+def test_the_world_command_reports_the_agreement_at_collects_labeler_noise(tmp_path):
+    out = " ".join(cli("world", "-c", str(SMOKE), f"run.dir={tmp_path}", "collect.labeler_noise=0").stderr.split())
+    assert "two simulated labelers at noise 0.0 agree on 100.0% of" in out  # noise-free labelers always agree
 
 
 class RecordingProcess:

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import filecmp
 import functools
@@ -33,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from instructrl.config import PipelineConfig, dump_config, section
+from instructrl.config import MOVED_KEYS, PipelineConfig, dump_config, section
 from instructrl.data.jsonl import complete_lines, nan_to_none, temp_beside
 from instructrl.errors import UserError
 
@@ -249,10 +250,10 @@ class RunDir:
         return f"instructrl pipeline: --restart-from {'ppo' if self.stage.startswith('ppo') else self.stage}"
 
     def matches(self, saved: dict | None) -> bool:
-        """Whether ``saved`` (an earlier run's identity) is this config's; see ``_comparable``."""
+        """Whether ``saved`` (an earlier run's identity) is this config's; see ``comparable``."""
         if saved is None:
             return False
-        now, then = _comparable(self.identity, saved, self._defaults)
+        now, then = comparable(self.identity, _with_moved_keys(saved), self._defaults)
         return now == then
 
     def skip(self, restart: bool, log) -> bool:
@@ -324,7 +325,7 @@ class RunDir:
         saved = self.path / "identity.json"
         previous = json.loads(saved.read_text()) if saved.is_file() else None
         if previous is not None and not restart:
-            now, then = _comparable(self.identity, previous, self._defaults)
+            now, then = comparable(self.identity, _with_moved_keys(previous), self._defaults)
             if now != then:
                 changed = _diff(then, now)
                 raise UserError(
@@ -444,17 +445,31 @@ def trim_step_log(path: Path, resume_step: int, keep_equal: bool) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def _comparable(current: dict, saved: dict, defaults: dict) -> tuple[dict, dict]:
+def _with_moved_keys(saved: dict) -> dict:
+    """An identity recorded before a key moved to another section (``MOVED_KEYS``), with the key where it is
+    now: in its new section where the identity holds that section (collect's, rm's and ppo's hold collect),
+    else left out, as a key no longer part of the identity."""
+    saved = copy.deepcopy(saved)
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        if isinstance(saved.get(old_section), dict) and old_key in saved[old_section]:
+            value = saved[old_section].pop(old_key)
+            if isinstance(saved.get(new_section), dict):
+                saved[new_section].setdefault(new_key, value)
+    return saved
+
+
+def comparable(current: dict, saved: dict, defaults: dict) -> tuple[dict, dict]:
     """``current`` and ``saved`` identities reduced to what both versions of instructrl know: a
     key only ``saved`` has is one no longer part of an identity, and a key only ``current`` has
-    counts while it holds its default (an option added since leaves finished runs finished)."""
+    counts once it is off its default (an option added since leaves finished runs finished)."""
     now, then = {}, {}
     for key in current.keys() | saved.keys():
         if key not in current or (key not in saved and current[key] == defaults.get(key, object())):
             continue
         a, b = current[key], saved.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            a, b = _comparable(a, b, defaults.get(key) if isinstance(defaults.get(key), dict) else {})
+            a, b = comparable(a, b, defaults.get(key) if isinstance(defaults.get(key), dict) else {})
         now[key], then[key] = a, b
     return now, then
 

@@ -22,20 +22,24 @@ def world(
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     restart: bool = typer.Option(False, "--restart", help="Replace a world of another config in run.dir (the stages trained on it are then stale)."),
 ) -> None:
-    """Write the built-in instruction world: prompt splits, demonstrations, pretraining corpus."""
+    """Write the built-in instruction world: prompt splits, demonstrations, pretraining corpus.
+
+    Also says how often two simulated labelers at collect.labeler_noise (collect's setting, not the
+    world's) agree, to set it against InstructGPT's labelers.
+    """
     from instructrl.world.build import build_world
 
     cfg = load_options(config, overrides)
     files = build_world(cfg.world, Path(cfg.run.dir) / "world", replace=restart)
     counts = json.loads(files.manifest.read_text())["counts"]
     log(f"world written to {files.root}: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " prompts")
-    rate, n_pairs = _labeler_agreement(cfg.world, files.prompts("rm"))
-    log(f"two simulated labelers at noise {cfg.world.labeler_noise} agree on {rate:.1%} of {n_pairs} comparisons (InstructGPT's labelers: ~73%)")
+    rate, n_pairs = _labeler_agreement(cfg.world, cfg.collect.labeler_noise, files.prompts("rm"))
+    log(f"two simulated labelers at noise {cfg.collect.labeler_noise} agree on {rate:.1%} of {n_pairs} comparisons (InstructGPT's labelers: ~73%)")
 
 
-def _labeler_agreement(world_cfg: WorldConfig, rm_prompts: Path) -> tuple[float, int]:
-    """How often two simulated labelers agree, and on how many comparisons: two distinct
-    demonstrations of one RM prompt each (of the first 1500), so that world.labeler_noise can be
+def _labeler_agreement(world_cfg: WorldConfig, noise: float, rm_prompts: Path) -> tuple[float, int]:
+    """How often two simulated labelers at ``noise`` agree, and on how many comparisons: two distinct
+    demonstrations of one RM prompt each (of the first 1500), so that collect.labeler_noise can be
     set against InstructGPT's ~73% inter-labeler agreement."""
     import random
 
@@ -45,7 +49,6 @@ def _labeler_agreement(world_cfg: WorldConfig, rm_prompts: Path) -> tuple[float,
     rng, writer = random.Random(world_cfg.seed), demo_labeler(world_cfg)
     pairs = [(t, demonstration(world_cfg, t), writer.demonstrate(t, rng)) for t in load_tasks(rm_prompts)[:1500]]
     pairs = [p for p in pairs if p[1] != p[2]]
-    noise = world_cfg.labeler_noise
     return agreement_rate(SimulatedLabeler("a", noise), SimulatedLabeler("b", noise), pairs), len(pairs)
 
 

@@ -14,6 +14,7 @@ from instructrl.config.schema import (  # noqa: F401
     DataFormat,
     EvalConfig,
     LoRAConfig,
+    MOVED_KEYS,
     ModelConfig,
     ModelSwitches,
     PPOConfig,

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from instructrl.config.schema import annotation_choices, check_divisions, is_section, PipelineConfig
+from instructrl.config.schema import MOVED_KEYS, PipelineConfig, annotation_choices, check_divisions, is_section
 from instructrl.errors import UserError
 
 
@@ -202,7 +202,9 @@ def _describe_validation_error(err: ValidationError, source: str, paths: list[Pa
 
 def _key_hint(loc: tuple) -> str:
     """' (did you mean ...?)' for an unknown key: the key of its section it is closest to, or for a
-    key given without its section (lr=1e-4), the sections that hold it."""
+    key given without its section (lr=1e-4), the sections that hold it; for a key that moved, where it is now."""
+    if moved := MOVED_KEYS.get(".".join(map(str, loc))):
+        return f" (it is now '{moved}')"
     name = str(loc[-1])
     known = _known_keys(loc[:-1])
     alias = KEY_ALIASES.get(name)

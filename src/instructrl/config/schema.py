@@ -77,7 +77,6 @@ class WorldConfig(Strict):
     demo_error_rate: float = Field(0.15, ge=0, le=1, description="Share of demonstrations with a plausible mistake.")
     demo_off_format_rate: float = Field(0.10, ge=0, le=1, description="Share of demonstrations with the right content in the wrong form.")
     demo_verbose_rate: float = Field(0.25, ge=0, le=1, description="Share of demonstrations wrapped in filler ('Sure! ...').")
-    labeler_noise: float = Field(0.3, ge=0, description="Noise of the simulated labelers who rank comparisons (0.3: ~73% agreement).")
 
 
 class TokenizerConfig(Strict):
@@ -188,7 +187,8 @@ class CollectConfig(Strict):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (InstructGPT: 1).")
     max_new_tokens: int = Field(24, gt=0, description="Longest response sampled.")
     batch_size: int = Field(32, gt=0, description="Prompts per generation batch; also the unit a killed collection resumes from.")
-    labelers: int = Field(4, gt=0, description="Simulated labelers sharing the prompts round-robin (noise: world.labeler_noise).")
+    labelers: int = Field(4, gt=0, description="Simulated labelers sharing the prompts round-robin (noise: collect.labeler_noise).")
+    labeler_noise: float = Field(0.3, ge=0, description="Noise of the simulated labelers who rank comparisons (0.3: ~73% agreement).")
     judgements: Path | None = Field(None, description="A comparisons JSONL written by people (the feedback app's export): validated (no record twice, one prompt per id) and used instead of the simulated labelers; in the pipeline, with pipeline.rounds = 1 only.")
 
 
@@ -339,6 +339,9 @@ def _as_yaml(value: Any) -> str:
 
 # keys that change what a run logs or how often it saves, never its results
 NOT_IDENTITY = ("log_every", "checkpoint_every")
+# keys moved to the stage that reads them: a config that still sets the old key is told the new one, and a run
+# recorded under the old key is compared by the new (the world's files never depended on the labelers' noise)
+MOVED_KEYS = {"world.labeler_noise": "collect.labeler_noise"}
 RUN_DIR = "<run.dir>"
 
 

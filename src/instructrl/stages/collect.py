@@ -88,7 +88,7 @@ def run_collect(config: PipelineConfig, restart: bool = False, log=print, upstre
     tasks = load_tasks(world.prompts("rm"))[cfg.first_prompt : end]
     if not tasks:
         raise UserError(f"collect: collect.first_prompt = {cfg.first_prompt} is past the last RM prompt")
-    labelers = [SimulatedLabeler(f"sim-{i}", noise=config.world.labeler_noise) for i in range(cfg.labelers)]
+    labelers = [SimulatedLabeler(f"sim-{i}", noise=cfg.labeler_noise) for i in range(cfg.labelers)]
     check_room(model, tokenizer, [list(t.messages) for t in tasks], cfg.max_new_tokens, "collect.max_new_tokens")
     run.start(restart, log)
     run.write_lineage({"policy": policy, "prompts": world.prompts("rm")})

@@ -14,7 +14,7 @@ from pathlib import Path
 from instructrl.config import WorldConfig
 from instructrl.data.jsonl import read_jsonl, write_jsonl
 from instructrl.errors import UserError
-from instructrl.rundir import rewriting, run_info, write_text_atomic
+from instructrl.rundir import comparable, rewriting, run_info, write_text_atomic
 from instructrl.world.corpus import corpus_documents
 from instructrl.world.labeler import DemoStyle, SimulatedLabeler
 from instructrl.world.tasks import FAMILIES, Task, sample_task
@@ -96,11 +96,12 @@ def build_world(config: WorldConfig, root: Path, replace: bool = False) -> World
     files = WorldFiles(Path(root))
     wanted = config.model_dump(mode="json")
     if files.manifest.is_file():
-        found = json.loads(files.manifest.read_text()).get("config", {})
-        if found == wanted:
+        # as a stage's identity is compared: a key the world's config no longer has (labeler_noise, read by collect) is left out
+        now, then = comparable(wanted, json.loads(files.manifest.read_text()).get("config", {}), WorldConfig().model_dump(mode="json"))
+        if now == then:
             return files
         if not replace:
-            changed = ", ".join(f"world.{k}: {found.get(k)!r} -> {v!r}" for k, v in wanted.items() if found.get(k) != v)
+            changed = ", ".join(f"world.{k}: {then[k]!r} -> {v!r}" for k, v in now.items() if then[k] != v)
             raise UserError(f"{files.root} holds the world of another config ({changed}), which this run's stages learnt from; "
                             "set run.dir to another folder, or rebuild it with `instructrl world --restart` "
                             "(`instructrl pipeline --restart-from pretrain`)")
