@@ -409,6 +409,15 @@ def test_version_names_instructrl_and_the_libraries_that_decide_its_numbers():
         assert f"{name} {version(name)}" in out
 
 
+def test_the_cli_module_runs_as_before_it_became_a_package():
+    import subprocess
+    import sys
+
+    # python -m instructrl.cli ran cli.py's `if __name__ == "__main__"`; as a package it needs its __main__.py
+    proc = subprocess.run([sys.executable, "-m", "instructrl.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == cli("--version").stdout
+
+
 def test_help_says_how_settings_are_given():
     import os
     import subprocess

@@ -334,8 +334,8 @@ def test_eval_leaves_out_a_model_trained_from_a_stage_since_discarded(tmp_path, 
 
 
 def test_eval_leaves_out_a_later_rounds_model_trained_from_a_stage_since_discarded(tmp_path, smoke_base):
-    """A later round's lineage (round2/) records the run's own folders as round2/../sft/final (by their absolute paths
-    before): its PPO, trained with SFT as the KL reference, was kept after `instructrl sft --restart` discarded SFT."""
+    """A later round's lineage (round2/) records the run's own folders as named from it, round2/../sft/final as ../sft/final
+    (by absolute path before): its PPO, trained with SFT as the KL reference, was kept after `instructrl sft --restart` discarded SFT."""
     from instructrl.config import load_config
     from instructrl.evaluation.evaluate import default_models
     from instructrl.rundir import RunDir

@@ -290,6 +290,16 @@ def test_build_world_rewrites_for_another_config_only_when_asked(tmp_path):
     assert json.loads(files.manifest.read_text())["config"]["seed"] == 1
 
 
+def test_a_world_of_another_config_names_the_changed_keys_in_the_configs_order(tmp_path):
+    # they were listed in the order of a set of their names, another at each start of Python
+    build_world(WorldConfig(**SMALL), tmp_path)
+    changed = {"seed": 1, "n_prompts": 301, "n_val": 21, "n_eval": 31, "multi_turn_rate": 0.5, "demo_error_rate": 0.5}
+    with pytest.raises(UserError) as err:
+        build_world(WorldConfig(**{**SMALL, **changed}), tmp_path)
+    named = re.search(r"another config \((.*?)\)", str(err.value)).group(1)
+    assert [part.split(":")[0] for part in named.split(", ")] == [f"world.{key}" for key in changed]
+
+
 def test_a_world_whose_record_holds_the_labelers_noise_is_the_same_world(tmp_path):
     # world.json written while labeler_noise was the world's (now collect's): the files never depended on it
     files = build_world(WorldConfig(**SMALL), tmp_path)

@@ -464,8 +464,8 @@ def comparable(current: dict, saved: dict, defaults: dict) -> tuple[dict, dict]:
     key only ``saved`` has is one no longer part of an identity, and a key only ``current`` has
     counts once it is off its default (an option added since leaves finished runs finished)."""
     now, then = {}, {}
-    for key in current.keys() | saved.keys():
-        if key not in current or (key not in saved and current[key] == defaults.get(key, object())):
+    for key in current:  # in its order, which a message listing the changed keys keeps
+        if key not in saved and current[key] == defaults.get(key, object()):
             continue
         a, b = current[key], saved.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
