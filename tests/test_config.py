@@ -282,6 +282,13 @@ def test_values_given_as_a_mapping_go_between_the_files_and_the_overrides(tmp_pa
     assert (config.rm.lr, config.rm.epochs, config.rm.log_every, config.sft.lr) == (0.25, 4, 7, 0.125)
 
 
+def test_one_override_given_as_a_string_is_one_override():
+    """From Python, load_config(path, "run.seed=1") read each letter as an override: "override 'r': expected KEY=VALUE"."""
+    assert load_config(None, "run.seed=1").run.seed == 1
+    with pytest.raises(UserError, match=r"^override 'run.seed=x': bad value for 'run.seed'"):
+        load_config(None, "run.seed=x")
+
+
 @pytest.mark.parametrize("values, expected", [
     ({"rm": {"lrr": 0.1}}, "config values: unknown config key 'rm.lrr' (did you mean 'rm.lr'?)"),
     ({"rm": {"lr": "fast"}}, "config values: bad value for 'rm.lr': "),

@@ -41,7 +41,7 @@ def sft_runs(tmp_path_factory):
             "bf16": ["sft.mixed_precision=bf16"]}
     for name, switches in runs.items():
         args = [f"run.dir={root / name}", f"sft.model={model}", f"sft.data={data['sft']}", "sft.dropout=0", *switches]
-        if name == "bf16":  # Accelerate's precision is fixed once per process: a process of its own
+        if name == "bf16":  # a process of its own: Accelerator(cpu=True) in later tests would take its precision
             cli("sft", "-c", str(SMOKE), *args)
         else:
             run_sft(load_config(SMOKE, args), log=lambda *_: None)
@@ -64,3 +64,19 @@ def test_bf16_autocast_runs_on_cpu(sft_runs):
     assert bf16 == pytest.approx(plain, rel=0.05)  # and the same thing within its rounding
     weights = load_file(sft_runs / "bf16" / "sft" / "final" / "model.safetensors")
     assert all(w.dtype == torch.float32 for w in weights.values())  # master weights stay float32
+
+
+def test_a_stage_may_take_another_precision_than_the_one_before_it_in_the_process():
+    """The pipeline runs every stage in one process, as a notebook runs one run after another: with
+    sft.mixed_precision=bf16 after pretrain's "no", Accelerate refused ("restart your runtime completely")."""
+    from accelerate.state import AcceleratorState
+
+    from instructrl.training.loop import make_accelerator
+
+    before = dict(AcceleratorState._shared_state)
+    try:
+        precisions = [make_accelerator(load_config(None, [f"sft.mixed_precision={p}"]).sft).mixed_precision for p in ("no", "bf16", "no")]
+    finally:  # the tests after this one make Accelerators of their own
+        AcceleratorState._shared_state.clear()
+        AcceleratorState._shared_state.update(before)
+    assert precisions == ["no", "bf16", "no"]

@@ -73,6 +73,23 @@ def test_a_bar_or_results_table_written_to_a_log_file_is_not_cut_to_80_columns(m
     assert log_console().width == 70 and results_console().width == 70
 
 
+def test_a_bar_in_a_jupyter_notebook_keeps_rich_s_jupyter_width(monkeypatch):
+    """A notebook's output is no terminal, but its cell is no log file: bars 200 columns wide wrapped there."""
+    import builtins
+
+    from instructrl.training.progress import log_console
+
+    class ZMQInteractiveShell:  # the kernel's shell, as rich recognises a notebook
+        pass
+
+    monkeypatch.setattr(builtins, "get_ipython", ZMQInteractiveShell, raising=False)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setenv("JUPYTER_COLUMNS", "97")
+    console = log_console()
+    assert console.is_jupyter and not console.is_terminal
+    assert console.width == 97
+
+
 def test_bars_go_to_standard_error_as_tqdms_do(capsys):
     """Standard output holds a command's results alone: `instructrl bench | jq` read a bar before the JSON."""
     with progress_bar(every_s=0.0) as bar:

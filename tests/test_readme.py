@@ -89,3 +89,19 @@ def test_what_help_instructrl_names_exists():
             importlib.import_module(f"instructrl.{name}")
         except ModuleNotFoundError:
             assert hasattr(importlib.import_module(f"instructrl.{module}"), attr), f"instructrl.{name}"
+
+
+def test_runs_one_after_another_in_one_process_train_what_the_cli_trains(tmp_path, smoke_base):
+    """The Python section's loop over seeds: a run after another in the same process (another seed, another
+    precision) trains the checkpoint the CLI trains alone."""
+    from conftest import SMOKE
+
+    from instructrl.config import load_config
+    from instructrl.stages.pretrain import run_pretrain
+
+    finals = {}
+    for seed, precision in ((1, "bf16"), (0, "no")):
+        config = load_config(SMOKE, [f"run.dir={tmp_path / str(seed)}", f"run.seed={seed}", f"pretrain.mixed_precision={precision}"])
+        finals[seed] = (run_pretrain(config, log=lambda line: None) / "model.safetensors").read_bytes()
+    assert finals[0] == (smoke_base / "pretrain" / "final" / "model.safetensors").read_bytes()
+    assert finals[1] != finals[0]

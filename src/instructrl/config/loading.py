@@ -19,11 +19,12 @@ from instructrl.errors import UserError
 VALUES = "config values"  # how an error names load_config's ``values``
 
 
-def load_config(path: Path | str | list | None = None, overrides: list[str] = (), values: dict | None = None) -> PipelineConfig:
+def load_config(path: Path | str | list | None = None, overrides: list[str] | str = (), values: dict | None = None) -> PipelineConfig:
     """Defaults, then the YAML file at ``path`` (or each of a list of files in turn, a later file's
     keys winning), then ``values`` (sections as a file holds them, ``{"rm": {"lr": 1e-4}}``), then
-    ``overrides`` ("a.b=value"), validated: an unknown key or a bad value is a UserError naming the
+    ``overrides`` ("a.b=value", or a list of them), validated: an unknown key or a bad value is a UserError naming the
     key, and the file line, override or ``values`` that set it."""
+    overrides = [overrides] if isinstance(overrides, str) else overrides  # one string is one override, not its letters
     paths = [Path(p) for p in ([] if path is None else path if isinstance(path, list) else [path])]
     data: dict = {}
     for i, file in enumerate(paths):

@@ -199,7 +199,7 @@ def _eval_prompts(config: PipelineConfig, log) -> tuple[list[str], list[list[dic
 def run_eval(config: PipelineConfig, log=print) -> dict:
     """Answer the evaluation prompts with each model, greedily and sampled, and judge the answers
     (the gold labeler; a reward model with ``eval.reward_model``); writes ``run.dir``/eval and
-    returns the results (as ``results.json``). ``log`` takes each line it reports."""
+    returns the results (``results.json``'s ``results``: model name -> figures). ``log`` takes each line it reports."""
     cfg = config.eval
     models = cfg.models or default_models(config, log)
     if not models:

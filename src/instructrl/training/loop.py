@@ -44,6 +44,7 @@ def without_gpu() -> bool:
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
+    _allow_precision(config.mixed_precision)
     # We step the schedule once per optimizer step ourselves: Accelerate would otherwise step
     # it once per process, changing the schedule with the number of processes.
     accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False, cpu=without_gpu())
@@ -57,6 +58,19 @@ def make_accelerator(config: TrainConfig):
                         + ("it holds for DeepSpeed ZeRO-3 too; " if accelerator.distributed_type == "DEEPSPEED" else "")
                         + "use the ddp config, or full fine-tuning under FSDP")
     return accelerator
+
+
+def _allow_precision(mixed_precision: str) -> None:
+    """Let this process's next Accelerator take ``mixed_precision``. Accelerate keeps one state per process and
+    refuses another precision once set ("restart your runtime"), but the stages of one pipeline may each have
+    their own (sft.mixed_precision=bf16 after pretrain's "no"), as may a notebook's runs one after another. Its
+    state is then dropped, keeping the processes' group (PartialState); under DeepSpeed its config sets the precision."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState._shared_state  # empty until an Accelerator is made
+    if state.get("_mixed_precision", mixed_precision) != mixed_precision and state.get("distributed_type") != DistributedType.DEEPSPEED:
+        AcceleratorState._reset_state()
 
 
 def _shard_on_cpu(accelerator) -> None:

@@ -108,9 +108,11 @@ def results_console() -> Console:
 
 def _fitted_console(stderr: bool) -> Console:
     """Where the stream is no terminal (a log file, a pipe) no width needs fitting, so a bar or a results table
-    is not cut to 80 columns ("1008/…", "0:00:…", a table's last models) unless COLUMNS says so."""
+    is not cut to 80 columns ("1008/…", "0:00:…", a table's last models) unless COLUMNS says so. A notebook's
+    output is no terminal either, but its cells are as wide as rich's Jupyter width: a wider bar wraps there."""
     console = Console(stderr=stderr)
-    return console if console.is_terminal or "COLUMNS" in os.environ else Console(stderr=stderr, width=200)
+    fitted = console.is_terminal or console.is_jupyter or "COLUMNS" in os.environ
+    return console if fitted else Console(stderr=stderr, width=200)
 
 
 def quiet_libraries() -> None:
