@@ -478,3 +478,12 @@ def test_same_seed_same_order():
 def test_too_few_examples_for_one_batch():
     with pytest.raises(ValueError):
         DataOrder(5, 8, 2, 4, 0, 1, 0)
+
+
+def test_adaptive_kl_needs_a_coefficient_to_adapt():
+    """ppo.adaptive_kl=true with ppo.kl_coef=0 ran the whole pipeline with β = 0 at every iteration: the
+    controller multiplies β, so the option changed nothing."""
+    with pytest.raises(UserError, match=r"'ppo\.adaptive_kl': the adaptive controller scales ppo\.kl_coef by a factor, so from 0 it stays 0"):
+        load_config(None, ["ppo.kl_coef=0", "ppo.adaptive_kl=true"])
+    assert load_config(None, ["ppo.kl_coef=0.1", "ppo.adaptive_kl=true"]).ppo.adaptive_kl  # from any β > 0 it adapts
+    assert load_config(None, ["ppo.kl_coef=0"]).ppo.kl_coef == 0  # and a fixed β may be 0 (no KL penalty)

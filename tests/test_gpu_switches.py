@@ -3,6 +3,7 @@ on CPU, change how a step is computed but not (beyond bf16 rounding) what it com
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -80,3 +81,25 @@ def test_a_stage_may_take_another_precision_than_the_one_before_it_in_the_proces
         AcceleratorState._shared_state.clear()
         AcceleratorState._shared_state.update(before)
     assert precisions == ["no", "bf16", "no"]
+
+
+def test_fp16_without_a_gpu_is_refused_before_any_stage_trains(tmp_path, monkeypatch):
+    """Accelerate autocasts to fp16 on GPUs only: on CPU rm.mixed_precision=fp16 trained in fp32, the
+    checkpoints byte for byte those of "no", while the run's config said fp16."""
+    from instructrl.pipeline import run_pipeline
+    from instructrl.training import loop
+
+    monkeypatch.setattr(loop, "without_gpu", lambda: True)  # as on a machine without one, wherever the test runs
+    with pytest.raises(UserError, match=r"^rm\.mixed_precision = fp16 needs a GPU .*; use bf16, which CPUs autocast to, or no$"):
+        run_pipeline(load_config(SMOKE, [f"run.dir={tmp_path}", "rm.mixed_precision=fp16"]), log=lambda *_: None)
+    assert not (tmp_path / "pretrain").exists()  # refused before the first stage, not after SFT
+    with pytest.raises(UserError, match=r"^sft\.mixed_precision = fp16 needs a GPU"):  # a stage run on its own
+        loop.make_accelerator(load_config(None, ["sft.mixed_precision=fp16"]).sft, "sft")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+def test_an_attention_kernel_that_cannot_run_here_is_one_line(tmp_path):
+    """sft/rm/ppo.attn_implementation=flash_attention_2 without its package ended the pipeline in an ImportError's traceback."""
+    model = load_causal_lm(save_tiny_model("qwen2", tmp_path / "m"))
+    with pytest.raises(UserError, match=r"^ppo\.attn_implementation = flash_attention_2: .*FlashAttention2.*not.*installed"):
+        apply_switches(model, load_config(None, ["ppo.attn_implementation=flash_attention_2"]).ppo, "ppo")

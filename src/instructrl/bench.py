@@ -171,7 +171,7 @@ def time_ranking_loss_training(config: PipelineConfig, tokenizer, units: list[Un
     forwarded and the model's parameter counts."""
     torch.manual_seed(config.run.seed)
     model = RewardModel(build_base_model(config.model, tokenizer).base_model)
-    apply_switches(model.backbone, config.rm)
+    apply_switches(model.backbone, config.rm, "rm")
     if config.rm.lora.enabled:
         with located("rm.lora.target_modules"):
             model.backbone = add_lora(model.backbone, config.rm.lora)

@@ -47,10 +47,12 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     from instructrl.stages.pretrain import run_pretrain
     from instructrl.stages.rm import run_rm
     from instructrl.stages.sft import run_sft
-    from instructrl.training.loop import without_gpu
+    from instructrl.training.loop import check_precision, without_gpu
 
     processes = PartialState(cpu=without_gpu()).num_processes  # as the stages' Accelerator will count them
     check_sizes(config, redo, processes)  # before the first stage runs
+    for section in dict.fromkeys(section for _, section, _ in runs_to_train(config, redo)):  # as the sizes: fp16 on CPU before any stage trains
+        check_precision(getattr(config, section).mixed_precision, section)
     first = round_one(config, log)  # and what later rounds cannot do
     root = Path(config.run.dir)
     run_pretrain(config, restart=redo["pretrain"], log=log)

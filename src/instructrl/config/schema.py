@@ -247,6 +247,14 @@ class PPOConfig(ModelSwitches):
     log_every: int = Field(1, gt=0, description="PPO iterations between metric lines.")
     checkpoint_every: int = Field(10, gt=0, description="PPO iterations between resumable checkpoints.")
 
+    @field_validator("adaptive_kl")
+    @classmethod
+    def _from_a_nonzero_coef(cls, value: bool, info) -> bool:
+        # the controller scales β by a factor: from 0 it would stay 0, and the option would change nothing
+        if value and info.data.get("kl_coef") == 0:
+            raise ValueError("the adaptive controller scales ppo.kl_coef by a factor, so from 0 it stays 0; give ppo.kl_coef > 0 as its starting β")
+        return value
+
     def iterations(self) -> int:
         return self.episodes // self.rollout_batch_size
 

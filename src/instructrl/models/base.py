@@ -330,11 +330,12 @@ def fit_embeddings(model: nn.Module, tokenizer) -> nn.Module:
     return model
 
 
-def apply_switches(model: nn.Module, switches) -> nn.Module:
+def apply_switches(model: nn.Module, switches, section: str = "") -> nn.Module:
     """Set a stage's ``ModelSwitches`` on a loaded model: the attention kernel, and gradient
-    checkpointing (non-reentrant, so it works with frozen base weights under LoRA)."""
+    checkpointing (non-reentrant, so it works with frozen base weights under LoRA).
+    ``section``: the config section, to name its keys in an error."""
     if switches.attn_implementation is not None:
-        model.set_attn_implementation(switches.attn_implementation)
+        set_attention(model, switches.attn_implementation, section)
     if switches.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns and goes in v6
@@ -342,6 +343,16 @@ def apply_switches(model: nn.Module, switches) -> nn.Module:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
+
+
+def set_attention(model: nn.Module, implementation: str, section: str = "") -> None:
+    """Switch ``model`` to another attention kernel; one this machine cannot run (flash_attention_2
+    without its package or a GPU) is a bad config, told in one line rather than a traceback."""
+    try:
+        model.set_attn_implementation(implementation)
+    except (ImportError, ValueError) as err:
+        key = f"{section}." if section else ""
+        raise UserError(f"{key}attn_implementation = {implementation}: {err}") from None
 
 
 def dropout_attributes(obj) -> dict[str, float]:

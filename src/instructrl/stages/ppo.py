@@ -34,7 +34,7 @@ from instructrl.data.packing import pack_documents
 from instructrl.data.formats import Prompt, read_data, read_texts, warn_of_control_tokens
 from instructrl.data.sequences import TokenSequences
 from instructrl.errors import UserError, located
-from instructrl.models.base import apply_switches, context_length, count_parameters, count_text, load_causal_lm, load_tokenizer, set_dropout
+from instructrl.models.base import apply_switches, context_length, count_parameters, count_text, load_causal_lm, load_tokenizer, set_attention, set_dropout
 from instructrl.models.lora import adapter_disabled, add_lora, targets_in, trainable_share
 from instructrl.models.reward import RewardModel
 from instructrl.rl.episodes import episode_seed, prompt_order, rank_episodes
@@ -152,10 +152,10 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     with located("ppo.value_model"):
         value_model = RewardModel.from_pretrained(paths.value_model, "value model")
     set_dropout(value_model.backbone, 0.0)
-    apply_switches(policy, cfg)
-    apply_switches(value_model.backbone, cfg)
+    apply_switches(policy, cfg, "ppo")
+    apply_switches(value_model.backbone, cfg, "ppo")
     if cfg.attn_implementation is not None:
-        reward_model.backbone.set_attn_implementation(cfg.attn_implementation)
+        set_attention(reward_model.backbone, cfg.attn_implementation, "ppo")
     if cfg.lora.enabled:
         with located("ppo.lora.target_modules (on the value model's backbone)"):
             value_model.backbone = add_lora(value_model.backbone, targets_in(value_model.backbone, cfg.lora))
@@ -164,7 +164,7 @@ def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
     with located("ppo.reference"):
         reference = load_causal_lm(paths.reference, dropout=0.0, tokenizer=tokenizer).eval().requires_grad_(False)
     if cfg.attn_implementation is not None:
-        reference.set_attn_implementation(cfg.attn_implementation)
+        set_attention(reference, cfg.attn_implementation, "ppo")
     return policy, reference, reward_model, value_model
 
 
@@ -222,7 +222,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
 
     ``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.ppo
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, "ppo")
     if accelerator.distributed_type == "DEEPSPEED":  # Accelerate drives one engine, the last prepared: the policy would never step
         raise UserError("ppo under DeepSpeed is not supported: PPO trains two models (the policy and the value model) and Accelerate "
                         "steps one DeepSpeed engine; use configs/accelerate/fsdp.yaml or ddp.yaml (with ppo.lora.enabled=true for large models)")

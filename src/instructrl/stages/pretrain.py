@@ -45,7 +45,7 @@ def run_pretrain(config: PipelineConfig, restart: bool = False, log=print) -> Pa
     cfg = config.pretrain
     if cfg.block_size > config.model.max_length:
         raise UserError(f"config: pretrain.block_size ({cfg.block_size}) exceeds model.max_length ({config.model.max_length})")
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, "pretrain")
     run = RunDir(config, "pretrain", SECTIONS, accelerator.is_main_process, accelerator.num_processes)
     if run.skip(restart, log):  # whatever the process count: a finished run trains nothing
         return run.path / "final"

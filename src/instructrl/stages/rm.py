@@ -102,7 +102,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
 
     ``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.rm
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, "rm")
     sections = SECTIONS + (UPSTREAM if (cfg.model is None if upstream is None else upstream) else ()) \
         + (("collect",) if (cfg.data is None if upstream is None else upstream) else ())
     run = RunDir(config, "rm", sections, accelerator.is_main_process, accelerator.num_processes)
@@ -147,7 +147,7 @@ def run_rm(config: PipelineConfig, restart: bool = False, log=print, upstream: b
     demos, centred = centring_set(cfg.demonstrations or (world.demonstrations if world else None), tokenizer, train, encoded, max_length,
                                   accelerator.is_main_process)
     set_dropout(model.backbone, cfg.dropout)
-    apply_switches(model.backbone, cfg)
+    apply_switches(model.backbone, cfg, "rm")
     if cfg.lora.enabled:
         with located("rm.lora.target_modules"):
             model.backbone = add_lora(model.backbone, cfg.lora)  # the head stays fully trainable

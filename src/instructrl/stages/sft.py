@@ -104,7 +104,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     A run finished with the same config and inputs is skipped, an interrupted one resumes
     (``restart`` discards it instead); ``log`` takes each line the stage reports."""
     cfg = config.sft
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, "sft")
     sections = SECTIONS + (UPSTREAM if cfg.model is None else ())
     run = RunDir(config, "sft", sections, accelerator.is_main_process, accelerator.num_processes)
     if run.skip(restart, log):
@@ -124,7 +124,7 @@ def run_sft(config: PipelineConfig, restart: bool = False, log=print) -> Path:
     max_length = length_cap(model, cfg.max_length, "sft.max_length")
     examples, too_long = load_demonstrations(data_path, tokenizer, max_length, cfg.data_format, lambda line: log(f"sft: {line}"),
                                              accelerator.is_main_process)
-    apply_switches(model, cfg)
+    apply_switches(model, cfg, "sft")
     if cfg.lora.enabled:
         with located("sft.lora.target_modules"):
             model = add_lora(model, cfg.lora)

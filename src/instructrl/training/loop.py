@@ -41,9 +41,11 @@ def without_gpu() -> bool:
     return not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
-def make_accelerator(config: TrainConfig):
+def make_accelerator(config: TrainConfig, section: str = ""):
+    """The stage's Accelerator (``section``: the config section, to name its keys in an error)."""
     from accelerate import Accelerator
 
+    check_precision(config.mixed_precision, section)
     _allow_precision(config.mixed_precision)
     # We step the schedule once per optimizer step ourselves: Accelerate would otherwise step
     # it once per process, changing the schedule with the number of processes.
@@ -58,6 +60,13 @@ def make_accelerator(config: TrainConfig):
                         + ("it holds for DeepSpeed ZeRO-3 too; " if accelerator.distributed_type == "DEEPSPEED" else "")
                         + "use the ddp config, or full fine-tuning under FSDP")
     return accelerator
+
+
+def check_precision(mixed_precision: str, section: str = "") -> None:
+    """Refuse fp16 where no GPU runs the stage: Accelerate autocasts to fp16 on GPUs only, and on CPU would train in fp32 without a word."""
+    if mixed_precision == "fp16" and without_gpu():
+        key = f"{section}." if section else ""
+        raise UserError(f"{key}mixed_precision = fp16 needs a GPU (on CPU it would train in fp32); use bf16, which CPUs autocast to, or no")
 
 
 def _allow_precision(mixed_precision: str) -> None:
