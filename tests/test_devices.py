@@ -137,7 +137,7 @@ def test_ppo_under_deepspeed_is_refused_in_one_line(tmp_path, monkeypatch):
     from instructrl.errors import UserError
     from instructrl.stages import ppo
 
-    monkeypatch.setattr(ppo, "make_accelerator", lambda cfg: SimpleNamespace(distributed_type="DEEPSPEED", num_processes=1, is_main_process=True))
+    monkeypatch.setattr(ppo, "make_accelerator", lambda cfg, section: SimpleNamespace(distributed_type="DEEPSPEED", num_processes=1, is_main_process=True))
     with pytest.raises(UserError, match="ppo under DeepSpeed is not supported"):
         ppo.run_ppo(load_config(SMOKE, [f"run.dir={tmp_path}"]), log=lambda line: None)
     assert not (tmp_path / "ppo_ptx").exists()

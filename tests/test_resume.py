@@ -285,7 +285,7 @@ def test_the_pipelines_and_pretrains_size_checks_name_the_checkpoint_as_the_stag
     from instructrl.stages import pretrain
 
     monkeypatch.setattr(accelerate, "PartialState", lambda cpu: SimpleNamespace(num_processes=3))
-    monkeypatch.setattr(pretrain, "make_accelerator", lambda cfg: SimpleNamespace(num_processes=3, is_main_process=True))
+    monkeypatch.setattr(pretrain, "make_accelerator", lambda cfg, section: SimpleNamespace(num_processes=3, is_main_process=True))
     config = load_config(SMOKE, [f"run.dir={tmp_path}"])
     with pytest.raises(UserError) as err:
         pipeline.run_pipeline(config, log=lambda line: None)
@@ -328,7 +328,7 @@ def test_a_finished_stage_relaunched_on_a_count_its_sizes_do_not_divide_over_is_
     from instructrl.rundir import RunDir
     from instructrl.stages import ppo, pretrain
 
-    three = lambda cfg: SimpleNamespace(num_processes=3, is_main_process=True, distributed_type="MULTI_CPU")  # noqa: E731
+    three = lambda cfg, section: SimpleNamespace(num_processes=3, is_main_process=True, distributed_type="MULTI_CPU")  # noqa: E731
     monkeypatch.setattr(accelerate, "PartialState", lambda cpu: SimpleNamespace(num_processes=3))
     monkeypatch.setattr(pretrain, "make_accelerator", three)
     monkeypatch.setattr(ppo, "make_accelerator", three)

@@ -51,8 +51,8 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
 
     processes = PartialState(cpu=without_gpu()).num_processes  # as the stages' Accelerator will count them
     check_sizes(config, redo, processes)  # before the first stage runs
-    for section in dict.fromkeys(section for _, section, _ in runs_to_train(config, redo)):  # as the sizes: fp16 on CPU before any stage trains
-        check_precision(getattr(config, section).mixed_precision, section)
+    for name in dict.fromkeys(name for _, name, _ in runs_to_train(config, redo)):  # fp16 on CPU, as the sizes: before any stage trains
+        check_precision(getattr(config, name).mixed_precision, name)
     first = round_one(config, log)  # and what later rounds cannot do
     root = Path(config.run.dir)
     run_pretrain(config, restart=redo["pretrain"], log=log)
