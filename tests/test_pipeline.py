@@ -166,6 +166,16 @@ def test_a_first_prompt_past_the_rm_prompts_is_refused_before_the_first_stage(tm
     assert not list(tmp_path.iterdir())
 
 
+def test_own_eval_prompts_without_a_reward_model_are_refused_before_the_first_stage(tmp_path):
+    # eval refused them once pretrain, SFT, the RM and both PPO runs had trained
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Reverse the word cat."}\n')
+    run = tmp_path / "run"
+    proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={run}", f"eval.prompts={prompts}", check=False)
+    assert proc.returncode == 2 and "eval.prompts: your own prompts need eval.reward_model" in proc.stderr, proc.stderr
+    assert not run.exists()
+
+
 def test_later_rounds_rank_the_prompts_after_the_first_rounds(tmp_path, monkeypatch):
     from instructrl import pipeline
     from instructrl.config import load_config

@@ -40,7 +40,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     redo = {stage: restart_from is not None and i >= STAGES.index(restart_from) for i, stage in enumerate(STAGES)}
     from accelerate import PartialState
 
-    from instructrl.evaluation.evaluate import run_eval
+    from instructrl.evaluation.evaluate import check_judge, run_eval
     from instructrl.evaluation.report import write_report
     from instructrl.stages.collect import run_collect
     from instructrl.stages.ppo import run_ppo
@@ -53,6 +53,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     check_sizes(config, redo, processes)  # before the first stage runs
     for name in dict.fromkeys(name for _, name, _ in runs_to_train(config, redo)):  # fp16 on CPU, as the sizes: before any stage trains
         check_precision(getattr(config, name).mixed_precision, name)
+    check_judge(config.eval)
     first = round_one(config, log)  # and what later rounds cannot do
     root = Path(config.run.dir)
     run_pretrain(config, restart=redo["pretrain"], log=log)

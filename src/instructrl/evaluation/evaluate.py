@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from instructrl.config import PipelineConfig
+from instructrl.config import EvalConfig, PipelineConfig
 from instructrl.data.chat import response_ids
 from instructrl.data.formats import read_prompts
 from instructrl.data.jsonl import read_jsonl, write_jsonl
@@ -196,6 +196,14 @@ def _eval_prompts(config: PipelineConfig, log) -> tuple[list[str], list[list[dic
 
 
 @releases_on_error
+def check_judge(cfg: EvalConfig) -> None:
+    """Refuse your own prompts without a reward model to judge them: the gold labeler knows only the world's.
+    The pipeline asks before its first stage, not after every model has trained."""
+    if cfg.prompts is not None and cfg.reward_model is None:
+        raise UserError("eval.prompts: your own prompts need eval.reward_model to judge the answers "
+                        "(the built-in world's gold labeler knows only its own prompts)")
+
+
 def run_eval(config: PipelineConfig, log=print) -> dict:
     """Answer the evaluation prompts with each model, greedily and sampled, and judge the answers
     (the gold labeler; a reward model with ``eval.reward_model``); writes ``run.dir``/eval and
@@ -204,9 +212,7 @@ def run_eval(config: PipelineConfig, log=print) -> dict:
     models = cfg.models or default_models(config, log)
     if not models:
         raise UserError(f"eval: no models given and none found under {config.run.dir}; run pretrain/sft first or set eval.models")
-    if cfg.prompts is not None and cfg.reward_model is None:
-        raise UserError("eval.prompts: your own prompts need eval.reward_model to judge the answers "
-                        "(the built-in world's gold labeler knows only its own prompts)")
+    check_judge(cfg)
     if "sft" not in models:
         log("eval: no model is named 'sft', so there are no win rates or alignment tax (both are measured against SFT)")
     tokenizers = {}
