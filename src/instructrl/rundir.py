@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from instructrl.config import MOVED_KEYS, PipelineConfig, dump_config, section
+from instructrl.config import MOVED_KEYS, PipelineConfig, dump_config, section, spelt_in_run
 from instructrl.data.jsonl import complete_lines, nan_to_none, temp_beside
 from instructrl.errors import UserError
 
@@ -420,9 +420,8 @@ class RunDir:
 
                 snapshot = hub_snapshot(str(value))
                 place = {"path": str(value), "commit": snapshot and snapshot.name}
-            elif full.startswith(root + os.sep) or str(value).startswith(run_dir + os.sep):
-                # the second: named from run.dir, as a later round names the run's own folders (round2/../sft/final),
-                # and as its identity does (config.section); a copy of the run compares its own, not its original's
+            elif full.startswith(root + os.sep) or spelt_in_run(str(value), run_dir):
+                # the second: a later round names the run's folders from its own (round2/../sft/final); a copy compares its own
                 place = {"path": os.path.relpath(full, root), "in_run": True}
             else:
                 place = {"path": full}

@@ -33,4 +33,5 @@ from instructrl.config.schema import (  # noqa: F401
     describe_fields,
     exact_div,
     section,
+    spelt_in_run,
 )

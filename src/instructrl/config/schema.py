@@ -353,6 +353,13 @@ MOVED_KEYS = {"world.labeler_noise": "collect.labeler_noise"}
 RUN_DIR = "<run.dir>"
 
 
+def spelt_in_run(path: str, run_dir: str) -> bool:
+    """Whether ``path`` is spelt from ``run_dir`` (runs/a/sft/final, and runs/a/round2/../sft/final, which leaves
+    ``run_dir`` once normalised): the run's own, wherever the run folder is moved or copied to. Run identities
+    (``section``) and lineage records (``RunDir.write_lineage``) count a path as the run's by this rule."""
+    return path.startswith(run_dir + "/")
+
+
 def section(config: PipelineConfig, *names: str) -> dict[str, Any]:
     """The named sections of a config as plain data, for comparing two runs: what decides a run's
     results. Not run.dir (a folder moved, copied or spelt another way holds the same run; paths
@@ -363,7 +370,7 @@ def section(config: PipelineConfig, *names: str) -> dict[str, Any]:
     def portable(value):
         if isinstance(value, dict):
             return {k: portable(v) for k, v in value.items() if k not in NOT_IDENTITY}
-        if isinstance(value, str) and (value == run_dir or value.startswith(run_dir + "/")):
+        if isinstance(value, str) and (value == run_dir or spelt_in_run(value, run_dir)):
             return RUN_DIR + value[len(run_dir):]
         return value
 
