@@ -44,7 +44,7 @@ def test_overrides_take_effect_and_are_coerced():
 
 def test_an_override_of_a_path_or_name_keeps_the_text_as_typed():
     # YAML reads 2024 and 1.10 as numbers (1.10 as 1.1) and 2024-01-01 as a date: "Input is not a valid path"
-    config = load_config(overrides=["run.dir=2024", "sft.model=1.10", "ppo.prompts=2024-01-01", "eval.models={sft: /tmp/a}"])
+    config = load_config(overrides=["run.dir=2024", "sft.model=1.10", "ppo.prompts=2024-01-01", "ppo.ptx_coef=0", "eval.models={sft: /tmp/a}"])
     assert (config.run.dir, config.sft.model, config.ppo.prompts) == (Path("2024"), "1.10", Path("2024-01-01"))
     # a number's key still takes a number, and null is still the default
     config = load_config(overrides=["ppo.lr=1e-5", "run.seed=7", "sft.model=null"])
@@ -487,3 +487,19 @@ def test_adaptive_kl_needs_a_coefficient_to_adapt():
         load_config(None, ["ppo.kl_coef=0", "ppo.adaptive_kl=true"])
     assert load_config(None, ["ppo.kl_coef=0.1", "ppo.adaptive_kl=true"]).ppo.adaptive_kl  # from any β > 0 it adapts
     assert load_config(None, ["ppo.kl_coef=0"]).ppo.kl_coef == 0  # and a fixed β may be 0 (no KL penalty)
+
+
+def test_ppo_rules_of_the_values_alone_are_refused_as_the_config_loads():
+    """ppo.lora.dropout > 0 and ppo.prompts without ppo.ptx_data were refused only when PPO started: the pipeline
+    trained pretrain, SFT, collect and the RM first. The schema refuses them wherever the config is loaded
+    (`instructrl config`, the pipeline and every stage command), naming the key, so no stage writes anything."""
+    with pytest.raises(UserError, match=r"^override 'ppo\.lora\.dropout=0\.1': bad value for 'ppo\.lora\.dropout': PPO runs every model "
+                                        r"without dropout, .*; set it to 0 \(got 0\.1\)$"):
+        load_config(SMOKE, ["ppo.lora.enabled=true", "ppo.lora.dropout=0.1"])
+    assert load_config(SMOKE, ["ppo.lora.dropout=0.1"]).ppo.lora.dropout == 0.1  # unused without ppo.lora, as before
+    assert load_config(SMOKE, ["sft.lora.enabled=true", "sft.lora.dropout=0.1"]).sft.lora.dropout == 0.1  # SFT's adapters may drop out
+    with pytest.raises(UserError, match=r"^.*smoke\.yaml:\d+: bad value for 'ppo\.ptx_data': PPO-ptx mixes pretraining text into every update: "
+                                        r"set ppo\.ptx_data=FILE .* to go with ppo\.prompts, or ppo\.ptx_coef=0 for plain PPO \(got None\)$"):
+        load_config(SMOKE, ["ppo.prompts=mine.jsonl"])
+    assert load_config(SMOKE, ["ppo.prompts=mine.jsonl", "ppo.ptx_coef=0"]).ppo.ptx_data is None  # plain PPO needs no text
+    assert load_config(SMOKE, ["ppo.prompts=mine.jsonl", "ppo.ptx_data=text.txt"]).ppo.ptx_data == Path("text.txt")

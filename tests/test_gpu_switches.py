@@ -103,3 +103,19 @@ def test_an_attention_kernel_that_cannot_run_here_is_one_line(tmp_path):
     model = load_causal_lm(save_tiny_model("qwen2", tmp_path / "m"))
     with pytest.raises(UserError, match=r"^ppo\.attn_implementation = flash_attention_2: .*FlashAttention2.*not.*installed"):
         apply_switches(model, load_config(None, ["ppo.attn_implementation=flash_attention_2"]).ppo, "ppo")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+@pytest.mark.parametrize("section", ["sft", "rm", "ppo"])
+def test_an_attention_kernel_that_cannot_run_here_is_refused_before_any_stage_trains(tmp_path, section):
+    """The pipeline trained pretrain (and SFT, collect and the RM for rm. and ppo.) before the stage loaded its model
+    and was refused the kernel. It is refused before the first stage now, in the words the stage uses."""
+    from instructrl.pipeline import run_pipeline
+
+    key = f"{section}.attn_implementation"
+    with pytest.raises(UserError, match=rf"^{section}\.attn_implementation = flash_attention_2: .*FlashAttention2.*not.*installed") as refused:
+        run_pipeline(load_config(SMOKE, [f"run.dir={tmp_path}", f"{key}=flash_attention_2"]), log=lambda *_: None)
+    assert not (tmp_path / "pretrain").exists()
+    with pytest.raises(UserError) as by_the_stage:  # as the stage itself refuses it, on its model
+        apply_switches(load_causal_lm(save_tiny_model("llama", tmp_path / "m")), getattr(load_config(None, [f"{key}=flash_attention_2"]), section), section)
+    assert str(refused.value) == str(by_the_stage.value)

@@ -517,6 +517,20 @@ def test_a_reference_beside_ppo_lora_is_refused_before_the_run_folder_is_written
     assert not (tmp_path / "run").exists()
 
 
+def test_a_reference_beside_ppo_lora_is_refused_before_the_pipeline_trains(tmp_path):
+    """The pipeline trained pretrain, SFT, collect and the RM before PPO refused the reference."""
+    from instructrl.errors import UserError
+    from instructrl.pipeline import run_pipeline
+    from instructrl.stages.ppo import check_config
+
+    config = load_config(SMOKE, [f"run.dir={tmp_path}", "ppo.lora.enabled=true", f"ppo.reference={tmp_path / 'other'}"])
+    with pytest.raises(UserError, match="^ppo_ptx: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset$"):
+        run_pipeline(config, log=lambda *_: None)
+    assert not (tmp_path / "pretrain").exists()
+    config.ppo.reference = str(tmp_path / "sft" / "final")  # the policy PPO is given by default: no other model
+    check_config(config)
+
+
 def test_a_later_round_goes_on_from_the_iterations_before_it(tmp_path, smoke_rm, monkeypatch):
     """ppo.first_iteration = 3 (a pipeline round after one of 3 iterations): iterations 3-5's prompts and
     seeds, logged as steps 4-6, not the first round's prompts sampled with the first round's seeds again."""

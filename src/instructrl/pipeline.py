@@ -40,20 +40,16 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     redo = {stage: restart_from is not None and i >= STAGES.index(restart_from) for i, stage in enumerate(STAGES)}
     from accelerate import PartialState
 
-    from instructrl.evaluation.evaluate import check_judge, run_eval
+    from instructrl.evaluation.evaluate import run_eval
     from instructrl.evaluation.report import write_report
     from instructrl.stages.collect import run_collect
     from instructrl.stages.ppo import run_ppo
     from instructrl.stages.pretrain import run_pretrain
     from instructrl.stages.rm import run_rm
     from instructrl.stages.sft import run_sft
-    from instructrl.training.loop import check_precision, without_gpu
+    from instructrl.training.loop import without_gpu
 
-    processes = PartialState(cpu=without_gpu()).num_processes  # as the stages' Accelerator will count them
-    check_sizes(config, redo, processes)  # before the first stage runs
-    for name in dict.fromkeys(name for _, name, _ in runs_to_train(config, redo)):  # fp16 on CPU, as the sizes: before any stage trains
-        check_precision(getattr(config, name).mixed_precision, name)
-    check_judge(config.eval)
+    check_before_training(config, redo, PartialState(cpu=without_gpu()).num_processes)  # as the stages' Accelerator will count them
     first = round_one(config, log)  # and what later rounds cannot do
     root = Path(config.run.dir)
     run_pretrain(config, restart=redo["pretrain"], log=log)
@@ -81,6 +77,25 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     results = run_eval(config, log=log)  # of the last round's PPO models
     write_report(root, config.pipeline.rounds)
     return results
+
+
+def check_before_training(config: PipelineConfig, redo: dict[str, bool], processes: int) -> None:
+    """Refuse before the first stage, by the stages' own checks, what a stage would refuse from the config alone
+    (and this machine) after the stages before it had trained: the batch sizes, fp16 without a GPU, an attention
+    kernel that cannot run here and PPO's rules, of the runs it will train (``runs_to_train``); eval.prompts without a judge."""
+    from instructrl.evaluation.evaluate import check_judge
+    from instructrl.models.base import check_attention
+    from instructrl.stages import ppo
+    from instructrl.training.loop import check_precision
+
+    check_sizes(config, redo, processes)
+    sections = dict.fromkeys(name for _, name, _ in runs_to_train(config, redo))
+    for name in sections:
+        check_precision(getattr(config, name).mixed_precision, name)
+        check_attention(getattr(getattr(config, name), "attn_implementation", None), name)  # pretrain builds its model with the default
+    if "ppo" in sections:
+        ppo.check_config(config)
+    check_judge(config.eval)
 
 
 def check_sizes(config: PipelineConfig, redo: dict[str, bool], processes: int) -> None:

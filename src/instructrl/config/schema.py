@@ -117,6 +117,19 @@ class LoRAConfig(Strict):
         return value
 
 
+class PPOLoRAConfig(LoRAConfig):
+    """ppo.lora: as the other stages', without adapter dropout."""
+
+    @field_validator("dropout")
+    @classmethod
+    def _without_dropout(cls, value: float, info) -> float:
+        # the adapters' dropout would be on in the update and off in the rollout
+        if value > 0 and info.data.get("enabled"):
+            raise ValueError("PPO runs every model without dropout, so that an update's log-probs and values are the rollout's "
+                             "until the weights move (the first ratio is 1); set it to 0")
+        return value
+
+
 class TrainConfig(Strict):
     """What every training stage shares: batch sizes, optimiser, schedule, checkpoints."""
 
@@ -241,9 +254,9 @@ class PPOConfig(ModelSwitches):
     whiten_rewards: bool = Field(False, description="Whiten the per-token rewards before GAE (off: the RM bias already centres them).")
     ptx_coef: float = Field(0.1, ge=0, description="γ of PPO-ptx: weight of the mean pretraining NLL per token in every policy update; 0 = plain PPO (InstructGPT: 27.8 on its own loss scale; here 1.0 outweighs the PPO loss and moves the policy 4.5 nats from SFT within 7 iterations).")
     ptx_batch_size: int = Field(8, gt=0, description="Pretraining sequences mixed into each optimizer step.")
-    ptx_data: Path | None = Field(None, description="Pretraining text: a plain-text file (one document per line) or text records (JSONL, JSON, Parquet, CSV, datasets folder). Default: the built-in world's corpus when ppo.prompts is unset; PPO-ptx on your own prompts needs your own.")
+    ptx_data: Path | None = Field(None, validate_default=True, description="Pretraining text: a plain-text file (one document per line) or text records (JSONL, JSON, Parquet, CSV, datasets folder). Default: the built-in world's corpus when ppo.prompts is unset; PPO-ptx on your own prompts needs your own.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (bf16 on a GPU).")
-    lora: LoRAConfig = Field(LoRAConfig(), description="LoRA on the policy and the value model; the KL reference is then the policy with its adapter off (one base model in memory).")
+    lora: PPOLoRAConfig = Field(PPOLoRAConfig(), description="LoRA on the policy and the value model; the KL reference is then the policy with its adapter off (one base model in memory).")
     log_every: int = Field(1, gt=0, description="PPO iterations between metric lines.")
     checkpoint_every: int = Field(10, gt=0, description="PPO iterations between resumable checkpoints.")
 
@@ -253,6 +266,15 @@ class PPOConfig(ModelSwitches):
         # the controller scales β by a factor: from 0 it would stay 0, and the option would change nothing
         if value and info.data.get("kl_coef") == 0:
             raise ValueError("the adaptive controller scales ppo.kl_coef by a factor, so from 0 it stays 0; give ppo.kl_coef > 0 as its starting β")
+        return value
+
+    @field_validator("ptx_data")
+    @classmethod
+    def _with_own_prompts(cls, value: Path | None, info) -> Path | None:
+        # the built-in world's corpus is no pretraining text for a user's prompts (and its model)
+        if value is None and info.data.get("prompts") is not None and info.data.get("ptx_coef", 0) > 0:
+            raise ValueError("PPO-ptx mixes pretraining text into every update: set ppo.ptx_data=FILE (plain text or "
+                             "{\"text\": ...} records) to go with ppo.prompts, or ppo.ptx_coef=0 for plain PPO")
         return value
 
     def iterations(self) -> int:

@@ -355,6 +355,21 @@ def set_attention(model: nn.Module, implementation: str, section: str = "") -> N
         raise UserError(f"{key}attn_implementation = {implementation}: {err}") from None
 
 
+def check_attention(implementation: str | None, section: str = "") -> None:
+    """``set_attention`` of ``implementation`` on a one-layer model of no memory (on the meta device), so that a
+    kernel this machine cannot run (flash_attention_2 without its package or a GPU) is refused before a run starts
+    rather than when its stage loads its model. Whether an architecture supports it is still told then."""
+    if implementation is None:
+        return
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tiny = LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1, vocab_size=8,
+                       dtype=torch.bfloat16)  # a dtype flash attention runs in: none would be warned of
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny)
+    set_attention(model, implementation, section)
+
+
 def dropout_attributes(obj) -> dict[str, float]:
     """The float attributes of ``obj`` (a config or a layer) that hold a dropout probability, and OPT's ``layerdrop``."""
     return {name: value for name, value in vars(obj).items()

@@ -77,15 +77,13 @@ def model_paths(config: PipelineConfig, stage: str) -> ModelPaths:
     return ModelPaths(policy, reward_model, cfg.value_model or reward_model, cfg.reference or policy)
 
 
-def check_lora(cfg, paths: ModelPaths, stage: str) -> None:
-    """ppo.lora's two conflicts, refused before anything is loaded or written."""
-    if not cfg.lora.enabled:
-        return
-    if cfg.reference is not None and cfg.reference != paths.policy:
-        raise UserError(f"{stage}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
-    if cfg.lora.dropout > 0:  # the adapters' dropout would be on in the update and off in the rollout
-        raise UserError(f"ppo.lora.dropout = {cfg.lora.dropout}: PPO runs every model without dropout, so that an update's "
-                        "log-probs and values are the rollout's until the weights move (the first ratio is 1); set it to 0")
+def check_config(config: PipelineConfig) -> None:
+    """What the config alone rules out, refused before anything is loaded or written (and by the pipeline
+    before its first stage): a KL reference beside ppo.lora. The config's schema refuses the rest (ppo.lora.dropout)."""
+    cfg = config.ppo
+    policy = str(cfg.policy or Path(config.run.dir) / "sft" / "final")  # as model_paths names it
+    if cfg.lora.enabled and cfg.reference is not None and cfg.reference != policy:
+        raise UserError(f"{stage_name(config)}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
 
 
 def shared_tokenizer(paths: ModelPaths, stage: str):
@@ -104,10 +102,7 @@ def load_prompts(config: PipelineConfig, stage: str, tokenizer, accelerator, log
     """The prompts, their gold tasks by id (for the gold judge's logs) and the built-in world,
     which supplies the prompts (and PPO-ptx's text) only when ppo.prompts is unset."""
     cfg, root = config.ppo, Path(config.run.dir)
-    if cfg.prompts is not None:
-        if cfg.ptx_coef > 0 and cfg.ptx_data is None:
-            raise UserError(f"{stage}: PPO-ptx mixes pretraining text into every update: set ppo.ptx_data=FILE (plain text or "
-                            f"{{\"text\": ...}} records) to go with ppo.prompts, or ppo.ptx_coef=0 for plain PPO")
+    if cfg.prompts is not None:  # with ppo.ptx_data where PPO-ptx runs: the config's schema sees to that
         gold = {}
 
         def keep_gold(record: dict, prompt: Prompt) -> None:  # a prompts file in the world's own format (family, answer) keeps its gold judge
@@ -235,8 +230,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
         cfg.check_sizes(accelerator.num_processes)
 
     # setup: models, prompts (with their gold tasks on the built-in world), pretraining blocks
+    check_config(config)
     paths = model_paths(config, stage)
-    check_lora(cfg, paths, stage)
     tokenizer = shared_tokenizer(paths, stage)
     prompts, gold, world = load_prompts(config, stage, tokenizer, accelerator, log)
     seed_everything(config.run.seed)
