@@ -11,7 +11,7 @@ from conftest import SMOKE, cli
 
 
 def test_pipeline_two_rounds(tmp_path):
-    args = ["pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", "collect.n_prompts=56"]
+    args = ["pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "pipeline.rounds=2", "ppo.ptx_coef=1.0", "collect.n_prompts=56", "ppo.adaptive_kl=true"]
     run = cli(*args, timeout=1200)
     out = run.stdout + run.stderr
     assert "report:" in out and "wins vs SFT" in out
@@ -31,6 +31,11 @@ def test_pipeline_two_rounds(tmp_path):
     # and goes on from round 1's iteration count (its own prompts and sampling seeds): TensorBoard draws one curve
     steps = [[json.loads(x)["step"] for x in (folder / stage / "metrics.jsonl").read_text().splitlines()] for folder in (tmp_path, tmp_path / "round2")]
     assert steps == [[1, 2, 3], [4, 5, 6]]  # smoke: 3 iterations a round
+    # with its adaptive β (it restarted from ppo.kl_coef), where round 1's controller left it; its AdamW and warm-up start again
+    for stage in ("ppo_ptx", "ppo"):
+        first, second = ([json.loads(x) for x in (folder / stage / "metrics.jsonl").read_text().splitlines()] for folder in (tmp_path, tmp_path / "round2"))
+        reached = json.loads((tmp_path / stage / "final" / "ppo_state.json").read_text())["kl_coef"]
+        assert second[0]["ppo/kl_coef"] == reached != first[0]["ppo/kl_coef"] and second[0]["ppo/lr"] == first[0]["ppo/lr"]
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["models"]["ppo_ptx"] == str(tmp_path / "round2" / "ppo_ptx" / "final")
@@ -107,6 +112,38 @@ def test_a_later_round_goes_on_from_the_previous_rounds_models_with_round_ones_r
     assert os.path.normpath(third_round("ppo.ptx_coef=0")[0].collect.policy) == str(tmp_path / "round2" / "ppo" / "final")
     # a policy of one's own to start from stays every round's KL reference, as in round 1
     assert third_round("ppo.policy=/models/mine")[0].ppo.reference == "/models/mine"
+
+
+def test_a_later_round_goes_on_from_the_adaptive_beta_its_previous_round_reached(tmp_path):
+    # round 2 started the adaptive controller again from ppo.kl_coef, throwing away what round 1's had learnt
+    from instructrl.config import load_config
+    from instructrl.errors import UserError
+    from instructrl.pipeline import _ppo_configs, later_round, round_one
+    from instructrl.rundir import RunDir
+
+    def round_two(*overrides, log=lambda _: None):
+        rc, previous = later_round(round_one(load_config(SMOKE, [f"run.dir={tmp_path}", "pipeline.rounds=2", *overrides]), log=log), 2)
+        return _ppo_configs(rc, previous, log)
+
+    (tmp_path / "round2").mkdir()  # round 2 names round 1's folders from its own (round2/../ppo/final)
+    reached = {"ppo_ptx": 0.0173, "ppo": 0.0251}  # each run's own controller
+    for stage, beta in reached.items():
+        (tmp_path / stage / "final").mkdir(parents=True)
+        (tmp_path / stage / "final" / "ppo_state.json").write_text(json.dumps({"kl_coef": beta}))
+    assert {stage: c.ppo.kl_coef for stage, c in round_two("ppo.adaptive_kl=true").items()} == reached
+    assert {c.ppo.kl_coef for c in round_two().values()} == {0.02}  # a fixed β stays the config's
+    # the β is part of round 2's identity: a round 2 run on another β is not taken for this one
+    finished = RunDir(round_two("ppo.adaptive_kl=true")["ppo"], "ppo", ("run", "ppo")).identity
+    (tmp_path / "ppo" / "final" / "ppo_state.json").write_text(json.dumps({"kl_coef": 0.03}))
+    assert not RunDir(round_two("ppo.adaptive_kl=true")["ppo"], "ppo", ("run", "ppo")).matches(finished)
+    # a round 1 finished before β was recorded: round 2 starts from ppo.kl_coef, and says so
+    (tmp_path / "ppo" / "final" / "ppo_state.json").unlink()
+    lines = []
+    assert round_two("ppo.adaptive_kl=true", log=lines.append)["ppo"].ppo.kl_coef == 0.02
+    assert lines[-1].startswith(f"ppo: {tmp_path / 'ppo' / 'final'} records no β")
+    (tmp_path / "ppo_ptx" / "final" / "ppo_state.json").write_text("{")
+    with pytest.raises(UserError, match=r"ppo_ptx/final/ppo_state.json: not a PPO run's final state"):
+        round_two("ppo.adaptive_kl=true")
 
 
 def _finished_round_two_ppo(root):

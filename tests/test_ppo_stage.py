@@ -447,6 +447,14 @@ def test_ppo_killed_and_resumed_ends_with_the_same_weights(tmp_path, smoke_rm):
     cfg = load_config(SMOKE, args(straight)[3:]).ppo
     assert a[0]["rollout/kl"] == 0.0 and a[0]["ppo/kl_coef"] == cfg.kl_coef
     assert a[1]["ppo/kl_coef"] == pytest.approx(cfg.kl_coef * (1 - 0.2 * cfg.rollout_batch_size / cfg.kl_horizon), rel=1e-12)
+    # final/ records the β after the last iteration's update, which a later pipeline round goes on from; resumed or not
+    error = min(max(a[-1]["rollout/kl"] / cfg.target_kl - 1, -0.2), 0.2)
+    reached = [json.loads((d / "ppo_ptx" / "final" / "ppo_state.json").read_text())["kl_coef"] for d in (straight, killed)]
+    assert reached[0] == reached[1] == pytest.approx(a[-1]["ppo/kl_coef"] * (1 + error * cfg.rollout_batch_size / cfg.kl_horizon), rel=1e-12)
+    # the logged learning rate (of an iteration's first update) warms up over ppo.warmup_steps updates, ppo_epochs x minibatches an iteration
+    updates = cfg.ppo_epochs * cfg.rollout_batch_size // cfg.minibatch_size
+    assert [r["ppo/lr"] for r in b] == [r["ppo/lr"] for r in a] == pytest.approx(
+        [cfg.lr * min(1.0, (i * updates + 1) / cfg.warmup_steps) for i in range(len(a))], rel=1e-12)
 
 
 def _four_episode_rollout(smoke_base, advantage_scale: float = 1.0):

@@ -9,7 +9,9 @@ the alignment tax that the pretraining mix removes. With ``pipeline.rounds: N`` 
 repeats as InstructGPT iterated its steps 2 and 3: round r (in ``round<r>/``) ranks fresh RM
 prompts with the latest PPO-ptx policy (plain PPO's when ppo.ptx_coef = 0), retrains the RM from
 the SFT model on every comparison so far, and continues both PPO runs from where the previous round
-left them (its iteration count included), the KL reference staying the SFT model.
+left them: policy, value model, iteration count and (ppo.adaptive_kl) the controller's β, the KL
+reference staying the SFT model. Their AdamW moments and learning-rate warm-up start again: the
+reward model they follow is new, and a fresh AdamW's first steps are the ones warm-up damps.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
                 _concatenate(comparisons, rc.rm.data)
         _barrier()
         run_rm(rc, restart=restart["rm"], log=log, upstream=upstream)
-        for cfg in _ppo_configs(rc, previous).values():
+        for cfg in _ppo_configs(rc, previous, log).values():
             run_ppo(cfg, restart=restart["ppo"], log=log, upstream=upstream)
     if not is_main:
         return None
@@ -172,9 +174,14 @@ def later_round(first: PipelineConfig, r: int) -> tuple[PipelineConfig, Path]:
     return rc, previous
 
 
-def _ppo_configs(config: PipelineConfig, previous: Path | None = None) -> dict[str, PipelineConfig]:
+def _ppo_configs(config: PipelineConfig, previous: Path | None = None, log=print) -> dict[str, PipelineConfig]:
     """PPO-ptx with the config's ptx_coef, and plain PPO (ptx_coef = 0) beside it, by folder name;
-    each goes on from its own policy and value model in ``previous`` (a later round's previous round)."""
+    each goes on from its own policy and value model in ``previous`` (a later round's previous round),
+    and with ppo.adaptive_kl from the β its controller reached there, as ppo.kl_coef: read from the
+    finished run's final/, so a skipped or resumed round starts where an uninterrupted one would, and
+    in the round's identity, so a round run on another β is not taken for this one."""
+    from instructrl.stages.ppo import final_kl_coef
+
     ptx = config.model_copy(deep=True)
     plain = config.model_copy(deep=True)
     plain.ppo.ptx_coef = 0.0
@@ -182,6 +189,13 @@ def _ppo_configs(config: PipelineConfig, previous: Path | None = None) -> dict[s
     if previous is not None:
         for stage, cfg in runs.items():
             cfg.ppo.policy, cfg.ppo.value_model = str(previous / stage / "final"), str(previous / stage / "value")
+            if cfg.ppo.adaptive_kl:
+                reached = final_kl_coef(previous / stage / "final")
+                if reached is None:
+                    log(f"{stage}: {os.path.normpath(previous / stage / 'final')} records no β (finished by an older instructrl): "
+                        f"the adaptive controller starts again from ppo.kl_coef = {cfg.ppo.kl_coef}")
+                else:
+                    cfg.ppo.kl_coef = reached
     return runs
 
 

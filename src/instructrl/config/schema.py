@@ -243,7 +243,7 @@ class PPOConfig(ModelSwitches):
     max_new_tokens: int = Field(24, gt=0, description="Longest response sampled.")
     kl_coef: float = Field(0.02, ge=0, description="β of the per-token KL penalty against the SFT reference (InstructGPT: 0.02).")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="KL estimator in the reward: k1 = log π - log π_ref; k3 = (ρ-1) - log ρ.")
-    adaptive_kl: bool = Field(False, description="Adapt β towards target_kl (lm-human-preferences' controller).")
+    adaptive_kl: bool = Field(False, description="Adapt β towards target_kl (lm-human-preferences' controller), from kl_coef; a later pipeline round goes on from the β the previous one reached.")
     target_kl: float = Field(1.0, gt=0, description="Target KL per response (nats) of the adaptive controller.")
     kl_horizon: int = Field(10000, gt=0, description="Horizon (episodes) of the adaptive controller.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount of GAE.")

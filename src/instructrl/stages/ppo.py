@@ -12,7 +12,8 @@ iteration per rollout batch:
                  clipped value loss                                                   (rl/update.py)
   6. log         proxy (RM) and gold scores, KL, entropy, length, EOS rate; checkpoint (rl/metrics.py)
 
-and save: final/ (the policy, a save_pretrained folder) and value/ (the value model).
+and save: final/ (the policy, a save_pretrained folder, and in ppo_state.json the β the next
+iteration would use) and value/ (the value model).
 The run is a pure function of (seed, iteration), whatever the number of processes: each episode
 is sampled with its own seed, every process holds an equal share of every minibatch (rl/episodes.py),
 and the advantages are whitened over the global batch. A killed run resumes from its last checkpoint.
@@ -22,6 +23,7 @@ With ppo.lora the reference is the policy with its adapter off (one base model i
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,7 @@ from instructrl.rl.metrics import memory_metrics, rollout_metrics, time_metrics
 from instructrl.rl.rollout import Rollout, left_pad_prompts, sample_responses, score_episodes
 from instructrl.rl.update import ppo_epochs
 from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_token_rewards
-from instructrl.rundir import given_or_earlier, releases_on_error, RunDir
+from instructrl.rundir import given_or_earlier, releases_on_error, RunDir, write_text_atomic
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint, sizes_for_resuming
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
 from instructrl.training.progress import plural, progress_bar, tracked
@@ -53,6 +55,7 @@ from instructrl.world.labeler import SimulatedLabeler
 SECTIONS = ("run", "world", "ppo")
 UPSTREAM = ("tokenizer", "model", "pretrain", "sft", "collect", "rm")  # identity when the inputs are this run's own
 PTX_BLOCK = 128
+FINAL_STATE = "ppo_state.json"  # in final/: the controller's β after the last iteration, which a later pipeline round goes on from
 
 
 def stage_name(config: PipelineConfig) -> str:
@@ -194,12 +197,26 @@ def add_rewards_and_advantages(rollout: Rollout, cfg, kl_coef: float, over_proce
 
 def make_optimizers(cfg, policy, value_model):
     """AdamW for the policy and for the value model (each its own learning rate, no weight decay),
-    with a linear warmup over ppo.warmup_steps; with LoRA only the adapters (and the value head) train."""
+    with a linear warmup over ppo.warmup_steps and constant after it; with LoRA only the adapters (and
+    the value head) train. A later pipeline round starts both again, moments and warm-up: its reward
+    model is new, and the warm-up damps a fresh AdamW's first steps (each parameter moves by about lr)."""
     trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
     policy_opt = torch.optim.AdamW(trainable(policy), lr=cfg.lr, eps=cfg.adam_eps, weight_decay=0.0)
     value_opt = torch.optim.AdamW(trainable(value_model), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0)
     warmup = lambda step: min(1.0, (step + 1) / max(cfg.warmup_steps, 1))  # noqa: E731
     return policy_opt, value_opt, [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (policy_opt, value_opt)]
+
+
+def final_kl_coef(policy: Path) -> float | None:
+    """The β a finished PPO run's controller reached (``FINAL_STATE`` in its final/ folder ``policy``);
+    None where there is none (a run finished before instructrl recorded it)."""
+    path = Path(policy) / FINAL_STATE
+    if not path.is_file():
+        return None
+    try:
+        return float(json.loads(path.read_text())["kl_coef"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a PPO run's final state ({e}); `instructrl pipeline --restart-from ppo` trains it again") from e
 
 
 def bar_status(metrics: dict[str, float]) -> str:
@@ -308,6 +325,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             timer["score_advantages"] = t2 - t1
 
             # 5. epochs
+            lr = policy_opt.param_groups[0]["lr"]  # of the iteration's first update, for the logs
             policy.train()
             value_model.train()
             train_stats = ppo_epochs(accelerator, cfg, rollout, policy, value_model, policy_opt, value_opt, schedulers, ptx_blocks,
@@ -318,7 +336,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
             state.step += 1
             texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip() for r, m in zip(response_ids, response_mask)]
             metrics = {**rollout_metrics(rollout, texts, [prompts[i].id for i in rows], gold, judge, accelerator), **train_stats,
-                       "ppo/kl_coef": kl_ctl.value, **memory_metrics((policy, reference, reward_model, value_model), (policy_opt, value_opt))}
+                       "ppo/kl_coef": kl_ctl.value, "ppo/lr": lr, **memory_metrics((policy, reference, reward_model, value_model), (policy_opt, value_opt))}
             kl_ctl.update(metrics["rollout/kl"], cfg.rollout_batch_size)
             n_tokens = accelerator.reduce(torch.tensor(float(response_mask.sum() + query_mask.sum()), device=device), "sum").item()
             metrics.update(time_metrics(timer, cfg.rollout_batch_size, n_tokens))
@@ -332,6 +350,8 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
 
     # save: the policy as final/, the value model beside it
     save_model(accelerator, policy, tokenizer, run.path / "final")
+    if accelerator.is_main_process:
+        write_text_atomic(run.path / "final" / FINAL_STATE, json.dumps({"kl_coef": kl_ctl.value}))
     save_model(accelerator, value_model, tokenizer, run.path / "value")
     run.finish({"model": run.path / "final", "value_model": run.path / "value"})
     log(f"{stage}: policy saved to {run.path / 'final'}")
