@@ -9,7 +9,9 @@ import torch
 from conftest import SMOKE, cli
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
+from instructrl.config import load_config
 from instructrl.evaluation.generate import generate_answers
+from instructrl.training.loop import cosine_schedule
 
 
 def test_base_checkpoint_loads_with_auto_classes(smoke_base):
@@ -38,13 +40,23 @@ def test_sft_on_a_local_model_and_user_data(tmp_path, smoke_base, arch):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     run_dir = tmp_path / "run"
-    cli("sft", "-c", str(SMOKE), f"run.dir={run_dir}", f"sft.model={model_dir}", f"sft.data={data}", "sft.epochs=3")
+    overrides = [f"run.dir={run_dir}", f"sft.model={model_dir}", f"sft.data={data}", "sft.epochs=3", "sft.log_every=1", "sft.warmup_steps=3"]
+    cli("sft", "-c", str(SMOKE), *overrides)
     final = run_dir / "sft" / "final"
     reloaded = AutoModelForCausalLM.from_pretrained(final)
     assert type(reloaded).__name__ == type(AutoModelForCausalLM.from_config(config)).__name__
     assert AutoTokenizer.from_pretrained(final).chat_template == tokenizer.chat_template
     losses = [json.loads(l)["train/loss"] for l in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines() if "train/loss" in l]
     assert losses[-1] < losses[0]
+    sft = load_config(SMOKE, overrides).sft  # each step's logged rate is the one it took: lr/3 first, in warm-up
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=sft.lr)
+    schedule, rates = cosine_schedule(optimizer, sft.warmup_steps, len(losses), sft.min_lr_ratio), []
+    for _ in losses:
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert [json.loads(l)["train/lr"] for l in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines() if "train/lr" in l] == pytest.approx(rates)
+    assert rates[0] == pytest.approx(sft.lr / 3)
     lineage = json.loads((run_dir / "sft" / "lineage.json").read_text())
     assert lineage["inputs"]["demonstrations"]["path"] == str(data)
     assert not (run_dir / "world").exists(), "user data must not pull in the built-in world"

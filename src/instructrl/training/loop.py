@@ -278,6 +278,7 @@ def fit(
             loss_sum = backward_micro_batches(accelerator, model, loss_fn, batches, global_targets)
             # 4. clip and step
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step takes (the scheduler's next is one step on)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -290,7 +291,7 @@ def fit(
                 elapsed = time.perf_counter() - window_start
                 metrics = {
                     "train/loss": total_loss / max(window_targets, 1.0),
-                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/lr": lr,
                     "train/grad_norm": float(grad_norm),
                     "train/targets_per_s": window_targets / max(elapsed, 1e-9),
                 }
