@@ -82,8 +82,10 @@ def test_pipeline_two_rounds(tmp_path):
 
 
 def test_what_later_rounds_cannot_do_is_refused_before_the_first_stage(tmp_path):
+    people = tmp_path / "people.jsonl"  # there: a missing file is refused first (test_a_missing_file_or_model_you_gave...)
+    people.write_text("")
     cases = {
-        ("pipeline.rounds=2", "collect.judgements=people.jsonl"): "pipeline.rounds = 2 with collect.judgements: each later round ranks samples of the previous round's",
+        ("pipeline.rounds=2", f"collect.judgements={people}"): "pipeline.rounds = 2 with collect.judgements: each later round ranks samples of the previous round's",
         ("pipeline.rounds=2", "ppo.lora.enabled=true"): "pipeline.rounds = 2 with ppo.lora.enabled: a later round continues PPO",
         ("pipeline.rounds=2", "collect.n_prompts=100"): "pipeline.rounds = 2: the world has 171 RM prompts, too few for 2 rounds of collect.n_prompts = 100 a round",
         ("pipeline.rounds=20", "world.n_prompts=40"): "pipeline.rounds = 20: the world has 17 RM prompts, too few for 20 rounds of an equal share of them (0)",
@@ -211,6 +213,78 @@ def test_own_eval_prompts_without_a_reward_model_are_refused_before_the_first_st
     proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={run}", f"eval.prompts={prompts}", check=False)
     assert proc.returncode == 2 and "eval.prompts: your own prompts need eval.reward_model" in proc.stderr, proc.stderr
     assert not run.exists()
+
+
+def test_a_missing_file_or_model_you_gave_is_refused_before_the_first_stage(tmp_path):
+    # each was refused by the stage that reads it, once the stages before it had trained (PPO's after pretrain, SFT, collect and the RM)
+    from instructrl.config import load_config
+    from instructrl.data.formats import read_prompts
+    from instructrl.errors import UserError, located
+    from instructrl.models.base import load_tokenizer
+    from instructrl.pipeline import run_pipeline
+
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    empty.mkdir()
+    run = tmp_path / "run"
+    cases = {
+        ("ppo.prompts=missing.jsonl", "ppo.ptx_coef=0"): "missing.jsonl: file not found",
+        (f"sft.data={missing}.jsonl",): f"{missing}.jsonl: file not found",
+        (f"ppo.ptx_data={missing}.txt",): f"{missing}.txt: file not found",
+        ("rm.data=org/comparisons",): "org/comparisons: file not found; data is read from local files only",
+        (f"ppo.reward_model={missing}",): f"ppo.reward_model: reward model '{missing}' does not exist",
+        (f"collect.policy={missing}",): f"collect.policy: model '{missing}' does not exist",
+        (f"ppo.value_model={empty}",): f"ppo.value_model: '{empty}' is a folder that holds no model (no config.json)",
+        (f"eval.models={{sft: {missing}}}",): f"eval.models.sft: model '{missing}' does not exist",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(UserError) as err:
+            run_pipeline(load_config(SMOKE, [f"run.dir={run}", *overrides]), log=lambda _: None)
+        assert str(err.value).startswith(message) and not run.exists(), (overrides, str(err.value))
+
+    # the message is the stage's own: the readers PPO calls give it
+    with pytest.raises(UserError) as err:
+        read_prompts("missing.jsonl")
+    assert str(err.value) == cases[("ppo.prompts=missing.jsonl", "ppo.ptx_coef=0")]
+    with pytest.raises(UserError) as err, located("ppo.reward_model"):
+        load_tokenizer(missing, what="reward model")
+    assert str(err.value) == cases[(f"ppo.reward_model={missing}",)]
+    # and from the command line: exit status 2, nothing written
+    proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={run}", "ppo.prompts=missing.jsonl", "ppo.ptx_coef=0", check=False)
+    assert proc.returncode == 2 and proc.stderr == "error: missing.jsonl: file not found\n" and not run.exists()
+
+
+def test_the_runs_own_outputs_and_hub_names_are_not_refused_as_missing(tmp_path):
+    # the pipeline fills these in as its stages write them; a path in run.dir is the run's own however it is spelt
+    from instructrl.config import load_config
+    from instructrl.pipeline import STAGES, check_before_training
+
+    redo = dict.fromkeys(STAGES, False)
+    run = tmp_path / "run"
+    own = [f"sft.data={run}/world/demonstrations.jsonl", f"ppo.policy={run}/round2/../sft/final", f"eval.models={{sft: {run}/sft/final}}",
+           f"rm.data={os.path.relpath(run)}/collect/comparisons.jsonl", "ppo.reward_model=someone/reward-model"]  # a hub name: PPO asks the Hub
+    for overrides in ([], ["pipeline.rounds=2"], own):
+        check_before_training(load_config(SMOKE, [f"run.dir={run}", *overrides]), redo, 1)
+    check_before_training(load_config(SMOKE, [f"run.dir={os.path.relpath(run)}", f"sft.model={run}/pretrain/final"]), redo, 1)
+    assert not run.exists()
+
+
+def test_what_a_finished_stage_read_is_not_asked_for(tmp_path):
+    # a finished stage is skipped: a file of yours it read may have moved since (RunDir.changed_inputs leaves it out too)
+    from instructrl.config import load_config
+    from instructrl.errors import UserError
+    from instructrl.pipeline import STAGES, check_given_paths
+
+    run, moved = tmp_path / "run", tmp_path / "moved.jsonl"
+    config = load_config(SMOKE, [f"run.dir={run}", f"sft.data={moved}", f"collect.judgements={moved}"])
+    redo = dict.fromkeys(STAGES, False)
+    for stage in ("sft", "collect"):
+        with pytest.raises(UserError, match="moved.jsonl: file not found"):
+            check_given_paths(config, redo)
+        (run / stage).mkdir(parents=True)
+        (run / stage / "done.json").write_text("{}")
+    check_given_paths(config, redo)
+    with pytest.raises(UserError, match="moved.jsonl: file not found"):  # unless --restart-from runs it again
+        check_given_paths(config, dict(redo, collect=True))
 
 
 def test_later_rounds_rank_the_prompts_after_the_first_rounds(tmp_path, monkeypatch):

@@ -84,7 +84,8 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
 def check_before_training(config: PipelineConfig, redo: dict[str, bool], processes: int) -> None:
     """Refuse before the first stage, by the stages' own checks, what a stage would refuse from the config alone
     (and this machine) after the stages before it had trained: the batch sizes, fp16 without a GPU, an attention
-    kernel that cannot run here and PPO's rules, of the runs it will train (``runs_to_train``); eval.prompts without a judge."""
+    kernel that cannot run here and PPO's rules, of the runs it will train (``runs_to_train``); eval.prompts without
+    a judge; then a file or model you gave a stage that will run which is not there (``check_given_paths``)."""
     from instructrl.evaluation.evaluate import check_judge
     from instructrl.models.base import check_attention
     from instructrl.stages import ppo
@@ -98,6 +99,49 @@ def check_before_training(config: PipelineConfig, redo: dict[str, bool], process
     if "ppo" in sections:
         ppo.check_config(config)
     check_judge(config.eval)
+    check_given_paths(config, redo)
+
+
+def check_given_paths(config: PipelineConfig, redo: dict[str, bool]) -> None:
+    """The data files and local models you gave the stages that will run exist, asked in the order the stages read
+    them and refused with the stage's own message. Not a path in run.dir, however spelt (an earlier stage's output,
+    perhaps not written yet), nor a hub name (its stage asks the Hub), nor what a stage that is finished would read."""
+    from instructrl.data.formats import not_found
+    from instructrl.errors import located
+    from instructrl.models.base import check_local_model
+
+    root = Path(config.run.dir)
+    runs = runs_to_train(config, redo)
+    first = {section for folder, section, _ in runs if folder.parent == root} | {"eval"}  # round 1's, and eval, which always runs
+    later = {section for folder, section, _ in runs if folder.parent != root}
+    if redo["collect"] or not (root / "collect" / "done.json").is_file():
+        first.add("collect")  # round 1's only: later rounds rank the previous round's policy's samples
+    sft, collect, rm, ppo, evaluation = config.sft, config.collect, config.rm, config.ppo, config.eval
+    ptx_data = ppo.ptx_data if ppo.ptx_coef > 0 and any(folder.name == "ppo_ptx" for folder, _, _ in runs) else None
+    # (section, whether later rounds read it too: later_round replaces the others; key, path, a model's role or None for a data file)
+    given = [
+        ("sft", False, "sft.model", sft.model, "model"), ("sft", False, "sft.data", sft.data, None),
+        ("collect", False, "collect.judgements", collect.judgements, None),
+        ("collect", False, "collect.policy", None if collect.judgements else collect.policy, "model"),
+        ("rm", True, "rm.model", rm.model, "model"), ("rm", False, "rm.data", rm.data, None), ("rm", True, "rm.demonstrations", rm.demonstrations, None),
+        ("ppo", ppo.reference is None, "ppo.policy", ppo.policy, "model"),  # later rounds' reference, where ppo.reference is unset
+        ("ppo", False, "ppo.reward_model", ppo.reward_model, "reward model"),
+        ("ppo", True, "ppo.prompts", ppo.prompts, None), ("ppo", True, "ppo.ptx_data", ptx_data, None),
+        ("ppo", False, "ppo.value_model", ppo.value_model, "value model"), ("ppo", True, "ppo.reference", ppo.reference, "model"),
+        *(("eval", False, f"eval.models.{name}", path, "model") for name, path in (evaluation.models or {}).items()),
+        ("eval", False, "eval.reward_model", evaluation.reward_model, "reward model"), ("eval", False, "eval.prompts", evaluation.prompts, None),
+    ]
+    run_dir = os.path.abspath(root)
+    for section, every_round, key, path, role in given:
+        if path is None or not (section in first or every_round and section in later):
+            continue
+        if Path(os.path.abspath(Path(path).expanduser())).is_relative_to(run_dir):  # however spelt: round2/../sft/final, absolute or not
+            continue
+        if role is not None:
+            with located(key):  # as the stage names the key that chose the model
+                check_local_model(str(path), role)
+        elif not (Path(path).is_file() or Path(path).is_dir()):  # what read_records and read_texts accept
+            raise not_found(Path(path))
 
 
 def check_sizes(config: PipelineConfig, redo: dict[str, bool], processes: int) -> None:

@@ -38,14 +38,20 @@ def build_base_model(config: ModelConfig, tokenizer) -> nn.Module:
 def _check_exists(name_or_path: str, what: str) -> None:
     """Fail at once on a missing folder, or on a hub name that is neither cached nor reachable
     (the hub client would otherwise retry for most of a minute before giving up)."""
-    looks_local = _looks_local(name_or_path)
-    if looks_local and not Path(name_or_path).expanduser().exists():
-        raise UserError(f"{what} '{name_or_path}' does not exist")
-    if looks_local:
-        _check_model_folder(Path(name_or_path).expanduser(), f"'{name_or_path}'")
-    if not looks_local and hub_snapshot(name_or_path) is None and not _hub_reachable():
+    check_local_model(name_or_path, what)
+    if not _looks_local(name_or_path) and hub_snapshot(name_or_path) is None and not _hub_reachable():
         raise UserError(f"{what} '{name_or_path}' is not a folder under {os.getcwd()}, not in the Hugging Face cache, "
                         "and the Hub cannot be reached to download it")
+
+
+def check_local_model(name_or_path: str, what: str = "model") -> None:
+    """What ``_check_exists`` finds without the Hub and without reading a file: a path that is missing, or that
+    holds no model. A hub name passes, as only the Hub can tell (the pipeline asks this before its first stage)."""
+    if _looks_local(name_or_path):
+        folder = Path(name_or_path).expanduser()
+        if not folder.exists():
+            raise UserError(f"{what} '{name_or_path}' does not exist")
+        _check_model_folder(folder, f"'{name_or_path}'")
 
 
 def _looks_local(name_or_path: str) -> bool:
