@@ -100,6 +100,7 @@ def check_before_training(config: PipelineConfig, redo: dict[str, bool], process
         ppo.check_config(config)
     check_judge(config.eval)
     check_given_paths(config, redo)
+    check_lengths(config, sections)  # of the models given, now known to be there
 
 
 def check_given_paths(config: PipelineConfig, redo: dict[str, bool]) -> None:
@@ -164,6 +165,44 @@ def runs_to_train(config: PipelineConfig, redo: dict[str, bool]) -> list[tuple[P
     for r, folder in enumerate(round_folders(root, config.pipeline.rounds), 1):
         runs += [(folder / "rm", "rm", "rm" if r == 1 else "ppo")] + [(folder / name, "ppo", "ppo") for name in PPO_STAGES]
     return [(folder, section, stage) for folder, section, stage in runs if redo[stage] or not (folder / "done.json").is_file()]
+
+
+def check_lengths(config: PipelineConfig, sections) -> None:
+    """Refuse, by the stages' own checks, the lengths and counts the config decides: sft/rm.max_length past the model's
+    context, a max_new_tokens that leaves no room for a prompt, ppo.rollout_batch_size past the PPO prompts. ``sections``:
+    those of the runs the pipeline will train. A model's context is the config's for the run's own models and a local
+    model's config.json's; a hub model's is left to its stage, as is a prompts file no counter reads quickly."""
+    from instructrl.data.formats import count_records
+    from instructrl.evaluation.generate import check_room_for_a_prompt
+    from instructrl.models.base import base_model_config, length_cap, model_config
+    from instructrl.stages import ppo
+
+    def given_or(name_or_path, default):  # the config of a stage's model: the given one's, else the stage before's
+        return default if name_or_path is None else model_config(name_or_path)
+
+    def room(models, max_new_tokens: int, key: str) -> None:
+        for model in models:
+            if model is not None:  # None: a model whose context its stage learns
+                check_room_for_a_prompt(model, max_new_tokens, key)
+
+    base = base_model_config(config.model)
+    sft = given_or(config.sft.model, base)
+    rm, policy, collect = given_or(config.rm.model, sft), given_or(config.ppo.policy, sft), given_or(config.collect.policy, sft)
+    if "sft" in sections and sft is not None:
+        length_cap(sft, config.sft.max_length, "sft.max_length")
+        if config.sft.data is None:  # validation answers are generated on the built-in world only
+            room([sft], config.sft.max_new_tokens, "sft.max_new_tokens")
+    if config.collect.judgements is None:  # a later round's collect samples the previous round's policy
+        room([collect] + ([policy] if config.pipeline.rounds > 1 else []), config.collect.max_new_tokens, "collect.max_new_tokens")
+    if "rm" in sections and rm is not None:
+        length_cap(rm, config.rm.max_length, "rm.max_length")
+    if "ppo" in sections:
+        prompts = split_sizes(config.world)["ppo"] if config.ppo.prompts is None else count_records(config.ppo.prompts)
+        if prompts:  # a file of none is refused as it is read
+            ppo.check_rollout_prompts(config.ppo, ppo.stage_name(config), prompts)
+        room([policy], config.ppo.max_new_tokens, "ppo.max_new_tokens")
+    evaluated = [model_config(path) for path in config.eval.models.values()] if config.eval.models else [base, sft, policy]  # default_models
+    room(evaluated, config.eval.max_new_tokens, "eval.max_new_tokens")
 
 
 def round_one(config: PipelineConfig, log=print) -> PipelineConfig:

@@ -63,3 +63,12 @@ def _check_room(model, prompts: list[list[int]], max_new_tokens: int, key: str) 
     if longest + max_new_tokens > context:
         raise UserError(f"{key} = {max_new_tokens}: the longest prompt ({longest} tokens) and {max_new_tokens} new tokens "
                         f"exceed the model's context length ({context} tokens)")
+
+
+def check_room_for_a_prompt(model, max_new_tokens: int, key: str) -> None:
+    """``check_room``'s refusal where it follows from the config alone: ``max_new_tokens`` leaves no room for a prompt
+    in the context of ``model`` (a model or its config). Only this much is known before the pipeline's first stage:
+    the prompts' lengths need the tokenizer pretrain trains, so the stage still checks the longest prompt."""
+    context = context_length(model)
+    if max_new_tokens >= context:
+        raise UserError(f"{key} = {max_new_tokens}: any prompt and {max_new_tokens} new tokens exceed the model's context length ({context} tokens)")

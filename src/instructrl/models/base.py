@@ -21,18 +21,23 @@ DROPOUT_SUFFIXES = ("dropout", "pdrop", "dropout_prob")
 
 def build_base_model(config: ModelConfig, tokenizer) -> nn.Module:
     """A randomly initialised decoder-only model sized by ``config``: it stands in for GPT-3."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    return AutoModelForCausalLM.from_config(base_model_config(config, **ids))
+
+
+def base_model_config(config: ModelConfig, **ids):
+    """The Hugging Face config of ``build_base_model``'s model; ``ids``: its tokenizer's vocabulary size and special ids."""
+    from transformers import GPT2Config, LlamaConfig
+
     if config.arch == "gpt2":
-        hf_config = GPT2Config(n_layer=config.n_layer, n_embd=config.hidden_size, n_head=config.n_head, n_positions=config.max_length, **ids)
-    else:
-        hf_config = LlamaConfig(
-            num_hidden_layers=config.n_layer, hidden_size=config.hidden_size, num_attention_heads=config.n_head,
-            num_key_value_heads=config.n_head, intermediate_size=4 * config.hidden_size, max_position_embeddings=config.max_length,
-            tie_word_embeddings=True, **ids,
-        )
-    return AutoModelForCausalLM.from_config(hf_config)
+        return GPT2Config(n_layer=config.n_layer, n_embd=config.hidden_size, n_head=config.n_head, n_positions=config.max_length, **ids)
+    return LlamaConfig(
+        num_hidden_layers=config.n_layer, hidden_size=config.hidden_size, num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_head, intermediate_size=4 * config.hidden_size, max_position_embeddings=config.max_length,
+        tie_word_embeddings=True, **ids,
+    )
 
 
 def _check_exists(name_or_path: str, what: str) -> None:
@@ -253,10 +258,14 @@ def own_generation_config_aside(model):
         inner.generation_config = saved
 
 
-def context_length(model: nn.Module) -> int:
-    """The longest sequence (tokens) the model's config allows; 2**20 when it names none."""
+def context_length(model) -> int:
+    """The longest sequence (tokens) a model's config allows; 2**20 when it names none.
+    ``model``: a model, or its config (``model_config``: the pipeline asks before the model exists)."""
+    from transformers import PretrainedConfig
+
     # a RewardModel's is its backbone's; a vision-language model's (Gemma 3 from 4B up) its language model's
-    config = getattr(model, "backbone", model).config.get_text_config()
+    model = getattr(model, "backbone", model)
+    config = (model if isinstance(model, PretrainedConfig) else model.config).get_text_config()
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -264,8 +273,23 @@ def context_length(model: nn.Module) -> int:
     return 1 << 20
 
 
-def length_cap(model: nn.Module, max_length: int | None, field: str) -> int:
-    """The longest example a stage trains on: ``max_length`` (config key ``field``), by default the model's context."""
+def model_config(name_or_path: str):
+    """The config of the model in local folder ``name_or_path``, read from its config.json without its weights; None for a
+    hub name, a folder that holds no config.json (yet: a run's own final/) or one that cannot be read (its stage tells why)."""
+    from transformers import AutoConfig
+
+    folder = Path(name_or_path).expanduser()
+    if not _looks_local(name_or_path) or not (folder / "config.json").is_file():
+        return None
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except load_errors():
+        return None
+
+
+def length_cap(model, max_length: int | None, field: str) -> int:
+    """The longest example a stage trains on: ``max_length`` (config key ``field``), by default the model's context.
+    ``model``: a model or its config, as for ``context_length``."""
     context = context_length(model)
     if max_length is not None and max_length > context:
         raise UserError(f"config: {field} = {max_length} exceeds the model's context length ({context} tokens)")

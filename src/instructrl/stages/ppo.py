@@ -132,13 +132,20 @@ def encode_prompts(prompts: list[Prompt], tokenizer, cfg, max_length: int, stage
         with located(f"{cfg.prompts or 'ppo.prompts'}: prompt '{prompt.id}'"):  # the id a record gives, else the file's name and the record's number
             encoded.append(render_ids(tokenizer, prompt.messages, add_generation_prompt=True))
     keep = [i for i, length in enumerate(encoded.lengths()) if length + cfg.max_new_tokens <= max_length]
-    if len(keep) < cfg.rollout_batch_size:
-        source, total = cfg.prompts or "the built-in world's PPO split", len(prompts)
-        held = (f"{total} prompts" if len(keep) == total else f"{len(keep)} of its {total} prompts that fit in {max_length} "
+    check_rollout_prompts(cfg, stage, len(prompts), len(keep), max_length)
+    return [prompts[i] for i in keep], TokenSequences(encoded[i] for i in keep)
+
+
+def check_rollout_prompts(cfg, stage: str, total: int, fitting: int | None = None, max_length: int | None = None) -> None:
+    """Refuse prompts fewer than one rollout batch: ``total`` of them, of which ``fitting`` (by default all) leave room for
+    a response in ``max_length`` tokens. The pipeline asks with ``total`` alone before its first stage."""
+    fitting = total if fitting is None else fitting
+    if fitting < cfg.rollout_batch_size:
+        source = cfg.prompts or "the built-in world's PPO split"
+        held = (f"{total} prompts" if fitting == total else f"{fitting} of its {total} prompts that fit in {max_length} "
                 f"tokens with the response (ppo.max_new_tokens = {cfg.max_new_tokens})")
         raise UserError(f"{stage}: {source} has {held}, fewer than one rollout batch (ppo.rollout_batch_size = {cfg.rollout_batch_size}); "
-                        "add prompts or lower ppo.rollout_batch_size" + ("" if len(keep) == total else " or ppo.max_new_tokens"))
-    return [prompts[i] for i in keep], TokenSequences(encoded[i] for i in keep)
+                        "add prompts or lower ppo.rollout_batch_size" + ("" if fitting == total else " or ppo.max_new_tokens"))
 
 
 def load_models(cfg, paths: ModelPaths, policy, tokenizer, stage: str):
