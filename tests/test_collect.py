@@ -60,7 +60,7 @@ def test_a_collection_stopped_after_its_last_chunk_is_not_sampled_again(tmp_path
     import pytest
 
     from instructrl.config import load_config
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
     from instructrl.stages.collect import run_collect
 
     config = load_config(SMOKE, [f"run.dir={tmp_path}", f"collect.policy={smoke_base / 'pretrain' / 'final'}"])

@@ -114,7 +114,7 @@ def _finished_round_two_ppo(root):
     a function that gives its RunDir in a run folder."""
     from instructrl.config import load_config
     from instructrl.pipeline import later_round, round_one
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
 
     def round_two(root):
         rc = later_round(round_one(load_config(SMOKE, [f"run.dir={root}", "pipeline.rounds=2"]), log=lambda _: None), 2)[0]

@@ -21,7 +21,7 @@ from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
 from instructrl.errors import UserError
 from instructrl.evaluation.report import round_folders
-from instructrl.rundir import copy_dir, write_text_atomic
+from instructrl.rundir.files import copy_dir, write_text_atomic
 from instructrl.training.checkpoint import checkpoint_dirs, sizes_for_resuming
 from instructrl.world.build import build_world_once, split_sizes
 

@@ -43,7 +43,8 @@ from instructrl.rl.metrics import memory_metrics, rollout_metrics, time_metrics
 from instructrl.rl.rollout import Rollout, left_pad_prompts, sample_responses, score_episodes
 from instructrl.rl.update import ppo_epochs
 from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_token_rewards
-from instructrl.rundir import given_or_earlier, releases_on_error, RunDir
+from instructrl.rundir.locks import releases_on_error
+from instructrl.rundir.run import given_or_earlier, RunDir
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint, sizes_for_resuming
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
 from instructrl.training.progress import plural, progress_bar, tracked
