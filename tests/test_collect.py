@@ -7,7 +7,7 @@ import shutil
 
 from conftest import SMOKE, cli
 
-from instructrl.data.formats import read_comparisons
+from instructrl.data.inputs import read_comparisons
 from instructrl.world.build import load_tasks
 from instructrl.world.labeler import PAPER_NOISE, SimulatedLabeler
 

@@ -27,7 +27,7 @@ def test_a_compressed_file_says_so_and_how_to_decompress_it(tmp_path, name):
     # a .jsonl.gz was "not UTF-8 text", which sent people looking for a bad character
     import gzip
 
-    from instructrl.data.formats import read_data, read_texts
+    from instructrl.data.inputs import read_data, read_texts
 
     path = tmp_path / name
     path.write_bytes(gzip.compress(b'{"prompt": "a", "completion": "b"}\n'))

@@ -18,7 +18,7 @@ import torch
 
 from instructrl.config import EvalConfig, PipelineConfig
 from instructrl.data.chat import response_ids
-from instructrl.data.formats import read_prompts
+from instructrl.data.inputs import read_prompts
 from instructrl.data.jsonl import read_jsonl, write_jsonl
 from instructrl.data.packing import pack_documents
 from instructrl.errors import UserError, located

@@ -14,7 +14,8 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
-from instructrl.data.formats import read_comparisons, read_records
+from instructrl.data.inputs import read_comparisons
+from instructrl.data.readers import read_records
 from instructrl.data.records import ComparisonRecord, comparison_line, write_comparisons
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import check_room, generate_answers

@@ -31,7 +31,8 @@ import torch
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import render_ids
 from instructrl.data.packing import pack_documents
-from instructrl.data.formats import Prompt, read_data, read_texts, warn_of_control_tokens
+from instructrl.data.formats import Prompt
+from instructrl.data.inputs import read_data, read_texts, warn_of_control_tokens
 from instructrl.data.sequences import TokenSequences
 from instructrl.errors import UserError, located
 from instructrl.models.base import apply_switches, context_length, count_parameters, count_text, load_causal_lm, load_tokenizer, set_attention, set_dropout

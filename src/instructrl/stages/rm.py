@@ -16,7 +16,7 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import response_ids, tokenize_conversation
-from instructrl.data.formats import read_data, warn_of_control_tokens
+from instructrl.data.inputs import read_data, warn_of_control_tokens
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
 from instructrl.data.sequences import TokenSequences

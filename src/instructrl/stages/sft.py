@@ -15,7 +15,8 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import tokenize_conversation, tokenize_text
-from instructrl.data.formats import has_empty_answer, read_data, warn_of_control_tokens
+from instructrl.data.formats import has_empty_answer
+from instructrl.data.inputs import read_data, warn_of_control_tokens
 from instructrl.data.sequences import TokenizedConversations
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import check_room, generate_answers
