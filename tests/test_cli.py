@@ -9,7 +9,8 @@ import shutil
 import pytest
 from conftest import SMOKE, cli
 
-from instructrl.rundir import content_hash, run_info
+from instructrl.rundir.files import content_hash
+from instructrl.rundir.run import run_info
 
 
 def test_pipeline_smoke_writes_every_record(tmp_path):

@@ -7,7 +7,7 @@ import shutil
 
 from conftest import SMOKE, cli
 
-from instructrl.data.formats import read_comparisons
+from instructrl.data.inputs import read_comparisons
 from instructrl.world.build import load_tasks
 from instructrl.world.labeler import PAPER_NOISE, SimulatedLabeler
 
@@ -60,7 +60,7 @@ def test_a_collection_stopped_after_its_last_chunk_is_not_sampled_again(tmp_path
     import pytest
 
     from instructrl.config import load_config
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
     from instructrl.stages.collect import run_collect
 
     config = load_config(SMOKE, [f"run.dir={tmp_path}", f"collect.policy={smoke_base / 'pretrain' / 'final'}"])

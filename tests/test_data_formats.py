@@ -13,7 +13,9 @@ from conftest import SMOKE, cli
 from tiny_models import NO_SYSTEM_TEMPLATE, WORDS, save_tiny_model, user_data, write_jsonl
 
 from instructrl.config import load_config
-from instructrl.data.formats import Demonstration, detect_format, read_comparisons, read_data, read_records
+from instructrl.data.formats import Demonstration, detect_format
+from instructrl.data.inputs import read_comparisons, read_data
+from instructrl.data.readers import read_records
 from instructrl.errors import UserError
 from instructrl.models.base import load_tokenizer
 from instructrl.training import progress
@@ -167,7 +169,7 @@ def test_a_byte_order_mark_and_windows_line_ends_are_not_part_of_the_data(tmp_pa
     """Excel's "CSV UTF-8" and Windows editors begin a file with a byte-order mark and end lines with CRLF:
     the mark was read into the CSV header's first field ('\\ufeffprompt': "needs 'prompt'"), failed a JSON
     file ("expected a JSON object, found list") and began PPO-ptx's first document."""
-    from instructrl.data.formats import read_texts
+    from instructrl.data.inputs import read_texts
 
     bom = "\ufeff"
     (tmp_path / "demos.csv").write_text(bom + "prompt,completion\r\nSay cat.,cat\r\n", newline="")
@@ -424,22 +426,22 @@ def test_data_check_reads_a_file_once_keeping_no_record_and_tells_its_progress(t
     a count of the records read so far and, where quick to know, their total."""
     from datasets import Dataset
 
-    from instructrl.data import formats
+    from instructrl.data import check
+    from instructrl.data.readers import count_records
 
     rows = [SHAPES["messages"][0]] * 2500
     path = write_jsonl(tmp_path / "demos.jsonl", rows)
     path.write_text(path.read_text().replace("\n", "\n\n", 3))  # blank lines are no records
     reads, told = [], []
-    read_records = formats.read_records
-    monkeypatch.setattr(formats, "read_records", lambda *args: reads.append(args) or read_records(*args))
-    summary = formats.check_file(path, progress=told.append)
+    monkeypatch.setattr(check, "read_records", lambda *args: reads.append(args) or read_records(*args))
+    summary = check.check_file(path, progress=told.append)
     assert (len(reads), summary["records"], told) == (1, 2500, [1000, 2000])
-    assert formats.count_records(path) == 2500
+    assert count_records(path) == 2500
     Dataset.from_list(rows[:30]).to_parquet(str(tmp_path / "demos.parquet"))
     Dataset.from_list(rows[:1030]).save_to_disk(str(tmp_path / "demos_dataset"))  # more than one batch of rows
-    assert (formats.count_records(tmp_path / "demos.parquet"), formats.count_records(tmp_path / "demos_dataset")) == (30, 1030)
+    assert (count_records(tmp_path / "demos.parquet"), count_records(tmp_path / "demos_dataset")) == (30, 1030)
     assert list(read_records(tmp_path / "demos_dataset")) == [(f"{tmp_path / 'demos_dataset'}: row {n}", rows[0]) for n in range(1, 1031)]
-    assert formats.count_records(tmp_path / "missing.jsonl") is None  # the check itself says it is missing
+    assert count_records(tmp_path / "missing.jsonl") is None  # the check itself says it is missing
 
 
 def test_a_file_that_is_no_parquet_is_one_line(tmp_path):
@@ -612,7 +614,7 @@ def test_the_stages_read_a_users_file_once_with_a_bar(tmp_path, tiny_sft, monkey
 
     from rich.console import Console
 
-    from instructrl.data import formats
+    from instructrl.data import inputs
     from instructrl.stages.ppo import load_prompts
     from instructrl.stages.rm import run_rm
     from instructrl.stages.sft import load_demonstrations
@@ -621,8 +623,8 @@ def test_the_stages_read_a_users_file_once_with_a_bar(tmp_path, tiny_sft, monkey
     model = run / "sft" / "final"
     tokenizer = load_tokenizer(model)
     eos = tokenizer.eos_token
-    reads, read_records = [], formats.read_records
-    monkeypatch.setattr(formats, "read_records", lambda path: reads.append(Path(path).name) or read_records(path))
+    reads = []
+    monkeypatch.setattr(inputs, "read_records", lambda path: reads.append(Path(path).name) or read_records(path))
     out = io.StringIO()
     monkeypatch.setattr(progress, "log_console", lambda: Console(file=out, force_terminal=True, width=300))
 

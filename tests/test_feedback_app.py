@@ -17,7 +17,7 @@ from feedback_util import make_project, rank_task, start_server
 from ports import free_port
 
 from instructrl.data.preference import comparison_from_preference
-from instructrl.data.formats import read_comparisons
+from instructrl.data.inputs import read_comparisons
 from instructrl.data.records import validate_messages
 from instructrl.feedback import accounts, db
 from instructrl.feedback.accounts import FailedLogins, create_user

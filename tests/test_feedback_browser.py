@@ -17,7 +17,7 @@ import pytest
 from feedback_util import make_project, rank_task, start_server
 from ports import free_port
 
-from instructrl.data.formats import read_comparisons
+from instructrl.data.inputs import read_comparisons
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -10,7 +10,7 @@ import math
 from conftest import SMOKE, cli
 from fastapi.testclient import TestClient
 
-from instructrl.data.formats import read_comparisons
+from instructrl.data.inputs import read_comparisons
 from instructrl.feedback.accounts import create_user
 from instructrl.feedback.app import create_app
 from instructrl.feedback.db import connect

@@ -12,7 +12,7 @@ import pytest
 from instructrl.config import load_config
 from instructrl.data.jsonl import read_jsonl, write_jsonl
 from instructrl.errors import UserError
-from instructrl.rundir import copy_dir, trim_step_log
+from instructrl.rundir.files import copy_dir, trim_step_log
 
 
 def test_non_utf8_jsonl_line_is_named(tmp_path):
@@ -27,7 +27,7 @@ def test_a_compressed_file_says_so_and_how_to_decompress_it(tmp_path, name):
     # a .jsonl.gz was "not UTF-8 text", which sent people looking for a bad character
     import gzip
 
-    from instructrl.data.formats import read_data, read_texts
+    from instructrl.data.inputs import read_data, read_texts
 
     path = tmp_path / name
     path.write_bytes(gzip.compress(b'{"prompt": "a", "completion": "b"}\n'))
@@ -89,7 +89,7 @@ def test_trim_step_log_drops_replayed_and_half_written_lines(tmp_path):
 def test_an_option_added_since_a_run_finished_leaves_it_finished_at_its_default(tmp_path):
     """A run folder from before a version added sft.max_length is still complete while the new key
     holds its default, and is a different config once the key is set."""
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
 
     config = load_config(overrides=[f"run.dir={tmp_path}"])
     run = RunDir(config, "sft", ("run", "sft"))
@@ -129,7 +129,7 @@ def test_metrics_lines_are_standard_json_and_tensorboard_keeps_the_nan(tmp_path)
     (JSON has no NaN); TensorBoard, which has, shows it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
 
     run = RunDir(load_config(overrides=[f"run.dir={tmp_path}"]), "sft", ("run", "sft"))
     run.start()
@@ -152,8 +152,8 @@ def test_run_json_keeps_the_first_start_and_adds_each_resume(tmp_path, monkeypat
     import subprocess
     import sys
 
-    from instructrl import rundir
-    from instructrl.rundir import RunDir
+    import instructrl
+    from instructrl.rundir.run import RunDir
 
     import torch
 
@@ -175,9 +175,28 @@ def test_run_json_keeps_the_first_start_and_adds_each_resume(tmp_path, monkeypat
     record = json.loads((tmp_path / "run" / "sft" / "run.json").read_text())
     assert record["command"] == ["instructrl", "sft", "-c", "first.yaml"] and record["cwd"] == str(tmp_path)
     assert [r["command"][-1] for r in record["resumed"]] == ["sft.log_every=5"]
-    package = Path(rundir.__file__).resolve().parent  # the instructrl being tested
+    package = Path(instructrl.__file__).resolve().parent  # the instructrl being tested
     head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # the tests run from a git checkout
         assert record["git_commit"] == head.stdout.strip() and isinstance(record["git_dirty"], bool)
     assert record["instructrl"] and record["torch"]
     assert record["torch_threads"] == threads + 1 and record["resumed"][0]["torch_threads"] == threads
+
+
+def test_run_json_s_git_dirty_is_of_the_whole_package_not_of_the_module_that_asks(monkeypatch):
+    """run_info's module lies in a subpackage (rundir/): git status asked there would miss a change
+    to any other module of instructrl, and git_dirty would say a changed checkout is clean."""
+    import subprocess
+
+    import instructrl
+    from instructrl.rundir import run
+
+    folders = []
+
+    def git(command, **kwargs):
+        folders.append(command[command.index("-C") + 1])
+        return subprocess.CompletedProcess(command, 0, stdout="M stages/sft.py" if "status" in command else "abc")
+
+    monkeypatch.setattr(run.subprocess, "run", git)
+    assert run._source_revision() == {"git_commit": "abc", "git_dirty": True}
+    assert set(folders) == {str(Path(instructrl.__file__).resolve().parent)}

@@ -67,14 +67,15 @@ RANK_1_FAILS = """
 import os
 import sys
 
-from instructrl import cli, rundir
+from instructrl import cli
 from instructrl.errors import UserError
+from instructrl.rundir.run import RunDir
 
 if os.environ["RANK"] == "1":  # a bad line in a file only this process reads, while rank 0 goes on into the collectives
     def start(self, *args, **kwargs):
         raise UserError("demos.jsonl:35: only rank 1 reads this line")
 
-    rundir.RunDir.start = start
+    RunDir.start = start
 cli.run()
 """
 

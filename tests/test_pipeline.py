@@ -121,7 +121,7 @@ def test_a_later_round_goes_on_from_the_adaptive_beta_its_previous_round_reached
     from instructrl.config import load_config
     from instructrl.errors import UserError
     from instructrl.pipeline import _ppo_configs, later_round, round_one
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
 
     def round_two(*overrides, log=lambda _: None):
         rc, previous = later_round(round_one(load_config(SMOKE, [f"run.dir={tmp_path}", "pipeline.rounds=2", *overrides]), log=log), 2)
@@ -153,7 +153,7 @@ def _finished_round_two_ppo(root):
     a function that gives its RunDir in a run folder."""
     from instructrl.config import load_config
     from instructrl.pipeline import later_round, round_one
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
 
     def round_two(root):
         rc = later_round(round_one(load_config(SMOKE, [f"run.dir={root}", "pipeline.rounds=2"]), log=lambda _: None), 2)[0]
@@ -218,7 +218,7 @@ def test_own_eval_prompts_without_a_reward_model_are_refused_before_the_first_st
 def test_a_missing_file_or_model_you_gave_is_refused_before_the_first_stage(tmp_path):
     # each was refused by the stage that reads it, once the stages before it had trained (PPO's after pretrain, SFT, collect and the RM)
     from instructrl.config import load_config
-    from instructrl.data.formats import read_prompts
+    from instructrl.data.inputs import read_prompts
     from instructrl.errors import UserError, located
     from instructrl.models.base import load_tokenizer
     from instructrl.pipeline import run_pipeline

@@ -11,7 +11,7 @@ from conftest import SMOKE, cli
 from safetensors.torch import load_file
 
 from instructrl.config import load_config
-from instructrl.data import formats
+from instructrl.data import readers
 from instructrl.data.chat import render_ids
 from instructrl.data.formats import Prompt
 from instructrl.data.sequences import TokenSequences
@@ -270,7 +270,7 @@ def test_a_world_format_prompts_file_is_read_once_with_its_gold_tasks(tmp_path, 
     path = tmp_path / "prompts.jsonl"
     path.write_text(world_prompts.read_text() + json.dumps({"id": "mine", "prompt": "Say cat."}) + "\n")  # no gold answer
     reads = []
-    for module in (formats, build):
+    for module in (readers, build):
         monkeypatch.setattr(module, "read_jsonl", lambda p, read=module.read_jsonl: reads.append(p) or read(p))
     config = load_config(SMOKE, [f"ppo.prompts={path}", "ppo.ptx_coef=0"])
     tokenizer = load_tokenizer(smoke_base / "pretrain" / "final")
@@ -329,7 +329,7 @@ def test_the_ppo_ptx_term_alone_lowers_the_pretraining_loss(smoke_base):
     """PPO-ptx (InstructGPT eq. 2) adds γ · the pretraining NLL to the policy's loss. With every
     advantage 0 the clipped policy loss has no gradient, so one update that lowers the NLL of the
     pretraining blocks did so through that term alone (the smoke PPO-ptx run only logs it)."""
-    from instructrl.data.formats import read_texts
+    from instructrl.data.inputs import read_texts
     from instructrl.data.packing import pack_documents
     from instructrl.rlmath import next_token_nll
 
@@ -632,7 +632,7 @@ def test_gradients_are_synced_on_a_minibatchs_last_backward_only(smoke_base):
 def test_the_ppo_ptx_term_is_gamma_times_the_gradient_of_the_mean_pretraining_nll(smoke_base):
     """PPO-ptx adds γ · E_pretrain[-log π(x)] per token (InstructGPT eq. 2): with every block the same,
     whichever blocks are drawn, the gradient is γ times that of one block's mean NLL."""
-    from instructrl.data.formats import read_texts
+    from instructrl.data.inputs import read_texts
     from instructrl.data.packing import pack_documents
     from instructrl.rl.update import ptx_backward
     from instructrl.rlmath import next_token_nll

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from instructrl.data.preference import comparison_from_preference, split_implicit_text
-from instructrl.data.formats import read_comparisons
+from instructrl.data.inputs import read_comparisons
 from instructrl.errors import UserError
 
 USER = {"role": "user", "content": "Add 2 and 3."}
@@ -78,7 +78,7 @@ def test_bad_preference_records_name_the_line(tmp_path, record, message):
 
 
 def test_prompt_files_take_messages_or_a_prompt_string(tmp_path):
-    from instructrl.data.formats import read_prompts
+    from instructrl.data.inputs import read_prompts
 
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"id": "a", "messages": [USER]}) + "\n" + json.dumps({"prompt": "Add 1 and 1."}) + "\n")
@@ -94,7 +94,7 @@ def test_prompt_files_take_messages_or_a_prompt_string(tmp_path):
     ({"messages": [{"role": "user"}]}, "messages[0]"),
 ])
 def test_bad_prompt_lines_name_the_line(tmp_path, record, message):
-    from instructrl.data.formats import read_prompts
+    from instructrl.data.inputs import read_prompts
 
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(record) + "\n")

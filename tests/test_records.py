@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from instructrl.data.formats import read_comparisons
+from instructrl.data.inputs import read_comparisons
 from instructrl.data.records import ComparisonRecord, write_comparisons
 from instructrl.errors import UserError
 from instructrl.stages.collect import judge_responses

@@ -285,7 +285,7 @@ def test_eval_leaves_out_a_model_trained_on_inputs_that_changed_since(tmp_path, 
     """A PPO run left over from before its SFT model was trained again is not evaluated as this run's."""
     from instructrl.config import load_config
     from instructrl.evaluation.evaluate import default_models
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
 
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_base / "pretrain", run_dir / "pretrain")
@@ -310,7 +310,7 @@ def test_eval_leaves_out_a_model_trained_from_a_stage_since_discarded(tmp_path, 
     it as it was) or a data file of the user's, gone, leaves a model in."""
     from instructrl.config import load_config
     from instructrl.evaluation.evaluate import default_models
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
 
     run_dir, own = tmp_path / "run", tmp_path / "prompts.jsonl"
     shutil.copytree(smoke_base / "pretrain", run_dir / "pretrain")  # its lineage names world/corpus.txt, not copied
@@ -338,7 +338,7 @@ def test_eval_leaves_out_a_later_rounds_model_trained_from_a_stage_since_discard
     (by absolute path before): its PPO, trained with SFT as the KL reference, was kept after `instructrl sft --restart` discarded SFT."""
     from instructrl.config import load_config
     from instructrl.evaluation.evaluate import default_models
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
 
     run_dir = tmp_path / "run"
     for stage in ("pretrain", "sft", "ppo", "round2/rm", "round2/ppo"):

@@ -325,7 +325,7 @@ def test_a_finished_stage_relaunched_on_a_count_its_sizes_do_not_divide_over_is_
     from instructrl import pipeline
     from instructrl.config import load_config
     from instructrl.errors import UserError
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
     from instructrl.stages import ppo, pretrain
 
     three = lambda cfg, section: SimpleNamespace(num_processes=3, is_main_process=True, distributed_type="MULTI_CPU")  # noqa: E731
@@ -393,7 +393,7 @@ def test_a_moved_or_respelt_run_folder_is_the_same_run(tmp_path, smoke_base):
 
 def test_a_restart_names_what_it_discards(tmp_path):
     from instructrl.config import PipelineConfig
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
 
     config = PipelineConfig.model_validate({"run": {"dir": str(tmp_path)}})
     said = []

@@ -194,7 +194,7 @@ def test_ppo_takes_a_reward_model_by_hub_name(tmp_path, offline_hub):
 def test_an_interrupted_run_on_a_hub_name_is_not_resumed_on_other_weights(tmp_path, offline_hub):
     # lineage.json held the name alone: a run resumed after the repository was updated went on with other weights, silently
     from instructrl.config import load_config
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
 
     into_hub_cache(save_tiny_classifier(tmp_path / "rm"), offline_hub, "org/rm")
     config = load_config(overrides=[f"run.dir={tmp_path / 'run'}"])

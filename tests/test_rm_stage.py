@@ -121,7 +121,7 @@ def test_the_held_out_comparisons_are_whole_prompts():
 def test_diagnostics_judge_by_gold_only_the_built_in_prompts_themselves(smoke_rm):
     """A record under a built-in prompt's id but with another prompt (people's own) is measured against its own
     ranks: the gold labeler would judge its answers against the built-in prompt's answer."""
-    from instructrl.data.formats import read_comparisons
+    from instructrl.data.inputs import read_comparisons
     from instructrl.stages.rm import diagnose
     from instructrl.world.build import load_tasks
 

@@ -16,13 +16,13 @@ from conftest import SMOKE, cli
 
 from instructrl.config import load_config
 from instructrl.errors import UserError
-from instructrl.rundir import RunDir
+from instructrl.rundir.run import RunDir
 
 # a stage that has begun writing its folder and goes on training (as `instructrl pipeline` in a forgotten tmux)
 HOLDER = """
 import sys, time
 from instructrl.config import load_config
-from instructrl.rundir import RunDir
+from instructrl.rundir.run import RunDir
 
 root = sys.argv[1]
 sys.argv = ["instructrl", "pipeline", "-c", "configs/smoke.yaml", "run.dir=" + root]  # what run.json and the lock record
@@ -76,10 +76,10 @@ def test_a_second_run_of_a_stage_in_use_stops_with_one_line_and_changes_nothing(
 
 
 def test_the_main_process_holds_the_folder_from_start_to_finish_and_other_ranks_take_nothing(tmp_path):
-    from instructrl import rundir
+    from instructrl.rundir import locks
 
     def held() -> list[str]:  # this test's locks: earlier tests of the process may hold their own
-        return [lock for lock in rundir._held if lock.startswith(os.path.realpath(tmp_path))]
+        return [lock for lock in locks._held if lock.startswith(os.path.realpath(tmp_path))]
 
     config = load_config(overrides=[f"run.dir={tmp_path}"])
     rank1 = RunDir(config, "sft", ("run", "sft"), is_main=False)
@@ -97,11 +97,11 @@ def test_the_main_process_holds_the_folder_from_start_to_finish_and_other_ranks_
 
 def test_a_stage_that_fails_lets_go_of_its_folder(tmp_path):
     """From Python (a notebook) the caller lives on after a stage's error: another process must be able to run it."""
-    from instructrl import rundir
+    from instructrl.rundir import locks
 
     config = load_config(overrides=[f"run.dir={tmp_path}"])
 
-    @rundir.releases_on_error
+    @locks.releases_on_error
     def stage(fail: bool) -> None:
         RunDir(config, "sft", ("run", "sft")).start()
         if fail:
@@ -110,13 +110,13 @@ def test_a_stage_that_fails_lets_go_of_its_folder(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         stage(fail=True)
-    assert os.path.realpath(tmp_path / ".sft.lock") not in rundir._held
+    assert os.path.realpath(tmp_path / ".sft.lock") not in locks._held
     with open(tmp_path / ".sft.lock") as other:  # another open of the file (as another process's) takes it at once
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     stage(fail=False)  # without an error, what it holds stays held until each run finishes
-    assert {os.path.realpath(tmp_path / f".{name}.lock") for name in ("sft", "rm")} <= set(rundir._held)
+    assert {os.path.realpath(tmp_path / f".{name}.lock") for name in ("sft", "rm")} <= set(locks._held)
     for name in ("sft", "rm"):
-        rundir.release(tmp_path / name)
+        locks.release(tmp_path / name)
     for function in ("pretrain.run_pretrain", "sft.run_sft", "collect.run_collect", "rm.run_rm", "ppo.run_ppo"):
         module, name = function.split(".")
         assert getattr(importlib.import_module(f"instructrl.stages.{module}"), name).__wrapped__  # every stage lets go

@@ -35,7 +35,7 @@ def test_a_resumed_run_drops_the_tensorboard_events_a_killed_run_wrote_past_its_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from instructrl.config import load_config
-    from instructrl.rundir import RunDir
+    from instructrl.rundir.run import RunDir
 
     config = load_config(overrides=[f"run.dir={tmp_path}"])
     killed = RunDir(config, "sft", ("run", "sft"))

@@ -30,7 +30,9 @@ from instructrl.models.reward import RewardModel
 from instructrl.models.tokenizer import train_tokenizer
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
-from instructrl.rundir import releases_on_error, RunDir, write_text_atomic
+from instructrl.rundir.files import write_text_atomic
+from instructrl.rundir.locks import releases_on_error
+from instructrl.rundir.run import RunDir
 from instructrl.stages.ppo import run_ppo
 from instructrl.stages.pretrain import tokenizer_texts
 from instructrl.stages.rm import encode_comparison

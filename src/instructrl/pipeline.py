@@ -23,7 +23,7 @@ from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
 from instructrl.errors import UserError
 from instructrl.evaluation.report import round_folders
-from instructrl.rundir import copy_dir, write_text_atomic
+from instructrl.rundir.files import copy_dir, write_text_atomic
 from instructrl.training.checkpoint import checkpoint_dirs, sizes_for_resuming
 from instructrl.world.build import build_world_once, split_sizes
 
@@ -107,7 +107,7 @@ def check_given_paths(config: PipelineConfig, redo: dict[str, bool]) -> None:
     """The data files and local models you gave the stages that will run exist, asked in the order the stages read
     them and refused with the stage's own message. Not a path in run.dir, however spelt (an earlier stage's output,
     perhaps not written yet), nor a hub name (its stage asks the Hub), nor what a stage that is finished would read."""
-    from instructrl.data.formats import not_found
+    from instructrl.data.readers import not_found
     from instructrl.errors import located
     from instructrl.models.base import check_local_model
 
@@ -172,7 +172,7 @@ def check_lengths(config: PipelineConfig, sections) -> None:
     context, a max_new_tokens that leaves no room for a prompt, ppo.rollout_batch_size past the PPO prompts. ``sections``:
     those of the runs the pipeline will train. A model's context is the config's for the run's own models and a local
     model's config.json's; a hub model's is left to its stage, as is a prompts file no counter reads quickly."""
-    from instructrl.data.formats import count_records
+    from instructrl.data.readers import count_records
     from instructrl.evaluation.generate import check_room_for_a_prompt
     from instructrl.models.base import base_model_config, length_cap, model_config
     from instructrl.stages import ppo

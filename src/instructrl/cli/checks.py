@@ -34,7 +34,10 @@ def data_check(
     Every record is checked; the first that fits no format (or not the file's) is reported as
     file:line and the exit status is 2.
     """
-    from instructrl.data.formats import FORMATS, check_file, count_records, warn_of_control_tokens
+    from instructrl.data.check import check_file
+    from instructrl.data.formats import FORMATS
+    from instructrl.data.inputs import warn_of_control_tokens
+    from instructrl.data.readers import count_records
     from instructrl.training.progress import counting
 
     if data_format != "auto" and data_format not in FORMATS:

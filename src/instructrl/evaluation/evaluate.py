@@ -18,7 +18,7 @@ import torch
 
 from instructrl.config import EvalConfig, PipelineConfig
 from instructrl.data.chat import response_ids
-from instructrl.data.formats import read_prompts
+from instructrl.data.inputs import read_prompts
 from instructrl.data.jsonl import read_jsonl, write_jsonl
 from instructrl.data.packing import pack_documents
 from instructrl.errors import UserError, located
@@ -28,7 +28,9 @@ from instructrl.evaluation.report import GOLD_ANSWERS, new_prompt_figures, new_p
 from instructrl.models.base import context_length, inference_device, load_answering_model, load_tokenizer
 from instructrl.models.reward import RewardModel, score_sequences
 from instructrl.rlmath import next_token_nll
-from instructrl.rundir import releases_on_error, RunDir, write_text_atomic
+from instructrl.rundir.files import write_text_atomic
+from instructrl.rundir.locks import releases_on_error
+from instructrl.rundir.run import RunDir
 from instructrl.world.build import SPLIT_RATIOS, WorldFiles, build_world, demonstration, load_tasks
 from instructrl.world.labeler import FLAGS, SimulatedLabeler
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from instructrl.data.jsonl import complete_lines
 from instructrl.evaluation.rm_diagnostics import figure
-from instructrl.rundir import write_text_atomic
+from instructrl.rundir.files import write_text_atomic
 
 PPO_STAGES = ("ppo", "ppo_ptx")
 SMOOTHING = 8  # iterations in the over-optimisation curves' running mean

@@ -21,7 +21,7 @@ from instructrl.evaluation.preference import win_rate
 from instructrl.feedback.agreement import krippendorff_alpha, pairwise_agreement
 from instructrl.feedback.db import snapshot
 from instructrl.feedback.tasks import FLAGS, dense_ranks, identical_compare_tasks, progress, project_by_id, submitted_answers
-from instructrl.rundir import write_text_atomic
+from instructrl.rundir.files import write_text_atomic
 
 FILES = ("demonstrations.jsonl", "comparisons.jsonl", "comparisons_aggregated.jsonl", "preference_pairs.jsonl", "compare.jsonl", "quality.json")
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instructrl.data.formats import Prompt, read_comparisons, read_prompts
+from instructrl.data.formats import Prompt
+from instructrl.data.inputs import read_comparisons, read_prompts
 from instructrl.errors import UserError, located
 
 

@@ -14,12 +14,15 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.jsonl import complete_lines
-from instructrl.data.formats import read_comparisons, read_records
+from instructrl.data.inputs import read_comparisons
+from instructrl.data.readers import read_records
 from instructrl.data.records import ComparisonRecord, comparison_line, write_comparisons
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import check_room, generate_answers
 from instructrl.models.base import load_answering_model, load_tokenizer
-from instructrl.rundir import given_or_earlier, releases_on_error, RunDir, trim_step_log, write_text_atomic
+from instructrl.rundir.files import trim_step_log, write_text_atomic
+from instructrl.rundir.locks import releases_on_error
+from instructrl.rundir.run import given_or_earlier, RunDir
 from instructrl.training.progress import progress_bar
 from instructrl.world.build import build_world, load_tasks
 from instructrl.world.labeler import SimulatedLabeler, ranks_from_qualities

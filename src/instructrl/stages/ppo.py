@@ -33,7 +33,8 @@ import torch
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import render_ids
 from instructrl.data.packing import pack_documents
-from instructrl.data.formats import Prompt, read_data, read_texts, warn_of_control_tokens
+from instructrl.data.formats import Prompt
+from instructrl.data.inputs import read_data, read_texts, warn_of_control_tokens
 from instructrl.data.sequences import TokenSequences
 from instructrl.errors import UserError, located
 from instructrl.models.base import apply_switches, context_length, count_parameters, count_text, load_causal_lm, load_tokenizer, set_attention, set_dropout
@@ -45,7 +46,9 @@ from instructrl.rl.metrics import memory_metrics, rollout_metrics, time_metrics
 from instructrl.rl.rollout import Rollout, left_pad_prompts, sample_responses, score_episodes
 from instructrl.rl.update import ppo_epochs
 from instructrl.rlmath import gae_advantages, kl_per_token, masked_whiten, per_token_rewards
-from instructrl.rundir import given_or_earlier, releases_on_error, RunDir, write_text_atomic
+from instructrl.rundir.files import write_text_atomic
+from instructrl.rundir.locks import releases_on_error
+from instructrl.rundir.run import given_or_earlier, RunDir
 from instructrl.training.checkpoint import load_latest_checkpoint, save_checkpoint, sizes_for_resuming
 from instructrl.training.loop import make_accelerator, save_model, seed_everything, shards_parameters
 from instructrl.training.progress import plural, progress_bar, tracked

@@ -16,7 +16,9 @@ from instructrl.errors import UserError
 from instructrl.models.base import build_base_model, count_parameters, count_text, load_tokenizer, set_dropout
 from instructrl.models.tokenizer import train_tokenizer
 from instructrl.rlmath import next_token_nll
-from instructrl.rundir import releases_on_error, replace_dir, RunDir
+from instructrl.rundir.files import replace_dir
+from instructrl.rundir.locks import releases_on_error
+from instructrl.rundir.run import RunDir
 from instructrl.training.checkpoint import sizes_for_resuming
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything
 from instructrl.training.progress import plural

@@ -16,7 +16,7 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import response_ids, tokenize_conversation
-from instructrl.data.formats import read_data, warn_of_control_tokens
+from instructrl.data.inputs import read_data, warn_of_control_tokens
 from instructrl.data.jsonl import nan_to_none
 from instructrl.data.records import ComparisonRecord
 from instructrl.data.sequences import TokenSequences
@@ -27,7 +27,9 @@ from instructrl.models.lora import add_lora, trainable_share
 from instructrl.models.reward import RewardModel, score_sequences
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import kway_ranking_loss
-from instructrl.rundir import given_or_earlier, releases_on_error, RunDir, write_text_atomic
+from instructrl.rundir.files import write_text_atomic
+from instructrl.rundir.locks import releases_on_error
+from instructrl.rundir.run import given_or_earlier, RunDir
 from instructrl.training.checkpoint import sizes_for_resuming
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters, write_model
 from instructrl.training.progress import plural, tracked

@@ -15,7 +15,8 @@ import torch
 
 from instructrl.config import PipelineConfig
 from instructrl.data.chat import tokenize_conversation, tokenize_text
-from instructrl.data.formats import has_empty_answer, read_data, warn_of_control_tokens
+from instructrl.data.formats import has_empty_answer
+from instructrl.data.inputs import read_data, warn_of_control_tokens
 from instructrl.data.sequences import TokenizedConversations
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import check_room, generate_answers
@@ -23,7 +24,8 @@ from instructrl.models.base import apply_switches, length_cap, load_causal_lm, l
 from instructrl.models.lora import add_lora, trainable_share
 from instructrl.padding import pad_sequences
 from instructrl.rlmath import next_token_nll
-from instructrl.rundir import given_or_earlier, releases_on_error, RunDir
+from instructrl.rundir.locks import releases_on_error
+from instructrl.rundir.run import given_or_earlier, RunDir
 from instructrl.training.checkpoint import sizes_for_resuming
 from instructrl.training.loop import fit, make_accelerator, prepare_training, seed_everything, shards_parameters
 from instructrl.training.progress import plural

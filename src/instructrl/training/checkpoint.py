@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from instructrl.errors import UserError
-from instructrl.rundir import copy_dir, replace_dir
+from instructrl.rundir.files import copy_dir, replace_dir
 from instructrl.training.progress import plural
 
 

@@ -29,7 +29,8 @@ from instructrl.config import TrainConfig
 from instructrl.errors import UserError
 from instructrl.models.base import count_held_parameters, count_parameters
 from instructrl.models.lora import save_full
-from instructrl.rundir import RunDir, copy_dir, replace_dir, trim_step_log
+from instructrl.rundir.files import copy_dir, replace_dir, trim_step_log
+from instructrl.rundir.run import RunDir
 from instructrl.training.checkpoint import TrainState, load_latest_checkpoint, save_checkpoint
 from instructrl.training.data_order import DataOrder
 from instructrl.training.progress import progress_bar

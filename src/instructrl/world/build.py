@@ -14,7 +14,10 @@ from pathlib import Path
 from instructrl.config import WorldConfig
 from instructrl.data.jsonl import read_jsonl, write_jsonl
 from instructrl.errors import UserError
-from instructrl.rundir import comparable, rewriting, run_info, write_text_atomic
+from instructrl.rundir.files import write_text_atomic
+from instructrl.rundir.identity import comparable
+from instructrl.rundir.locks import rewriting
+from instructrl.rundir.run import run_info
 from instructrl.world.corpus import corpus_documents
 from instructrl.world.labeler import DemoStyle, SimulatedLabeler
 from instructrl.world.tasks import FAMILIES, Task, sample_task

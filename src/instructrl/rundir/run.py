@@ -1,207 +1,22 @@
-"""A stage's run directory: resolved config, seed, metrics, TensorBoard events, lineage.
-
-    runs/<name>/<stage>/
-        config.yaml      the resolved pipeline config the stage ran with
-        run.json         seed, command line and working directory, versions (instructrl's git commit in a
-                         checkout), start time, number of processes and of torch's CPU threads; a resumed
-                         run's starts under "resumed"
-        metrics.jsonl    one JSON object per logged step
-        tb/              TensorBoard events of the same metrics
-        lineage.json     the data and parent checkpoint this stage used, with content hashes (a hub
-                         name: its cached snapshot's commit); a stage whose inputs changed since
-                         is neither skipped nor resumed but refused
-        checkpoints/     resumable training state (step-NNNNNNNN/)
-        final/           the stage's output checkpoint (save_pretrained folder)
-        done.json        written last: the stage finished
-    runs/<name>/.<stage>.lock   held by the one process writing the stage (``hold``); says which
-"""
+"""A stage's folder (``RunDir``; its layout: ``instructrl.rundir``) and what run.json records of a run."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import fcntl
-import filecmp
-import functools
-import hashlib
 import json
 import os
 import platform
-import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from instructrl.config import MOVED_KEYS, PipelineConfig, dump_config, section, spelt_in_run
-from instructrl.data.jsonl import complete_lines, nan_to_none, temp_beside
+from instructrl.config import PipelineConfig, dump_config, section, spelt_in_run
+from instructrl.data.jsonl import nan_to_none
 from instructrl.errors import UserError
-
-
-def _files(path: Path) -> list[tuple[str, Path]]:
-    """(name, file) of a file, or (relative path, file) of each file in a folder, sorted."""
-    path = Path(path)
-    if path.is_file():
-        return [(path.name, path)]
-    return [(str(f.relative_to(path)), f) for f in sorted(p for p in path.rglob("*") if p.is_file())]
-
-
-def content_hash(path: Path) -> str:
-    """sha256 of a file, or of a folder's relative paths and file contents (sorted)."""
-    digest = hashlib.sha256()
-    for name, file in _files(path):
-        digest.update(name.encode())
-        with file.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_stamp(path: Path) -> list:
-    """The (name, size, mtime) of a file or of a folder's files: an unchanged stamp spares a re-hash."""
-    return [[name, f.stat().st_size, f.stat().st_mtime_ns] for name, f in _files(path)]
-
-
-def hub_snapshot_changed(name: str, commit: str) -> str | None:
-    """The commit of hub name ``name``'s snapshot in the Hugging Face cache now (what loaders read), where
-    a file it shares with snapshot ``commit`` differs, or ``commit``'s is no longer cached to compare;
-    else None, as where ``name`` is not cached. A commit that changed only files no loader fetched
-    (the model card) changes nothing."""
-    from instructrl.models.base import hub_snapshot
-
-    now = hub_snapshot(name)
-    if now is None or now.name == commit:
-        return None
-    then = now.parent / commit
-    if not then.is_dir():
-        return now.name
-    for file in then.rglob("*"):
-        same = now / file.relative_to(then)
-        # the cache links each snapshot's files to blobs named by their content; copies where it cannot link
-        if file.is_file() and same.is_file() and file.resolve() != same.resolve() and not filecmp.cmp(file, same, shallow=False):
-            return now.name
-    return None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader or a crash never sees half of it."""
-    tmp = temp_beside(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def replace_dir(src: Path, dest: Path) -> None:
-    """Move folder ``src`` to ``dest``, replacing what was there, never leaving ``dest`` half-written."""
-    old = dest.with_name(dest.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(src, dest)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def copy_dir(src: Path, dest: Path, copy_function=shutil.copy2) -> None:
-    """Copy folder ``src`` to ``dest`` (``copy_function=os.link``: as hard links), replacing what
-    was there only once the copy is complete."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, copy_function=copy_function)
-    replace_dir(tmp, dest)
-
-
-_held: dict[str, int] = {}  # lock file -> the descriptor by which this process holds it
-
-
-def hold(folder: Path) -> None:
-    """Make this process the one writer of ``folder`` until ``release(folder)`` or its exit: another
-    process that would write it (a second ``instructrl pipeline`` on the run) stops with one line naming
-    this one, before it writes anything. An flock, which the kernel drops when its holder dies, kill -9
-    included, so that it never goes stale; on a file beside the folder, as --restart empties the folder."""
-    lock = _lock_file(folder)
-    if lock in _held:  # a stage run again in this process (after an error, in a test)
-        return
-    fd = _take(lock, folder)
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M"), "command": _command_line()}).encode())
-    _held[lock] = fd
-
-
-@contextlib.contextmanager
-def rewriting(folder: Path):
-    """Hold ``folder`` (``hold``) while the caller rewrites it, which no stage of its run may be running to read
-    (the world): while another process holds one, stop with the one line ``hold`` gives, before anything is written."""
-    run = Path(folder).parent
-    run.mkdir(parents=True, exist_ok=True)  # where the lock files lie
-    hold(folder)
-    try:
-        for lock in sorted([*run.glob(".*.lock"), *run.glob("*/.*.lock")]):  # the run's stages, and its later rounds'
-            if os.path.realpath(lock) not in _held:  # this process's own stage (pretrain --restart rebuilds the world)
-                os.close(_take(str(lock), lock.with_name(lock.name[1 : -len(".lock")]), f"cannot rewrite {folder}, which the run's stages read: "))
-        yield
-    finally:
-        release(folder)
-
-
-def _take(lock: str, folder: Path, why: str = "") -> int:
-    """A descriptor of lock file ``lock`` that holds it; else one line naming the process that holds ``folder``."""
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise UserError(f"{why}{folder} is in use by another instructrl process ({holder}); wait for it to finish or stop it") from None
-    return fd
-
-
-def release(folder: Path) -> None:
-    """Let another process write ``folder`` (see ``hold``)."""
-    _let_go(_lock_file(folder))
-
-
-def _let_go(lock: str) -> None:
-    fd = _held.pop(lock, None)
-    if fd is not None:
-        os.close(fd)  # the kernel drops the flock with its last descriptor
-
-
-def releases_on_error(stage):
-    """Decorates a stage's function: if it fails, the folders it took (``hold``) are let go. The caller
-    may live on (a notebook, a test), and another process must then be able to run the stage."""
-    @functools.wraps(stage)
-    def run(*args, **kwargs):
-        before = set(_held)
-        try:
-            return stage(*args, **kwargs)
-        except BaseException:
-            for lock in set(_held) - before:
-                _let_go(lock)
-            raise
-    return run
-
-
-def _lock_file(folder: Path) -> str:
-    folder = Path(folder)
-    return os.path.realpath(folder.with_name(f".{folder.name}.lock"))
-
-
-def _holder(fd: int) -> str:
-    """Who holds a lock file, as its holder wrote it: "pid N, started ..., `command`"."""
-    try:
-        info = json.loads(os.pread(fd, 1 << 16, 0))
-        return f"pid {info['pid']}, started {info['started']}, `{info['command']}`"
-    except (ValueError, KeyError, TypeError):  # the holder is writing it this instant
-        return "pid unknown"
-
-
-def _command_line() -> str:
-    """This process's command, as typed: ``instructrl ...`` however the CLI was started (python -m, torchrun)."""
-    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
-    name = "instructrl" if "instructrl" in (program.name, program.parent.name) else program.name
-    return shlex.join([name, *sys.argv[1:]])
+from instructrl.rundir.files import content_hash, file_stamp, hub_snapshot_changed, trim_step_log, write_text_atomic
+from instructrl.rundir.identity import comparable, diff, with_moved_keys
+from instructrl.rundir.locks import hold, release
 
 
 def given_or_earlier(given, default: Path, key: str, stage: str, earlier: str) -> str:
@@ -253,7 +68,7 @@ class RunDir:
         """Whether ``saved`` (an earlier run's identity) is this config's; see ``comparable``."""
         if saved is None:
             return False
-        now, then = comparable(self.identity, _with_moved_keys(saved), self._defaults)
+        now, then = comparable(self.identity, with_moved_keys(saved), self._defaults)
         return now == then
 
     def skip(self, restart: bool, log) -> bool:
@@ -325,9 +140,9 @@ class RunDir:
         saved = self.path / "identity.json"
         previous = json.loads(saved.read_text()) if saved.is_file() else None
         if previous is not None and not restart:
-            now, then = comparable(self.identity, _with_moved_keys(previous), self._defaults)
+            now, then = comparable(self.identity, with_moved_keys(previous), self._defaults)
             if now != then:
-                changed = _diff(then, now)
+                changed = diff(then, now)
                 raise UserError(
                     f"{self.path} holds a run of a different config ({changed}); "
                     f"set run.dir to another folder, or pass --restart to discard it ({self._in_pipeline})"
@@ -436,56 +251,6 @@ class RunDir:
             trim_step_log(self.path / "metrics.jsonl", resume_step, keep_equal=True)
 
 
-def trim_step_log(path: Path, resume_step: int, keep_equal: bool) -> None:
-    """Keep the lines of a JSONL step log up to ``resume_step``; drop a half-written last line."""
-    if not path.is_file():
-        return
-    kept = [line for line, record in complete_lines(path) if record["step"] < resume_step or (keep_equal and record["step"] == resume_step)]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def _with_moved_keys(saved: dict) -> dict:
-    """An identity recorded before a key moved to another section (``MOVED_KEYS``), with the key where it is
-    now: in its new section where the identity holds that section (collect's, rm's and ppo's hold collect),
-    else left out, as a key no longer part of the identity."""
-    saved = copy.deepcopy(saved)
-    for old, new in MOVED_KEYS.items():
-        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
-        if isinstance(saved.get(old_section), dict) and old_key in saved[old_section]:
-            value = saved[old_section].pop(old_key)
-            if isinstance(saved.get(new_section), dict):
-                saved[new_section].setdefault(new_key, value)
-    return saved
-
-
-def comparable(current: dict, saved: dict, defaults: dict) -> tuple[dict, dict]:
-    """``current`` and ``saved`` identities reduced to what both versions of instructrl know: a
-    key only ``saved`` has is one no longer part of an identity, and a key only ``current`` has
-    counts once it is off its default (an option added since leaves finished runs finished)."""
-    now, then = {}, {}
-    for key in current:  # in its order, which a message listing the changed keys keeps
-        if key not in saved and current[key] == defaults.get(key, object()):
-            continue
-        a, b = current[key], saved.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            a, b = comparable(a, b, defaults.get(key) if isinstance(defaults.get(key), dict) else {})
-        now[key], then[key] = a, b
-    return now, then
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> str:
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = _diff(a, b, f"{prefix}{key}.")
-            if inner:
-                changes.append(inner)
-        elif a != b:
-            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return ", ".join(changes)
-
-
 def run_info(seed: int, processes: int = 1) -> dict:
     """What run.json records of a run begun now (world.json of the world's build): ``seed``, the command
     line and working directory, the time, ``processes``, torch's threads and the versions."""
@@ -514,7 +279,8 @@ def run_info(seed: int, processes: int = 1) -> dict:
 def _source_revision() -> dict:
     """``git_commit`` and ``git_dirty`` (uncommitted changes to it) of instructrl's own source when it
     runs from a git checkout (an editable install); nothing for an installed package."""
-    package = Path(__file__).resolve().parent
+    here = Path(__file__).resolve()
+    package = here.parents[1]  # instructrl/, not this module's rundir/: git_dirty is of the whole source
 
     def git(*args: str) -> str | None:
         try:
@@ -524,7 +290,7 @@ def _source_revision() -> dict:
         return done.stdout.strip() if done.returncode == 0 else None
 
     # the package's files must be tracked: a site-packages inside a user's own repository is not a checkout of instructrl
-    if not git("ls-files", "--error-unmatch", Path(__file__).name):
+    if not git("ls-files", "--error-unmatch", str(here.relative_to(package))):
         return {}
     commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no", "--", ".")
     return {} if commit is None else {"git_commit": commit, "git_dirty": bool(changes)}
