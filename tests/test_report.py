@@ -5,7 +5,6 @@ offline and at a phone's width."""
 from __future__ import annotations
 
 import base64
-import html
 import json
 import re
 import shutil
