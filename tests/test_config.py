@@ -498,8 +498,26 @@ def test_ppo_rules_of_the_values_alone_are_refused_as_the_config_loads():
         load_config(SMOKE, ["ppo.lora.enabled=true", "ppo.lora.dropout=0.1"])
     assert load_config(SMOKE, ["ppo.lora.dropout=0.1"]).ppo.lora.dropout == 0.1  # unused without ppo.lora, as before
     assert load_config(SMOKE, ["sft.lora.enabled=true", "sft.lora.dropout=0.1"]).sft.lora.dropout == 0.1  # SFT's adapters may drop out
-    with pytest.raises(UserError, match=r"^.*smoke\.yaml:\d+: bad value for 'ppo\.ptx_data': PPO-ptx mixes pretraining text into every update: "
-                                        r"set ppo\.ptx_data=FILE .* to go with ppo\.prompts, or ppo\.ptx_coef=0 for plain PPO \(got None\)$"):
+    with pytest.raises(UserError, match=r"^override 'ppo\.prompts=mine\.jsonl': bad value for 'ppo\.prompts': PPO-ptx mixes pretraining text "
+                                        r"into every update: set ppo\.ptx_data=FILE .* to go with ppo\.prompts, or ppo\.ptx_coef=0 for plain PPO "
+                                        r"\(got 'mine\.jsonl'\)$"):
         load_config(SMOKE, ["ppo.prompts=mine.jsonl"])
     assert load_config(SMOKE, ["ppo.prompts=mine.jsonl", "ppo.ptx_coef=0"]).ppo.ptx_data is None  # plain PPO needs no text
     assert load_config(SMOKE, ["ppo.prompts=mine.jsonl", "ppo.ptx_data=text.txt"]).ppo.ptx_data == Path("text.txt")
+
+
+def test_ppo_prompts_without_ptx_data_are_told_where_the_prompts_were_set(tmp_path):
+    # the error was at ppo.ptx_data, which nothing sets: "defaults:" with no file, else the line of a file's `ppo:`
+    # section whatever set the prompts (smoke.yaml's, for ppo.prompts given on the command line)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("ppo:\n  lr: 1.0e-5\n  prompts: mine.jsonl\n")
+    later = tmp_path / "later.yaml"
+    later.write_text("ppo:\n  episodes: 64\n")
+    told = {(None, ("ppo.prompts=mine.jsonl",)): "override 'ppo.prompts=mine.jsonl'",
+            (SMOKE, ("ppo.prompts=mine.jsonl", "ppo.lr=1e-5")): "override 'ppo.prompts=mine.jsonl'",
+            (SMOKE, ("ppo.ptx_coef=0.5", "ppo.prompts=mine.jsonl")): "override 'ppo.prompts=mine.jsonl'",  # in any order
+            ((SMOKE, mine, later), ()): f"{mine}:3"}
+    for (files, overrides), where in told.items():
+        with pytest.raises(UserError) as err:
+            load_config(list(files) if isinstance(files, tuple) else files, list(overrides))
+        assert str(err.value).startswith(f"{where}: bad value for 'ppo.prompts': PPO-ptx mixes pretraining text"), str(err.value)

@@ -287,6 +287,35 @@ def test_what_a_finished_stage_read_is_not_asked_for(tmp_path):
         check_given_paths(config, dict(redo, collect=True))
 
 
+def test_a_later_round_asks_only_for_what_it_reads_itself(tmp_path):
+    # round 1 finished, round 2 to train: it reads rm.model, ppo.prompts and (where ppo.reference is unset) ppo.policy as
+    # its KL reference; not rm.data, ppo.reward_model nor ppo.value_model, which later_round replaces with the run's own
+    from instructrl.config import load_config
+    from instructrl.errors import UserError
+    from instructrl.pipeline import STAGES, check_given_paths
+
+    run, gone = tmp_path / "run", tmp_path / "gone"
+    for stage in ("pretrain", "sft", "collect", "rm", "ppo_ptx", "ppo"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "done.json").write_text("{}")
+    redo = dict.fromkeys(STAGES, False)
+
+    def asks(*overrides):
+        try:
+            check_given_paths(load_config(SMOKE, [f"run.dir={run}", "pipeline.rounds=2", *overrides]), redo)
+        except UserError as err:
+            return str(err)
+
+    assert asks(f"rm.data={gone}.jsonl", f"ppo.reward_model={gone}", f"ppo.value_model={gone}", f"collect.policy={gone}") is None
+    assert asks(f"rm.model={gone}") == f"rm.model: model '{gone}' does not exist"
+    assert asks(f"ppo.prompts={gone}.jsonl", "ppo.ptx_coef=0") == f"{gone}.jsonl: file not found"
+    assert asks(f"ppo.policy={gone}") == f"ppo.policy: model '{gone}' does not exist"
+    assert asks(f"ppo.policy={gone}", f"ppo.reference={run / 'sft' / 'final'}") is None  # the reference is given: round 2 reads it instead
+    (run / "round2" / "rm").mkdir(parents=True)
+    (run / "round2" / "rm" / "done.json").write_text("{}")
+    assert asks(f"rm.model={gone}") is None  # round 2's RM is finished too
+
+
 def test_later_rounds_rank_the_prompts_after_the_first_rounds(tmp_path, monkeypatch):
     from instructrl import pipeline
     from instructrl.config import load_config

@@ -119,22 +119,21 @@ def check_given_paths(config: PipelineConfig, redo: dict[str, bool]) -> None:
         first.add("collect")  # round 1's only: later rounds rank the previous round's policy's samples
     sft, collect, rm, ppo, evaluation = config.sft, config.collect, config.rm, config.ppo, config.eval
     ptx_data = ppo.ptx_data if ppo.ptx_coef > 0 and any(folder.name == "ppo_ptx" for folder, _, _ in runs) else None
-    # (section, whether later rounds read it too: later_round replaces the others; key, path, a model's role or None for a data file)
-    given = [
-        ("sft", False, "sft.model", sft.model, "model"), ("sft", False, "sft.data", sft.data, None),
-        ("collect", False, "collect.judgements", collect.judgements, None),
-        ("collect", False, "collect.policy", None if collect.judgements else collect.policy, "model"),
-        ("rm", True, "rm.model", rm.model, "model"), ("rm", False, "rm.data", rm.data, None), ("rm", True, "rm.demonstrations", rm.demonstrations, None),
-        ("ppo", ppo.reference is None, "ppo.policy", ppo.policy, "model"),  # later rounds' reference, where ppo.reference is unset
-        ("ppo", False, "ppo.reward_model", ppo.reward_model, "reward model"),
-        ("ppo", True, "ppo.prompts", ppo.prompts, None), ("ppo", True, "ppo.ptx_data", ptx_data, None),
-        ("ppo", False, "ppo.value_model", ppo.value_model, "value model"), ("ppo", True, "ppo.reference", ppo.reference, "model"),
-        *(("eval", False, f"eval.models.{name}", path, "model") for name, path in (evaluation.models or {}).items()),
-        ("eval", False, "eval.reward_model", evaluation.reward_model, "reward model"), ("eval", False, "eval.prompts", evaluation.prompts, None),
-    ]
+    given = {  # key: (path, a model's role or None for a data file), in the order the stages read them
+        "sft.model": (sft.model, "model"), "sft.data": (sft.data, None),
+        "collect.judgements": (collect.judgements, None), "collect.policy": (None if collect.judgements else collect.policy, "model"),
+        "rm.model": (rm.model, "model"), "rm.data": (rm.data, None), "rm.demonstrations": (rm.demonstrations, None),
+        "ppo.policy": (ppo.policy, "model"), "ppo.reward_model": (ppo.reward_model, "reward model"), "ppo.prompts": (ppo.prompts, None),
+        "ppo.ptx_data": (ptx_data, None), "ppo.value_model": (ppo.value_model, "value model"), "ppo.reference": (ppo.reference, "model"),
+        **{f"eval.models.{name}": (path, "model") for name, path in (evaluation.models or {}).items()},
+        "eval.reward_model": (evaluation.reward_model, "reward model"), "eval.prompts": (evaluation.prompts, None),
+    }
+    # what later rounds read as round 1 does (later_round replaces the rest); ppo.policy is their KL reference where ppo.reference is unset
+    every_round = {"rm.model", "rm.demonstrations", "ppo.prompts", "ppo.ptx_data", "ppo.reference"} | ({"ppo.policy"} if ppo.reference is None else set())
     run_dir = os.path.abspath(root)
-    for section, every_round, key, path, role in given:
-        if path is None or not (section in first or every_round and section in later):
+    for key, (path, role) in given.items():
+        section = key.partition(".")[0]
+        if path is None or not (section in first or key in every_round and section in later):
             continue
         if Path(os.path.abspath(Path(path).expanduser())).is_relative_to(run_dir):  # however spelt: round2/../sft/final, absolute or not
             continue

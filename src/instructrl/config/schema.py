@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 from instructrl.errors import UserError
 
@@ -254,7 +255,7 @@ class PPOConfig(ModelSwitches):
     whiten_rewards: bool = Field(False, description="Whiten the per-token rewards before GAE (off: the RM bias already centres them).")
     ptx_coef: float = Field(0.1, ge=0, description="γ of PPO-ptx: weight of the mean pretraining NLL per token in every policy update; 0 = plain PPO (InstructGPT: 27.8 on its own loss scale; here 1.0 outweighs the PPO loss and moves the policy 4.5 nats from SFT within 7 iterations).")
     ptx_batch_size: int = Field(8, gt=0, description="Pretraining sequences mixed into each optimizer step.")
-    ptx_data: Path | None = Field(None, validate_default=True, description="Pretraining text: a plain-text file (one document per line) or text records (JSONL, JSON, Parquet, CSV, datasets folder). Default: the built-in world's corpus when ppo.prompts is unset; PPO-ptx on your own prompts needs your own.")
+    ptx_data: Path | None = Field(None, description="Pretraining text: a plain-text file (one document per line) or text records (JSONL, JSON, Parquet, CSV, datasets folder). Default: the built-in world's corpus when ppo.prompts is unset; PPO-ptx on your own prompts needs your own.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision (bf16 on a GPU).")
     lora: PPOLoRAConfig = Field(PPOLoRAConfig(), description="LoRA on the policy and the value model; the KL reference is then the policy with its adapter off (one base model in memory).")
     log_every: int = Field(1, gt=0, description="PPO iterations between metric lines.")
@@ -268,14 +269,14 @@ class PPOConfig(ModelSwitches):
             raise ValueError("the adaptive controller scales ppo.kl_coef by a factor, so from 0 it stays 0; give ppo.kl_coef > 0 as its starting β")
         return value
 
-    @field_validator("ptx_data")
-    @classmethod
-    def _with_own_prompts(cls, value: Path | None, info) -> Path | None:
-        # the built-in world's corpus is no pretraining text for a user's prompts (and its model)
-        if value is None and info.data.get("prompts") is not None and info.data.get("ptx_coef", 0) > 0:
-            raise ValueError("PPO-ptx mixes pretraining text into every update: set ppo.ptx_data=FILE (plain text or "
-                             "{\"text\": ...} records) to go with ppo.prompts, or ppo.ptx_coef=0 for plain PPO")
-        return value
+    @model_validator(mode="after")
+    def _ptx_data_with_own_prompts(self) -> PPOConfig:
+        # the built-in world's corpus is no pretraining text for a user's prompts (and its model). Told at ppo.prompts,
+        # the key you gave, so that the error names where you set it (ptx_data is its default, set nowhere)
+        if self.prompts is not None and self.ptx_coef > 0 and self.ptx_data is None:
+            raise error_at("prompts", str(self.prompts), "PPO-ptx mixes pretraining text into every update: set ppo.ptx_data=FILE (plain "
+                           "text or {\"text\": ...} records) to go with ppo.prompts, or ppo.ptx_coef=0 for plain PPO")
+        return self
 
     def iterations(self) -> int:
         return self.episodes // self.rollout_batch_size
@@ -325,6 +326,13 @@ class PipelineConfig(Strict):
         divisions = {"pretrain": self.pretrain.divisions(num_processes, "pretrain"), "sft": self.sft.divisions(num_processes, "sft"),
                      "rm": self.rm.divisions(num_processes, "rm"), "ppo": self.ppo.divisions(num_processes)}
         check_divisions([pair for section in divisions if section in sections for pair in divisions[section]])
+
+
+def error_at(key: str, value: Any, message: str) -> ValidationError:
+    """A model validator's error at field ``key`` (given ``value``), for a rule that reads several fields: a pydantic
+    error is at the field validated, and a loaded config's error names the file line or override that set it."""
+    return ValidationError.from_exception_data("config", [InitErrorDetails(
+        type=PydanticCustomError("value_error", "{message}", {"message": message}), loc=(key,), input=value)])
 
 
 def check_divisions(divisions: list[Division]) -> None:
