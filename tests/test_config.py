@@ -521,3 +521,16 @@ def test_ppo_prompts_without_ptx_data_are_told_where_the_prompts_were_set(tmp_pa
         with pytest.raises(UserError) as err:
             load_config(list(files) if isinstance(files, tuple) else files, list(overrides))
         assert str(err.value).startswith(f"{where}: bad value for 'ppo.prompts': PPO-ptx mixes pretraining text"), str(err.value)
+
+
+def test_a_path_from_your_home_folder_is_found_there(tmp_path, monkeypatch):
+    """`sft.data=~/mine.jsonl` (the shell leaves a ~ after = alone) and `run.dir: ~/runs/a` in a file name your home folder,
+    as a model path does, not a folder called ~ in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine.jsonl").write_text("")
+    layer = tmp_path / "mine.yaml"
+    layer.write_text("run:\n  dir: ~/runs/a\n")
+    cfg = load_config([SMOKE, layer], ["sft.data=~/mine.jsonl"])
+    assert cfg.run.dir == tmp_path / "runs" / "a" and cfg.sft.data == tmp_path / "mine.jsonl" and cfg.sft.data.is_file()
+    cfg.rm.data = Path("~/c.jsonl")  # and set from Python
+    assert cfg.rm.data == tmp_path / "c.jsonl"

@@ -48,6 +48,12 @@ class Strict(BaseModel):
         """A section with every key under it commented out (``sft:`` alone) is YAML's null: it changes nothing."""
         return {} if value is None and is_section(cls.model_fields[info.field_name].annotation) else value
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _home(cls, value: Any) -> Any:
+        """``~/data.jsonl`` is in your home folder, as a model path is (the shell leaves a ``~`` after ``=`` as it is)."""
+        return value.expanduser() if isinstance(value, Path) else value
+
 
 def is_section(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
