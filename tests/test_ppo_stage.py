@@ -525,7 +525,7 @@ def test_a_reference_beside_ppo_lora_is_refused_before_the_run_folder_is_written
     assert not (tmp_path / "run").exists()
 
 
-def test_a_reference_beside_ppo_lora_is_refused_before_the_pipeline_trains(tmp_path):
+def test_a_reference_beside_ppo_lora_is_refused_before_the_pipeline_trains(tmp_path, monkeypatch):
     """The pipeline trained pretrain, SFT, collect and the RM before PPO refused the reference."""
     from instructrl.errors import UserError
     from instructrl.pipeline import run_pipeline
@@ -536,6 +536,9 @@ def test_a_reference_beside_ppo_lora_is_refused_before_the_pipeline_trains(tmp_p
         run_pipeline(config, log=lambda *_: None)
     assert not (tmp_path / "pretrain").exists()
     config.ppo.reference = str(tmp_path / "sft" / "final")  # the policy PPO is given by default: no other model
+    check_config(config)
+    monkeypatch.chdir(tmp_path)
+    config.ppo.reference = "./sft/../sft/final"  # the same folder, spelt otherwise
     check_config(config)
 
 

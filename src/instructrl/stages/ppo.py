@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,8 @@ def check_config(config: PipelineConfig) -> None:
     """What the config alone rules out, refused before anything is loaded or written (and by the pipeline
     before its first stage): a KL reference beside ppo.lora. The config's schema refuses the rest (ppo.lora.dropout)."""
     cfg = config.ppo
-    policy = str(cfg.policy or Path(config.run.dir) / "sft" / "final")  # as model_paths names it
-    if cfg.lora.enabled and cfg.reference is not None and cfg.reference != policy:
+    policy = cfg.policy or Path(config.run.dir) / "sft" / "final"  # as model_paths names it
+    if cfg.lora.enabled and cfg.reference is not None and os.path.abspath(cfg.reference) != os.path.abspath(policy):  # however spelt
         raise UserError(f"{stage_name(config)}: with ppo.lora the KL reference is the policy's base model; leave ppo.reference unset")
 
 
