@@ -54,7 +54,10 @@ def test_pipeline_two_rounds(tmp_path):
     assert report.count("<figcaption>") == report.count("<img ") == 3  # every figure says what it shows
     assert "<th>base</th><th>sft</th><th>ppo</th><th>ppo_ptx</th>" in report  # every evaluated model's answers
 
-    # everything is done: a second run skips every stage, in a copy of the run folder too
+    # everything is done: --check says so, and a second run skips every stage, in a copy of the run folder too
+    checked = cli(*args, "--check").stdout.splitlines()
+    assert sum(line.endswith(": finished: skipped if its inputs are unchanged") for line in checked) == 10
+    assert checked[-1] == f"config OK: 0 runs to train, 10 finished (run.dir {tmp_path})"
     again = cli(*args, timeout=1200)
     assert (again.stdout + again.stderr).count("nothing to do") == 10
     copy = tmp_path.with_name(tmp_path.name + "-copy")
@@ -67,6 +70,8 @@ def test_pipeline_two_rounds(tmp_path):
     changed = [*args, "ppo.lr=3e-5"]
     refused = cli(*changed, check=False, timeout=1200)
     assert refused.returncode == 2 and "different config (ppo.lr: 2e-05 -> 3e-05)" in refused.stderr and "--restart-from ppo" in refused.stderr
+    checked = cli(*changed, "--check", check=False)
+    assert checked.returncode == 2 and "ppo_ptx: finished, config changed: ppo.lr: 2e-05 -> 3e-05 (the run would stop; --restart-from ppo)" in checked.stdout
     rerun = cli(*changed, "--restart-from", "ppo", timeout=1200)
     skipped = [line.split(":")[0] for line in (rerun.stdout + rerun.stderr).splitlines() if "nothing to do" in line]
     assert skipped == ["pretrain", "sft", "collect", "rm"]  # round 1's; round 2 follows from round 1's PPO and reruns

@@ -16,6 +16,7 @@ reward model they follow is new, and a fresh AdamW's first steps are the ones wa
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -36,10 +37,6 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
 
     ``restart_from``: that stage and every later one discard their earlier runs and run again
     (later rounds too, as they follow from the first round's PPO)."""
-    restart_from = "ppo" if restart_from == "ppo_ptx" else restart_from  # the folder's name for the same step
-    if restart_from is not None and restart_from not in STAGES:
-        raise UserError(f"--restart-from {restart_from!r}: choose one of {', '.join(STAGES)}")
-    redo = {stage: restart_from is not None and i >= STAGES.index(restart_from) for i, stage in enumerate(STAGES)}
     from accelerate import PartialState
 
     from instructrl.evaluation.evaluate import run_eval
@@ -49,10 +46,8 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     from instructrl.stages.pretrain import run_pretrain
     from instructrl.stages.rm import run_rm
     from instructrl.stages.sft import run_sft
-    from instructrl.training.loop import without_gpu
 
-    check_before_training(config, redo, PartialState(cpu=without_gpu()).num_processes)  # as the stages' Accelerator will count them
-    first = round_one(config, log)  # and what later rounds cannot do
+    redo, first = before_training(config, restart_from, log)
     root = Path(config.run.dir)
     run_pretrain(config, restart=redo["pretrain"], log=log)
     world = build_world_once(config.world, root / "world", PartialState())  # one process rebuilds a world a skipped pretrain left missing
@@ -79,6 +74,21 @@ def run_pipeline(config: PipelineConfig, log=print, is_main: bool = True, restar
     results = run_eval(config, log=log)  # of the last round's PPO models
     write_report(root, config.pipeline.rounds)
     return results
+
+
+def before_training(config: PipelineConfig, restart_from: str | None, log=print) -> tuple[dict[str, bool], PipelineConfig]:
+    """What ``run_pipeline`` does before its first stage, writing nothing: every refusal the config decides
+    (``check_before_training``, then ``round_one``'s); returns which of ``STAGES`` --restart-from redoes, and round one's config."""
+    from accelerate import PartialState
+
+    from instructrl.training.loop import without_gpu
+
+    restart_from = "ppo" if restart_from == "ppo_ptx" else restart_from  # the folder's name for the same step
+    if restart_from is not None and restart_from not in STAGES:
+        raise UserError(f"--restart-from {restart_from!r}: choose one of {', '.join(STAGES)}")
+    redo = {stage: restart_from is not None and i >= STAGES.index(restart_from) for i, stage in enumerate(STAGES)}
+    check_before_training(config, redo, PartialState(cpu=without_gpu()).num_processes)  # as the stages' Accelerator will count them
+    return redo, round_one(config, log)  # and what later rounds cannot do
 
 
 def check_before_training(config: PipelineConfig, redo: dict[str, bool], processes: int) -> None:
@@ -164,6 +174,47 @@ def runs_to_train(config: PipelineConfig, redo: dict[str, bool]) -> list[tuple[P
     for r, folder in enumerate(round_folders(root, config.pipeline.rounds), 1):
         runs += [(folder / "rm", "rm", "rm" if r == 1 else "ppo")] + [(folder / name, "ppo", "ppo") for name in PPO_STAGES]
     return [(folder, section, stage) for folder, section, stage in runs if redo[stage] or not (folder / "done.json").is_file()]
+
+
+def plan(first: PipelineConfig, redo: dict[str, bool]) -> list[tuple[str, str, str]]:
+    """What the pipeline would do with each run, in order, read from the run folder without writing to it: the run's
+    folder in run.dir (round2/rm), what becomes of it ("trains", resumes or is redone included; "finished"; "stops";
+    "runs", as eval and the report always do), and that in words. ``first``: round one's config (``before_training``).
+    A run begun before is compared with this config (``RunDir.config_changes``) over the sections it recorded, as those
+    a stage records follow from its own section's keys; its inputs are not hashed here, so a finished run is skipped
+    only while they are unchanged (its stage refuses changed ones)."""
+    from instructrl.rundir.run import RunDir
+
+    root = Path(first.run.dir)
+    restart_from = next((stage for stage in STAGES if redo[stage]), None)
+    runs = [(first, "pretrain", "pretrain"), (first, "sft", "sft")]  # each as its config, its folder's name, and the stage redoing it
+    for r in range(1, first.pipeline.rounds + 1):
+        rc, previous = (first, None) if r == 1 else later_round(first, r)
+        runs += [(rc, "collect", "collect" if r == 1 else "ppo"), (rc, "rm", "rm" if r == 1 else "ppo")]
+        runs += [(cfg, name, "ppo") for name, cfg in _ppo_configs(rc, previous, log=lambda _: None).items()]
+    steps = []
+    for cfg, name, stage in runs:
+        run = RunDir(cfg, name, ())
+        finished = run.done_file.is_file()
+        record = run.done_file if finished else run.path / "identity.json"
+        saved = json.loads(record.read_text()) if record.is_file() else None
+        saved = saved.get("identity") if finished else saved
+        checkpoints = checkpoint_dirs(run.path / "checkpoints")
+        changes = RunDir(cfg, name, tuple(s for s in saved if s in PipelineConfig.model_fields)).config_changes(saved) if saved else ""
+        if redo[stage]:
+            step = ("trains", f"is redone (--restart-from {restart_from})" if run.path.exists() else "trains")
+        elif changes:
+            step = ("stops", f"{'finished' if finished else 'unfinished'}, config changed: {changes} (the run would stop; --restart-from {stage})")
+        elif finished:
+            step = ("finished", "finished: skipped if its inputs are unchanged")
+        elif checkpoints:
+            step = ("trains", f"resumes from checkpoint step {int(checkpoints[-1].name[len('step-'):])}")
+        elif any(run.path.glob("*.partial.jsonl")):  # collect's records so far
+            step = ("trains", f"resumes {run.contents()}")
+        else:
+            step = ("trains", "trains")
+        steps.append((os.path.relpath(run.path, root), *step))
+    return steps + [("eval", "runs", "runs (every time): the last round's models, replacing eval/"), ("report", "runs", "written (every time): report.html")]
 
 
 def check_lengths(config: PipelineConfig, sections) -> None:

@@ -139,6 +139,7 @@ def pipeline(
     config: Optional[list[Path]] = CONFIG_OPTION,
     overrides: Optional[list[str]] = OVERRIDES_ARGUMENT,
     restart_from: Optional[str] = typer.Option(None, "--restart-from", help="Discard the earlier runs of this stage and every later one and run them again: pretrain, sft, collect, rm or ppo (both PPO runs; ppo_ptx says the same). For a run folder whose config you changed. Evaluation and the report are always redone."),
+    check: bool = typer.Option(False, "--check", help="Make every check the pipeline makes before its first stage, then print what it would do with each run (train, resume, skip, redo) and exit, training and writing nothing."),
 ) -> None:
     """Run the whole recipe: pretrain, SFT, collect comparisons, RM, PPO-ptx and plain PPO, eval, report.
 
@@ -156,6 +157,9 @@ def pipeline(
     from instructrl.pipeline import run_pipeline
 
     cfg = load_options(config, overrides)
+    if check:
+        _print_plan(cfg, restart_from)
+        return
     start = time.perf_counter()
     results = run_pipeline(cfg, log=log, is_main=is_main_process(), restart_from=restart_from)
     if results is None:
@@ -165,6 +169,24 @@ def pipeline(
     for line in headline(results):
         out.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
     log(f"pipeline: finished in {time.perf_counter() - start:.0f} s; report: {Path(cfg.run.dir) / 'report.html'}")
+
+
+def _print_plan(cfg: PipelineConfig, restart_from: str | None) -> None:
+    """`pipeline --check`: the pipeline's checks before its first stage, then its plan, one line a run; a run it
+    would stop at (begun on another config) ends it as that stage's refusal would, with exit status 2."""
+    from instructrl.pipeline import before_training, plan
+
+    redo, first = before_training(cfg, restart_from, log)
+    steps = plan(first, redo)
+    if not is_main_process():
+        return
+    for where, _, words in steps:
+        typer.echo(f"{where}: {words}")
+    stops = [where for where, kind, _ in steps if kind == "stops"]
+    if stops:
+        raise UserError(f"the pipeline would stop at {stops[0]}: it holds a run of another config (see above)")
+    kinds = [kind for _, kind, _ in steps]
+    typer.echo(f"config OK: {kinds.count('trains')} runs to train, {kinds.count('finished')} finished (run.dir {cfg.run.dir})")
 
 
 @app.command(epilog=config_help("run", "model", "ppo", "rm"))

@@ -126,6 +126,12 @@ class RunDir:
         return [(name, entry, Path(os.path.normpath(Path(self.config.run.dir) / entry["path"])) if entry.get("in_run") else Path(entry["path"]))
                 for name, entry in json.loads(lineage.read_text())["inputs"].items()]
 
+    def config_changes(self, saved: dict) -> str:
+        """How this config differs from ``saved`` (an earlier run's identity), key by key (``diff``); empty where
+        it is that run's. See ``comparable``."""
+        now, then = comparable(self.identity, with_moved_keys(saved), self._defaults)
+        return diff(then, now)
+
     def start(self, restart: bool = False, log=None) -> None:
         """Check that the folder holds no other run, then make it (``restart``: empty) and write identity.json;
         ``record_start`` writes config.yaml and run.json once the stage's own checks have passed too.
@@ -140,9 +146,8 @@ class RunDir:
         saved = self.path / "identity.json"
         previous = json.loads(saved.read_text()) if saved.is_file() else None
         if previous is not None and not restart:
-            now, then = comparable(self.identity, with_moved_keys(previous), self._defaults)
-            if now != then:
-                changed = diff(then, now)
+            changed = self.config_changes(previous)
+            if changed:
                 raise UserError(
                     f"{self.path} holds a run of a different config ({changed}); "
                     f"set run.dir to another folder, or pass --restart to discard it ({self._in_pipeline})"

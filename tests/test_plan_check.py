@@ -1,0 +1,101 @@
+"""`instructrl pipeline --check`: the pipeline's checks before its first stage and its plan, training and writing nothing."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from conftest import SMOKE, cli
+
+RUNS = ["pretrain", "sft", "collect", "rm", "ppo_ptx", "ppo"]
+
+
+def _plan(run, *overrides, restart_from=None) -> dict[str, str]:
+    from instructrl.config import load_config
+    from instructrl.pipeline import before_training, plan
+
+    redo, first = before_training(load_config(SMOKE, [f"run.dir={run}", *overrides]), restart_from, log=lambda _: None)
+    return {where: words for where, _, words in plan(first, redo)}
+
+
+def _finished_run(run, checkpoint_of: str | None = None) -> None:
+    """Every run of a one-round smoke pipeline in ``run`` finished with its config (not trained: begun and finished
+    by RunDir), but ``checkpoint_of``, begun and left with a checkpoint at step 12."""
+    from instructrl.config import load_config
+    from instructrl.pipeline import _ppo_configs
+    from instructrl.rundir.run import RunDir
+
+    config = load_config(SMOKE, [f"run.dir={run}"])
+    configs = {"pretrain": config, "sft": config, "collect": config, "rm": config, **_ppo_configs(config)}  # plain PPO's ptx_coef is 0
+    for name, cfg in configs.items():
+        rundir = RunDir(cfg, name, ("run", "world", "ppo" if name.startswith("ppo") else name))
+        rundir.start()
+        if name == checkpoint_of:
+            (rundir.path / "checkpoints" / "step-00000012").mkdir(parents=True)
+        else:
+            rundir.finish({})
+
+
+def _snapshot(folder) -> dict[str, tuple[str, int]]:
+    """Every file's and folder's content hash (a folder's: none) and modification time under ``folder``."""
+    return {str(p): (p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in [folder, *folder.rglob("*")]}
+
+
+def test_a_fresh_run_folder_trains_every_run_and_nothing_is_written(tmp_path):
+    proc = cli("pipeline", "-c", str(SMOKE), "run.dir=runs/x", "--check", cwd=tmp_path)
+    lines = proc.stdout.splitlines()
+    assert lines[:6] == [f"{name}: trains" for name in RUNS]
+    assert [line.split(":")[0] for line in lines[6:8]] == ["eval", "report"]
+    assert lines[-1] == "config OK: 6 runs to train, 0 finished (run.dir runs/x)"
+    assert not list(tmp_path.iterdir())  # no run.dir, world, lock or TensorBoard folder
+    # later rounds in round<r>/, after round 1's
+    plan = _plan(tmp_path / "run", "pipeline.rounds=2")
+    assert list(plan)[:10] == [*RUNS, *(f"round2/{name}" for name in RUNS[2:])] and set(list(plan.values())[:10]) == {"trains"}
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_finished_run_is_skipped_and_left_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    _finished_run(run)
+    before = _snapshot(run)
+    proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={run}", "--check")
+    assert proc.stdout.splitlines()[:6] == [f"{name}: finished: skipped if its inputs are unchanged" for name in RUNS]
+    assert proc.stdout.splitlines()[-1] == f"config OK: 0 runs to train, 6 finished (run.dir {run})"
+    assert _snapshot(run) == before  # byte-identical, not touched
+
+
+def test_restart_from_redoes_that_stage_and_those_after_it(tmp_path):
+    _finished_run(tmp_path)
+    plan = _plan(tmp_path, restart_from="rm")
+    assert [plan[name] for name in RUNS] == ["finished: skipped if its inputs are unchanged"] * 3 + ["is redone (--restart-from rm)"] * 3
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    _finished_run(tmp_path, checkpoint_of="rm")
+    assert _plan(tmp_path)["rm"] == "resumes from checkpoint step 12"
+
+
+def test_a_run_of_another_config_is_where_the_pipeline_would_stop(tmp_path):
+    # the pipeline trains the stages before it, then refuses it: --check says so before any of them
+    from instructrl.config import load_config
+    from instructrl.errors import UserError
+    from instructrl.rundir.run import RunDir
+
+    _finished_run(tmp_path, checkpoint_of="rm")
+    plan = _plan(tmp_path, "sft.lr=2e-4", "rm.lr=1e-3")
+    assert plan["sft"] == "finished, config changed: sft.lr: 0.001 -> 0.0002 (the run would stop; --restart-from sft)"
+    assert plan["rm"].startswith("unfinished, config changed: rm.lr: ")
+    with pytest.raises(UserError, match=r"different config \(sft.lr: 0.001 -> 0.0002\)"):  # what the stage says
+        RunDir(load_config(SMOKE, [f"run.dir={tmp_path}", "sft.lr=2e-4"]), "sft", ("run", "world", "sft")).start()
+    proc = cli("pipeline", "-c", str(SMOKE), f"run.dir={tmp_path}", "sft.lr=2e-4", "--check", check=False)
+    assert proc.returncode == 2 and proc.stderr.endswith("error: the pipeline would stop at sft: it holds a run of another config (see above)\n")
+    assert "sft: finished, config changed" in proc.stdout and "config OK" not in proc.stdout
+
+
+def test_a_refused_config_is_refused_as_the_pipeline_refuses_it(tmp_path):
+    run = tmp_path / "run"
+    args = ["pipeline", "-c", str(SMOKE), f"run.dir={run}", "collect.first_prompt=171"]
+    checked, refused = cli(*args, "--check", check=False), cli(*args, check=False)
+    assert checked.returncode == refused.returncode == 2 and checked.stdout == ""
+    assert checked.stderr == refused.stderr == "error: collect.first_prompt = 171 is past the world's 171 RM prompts\n"
+    assert not run.exists()
