@@ -12,7 +12,8 @@ from tiny_models import save_tiny_model
 
 from instructrl.config import load_config
 from instructrl.errors import UserError
-from instructrl.pipeline import check_lengths, run_pipeline
+from instructrl.pipeline import run_pipeline
+from instructrl.pipeline.checks import check_lengths
 
 ALL_SECTIONS = ("pretrain", "sft", "rm", "ppo")
 

@@ -103,7 +103,7 @@ def test_what_later_rounds_cannot_do_is_refused_before_the_first_stage(tmp_path)
 
 def test_a_later_round_goes_on_from_the_previous_rounds_models_with_round_ones_reference(tmp_path):
     from instructrl.config import load_config, section
-    from instructrl.pipeline import _ppo_configs, later_round, round_one
+    from instructrl.pipeline.rounds import _ppo_configs, later_round, round_one
 
     def third_round(*overrides):
         return later_round(round_one(load_config(SMOKE, [f"run.dir={tmp_path}", "pipeline.rounds=3", *overrides]), log=lambda _: None), 3)
@@ -125,7 +125,7 @@ def test_a_later_round_goes_on_from_the_adaptive_beta_its_previous_round_reached
     # round 2 started the adaptive controller again from ppo.kl_coef, throwing away what round 1's had learnt
     from instructrl.config import load_config
     from instructrl.errors import UserError
-    from instructrl.pipeline import _ppo_configs, later_round, round_one
+    from instructrl.pipeline.rounds import _ppo_configs, later_round, round_one
     from instructrl.rundir.run import RunDir
 
     def round_two(*overrides, log=lambda _: None):
@@ -157,7 +157,7 @@ def _finished_round_two_ppo(root):
     """A RunDir of round 2's plain PPO in run folder ``root``, finished on root/sft/final as its reference; and
     a function that gives its RunDir in a run folder."""
     from instructrl.config import load_config
-    from instructrl.pipeline import later_round, round_one
+    from instructrl.pipeline.rounds import later_round, round_one
     from instructrl.rundir.run import RunDir
 
     def round_two(root):
@@ -261,7 +261,8 @@ def test_a_missing_file_or_model_you_gave_is_refused_before_the_first_stage(tmp_
 def test_the_runs_own_outputs_and_hub_names_are_not_refused_as_missing(tmp_path):
     # the pipeline fills these in as its stages write them; a path in run.dir is the run's own however it is spelt
     from instructrl.config import load_config
-    from instructrl.pipeline import STAGES, check_before_training
+    from instructrl.pipeline.checks import check_before_training
+    from instructrl.pipeline.rounds import STAGES
 
     redo = dict.fromkeys(STAGES, False)
     run = tmp_path / "run"
@@ -277,7 +278,8 @@ def test_what_a_finished_stage_read_is_not_asked_for(tmp_path):
     # a finished stage is skipped: a file of yours it read may have moved since (RunDir.changed_inputs leaves it out too)
     from instructrl.config import load_config
     from instructrl.errors import UserError
-    from instructrl.pipeline import STAGES, check_given_paths
+    from instructrl.pipeline.checks import check_given_paths
+    from instructrl.pipeline.rounds import STAGES
 
     run, moved = tmp_path / "run", tmp_path / "moved.jsonl"
     config = load_config(SMOKE, [f"run.dir={run}", f"sft.data={moved}", f"collect.judgements={moved}"])
@@ -297,7 +299,8 @@ def test_a_later_round_asks_only_for_what_it_reads_itself(tmp_path):
     # its KL reference; not rm.data, ppo.reward_model nor ppo.value_model, which later_round replaces with the run's own
     from instructrl.config import load_config
     from instructrl.errors import UserError
-    from instructrl.pipeline import STAGES, check_given_paths
+    from instructrl.pipeline.checks import check_given_paths
+    from instructrl.pipeline.rounds import STAGES
 
     run, gone = tmp_path / "run", tmp_path / "gone"
     for stage in ("pretrain", "sft", "collect", "rm", "ppo_ptx", "ppo"):

@@ -12,7 +12,8 @@ RUNS = ["pretrain", "sft", "collect", "rm", "ppo_ptx", "ppo"]
 
 def _plan(run, *overrides, restart_from=None) -> dict[str, str]:
     from instructrl.config import load_config
-    from instructrl.pipeline import before_training, plan
+    from instructrl.pipeline.checks import before_training
+    from instructrl.pipeline.plan import plan
 
     redo, first = before_training(load_config(SMOKE, [f"run.dir={run}", *overrides]), restart_from, log=lambda _: None)
     return {where: words for where, _, words in plan(first, redo)}
@@ -22,7 +23,7 @@ def _finished_run(run, checkpoint_of: str | None = None) -> None:
     """Every run of a one-round smoke pipeline in ``run`` finished with its config (not trained: begun and finished
     by RunDir), but ``checkpoint_of``, begun and left with a checkpoint at step 12."""
     from instructrl.config import load_config
-    from instructrl.pipeline import _ppo_configs
+    from instructrl.pipeline.rounds import _ppo_configs
     from instructrl.rundir.run import RunDir
 
     config = load_config(SMOKE, [f"run.dir={run}"])
@@ -99,3 +100,34 @@ def test_a_refused_config_is_refused_as_the_pipeline_refuses_it(tmp_path):
     assert checked.returncode == refused.returncode == 2 and checked.stdout == ""
     assert checked.stderr == refused.stderr == "error: collect.first_prompt = 171 is past the world's 171 RM prompts\n"
     assert not run.exists()
+
+
+def test_plain_ppo_alone_is_not_asked_about_a_ppo_ptx_run_it_never_trains(tmp_path):
+    # ppo.ptx_coef = 0 trains plain PPO only: with every run finished, a count of processes the batch sizes do not
+    # divide over is not refused (a finished run is skipped whatever the count), as it was for a ppo_ptx/ never written
+    from instructrl.config import load_config
+    from instructrl.pipeline.checks import check_sizes, runs_to_train
+    from instructrl.pipeline.rounds import STAGES
+
+    config = load_config(SMOKE, [f"run.dir={tmp_path}", "ppo.ptx_coef=0"])
+    redo = dict.fromkeys(STAGES, False)
+    assert [run.folder.name for run in runs_to_train(config, redo)] == ["pretrain", "sft", "collect", "rm", "ppo"]
+    for name in ("pretrain", "sft", "collect", "rm", "ppo"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "done.json").write_text("{}")
+    assert runs_to_train(config, redo) == []
+    check_sizes(config, redo, 3)  # ppo.minibatch_size (8) over micro_batch_size x 3 processes (12): not asked
+
+
+def test_a_later_rounds_beta_is_not_read_from_a_ppo_run_the_pipeline_redoes(tmp_path):
+    # round 1's PPO-ptx left a final state that is not one: --restart-from ppo trains it again before round 2 reads it
+    from instructrl.errors import UserError
+
+    state = tmp_path / "ppo_ptx" / "final" / "ppo_state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("{}")
+    (tmp_path / "round2").mkdir()  # which round 2 reads it through (round2/../ppo_ptx), as it does once begun
+    overrides = ("pipeline.rounds=2", "ppo.adaptive_kl=true")
+    assert _plan(tmp_path, *overrides, restart_from="ppo")["round2/ppo_ptx"] == "trains"
+    with pytest.raises(UserError, match=r"ppo_state.json: not a PPO run's final state .*`instructrl pipeline --restart-from ppo`"):
+        _plan(tmp_path, *overrides)  # refused before the first stage, not once round 1 has run

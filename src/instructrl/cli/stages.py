@@ -174,7 +174,8 @@ def pipeline(
 def _print_plan(cfg: PipelineConfig, restart_from: str | None) -> None:
     """`pipeline --check`: the pipeline's checks before its first stage, then its plan, one line a run; a run it
     would stop at (begun on another config) ends it as that stage's refusal would, with exit status 2."""
-    from instructrl.pipeline import before_training, plan
+    from instructrl.pipeline.checks import before_training
+    from instructrl.pipeline.plan import plan
 
     redo, first = before_training(cfg, restart_from, log)
     steps = plan(first, redo)

@@ -103,7 +103,7 @@ class RunDir:
         any stage rebuilds from the config as they were, nor the user's own files, in the run folder or not (moved, say).
         ``run_root``: the run folder, where this stage is a later pipeline round's (round2/), whose lineage records
         the run's own folders as ../sft/final (by their absolute paths before instructrl recorded them so)."""
-        from instructrl.pipeline import PPO_STAGES, STAGES
+        from instructrl.pipeline.rounds import PPO_STAGES, STAGES
 
         folders = [Path(os.path.abspath(folder)) for folder in (self.config.run.dir, run_root or self.config.run.dir)]
         gone: dict[tuple[Path, str], list[str]] = {}  # the names of each missing input (ppo's policy and reference are one)
