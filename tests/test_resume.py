@@ -325,6 +325,8 @@ def test_a_finished_stage_relaunched_on_a_count_its_sizes_do_not_divide_over_is_
     from instructrl import pipeline
     from instructrl.config import load_config
     from instructrl.errors import UserError
+    from instructrl.pipeline.checks import check_sizes
+    from instructrl.pipeline.rounds import STAGES
     from instructrl.rundir.run import RunDir
     from instructrl.stages import ppo, pretrain
 
@@ -355,9 +357,9 @@ def test_a_finished_stage_relaunched_on_a_count_its_sizes_do_not_divide_over_is_
     finish("sft", ("run", "world", "sft"))
     finish("rm", ("run", "world", "rm"))
     finish("ppo", ppo.SECTIONS)
-    pipeline.check_sizes(config, dict.fromkeys(pipeline.STAGES, False), 3)  # every one finished
+    check_sizes(config, dict.fromkeys(STAGES, False), 3)  # every one finished
     with pytest.raises(UserError) as err:
-        pipeline.check_sizes(config, {stage: stage in ("rm", "ppo") for stage in pipeline.STAGES}, 3)  # --restart-from rm
+        check_sizes(config, {stage: stage in ("rm", "ppo") for stage in STAGES}, 3)  # --restart-from rm
     assert str(err.value).startswith("config: rm.batch_size (8) must be a multiple of rm.micro_batch_size x 3 processes (12); ppo.")
 
 
