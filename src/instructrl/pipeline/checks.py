@@ -106,6 +106,7 @@ def runs_to_train(config: PipelineConfig, redo: dict[str, bool]) -> list[Run]:
     runs = pipeline_runs(round_one(config, log=lambda _: None), redo)
     return [run for run in runs if redo[run.stage] or not (run.folder / "done.json").is_file()]
 
+
 def check_lengths(config: PipelineConfig, sections) -> None:
     """Refuse, by the stages' own checks, the lengths and counts the config decides: sft/rm.max_length past the model's
     context, a max_new_tokens that leaves no room for a prompt, ppo.rollout_batch_size past the PPO prompts. ``sections``:
