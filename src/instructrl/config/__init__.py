@@ -32,6 +32,7 @@ from instructrl.config.schema import (  # noqa: F401
     check_divisions,
     describe_fields,
     exact_div,
+    in_run,
     section,
     spelt_in_run,
 )

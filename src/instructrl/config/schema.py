@@ -3,6 +3,7 @@ batch sizes divide, and the views of them that --help and run folders read."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -394,6 +395,14 @@ def spelt_in_run(path: str, run_dir: str) -> bool:
     ``run_dir`` once normalised): the run's own, wherever the run folder is moved or copied to. Run identities
     (``section``) and lineage records (``RunDir.write_lineage``) count a path as the run's by this rule."""
     return path.startswith(run_dir + "/")
+
+
+def in_run(path: str | Path, run_dir: str | Path) -> bool:
+    """Whether ``path`` is one of the run's own: inside ``run_dir`` once both are absolute, or spelt from it
+    (``spelt_in_run``). Lineage records (``RunDir.write_lineage``) and the pipeline's check of the paths you gave
+    (``check_given_paths``: the run's own outputs may not exist yet) take it so."""
+    full, root = os.path.abspath(os.path.expanduser(path)), os.path.abspath(run_dir)
+    return full.startswith(root + os.sep) or spelt_in_run(str(path), str(run_dir))
 
 
 def section(config: PipelineConfig, *names: str) -> dict[str, Any]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from instructrl.config import PipelineConfig
+from instructrl.config import PipelineConfig, in_run
 from instructrl.errors import UserError
 from instructrl.pipeline.rounds import STAGES, Run, pipeline_runs, round_one
 from instructrl.training.checkpoint import checkpoint_dirs, sizes_for_resuming
@@ -74,12 +73,11 @@ def check_given_paths(config: PipelineConfig, redo: dict[str, bool]) -> None:
     }
     # what later rounds read as round 1 does (later_round replaces the rest); ppo.policy is their KL reference where ppo.reference is unset
     every_round = {"rm.model", "rm.demonstrations", "ppo.prompts", "ppo.ptx_data", "ppo.reference"} | ({"ppo.policy"} if ppo.reference is None else set())
-    run_dir = os.path.abspath(root)
     for key, (path, role) in given.items():
         section = key.partition(".")[0]
         if path is None or not (section in first or key in every_round and section in later):
             continue
-        if Path(os.path.abspath(Path(path).expanduser())).is_relative_to(run_dir):  # however spelt: round2/../sft/final, absolute or not
+        if in_run(path, root):  # however spelt: round2/../sft/final, absolute or not
             continue
         if role is not None:
             with located(key):  # as the stage names the key that chose the model

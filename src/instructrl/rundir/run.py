@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from instructrl.config import PipelineConfig, dump_config, section, spelt_in_run
+from instructrl.config import PipelineConfig, dump_config, in_run, section
 from instructrl.data.jsonl import nan_to_none
 from instructrl.errors import UserError
 from instructrl.rundir.files import content_hash, file_stamp, hub_snapshot_changed, trim_step_log, write_text_atomic
@@ -240,8 +240,7 @@ class RunDir:
 
                 snapshot = hub_snapshot(str(value))
                 place = {"path": str(value), "commit": snapshot and snapshot.name}
-            elif full.startswith(root + os.sep) or spelt_in_run(str(value), run_dir):
-                # the second: a later round names the run's folders from its own (round2/../sft/final); a copy compares its own
+            elif in_run(value, run_dir):  # also as a later round names the run's folders (round2/../sft/final); a copy compares its own
                 place = {"path": os.path.relpath(full, root), "in_run": True}
             else:
                 place = {"path": full}
