@@ -65,11 +65,8 @@ class RunDir:
         return f"instructrl pipeline: --restart-from {'ppo' if self.stage.startswith('ppo') else self.stage}"
 
     def matches(self, saved: dict | None) -> bool:
-        """Whether ``saved`` (an earlier run's identity) is this config's; see ``comparable``."""
-        if saved is None:
-            return False
-        now, then = comparable(self.identity, with_moved_keys(saved), self._defaults)
-        return now == then
+        """Whether ``saved`` (an earlier run's identity) is this config's: it differs in no key (``config_changes``)."""
+        return saved is not None and not self.config_changes(saved)
 
     def skip(self, restart: bool, log) -> bool:
         """Whether the stage has nothing to do (finished with this config and inputs, no --restart); says so in the log."""
