@@ -263,14 +263,15 @@ def test_the_runs_own_outputs_and_hub_names_are_not_refused_as_missing(tmp_path)
     from instructrl.config import load_config
     from instructrl.pipeline.checks import check_before_training
     from instructrl.pipeline.rounds import STAGES
+    from instructrl.training.loop import Parallelism
 
-    redo = dict.fromkeys(STAGES, False)
+    redo, one_process = dict.fromkeys(STAGES, False), Parallelism("NO")
     run = tmp_path / "run"
     own = [f"sft.data={run}/world/demonstrations.jsonl", f"ppo.policy={run}/round2/../sft/final", f"eval.models={{sft: {run}/sft/final}}",
            f"rm.data={os.path.relpath(run)}/collect/comparisons.jsonl", "ppo.reward_model=someone/reward-model"]  # a hub name: PPO asks the Hub
     for overrides in ([], ["pipeline.rounds=2"], own):
-        check_before_training(load_config(SMOKE, [f"run.dir={run}", *overrides]), redo, 1)
-    check_before_training(load_config(SMOKE, [f"run.dir={os.path.relpath(run)}", f"sft.model={run}/pretrain/final"]), redo, 1)
+        check_before_training(load_config(SMOKE, [f"run.dir={run}", *overrides]), redo, 1, one_process)
+    check_before_training(load_config(SMOKE, [f"run.dir={os.path.relpath(run)}", f"sft.model={run}/pretrain/final"]), redo, 1, one_process)
     assert not run.exists()
 
 

@@ -284,7 +284,7 @@ def test_the_pipelines_and_pretrains_size_checks_name_the_checkpoint_as_the_stag
     from instructrl.errors import UserError
     from instructrl.stages import pretrain
 
-    monkeypatch.setattr(accelerate, "PartialState", lambda cpu: SimpleNamespace(num_processes=3))
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu: SimpleNamespace(num_processes=3, distributed_type="MULTI_CPU"))
     monkeypatch.setattr(pretrain, "make_accelerator", lambda cfg, section: SimpleNamespace(num_processes=3, is_main_process=True))
     config = load_config(SMOKE, [f"run.dir={tmp_path}"])
     with pytest.raises(UserError) as err:
@@ -331,7 +331,7 @@ def test_a_finished_stage_relaunched_on_a_count_its_sizes_do_not_divide_over_is_
     from instructrl.stages import ppo, pretrain
 
     three = lambda cfg, section: SimpleNamespace(num_processes=3, is_main_process=True, distributed_type="MULTI_CPU")  # noqa: E731
-    monkeypatch.setattr(accelerate, "PartialState", lambda cpu: SimpleNamespace(num_processes=3))
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu: SimpleNamespace(num_processes=3, distributed_type="MULTI_CPU"))
     monkeypatch.setattr(pretrain, "make_accelerator", three)
     monkeypatch.setattr(ppo, "make_accelerator", three)
     config = load_config(SMOKE, [f"run.dir={tmp_path}"])

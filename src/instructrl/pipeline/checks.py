@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from instructrl.config import PipelineConfig, in_run
 from instructrl.errors import UserError
@@ -10,38 +11,45 @@ from instructrl.pipeline.rounds import STAGES, Run, pipeline_runs, round_one
 from instructrl.training.checkpoint import checkpoint_dirs, sizes_for_resuming
 from instructrl.world.build import split_sizes
 
+if TYPE_CHECKING:
+    from instructrl.training.loop import Parallelism
+
 
 def before_training(config: PipelineConfig, restart_from: str | None, log=print) -> tuple[dict[str, bool], PipelineConfig]:
     """What ``run_pipeline`` does before its first stage, writing nothing: every refusal the config decides
     (``check_before_training``, round_one's first); returns which of ``STAGES`` --restart-from redoes, and round one's config."""
     from accelerate import PartialState
 
-    from instructrl.training.loop import without_gpu
+    from instructrl.training.loop import launched_parallelism, without_gpu
 
     restart_from = "ppo" if restart_from == "ppo_ptx" else restart_from  # the folder's name for the same step
     if restart_from is not None and restart_from not in STAGES:
         raise UserError(f"--restart-from {restart_from!r}: choose one of {', '.join(STAGES)}")
     redo = {stage: restart_from is not None and i >= STAGES.index(restart_from) for i, stage in enumerate(STAGES)}
-    check_before_training(config, redo, PartialState(cpu=without_gpu()).num_processes)  # as the stages' Accelerator will count them
+    state = PartialState(cpu=without_gpu())  # as the stages' Accelerator will count the processes
+    check_before_training(config, redo, state.num_processes, launched_parallelism(state))
     return redo, round_one(config, log)  # refused nothing above: now it says how many prompts a round ranks
 
 
-def check_before_training(config: PipelineConfig, redo: dict[str, bool], processes: int) -> None:
+def check_before_training(config: PipelineConfig, redo: dict[str, bool], processes: int, parallelism: Parallelism) -> None:
     """Refuse before the first stage what round_one refuses, then, by the stages' own checks, what a stage would refuse
-    from the config alone (and this machine) after the stages before it had trained: the batch sizes, fp16 without a GPU, an attention
-    kernel that cannot run here and PPO's rules, of the runs it will train (``runs_to_train``); eval.prompts without
-    a judge; then a file or model you gave a stage that will run which is not there (``check_given_paths``)."""
+    from the config alone (and this machine and launch) after the stages before it had trained: the batch sizes, fp16 without
+    a GPU, LoRA on sharded parameters, an attention kernel that cannot run here and PPO's rules (DeepSpeed among them), of the
+    runs it will train (``runs_to_train``); eval.prompts without a judge; then a file or model you gave a stage that will run
+    which is not there (``check_given_paths``). ``parallelism``: as the stages' Accelerator will run them (``launched_parallelism``)."""
     from instructrl.evaluation.evaluate import check_judge
     from instructrl.models.base import check_attention
     from instructrl.stages import ppo
-    from instructrl.training.loop import check_precision
+    from instructrl.training.loop import check_lora_unsharded, check_precision
 
     check_sizes(config, redo, processes)
     sections = dict.fromkeys(run.section for run in runs_to_train(config, redo) if run.section != "collect")  # collect trains no model
     for name in sections:
         check_precision(getattr(config, name).mixed_precision, name)
+        check_lora_unsharded(getattr(getattr(config, name), "lora", None), parallelism)  # as make_accelerator, after the precision
         check_attention(getattr(getattr(config, name), "attn_implementation", None), name)  # pretrain builds its model with the default
     if "ppo" in sections:
+        ppo.check_distributed_type(parallelism.distributed_type)
         ppo.check_config(config)
     check_judge(config.eval)
     check_given_paths(config, redo)

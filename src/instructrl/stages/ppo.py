@@ -84,6 +84,14 @@ def model_paths(config: PipelineConfig, stage: str) -> ModelPaths:
     return ModelPaths(policy, reward_model, cfg.value_model or reward_model, cfg.reference or policy)
 
 
+def check_distributed_type(distributed_type: str) -> None:
+    """Refuse DeepSpeed, the stage's Accelerator's or, before the pipeline's first stage, the launch's (``launched_parallelism``):
+    Accelerate drives one DeepSpeed engine, the last prepared (the value model's), so the policy would never step."""
+    if distributed_type == "DEEPSPEED":
+        raise UserError("ppo under DeepSpeed is not supported: PPO trains two models (the policy and the value model) and Accelerate "
+                        "steps one DeepSpeed engine; use configs/accelerate/fsdp.yaml or ddp.yaml (with ppo.lora.enabled=true for large models)")
+
+
 def check_config(config: PipelineConfig) -> None:
     """What the config alone rules out, refused before anything is loaded or written (and by the pipeline
     before its first stage): a KL reference beside ppo.lora. The config's schema refuses the rest (ppo.lora.dropout)."""
@@ -246,9 +254,7 @@ def run_ppo(config: PipelineConfig, restart: bool = False, log=print, upstream: 
     ``upstream``: whether the earlier stages' config is part of this run's identity (default: when the inputs are this run's own)."""
     cfg = config.ppo
     accelerator = make_accelerator(cfg, "ppo")
-    if accelerator.distributed_type == "DEEPSPEED":  # Accelerate drives one engine, the last prepared: the policy would never step
-        raise UserError("ppo under DeepSpeed is not supported: PPO trains two models (the policy and the value model) and Accelerate "
-                        "steps one DeepSpeed engine; use configs/accelerate/fsdp.yaml or ddp.yaml (with ppo.lora.enabled=true for large models)")
+    check_distributed_type(accelerator.distributed_type)
     stage = stage_name(config)
     world_inputs = (cfg.policy is None or cfg.reward_model is None) if upstream is None else upstream
     run = RunDir(config, stage, SECTIONS + (UPSTREAM if world_inputs else ()), accelerator.is_main_process, accelerator.num_processes)

@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -51,15 +51,11 @@ def make_accelerator(config: TrainConfig, section: str = ""):
     # We step the schedule once per optimizer step ourselves: Accelerate would otherwise step
     # it once per process, changing the schedule with the number of processes.
     accelerator = Accelerator(mixed_precision=config.mixed_precision, step_scheduler_with_optimizer=False, cpu=without_gpu())
-    if accelerator.distributed_type == "MULTI_CPU" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if accelerator.distributed_type == "MULTI_CPU" and _launched_with("ACCELERATE_USE_FSDP"):
         _shard_on_cpu(accelerator)
     if accelerator.distributed_type == "DEEPSPEED":
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, config)
-    lora = getattr(config, "lora", None)
-    if shards_parameters(accelerator) and lora is not None and lora.enabled:
-        raise UserError("LoRA under FSDP is not supported (a checkpoint merges the adapter from unsharded weights); "
-                        + ("it holds for DeepSpeed ZeRO-3 too; " if accelerator.distributed_type == "DEEPSPEED" else "")
-                        + "use the ddp config, or full fine-tuning under FSDP")
+    check_lora_unsharded(getattr(config, "lora", None), parallelism_of(accelerator))
     return accelerator
 
 
@@ -110,12 +106,55 @@ def configure_deepspeed(deepspeed_config: dict, config) -> None:
     deepspeed_config["gradient_clipping"] = config.grad_clip
 
 
+class Parallelism(NamedTuple):
+    """How a stage's processes share its models: as its Accelerator runs them (``parallelism_of``), or will (``launched_parallelism``)."""
+
+    distributed_type: str  # Accelerate's DistributedType: NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED, ...
+    zero_stage: int | None = None  # DeepSpeed's ZeRO stage; None without DeepSpeed
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether prepared models are sharded over the processes (FSDP, DeepSpeed ZeRO-3): a forward
+        pass of one then needs every process, and its full weights must be gathered to be saved."""
+        return self.zero_stage == 3 if self.distributed_type == "DEEPSPEED" else self.distributed_type == "FSDP"
+
+
+def parallelism_of(accelerator) -> Parallelism:
+    """The parallelism ``accelerator`` runs the stage with."""
+    deepspeed = accelerator.distributed_type == "DEEPSPEED"
+    return Parallelism(accelerator.distributed_type, accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None)
+
+
+def launched_parallelism(state) -> Parallelism:
+    """The parallelism ``make_accelerator`` will give the stages, told before there is an Accelerator (making one
+    claims the devices and fixes the process's precision): from this process's ``state``, a PartialState made with
+    cpu=without_gpu() as the stages' Accelerator is, and the variables ``accelerate launch`` set from its config
+    file, read as Accelerate's AcceleratorState and the DeepSpeed plugin it makes read them."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    if _launched_with("ACCELERATE_USE_DEEPSPEED") and not without_gpu():  # on CPU Accelerate runs without DeepSpeed
+        return Parallelism("DEEPSPEED", DeepSpeedPlugin().zero_stage)  # ACCELERATE_DEEPSPEED_ZERO_STAGE, or its config file's
+    if _launched_with("ACCELERATE_USE_FSDP") and state.distributed_type.startswith("MULTI_"):  # MULTI_CPU by _shard_on_cpu; not one process
+        return Parallelism("FSDP")
+    return Parallelism(state.distributed_type)
+
+
+def _launched_with(variable: str) -> bool:
+    """Whether ``accelerate launch`` set ``variable`` (ACCELERATE_USE_FSDP, ...), read as Accelerate reads it."""
+    return os.environ.get(variable, "false").lower() == "true"
+
+
 def shards_parameters(accelerator) -> bool:
-    """Whether prepared models are sharded over the processes (FSDP, DeepSpeed ZeRO-3): a forward
-    pass of one then needs every process, and its full weights must be gathered to be saved."""
-    if accelerator.distributed_type == "DEEPSPEED":
-        return accelerator.state.deepspeed_plugin.zero_stage == 3
-    return accelerator.distributed_type == "FSDP"
+    return parallelism_of(accelerator).shards_parameters
+
+
+def check_lora_unsharded(lora, parallelism: Parallelism) -> None:
+    """Refuse LoRA on parameters sharded over the processes: a checkpoint merges the adapter from unsharded weights.
+    ``lora``: the stage's section (None for a stage without one). The pipeline checks it before its first stage too."""
+    if lora is not None and lora.enabled and parallelism.shards_parameters:
+        raise UserError("LoRA under FSDP is not supported (a checkpoint merges the adapter from unsharded weights); "
+                        + ("it holds for DeepSpeed ZeRO-3 too; " if parallelism.distributed_type == "DEEPSPEED" else "")
+                        + "use the ddp config, or full fine-tuning under FSDP")
 
 
 @contextlib.contextmanager
