@@ -56,7 +56,7 @@ def test_pipeline_two_rounds(tmp_path):
 
     # everything is done: --check says so, and a second run skips every stage, in a copy of the run folder too
     checked = cli(*args, "--check").stdout.splitlines()
-    assert sum(line.endswith(": finished: skipped if its inputs are unchanged") for line in checked) == 10
+    assert sum(line.endswith(": finished: skipped (same config and inputs)") for line in checked) == 10
     assert checked[-1] == f"config OK: 0 runs to train, 10 finished (run.dir {tmp_path})"
     again = cli(*args, timeout=1200)
     assert (again.stdout + again.stderr).count("nothing to do") == 10

@@ -173,7 +173,7 @@ def pipeline(
 
 def _print_plan(cfg: PipelineConfig, restart_from: str | None) -> None:
     """`pipeline --check`: the pipeline's checks before its first stage, then its plan, one line a run; a run it
-    would stop at (begun on another config) ends it as that stage's refusal would, with exit status 2."""
+    would stop at (begun on another config, or on inputs changed since) ends it as that stage's refusal would, with exit status 2."""
     from instructrl.pipeline.checks import before_training
     from instructrl.pipeline.plan import plan
 
@@ -185,7 +185,7 @@ def _print_plan(cfg: PipelineConfig, restart_from: str | None) -> None:
         typer.echo(f"{where}: {words}")
     stops = [where for where, kind, _ in steps if kind == "stops"]
     if stops:
-        raise UserError(f"the pipeline would stop at {stops[0]}: it holds a run of another config (see above)")
+        raise UserError(f"the pipeline would stop at {stops[0]} (see above)")
     kinds = [kind for _, kind, _ in steps]
     typer.echo(f"config OK: {kinds.count('trains')} runs to train, {kinds.count('finished')} finished (run.dir {cfg.run.dir})")
 

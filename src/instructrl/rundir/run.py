@@ -52,7 +52,8 @@ class RunDir:
     def is_done(self) -> bool:
         """The stage finished with this config. Raises if an input it recorded has changed since:
         its outputs no longer follow from its inputs, and rerunning would discard them."""
-        if not (self.done_file.is_file() and self.matches(json.loads(self.done_file.read_text()).get("identity"))):
+        done = self.read_record("done.json")
+        if not (done is not None and self.matches(done["identity"])):
             return False
         changed = self.changed_inputs()
         if changed:
@@ -69,10 +70,14 @@ class RunDir:
         return saved is not None and not self.config_changes(saved)
 
     def skip(self, restart: bool, log) -> bool:
-        """Whether the stage has nothing to do (finished with this config and inputs, no --restart); says so in the log."""
+        """Whether the stage has nothing to do (finished with this config and inputs, no --restart); says so in the log.
+        A run of another config is refused here (``refuse_another_config``), before the stage loads its models and checks its sizes."""
         if self.is_main and self.path.exists():  # another run may be writing it: refuse now, not after loading the models
             hold(self.path)
-        if restart or not self.is_done():
+        if restart:
+            return False
+        self.refuse_another_config()
+        if not self.is_done():
             return False
         release(self.path)
         log(f"{self.stage}: {self.path} is complete with this config and inputs; nothing to do (--restart runs it again; {self._in_pipeline})")
@@ -95,11 +100,18 @@ class RunDir:
         return changed
 
     def missing_inputs(self, run_root: Path | None = None) -> list[str]:
+        """The outputs of this run's earlier stages in lineage.json that no longer exist (``inputs_to_remake``), in words,
+        each with the stage that makes it again."""
+        return [f"{names} ({path}; `instructrl pipeline --restart-from {stage}` trains it and the stages after it again)"
+                for names, path, stage in self.inputs_to_remake(run_root)]
+
+    def inputs_to_remake(self, run_root: Path | None = None) -> list[tuple[str, Path, str]]:
         """The outputs of this run's earlier stages in lineage.json that no longer exist (a stage discarded by
-        --restart and not trained again), each with the stage that makes it again. Not the world's files, which
-        any stage rebuilds from the config as they were, nor the user's own files, in the run folder or not (moved, say).
-        ``run_root``: the run folder, where this stage is a later pipeline round's (round2/), whose lineage records
-        the run's own folders as ../sft/final (by their absolute paths before instructrl recorded them so)."""
+        --restart and not trained again), each as its names, where it was and the stage that makes it. Not the
+        world's files, which any stage rebuilds from the config as they were, nor the user's own files, in the run
+        folder or not (moved, say). ``run_root``: the run folder, where this stage is a later pipeline round's
+        (round2/), whose lineage records the run's own folders as ../sft/final (by their absolute paths before
+        instructrl recorded them so)."""
         from instructrl.pipeline.rounds import PPO_STAGES, STAGES
 
         folders = [Path(os.path.abspath(folder)) for folder in (self.config.run.dir, run_root or self.config.run.dir)]
@@ -111,23 +123,68 @@ class RunDir:
             stage = next((full.relative_to(folder).parts[0] for folder in folders if folder in full.parents), None)  # its writer's folder
             if stage in {*STAGES, *PPO_STAGES}:
                 gone.setdefault((path, stage), []).append(name)
-        return [f"{' and '.join(names)} ({path}; `instructrl pipeline --restart-from {stage}` trains it and the stages after it again)"
-                for (path, stage), names in gone.items()]
+        return [(" and ".join(names), path, stage) for (path, stage), names in gone.items()]
 
     def _recorded_inputs(self) -> list[tuple[str, dict, Path]]:
         """Each input lineage.json records: its name, its entry, and where it is now (an input inside the run, in
         this run folder wherever it has moved: round2/../sft/final as sft/final); none before the stage has begun."""
-        lineage = self.path / "lineage.json"
-        if not lineage.is_file():
+        lineage = self.read_record("lineage.json")
+        if lineage is None:
             return []
         return [(name, entry, Path(os.path.normpath(Path(self.config.run.dir) / entry["path"])) if entry.get("in_run") else Path(entry["path"]))
-                for name, entry in json.loads(lineage.read_text())["inputs"].items()]
+                for name, entry in lineage["inputs"].items()]
 
     def config_changes(self, saved: dict) -> str:
         """How this config differs from ``saved`` (an earlier run's identity), key by key (``diff``); empty where
         it is that run's. See ``comparable``."""
         now, then = comparable(self.identity, with_moved_keys(saved), self._defaults)
         return diff(then, now)
+
+    def recorded_identity(self) -> dict | None:
+        """The identity the folder's run was begun with: a finished run's in done.json, else identity.json's; None before any."""
+        done = self.read_record("done.json")
+        return done["identity"] if done is not None else self.read_record("identity.json")
+
+    def recorded_changes(self) -> str:
+        """How this config differs from the one the folder's run was begun with (``config_changes``); empty where it is that
+        run's, or the folder holds none."""
+        saved = self.recorded_identity()
+        return self.config_changes(saved) if saved is not None else ""
+
+    def refuse_another_config(self) -> None:
+        """Refuse a folder holding a run of a different config: its checkpoints are never silently overwritten."""
+        changed = self.recorded_changes()
+        if changed:
+            raise UserError(f"{self.path} holds a run of a different config ({changed}); "
+                            f"set run.dir to another folder, or pass --restart to discard it ({self._in_pipeline})")
+
+    @classmethod
+    def as_recorded(cls, config: PipelineConfig, stage: str) -> RunDir:
+        """``stage``'s folder in ``config``'s run.dir, its identity over the config sections its run recorded (those a stage
+        records follow from its own section's keys): the run as its stage compares it, for a reader that does not work
+        out the stage's sections (``instructrl pipeline --check``)."""
+        saved = cls(config, stage, ()).recorded_identity() or {}
+        return cls(config, stage, tuple(name for name in saved if name in PipelineConfig.model_fields))
+
+    def read_record(self, name: str) -> dict | None:
+        """The run record ``name`` (done.json, identity.json, lineage.json, run.json) in the folder, None where there
+        is none. One that is not JSON, or not of the shape RunDir writes (``_misshapen``), is refused in one line
+        naming it, and left as it is."""
+        path = self.path / name
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            problem = "not UTF-8 text"
+        except json.JSONDecodeError as err:
+            problem = f"not valid JSON: {err.msg.removesuffix(' at')} at line {err.lineno} column {err.colno}"
+        else:
+            problem = _misshapen(name, record)
+        if problem:
+            raise UserError(f"{path} is damaged ({problem}); pass --restart to run {self.stage} again ({self._in_pipeline}), "
+                            "or set run.dir to another folder")
+        return record
 
     def start(self, restart: bool = False, log=None) -> None:
         """Check that the folder holds no other run, then make it (``restart``: empty) and write identity.json;
@@ -140,15 +197,8 @@ class RunDir:
         if self.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             hold(self.path)
-        saved = self.path / "identity.json"
-        previous = json.loads(saved.read_text()) if saved.is_file() else None
-        if previous is not None and not restart:
-            changed = self.config_changes(previous)
-            if changed:
-                raise UserError(
-                    f"{self.path} holds a run of a different config ({changed}); "
-                    f"set run.dir to another folder, or pass --restart to discard it ({self._in_pipeline})"
-                )
+        if not restart:  # --restart discards the folder unread: a damaged record in it is no reason to refuse
+            self.refuse_another_config()
         if not self.is_main:
             return
         if restart and self.path.exists():
@@ -156,8 +206,8 @@ class RunDir:
                 log(f"{self.stage}: --restart discards {self.path}: {self.contents()}")
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        if previous != self.identity or restart:
-            write_text_atomic(saved, json.dumps(self.identity, indent=2))
+        if restart or self.read_record("identity.json") != self.identity:
+            write_text_atomic(self.path / "identity.json", json.dumps(self.identity, indent=2))
 
     def record_start(self) -> None:
         """Write config.yaml and run.json as the run begins or resumes, after the last check that may refuse
@@ -166,8 +216,8 @@ class RunDir:
             return
         write_text_atomic(self.path / "config.yaml", dump_config(self.config))
         info, record = run_info(self.config.run.seed, self.processes), self.path / "run.json"
-        if record.is_file():  # an interrupted run resumed: its first start's record stays, each resume is added
-            first = json.loads(record.read_text())
+        first = self.read_record("run.json")
+        if first is not None:  # an interrupted run resumed: its first start's record stays, each resume is added
             info = first | {"resumed": first.get("resumed", []) + [info]}
         write_text_atomic(record, json.dumps(info, indent=2))
 
@@ -176,7 +226,11 @@ class RunDir:
         from instructrl.training.checkpoint import checkpoint_dirs
 
         if self.done_file.is_file():
-            return f"a finished run ({json.loads(self.done_file.read_text()).get('finished', 'done')})"
+            try:
+                finished = self.read_record("done.json").get("finished", "done")
+            except UserError:  # --restart discards it all the same
+                finished = "done.json damaged"
+            return f"a finished run ({finished})"
         checkpoints = checkpoint_dirs(self.path / "checkpoints")
         partial = sorted(self.path.glob("*.partial.jsonl"))  # collect's records so far
         if checkpoints:
@@ -250,6 +304,27 @@ class RunDir:
         self._resume_step = resume_step
         if self.is_main:
             trim_step_log(self.path / "metrics.jsonl", resume_step, keep_equal=True)
+
+
+def _misshapen(name: str, record) -> str | None:
+    """What makes ``record`` not the run record ``name`` as RunDir writes it, in words; None where nothing does."""
+    if not isinstance(record, dict):
+        return f"a JSON {_JSON_TYPES.get(type(record), type(record).__name__)}, where instructrl writes an object"
+    if name == "done.json" and not isinstance(record.get("identity"), dict):
+        return 'no "identity" object'
+    if name == "run.json" and not isinstance(record.get("resumed", []), list):
+        return '"resumed" is not a list'
+    if name == "lineage.json":
+        inputs = record.get("inputs")
+        if not isinstance(inputs, dict):
+            return 'no "inputs" object'
+        for input_name, entry in inputs.items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("path"), str) and "sha256" in entry):
+                return f'input {input_name!r} is not an object with a "path" and a "sha256"'
+    return None
+
+
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 def run_info(seed: int, processes: int = 1) -> dict:
