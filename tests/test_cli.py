@@ -513,6 +513,29 @@ def test_without_the_launchers_store_the_main_process_says_why(monkeypatch, caps
         _run_as(1, RuntimeError("CUDA out of memory"), monkeypatch, capsys)
 
 
+def test_ctrl_c_while_torch_imports_ends_with_the_one_line_of_any_interrupt(tmp_path):
+    # on a loaded machine `import torch` takes seconds, and Ctrl-C (or a scheduler's SIGTERM) may land in it;
+    # leaving, the CLI imported torch.distributed again and crashed on torch's half-made state (exit 1, a traceback)
+    import subprocess
+    import sys
+
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        "import sys\n"
+        "from instructrl.cli.exits import run\n"
+        "class CtrlCDuringTorchImport:\n"
+        "    fired = False\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch._export' and not self.fired:\n"
+        "            self.fired = True\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlCDuringTorchImport())\n"
+        f"sys.argv = ['instructrl', 'sft', '-c', {str(SMOKE)!r}, 'run.dir={tmp_path / 'run'}']\n"
+        "run()\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stderr.strip()) == (130, "interrupted: run the same command again to resume from the last checkpoint")
+
+
 @pytest.mark.parametrize("compare, expected", [
     (["a"], "label project: --compare takes NAME=CHECKPOINT"),
     (["a=x"], "label project: --compare needs two models with different names (NAME=CHECKPOINT twice), got 1"),
