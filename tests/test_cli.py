@@ -432,6 +432,19 @@ def test_help_says_how_settings_are_given():
     assert "ppo.lr = 2e-05" in out  # every key of the stage with its default
 
 
+def test_label_user_asks_the_password_that_its_help_does_not_call_required(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # "--password ... (asked when not given). [required]" left a newcomer thinking it had to be typed on the command line
+    out = _help("label", "user")
+    assert "[required]" not in out[out.index("--password"):out.index("--reset <bool>")]
+    asked = subprocess.run([sys.executable, "-m", "instructrl", "label", "user", "ann", "--dir", str(tmp_path)], input="secret\n",
+                           env=dict(os.environ, COLUMNS="200"), capture_output=True, text=True)
+    assert asked.returncode == 0 and "Password:" in asked.stdout and "label: user ann (labeler) created" in asked.stderr
+
+
 def test_config_given_twice_layers_the_second_file_over_the_first(tmp_path):
     import yaml
 
