@@ -182,6 +182,17 @@ def test_model_folder_without_its_tokenizer(tmp_path):
     assert not (tmp_path / "run" / "sft").exists()
 
 
+def test_llama_folder_without_its_tokenizer(tmp_path, smoke_base):
+    # instructrl's own checkpoints are Llama's: their weights copied alone ended with transformers' half sentence,
+    # "cannot load tokenizer ...: Couldn't instantiate the backend tokenizer from one of:"
+    weights_only = tmp_path / "model"
+    shutil.copytree(smoke_base / "pretrain" / "final", weights_only,
+                    ignore=shutil.ignore_patterns("tokenizer*", "chat_template.jinja"))
+    proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={weights_only}", check=False)
+    _assert_clean_error(proc, f"tokenizer '{weights_only}': the folder holds no tokenizer file; is its tokenizer saved there")
+    assert not (tmp_path / "run" / "sft").exists()
+
+
 def test_broken_jsonl_line_is_named(tmp_path, smoke_base):
     data = tmp_path / "demos.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
