@@ -239,6 +239,11 @@ def test_world_command_writes_the_world_and_reports_agreement(tmp_path):
     manifest = json.loads((tmp_path / "world" / "world.json").read_text())
     assert manifest["command"][1:] == ["world", "-c", str(SMOKE), f"run.dir={tmp_path}"]
     assert set(run_info(0)) <= set(manifest) and manifest["seed"] == manifest["config"]["seed"] and manifest["torch"]
+    assert f"world written to {tmp_path / 'world'}" in out
+    # run again, it keeps the world this config wrote: it said "written" all the same
+    again = " ".join(cli("world", "-c", str(SMOKE), f"run.dir={tmp_path}").stderr.split())
+    assert f"world unchanged in {tmp_path / 'world'} (written earlier with this config): 68 sft" in again
+    assert json.loads((tmp_path / "world" / "world.json").read_text()) == manifest
 
 
 def test_eval_in_a_log_file_prints_its_whole_table_alone_on_stdout(tmp_path, smoke_base):
