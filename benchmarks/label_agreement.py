@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from instructrl.data.chat import response_ids
-from instructrl.data.formats import read_comparisons
+from instructrl.data.inputs import read_comparisons
 from instructrl.evaluation.rm_diagnostics import accuracy_by_pair_kind, pairwise_accuracy
 from instructrl.models.base import load_tokenizer
 from instructrl.stages.rm import answer_kind, split_by_prompt
@@ -36,7 +36,7 @@ def agreement(records, tasks) -> dict:
     labels, gold, kinds = [], [], []
     for record in records:
         judgements = [gold_judge.judge(tasks[record.id], r) for r in record.responses]
-        labels.append([-float(rank) for rank in record.ranks])  # rank 1 is best; a labeler's tie counts as wrong, as an RM's does
+        labels.append([-float(rank) for rank in record.ranks])  # rank 0 is best; a labeler's tie counts as wrong, as an RM's does
         gold.append([j.quality for j in judgements])
         kinds.append([answer_kind(j) for j in judgements])
     accuracy, pairs = pairwise_accuracy(labels, gold)

@@ -83,3 +83,15 @@ def test_bench_never_writes_over_a_trained_run(smoke_base):
     # the session's smoke folder holds pretrain/, and rm/ too once a test has asked for the smoke RM
     assert proc.returncode == 2 and "holds a trained run (pretrain" in proc.stderr
     assert sorted(p.name for p in smoke_base.iterdir()) == before
+
+
+def test_the_benchmark_scripts_the_readme_names_start():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    # no other test runs them: label_agreement.py still imported read_comparisons from where it had moved away
+    for script in sorted((REPO / "benchmarks").glob("*.py")):
+        proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout.startswith("usage:"), f"{script.name}: {proc.stderr}"

@@ -182,6 +182,17 @@ def test_model_folder_without_its_tokenizer(tmp_path):
     assert not (tmp_path / "run" / "sft").exists()
 
 
+def test_llama_folder_without_its_tokenizer(tmp_path, smoke_base):
+    # instructrl's own checkpoints are Llama's: their weights copied alone ended with transformers' half sentence,
+    # "cannot load tokenizer ...: Couldn't instantiate the backend tokenizer from one of:"
+    weights_only = tmp_path / "model"
+    shutil.copytree(smoke_base / "pretrain" / "final", weights_only,
+                    ignore=shutil.ignore_patterns("tokenizer*", "chat_template.jinja"))
+    proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={weights_only}", check=False)
+    _assert_clean_error(proc, f"tokenizer '{weights_only}': the folder holds no tokenizer file; is its tokenizer saved there")
+    assert not (tmp_path / "run" / "sft").exists()
+
+
 def test_broken_jsonl_line_is_named(tmp_path, smoke_base):
     data = tmp_path / "demos.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
@@ -228,6 +239,11 @@ def test_world_command_writes_the_world_and_reports_agreement(tmp_path):
     manifest = json.loads((tmp_path / "world" / "world.json").read_text())
     assert manifest["command"][1:] == ["world", "-c", str(SMOKE), f"run.dir={tmp_path}"]
     assert set(run_info(0)) <= set(manifest) and manifest["seed"] == manifest["config"]["seed"] and manifest["torch"]
+    assert f"world written to {tmp_path / 'world'}" in out
+    # run again, it keeps the world this config wrote: it said "written" all the same
+    again = " ".join(cli("world", "-c", str(SMOKE), f"run.dir={tmp_path}").stderr.split())
+    assert f"world unchanged in {tmp_path / 'world'} (written earlier with this config): 68 sft" in again
+    assert json.loads((tmp_path / "world" / "world.json").read_text()) == manifest
 
 
 def test_eval_in_a_log_file_prints_its_whole_table_alone_on_stdout(tmp_path, smoke_base):
@@ -432,6 +448,19 @@ def test_help_says_how_settings_are_given():
     assert "ppo.lr = 2e-05" in out  # every key of the stage with its default
 
 
+def test_label_user_asks_the_password_that_its_help_does_not_call_required(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # "--password ... (asked when not given). [required]" left a newcomer thinking it had to be typed on the command line
+    out = _help("label", "user")
+    assert "[required]" not in out[out.index("--password"):out.index("--reset <bool>")]
+    asked = subprocess.run([sys.executable, "-m", "instructrl", "label", "user", "ann", "--dir", str(tmp_path)], input="secret\n",
+                           env=dict(os.environ, COLUMNS="200"), capture_output=True, text=True)
+    assert asked.returncode == 0 and "Password:" in asked.stdout and "label: user ann (labeler) created" in asked.stderr
+
+
 def test_config_given_twice_layers_the_second_file_over_the_first(tmp_path):
     import yaml
 
@@ -511,6 +540,29 @@ def test_without_the_launchers_store_the_main_process_says_why(monkeypatch, caps
     assert status == 2 and err.strip() == "error: bad"
     with pytest.raises(RuntimeError, match="out of memory"):  # any process's crash shows its traceback
         _run_as(1, RuntimeError("CUDA out of memory"), monkeypatch, capsys)
+
+
+def test_ctrl_c_while_torch_imports_ends_with_the_one_line_of_any_interrupt(tmp_path):
+    # on a loaded machine `import torch` takes seconds, and Ctrl-C (or a scheduler's SIGTERM) may land in it;
+    # leaving, the CLI imported torch.distributed again and crashed on torch's half-made state (exit 1, a traceback)
+    import subprocess
+    import sys
+
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        "import sys\n"
+        "from instructrl.cli.exits import run\n"
+        "class CtrlCDuringTorchImport:\n"
+        "    fired = False\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch._export' and not self.fired:\n"
+        "            self.fired = True\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlCDuringTorchImport())\n"
+        f"sys.argv = ['instructrl', 'sft', '-c', {str(SMOKE)!r}, 'run.dir={tmp_path / 'run'}']\n"
+        "run()\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stderr.strip()) == (130, "interrupted: run the same command again to resume from the last checkpoint")
 
 
 @pytest.mark.parametrize("compare, expected", [

@@ -165,8 +165,9 @@ def _close_process_group() -> None:
     """Destroy the process group of ``accelerate launch`` before the interpreter exits: left to
     the interpreter's teardown, gloo's worker threads can abort a finished process ("terminate
     called without an active exception"); see ``_import_before_the_process_group``."""
-    if "torch.distributed" in sys.modules:  # nothing to close, and no torch to import, after --help
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    # Read from sys.modules, never imported: after --help there is no torch, and after Ctrl-C halfway
+    # through `import torch` (a slow start) torch has left sys.modules while torch.distributed stayed, so
+    # importing it would run torch's __init__ again and crash on its half-made state (no group exists then)
+    dist = sys.modules.get("torch.distributed")
+    if "torch" in sys.modules and dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -49,7 +49,8 @@ def label(
 def label_user(
     name: str = typer.Argument(..., help="Login name."),
     role: str = typer.Option("labeler", "--role", help="admin or labeler."),
-    password: str = typer.Option(..., "--password", prompt=True, hide_input=True, help="Password (asked when not given)."),
+    # None, not ...: the prompt asks for it all the same, and --help does not call it required
+    password: str = typer.Option(None, "--password", prompt=True, hide_input=True, help="Password, 4 characters or more (asked when not given)."),
     reset: bool = typer.Option(False, "--reset", help="Give an existing account this new password and a new API token; its old token and browser sessions stop working."),
     project_dir: Path = LABEL_DIR_OPTION,
 ) -> None:

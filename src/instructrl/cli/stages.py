@@ -27,12 +27,15 @@ def world(
     Also says how often two simulated labelers at collect.labeler_noise (collect's setting, not the
     world's) agree, to set it against InstructGPT's labelers.
     """
-    from instructrl.world.build import build_world
+    from instructrl.world.build import WorldFiles, build_world
 
     cfg = load_options(config, overrides)
-    files = build_world(cfg.world, Path(cfg.run.dir) / "world", replace=restart)
-    counts = json.loads(files.manifest.read_text())["counts"]
-    log(f"world written to {files.root}: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " prompts")
+    manifest = WorldFiles(Path(cfg.run.dir) / "world").manifest
+    before = manifest.read_text() if manifest.is_file() else None
+    files = build_world(cfg.world, manifest.parent, replace=restart)
+    after = files.manifest.read_text()  # a rebuild writes a new one: its record says when it started
+    where = f"unchanged in {files.root} (written earlier with this config)" if after == before else f"written to {files.root}"
+    log(f"world {where}: " + ", ".join(f"{n} {split}" for split, n in json.loads(after)["counts"].items()) + " prompts")
     rate, n_pairs = _labeler_agreement(cfg.world, cfg.collect.labeler_noise, files.prompts("rm"))
     log(f"two simulated labelers at noise {cfg.collect.labeler_noise} agree on {rate:.1%} of {n_pairs} comparisons (InstructGPT's labelers: ~73%)")
 

@@ -71,7 +71,7 @@ def annotation_choices(annotation: Any) -> list:
 class RunConfig(Strict):
     dir: Path = Field(Path("runs/default"), description="Where every stage writes its outputs (one sub-folder per stage).")
     # numpy, seeded by every training stage, takes 0 to 2**32 - 1; half that leaves room for the process index
-    seed: int = Field(0, ge=0, lt=2**31, description="Seed of every stage; process r of a multi-process run uses seed + r for sampling and dropout.")
+    seed: int = Field(0, ge=0, lt=2**31, description="Seed of every stage: data order, initial weights, sampled answers (PPO's by episode, on any number of processes); process r of a multi-process run draws its dropout masks from seed + r.")
 
 
 class WorldConfig(Strict):

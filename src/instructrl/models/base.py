@@ -296,6 +296,10 @@ def length_cap(model, max_length: int | None, field: str) -> int:
     return max_length or context
 
 
+# What save_pretrained writes for a tokenizer (tokenizer_config.json) and the vocabularies older folders hold alone
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, what: str = "model"):
     """``AutoTokenizer.from_pretrained``, made fit for RLHF.
 
@@ -316,6 +320,9 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, wh
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
+        # transformers 5 on a Llama folder without its tokenizer: "Couldn't instantiate the backend tokenizer from one of:"
+        if Path(source).is_dir() and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(f"tokenizer '{name_or_path}': the folder holds no tokenizer file; {unsaved}") from None
         raise UserError(f"cannot load tokenizer '{name_or_path}': {str(err).splitlines()[0]}") from None
     except TypeError:  # transformers 4.x on a model folder saved without its tokenizer: it opens a vocabulary file of None
         raise UserError(f"tokenizer '{name_or_path}' has no vocabulary file; {unsaved}") from None
