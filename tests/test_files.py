@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -106,6 +108,34 @@ def test_an_option_added_since_a_run_finished_leaves_it_finished_at_its_default(
     assert not RunDir(changed, "sft", ("run", "sft")).is_done()
     with pytest.raises(UserError, match=r"different config \(sft.max_length: None -> 64\)"):
         RunDir(changed, "sft", ("run", "sft")).start()
+
+
+def test_restart_on_several_processes_lets_none_go_on_before_the_folder_is_discarded(tmp_path, monkeypatch):
+    """Under a launcher, --restart's main process discards the old run folder while the others go on to look
+    for a checkpoint to resume from: they used to find the old one (2-process FSDP SFT: "cannot resume from the
+    checkpoint ... written by 1 process", 1 try in 3). Every process now waits in start until the folder is ready."""
+    import accelerate
+
+    from instructrl.rundir import run as run_module
+    from instructrl.rundir.run import RunDir
+
+    config = load_config(overrides=[f"run.dir={tmp_path}"])
+    old = RunDir(config, "sft", ("run", "sft"))
+    old.start()
+    (old.path / "checkpoints" / "step-00000006").mkdir(parents=True)
+    events = []
+    monkeypatch.setattr(accelerate, "PartialState", lambda: SimpleNamespace(wait_for_everyone=lambda: events.append("wait")))
+    monkeypatch.setattr(run_module.shutil, "rmtree", lambda path, rmtree=shutil.rmtree: (events.append("discard"), rmtree(path)))
+
+    RunDir(config, "sft", ("run", "sft"), is_main=False, processes=2).start(restart=True)
+    assert events == ["wait"]  # the other process returns only after the barrier the main one reaches once done
+    events.clear()
+    RunDir(config, "sft", ("run", "sft"), is_main=True, processes=2).start(restart=True)
+    assert events == ["discard", "wait"]
+    assert not (old.path / "checkpoints").exists()
+    events.clear()
+    RunDir(config, "sft", ("run", "sft")).start(restart=True)  # one process: nothing to wait for
+    assert events == ["discard"]
 
 
 def test_copy_dir_replaces_the_destination_whole(tmp_path):

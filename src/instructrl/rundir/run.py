@@ -192,22 +192,25 @@ class RunDir:
 
         A folder holding a run of a different config is an error unless ``restart`` is set:
         its checkpoints are never silently overwritten. ``log``: told what a restart discards.
-        The main process holds the folder from here until ``finish`` (``hold``).
+        The main process holds the folder from here until ``finish`` (``hold``); every process returns once it is ready.
         """
         if self.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             hold(self.path)
         if not restart:  # --restart discards the folder unread: a damaged record in it is no reason to refuse
             self.refuse_another_config()
-        if not self.is_main:
-            return
-        if restart and self.path.exists():
-            if log is not None:
-                log(f"{self.stage}: --restart discards {self.path}: {self.contents()}")
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        if restart or self.read_record("identity.json") != self.identity:
-            write_text_atomic(self.path / "identity.json", json.dumps(self.identity, indent=2))
+        if self.is_main:
+            if restart and self.path.exists():
+                if log is not None:
+                    log(f"{self.stage}: --restart discards {self.path}: {self.contents()}")
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            if restart or self.read_record("identity.json") != self.identity:
+                write_text_atomic(self.path / "identity.json", json.dumps(self.identity, indent=2))
+        if self.processes > 1:  # the others must not look for checkpoints to resume from in a folder still being discarded
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
 
     def record_start(self) -> None:
         """Write config.yaml and run.json as the run begins or resumes, after the last check that may refuse
