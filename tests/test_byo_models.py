@@ -5,11 +5,12 @@ tokenizers lack a PAD (or use EOS as PAD) and a chat template, through SFT, RM a
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from conftest import SMOKE
-from tiny_models import ARCHS, save_tiny_model, tiny_tokenizer, user_data
+from tiny_models import ARCHS, save_tiny_classifier, save_tiny_model, tiny_tokenizer, user_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructrl.config import load_config
@@ -169,6 +170,25 @@ def test_a_weights_file_cut_short_is_one_line(tmp_path):
         f.truncate(20)
     with pytest.raises(UserError, match=f"cannot load the reward model '{reward_dir}': .*header"):
         RewardModel.from_pretrained(reward_dir)
+
+
+def test_weights_of_other_shapes_than_the_config_gives_are_one_line(tmp_path):
+    """A config.json edited, or copied from another model: transformers 5 raised a RuntimeError that points at
+    a report it logs, hidden under the CLI's quiet libraries, so the user saw a traceback and no reason."""
+    from instructrl.errors import UserError
+    from instructrl.models.reward import RewardModel
+
+    model_dir, classifier_dir = save_tiny_model("llama", tmp_path / "tiny"), save_tiny_classifier(tmp_path / "classifier")
+    for folder in (model_dir, classifier_dir):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    shapes = "its weights do not have the shapes its config.json gives"
+    with pytest.raises(UserError, match=re.escape(f"cannot load model '{model_dir}': {shapes}")):
+        load_causal_lm(model_dir)
+    with pytest.raises(UserError, match=re.escape(f"cannot load a backbone from '{model_dir}': {shapes}")):
+        RewardModel.from_causal_lm(model_dir)
+    with pytest.raises(UserError, match=re.escape(f"cannot load the reward model '{classifier_dir}': {shapes}")):
+        RewardModel.from_pretrained(classifier_dir)
 
 
 def test_examples_longer_than_the_context_or_max_length_are_skipped(tmp_path):

@@ -143,6 +143,22 @@ def load_errors() -> tuple[type[Exception], ...]:
     return OSError, ValueError, SafetensorError
 
 
+@contextlib.contextmanager
+def loading(what: str):
+    """A context in which ``from_pretrained`` failing to read a checkpoint is one line, 'cannot load WHAT: why':
+    for ``load_errors``, and for weights whose shapes are not those its config.json gives, for which transformers
+    raises a RuntimeError that points at a report it logs (hidden under the CLI's quiet libraries)."""
+    try:
+        yield
+    except load_errors() as err:
+        raise UserError(f"cannot load {what}: {str(err).splitlines()[0]}") from None
+    except RuntimeError as err:
+        if "mismatched_sizes" not in str(err):  # as transformers 4 and 5 both say; another RuntimeError (out of memory) is no bad input
+            raise
+        raise UserError(f"cannot load {what}: its weights do not have the shapes its config.json gives "
+                        "(was config.json edited, or copied from another model?)") from None
+
+
 def _check_not_adapter(name_or_path: str) -> None:
     """Refuse a LoRA adapter folder (a checkpoint's adapter/), which transformers would try to put
     on its base model and fail on when a PAD was added, with the folder to give instead."""
@@ -221,10 +237,8 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
     if folder is not None and (folder / HEAD_FILE).is_file():  # its backbone would load, with no trained LM head
         raise UserError(f"model '{name_or_path}' is a reward model (it holds {HEAD_FILE}), not a policy; "
                         "give a language model, such as a run's sft/final or ppo_ptx/final")
-    try:
+    with loading(f"model '{name_or_path}'"):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except load_errors() as err:
-        raise UserError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from None
     if dropout is not None:
         set_dropout(model, dropout)
     if tokenizer is not None:
