@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 from conftest import SMOKE
-from tiny_models import ARCHS, save_tiny_classifier, save_tiny_model, tiny_tokenizer, user_data
+from tiny_models import ARCHS, save_tiny_classifier, save_tiny_model, tiny_model_config, tiny_tokenizer, user_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructrl.config import load_config
@@ -170,6 +170,19 @@ def test_a_weights_file_cut_short_is_one_line(tmp_path):
         f.truncate(20)
     with pytest.raises(UserError, match=f"cannot load the reward model '{reward_dir}': .*header"):
         RewardModel.from_pretrained(reward_dir)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_model_folder_without_its_tokenizer_is_one_line(tmp_path, arch):
+    """A checkpoint copied without its tokenizer files: transformers 5 failed on Llama and Mistral folders with
+    "Couldn't instantiate the backend tokenizer from one of:" (and a word of sentencepiece), and on a Gemma folder
+    built a tokenizer of five tokens that read every word as <unk>, which SFT would have trained on."""
+    from instructrl.errors import UserError
+
+    folder = tmp_path / arch
+    AutoModelForCausalLM.from_config(tiny_model_config(arch, vocab_size=64, eos_id=0)).save_pretrained(folder)
+    with pytest.raises(UserError, match=re.escape(f"tokenizer '{folder}' has no vocabulary file; is its tokenizer saved there")):
+        load_tokenizer(folder)
 
 
 def test_weights_of_other_shapes_than_the_config_gives_are_one_line(tmp_path):

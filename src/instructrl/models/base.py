@@ -310,6 +310,16 @@ def length_cap(model, max_length: int | None, field: str) -> int:
     return max_length or context
 
 
+# The files a saved tokenizer holds, one kind or another (tokenizer.json, tokenizer_config.json, vocab.json, spiece.model,
+# qwen.tiktoken). Without any, transformers 5 fails on a Llama folder with an error about sentencepiece, and builds a
+# Gemma tokenizer of five tokens that reads every word as <unk>.
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "*.model", "*.tiktoken")
+
+
+def _holds_a_tokenizer(folder: Path) -> bool:
+    return any(next(folder.glob(pattern), None) is not None for pattern in TOKENIZER_FILES)
+
+
 def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, what: str = "model"):
     """``AutoTokenizer.from_pretrained``, made fit for RLHF.
 
@@ -327,6 +337,8 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, wh
     name_or_path = str(name_or_path)
     source = loadable(name_or_path, what)
     unsaved = "is its tokenizer saved there (tokenizer.save_pretrained)?"
+    if Path(source).expanduser().is_dir() and not _holds_a_tokenizer(Path(source).expanduser()):
+        raise UserError(f"tokenizer '{name_or_path}' has no vocabulary file; {unsaved}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
