@@ -185,6 +185,22 @@ def test_a_model_folder_without_its_tokenizer_is_one_line(tmp_path, arch):
         load_tokenizer(folder)
 
 
+def test_a_chat_template_that_is_not_valid_jinja_is_refused_as_the_model_loads(tmp_path):
+    """A chat_template.jinja edited by hand: every conversation failed on it, each named as the one at fault (SFT's
+    first demonstration; every chat request to the server, answered 400). One that refuses some conversations loads."""
+    from instructrl.errors import UserError
+
+    tokenizer = tiny_tokenizer("none", template=True)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor"
+    tokenizer.save_pretrained(tmp_path / "broken")
+    for for_chat in (True, False):  # serving too
+        with pytest.raises(UserError, match=re.escape(f"the chat template of '{tmp_path / 'broken'}' is not valid Jinja (line 1: ")):
+            load_tokenizer(tmp_path / "broken", for_chat=for_chat)
+    tokenizer.chat_template = "{{ raise_exception('a conversation starts with a system turn') }}"
+    tokenizer.save_pretrained(tmp_path / "strict")
+    assert load_tokenizer(tmp_path / "strict").chat_template == tokenizer.chat_template
+
+
 def test_weights_of_other_shapes_than_the_config_gives_are_one_line(tmp_path):
     """A config.json edited, or copied from another model: transformers 5 raised a RuntimeError that points at
     a report it logs, hidden under the CLI's quiet libraries, so the user saw a traceback and no reason."""

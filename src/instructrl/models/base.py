@@ -337,7 +337,8 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, wh
     name_or_path = str(name_or_path)
     source = loadable(name_or_path, what)
     unsaved = "is its tokenizer saved there (tokenizer.save_pretrained)?"
-    if Path(source).expanduser().is_dir() and not _holds_a_tokenizer(Path(source).expanduser()):
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not _holds_a_tokenizer(folder):
         raise UserError(f"tokenizer '{name_or_path}' has no vocabulary file; {unsaved}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -349,6 +350,7 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, wh
         raise UserError(f"tokenizer '{name_or_path}' turns text into no tokens; {unsaved}")
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{name_or_path}' has no EOS token")
+    _check_template_parses(tokenizer, name_or_path)
     if not for_chat:
         return tokenizer
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -362,6 +364,22 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, wh
             log(f"tokenizer of {name_or_path}: no chat template, so conversations are rendered as 'User: ...' / 'Assistant: ...' "
                 "turns, each answer ending with EOS" + (", after BOS (as the tokenizer encodes text)" if puts_bos_first(tokenizer) else ""))
     return tokenizer
+
+
+def _check_template_parses(tokenizer, name_or_path: str) -> None:
+    """Refuse a chat template that is not valid Jinja: every conversation would fail on it, each named as the one at
+    fault (SFT's first demonstration; every chat request to the server, answered 400)."""
+    from jinja2 import TemplateSyntaxError
+
+    if tokenizer.chat_template is None:
+        return
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except TemplateSyntaxError as err:
+        raise UserError(f"the chat template of '{name_or_path}' is not valid Jinja (line {err.lineno}: {err.message}); "
+                        "fix its chat_template.jinja, or the chat_template of its tokenizer_config.json") from None
+    except Exception:  # noqa: BLE001  (a template that refuses this conversation, a system turn missing, may take others)
+        pass
 
 
 @torch.no_grad()
