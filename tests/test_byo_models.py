@@ -185,6 +185,19 @@ def test_a_model_folder_without_its_tokenizer_is_one_line(tmp_path, arch):
         load_tokenizer(folder)
 
 
+def test_a_tokenizer_alone_is_no_model(tmp_path):
+    """A run's pretrain/tokenizer given as a model: transformers said its config.json, which there is none of, lacks a model_type."""
+    from instructrl.errors import UserError
+    from instructrl.models.reward import RewardModel
+
+    folder = tmp_path / "tokenizer"
+    tiny_tokenizer("none", template=False).save_pretrained(folder)
+    for load in (load_causal_lm, RewardModel.from_causal_lm):
+        with pytest.raises(UserError, match=re.escape(f"model '{folder}' is a tokenizer alone, not a model (no config.json)")):
+            load(folder)
+    assert load_tokenizer(folder).eos_token is not None  # still a tokenizer
+
+
 def test_a_chat_template_that_is_not_valid_jinja_is_refused_as_the_model_loads(tmp_path):
     """A chat_template.jinja edited by hand: every conversation failed on it, each named as the one at fault (SFT's
     first demonstration; every chat request to the server, answered 400). One that refuses some conversations loads."""

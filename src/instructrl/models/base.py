@@ -159,14 +159,19 @@ def loading(what: str):
                         "(was config.json edited, or copied from another model?)") from None
 
 
-def _check_not_adapter(name_or_path: str) -> None:
-    """Refuse a LoRA adapter folder (a checkpoint's adapter/), which transformers would try to put
-    on its base model and fail on when a PAD was added, with the folder to give instead."""
+def check_holds_a_model(name_or_path: str) -> None:
+    """Refuse a local folder that holds no model of its own (no config.json): a LoRA adapter (a checkpoint's adapter/),
+    which transformers would try to put on its base model and fail on when a PAD was added, with the folder to give
+    instead; or a tokenizer alone (a run's pretrain/tokenizer), of whose config.json transformers says it lacks a model_type."""
     folder = Path(name_or_path).expanduser()
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return
+    if (folder / "adapter_config.json").is_file():
         merged = folder.parent if (folder.parent / "config.json").is_file() else None
         raise UserError(f"model '{name_or_path}' is a LoRA adapter, not a model: "
                         + (f"give the merged model beside it, {merged}" if merged else "merge it into its base model first (peft's merge_and_unload)"))
+    if _holds_a_tokenizer(folder):
+        raise UserError(f"model '{name_or_path}' is a tokenizer alone, not a model (no config.json); give the folder of the model it goes with")
 
 
 @functools.cache
@@ -232,7 +237,7 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
 
     name_or_path = str(name_or_path)
     source = loadable(name_or_path, "model")
-    _check_not_adapter(name_or_path)
+    check_holds_a_model(name_or_path)
     folder = Path(name_or_path).expanduser() if _looks_local(name_or_path) else hub_snapshot(name_or_path)
     if folder is not None and (folder / HEAD_FILE).is_file():  # its backbone would load, with no trained LM head
         raise UserError(f"model '{name_or_path}' is a reward model (it holds {HEAD_FILE}), not a policy; "

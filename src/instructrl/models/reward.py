@@ -154,7 +154,9 @@ def _load_backbone(name_or_path: str | Path) -> nn.Module:
     """The transformer of a causal LM checkpoint without its LM head (``AutoModel``)."""
     from transformers import AutoModel
 
-    from instructrl.models.base import loadable, loading
+    from instructrl.models.base import check_holds_a_model, loadable, loading
 
+    source = loadable(str(name_or_path))
+    check_holds_a_model(str(name_or_path))
     with loading(f"a backbone from '{name_or_path}'"):
-        return AutoModel.from_pretrained(loadable(str(name_or_path)), dtype=torch.float32)
+        return AutoModel.from_pretrained(source, dtype=torch.float32)
