@@ -662,6 +662,12 @@ def test_serve_command_rejects_a_missing_model_path(tmp_path):
     assert "missing" in proc.stderr and "does not exist" in proc.stderr
 
 
+def test_serve_command_rejects_an_empty_api_key(tmp_path):
+    # `--api-key "$KEY"` of an unset variable served with a key of "" and said nothing of it: a client sending its key got 401
+    proc = cli("serve", "--model", str(tmp_path / "missing"), "--api-key", "", check=False, timeout=120)
+    assert proc.returncode == 2 and "--api-key is empty" in proc.stderr
+
+
 def test_serve_command_rejects_a_reward_model_and_zero_sizes(smoke_rm):
     proc = cli("serve", "--model", str(smoke_rm / "rm" / "final"), check=False, timeout=120)
     assert proc.returncode == 2 and "is a reward model" in proc.stderr
