@@ -77,6 +77,14 @@ def test_bench_rm_bad_arguments_are_one_line(tmp_path):
     assert few.returncode == 2 and "fewer than one batch (rm.batch_size = 8)" in few.stderr and "Traceback" not in few.stderr
 
 
+def test_bench_rm_on_one_batch_of_comparisons_trains_every_pair_once(tmp_path):
+    # 8 comparisons of K = 6 hold 85 ranked pairs; a batch of them, rounded to micro-batches of 8, was 88: no step, divided by zero
+    cli("bench", "-c", str(SMOKE), f"run.dir={tmp_path}", "--stage", "rm", "--k", "6", "--comparisons", "8")
+    result = json.loads((tmp_path / "bench_rm.json").read_text())
+    assert result["comparisons"] == 8 and result["ranked_pairs"] % 8 != 0
+    assert result["pairwise"]["sequences_forwarded"] == 2 * result["ranked_pairs"] and result["speedup"] > 0
+
+
 def test_bench_never_writes_over_a_trained_run(smoke_base):
     before = sorted(p.name for p in smoke_base.iterdir())
     proc = cli("bench", "-c", str(SMOKE), f"run.dir={smoke_base}", "-n", "2", check=False)

@@ -5,11 +5,12 @@ tokenizers lack a PAD (or use EOS as PAD) and a chat template, through SFT, RM a
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from conftest import SMOKE
-from tiny_models import ARCHS, save_tiny_model, tiny_tokenizer, user_data
+from tiny_models import ARCHS, save_tiny_classifier, save_tiny_model, tiny_model_config, tiny_tokenizer, user_data
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instructrl.config import load_config
@@ -169,6 +170,67 @@ def test_a_weights_file_cut_short_is_one_line(tmp_path):
         f.truncate(20)
     with pytest.raises(UserError, match=f"cannot load the reward model '{reward_dir}': .*header"):
         RewardModel.from_pretrained(reward_dir)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_model_folder_without_its_tokenizer_is_one_line(tmp_path, arch):
+    """A checkpoint copied without its tokenizer files: transformers 5 failed on Llama and Mistral folders with
+    "Couldn't instantiate the backend tokenizer from one of:" (and a word of sentencepiece), and on a Gemma folder
+    built a tokenizer of five tokens that read every word as <unk>, which SFT would have trained on."""
+    from instructrl.errors import UserError
+
+    folder = tmp_path / arch
+    AutoModelForCausalLM.from_config(tiny_model_config(arch, vocab_size=64, eos_id=0)).save_pretrained(folder)
+    with pytest.raises(UserError, match=re.escape(f"tokenizer '{folder}' has no vocabulary file; is its tokenizer saved there")):
+        load_tokenizer(folder)
+
+
+def test_a_tokenizer_alone_is_no_model(tmp_path):
+    """A run's pretrain/tokenizer given as a model: transformers said its config.json, which there is none of, lacks a model_type."""
+    from instructrl.errors import UserError
+    from instructrl.models.reward import RewardModel
+
+    folder = tmp_path / "tokenizer"
+    tiny_tokenizer("none", template=False).save_pretrained(folder)
+    for load in (load_causal_lm, RewardModel.from_causal_lm):
+        with pytest.raises(UserError, match=re.escape(f"model '{folder}' is a tokenizer alone, not a model (no config.json)")):
+            load(folder)
+    assert load_tokenizer(folder).eos_token is not None  # still a tokenizer
+
+
+def test_a_chat_template_that_is_not_valid_jinja_is_refused_as_the_model_loads(tmp_path):
+    """A chat_template.jinja edited by hand: every conversation failed on it, each named as the one at fault (SFT's
+    first demonstration; every chat request to the server, answered 400). One that refuses some conversations loads."""
+    from instructrl.errors import UserError
+
+    tokenizer = tiny_tokenizer("none", template=True)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor"
+    tokenizer.save_pretrained(tmp_path / "broken")
+    for for_chat in (True, False):  # serving too
+        with pytest.raises(UserError, match=re.escape(f"the chat template of '{tmp_path / 'broken'}' is not valid Jinja (line 1: ")):
+            load_tokenizer(tmp_path / "broken", for_chat=for_chat)
+    tokenizer.chat_template = "{{ raise_exception('a conversation starts with a system turn') }}"
+    tokenizer.save_pretrained(tmp_path / "strict")
+    assert load_tokenizer(tmp_path / "strict").chat_template == tokenizer.chat_template
+
+
+def test_weights_of_other_shapes_than_the_config_gives_are_one_line(tmp_path):
+    """A config.json edited, or copied from another model: transformers 5 raised a RuntimeError that points at
+    a report it logs, hidden under the CLI's quiet libraries, so the user saw a traceback and no reason."""
+    from instructrl.errors import UserError
+    from instructrl.models.reward import RewardModel
+
+    model_dir, classifier_dir = save_tiny_model("llama", tmp_path / "tiny"), save_tiny_classifier(tmp_path / "classifier")
+    for folder in (model_dir, classifier_dir):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    shapes = "its weights do not have the shapes its config.json gives"
+    with pytest.raises(UserError, match=re.escape(f"cannot load model '{model_dir}': {shapes}")):
+        load_causal_lm(model_dir)
+    with pytest.raises(UserError, match=re.escape(f"cannot load a backbone from '{model_dir}': {shapes}")):
+        RewardModel.from_causal_lm(model_dir)
+    with pytest.raises(UserError, match=re.escape(f"cannot load the reward model '{classifier_dir}': {shapes}")):
+        RewardModel.from_pretrained(classifier_dir)
 
 
 def test_examples_longer_than_the_context_or_max_length_are_skipped(tmp_path):

@@ -189,7 +189,7 @@ def test_llama_folder_without_its_tokenizer(tmp_path, smoke_base):
     shutil.copytree(smoke_base / "pretrain" / "final", weights_only,
                     ignore=shutil.ignore_patterns("tokenizer*", "chat_template.jinja"))
     proc = cli("sft", "-c", str(SMOKE), f"run.dir={tmp_path / 'run'}", f"sft.model={weights_only}", check=False)
-    _assert_clean_error(proc, f"tokenizer '{weights_only}': the folder holds no tokenizer file; is its tokenizer saved there")
+    _assert_clean_error(proc, f"tokenizer '{weights_only}' has no vocabulary file; is its tokenizer saved there")
     assert not (tmp_path / "run" / "sft").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -504,6 +505,21 @@ def test_ppo_rules_of_the_values_alone_are_refused_as_the_config_loads():
         load_config(SMOKE, ["ppo.prompts=mine.jsonl"])
     assert load_config(SMOKE, ["ppo.prompts=mine.jsonl", "ppo.ptx_coef=0"]).ppo.ptx_data is None  # plain PPO needs no text
     assert load_config(SMOKE, ["ppo.prompts=mine.jsonl", "ppo.ptx_data=text.txt"]).ppo.ptx_data == Path("text.txt")
+
+
+def test_eval_models_have_names_of_their_own(tmp_path):
+    """A model named gold_answers or demonstrations shared its row of results.json with eval's own (one written over the
+    other, exit 0); a model named '' was answered and reported under an empty name."""
+    for name, reason in (("gold_answers", "'gold_answers' is the name of eval's row of the built-in world's gold answers"),
+                         ("demonstrations", "'demonstrations' is the name of eval's row of the built-in world's demonstrations"),
+                         ("''", "every model needs a name")):
+        override = f"eval.models={{sft: runs/a/sft/final, {name}: runs/a/ppo/final}}"
+        with pytest.raises(UserError, match=re.escape(f"override '{override}': bad value for 'eval.models': {reason}")):
+            load_config(SMOKE, [override])
+    mine = write(tmp_path, "eval:\n  models:\n    sft: runs/a/sft/final\n    gold_answers: runs/a/ppo/final\n")
+    with pytest.raises(UserError, match=re.escape(f"{mine}:2: bad value for 'eval.models'")):
+        load_config(mine)
+    assert list(load_config(SMOKE, ["eval.models={sft: a, gold: b}"]).eval.models) == ["sft", "gold"]
 
 
 def test_ppo_prompts_without_ptx_data_are_told_where_the_prompts_were_set(tmp_path):

@@ -182,6 +182,21 @@ def test_a_byte_order_mark_and_windows_line_ends_are_not_part_of_the_data(tmp_pa
     assert read_texts(tmp_path / "text.txt") == ["first document", "second"]
 
 
+@pytest.mark.parametrize("name, text, needle", [
+    ("demos.jsonl", '{"text": "the cat \\ud800"}\n', "demos.jsonl:1: 'text' holds a character that is not valid Unicode ('\\ud800' at 8)"),
+    ("prefs.jsonl", '{"prompt": "a", "chosen": "b", "rejected": "b"}\n{"prompt": "a", "chosen": "b", "rejected": "\\udc00"}\n', "prefs.jsonl:2: 'rejected' holds"),
+    ("ranked.json", json.dumps([{**SHAPES["comparison"][0], "responses": ["cat", "dog\ud800", "fox"]}]), "ranked.json: record 1: 'responses[1]' holds"),
+])
+def test_text_that_is_not_valid_unicode_is_named_by_file_line_and_field(tmp_path, name, text, needle):
+    """JSON's "\\ud800" escape reads as a lone surrogate, which no tokenizer takes: sft on such a text record
+    ended in the tokenizer's TypeError. A surrogate pair (an emoji written as two escapes) is valid text."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=re.escape(needle)):
+        list(read_records(tmp_path / name))
+    (tmp_path / "emoji.jsonl").write_text('{"text": "a cat \\ud83d\\ude00"}\n')
+    assert [record for _, record in read_records(tmp_path / "emoji.jsonl")] == [{"text": "a cat \U0001f600"}]
+
+
 def test_a_field_of_the_wrong_type_is_named_with_what_it_may_be(tmp_path):
     path = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": "Say cat.", "completion": "cat"}, {"prompt": "Say dog.", "completion": 3}])
     with pytest.raises(UserError, match=re.escape("demos.jsonl:2: 'completion' must be text or a list of {'role', 'content'} messages, not int")):

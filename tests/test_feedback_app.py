@@ -588,9 +588,16 @@ def test_label_commands_name_the_bad_input(tmp_path):
     assert proc.returncode == 2 and "project 'p' already exists" in proc.stderr
     proc = cli("label", "project", "q", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--overlap", "0", check=False)
     assert proc.returncode == 2 and "--overlap" in proc.stderr
-    for option, value in (("--limit", "0"), ("--limit", "-1"), ("--lease-minutes", "-5")):
+    # nan and inf minutes have no whole seconds; --max-new-tokens 0 was refused by transformers, after the model had loaded
+    for option, value in (("--limit", "0"), ("--limit", "-1"), ("--lease-minutes", "-5"), ("--lease-minutes", "nan"), ("--lease-minutes", "inf"),
+                          ("--max-new-tokens", "0")):
         proc = cli("label", "project", "q", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", option, value, check=False)
-        assert proc.returncode == 2 and option in proc.stderr, (option, value)
+        assert proc.returncode == 2 and option in proc.stderr and "Traceback" not in proc.stderr, (option, value)
+    (tmp_path / "guidelines.txt").write_bytes("Prefer the answer that is right.\n".encode("utf-16"))
+    proc = cli("label", "project", "q", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--write", "--guidelines", str(tmp_path / "guidelines.txt"), check=False)
+    assert proc.returncode == 2 and f"--guidelines {tmp_path / 'guidelines.txt'}: not UTF-8 text" in proc.stderr
+    proc = cli("label", "project", "q", "--dir", str(tmp_path / "d"), "--responses", str(prompts), check=False)  # named as the option it was given to
+    assert proc.returncode == 2 and f"{prompts}:1: a prompt record (fields: prompt) cannot be used as --responses, which takes" in proc.stderr
     # a taken name is refused before any model is loaded
     proc = cli("label", "project", "p", "--dir", str(tmp_path / "d"), "--prompts", str(prompts), "--model", str(tmp_path / "nope"), check=False)
     assert proc.returncode == 2 and "project 'p' already exists" in proc.stderr
@@ -612,6 +619,22 @@ def test_label_project_leaves_nothing_behind_and_reading_commands_create_nothing
         proc = cli("label", command, "p", "--dir", str(typo), check=False)
         assert proc.returncode == 2 and f"no feedback database at {typo}" in proc.stderr and "Traceback" not in proc.stderr
     assert not typo.exists()
+
+
+def test_a_file_that_is_no_feedback_database_is_one_line_and_left_as_it_was(tmp_path):
+    """--dir of a folder whose feedback.db is another kind of file, or a folder: sqlite3's DatabaseError was a traceback."""
+    from instructrl.errors import UserError
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "feedback.db").write_bytes(b"not a database, but somebody's notes")
+    for command in (("status", "p"), ("user", "ann", "--password", "annann")):
+        proc = cli("label", *command, "--dir", str(tmp_path / "d"), check=False)
+        assert proc.returncode == 2 and f"{tmp_path / 'd' / 'feedback.db'}: cannot be opened as a feedback database (file is not a database)" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert (tmp_path / "d" / "feedback.db").read_bytes() == b"not a database, but somebody's notes"
+    (tmp_path / "e" / "feedback.db").mkdir(parents=True)
+    with pytest.raises(UserError, match="feedback.db: cannot be opened as a feedback database"):
+        create_app(tmp_path / "e")
 
 
 def test_label_project_says_how_many_compare_tasks_are_ties_of_identical_answers(tmp_path, smoke_base):

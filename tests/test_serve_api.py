@@ -395,6 +395,10 @@ def test_error_statuses_and_bodies(tiny, server, client):
     response = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={**auth, "Content-Type": "application/json"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
     assert response.json()["error"]["message"].endswith("at character 1")
+    # a body that is not UTF-8 says so (FastAPI's own 400 said "There was an error parsing the body")
+    response = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "caf\xe9"}', headers={**auth, "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    assert "the request body is not valid JSON: 'utf-8' codec can't decode byte 0xe9" in response.json()["error"]["message"]
     # content the model cannot read is named as such, at the message that holds it
     image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     for content, reason in [(image, "part 0 is of type 'image_url'; only text parts are supported"), (5, "must be a string or a list of text parts, not int")]:
@@ -656,6 +660,12 @@ def test_serve_command_rejects_a_missing_model_path(tmp_path):
     proc = cli("serve", "--model", str(tmp_path / "missing"), check=False, timeout=120)
     assert proc.returncode == 2
     assert "missing" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_serve_command_rejects_an_empty_api_key(tmp_path):
+    # `--api-key "$KEY"` of an unset variable served with a key of "" and said nothing of it: a client sending its key got 401
+    proc = cli("serve", "--model", str(tmp_path / "missing"), "--api-key", "", check=False, timeout=120)
+    assert proc.returncode == 2 and "--api-key is empty" in proc.stderr
 
 
 def test_serve_command_rejects_a_reward_model_and_zero_sizes(smoke_rm):

@@ -235,6 +235,9 @@ def bench_rm(config: PipelineConfig, k: int, n_comparisons: int, log=print) -> d
     per_comparison = len(pairs) / len(records)
     pair_micro = micro * 2
     pair_batch = max(pair_micro, round(batch * per_comparison / pair_micro) * pair_micro)
+    # rounded up to whole micro-batches, one batch of comparisons' pairs can outnumber all the pairs (--comparisons at
+    # rm.batch_size, K = 6): a step takes them all then, rather than none being trained and the rate divided by zero
+    pair_batch = min(pair_batch, len(pairs))
     by_pairs = time_ranking_loss_training(config, tokenizer, pairs, pair_batch, pair_micro)
     result = {
         "k": k, "comparisons": len(records), "ranked_pairs": len(pairs), "model_parameters": by_kway["parameters"],

@@ -41,8 +41,9 @@ def label(
     from instructrl.feedback.app import create_app
 
     check_port_free(host, port)
+    server_app = create_app(project_dir)  # before saying it serves: a file that is no database is refused
     log(f"label: serving {project_dir} on http://{host}:{port} (Ctrl-C stops; nothing submitted is lost)")
-    uvicorn.run(create_app(project_dir), host=host, port=port, log_level="warning")
+    uvicorn.run(server_app, host=host, port=port, log_level="warning")
 
 
 @label_app.command("user")
@@ -81,7 +82,7 @@ def label_project(
     guideline_version: Optional[str] = typer.Option(None, "--guideline-version", help="Stored on each answer (default: a hash of the guidelines)."),
     lease_minutes: float = typer.Option(30.0, "--lease-minutes", help="How long an opened task stays reserved for its labeler."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N prompts (or comparisons) only. Default: all."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Longest generated response."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Longest generated response."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled responses."),
     project_dir: Path = LABEL_DIR_OPTION,
 ) -> None:
@@ -128,19 +129,27 @@ def label_project(
          + (f"; {identical} compare tasks have two identical answers: ties, never shown to labelers" if identical else ""))
 
 
+MAX_LEASE_MINUTES = 365 * 24 * 60
+
+
 def _project_settings(name: str, guidelines: Optional[Path], guideline_version: Optional[str], overlap: int, lease_minutes: float):
     """``label project``'s options as the project's ProjectSettings; a UserError naming the bad option."""
     from pydantic import ValidationError
 
+    from instructrl.data.jsonl import not_text
     from instructrl.feedback.tasks import ProjectSettings
 
     if guidelines is not None and not guidelines.is_file():
         raise UserError(f"--guidelines {guidelines}: " + ("a folder, not a text file" if guidelines.is_dir() else "file not found"))
-    if lease_minutes <= 0:
-        raise UserError(f"label project: --lease-minutes must be more than 0, got {lease_minutes}")
+    if not 0 < lease_minutes <= MAX_LEASE_MINUTES:  # nan too: its seconds would be no integer
+        raise UserError(f"label project: --lease-minutes must be more than 0 and at most {MAX_LEASE_MINUTES} (a year), got {lease_minutes}")
     try:
-        return ProjectSettings(name=name, guidelines=guidelines.read_text(encoding="utf-8") if guidelines else "",
-                               guideline_version=guideline_version, overlap=overlap, lease_seconds=max(1, round(lease_minutes * 60)))
+        text = guidelines.read_text(encoding="utf-8-sig") if guidelines else ""  # a byte-order mark (Windows editors) is no guideline
+    except UnicodeDecodeError:
+        raise not_text(guidelines, f"--guidelines {guidelines}") from None
+    try:
+        return ProjectSettings(name=name, guidelines=text, guideline_version=guideline_version, overlap=overlap,
+                               lease_seconds=max(1, round(lease_minutes * 60)))
     except ValidationError as err:
         first = err.errors()[0]
         raise UserError(f"label project: --{'-'.join(str(p) for p in first['loc'])}: {first['msg']}") from None

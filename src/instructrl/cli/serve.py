@@ -55,6 +55,8 @@ def serve(
     from instructrl.serve.app import create_app
     from instructrl.serve.loading import load_engine, parse_model_specs, set_serving_threads
 
+    if api_key is not None and not api_key.strip():  # `--api-key "$KEY"` of an unset variable: every client sending a key was refused
+        raise UserError("--api-key is empty (an unset shell variable?): give the key clients must send, or leave it out to serve without one")
     specs = parse_model_specs(model)
     check_port_free(host, port)  # now, not after loading the models
     set_serving_threads(threads)

@@ -298,6 +298,10 @@ class PPOConfig(ModelSwitches):
                 (self.minibatch_size, self.micro_batch_size * num_processes, "ppo.minibatch_size", f"ppo.micro_batch_size x {num_processes} processes")]
 
 
+# eval's rows of the built-in world's written answers, beside its models': the gold answers are the ceiling of every win rate vs SFT
+DEMONSTRATIONS, GOLD_ANSWERS = "demonstrations", "gold_answers"
+
+
 class EvalConfig(Strict):
     models: dict[str, str] | None = Field(None, description="name: model path to evaluate; win rates and the alignment tax are measured against the one named sft. Default: this run's base, SFT, PPO and PPO-ptx models (of the last round), those that exist.")
     prompts: Path | None = Field(None, description="Your own prompts (any records that hold one: a file `instructrl data check` finds usable as ppo.prompts), judged by eval.reward_model alone: the world's gold labeler knows only its own. Default: the built-in world's held-out prompts.")
@@ -308,6 +312,17 @@ class EvalConfig(Strict):
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch.")
     temperature: float | None = Field(1.0, gt=0, description="Also judge answers sampled at this temperature (null: greedy answers only). PPO maximises the reward of samples at its rollout temperature (1.0), so these are the figures of what it optimised, as in Gao et al.'s gold-labeler evaluation; greedy answers are judged as well.")
     samples: int = Field(4, gt=0, description="Answers sampled per prompt at eval.temperature; the win rate's interval still counts prompts.")
+
+    @field_validator("models")
+    @classmethod
+    def _names_of_their_own(cls, models: dict[str, str] | None) -> dict[str, str] | None:
+        # a model named as one of eval's own rows was written over by it, or wrote over it, with no word said
+        for name in models or {}:
+            if not name.strip():
+                raise ValueError("every model needs a name, as {name: path}")
+            if name in (DEMONSTRATIONS, GOLD_ANSWERS):
+                raise ValueError(f"'{name}' is the name of eval's row of the built-in world's {name.replace('_', ' ')}; give the model another")
+        return models
 
 
 class RoundsConfig(Strict):

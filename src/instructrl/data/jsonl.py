@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -46,6 +47,8 @@ def read_jsonl(path: Path | str) -> Iterator[tuple[int, dict]]:
                 raise UserError(f"{path}:{number}: not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
+            if SURROGATE_ESCAPE.search(line):  # without one no walk, which took as long again as the parsing
+                check_unicode(record, f"{path}:{number}")
             yield number, record
 
 
@@ -88,6 +91,35 @@ def nan_to_none(value):
     if isinstance(value, list):
         return [nan_to_none(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# JSON's escape of a surrogate (\uD800 to \uDFFF): only such an escape, unpaired, reads as text that is not valid Unicode
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def check_unicode(record: dict, where: str) -> None:
+    """A UserError at ``where`` naming the field of a record read from JSON whose text is not valid Unicode
+    (``encodable``), whatever the field: a tokenizer given a lone surrogate raises a TypeError of its own."""
+    for field, text in _texts(record):
+        try:
+            encodable(text, field)
+        except ValueError as err:
+            raise UserError(f"{where}: {err}") from None
+
+
+def _texts(value, field: str = ""):
+    """(what, text) of every string in ``value``, its field names included, however nested; ``what``
+    names the field as a message does (``'messages[0].content'``)."""
+    if isinstance(value, str):
+        yield f"'{field}'", value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{field}.{key}" if field else str(key)
+            yield f"a field name in '{field}'" if field else "a field name", str(key)  # the name itself cannot be shown
+            yield from _texts(item, name)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _texts(item, f"{field}[{i}]")
 
 
 def encodable(text: str, what: str = "the text") -> str:

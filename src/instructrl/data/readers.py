@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from instructrl.data.formats import KNOWN_FIELDS
-from instructrl.data.jsonl import not_text, read_jsonl
+from instructrl.data.jsonl import check_unicode, not_text, read_jsonl
 from instructrl.errors import UserError
 
 
@@ -35,6 +35,7 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
         for number, record in enumerate(records, start=1):
             if not isinstance(record, dict):
                 raise UserError(f"{path}: record {number}: expected a JSON object, found {type(record).__name__}")
+            check_unicode(record, f"{path}: record {number}")
             yield f"{path}: record {number}", record
     else:
         for number, record in read_jsonl(path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from instructrl.config import EvalConfig, PipelineConfig
+from instructrl.config.schema import DEMONSTRATIONS, GOLD_ANSWERS
 from instructrl.data.chat import response_ids
 from instructrl.data.inputs import read_prompts
 from instructrl.data.jsonl import read_jsonl, write_jsonl
@@ -24,7 +25,7 @@ from instructrl.data.packing import pack_documents
 from instructrl.errors import UserError, located
 from instructrl.evaluation.generate import generate_answers
 from instructrl.evaluation.preference import win_rate
-from instructrl.evaluation.report import GOLD_ANSWERS, new_prompt_figures, new_prompts_caption, round_folders
+from instructrl.evaluation.report import new_prompt_figures, new_prompts_caption, round_folders
 from instructrl.models.base import context_length, inference_device, load_answering_model, load_tokenizer
 from instructrl.models.reward import RewardModel, score_sequences
 from instructrl.rlmath import next_token_nll
@@ -35,7 +36,6 @@ from instructrl.world.build import SPLIT_RATIOS, WorldFiles, build_world, demons
 from instructrl.world.labeler import FLAGS, SimulatedLabeler
 
 SECTIONS = ("run", "world", "eval")
-DEMONSTRATIONS = "demonstrations"
 
 
 def default_models(config: PipelineConfig, log=print) -> dict[str, str]:

@@ -11,13 +11,13 @@ import io
 import json
 from pathlib import Path
 
+from instructrl.config.schema import GOLD_ANSWERS
 from instructrl.data.jsonl import complete_lines
 from instructrl.evaluation.rm_diagnostics import figure
 from instructrl.rundir.files import write_text_atomic
 
 PPO_STAGES = ("ppo", "ppo_ptx")
 SMOOTHING = 8  # iterations in the over-optimisation curves' running mean
-GOLD_ANSWERS = "gold_answers"  # eval's row of the gold answers: the ceiling of every win rate vs SFT
 SAMPLES_SHOWN = 12  # prompts whose answers the report shows side by side: enough to see the models differ, few enough to read
 
 

@@ -89,10 +89,17 @@ def connect(project_dir: Path | str, create: bool = True) -> sqlite3.Connection:
     if not create and not path.is_file():
         raise UserError(f"no feedback database at {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    try:
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    except sqlite3.OperationalError as err:  # a folder of that name, say
+        raise UserError(f"{path}: cannot be opened as a feedback database ({err})") from None
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")  # the first read of the file: another kind of file, or a damaged one, fails here, unchanged
+    except sqlite3.DatabaseError as err:
+        conn.close()
+        raise UserError(f"{path}: cannot be opened as a feedback database ({err})") from None
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
     upgrade(conn, path)

@@ -39,7 +39,7 @@ def rank_tasks_from_model(prompts: list[Prompt], model: str, k: int, seed: int =
 def rank_tasks_from_comparisons(path: Path) -> list[dict]:
     """The prompts and responses of a comparisons file (e.g. collect/comparisons.jsonl), to be ranked again by people."""
     return [{"kind": "rank", "prompt_id": r.id, "prompt": [m.model_dump() for m in r.prompt], "responses": list(r.responses),
-             "sources": [f"{Path(path).name}:{r.id}#{i}" for i in range(len(r.responses))]} for r in read_comparisons(path)]
+             "sources": [f"{Path(path).name}:{r.id}#{i}" for i in range(len(r.responses))]} for r in read_comparisons(path, key="--responses")]
 
 
 def compare_tasks(prompts: list[Prompt], models: dict[str, str], max_new_tokens: int = 64) -> list[dict]:

@@ -143,14 +143,35 @@ def load_errors() -> tuple[type[Exception], ...]:
     return OSError, ValueError, SafetensorError
 
 
-def _check_not_adapter(name_or_path: str) -> None:
-    """Refuse a LoRA adapter folder (a checkpoint's adapter/), which transformers would try to put
-    on its base model and fail on when a PAD was added, with the folder to give instead."""
+@contextlib.contextmanager
+def loading(what: str):
+    """A context in which ``from_pretrained`` failing to read a checkpoint is one line, 'cannot load WHAT: why':
+    for ``load_errors``, and for weights whose shapes are not those its config.json gives, for which transformers
+    raises a RuntimeError that points at a report it logs (hidden under the CLI's quiet libraries)."""
+    try:
+        yield
+    except load_errors() as err:
+        raise UserError(f"cannot load {what}: {str(err).splitlines()[0]}") from None
+    except RuntimeError as err:
+        if "mismatched_sizes" not in str(err):  # as transformers 4 and 5 both say; another RuntimeError (out of memory) is no bad input
+            raise
+        raise UserError(f"cannot load {what}: its weights do not have the shapes its config.json gives "
+                        "(was config.json edited, or copied from another model?)") from None
+
+
+def check_holds_a_model(name_or_path: str) -> None:
+    """Refuse a local folder that holds no model of its own (no config.json): a LoRA adapter (a checkpoint's adapter/),
+    which transformers would try to put on its base model and fail on when a PAD was added, with the folder to give
+    instead; or a tokenizer alone (a run's pretrain/tokenizer), of whose config.json transformers says it lacks a model_type."""
     folder = Path(name_or_path).expanduser()
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return
+    if (folder / "adapter_config.json").is_file():
         merged = folder.parent if (folder.parent / "config.json").is_file() else None
         raise UserError(f"model '{name_or_path}' is a LoRA adapter, not a model: "
                         + (f"give the merged model beside it, {merged}" if merged else "merge it into its base model first (peft's merge_and_unload)"))
+    if _holds_a_tokenizer(folder):
+        raise UserError(f"model '{name_or_path}' is a tokenizer alone, not a model (no config.json); give the folder of the model it goes with")
 
 
 @functools.cache
@@ -216,15 +237,13 @@ def load_causal_lm(name_or_path: str | Path, dropout: float | None = None, token
 
     name_or_path = str(name_or_path)
     source = loadable(name_or_path, "model")
-    _check_not_adapter(name_or_path)
+    check_holds_a_model(name_or_path)
     folder = Path(name_or_path).expanduser() if _looks_local(name_or_path) else hub_snapshot(name_or_path)
     if folder is not None and (folder / HEAD_FILE).is_file():  # its backbone would load, with no trained LM head
         raise UserError(f"model '{name_or_path}' is a reward model (it holds {HEAD_FILE}), not a policy; "
                         "give a language model, such as a run's sft/final or ppo_ptx/final")
-    try:
+    with loading(f"model '{name_or_path}'"):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except load_errors() as err:
-        raise UserError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from None
     if dropout is not None:
         set_dropout(model, dropout)
     if tokenizer is not None:
@@ -296,8 +315,14 @@ def length_cap(model, max_length: int | None, field: str) -> int:
     return max_length or context
 
 
-# What save_pretrained writes for a tokenizer (tokenizer_config.json) and the vocabularies older folders hold alone
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# The files a saved tokenizer holds, one kind or another (tokenizer.json, tokenizer_config.json, vocab.json, spiece.model,
+# qwen.tiktoken). Without any, transformers 5 fails on a Llama folder with an error about sentencepiece, and builds a
+# Gemma tokenizer of five tokens that reads every word as <unk>.
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "*.model", "*.tiktoken")
+
+
+def _holds_a_tokenizer(folder: Path) -> bool:
+    return any(next(folder.glob(pattern), None) is not None for pattern in TOKENIZER_FILES)
 
 
 def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, what: str = "model"):
@@ -317,12 +342,12 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, wh
     name_or_path = str(name_or_path)
     source = loadable(name_or_path, what)
     unsaved = "is its tokenizer saved there (tokenizer.save_pretrained)?"
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not _holds_a_tokenizer(folder):
+        raise UserError(f"tokenizer '{name_or_path}' has no vocabulary file; {unsaved}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        # transformers 5 on a Llama folder without its tokenizer: "Couldn't instantiate the backend tokenizer from one of:"
-        if Path(source).is_dir() and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
-            raise UserError(f"tokenizer '{name_or_path}': the folder holds no tokenizer file; {unsaved}") from None
         raise UserError(f"cannot load tokenizer '{name_or_path}': {str(err).splitlines()[0]}") from None
     except TypeError:  # transformers 4.x on a model folder saved without its tokenizer: it opens a vocabulary file of None
         raise UserError(f"tokenizer '{name_or_path}' has no vocabulary file; {unsaved}") from None
@@ -330,6 +355,7 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, wh
         raise UserError(f"tokenizer '{name_or_path}' turns text into no tokens; {unsaved}")
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{name_or_path}' has no EOS token")
+    _check_template_parses(tokenizer, name_or_path)
     if not for_chat:
         return tokenizer
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -343,6 +369,22 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, wh
             log(f"tokenizer of {name_or_path}: no chat template, so conversations are rendered as 'User: ...' / 'Assistant: ...' "
                 "turns, each answer ending with EOS" + (", after BOS (as the tokenizer encodes text)" if puts_bos_first(tokenizer) else ""))
     return tokenizer
+
+
+def _check_template_parses(tokenizer, name_or_path: str) -> None:
+    """Refuse a chat template that is not valid Jinja: every conversation would fail on it, each named as the one at
+    fault (SFT's first demonstration; every chat request to the server, answered 400)."""
+    from jinja2 import TemplateSyntaxError
+
+    if tokenizer.chat_template is None:
+        return
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    except TemplateSyntaxError as err:
+        raise UserError(f"the chat template of '{name_or_path}' is not valid Jinja (line {err.lineno}: {err.message}); "
+                        "fix its chat_template.jinja, or the chat_template of its tokenizer_config.json") from None
+    except Exception:  # noqa: BLE001  (a template that refuses this conversation, a system turn missing, may take others)
+        pass
 
 
 @torch.no_grad()

@@ -82,17 +82,15 @@ class RewardModel(nn.Module):
     def _from_sequence_classifier(cls, path: Path) -> "RewardModel":
         from transformers import AutoModelForSequenceClassification
 
-        from instructrl.models.base import fit_embeddings, load_errors, load_tokenizer
+        from instructrl.models.base import fit_embeddings, load_tokenizer, loading
 
         config = path / "config.json"
         architectures = (json.loads(config.read_text()).get("architectures") or []) if config.is_file() else []
         if not any(name.endswith("ForSequenceClassification") for name in architectures):
             raise UserError(f"'{path}' is not a reward model checkpoint: no {HEAD_FILE} (instructrl's), "
                             f"nor a Hugging Face sequence classifier ({', '.join(architectures) or 'no config.json'})")
-        try:
+        with loading(f"the reward model '{path}'"):
             classifier = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=torch.float32)
-        except load_errors() as err:
-            raise UserError(f"cannot load the reward model '{path}': {str(err).splitlines()[0]}") from None
         score = getattr(classifier, "score", None)
         if classifier.config.num_labels != 1 or not isinstance(score, nn.Linear):
             raise UserError(f"'{path}' is a sequence classifier with {classifier.config.num_labels} labels; a reward model gives one score")
@@ -156,9 +154,9 @@ def _load_backbone(name_or_path: str | Path) -> nn.Module:
     """The transformer of a causal LM checkpoint without its LM head (``AutoModel``)."""
     from transformers import AutoModel
 
-    from instructrl.models.base import load_errors, loadable
+    from instructrl.models.base import check_holds_a_model, loadable, loading
 
-    try:
-        return AutoModel.from_pretrained(loadable(str(name_or_path)), dtype=torch.float32)
-    except load_errors() as err:
-        raise UserError(f"cannot load a backbone from '{name_or_path}': {str(err).splitlines()[0]}") from None
+    source = loadable(str(name_or_path))
+    check_holds_a_model(str(name_or_path))
+    with loading(f"a backbone from '{name_or_path}'"):
+        return AutoModel.from_pretrained(source, dtype=torch.float32)

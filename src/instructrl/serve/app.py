@@ -62,6 +62,9 @@ async def _invalid(request: Request, err: RequestValidationError):
 
 
 async def _http(request: Request, err: StarletteHTTPException):
+    if err.status_code == 400:  # FastAPI's one 400: a body it could not parse (not UTF-8, or JSON nested too deep), the reason its cause
+        reason = err.__cause__ or err.detail
+        return JSONResponse(schemas.error_body(f"the request body is not valid JSON: {reason}", "invalid_request_error", None, "invalid_json"), 400)
     kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
     return JSONResponse(schemas.error_body(f"{request.method} {request.url.path}: {err.detail}", kind, None, None), err.status_code)
 
