@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from conftest import SMOKE, cli
@@ -172,10 +173,9 @@ import torch.distributed as dist
 from instructrl.cli import exits
 
 
-def stage():  # as under a launcher: Accelerate creates the group, then loading a tokenizer imports torch.distributed.nn
+def stage():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    import torch.distributed.nn  # noqa: F401
-    dist.all_reduce(torch.ones(1))
+    STAGE_BODY
 
 
 exits.app = stage
@@ -184,14 +184,35 @@ threads = [open(f"/proc/self/task/{task}/comm").read().strip() for task in os.li
 print("gloo threads left:", sum("gloo" in name for name in threads))
 """
 
+# as under a launcher: Accelerate creates the group, then loading a tokenizer imports torch.distributed.nn
+IMPORTS_TORCH_DISTRIBUTED_NN = """
+import torch.distributed.nn  # noqa: F401
+dist.all_reduce(torch.ones(1))
+"""
+
+# as Accelerate's FSDP2 does: torch's DTensor caches keep the mesh, which holds the group, and the
+# sharded model is left in reference cycles
+SHARDS_A_MODEL_WITH_FSDP2 = """
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+model = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)), mesh=init_device_mesh("cpu", (1,)))
+model(torch.ones(2, 4)).sum().backward()
+"""
+
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
-def test_the_process_group_is_freed_before_the_interpreter_exits(tmp_path):
-    """torch.distributed.nn imported after the group exists keeps it as its functions' default argument:
-    gloo's worker threads then outlived destroy_process_group, and one releasing the last collective's
-    tensors during the interpreter's teardown aborted the process now and then (the pipeline's rank 1)."""
+@pytest.mark.parametrize("stage", [IMPORTS_TORCH_DISTRIBUTED_NN, SHARDS_A_MODEL_WITH_FSDP2], ids=["torch.distributed.nn", "fsdp2"])
+def test_the_process_group_is_freed_before_the_interpreter_exits(tmp_path, stage):
+    """Whatever still holds the group after destroy_process_group keeps gloo's worker threads running
+    into the interpreter's teardown, where one taking the GIL (releasing the last collective's tensors,
+    running a completion callback) aborts the finished process now and then ("terminate called without
+    an active exception"; the pipeline's rank 1, 2-process FSDP stages on CPU). Holders: torch.distributed.nn
+    imported after the group exists (its functions' default argument); every DeviceMesh FSDP2 used, which
+    DTensor's caches keep; FSDP2's reference cycles."""
     script = tmp_path / "a_stage_then_exit.py"
-    script.write_text(A_STAGE_THEN_EXIT)
+    body = textwrap.indent(stage.strip(), "    ")
+    script.write_text(A_STAGE_THEN_EXIT.replace("    STAGE_BODY", body))
     # WORLD_SIZE as a launcher of 2 processes sets it; the group itself has this one process
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=dict(os.environ, WORLD_SIZE="2"))
     assert proc.returncode == 0, proc.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import os
 import signal
@@ -162,12 +163,31 @@ def _launched() -> bool:
 
 
 def _close_process_group() -> None:
-    """Destroy the process group of ``accelerate launch`` before the interpreter exits: left to
-    the interpreter's teardown, gloo's worker threads can abort a finished process ("terminate
-    called without an active exception"); see ``_import_before_the_process_group``."""
+    """Destroy the process group of ``accelerate launch`` and free it before the interpreter exits: gloo's
+    worker threads stop only when the last reference to the group goes, once the collectives in flight are
+    done. Left running into the interpreter's teardown, one that then takes the GIL (to run a completion
+    callback, or to release the last collective's tensors) aborts the finished process ("terminate called
+    without an active exception"). The references to let go of: those ``_import_before_the_process_group``
+    avoids, every DeviceMesh's (``_let_meshes_go_of_groups``), and those of what FSDP2 left in reference
+    cycles (the finished stage's sharded model), which only the garbage collector frees."""
     # Read from sys.modules, never imported: after --help there is no torch, and after Ctrl-C halfway
     # through `import torch` (a slow start) torch has left sys.modules while torch.distributed stayed, so
     # importing it would run torch's __init__ again and crash on its half-made state (no group exists then)
     dist = sys.modules.get("torch.distributed")
     if "torch" in sys.modules and dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _let_meshes_go_of_groups()
+        gc.collect()
+
+
+def _let_meshes_go_of_groups() -> None:
+    """Empty every DeviceMesh's registry of its process groups, destroyed by now. A mesh holds its groups
+    themselves, not just their names, and torch's DTensor caches (redistribution plans, mesh topologies)
+    keep every mesh FSDP2 sharded a model over until the process ends."""
+    device_mesh = sys.modules.get("torch.distributed.device_mesh")
+    if device_mesh is None:  # no FSDP2 or DTensor ran
+        return
+    for obj in gc.get_objects():
+        # the type, not isinstance: isinstance asks some objects for __class__, which warns (torch's reduce_op)
+        if issubclass(type(obj), device_mesh.DeviceMesh):
+            getattr(obj, "_pg_registry", {}).clear()
