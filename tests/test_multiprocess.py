@@ -101,7 +101,8 @@ def test_bad_input_that_one_process_or_every_process_meets_is_said_once_and_stop
     broken = tmp_path / "demos.jsonl"
     lines = (smoke_base / "world" / "demonstrations.jsonl").read_text().splitlines()
     broken.write_text("\n".join(lines[:10] + [lines[10][:40]] + lines[11:]) + "\n")
-    proc = _launch("-m", "instructrl", *sft, f"sft.data={broken}", check=False)
+    # in a folder of its own: the first launch's folder holds a run of another config (sft.data), refused before the data is read
+    proc = _launch("-m", "instructrl", *sft, f"run.dir={tmp_path / 'run2'}", f"sft.data={broken}", check=False)
     assert proc.returncode != 0
     assert len(our_lines(proc.stderr)) == 1 and our_lines(proc.stderr)[0].startswith(f"error: {broken}:11: ")
 
