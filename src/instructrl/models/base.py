@@ -349,9 +349,9 @@ def load_tokenizer(name_or_path: str | Path, for_chat: bool = True, log=None, wh
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load tokenizer '{name_or_path}': {str(err).splitlines()[0]}") from None
-    except TypeError:  # transformers 4.x on a model folder saved without its tokenizer: it opens a vocabulary file of None
+    except TypeError:  # transformers 4.x on a folder with a tokenizer_config.json but no vocabulary: it opens a vocabulary file of None
         raise UserError(f"tokenizer '{name_or_path}' has no vocabulary file; {unsaved}") from None
-    if not tokenizer("Hello world", add_special_tokens=False).input_ids:  # transformers 5 on a model folder saved without its tokenizer
+    if not tokenizer("Hello world", add_special_tokens=False).input_ids:  # transformers 5 on the same (a folder with no tokenizer file at all is refused above)
         raise UserError(f"tokenizer '{name_or_path}' turns text into no tokens; {unsaved}")
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{name_or_path}' has no EOS token")
