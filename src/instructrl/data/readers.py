@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from instructrl.data.formats import KNOWN_FIELDS
-from instructrl.data.jsonl import check_unicode, not_text, read_jsonl
+from instructrl.data.jsonl import SURROGATE_ESCAPE, check_unicode, not_text, read_jsonl
 from instructrl.errors import UserError
 
 
@@ -33,9 +33,6 @@ def read_records(path: Path | str) -> Iterator[tuple[str, dict]]:
         yield from _csv_rows(path)
     elif path.suffix == ".json" and (records := _json_records(path)) is not None:
         for number, record in enumerate(records, start=1):
-            if not isinstance(record, dict):
-                raise UserError(f"{path}: record {number}: expected a JSON object, found {type(record).__name__}")
-            check_unicode(record, f"{path}: record {number}")
             yield f"{path}: record {number}", record
     else:
         for number, record in read_jsonl(path):
@@ -76,7 +73,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
 def _json_records(path: Path) -> list | None:
     """The records of a ``.json`` file holding one JSON value: a list of records, one record (even
     pretty-printed), or an object whose only value is the list (``{"data": [...]}``). None when
-    the file is JSON lines under a .json name, as ``datasets`` writes them."""
+    the file is JSON lines under a .json name, as ``datasets`` writes them. Each record must be an object of valid Unicode text (``check_unicode``)."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the JSON
     except UnicodeDecodeError:
@@ -87,13 +84,18 @@ def _json_records(path: Path) -> list | None:
         if text.lstrip()[:1] == "[":
             raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
         return None
-    if isinstance(value, dict):
-        if len(value) == 1:
-            key, inner = next(iter(value.items()))
-            if isinstance(inner, list) and key not in KNOWN_FIELDS:  # {"data": [...]}, but {"messages": [...]} is one record
-                return inner
-        return [value]
-    return value if isinstance(value, list) else [value]
+    records = value if isinstance(value, list) else [value]
+    if isinstance(value, dict) and len(value) == 1:
+        key, inner = next(iter(value.items()))
+        if isinstance(inner, list) and key not in KNOWN_FIELDS:  # {"data": [...]}, but {"messages": [...]} is one record
+            records = inner
+    escaped = SURROGATE_ESCAPE.search(text) is not None  # as read_jsonl: without such an escape no record needs the walk
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise UserError(f"{path}: record {number}: expected a JSON object, found {type(record).__name__}")
+        if escaped:
+            check_unicode(record, f"{path}: record {number}")
+    return records
 
 
 def _load_from_disk(path: Path):
